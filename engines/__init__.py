@@ -1,0 +1,1 @@
+"""kvgate engines: block manager, scheduler, mock and torch engines, and the worker process."""

@@ -1,0 +1,55 @@
+"""The contract between the scheduler and a model: what one engine step asks the model to compute.
+
+The scheduler decides which tokens of which sequences run this step and where their KV lives (block
+tables from the block manager); a `ModelRunner` computes them. The torch engine and the mock engine
+are two runners behind the same scheduler and block manager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, frozen=True):
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+class ScheduledChunk(msgspec.Struct):
+    """One sequence's work in one step.
+
+    `token_ids` are the tokens to compute now, at positions `start_pos .. start_pos+len-1`; positions
+    before `start_pos` are already in the KV cache (computed earlier or a prefix-cache hit).
+    `block_table` maps logical block i (positions i*B .. i*B+B-1) to a physical block and covers
+    every position up to the last one computed now. `sample` is true when the step must produce the
+    sequence's next token (last prefill chunk, or decode).
+    """
+
+    seq_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool
+    sampling: SamplingParams
+    output_len: int = 0  # tokens generated so far, to seed sampling per position
+
+
+class ModelRunner(Protocol):
+    block_size: int
+    num_blocks: int
+
+    def execute(self, chunks: Sequence[ScheduledChunk]) -> list[int | None]:
+        """Compute the chunks (writing their KV into the paged cache) and return, per chunk, the
+        sampled next token, or None where `sample` is false."""
+        ...
+
+    def step_time_s(self, chunks: Sequence[ScheduledChunk], kv_usage: float) -> float | None:
+        """Modelled duration of a step (mock engine); None when the step's real duration counts."""
+        ...

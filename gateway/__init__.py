@@ -1,0 +1,1 @@
+"""kvgate gateway: the OpenAI-compatible session-aware routing proxy and the `kvgate` CLI."""

@@ -1,0 +1,79 @@
+"""The `kvgate` command line: one entry point, one sub-command per job.
+
+Each sub-command lives beside the code it drives, as a module with `add_arguments(parser)` and
+`run(args) -> int`; it is imported only when its command is named (or for `--help`), so `kvgate worker
+--engine mock` never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("gateway.up", "start NATS, workers and the gateway in one command"),
+    "gateway": ("gateway.serve", "run the routing gateway against a NATS bus"),
+    "worker": ("engines.serve", "run one inference worker (torch or mock engine)"),
+    "sim": ("loadgen.sim.cli", "replay a trace against simulated workers, comparing policies"),
+    "loadgen": ("loadgen.cli", "generate agentic load or replay a trace against an endpoint"),
+}
+
+# name -> (module, one-line help), under `kvgate bench`
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "router": ("router.bench", "hashing, routing and event ingestion at scale"),
+    "engine": ("engines.bench", "TTFT with and without cache, prefill and decode speed"),
+    "gateway": ("gateway.bench", "proxy overhead against calling a worker directly"),
+    "replay": ("gateway.replay_bench", "catch-up time of a new replica from snapshot and tail"),
+}
+
+
+def _load(module_name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            return None  # command not built yet
+        raise
+
+
+def _add_commands(subparsers: argparse._SubParsersAction, table: dict[str, tuple[str, str]]) -> None:
+    for name, (module_name, help_text) in table.items():
+        module = _load(module_name)
+        if module is None:
+            continue
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvgate", description="Agent-session-aware KV routing gateway for LLM inference."
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_commands(subparsers, COMMANDS)
+    bench = subparsers.add_parser("bench", help="benchmarks", description="benchmarks")
+    _add_commands(bench.add_subparsers(title="benchmarks", metavar="BENCH"), BENCHMARKS)
+    bench.set_defaults(_run=lambda _args: (bench.print_help(), 2)[1])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = getattr(args, "_run", None)
+    if run is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""kvgate load generator, trace replay and the routing simulator."""

@@ -1,0 +1,198 @@
+"""Everything that crosses the NATS bus: msgspec Structs (msgpack on the wire) and subject names.
+
+One module, so that the workers, the gateway, the bridge and the simulator cannot disagree on a field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, TypeVar
+
+import msgspec
+
+Tier = Literal["device", "host", "disk"]
+TIERS: tuple[Tier, ...] = ("device", "host", "disk")
+
+DEFAULT_NAMESPACE = "kvgate"
+
+
+class ProtocolError(ValueError):
+    """Bytes from the bus that are not a valid message of the expected type."""
+
+
+# --- KV events
+
+
+class BlockStored(msgspec.Struct, tag="stored", frozen=True):
+    """Blocks became cached on a tier; `block_hashes` extend the chain that ends at `parent_hash`."""
+
+    block_hashes: list[int]
+    parent_hash: int | None = None
+    tier: Tier = "device"
+
+
+class BlockRemoved(msgspec.Struct, tag="removed", frozen=True):
+    """Blocks left a tier (evicted, or moved to another tier, which then reports a store)."""
+
+    block_hashes: list[int]
+    tier: Tier = "device"
+
+
+class AllBlocksCleared(msgspec.Struct, tag="cleared", frozen=True):
+    """The worker dropped every cached block (reset, restart)."""
+
+
+KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KvEventBatch(msgspec.Struct, frozen=True):
+    """One publication on `kv.<worker>`: `seq` increases by one per batch, per worker process.
+
+    `epoch` identifies the worker process (its start time in ns); a new epoch means the worker
+    restarted and its previous blocks are gone.
+    """
+
+    worker_id: str
+    epoch: int
+    seq: int
+    ts: float
+    events: list[KvEvent]
+
+
+class CachedBlock(msgspec.Struct, array_like=True, frozen=True):
+    block_hash: int
+    parent_hash: int | None
+    tier: Tier = "device"
+
+
+class KvStateDump(msgspec.Struct, frozen=True):
+    """A worker's whole cached set, as of batch `seq`: the answer to a `StateDumpRequest`."""
+
+    worker_id: str
+    epoch: int
+    seq: int
+    blocks: list[CachedBlock]
+
+
+class StateDumpRequest(msgspec.Struct, frozen=True):
+    """Sent (NATS request) to `dump.<worker>` when the router saw a gap in that worker's sequence."""
+
+    requester: str
+    reason: str = "gap"
+
+
+# --- load, registration, pins
+
+
+class LoadReport(msgspec.Struct, frozen=True):
+    """Published on `load.<worker>` several times a second."""
+
+    worker_id: str
+    ts: float
+    running: int
+    waiting: int
+    active_prefill_tokens: int
+    used_blocks: int
+    total_blocks: int
+    prefill_tok_s: float
+    decode_tok_s: float
+
+
+class WorkerRegistration(msgspec.Struct, frozen=True):
+    """A worker's entry in the registry KV bucket, rewritten on every heartbeat."""
+
+    worker_id: str
+    url: str
+    model: str
+    block_size: int
+    num_blocks: int
+    engine: str
+    epoch: int
+    heartbeat_ts: float
+    tokenizer: str = "byte"
+    max_num_seqs: int = 256
+    publishes_events: bool = True
+
+
+class PinHint(msgspec.Struct, frozen=True):
+    """Keep a session's blocks on `pin.<worker>` until `ttl_s` has passed (an eviction hint only)."""
+
+    session_id: str
+    block_hashes: list[int]
+    ttl_s: float
+
+
+# --- encoding
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+MessageT = TypeVar("MessageT", bound=msgspec.Struct)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes, message_type: type[MessageT]) -> MessageT:
+    """Decode bus bytes as `message_type`; anything malformed raises `ProtocolError`."""
+    decoder = _decoders.get(message_type)
+    if decoder is None:
+        decoder = _decoders[message_type] = msgspec.msgpack.Decoder(message_type)
+    try:
+        return decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"invalid {message_type.__name__}: {exc}") from exc
+
+
+# --- subjects
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def check_token(value: str, what: str) -> str:
+    """A NATS subject token: no dots, wildcards or spaces, so it cannot address other subjects."""
+    if not _TOKEN.match(value):
+        raise ProtocolError(f"{what} {value!r} must match {_TOKEN.pattern}")
+    return value
+
+
+class Subjects:
+    """Subject and bucket names under one namespace."""
+
+    def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
+        self.namespace = check_token(namespace, "namespace")
+        self.prefix = f"kvgate.{namespace}"
+
+    def kv(self, worker_id: str) -> str:
+        return f"{self.prefix}.kv.{check_token(worker_id, 'worker id')}"
+
+    def load(self, worker_id: str) -> str:
+        return f"{self.prefix}.load.{check_token(worker_id, 'worker id')}"
+
+    def pin(self, worker_id: str) -> str:
+        return f"{self.prefix}.pin.{check_token(worker_id, 'worker id')}"
+
+    def dump(self, worker_id: str) -> str:
+        return f"{self.prefix}.dump.{check_token(worker_id, 'worker id')}"
+
+    @property
+    def kv_all(self) -> str:
+        return f"{self.prefix}.kv.>"
+
+    @property
+    def load_all(self) -> str:
+        return f"{self.prefix}.load.>"
+
+    @property
+    def kv_stream(self) -> str:
+        return f"KVGATE_{self.namespace.upper().replace('-', '_')}_KV"
+
+    @property
+    def registry_bucket(self) -> str:
+        return f"kvgate_{self.namespace.replace('-', '_')}_workers"
+
+    @staticmethod
+    def worker_of(subject: str) -> str:
+        """The worker id at the end of a per-worker subject."""
+        return subject.rsplit(".", 1)[-1]

@@ -1,0 +1,22 @@
+"""What a policy is asked (`RouteRequest`) and what it answers (`Decision`)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class RouteRequest(msgspec.Struct):
+    request_id: str
+    model: str
+    block_hashes: list[int]  # chained hashes of the prompt's full blocks (router.hashing)
+    num_tokens: int  # prompt length in tokens, partial last block included
+    session_id: str | None = None
+    expected_output_tokens: int = 0
+    tool_call_pending: bool = False  # the client said this turn carries a tool result
+
+
+class Decision(msgspec.Struct):
+    worker_id: str
+    overlap_blocks: int  # prefix blocks the worker is expected to hold (device tier)
+    estimated_cost: float  # the policy's own score; for session_kv, estimated TTFT in ms
+    reason: str  # short, low-cardinality label, e.g. "overlap", "session", "least_loaded"

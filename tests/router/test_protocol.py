@@ -1,0 +1,79 @@
+import msgspec
+import pytest
+
+from router.protocol import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    CachedBlock,
+    KvEventBatch,
+    KvStateDump,
+    LoadReport,
+    PinHint,
+    ProtocolError,
+    StateDumpRequest,
+    Subjects,
+    WorkerRegistration,
+    decode,
+    encode,
+)
+
+MESSAGES = [
+    KvEventBatch(
+        worker_id="w0",
+        epoch=12,
+        seq=3,
+        ts=1.5,
+        events=[
+            BlockStored([2**64 - 1, 5], parent_hash=None, tier="device"),
+            BlockStored([9], parent_hash=5, tier="host"),
+            BlockRemoved([5], tier="device"),
+            AllBlocksCleared(),
+        ],
+    ),
+    KvStateDump("w0", 12, 3, [CachedBlock(1, None), CachedBlock(2, 1, "disk")]),
+    StateDumpRequest("gw-1"),
+    LoadReport("w0", 1.0, 2, 3, 400, 10, 100, 5000.0, 300.0),
+    WorkerRegistration("w0", "http://127.0.0.1:9000", "tiny", 16, 1024, "torch", 12, 1.0),
+    PinHint("s1", [1, 2, 3], 30.0),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(message: msgspec.Struct) -> None:
+    assert decode(encode(message), type(message)) == message
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\xc1", encode(LoadReport("w0", 1.0, 2, 3, 400, 10, 100, 5000.0, 300.0)), b"\x93\x01"],
+)
+def test_malformed_raises_protocol_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode(data, KvEventBatch)
+
+
+def test_unknown_tier_is_rejected() -> None:
+    raw = msgspec.msgpack.encode(
+        {
+            "worker_id": "w",
+            "epoch": 1,
+            "seq": 0,
+            "ts": 0.0,
+            "events": [{"type": "stored", "block_hashes": [1], "tier": "floppy"}],
+        }
+    )
+    with pytest.raises(ProtocolError):
+        decode(raw, KvEventBatch)
+
+
+def test_subjects() -> None:
+    subjects = Subjects("prod")
+    assert subjects.kv("w-1") == "kvgate.prod.kv.w-1"
+    assert subjects.load("w-1") == "kvgate.prod.load.w-1"
+    assert subjects.pin("w-1") == "kvgate.prod.pin.w-1"
+    assert subjects.kv_all == "kvgate.prod.kv.>"
+    assert Subjects.worker_of(subjects.kv("w-1")) == "w-1"
+    for bad in ["a.b", "*", ">", "", "a b"]:
+        with pytest.raises(ProtocolError):
+            subjects.kv(bad)
