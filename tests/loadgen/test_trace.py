@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import pytest
+
+from loadgen.trace import TraceBlockHasher, TraceContent, TraceRow, is_session_trace, load_trace
+from router.hashing import block_hashes
+
+TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
+
+
+def test_memoised_block_hashes_equal_hashing_the_tokens() -> None:
+    content = TraceContent(trace_block_size=64, vocab_size=1000)
+    hasher = TraceBlockHasher(content, block_size=16)
+    rows = [
+        TraceRow(0, 64 * 3, 5, [1, 2, 3]),
+        TraceRow(1, 64 * 2 + 40, 5, [1, 2, 9]),  # shares two blocks, partial last block
+        TraceRow(2, 10, 5, [7]),
+    ]
+    for row in rows:
+        assert hasher.block_hashes(row) == block_hashes(content.prompt_tokens(row), 16)
+    assert hasher.block_hashes(rows[0])[:8] == hasher.block_hashes(rows[1])[:8]
+
+
+def test_text_is_deterministic_and_shares_prefixes() -> None:
+    content = TraceContent(trace_block_size=512)
+    a = content.prompt_text(TraceRow(0, 1024, 1, [10, 11]))
+    b = content.prompt_text(TraceRow(0, 1024, 1, [10, 12]))
+    assert a[:512] == b[:512] and a != b and len(a) == 1024
+
+
+@pytest.mark.skipif(not TRACES.exists(), reason="shared traces not present")
+def test_shared_traces_load() -> None:
+    rows = load_trace(TRACES / "cc_sessions_dev.jsonl", limit=50)
+    assert len(rows) == 50 and is_session_trace(rows)
+    assert all(len(r.hash_ids) == -(-r.input_length // 512) for r in rows)
+    mooncake = load_trace(TRACES / "mooncake_conversation.jsonl", limit=50)
+    assert not is_session_trace(mooncake)
