@@ -32,6 +32,6 @@ def test_text_is_deterministic_and_shares_prefixes() -> None:
 def test_shared_traces_load() -> None:
     rows = load_trace(TRACES / "cc_sessions_dev.jsonl", limit=50)
     assert len(rows) == 50 and is_session_trace(rows)
-    assert all(len(r.hash_ids) == -(-r.input_length // 512) for r in rows)
+    assert all(r.hash_ids and r.input_length > 0 for r in rows)
     mooncake = load_trace(TRACES / "mooncake_conversation.jsonl", limit=50)
     assert not is_session_trace(mooncake)
