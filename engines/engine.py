@@ -1,0 +1,247 @@
+"""The engine: requests in, one step at a time, outputs and KV cache events out.
+
+Synchronous and clock-agnostic: the worker drives it from an asyncio task (the torch runner in a
+thread), the simulator drives it in virtual time with the mock runner. The step path does no I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from engines.block_manager import BlockManager
+from engines.runner import ModelRunner, SamplingParams, ScheduledChunk
+from engines.scheduler import Scheduler
+from engines.sequence import Sequence, SequenceStatus
+from router.hashing import DEFAULT_BLOCK_SIZE, hash_seed
+from router.protocol import CachedBlock, KvEvent
+
+
+class EngineConfig(msgspec.Struct, frozen=True):
+    num_blocks: int = 1024
+    block_size: int = DEFAULT_BLOCK_SIZE
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_pinned_blocks: int | None = None  # default: half the blocks
+    hash_seed: int = hash_seed()  # base seed for requests without a cache salt
+
+
+class EngineRequest(msgspec.Struct):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = SamplingParams()
+    session_id: str | None = None
+    cache_salt: str | None = None  # tenant isolation: changes the block hash seed
+
+
+class RequestOutput(msgspec.Struct):
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    num_cached_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class StepResult(msgspec.Struct):
+    outputs: list[RequestOutput]
+    duration_s: float  # modelled by the runner when it can (mock), else measured
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+
+
+class EngineLoad(msgspec.Struct):
+    running: int
+    waiting: int
+    active_prefill_tokens: int
+    used_blocks: int
+    total_blocks: int
+    prefill_tok_s: float
+    decode_tok_s: float
+
+
+class Engine:
+    SPEED_SMOOTHING = 0.2  # weight of the newest step in the measured speeds
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: ModelRunner,
+        clock: Callable[[], float] = time.monotonic,
+        on_kv_events: Callable[[list[KvEvent]], None] | None = None,
+    ) -> None:
+        if runner.block_size != config.block_size or runner.num_blocks < config.num_blocks:
+            raise ValueError("the runner's KV cache does not match the engine config")
+        self.config = config
+        self.runner = runner
+        self.clock = clock
+        self.on_kv_events = on_kv_events
+        self.block_manager = BlockManager(
+            config.num_blocks, config.block_size, clock, config.max_pinned_blocks
+        )
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self._seqs: dict[str, Sequence] = {}
+        self._finished_early: list[RequestOutput] = []  # aborted or refused between steps
+        self.prefill_tok_s = 0.0
+        self.decode_tok_s = 0.0
+        self.num_steps = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.num_blocks * self.config.block_size
+
+    # --- requests
+
+    def add_request(self, request: EngineRequest) -> None:
+        tokens = request.prompt_token_ids
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        if len(tokens) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(tokens)} tokens; this worker holds at most {self.max_model_len - 1}"
+            )
+        if request.request_id in self._seqs:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.sampling.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        seed = hash_seed(None, request.cache_salt) if request.cache_salt else self.config.hash_seed
+        seq = Sequence(
+            request.request_id, tokens, request.sampling, self.config.block_size, seed, [], request.session_id
+        )
+        self._seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self._finished_early.append(self._output(seq, []))
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._finished_early)
+
+    def pin(self, session_id: str, block_hashes: list[int], ttl_s: float) -> int:
+        return self.block_manager.pin(session_id, block_hashes, ttl_s)
+
+    def cached_blocks(self) -> list[CachedBlock]:
+        return self.block_manager.cached_blocks()
+
+    # --- the step
+
+    def step(self) -> StepResult:
+        outputs, self._finished_early = self._finished_early, []
+        scheduled, too_long = self.scheduler.schedule()
+        for seq in too_long:
+            del self._seqs[seq.seq_id]
+            outputs.append(self._output(seq, []))
+        if not scheduled:
+            self._emit_events()
+            return StepResult(outputs, 0.0)
+        chunks = []
+        num_prefill = num_decode = 0
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            end = start + n
+            output_len = seq.num_output_tokens
+            if n == 1 and output_len:
+                num_decode += 1
+            else:
+                num_prefill += n
+            chunks.append(
+                ScheduledChunk(
+                    seq.seq_id,
+                    seq.token_ids[start:end],
+                    start,
+                    seq.block_table,
+                    end == len(seq),
+                    seq.sampling,
+                    output_len,
+                )
+            )
+        kv_usage = self.block_manager.usage()
+        started = time.perf_counter()
+        sampled = self.runner.execute(chunks)
+        duration = self.runner.step_time_s(chunks, kv_usage)
+        if duration is None:
+            duration = time.perf_counter() - started
+        self._after_step(scheduled, sampled, outputs)
+        self._measure(num_prefill, num_decode, duration)
+        self._emit_events()
+        self.num_steps += 1
+        return StepResult(outputs, duration, num_prefill, num_decode)
+
+    def _after_step(
+        self, scheduled: list[tuple[Sequence, int]], sampled: list[int | None], outputs: list[RequestOutput]
+    ) -> None:
+        bm = self.block_manager
+        for (seq, n), token in zip(scheduled, sampled, strict=True):
+            seq.num_computed_tokens += n
+            bm.commit(seq)
+            if token is None:
+                continue
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self._seqs[seq.seq_id]
+            outputs.append(self._output(seq, [token]))
+
+    @staticmethod
+    def _finish_reason(seq: Sequence, token: int) -> str | None:
+        params = seq.sampling
+        if not params.ignore_eos and token in params.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
+        finished = seq.status is SequenceStatus.FINISHED
+        return RequestOutput(
+            seq.seq_id,
+            new_tokens,
+            finished,
+            seq.finish_reason if finished else None,
+            max(seq.num_cached_tokens, 0),
+            seq.num_prompt_tokens,
+            seq.num_output_tokens,
+        )
+
+    def _measure(self, num_prefill: int, num_decode: int, duration: float) -> None:
+        if duration <= 0:
+            return
+        a = self.SPEED_SMOOTHING
+        if num_prefill:
+            speed = num_prefill / duration
+            self.prefill_tok_s = speed if not self.prefill_tok_s else (1 - a) * self.prefill_tok_s + a * speed
+        if num_decode:
+            speed = num_decode / duration
+            self.decode_tok_s = speed if not self.decode_tok_s else (1 - a) * self.decode_tok_s + a * speed
+
+    def _emit_events(self) -> None:
+        if self.block_manager.has_events:
+            events = self.block_manager.take_events()
+            if self.on_kv_events is not None:
+                self.on_kv_events(events)
+
+    # --- load
+
+    def load(self) -> EngineLoad:
+        sched = self.scheduler
+        active_prefill = sum(s.num_pending_tokens for s in sched.waiting)
+        active_prefill += sum(s.num_pending_tokens for s in sched.running if s.num_pending_tokens > 1)
+        bm = self.block_manager
+        return EngineLoad(
+            len(sched.running),
+            len(sched.waiting),
+            active_prefill,
+            bm.num_used,
+            bm.num_blocks,
+            self.prefill_tok_s,
+            self.decode_tok_s,
+        )

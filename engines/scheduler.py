@@ -1,0 +1,104 @@
+"""Continuous batching: which sequences compute which tokens in the next step.
+
+Running sequences go first (decode and the rest of chunked prefills), then waiting ones are admitted
+while the step's token budget, `max_num_seqs` and free blocks allow. When a running sequence needs a
+block and none is free, the most recently admitted sequence is preempted: its blocks are freed (they
+stay in the prefix cache) and it is recomputed when readmitted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engines.block_manager import BlockManager
+from engines.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+        """The step's work as (sequence, tokens to compute) pairs, and the sequences that cannot
+        ever fit (finished here with reason "length")."""
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        too_long: list[Sequence] = []
+        preempted = False
+        running = self.running
+        i = 0
+        while i < len(running) and budget:
+            seq = running[i]
+            n = min(seq.num_pending_tokens, budget)
+            while not bm.can_append(seq, n):
+                if len(running) == 1:
+                    # alone and still out of blocks: the sequence outgrew the whole cache
+                    running.pop()
+                    bm.free(seq)
+                    seq.status = SequenceStatus.FINISHED
+                    seq.finish_reason = "length"
+                    too_long.append(seq)
+                    break
+                victim = running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                bm.append_slots(seq, n)
+                scheduled.append((seq, n))
+                budget -= n
+                i += 1
+                continue
+            break
+        # admitting while others are being preempted would only thrash
+        while self.waiting and budget and not preempted and len(running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if bm.blocks_needed(len(seq)) > bm.num_blocks:
+                self.waiting.popleft()
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "length"
+                too_long.append(seq)
+                continue
+            hits = bm.match_prefix(seq)
+            if not bm.can_allocate(seq, hits):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq, hits)
+            seq.status = SequenceStatus.RUNNING
+            running.append(seq)
+            n = min(seq.num_pending_tokens, budget)
+            scheduled.append((seq, n))
+            budget -= n
+        return scheduled, too_long
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove a running or waiting sequence and release its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

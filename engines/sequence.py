@@ -1,0 +1,89 @@
+"""One request as the engine sees it: its tokens, how many of them have KV computed, and its blocks.
+
+A sequence's tokens are its prompt followed by its output. Every step computes the KV of the next
+`n` tokens after `num_computed_tokens`; the step that reaches the last token samples the next one.
+So prefill, chunked prefill, decode and recompute after preemption are the same operation.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from engines.runner import SamplingParams
+from router.hashing import block_hashes
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+class Sequence:
+    __slots__ = (
+        "block_hashes",
+        "block_size",
+        "block_table",
+        "finish_reason",
+        "hash_seed",
+        "num_cached_tokens",
+        "num_committed_blocks",
+        "num_computed_tokens",
+        "num_prompt_tokens",
+        "sampling",
+        "seq_id",
+        "session_id",
+        "status",
+        "token_ids",
+    )
+
+    def __init__(
+        self,
+        seq_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        block_size: int,
+        hash_seed: int,
+        prompt_block_hashes: list[int],
+        session_id: str | None = None,
+    ) -> None:
+        self.seq_id = seq_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling = sampling
+        self.block_size = block_size
+        self.hash_seed = hash_seed
+        self.session_id = session_id
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        # -1 until first admitted: the prefix hit of the first admission is what the client is told
+        self.num_cached_tokens = -1
+        self.block_table: list[int] = []
+        # chained hashes of the full blocks of token_ids, extended as output fills blocks
+        self.block_hashes = prompt_block_hashes
+        # leading blocks of block_table already offered to the prefix cache
+        self.num_committed_blocks = 0
+        self.finish_reason: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens whose KV still has to be computed before the next token can be sampled."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def block_hash(self, index: int) -> int:
+        """Hash of full block `index`, computing (and remembering) those not hashed yet."""
+        hashes = self.block_hashes
+        size = self.block_size
+        while len(hashes) <= index:
+            i = len(hashes)
+            parent = hashes[-1] if i else None
+            block = self.token_ids[i * size : (i + 1) * size]
+            hashes.extend(block_hashes(block, size, self.hash_seed, parent))
+        return hashes[index]
