@@ -1,0 +1,331 @@
+"""The Helm chart in charts/kvgate, rendered and linted by the real Helm library (helm-python-sdk wraps
+Helm's Go SDK) and every manifest validated against the Kubernetes OpenAPI schemas (kubernetes-validate).
+
+This machine cannot download chart dependencies, so renders switch the official NATS subchart off and
+point at an external NATS URL; the values handed to that subchart are checked against its official keys.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from gateway.cli import build_parser
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "kvgate"
+KUBE_VERSION = "1.30"
+EXTERNAL_NATS = {"nats": {"enabled": False}, "externalNats": {"url": "nats://nats.infra:4222"}}
+
+# Keys of the official `nats` chart (1.x, nats-io/k8s helm/charts/nats/values.yaml) that kvgate sets.
+OFFICIAL_NATS_KEYS = {
+    "enabled",  # the dependency's condition in Chart.yaml, read by Helm, not by the subchart
+    "config.cluster.enabled",
+    "config.cluster.replicas",
+    "config.jetstream.enabled",
+    "config.jetstream.fileStore.pvc.size",
+}
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm's coalescing of a values file over another: maps merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def values_file(name: str) -> dict[str, Any]:
+    return yaml.safe_load((CHART / name).read_text())
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.merge_values(values))
+        manifests = chart.render(values, name="demo", namespace="llm", is_install=True)
+    docs = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+def notes(values: dict[str, Any]) -> str:
+    with helm.Chart.load(CHART) as chart:
+        return chart.render(values, name="demo", namespace="llm")["kvgate/templates/NOTES.txt"]
+
+
+def validate_all(docs: list[dict[str, Any]]) -> None:
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: kubernetes-validate has no schema for it; checked on its own below
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def find(docs: list[dict[str, Any]], kind: str, component: str | None = None) -> list[dict[str, Any]]:
+    return [
+        d
+        for d in docs
+        if d["kind"] == kind
+        and (component is None or d["metadata"]["labels"].get("app.kubernetes.io/component") == component)
+    ]
+
+
+def container(doc: dict[str, Any]) -> dict[str, Any]:
+    (only,) = doc["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def leaf_paths(tree: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from leaf_paths(value, path + ".")
+        else:
+            yield path
+
+
+def check_cli(args: list[str], command: str) -> None:
+    """The rendered args parse with the real `kvgate` CLI (once that command exists)."""
+    parser = build_parser()
+    choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    if command not in choices:
+        pytest.skip(f"`kvgate {command}` is not built yet")
+    parser.parse_args([a.replace("$(POD_NAME)", "demo-kvgate-worker-0") for a in args])
+
+
+# --- default values
+
+
+def test_default_values_render_valid_manifests() -> None:
+    docs = render(EXTERNAL_NATS)
+    validate_all(docs)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == [
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Service",
+        "Service",
+        "StatefulSet",
+    ]
+
+    (gateway,) = find(docs, "Deployment", "gateway")
+    gw = container(gateway)
+    assert gw["command"] == ["kvgate"]
+    assert gw["args"][0] == "gateway"
+    assert flag(gw["args"], "--nats") == "nats://nats.infra:4222"
+    assert flag(gw["args"], "--policy") == "session_kv"
+    assert flag(gw["args"], "--namespace") == "kvgate"
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert gw["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert "replicas" not in gateway["spec"]  # the HPA owns the count
+
+    (hpa,) = find(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == gateway["metadata"]["name"]
+    (pdb,) = find(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
+
+    (workers,) = find(docs, "StatefulSet", "worker")
+    (headless,) = find(docs, "Service", "worker")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert workers["spec"]["serviceName"] == headless["metadata"]["name"]
+    assert workers["spec"]["replicas"] == 2
+    wk = container(workers)
+    assert flag(wk["args"], "--engine") == "mock"
+    assert flag(wk["args"], "--worker-id") == "$(POD_NAME)"
+    # Each worker registers the DNS name the headless Service gives its own pod.
+    assert flag(wk["args"], "--url") == "http://$(POD_NAME).demo-kvgate-worker.llm.svc:8000"
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in wk["env"]
+    assert "nvidia.com/gpu" not in wk["resources"].get("limits", {})
+
+
+def test_rendered_args_parse_with_the_kvgate_cli() -> None:
+    docs = render(EXTERNAL_NATS)
+    check_cli(container(find(docs, "Deployment", "gateway")[0])["args"], "gateway")
+    check_cli(container(find(docs, "StatefulSet", "worker")[0])["args"], "worker")
+
+
+def test_bundled_nats_is_addressed_by_its_service_name() -> None:
+    docs = render({})  # nats.enabled defaults to true; the subchart itself is not downloaded here
+    gw = container(find(docs, "Deployment", "gateway")[0])
+    assert flag(gw["args"], "--nats") == "nats://demo-nats.llm.svc:4222"
+
+
+# --- HA values
+
+
+def test_ha_values_render_valid_manifests() -> None:
+    docs = render(merge(values_file("values-ha.yaml"), EXTERNAL_NATS))
+    validate_all(docs)
+    (hpa,) = find(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["minReplicas"] == 2
+    (gateway,) = find(docs, "Deployment", "gateway")
+    anti = gateway["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 100
+    (pdb,) = find(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+
+
+def test_nats_dependency_and_its_values_use_the_official_chart() -> None:
+    chart_yaml = values_file("Chart.yaml")
+    (dep,) = chart_yaml["dependencies"]
+    assert dep["name"] == "nats"
+    assert dep["repository"] == "https://nats-io.github.io/k8s/helm/charts/"
+    assert dep["condition"] == "nats.enabled"
+
+    default, ha = values_file("values.yaml")["nats"], values_file("values-ha.yaml")["nats"]
+    for nats in (default, ha):
+        unknown = set(leaf_paths(nats)) - OFFICIAL_NATS_KEYS
+        assert not unknown, f"not keys of the official nats chart: {unknown}"
+        assert nats["enabled"] is True
+        assert nats["config"]["jetstream"]["enabled"] is True
+    assert default["config"]["cluster"]["enabled"] is False
+    assert ha["config"]["cluster"] == {"enabled": True, "replicas": 3}
+    assert ha["config"]["jetstream"]["fileStore"]["pvc"]["size"] == "20Gi"
+
+
+# --- lint
+
+
+@pytest.mark.parametrize("values_name", ["values.yaml", "values-ha.yaml"])
+def test_lint_has_no_errors(values_name: str) -> None:
+    values = merge(values_file(values_name), EXTERNAL_NATS)
+    report = helm.lint(CHART, values, namespace="llm", kube_version=f"v{KUBE_VERSION}.0")
+    assert report["total_charts_linted"] == 1
+    assert report["errors"] == []
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    # The only warning allowed is the one this offline machine cannot avoid.
+    assert all("missing these dependencies: nats" in m["error"] for m in problems), problems
+
+
+def test_lint_catches_a_broken_value() -> None:
+    values = merge(EXTERNAL_NATS, {"gateway": {"port": "eighty"}})
+    report = helm.lint(CHART, values, namespace="llm")
+    assert any(m["severity"] == 3 for m in report["messages"]), report
+
+
+# --- fronting vLLM / SGLang
+
+
+def test_bridges_replace_builtin_workers() -> None:
+    values = merge(
+        EXTERNAL_NATS,
+        {
+            "workers": {"enabled": False},
+            "bridges": {
+                "targets": [
+                    {
+                        "name": "vllm-0",
+                        "engine": "vllm",
+                        "url": "http://vllm-0.vllm:8000",
+                        "zmq": "tcp://vllm-0.vllm:5557",
+                        "replay": "tcp://vllm-0.vllm:5558",
+                        "model": "meta-llama/Llama-3.1-8B-Instruct",
+                        "blockSize": 16,
+                    },
+                    {
+                        "name": "sglang-0",
+                        "engine": "sglang",
+                        "url": "http://sglang-0.sglang:30000",
+                        "zmq": "tcp://sglang-0.sglang:5557",
+                        "model": "Qwen/Qwen2.5-7B-Instruct",
+                        "blockSize": 1,
+                    },
+                ]
+            },
+        },
+    )
+    docs = render(values)
+    validate_all(docs)
+    assert not find(docs, "StatefulSet")
+    bridges = {d["metadata"]["name"]: container(d)["args"] for d in find(docs, "Deployment", "bridge")}
+    assert set(bridges) == {"demo-kvgate-bridge-vllm-0", "demo-kvgate-bridge-sglang-0"}
+    vllm = bridges["demo-kvgate-bridge-vllm-0"]
+    assert vllm[0] == "bridge"
+    assert flag(vllm, "--zmq") == "tcp://vllm-0.vllm:5557"
+    assert flag(vllm, "--replay") == "tcp://vllm-0.vllm:5558"
+    assert flag(vllm, "--worker-id") == "vllm-0"
+    assert flag(vllm, "--nats") == "nats://nats.infra:4222"
+    sglang = bridges["demo-kvgate-bridge-sglang-0"]
+    assert flag(sglang, "--engine") == "sglang"
+    assert flag(sglang, "--block-size") == "1"
+    assert "--replay" not in sglang
+    for args in bridges.values():
+        check_cli(args, "bridge")
+    assert "vllm-0 (vllm), sglang-0 (sglang)" in notes(values)
+
+
+def test_nothing_to_route_to_is_called_out() -> None:
+    text = notes(merge(EXTERNAL_NATS, {"workers": {"enabled": False}}))
+    assert "nowhere to route" in text
+
+
+# --- options
+
+
+def test_gpu_workers_request_gpus() -> None:
+    docs = render(merge(EXTERNAL_NATS, {"workers": {"engine": "torch", "gpu": {"count": 2}}}))
+    validate_all(docs)
+    wk = container(find(docs, "StatefulSet", "worker")[0])
+    assert wk["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert wk["resources"]["limits"]["memory"] == "4Gi"  # the configured limits stay
+    assert flag(wk["args"], "--engine") == "torch"
+
+
+def test_service_monitor_selects_the_gateway_service() -> None:
+    docs = render(merge(EXTERNAL_NATS, {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}))
+    validate_all(docs)
+    (monitor,) = find(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    (service,) = find(docs, "Service", "gateway")
+    assert selector.items() <= service["metadata"]["labels"].items()
+    ports = {p["name"] for p in service["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_autoscaling_off_sets_replicas() -> None:
+    docs = render(merge(EXTERNAL_NATS, {"gateway": {"replicas": 3, "autoscaling": {"enabled": False}}}))
+    assert not find(docs, "HorizontalPodAutoscaler")
+    assert find(docs, "Deployment", "gateway")[0]["spec"]["replicas"] == 3
+
+
+# --- bad values get clear errors
+
+
+def test_external_nats_url_is_required_without_the_subchart() -> None:
+    with pytest.raises(helm.HelmError, match=r"externalNats\.url is required"):
+        render({"nats": {"enabled": False}})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"workers": {"engine": "tensorrt"}},
+        {"gateway": {"policy": "fastest"}},
+        {"busNamespace": "has.dots"},
+        {"gateway": {"replicaz": 2}},
+        {"bridges": {"targets": [{"name": "Bad_Name", "url": "http://x", "zmq": "tcp://x:1", "model": "m"}]}},
+        {"bridges": {"targets": [{"name": "v", "url": "http://x", "model": "m"}]}},
+    ],
+)
+def test_schema_rejects_bad_values(bad: dict[str, Any]) -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(chart.merge_values(merge(EXTERNAL_NATS, bad)))
