@@ -1,0 +1,183 @@
+"""Block manager: prefix hits, LRU reuse, pins, and hypothesis-driven invariants with exact events."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engines.block_manager import BlockManager
+from engines.runner import SamplingParams
+from engines.sequence import Sequence
+from router.hashing import BASE_SEED, block_hashes
+from router.protocol import BlockRemoved, BlockStored
+from tests.engines.kv_replay import ReplayedCache, cached_set, check_invariants
+
+B = 4
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_seq(seq_id: str, tokens: list[int]) -> Sequence:
+    return Sequence(seq_id, tokens, SamplingParams(), B, BASE_SEED, [])
+
+
+def run_prefill(bm: BlockManager, seq: Sequence) -> int:
+    """Admit and compute a sequence's whole prompt; returns its prefix hit in blocks."""
+    hits = bm.match_prefix(seq)
+    assert bm.can_allocate(seq, hits)
+    bm.allocate(seq, hits)
+    seq.num_computed_tokens = len(seq)
+    bm.commit(seq)
+    return hits
+
+
+def test_stored_events_carry_the_router_hashes_and_a_prefix_hit_follows() -> None:
+    bm = BlockManager(16, B, Clock())
+    prompt = list(range(100, 118))  # 4 full blocks and 2 tokens
+    first = make_seq("a", prompt)
+    assert run_prefill(bm, first) == 0
+    assert bm.take_events() == [BlockStored(block_hashes(prompt, B), None)]
+    bm.free(first)
+    second = make_seq("b", [*prompt, 7, 7])
+    assert run_prefill(bm, second) == 4
+    assert second.num_cached_tokens == 16
+    # the partial block of the first sequence was never cached; the second completes block 4
+    assert bm.take_events() == [BlockStored(block_hashes([*prompt, 7, 7], B)[4:], block_hashes(prompt, B)[3])]
+
+
+def test_a_full_prefix_hit_still_computes_the_last_token() -> None:
+    bm = BlockManager(16, B, Clock())
+    prompt = list(range(8))
+    seq = make_seq("a", prompt)
+    run_prefill(bm, seq)
+    bm.free(seq)
+    again = make_seq("b", prompt)
+    assert bm.match_prefix(again) == 1  # not 2: the last block's last token is recomputed
+
+
+def test_eviction_takes_least_recently_freed_and_tail_first() -> None:
+    bm = BlockManager(4, B, Clock())
+    old = make_seq("old", list(range(8)))
+    run_prefill(bm, old)
+    bm.free(old)
+    new = make_seq("new", list(range(50, 58)))
+    run_prefill(bm, new)
+    bm.free(new)
+    bm.take_events()
+    # 2 blocks needed from 4 cached free ones: the old chain goes, tail block first
+    third = make_seq("third", list(range(90, 97)))
+    run_prefill(bm, third)
+    old_hashes = block_hashes(list(range(8)), B)
+    assert bm.take_events()[0] == BlockRemoved([old_hashes[1], old_hashes[0]])
+    assert all(bm.is_cached(h) for h in block_hashes(list(range(50, 58)), B))
+
+
+def test_pins_are_evicted_last_never_refuse_and_expire() -> None:
+    clock = Clock()
+    bm = BlockManager(4, B, clock, max_pinned_blocks=4)
+    pinned_tokens, other_tokens = list(range(8)), list(range(50, 58))
+    pinned, other = make_seq("p", pinned_tokens), make_seq("o", other_tokens)
+    run_prefill(bm, pinned)
+    run_prefill(bm, other)
+    bm.free(pinned)  # freed first: plain LRU would evict it first
+    bm.free(other)
+    assert bm.pin("s1", block_hashes(pinned_tokens, B), ttl_s=10) == 2
+    run_prefill(bm, make_seq("x", list(range(90, 97))))
+    assert all(bm.is_cached(h) for h in block_hashes(pinned_tokens, B))
+    assert not any(bm.is_cached(h) for h in block_hashes(other_tokens, B))
+    # a pin never refuses admission: a 4-block prompt still gets every block
+    big = make_seq("big", list(range(200, 216)))
+    bm2 = BlockManager(4, B, clock, max_pinned_blocks=4)
+    seq = make_seq("p", pinned_tokens)
+    run_prefill(bm2, seq)
+    bm2.free(seq)
+    bm2.pin("s1", block_hashes(pinned_tokens, B), ttl_s=10)
+    assert run_prefill(bm2, big) == 0
+    assert not any(bm2.is_cached(h) for h in block_hashes(pinned_tokens, B))
+    # pins expire by the injected clock
+    bm.pin("s2", [1, 2, 3], ttl_s=5)
+    clock.now = 6
+    bm.expire_pins()
+    assert set(bm.pinned_sessions()) == {"s1"}
+    clock.now = 11
+    bm.expire_pins()
+    assert bm.pinned_sessions() == {} and bm.num_pinned == 0
+
+
+def test_pins_are_capped_keeping_the_prefix() -> None:
+    bm = BlockManager(8, B, Clock(), max_pinned_blocks=3)
+    assert bm.pin("a", [1, 2], 10) == 2
+    assert bm.pin("b", [3, 4, 5], 10) == 1
+    assert bm.pinned_sessions() == {"a": [1, 2], "b": [3]}
+    assert bm.pin("a", [6], 10) == 1  # re-pinning a session replaces its pin
+    assert bm.num_pinned == 2
+
+
+# --- properties
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 3), st.integers(0, 3), st.integers(1, 14)),
+        st.tuples(st.just("compute"), st.integers(0, 20), st.integers(1, 24)),
+        st.tuples(st.just("free"), st.integers(0, 20)),
+        st.tuples(st.just("free"), st.integers(0, 20)),
+        st.tuples(st.just("pin"), st.integers(0, 20), st.integers(0, 30)),
+        st.tuples(st.just("tick"), st.integers(1, 20)),
+    ),
+    min_size=20,
+    max_size=120,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops)
+def test_invariants_and_event_exactness_under_random_operations(operations: list[tuple]) -> None:
+    """Sequences share prefixes (a few stems), grow, free and get pinned while blocks run short;
+    after every operation the invariants hold and the replayed events equal the cached set."""
+    clock = Clock()
+    bm = BlockManager(9, B, clock, max_pinned_blocks=4)
+    replay = ReplayedCache()
+    live: list[Sequence] = []
+    count = 0
+    for op in operations:
+        kind = op[0]
+        if kind == "add":
+            _, stem, variant, length = op
+            tokens = [stem] * 6 + [variant + 10 * i for i in range(length)]
+            seq = make_seq(f"s{count}", tokens)
+            count += 1
+            hits = bm.match_prefix(seq)
+            if bm.can_allocate(seq, hits):
+                bm.allocate(seq, hits)
+                assert seq.num_computed_tokens < len(seq)
+                live.append(seq)
+        elif kind == "compute" and live:
+            seq = live[op[1] % len(live)]
+            seq.num_computed_tokens = min(len(seq), seq.num_computed_tokens + op[2])
+            bm.commit(seq)
+            if seq.num_computed_tokens == len(seq) and bm.can_append(seq, 1):
+                seq.token_ids.append(op[2])  # a sampled token, whose KV is computed next
+                bm.append_slots(seq, 1)
+        elif kind == "free" and live:
+            bm.free(live.pop(op[1] % len(live)))
+        elif kind == "pin" and live:
+            seq = live[op[1] % len(live)]
+            bm.pin(f"sess{op[1] % 3}", seq.block_hashes[: seq.num_committed_blocks], ttl_s=op[2])
+        elif kind == "tick":
+            clock.now += op[1]
+            bm.expire_pins()
+        replay.apply(bm.take_events())
+        check_invariants(bm, live)
+        assert replay.blocks == cached_set(bm)
+    for seq in live:
+        bm.free(seq)
+    assert bm.num_used == 0 and bm.num_free == bm.num_blocks
+    assert bm.reset()
+    replay.apply(bm.take_events())
+    assert replay.blocks == cached_set(bm) == {}

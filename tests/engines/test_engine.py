@@ -1,0 +1,182 @@
+"""Engine + scheduler + mock runner: batching, chunked prefill, preemption, aborts, and event exactness
+over a long random workload."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engines.engine import Engine, EngineConfig, EngineRequest, RequestOutput
+from engines.mock import MockRunner, decode_ms, prefill_ms
+from engines.runner import SamplingParams
+from router.hashing import block_hashes
+from router.protocol import KvEvent
+from tests.engines.kv_replay import ReplayedCache, cached_set, check_invariants
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_engine(
+    num_blocks: int = 64, block_size: int = 4, events: list[KvEvent] | None = None, **kwargs: int
+) -> tuple[Engine, Clock]:
+    clock = Clock()
+    config = EngineConfig(num_blocks=num_blocks, block_size=block_size, **kwargs)
+    sink = events.extend if events is not None else None
+    return Engine(config, MockRunner(num_blocks, block_size), clock, sink), clock
+
+
+def drain(engine: Engine, clock: Clock, max_steps: int = 10_000) -> dict[str, list[RequestOutput]]:
+    outputs: dict[str, list[RequestOutput]] = {}
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return outputs
+        result = engine.step()
+        clock.now += result.duration_s
+        for out in result.outputs:
+            outputs.setdefault(out.request_id, []).append(out)
+    raise AssertionError("engine did not finish")
+
+
+def request(rid: str, tokens: list[int], max_tokens: int = 4, **kwargs: object) -> EngineRequest:
+    return EngineRequest(rid, tokens, SamplingParams(max_tokens=max_tokens, ignore_eos=True), **kwargs)
+
+
+def test_second_request_reports_the_cached_prefix_and_events_carry_router_hashes() -> None:
+    events: list[KvEvent] = []
+    engine, clock = make_engine(events=events)
+    prompt = [7 + i % 50 for i in range(41)]  # 10 full blocks of 4 and 1 token
+    engine.add_request(request("a", prompt))
+    first = drain(engine, clock)["a"]
+    assert first[-1].num_cached_tokens == 0 and first[-1].finish_reason == "length"
+    stored = [h for e in events if hasattr(e, "parent_hash") for h in e.block_hashes]
+    assert stored[:10] == block_hashes(prompt, 4)
+    engine.add_request(request("b", prompt))
+    second = drain(engine, clock)["b"]
+    assert second[-1].num_cached_tokens == 40
+    assert [o.completion_tokens for o in second] == [1, 2, 3, 4]
+    assert second[-1].prompt_tokens == 41
+
+
+def test_chunked_prefill_respects_the_token_budget() -> None:
+    engine, _clock = make_engine(max_num_batched_tokens=16)
+    engine.add_request(request("a", list(range(50)), max_tokens=2))
+    steps = []
+    while engine.has_work():
+        result = engine.step()
+        steps.append((result.num_prefill_tokens, result.num_decode_tokens, len(result.outputs)))
+    assert steps == [(16, 0, 0), (16, 0, 0), (16, 0, 0), (2, 0, 1), (0, 1, 1)]
+
+
+def test_max_num_seqs_bounds_the_batch() -> None:
+    engine, clock = make_engine(max_num_seqs=2)
+    for i in range(5):
+        engine.add_request(request(f"r{i}", [i] * 10, max_tokens=3))
+    result = engine.step()
+    assert engine.load().running == 2 and engine.load().waiting == 3
+    assert len(result.outputs) == 2
+    outputs = drain(engine, clock)
+    assert sorted(outputs) == [f"r{i}" for i in range(5)]
+
+
+def test_preemption_recomputes_and_every_request_completes() -> None:
+    # 8 blocks of 4: three sequences growing to 20 tokens (5 blocks) cannot all fit
+    engine, clock = make_engine(num_blocks=8)
+    for i in range(3):
+        engine.add_request(request(f"r{i}", [100 + i] * 6, max_tokens=14))
+    outputs = drain(engine, clock)
+    assert engine.scheduler.num_preemptions > 0
+    for rid in ("r0", "r1", "r2"):
+        tokens = [t for out in outputs[rid] for t in out.new_token_ids]
+        assert len(tokens) == 14 and outputs[rid][-1].finish_reason == "length"
+    assert engine.block_manager.num_used == 0
+
+
+def test_abort_waiting_and_running() -> None:
+    engine, clock = make_engine(max_num_seqs=1)
+    engine.add_request(request("run", [1] * 9, max_tokens=50))
+    engine.add_request(request("wait", [2] * 9, max_tokens=50))
+    engine.step()
+    assert engine.abort("run") and engine.abort("wait") and not engine.abort("nope")
+    outputs = drain(engine, clock)
+    assert {rid: out[-1].finish_reason for rid, out in outputs.items()} == {"run": "abort", "wait": "abort"}
+    assert engine.block_manager.num_used == 0 and not engine.has_work()
+
+
+def test_eos_stops_unless_ignored_and_limits_are_enforced() -> None:
+    clock = Clock()
+    runner = MockRunner(16, 4, eos_after=2)
+    engine = Engine(EngineConfig(num_blocks=16, block_size=4), runner, clock)
+    eos = runner.tokenizer.eos_token_id
+    engine.add_request(EngineRequest("a", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=(eos,))))
+    engine.add_request(
+        EngineRequest("b", [1, 2, 3], SamplingParams(max_tokens=5, stop_token_ids=(eos,), ignore_eos=True))
+    )
+    outputs = drain(engine, clock)
+    assert outputs["a"][-1].finish_reason == "stop" and outputs["a"][-1].new_token_ids == [eos]
+    assert outputs["a"][-1].completion_tokens == 3
+    assert outputs["b"][-1].finish_reason == "length" and outputs["b"][-1].completion_tokens == 5
+    with pytest.raises(ValueError):
+        engine.add_request(request("long", [1] * 64))  # 16 blocks of 4 hold at most 63 prompt tokens
+    with pytest.raises(ValueError):
+        engine.add_request(request("empty", []))
+    # fits as a prompt but outgrows the whole cache while decoding: finished with "length"
+    engine.add_request(request("grow", [1] * 60, max_tokens=100))
+    grown = drain(engine, clock)["grow"]
+    assert grown[-1].finish_reason == "length" and grown[-1].completion_tokens < 100
+
+
+def test_mock_step_time_follows_the_mocker_model() -> None:
+    engine, _ = make_engine(num_blocks=100, block_size=4)
+    engine.add_request(request("a", list(range(30)), max_tokens=2))
+    first = engine.step()
+    assert first.duration_s == pytest.approx(prefill_ms(30) / 1000)
+    second = engine.step()
+    assert second.duration_s == pytest.approx(decode_ms(8 / 100) / 1000)
+    load = engine.load()
+    assert load.prefill_tok_s == pytest.approx(30 / first.duration_s)
+    assert load.decode_tok_s == pytest.approx(1 / second.duration_s)
+    fast = MockRunner(10, 4, speedup=1000)
+    assert fast.speedup == 1000 and prefill_ms(1) > 16.5
+
+
+def test_long_random_workload_events_are_exact_after_every_step() -> None:
+    rng = random.Random(7)
+    events: list[KvEvent] = []
+    engine, clock = make_engine(40, 4, events, max_num_seqs=6, max_num_batched_tokens=24)
+    replay = ReplayedCache()
+    stems = [[rng.randrange(300) for _ in range(rng.randrange(4, 30))] for _ in range(6)]
+    live: dict[str, list[int]] = {}
+    finished = 0
+    for step in range(1500):
+        if rng.random() < 0.3 and len(live) < 10:
+            rid = f"r{step}"
+            prompt = rng.choice(stems) + [rng.randrange(300) for _ in range(rng.randrange(1, 20))]
+            engine.add_request(
+                request(rid, prompt, max_tokens=rng.randrange(1, 12), session_id=f"s{step % 5}")
+            )
+            live[rid] = prompt
+        if rng.random() < 0.03 and live:
+            engine.abort(rng.choice(sorted(live)))
+        if rng.random() < 0.05 and live:
+            rid = rng.choice(sorted(live))
+            engine.pin(f"pin{step % 4}", block_hashes(live[rid], 4), ttl_s=rng.choice([0.05, 0.5, 5.0]))
+        result = engine.step()
+        clock.now += result.duration_s + 0.001
+        for out in result.outputs:
+            if out.finished:
+                live.pop(out.request_id, None)
+                finished += 1
+        replay.apply(events)
+        events.clear()
+        running = list(engine.scheduler.running)
+        check_invariants(engine.block_manager, running)
+        assert replay.blocks == cached_set(engine.block_manager)
+    assert finished > 300
+    assert engine.scheduler.num_preemptions > 0
