@@ -1,0 +1,356 @@
+"""The gateway's aiohttp application: OpenAI-compatible endpoints in front of the routed workers.
+
+A turn: validate, resolve the model's workers, tokenize and hash as they do, resolve the session,
+admit (per-worker limits, bounded queue), pick, forward with the token ids, relay, then tell the
+router how it went (and send the pin hint it returns).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from gateway.admission import Admission, NoWorker, QueueFull
+from gateway.bus import Bus
+from gateway.errors import ApiError
+from gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.prompt import PromptEncoder
+from gateway.proxy import Outcome, Retryable, forward
+from gateway.session_id import explicit_session_id
+from gateway.validation import Kind, Turn, parse_turn
+from router.chat import TemplateError
+from router.protocol import Subjects, WorkerRegistration
+from router.request import Decision, RouteRequest
+
+log = logging.getLogger("kvgate.gateway")
+
+TOOL_CALL_HEADER = "x-kvgate-tool-call"
+
+
+class GatewayConfig(msgspec.Struct, frozen=True):
+    nats_url: str
+    namespace: str = "kvgate"
+    policy: str = "session_kv"
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_prompt_tokens: int = 131_072
+    max_inflight_per_worker: int = 0  # 0: the worker's own max_num_seqs
+    queue_bound: int = 256
+    queue_timeout_s: float = 30.0
+    retry_after_s: int = 1
+    max_attempts: int = 3
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 120.0
+    stale_after_s: float = 3.0
+    gateway_id: str = "gateway"
+
+
+class Gateway:
+    """Everything one gateway process holds; the aiohttp handlers are its methods."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        from router.router import Router  # imported here: the router package may be mid-build in tests
+
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.router = Router(policy=config.policy)
+        self.subjects = Subjects(config.namespace)
+        self.admission = Admission(config.queue_bound, config.queue_timeout_s)
+        self.prompts = PromptEncoder()
+        self.bus = Bus(
+            config.nats_url,
+            self.subjects,
+            self.router,
+            self.metrics,
+            gateway_id=config.gateway_id,
+            stale_after_s=config.stale_after_s,
+            on_added=self._worker_added,
+            on_removed=self.admission.remove_worker,
+        )
+        self.http: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=config.connect_timeout_s,
+            sock_connect=config.connect_timeout_s,
+            sock_read=config.read_timeout_s,
+        )
+
+    # --- lifecycle
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._errors])
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/ready", self.ready)
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, _app: web.Application) -> None:
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30), auto_decompress=False
+        )
+        await self.bus.start()
+
+    async def _stop(self, _app: web.Application) -> None:
+        await self.bus.stop()
+        if self.http is not None:
+            await self.http.close()
+
+    def _worker_added(self, registration: WorkerRegistration) -> None:
+        limit = self.config.max_inflight_per_worker or registration.max_num_seqs
+        self.admission.set_limit(registration.worker_id, limit)
+
+    # --- plain endpoints
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, _request: web.Request) -> web.Response:
+        workers = len(self.bus.workers)
+        ok = self.bus.connected and workers > 0
+        return web.json_response(
+            {"ready": ok, "nats": self.bus.connected, "workers": workers}, status=200 if ok else 503
+        )
+
+    async def metrics_endpoint(self, _request: web.Request) -> web.Response:
+        self.metrics.queued.set(self.admission.queued)
+        for wid in self.bus.workers:
+            self.metrics.inflight.labels(wid).set(self.admission.inflight(wid))
+        sessions = getattr(self.router, "num_sessions", None)
+        if callable(sessions):
+            self.metrics.sessions.set(sessions())
+        return web.Response(body=self.metrics.render(), headers={"content-type": CONTENT_TYPE})
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        names = sorted({s.registration.model for s in self.bus.workers.values()})
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "kvgate"} for name in names]
+        return web.json_response({"object": "list", "data": data})
+
+    # --- turns
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._turn(request, "chat", "/v1/chat/completions")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._turn(request, "completion", "/v1/completions")
+
+    async def _turn(self, request: web.Request, kind: Kind, path: str) -> web.StreamResponse:
+        started = time.monotonic()
+        self._authorize(request)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise ApiError(413, f"request body exceeds {self.config.max_body_bytes} bytes") from exc
+        turn = parse_turn(raw, kind)
+        workers = self._workers_for(turn.model)
+        registration = self.bus.workers[next(iter(workers))].registration
+        tokens = self._tokens(turn, registration)
+        explicit = explicit_session_id(request.headers, turn.body)
+        hashes = self.prompts.hashes(tokens, registration.block_size, turn.cache_salt, explicit)
+        session_id = self.router.resolve_session(explicit, hashes)
+        tool_loop = request.headers.get(TOOL_CALL_HEADER, "").lower() == "pending"
+        if not tool_loop and turn.messages:
+            tool_loop = turn.messages[-1].get("role") == "tool"  # it carries a tool result
+        route = RouteRequest(
+            request_id="",
+            model=turn.model,
+            block_hashes=hashes,
+            num_tokens=len(tokens),
+            session_id=session_id,
+            expected_output_tokens=turn.max_tokens,
+            tool_call_pending=tool_loop,
+        )
+        response = await self._attempts(request, turn, route, tokens, workers, path, registration.block_size)
+        self.metrics.e2e.observe(time.monotonic() - started)
+        return response
+
+    def _workers_for(self, model: str) -> frozenset[str]:
+        if not self.bus.workers:
+            raise ApiError(503, "no workers are available", code="no_workers")
+        workers = frozenset(w for w, s in self.bus.workers.items() if s.registration.model == model)
+        if not workers:
+            raise ApiError(404, f"the model '{model}' does not exist", param="model", code="model_not_found")
+        return workers
+
+    def _tokens(self, turn: Turn, registration: WorkerRegistration) -> list[int]:
+        try:
+            tokens = self.prompts.tokens(turn, registration.tokenizer)
+        except TemplateError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
+        if not tokens:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if len(tokens) > self.config.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"the prompt has {len(tokens)} tokens, over the limit of {self.config.max_prompt_tokens}",
+                code="context_length_exceeded",
+            )
+        return tokens
+
+    async def _attempts(
+        self,
+        request: web.Request,
+        turn: Turn,
+        route: RouteRequest,
+        tokens: list[int],
+        workers: frozenset[str],
+        path: str,
+        block_size: int,
+    ) -> web.StreamResponse:
+        base_id = "req-" + uuid.uuid4().hex
+        failed: set[str] = set()
+        last_error = ""
+        for attempt in range(self.config.max_attempts):
+            eligible = frozenset(w for w in workers if w in self.bus.workers) - failed
+            route.request_id = f"{base_id}-{attempt}"
+            decision = await self._admit(route, eligible, last_error)
+            try:
+                response, _ = await self._send(request, turn, route, tokens, decision, path, block_size)
+            except Retryable as exc:
+                last_error = f"worker {decision.worker_id}: {exc}"
+                log.warning("retrying %s elsewhere: %s", base_id, last_error)
+                self.metrics.retries.inc()
+                failed.add(decision.worker_id)
+                continue
+            self.metrics.requests.labels(path, str(response.status)).inc()
+            return response
+        raise ApiError(502, f"no worker could serve the request ({last_error})", code="upstream_failed")
+
+    async def _admit(self, route: RouteRequest, eligible: frozenset[str], last_error: str) -> Decision:
+        def pick(exclude: frozenset[str]) -> Decision | None:
+            try:
+                return self.router.pick(route, time.monotonic(), exclude=exclude | self._ineligible(eligible))
+            except (LookupError, ValueError, RuntimeError):
+                return None  # the router has no candidate left
+
+        try:
+            return await self.admission.admit(pick, eligible, route.session_id or "", route.tool_call_pending)
+        except NoWorker as exc:
+            if last_error:
+                raise ApiError(
+                    502, f"no worker could serve the request ({last_error})", code="upstream_failed"
+                ) from exc
+            raise ApiError(503, "no workers are available", code="no_workers") from exc
+        except (QueueFull, TimeoutError) as exc:
+            self.metrics.rejected.inc()
+            raise ApiError(
+                429,
+                "every worker is saturated; retry later",
+                code="overloaded",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            ) from exc
+
+    def _ineligible(self, eligible: frozenset[str]) -> frozenset[str]:
+        return frozenset(w for w in self.bus.workers if w not in eligible)
+
+    async def _send(
+        self,
+        request: web.Request,
+        turn: Turn,
+        route: RouteRequest,
+        tokens: list[int],
+        decision: Decision,
+        path: str,
+        block_size: int,
+    ) -> tuple[web.StreamResponse, Outcome]:
+        worker = decision.worker_id
+        state = self.bus.workers.get(worker)
+        self.metrics.decisions.labels(self.config.policy, decision.reason).inc()
+        expected = min(decision.overlap_blocks * block_size, len(tokens))
+        self.metrics.overlap_tokens.observe(expected)
+        headers = {
+            "x-kvgate-worker": worker,
+            "x-kvgate-session": route.session_id or "",
+            "x-kvgate-cached-tokens-expected": str(expected),
+        }
+        body: dict[str, Any] = dict(turn.body)
+        body["kvgate"] = {
+            "prompt_token_ids": tokens,
+            "request_id": route.request_id,
+            "session_id": route.session_id,
+        }
+        if turn.stream:
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        outcome = Outcome()
+        sent_at = time.monotonic()
+        try:
+            if state is None:
+                raise Retryable("worker left the pool")
+            assert self.http is not None
+
+            def first_token() -> None:
+                now = time.monotonic()
+                self.metrics.ttft.observe(now - sent_at)
+                self.router.on_first_token(route.request_id, now)
+
+            response, outcome = await forward(
+                self.http,
+                state.registration.url.rstrip("/") + path,
+                msgspec.json.encode(body),
+                request=request,
+                stream=turn.stream,
+                client_wants_usage=turn.client_wants_usage,
+                headers=headers,
+                timeout=self._timeout,
+                metrics=self.metrics,
+                on_first_token=first_token,
+            )
+            return response, outcome
+        finally:
+            self._finish(route, worker, outcome)
+
+    def _finish(self, route: RouteRequest, worker: str, outcome: Outcome) -> None:
+        """Exactly once per attempt, whatever happened (success, failure, client gone)."""
+        now = time.monotonic()
+        self.admission.release(worker)
+        if outcome.ok:
+            self.bus.request_finished(worker)
+            self.metrics.record_usage(outcome.prompt_tokens, outcome.cached_tokens)
+            served = max(0, outcome.prompt_tokens - outcome.cached_tokens) + outcome.completion_tokens
+            self.admission.add_service(route.session_id or "", served)
+        hint = self.router.on_complete(
+            route.request_id, now, outcome.finish_reason, outcome.completion_tokens, ok=outcome.ok
+        )
+        if hint is not None:
+            self.bus.publish_pin(*hint)
+
+    # --- cross-cutting
+
+    def _authorize(self, request: web.Request) -> None:
+        if not self.config.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not any(hmac.compare_digest(given.encode(), key.encode()) for key in self.config.api_keys):
+            raise ApiError(401, "invalid or missing API key", code="invalid_api_key")
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            self.metrics.requests.labels(request.path, str(exc.status)).inc()
+            return exc.response()
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            status = 413 if isinstance(exc, web.HTTPRequestEntityTooLarge) else exc.status
+            return ApiError(status, exc.reason or "error").response()
+        except ConnectionError:
+            raise  # the client went away; nothing to answer
+        except Exception:
+            log.exception("unexpected error on %s", request.path)
+            return ApiError(500, "internal gateway error").response()

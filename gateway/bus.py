@@ -1,0 +1,344 @@
+"""The gateway's side of the NATS bus: feeds the router with registrations, KV events and load.
+
+- registry: a watch on the JetStream KV bucket; a worker whose key is deleted, or whose heartbeat
+  has not been rewritten for `stale_after_s`, is removed together with its blocks.
+- KV events: an ordered JetStream consumer from the start of the stream (a restarted gateway
+  replays), then live. A gap in a worker's sequence asks that worker for a state dump.
+- load reports: plain NATS.
+- a worker whose events do not arrive (it said so in its registration, or it served requests and
+  no event followed) is routed in approximate mode; the log and /metrics say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import api
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from gateway.metrics import GatewayMetrics
+from router.protocol import (
+    KvEventBatch,
+    KvStateDump,
+    LoadReport,
+    PinHint,
+    ProtocolError,
+    StateDumpRequest,
+    Subjects,
+    WorkerRegistration,
+    decode,
+    encode,
+)
+
+log = logging.getLogger("kvgate.gateway.bus")
+
+
+class RouterFeed(Protocol):
+    """The part of router.router.Router the bus drives."""
+
+    def add_worker(self, registration: WorkerRegistration, now: float) -> None: ...
+    def remove_worker(self, worker_id: str) -> None: ...
+    def apply_kv_batch(self, batch: KvEventBatch, now: float) -> bool: ...
+    def apply_state_dump(self, dump: KvStateDump, now: float) -> None: ...
+    def apply_load(self, report: LoadReport, now: float) -> None: ...
+    def expire(self, now: float) -> None: ...
+
+
+class WorkerState:
+    __slots__ = ("approximate", "events_seen", "last_event", "last_seen", "registration", "unconfirmed_since")
+
+    def __init__(self, registration: WorkerRegistration, now: float) -> None:
+        self.registration = registration
+        self.last_seen = now  # monotonic time of the last heartbeat we received
+        self.last_event = 0.0  # monotonic time of the last KV batch
+        self.events_seen = False
+        self.unconfirmed_since: float | None = None  # a request finished there, no event since
+        self.approximate = not registration.publishes_events
+
+
+class Bus:
+    def __init__(
+        self,
+        nats_url: str,
+        subjects: Subjects,
+        router: RouterFeed,
+        metrics: GatewayMetrics,
+        *,
+        gateway_id: str = "gateway",
+        stale_after_s: float = 3.0,
+        event_timeout_s: float = 5.0,
+        on_added: Callable[[WorkerRegistration], None] | None = None,
+        on_removed: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.nats_url = nats_url
+        self.subjects = subjects
+        self.router = router
+        self.metrics = metrics
+        self.gateway_id = gateway_id
+        self.stale_after_s = stale_after_s
+        self.event_timeout_s = event_timeout_s
+        self.on_added = on_added
+        self.on_removed = on_removed
+        self.clock = clock
+        self.workers: dict[str, WorkerState] = {}
+        self.nc: NATS | None = None
+        self.registry_synced = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dumping: set[str] = set()
+        self._subs: list[Any] = []
+
+    # --- lifecycle
+
+    async def start(self) -> None:
+        self.nc = await nats.connect(
+            self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, name=self.gateway_id
+        )
+        self._subs.append(await self.nc.subscribe(self.subjects.load_all, cb=self._on_load))
+        self._tasks = [
+            asyncio.create_task(self._watch_registry(), name="kvgate-registry"),
+            asyncio.create_task(self._follow_kv_events(), name="kvgate-kv-events"),
+            asyncio.create_task(self._housekeeping(), name="kvgate-housekeeping"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+            self.nc = None
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def publish_pin(self, worker_id: str, hint: PinHint) -> None:
+        """Fire and forget: a pin is a hint, never worth delaying a response for."""
+        if self.connected and self.nc is not None:
+            asyncio.get_running_loop().create_task(self._publish(self.subjects.pin(worker_id), encode(hint)))
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        with contextlib.suppress(Exception):
+            assert self.nc is not None
+            await self.nc.publish(subject, data)
+
+    # --- registry
+
+    async def _watch_registry(self) -> None:
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        while True:
+            try:
+                kv = await js.key_value(self.subjects.registry_bucket)
+            except (BucketNotFoundError, NotFoundError):
+                self.registry_synced.set()  # no worker ever registered: nothing to wait for
+                await asyncio.sleep(0.5)
+                continue
+            except Exception as exc:  # NATS down or slow: keep trying, the log says why
+                log.warning("registry bucket unavailable: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                watcher = await kv.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        self.registry_synced.set()
+                        continue
+                    self._on_registry_entry(entry.key, entry.value, entry.operation)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("registry watch failed, restarting it: %s", exc)
+                await asyncio.sleep(1.0)
+
+    def _on_registry_entry(self, key: str, value: bytes | None, operation: str | None) -> None:
+        if operation in ("DEL", "PURGE") or not value:
+            self.remove_worker(key, "deregistered")
+            return
+        try:
+            registration = decode(value, WorkerRegistration)
+        except ProtocolError as exc:
+            log.warning("ignoring registry entry %s: %s", key, exc)
+            return
+        if time.time() - registration.heartbeat_ts > self.stale_after_s:
+            return  # a leftover of a worker that died without deregistering
+        self._upsert(registration)
+
+    def _upsert(self, registration: WorkerRegistration) -> None:
+        now = self.clock()
+        state = self.workers.get(registration.worker_id)
+        if state is not None and state.registration.epoch == registration.epoch:
+            state.last_seen = now
+            state.registration = registration
+            return
+        if state is not None:
+            self.remove_worker(registration.worker_id, "restarted")
+        self.workers[registration.worker_id] = state = WorkerState(registration, now)
+        self.router.add_worker(registration, now)
+        self.metrics.approximate.labels(registration.worker_id).set(int(state.approximate))
+        log.info(
+            "worker %s joined: %s model=%s engine=%s block_size=%d%s",
+            registration.worker_id,
+            registration.url,
+            registration.model,
+            registration.engine,
+            registration.block_size,
+            "" if registration.publishes_events else " (approximate mode: no events)",
+        )
+        self._count()
+        if self.on_added is not None:
+            self.on_added(registration)
+
+    def remove_worker(self, worker_id: str, reason: str) -> None:
+        if self.workers.pop(worker_id, None) is None:
+            return
+        self.router.remove_worker(worker_id)
+        self.metrics.forget_worker(worker_id)
+        log.info("worker %s removed (%s) with its blocks", worker_id, reason)
+        self._count()
+        if self.on_removed is not None:
+            self.on_removed(worker_id)
+
+    def _count(self) -> None:
+        self.metrics.workers.set(len(self.workers))
+        self.metrics.approximate_workers.set(sum(1 for s in self.workers.values() if s.approximate))
+
+    # --- KV events
+
+    async def _follow_kv_events(self) -> None:
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        await self.registry_synced.wait()  # registrations first, so replayed events find their worker
+        while True:
+            try:
+                sub = await js.subscribe(
+                    self.subjects.kv_all,
+                    stream=self.subjects.kv_stream,
+                    ordered_consumer=True,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                    cb=self._on_kv_message,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the stream appears with the first worker
+                log.debug("KV event stream not available yet: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            self._subs.append(sub)
+            return
+
+    async def _on_kv_message(self, msg: Any) -> None:
+        try:
+            batch = decode(msg.data, KvEventBatch)
+        except ProtocolError as exc:
+            log.warning("dropping a malformed KV batch on %s: %s", msg.subject, exc)
+            return
+        state = self.workers.get(batch.worker_id)
+        if state is None or state.registration.epoch != batch.epoch:
+            return  # an old process's events (replayed), or a worker not registered (yet)
+        now = self.clock()
+        state.last_event = now
+        state.events_seen = True
+        state.unconfirmed_since = None
+        self.metrics.event_lag.labels(batch.worker_id).set(max(0.0, time.time() - batch.ts))
+        if state.approximate and state.registration.publishes_events:
+            self._set_approximate(state, False)
+        if not self.router.apply_kv_batch(batch, now):
+            self._request_dump(batch.worker_id)
+
+    def _request_dump(self, worker_id: str) -> None:
+        if worker_id in self._dumping:
+            return
+        self._dumping.add(worker_id)
+        self.metrics.state_dumps.labels(worker_id).inc()
+        asyncio.get_running_loop().create_task(self._dump(worker_id))
+
+    async def _dump(self, worker_id: str) -> None:
+        try:
+            assert self.nc is not None
+            reply = await self.nc.request(
+                self.subjects.dump(worker_id), encode(StateDumpRequest(self.gateway_id)), timeout=5.0
+            )
+            dump = decode(reply.data, KvStateDump)
+            state = self.workers.get(worker_id)
+            if state is not None and state.registration.epoch == dump.epoch:
+                self.router.apply_state_dump(dump, self.clock())
+                log.info("worker %s: state dump applied (%d blocks)", worker_id, len(dump.blocks))
+        except Exception as exc:  # timeout, no responder, malformed: the next gap asks again
+            log.warning("worker %s: state dump failed: %s", worker_id, exc)
+        finally:
+            self._dumping.discard(worker_id)
+
+    # --- load
+
+    async def _on_load(self, msg: Any) -> None:
+        try:
+            report = decode(msg.data, LoadReport)
+        except ProtocolError as exc:
+            log.warning("dropping a malformed load report on %s: %s", msg.subject, exc)
+            return
+        if report.worker_id not in self.workers:
+            return
+        self.router.apply_load(report, self.clock())
+        wid = report.worker_id
+        self.metrics.worker_running.labels(wid).set(report.running)
+        self.metrics.worker_waiting.labels(wid).set(report.waiting)
+        if report.total_blocks > 0:
+            self.metrics.worker_kv_usage.labels(wid).set(report.used_blocks / report.total_blocks)
+
+    # --- approximate mode
+
+    def request_finished(self, worker_id: str) -> None:
+        """A request completed on a worker: its cache changed, so events must follow soon."""
+        state = self.workers.get(worker_id)
+        if state is not None and state.unconfirmed_since is None:
+            state.unconfirmed_since = self.clock()
+
+    def _set_approximate(self, state: WorkerState, approximate: bool) -> None:
+        state.approximate = approximate
+        wid = state.registration.worker_id
+        self.metrics.approximate.labels(wid).set(int(approximate))
+        self._count()
+        if approximate:
+            log.warning(
+                "worker %s: no KV events for %.0f s after serving requests; routing it in approximate mode",
+                wid,
+                self.event_timeout_s,
+            )
+        else:
+            log.info("worker %s: KV events arrive again; exact routing", wid)
+        # the router switches mode on the registration's publishes_events flag
+        self.router.remove_worker(wid)
+        self.router.add_worker(
+            msgspec.structs.replace(state.registration, publishes_events=not approximate), self.clock()
+        )
+        if not approximate:
+            self._request_dump(wid)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = self.clock()
+            for wid, state in list(self.workers.items()):
+                if now - state.last_seen > self.stale_after_s:
+                    self.remove_worker(wid, f"no heartbeat for {now - state.last_seen:.1f} s")
+                elif (
+                    not state.approximate
+                    and state.unconfirmed_since is not None
+                    and now - state.unconfirmed_since > self.event_timeout_s
+                ):
+                    self._set_approximate(state, True)
+            self.router.expire(now)

@@ -1,0 +1,121 @@
+"""The gateway's Prometheus metrics, on a registry of its own (two gateways in one process never mix)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "kvgate_requests", "Requests answered, by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.ttft = Histogram(
+            "kvgate_ttft_seconds",
+            "Time to first token through the gateway",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "kvgate_inter_token_latency_seconds",
+            "Gap between streamed events",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "kvgate_request_seconds", "Whole request duration", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.decisions = Counter(
+            "kvgate_routing_decisions",
+            "Routing decisions by policy and reason",
+            ["policy", "reason"],
+            registry=r,
+        )
+        self.overlap_tokens = Histogram(
+            "kvgate_expected_overlap_tokens",
+            "Prefix tokens the chosen worker was expected to hold",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens reported by workers", registry=r)
+        self.cached_tokens = Counter(
+            "kvgate_cached_tokens", "Cached prompt tokens reported by workers", registry=r
+        )
+        self.cache_hit_ratio = Gauge(
+            "kvgate_cache_hit_ratio", "cached_tokens / prompt_tokens over all completed requests", registry=r
+        )
+        self.retries = Counter(
+            "kvgate_retries", "Requests retried on another worker before the first byte", registry=r
+        )
+        self.stream_errors = Counter(
+            "kvgate_stream_errors", "Streams ended by a mid-stream worker failure", registry=r
+        )
+        self.queued = Gauge("kvgate_queued_requests", "Requests waiting for a free worker slot", registry=r)
+        self.rejected = Counter("kvgate_rejected", "Requests refused by admission (429)", registry=r)
+        self.inflight = Gauge(
+            "kvgate_worker_inflight", "Requests in flight per worker", ["worker"], registry=r
+        )
+        self.worker_running = Gauge(
+            "kvgate_worker_running", "Running sequences (load report)", ["worker"], registry=r
+        )
+        self.worker_waiting = Gauge(
+            "kvgate_worker_waiting", "Waiting sequences (load report)", ["worker"], registry=r
+        )
+        self.worker_kv_usage = Gauge(
+            "kvgate_worker_kv_usage", "Used / total KV blocks (load report)", ["worker"], registry=r
+        )
+        self.event_lag = Gauge(
+            "kvgate_worker_event_lag_seconds",
+            "Age of the last KV event batch on arrival",
+            ["worker"],
+            registry=r,
+        )
+        self.approximate = Gauge(
+            "kvgate_worker_approximate_mode",
+            "1 when a worker's KV events do not arrive and it is routed approximately",
+            ["worker"],
+            registry=r,
+        )
+        self.approximate_workers = Gauge(
+            "kvgate_approximate_workers", "Workers routed in approximate mode", registry=r
+        )
+        self.workers = Gauge("kvgate_workers", "Live workers in the routing view", registry=r)
+        self.sessions = Gauge("kvgate_live_sessions", "Sessions seen in the last session TTL", registry=r)
+        self.state_dumps = Counter(
+            "kvgate_state_dumps", "State dumps requested after a sequence gap", ["worker"], registry=r
+        )
+        self._prompt_total = 0
+        self._cached_total = 0
+
+    def record_usage(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.cached_tokens.inc(cached_tokens)
+        self._prompt_total += prompt_tokens
+        self._cached_total += cached_tokens
+        if self._prompt_total > 0:
+            self.cache_hit_ratio.set(self._cached_total / self._prompt_total)
+
+    def forget_worker(self, worker_id: str) -> None:
+        for gauge in (
+            self.inflight,
+            self.worker_running,
+            self.worker_waiting,
+            self.worker_kv_usage,
+            self.event_lag,
+            self.approximate,
+        ):
+            try:
+                gauge.remove(worker_id)
+            except KeyError:
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,85 @@
+"""A turn's prompt tokens and block hashes, computed the way the serving worker computes them.
+
+Tokenizer and block size come from the worker's registration, so the gateway's hashes equal the
+worker's. Work per turn follows the new tokens: segments are tokenized once (`SegmentCache`) and a
+session's hashes continue from its previous turn's (`PrefixHasher`) wherever the tokens agree.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from gateway.validation import Turn
+from router.chat import SegmentCache, Tokenizer, encode_chat, load_tokenizer
+from router.hashing import PrefixHasher, block_hashes, hash_seed
+
+
+class _SessionPrefix:
+    __slots__ = ("hasher", "tokens")
+
+    def __init__(self, hasher: PrefixHasher) -> None:
+        self.hasher = hasher
+        self.tokens: list[int] = []
+
+
+class PromptEncoder:
+    """Tokenizers per spec, and the last prompt of each recent session (bounded, LRU)."""
+
+    def __init__(self, max_sessions: int = 10_000, segment_cache: int = 8192) -> None:
+        self.max_sessions = max_sessions
+        self._segment_cache_size = segment_cache
+        self._caches: dict[str, SegmentCache] = {}
+        self._sessions: OrderedDict[tuple[str, int, int], _SessionPrefix] = OrderedDict()
+
+    def tokenizer(self, spec: str) -> Tokenizer:
+        return self._cache(spec).tokenizer
+
+    def _cache(self, spec: str) -> SegmentCache:
+        cache = self._caches.get(spec)
+        if cache is None:
+            cache = self._caches[spec] = SegmentCache(load_tokenizer(spec), self._segment_cache_size)
+        return cache
+
+    def tokens(self, turn: Turn, tokenizer_spec: str) -> list[int]:
+        """Raises router.chat.TemplateError on messages the template cannot render."""
+        if turn.kind == "chat":
+            cache = self._cache(tokenizer_spec)
+            return encode_chat(turn.messages or [], cache.tokenizer, turn.tools, cache)
+        if isinstance(turn.prompt, list):
+            return turn.prompt
+        return self._cache(tokenizer_spec).tokenizer.encode(turn.prompt or "")
+
+    def hashes(
+        self, tokens: list[int], block_size: int, cache_salt: str | None, session_id: str | None
+    ) -> list[int]:
+        seed = hash_seed(None, cache_salt)
+        if session_id is None:
+            return block_hashes(tokens, block_size, seed)
+        key = (session_id, block_size, seed)
+        state = self._sessions.pop(key, None)
+        if state is None:
+            state = _SessionPrefix(PrefixHasher(block_size, seed))
+        self._sessions[key] = state
+        if len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
+        common = _common_prefix(state.tokens, tokens)
+        if common < state.hasher.num_tokens:
+            state.hasher.truncate(common, state.tokens)
+        state.hasher.extend(tokens[state.hasher.num_tokens :])
+        state.tokens = tokens
+        return list(state.hasher.hashes)
+
+
+def _common_prefix(old: list[int], new: list[int]) -> int:
+    """Length of the common prefix; the usual agent turn extends the previous one (one C compare)."""
+    if len(new) >= len(old) and new[: len(old)] == old:
+        return len(old)
+    limit = min(len(old), len(new))
+    lo, hi = 0, limit  # binary search on prefix equality: O(n log n) compares done in C
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if old[:mid] == new[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

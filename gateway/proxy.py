@@ -1,0 +1,206 @@
+"""Forwarding one attempt of a turn to one worker, and relaying its answer to the client.
+
+Streams are relayed event by event, bytes untouched, each written (flushed) as it arrives. The
+final usage chunk the gateway asked for is read as it passes and dropped when the client did not ask
+for it. Nothing is sent to the client before the worker's first event, so a worker that fails before
+that can be retried elsewhere (`Retryable`); a failure after it ends the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from gateway.errors import sse_error_event
+from gateway.metrics import GatewayMetrics
+
+_DONE = b"[DONE]"
+_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class Retryable(Exception):
+    """The worker failed before anything reached the client: another worker may take the turn."""
+
+
+class Outcome(msgspec.Struct):
+    ok: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    first_token_at: float | None = None
+
+
+def read_usage(usage: Any, outcome: Outcome) -> None:
+    if not isinstance(usage, dict):
+        return
+    outcome.prompt_tokens = _int(usage.get("prompt_tokens"))
+    outcome.completion_tokens = _int(usage.get("completion_tokens"))
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict):
+        outcome.cached_tokens = _int(details.get("cached_tokens"))
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _finish_reason(chunk: dict[str, Any]) -> str | None:
+    choices = chunk.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        reason = choices[0].get("finish_reason")
+        return reason if isinstance(reason, str) else None
+    return None
+
+
+async def forward(
+    http: aiohttp.ClientSession,
+    url: str,
+    payload: bytes,
+    *,
+    request: web.Request,
+    stream: bool,
+    client_wants_usage: bool,
+    headers: dict[str, str],
+    timeout: aiohttp.ClientTimeout,
+    metrics: GatewayMetrics,
+    on_first_token: Callable[[], None],
+) -> tuple[web.StreamResponse, Outcome]:
+    """One attempt. Raises `Retryable` when nothing has been sent to the client yet."""
+    outcome = Outcome()
+    try:
+        resp = await http.post(
+            url, data=payload, headers={"content-type": "application/json"}, timeout=timeout
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise Retryable(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        if resp.status in _RETRYABLE_STATUS:
+            raise Retryable(f"worker answered {resp.status}")
+        if resp.status != 200 or not stream:
+            return await _whole(resp, headers, outcome, on_first_token), outcome
+        return await _relay(
+            resp, request, headers, client_wants_usage, metrics, outcome, on_first_token
+        ), outcome
+    finally:
+        resp.close()  # never pooled after a relay: a half-read stream must cancel the worker's sequence
+
+
+async def _whole(
+    resp: aiohttp.ClientResponse,
+    headers: dict[str, str],
+    outcome: Outcome,
+    on_first_token: Callable[[], None],
+) -> web.Response:
+    try:
+        body = await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise Retryable(f"{type(exc).__name__}: {exc}") from exc
+    if resp.status == 200:
+        outcome.first_token_at = time.monotonic()
+        on_first_token()
+        outcome.ok = True
+        try:
+            parsed = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            read_usage(parsed.get("usage"), outcome)
+            outcome.finish_reason = _finish_reason(parsed)
+    return web.Response(
+        status=resp.status,
+        body=body,
+        headers={**headers, "content-type": resp.headers.get("content-type", "application/json")},
+    )
+
+
+async def _relay(
+    resp: aiohttp.ClientResponse,
+    request: web.Request,
+    headers: dict[str, str],
+    client_wants_usage: bool,
+    metrics: GatewayMetrics,
+    outcome: Outcome,
+    on_first_token: Callable[[], None],
+) -> web.StreamResponse:
+    response: web.StreamResponse | None = None
+    buffer = b""
+    last_event_at = 0.0
+    done = False
+    chunks = resp.content.iter_any()
+    while not done:
+        try:
+            chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            break
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if response is None:
+                raise Retryable(f"{type(exc).__name__}: {exc}") from exc
+            return await _fail(response, metrics, f"worker failed mid-stream: {type(exc).__name__}")
+        buffer += chunk
+        while not done:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            event, buffer = buffer[: end + 2], buffer[end + 2 :]
+            keep, done = _inspect(event, client_wants_usage, outcome)
+            if not keep:
+                continue
+            now = time.monotonic()
+            if response is None:
+                response = web.StreamResponse(
+                    headers={**headers, "content-type": "text/event-stream", "cache-control": "no-cache"}
+                )
+                await response.prepare(request)
+                outcome.first_token_at = now
+                on_first_token()
+            else:
+                metrics.itl.observe(now - last_event_at)
+            last_event_at = now
+            await response.write(event)
+    if response is None:
+        raise Retryable("worker ended the stream before its first event")
+    if not done:
+        return await _fail(response, metrics, "worker ended the stream without [DONE]")
+    outcome.ok = True
+    await response.write_eof()
+    return response
+
+
+def _inspect(event: bytes, client_wants_usage: bool, outcome: Outcome) -> tuple[bool, bool]:
+    """(write it to the client?, is it the last event?)"""
+    if not event.startswith(b"data:"):
+        return True, False  # comments and other fields pass through
+    data = event[5:].strip()
+    if data == _DONE:
+        return True, True
+    try:
+        chunk = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return True, False
+    if not isinstance(chunk, dict):
+        return True, False
+    reason = _finish_reason(chunk)
+    if reason is not None:
+        outcome.finish_reason = reason
+    usage = chunk.get("usage")
+    if usage:
+        read_usage(usage, outcome)
+        if chunk.get("choices") == [] and not client_wants_usage:
+            return False, False
+    return True, False
+
+
+async def _fail(response: web.StreamResponse, metrics: GatewayMetrics, message: str) -> web.StreamResponse:
+    metrics.stream_errors.inc()
+    try:
+        await response.write(sse_error_event(502, message, "upstream_failed"))
+        await response.write_eof()
+    except ConnectionError:
+        pass
+    return response

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import random
+
+from router.chat import ByteTokenizer, encode_chat
+from router.hashing import block_hashes, hash_seed
+
+from gateway.prompt import PromptEncoder
+from gateway.validation import parse_turn
+
+
+def test_session_hashes_equal_a_full_rehash_as_turns_grow_and_diverge() -> None:
+    encoder = PromptEncoder(max_sessions=2)
+    rng = random.Random(0)
+    tokens: list[int] = []
+    for turn in range(30):
+        if turn % 7 == 6:  # the agent rewrote its history: the prefix diverges
+            tokens = tokens[: rng.randrange(len(tokens) + 1)]
+        tokens = tokens + [rng.randrange(300) for _ in range(rng.randrange(1, 60))]
+        for session in ("a", "b", "c"):  # more sessions than the bound: evicted ones start over
+            assert encoder.hashes(tokens, 16, None, session) == block_hashes(tokens, 16)
+    salted = encoder.hashes(tokens, 16, "tenant", "a")
+    assert salted == block_hashes(tokens, 16, hash_seed(None, "tenant")) != block_hashes(tokens, 16)
+
+
+def test_chat_tokens_are_what_a_worker_encodes() -> None:
+    turn = parse_turn(b'{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[{"x":1}]}', "chat")
+    expected = encode_chat(turn.messages or [], ByteTokenizer(), turn.tools)
+    encoder = PromptEncoder()
+    assert encoder.tokens(turn, "byte") == expected
+    assert encoder.tokens(turn, "byte") == expected  # second time from the segment cache
+    completion = parse_turn(b'{"model":"m","prompt":"abc"}', "completion")
+    assert encoder.tokens(completion, "byte") == [97, 98, 99]

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from gateway.session_id import explicit_session_id
+
+
+def test_headers_come_first_in_reference_order() -> None:
+    headers = {"x-dynamo-session-id": "dyn", "x-claude-code-session-id": "cc", "session_id": "codex"}
+    assert explicit_session_id(headers, {"user": "u"}) == "cc"
+    assert explicit_session_id({"x-dynamo-session-id": "dyn"}, {"user": "u"}) == "dyn"
+
+
+def test_body_fields_in_order_then_none() -> None:
+    body = {"user": "u", "metadata": {"user_id": "mu", "session_id": "ms"}, "prompt_cache_key": "pk"}
+    assert explicit_session_id({}, body) == "pk"
+    del body["prompt_cache_key"]
+    assert explicit_session_id({}, body) == "ms"
+    assert explicit_session_id({}, {"user": "u", "metadata": {"user_id": "mu"}}) == "mu"
+    assert explicit_session_id({}, {"user": "u"}) == "u"
+    assert explicit_session_id({"x-session-id": "  "}, {"user": 5, "metadata": "x"}) is None
+
+
+def test_long_ids_are_cut() -> None:
+    assert len(explicit_session_id({"x-session-id": "s" * 5000}, {}) or "") == 256
