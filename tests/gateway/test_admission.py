@@ -3,9 +3,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from router.request import Decision
 
 from gateway.admission import Admission, NoWorker, QueueFull
+from router.request import Decision
 
 
 def first_free(order: list[str]):

@@ -2,11 +2,10 @@ from __future__ import annotations
 
 import random
 
-from router.chat import ByteTokenizer, encode_chat
-from router.hashing import block_hashes, hash_seed
-
 from gateway.prompt import PromptEncoder
 from gateway.validation import parse_turn
+from router.chat import ByteTokenizer, encode_chat
+from router.hashing import block_hashes, hash_seed
 
 
 def test_session_hashes_equal_a_full_rehash_as_turns_grow_and_diverge() -> None:
