@@ -1,0 +1,107 @@
+"""Attention over a paged KV cache.
+
+One engine step packs every scheduled token of every sequence into one `[T, ...]` batch; projections
+and MLPs run on that packed batch. Attention needs each sequence's own context, which lives in the
+paged cache (`[2, num_blocks, block_size, kv_heads, head_dim]` per layer) at the blocks its block
+table names. The new tokens' K/V are written into their slots first, so every sequence's whole
+context (cached prefix + new tokens) is then read back through its block table:
+- decode-like sequences (one new token) run together in one batched SDPA over their gathered,
+  padded contexts with a key-length mask;
+- prefill chunks run one SDPA each: causal over the new tokens when nothing precedes them, else
+  against the gathered prefix blocks plus the new tokens with an offset causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    """A chunk of more than one new token: packed rows `begin:end`, context length `context_len`."""
+
+    begin: int
+    end: int
+    start_pos: int
+    context_len: int
+    block_table: torch.Tensor  # [blocks covering context_len]
+    mask: torch.Tensor | None  # [new, context_len] bool, None when start_pos == 0 (plain causal)
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """Where one step's packed tokens go in the cache and what each of them attends to; built once
+    per step by the runner and shared by every layer."""
+
+    positions: torch.Tensor  # [T] absolute position of each packed token
+    slots: torch.Tensor  # [T] flat cache slot (block * block_size + offset) each token's K/V goes to
+    decode_rows: torch.Tensor | None  # [D] packed rows of the one-token sequences
+    decode_tables: torch.Tensor | None  # [D, max_blocks] padded block tables
+    decode_mask: torch.Tensor | None  # [D, 1, 1, max_blocks * block_size] key j valid for row d
+    prefills: tuple[PrefillSpan, ...]
+
+
+def write_kv(kv_layer: torch.Tensor, layout: StepLayout, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store the new tokens' K/V ([T, kv_heads, head_dim]) in their slots of one layer's cache."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_layer.shape
+    flat = kv_layer.view(2, num_blocks * block_size, kv_heads, head_dim)
+    flat[0].index_copy_(0, layout.slots, k)
+    flat[1].index_copy_(0, layout.slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, layout: StepLayout
+) -> torch.Tensor:
+    """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] of the new tokens -> [T, heads, head_dim]."""
+    write_kv(kv_layer, layout, k, v)
+    out = torch.empty_like(q)
+    if layout.decode_rows is not None:
+        out[layout.decode_rows] = _decode_attention(q, kv_layer, layout)
+    for span in layout.prefills:
+        out[span.begin : span.end] = _prefill_attention(q, k, v, kv_layer, span)
+    return out
+
+
+def _gather(kv_layer: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the blocks in `tables` ([..., blocks]) as [..., blocks * block_size, kv_heads, hd]."""
+    _, _, block_size, kv_heads, head_dim = kv_layer.shape
+    shape = (*tables.shape[:-1], tables.shape[-1] * block_size, kv_heads, head_dim)
+    return kv_layer[0][tables].view(shape), kv_layer[1][tables].view(shape)
+
+
+def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, layout: StepLayout) -> torch.Tensor:
+    assert layout.decode_rows is not None and layout.decode_tables is not None
+    kv_heads = kv_layer.shape[3]
+    rows = q[layout.decode_rows]  # [D, heads, hd]
+    num, heads, head_dim = rows.shape
+    # Query heads j*G .. j*G+G-1 share KV head j, so the G heads of one KV head become G "query
+    # positions" of the same sequence: no K/V repetition, one SDPA for the whole batch.
+    query = rows.view(num, kv_heads, heads // kv_heads, head_dim)
+    keys, values = _gather(kv_layer, layout.decode_tables)  # [D, L, kv_heads, hd]
+    out = F.scaled_dot_product_attention(
+        query, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=layout.decode_mask
+    )
+    return out.reshape(num, heads, head_dim)
+
+
+def _prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan
+) -> torch.Tensor:
+    query = q[span.begin : span.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
+    if span.mask is None:
+        keys, values = k[span.begin : span.end], v[span.begin : span.end]
+    else:
+        keys, values = _gather(kv_layer, span.block_table)
+        keys, values = keys[: span.context_len], values[: span.context_len]
+    out = F.scaled_dot_product_attention(
+        query,
+        keys.transpose(0, 1).unsqueeze(0),
+        values.transpose(0, 1).unsqueeze(0),
+        attn_mask=span.mask,
+        is_causal=span.mask is None,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)

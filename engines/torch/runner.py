@@ -1,0 +1,211 @@
+"""`TorchRunner`: the real model behind the scheduler (a `ModelRunner`).
+
+Owns the model, the paged KV cache tensor `[layers, 2, num_blocks, block_size, kv_heads, head_dim]`
+and the sampler. Each `execute` packs the step's chunks into one forward: one token batch for the
+projections and MLPs, attention through the chunks' block tables (see attention.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from engines.runner import ScheduledChunk
+from engines.torch.attention import PrefillSpan, StepLayout
+from engines.torch.checkpoint import load_checkpoint, tokenizer_path
+from engines.torch.config import ModelConfig, tiny_config
+from engines.torch.model import CausalLM
+from engines.torch.sampler import Sampler
+from router.chat import ByteTokenizer, HFTokenizer, Tokenizer
+
+TINY_MODEL_NAME = "kvgate-tiny"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TorchRunner:
+    """The tiny seeded random model (byte tokenizer) by default, or a local HF checkpoint."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        model_path: str | None = None,
+        device: str | None = None,
+        seed: int = 0,
+        *,
+        dtype: torch.dtype | None = None,
+        config: ModelConfig | None = None,
+        threads: int | None = None,
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.device = torch.device(device) if device else default_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or min(16, len(os.sched_getaffinity(0))))
+        # bf16 halves memory and is what GPUs are fast at; CPU matmuls are fastest in fp32.
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.tokenizer: Tokenizer
+        if model_path is None:
+            self.tokenizer = ByteTokenizer()
+            self.model_name = TINY_MODEL_NAME
+            self.model = CausalLM(config or tiny_config(self.tokenizer.vocab_size))
+            self.model.init_random(seed)
+            self.model = self.model.to(self.device, self.dtype).eval()
+        else:
+            self.model = load_checkpoint(model_path, self.device, self.dtype)
+            tok_file = tokenizer_path(model_path)
+            self.tokenizer = HFTokenizer(str(tok_file)) if tok_file else ByteTokenizer()
+            self.model_name = Path(model_path).resolve().name
+        self.config = self.model.config
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {self.tokenizer.vocab_size} tokens, the model only {self.config.vocab_size}"
+            )
+        self.max_model_len = self.config.max_position_embeddings
+        self.kv_cache = torch.zeros(
+            (
+                self.config.num_layers,
+                2,
+                num_blocks,
+                block_size,
+                self.config.num_kv_heads,
+                self.config.dims_per_head,
+            ),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self._sampler = Sampler(seed)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    def step_time_s(self, chunks: Sequence[ScheduledChunk], kv_usage: float) -> float | None:
+        return None  # the real duration counts
+
+    @torch.inference_mode()
+    def execute(self, chunks: Sequence[ScheduledChunk]) -> list[int | None]:
+        if not chunks:
+            return []
+        hidden, ends = self._forward(chunks)
+        sampled = [i for i, chunk in enumerate(chunks) if chunk.sample]
+        out: list[int | None] = [None] * len(chunks)
+        if not sampled:
+            return out
+        rows = torch.tensor([ends[i] - 1 for i in sampled], device=self.device)
+        logits = self._mask_padding(self.model.logits(hidden[rows]))
+        tokens = self._sampler.sample(
+            logits, [chunks[i].sampling for i in sampled], [chunks[i].output_len for i in sampled]
+        )
+        for i, token in zip(sampled, tokens, strict=True):
+            out[i] = token
+        return out
+
+    @torch.inference_mode()
+    def logits(self, chunks: Sequence[ScheduledChunk]) -> list[torch.Tensor]:
+        """Logits (float32, [len(token_ids), vocab]) at every computed position of every chunk,
+        writing their KV like `execute`; for tests and inspection."""
+        if not chunks:
+            return []
+        hidden, ends = self._forward(chunks)
+        logits = self.model.logits(hidden)
+        begins = [0, *ends[:-1]]
+        return [logits[b:e] for b, e in zip(begins, ends, strict=True)]
+
+    def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        # Checkpoints pad the vocabulary past the tokenizer's; those ids decode to nothing.
+        if self.tokenizer.vocab_size < logits.shape[-1]:
+            logits[:, self.tokenizer.vocab_size :] = float("-inf")
+        return logits
+
+    def _forward(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states of the packed tokens and each chunk's end row."""
+        self._validate(chunks)
+        token_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], dtype=torch.long)
+        if int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        layout, ends = self._layout(chunks)
+        hidden = self.model(token_ids.to(self.device), self.kv_cache, layout)
+        return hidden, ends
+
+    def _validate(self, chunks: Sequence[ScheduledChunk]) -> None:
+        for chunk in chunks:
+            end = chunk.start_pos + len(chunk.token_ids)
+            if not chunk.token_ids or chunk.start_pos < 0:
+                raise ValueError(f"{chunk.seq_id}: a chunk needs tokens and a start_pos >= 0")
+            if end > self.max_model_len:
+                raise ValueError(
+                    f"{chunk.seq_id}: position {end - 1} past max_model_len {self.max_model_len}"
+                )
+            if len(chunk.block_table) * self.block_size < end:
+                raise ValueError(f"{chunk.seq_id}: block table does not cover position {end - 1}")
+            if min(chunk.block_table) < 0 or max(chunk.block_table) >= self.num_blocks:
+                raise ValueError(f"{chunk.seq_id}: block id out of range [0, {self.num_blocks})")
+
+    def _layout(self, chunks: Sequence[ScheduledChunk]) -> tuple[StepLayout, list[int]]:
+        """Positions, cache slots and attention spans of the step, computed as tensors (no per-token
+        Python work beyond flattening the token ids)."""
+        block = self.block_size
+        lens = [len(chunk.token_ids) for chunk in chunks]
+        starts = [chunk.start_pos for chunk in chunks]
+        contexts = [s + n for s, n in zip(starts, lens, strict=True)]
+        needed = [-(-c // block) for c in contexts]  # blocks covering each context
+        width = max(needed)
+        tables = torch.tensor(
+            [chunk.block_table[:w] + [0] * (width - w) for chunk, w in zip(chunks, needed, strict=True)],
+            dtype=torch.long,
+        )
+        lens_t = torch.tensor(lens)
+        seq_of_row = torch.repeat_interleave(torch.arange(len(chunks)), lens_t)
+        first_row = torch.cumsum(lens_t, 0) - lens_t
+        positions = torch.tensor(starts)[seq_of_row] + torch.arange(int(lens_t.sum())) - first_row[seq_of_row]
+        slots = tables[seq_of_row, positions // block] * block + positions % block
+        ends = torch.cumsum(lens_t, 0).tolist()
+
+        decode = [i for i, n in enumerate(lens) if n == 1]
+        decode_rows = decode_tables = decode_mask = None
+        if decode:
+            decode_t = torch.tensor(decode)
+            decode_rows = first_row[decode_t]
+            decode_width = max(needed[i] for i in decode)
+            decode_tables = tables[decode_t, :decode_width]
+            keys = torch.arange(decode_width * block)
+            decode_mask = (keys[None, :] < torch.tensor([contexts[i] for i in decode])[:, None])[
+                :, None, None
+            ]
+        prefills = []
+        for i, n in enumerate(lens):
+            if n == 1:
+                continue
+            mask = None
+            if starts[i] > 0:  # offset causal: new token q sees keys up to its own position
+                query_pos = starts[i] + torch.arange(n)
+                mask = (torch.arange(contexts[i])[None, :] <= query_pos[:, None]).to(self.device)
+            prefills.append(
+                PrefillSpan(
+                    begin=ends[i] - n,
+                    end=ends[i],
+                    start_pos=starts[i],
+                    context_len=contexts[i],
+                    block_table=tables[i, : needed[i]].to(self.device),
+                    mask=mask,
+                )
+            )
+        to = self.device
+        layout = StepLayout(
+            positions=positions.to(to),
+            slots=slots.to(to),
+            decode_rows=decode_rows.to(to) if decode_rows is not None else None,
+            decode_tables=decode_tables.to(to) if decode_tables is not None else None,
+            decode_mask=decode_mask.to(to) if decode_mask is not None else None,
+            prefills=tuple(prefills),
+        )
+        return layout, ends
