@@ -1,0 +1,170 @@
+"""`kvgate bench gateway`: what the proxy costs, against calling the worker directly, in one run.
+
+A real nats-server, one mock worker at (near) zero latency and the gateway, each its own process; the
+client sends the same requests to the worker and through the gateway, interleaved so that both see
+the same machine. Latency: sequential requests, overhead = gateway percentile - direct percentile.
+Throughput: a fixed number of requests at a fixed concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import aiohttp
+import numpy as np
+
+from gateway.natsd import NatsServer, free_port
+
+GOAL_OVERHEAD_MS_P50 = 1.0
+GOAL_RPS_RATIO = 0.5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--requests", type=int, default=400, help="sequential requests per target")
+    parser.add_argument("--throughput-requests", type=int, default=1500, help="requests per throughput run")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--stream", action="store_true", help="stream the responses (SSE)")
+    parser.add_argument("--max-tokens", type=int, default=4)
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+@contextlib.contextmanager
+def _processes(namespace: str) -> Iterator[tuple[str, str]]:
+    """(worker URL, gateway URL), torn down on exit."""
+    procs: list[subprocess.Popen[bytes]] = []
+    with NatsServer() as nats:
+        try:
+            worker_port, gateway_port = free_port(), free_port()
+            procs.append(_spawn([
+                "worker", "--engine", "mock", "--speedup", "100000", "--nats", nats.url,
+                "--port", str(worker_port), "--namespace", namespace, "--worker-id", "bench-0",
+            ]))  # fmt: skip
+            procs.append(_spawn([
+                "gateway", "--nats", nats.url, "--port", str(gateway_port), "--namespace", namespace,
+                "--log-level", "WARNING",
+            ]))  # fmt: skip
+            yield f"http://127.0.0.1:{worker_port}", f"http://127.0.0.1:{gateway_port}"
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+async def _wait_ready(http: aiohttp.ClientSession, worker: str, gateway: str, timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with http.get(gateway + "/ready") as resp:
+                if resp.status == 200:
+                    async with http.get(worker + "/v1/models") as models:
+                        return (await models.json())["data"][0]["id"]
+        await asyncio.sleep(0.2)
+    raise TimeoutError("the worker and gateway did not become ready")
+
+
+class _Client:
+    def __init__(self, http: aiohttp.ClientSession, model: str, stream: bool, max_tokens: int) -> None:
+        self.http = http
+        self.model = model
+        self.stream = stream
+        self.max_tokens = max_tokens
+        self.count = 0
+
+    async def one(self, base: str) -> float:
+        self.count += 1
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": f"request {self.count}: say something short"}],
+            "max_tokens": self.max_tokens,
+            "stream": self.stream,
+        }
+        start = time.perf_counter()
+        async with self.http.post(base + "/v1/chat/completions", json=body) as resp:
+            await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{base} answered {resp.status}")
+        return time.perf_counter() - start
+
+    async def throughput(self, base: str, total: int, concurrency: int) -> float:
+        left = total
+
+        async def loop() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await self.one(base)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        return total / (time.perf_counter() - start)
+
+
+async def _measure(args: argparse.Namespace, worker: str, gateway: str) -> dict[str, float]:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        model = await _wait_ready(http, worker, gateway)
+        client = _Client(http, model, args.stream, args.max_tokens)
+        for base in (worker, gateway):  # warm both paths (connections, caches)
+            for _ in range(50):
+                await client.one(base)
+        direct, through = [], []
+        for _ in range(args.requests):
+            direct.append(await client.one(worker))
+            through.append(await client.one(gateway))
+        direct_rps = await client.throughput(worker, args.throughput_requests, args.concurrency)
+        gateway_rps = await client.throughput(gateway, args.throughput_requests, args.concurrency)
+    d_ms, g_ms = np.array(direct) * 1e3, np.array(through) * 1e3
+    return {
+        "direct_rps": round(direct_rps, 1),
+        "gateway_rps": round(gateway_rps, 1),
+        "overhead_ms_p50": round(float(np.percentile(g_ms, 50) - np.percentile(d_ms, 50)), 3),
+        "overhead_ms_p99": round(float(np.percentile(g_ms, 99) - np.percentile(d_ms, 99)), 3),
+        "direct_ms_p50": round(float(np.percentile(d_ms, 50)), 3),
+        "gateway_ms_p50": round(float(np.percentile(g_ms, 50)), 3),
+        "direct_ms_p99": round(float(np.percentile(d_ms, 99)), 3),
+        "gateway_ms_p99": round(float(np.percentile(g_ms, 99)), 3),
+        "rps_ratio": round(gateway_rps / direct_rps, 3) if direct_rps else 0.0,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "stream": args.stream,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    with _processes("bench" + uuid.uuid4().hex[:8]) as (worker, gateway):
+        result = asyncio.run(_measure(args, worker, gateway))
+    result["goal_overhead_ms_p50"] = GOAL_OVERHEAD_MS_P50
+    result["goal_rps_ratio"] = GOAL_RPS_RATIO
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"direct:  {result['direct_rps']:.0f} req/s, p50 {result['direct_ms_p50']:.2f} ms")
+    print(f"gateway: {result['gateway_rps']:.0f} req/s, p50 {result['gateway_ms_p50']:.2f} ms")
+    print(
+        f"overhead p50 {result['overhead_ms_p50']:.3f} ms (goal <= {GOAL_OVERHEAD_MS_P50}), "
+        f"p99 {result['overhead_ms_p99']:.3f} ms; gateway/direct rps {result['rps_ratio']:.2f} "
+        f"(goal >= {GOAL_RPS_RATIO})"
+    )
+    return 0
