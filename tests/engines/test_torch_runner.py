@@ -35,8 +35,8 @@ def chunk(
     return ScheduledChunk(seq, tokens, start, table, sample, GREEDY, output_len)
 
 
-def blocks_for(length: int) -> int:
-    return -(-length // BLOCK)
+def blocks_for(length: int, block_size: int = BLOCK) -> int:
+    return -(-length // block_size)
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +62,17 @@ def greedy_generate(
     sequence ("donor", in its own step), and prompt i's own prefill reuses the donor's blocks and
     computes only the rest, as a prefix-cache hit does.
     """
-    tables = [pool.take(blocks_for(len(p) + steps)) for p in prompts]
+    block = runner.block_size
+    tables = [pool.take(blocks_for(len(p) + steps, block)) for p in prompts]
     starts = [0] * len(prompts)
     if cached_blocks:
         donors = []
         for i, hit in enumerate(cached_blocks):
             if hit:
                 donor_table = pool.take(hit)
-                donors.append(chunk(f"donor{i}", prompts[i][: hit * BLOCK], 0, donor_table, sample=False))
+                donors.append(chunk(f"donor{i}", prompts[i][: hit * block], 0, donor_table, sample=False))
                 tables[i][:hit] = donor_table
-                starts[i] = hit * BLOCK
+                starts[i] = hit * block
         assert runner.execute(donors) == [None] * len(donors)
     first = runner.execute(
         [chunk(f"s{i}", p[starts[i] :], starts[i], tables[i]) for i, p in enumerate(prompts)]
