@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("gateway.up", "start NATS, workers and the gateway in one command"),
     "gateway": ("gateway.serve", "run the routing gateway against a NATS bus"),
     "worker": ("engines.serve", "run one inference worker (torch or mock engine)"),
+    "bridge": ("engines.bridge_cli", "bridge a vLLM/SGLang server's ZMQ KV events onto the bus"),
     "sim": ("loadgen.sim.cli", "replay a trace against simulated workers, comparing policies"),
     "loadgen": ("loadgen.cli", "generate agentic load or replay a trace against an endpoint"),
 }

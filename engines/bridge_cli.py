@@ -1,0 +1,77 @@
+"""`kvgate bridge`: put a vLLM or SGLang server behind kvgate by bridging its ZMQ KV events to the bus.
+
+Start the engine with KV events on, e.g. for vLLM:
+  --kv-events-config '{"enable_kv_cache_events":true,"publisher":"zmq",
+                       "endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558"}'
+and `--block-size` equal to the bridge's `--block-size`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from engines.bridge import Bridge, BridgeConfig
+from router.protocol import ProtocolError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--zmq", required=True, help="the engine's KV events PUB endpoint, tcp://HOST:5557")
+    parser.add_argument("--replay", default=None, help="the engine's replay endpoint, tcp://HOST:5558")
+    parser.add_argument("--url", required=True, help="the engine's OpenAI-compatible URL the gateway calls")
+    parser.add_argument("--model", required=True, help="the model name the engine serves")
+    parser.add_argument("--block-size", type=int, default=16, help="must equal the engine's block size")
+    parser.add_argument("--nats", required=True, help="NATS URL, e.g. nats://127.0.0.1:4222")
+    parser.add_argument("--worker-id", default=None, help="worker id on the bus (default: from --url)")
+    parser.add_argument("--namespace", default="kvgate", help="bus namespace shared with the gateway")
+    parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
+    parser.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="tokenizer.json of the engine's model, as the gateway must load it (default: byte)",
+    )
+    parser.add_argument("--num-blocks", type=int, default=0, help="engine KV blocks (default: from /metrics)")
+    parser.add_argument("--topic", default="", help="ZMQ topic to subscribe to (default: all)")
+    parser.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=0.5,
+        help="seconds between scrapes of the engine's /metrics for load reports; 0 turns them off",
+    )
+    parser.add_argument("--log-level", default="INFO")
+
+
+def default_worker_id(url: str) -> str:
+    """`http://vllm-0.vllm:8000` -> `vllm-0-vllm-8000`: a valid subject token derived from the URL."""
+    host = url.split("://", 1)[-1].split("/", 1)[0]
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in host)[:128] or "engine"
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.block_size < 1 or args.metrics_interval < 0 or args.num_blocks < 0:
+        print("kvgate bridge: --block-size must be positive, --metrics-interval and --num-blocks >= 0")
+        return 2
+    config = BridgeConfig(
+        zmq_endpoint=args.zmq,
+        url=args.url,
+        model=args.model,
+        nats_url=args.nats,
+        worker_id=args.worker_id or default_worker_id(args.url),
+        block_size=args.block_size,
+        replay_endpoint=args.replay,
+        namespace=args.namespace,
+        engine=args.engine,
+        tokenizer=args.tokenizer,
+        num_blocks=args.num_blocks,
+        topic=args.topic,
+        metrics_interval_s=args.metrics_interval,
+    )
+    try:
+        bridge = Bridge(config)
+    except (ProtocolError, ValueError) as exc:
+        print(f"kvgate bridge: {exc}")
+        return 2
+    asyncio.run(bridge.run())
+    return 0
