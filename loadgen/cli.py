@@ -1,0 +1,309 @@
+"""`kvgate loadgen`: agentic/chat/prefix load or trace replay against an OpenAI-compatible URL.
+
+`kvgate loadgen compare DIR DIR...` writes a side-by-side report of earlier runs instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from loadgen.distributions import Distribution, parse_distribution
+from loadgen.metrics import Recorder
+from loadgen.report import ReportError, Results, write_comparison, write_report, write_results
+from loadgen.trace import TRACE_BLOCK_SIZE, TraceContent, TraceError, load_trace
+
+WORKLOADS = ("agentic", "chat", "prefix")
+
+# option -> (workload config field, help); defaults come from the workload's config class
+DISTRIBUTION_OPTIONS: dict[str, tuple[str, str]] = {
+    "--turns": ("turns", "turns per session (agentic, chat)"),
+    "--tool-time": ("tool_time_s", "tool/think seconds before a turn with a tool result (agentic)"),
+    "--tool-result-len": ("tool_result_tokens", "tool result tokens appended per turn (agentic)"),
+    "--system-len": (
+        "system_tokens",
+        "system prompt + tool definitions tokens, per agent type (agentic, chat)",
+    ),
+    "--task-len": ("task_tokens", "tokens of a session's first user message (agentic)"),
+    "--think-time": ("think_time_s", "user think seconds between turns (chat)"),
+    "--user-len": ("user_tokens", "user message tokens (chat)"),
+    "--prefix-len": ("prefix_tokens", "shared prefix tokens (prefix)"),
+    "--suffix-len": ("suffix_tokens", "per-request tokens after the prefix (prefix)"),
+    "--output-len": ("output_tokens", "max_tokens per request (all synthetic workloads)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument(
+        "action", nargs="*", metavar="compare DIR", help="`compare DIR DIR...`: compare earlier runs"
+    )
+    target = parser.add_argument_group("target")
+    target.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="OpenAI-compatible base URL (with or without /v1)"
+    )
+    target.add_argument("--model", help="model name (default: the first of GET /v1/models)")
+    target.add_argument(
+        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token ($OPENAI_API_KEY)"
+    )
+    target.add_argument(
+        "--no-session-header", action="store_true", help="send no x-session-id / tool-call marker"
+    )
+    target.add_argument(
+        "--ignore-eos", action="store_true", help='add "ignore_eos": true (vLLM, SGLang, kvgate)'
+    )
+    target.add_argument(
+        "--extra-body", type=json.loads, default=None, help="JSON object merged into every body"
+    )
+    load = parser.add_argument_group("load")
+    load.add_argument("--workload", choices=WORKLOADS, default="agentic")
+    load.add_argument(
+        "--trace", type=Path, help="replay this trace (shared/traces format) instead of a workload"
+    )
+    arrival = load.add_mutually_exclusive_group()
+    arrival.add_argument(
+        "--rate", type=float, help="new sessions per second, Poisson (default 1; 0 = all at once)"
+    )
+    arrival.add_argument("--concurrency", type=int, help="closed loop: this many sessions live at all times")
+    load.add_argument("--duration", type=float, default=60.0, help="seconds to send for (0: no limit)")
+    load.add_argument("--requests", type=int, help="stop after sending this many requests")
+    load.add_argument(
+        "--warmup", type=float, default=0.0, help="seconds whose requests the summary leaves out"
+    )
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--max-concurrency", type=int, default=512, help="requests in flight at most")
+    load.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    load.add_argument(
+        "--drain", type=float, default=30.0, help="seconds in-flight requests get after the end"
+    )
+    load.add_argument("--max-think-s", type=float, default=60.0, help="cap on every think/tool delay")
+    shape = parser.add_argument_group(
+        "workload shape (distributions: const:X, uniform:A,B, exp:MEAN, "
+        "lognormal:MEDIAN,SIGMA, each with optional ,min=X,max=Y)"
+    )
+    shape.add_argument(
+        "--agent-types", type=int, default=4, help="agents with their own system prompt and tools"
+    )
+    shape.add_argument("--prefixes", type=int, default=8, help="shared prefixes (prefix workload)")
+    shape.add_argument(
+        "--chars-per-token", type=float, default=1.0, help="1 for a byte tokenizer, ~3 for BPE"
+    )
+    for option, (_, help_text) in DISTRIBUTION_OPTIONS.items():
+        shape.add_argument(option, type=parse_distribution, help=help_text + " (default: see README)")
+    replay = parser.add_argument_group("trace replay")
+    replay.add_argument("--rate-scale", type=float, default=1.0, help="trace time runs this much faster")
+    replay.add_argument("--limit", type=int, help="replay the first N rows")
+    replay.add_argument(
+        "--trace-block-size", type=int, default=TRACE_BLOCK_SIZE, help="tokens per trace hash id"
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", type=Path, help="write results.json, report.md and charts here")
+    output.add_argument("--no-progress", action="store_true", help="no live display")
+
+
+def _fail(message: str) -> int:
+    print(f"kvgate loadgen: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action:
+        if args.action[0] != "compare":
+            return _fail(f"unknown action {args.action[0]!r} (only `compare DIR DIR...`)")
+        out = args.out or Path("loadgen-compare")
+        try:
+            paths = write_comparison([Path(d) for d in args.action[1:]], out)
+        except ReportError as exc:
+            return _fail(str(exc))
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+        return 0
+    try:
+        _check(args)
+        workload = build_workload(args)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
+    return _run_loop(_main(args, workload))
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.rate is not None and args.rate < 0:
+        raise ValueError("--rate must be >= 0")
+    for name in ("concurrency", "max_concurrency", "requests", "limit", "agent_types", "prefixes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("timeout", "chars_per_token", "rate_scale"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+    for name in ("duration", "warmup", "drain", "max_think_s"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.extra_body is not None and not isinstance(args.extra_body, dict):
+        raise ValueError("--extra-body must be a JSON object")
+
+
+def _with_distributions(config: msgspec.Struct, args: argparse.Namespace) -> msgspec.Struct:
+    changes: dict[str, Distribution | float | int] = {"chars_per_token": args.chars_per_token}
+    fields = set(config.__struct_fields__)
+    for option, (field, _) in DISTRIBUTION_OPTIONS.items():
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value is not None and field in fields:
+            changes[field] = value
+    return msgspec.structs.replace(config, **changes)
+
+
+def build_workload(args: argparse.Namespace) -> Any:
+    from loadgen import workloads
+    from loadgen.replay import TraceWorkload
+
+    if args.trace is not None:
+        try:
+            rows = load_trace(args.trace, args.limit)
+        except TraceError as exc:
+            raise ValueError(str(exc)) from exc
+        if not rows:
+            raise ValueError(f"{args.trace}: no rows")
+        content = TraceContent(trace_block_size=args.trace_block_size, seed=args.seed)
+        return TraceWorkload(rows, content, max_think_s=args.max_think_s, rate_scale=args.rate_scale)
+    rate = 1.0 if args.rate is None else args.rate
+    if args.workload == "agentic":
+        config = _with_distributions(workloads.AgenticConfig(agent_types=args.agent_types), args)
+        return workloads.AgenticWorkload(config, rate, args.seed)
+    if args.workload == "chat":
+        return workloads.ChatWorkload(_with_distributions(workloads.ChatConfig(), args), rate, args.seed)
+    config = _with_distributions(workloads.PrefixConfig(prefixes=args.prefixes), args)
+    return workloads.PrefixWorkload(config, rate, args.seed)
+
+
+def _run_loop(coro: Any) -> int:
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coro)
+
+
+async def discover_model(url: str, api_key: str | None, timeout_s: float = 10.0) -> str:
+    base = url.rstrip("/")
+    base = base if base.endswith("/v1") else base + "/v1"
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.get(base + "/models", headers=headers) as r,
+        ):
+            body = await r.json(content_type=None)
+            models = body.get("data") or []
+            if r.status == 200 and models:
+                return str(models[0]["id"])
+            raise ValueError(f"GET {base}/models answered {r.status} without models; pass --model")
+    except (
+        aiohttp.ClientError,
+        TimeoutError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        json.JSONDecodeError,
+    ) as exc:
+        raise ValueError(f"cannot list models at {base}/models ({exc}); pass --model") from exc
+
+
+def _config_record(args: argparse.Namespace, workload: Any, model: str) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "workload": "trace" if args.trace else args.workload,
+        "url": args.url,
+        "model": model,
+        "session_header": not args.no_session_header,
+        "rate": args.rate,
+        "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "requests": args.requests,
+        "warmup_s": args.warmup,
+        "seed": args.seed,
+        "max_concurrency": args.max_concurrency,
+        "max_think_s": args.max_think_s,
+    }
+    if args.trace:
+        record.update(trace=str(args.trace), rate_scale=args.rate_scale, limit=args.limit)
+    else:
+        for key, value in msgspec.structs.asdict(workload.config).items():
+            record[key] = str(value) if isinstance(value, Distribution) else value
+    return record
+
+
+async def _main(args: argparse.Namespace, workload: Any) -> int:
+    from loadgen.client import StreamClient
+    from loadgen.driver import Driver, RunConfig
+    from loadgen.progress import ProgressDisplay
+
+    try:
+        model = args.model or await discover_model(args.url, args.api_key)
+    except ValueError as exc:
+        return _fail(str(exc))
+    extra_body = dict(args.extra_body or {})
+    if args.ignore_eos:
+        extra_body["ignore_eos"] = True
+    config = RunConfig(
+        duration_s=args.duration or None,
+        requests=args.requests,
+        warmup_s=args.warmup,
+        concurrency=args.concurrency,
+        max_concurrency=args.max_concurrency,
+        max_think_s=args.max_think_s,
+        drain_s=args.drain,
+    )
+    recorder = Recorder(warmup_s=args.warmup)
+    client = StreamClient(
+        args.url,
+        model,
+        args.api_key,
+        args.timeout,
+        args.max_concurrency,
+        not args.no_session_header,
+        extra_body,
+    )
+    loop = asyncio.get_running_loop()
+    async with client:
+        driver = Driver(client, workload, config, recorder)
+
+        def on_signal() -> None:
+            # the first Ctrl-C stops cleanly; a second one falls through to the default handler
+            loop.remove_signal_handler(signal.SIGINT)
+            driver.interrupt()
+
+        loop.add_signal_handler(signal.SIGINT, on_signal)
+        loop.add_signal_handler(signal.SIGTERM, driver.interrupt)
+        progress = None
+        if not args.no_progress:
+            title = f"kvgate loadgen · {'trace' if args.trace else args.workload} → {args.url}"
+            progress = asyncio.ensure_future(ProgressDisplay(driver, title).run())
+        try:
+            wall = await driver.run()
+        finally:
+            if progress is not None:
+                progress.cancel()
+                await asyncio.gather(progress, return_exceptions=True)
+            loop.remove_signal_handler(signal.SIGTERM)
+            loop.remove_signal_handler(signal.SIGINT)
+    summary = recorder.summary(wall, {"interrupted": driver.interrupted})
+    if args.out is not None:
+        results = Results(
+            summary, _config_record(args, workload, model), recorder.requests, recorder.sessions
+        )
+        write_results(args.out, results)
+        write_report(args.out, results)
+    print(json.dumps(summary, indent=1))
+    return 130 if driver.interrupted else (1 if summary["completed"] == 0 else 0)

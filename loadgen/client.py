@@ -1,0 +1,240 @@
+"""A lean streaming OpenAI chat client on aiohttp that times every token.
+
+The `openai` package costs too much per request to drive hundreds of streams a second from one
+process; this one encodes the body with msgspec, reads the socket in chunks, splits Server-Sent Events
+itself and decodes only the fields it measures.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from loadgen.workloads import Turn
+
+SESSION_HEADER = "x-session-id"
+TOOL_CALL_HEADER = "x-kvgate-tool-call"
+MAX_ERROR_BODY = 4096
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[Any] | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    text: str | None = None  # /v1/completions
+    finish_reason: str | None = None
+
+
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_details: _Details | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: Any = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+_encoder = msgspec.json.Encoder()
+
+
+class Outcome(msgspec.Struct):
+    """What one request measured; times are `time.perf_counter()` seconds."""
+
+    start: float
+    end: float = 0.0
+    first_token: float | None = None
+    status: int = 0
+    error: str | None = None
+    text: str = ""
+    output_tokens: int = 0
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    finish_reason: str | None = None
+    itl: list[float] = []  # gaps between successive token events
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class StreamError(Exception):
+    pass
+
+
+class _Stream:
+    """Incremental SSE parsing into an Outcome."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.done = False
+        self._buffer = b""
+        self._pieces: list[str] = []
+        self._events = 0
+        self._last: float | None = None
+
+    def feed(self, data: bytes, now: float) -> None:
+        if b"\r" in data or b"\r" in self._buffer[-1:]:
+            data = (self._buffer + data).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            self._buffer = b""
+        buffer = self._buffer + data
+        *events, self._buffer = buffer.split(b"\n\n")
+        for event in events:
+            self._event(event, now)
+
+    def _event(self, event: bytes, now: float) -> None:
+        data_lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+        if not data_lines:
+            return  # comments (": ping") and events without data
+        data = b"\n".join(data_lines)
+        if data == b"[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = _chunk_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise StreamError(f"bad SSE data: {exc}") from exc
+        if chunk.error is not None:
+            message = chunk.error.get("message") if isinstance(chunk.error, dict) else chunk.error
+            raise StreamError(f"error event: {message}")
+        produced = False
+        for choice in chunk.choices:
+            delta = choice.delta
+            piece = choice.text if delta is None else delta.content
+            if piece:
+                self._pieces.append(piece)
+                produced = True
+            elif delta is not None and (delta.reasoning_content or delta.tool_calls):
+                produced = True
+            if choice.finish_reason:
+                self.outcome.finish_reason = choice.finish_reason
+        if produced:
+            self._events += 1
+            if self._last is None:
+                self.outcome.first_token = now
+            else:
+                self.outcome.itl.append(now - self._last)
+            self._last = now
+        if chunk.usage is not None:
+            usage = chunk.usage
+            self.outcome.prompt_tokens = usage.prompt_tokens
+            self.outcome.output_tokens = usage.completion_tokens
+            details = usage.prompt_tokens_details
+            self.outcome.cached_tokens = details.cached_tokens if details is not None else None
+
+    def finish(self) -> None:
+        if self._buffer.strip():
+            self._event(self._buffer, time.perf_counter())
+            self._buffer = b""
+        self.outcome.text = "".join(self._pieces)
+        if not self.outcome.output_tokens:
+            self.outcome.output_tokens = self._events  # server sent no usage: one event, one token
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        error = msgspec.json.decode(body)["error"]
+        return str(error.get("message", error)) if isinstance(error, dict) else str(error)
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return body[:200].decode("utf-8", errors="replace").strip() or "no body"
+
+
+class StreamClient:
+    """POSTs turns to `{url}/chat/completions` with `stream: true` and measures them."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        max_connections: int = 512,
+        session_header: bool = True,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        base = url.rstrip("/")
+        if not base.endswith("/v1"):
+            base += "/v1"
+        self.endpoint = base + "/chat/completions"
+        self.model = model
+        self.session_header = session_header
+        self.extra_body = extra_body or {}
+        self._headers = {"content-type": "application/json", "accept": "text/event-stream"}
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._max_connections = max_connections
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> StreamClient:
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
+        self._http = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    def body(self, turn: Turn) -> bytes:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": turn.messages,
+            "max_tokens": turn.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if turn.tools:
+            payload["tools"] = turn.tools
+        payload.update(self.extra_body)
+        return _encoder.encode(payload)
+
+    def headers(self, turn: Turn, session_id: str) -> dict[str, str]:
+        if not self.session_header:
+            return self._headers
+        headers = {**self._headers, SESSION_HEADER: session_id}
+        if turn.tool_result:
+            headers[TOOL_CALL_HEADER] = "pending"
+        return headers
+
+    async def send(self, turn: Turn, session_id: str) -> Outcome:
+        assert self._http is not None, "use StreamClient as an async context manager"
+        outcome = Outcome(start=time.perf_counter())
+        stream = _Stream(outcome)
+        try:
+            async with self._http.post(
+                self.endpoint, data=self.body(turn), headers=self.headers(turn, session_id)
+            ) as response:
+                outcome.status = response.status
+                if response.status != 200:
+                    body = await response.content.read(MAX_ERROR_BODY)
+                    outcome.error = f"HTTP {response.status}: {_error_message(body)}"
+                else:
+                    async for data in response.content.iter_any():
+                        stream.feed(data, time.perf_counter())
+                        if stream.done:
+                            break
+                    stream.finish()
+                    if not stream.done:
+                        outcome.error = "stream ended without [DONE]"
+        except StreamError as exc:
+            outcome.error = str(exc)
+        except TimeoutError:
+            outcome.error = "timeout"
+        except aiohttp.ClientError as exc:
+            outcome.error = f"{type(exc).__name__}: {exc}"
+        outcome.end = time.perf_counter()
+        return outcome

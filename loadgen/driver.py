@@ -1,0 +1,218 @@
+"""Runs a workload against a client: session arrivals, think time, limits, clean stop.
+
+Open-loop (`concurrency` None): sessions start at their arrival offsets. Closed-loop (`concurrency`
+N): N slots each run one session after another. Within a session turns are always closed-loop: a turn
+becomes ready `delay` after the previous one completed.
+
+Stopping (duration reached, request budget spent) sends nothing new and cancels sessions that are
+only waiting; requests in flight get `drain_s` to finish, then are cancelled. An interrupt (Ctrl-C)
+cancels everything at once. Either way, what was measured is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import msgspec
+
+from loadgen.client import Outcome, StreamClient
+from loadgen.metrics import Recorder, RequestRecord, SessionRecord
+from loadgen.workloads import Session, Turn, Workload
+
+
+class RunConfig(msgspec.Struct):
+    duration_s: float | None = 60.0
+    requests: int | None = None
+    warmup_s: float = 0.0
+    concurrency: int | None = None  # closed-loop sessions; None: open-loop at arrival offsets
+    max_concurrency: int = 512  # requests in flight at once
+    max_think_s: float = 60.0  # cap on every think/tool delay
+    drain_s: float = 30.0
+
+
+class Driver:
+    def __init__(
+        self, client: StreamClient, workload: Workload, config: RunConfig, recorder: Recorder
+    ) -> None:
+        self.client = client
+        self.workload = workload
+        self.config = config
+        self.recorder = recorder
+        self.t0 = time.perf_counter()
+        self.stopping = asyncio.Event()
+        self.interrupted = False
+        self._sessions: Iterator[tuple[float, Session]] = iter(())
+        self._budget = config.requests
+        self._slots = asyncio.Semaphore(max(1, config.max_concurrency))
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: set[asyncio.Task[None]] = set()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def stop(self) -> None:
+        """No new requests; cancel sessions that are only waiting."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            for task in list(self._waiting):
+                task.cancel()
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self.stop()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def run(self) -> float:
+        """Runs until a limit or the workload's end; returns the wall time in seconds."""
+        self.t0 = time.perf_counter()
+        self._sessions = self.workload.sessions()
+        timer = None
+        if self.config.duration_s is not None:
+            timer = asyncio.get_running_loop().call_later(self.config.duration_s, self.stop)
+        try:
+            if self.config.concurrency:
+                for _ in range(self.config.concurrency):
+                    self._spawn(self._slot())
+            else:
+                self._spawn(self._arrivals())
+            await self._join()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return self.elapsed()
+
+    async def _join(self) -> None:
+        await self.stopping_or_done()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.drain_s)
+            for task in pending:
+                task.cancel()
+        while self._tasks:  # cancelled tasks still record their sessions
+            await asyncio.wait(set(self._tasks))
+
+    async def stopping_or_done(self) -> None:
+        while self._tasks and not self.stopping.is_set():
+            stop = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({stop, *self._tasks}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep, cancellable by stop()."""
+        if seconds <= 0:
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self._waiting.discard(task)
+
+    async def _arrivals(self) -> None:
+        try:
+            for offset, session in self._sessions:
+                await self._wait(offset - self.elapsed())
+                if self.stopping.is_set():
+                    return
+                self._spawn(self._session(session))
+        except asyncio.CancelledError:
+            return
+
+    async def _slot(self) -> None:
+        for _, session in self._sessions:
+            if self.stopping.is_set():
+                return
+            if not await self._session(session):
+                return
+
+    async def _session(self, session: Session) -> bool:
+        """Runs a session to its end; False when it was stopped."""
+        reply: str | None = None
+        previous_end: float | None = None
+        turns = 0
+        start = self.elapsed()
+        completed = False
+        try:
+            while not self.stopping.is_set():
+                turn = session.next_turn(reply)
+                if turn is None:
+                    completed = True
+                    break
+                delay = min(turn.delay_s, self.config.max_think_s) if previous_end is not None else 0.0
+                ready = (previous_end + delay) if previous_end is not None else self.elapsed()
+                await self._wait(ready - self.elapsed())
+                if self.stopping.is_set() or not self._take_budget():
+                    break
+                if turns == 0:
+                    start = self.elapsed()
+                    self.recorder.sessions_started += 1
+                outcome = await self._send(turn, session.session_id)
+                self._record(session, turns, turn, outcome, delay, ready)
+                turns += 1
+                if not outcome.ok:
+                    break
+                reply = outcome.text
+                previous_end = outcome.end - self.t0
+        except asyncio.CancelledError:
+            pass  # stopped while waiting or interrupted: keep what the session measured
+        if turns:
+            self.recorder.add_session(
+                SessionRecord(session.session_id, session.label, start, self.elapsed(), turns, completed)
+            )
+        return completed
+
+    def _take_budget(self) -> bool:
+        if self._budget is None:
+            return True
+        if self._budget <= 0:
+            self.stop()
+            return False
+        self._budget -= 1
+        if self._budget == 0:
+            asyncio.get_running_loop().call_soon(self.stop)
+        return True
+
+    async def _send(self, turn: Turn, session_id: str) -> Outcome:
+        async with self._slots:
+            self.recorder.in_flight += 1
+            self.recorder.sent += 1
+            try:
+                return await self.client.send(turn, session_id)
+            finally:
+                self.recorder.in_flight -= 1
+
+    def _record(
+        self, session: Session, index: int, turn: Turn, outcome: Outcome, delay: float, ready: float
+    ) -> None:
+        t0 = self.t0
+        itl = outcome.itl
+        record = RequestRecord(
+            session_id=session.session_id,
+            turn=index,
+            label=session.label,
+            start=outcome.start - t0,
+            end=outcome.end - t0,
+            ok=outcome.ok,
+            status=outcome.status,
+            ttft=(outcome.first_token - outcome.start) if outcome.first_token is not None else None,
+            e2e=(outcome.end - outcome.start) if outcome.ok else None,
+            itl_mean=(sum(itl) / len(itl)) if itl else None,
+            output_tokens=outcome.output_tokens,
+            prompt_tokens=outcome.prompt_tokens,
+            cached_tokens=outcome.cached_tokens,
+            finish_reason=outcome.finish_reason,
+            delay=delay,
+            ready=ready,
+            tool_result=turn.tool_result,
+            error=outcome.error,
+        )
+        self.recorder.add_request(record, itl)

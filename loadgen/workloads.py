@@ -1,0 +1,301 @@
+"""Synthetic workloads: agent sessions with tool loops, multi-turn chat, and shared-prefix requests.
+
+A workload hands the driver sessions; a session hands out one turn at a time, given the text of the
+model's previous reply, so each turn's prompt is exactly the previous prompt plus the reply plus what
+the client appends (as a real agent's is), and a worker's cached prefix stays valid.
+
+Defaults of the agentic workload are measured on the 179 Claude Code sessions in
+shared/traces/cc_sessions_dev.jsonl (5,782 turns; see README "loadgen"):
+- turns per session: median 27, log-sigma 0.93, cut at 60 in the trace;
+- tool/think time after a `tool_use` turn: median 10 s, log-sigma 1.13 (p90 64 s, p99 610 s);
+- tokens appended after a tool call (the tool result): median 653, log-sigma 1.81 (p99 22,028);
+- output tokens per turn: median 252, log-sigma 0.89;
+- shared system prompt + tool definitions: median 28 blocks of 512 = 14,336 tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import msgspec
+
+from loadgen.distributions import Distribution, parse_distribution
+from loadgen.text import TextSource
+
+TOOL_NAMES = ("read_file", "edit_file", "bash", "grep", "glob", "web_fetch", "todo_write", "task")
+
+
+class Turn(msgspec.Struct):
+    """One request of a session, and how long the client waits before sending it."""
+
+    messages: list[dict[str, Any]]
+    max_tokens: int
+    tools: list[dict[str, Any]] | None = None
+    tool_result: bool = False  # carries a tool result: sent with the tool-call marker header
+    delay_s: float = 0.0  # wait after the previous turn of the session completed
+
+
+class Session(Protocol):
+    session_id: str
+    label: str  # agent type, or the workload name
+
+    def next_turn(self, reply: str | None) -> Turn | None:
+        """The next turn given the previous reply's text (None before the first); None: done."""
+        ...
+
+
+class Workload(Protocol):
+    name: str
+
+    def sessions(self) -> Iterator[tuple[float, Session]]:
+        """Sessions with their arrival offsets in seconds (ignored at fixed concurrency)."""
+        ...
+
+
+class AgenticConfig(msgspec.Struct):
+    agent_types: int = 4
+    turns: Distribution = parse_distribution("lognormal:27,0.93,min=1,max=60")
+    tool_time_s: Distribution = parse_distribution("lognormal:10,1.13,max=600")
+    tool_result_tokens: Distribution = parse_distribution("lognormal:653,1.81,max=22000")
+    output_tokens: Distribution = parse_distribution("lognormal:252,0.89,min=1,max=4096")
+    system_tokens: Distribution = parse_distribution("const:14336")
+    task_tokens: Distribution = parse_distribution("lognormal:300,1.0,max=8000")
+    tools_per_agent: int = 8
+    chars_per_token: float = 1.0  # 1 for a byte tokenizer (kvgate's default model); ~3-4 for BPE
+
+
+def poisson_offsets(rate: float, rng: random.Random) -> Iterator[float]:
+    """Arrival offsets of a Poisson process (rate per second); all at 0 when rate is 0 (unbounded)."""
+    t = 0.0
+    while True:
+        yield t
+        if rate > 0:
+            t += rng.expovariate(rate)
+
+
+class AgentType(msgspec.Struct):
+    name: str
+    system_prompt: str
+    tools: list[dict[str, Any]]
+
+
+def _make_agent(index: int, config: AgenticConfig, text: TextSource, rng: random.Random) -> AgentType:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": name,
+                "description": f"agent {index} {name}: " + text.text(160, rng),
+                "parameters": {
+                    "type": "object",
+                    "properties": {"arg": {"type": "string", "description": text.text(40, rng)}},
+                    "required": ["arg"],
+                },
+            },
+        }
+        for name in TOOL_NAMES[: config.tools_per_agent]
+    ]
+    tools_chars = len(json.dumps(tools))
+    system_chars = max(64, round(config.system_tokens.sample(rng) * config.chars_per_token) - tools_chars)
+    system = f"You are agent {index}. " + text.text(system_chars, rng)
+    return AgentType(f"agent{index}", system, tools)
+
+
+class AgenticSession:
+    """A tool loop: system prompt + task, then (reply, tool call, tool result) per turn."""
+
+    def __init__(
+        self, session_id: str, agent: AgentType, config: AgenticConfig, text: TextSource, rng: random.Random
+    ) -> None:
+        self.session_id = session_id
+        self.label = agent.name
+        self._agent = agent
+        self._config = config
+        self._text = text
+        self._rng = rng
+        self._turns_left = config.turns.sample_int(rng, floor=1)
+        self._messages: list[dict[str, Any]] = []
+        self._turn = 0
+
+    def _chars(self, dist: Distribution) -> int:
+        return max(1, round(dist.sample(self._rng) * self._config.chars_per_token))
+
+    def next_turn(self, reply: str | None) -> Turn | None:
+        if self._turns_left <= 0:
+            return None
+        self._turns_left -= 1
+        rng = self._rng
+        if reply is None:
+            task = f"[{self.session_id}] " + self._text.text(self._chars(self._config.task_tokens), rng)
+            self._messages = [
+                {"role": "system", "content": self._agent.system_prompt},
+                {"role": "user", "content": task},
+            ]
+            delay = 0.0
+        else:
+            call_id = f"call_{self.session_id}_{self._turn}"
+            tool = rng.choice(self._agent.tools)["function"]["name"]
+            self._messages.append(
+                {
+                    "role": "assistant",
+                    "content": reply,
+                    "tool_calls": [
+                        {
+                            "id": call_id,
+                            "type": "function",
+                            "function": {
+                                "name": tool,
+                                "arguments": json.dumps({"arg": self._text.text(24, rng)}),
+                            },
+                        }
+                    ],
+                }
+            )
+            result = self._text.text(self._chars(self._config.tool_result_tokens), rng)
+            self._messages.append({"role": "tool", "tool_call_id": call_id, "content": result})
+            delay = self._config.tool_time_s.sample(rng)
+        self._turn += 1
+        return Turn(
+            messages=list(self._messages),
+            max_tokens=self._config.output_tokens.sample_int(rng, floor=1),
+            tools=self._agent.tools,
+            tool_result=reply is not None,
+            delay_s=delay,
+        )
+
+
+class AgenticWorkload:
+    name = "agentic"
+
+    def __init__(self, config: AgenticConfig, rate: float, seed: int = 0) -> None:
+        self.config = config
+        self.rate = rate
+        self._rng = random.Random(seed)
+        self._text = TextSource(seed)
+        self.agents = [
+            _make_agent(i, config, self._text, self._rng) for i in range(max(1, config.agent_types))
+        ]
+
+    def sessions(self) -> Iterator[tuple[float, Session]]:
+        for index, offset in zip(itertools.count(), poisson_offsets(self.rate, self._rng)):
+            agent = self._rng.choice(self.agents)
+            session_rng = random.Random(self._rng.getrandbits(64))
+            yield offset, AgenticSession(f"s{index:06d}", agent, self.config, self._text, session_rng)
+
+
+class ChatConfig(msgspec.Struct):
+    turns: Distribution = parse_distribution("lognormal:4,0.7,min=1,max=30")
+    think_time_s: Distribution = parse_distribution("lognormal:15,1.0,max=300")
+    user_tokens: Distribution = parse_distribution("lognormal:120,1.0,max=4000")
+    output_tokens: Distribution = parse_distribution("lognormal:252,0.89,min=1,max=4096")
+    system_tokens: Distribution = parse_distribution("const:400")
+    chars_per_token: float = 1.0
+
+
+class ChatSession:
+    """Multi-turn chat: a user message, the model's reply, the next user message after thinking."""
+
+    def __init__(
+        self, session_id: str, system: str, config: ChatConfig, text: TextSource, rng: random.Random
+    ) -> None:
+        self.session_id = session_id
+        self.label = "chat"
+        self._config = config
+        self._text = text
+        self._rng = rng
+        self._turns_left = config.turns.sample_int(rng, floor=1)
+        self._messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
+
+    def next_turn(self, reply: str | None) -> Turn | None:
+        if self._turns_left <= 0:
+            return None
+        self._turns_left -= 1
+        rng = self._rng
+        if reply is not None:
+            self._messages.append({"role": "assistant", "content": reply})
+        chars = max(1, round(self._config.user_tokens.sample(rng) * self._config.chars_per_token))
+        self._messages.append(
+            {"role": "user", "content": f"[{self.session_id}] " + self._text.text(chars, rng)}
+        )
+        return Turn(
+            messages=list(self._messages),
+            max_tokens=self._config.output_tokens.sample_int(rng, floor=1),
+            delay_s=0.0 if reply is None else self._config.think_time_s.sample(rng),
+        )
+
+
+class ChatWorkload:
+    name = "chat"
+
+    def __init__(self, config: ChatConfig, rate: float, seed: int = 0) -> None:
+        self.config = config
+        self.rate = rate
+        self._rng = random.Random(seed)
+        self._text = TextSource(seed)
+        chars = max(1, round(config.system_tokens.sample(self._rng) * config.chars_per_token))
+        self._system = "You are a helpful assistant. " + self._text.text(chars, self._rng)
+
+    def sessions(self) -> Iterator[tuple[float, Session]]:
+        for index, offset in zip(itertools.count(), poisson_offsets(self.rate, self._rng)):
+            session_rng = random.Random(self._rng.getrandbits(64))
+            yield offset, ChatSession(f"c{index:06d}", self._system, self.config, self._text, session_rng)
+
+
+class PrefixConfig(msgspec.Struct):
+    prefixes: int = 8
+    prefix_tokens: Distribution = parse_distribution("const:2048")
+    suffix_tokens: Distribution = parse_distribution("lognormal:128,0.8,max=4000")
+    output_tokens: Distribution = parse_distribution("lognormal:64,0.7,min=1,max=1024")
+    chars_per_token: float = 1.0
+
+
+class SingleTurn:
+    """A session of one request (prefix workload, trace rows without a session)."""
+
+    def __init__(self, session_id: str, label: str, turn: Turn) -> None:
+        self.session_id = session_id
+        self.label = label
+        self._turn: Turn | None = turn
+
+    def next_turn(self, reply: str | None) -> Turn | None:
+        turn, self._turn = self._turn, None
+        return turn
+
+
+class PrefixWorkload:
+    """Many single requests over few shared prefixes (documents, few-shot prompts)."""
+
+    name = "prefix"
+
+    def __init__(self, config: PrefixConfig, rate: float, seed: int = 0) -> None:
+        self.config = config
+        self.rate = rate
+        self._rng = random.Random(seed)
+        self._text = TextSource(seed)
+        self._prefixes = [
+            f"Document {i}.\n"
+            + self._text.text(
+                round(config.prefix_tokens.sample(self._rng) * config.chars_per_token), self._rng
+            )
+            for i in range(max(1, config.prefixes))
+        ]
+
+    def sessions(self) -> Iterator[tuple[float, Session]]:
+        cpt = self.config.chars_per_token
+        for index, offset in zip(itertools.count(), poisson_offsets(self.rate, self._rng)):
+            prefix_id = self._rng.randrange(len(self._prefixes))
+            question = self._text.text(
+                max(1, round(self.config.suffix_tokens.sample(self._rng) * cpt)), self._rng
+            )
+            turn = Turn(
+                messages=[
+                    {"role": "system", "content": self._prefixes[prefix_id]},
+                    {"role": "user", "content": f"[q{index}] {question}"},
+                ],
+                max_tokens=self.config.output_tokens.sample_int(self._rng, floor=1),
+            )
+            yield offset, SingleTurn(f"p{index:07d}", f"prefix{prefix_id}", turn)
