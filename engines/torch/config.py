@@ -54,8 +54,9 @@ class ModelConfig(msgspec.Struct, frozen=True):
 
 
 def tiny_config(vocab_size: int) -> ModelConfig:
-    """The default random model: small enough that CPU tests and benches are quick."""
-    return ModelConfig(vocab_size=vocab_size)
+    """The default random model: small enough that CPU tests and benches are quick. Untied: a random
+    model with tied embeddings predicts its input token again and again."""
+    return ModelConfig(vocab_size=vocab_size, tie_word_embeddings=False)
 
 
 def load_hf_config(path: Path) -> ModelConfig:

@@ -162,8 +162,9 @@ class CausalLM(nn.Module):
         return self.lm_head(self.model.norm(hidden)).float()
 
     def init_random(self, seed: int) -> None:
-        """Seeded random weights, scaled so activations stay O(1) through the layers and the logits
-        are well spread (a near-uniform random model would make greedy decoding tie-prone)."""
+        """Seeded random weights, scaled so activations stay O(1) through the layers. Embeddings are
+        as large as the residual stream so the current token steers the next one: with small ones,
+        attention averages the context into a fixed point and greedy output repeats one token."""
         generator = torch.Generator().manual_seed(seed)
         for name, param in self.named_parameters():
             with torch.no_grad():
@@ -174,4 +175,4 @@ class CausalLM(nn.Module):
                 elif param.dim() == 2 and "embed_tokens" not in name:
                     param.normal_(0.0, 1.0 / math.sqrt(param.shape[1]), generator=generator)
                 else:
-                    param.normal_(0.0, 0.2, generator=generator)
+                    param.normal_(0.0, 1.0, generator=generator)
