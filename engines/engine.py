@@ -85,13 +85,13 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._seqs: dict[str, Sequence] = {}
         self._finished_early: list[RequestOutput] = []  # aborted or refused between steps
+        self.max_model_len = config.num_blocks * config.block_size
+        runner_limit = getattr(runner, "max_model_len", None)  # positions the model can encode
+        if runner_limit:
+            self.max_model_len = min(self.max_model_len, runner_limit)
         self.prefill_tok_s = 0.0
         self.decode_tok_s = 0.0
         self.num_steps = 0
-
-    @property
-    def max_model_len(self) -> int:
-        return self.config.num_blocks * self.config.block_size
 
     # --- requests
 
@@ -191,12 +191,11 @@ class Engine:
                 del self._seqs[seq.seq_id]
             outputs.append(self._output(seq, [token]))
 
-    @staticmethod
-    def _finish_reason(seq: Sequence, token: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.sampling
         if not params.ignore_eos and token in params.stop_token_ids:
             return "stop"
-        if seq.num_output_tokens >= params.max_tokens:
+        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
             return "length"
         return None
 

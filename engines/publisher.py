@@ -1,0 +1,306 @@
+"""A worker's side of the NATS bus.
+
+- KV events: batches with a per-process sequence number and epoch, through JetStream (the stream is
+  created if missing, with bounded retention). Events that pile up while a publish is in flight go
+  out together as the next batch. A batch that cannot be published is dropped; its sequence number
+  is not reused, so subscribers see the gap and ask for a state dump.
+- load reports on plain NATS at 10 Hz; registration in the JetStream KV bucket, rewritten every
+  second as the heartbeat and deleted on a clean shutdown.
+- state dumps on request (`dump.<worker>`), pin hints applied from `pin.<worker>`.
+
+NATS may come and go: the HTTP side never waits on it, and everything resumes on reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import api
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from engines.engine import Engine
+from engines.worker import EngineLoop
+from router.protocol import (
+    KvEvent,
+    KvEventBatch,
+    KvStateDump,
+    LoadReport,
+    PinHint,
+    ProtocolError,
+    StateDumpRequest,
+    Subjects,
+    WorkerRegistration,
+    decode,
+    encode,
+)
+
+log = logging.getLogger("kvgate.publisher")
+
+STREAM_MAX_AGE_S = 15 * 60.0
+STREAM_MAX_BYTES = 512 * 1024 * 1024
+REGISTRY_TTL_S = 60.0  # a crashed worker's entry disappears even if nobody deletes it
+MAX_PENDING_EVENTS = 100_000  # beyond this (NATS away for long) events are dropped: a gap
+
+
+class Publisher:
+    def __init__(
+        self,
+        nats_url: str,
+        subjects: Subjects,
+        loop: EngineLoop,
+        registration: Callable[[], WorkerRegistration],
+        *,
+        load_interval_s: float = 0.1,
+        heartbeat_interval_s: float = 1.0,
+    ) -> None:
+        self.nats_url = nats_url
+        self.subjects = subjects
+        self.loop = loop
+        self.registration = registration
+        first = registration()
+        self.worker_id = first.worker_id
+        self.epoch = first.epoch
+        self.load_interval_s = load_interval_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.nc: NATS | None = None
+        self.next_seq = 0
+        self.batches_published = 0
+        self.batches_dropped = 0
+        self._pending: list[KvEvent] = []
+        self._outbox: asyncio.Queue[KvEventBatch] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._finished_since_batch = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.ready = asyncio.Event()  # connected, stream and bucket in place, subscriptions made
+        loop.on_events = self.add_events
+        loop.on_finished = self._request_finished
+
+    # --- lifecycle
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(self._connect(), name="nats-connect"))
+
+    async def stop(self) -> None:
+        """Deregister, flush what is queued (briefly), and close."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        nc, self.nc = self.nc, None
+        if nc is None:
+            return
+        if nc.is_connected:
+            self.take_batch()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._publish_batches(nc), timeout=2.0)
+            with contextlib.suppress(Exception):
+                kv = await nc.jetstream().key_value(self.subjects.registry_bucket)
+                await asyncio.wait_for(kv.delete(self.worker_id), timeout=2.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), timeout=2.0)
+
+    async def _connect(self) -> None:
+        nc = await nats.connect(
+            self.nats_url,
+            name=f"kvgate-worker-{self.worker_id}",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,  # also retries the first connection until NATS is up
+            reconnect_time_wait=0.5,
+            connect_timeout=2.0,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        self.nc = nc
+        log.info("connected to NATS at %s", self.nats_url)
+        while True:
+            try:
+                await self._ensure_stream(nc)
+                await self._ensure_bucket(nc)
+                break
+            except Exception as exc:  # NATS went away mid-setup, or JetStream is not ready yet
+                log.warning("JetStream setup failed, retrying: %s", exc)
+                await asyncio.sleep(1.0)
+        await nc.subscribe(self.subjects.dump(self.worker_id), cb=self._on_dump)
+        await nc.subscribe(self.subjects.pin(self.worker_id), cb=self._on_pin)
+        create = asyncio.get_running_loop().create_task
+        self._tasks += [
+            create(self._heartbeat(nc), name="nats-heartbeat"),
+            create(self._report_load(nc), name="nats-load"),
+            create(self._publish_events(nc), name="nats-kv-events"),
+        ]
+        self.ready.set()
+
+    async def _ensure_stream(self, nc: NATS) -> None:
+        js = nc.jetstream()
+        try:
+            await js.stream_info(self.subjects.kv_stream)
+        except NotFoundError:
+            config = api.StreamConfig(
+                name=self.subjects.kv_stream,
+                subjects=[self.subjects.kv_all],
+                retention=api.RetentionPolicy.LIMITS,
+                discard=api.DiscardPolicy.OLD,
+                max_age=STREAM_MAX_AGE_S,
+                max_bytes=STREAM_MAX_BYTES,
+                storage=api.StorageType.FILE,
+                duplicate_window=60.0,
+            )
+            try:
+                await js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await js.stream_info(self.subjects.kv_stream)  # another worker created it first
+
+    async def _ensure_bucket(self, nc: NATS) -> None:
+        js = nc.jetstream()
+        try:
+            await js.key_value(self.subjects.registry_bucket)
+        except (BucketNotFoundError, NotFoundError):
+            try:
+                await js.create_key_value(bucket=self.subjects.registry_bucket, history=1, ttl=REGISTRY_TTL_S)
+            except nats.js.errors.BadRequestError:
+                await js.key_value(self.subjects.registry_bucket)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("disconnected from NATS; serving on, reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS")
+
+    # --- KV events
+
+    def add_events(self, events: list[KvEvent]) -> None:
+        """Called after each engine step with that step's events (never empty)."""
+        if len(self._pending) + len(events) > MAX_PENDING_EVENTS:
+            # the bus has been away too long: drop, and burn a sequence number so subscribers resync
+            self._pending.clear()
+            self.next_seq += 1
+            self.batches_dropped += 1
+            return
+        self._pending.extend(events)
+        self._wake.set()
+
+    def _request_finished(self) -> None:
+        self._finished_since_batch = True
+
+    def take_batch(self) -> KvEventBatch | None:
+        """Turn the pending events into the next batch (queued for publishing)."""
+        if not self._pending:
+            return None
+        batch = KvEventBatch(self.worker_id, self.epoch, self.next_seq, time.time(), self._pending)
+        self._pending = []
+        self.next_seq += 1
+        self._finished_since_batch = False
+        self._outbox.put_nowait(batch)
+        return batch
+
+    async def _publish_events(self, nc: NATS) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self.take_batch()
+            await self._publish_batches(nc)
+
+    async def _publish_batches(self, nc: NATS) -> None:
+        js = nc.jetstream()
+        while not self._outbox.empty():
+            batch = self._outbox.get_nowait()
+            subject = self.subjects.kv(self.worker_id)
+            headers = {"Nats-Msg-Id": f"{self.worker_id}-{self.epoch}-{batch.seq}"}
+            try:
+                await js.publish(subject, encode(batch), timeout=2.0, headers=headers)
+                self.batches_published += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away: the gap makes subscribers ask for a dump
+                self.batches_dropped += 1
+                log.warning("KV batch %d not published: %s", batch.seq, exc)
+                with contextlib.suppress(Exception):
+                    await self._ensure_stream(nc)  # NATS may have restarted without its store
+
+    # --- state dumps and pins
+
+    async def _on_dump(self, msg: Any) -> None:
+        try:
+            decode(msg.data, StateDumpRequest)
+        except ProtocolError as exc:
+            log.warning("ignoring a malformed dump request: %s", exc)
+            return
+        dump = await self.loop.call(self._dump)
+        self._wake.set()  # publish the batch the dump flushed
+        with contextlib.suppress(Exception):
+            await msg.respond(encode(dump))
+
+    def _dump(self) -> KvStateDump:
+        """Runs between steps: the cached set includes every event emitted so far, so flush those into
+        a batch first and give the dump that batch's sequence number."""
+        self.take_batch()
+        return KvStateDump(self.worker_id, self.epoch, self.next_seq - 1, self.loop.engine.cached_blocks())
+
+    async def _on_pin(self, msg: Any) -> None:
+        try:
+            hint = decode(msg.data, PinHint)
+        except ProtocolError as exc:
+            log.warning("ignoring a malformed pin hint: %s", exc)
+            return
+        ttl = min(max(hint.ttl_s, 0.0), 3600.0)
+        engine: Engine = self.loop.engine
+        await self.loop.call(lambda: engine.pin(hint.session_id, hint.block_hashes, ttl))
+
+    # --- load and heartbeat
+
+    async def _report_load(self, nc: NATS) -> None:
+        subject = self.subjects.load(self.worker_id)
+        engine = self.loop.engine
+        while True:
+            load = await self.loop.call(engine.load)
+            report = LoadReport(
+                self.worker_id,
+                time.time(),
+                load.running,
+                load.waiting,
+                load.active_prefill_tokens,
+                load.used_blocks,
+                load.total_blocks,
+                load.prefill_tok_s,
+                load.decode_tok_s,
+            )
+            with contextlib.suppress(Exception):
+                await nc.publish(subject, encode(report))
+            await asyncio.sleep(self.load_interval_s)
+
+    async def _heartbeat(self, nc: NATS) -> None:
+        js = nc.jetstream()
+        while True:
+            try:
+                kv = await js.key_value(self.subjects.registry_bucket)
+                await kv.put(self.worker_id, encode(self.registration()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+                with contextlib.suppress(Exception):
+                    await self._ensure_bucket(nc)  # NATS restarted without its store
+            if self._finished_since_batch and not self._pending:
+                # requests finished without changing the cache: an empty batch tells subscribers
+                # that events still flow (the gateway falls back to approximate routing otherwise)
+                self._pending = []
+                self._finished_since_batch = False
+                self._outbox.put_nowait(
+                    KvEventBatch(self.worker_id, self.epoch, self.next_seq, time.time(), [])
+                )
+                self.next_seq += 1
+                self._wake.set()
+            await asyncio.sleep(self.heartbeat_interval_s)

@@ -1,0 +1,141 @@
+"""`kvgate worker`: one inference worker (torch or mock engine) serving HTTP and publishing on NATS.
+
+Prints one line `kvgate worker <id> ready on <url>` once it accepts requests (and /health says 200),
+so parent processes can wait for it. SIGTERM or SIGINT shut it down cleanly (deregistered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+
+from aiohttp import web
+
+from engines.engine import Engine, EngineConfig
+from engines.mock import MockRunner
+from engines.runner import ModelRunner
+from engines.worker import EngineLoop, WorkerApp, WorkerSettings
+from router.chat import Tokenizer
+from router.hashing import DEFAULT_BLOCK_SIZE
+from router.protocol import DEFAULT_NAMESPACE, ProtocolError, Subjects, WorkerRegistration, check_token
+
+log = logging.getLogger("kvgate.worker")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=("torch", "mock"), default="mock")
+    parser.add_argument("--nats", metavar="URL", help="NATS server; without it the worker publishes nothing")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--advertise-url", help="URL the gateway should use (default http://HOST:PORT)")
+    parser.add_argument("--model", help="served model name (default: the engine's own)")
+    parser.add_argument("--model-path", help="torch: a local Hugging Face checkpoint folder")
+    parser.add_argument("--device", help="torch: cpu, cuda, cuda:1 (default: cuda when present)")
+    parser.add_argument("--num-blocks", type=int, default=1024)
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--speedup", type=float, default=1.0, help="mock: divide the modelled step time")
+    parser.add_argument("--seed", type=int, default=0, help="torch: weights of the default tiny model")
+    parser.add_argument("--worker-id", help="subject-safe id (default: engine-host-port-random)")
+    parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    parser.add_argument("--log-level", default="INFO")
+
+
+def default_worker_id(engine: str, port: int) -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40]
+    return f"{engine}-{host}-{port}-{uuid.uuid4().hex[:6]}"
+
+
+def build_runner(args: argparse.Namespace) -> tuple[ModelRunner, Tokenizer, str]:
+    if args.engine == "mock":
+        runner = MockRunner(args.num_blocks, args.block_size, speedup=args.speedup)
+        return runner, runner.tokenizer, runner.model_name
+    from engines.torch import TorchRunner  # only now: torch is a heavy import
+
+    torch_runner = TorchRunner(args.num_blocks, args.block_size, args.model_path, args.device, args.seed)
+    return torch_runner, torch_runner.tokenizer, torch_runner.model_name
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        worker_id = check_token(args.worker_id or default_worker_id(args.engine, args.port), "worker id")
+        subjects = Subjects(args.namespace)
+        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if args.speedup <= 0:
+            raise ValueError("--speedup must be positive")
+    except (ProtocolError, ValueError) as exc:
+        print(f"kvgate worker: {exc}")
+        return 2
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args, worker_id, subjects))
+    return 0
+
+
+async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects) -> None:
+    runner, tokenizer, engine_model = build_runner(args)
+    config = EngineConfig(
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    engine = Engine(config, runner, time.monotonic)
+    loop = EngineLoop(engine, threaded=args.engine != "mock")
+    model_name = args.model or engine_model
+    worker = WorkerApp(loop, tokenizer, WorkerSettings(model_name=model_name))
+    url = args.advertise_url or f"http://{args.host}:{args.port}"
+    epoch = time.time_ns()
+
+    def registration() -> WorkerRegistration:
+        return WorkerRegistration(
+            worker_id=worker_id,
+            url=url,
+            model=model_name,
+            block_size=config.block_size,
+            num_blocks=config.num_blocks,
+            engine=args.engine,
+            epoch=epoch,
+            heartbeat_ts=time.time(),
+            tokenizer=tokenizer.name,
+            max_num_seqs=config.max_num_seqs,
+        )
+
+    publisher = None
+    if args.nats:
+        from engines.publisher import Publisher  # nats-py only when a bus is named
+
+        publisher = Publisher(args.nats, subjects, loop, registration)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+
+    loop.start()
+    app_runner = web.AppRunner(worker.app, handler_cancellation=True, access_log=None)
+    await app_runner.setup()
+    site = web.TCPSite(app_runner, args.host, args.port, reuse_address=True)
+    await site.start()
+    if publisher is not None:
+        await publisher.start()
+    worker.ready = True
+    print(f"kvgate worker {worker_id} ready on {url} (engine {args.engine}, pid {os.getpid()})", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("worker %s shutting down", worker_id)
+        worker.ready = False
+        if publisher is not None:
+            await publisher.stop()
+        await app_runner.cleanup()
+        await loop.stop()

@@ -1,0 +1,226 @@
+"""The worker's HTTP surface, served for real on a local port, called with the real `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from engines.engine import Engine, EngineConfig
+from engines.mock import PLACEHOLDER_TEXT, MockRunner
+from engines.worker import EngineLoop, TextStream, WorkerApp, WorkerSettings
+from gateway.natsd import free_port
+from router.chat import ByteTokenizer, encode_chat
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "x" * 100}]
+
+
+@dataclass
+class Served:
+    url: str
+    worker: WorkerApp
+    engine: Engine
+
+
+async def serve(
+    speedup: float = 1000.0, num_blocks: int = 256, **settings: int
+) -> tuple[Served, web.AppRunner]:
+    runner = MockRunner(num_blocks, 16, speedup=speedup)
+    engine = Engine(EngineConfig(num_blocks=num_blocks, block_size=16), runner)
+    loop = EngineLoop(engine, threaded=False)
+    worker = WorkerApp(loop, runner.tokenizer, WorkerSettings(model_name="mock-model"))
+    loop.start()
+    worker.ready = True
+    app_runner = web.AppRunner(worker.app, handler_cancellation=True)
+    await app_runner.setup()
+    port = free_port()
+    await web.TCPSite(app_runner, "127.0.0.1", port).start()
+    return Served(f"http://127.0.0.1:{port}", worker, engine), app_runner
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    result, app_runner = await serve()
+    yield result
+    await app_runner.cleanup()
+    await result.worker.loop.stop()
+
+
+async def wait_idle(engine: Engine) -> None:
+    for _ in range(250):
+        if not engine.has_work():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the engine still has work")
+
+
+def client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+async def test_non_streaming_chat_with_usage_and_a_cached_second_turn(served: Served) -> None:
+    api = client(served.url)
+    first = await api.chat.completions.create(model="mock-model", messages=MESSAGES, max_tokens=5)
+    prompt_len = len(encode_chat(MESSAGES, ByteTokenizer()))
+    assert first.choices[0].message.role == "assistant"
+    assert first.choices[0].message.content == PLACEHOLDER_TEXT[:5]
+    assert first.choices[0].finish_reason == "length"
+    assert first.usage.prompt_tokens == prompt_len
+    assert first.usage.completion_tokens == 5 and first.usage.total_tokens == prompt_len + 5
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = await api.chat.completions.create(model="mock-model", messages=MESSAGES, max_completion_tokens=2)
+    assert second.usage.prompt_tokens_details.cached_tokens == (prompt_len - 1) // 16 * 16
+    assert second.usage.completion_tokens == 2
+    models = await api.models.list()
+    assert [m.id for m in models.data] == ["mock-model"]
+
+
+async def test_streaming_chat_like_openai(served: Served) -> None:
+    api = client(served.url)
+    stream = await api.chat.completions.create(
+        model="mock-model",
+        messages=MESSAGES,
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == PLACEHOLDER_TEXT[:6]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0
+
+
+async def test_raw_sse_framing_and_done(served: Served) -> None:
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 3, "stream": True}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{served.url}/v1/chat/completions", json=body) as resp,
+    ):
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        raw = (await resp.read()).decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert all(p["object"] == "chat.completion.chunk" and "usage" not in p for p in payloads)
+
+
+async def test_completions_with_stop_string_and_streaming(served: Served) -> None:
+    api = client(served.url)
+    done = await api.completions.create(model="m", prompt="hello", max_tokens=40, stop=["sum"])
+    assert done.choices[0].text == "lorem ip" and done.choices[0].finish_reason == "stop"
+    stream = await api.completions.create(
+        model="m", prompt=[1, 2, 3], max_tokens=40, stop="dolor", stream=True
+    )
+    parts = [c async for c in stream]
+    assert "".join(p.choices[0].text for p in parts) == "lorem ipsum "
+    assert parts[-1].choices[0].finish_reason == "stop"
+    # the stopped sequence was freed, not left to run to max_tokens
+    await wait_idle(served.engine)
+    assert served.engine.block_manager.num_used == 0
+
+
+async def test_pretokenized_prompt_from_the_gateway_is_used_as_is(served: Served) -> None:
+    api = client(served.url)
+    tokens = encode_chat(MESSAGES, ByteTokenizer())
+    first = await api.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "ignored when token ids are given"}],
+        max_tokens=1,
+        extra_body={"kvgate": {"prompt_token_ids": tokens, "request_id": "req-1", "session_id": "s-1"}},
+    )
+    assert first.id == "chatcmpl-req-1" and first.usage.prompt_tokens == len(tokens)
+    # rendering the same messages produces the same tokens: the prefix is a cache hit
+    second = await api.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)
+    assert second.usage.prompt_tokens_details.cached_tokens == (len(tokens) - 1) // 16 * 16
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": MESSAGES, "n": 2}, "n"),
+        ({"messages": MESSAGES, "logprobs": True}, "logprobs"),
+        ({"messages": MESSAGES, "presence_penalty": 0.5}, "presence_penalty"),
+        ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": MESSAGES, "temperature": 3}, "temperature"),
+        ({"messages": MESSAGES, "top_p": 0}, "top_p"),
+        ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+        ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        ({"messages": MESSAGES, "kvgate": {"prompt_token_ids": [1, -1]}}, "kvgate.prompt_token_ids"),
+        ({"messages": [{"role": "user", "content": "x" * 5000}]}, "messages"),
+    ],
+)
+async def test_unsupported_or_invalid_options_get_a_400(served: Served, body: dict, param: str) -> None:
+    api = client(served.url)
+    kwargs = {k: v for k, v in body.items() if k != "messages"}
+    with pytest.raises(openai.BadRequestError) as caught:
+        await api.chat.completions.create(model="m", messages=body["messages"], extra_body=kwargs)
+    error = caught.value.body
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+async def test_malformed_and_oversized_bodies(served: Served) -> None:
+    url = f"{served.url}/v1/chat/completions"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=b"{not json") as resp:
+            assert resp.status == 400 and "JSON" in (await resp.json())["error"]["message"]
+        async with http.post(url, json=[1, 2]) as resp:
+            assert resp.status == 400
+        async with http.post(url, data=b"x" * (17 * 1024 * 1024)) as resp:
+            assert resp.status == 413
+        async with http.get(f"{served.url}/health") as resp:
+            assert resp.status == 200
+
+
+async def test_client_disconnect_aborts_the_sequence() -> None:
+    served, app_runner = await serve(speedup=1.0)  # real-time steps: ~12 ms per decode step
+    try:
+        body = {"model": "m", "messages": MESSAGES, "max_tokens": 5000, "stream": True}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{served.url}/v1/chat/completions", json=body) as resp,
+        ):
+            await resp.content.readuntil(b"\n\n")
+            await resp.content.readuntil(b"\n\n")
+            assert served.engine.has_work()
+        await wait_idle(served.engine)
+        assert served.engine.block_manager.num_used == 0
+        # the same for a non-streaming request the client gives up on
+        timeout = aiohttp.ClientTimeout(total=0.3)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            with pytest.raises(asyncio.TimeoutError):
+                await http.post(f"{served.url}/v1/chat/completions", json={**body, "stream": False})
+        await wait_idle(served.engine)
+    finally:
+        await app_runner.cleanup()
+        await served.worker.loop.stop()
+
+
+def test_text_stream_holds_back_a_forming_stop_string() -> None:
+    tok = ByteTokenizer()
+    stream = TextStream(tok, ["END"])
+    stream.add(tok.encode("abcE"))
+    assert stream.take(final=False) == "ab"  # "cE" could be the start of "END"
+    stream.add(tok.encode("N"))
+    assert stream.take(final=False) == "c"  # "EN" still could
+    stream.add(tok.encode("D and more"))
+    assert stream.stopped and stream.take(final=False) == "" and stream.text == "abc"
+    multibyte = TextStream(tok, [])
+    encoded = "é".encode()
+    multibyte.add([encoded[0]])
+    assert multibyte.take(final=False) == ""  # half a character is not text yet
+    multibyte.add([encoded[1], tok.eos_token_id])
+    assert multibyte.take(final=True) == "é"
