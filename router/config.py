@@ -1,0 +1,51 @@
+"""The router's tunables, in one Struct so the simulator can sweep them and the gateway can load them."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
+    # --- block index
+    index_blocks_per_worker_factor: int = 16  # cap per worker = factor x its device blocks (all tiers)
+    index_blocks_per_worker_min: int = 1 << 16
+    approx_ttl_s: float = 120.0  # Dynamo's approximate mode: routed blocks count as held this long
+    approx_blocks_per_worker: int = 1 << 18
+
+    # --- load view
+    report_stale_s: float = 2.0  # an older report's load is ignored; in-flight predictions stand alone
+    prefill_ttl_s: float = 120.0  # in-flight prefill with no first token after this is dropped
+    inflight_ttl_s: float = 900.0  # in-flight blocks with no completion after this are dropped
+    max_inflight: int = 1 << 17
+
+    # --- sessions
+    max_sessions: int = 100_000
+    session_ttl_s: float = 3600.0
+    max_session_id_len: int = 256
+
+    # --- kv_overlap (Dynamo)
+    overlap_score_weight: float = 1.0
+    kv_temperature: float = 0.0
+
+    # --- cache_aware (SGLang; Python CLI defaults)
+    cache_threshold: float = 0.3
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
+    cache_tree_ttl_s: float = 120.0
+    cache_tree_blocks_per_worker: int = 1 << 18
+
+    # --- session_sticky
+    ring_vnodes: int = 64
+
+    # --- session_kv (ours)
+    default_prefill_tok_s: float = 20_000.0  # until a worker reports its measured speed
+    host_credit: float = 0.75  # a host-tier block saves this fraction of its prefill
+    disk_credit: float = 0.25
+    prior_ttl_s: float = 10.0  # a session's just-routed blocks count as held until events confirm them
+    affinity_tolerance_ms: float = 2.0  # within this of the best, the session's worker wins
+    affinity_tolerance_rel: float = 0.05
+    think_default_s: float = 15.0  # think/tool time assumed before a session showed its own
+    think_alpha: float = 0.3  # EWMA weight of the latest tool gap
+    pin_factor: float = 1.5  # pin for this multiple of the expected tool time
+    pin_min_s: float = 5.0
+    pin_max_s: float = 120.0

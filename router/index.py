@@ -1,0 +1,427 @@
+"""Which workers hold which blocks, per tier, and how long a prefix of a chain each one holds.
+
+One dict per tier maps a block hash to a bitmask of the workers holding it. `overlap(chain)` must be
+each worker's matched prefix, stopping at the first miss as the engines do. A linear walk over a 2,048
+block chain costs ~100 µs in Python, so the index bisects instead: when a worker's held set is
+prefix-closed along the chain (it holds a block only if it holds the block's parent, which the chained
+hash fixes), its bit along the chain reads 1…1 0…0, and one lookup per bisection step finds every
+worker's boundary at once. To stay exact on arbitrary event streams, the index tracks "orphans": blocks
+a worker holds while not holding their parent (stored before the parent arrived, or left behind when the
+parent was evicted first). A worker with orphans is answered by a linear walk instead. Orphans are
+tracked as a superset (a stale mark only costs speed, never exactness), via parent -> children links.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent, Tier
+
+# Children links longer than this are pruned of blocks nobody holds any more, so they stay bounded.
+_CHILDREN_PRUNE_LEN = 8
+
+
+def _bits(mask: int) -> Iterable[int]:
+    while mask:
+        low = mask & -mask
+        yield low
+        mask ^= low
+
+
+def bisect_prefixes(get, chain: Sequence[int], mask: int, out: dict[int, int]) -> None:
+    """Matched prefix length per worker bit of `mask`, for held sets that are prefix-closed along `chain`.
+
+    `get(hash, 0)` is the held mask of a block. Shares lookups between workers with the same boundary:
+    O(k log n) lookups for k distinct boundaries.
+    """
+    n = len(chain)
+    if not n or not mask:
+        return
+    first = get(chain[0], 0) & mask
+    if not first:
+        return
+    stack = [(1, n, first)]  # every bit of m holds chain[:lo]; its boundary lies in [lo, hi]
+    pop = stack.pop
+    push = stack.append
+    while stack:
+        lo, hi, m = pop()
+        if lo == hi:
+            for bit in _bits(m):
+                out[bit] = lo
+            continue
+        mid = (lo + hi) >> 1
+        holds = get(chain[mid], 0) & m
+        if holds:
+            push((mid + 1, hi, holds))
+        if holds != m:
+            push((lo, mid, m ^ holds))
+
+
+def walk_prefixes(get, chain: Sequence[int], mask: int, out: dict[int, int]) -> None:
+    """Same answer as `bisect_prefixes` for any held sets, one lookup per block (the slow path)."""
+    m = mask
+    for i, h in enumerate(chain):
+        holds = get(h, 0) & m
+        if holds != m:
+            if i:
+                for bit in _bits(m ^ holds):
+                    out[bit] = i
+            m = holds
+            if not m:
+                return
+    for bit in _bits(m):
+        out[bit] = len(chain)
+
+
+class TierIndex:
+    """The blocks of one tier: block hash -> worker bitmask, with the orphan bookkeeping above."""
+
+    __slots__ = ("_children", "_dirty", "_held", "_orphan_count", "_orphans")
+
+    def __init__(self) -> None:
+        self._held: dict[int, int] = {}
+        self._children: dict[int, int | list[int]] = {}  # parent -> child or children (a superset)
+        self._orphans: dict[int, int] = {}  # block -> bits of workers holding it but not its parent
+        self._orphan_count: dict[int, int] = {}  # worker bit -> its orphan count
+        self._dirty = 0  # bits of workers with orphans
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def get(self, block_hash: int) -> int:
+        return self._held.get(block_hash, 0)
+
+    @property
+    def dirty_mask(self) -> int:
+        return self._dirty
+
+    def store(self, bit: int, hashes: Sequence[int], parent: int | None) -> int:
+        """Worker `bit` holds `hashes` (a chain continuing `parent`); returns how many were new."""
+        held = self._held
+        get = held.get
+        children = self._children
+        child_of = children.get
+        orphans = self._orphans
+        added = 0
+        prev = parent
+        for h in hashes:
+            m = get(h, 0)
+            if not m & bit:
+                held[h] = m | bit if m else bit
+                added += 1
+                if prev is not None and prev is parent and not get(prev, 0) & bit:
+                    self._mark(h, bit)  # stored before (or without) its parent
+                if orphans:
+                    self._adopt(h, bit)
+            if prev is not None:
+                kids = child_of(prev)
+                if kids is None:
+                    children[prev] = h
+                elif kids != h:
+                    self._link(prev, kids, h)
+            prev = h
+        return added
+
+    def remove(self, bit: int, hashes: Iterable[int]) -> int:
+        """Worker `bit` no longer holds `hashes`; returns how many it did hold."""
+        held = self._held
+        get = held.get
+        children = self._children
+        removed = 0
+        for h in hashes:
+            m = get(h, 0)
+            if not m & bit:
+                continue  # idempotent: already gone, or a removal that overtook its store
+            m ^= bit
+            if m:
+                held[h] = m
+            else:
+                del held[h]
+            removed += 1
+            if self._orphans:
+                self._unmark(h, bit)
+            kids = children.get(h)
+            if kids is not None:
+                for kid in kids if isinstance(kids, list) else (kids,):
+                    if get(kid, 0) & bit:
+                        self._mark(kid, bit)  # its parent left before it did
+                if not m:
+                    del children[h]
+        return removed
+
+    def clear(self, bit: int) -> int:
+        """Drop every block of one worker (a full pass: clears and worker removals are rare)."""
+        held = self._held
+        shared: list[int] = []
+        alone: list[int] = []
+        for h, m in held.items():
+            if m & bit:
+                (alone if m == bit else shared).append(h)
+        for h in shared:
+            held[h] ^= bit
+        children = self._children
+        for h in alone:
+            del held[h]
+            children.pop(h, None)
+        for h in [h for h, m in self._orphans.items() if m & bit]:
+            self._unmark(h, bit)
+        return len(shared) + len(alone)
+
+    def prefixes(self, chain: Sequence[int], mask: int, out: dict[int, int]) -> None:
+        """Matched prefix length (blocks) of each worker bit in `mask` that holds chain[0], into `out`."""
+        if not self._held:
+            return
+        get = self._held.get
+        dirty = self._dirty & mask
+        bisect_prefixes(get, chain, mask & ~dirty, out)
+        if dirty:
+            walk_prefixes(get, chain, dirty, out)
+
+    # --- orphan bookkeeping
+
+    def _mark(self, h: int, bit: int) -> None:
+        m = self._orphans.get(h, 0)
+        if m & bit:
+            return
+        self._orphans[h] = m | bit
+        count = self._orphan_count.get(bit, 0)
+        self._orphan_count[bit] = count + 1
+        if not count:
+            self._dirty |= bit
+
+    def _unmark(self, h: int, bit: int) -> None:
+        m = self._orphans.get(h, 0)
+        if not m & bit:
+            return
+        m ^= bit
+        if m:
+            self._orphans[h] = m
+        else:
+            del self._orphans[h]
+        count = self._orphan_count[bit] - 1
+        if count:
+            self._orphan_count[bit] = count
+        else:
+            del self._orphan_count[bit]
+            self._dirty &= ~bit
+
+    def _adopt(self, parent: int, bit: int) -> None:
+        """`parent` just arrived at worker `bit`: its children there are orphans no more."""
+        kids = self._children.get(parent)
+        if kids is None:
+            return
+        for kid in kids if isinstance(kids, list) else (kids,):
+            self._unmark(kid, bit)
+
+    def _link(self, parent: int, kids: int | list[int], h: int) -> None:
+        held = self._held
+        if isinstance(kids, list):
+            if h in kids:
+                return
+            if len(kids) >= _CHILDREN_PRUNE_LEN:
+                kids[:] = [k for k in kids if k in held]
+            kids.append(h)
+        elif kids in held:
+            self._children[parent] = [kids, h]
+        else:
+            self._children[parent] = h  # the old child is gone everywhere
+
+
+class BlockIndex:
+    """The event-fed index: one `TierIndex` per tier, worker ids mapped to bits, bounded per worker."""
+
+    def __init__(self) -> None:
+        self.tiers: dict[Tier, TierIndex] = {"device": TierIndex(), "host": TierIndex(), "disk": TierIndex()}
+        self._bit_of: dict[str, int] = {}
+        self._worker_of: dict[int, str] = {}
+        self._count: dict[str, int] = {}  # blocks held, all tiers
+        self._limit: dict[str, int] = {}
+
+    def add_worker(self, worker_id: str, max_blocks: int) -> int:
+        bit = self._bit_of.get(worker_id)
+        if bit is None:
+            used = set(self._worker_of)
+            slot = 0
+            while (1 << slot) in used:
+                slot += 1
+            bit = 1 << slot
+            self._bit_of[worker_id] = bit
+            self._worker_of[bit] = worker_id
+            self._count[worker_id] = 0
+        self._limit[worker_id] = max_blocks
+        return bit
+
+    def remove_worker(self, worker_id: str) -> None:
+        if worker_id not in self._bit_of:
+            return
+        self.clear_worker(worker_id)
+        bit = self._bit_of.pop(worker_id)
+        del self._worker_of[bit]
+        del self._count[worker_id]
+        del self._limit[worker_id]
+
+    def clear_worker(self, worker_id: str) -> None:
+        bit = self._bit_of.get(worker_id)
+        if bit is None or not self._count[worker_id]:
+            return
+        for tier in self.tiers.values():
+            tier.clear(bit)
+        self._count[worker_id] = 0
+
+    def has_worker(self, worker_id: str) -> bool:
+        return worker_id in self._bit_of
+
+    def bit(self, worker_id: str) -> int:
+        return self._bit_of[worker_id]
+
+    def worker(self, bit: int) -> str:
+        return self._worker_of[bit]
+
+    def blocks_of(self, worker_id: str) -> int:
+        """Blocks the worker holds, all tiers (Dynamo's "tree size" tie-breaker)."""
+        return self._count.get(worker_id, 0)
+
+    def __len__(self) -> int:
+        """Entries: distinct (block, tier) pairs held by at least one worker."""
+        return sum(len(t) for t in self.tiers.values())
+
+    def apply(self, worker_id: str, events: Iterable[KvEvent]) -> bool:
+        """Apply one batch; False when the worker exceeded its bound and was cleared (ask for a dump)."""
+        bit = self._bit_of[worker_id]
+        tiers = self.tiers
+        delta = 0
+        for event in events:
+            if type(event) is BlockStored:
+                delta += tiers[event.tier].store(bit, event.block_hashes, event.parent_hash)
+            elif type(event) is BlockRemoved:
+                delta -= tiers[event.tier].remove(bit, event.block_hashes)
+            elif type(event) is AllBlocksCleared:
+                self.clear_worker(worker_id)
+                delta = 0
+        count = self._count[worker_id] = self._count[worker_id] + delta
+        if count > self._limit[worker_id]:
+            self.clear_worker(worker_id)  # lost removals, or a misbehaving worker: bound the memory
+            return False
+        return True
+
+    def load_dump(self, worker_id: str, blocks: Iterable[CachedBlock]) -> bool:
+        """Replace a worker's blocks with its full list (parents first is best, any order is exact)."""
+        self.clear_worker(worker_id)
+        bit = self._bit_of[worker_id]
+        tiers = self.tiers
+        count = 0
+        for block in blocks:
+            count += tiers[block.tier].store(bit, (block.block_hash,), block.parent_hash)
+        self._count[worker_id] = count
+        if count > self._limit[worker_id]:
+            self.clear_worker(worker_id)
+            return False
+        return True
+
+    def overlap(self, chain: Sequence[int], tier: Tier = "device") -> dict[str, int]:
+        """Matched prefix length in blocks of every worker holding chain[0] on `tier`."""
+        raw: dict[int, int] = {}
+        self.tiers[tier].prefixes(chain, -1, raw)
+        worker_of = self._worker_of
+        return {worker_of[bit]: n for bit, n in raw.items()}
+
+
+class ApproxIndex:
+    """Blocks of requests routed to workers that publish no events, each expiring after a TTL.
+
+    Per worker an LRU of block hashes, touched child-before-parent on every insert, so a parent always
+    sits behind its children and eviction (by TTL or by size) keeps each worker's set prefix-closed:
+    `overlap` can bisect exactly. Also SGLang's approximate per-worker tree of routed requests.
+    """
+
+    def __init__(self, ttl_s: float, max_blocks_per_worker: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_blocks = max_blocks_per_worker
+        self._held: dict[int, int] = {}
+        self._lru: dict[str, OrderedDict[int, float]] = {}
+        self._bit_of: dict[str, int] = {}
+        self._worker_of: dict[int, str] = {}
+
+    def add_worker(self, worker_id: str) -> None:
+        if worker_id in self._bit_of:
+            return
+        slot = 0
+        while (1 << slot) in self._worker_of:
+            slot += 1
+        self._bit_of[worker_id] = 1 << slot
+        self._worker_of[1 << slot] = worker_id
+        self._lru[worker_id] = OrderedDict()
+
+    def remove_worker(self, worker_id: str) -> None:
+        bit = self._bit_of.pop(worker_id, None)
+        if bit is None:
+            return
+        del self._worker_of[bit]
+        self._drop(bit, list(self._lru.pop(worker_id)))
+
+    def has_worker(self, worker_id: str) -> bool:
+        return worker_id in self._bit_of
+
+    def blocks_of(self, worker_id: str) -> int:
+        lru = self._lru.get(worker_id)
+        return len(lru) if lru is not None else 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def insert(self, worker_id: str, chain: Sequence[int], now: float) -> None:
+        lru = self._lru[worker_id]
+        bit = self._bit_of[worker_id]
+        held = self._held
+        expires = now + self.ttl_s
+        for h in reversed(chain):
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                held[h] = held.get(h, 0) | bit
+            lru[h] = expires
+        excess = len(lru) - self.max_blocks
+        if excess > 0:
+            self._drop(bit, [lru.popitem(last=False)[0] for _ in range(excess)])
+
+    def expire(self, now: float) -> None:
+        for worker_id, lru in self._lru.items():
+            gone = []
+            for h, expires in lru.items():
+                if expires > now:
+                    break
+                gone.append(h)
+            for h in gone:
+                del lru[h]
+            if gone:
+                self._drop(self._bit_of[worker_id], gone)
+
+    def overlap(self, chain: Sequence[int]) -> dict[str, int]:
+        raw: dict[int, int] = {}
+        bisect_prefixes(self._held.get, chain, -1, raw)
+        worker_of = self._worker_of
+        return {worker_of[bit]: n for bit, n in raw.items()}
+
+    def _drop(self, bit: int, hashes: Iterable[int]) -> None:
+        held = self._held
+        for h in hashes:
+            m = held.get(h, 0) & ~bit
+            if m:
+                held[h] = m
+            else:
+                held.pop(h, None)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Blocks two chains share: chained hashes agree up to the first difference, then never again."""
+    lo, hi = 0, min(len(a), len(b))
+    if hi and a[hi - 1] == b[hi - 1]:
+        return hi
+    while lo < hi:  # invariant: a[:lo] == b[:lo], and they differ somewhere before hi
+        mid = (lo + hi) >> 1
+        if a[mid] == b[mid]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,183 @@
+"""Per-worker load: the workers' own reports plus the work this router sent since (in-flight predictions).
+
+A pick adds its predicted prefill tokens (until the first token) and blocks (until completion) to the
+chosen worker at once, so a burst of picks between two reports does not pile onto the same worker. A
+report already counts what the worker received before it, so only predictions made after the latest
+report are added to it. Reports older than `report_stale_s` are ignored (every in-flight prediction
+counts instead), and predictions whose first token or completion never arrives expire.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from router.config import RouterConfig
+from router.protocol import LoadReport
+
+
+class InFlight:
+    __slots__ = (
+        "blocks",
+        "epoch",
+        "picked_at",
+        "prefill_tokens",
+        "prefilling",
+        "session_id",
+        "tool_pending",
+        "worker_id",
+    )
+
+    def __init__(
+        self, worker_id: str, prefill_tokens: int, blocks: int, picked_at: float, epoch: int
+    ) -> None:
+        self.worker_id = worker_id
+        self.prefill_tokens = prefill_tokens
+        self.blocks = blocks
+        self.picked_at = picked_at
+        self.epoch = epoch  # the worker's report epoch at pick time
+        self.prefilling = True
+        self.session_id: str | None = None  # the router's notes for on_complete
+        self.tool_pending = False
+
+
+class WorkerLoad:
+    __slots__ = (
+        "epoch",
+        "inflight_blocks",
+        "inflight_prefill",
+        "prefill_since_report",
+        "report",
+        "report_at",
+        "requests",
+    )
+
+    def __init__(self) -> None:
+        self.report: LoadReport | None = None
+        self.report_at = float("-inf")
+        self.epoch = 0  # bumped by each report
+        self.prefill_since_report = 0
+        self.inflight_prefill = 0  # every prediction still prefilling
+        self.inflight_blocks = 0
+        self.requests = 0
+
+
+class LoadView:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.workers: dict[str, WorkerLoad] = {}
+        self._inflight: dict[str, InFlight] = {}
+        self._prefill_queue: deque[tuple[float, str]] = deque()  # (picked_at, request id), pick order
+        self._done_queue: deque[tuple[float, str]] = deque()
+
+    def add_worker(self, worker_id: str) -> None:
+        self.workers.setdefault(worker_id, WorkerLoad())
+
+    def remove_worker(self, worker_id: str) -> None:
+        self.workers.pop(worker_id, None)
+        for rid in [rid for rid, f in self._inflight.items() if f.worker_id == worker_id]:
+            del self._inflight[rid]
+
+    def apply(self, report: LoadReport, now: float) -> None:
+        w = self.workers.get(report.worker_id)
+        if w is None:
+            return
+        if w.report is not None and report.ts < w.report.ts:
+            return  # overtaken by a newer report
+        w.report = report
+        w.report_at = now
+        w.epoch += 1
+        w.prefill_since_report = 0
+
+    # --- predictions
+
+    def start(self, request_id: str, worker_id: str, prefill_tokens: int, blocks: int, now: float) -> None:
+        w = self.workers[worker_id]
+        if request_id in self._inflight:
+            self.finish(request_id)  # a reused id: the old prediction is over
+        if len(self._inflight) >= self.config.max_inflight:
+            self.finish(next(iter(self._inflight)))  # bounded: the oldest prediction goes first
+        self._inflight[request_id] = InFlight(worker_id, prefill_tokens, blocks, now, w.epoch)
+        w.prefill_since_report += prefill_tokens
+        w.inflight_prefill += prefill_tokens
+        w.inflight_blocks += blocks
+        w.requests += 1
+        self._prefill_queue.append((now, request_id))
+        self._done_queue.append((now, request_id))
+        if len(self._done_queue) > 2 * self.config.max_inflight:
+            self._compact()
+
+    def first_token(self, request_id: str) -> None:
+        f = self._inflight.get(request_id)
+        if f is not None and f.prefilling:
+            self._end_prefill(f)
+
+    def finish(self, request_id: str) -> InFlight | None:
+        f = self._inflight.pop(request_id, None)
+        if f is None:
+            return None
+        if f.prefilling:
+            self._end_prefill(f)
+        w = self.workers.get(f.worker_id)
+        if w is not None:
+            w.inflight_blocks -= f.blocks
+            w.requests -= 1
+        return f
+
+    def get(self, request_id: str) -> InFlight | None:
+        return self._inflight.get(request_id)
+
+    def expire(self, now: float) -> None:
+        self._drain(self._prefill_queue, now - self.config.prefill_ttl_s, done=False)
+        self._drain(self._done_queue, now - self.config.inflight_ttl_s, done=True)
+
+    # --- what policies read
+
+    def queued_prefill(self, worker_id: str, now: float) -> int:
+        """Prefill tokens ahead of a new request on this worker."""
+        w = self.workers[worker_id]
+        if w.report is not None and now - w.report_at <= self.config.report_stale_s:
+            return w.report.active_prefill_tokens + w.prefill_since_report
+        return w.inflight_prefill
+
+    def active_blocks(self, worker_id: str) -> int:
+        """Blocks of the requests this router sent there and that have not completed (Dynamo's decode)."""
+        return self.workers[worker_id].inflight_blocks
+
+    def requests(self, worker_id: str) -> int:
+        """Requests this router sent there that have not completed."""
+        return self.workers[worker_id].requests
+
+    def prefill_speed(self, worker_id: str) -> float:
+        """Measured prefill tokens/s, or the configured default until the worker reported one."""
+        report = self.workers[worker_id].report
+        if report is not None and report.prefill_tok_s > 0:
+            return report.prefill_tok_s
+        return self.config.default_prefill_tok_s
+
+    def _end_prefill(self, f: InFlight) -> None:
+        f.prefilling = False
+        w = self.workers.get(f.worker_id)
+        if w is None:
+            return
+        w.inflight_prefill -= f.prefill_tokens
+        if f.epoch == w.epoch:
+            w.prefill_since_report -= f.prefill_tokens
+
+    def _compact(self) -> None:
+        """Forget queue entries of finished requests (they otherwise wait for their TTL)."""
+        live = self._inflight
+        for queue in (self._prefill_queue, self._done_queue):
+            kept = [(t, rid) for t, rid in queue if rid in live and live[rid].picked_at == t]
+            queue.clear()
+            queue.extend(kept)
+
+    def _drain(self, queue: deque[tuple[float, str]], cutoff: float, done: bool) -> None:
+        while queue and queue[0][0] <= cutoff:
+            picked_at, rid = queue.popleft()
+            f = self._inflight.get(rid)
+            if f is None or f.picked_at != picked_at:
+                continue
+            if done:
+                self.finish(rid)
+            elif f.prefilling:
+                self._end_prefill(f)

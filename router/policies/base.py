@@ -1,0 +1,83 @@
+"""The policy interface: `pick(request, view) -> Decision`, and the view of the router a policy reads."""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+from router.config import RouterConfig
+from router.index import ApproxIndex, BlockIndex
+from router.load import LoadView
+from router.protocol import Tier
+from router.request import Decision, RouteRequest
+from router.sessions import Session
+
+
+class RouterView:
+    """What one pick may read: the candidate workers, the indexes, the load and the request's session.
+
+    Built per pick; `overlap` is computed once and shared by whatever the policy asks for.
+    """
+
+    __slots__ = ("_overlap", "approx", "block_size", "candidates", "index", "load", "now", "session")
+
+    def __init__(
+        self,
+        candidates: Sequence[str],
+        index: BlockIndex,
+        approx: ApproxIndex,
+        load: LoadView,
+        session: Session | None,
+        block_size: int,
+        now: float,
+    ) -> None:
+        self.candidates = candidates  # routable, in a stable order; never empty
+        self.index = index
+        self.approx = approx
+        self.load = load
+        self.session = session
+        self.block_size = block_size
+        self.now = now
+        self._overlap: dict[str, int] | None = None
+
+    def overlap(self, chain: Sequence[int]) -> dict[str, int]:
+        """Device-tier matched prefix in blocks per worker (event-fed, or approximate for silent workers)."""
+        if self._overlap is None:
+            found = self.index.overlap(chain)
+            if len(self.approx):
+                found.update(self.approx.overlap(chain))
+            self._overlap = found
+        return self._overlap
+
+    def tier_overlap(self, chain: Sequence[int], tier: Tier) -> dict[str, int]:
+        if not len(self.index.tiers[tier]):
+            return {}
+        return self.index.overlap(chain, tier)
+
+    def tree_size(self, worker_id: str) -> int:
+        return self.index.blocks_of(worker_id) + self.approx.blocks_of(worker_id)
+
+
+class Policy(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, config: RouterConfig, rng: random.Random) -> None:
+        self.config = config
+        self.rng = rng
+
+    @abstractmethod
+    def pick(self, request: RouteRequest, view: RouterView) -> Decision: ...
+
+    def on_workers_changed(self, workers: Sequence[str]) -> None:
+        """The routable set changed (consistent hashing rebuilds its ring here)."""
+        return None
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget per-worker state."""
+        return None
+
+    def expire(self, now: float) -> None:
+        """Drop TTL'd state."""
+        return None

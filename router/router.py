@@ -1,0 +1,247 @@
+"""The `Router` facade: the one object the gateway (live) and the simulator (virtual time) both drive.
+
+It owns the block index (event-fed, plus the approximate one for workers without events), the load view,
+the session table and one policy. Pure logic: every method takes the current time `now` (seconds,
+monotonic) instead of reading a clock, and nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import xxhash
+
+from router.config import RouterConfig
+from router.hashing import DEFAULT_BLOCK_SIZE
+from router.index import ApproxIndex, BlockIndex
+from router.load import LoadView
+from router.policies import POLICIES, Policy, RouterView
+from router.protocol import KvEventBatch, KvStateDump, LoadReport, PinHint, WorkerRegistration
+from router.request import Decision, RouteRequest
+from router.sessions import SessionTable
+
+__all__ = ["NoWorkerError", "Router", "RouterConfig"]
+
+
+class NoWorkerError(LookupError):
+    """No routable worker is left for a request (none registered, or all excluded)."""
+
+
+class _Stream:
+    """Where a worker's KV event stream stands: its process epoch and the last batch applied."""
+
+    __slots__ = ("epoch", "seq")
+
+    def __init__(self, epoch: int, seq: int) -> None:
+        self.epoch = epoch
+        self.seq = seq
+
+
+class Router:
+    def __init__(self, policy: str = "session_kv", config: RouterConfig | None = None, seed: int = 0) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.config = config = config or RouterConfig()
+        self.policy_name = policy
+        self.policy: Policy = POLICIES[policy](config, random.Random(seed))
+        self.index = BlockIndex()
+        self.approx = ApproxIndex(config.approx_ttl_s, config.approx_blocks_per_worker)
+        self.load = LoadView(config)
+        self.sessions = SessionTable(config.max_sessions, config.session_ttl_s)
+        self.block_size = DEFAULT_BLOCK_SIZE
+        self._registrations: dict[str, WorkerRegistration] = {}
+        self._by_model: dict[str, list[str]] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._anon = 0
+
+    # --- workers
+
+    def add_worker(self, registration: WorkerRegistration, now: float) -> None:
+        """Register (or refresh) a worker; a new epoch means it restarted, so its old blocks are gone."""
+        wid = registration.worker_id
+        old = self._registrations.get(wid)
+        changed = old is not None and (
+            old.epoch != registration.epoch or old.publishes_events != registration.publishes_events
+        )
+        if changed:
+            self.remove_worker(wid)
+            old = None
+        self._registrations[wid] = registration
+        if old is not None:
+            return
+        self.block_size = registration.block_size
+        if registration.publishes_events:
+            limit = max(
+                self.config.index_blocks_per_worker_min,
+                self.config.index_blocks_per_worker_factor * registration.num_blocks,
+            )
+            self.index.add_worker(wid, limit)
+        else:
+            self.approx.add_worker(wid)
+        self.load.add_worker(wid)
+        self._workers_changed()
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker and everything it held."""
+        self._registrations.pop(worker_id, None)
+        self._streams.pop(worker_id, None)
+        self.index.remove_worker(worker_id)
+        self.approx.remove_worker(worker_id)
+        self.load.remove_worker(worker_id)
+        self.policy.remove_worker(worker_id)
+        self._workers_changed()
+
+    def workers(self) -> list[str]:
+        """Ids routable now, in registration order."""
+        return list(self._registrations)
+
+    def _workers_changed(self) -> None:
+        by_model: dict[str, list[str]] = {}
+        for wid, reg in self._registrations.items():
+            by_model.setdefault(reg.model, []).append(wid)
+        self._by_model = by_model
+        self.policy.on_workers_changed(self.workers())
+
+    # --- bus input
+
+    def apply_kv_batch(self, batch: KvEventBatch, now: float) -> bool:
+        """Apply one batch of KV events; False when the router needs the worker's state dump.
+
+        That is: a gap in the sequence (or a first batch that is not the stream's start), a new process
+        epoch that did not start at 0, or a worker past its block bound (its blocks were dropped).
+        Duplicates and batches of an older epoch are ignored.
+        """
+        wid = batch.worker_id
+        if self.approx.has_worker(wid):
+            return True  # registered as silent: its blocks are tracked approximately
+        if not self.index.has_worker(wid):
+            # events ahead of the registration: index them (not routable until it arrives)
+            self.index.add_worker(wid, self.config.index_blocks_per_worker_min)
+        stream = self._streams.get(wid)
+        in_order = True
+        if stream is None or batch.epoch > stream.epoch:
+            if stream is not None:
+                self.index.clear_worker(wid)
+            in_order = batch.seq == 0
+            stream = self._streams[wid] = _Stream(batch.epoch, batch.seq)
+        elif batch.epoch < stream.epoch or batch.seq <= stream.seq:
+            return True
+        else:
+            in_order = batch.seq == stream.seq + 1
+            stream.seq = batch.seq
+        return self.index.apply(wid, batch.events) and in_order
+
+    def apply_state_dump(self, dump: KvStateDump, now: float) -> None:
+        """Replace a worker's blocks with its full list (the answer to a gap)."""
+        wid = dump.worker_id
+        if self.approx.has_worker(wid):
+            return
+        if not self.index.has_worker(wid):
+            self.index.add_worker(wid, self.config.index_blocks_per_worker_min)
+        stream = self._streams.get(wid)
+        if stream is not None and dump.epoch < stream.epoch:
+            return
+        self.index.load_dump(wid, dump.blocks)
+        if stream is None or dump.epoch > stream.epoch or dump.seq > stream.seq:
+            self._streams[wid] = _Stream(dump.epoch, dump.seq)
+
+    def apply_load(self, report: LoadReport, now: float) -> None:
+        self.load.apply(report, now)
+
+    # --- sessions
+
+    def resolve_session(self, explicit_id: str | None, block_hashes: Sequence[int]) -> str:
+        """The request's session: the explicit id, else the known session whose prompt this one extends,
+        else a new id derived from the prompt."""
+        if explicit_id:
+            if len(explicit_id) > self.config.max_session_id_len:  # bounded keys, same session every time
+                return "h-" + xxhash.xxh3_128_hexdigest(explicit_id.encode())
+            return explicit_id
+        found = self.sessions.find_by_chain(block_hashes)
+        if found is not None:
+            return found
+        if block_hashes:
+            return f"inferred-{block_hashes[-1]:016x}"
+        self._anon += 1  # shorter than one block: nothing to recognise it by next time
+        return f"anon-{self._anon}"
+
+    # --- routing
+
+    def pick(self, request: RouteRequest, now: float, exclude: frozenset[str] = frozenset()) -> Decision:
+        """Choose a worker and record the prediction (in-flight load, session, approximate blocks).
+
+        Workers serving `request.model` are the candidates (every worker when none names that model).
+        Raises `NoWorkerError` when no candidate is left.
+        """
+        pool = self._by_model.get(request.model) or list(self._registrations)
+        candidates = [w for w in pool if w not in exclude] if exclude else pool
+        if not candidates:
+            raise NoWorkerError(f"no routable worker for model {request.model!r}")
+        sid = request.session_id
+        session = self.sessions.get(sid) if sid else None
+        view = RouterView(candidates, self.index, self.approx, self.load, session, self.block_size, now)
+        decision = self.policy.pick(request, view)
+        self._record(request, decision, now)
+        return decision
+
+    def _record(self, request: RouteRequest, decision: Decision, now: float) -> None:
+        bs = self.block_size
+        worker = decision.worker_id
+        prefill = max(0, request.num_tokens - decision.overlap_blocks * bs)
+        blocks = -(-(request.num_tokens + request.expected_output_tokens) // bs)
+        self.load.start(request.request_id, worker, prefill, blocks, now)
+        flight = self.load.get(request.request_id)
+        if flight is not None:
+            flight.session_id = request.session_id
+            flight.tool_pending = request.tool_call_pending
+        if self.approx.has_worker(worker):
+            self.approx.insert(worker, request.block_hashes, now)
+        if request.session_id:
+            s = self.sessions.touch(request.session_id, now)
+            if s.tool_pending and s.last_done_at is not None:  # the tool gap just ended: learn it
+                gap = max(0.0, now - s.last_done_at)
+                a = self.config.think_alpha
+                s.think_s = gap if s.think_s is None else a * gap + (1 - a) * s.think_s
+            s.worker_id = worker
+            self.sessions.set_chain(s, request.block_hashes)
+            s.last_pick_at = now
+            s.turns += 1
+            s.attained_tokens += prefill
+            s.tool_pending = False
+
+    def on_first_token(self, request_id: str, now: float) -> None:
+        self.load.first_token(request_id)
+
+    def on_complete(
+        self, request_id: str, now: float, finish_reason: str | None, output_tokens: int, ok: bool = True
+    ) -> tuple[str, PinHint] | None:
+        """Release the request's predicted load and update its session.
+
+        Returns `(worker_id, PinHint)` when the session is expected back soon: the turn ended in a tool
+        call (`finish_reason == "tool_calls"`, or the request said a tool call is pending). The pin lasts
+        the session's expected tool time, bounded to [pin_min_s, pin_max_s].
+        """
+        flight = self.load.finish(request_id)
+        if flight is None or not flight.session_id:
+            return None
+        s = self.sessions.get(flight.session_id)
+        if s is None:
+            return None
+        s.attained_tokens += max(0, output_tokens)
+        s.last_finish_reason = finish_reason
+        s.last_done_at = now
+        s.tool_pending = ok and (finish_reason == "tool_calls" or flight.tool_pending)
+        if not s.tool_pending or flight.worker_id not in self._registrations or not s.chain:
+            return None
+        cfg = self.config
+        think = s.think_s if s.think_s is not None else cfg.think_default_s
+        ttl = min(cfg.pin_max_s, max(cfg.pin_min_s, cfg.pin_factor * think))
+        return flight.worker_id, PinHint(s.id, list(s.chain), ttl)
+
+    def expire(self, now: float) -> None:
+        """Drop stale in-flight predictions, idle sessions and TTL'd approximate blocks."""
+        self.load.expire(now)
+        self.sessions.expire(now)
+        self.approx.expire(now)
+        self.policy.expire(now)

@@ -1,0 +1,108 @@
+"""The session table: what the router knows about each agent session between its turns.
+
+Bounded (`max_sessions`; the session closest to expiry goes first) and expired in time order through a
+sorted list of (expires_at, session id). A session is also findable by the last block of its latest
+prompt, which is how a request without a session id is recognised as the next turn of a known session:
+its prompt extends that chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sortedcontainers import SortedList
+
+
+class Session:
+    __slots__ = (
+        "attained_tokens",
+        "chain",
+        "expires_at",
+        "id",
+        "last_done_at",
+        "last_finish_reason",
+        "last_pick_at",
+        "think_s",
+        "tool_pending",
+        "turns",
+        "worker_id",
+    )
+
+    def __init__(self, session_id: str) -> None:
+        self.id = session_id
+        self.worker_id: str | None = None
+        self.chain: list[int] = []  # block hashes of the latest prompt
+        self.turns = 0
+        self.attained_tokens = 0  # service received: prefilled (uncached) plus generated tokens
+        self.last_finish_reason: str | None = None
+        self.think_s: float | None = None  # EWMA of tool gaps: completion -> next turn's arrival
+        self.last_pick_at = float("-inf")
+        self.last_done_at: float | None = None
+        self.tool_pending = False  # the latest turn ended in a tool call
+        self.expires_at = 0.0
+
+
+class SessionTable:
+    def __init__(self, max_sessions: int, ttl_s: float) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        self.max_sessions = max_sessions
+        self.ttl_s = ttl_s
+        self._sessions: dict[str, Session] = {}
+        self._by_expiry: SortedList = SortedList()  # (expires_at, session id)
+        self._by_tail: dict[int, str] = {}  # last block hash of a session's chain -> session id
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def touch(self, session_id: str, now: float) -> Session:
+        """The session, created if new, with its expiry pushed to `now + ttl_s`."""
+        s = self._sessions.get(session_id)
+        if s is None:
+            while len(self._sessions) >= self.max_sessions:
+                self._drop(self._by_expiry[0][1])
+            s = self._sessions[session_id] = Session(session_id)
+        else:
+            self._by_expiry.remove((s.expires_at, session_id))
+        s.expires_at = now + self.ttl_s
+        self._by_expiry.add((s.expires_at, session_id))
+        return s
+
+    def set_chain(self, s: Session, chain: Sequence[int]) -> None:
+        if s.chain and self._by_tail.get(s.chain[-1]) == s.id:
+            del self._by_tail[s.chain[-1]]
+        s.chain = list(chain)
+        if s.chain:
+            self._by_tail[s.chain[-1]] = s.id
+
+    def find_by_chain(self, chain: Sequence[int]) -> str | None:
+        """The session whose latest prompt this chain extends (the longest such prompt), if any."""
+        tail = self._by_tail
+        if not tail:
+            return None
+        get = tail.get
+        for h in reversed(chain):
+            sid = get(h)
+            if sid is not None:
+                return sid
+        return None
+
+    def expire(self, now: float) -> int:
+        dropped = 0
+        by_expiry = self._by_expiry
+        while by_expiry and by_expiry[0][0] <= now:
+            self._drop(by_expiry[0][1])
+            dropped += 1
+        return dropped
+
+    def _drop(self, session_id: str) -> None:
+        s = self._sessions.pop(session_id)
+        self._by_expiry.remove((s.expires_at, session_id))
+        if s.chain and self._by_tail.get(s.chain[-1]) == session_id:
+            del self._by_tail[s.chain[-1]]
