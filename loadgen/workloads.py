@@ -84,12 +84,16 @@ class AgentType(msgspec.Struct):
 
 
 def _make_agent(index: int, config: AgenticConfig, text: TextSource, rng: random.Random) -> AgentType:
+    budget = round(config.system_tokens.sample(rng) * config.chars_per_token)
+    names = TOOL_NAMES[: config.tools_per_agent]
+    # tool definitions take about 40% of the budget (~150 characters of JSON around each description)
+    description = min(1000, max(16, int(0.4 * budget / max(1, len(names))) - 150))
     tools = [
         {
             "type": "function",
             "function": {
                 "name": name,
-                "description": f"agent {index} {name}: " + text.text(160, rng),
+                "description": f"agent {index} {name}: " + text.text(description, rng),
                 "parameters": {
                     "type": "object",
                     "properties": {"arg": {"type": "string", "description": text.text(40, rng)}},
@@ -97,10 +101,10 @@ def _make_agent(index: int, config: AgenticConfig, text: TextSource, rng: random
                 },
             },
         }
-        for name in TOOL_NAMES[: config.tools_per_agent]
+        for name in names
     ]
     tools_chars = len(json.dumps(tools))
-    system_chars = max(64, round(config.system_tokens.sample(rng) * config.chars_per_token) - tools_chars)
+    system_chars = max(64, budget - tools_chars)
     system = f"You are agent {index}. " + text.text(system_chars, rng)
     return AgentType(f"agent{index}", system, tools)
 

@@ -1,0 +1,97 @@
+"""The driver against the in-process SSE server: limits, the session timing rule, errors, interrupts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+from loadgen.client import StreamClient
+from loadgen.distributions import parse_distribution
+from loadgen.driver import Driver, RunConfig
+from loadgen.metrics import Recorder, RequestRecord
+from loadgen.workloads import AgenticConfig, AgenticWorkload
+from tests.loadgen.conftest import Served
+
+
+def _workload(turns: str = "const:4", tool_time: str = "const:0.05", rate: float = 50.0) -> AgenticWorkload:
+    config = AgenticConfig(
+        agent_types=2,
+        turns=parse_distribution(turns),
+        tool_time_s=parse_distribution(tool_time),
+        system_tokens=parse_distribution("const:1500"),
+        tool_result_tokens=parse_distribution("const:100"),
+        task_tokens=parse_distribution("const:100"),
+        output_tokens=parse_distribution("const:8"),
+    )
+    return AgenticWorkload(config, rate=rate, seed=7)
+
+
+async def _drive(url: str, config: RunConfig, **workload: object) -> tuple[Driver, Recorder]:
+    recorder = Recorder(warmup_s=config.warmup_s)
+    async with StreamClient(url, "mock-model") as client:
+        driver = Driver(client, _workload(**workload), config, recorder)
+        await asyncio.wait_for(driver.run(), 30)
+    return driver, recorder
+
+
+def _by_session(rows: list[RequestRecord]) -> dict[str, list[RequestRecord]]:
+    sessions: dict[str, list[RequestRecord]] = defaultdict(list)
+    for row in rows:
+        sessions[row.session_id].append(row)
+    return sessions
+
+
+async def test_request_budget_and_session_timing_rule(sse: Served) -> None:
+    _, recorder = await _drive(sse.url, RunConfig(duration_s=None, requests=30))
+    rows = recorder.requests
+    assert len(rows) == 30 == len(sse.server.requests) and all(r.ok for r in rows)
+    for turns in _by_session(rows).values():
+        assert [r.turn for r in turns] == list(range(len(turns)))
+        for previous, row in zip(turns, turns[1:], strict=False):
+            assert row.delay == 0.05 and row.start >= previous.end + row.delay - 1e-6
+    summary = recorder.summary(1.0)
+    assert summary["completed"] == 30 and summary["output_tokens"] == 30 * 8
+    assert 0 < summary["cache_hit_rate"] < 1  # later turns reuse the prefix the server saw
+    tool_turns = [h for h in sse.server.requests if h["tool_call"] == "pending"]
+    assert len(tool_turns) == sum(1 for r in rows if r.turn > 0)
+    assert all(h["session"] for h in sse.server.requests)
+
+
+async def test_failed_turn_ends_its_session_and_is_counted_with_its_status(sse: Served) -> None:
+    sse.server.fail_every = 3
+    _, recorder = await _drive(sse.url, RunConfig(duration_s=None, requests=20))
+    failed = [r for r in recorder.requests if not r.ok]
+    assert failed and all(r.status == 503 and "injected failure" in (r.error or "") for r in failed)
+    for turns in _by_session(recorder.requests).values():
+        assert all(r.ok for r in turns[:-1])  # nothing is sent after a failure
+    summary = recorder.summary(1.0)
+    assert summary["errors"] == len(failed) and summary["error_statuses"] == {"503": len(failed)}
+    assert not any(s.completed for s in recorder.sessions if s.turns < 4)
+
+
+async def test_duration_stops_waiting_sessions_and_warmup_is_left_out(sse: Served) -> None:
+    config = RunConfig(duration_s=1.0, warmup_s=0.3)
+    driver, recorder = await _drive(sse.url, config, turns="const:50", tool_time="const:0.2", rate=20.0)
+    assert driver.elapsed() < 3  # sessions sleeping in tool time were cancelled, not waited for
+    assert all(r.start < 1.0 + 1e-3 for r in recorder.requests)
+    summary = recorder.summary(driver.elapsed())
+    assert summary["warmup_requests"] == sum(1 for r in recorder.requests if r.start < 0.3) > 0
+    assert summary["requests"] == len(recorder.requests) - summary["warmup_requests"]
+    assert summary["sessions"] == len(recorder.sessions) and summary["sessions_completed"] == 0
+
+
+async def test_closed_loop_concurrency_and_interrupt(sse: Served) -> None:
+    recorder = Recorder()
+    async with StreamClient(sse.url, "mock-model") as client:
+        driver = Driver(
+            client, _workload(tool_time="const:0"), RunConfig(duration_s=None, concurrency=4), recorder
+        )
+        task = asyncio.ensure_future(driver.run())
+        await asyncio.sleep(0.5)
+        driver.interrupt()
+        await asyncio.wait_for(task, 5)
+    assert driver.interrupted and recorder.in_flight == 0 and len(recorder.requests) > 10
+    live = max(
+        len({r.session_id for r in recorder.requests if r.start <= t <= r.end}) for t in (0.1, 0.2, 0.3)
+    )
+    assert live <= 4
