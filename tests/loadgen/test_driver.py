@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import defaultdict
 
 from loadgen.client import StreamClient
@@ -47,7 +48,7 @@ async def test_request_budget_and_session_timing_rule(sse: Served) -> None:
     assert len(rows) == 30 == len(sse.server.requests) and all(r.ok for r in rows)
     for turns in _by_session(rows).values():
         assert [r.turn for r in turns] == list(range(len(turns)))
-        for previous, row in zip(turns, turns[1:], strict=False):
+        for previous, row in itertools.pairwise(turns):
             assert row.delay == 0.05 and row.start >= previous.end + row.delay - 1e-6
     summary = recorder.summary(1.0)
     assert summary["completed"] == 30 and summary["output_tokens"] == 30 * 8

@@ -1,5 +1,5 @@
 import json
-from itertools import islice
+from itertools import islice, pairwise
 
 from loadgen.distributions import parse_distribution
 from loadgen.workloads import (
@@ -46,7 +46,7 @@ def test_agentic_turns_extend_the_previous_prompt_with_reply_and_tool_result() -
     first = turns[0]
     assert [m["role"] for m in first.messages] == ["system", "user"] and not first.tool_result
     assert first.delay_s == 0 and first.tools
-    for previous, turn in zip(turns, turns[1:], strict=False):
+    for previous, turn in pairwise(turns):
         assert turn.messages[: len(previous.messages)] == previous.messages  # a strict extension
         assistant, tool = turn.messages[len(previous.messages) :]
         assert assistant["role"] == "assistant" and assistant["tool_calls"][0]["id"] == tool["tool_call_id"]
