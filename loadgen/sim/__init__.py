@@ -1,0 +1,1 @@
+"""`kvgate sim`: discrete-event replay of a trace against simulated workers and the real router."""

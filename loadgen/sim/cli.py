@@ -1,0 +1,104 @@
+"""`kvgate sim`: replay a trace against simulated workers, every policy on the same arrivals."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from loadgen.sim.compare import compare, parse_policies
+from loadgen.sim.report import render_table, write_charts
+from loadgen.sim.simulation import SimConfig
+from loadgen.sim.workload import Workload
+from loadgen.trace import TRACE_BLOCK_SIZE, TraceError, load_trace
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", required=True, type=Path, help="JSONL trace (shared/traces format)")
+    parser.add_argument("--workers", type=_positive_int, default=8)
+    parser.add_argument("--policy", default="all", help="all, or a comma-separated list of policies")
+    parser.add_argument("--num-blocks", type=_positive_int, default=16_384, help="KV blocks per worker")
+    parser.add_argument("--block-size", type=_positive_int, default=64, help="tokens per KV block")
+    parser.add_argument(
+        "--trace-block-size", type=_positive_int, default=TRACE_BLOCK_SIZE, help="tokens per trace hash id"
+    )
+    parser.add_argument("--max-think-s", type=float, default=60.0, help="cap on a session's think time")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=_positive_int, default=None, help="replay only the first N rows")
+    parser.add_argument(
+        "--rate-scale",
+        type=_positive_float,
+        default=1.0,
+        help="divide timestamps and think times by X (X > 1 compresses time)",
+    )
+    parser.add_argument("--bus-delay-ms", type=float, default=5.0, help="KV events, load reports, pins")
+    parser.add_argument("--jobs", type=_positive_int, default=1, help="policies run in parallel processes")
+    parser.add_argument(
+        "--json", metavar="OUT", default=None, help="write the result object to OUT (- = stdout)"
+    )
+    parser.add_argument("--charts", metavar="DIR", default=None, help="write PNG charts into DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        policies = parse_policies(args.policy)
+        if args.trace_block_size % args.block_size:
+            raise ValueError("--trace-block-size must be a multiple of --block-size")
+        if args.max_think_s < 0 or args.bus_delay_ms < 0:
+            raise ValueError("--max-think-s and --bus-delay-ms must not be negative")
+        rows = load_trace(args.trace, args.limit)
+        if not rows:
+            raise ValueError(f"{args.trace}: no rows")
+    except (OSError, TraceError, ValueError) as exc:
+        print(f"kvgate sim: {exc}", file=sys.stderr)
+        return 2
+    config = SimConfig(
+        workers=args.workers,
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        bus_delay_s=args.bus_delay_ms / 1000.0,
+        seed=args.seed,
+    )
+    workload = Workload(
+        rows,
+        block_size=args.block_size,
+        trace_block_size=args.trace_block_size,
+        max_think_s=args.max_think_s,
+        rate_scale=args.rate_scale,
+        seed=args.seed,
+    )
+    started = time.perf_counter()
+    report, runs, runtime = compare(args.trace, workload, policies, config, jobs=args.jobs)
+    elapsed = time.perf_counter() - started
+    to_stdout = args.json == "-"
+    if not to_stdout:
+        render_table(report, runtime)
+        print(f"{len(rows)} rows x {len(policies)} policies in {elapsed:.1f} s")
+    if args.json is not None:
+        data = msgspec.json.encode(report)
+        if to_stdout:
+            sys.stdout.write(data.decode() + "\n")
+        else:
+            Path(args.json).write_bytes(data + b"\n")
+    if args.charts:
+        for path in write_charts(report, runs, args.charts):
+            if not to_stdout:
+                print(f"wrote {path}")
+    return 0

@@ -1,0 +1,112 @@
+"""Fast-forward through runs of pure decode steps: the simulator's one shortcut around `Engine.step`.
+
+Between two "interesting" steps (one that admits, prefills, allocates a block, fills a block, or
+finishes a sequence) an engine step does the same thing every time: each running sequence computes
+one token in the block it already holds and samples the next placeholder token; the KV usage, and so
+the modelled step time, stay constant; nothing is stored, evicted or admitted (the waiting queue's
+head cannot be admitted because no block is freed). Such a run of k steps is taken as one event and
+applied to the engine's sequences in one go. `tests/loadgen/test_sim_fastforward.py` checks that a
+replay gives the same numbers with and without it.
+"""
+
+from __future__ import annotations
+
+from engines.engine import Engine
+from engines.mock import PLACEHOLDER_TEXT
+from engines.runner import ScheduledChunk
+from engines.sequence import Sequence
+
+
+class DecodeRun:
+    """A planned run of `steps` identical pure-decode steps of `duration` seconds each."""
+
+    __slots__ = ("duration", "seqs", "start", "steps")
+
+    def __init__(self, start: float, duration: float, steps: int, seqs: list[Sequence]) -> None:
+        self.start = start
+        self.duration = duration
+        self.steps = steps
+        self.seqs = seqs
+
+    def end(self) -> float:
+        return self.start + self.steps * self.duration
+
+    def started_by(self, now: float) -> int:
+        """Steps of the run that had started by `now` (the engine applies a step when it starts)."""
+        if now < self.start:
+            return 0
+        return min(self.steps, int((now - self.start) / self.duration) + 1)
+
+
+class FastForward:
+    def __init__(self, engine: Engine, min_steps: int = 2) -> None:
+        self.engine = engine
+        self.min_steps = min_steps
+        self._placeholder = engine.runner.tokenizer.encode(PLACEHOLDER_TEXT)  # type: ignore[attr-defined]
+
+    def plan(self, now: float) -> DecodeRun | None:
+        """A run of pure decode steps starting now, or None when the next step is not one."""
+        engine = self.engine
+        sched = engine.scheduler
+        running = sched.running
+        if not running or engine.has_work() != sched.has_work():  # aborted outputs pending
+            return None
+        block_size = engine.config.block_size
+        steps = 1 << 30
+        for seq in running:
+            if seq.num_pending_tokens != 1 or seq.num_output_tokens < 1:
+                return None
+            computed = seq.num_computed_tokens
+            # stay inside the last block held, and stop short of filling it (a fill is a commit)
+            steps = min(
+                steps,
+                len(seq.block_table) * block_size - computed - 1,
+                seq.sampling.max_tokens - seq.num_output_tokens - 1,  # the finishing step is real
+            )
+            if not seq.sampling.ignore_eos and seq.sampling.stop_token_ids:
+                return None
+            if steps < self.min_steps:
+                return None
+        if len(running) > sched.max_num_batched_tokens:
+            return None
+        if sched.waiting and self._admissible(sched.waiting[0]):
+            return None
+        chunk = ScheduledChunk(running[0].seq_id, [0], 0, [], True, running[0].sampling, 1)
+        duration = engine.runner.step_time_s([chunk], engine.block_manager.usage())
+        if duration is None or duration <= 0:
+            return None
+        return DecodeRun(now, duration, steps, list(running))
+
+    def _admissible(self, seq: Sequence) -> bool:
+        sched = self.engine.scheduler
+        bm = self.engine.block_manager
+        if len(sched.running) >= sched.max_num_seqs:
+            return False
+        if bm.blocks_needed(len(seq)) > bm.num_blocks:
+            return True  # the scheduler will drop it: a real step
+        return bm.can_allocate(seq, bm.match_prefix(seq))
+
+    def apply(self, run: DecodeRun, steps: int) -> None:
+        """Apply the first `steps` steps of `run` to the engine, as `steps` calls of step() would."""
+        if steps <= 0:
+            return
+        placeholder = self._placeholder
+        size = len(placeholder)
+        for seq in run.seqs:
+            tokens = seq.token_ids
+            out = seq.num_output_tokens
+            tokens.extend(placeholder[(out + i) % size] for i in range(steps))
+            seq.num_computed_tokens += steps
+        engine = self.engine
+        engine.num_steps += steps
+        engine.decode_tok_s = self.decode_speed_after(run, steps)
+
+    def decode_speed_after(self, run: DecodeRun, steps: int) -> float:
+        """The engine's smoothed decode speed after `steps` steps of the run (its own update rule)."""
+        engine = self.engine
+        a = engine.SPEED_SMOOTHING
+        speed = len(run.seqs) / run.duration
+        value = engine.decode_tok_s
+        for _ in range(steps):
+            value = speed if not value else (1 - a) * value + a * speed
+        return value

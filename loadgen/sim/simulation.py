@@ -1,0 +1,234 @@
+"""One policy's replay of a workload: N simulated workers, the real router, a delayed bus.
+
+The router is driven exactly as the gateway drives it (router.router.Router: resolve_session, pick,
+on_first_token, on_complete, apply_kv_batch, apply_load, expire), in virtual time. KV events and load
+reports reach it `bus_delay_s` after the worker produced them; a pin hint returned by `on_complete`
+reaches the worker's engine (`Engine.pin`, as the worker applies one from the bus) after the same delay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from engines.engine import EngineConfig, RequestOutput
+from loadgen.sim.events import EventLoop
+from loadgen.sim.metrics import LoadSample, RequestRecord
+from loadgen.sim.worker import SimWorker
+from loadgen.sim.workload import Turn, Workload
+from router.protocol import KvEvent, KvEventBatch, KvStateDump, LoadReport
+from router.request import RouteRequest
+
+# the trace's `stop` as the OpenAI finish_reason a worker would have streamed back
+FINISH_REASONS = {"tool_use": "tool_calls", "end_turn": "stop"}
+
+
+class SimConfig(msgspec.Struct, frozen=True):
+    workers: int = 8
+    num_blocks: int = 16_384
+    block_size: int = 64
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_pinned_blocks: int | None = None  # the engine's default when None
+    bus_delay_s: float = 0.005
+    load_interval_s: float = 0.1
+    expire_interval_s: float = 1.0
+    load_sample_every: int = 10  # keep every n-th load report for the load-over-time chart
+    fast_forward: bool = True  # take runs of pure decode steps as one event (same results)
+    stall_timeout_s: float = 3600.0  # virtual seconds without any output before in-flight work fails
+    seed: int = 0
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_pinned_blocks=self.max_pinned_blocks,
+        )
+
+
+class SimRun:
+    """What one replay produced."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.records: list[RequestRecord] = []
+        self.busy_s: dict[str, float] = {}
+        self.load: list[LoadSample] = []
+        self.steps = 0
+        self.events = 0
+        self.pins = 0
+        self.decisions: dict[str, int] = {}  # decision reason -> count
+
+
+class Simulation:
+    def __init__(
+        self,
+        workload: Workload,
+        policy: str,
+        config: SimConfig | None = None,
+        router_config: Any = None,
+    ) -> None:
+        from router.router import Router  # the simulator drives the gateway's router, unchanged
+
+        self.workload = workload
+        self.config = config = config or SimConfig()
+        if config.workers < 1:
+            raise ValueError("at least one worker is needed")
+        if config.block_size != workload.block_size:
+            raise ValueError("the workload was hashed with another block size")
+        self.loop = EventLoop()
+        kwargs: dict[str, Any] = {"policy": policy, "seed": config.seed}
+        if router_config is not None:
+            kwargs["config"] = router_config
+        self.router = Router(**kwargs)
+        engine_config = config.engine_config()
+        self.workers: dict[str, SimWorker] = {}
+        for i in range(config.workers):
+            wid = f"w{i}"
+            self.workers[wid] = SimWorker(
+                wid, engine_config, self.loop, self._on_outputs, self._on_kv_events, config.fast_forward
+            )
+        self._kv_seq = dict.fromkeys(self.workers, 0)
+        self.run_result = SimRun(policy)
+        self._turns: dict[str, tuple[Turn, RequestRecord]] = {}
+        self._open = len(workload)  # turns not finished yet (arrived or not)
+        self._next_index = 0
+        self._last_progress = 0.0
+        self._load_ticks = dict.fromkeys(self.workers, 0)
+
+    # --- driving
+
+    def run(self) -> SimRun:
+        loop = self.loop
+        for worker in self.workers.values():
+            self.router.add_worker(worker.registration(), loop.now)
+        for arrival, key, _row in self.workload.first_turns():
+            loop.at(arrival, self._arrive, key, 0, False)
+        interval = self.config.load_interval_s
+        for i, wid in enumerate(self.workers):
+            # workers report on their own phase, as independent processes would
+            loop.at(interval * i / len(self.workers), self._load_tick, wid)
+        loop.at(self.config.expire_interval_s, self._expire_tick)
+        loop.run()
+        result = self.run_result
+        result.busy_s = {wid: w.busy_s for wid, w in self.workers.items()}
+        result.steps = sum(w.steps for w in self.workers.values())
+        result.events = loop.events_run
+        return result
+
+    def _arrive(self, key: str, turn_index: int, tool_result: bool) -> None:
+        now = self._last_progress = self.loop.now
+        row = self.workload.sessions[key][turn_index]
+        turn = Turn(self._next_index, row, key, turn_index, tool_result)
+        self._next_index += 1
+        turn.arrival = now
+        hashes = self.workload.block_hashes(row)
+        router = self.router
+        session_id = router.resolve_session(row.session_id, hashes)
+        request = RouteRequest(
+            request_id=turn.request_id,
+            model="sim",
+            block_hashes=hashes,
+            num_tokens=row.input_length,
+            session_id=session_id,
+            tool_call_pending=tool_result,
+        )
+        decision = router.pick(request, now)
+        reasons = self.run_result.decisions
+        reasons[decision.reason] = reasons.get(decision.reason, 0) + 1
+        record = RequestRecord(key, now, row.input_length, decision.worker_id)
+        self.run_result.records.append(record)
+        self._turns[turn.request_id] = (turn, record)
+        try:
+            self.workers[decision.worker_id].submit(
+                turn.request_id, row.input_length, hashes, row.output_length, session_id
+            )
+        except ValueError:  # the engine refuses it (longer than the worker's whole cache)
+            self._finish(turn.request_id, 0, ok=False)
+
+    def _on_outputs(self, worker_id: str, outputs: list[RequestOutput]) -> None:
+        now = self.loop.now
+        self._last_progress = now
+        for out in outputs:
+            entry = self._turns.get(out.request_id)
+            if entry is None:
+                continue
+            record = entry[1]
+            if out.new_token_ids and record.first_token < 0:
+                record.first_token = now
+                record.cached_tokens = out.num_cached_tokens
+                self.router.on_first_token(out.request_id, now)
+            if out.finished:
+                ok = out.completion_tokens > 0 and out.finish_reason != "abort"
+                self._finish(out.request_id, out.completion_tokens, ok)
+
+    def _finish(self, request_id: str, output_tokens: int, ok: bool) -> None:
+        now = self.loop.now
+        turn, record = self._turns.pop(request_id)
+        record.finish = now
+        record.ok = ok
+        record.output_tokens = output_tokens
+        reason = FINISH_REASONS.get(turn.row.stop or "", "stop") if ok else "error"
+        hint = self.router.on_complete(request_id, now, reason, output_tokens, ok=ok)
+        if hint is not None:
+            worker_id, pin = hint
+            worker = self.workers.get(worker_id)
+            if worker is not None:
+                self.run_result.pins += 1
+                self.loop.after(
+                    self.config.bus_delay_s, worker.pin, pin.session_id, pin.block_hashes, pin.ttl_s
+                )
+        self._open -= 1
+        turns = self.workload.sessions[turn.session]
+        if turn.turn + 1 < len(turns):
+            think = self.workload.think_time(turns[turn.turn + 1])
+            self.loop.after(think, self._arrive, turn.session, turn.turn + 1, turn.row.stop == "tool_use")
+
+    # --- the bus
+
+    def _on_kv_events(self, worker_id: str, events: list[KvEvent]) -> None:
+        self._kv_seq[worker_id] += 1
+        batch = KvEventBatch(worker_id, 1, self._kv_seq[worker_id], self.loop.now, events)
+        self.loop.after(self.config.bus_delay_s, self._deliver_kv, batch)
+
+    def _deliver_kv(self, batch: KvEventBatch) -> None:
+        if not self.router.apply_kv_batch(batch, self.loop.now):
+            # a gap cannot happen on this lossless bus, but answer it as a worker would: a dump
+            worker = self.workers[batch.worker_id]
+            dump = KvStateDump(
+                batch.worker_id, 1, self._kv_seq[batch.worker_id], worker.engine.cached_blocks()
+            )
+            self.loop.after(self.config.bus_delay_s, self._deliver_dump, dump)
+
+    def _deliver_dump(self, dump: KvStateDump) -> None:
+        self.router.apply_state_dump(dump, self.loop.now)
+
+    def _deliver_load(self, report: LoadReport) -> None:
+        self.router.apply_load(report, self.loop.now)
+
+    def _load_tick(self, worker_id: str) -> None:
+        if self._open <= 0:
+            return
+        report = self.workers[worker_id].load_report()
+        self.loop.after(self.config.bus_delay_s, self._deliver_load, report)
+        self._load_ticks[worker_id] += 1
+        if self._load_ticks[worker_id] % self.config.load_sample_every == 0:
+            self.run_result.load.append(
+                LoadSample(self.loop.now, worker_id, report.running, report.waiting, report.used_blocks)
+            )
+        self.loop.after(self.config.load_interval_s, self._load_tick, worker_id)
+
+    def _expire_tick(self) -> None:
+        if self._open <= 0:
+            return
+        now = self.loop.now
+        self.router.expire(now)
+        if self._turns and now - self._last_progress > self.config.stall_timeout_s:
+            # nothing moved for an hour of virtual time: fail what is in flight rather than spin
+            for request_id, (_turn, record) in list(self._turns.items()):
+                self.workers[record.worker].abort(request_id)
+                self._finish(request_id, 0, ok=False)
+        self.loop.after(self.config.expire_interval_s, self._expire_tick)

@@ -1,0 +1,184 @@
+"""A simulated worker: the real engine (scheduler, block manager, mock runner) stepped in virtual time.
+
+A step is scheduled at virtual time t: the engine decides the batch at t and the runner says how long
+it takes; its outputs (tokens, completions) and KV events leave the worker at t + duration. New
+requests that arrive meanwhile wait in the engine's queue for the next step, as on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from engines.engine import Engine, EngineConfig, EngineRequest, RequestOutput
+from engines.mock import MockRunner
+from engines.runner import SamplingParams
+from loadgen.sim.events import EventLoop
+from loadgen.sim.fastforward import DecodeRun, FastForward
+from router.protocol import KvEvent, LoadReport, WorkerRegistration
+
+OutputSink = Callable[[str, list[RequestOutput]], None]
+EventSink = Callable[[str, list[KvEvent]], None]
+
+
+class SimWorker:
+    """One engine and its step loop. `on_outputs(worker_id, outputs)` and `on_kv_events(worker_id,
+    events)` are called at the end of the step that produced them."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        config: EngineConfig,
+        loop: EventLoop,
+        on_outputs: OutputSink,
+        on_kv_events: EventSink,
+        fast_forward: bool = True,
+    ) -> None:
+        self.worker_id = worker_id
+        self.config = config
+        self.loop = loop
+        self.on_outputs = on_outputs
+        self.on_kv_events = on_kv_events
+        self._pending_events: list[KvEvent] = []
+        self.engine = Engine(
+            config,
+            MockRunner(config.num_blocks, config.block_size),
+            clock=loop.clock,
+            on_kv_events=self._pending_events.extend,
+        )
+        self.fast_forward = FastForward(self.engine) if fast_forward else None
+        self._run: DecodeRun | None = None  # the pure-decode run in progress, if any
+        self._run_generation = 0  # bumped when a run is cut short, so its end event is ignored
+        self.busy = False
+        self._idle_steps = 0  # consecutive steps that scheduled nothing
+        self.busy_s = 0.0
+        self.steps = 0
+        # a shared, never-mutated prompt body: the engine copies it, the mock runner ignores values
+        self._zeros: list[int] = []
+
+    def registration(self) -> WorkerRegistration:
+        return WorkerRegistration(
+            worker_id=self.worker_id,
+            url=f"sim://{self.worker_id}",
+            model="sim",
+            block_size=self.config.block_size,
+            num_blocks=self.config.num_blocks,
+            engine="mock",
+            epoch=1,
+            heartbeat_ts=self.loop.now,
+            max_num_seqs=self.config.max_num_seqs,
+        )
+
+    def submit(
+        self,
+        request_id: str,
+        num_tokens: int,
+        block_hashes: list[int],
+        max_tokens: int,
+        session_id: str | None,
+    ) -> None:
+        """Queue a request whose prompt is `num_tokens` long with these full-block hashes.
+
+        The engine hashes prompt tokens lazily (`Sequence.block_hash`); handing it the trace's
+        precomputed chain instead keeps its block manager and scheduler exactly as they are while
+        skipping ~100k tokens of hashing per turn. The token values are then never read (the mock
+        runner ignores them), so they are zeros.
+        """
+        if len(self._zeros) < num_tokens:
+            self._zeros = [0] * max(num_tokens, 2 * len(self._zeros))
+        tokens = self._zeros[:num_tokens]
+        sampling = SamplingParams(max_tokens=max(1, max_tokens), ignore_eos=True)
+        engine = self.engine
+        self._cut_run()
+        engine.add_request(EngineRequest(request_id, tokens, sampling, session_id))
+        seq = engine.scheduler.waiting[-1]
+        assert seq.seq_id == request_id
+        seq.block_hashes = list(block_hashes)
+        self._idle_steps = 0
+        self.kick()
+
+    def pin(self, session_id: str, block_hashes: list[int], ttl_s: float) -> None:
+        self.engine.pin(session_id, block_hashes, ttl_s)
+        self._idle_steps = 0
+
+    def abort(self, request_id: str) -> None:
+        self._cut_run()
+        self.engine.abort(request_id)
+
+    def kick(self) -> None:
+        if not self.busy and self.engine.has_work():
+            self.busy = True
+            self.loop.at(self.loop.now, self._step)
+
+    def _step(self) -> None:
+        if self.fast_forward is not None:
+            run = self.fast_forward.plan(self.loop.now)
+            if run is not None:
+                self._run = run
+                self.loop.at(run.end(), self._run_done, self._run_generation)
+                return
+        result = self.engine.step()
+        duration = result.duration_s
+        self.busy_s += duration
+        self.steps += 1
+        events = self._pending_events[:]
+        self._pending_events.clear()
+        # a step that scheduled nothing (all preempted) is retried once; twice means the engine waits
+        # for something outside it (a new request), which kick() will bring
+        self._idle_steps = 0 if duration > 0 or result.outputs else self._idle_steps + 1
+        if duration > 0:
+            self.loop.after(duration, self._step_done, result.outputs, events)
+        else:
+            self._step_done(result.outputs, events)
+
+    def _run_done(self, generation: int) -> None:
+        run = self._run
+        if generation != self._run_generation or run is None:
+            return  # cut short by a new request: its remainder was already accounted for
+        self._finish_run(run, run.steps)
+        self._step_done([], [])
+
+    def _cut_run(self) -> None:
+        """A request arrives during a decode run: apply the steps started so far; the next real step
+        starts when the one in progress ends, and sees the new request, as without fast-forward."""
+        run = self._run
+        if run is None:
+            return
+        steps = run.started_by(self.loop.now)
+        self._finish_run(run, steps)
+        self._run_generation += 1
+        self.loop.at(run.start + steps * run.duration, self._step_done, [], [])
+
+    def _finish_run(self, run: DecodeRun, steps: int) -> None:
+        assert self.fast_forward is not None
+        self.fast_forward.apply(run, steps)
+        self._run = None
+        self.busy_s += steps * run.duration
+        self.steps += steps
+        self._idle_steps = 0
+
+    def _step_done(self, outputs: list[RequestOutput], events: list[KvEvent]) -> None:
+        if events:
+            self.on_kv_events(self.worker_id, events)
+        if outputs:
+            self.on_outputs(self.worker_id, outputs)
+        self.busy = False
+        if self._idle_steps < 2:
+            self.kick()
+
+    def load_report(self) -> LoadReport:
+        load = self.engine.load()
+        decode_tok_s = load.decode_tok_s
+        if self._run is not None and self.fast_forward is not None:
+            started = self._run.started_by(self.loop.now)
+            decode_tok_s = self.fast_forward.decode_speed_after(self._run, started)
+        return LoadReport(
+            worker_id=self.worker_id,
+            ts=self.loop.now,
+            running=load.running,
+            waiting=load.waiting,
+            active_prefill_tokens=load.active_prefill_tokens,
+            used_blocks=load.used_blocks,
+            total_blocks=load.total_blocks,
+            prefill_tok_s=load.prefill_tok_s,
+            decode_tok_s=decode_tok_s,
+        )
