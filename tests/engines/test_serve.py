@@ -1,0 +1,265 @@
+"""`kvgate worker` as a real process against a real nats-server: cache hits reported over HTTP, the
+stored events on the bus carry router.hashing of the prompt, registration, load, dumps, pins,
+a NATS outage, and a clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import nats
+import openai
+import pytest
+from nats.js.errors import KeyNotFoundError
+
+from gateway.natsd import NatsServer, free_port
+from router.chat import ByteTokenizer, encode_chat
+from router.hashing import block_hashes
+from router.protocol import (
+    BlockStored,
+    KvEventBatch,
+    KvStateDump,
+    LoadReport,
+    PinHint,
+    StateDumpRequest,
+    Subjects,
+    WorkerRegistration,
+    decode,
+    encode,
+)
+from tests.engines.kv_replay import ReplayedCache
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 16
+LONG_PROMPT = [
+    {"role": "system", "content": "You are a coding agent. " * 20},
+    {"role": "user", "content": "Fix the failing test in tests/test_parser.py, then run the suite."},
+]
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[str]
+    url: str
+    worker_id: str
+    ready_line: str
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_worker(nats_url: str, namespace: str, *extra: str, engine: str = "mock") -> WorkerProcess:
+    port = free_port()
+    worker_id = f"w{port}"
+    cmd = [sys.executable, "-m", "gateway.cli", "worker", "--engine", engine, "--nats", nats_url]
+    cmd += ["--port", str(port), "--namespace", namespace, "--worker-id", worker_id, "--num-blocks", "256"]
+    cmd += ["--block-size", str(BLOCK), "--log-level", "WARNING", *extra]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}")
+        if " ready on " in line:
+            os.set_blocking(proc.stdout.fileno(), False)  # nobody reads the rest: never block on it
+            return WorkerProcess(proc, f"http://127.0.0.1:{port}", worker_id, line)
+    proc.kill()
+    raise AssertionError("worker did not become ready")
+
+
+@pytest.fixture
+def worker(nats_url: str, namespace: str) -> Iterator[WorkerProcess]:
+    process = start_worker(nats_url, namespace, "--speedup", "1000")
+    yield process
+    process.stop()
+
+
+class BusTap:
+    """Everything a gateway would see of one namespace."""
+
+    def __init__(self, nc: nats.NATS, subjects: Subjects) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.batches: list[KvEventBatch] = []
+        self.loads: list[LoadReport] = []
+
+    async def start(self) -> None:
+        js = self.nc.jetstream()
+        for attempt in range(100):  # the worker creates the stream once connected
+            try:
+                await js.subscribe(
+                    self.subjects.kv_all, stream=self.subjects.kv_stream, ordered_consumer=True, cb=self._kv
+                )
+                break
+            except Exception:
+                if attempt == 99:
+                    raise
+                await asyncio.sleep(0.1)
+        await self.nc.subscribe(self.subjects.load_all, cb=self._load)
+
+    async def _kv(self, msg: nats.aio.msg.Msg) -> None:
+        self.batches.append(decode(msg.data, KvEventBatch))
+
+    async def _load(self, msg: nats.aio.msg.Msg) -> None:
+        self.loads.append(decode(msg.data, LoadReport))
+
+    def stored_hashes(self) -> list[int]:
+        return [
+            h for b in self.batches for e in b.events if isinstance(e, BlockStored) for h in e.block_hashes
+        ]
+
+
+@pytest.fixture
+async def bus(nats_url: str, namespace: str) -> AsyncIterator[BusTap]:
+    nc = await nats.connect(nats_url)
+    tap = BusTap(nc, Subjects(namespace))
+    await tap.start()
+    yield tap
+    await nc.close()
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def api(worker: WorkerProcess) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+async def check_same_prompt_twice(worker: WorkerProcess, bus: BusTap, max_tokens: int) -> None:
+    client = api(worker)
+    prompt = encode_chat(LONG_PROMPT, ByteTokenizer())
+    full_blocks = len(prompt) // BLOCK
+    first = await client.chat.completions.create(model="any", messages=LONG_PROMPT, max_tokens=max_tokens)
+    assert first.usage.prompt_tokens == len(prompt)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = await client.chat.completions.create(model="any", messages=LONG_PROMPT, max_tokens=max_tokens)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert (full_blocks - 1) * BLOCK <= cached <= full_blocks * BLOCK and cached < len(prompt)
+    await eventually(lambda: len(bus.stored_hashes()) >= full_blocks)
+    assert bus.stored_hashes()[:full_blocks] == block_hashes(prompt, BLOCK)
+    assert [b.seq for b in bus.batches] == list(range(len(bus.batches)))
+    assert {b.worker_id for b in bus.batches} == {worker.worker_id}
+
+
+async def test_same_prompt_twice_mock(worker: WorkerProcess, bus: BusTap) -> None:
+    await check_same_prompt_twice(worker, bus, max_tokens=4)
+
+
+async def test_same_prompt_twice_torch(nats_url: str, namespace: str) -> None:
+    pytest.importorskip("torch")
+    process = start_worker(nats_url, namespace, engine="torch")
+    nc = await nats.connect(nats_url)
+    try:
+        bus = BusTap(nc, Subjects(namespace))
+        await bus.start()
+        await check_same_prompt_twice(process, bus, max_tokens=2)
+        assert process.worker_id in process.ready_line
+    finally:
+        await nc.close()
+        assert process.stop() == 0
+
+
+async def test_registration_load_dump_pin_and_clean_shutdown(
+    worker: WorkerProcess, bus: BusTap, nats_url: str, namespace: str
+) -> None:
+    subjects = Subjects(namespace)
+    nc = bus.nc
+    kv = await nc.jetstream().key_value(subjects.registry_bucket)
+    entry = await kv.get(worker.worker_id)
+    registration = decode(entry.value, WorkerRegistration)
+    assert (
+        registration.url == worker.url and registration.block_size == BLOCK and registration.engine == "mock"
+    )
+    assert registration.num_blocks == 256 and abs(registration.heartbeat_ts - time.time()) < 5
+    first_revision = entry.revision
+    await eventually(lambda: len(bus.loads) >= 5)  # 10 Hz
+    assert bus.loads[-1].total_blocks == 256 and bus.loads[-1].worker_id == worker.worker_id
+    await asyncio.sleep(1.2)
+    assert (await kv.get(worker.worker_id)).revision > first_revision  # heartbeat rewrites it
+
+    client = api(worker)
+    await client.chat.completions.create(model="any", messages=LONG_PROMPT, max_tokens=3)
+    await eventually(lambda: bus.stored_hashes() != [])
+    reply = await nc.request(subjects.dump(worker.worker_id), encode(StateDumpRequest("test")), timeout=5)
+    dump = decode(reply.data, KvStateDump)
+    assert dump.worker_id == worker.worker_id and dump.epoch == registration.epoch
+    await eventually(lambda: any(b.seq == dump.seq for b in bus.batches))
+    replay = ReplayedCache()
+    for batch in bus.batches:
+        if batch.seq <= dump.seq:
+            replay.apply(batch.events)
+    assert replay.blocks == {b.block_hash: b.parent_hash for b in dump.blocks}
+
+    # a pin on the prompt's blocks keeps them through a flood of other prompts (256 blocks, 2 of 3 cycles)
+    prompt_hashes = block_hashes(encode_chat(LONG_PROMPT, ByteTokenizer()), BLOCK)
+    await nc.publish(subjects.pin(worker.worker_id), encode(PinHint("sess", prompt_hashes, 60.0)))
+    await nc.flush()
+    await asyncio.sleep(0.3)
+    for i in range(12):
+        flood = [{"role": "user", "content": f"{i} other work " * 40}]
+        await client.chat.completions.create(model="any", messages=flood, max_tokens=1)
+    again = await client.chat.completions.create(model="any", messages=LONG_PROMPT, max_tokens=1)
+    assert again.usage.prompt_tokens_details.cached_tokens >= (len(prompt_hashes) - 1) * BLOCK
+
+    assert worker.stop() == 0
+    with pytest.raises(KeyNotFoundError):
+        await kv.get(worker.worker_id)
+
+
+async def test_worker_serves_through_a_nats_outage_and_reconnects(namespace: str) -> None:
+    with NatsServer() as server:
+        process = start_worker(server.url, namespace, "--speedup", "1000")
+        try:
+            client = api(process)
+            server.stop()
+            done = await client.chat.completions.create(model="any", messages=LONG_PROMPT, max_tokens=2)
+            assert done.usage.completion_tokens == 2  # HTTP does not wait on the bus
+            server.start()
+            nc = await nats.connect(server.url)
+            try:
+                tap = BusTap(nc, Subjects(namespace))
+                await tap.start()
+                await eventually(lambda: len(tap.loads) >= 3, timeout_s=20)
+                kv = await nc.jetstream().key_value(Subjects(namespace).registry_bucket)
+                await eventually_async(lambda: kv.get(process.worker_id), timeout_s=10)
+            finally:
+                await nc.close()
+        finally:
+            assert process.stop() == 0
+
+
+async def eventually_async(call: Callable[[], Awaitable[object]], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await call()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
