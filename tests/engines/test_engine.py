@@ -11,6 +11,7 @@ from engines.engine import Engine, EngineConfig, EngineRequest, RequestOutput
 from engines.mock import MockRunner, decode_ms, prefill_ms
 from engines.runner import SamplingParams
 from router.hashing import block_hashes
+from router.index import BlockIndex
 from router.protocol import KvEvent
 from tests.engines.kv_replay import ReplayedCache, cached_set, check_invariants
 
@@ -151,6 +152,8 @@ def test_long_random_workload_events_are_exact_after_every_step() -> None:
     events: list[KvEvent] = []
     engine, clock = make_engine(40, 4, events, max_num_seqs=6, max_num_batched_tokens=24)
     replay = ReplayedCache()
+    index = BlockIndex()  # the router's own index, fed the same events
+    bit = index.add_worker("w", engine.config.num_blocks)
     stems = [[rng.randrange(300) for _ in range(rng.randrange(4, 30))] for _ in range(6)]
     live: dict[str, list[int]] = {}
     finished = 0
@@ -174,9 +177,17 @@ def test_long_random_workload_events_are_exact_after_every_step() -> None:
                 live.pop(out.request_id, None)
                 finished += 1
         replay.apply(events)
+        assert index.apply("w", events)
         events.clear()
         running = list(engine.scheduler.running)
         check_invariants(engine.block_manager, running)
-        assert replay.blocks == cached_set(engine.block_manager)
+        cached = cached_set(engine.block_manager)
+        assert replay.blocks == cached
+        assert index.blocks_of("w") == len(cached)
+        assert all(index.tiers["device"].get(h) & bit for h in cached)
+        for stem in stems:
+            chain = block_hashes(stem, 4)
+            held = next((i for i, h in enumerate(chain) if h not in cached), len(chain))
+            assert index.overlap(chain).get("w", 0) == held
     assert finished > 300
     assert engine.scheduler.num_preemptions > 0
