@@ -179,9 +179,11 @@ class Engine:
         self, scheduled: list[tuple[Sequence, int]], sampled: list[int | None], outputs: list[RequestOutput]
     ) -> None:
         bm = self.block_manager
+        block_size = bm.block_size
         for (seq, n), token in zip(scheduled, sampled, strict=True):
             seq.num_computed_tokens += n
-            bm.commit(seq)
+            if seq.num_computed_tokens // block_size > seq.num_committed_blocks:
+                bm.commit(seq)
             if token is None:
                 continue
             seq.token_ids.append(token)

@@ -35,6 +35,7 @@ class Scheduler:
         """The step's work as (sequence, tokens to compute) pairs, and the sequences that cannot
         ever fit (finished here with reason "length")."""
         bm = self.block_manager
+        block_size = bm.block_size
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         too_long: list[Sequence] = []
@@ -44,6 +45,12 @@ class Scheduler:
         while i < len(running) and budget:
             seq = running[i]
             n = min(seq.num_pending_tokens, budget)
+            if seq.num_computed_tokens + n <= len(seq.block_table) * block_size:
+                # the common decode step: its slot is in a block it already holds
+                scheduled.append((seq, n))
+                budget -= n
+                i += 1
+                continue
             while not bm.can_append(seq, n):
                 if len(running) == 1:
                     # alone and still out of blocks: the sequence outgrew the whole cache
