@@ -68,8 +68,11 @@ def paged_attention(
 def _gather(kv_layer: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of the blocks in `tables` ([..., blocks]) as [..., blocks * block_size, kv_heads, hd]."""
     _, _, block_size, kv_heads, head_dim = kv_layer.shape
-    shape = (*tables.shape[:-1], tables.shape[-1] * block_size, kv_heads, head_dim)
-    return kv_layer[0][tables].view(shape), kv_layer[1][tables].view(shape)
+    shape = (2, *tables.shape[:-1], tables.shape[-1] * block_size, kv_heads, head_dim)
+    # One index_select over flat block ids: several times faster than advanced indexing with a 2-D
+    # index, and K and V come in one copy.
+    kv = kv_layer.index_select(1, tables.reshape(-1)).view(shape)
+    return kv[0], kv[1]
 
 
 def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, layout: StepLayout) -> torch.Tensor:

@@ -1,0 +1,193 @@
+"""`kvgate bench engine`: time to first token with and without a cached prefix, prefill speed, and
+decode speed at batch 1 and 8, measured through the real path (Engine: scheduler + block manager
+with prefix caching + runner).
+
+Torch: wall-clock time from adding the request to its first token (or over the decode steps). Mock:
+the same procedure in the mocker's modelled time. Each figure is the median of `--repeats` runs on
+fresh random tokens (so only the intended prefix is ever cached), after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+from engines.engine import Engine, EngineConfig, EngineRequest
+from engines.runner import ModelRunner, SamplingParams
+
+GOAL_TTFT_RATIO = 5.0
+GOAL_DECODE_BATCH_RATIO = 4.0
+DECODE_BATCH = 8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=("torch", "mock"), default="torch")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--prompt-tokens", type=int, default=2048)
+    parser.add_argument("--cached-tokens", type=int, default=1920, help="cached prefix (whole blocks)")
+    parser.add_argument("--decode-context", type=int, default=256, help="prompt tokens of decode runs")
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--model-path", help="torch: a local Hugging Face checkpoint folder")
+    parser.add_argument("--device", help="torch: cpu, cuda (default: cuda when present)")
+    parser.add_argument("--threads", type=int, help="torch on CPU: intra-op threads")
+    parser.add_argument("--speedup", type=float, default=1.0, help="mock: divides the modelled time")
+
+
+class EngineBench:
+    """Drives one engine through the bench's requests, timing them in the runner's time base."""
+
+    def __init__(self, engine: Engine, vocab_size: int, seed: int = 0) -> None:
+        self.engine = engine
+        self.vocab = vocab_size
+        self.rng = random.Random(seed)
+        self._ids = 0
+        # The mock runner models its step times; the torch runner's real time is what counts.
+        self.modelled = engine.runner.step_time_s([], 0.0) is not None
+
+    def tokens(self, n: int) -> list[int]:
+        # below 256: bytes for the byte tokenizer, plain tokens for any checkpoint's
+        return [self.rng.randrange(min(self.vocab, 256)) for _ in range(n)]
+
+    def ttft(self, prompt: list[int]) -> tuple[float, int]:
+        """Seconds from adding `prompt` to its first token, and the prompt tokens served from cache."""
+        rid = self._add(prompt, max_tokens=1)
+        elapsed, outputs = self._until(lambda done: rid in done, {rid})
+        return elapsed, outputs[rid]
+
+    def decode_rate(self, batch: int, context: int, steps: int) -> float:
+        """Output tokens per second of `batch` sequences decoding `steps` tokens together, timed from
+        the step after all their prefills."""
+        rids = {self._add(self.tokens(context), max_tokens=steps + 1) for _ in range(batch)}
+        self._until(lambda first: rids <= first.keys(), rids, first_token=True)
+        elapsed, _ = self._until(lambda done: rids <= done.keys(), rids)
+        return batch * steps / elapsed
+
+    def _add(self, prompt: list[int], max_tokens: int) -> str:
+        self._ids += 1
+        rid = f"bench-{self._ids}"
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        self.engine.add_request(EngineRequest(rid, prompt, sampling))
+        return rid
+
+    def _until(
+        self, done: Callable[[dict[str, int]], bool], rids: set[str], first_token: bool = False
+    ) -> tuple[float, dict[str, int]]:
+        """Step until `done(seen)`; seen maps request id -> cached tokens, for requests that produced
+        a token (first_token) or finished. Returns the elapsed time and `seen`."""
+        seen: dict[str, int] = {}
+        elapsed = 0.0
+        for _ in range(1_000_000):
+            if done(seen):
+                return elapsed, seen
+            started = time.perf_counter()
+            result = self.engine.step()
+            wall = time.perf_counter() - started
+            elapsed += result.duration_s if self.modelled else wall
+            for out in result.outputs:
+                if out.request_id in rids and (out.finished or (first_token and out.new_token_ids)):
+                    seen[out.request_id] = out.num_cached_tokens
+            if not self.engine.has_work() and not done(seen):
+                raise RuntimeError(f"the engine went idle before the bench's requests finished: {seen}")
+        raise RuntimeError("the bench did not finish")
+
+
+def _runner(args: argparse.Namespace, num_blocks: int) -> tuple[ModelRunner, int, dict[str, object]]:
+    if args.engine == "mock":
+        from engines.mock import MockRunner
+
+        runner = MockRunner(num_blocks, args.block_size, speedup=args.speedup)
+        return runner, runner.tokenizer.vocab_size, {"model": runner.model_name, "device": "modelled"}
+    from engines.torch import TorchRunner  # heavy import, only when asked for
+
+    runner = TorchRunner(num_blocks, args.block_size, args.model_path, args.device, threads=args.threads)
+    import torch
+
+    info: dict[str, object] = {"model": runner.model_name, "device": str(runner.device)}
+    if runner.device.type == "cpu":
+        info["threads"] = torch.get_num_threads()
+    return runner, runner.config.vocab_size, info
+
+
+def measure(args: argparse.Namespace) -> dict[str, object]:
+    block = args.block_size
+    if args.cached_tokens % block or not 0 < args.cached_tokens < args.prompt_tokens:
+        raise ValueError("--cached-tokens must be whole blocks, fewer than --prompt-tokens")
+    if min(args.repeats, args.decode_steps, args.decode_context) < 1:
+        raise ValueError("--repeats, --decode-steps and --decode-context must be positive")
+    # room for every prompt of one repeat alive at once, so that nothing the bench relies on is evicted
+    per_prompt = -(-args.prompt_tokens // block) + 1
+    per_decode = -(-(args.decode_context + args.decode_steps + 1) // block)
+    num_blocks = 3 * per_prompt + DECODE_BATCH * per_decode + 16
+    runner, vocab, info = _runner(args, num_blocks)
+    config = EngineConfig(
+        num_blocks=num_blocks, block_size=block, max_num_batched_tokens=args.max_num_batched_tokens
+    )
+    bench = EngineBench(Engine(config, runner), vocab)
+
+    def ttft_pair() -> tuple[float, float, int]:
+        uncached, _ = bench.ttft(bench.tokens(args.prompt_tokens))
+        prefix = bench.tokens(args.cached_tokens)
+        suffix = args.prompt_tokens - args.cached_tokens
+        bench.ttft(prefix + bench.tokens(suffix))  # caches the prefix
+        cached, hit = bench.ttft(prefix + bench.tokens(suffix))
+        return uncached, cached, hit
+
+    ttft_pair()  # warm-up: first calls pay allocation and kernel selection
+    bench.decode_rate(DECODE_BATCH, args.decode_context, 2)
+    pairs = [ttft_pair() for _ in range(args.repeats)]
+    b1 = [bench.decode_rate(1, args.decode_context, args.decode_steps) for _ in range(args.repeats)]
+    b8 = [
+        bench.decode_rate(DECODE_BATCH, args.decode_context, args.decode_steps) for _ in range(args.repeats)
+    ]
+    uncached = statistics.median(p[0] for p in pairs)
+    cached = statistics.median(p[1] for p in pairs)
+    decode_b1, decode_b8 = statistics.median(b1), statistics.median(b8)
+    return {
+        "engine": args.engine,
+        **info,
+        "prompt_tokens": args.prompt_tokens,
+        "cached_tokens": min(p[2] for p in pairs),  # what the block manager actually served
+        "ttft_uncached_ms": uncached * 1000,
+        "ttft_cached_ms": cached * 1000,
+        "ttft_ratio": uncached / cached,
+        "prefill_tok_s": args.prompt_tokens / uncached,
+        "decode_context": args.decode_context,
+        "decode_tok_s_b1": decode_b1,
+        "decode_tok_s_b8": decode_b8,
+        "decode_batch_ratio": decode_b8 / decode_b1,
+        "repeats": args.repeats,
+        "goal_ttft_ratio": GOAL_TTFT_RATIO,
+        "goal_decode_batch_ratio": GOAL_DECODE_BATCH_RATIO,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = measure(args)
+    except ValueError as exc:
+        print(f"kvgate bench engine: {exc}")
+        return 2
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    where = f"{result['model']} on {result['device']}"
+    print(f"engine {result['engine']} ({where}), median of {result['repeats']}")
+    print(
+        f"TTFT {result['prompt_tokens']} tokens: uncached {result['ttft_uncached_ms']:.1f} ms, "
+        f"{result['cached_tokens']} cached {result['ttft_cached_ms']:.1f} ms, "
+        f"ratio {result['ttft_ratio']:.1f} (goal >= {GOAL_TTFT_RATIO})"
+    )
+    print(f"prefill {result['prefill_tok_s']:.0f} tok/s")
+    print(
+        f"decode (context {result['decode_context']}): batch 1 {result['decode_tok_s_b1']:.0f} tok/s, "
+        f"batch {DECODE_BATCH} {result['decode_tok_s_b8']:.0f} tok/s, "
+        f"ratio {result['decode_batch_ratio']:.1f} (goal >= {GOAL_DECODE_BATCH_RATIO})"
+    )
+    return 0
