@@ -77,7 +77,7 @@ def walk_prefixes(get, chain: Sequence[int], mask: int, out: dict[int, int]) -> 
 class TierIndex:
     """The blocks of one tier: block hash -> worker bitmask, with the orphan bookkeeping above."""
 
-    __slots__ = ("_children", "_dirty", "_held", "_orphan_count", "_orphans")
+    __slots__ = ("_children", "_dead_parents", "_dirty", "_held", "_orphan_count", "_orphans")
 
     def __init__(self) -> None:
         self._held: dict[int, int] = {}
@@ -85,6 +85,9 @@ class TierIndex:
         self._orphans: dict[int, int] = {}  # block -> bits of workers holding it but not its parent
         self._orphan_count: dict[int, int] = {}  # worker bit -> its orphan count
         self._dirty = 0  # bits of workers with orphans
+        # Blocks nobody holds whose children someone still holds: their links are kept (so the parent's
+        # return adopts the children) and swept once those children are gone too.
+        self._dead_parents: list[int] = []
 
     def __len__(self) -> int:
         return len(self._held)
@@ -143,11 +146,19 @@ class TierIndex:
                 self._unmark(h, bit)
             kids = children.get(h)
             if kids is not None:
+                orphaned = False
                 for kid in kids if isinstance(kids, list) else (kids,):
-                    if get(kid, 0) & bit:
+                    kid_mask = get(kid, 0)
+                    if kid_mask & bit:
                         self._mark(kid, bit)  # its parent left before it did
+                    orphaned = orphaned or bool(kid_mask)
                 if not m:
-                    del children[h]
+                    if orphaned:
+                        self._dead_parents.append(h)
+                    else:
+                        del children[h]
+        if len(self._dead_parents) > 1024 + (len(held) >> 2):
+            self._sweep_dead_parents()
         return removed
 
     def clear(self, bit: int) -> int:
@@ -160,13 +171,27 @@ class TierIndex:
                 (alone if m == bit else shared).append(h)
         for h in shared:
             held[h] ^= bit
-        children = self._children
         for h in alone:
             del held[h]
-            children.pop(h, None)
+        self._dead_parents.extend(h for h in alone if h in self._children)
+        self._sweep_dead_parents()
         for h in [h for h, m in self._orphans.items() if m & bit]:
             self._unmark(h, bit)
         return len(shared) + len(alone)
+
+    def _sweep_dead_parents(self) -> None:
+        held = self._held
+        children = self._children
+        keep = []
+        for p in self._dead_parents:
+            kids = children.get(p)
+            if p in held or kids is None:
+                continue  # back in use, or already dropped
+            if any(k in held for k in (kids if isinstance(kids, list) else (kids,))):
+                keep.append(p)
+            else:
+                del children[p]
+        self._dead_parents = keep
 
     def prefixes(self, chain: Sequence[int], mask: int, out: dict[int, int]) -> None:
         """Matched prefix length (blocks) of each worker bit in `mask` that holds chain[0], into `out`."""

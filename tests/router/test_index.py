@@ -1,0 +1,211 @@
+"""The block index against a brute-force model, on random (not prefix-closed) event streams."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.index import ApproxIndex, BlockIndex, TierIndex, common_prefix, walk_prefixes
+from router.protocol import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock
+
+WORKERS = ("a", "b", "c")
+
+
+class Forest:
+    """Block ids with fixed parents, as the chained hash fixes them: node i's parent is parents[i]."""
+
+    def __init__(self, parents: list[int | None]) -> None:
+        self.parents = parents
+
+    def chain(self, node: int) -> list[int]:
+        out = []
+        cur: int | None = node
+        while cur is not None:
+            out.append(cur + 1000)  # block hashes; 1000 + node keeps them apart from positions
+            cur = self.parents[cur]
+        return out[::-1]
+
+
+@st.composite
+def forests(draw) -> Forest:
+    n = draw(st.integers(2, 24))
+    parents: list[int | None] = [None]
+    for i in range(1, n):
+        parents.append(draw(st.one_of(st.none(), st.integers(0, i - 1))))
+    return Forest(parents)
+
+
+def brute_overlap(held: dict[str, set[int]], chain: list[int]) -> dict[str, int]:
+    out = {}
+    for w, blocks in held.items():
+        n = 0
+        while n < len(chain) and chain[n] in blocks:
+            n += 1
+        if n:
+            out[w] = n
+    return out
+
+
+@st.composite
+def streams(draw):
+    forest = draw(forests())
+    n_nodes = len(forest.parents)
+    ops = []
+    for _ in range(draw(st.integers(1, 60))):
+        kind = draw(st.sampled_from(["store", "store", "store", "remove", "remove", "clear", "readd"]))
+        worker = draw(st.sampled_from(WORKERS))
+        tier = draw(st.sampled_from(TIERS))
+        if kind == "store":
+            chain = forest.chain(draw(st.integers(0, n_nodes - 1)))
+            i = draw(st.integers(0, len(chain) - 1))
+            j = draw(st.integers(i + 1, len(chain)))
+            ops.append(("store", worker, tier, chain[i:j], chain[i - 1] if i else None))
+        elif kind == "remove":
+            nodes = draw(st.lists(st.integers(0, n_nodes - 1), max_size=6))
+            ops.append(("remove", worker, tier, [x + 1000 for x in nodes], None))
+        else:
+            ops.append((kind, worker, tier, [], None))
+    return forest, ops
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams())
+def test_overlap_matches_brute_force_on_random_streams(stream) -> None:
+    forest, ops = stream
+    index = BlockIndex()
+    for w in WORKERS:
+        index.add_worker(w, 10_000)
+    model = {t: {w: set() for w in WORKERS} for t in TIERS}
+    for kind, worker, tier, hashes, parent in ops:
+        if kind == "store":
+            index.apply(worker, [BlockStored(hashes, parent, tier)])
+            model[tier][worker].update(hashes)
+        elif kind == "remove":
+            index.apply(worker, [BlockRemoved(hashes, tier)])
+            model[tier][worker].difference_update(hashes)
+        elif kind == "clear":
+            index.apply(worker, [AllBlocksCleared()])
+            for t in TIERS:
+                model[t][worker].clear()
+        else:  # the worker leaves and comes back empty
+            index.remove_worker(worker)
+            index.add_worker(worker, 10_000)
+            for t in TIERS:
+                model[t][worker].clear()
+        for node in range(len(forest.parents)):
+            chain = forest.chain(node)
+            for t in TIERS:
+                assert index.overlap(chain, t) == brute_overlap(model[t], chain), (t, chain)
+        assert index.blocks_of(worker) == sum(len(model[t][worker]) for t in TIERS)
+    total = sum(len({h for w in WORKERS for h in model[t][w]}) for t in TIERS)
+    assert len(index) == total  # nothing nobody holds is kept
+
+
+def test_eviction_leaf_first_keeps_workers_on_the_fast_path() -> None:
+    tier = TierIndex()
+    chain = list(range(100, 164))
+    tier.store(1, chain, None)
+    tier.store(2, chain[:10], None)
+    tier.remove(1, reversed(chain[40:]))  # engines evict a chain from its tail
+    assert tier.dirty_mask == 0
+    out: dict[int, int] = {}
+    tier.prefixes(chain, -1, out)
+    assert out == {1: 40, 2: 10}
+
+
+def test_a_parent_evicted_first_is_answered_exactly_by_the_slow_path() -> None:
+    tier = TierIndex()
+    chain = list(range(100, 164))
+    tier.store(1, chain, None)
+    tier.remove(1, [chain[5]])
+    assert tier.dirty_mask == 1
+    out: dict[int, int] = {}
+    tier.prefixes(chain, -1, out)
+    assert out == {1: 5}
+    tier.store(1, [chain[5]], chain[4])  # the parent comes back: the chain is whole again
+    assert tier.dirty_mask == 0
+    out.clear()
+    tier.prefixes(chain, -1, out)
+    assert out == {1: 64}
+
+
+def test_bisection_agrees_with_the_walk_on_prefix_closed_sets() -> None:
+    rng = random.Random(7)
+    chain = [rng.getrandbits(64) for _ in range(2048)]
+    tier = TierIndex()
+    lengths = {1 << i: rng.randrange(0, 2049) for i in range(64)}
+    for bit, n in lengths.items():
+        tier.store(bit, chain[:n], None)
+    fast: dict[int, int] = {}
+    tier.prefixes(chain, -1, fast)
+    slow: dict[int, int] = {}
+    walk_prefixes(tier._held.get, chain, (1 << 64) - 1, slow)
+    assert fast == slow == {bit: n for bit, n in lengths.items() if n}
+
+
+def test_worker_over_its_bound_is_cleared_and_asks_for_a_dump() -> None:
+    index = BlockIndex()
+    index.add_worker("a", 100)
+    assert index.apply("a", [BlockStored(list(range(1, 101)))])
+    assert not index.apply("a", [BlockStored([500], 100)])
+    assert index.blocks_of("a") == 0
+    assert len(index) == 0
+
+
+def test_state_dump_replaces_the_worker_blocks_in_any_order() -> None:
+    index = BlockIndex()
+    index.add_worker("a", 100)
+    index.apply("a", [BlockStored([1, 2, 3])])
+    blocks = [CachedBlock(12, 11), CachedBlock(10, None), CachedBlock(11, 10), CachedBlock(20, None, "host")]
+    assert index.load_dump("a", blocks)
+    assert index.overlap([1, 2, 3]) == {}
+    assert index.overlap([10, 11, 12, 13]) == {"a": 3}
+    assert index.overlap([20], "host") == {"a": 1}
+    assert index.tiers["device"].dirty_mask == 0  # the child that came first was adopted
+
+
+def test_memory_stays_bounded_under_an_endless_store_remove_stream() -> None:
+    index = BlockIndex()
+    index.add_worker("a", 1 << 20)
+    index.add_worker("b", 1 << 20)
+    rng = random.Random(1)
+    root = 77
+    for _step in range(3000):  # many sessions under one shared root, each stored and evicted
+        chain = [rng.getrandbits(64) for _ in range(8)]
+        index.apply("a", [BlockStored([root]), BlockStored(chain, root)])
+        index.apply("b", [BlockStored([root])])
+        index.apply("a", [BlockRemoved(chain[::-1])])
+    device = index.tiers["device"]
+    assert len(device) == 1
+    kids = device._children.get(root)
+    assert kids is None or isinstance(kids, int) or len(kids) <= 9
+
+
+def test_approximate_index_expires_by_ttl_and_stays_prefix_closed() -> None:
+    approx = ApproxIndex(ttl_s=10.0, max_blocks_per_worker=50)
+    approx.add_worker("a")
+    approx.add_worker("b")
+    long_chain = list(range(1, 41))
+    approx.insert("a", long_chain, now=0.0)
+    approx.insert("b", long_chain[:5], now=5.0)
+    assert approx.overlap(long_chain) == {"a": 40, "b": 5}
+    approx.insert("a", [*long_chain[:20], 900, 901], now=6.0)  # refreshes the first 20 only
+    assert approx.overlap(long_chain) == {"a": 40, "b": 5}
+    approx.insert("a", list(range(2000, 2020)), now=7.0)  # 62 > 50: the 12 oldest (tail) blocks go
+    assert approx.overlap(long_chain) == {"a": 28, "b": 5}
+    approx.expire(15.0)
+    assert approx.overlap(long_chain) == {"a": 20}
+    approx.expire(17.0)
+    assert approx.overlap(long_chain) == {}
+    approx.remove_worker("a")
+    assert len(approx) == 0
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "n"), [([1, 2, 3], [1, 2, 3, 4], 3), ([1, 2, 3], [1, 5, 6], 1), ([], [1], 0)]
+)
+def test_common_prefix(a: list[int], b: list[int], n: int) -> None:
+    assert common_prefix(a, b) == n == common_prefix(b, a)
