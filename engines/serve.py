@@ -77,8 +77,12 @@ def run(args: argparse.Namespace) -> int:
     except (ProtocolError, ValueError) as exc:
         print(f"kvgate worker: {exc}")
         return 2
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args, worker_id, subjects))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(args, worker_id, subjects))
+    except OSError as exc:  # the port is taken, or the host is not ours
+        print(f"kvgate worker: cannot listen on {args.host}:{args.port}: {exc}")
+        return 1
     return 0
 
 
