@@ -1,0 +1,58 @@
+"""`kvgate bench engine`: the JSON it prints has every figure, with sane values (no timing goals here:
+those are the bench's to report)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gateway.cli import main
+
+KEYS = ("ttft_uncached_ms", "ttft_cached_ms", "prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b8")
+
+
+def bench_json(capsys: pytest.CaptureFixture[str], *extra: str) -> dict:
+    assert main(["bench", "engine", "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_mock_bench_reports_the_modelled_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    result = bench_json(capsys, "--engine", "mock")
+    assert all(isinstance(result[k], float) and result[k] > 0 for k in KEYS)
+    assert result["cached_tokens"] == 1920
+    # Modelled time is deterministic: the mocker's prefill polynomial at 2,048 and at 128 new tokens.
+    assert result["ttft_uncached_ms"] == pytest.approx(4.209989e-7 * 2048**2 + 1.518344e-2 * 2048 + 16.50142)
+    assert result["ttft_cached_ms"] == pytest.approx(4.209989e-7 * 128**2 + 1.518344e-2 * 128 + 16.50142)
+    assert result["decode_tok_s_b8"] > result["decode_tok_s_b1"]
+
+
+def test_torch_bench_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
+    # A smaller prompt than the default keeps the test quick on two shared cores.
+    result = bench_json(
+        capsys,
+        "--engine", "torch", "--device", "cpu", "--prompt-tokens", "512", "--cached-tokens", "448",
+        "--decode-steps", "4", "--decode-context", "32", "--repeats", "1",
+    )  # fmt: skip
+    assert all(isinstance(result[k], float) and result[k] > 0 for k in KEYS)
+    assert result["model"] == "kvgate-tiny" and result["device"] == "cpu"
+    assert result["cached_tokens"] == 448  # the block manager really served the prefix
+    assert result["prefill_tok_s"] == pytest.approx(512 / (result["ttft_uncached_ms"] / 1000))
+    assert result["ttft_ratio"] == pytest.approx(result["ttft_uncached_ms"] / result["ttft_cached_ms"])
+
+
+def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "engine", "--engine", "mock", "--cached-tokens", "100"]) == 2
+    assert "whole blocks" in capsys.readouterr().out
+    assert main(["bench", "engine", "--engine", "mock", "--cached-tokens", "4096"]) == 2
+
+
+@pytest.mark.slow
+def test_human_readable_output_from_the_installed_cli() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "bench", "engine", "--engine", "mock"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert "TTFT 2048 tokens" in out and "decode" in out
