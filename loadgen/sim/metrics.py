@@ -21,11 +21,13 @@ class RequestRecord:
         "output_tokens",
         "prompt_tokens",
         "session",
+        "turn",
         "worker",
     )
 
-    def __init__(self, session: str, arrival: float, prompt_tokens: int, worker: str) -> None:
+    def __init__(self, session: str, turn: int, arrival: float, prompt_tokens: int, worker: str) -> None:
         self.session = session
+        self.turn = turn
         self.arrival = arrival
         self.prompt_tokens = prompt_tokens
         self.worker = worker

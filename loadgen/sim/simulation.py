@@ -139,7 +139,7 @@ class Simulation:
         decision = router.pick(request, now)
         reasons = self.run_result.decisions
         reasons[decision.reason] = reasons.get(decision.reason, 0) + 1
-        record = RequestRecord(key, now, row.input_length, decision.worker_id)
+        record = RequestRecord(key, turn_index, now, row.input_length, decision.worker_id)
         self.run_result.records.append(record)
         self._turns[turn.request_id] = (turn, record)
         try:
