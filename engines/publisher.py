@@ -109,6 +109,15 @@ class Publisher:
             await asyncio.wait_for(nc.close(), timeout=2.0)
 
     async def _connect(self) -> None:
+        try:
+            await self._connect_and_set_up()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # a malformed URL or a refused JetStream: HTTP serving goes on, the log says why
+            log.exception("NATS set-up failed; this worker publishes nothing")
+
+    async def _connect_and_set_up(self) -> None:
         nc = await nats.connect(
             self.nats_url,
             name=f"kvgate-worker-{self.worker_id}",
