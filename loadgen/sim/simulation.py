@@ -8,6 +8,7 @@ reaches the worker's engine (`Engine.pin`, as the worker applies one from the bu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
@@ -19,6 +20,18 @@ from loadgen.sim.worker import SimWorker
 from loadgen.sim.workload import Turn, Workload
 from router.protocol import KvEvent, KvEventBatch, KvStateDump, LoadReport
 from router.request import RouteRequest
+
+
+def _same_load(a: LoadReport, b: LoadReport) -> bool:
+    return (
+        a.running,
+        a.waiting,
+        a.active_prefill_tokens,
+        a.used_blocks,
+        a.prefill_tok_s,
+        a.decode_tok_s,
+    ) == (b.running, b.waiting, b.active_prefill_tokens, b.used_blocks, b.prefill_tok_s, b.decode_tok_s)
+
 
 # the trace's `stop` as the OpenAI finish_reason a worker would have streamed back
 FINISH_REASONS = {"tool_use": "tool_calls", "end_turn": "stop"}
@@ -33,6 +46,9 @@ class SimConfig(msgspec.Struct, frozen=True):
     max_pinned_blocks: int | None = None  # the engine's default when None
     bus_delay_s: float = 0.005
     load_interval_s: float = 0.1
+    # an idle worker whose state did not change reports only this often (0: every interval); what the
+    # router sees is the same (a report stays fresh for RouterConfig.report_stale_s), the events fewer
+    idle_report_s: float = 1.0
     expire_interval_s: float = 1.0
     load_sample_every: int = 10  # keep every n-th load report for the load-over-time chart
     fast_forward: bool = True  # take runs of pure decode steps as one event (same results)
@@ -98,6 +114,12 @@ class Simulation:
         self._next_index = 0
         self._last_progress = 0.0
         self._load_ticks = dict.fromkeys(self.workers, 0)
+        self._tick_phase = {
+            wid: self.config.load_interval_s * i / len(self.workers) for i, wid in enumerate(self.workers)
+        }
+        self._tick_generation = dict.fromkeys(self.workers, 0)
+        self._tick_sleeping = dict.fromkeys(self.workers, False)
+        self._last_report: dict[str, LoadReport] = {}
 
     # --- driving
 
@@ -107,10 +129,9 @@ class Simulation:
             self.router.add_worker(worker.registration(), loop.now)
         for arrival, key, _row in self.workload.first_turns():
             loop.at(arrival, self._arrive, key, 0, False)
-        interval = self.config.load_interval_s
-        for i, wid in enumerate(self.workers):
+        for wid in self.workers:
             # workers report on their own phase, as independent processes would
-            loop.at(interval * i / len(self.workers), self._load_tick, wid)
+            loop.at(self._tick_phase[wid], self._load_tick, wid, 0)
         loop.at(self.config.expire_interval_s, self._expire_tick)
         loop.run()
         result = self.run_result
@@ -142,6 +163,8 @@ class Simulation:
         record = RequestRecord(key, turn_index, now, row.input_length, decision.worker_id)
         self.run_result.records.append(record)
         self._turns[turn.request_id] = (turn, record)
+        if self._tick_sleeping[decision.worker_id]:
+            self._wake_ticks(decision.worker_id)
         try:
             self.workers[decision.worker_id].submit(
                 turn.request_id, row.input_length, hashes, row.output_length, session_id
@@ -209,17 +232,49 @@ class Simulation:
     def _deliver_load(self, report: LoadReport) -> None:
         self.router.apply_load(report, self.loop.now)
 
-    def _load_tick(self, worker_id: str) -> None:
-        if self._open <= 0:
+    def _load_tick(self, worker_id: str, generation: int) -> None:
+        if self._open <= 0 or generation != self._tick_generation[worker_id]:
             return
-        report = self.workers[worker_id].load_report()
+        worker = self.workers[worker_id]
+        report = worker.load_report()
+        interval = self.config.load_interval_s
+        last = self._last_report.get(worker_id)
+        if (
+            last is not None
+            and report.ts - last.ts < self.config.idle_report_s - 1e-9
+            and worker.idle()
+            and _same_load(last, report)
+        ):
+            # nothing changed: sleep until the heartbeat is due (a request wakes it earlier)
+            self._tick_sleeping[worker_id] = True
+            wake = self._next_tick(worker_id, last.ts + self.config.idle_report_s)
+            self.loop.at(wake, self._load_tick, worker_id, generation)
+            return
+        self._tick_sleeping[worker_id] = False
+        self._last_report[worker_id] = report
         self.loop.after(self.config.bus_delay_s, self._deliver_load, report)
         self._load_ticks[worker_id] += 1
         if self._load_ticks[worker_id] % self.config.load_sample_every == 0:
             self.run_result.load.append(
                 LoadSample(self.loop.now, worker_id, report.running, report.waiting, report.used_blocks)
             )
-        self.loop.after(self.config.load_interval_s, self._load_tick, worker_id)
+        self.loop.after(interval, self._load_tick, worker_id, generation)
+
+    def _next_tick(self, worker_id: str, not_before: float) -> float:
+        """The first time on the worker's reporting grid at or after `not_before`."""
+        phase = self._tick_phase[worker_id]
+        interval = self.config.load_interval_s
+        return phase + max(0, math.ceil((not_before - phase) / interval - 1e-9)) * interval
+
+    def _wake_ticks(self, worker_id: str) -> None:
+        self._tick_sleeping[worker_id] = False
+        self._tick_generation[worker_id] += 1
+        self.loop.at(
+            self._next_tick(worker_id, self.loop.now),
+            self._load_tick,
+            worker_id,
+            self._tick_generation[worker_id],
+        )
 
     def _expire_tick(self) -> None:
         if self._open <= 0:

@@ -100,6 +100,9 @@ class SimWorker:
         self.engine.pin(session_id, block_hashes, ttl_s)
         self._idle_steps = 0
 
+    def idle(self) -> bool:
+        return not self.busy and not self.engine.has_work()
+
     def abort(self, request_id: str) -> None:
         self._cut_run()
         self.engine.abort(request_id)

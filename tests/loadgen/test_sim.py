@@ -113,12 +113,14 @@ def test_every_request_completes_or_counts_as_failed() -> None:
         assert sum(run.busy_s.values()) > 0
 
 
-def test_decode_fast_forward_changes_no_number() -> None:
+def test_shortcuts_change_no_number() -> None:
+    """Decode fast-forward and idle-report thinning only save events."""
     rows = agent_sessions(10, 6, seed=5)
     for policy in ("session_kv", "kv_overlap"):
         results = []
         for fast in (True, False):
-            run = Simulation(workload(rows), policy, small_config(num_blocks=200, fast_forward=fast)).run()
+            config = small_config(num_blocks=200, fast_forward=fast, idle_report_s=1.0 if fast else 0.0)
+            run = Simulation(workload(rows), policy, config).run()
             results.append(run)
         a, b = results
         assert a.steps == b.steps and a.events < b.events
