@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from loadgen.distributions import Distribution, parse_distribution
+from loadgen.distributions import Distribution, DistributionError, parse_distribution
 from loadgen.metrics import Recorder
 from loadgen.report import ReportError, Results, write_comparison, write_report, write_results
 from loadgen.trace import TRACE_BLOCK_SIZE, TraceContent, TraceError, load_trace
@@ -40,6 +40,13 @@ DISTRIBUTION_OPTIONS: dict[str, tuple[str, str]] = {
     "--suffix-len": ("suffix_tokens", "per-request tokens after the prefix (prefix)"),
     "--output-len": ("output_tokens", "max_tokens per request (all synthetic workloads)"),
 }
+
+
+def _distribution(spec: str) -> Distribution:
+    try:
+        return parse_distribution(spec)
+    except DistributionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chars-per-token", type=float, default=1.0, help="1 for a byte tokenizer, ~3 for BPE"
     )
     for option, (_, help_text) in DISTRIBUTION_OPTIONS.items():
-        shape.add_argument(option, type=parse_distribution, help=help_text + " (default: see README)")
+        shape.add_argument(option, type=_distribution, help=help_text + " (default: see README)")
     replay = parser.add_argument_group("trace replay")
     replay.add_argument("--rate-scale", type=float, default=1.0, help="trace time runs this much faster")
     replay.add_argument("--limit", type=int, help="replay the first N rows")
@@ -137,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> None:
     if args.rate is not None and args.rate < 0:
         raise ValueError("--rate must be >= 0")
+    if args.rate == 0 and args.requests is None and args.trace is None:
+        raise ValueError("--rate 0 (every session at once) needs --requests")
     for name in ("concurrency", "max_concurrency", "requests", "limit", "agent_types", "prefixes"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -118,12 +118,17 @@ class Driver:
             self._waiting.discard(task)
 
     async def _arrivals(self) -> None:
+        spawned = 0
         try:
             for offset, session in self._sessions:
-                await self._wait(offset - self.elapsed())
+                # sleep(0) at least: arrivals all at offset 0 must not starve the running sessions
+                await self._wait(max(offset - self.elapsed(), 1e-9))
                 if self.stopping.is_set():
                     return
                 self._spawn(self._session(session))
+                spawned += 1
+                if self.config.requests is not None and spawned >= self.config.requests:
+                    return  # every session sends at least one request: more could send nothing
         except asyncio.CancelledError:
             return
 

@@ -17,7 +17,7 @@ from loadgen.workloads import Session, SingleTurn, Turn
 
 class ReplayText:
     """`TraceContent.prompt_text` with the text of each hash id memoised (agent prompts repeat
-    hundreds of ids turn after turn)."""
+    hundreds of ids turn after turn), padded to `input_length`."""
 
     def __init__(self, content: TraceContent) -> None:
         self._content = content
@@ -30,7 +30,15 @@ class ReplayText:
             if text is None:
                 text = self._by_id[hash_id] = self._content.text_for_id(hash_id)
             parts.append(text)
-        return "".join(parts)[: row.input_length]
+        text = "".join(parts)
+        if len(text) < row.input_length:
+            # ~13% of the Claude Code rows have fewer ids than input_length needs: pad deterministically
+            # (the tail is private to the row anyway) so the request has the trace's length
+            pad_id = -1 - (row.hash_ids[-1] if row.hash_ids else 0)
+            while len(text) < row.input_length:
+                text += self._content.text_for_id(pad_id)
+                pad_id -= 1_000_003
+        return text[: row.input_length]
 
 
 class TraceSession:

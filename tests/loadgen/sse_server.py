@@ -47,6 +47,7 @@ class SseServer:
                 "tool_call": request.headers.get("x-kvgate-tool-call"),
                 "arrived": time.time(),
                 "messages": len(body["messages"]),
+                "content_chars": sum(len(m.get("content") or "") for m in body["messages"]),
             }
         )
         if self.fail_every and len(self.requests) % self.fail_every == 0:
