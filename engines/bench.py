@@ -142,10 +142,10 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     ttft_pair()  # warm-up: first calls pay allocation and kernel selection
     bench.decode_rate(DECODE_BATCH, args.decode_context, 2)
     pairs = [ttft_pair() for _ in range(args.repeats)]
-    b1 = [bench.decode_rate(1, args.decode_context, args.decode_steps) for _ in range(args.repeats)]
-    b8 = [
-        bench.decode_rate(DECODE_BATCH, args.decode_context, args.decode_steps) for _ in range(args.repeats)
-    ]
+    b1, b8 = [], []
+    for _ in range(args.repeats):  # interleaved, so that a change in machine load hits both alike
+        b1.append(bench.decode_rate(1, args.decode_context, args.decode_steps))
+        b8.append(bench.decode_rate(DECODE_BATCH, args.decode_context, args.decode_steps))
     uncached = statistics.median(p[0] for p in pairs)
     cached = statistics.median(p[1] for p in pairs)
     decode_b1, decode_b8 = statistics.median(b1), statistics.median(b8)

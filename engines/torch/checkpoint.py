@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype) 
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary = RotaryEmbedding(config)  # its buffer was built on meta
+    model.model.rotary = RotaryEmbedding(config)  # its frequencies were built on meta
     return model.to(device).eval()
 
 

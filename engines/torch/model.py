@@ -36,9 +36,13 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         if config.rope_scaling is not None:
             inv_freq = _llama3_scaled(inv_freq, config)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # Not a buffer: `model.to(torch.bfloat16)` would round it, and positions times a bf16
+        # frequency are off by whole radians at long contexts. Follows the positions' device instead.
+        self.inv_freq = inv_freq.float()
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd/2]
         return freqs.cos().to(dtype)[:, None, :], freqs.sin().to(dtype)[:, None, :]
 

@@ -28,6 +28,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_threads() -> int:
+    """All cores but one, which stays free for the worker's event loop (HTTP, NATS, tokenizing) that
+    runs beside the step thread: an oversubscribed OpenMP team stalls at every barrier."""
+    return max(1, min(16, len(os.sched_getaffinity(0)) - 1))
+
+
 class TorchRunner:
     """The tiny seeded random model (byte tokenizer) by default, or a local HF checkpoint."""
 
@@ -49,7 +55,7 @@ class TorchRunner:
         self.block_size = block_size
         self.device = torch.device(device) if device else default_device()
         if self.device.type == "cpu":
-            torch.set_num_threads(threads or min(16, len(os.sched_getaffinity(0))))
+            torch.set_num_threads(threads or default_threads())
         # bf16 halves memory and is what GPUs are fast at; CPU matmuls are fastest in fp32.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer: Tokenizer

@@ -228,3 +228,15 @@ def test_bad_chunks_are_refused_with_a_clear_error(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         runner.execute([bad])
+
+
+def test_bfloat16_keeps_rope_frequencies_in_float32() -> None:
+    """bf16 weights and cache (the CUDA default), while RoPE angles stay exact at long positions."""
+    runner = TorchRunner(16, BLOCK, device="cpu", seed=7, dtype=torch.bfloat16)
+    assert runner.kv_cache.dtype == torch.bfloat16
+    assert runner.model.model.rotary.inv_freq.dtype == torch.float32
+    reference = TorchRunner(16, BLOCK, device="cpu", seed=7)
+    tokens = prompt(40, seed=2)
+    low, full = (r.logits([chunk("b", tokens, 0, [0, 1, 2])])[0] for r in (runner, reference))
+    assert low.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(low, full, dim=-1).min() > 0.99
