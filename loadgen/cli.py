@@ -146,7 +146,15 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--rate must be >= 0")
     if args.rate == 0 and args.requests is None and args.trace is None:
         raise ValueError("--rate 0 (every session at once) needs --requests")
-    for name in ("concurrency", "max_concurrency", "requests", "limit", "agent_types", "prefixes"):
+    for name in (
+        "concurrency",
+        "max_concurrency",
+        "requests",
+        "limit",
+        "agent_types",
+        "prefixes",
+        "max_context",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -161,8 +169,10 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _with_distributions(config: msgspec.Struct, args: argparse.Namespace) -> msgspec.Struct:
-    changes: dict[str, Distribution | float | int] = {"chars_per_token": args.chars_per_token}
+    changes: dict[str, Distribution | float | int | None] = {"chars_per_token": args.chars_per_token}
     fields = set(config.__struct_fields__)
+    if "max_context_tokens" in fields:
+        changes["max_context_tokens"] = args.max_context
     for option, (field, _) in DISTRIBUTION_OPTIONS.items():
         value = getattr(args, option.lstrip("-").replace("-", "_"))
         if value is not None and field in fields:

@@ -66,6 +66,7 @@ class AgenticConfig(msgspec.Struct):
     task_tokens: Distribution = parse_distribution("lognormal:300,1.0,max=8000")
     tools_per_agent: int = 8
     chars_per_token: float = 1.0  # 1 for a byte tokenizer (kvgate's default model); ~3-4 for BPE
+    max_context_tokens: int | None = None  # a session ends before its prompt would exceed this
 
 
 def poisson_offsets(rate: float, rng: random.Random) -> Iterator[float]:
@@ -77,10 +78,20 @@ def poisson_offsets(rate: float, rng: random.Random) -> Iterator[float]:
             t += rng.expovariate(rate)
 
 
+def _fits(messages: list[dict[str, Any]], tools_chars: int, max_tokens: int | None, cpt: float) -> bool:
+    """Whether the prompt stays within `max_tokens` (estimated from characters; a real agent would
+    compact its context here, a bench ends the session)."""
+    if max_tokens is None:
+        return True
+    chars = tools_chars + sum(len(m.get("content") or "") + 64 for m in messages)  # 64: role, tool call
+    return chars / cpt <= max_tokens
+
+
 class AgentType(msgspec.Struct):
     name: str
     system_prompt: str
     tools: list[dict[str, Any]]
+    tools_chars: int
 
 
 def _make_agent(index: int, config: AgenticConfig, text: TextSource, rng: random.Random) -> AgentType:
@@ -106,7 +117,7 @@ def _make_agent(index: int, config: AgenticConfig, text: TextSource, rng: random
     tools_chars = len(json.dumps(tools))
     system_chars = max(64, budget - tools_chars)
     system = f"You are agent {index}. " + text.text(system_chars, rng)
-    return AgentType(f"agent{index}", system, tools)
+    return AgentType(f"agent{index}", system, tools, tools_chars)
 
 
 class AgenticSession:
@@ -162,6 +173,12 @@ class AgenticSession:
             result = self._text.text(self._chars(self._config.tool_result_tokens), rng)
             self._messages.append({"role": "tool", "tool_call_id": call_id, "content": result})
             delay = self._config.tool_time_s.sample(rng)
+        config = self._config
+        if not _fits(
+            self._messages, self._agent.tools_chars, config.max_context_tokens, config.chars_per_token
+        ):
+            self._turns_left = 0
+            return None
         self._turn += 1
         return Turn(
             messages=list(self._messages),
@@ -198,6 +215,7 @@ class ChatConfig(msgspec.Struct):
     output_tokens: Distribution = parse_distribution("lognormal:252,0.89,min=1,max=4096")
     system_tokens: Distribution = parse_distribution("const:400")
     chars_per_token: float = 1.0
+    max_context_tokens: int | None = None
 
 
 class ChatSession:
