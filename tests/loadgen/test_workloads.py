@@ -101,13 +101,13 @@ def test_chat_appends_user_messages_and_prefix_shares_few_prefixes() -> None:
 
 
 def test_sessions_end_before_their_prompt_exceeds_max_context() -> None:
-    config = _small_agentic(turns=parse_distribution("const:60"), max_context_tokens=5000)
+    config = _small_agentic(turns=parse_distribution("const:60"), max_context_tokens=8000)
     _, session = next(iter(AgenticWorkload(config, rate=1.0).sessions()))
     turns = _run_session(session, replies=["r" * 50] * 60)
     assert 5 < len(turns) < 60
     for turn in turns:
         chars = len(json.dumps(turn.tools)) + sum(len(m.get("content") or "") for m in turn.messages)
-        assert chars <= 5000
+        assert chars <= 8000
     chat = ChatWorkload(ChatConfig(turns=parse_distribution("const:30"), max_context_tokens=2000), rate=1.0)
     _, session = next(iter(chat.sessions()))
     assert 1 <= len(_run_session(session, replies=["r" * 300] * 30)) < 30
