@@ -243,6 +243,10 @@ class ChatSession:
         self._messages.append(
             {"role": "user", "content": f"[{self.session_id}] " + self._text.text(chars, rng)}
         )
+        config = self._config
+        if not _fits(self._messages, 0, config.max_context_tokens, config.chars_per_token):
+            self._turns_left = 0
+            return None
         return Turn(
             messages=list(self._messages),
             max_tokens=self._config.output_tokens.sample_int(rng, floor=1),
