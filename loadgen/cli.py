@@ -104,6 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument(
         "--chars-per-token", type=float, default=1.0, help="1 for a byte tokenizer, ~3 for BPE"
     )
+    shape.add_argument(
+        "--max-context", type=int, help="a session ends before its prompt would exceed this many tokens"
+    )
     for option, (_, help_text) in DISTRIBUTION_OPTIONS.items():
         shape.add_argument(option, type=_distribution, help=help_text + " (default: see README)")
     replay = parser.add_argument_group("trace replay")
