@@ -131,7 +131,8 @@ async def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(sse: Served, tmp
     out = tmp_path / "interrupted"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "loadgen", "--url", sse.url, "--workload", "chat",
-        "--rate", "20", "--duration", "60", "--max-context", "3000", "--think-time", "const:0.05", "--out", str(out), "--no-progress",
+        "--rate", "20", "--duration", "60", "--max-context", "3000", "--think-time", "const:0.05",
+        "--out", str(out), "--no-progress",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
