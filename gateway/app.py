@@ -127,9 +127,7 @@ class Gateway:
         self.metrics.queued.set(self.admission.queued)
         for wid in self.bus.workers:
             self.metrics.inflight.labels(wid).set(self.admission.inflight(wid))
-        sessions = getattr(self.router, "num_sessions", None)
-        if callable(sessions):
-            self.metrics.sessions.set(sessions())
+        self.metrics.sessions.set(len(self.router.sessions))
         return web.Response(body=self.metrics.render(), headers={"content-type": CONTENT_TYPE})
 
     async def models(self, request: web.Request) -> web.Response:

@@ -1,0 +1,136 @@
+"""Real processes for the gateway's end-to-end tests: workers (`kvgate worker`) and the gateway
+(`kvgate gateway`), each a child process on a free loopback port, torn down after the test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.natsd import free_port
+
+API_KEY = "test-key"
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """(status, parsed JSON or None); status 0 when nothing answers."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=2.0) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except OSError:
+        return 0, None
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, None
+
+
+class Proc:
+    def __init__(self, argv: list[str], url: str, log: Path) -> None:
+        self.argv = argv
+        self.url = url
+        self.log = log
+        self._log_file = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", *argv],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_http(self, path: str, timeout_s: float = 60.0, headers: dict[str, str] | None = None) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.argv[0]} exited: {self.log.read_text()[-2000:]}")
+            if http_get(self.url + path, headers)[0] == 200:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.url}{path} not ready: {self.log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+
+
+class Cluster:
+    """Workers and a gateway on one NATS namespace."""
+
+    def __init__(self, nats_url: str, namespace: str, tmp: Path) -> None:
+        self.nats_url = nats_url
+        self.namespace = namespace
+        self.tmp = tmp
+        self.workers: dict[str, Proc] = {}
+        self.gateway: Proc | None = None
+
+    def worker(self, worker_id: str, engine: str = "mock", *extra: str) -> Proc:
+        port = free_port()
+        argv = [
+            "worker", "--engine", engine, "--nats", self.nats_url, "--port", str(port),
+            "--namespace", self.namespace, "--worker-id", worker_id, *extra,
+        ]  # fmt: skip
+        proc = self.workers[worker_id] = Proc(argv, f"http://127.0.0.1:{port}", self.tmp / f"{worker_id}.log")
+        return proc
+
+    def start_gateway(self, *extra: str) -> Proc:
+        port = free_port()
+        argv = [
+            "gateway",
+            "--nats",
+            self.nats_url,
+            "--port",
+            str(port),
+            "--namespace",
+            self.namespace,
+            *extra,
+        ]
+        self.gateway = Proc(argv, f"http://127.0.0.1:{port}", self.tmp / "gateway.log")
+        return self.gateway
+
+    def ready(self, workers: int, timeout_s: float = 90.0) -> None:
+        """Every worker healthy, and the gateway sees `workers` of them."""
+        for proc in self.workers.values():
+            proc.wait_http("/health", timeout_s)
+        assert self.gateway is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.gateway.wait_http("/ready", max(1.0, deadline - time.monotonic()))
+            if http_get(self.gateway.url + "/ready")[1]["workers"] >= workers:
+                return
+            assert time.monotonic() < deadline, "gateway did not see the workers"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for proc in [*self.workers.values(), *([self.gateway] if self.gateway else [])]:
+            proc.stop()
+
+
+@pytest.fixture
+def cluster(nats_url: str, namespace: str, tmp_path: Path) -> Iterator[Cluster]:
+    running = Cluster(nats_url, namespace, tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()

@@ -1,0 +1,211 @@
+"""The gateway end to end with the official `openai` client: a real nats-server, two mock workers and
+`kvgate gateway`, each its own process (shared by this module's tests; the failure test has its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from gateway.middleware import AgentSession, bind_session
+from gateway.natsd import NatsServer
+from tests.gateway.conftest import API_KEY, Cluster, http_get
+
+pytestmark = pytest.mark.slow
+
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def pool(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if not nats_server.running:
+        nats_server.start()
+    cluster = Cluster(nats_server.url, "t" + uuid.uuid4().hex[:10], tmp_path_factory.mktemp("pool"))
+    try:
+        for i in range(2):
+            cluster.worker(f"m{i}", "mock", "--speedup", "1000")
+        cluster.start_gateway("--api-key", API_KEY, "--max-body-bytes", str(MAX_BODY))
+        cluster.ready(workers=2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def model_of(pool: Cluster) -> str:
+    return http_get(pool.gateway.url + "/v1/models", {"authorization": f"Bearer {API_KEY}"})[1]["data"][0][
+        "id"
+    ]
+
+
+def client(pool: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=pool.gateway.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def post(pool: Cluster, path: str, data: bytes, key: str = API_KEY) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        pool.gateway.url + path,
+        data=data,
+        headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_chat_sync_stream_and_not_with_routing_headers(pool: Cluster) -> None:
+    model = model_of(pool)
+    sdk = bind_session(client(pool), "sync-session")
+    messages = [{"role": "user", "content": "hello there, gateway"}]
+    raw = sdk.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=5)
+    reply = raw.parse()
+    assert raw.headers["x-kvgate-worker"] in pool.workers
+    assert raw.headers["x-kvgate-session"] == "sync-session"
+    assert int(raw.headers["x-kvgate-cached-tokens-expected"]) >= 0
+    assert reply.choices[0].message.content and reply.usage.completion_tokens == 5
+    # without include_usage the client gets no usage chunk, though the gateway asked the worker for one
+    chunks = list(sdk.chat.completions.create(model=model, messages=messages, max_tokens=5, stream=True))
+    assert chunks and all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    chunks = list(
+        sdk.chat.completions.create(
+            model=model, messages=messages, max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again
+
+
+async def test_async_client_and_completions(pool: Cluster) -> None:
+    model = model_of(pool)
+    session = AgentSession(
+        openai.AsyncOpenAI(base_url=pool.gateway.url + "/v1", api_key=API_KEY, max_retries=0)
+    )
+    reply = await session.client.completions.create(model=model, prompt="once upon a time", max_tokens=3)
+    assert reply.choices[0].text and reply.usage.completion_tokens == 3
+    with session.tool_call():
+        stream = await session.client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "call a tool"}], max_tokens=4, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert session.headers == {"x-session-id": session.session_id}
+    await session.client.close()
+
+
+def test_an_agent_session_stays_on_its_worker_and_hits_the_cache(pool: Cluster) -> None:
+    model = model_of(pool)
+    sdk = client(pool)
+    messages = [{"role": "system", "content": "You are a coding agent. " * 20}]
+    workers, cached, prompts = set(), [], []
+    for turn in range(5):
+        messages.append({"role": "user", "content": f"tool result {turn}: " + "x" * 200})
+        raw = bind_session(sdk, "agent-1").chat.completions.with_raw_response.create(
+            model=model, messages=messages, max_tokens=4
+        )
+        reply = raw.parse()
+        workers.add(raw.headers["x-kvgate-worker"])
+        cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+        prompts.append(reply.usage.prompt_tokens)
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+    assert len(workers) == 1
+    for turn in range(1, 5):
+        assert cached[turn] >= 0.9 * prompts[turn - 1], (cached, prompts)
+
+
+def test_bad_input_gets_openai_errors_and_the_gateway_keeps_serving(pool: Cluster) -> None:
+    model = model_of(pool)
+    ok = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    cases = [
+        (b"{not json", 400, None),
+        (json.dumps({"model": model, "messages": "hi"}).encode(), 400, "messages"),
+        (json.dumps({"model": model}).encode(), 400, "messages"),
+        (
+            json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}], "n": 2}).encode(),
+            400,
+            "n",
+        ),
+        (
+            json.dumps({"model": model, "messages": [{"role": "user"}], "max_tokens": "2"}).encode(),
+            400,
+            "max_tokens",
+        ),
+        (
+            json.dumps({"model": model, "messages": [{"role": "wizard", "content": "x"}]}).encode(),
+            400,
+            "messages",
+        ),
+        (
+            json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}).encode(),
+            404,
+            "model",
+        ),
+        (
+            json.dumps({"model": model, "messages": [{"role": "user", "content": "x" * MAX_BODY}]}).encode(),
+            413,
+            None,
+        ),
+    ]
+    for body, status, param in cases:
+        got, error = post(pool, "/v1/chat/completions", body)
+        assert got == status, (body[:80], got, error)
+        assert set(error["error"]) == {"message", "type", "param", "code"} and error["error"]["message"]
+        assert error["error"]["param"] == param
+    got, error = post(pool, "/v1/chat/completions", ok.encode(), key="wrong")
+    assert got == 401 and error["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.BadRequestError):
+        client(pool).chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], n=3)
+    got, reply = post(pool, "/v1/chat/completions", ok.encode())
+    assert got == 200 and reply["choices"][0]["message"]["content"]
+
+
+def test_models_health_ready_metrics(pool: Cluster) -> None:
+    assert http_get(pool.gateway.url + "/health")[0] == 200
+    status, ready = http_get(pool.gateway.url + "/ready")
+    assert status == 200 and ready["workers"] == 2 and ready["nats"]
+    assert http_get(pool.gateway.url + "/v1/models")[0] == 401
+    with urllib.request.urlopen(pool.gateway.url + "/metrics") as resp:
+        text = resp.read().decode()
+    for name in (
+        "kvgate_requests_total", "kvgate_ttft_seconds_bucket", "kvgate_inter_token_latency_seconds_bucket",
+        "kvgate_routing_decisions_total", "kvgate_cache_hit_ratio", "kvgate_worker_running",
+        "kvgate_worker_event_lag_seconds", "kvgate_approximate_workers", "kvgate_workers 2.0",
+    ):  # fmt: skip
+        assert name in text, name
+
+
+def test_a_killed_worker_loses_no_unstarted_request_and_leaves_the_view(cluster: Cluster) -> None:
+    for i in range(2):
+        cluster.worker(f"k{i}", "mock", "--speedup", "20")  # slow enough that requests overlap the kill
+    cluster.start_gateway()
+    cluster.ready(workers=2)
+    model = http_get(cluster.gateway.url + "/v1/models")[1]["data"][0]["id"]
+
+    async def one(sdk: openai.AsyncOpenAI, i: int) -> str:
+        reply = await sdk.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"request {i} " * 30}], max_tokens=8
+        )
+        return reply.choices[0].finish_reason
+
+    async def run() -> list[str]:
+        sdk = openai.AsyncOpenAI(base_url=cluster.gateway.url + "/v1", api_key="none", max_retries=0)
+        tasks = [asyncio.create_task(one(sdk, i)) for i in range(24)]
+        await asyncio.sleep(0.3)
+        cluster.workers["k0"].kill()
+        killed_at = time.monotonic()
+        results = await asyncio.gather(*tasks)
+        while http_get(cluster.gateway.url + "/ready")[1]["workers"] != 1:
+            assert time.monotonic() - killed_at < 5.0, "the dead worker is still in the routing view"
+            await asyncio.sleep(0.05)
+        await sdk.close()
+        return results
+
+    assert asyncio.run(run()) == ["length"] * 24

@@ -1,0 +1,149 @@
+"""The bus feed against a real nats-server and the real router: registry, replayed and live events,
+gap -> state dump, heartbeat loss -> removal, and approximate mode when events stop arriving."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import nats
+import pytest
+from nats.js.api import StreamConfig
+from router.router import Router
+
+from gateway.bus import Bus
+from gateway.metrics import GatewayMetrics
+from router.hashing import block_hashes
+from router.protocol import (
+    BlockStored,
+    CachedBlock,
+    KvEventBatch,
+    KvStateDump,
+    LoadReport,
+    StateDumpRequest,
+    Subjects,
+    WorkerRegistration,
+    decode,
+    encode,
+)
+from router.request import RouteRequest
+
+CHAIN = block_hashes(list(range(64)), 16)
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def registration(worker: str, epoch: int = 1, **changes: object) -> WorkerRegistration:
+    fields = dict(
+        worker_id=worker, url="http://127.0.0.1:1", model="m", block_size=16, num_blocks=100,
+        engine="mock", epoch=epoch, heartbeat_ts=time.time(),
+    )  # fmt: skip
+    fields.update(changes)
+    return WorkerRegistration(**fields)  # type: ignore[arg-type]
+
+
+def overlap(router: Router, worker: str) -> int:
+    request = RouteRequest(
+        request_id=f"probe-{time.monotonic_ns()}", model="m", block_hashes=CHAIN, num_tokens=64
+    )
+    others = frozenset(w for w in router.workers() if w != worker)
+    decision = router.pick(request, time.monotonic(), exclude=others)
+    router.on_complete(request.request_id, time.monotonic(), "stop", 0, ok=False)
+    return decision.overlap_blocks
+
+
+@pytest.fixture
+async def side(nats_url: str, namespace: str) -> AsyncIterator[tuple[object, object, Subjects]]:
+    """The workers' side of the bus: the registry bucket and the KV stream."""
+    subjects = Subjects(namespace)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name=subjects.kv_stream, subjects=[subjects.kv_all], max_age=600))
+    kv = await js.create_key_value(bucket=subjects.registry_bucket)
+    yield nc, kv, subjects
+    await js.delete_stream(subjects.kv_stream)
+    await js.delete_key_value(subjects.registry_bucket)
+    await nc.close()
+
+
+async def test_replay_then_live_events_gap_dump_and_heartbeat_loss(nats_url: str, side: tuple) -> None:
+    nc, kv, subjects = side
+    js = nc.jetstream()
+    await kv.put("w1", encode(registration("w1")))
+    # published before the gateway starts: must be replayed from the stream
+    await js.publish(
+        subjects.kv("w1"), encode(KvEventBatch("w1", 1, 0, time.time(), [BlockStored(CHAIN[:2])]))
+    )
+    dumps: list[StateDumpRequest] = []
+
+    async def answer_dump(msg: nats.aio.msg.Msg) -> None:
+        dumps.append(decode(msg.data, StateDumpRequest))
+        blocks = [CachedBlock(h, CHAIN[i - 1] if i else None) for i, h in enumerate(CHAIN)]
+        await msg.respond(encode(KvStateDump("w1", 1, 5, blocks)))
+
+    await nc.subscribe(subjects.dump("w1"), cb=answer_dump)
+    router = Router(policy="session_kv")
+    metrics = GatewayMetrics()
+    bus = Bus(nats_url, subjects, router, metrics, stale_after_s=1.0)
+
+    async def heartbeat() -> None:  # w1 stays alive; w2 (below) never heartbeats again
+        while True:
+            await kv.put("w1", encode(registration("w1")))
+            await asyncio.sleep(0.2)
+
+    beating = asyncio.create_task(heartbeat())
+    await bus.start()
+    try:
+        await until(lambda: "w1" in router.workers())
+        await until(lambda: overlap(router, "w1") == 2)
+        await js.publish(
+            subjects.kv("w1"),
+            encode(KvEventBatch("w1", 1, 1, time.time(), [BlockStored(CHAIN[2:3], CHAIN[1])])),
+        )
+        await until(lambda: overlap(router, "w1") == 3)
+        # seq 2..4 lost: the gateway asks for the whole state
+        await js.publish(subjects.kv("w1"), encode(KvEventBatch("w1", 1, 5, time.time(), [])))
+        await until(lambda: bool(dumps) and overlap(router, "w1") == 4)
+        await nc.publish(
+            subjects.load("w1"), encode(LoadReport("w1", time.time(), 3, 1, 10, 50, 100, 1e4, 1e2))
+        )
+        await until(lambda: b'kvgate_worker_running{worker="w1"} 3.0' in metrics.render())
+        # a second worker that stops heartbeating disappears with its blocks
+        await kv.put("w2", encode(registration("w2")))
+        await until(lambda: "w2" in router.workers())
+        await until(lambda: "w2" not in router.workers(), timeout_s=4.0)
+        assert "w2" not in bus.workers
+        # a deleted key removes the worker at once
+        beating.cancel()
+        await kv.delete("w1")
+        await until(lambda: "w1" not in router.workers(), timeout_s=1.0)
+    finally:
+        beating.cancel()
+        await bus.stop()
+
+
+async def test_worker_whose_events_stop_is_routed_approximately(nats_url: str, side: tuple) -> None:
+    nc, kv, subjects = side
+    router = Router(policy="session_kv")
+    metrics = GatewayMetrics()
+    bus = Bus(nats_url, subjects, router, metrics, stale_after_s=30.0, event_timeout_s=0.3)
+    await bus.start()
+    try:
+        await kv.put("w1", encode(registration("w1")))
+        await kv.put("quiet", encode(registration("quiet", publishes_events=False)))
+        await until(lambda: {"w1", "quiet"} <= set(router.workers()))
+        assert b'kvgate_worker_approximate_mode{worker="quiet"} 1.0' in metrics.render()
+        assert b'kvgate_worker_approximate_mode{worker="w1"} 0.0' in metrics.render()
+        bus.request_finished("w1")  # served a request, then no event follows
+        await until(lambda: bus.workers["w1"].approximate)
+        assert b"kvgate_approximate_workers 2.0" in metrics.render()
+        await nc.jetstream().publish(subjects.kv("w1"), encode(KvEventBatch("w1", 1, 0, time.time(), [])))
+        await until(lambda: not bus.workers["w1"].approximate)
+    finally:
+        await bus.stop()
