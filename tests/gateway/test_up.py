@@ -1,0 +1,98 @@
+"""`kvgate up` as a user runs it: one subprocess, the official `openai` client, then SIGTERM stops
+everything it started."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.natsd import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purpose
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def test_kvgate_up_serves_the_openai_client_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    log = (tmp_path / "up.log").open("wb")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "up", "--engine", "mock", "--workers", "2", "--port", str(port),
+         "--worker-args", "--speedup 1000"],
+        stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+    )  # fmt: skip
+    try:
+        banner = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = up.stdout.readline().decode()
+            assert line, f"kvgate up exited: {(tmp_path / 'up.log').read_text()[-3000:]}"
+            banner.append(line)
+            if "curl" in line:
+                break
+        text = "".join(banner)
+        url = f"http://127.0.0.1:{port}"
+        assert url in text and "/v1/chat/completions" in text
+        model = text.split('"model": "')[1].split('"')[0]
+        children = children_of(up.pid)
+        assert len(children) >= 3  # nats-server and two workers
+
+        sdk = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        messages = [{"role": "user", "content": "Hello!"}]
+        assert sdk.chat.completions.create(model=model, messages=messages, max_tokens=3).choices[0].message
+        chunks = list(sdk.chat.completions.create(model=model, messages=messages, max_tokens=3, stream=True))
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+        async def async_turns() -> None:
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            reply = await client.chat.completions.create(model=model, messages=messages, max_tokens=3)
+            assert reply.usage.completion_tokens == 3
+            stream = await client.chat.completions.create(
+                model=model, messages=messages, max_tokens=3, stream=True
+            )
+            assert [c async for c in stream][-1].choices[0].finish_reason == "length"
+            await client.close()
+
+        asyncio.run(async_turns())
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if alive(pid)], "kvgate up left processes running"
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        log.close()
