@@ -13,8 +13,9 @@ tracked as a superset (a stale mark only costs speed, never exactness), via pare
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
+from itertools import islice, repeat
 
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent, Tier
 
@@ -22,18 +23,48 @@ from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedB
 _CHILDREN_PRUNE_LEN = 8
 
 
-def _bits(mask: int) -> Iterable[int]:
-    while mask:
-        low = mask & -mask
-        yield low
-        mask ^= low
+def expand(groups: list[tuple[int, int]], names: dict[int, str] | None = None) -> dict:
+    """{worker (or bit when `names` is None): length} from (worker mask, length) groups."""
+    out = {}
+    for m, n in groups:
+        while m:
+            low = m & -m
+            out[names[low] if names is not None else low] = n
+            m ^= low
+    return out
 
 
-def bisect_prefixes(get, chain: Sequence[int], mask: int, out: dict[int, int]) -> None:
-    """Matched prefix length per worker bit of `mask`, for held sets that are prefix-closed along `chain`.
+class MaskNames:
+    """Worker ids of a bitmask, memoised: the same few masks (who holds the system prompt, who holds
+    a session) come back on every pick, and spelling out 64 bits each time costs more than the lookup."""
 
-    `get(hash, 0)` is the held mask of a block. Shares lookups between workers with the same boundary:
-    O(k log n) lookups for k distinct boundaries.
+    __slots__ = ("_cache", "_names")
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self._names = names  # bit -> worker id, shared with the owner and kept current by it
+        self._cache: dict[int, tuple[str, ...]] = {}
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    def expand(self, groups: list[tuple[int, int]]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        cache = self._cache
+        for m, n in groups:
+            ids = cache.get(m)
+            if ids is None:
+                if len(cache) >= 4096:
+                    cache.clear()
+                ids = cache[m] = tuple(expand([(m, 0)], self._names))
+            out.update(zip(ids, repeat(n)))
+        return out
+
+
+def bisect_prefixes(get, chain: Sequence[int], mask: int, groups: list[tuple[int, int]]) -> None:
+    """Matched prefix lengths of the workers in `mask`, for held sets prefix-closed along `chain`.
+
+    `get(hash, 0)` is the held mask of a block. Appends (workers, length) groups, lengths >= 1. Workers
+    with the same boundary share their lookups: O(k log n) lookups for k distinct boundaries.
     """
     n = len(chain)
     if not n or not mask:
@@ -44,11 +75,11 @@ def bisect_prefixes(get, chain: Sequence[int], mask: int, out: dict[int, int]) -
     stack = [(1, n, first)]  # every bit of m holds chain[:lo]; its boundary lies in [lo, hi]
     pop = stack.pop
     push = stack.append
+    found = groups.append
     while stack:
         lo, hi, m = pop()
         if lo == hi:
-            for bit in _bits(m):
-                out[bit] = lo
+            found((m, lo))
             continue
         mid = (lo + hi) >> 1
         holds = get(chain[mid], 0) & m
@@ -58,20 +89,19 @@ def bisect_prefixes(get, chain: Sequence[int], mask: int, out: dict[int, int]) -
             push((lo, mid, m ^ holds))
 
 
-def walk_prefixes(get, chain: Sequence[int], mask: int, out: dict[int, int]) -> None:
+def walk_prefixes(get, chain: Sequence[int], mask: int, groups: list[tuple[int, int]]) -> None:
     """Same answer as `bisect_prefixes` for any held sets, one lookup per block (the slow path)."""
     m = mask
     for i, h in enumerate(chain):
         holds = get(h, 0) & m
         if holds != m:
             if i:
-                for bit in _bits(m ^ holds):
-                    out[bit] = i
+                groups.append((m ^ holds, i))
             m = holds
             if not m:
                 return
-    for bit in _bits(m):
-        out[bit] = len(chain)
+    if m:
+        groups.append((m, len(chain)))
 
 
 class TierIndex:
@@ -102,6 +132,8 @@ class TierIndex:
     def store(self, bit: int, hashes: Sequence[int], parent: int | None) -> int:
         """Worker `bit` holds `hashes` (a chain continuing `parent`); returns how many were new."""
         held = self._held
+        if not any(map(held.__contains__, hashes)) and len(set(hashes)) == len(hashes):
+            return self._store_fresh(bit, hashes, parent)
         get = held.get
         children = self._children
         child_of = children.get
@@ -129,6 +161,11 @@ class TierIndex:
     def remove(self, bit: int, hashes: Iterable[int]) -> int:
         """Worker `bit` no longer holds `hashes`; returns how many it did hold."""
         held = self._held
+        if not isinstance(hashes, list):
+            hashes = list(hashes)
+        masks = list(map(held.get, hashes))
+        if masks.count(bit) == len(masks) and len(set(hashes)) == len(hashes):
+            return self._remove_alone(bit, hashes)
         get = held.get
         children = self._children
         removed = 0
@@ -160,6 +197,54 @@ class TierIndex:
         if len(self._dead_parents) > 1024 + (len(held) >> 2):
             self._sweep_dead_parents()
         return removed
+
+    def _store_fresh(self, bit: int, hashes: Sequence[int], parent: int | None) -> int:
+        """The common case, in C loops: blocks nobody holds yet, a chain linked parent to child."""
+        held = self._held
+        children = self._children
+        if self._orphans:
+            for h in hashes:
+                if h in children:
+                    self._adopt(h, bit)  # a returning parent whose children stayed
+        held.update(zip(hashes, repeat(bit)))
+        # Overwriting a link of a block nobody held loses nothing exactness needs: every worker holding
+        # that old child was marked when the block left it.
+        children.update(zip(hashes, islice(hashes, 1, None), strict=False))
+        if parent is not None:
+            if not held.get(parent, 0) & bit:
+                self._mark(hashes[0], bit)
+            kids = children.get(parent)
+            if kids is None:
+                children[parent] = hashes[0]
+            elif kids != hashes[0]:
+                self._link(parent, kids, hashes[0])
+        return len(hashes)
+
+    def _remove_alone(self, bit: int, hashes: list[int]) -> int:
+        """The common case: blocks only this worker held, usually leaf first, so their links die too."""
+        held = self._held
+        children = self._children
+        if self._orphans:
+            for h in hashes:
+                self._unmark(h, bit)
+        deque(map(held.__delitem__, hashes), 0)
+        popped = list(map(children.pop, hashes, repeat(None)))
+        if popped.count(None) != len(popped):
+            for h, kids in zip(hashes, popped, strict=True):
+                if kids is None or (type(kids) is not list and kids not in held):
+                    continue
+                orphaned = False
+                for kid in kids if type(kids) is list else (kids,):
+                    kid_mask = held.get(kid, 0)
+                    if kid_mask & bit:
+                        self._mark(kid, bit)
+                    orphaned = orphaned or bool(kid_mask)
+                if orphaned:
+                    children[h] = kids
+                    self._dead_parents.append(h)
+            if len(self._dead_parents) > 1024 + (len(held) >> 2):
+                self._sweep_dead_parents()
+        return len(hashes)
 
     def clear(self, bit: int) -> int:
         """Drop every block of one worker (a full pass: clears and worker removals are rare)."""
@@ -193,15 +278,17 @@ class TierIndex:
                 del children[p]
         self._dead_parents = keep
 
-    def prefixes(self, chain: Sequence[int], mask: int, out: dict[int, int]) -> None:
-        """Matched prefix length (blocks) of each worker bit in `mask` that holds chain[0], into `out`."""
+    def prefixes(self, chain: Sequence[int], mask: int = -1) -> list[tuple[int, int]]:
+        """(workers mask, matched prefix length) groups for the workers of `mask` holding chain[0]."""
+        groups: list[tuple[int, int]] = []
         if not self._held:
-            return
+            return groups
         get = self._held.get
         dirty = self._dirty & mask
-        bisect_prefixes(get, chain, mask & ~dirty, out)
+        bisect_prefixes(get, chain, mask & ~dirty, groups)
         if dirty:
-            walk_prefixes(get, chain, dirty, out)
+            walk_prefixes(get, chain, dirty, groups)
+        return groups
 
     # --- orphan bookkeeping
 
@@ -260,6 +347,7 @@ class BlockIndex:
         self.tiers: dict[Tier, TierIndex] = {"device": TierIndex(), "host": TierIndex(), "disk": TierIndex()}
         self._bit_of: dict[str, int] = {}
         self._worker_of: dict[int, str] = {}
+        self._mask_names = MaskNames(self._worker_of)
         self._count: dict[str, int] = {}  # blocks held, all tiers
         self._limit: dict[str, int] = {}
 
@@ -273,6 +361,7 @@ class BlockIndex:
             bit = 1 << slot
             self._bit_of[worker_id] = bit
             self._worker_of[bit] = worker_id
+            self._mask_names.invalidate()
             self._count[worker_id] = 0
         self._limit[worker_id] = max_blocks
         return bit
@@ -283,6 +372,7 @@ class BlockIndex:
         self.clear_worker(worker_id)
         bit = self._bit_of.pop(worker_id)
         del self._worker_of[bit]
+        self._mask_names.invalidate()
         del self._count[worker_id]
         del self._limit[worker_id]
 
@@ -346,10 +436,7 @@ class BlockIndex:
 
     def overlap(self, chain: Sequence[int], tier: Tier = "device") -> dict[str, int]:
         """Matched prefix length in blocks of every worker holding chain[0] on `tier`."""
-        raw: dict[int, int] = {}
-        self.tiers[tier].prefixes(chain, -1, raw)
-        worker_of = self._worker_of
-        return {worker_of[bit]: n for bit, n in raw.items()}
+        return self._mask_names.expand(self.tiers[tier].prefixes(chain))
 
 
 class ApproxIndex:
@@ -367,6 +454,7 @@ class ApproxIndex:
         self._lru: dict[str, OrderedDict[int, float]] = {}
         self._bit_of: dict[str, int] = {}
         self._worker_of: dict[int, str] = {}
+        self._mask_names = MaskNames(self._worker_of)
 
     def add_worker(self, worker_id: str) -> None:
         if worker_id in self._bit_of:
@@ -376,6 +464,7 @@ class ApproxIndex:
             slot += 1
         self._bit_of[worker_id] = 1 << slot
         self._worker_of[1 << slot] = worker_id
+        self._mask_names.invalidate()
         self._lru[worker_id] = OrderedDict()
 
     def remove_worker(self, worker_id: str) -> None:
@@ -383,6 +472,7 @@ class ApproxIndex:
         if bit is None:
             return
         del self._worker_of[bit]
+        self._mask_names.invalidate()
         self._drop(bit, list(self._lru.pop(worker_id)))
 
     def has_worker(self, worker_id: str) -> bool:
@@ -423,10 +513,9 @@ class ApproxIndex:
                 self._drop(self._bit_of[worker_id], gone)
 
     def overlap(self, chain: Sequence[int]) -> dict[str, int]:
-        raw: dict[int, int] = {}
-        bisect_prefixes(self._held.get, chain, -1, raw)
-        worker_of = self._worker_of
-        return {worker_of[bit]: n for bit, n in raw.items()}
+        groups: list[tuple[int, int]] = []
+        bisect_prefixes(self._held.get, chain, -1, groups)
+        return self._mask_names.expand(groups)
 
     def _drop(self, bit: int, hashes: Iterable[int]) -> None:
         held = self._held

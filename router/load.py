@@ -43,17 +43,23 @@ class InFlight:
 class WorkerLoad:
     __slots__ = (
         "epoch",
+        "fresh_until",
         "inflight_blocks",
         "inflight_prefill",
+        "ms_per_token",
         "prefill_since_report",
         "report",
         "report_at",
+        "report_prefill",
         "requests",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, default_prefill_tok_s: float) -> None:
         self.report: LoadReport | None = None
         self.report_at = float("-inf")
+        self.fresh_until = float("-inf")  # the report's load counts until then
+        self.report_prefill = 0
+        self.ms_per_token = 1000.0 / default_prefill_tok_s  # prefill cost, measured once reported
         self.epoch = 0  # bumped by each report
         self.prefill_since_report = 0
         self.inflight_prefill = 0  # every prediction still prefilling
@@ -70,7 +76,7 @@ class LoadView:
         self._done_queue: deque[tuple[float, str]] = deque()
 
     def add_worker(self, worker_id: str) -> None:
-        self.workers.setdefault(worker_id, WorkerLoad())
+        self.workers.setdefault(worker_id, WorkerLoad(self.config.default_prefill_tok_s))
 
     def remove_worker(self, worker_id: str) -> None:
         self.workers.pop(worker_id, None)
@@ -85,6 +91,9 @@ class LoadView:
             return  # overtaken by a newer report
         w.report = report
         w.report_at = now
+        w.fresh_until = now + self.config.report_stale_s
+        w.report_prefill = report.active_prefill_tokens
+        w.ms_per_token = 1000.0 / self.prefill_speed(report.worker_id)
         w.epoch += 1
         w.prefill_since_report = 0
 
@@ -135,8 +144,8 @@ class LoadView:
     def queued_prefill(self, worker_id: str, now: float) -> int:
         """Prefill tokens ahead of a new request on this worker."""
         w = self.workers[worker_id]
-        if w.report is not None and now - w.report_at <= self.config.report_stale_s:
-            return w.report.active_prefill_tokens + w.prefill_since_report
+        if now <= w.fresh_until:
+            return w.report_prefill + w.prefill_since_report
         return w.inflight_prefill
 
     def active_blocks(self, worker_id: str) -> int:

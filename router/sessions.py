@@ -31,7 +31,7 @@ class Session:
     def __init__(self, session_id: str) -> None:
         self.id = session_id
         self.worker_id: str | None = None
-        self.chain: list[int] = []  # block hashes of the latest prompt
+        self.chain: list[int] = []  # block hashes of the latest prompt (the caller's list, not a copy)
         self.turns = 0
         self.attained_tokens = 0  # service received: prefilled (uncached) plus generated tokens
         self.last_finish_reason: str | None = None
@@ -77,7 +77,7 @@ class SessionTable:
     def set_chain(self, s: Session, chain: Sequence[int]) -> None:
         if s.chain and self._by_tail.get(s.chain[-1]) == s.id:
             del self._by_tail[s.chain[-1]]
-        s.chain = list(chain)
+        s.chain = chain if isinstance(chain, list) else list(chain)  # kept, not copied: 2,048 blocks
         if s.chain:
             self._by_tail[s.chain[-1]] = s.id
 

@@ -36,40 +36,45 @@ class SessionKv(Policy):
                     overlap[sticky] = prior
         credit = self._credit(overlap, view.tier_overlap(chain, "host"), view.tier_overlap(chain, "disk"))
 
-        stale = now - cfg.report_stale_s
-        default_speed = cfg.default_prefill_tok_s
         loads = view.load.workers
-        costs: dict[str, float] = {}
+        best = float("inf")
+        tied: list[str] = []
         for w in view.candidates:
             wl = loads[w]
-            report = wl.report
-            if report is not None and wl.report_at >= stale:
-                queued = report.active_prefill_tokens + wl.prefill_since_report
+            if now <= wl.fresh_until:
+                queued = wl.report_prefill + wl.prefill_since_report
             else:
                 queued = wl.inflight_prefill
-            speed = report.prefill_tok_s if report is not None and report.prefill_tok_s > 0 else default_speed
             held = credit.get(w)
             missing = n_tokens - held * bs if held else n_tokens
-            costs[w] = (queued + (missing if missing > 0 else 0)) * 1000.0 / speed
-        return self._choose(costs, overlap, sticky, view)
-
-    def _choose(
-        self, costs: dict[str, float], overlap: dict[str, int], sticky: str | None, view: RouterView
-    ) -> Decision:
-        best_cost = min(costs.values())
-        cfg = self.config
-        if sticky is not None and sticky in costs:
-            tolerance = max(cfg.affinity_tolerance_ms, cfg.affinity_tolerance_rel * best_cost)
-            if costs[sticky] <= best_cost + tolerance:
-                return Decision(sticky, overlap.get(sticky, 0), costs[sticky], "session")
-        tied = [w for w, c in costs.items() if c == best_cost]
-        if len(tied) > 1:
+            cost = (queued + (missing if missing > 0 else 0)) * wl.ms_per_token
+            if cost < best:
+                best = cost
+                tied = [w]
+            elif cost == best:
+                tied.append(w)
+        if sticky is not None and sticky in loads and sticky in view.candidates:
+            cost = self._cost(sticky, view, credit, n_tokens)
+            tolerance = max(cfg.affinity_tolerance_ms, cfg.affinity_tolerance_rel * best)
+            if cost <= best + tolerance:
+                return Decision(sticky, overlap.get(sticky, 0), cost, "session")
+        if len(tied) > 1:  # equal estimates: more cached prefix, then fewer requests, then chance
             requests = view.load.requests
             key = max((overlap.get(w, 0), -requests(w)) for w in tied)
             tied = [w for w in tied if (overlap.get(w, 0), -requests(w)) == key]
         worker = tied[0] if len(tied) == 1 else self.rng.choice(tied)
         matched = overlap.get(worker, 0)
-        return Decision(worker, matched, costs[worker], "overlap" if matched else "load")
+        return Decision(worker, matched, best, "overlap" if matched else "load")
+
+    @staticmethod
+    def _cost(w: str, view: RouterView, credit: dict[str, int] | dict[str, float], n_tokens: int) -> float:
+        """Estimated TTFT in ms on one worker (the loop in `pick` inlines the same)."""
+        wl = view.load.workers[w]
+        queued = (
+            wl.report_prefill + wl.prefill_since_report if view.now <= wl.fresh_until else wl.inflight_prefill
+        )
+        missing = max(0.0, n_tokens - credit.get(w, 0) * view.block_size)
+        return (queued + missing) * wl.ms_per_token
 
     def _credit(
         self, device: dict[str, int], host: dict[str, int], disk: dict[str, int]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.index import ApproxIndex, BlockIndex, TierIndex, common_prefix, walk_prefixes
+from router.index import ApproxIndex, BlockIndex, TierIndex, common_prefix, expand, walk_prefixes
 from router.protocol import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock
 
 WORKERS = ("a", "b", "c")
@@ -111,9 +111,7 @@ def test_eviction_leaf_first_keeps_workers_on_the_fast_path() -> None:
     tier.store(2, chain[:10], None)
     tier.remove(1, reversed(chain[40:]))  # engines evict a chain from its tail
     assert tier.dirty_mask == 0
-    out: dict[int, int] = {}
-    tier.prefixes(chain, -1, out)
-    assert out == {1: 40, 2: 10}
+    assert expand(tier.prefixes(chain)) == {1: 40, 2: 10}
 
 
 def test_a_parent_evicted_first_is_answered_exactly_by_the_slow_path() -> None:
@@ -122,14 +120,10 @@ def test_a_parent_evicted_first_is_answered_exactly_by_the_slow_path() -> None:
     tier.store(1, chain, None)
     tier.remove(1, [chain[5]])
     assert tier.dirty_mask == 1
-    out: dict[int, int] = {}
-    tier.prefixes(chain, -1, out)
-    assert out == {1: 5}
+    assert expand(tier.prefixes(chain)) == {1: 5}
     tier.store(1, [chain[5]], chain[4])  # the parent comes back: the chain is whole again
     assert tier.dirty_mask == 0
-    out.clear()
-    tier.prefixes(chain, -1, out)
-    assert out == {1: 64}
+    assert expand(tier.prefixes(chain)) == {1: 64}
 
 
 def test_bisection_agrees_with_the_walk_on_prefix_closed_sets() -> None:
@@ -139,11 +133,9 @@ def test_bisection_agrees_with_the_walk_on_prefix_closed_sets() -> None:
     lengths = {1 << i: rng.randrange(0, 2049) for i in range(64)}
     for bit, n in lengths.items():
         tier.store(bit, chain[:n], None)
-    fast: dict[int, int] = {}
-    tier.prefixes(chain, -1, fast)
-    slow: dict[int, int] = {}
+    slow: list[tuple[int, int]] = []
     walk_prefixes(tier._held.get, chain, (1 << 64) - 1, slow)
-    assert fast == slow == {bit: n for bit, n in lengths.items() if n}
+    assert expand(tier.prefixes(chain)) == expand(slow) == {bit: n for bit, n in lengths.items() if n}
 
 
 def test_worker_over_its_bound_is_cleared_and_asks_for_a_dump() -> None:

@@ -1,0 +1,260 @@
+"""`kvgate bench router`: hashing, routing and event ingestion at scale, all through the real code.
+
+Builds an index of `--blocks` distinct blocks over `--workers` workers from msgpack-encoded event
+batches (a system prompt every worker holds, then one long session chain per slot, one in ten of them
+also half-held by a second worker), then measures:
+- hashing a fresh prompt of `--prompt-tokens`, and extending one by 1,024 tokens incrementally;
+- `Router.pick` (policy `--policy`, default session_kv) for a session's next turn: the prompt shares all
+  but its last 1,024 tokens with a chain some worker holds; the pick records its in-flight prediction
+  and the session, as in the gateway;
+- ingestion: decode msgpack `KvEventBatch` bytes and apply them (evicting then re-storing the tails of a
+  quarter of the sessions), in block events (one block stored or removed) per second;
+- wall-clock and on-CPU figures side by side: on a shared machine the wall clock also counts the time
+  other processes held the CPU (a preemption costs a scheduler slice, ~4 ms, which is what a p99 shows);
+- memory: bytes traced by tracemalloc while the index was built, per index entry (a distinct block hash
+  on one tier, with its worker bitmask and its parent->child link).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import time
+import tracemalloc
+from collections.abc import Callable
+
+from router.hashing import PrefixHasher, block_hashes
+from router.protocol import (
+    BlockRemoved,
+    BlockStored,
+    KvEventBatch,
+    LoadReport,
+    WorkerRegistration,
+    decode,
+    encode,
+)
+from router.request import RouteRequest
+from router.router import Router
+
+SYSTEM_BLOCKS = 128
+EVENT_BLOCKS = 64  # blocks per stored/removed event
+BATCH_EVENTS = 4  # events per batch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=64)
+    parser.add_argument("--blocks", type=int, default=2_000_000, help="distinct blocks in the index")
+    parser.add_argument("--prompt-tokens", type=int, default=32_768)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--iterations", type=int, default=2000, help="timed repetitions per measure")
+    parser.add_argument("--policy", default="session_kv")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def timed_us(
+    fn: Callable[[int], object], iterations: int, setup: Callable[[int], object] | None = None
+) -> tuple[list[float], list[float]]:
+    """Wall-clock and on-CPU microseconds per call (on a shared machine the two differ by preemption)."""
+    wall, cpu = [], []
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
+    for i in range(iterations):
+        if setup is not None:
+            setup(i)
+        c0, t0 = cpu_clock(), clock()
+        fn(i)
+        t1, c1 = clock(), cpu_clock()
+        wall.append((t1 - t0) / 1000.0)
+        cpu.append((c1 - c0) / 1000.0)
+    return wall, cpu
+
+
+class Corpus:
+    """The synthetic cache: which chains exist and who holds them, as encoded event batches."""
+
+    def __init__(self, workers: int, blocks: int, chain_blocks: int, rng: random.Random) -> None:
+        bits = rng.getrandbits
+        self.workers = [f"w{i}" for i in range(workers)]
+        self.system = [bits(64) for _ in range(SYSTEM_BLOCKS)]
+        tail = max(1, chain_blocks - SYSTEM_BLOCKS)
+        n_sessions = max(1, (blocks - SYSTEM_BLOCKS) // tail)
+        self.sessions: list[tuple[list[int], list[str]]] = []
+        for i in range(n_sessions):
+            chain = self.system + [bits(64) for _ in range(tail)]
+            holders = [self.workers[i % workers]]
+            if i % 10 == 0 and workers > 1:
+                holders.append(self.workers[(i + 1) % workers])
+            self.sessions.append((chain, holders))
+        self._seq = dict.fromkeys(self.workers, -1)
+
+    def batches(self, worker: str, events: list) -> list[bytes]:
+        out = []
+        for i in range(0, len(events), BATCH_EVENTS):
+            self._seq[worker] += 1
+            batch = KvEventBatch(worker, 1, self._seq[worker], 0.0, events[i : i + BATCH_EVENTS])
+            out.append(encode(batch))
+        return out
+
+    def build(self) -> tuple[list[bytes], int]:
+        """Batches that store everything, interleaved across workers; and their block event count."""
+        per_worker: dict[str, list] = {w: [BlockStored(self.system)] for w in self.workers}
+        count = SYSTEM_BLOCKS * len(self.workers)
+        for n, (chain, holders) in enumerate(self.sessions):
+            for k, worker in enumerate(holders):
+                end = len(chain) if k == 0 else len(chain) // 2
+                per_worker[worker].extend(_stored(chain, SYSTEM_BLOCKS, end))
+                count += end - SYSTEM_BLOCKS
+            del n
+        return _interleave([self.batches(w, ev) for w, ev in per_worker.items()]), count
+
+    def churn(self, rng: random.Random, tail_blocks: int) -> tuple[list[bytes], int]:
+        """Evict the tails of a quarter of the sessions (leaf first, as engines do), then store them back."""
+        per_worker: dict[str, list] = {w: [] for w in self.workers}
+        count = 0
+        for chain, holders in rng.sample(self.sessions, max(1, len(self.sessions) // 4)):
+            worker = holders[0]
+            start = len(chain) - tail_blocks
+            tail = chain[start:]
+            for i in range(len(tail), 0, -EVENT_BLOCKS):
+                per_worker[worker].append(BlockRemoved(tail[max(0, i - EVENT_BLOCKS) : i][::-1]))
+            per_worker[worker].extend(_stored(chain, start, len(chain)))
+            count += 2 * len(tail)
+        return _interleave([self.batches(w, ev) for w, ev in per_worker.items() if ev]), count
+
+
+def _stored(chain: list[int], start: int, end: int) -> list[BlockStored]:
+    return [
+        BlockStored(chain[i : min(end, i + EVENT_BLOCKS)], chain[i - 1] if i else None)
+        for i in range(start, end, EVENT_BLOCKS)
+    ]
+
+
+def _interleave(streams: list[list[bytes]]) -> list[bytes]:
+    out = []
+    for i in range(max((len(s) for s in streams), default=0)):
+        out.extend(s[i] for s in streams if i < len(s))
+    return out
+
+
+def ingest(router: Router, batches: list[bytes], now: float) -> None:
+    for data in batches:
+        router.apply_kv_batch(decode(data, KvEventBatch), now)
+
+
+def measure(args: argparse.Namespace) -> dict[str, object]:
+    rng = random.Random(args.seed)
+    bs = args.block_size
+    chain_blocks = args.prompt_tokens // bs
+    corpus = Corpus(args.workers, args.blocks, chain_blocks, rng)
+    build_batches, build_events = corpus.build()
+
+    router = Router(policy=args.policy, seed=args.seed)
+    for w in corpus.workers:
+        router.add_worker(WorkerRegistration(w, f"http://{w}", "bench", bs, 1 << 16, "bench", 1, 0.0), 0.0)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    ingest(router, build_batches, 0.0)
+    index_bytes = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    del build_batches
+    entries = len(router.index)
+    pairs = sum(router.index.blocks_of(w) for w in corpus.workers)
+
+    churn_batches, churn_events = corpus.churn(rng, min(512, chain_blocks - SYSTEM_BLOCKS))
+    t0, c0 = time.perf_counter(), time.thread_time()
+    ingest(router, churn_batches, 1.0)
+    ingest_s, ingest_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+    del churn_batches
+
+    for w in corpus.workers:
+        report = LoadReport(
+            w, 1.0, rng.randrange(4), rng.randrange(4), rng.randrange(8192), 0, 1 << 16, 3e4, 1e3
+        )
+        router.apply_load(report, 1.0)
+
+    # hashing: a fresh prompt, and a session's next turn of 1,024 tokens on a prompt of that size
+    tokens = [rng.randrange(50_000) for _ in range(args.prompt_tokens)]
+    hash_us, _ = timed_us(lambda i: block_hashes(tokens, bs), max(20, args.iterations // 10))
+    turn = [rng.randrange(50_000) for _ in range(1024)]
+    hasher = PrefixHasher(bs)
+    hasher.extend(tokens)
+    inc_us, inc_cpu = timed_us(
+        lambda i: hasher.extend(turn), args.iterations, lambda i: hasher.truncate(len(tokens), tokens)
+    )
+
+    # routing: the next turn of a known session (all but its last 1,024 tokens cached somewhere)
+    fresh = 1024 // bs
+    requests = []
+    for i in range(256):
+        chain, _ = corpus.sessions[rng.randrange(len(corpus.sessions))]
+        prompt = chain[: chain_blocks - fresh] + [rng.getrandbits(64) for _ in range(fresh)]
+        requests.append((f"s{i}", prompt))
+    clock = [2.0]
+
+    def route(i: int) -> None:
+        sid, prompt = requests[i % len(requests)]
+        router.pick(RouteRequest(f"r{i}", "bench", prompt, args.prompt_tokens, sid, 256), clock[0])
+
+    def settle(i: int) -> None:
+        if i:
+            router.on_first_token(f"r{i - 1}", clock[0])
+            router.on_complete(f"r{i - 1}", clock[0], "tool_calls", 256)
+        clock[0] += 0.001
+
+    timed_us(route, len(requests), settle)  # warm-up: every session known once
+    route_us, route_cpu = timed_us(
+        lambda i: route(i + len(requests)), args.iterations, lambda i: settle(i + len(requests))
+    )
+
+    return {
+        "policy": args.policy,
+        "workers": args.workers,
+        "blocks": entries,
+        "prompt_tokens": args.prompt_tokens,
+        "block_size": bs,
+        "hash_us_p50": round(percentile(hash_us, 0.5), 1),
+        "hash_us_p99": round(percentile(hash_us, 0.99), 1),
+        "hash_incremental_us_p50": round(percentile(inc_us, 0.5), 1),
+        "hash_incremental_us_p99": round(percentile(inc_us, 0.99), 1),
+        "route_us_p50": round(percentile(route_us, 0.5), 1),
+        "route_us_p99": round(percentile(route_us, 0.99), 1),
+        "ingest_events_per_s": round(churn_events / ingest_s),
+        "ingest_events_per_cpu_s": round(churn_events / max(ingest_cpu_s, 1e-9)),
+        "route_cpu_us_p50": round(percentile(route_cpu, 0.5), 1),
+        "route_cpu_us_p99": round(percentile(route_cpu, 0.99), 1),
+        "hash_incremental_cpu_us_p50": round(percentile(inc_cpu, 0.5), 1),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
+        "build_events": build_events,
+        "index_bytes": index_bytes,
+        "index_bytes_per_entry": round(index_bytes / max(1, entries), 1),
+        "index_bytes_per_held_block": round(index_bytes / max(1, pairs), 1),
+        "entry": "a distinct block hash on one tier: its worker bitmask and its parent->child link",
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if (
+        args.workers < 1
+        or args.blocks < SYSTEM_BLOCKS
+        or args.prompt_tokens < (SYSTEM_BLOCKS + 128) * args.block_size
+    ):
+        print("need --workers >= 1, --blocks >= 128 and --prompt-tokens >= 256 blocks")
+        return 2
+    result = measure(args)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
