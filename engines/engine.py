@@ -34,6 +34,9 @@ class EngineRequest(msgspec.Struct):
     sampling: SamplingParams = SamplingParams()
     session_id: str | None = None
     cache_salt: str | None = None  # tenant isolation: changes the block hash seed
+    # the chained hashes of the prompt's leading full blocks when the caller has them already (the
+    # simulator, from its trace); trusted as given, the rest are computed from the tokens
+    prompt_block_hashes: list[int] | None = None
 
 
 class RequestOutput(msgspec.Struct):
@@ -108,8 +111,16 @@ class Engine:
         if request.sampling.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         seed = hash_seed(None, request.cache_salt) if request.cache_salt else self.config.hash_seed
+        known = request.prompt_block_hashes
+        hashes = list(known[: len(tokens) // self.config.block_size]) if known else []
         seq = Sequence(
-            request.request_id, tokens, request.sampling, self.config.block_size, seed, [], request.session_id
+            request.request_id,
+            tokens,
+            request.sampling,
+            self.config.block_size,
+            seed,
+            hashes,
+            request.session_id,
         )
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)

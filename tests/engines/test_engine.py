@@ -65,6 +65,17 @@ def test_second_request_reports_the_cached_prefix_and_events_carry_router_hashes
     assert second[-1].prompt_tokens == 41
 
 
+def test_given_prompt_hashes_are_used_instead_of_hashing() -> None:
+    events: list[KvEvent] = []
+    engine, clock = make_engine(events=events)
+    given = [11, 22, 33, 44]  # not the hashes of the tokens: proves they are taken as given
+    engine.add_request(request("a", [5] * 9, max_tokens=1, prompt_block_hashes=given))
+    drain(engine, clock)
+    assert [h for e in events for h in e.block_hashes] == [11, 22]  # only the 2 full blocks exist
+    engine.add_request(request("b", [6] * 9, max_tokens=1, prompt_block_hashes=[11, 22]))
+    assert drain(engine, clock)["b"][-1].num_cached_tokens == 8
+
+
 def test_chunked_prefill_respects_the_token_budget() -> None:
     engine, _clock = make_engine(max_num_batched_tokens=16)
     engine.add_request(request("a", list(range(50)), max_tokens=2))
