@@ -8,7 +8,7 @@ context (cached prefix + new tokens) is then read back through its block table:
 - decode-like sequences (one new token) run together in one batched SDPA over their gathered,
   padded contexts with a key-length mask;
 - prefill chunks run one SDPA each: causal over the new tokens when nothing precedes them, else
-  against the gathered prefix blocks plus the new tokens with an offset causal mask.
+  against the gathered prefix blocks plus the new tokens, causal aligned to the bottom right.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,6 @@ class PrefillSpan:
     start_pos: int
     context_len: int
     block_table: torch.Tensor  # [blocks covering context_len]
-    mask: torch.Tensor | None  # [new, context_len] bool, None when start_pos == 0 (plain causal)
 
 
 @dataclass(frozen=True)
@@ -94,17 +94,21 @@ def _prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan
 ) -> torch.Tensor:
     query = q[span.begin : span.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
-    if span.mask is None:
+    mask: CausalBias | None = None
+    if span.start_pos == 0:  # nothing before: the new tokens are the whole context
         keys, values = k[span.begin : span.end], v[span.begin : span.end]
     else:
         keys, values = _gather(kv_layer, span.block_table)
         keys, values = keys[: span.context_len], values[: span.context_len]
+        # the n queries are the context's last n positions: causal aligned to the bottom right,
+        # without materialising an [n, context] mask
+        mask = causal_lower_right(span.end - span.begin, span.context_len)
     out = F.scaled_dot_product_attention(
         query,
         keys.transpose(0, 1).unsqueeze(0),
         values.transpose(0, 1).unsqueeze(0),
-        attn_mask=span.mask,
-        is_causal=span.mask is None,
+        attn_mask=mask,
+        is_causal=mask is None,
         enable_gqa=True,
     )
     return out[0].transpose(0, 1)

@@ -176,42 +176,22 @@ class TorchRunner:
         slots = tables[seq_of_row, positions // block] * block + positions % block
         ends = torch.cumsum(lens_t, 0).tolist()
 
+        to = self.device
         decode = [i for i, n in enumerate(lens) if n == 1]
         decode_rows = decode_tables = decode_mask = None
         if decode:
-            decode_t = torch.tensor(decode)
-            decode_rows = first_row[decode_t]
-            decode_width = max(needed[i] for i in decode)
-            decode_tables = tables[decode_t, :decode_width]
-            keys = torch.arange(decode_width * block)
-            decode_mask = (keys[None, :] < torch.tensor([contexts[i] for i in decode])[:, None])[
-                :, None, None
-            ]
-        prefills = []
-        for i, n in enumerate(lens):
-            if n == 1:
-                continue
-            mask = None
-            if starts[i] > 0:  # offset causal: new token q sees keys up to its own position
-                query_pos = starts[i] + torch.arange(n)
-                mask = (torch.arange(contexts[i])[None, :] <= query_pos[:, None]).to(self.device)
-            prefills.append(
-                PrefillSpan(
-                    begin=ends[i] - n,
-                    end=ends[i],
-                    start_pos=starts[i],
-                    context_len=contexts[i],
-                    block_table=tables[i, : needed[i]].to(self.device),
-                    mask=mask,
-                )
-            )
-        to = self.device
-        layout = StepLayout(
-            positions=positions.to(to),
-            slots=slots.to(to),
-            decode_rows=decode_rows.to(to) if decode_rows is not None else None,
-            decode_tables=decode_tables.to(to) if decode_tables is not None else None,
-            decode_mask=decode_mask.to(to) if decode_mask is not None else None,
-            prefills=tuple(prefills),
+            index = torch.tensor(decode)
+            width = max(needed[i] for i in decode)
+            decode_rows = first_row[index].to(to)
+            decode_tables = tables[index, :width].to(to)
+            # key j of row d is real when j < its context; the rest is padding from other rows' width
+            context = torch.tensor([contexts[i] for i in decode])
+            valid = torch.arange(width * block)[None, :] < context[:, None]
+            decode_mask = valid[:, None, None].to(to)  # broadcast over KV heads and query heads
+        prefills = tuple(
+            PrefillSpan(ends[i] - n, ends[i], starts[i], contexts[i], tables[i, : needed[i]].to(to))
+            for i, n in enumerate(lens)
+            if n > 1
         )
+        layout = StepLayout(positions.to(to), slots.to(to), decode_rows, decode_tables, decode_mask, prefills)
         return layout, ends
