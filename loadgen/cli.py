@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,7 @@ async def _main(args: argparse.Namespace, workload: Any) -> int:
         if not args.no_progress:
             title = f"kvgate loadgen · {'trace' if args.trace else args.workload} → {args.url}"
             progress = asyncio.ensure_future(ProgressDisplay(driver, title).run())
+        cpu_start = time.process_time()
         try:
             wall = await driver.run()
         finally:
@@ -320,7 +322,11 @@ async def _main(args: argparse.Namespace, workload: Any) -> int:
                 await asyncio.gather(progress, return_exceptions=True)
             loop.remove_signal_handler(signal.SIGTERM)
             loop.remove_signal_handler(signal.SIGINT)
-    summary = recorder.summary(wall, {"interrupted": driver.interrupted})
+    cpu_s = time.process_time() - cpu_start
+    # the loadgen's own CPU: a figure near 1 core per second of wall means the loadgen, not the server,
+    # may be the bottleneck
+    own = {"loadgen_cpu_s": round(cpu_s, 3), "loadgen_cpu_util": round(cpu_s / wall, 3) if wall else None}
+    summary = recorder.summary(wall, {**own, "interrupted": driver.interrupted})
     if args.out is not None:
         results = Results(
             summary, _config_record(args, workload, model), recorder.requests, recorder.sessions

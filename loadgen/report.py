@@ -42,6 +42,7 @@ SUMMARY_ROWS: list[tuple[str, str, str]] = [
     ("sessions", "sessions", "{:,}"),
     ("sessions_completed", "sessions completed", "{:,}"),
     ("session_time_p50_s", "session time p50 (s)", "{:,.2f}"),
+    ("loadgen_cpu_util", "loadgen CPU (cores)", "{:.2f}"),
 ]
 
 

@@ -1,10 +1,11 @@
-"""`kvgate loadgen` as a real process: a real mock worker, trace replay, Ctrl-C, compare, bad input."""
+"""`kvgate loadgen` as a real process: against `kvgate up`, trace replay, Ctrl-C, compare, bad input."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import os
 import signal
 import sys
 from collections import defaultdict
@@ -35,37 +36,39 @@ def assert_charts(out: Path) -> None:
 
 
 @pytest.fixture
-async def mock_worker() -> AsyncIterator[str]:
-    """A real `kvgate worker --engine mock` (zero-latency timing model) on a free port."""
+async def mock_gateway(tmp_path: Path) -> AsyncIterator[str]:
+    """`kvgate up --engine mock`: NATS, two zero-latency mock workers and the gateway, as a user runs it."""
     port = free_port()
+    log = (tmp_path / "up.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "worker", "--engine", "mock", "--speedup", "1000",
-        "--port", str(port), "--num-blocks", "4096", "--log-level", "WARNING",
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable, "-m", "gateway.cli", "up", "--engine", "mock", "--workers", "2", "--port", str(port),
+        "--worker-args", "--speedup 1000 --num-blocks 4096",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        async with asyncio.timeout(60):
-            while b"ready on" not in (line := await proc.stdout.readline()):
-                assert line, "the worker exited before it was ready"
+        async with asyncio.timeout(90):
+            while b"curl" not in (line := await proc.stdout.readline()):  # the ready banner
+                assert line, f"kvgate up exited: {(tmp_path / 'up.log').read_text()[-3000:]}"
         yield f"http://127.0.0.1:{port}"
     finally:
         if proc.returncode is None:
             proc.terminate()
             try:
-                await asyncio.wait_for(proc.wait(), 10)
+                await asyncio.wait_for(proc.wait(), 30)
             except TimeoutError:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
+        log.close()
 
 
 @pytest.mark.slow
-async def test_agentic_run_against_mock_worker_writes_results_report_and_charts(
-    mock_worker: str, tmp_path: Path
+async def test_agentic_run_against_kvgate_up_writes_results_report_and_charts(
+    mock_gateway: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
     run = await run_loadgen(
-        ["--url", mock_worker, "--workload", "agentic", "--rate", "4", "--duration", "15", "--warmup", "1",
+        ["--url", mock_gateway, "--workload", "agentic", "--rate", "4", "--duration", "15", "--warmup", "1",
          "--agent-types", "2", "--tool-time", "lognormal:0.3,0.5,max=1", "--system-len", "const:2000",
          "--tool-result-len", "lognormal:200,1,max=2000", "--output-len", "lognormal:24,0.5,min=2,max=64",
          "--turns", "const:6", "--out", str(out), "--no-progress"],
