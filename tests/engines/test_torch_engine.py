@@ -5,6 +5,7 @@ cold cache."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from engines.engine import Engine, EngineConfig, EngineRequest
 from engines.runner import SamplingParams
 from engines.torch import TorchRunner
 from router.chat import ByteTokenizer, encode_chat
+from tests.engines.test_torch_checkpoint import QWEN2, write_checkpoint
 
 BLOCK = 16
 
@@ -97,3 +99,27 @@ def test_preemption_by_recompute_generates_as_cold(cold_outputs: dict[str, list[
     results = run(engine, PROMPTS)
     assert engine.scheduler.num_preemptions > 0
     assert {rid: tokens for rid, (tokens, _) in results.items()} == cold_outputs
+
+
+def test_checkpoint_model_through_the_engine_generates_the_same_warm_and_cold(tmp_path: Path) -> None:
+    """A Qwen2-style checkpoint (q/k/v biases, its own tokenizer) behind the Engine: a later agent
+    turn served from the prefix cache generates what a cold engine generates."""
+    write_checkpoint(tmp_path / "qwen", QWEN2, seed=4)
+
+    def engine() -> Engine:
+        runner = TorchRunner(64, BLOCK, model_path=str(tmp_path / "qwen"), device="cpu")
+        return Engine(EngineConfig(num_blocks=64, block_size=BLOCK), runner)
+
+    tokenizer = engine().runner.tokenizer
+    first = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "hello"},
+    ]
+    second = [*first, {"role": "assistant", "content": "world"}, {"role": "user", "content": "hello world"}]
+    turn1, turn2 = (encode_chat(m, tokenizer) for m in (first, second))
+    warm = engine()
+    run(warm, {"t1": turn1})
+    warm_out, cached = run(warm, {"t2": turn2})["t2"]
+    cold_out, _ = run(engine(), {"t2": turn2})["t2"]
+    assert cached == len(turn1) // BLOCK * BLOCK
+    assert warm_out == cold_out
