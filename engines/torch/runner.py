@@ -153,8 +153,6 @@ class TorchRunner:
                 )
             if len(chunk.block_table) * self.block_size < end:
                 raise ValueError(f"{chunk.seq_id}: block table does not cover position {end - 1}")
-            if min(chunk.block_table) < 0 or max(chunk.block_table) >= self.num_blocks:
-                raise ValueError(f"{chunk.seq_id}: block id out of range [0, {self.num_blocks})")
 
     def _layout(self, chunks: Sequence[ScheduledChunk]) -> tuple[StepLayout, list[int]]:
         """Positions, cache slots and attention spans of the step, computed as tensors (no per-token
@@ -169,6 +167,8 @@ class TorchRunner:
             [chunk.block_table[:w] + [0] * (width - w) for chunk, w in zip(chunks, needed, strict=True)],
             dtype=torch.long,
         )
+        if int(tables.min()) < 0 or int(tables.max()) >= self.num_blocks:
+            raise ValueError(f"a block id is out of range [0, {self.num_blocks})")
         lens_t = torch.tensor(lens)
         seq_of_row = torch.repeat_interleave(torch.arange(len(chunks)), lens_t)
         first_row = torch.cumsum(lens_t, 0) - lens_t
