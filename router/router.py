@@ -149,6 +149,10 @@ class Router:
     def apply_load(self, report: LoadReport, now: float) -> None:
         self.load.apply(report, now)
 
+    def stream_positions(self) -> dict[str, tuple[int, int]]:
+        """(epoch, seq) of the last KV batch or state dump applied, per event-fed worker (snapshots)."""
+        return {wid: (s.epoch, s.seq) for wid, s in self._streams.items()}
+
     # --- sessions
 
     def resolve_session(self, explicit_id: str | None, block_hashes: Sequence[int]) -> str:
