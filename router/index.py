@@ -405,16 +405,17 @@ class BlockIndex:
         """Apply one batch; False when the worker exceeded its bound and was cleared (ask for a dump)."""
         bit = self._bit_of[worker_id]
         tiers = self.tiers
-        delta = 0
+        count = self._count[worker_id]
         for event in events:
             if type(event) is BlockStored:
-                delta += tiers[event.tier].store(bit, event.block_hashes, event.parent_hash)
+                count += tiers[event.tier].store(bit, event.block_hashes, event.parent_hash)
             elif type(event) is BlockRemoved:
-                delta -= tiers[event.tier].remove(bit, event.block_hashes)
+                count -= tiers[event.tier].remove(bit, event.block_hashes)
             elif type(event) is AllBlocksCleared:
+                self._count[worker_id] = count
                 self.clear_worker(worker_id)
-                delta = 0
-        count = self._count[worker_id] = self._count[worker_id] + delta
+                count = 0
+        self._count[worker_id] = count
         if count > self._limit[worker_id]:
             self.clear_worker(worker_id)  # lost removals, or a misbehaving worker: bound the memory
             return False

@@ -1,0 +1,79 @@
+"""The load view: reports plus the predictions made since, robust to stale reports and lost completions."""
+
+from __future__ import annotations
+
+from router.config import RouterConfig
+from router.load import LoadView
+from router.protocol import LoadReport
+
+
+def report(ts: float, prefill: int, speed: float = 10_000.0) -> LoadReport:
+    return LoadReport("w", ts, 1, 0, prefill, 10, 100, speed, 50.0)
+
+
+def view(**overrides) -> LoadView:
+    load = LoadView(RouterConfig(**overrides))
+    load.add_worker("w")
+    return load
+
+
+def test_predictions_add_to_the_report_until_the_next_report_counts_them() -> None:
+    load = view()
+    load.apply(report(0.0, 500), now=0.0)
+    load.start("r1", "w", prefill_tokens=300, blocks=20, now=0.1)
+    assert load.queued_prefill("w", 0.2) == 800
+    assert load.active_blocks("w") == 20 and load.requests("w") == 1
+    load.apply(report(0.3, 700), now=0.3)  # the worker now reports r1 itself
+    assert load.queued_prefill("w", 0.4) == 700
+    load.first_token("r1")  # r1's prefill was counted by the report, not by us: nothing to take back
+    assert load.queued_prefill("w", 0.4) == 700
+    assert load.active_blocks("w") == 20
+    load.finish("r1")
+    assert load.active_blocks("w") == 0 and load.requests("w") == 0
+
+
+def test_first_token_ends_a_prediction_made_since_the_report() -> None:
+    load = view()
+    load.apply(report(0.0, 0), now=0.0)
+    load.start("r1", "w", 400, 30, now=0.1)
+    load.first_token("r1")
+    load.first_token("r1")  # idempotent
+    assert load.queued_prefill("w", 0.2) == 0
+    assert load.active_blocks("w") == 30
+
+
+def test_a_stale_report_is_ignored_and_an_overtaken_one_dropped() -> None:
+    load = view(report_stale_s=1.0)
+    load.apply(report(5.0, 9000, speed=20_000.0), now=5.0)
+    load.apply(report(4.0, 1), now=5.1)  # older than what we have: dropped
+    assert load.queued_prefill("w", 5.5) == 9000
+    load.start("r1", "w", 100, 5, now=5.5)
+    assert load.queued_prefill("w", 7.0) == 100  # report too old: the predictions stand alone
+    assert load.prefill_speed("w") == 20_000.0
+
+
+def test_lost_first_tokens_and_completions_expire() -> None:
+    load = view(prefill_ttl_s=10.0, inflight_ttl_s=100.0)
+    load.start("r1", "w", 100, 5, now=0.0)
+    load.start("r2", "w", 200, 7, now=50.0)
+    load.expire(11.0)
+    assert load.queued_prefill("w", 11.0) == 200  # r1's first token never came
+    assert load.active_blocks("w") == 12
+    load.expire(101.0)
+    assert load.active_blocks("w") == 7 and load.requests("w") == 1
+    assert load.finish("r1") is None
+    load.expire(151.0)
+    assert load.active_blocks("w") == 0 and load.requests("w") == 0 and load.queued_prefill("w", 151.0) == 0
+
+
+def test_in_flight_is_bounded() -> None:
+    load = view(max_inflight=3)
+    for i in range(10):
+        load.start(f"r{i}", "w", 10, 1, now=float(i))
+    assert load.requests("w") == 3 and load.active_blocks("w") == 3
+    assert load.get("r9") is not None and load.get("r0") is None
+
+
+def test_default_speed_until_reported() -> None:
+    load = view(default_prefill_tok_s=1234.0)
+    assert load.prefill_speed("w") == 1234.0

@@ -1,0 +1,218 @@
+"""Each policy on hand-built cases, through the Router facade: baselines choose what their published rule
+chooses; session_kv prefers the worker with more cached prefix unless its queue makes it slower."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from router.config import RouterConfig
+from router.protocol import BlockStored, KvEventBatch, LoadReport, WorkerRegistration
+from router.request import RouteRequest
+from router.router import Router
+
+BS = 16
+
+
+def make(policy: str, n: int = 3, **config) -> Router:
+    router = Router(policy=policy, config=RouterConfig(**config), seed=1)
+    for i in range(n):
+        router.add_worker(WorkerRegistration(f"w{i}", f"http://w{i}", "m", BS, 1000, "mock", 1, 0.0), 0.0)
+    return router
+
+
+def hold(router: Router, worker: str, chain: list[int], seq: int = 0) -> None:
+    assert router.apply_kv_batch(KvEventBatch(worker, 1, seq, 0.0, [BlockStored(chain)]), 0.0)
+
+
+def load(router: Router, worker: str, prefill: int, speed: float = 10_000.0, now: float = 0.0) -> None:
+    router.apply_load(LoadReport(worker, now, 1, 0, prefill, 0, 1000, speed, 100.0), now)
+
+
+def chain(n: int, base: int = 1000) -> list[int]:
+    return list(range(base, base + n))
+
+
+def req(rid: str, blocks: list[int], session: str | None = None, tokens: int | None = None) -> RouteRequest:
+    return RouteRequest(rid, "m", blocks, tokens if tokens is not None else len(blocks) * BS, session)
+
+
+def test_round_robin_cycles_and_skips_excluded() -> None:
+    router = make("round_robin")
+    picks = [router.pick(req(f"r{i}", chain(4)), 0.0).worker_id for i in range(4)]
+    assert picks == ["w0", "w1", "w2", "w0"]
+    assert router.pick(req("x", chain(4)), 0.0, exclude=frozenset({"w1", "w2"})).worker_id == "w0"
+
+
+def test_random_is_seeded_and_uniform_enough() -> None:
+    a = [make("random").pick(req(f"r{i}", []), 0.0).worker_id for i in range(1)]
+    b = [make("random").pick(req(f"r{i}", []), 0.0).worker_id for i in range(1)]
+    assert a == b
+    router = make("random")
+    counts = Counter(router.pick(req(f"r{i}", []), 0.0).worker_id for i in range(300))
+    assert set(counts) == {"w0", "w1", "w2"} and min(counts.values()) > 60
+
+
+def test_least_loaded_counts_requests_in_flight() -> None:
+    router = make("least_loaded")
+    hold(router, "w0", chain(50))  # cache is no attraction to it
+    picks = [router.pick(req(f"r{i}", chain(50)), 0.0).worker_id for i in range(3)]
+    assert sorted(picks) == ["w0", "w1", "w2"]
+    router.on_complete("r1", 1.0, "stop", 1)
+    assert router.pick(req("r9", chain(50)), 1.0).worker_id == picks[1]
+
+
+def test_session_sticky_is_a_consistent_hash_of_the_session() -> None:
+    router = make("session_sticky", n=5)
+    owners = {f"s{i}": router.pick(req(f"r{i}", [], f"s{i}"), 0.0).worker_id for i in range(40)}
+    assert len(set(owners.values())) >= 4
+    for i in range(40):  # same session, same worker, whatever the load
+        assert router.pick(req(f"again{i}", [], f"s{i}"), 0.0).worker_id == owners[f"s{i}"]
+    router.remove_worker("w3")
+    for i in range(40):  # only the sessions of the worker that left move
+        worker = router.pick(req(f"after{i}", [], f"s{i}"), 0.0).worker_id
+        assert worker != "w3"
+        if owners[f"s{i}"] != "w3":
+            assert worker == owners[f"s{i}"]
+
+
+def dynamo_logit(prefill_tokens: int, isl: int, overlap: int, decode_blocks: int) -> float:
+    return (prefill_tokens + isl - overlap * BS) / BS + decode_blocks
+
+
+def test_kv_overlap_minimises_dynamo_cost() -> None:
+    router = make("kv_overlap")
+    prompt = chain(100)
+    hold(router, "w0", prompt[:80])
+    hold(router, "w1", prompt[:30])
+    d = router.pick(req("r1", prompt), 0.0)
+    assert (d.worker_id, d.overlap_blocks, d.reason) == ("w0", 80, "overlap")
+    assert d.estimated_cost == dynamo_logit(0, 1600, 80, 0)
+    router.on_complete("r1", 0.0, "stop", 0)
+    # w0's queue outweighs its 50 extra blocks: 1600 queued tokens = 100 blocks > 50
+    load(router, "w0", 1600)
+    d = router.pick(req("r2", prompt), 0.0)
+    assert d.worker_id == "w1"
+    assert d.estimated_cost == dynamo_logit(0, 1600, 30, 0)
+    assert dynamo_logit(1600, 1600, 80, 0) > d.estimated_cost
+
+
+def test_kv_overlap_counts_decode_blocks_and_breaks_ties_by_the_smaller_tree() -> None:
+    router = make("kv_overlap")
+    hold(router, "w0", chain(40, base=5000))  # unrelated blocks: a bigger tree
+    hold(router, "w2", chain(20, base=9000))
+    prompt = chain(10)
+    d = router.pick(RouteRequest("r1", "m", prompt, 160, None, expected_output_tokens=160), 0.0)
+    assert d.worker_id == "w1"  # all tie on cost, w1 holds nothing at all
+    # r1 is in flight on w1 with 20 blocks: now w1 costs 20 more; w2 has the smaller tree of the rest
+    assert router.pick(req("r2", prompt), 0.0).worker_id == "w2"
+
+
+def test_cache_aware_matches_routed_requests_above_the_threshold() -> None:
+    router = make("cache_aware")
+    prompt = chain(100)
+    first = router.pick(req("r1", prompt), 0.0)
+    assert first.reason == "least_loaded" and first.worker_id == "w0"  # empty trees: least loaded, first
+    router.on_complete("r1", 1.0, "stop", 1)
+    hold(router, "w2", prompt)  # events do not feed SGLang's tree
+    d = router.pick(req("r2", prompt[:60] + chain(40, base=7000)), 1.0)  # 60% matched > 0.3
+    assert (d.worker_id, d.reason) == ("w0", "cache")  # r2 stays in flight there
+    d = router.pick(req("r3", prompt[:20] + chain(80, base=8000)), 1.0)  # 20% <= 0.3: least loaded
+    assert (d.worker_id, d.reason) == ("w1", "least_loaded")
+
+
+def test_cache_aware_gate_sends_imbalanced_load_to_the_shortest_queue() -> None:
+    router = make("cache_aware", n=2, balance_abs_threshold=4, balance_rel_threshold=1.5)
+    prompt = chain(64)
+    for i in range(5):  # all match w0's tree: it fills while w1 stays empty
+        d = router.pick(req(f"r{i}", prompt), 0.0)
+        assert d.worker_id == "w0", i
+    d = router.pick(req("r5", prompt), 0.0)  # 5 - 0 > 4 and 5 > 1.5 x 0
+    assert (d.worker_id, d.reason) == ("w1", "balance")
+
+
+def test_session_kv_prefers_the_worker_holding_more_of_the_prompt() -> None:
+    router = make("session_kv")
+    prompt = chain(200)
+    hold(router, "w1", prompt[:150])
+    hold(router, "w2", prompt[:50])
+    d = router.pick(req("r1", prompt), 0.0)
+    assert (d.worker_id, d.overlap_blocks, d.reason) == ("w1", 150, "overlap")
+    expected_ms = (200 - 150) * BS / RouterConfig().default_prefill_tok_s * 1000
+    assert d.estimated_cost == pytest.approx(expected_ms)
+
+
+def test_session_kv_avoids_a_cached_worker_whose_queue_makes_it_slower() -> None:
+    router = make("session_kv")
+    prompt = chain(200)  # 3,200 tokens
+    hold(router, "w1", prompt[:150])
+    hold(router, "w2", prompt[:100])
+    load(router, "w1", prefill=2000)  # (2000 + 800) / speed > (0 + 1600) / speed
+    load(router, "w2", prefill=0)
+    load(router, "w0", prefill=0)
+    d = router.pick(req("r1", prompt), 0.0)
+    assert d.worker_id == "w2"
+    load(router, "w1", prefill=700)  # (700 + 800) < 1600: the cache wins again
+    assert router.pick(req("r2", prompt), 0.1).worker_id == "w1"
+
+
+def test_session_kv_uses_measured_speed() -> None:
+    router = make("session_kv", n=2)
+    prompt = chain(100)
+    hold(router, "w0", prompt[:50])
+    load(router, "w0", 0, speed=1_000.0)  # holds half but prefills 10x slower
+    load(router, "w1", 0, speed=10_000.0)
+    assert router.pick(req("r1", prompt), 0.0).worker_id == "w1"
+
+
+def test_session_kv_counts_routed_blocks_before_events_confirm_them() -> None:
+    router = make("session_kv", prior_ttl_s=5.0)
+    turn1 = chain(100)
+    w = router.pick(req("r1", turn1, "s"), 0.0).worker_id
+    router.on_complete("r1", 1.0, "tool_calls", 10)
+    turn2 = turn1 + chain(20, base=9000)
+    d = router.pick(req("r2", turn2, "s"), 2.0)  # no event arrived yet: the prior holds
+    assert (d.worker_id, d.overlap_blocks, d.reason) == (w, 100, "session")
+    other = next(x for x in router.workers() if x != w)
+    hold(router, other, turn2[:110])
+    router.on_complete("r2", 3.0, "stop", 10)
+    d = router.pick(req("r3", turn2 + chain(5, base=9500), "s"), 20.0)  # prior expired, no events for w
+    assert d.worker_id == other
+
+
+def test_session_kv_spreads_a_prefix_every_worker_holds() -> None:
+    router = make("session_kv", n=4)
+    system = chain(64)
+    for i in range(4):
+        hold(router, f"w{i}", system)
+    picks = Counter(
+        router.pick(req(f"r{i}", system + chain(8, base=10_000 + 100 * i)), 0.0).worker_id for i in range(8)
+    )
+    assert sorted(picks.values()) == [2, 2, 2, 2]  # in-flight prefill counts: no single hot worker
+
+
+def test_session_kv_affinity_breaks_near_ties() -> None:
+    router = make("session_kv", n=2)
+    prompt = chain(10)
+    first = router.pick(req("r1", prompt, "s"), 0.0).worker_id
+    router.on_complete("r1", 1.0, "stop", 1)
+    other = "w1" if first == "w0" else "w0"
+    load(router, first, 10, now=100.0)  # a few queued tokens: slower by well under the tolerance
+    load(router, other, 0, now=100.0)
+    d = router.pick(req("r2", prompt, "s"), 100.0)
+    assert (d.worker_id, d.reason) == (first, "session")
+
+
+@pytest.mark.parametrize(
+    "policy",
+    ["round_robin", "random", "least_loaded", "session_sticky", "kv_overlap", "cache_aware", "session_kv"],
+)
+def test_every_decision_carries_worker_overlap_cost_and_reason(policy: str) -> None:
+    router = make(policy)
+    prompt = chain(30)
+    hold(router, "w0", prompt)
+    d = router.pick(req("r1", prompt, "s"), 0.0)
+    assert d.worker_id in router.workers()
+    assert d.overlap_blocks == (30 if d.worker_id == "w0" else 0)
+    assert isinstance(d.estimated_cost, float) and d.reason

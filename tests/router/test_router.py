@@ -1,0 +1,179 @@
+"""The Router facade as the gateway and the simulator drive it: streams, dumps, sessions, pins, expiry."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.config import RouterConfig
+from router.protocol import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    CachedBlock,
+    KvEventBatch,
+    KvStateDump,
+    PinHint,
+    WorkerRegistration,
+)
+from router.request import RouteRequest
+from router.router import NoWorkerError, Router
+
+BS = 16
+
+
+def reg(wid: str, epoch: int = 1, model: str = "m", events: bool = True) -> WorkerRegistration:
+    return WorkerRegistration(
+        wid, f"http://{wid}", model, BS, 1000, "mock", epoch, 0.0, publishes_events=events
+    )
+
+
+def batch(wid: str, seq: int, *events, epoch: int = 1) -> KvEventBatch:
+    return KvEventBatch(wid, epoch, seq, 0.0, list(events))
+
+
+def req(rid: str, blocks: list[int], session: str | None = None, tool: bool = False) -> RouteRequest:
+    return RouteRequest(rid, "m", blocks, len(blocks) * BS, session, tool_call_pending=tool)
+
+
+@pytest.fixture
+def router() -> Router:
+    r = Router(config=RouterConfig(pin_min_s=5.0, pin_max_s=120.0, think_default_s=10.0, pin_factor=1.5))
+    r.add_worker(reg("a"), 0.0)
+    r.add_worker(reg("b"), 0.0)
+    return r
+
+
+def test_unknown_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown policy"):
+        Router(policy="nope")
+
+
+def test_sequence_gaps_duplicates_and_restarts(router: Router) -> None:
+    idx = router.index
+    assert router.apply_kv_batch(batch("a", 0, BlockStored([1, 2, 3])), 0.0)
+    assert router.apply_kv_batch(batch("a", 0, BlockRemoved([1])), 0.0)  # duplicate: ignored
+    assert idx.overlap([1, 2, 3]) == {"a": 3}
+    assert not router.apply_kv_batch(batch("a", 2, BlockStored([4], 3)), 0.0)  # seq 1 lost: ask a dump
+    assert idx.overlap([1, 2, 3, 4]) == {"a": 4}  # still applied, best effort
+    assert router.apply_kv_batch(batch("a", 3, BlockRemoved([4])), 0.0)
+    assert not router.apply_kv_batch(batch("a", 5, BlockStored([7]), epoch=2), 0.0)  # restart, mid-stream
+    assert idx.overlap([1, 2, 3]) == {}
+    assert router.apply_kv_batch(batch("a", 4, BlockStored([1]), epoch=1), 0.0)  # the old process: ignored
+    assert idx.overlap([1]) == {}
+    assert router.apply_kv_batch(batch("b", 0, BlockStored([1]), AllBlocksCleared(), BlockStored([9])), 0.0)
+    assert idx.overlap([9]) == {"b": 1} and idx.overlap([1]) == {}
+
+
+def test_a_first_batch_that_is_not_the_start_asks_for_a_dump(router: Router) -> None:
+    assert not router.apply_kv_batch(batch("a", 7, BlockStored([1])), 0.0)
+    dump = KvStateDump("a", 1, 9, [CachedBlock(1, None), CachedBlock(2, 1), CachedBlock(5, None, "host")])
+    router.apply_state_dump(dump, 0.0)
+    assert router.index.overlap([1, 2]) == {"a": 2}
+    assert router.index.overlap([5], "host") == {"a": 1}
+    assert router.apply_kv_batch(batch("a", 9, BlockRemoved([2])), 0.0)  # covered by the dump
+    assert router.index.overlap([1, 2]) == {"a": 2}
+    assert router.apply_kv_batch(batch("a", 10, BlockRemoved([2])), 0.0)
+    assert router.index.overlap([1, 2]) == {"a": 1}
+
+
+def test_removing_a_worker_drops_its_blocks_and_routes_elsewhere(router: Router) -> None:
+    router.apply_kv_batch(batch("a", 0, BlockStored([1, 2, 3])), 0.0)
+    router.remove_worker("a")
+    assert router.workers() == ["b"]
+    assert router.index.overlap([1, 2, 3]) == {}
+    assert router.pick(req("r1", [1, 2, 3]), 0.0).worker_id == "b"
+    router.add_worker(reg("a"), 1.0)
+    assert router.index.overlap([1, 2, 3]) == {}
+
+
+def test_a_reregistration_with_a_new_epoch_forgets_the_old_blocks(router: Router) -> None:
+    router.apply_kv_batch(batch("a", 0, BlockStored([1, 2, 3])), 0.0)
+    router.add_worker(reg("a"), 1.0)  # heartbeat: same epoch, nothing changes
+    assert router.index.overlap([1, 2, 3]) == {"a": 3}
+    router.add_worker(reg("a", epoch=2), 2.0)
+    assert router.index.overlap([1, 2, 3]) == {}
+
+
+def test_no_worker_left_raises_a_lookup_error(router: Router) -> None:
+    with pytest.raises(NoWorkerError):
+        router.pick(req("r1", [1]), 0.0, exclude=frozenset({"a", "b"}))
+    assert issubclass(NoWorkerError, LookupError)
+    with pytest.raises(NoWorkerError):
+        Router().pick(req("r1", [1]), 0.0)
+
+
+def test_candidates_are_the_workers_of_the_requested_model() -> None:
+    router = Router(policy="round_robin")
+    router.add_worker(reg("a", model="small"), 0.0)
+    router.add_worker(reg("b", model="large"), 0.0)
+    assert {router.pick(RouteRequest(f"r{i}", "large", [], 1), 0.0).worker_id for i in range(4)} == {"b"}
+
+
+def test_sessions_are_explicit_or_inferred_from_the_chain_they_extend(router: Router) -> None:
+    assert router.resolve_session("abc", [1, 2]) == "abc"
+    long_id = "x" * 10_000
+    assert router.resolve_session(long_id, []) == router.resolve_session(long_id, [5])
+    assert len(router.resolve_session(long_id, [])) < 100
+    first = router.resolve_session(None, [10, 11, 12])
+    router.pick(req("r1", [10, 11, 12], first), 0.0)
+    assert router.resolve_session(None, [10, 11, 12, 13, 14]) == first  # the next turn
+    assert router.resolve_session(None, [10, 99]) != first
+    assert router.resolve_session(None, []) != router.resolve_session(None, [])  # nothing to go by
+
+
+def test_a_tool_call_turn_returns_a_pin_for_its_expected_tool_time(router: Router) -> None:
+    chain = list(range(100, 140))
+    d = router.pick(req("r1", chain, "s"), 0.0)
+    hint = router.on_complete("r1", 1.0, "tool_calls", 20)
+    assert hint == (d.worker_id, PinHint("s", chain, 15.0))  # default think time 10 s x 1.5
+    router.pick(req("r2", [*chain, 1, 2], "s"), 41.0)  # the tool took 40 s
+    _, pin = router.on_complete("r2", 42.0, "tool_calls", 20)
+    assert pin.ttl_s == pytest.approx(1.5 * 40)  # the first gap seen replaces the default
+    router.pick(req("r3", [*chain, 1, 2, 3], "s"), 52.0)  # 10 s this time: EWMA
+    assert router.on_complete("r3", 53.0, "tool_calls", 5)[1].ttl_s == pytest.approx(
+        1.5 * (0.3 * 10 + 0.7 * 40)
+    )
+    router.pick(req("r3", [*chain, 1, 2, 3], "s"), 4000.0)  # a long gap: bounded
+    assert router.on_complete("r3", 4001.0, "tool_calls", 5)[1].ttl_s == 120.0
+    router.pick(req("r4", [*chain, 1, 2, 3, 4], "s"), 4002.0)
+    assert router.on_complete("r4", 4003.0, "stop", 5) is None  # ended normally: no pin
+    session = router.sessions.get("s")
+    assert session.turns == 5 and session.last_finish_reason == "stop"
+    assert session.attained_tokens > 0
+
+
+def test_pins_when_the_request_said_a_tool_call_is_pending_but_not_on_failure(router: Router) -> None:
+    router.pick(req("r1", [1, 2, 3], "s", tool=True), 0.0)
+    assert router.on_complete("r1", 1.0, "stop", 5) is not None
+    router.pick(req("r2", [1, 2, 3, 4], "s"), 2.0)
+    assert router.on_complete("r2", 3.0, "tool_calls", 5, ok=False) is None
+    assert router.on_complete("r2", 3.0, "tool_calls", 5) is None  # already completed
+    assert router.on_complete("never-picked", 3.0, "tool_calls", 5) is None
+
+
+def test_approximate_mode_counts_routed_blocks_until_their_ttl() -> None:
+    router = Router(policy="kv_overlap", config=RouterConfig(approx_ttl_s=60.0))
+    router.add_worker(reg("a", events=False), 0.0)
+    router.add_worker(reg("b", events=False), 0.0)
+    chain = list(range(1, 51))
+    first = router.pick(req("r1", chain), 0.0)
+    router.on_complete("r1", 1.0, "stop", 1)
+    again = router.pick(req("r2", chain), 10.0)
+    assert again.worker_id == first.worker_id and again.overlap_blocks == 50
+    router.on_complete("r2", 11.0, "stop", 1)
+    router.expire(100.0)
+    assert router.pick(req("r3", chain), 100.0).overlap_blocks == 0
+    assert router.apply_kv_batch(batch("a", 0, BlockStored([1])), 100.0)  # silent worker: ignored
+
+
+def test_expire_drops_lost_requests_and_idle_sessions() -> None:
+    router = Router(config=RouterConfig(inflight_ttl_s=100.0, prefill_ttl_s=10.0, session_ttl_s=50.0))
+    router.add_worker(reg("a"), 0.0)
+    router.pick(req("r1", [1, 2], "s"), 0.0)
+    assert router.load.requests("a") == 1
+    router.expire(60.0)
+    assert router.sessions.get("s") is None
+    assert router.load.queued_prefill("a", 60.0) == 0 and router.load.requests("a") == 1
+    router.expire(101.0)
+    assert router.load.requests("a") == 0
+    assert router.on_complete("r1", 102.0, "tool_calls", 1) is None
