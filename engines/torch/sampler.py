@@ -13,6 +13,8 @@ import torch
 from engines.runner import SamplingParams
 
 _MASK63 = (1 << 63) - 1
+# Below this, logits / temperature overflows float32 and softmax gives NaN; the limit is greedy anyway.
+MIN_TEMPERATURE = 1e-5
 
 
 def position_seed(seed: int, output_len: int) -> int:
@@ -30,7 +32,7 @@ class Sampler:
     ) -> list[int]:
         """One token per row of `logits` ([N, vocab], float32)."""
         greedy = logits.argmax(dim=-1).tolist()
-        random_rows = [i for i, p in enumerate(params) if p.temperature > 0]
+        random_rows = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
         if not random_rows:
             return greedy
         rows = logits[random_rows].cpu()
@@ -52,6 +54,8 @@ def _top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    drop = mass_before >= top_p
+    drop[:, 0] = False  # the most likely token always stays, even at top_p 0
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return filtered / filtered.sum(dim=-1, keepdim=True)

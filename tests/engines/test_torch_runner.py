@@ -195,10 +195,14 @@ def test_tiny_top_p_and_zero_temperature_are_greedy(runner: TorchRunner) -> None
     pool = BlockPool(runner.num_blocks, seed=12)
     tokens = prompt(25, seed=13)
     greedy = int(runner.logits([chunk("g", tokens, 0, pool.take(2))])[0][-1].argmax())
-    narrow = SamplingParams(temperature=2.0, top_p=1e-6, seed=5)
-    for n in range(5):
-        c = ScheduledChunk("n", tokens, 0, pool.take(2), True, narrow, n)
-        assert runner.execute([c]) == [greedy]
+    for params in (
+        SamplingParams(temperature=2.0, top_p=1e-6, seed=5),
+        SamplingParams(temperature=1.0, top_p=0.0, seed=5),
+        SamplingParams(temperature=1e-30, seed=5),  # would overflow logits / temperature
+    ):
+        for n in range(3):
+            c = ScheduledChunk("n", tokens, 0, pool.take(2), True, params, n)
+            assert runner.execute([c]) == [greedy]
 
 
 def test_non_sampling_chunks_return_none(runner: TorchRunner) -> None:
