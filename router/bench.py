@@ -175,11 +175,13 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     ingest_s, ingest_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
     del churn_batches
 
-    for w in corpus.workers:
-        report = LoadReport(
-            w, 1.0, rng.randrange(4), rng.randrange(4), rng.randrange(8192), 0, 1 << 16, 3e4, 1e3
-        )
-        router.apply_load(report, 1.0)
+    def report_load(now: float) -> None:  # workers report at 10 Hz: fresh reports, as in a live gateway
+        for w in corpus.workers:
+            active = rng.randrange(8192)
+            report = LoadReport(w, now, rng.randrange(4), rng.randrange(4), active, 0, 1 << 16, 3e4, 1e3)
+            router.apply_load(report, now)
+
+    report_load(1.0)
 
     # hashing: a fresh prompt, and a session's next turn of 1,024 tokens on a prompt of that size
     tokens = [rng.randrange(50_000) for _ in range(args.prompt_tokens)]
@@ -209,6 +211,8 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             router.on_first_token(f"r{i - 1}", clock[0])
             router.on_complete(f"r{i - 1}", clock[0], "tool_calls", 256)
         clock[0] += 0.001
+        if i % 100 == 0:
+            report_load(clock[0])
 
     timed_us(route, len(requests), settle)  # warm-up: every session known once
     route_us, route_cpu = timed_us(
