@@ -13,7 +13,7 @@ tracked as a superset (a stale mark only costs speed, never exactness), via pare
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from itertools import islice, repeat
 
@@ -132,7 +132,7 @@ class TierIndex:
     def store(self, bit: int, hashes: Sequence[int], parent: int | None) -> int:
         """Worker `bit` holds `hashes` (a chain continuing `parent`); returns how many were new."""
         held = self._held
-        if not any(map(held.__contains__, hashes)) and len(set(hashes)) == len(hashes):
+        if held.keys().isdisjoint(hashes):
             return self._store_fresh(bit, hashes, parent)
         get = held.get
         children = self._children
@@ -164,7 +164,7 @@ class TierIndex:
         if not isinstance(hashes, list):
             hashes = list(hashes)
         masks = list(map(held.get, hashes))
-        if masks.count(bit) == len(masks) and len(set(hashes)) == len(hashes):
+        if masks.count(bit) == len(masks):
             return self._remove_alone(bit, hashes)
         get = held.get
         children = self._children
@@ -206,6 +206,7 @@ class TierIndex:
             for h in hashes:
                 if h in children:
                     self._adopt(h, bit)  # a returning parent whose children stayed
+        before = len(held)
         held.update(zip(hashes, repeat(bit)))
         # Overwriting a link of a block nobody held loses nothing exactness needs: every worker holding
         # that old child was marked when the block left it.
@@ -218,7 +219,7 @@ class TierIndex:
                 children[parent] = hashes[0]
             elif kids != hashes[0]:
                 self._link(parent, kids, hashes[0])
-        return len(hashes)
+        return len(held) - before  # a block listed twice counts once
 
     def _remove_alone(self, bit: int, hashes: list[int]) -> int:
         """The common case: blocks only this worker held, usually leaf first, so their links die too."""
@@ -227,7 +228,7 @@ class TierIndex:
         if self._orphans:
             for h in hashes:
                 self._unmark(h, bit)
-        deque(map(held.__delitem__, hashes), 0)
+        removed = len(hashes) - list(map(held.pop, hashes, repeat(None))).count(None)
         popped = list(map(children.pop, hashes, repeat(None)))
         if popped.count(None) != len(popped):
             for h, kids in zip(hashes, popped, strict=True):
@@ -244,7 +245,7 @@ class TierIndex:
                     self._dead_parents.append(h)
             if len(self._dead_parents) > 1024 + (len(held) >> 2):
                 self._sweep_dead_parents()
-        return len(hashes)
+        return removed
 
     def clear(self, bit: int) -> int:
         """Drop every block of one worker (a full pass: clears and worker removals are rare)."""
