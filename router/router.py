@@ -213,6 +213,7 @@ class Router:
             s.turns += 1
             s.attained_tokens += prefill
             s.tool_pending = False
+            s.pinned_until = float("-inf")  # it came back: the pin did its job
 
     def on_first_token(self, request_id: str, now: float) -> None:
         self.load.first_token(request_id)
@@ -241,6 +242,7 @@ class Router:
         cfg = self.config
         think = s.think_s if s.think_s is not None else cfg.think_default_s
         ttl = min(cfg.pin_max_s, max(cfg.pin_min_s, cfg.pin_factor * think))
+        s.pinned_until = now + ttl
         return flight.worker_id, PinHint(s.id, list(s.chain), ttl)
 
     def expire(self, now: float) -> None:

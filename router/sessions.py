@@ -22,6 +22,7 @@ class Session:
         "last_done_at",
         "last_finish_reason",
         "last_pick_at",
+        "pinned_until",
         "think_s",
         "tool_pending",
         "turns",
@@ -39,6 +40,7 @@ class Session:
         self.last_pick_at = float("-inf")
         self.last_done_at: float | None = None
         self.tool_pending = False  # the latest turn ended in a tool call
+        self.pinned_until = float("-inf")  # its worker was asked to keep its blocks until then
         self.expires_at = 0.0
 
 

@@ -3,9 +3,10 @@
 Per worker: TTFT = (prefill queued ahead of the request + prefill of the prompt tokens it does not
 hold) / its measured prefill speed. Held tokens: the device-tier prefix counts fully, a longer host-tier
 prefix `host_credit`, a longer disk-tier one `disk_credit`. The session's own worker is credited the
-blocks routed there within `prior_ttl_s` (events may lag the route), and wins whenever it is within the
-affinity tolerance of the best. A prefix every worker holds (system prompt, tool definitions) credits
-them all alike, so the queue decides and no single worker turns hot.
+blocks routed there within `prior_ttl_s` (events may lag the route) or still pinned there (the pin
+hint `on_complete` returned), and wins whenever it is within the affinity tolerance of the best. A
+prefix every worker holds (system prompt, tool definitions) credits them all alike, so the queue
+decides and no single worker turns hot.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class SessionKv(Policy):
         sticky = None
         if session is not None and session.worker_id is not None:
             sticky = session.worker_id
-            if now - session.last_pick_at <= cfg.prior_ttl_s:
+            if now - session.last_pick_at <= cfg.prior_ttl_s or now <= session.pinned_until:
                 prior = common_prefix(session.chain, chain)
                 if prior > overlap.get(sticky, 0):
                     overlap = dict(overlap)

@@ -216,3 +216,17 @@ def test_every_decision_carries_worker_overlap_cost_and_reason(policy: str) -> N
     assert d.worker_id in router.workers()
     assert d.overlap_blocks == (30 if d.worker_id == "w0" else 0)
     assert isinstance(d.estimated_cost, float) and d.reason
+
+
+def test_session_kv_counts_a_pinned_session_as_held_until_the_pin_expires() -> None:
+    router = make("session_kv", prior_ttl_s=1.0, think_default_s=20.0, pin_factor=1.0)
+    turn1 = chain(100)
+    w = router.pick(req("r1", turn1, "s"), 0.0).worker_id
+    worker, pin = router.on_complete("r1", 1.0, "tool_calls", 10)
+    assert worker == w and pin.ttl_s == 20.0
+    other = next(x for x in router.workers() if x != w)
+    hold(router, other, turn1[:60])  # another worker holds part of it; w's events have not come
+    d = router.pick(req("r2", [*turn1, 5], "s"), 15.0)  # past the prior, within the pin
+    assert (d.worker_id, d.overlap_blocks) == (w, 100)
+    router.on_complete("r2", 16.0, "stop", 10)  # ended normally: no new pin
+    assert router.pick(req("r3", [*turn1, 5, 6], "s"), 30.0).worker_id == other
