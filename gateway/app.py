@@ -98,7 +98,9 @@ class Gateway:
 
     async def _start(self, _app: web.Application) -> None:
         self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30), auto_decompress=False
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies, and skips their cost
         )
         await self.bus.start()
 
