@@ -58,37 +58,30 @@ class TorchRunner:
             torch.set_num_threads(threads or default_threads())
         # bf16 halves memory and is what GPUs are fast at; CPU matmuls are fastest in fp32.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.tokenizer: Tokenizer
-        if model_path is None:
-            self.tokenizer = ByteTokenizer()
-            self.model_name = TINY_MODEL_NAME
-            self.model = CausalLM(config or tiny_config(self.tokenizer.vocab_size))
-            self.model.init_random(seed)
-            self.model = self.model.to(self.device, self.dtype).eval()
-        else:
-            self.model = load_checkpoint(model_path, self.device, self.dtype)
-            tok_file = tokenizer_path(model_path)
-            self.tokenizer = HFTokenizer(str(tok_file)) if tok_file else ByteTokenizer()
-            self.model_name = Path(model_path).resolve().name
+        self.model, self.tokenizer, self.model_name = self._build(model_path, config, seed)
         self.config = self.model.config
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(
                 f"tokenizer has {self.tokenizer.vocab_size} tokens, the model only {self.config.vocab_size}"
             )
         self.max_model_len = self.config.max_position_embeddings
-        self.kv_cache = torch.zeros(
-            (
-                self.config.num_layers,
-                2,
-                num_blocks,
-                block_size,
-                self.config.num_kv_heads,
-                self.config.dims_per_head,
-            ),
-            dtype=self.dtype,
-            device=self.device,
-        )
+        shape = (self.config.num_layers, 2, num_blocks, block_size, self.config.num_kv_heads)
+        self.kv_cache = torch.zeros((*shape, self.config.dims_per_head), dtype=self.dtype, device=self.device)
         self._sampler = Sampler(seed)
+
+    def _build(
+        self, model_path: str | None, config: ModelConfig | None, seed: int
+    ) -> tuple[CausalLM, Tokenizer, str]:
+        """The model, its tokenizer and its served name."""
+        if model_path is None:
+            tokenizer = ByteTokenizer()
+            model = CausalLM(config or tiny_config(tokenizer.vocab_size))
+            model.init_random(seed)
+            return model.to(self.device, self.dtype).eval(), tokenizer, TINY_MODEL_NAME
+        model = load_checkpoint(model_path, self.device, self.dtype)
+        tok_file = tokenizer_path(model_path)
+        tokenizer = HFTokenizer(str(tok_file)) if tok_file else ByteTokenizer()
+        return model, tokenizer, Path(model_path).resolve().name
 
     @property
     def kv_cache_bytes(self) -> int:
