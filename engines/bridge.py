@@ -19,19 +19,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 import msgspec
-import nats
 import zmq
 import zmq.asyncio
-from nats.aio.client import Client as NATS
-from nats.js import api
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from prometheus_client.parser import text_string_to_metric_families
 
+from engines.engine import EngineLoad
+from engines.publisher import Publisher
 from router.hashing import block_hashes, hash_seed
 from router.protocol import (
     AllBlocksCleared,
@@ -39,20 +37,15 @@ from router.protocol import (
     BlockStored,
     CachedBlock,
     KvEvent,
-    KvEventBatch,
-    KvStateDump,
-    LoadReport,
-    ProtocolError,
-    StateDumpRequest,
     Subjects,
     Tier,
     WorkerRegistration,
     check_token,
-    decode,
-    encode,
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 EngineKind = Literal["vllm", "sglang"]
 EngineHash = int | bytes
@@ -60,6 +53,7 @@ EngineHash = int | bytes
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a batch beyond this is not a KV event batch; ZMQ drops it
 MAX_EVENTS_PER_PUBLISH = 4096  # our batches stay well under the NATS max payload
 END_OF_REPLAY = -1
+LOAD_REPORTS_OFF_S = 3600.0  # without /metrics, one zero report at start and hourly after
 _U64 = (1 << 64) - 1
 
 
@@ -367,94 +361,37 @@ def parse_metrics(text: str) -> EngineMetrics:
     )
 
 
-# --- the bus side
+# --- what the worker publisher reads from an engine
 
 
-class BusPublisher:
-    """A worker's presence on the bus: registration with heartbeat, KV batches on JetStream,
-    load reports, and state dumps on request.
+class RemoteEngine:
+    """The engine as `engines.publisher.Publisher` sees it (its `loop` and `loop.engine`), for an
+    engine in another process: the blocks the bridge translated, and the load scraped from /metrics.
 
-    `dump` is called for each `StateDumpRequest`. The stream and bucket are created when missing;
-    when a worker created them first, their configuration is kept.
+    vLLM and SGLang take no pin hints, so pins are acknowledged and ignored.
     """
 
-    STREAM_MAX_AGE_S = 3600.0
-    STREAM_MAX_BYTES = 1 << 30
-
-    def __init__(self, nc: NATS, subjects: Subjects, registration: WorkerRegistration) -> None:
-        self.nc = nc
-        self.js = nc.jetstream()
-        self.subjects = subjects
-        self.registration = registration
-        self.seq = -1
-        self._kv: Any = None
-        self._sub: Any = None
+    def __init__(self, translator: EventTranslator) -> None:
+        self.translator = translator
+        self.latest = EngineLoad(0, 0, 0, 0, 0, 0.0, 0.0)
+        self.on_events: Callable[[list[KvEvent]], None] | None = None  # set by the Publisher
+        self.on_finished: Callable[[], None] | None = None
 
     @property
-    def worker_id(self) -> str:
-        return self.registration.worker_id
+    def engine(self) -> RemoteEngine:
+        return self
 
-    async def start(self, dump: Any) -> None:
-        await self._ensure_stream()
-        self._kv = await self._ensure_bucket()
+    async def call(self, fn: Callable[[], T]) -> T:
+        return fn()
 
-        async def on_dump(msg: Any) -> None:
-            try:
-                decode(msg.data, StateDumpRequest)
-            except ProtocolError as exc:
-                log.warning("ignoring a malformed dump request: %s", exc)
-                return
-            await msg.respond(encode(dump()))
+    def load(self) -> EngineLoad:
+        return self.latest
 
-        self._sub = await self.nc.subscribe(self.subjects.dump(self.worker_id), cb=on_dump)
-        await self.heartbeat()
+    def cached_blocks(self) -> list[CachedBlock]:
+        return self.translator.cached_blocks()
 
-    async def _ensure_stream(self) -> None:
-        try:
-            await self.js.stream_info(self.subjects.kv_stream)
-        except NotFoundError:
-            config = api.StreamConfig(
-                name=self.subjects.kv_stream,
-                subjects=[self.subjects.kv_all],
-                max_age=self.STREAM_MAX_AGE_S,
-                max_bytes=self.STREAM_MAX_BYTES,
-                discard=api.DiscardPolicy.OLD,
-            )
-            with contextlib.suppress(BadRequestError):  # created meanwhile by a worker
-                await self.js.add_stream(config)
-
-    async def _ensure_bucket(self) -> Any:
-        try:
-            return await self.js.key_value(self.subjects.registry_bucket)
-        except (BucketNotFoundError, NotFoundError):
-            return await self.js.create_key_value(bucket=self.subjects.registry_bucket, history=1)
-
-    async def heartbeat(self) -> None:
-        self.registration = msgspec.structs.replace(self.registration, heartbeat_ts=time.time())
-        await self._kv.put(self.worker_id, encode(self.registration))
-
-    async def publish_events(self, events: list[KvEvent]) -> None:
-        for start in range(0, len(events), MAX_EVENTS_PER_PUBLISH):
-            self.seq += 1
-            batch = KvEventBatch(
-                worker_id=self.worker_id,
-                epoch=self.registration.epoch,
-                seq=self.seq,
-                ts=time.time(),
-                events=events[start : start + MAX_EVENTS_PER_PUBLISH],
-            )
-            await self.js.publish(self.subjects.kv(self.worker_id), encode(batch))
-
-    async def publish_load(self, report: LoadReport) -> None:
-        await self.nc.publish(self.subjects.load(self.worker_id), encode(report))
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-        if self._kv is not None:
-            with contextlib.suppress(Exception):  # the bus may already be gone; the TTL covers it
-                await self._kv.delete(self.worker_id)
+    def pin(self, session_id: str, block_hashes: list[int], ttl_s: float) -> int:
+        return 0
 
 
 # --- the bridge
@@ -493,11 +430,19 @@ class Bridge:
         self.gaps = 0
         self.restarts = 0
         self._ctx = zmq.asyncio.Context()
-        self._nc: NATS | None = None
-        self.bus: BusPublisher | None = None
+        self.remote = RemoteEngine(self.translator)
         self._num_blocks = config.num_blocks
+        self._epoch = time.time_ns()
+        self.publisher = Publisher(
+            config.nats_url,
+            Subjects(config.namespace),
+            self.remote,  # type: ignore[arg-type]  # the loop interface the Publisher drives
+            self.registration,
+            load_interval_s=config.metrics_interval_s or LOAD_REPORTS_OFF_S,
+            heartbeat_interval_s=config.heartbeat_s,
+        )
         self._last_scrape: tuple[float, EngineMetrics] | None = None
-        self.ready = asyncio.Event()
+        self._stopping = asyncio.Event()
 
     def registration(self) -> WorkerRegistration:
         c = self.config
@@ -508,53 +453,64 @@ class Bridge:
             block_size=c.block_size,
             num_blocks=self._num_blocks,
             engine=c.engine,
-            epoch=time.time_ns(),
+            epoch=self._epoch,
             heartbeat_ts=time.time(),
             tokenizer=c.tokenizer,
         )
 
-    def dump(self) -> KvStateDump:
-        assert self.bus is not None
-        return KvStateDump(
-            self.config.worker_id, self.bus.registration.epoch, self.bus.seq, self.translator.cached_blocks()
-        )
-
     async def run(self) -> None:
-        self._nc = await nats.connect(self.config.nats_url, max_reconnect_attempts=-1)
-        self.bus = BusPublisher(self._nc, Subjects(self.config.namespace), self.registration())
+        """Publish until `stop()`; the engine's events are followed (and queued) while NATS connects."""
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, self.config.topic.encode())
         sub.connect(self.config.zmq_endpoint)
-        tasks: list[asyncio.Task[None]] = []
+        scraper: asyncio.Task[None] | None = None
         try:
-            await self.bus.start(self.dump)
-            tasks.append(asyncio.create_task(self._heartbeats()))
+            await self.publisher.start()
             if self.config.metrics_interval_s > 0:
-                tasks.append(asyncio.create_task(self._scrape_metrics()))
-            self.ready.set()
-            log.info(
-                "bridge %s: %s -> %s", self.config.worker_id, self.config.zmq_endpoint, self.config.nats_url
-            )
+                scraper = asyncio.create_task(self._scrape_metrics())
+            c = self.config
+            log.info("bridge %s: %s -> %s", c.worker_id, c.zmq_endpoint, c.nats_url)
             await self._follow(sub)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if scraper is not None:
+                scraper.cancel()
+                await asyncio.gather(scraper, return_exceptions=True)
             sub.close(linger=0)
-            await self.bus.stop()
-            await self._nc.drain()
+            await self.publisher.stop()
             self._ctx.term()
 
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once the bridge is on the bus (connected, stream and bucket in place)."""
+        return self.publisher.ready
+
+    def stop(self) -> None:
+        """Finish the message in hand, deregister and return from `run`."""
+        self._stopping.set()
+
     async def _follow(self, sub: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await sub.recv_multipart()
-            if len(frames) != 3 or len(frames[1]) != 8:
-                self.malformed += 1
-                log.warning("dropping a ZMQ message of %d frames (expected topic, seq, payload)", len(frames))
-                continue
-            await self.on_message(int.from_bytes(frames[1], "big", signed=True), frames[2])
+        # Stopping is a flag rather than a task cancel: a cancel that races a reply inside pyzmq or
+        # nats-py (asyncio.wait_for on 3.11) can be lost, and a bridge must always stop.
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                receiving = asyncio.ensure_future(sub.recv_multipart())
+                await asyncio.wait((receiving, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if not receiving.done():
+                    receiving.cancel()
+                    return
+                await self._on_frames(receiving.result())
+        finally:
+            stopping.cancel()
+
+    async def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 3 or len(frames[1]) != 8:
+            self.malformed += 1
+            log.warning("dropping a ZMQ message of %d frames (expected topic, seq, payload)", len(frames))
+            return
+        await self.on_message(int.from_bytes(frames[1], "big", signed=True), frames[2])
 
     async def on_message(self, seq: int, payload: bytes) -> None:
         """One live message from the PUB socket: check its sequence number, then apply it."""
@@ -565,7 +521,7 @@ class Bridge:
         if last is not None and seq <= last:
             self.restarts += 1
             log.warning("engine sequence went back from %d to %d: engine restarted, clearing", last, seq)
-            await self._publish(self.translator.clear())
+            self._publish(self.translator.clear())
             last = self.last_seq = None
         expected = 0 if last is None else last + 1
         if seq > expected and (last is not None or self.config.replay_endpoint is not None):
@@ -575,7 +531,7 @@ class Bridge:
                 return
             if last is not None:
                 log.warning("missed engine batches %d..%d and could not replay: clearing", expected, seq - 1)
-                await self._publish(self.translator.clear())
+                self._publish(self.translator.clear())
         await self._apply(seq, payload)
 
     async def _apply(self, seq: int, payload: bytes) -> None:
@@ -587,11 +543,11 @@ class Bridge:
             log.warning("dropping malformed engine batch %d: %s", seq, exc)
             return
         self.malformed += batch.skipped
-        await self._publish(self.translator.translate(batch.events))
+        self._publish(self.translator.translate(batch.events))
 
-    async def _publish(self, events: list[KvEvent]) -> None:
-        if events and self.bus is not None:
-            await self.bus.publish_events(events)
+    def _publish(self, events: list[KvEvent]) -> None:
+        if events:
+            self.publisher.add_events(events)
 
     async def _replay(self, start: int, needed: int) -> bool:
         """Apply the engine's buffered batches from `start`; True when they reach `needed`."""
@@ -625,25 +581,12 @@ class Bridge:
                     continue
                 if seq > expected and self.last_seq is not None:
                     log.warning("replay starts at %d, after %d: clearing", seq, expected)
-                    await self._publish(self.translator.clear())
+                    self._publish(self.translator.clear())
                 await self._apply(seq, frames[1])
                 self._dedupe_until = seq
                 reached = reached or seq >= needed
         finally:
             dealer.close(linger=0)
-
-    async def _heartbeats(self) -> None:
-        assert self.bus is not None
-        while True:
-            await asyncio.sleep(self.config.heartbeat_s)
-            try:
-                if self._num_blocks != self.bus.registration.num_blocks:
-                    self.bus.registration = msgspec.structs.replace(
-                        self.bus.registration, num_blocks=self._num_blocks
-                    )
-                await self.bus.heartbeat()
-            except Exception as exc:  # NATS down: keep trying; the client reconnects
-                log.warning("heartbeat failed: %s", exc)
 
     async def _scrape_metrics(self) -> None:
         url = self.config.url.rstrip("/") + "/metrics"
@@ -654,15 +597,15 @@ class Bridge:
                     async with session.get(url) as resp:
                         resp.raise_for_status()
                         text = await resp.content.read(8 * 1024 * 1024)
-                    await self._report(parse_metrics(text.decode(errors="replace")))
+                    self._observe(parse_metrics(text.decode(errors="replace")))
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # engine restarting, or a page we cannot parse
                     log.debug("metrics scrape of %s failed: %s", url, exc)
                 await asyncio.sleep(self.config.metrics_interval_s)
 
-    async def _report(self, metrics: EngineMetrics) -> None:
-        assert self.bus is not None
+    def _observe(self, metrics: EngineMetrics) -> None:
+        """The load the Publisher reports next (its reports follow the scrape interval)."""
         now = time.monotonic()
         if metrics.num_blocks:
             self._num_blocks = metrics.num_blocks
@@ -674,16 +617,12 @@ class Bridge:
             decode_rate = max(0.0, metrics.generation_tokens - prev.generation_tokens) / dt
         self._last_scrape = (now, metrics)
         total = self._num_blocks or USAGE_SCALE
-        await self.bus.publish_load(
-            LoadReport(
-                worker_id=self.config.worker_id,
-                ts=time.time(),
-                running=metrics.running,
-                waiting=metrics.waiting,
-                active_prefill_tokens=0,
-                used_blocks=round(metrics.kv_usage * total),
-                total_blocks=total,
-                prefill_tok_s=prefill_rate,
-                decode_tok_s=decode_rate,
-            )
+        self.remote.latest = EngineLoad(
+            running=metrics.running,
+            waiting=metrics.waiting,
+            active_prefill_tokens=0,  # not exposed by either engine
+            used_blocks=round(metrics.kv_usage * total),
+            total_blocks=total,
+            prefill_tok_s=prefill_rate,
+            decode_tok_s=decode_rate,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 
 from engines.bridge import Bridge, BridgeConfig
 from router.protocol import ProtocolError
@@ -73,5 +74,13 @@ def run(args: argparse.Namespace) -> int:
     except (ProtocolError, ValueError) as exc:
         print(f"kvgate bridge: {exc}")
         return 2
-    asyncio.run(bridge.run())
+    asyncio.run(_serve(bridge))
     return 0
+
+
+async def _serve(bridge: Bridge) -> None:
+    # SIGTERM (a pod stopping) deregisters the worker cleanly instead of waiting for its heartbeat to lapse.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, bridge.stop)
+    await bridge.run()

@@ -149,7 +149,7 @@ def test_default_values_render_valid_manifests() -> None:
     assert flag(wk["args"], "--engine") == "mock"
     assert flag(wk["args"], "--worker-id") == "$(POD_NAME)"
     # Each worker registers the DNS name the headless Service gives its own pod.
-    assert flag(wk["args"], "--url") == "http://$(POD_NAME).demo-kvgate-worker.llm.svc:8000"
+    assert flag(wk["args"], "--advertise-url") == "http://$(POD_NAME).demo-kvgate-worker.llm.svc:8000"
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in wk["env"]
     assert "nvidia.com/gpu" not in wk["resources"].get("limits", {})
 
@@ -237,6 +237,7 @@ def test_bridges_replace_builtin_workers() -> None:
                         "replay": "tcp://vllm-0.vllm:5558",
                         "model": "meta-llama/Llama-3.1-8B-Instruct",
                         "blockSize": 16,
+                        "tokenizer": "/models/llama/tokenizer.json",
                     },
                     {
                         "name": "sglang-0",
@@ -260,11 +261,12 @@ def test_bridges_replace_builtin_workers() -> None:
     assert flag(vllm, "--zmq") == "tcp://vllm-0.vllm:5557"
     assert flag(vllm, "--replay") == "tcp://vllm-0.vllm:5558"
     assert flag(vllm, "--worker-id") == "vllm-0"
+    assert flag(vllm, "--tokenizer") == "/models/llama/tokenizer.json"
     assert flag(vllm, "--nats") == "nats://nats.infra:4222"
     sglang = bridges["demo-kvgate-bridge-sglang-0"]
     assert flag(sglang, "--engine") == "sglang"
     assert flag(sglang, "--block-size") == "1"
-    assert "--replay" not in sglang
+    assert "--replay" not in sglang and "--tokenizer" not in sglang
     for args in bridges.values():
         check_cli(args, "bridge")
     assert "vllm-0 (vllm), sglang-0 (sglang)" in notes(values)

@@ -1,0 +1,531 @@
+"""The vLLM/SGLang event bridge against a real ZMQ publisher and a real nats-server.
+
+The publisher in these tests sends the exact frames vLLM's `ZmqEventPublisher` sends (topic, 8-byte
+big-endian seq, msgpack EventBatch), with the events encoded by msgspec tagged structs as vLLM defines
+them: the newer map layout (`{"type": "BlockStored", ...}`) and the older positional one
+(`["BlockStored", hashes, ...]`, also SGLang's), and answers replay requests on a ROUTER socket the
+way vLLM does. It binds an XPUB socket (a PUB that also reports subscriptions) only so a test can wait
+until the bridge has subscribed instead of losing its first messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+import zmq
+import zmq.asyncio
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from engines.bridge import (
+    Bridge,
+    BridgeConfig,
+    EventTranslator,
+    WireError,
+    decode_batch,
+    parse_metrics,
+)
+from gateway.cli import main as kvgate_main
+from gateway.natsd import free_port
+from router.hashing import block_hashes, hash_seed
+from router.protocol import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KvEventBatch,
+    KvStateDump,
+    LoadReport,
+    StateDumpRequest,
+    Subjects,
+    WorkerRegistration,
+    decode,
+    encode,
+)
+
+B = 16
+WORKER = "vllm-0"
+TOKENS = list(range(1000, 1000 + 4 * B))  # 4 full blocks
+
+# --- vLLM's event structs, newer (map, tag key "type") and older (positional) layouts
+
+
+class MapStored(msgspec.Struct, tag="BlockStored", omit_defaults=True):
+    block_hashes: list[int | bytes]
+    parent_block_hash: int | bytes | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None  # a newer field the bridge does not know
+
+
+class MapRemoved(msgspec.Struct, tag="BlockRemoved", omit_defaults=True):
+    block_hashes: list[int | bytes]
+    medium: str | None
+    group_idx: int | None = None
+
+
+class MapCleared(msgspec.Struct, tag="AllBlocksCleared"):
+    pass
+
+
+class MapBatch(msgspec.Struct, omit_defaults=True):
+    ts: float
+    events: list[MapStored | MapRemoved | MapCleared]
+    data_parallel_rank: int | None = None
+
+
+class ArrayStored(msgspec.Struct, tag="BlockStored", array_like=True):
+    block_hashes: list[int | bytes]
+    parent_block_hash: int | bytes | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+
+
+class ArrayRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True):
+    block_hashes: list[int | bytes]
+    medium: str | None
+
+
+class ArrayCleared(msgspec.Struct, tag="AllBlocksCleared", array_like=True):
+    pass
+
+
+class ArrayBatch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[ArrayStored | ArrayRemoved | ArrayCleared]
+    data_parallel_rank: int | None = None
+
+
+def map_batch(*events: Any) -> bytes:
+    return msgspec.msgpack.encode(MapBatch(time.time(), list(events), 0))
+
+
+def array_batch(*events: Any) -> bytes:
+    return msgspec.msgpack.encode(ArrayBatch(time.time(), list(events), None))
+
+
+def stored(
+    hashes: list[Any], parent: Any, tokens: list[int], medium: str | None = "GPU", **kw: Any
+) -> MapStored:
+    return MapStored(hashes, parent, tokens, B, None, medium, kw.pop("lora_name", None), **kw)
+
+
+# --- a publisher speaking vLLM's ZMQ protocol
+
+
+class EnginePublisher:
+    """vLLM's ZmqEventPublisher, wire-for-wire: PUB frames and a ROUTER replay buffer."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, topic: str = "kv-events") -> None:
+        self.topic = topic.encode()
+        self.pub = ctx.socket(zmq.XPUB)
+        self.pub_port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+        self.router = ctx.socket(zmq.ROUTER)
+        self.replay_port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.buffer: list[tuple[int, bytes]] = []
+        self.next_seq = 0
+        self.replay_requests: list[int] = []
+        self._replay_task = asyncio.create_task(self._serve_replay())
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.pub_port}"
+
+    @property
+    def replay_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.replay_port}"
+
+    async def wait_subscribed(self) -> None:
+        frame = await asyncio.wait_for(self.pub.recv(), 10)
+        assert frame[:1] == b"\x01"  # a subscription
+
+    async def send(self, payload: bytes, *, drop: bool = False) -> int:
+        """Publish the next batch; `drop` keeps it in the replay buffer only (as the PUB socket
+        does past its high-water mark)."""
+        seq = self.next_seq
+        self.next_seq += 1
+        self.buffer.append((seq, payload))
+        if not drop:
+            await self.pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload])
+        return seq
+
+    def restart(self) -> None:
+        self.next_seq = 0
+        self.buffer.clear()
+
+    async def _serve_replay(self) -> None:
+        while True:
+            client, _, start = await self.router.recv_multipart()
+            start_seq = int.from_bytes(start, "big")
+            self.replay_requests.append(start_seq)
+            for seq, payload in self.buffer:
+                if seq >= start_seq:
+                    await self.router.send_multipart([client, b"", seq.to_bytes(8, "big"), payload])
+            await self.router.send_multipart([client, b"", (-1).to_bytes(8, "big", signed=True), b""])
+
+    async def close(self) -> None:
+        self._replay_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._replay_task
+        self.pub.close(linger=0)
+        self.router.close(linger=0)
+
+
+# --- fixtures
+
+
+@pytest.fixture
+async def zctx() -> AsyncIterator[zmq.asyncio.Context]:
+    ctx = zmq.asyncio.Context()
+    yield ctx
+    ctx.term()
+
+
+@pytest.fixture
+async def engine(zctx: zmq.asyncio.Context) -> AsyncIterator[EnginePublisher]:
+    publisher = EnginePublisher(zctx)
+    yield publisher
+    await publisher.close()
+
+
+class BusTap:
+    """Everything the bridge puts on the bus for one worker, read by a plain NATS subscriber."""
+
+    def __init__(self, nc: Any, subjects: Subjects, worker: str) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.worker = worker
+        self.batches: asyncio.Queue[KvEventBatch] = asyncio.Queue()
+        self.loads: asyncio.Queue[LoadReport] = asyncio.Queue()
+
+    async def start(self) -> None:
+        async def on_kv(msg: Any) -> None:
+            self.batches.put_nowait(decode(msg.data, KvEventBatch))
+
+        async def on_load(msg: Any) -> None:
+            self.loads.put_nowait(decode(msg.data, LoadReport))
+
+        await self.nc.subscribe(self.subjects.kv(self.worker), cb=on_kv)
+        await self.nc.subscribe(self.subjects.load(self.worker), cb=on_load)
+
+    async def events(self, count: int) -> list[Any]:
+        """The next `count` events, in order, whatever batches carry them."""
+        out: list[Any] = []
+        while len(out) < count:
+            batch = await asyncio.wait_for(self.batches.get(), 10)
+            out.extend(batch.events)
+        assert len(out) == count, out
+        return out
+
+    async def nothing_more(self) -> None:
+        await asyncio.sleep(0.2)
+        assert self.batches.empty(), self.batches.get_nowait()
+
+
+@pytest.fixture
+async def tap(nats_url: str, namespace: str) -> AsyncIterator[BusTap]:
+    nc = await nats.connect(nats_url)
+    bus_tap = BusTap(nc, Subjects(namespace), WORKER)
+    await bus_tap.start()
+    yield bus_tap
+    await nc.drain()
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(
+    publisher: EnginePublisher, nats_url: str, namespace: str, *, replay: bool, **kw: Any
+) -> AsyncIterator[Bridge]:
+    config = BridgeConfig(
+        zmq_endpoint=publisher.endpoint,
+        replay_endpoint=publisher.replay_endpoint if replay else None,
+        url=kw.pop("url", "http://127.0.0.1:9"),
+        model="meta-llama/Llama-3.1-8B-Instruct",
+        nats_url=nats_url,
+        worker_id=WORKER,
+        block_size=kw.pop("block_size", B),
+        namespace=namespace,
+        topic="kv-events",
+        metrics_interval_s=kw.pop("metrics_interval_s", 0.0),
+        **kw,
+    )
+    bridge = Bridge(config)
+    task = asyncio.create_task(bridge.run())
+    await asyncio.wait_for(bridge.ready.wait(), 10)
+    await publisher.wait_subscribed()
+    try:
+        yield bridge
+    finally:
+        bridge.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def registered(kv: Any, worker_id: str) -> WorkerRegistration:
+    """The worker's registry entry, once its first heartbeat has written it."""
+    for _ in range(100):
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            return decode((await kv.get(worker_id)).value, WorkerRegistration)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{worker_id} never registered")
+
+
+# --- tests
+
+
+async def test_map_layout_is_rehashed_and_removals_map_back(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    ours = block_hashes(TOKENS, B)
+    # Unsigned 64-bit engine hashes, above 2**63 as vLLM's low-64-bit digests often are.
+    e = [(1 << 63) + 11, (1 << 63) + 22, (1 << 63) + 33, (1 << 63) + 44]
+    async with running_bridge(engine, nats_url, namespace, replay=False):
+        await engine.send(map_batch(stored(e[:2], None, TOKENS[: 2 * B], extra_keys=[None, None])))
+        await engine.send(map_batch(stored(e[2:], e[1], TOKENS[2 * B :]), MapRemoved([e[3], e[0]], "GPU")))
+        first, second, removed = await tap.events(3)
+        assert first == BlockStored(ours[:2], None, "device")
+        assert second == BlockStored(ours[2:], ours[1], "device")
+        assert removed == BlockRemoved([ours[3], ours[0]], "device")
+        await tap.nothing_more()
+
+
+async def test_positional_layout_with_signed_and_bytes_hashes(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    # SGLang sends signed int64; older vLLM raw 32-byte digests. A removal may carry the other sign.
+    signed_root = -(1 << 62) - 5
+    digest = bytes(range(32))
+    ours = block_hashes(TOKENS[: 2 * B], B)
+    async with running_bridge(engine, nats_url, namespace, replay=False):
+        await engine.send(array_batch(ArrayStored([signed_root], None, TOKENS[:B], B, None, "GPU")))
+        await engine.send(array_batch(ArrayStored([digest], signed_root, TOKENS[B : 2 * B], B, None, "CPU")))
+        await engine.send(array_batch(ArrayRemoved([signed_root & ((1 << 64) - 1), digest], "GPU")))
+        stored_root, stored_child, removed = await tap.events(3)
+        assert stored_root == BlockStored([ours[0]], None, "device")
+        assert stored_child == BlockStored([ours[1]], ours[0], "host")  # offloaded to CPU
+        # The child is on the host tier only, so a GPU removal of it is not ours to report.
+        assert removed == BlockRemoved([ours[0]], "device")
+
+
+async def test_lora_seed_and_cleared_and_unknown_events(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    seed = hash_seed("sql-adapter")
+    unknown = msgspec.msgpack.encode(
+        {"ts": 1.0, "events": [{"type": "BlockPinned", "block_hashes": [1]}, {"type": "AllBlocksCleared"}]}
+    )
+    async with running_bridge(engine, nats_url, namespace, replay=False) as bridge:
+        await engine.send(map_batch(stored([7], None, TOKENS[:B], lora_name="sql-adapter")))
+        await engine.send(unknown)
+        await engine.send(map_batch(MapRemoved([7], "GPU")))  # after the clear: nothing to remove
+        await engine.send(map_batch(stored([8], None, TOKENS[:B], group_idx=1)))  # another KV group
+        first, cleared = await tap.events(2)
+        assert first == BlockStored(block_hashes(TOKENS[:B], B, seed), None, "device")
+        assert cleared == AllBlocksCleared()
+        await tap.nothing_more()
+        assert bridge.malformed == 1  # the unknown event type, skipped without losing the batch
+
+
+async def test_gap_without_replay_clears_the_worker(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    ours = block_hashes(TOKENS, B)
+    async with running_bridge(engine, nats_url, namespace, replay=False) as bridge:
+        await engine.send(map_batch(stored([1], None, TOKENS[:B])))
+        await engine.send(map_batch(stored([2], 1, TOKENS[B : 2 * B])), drop=True)
+        await engine.send(map_batch(stored([3], None, TOKENS[: 3 * B][-B:])))
+        first, cleared, after = await tap.events(3)
+        assert first == BlockStored([ours[0]], None, "device")
+        assert cleared == AllBlocksCleared()
+        assert after == BlockStored(block_hashes(TOKENS[2 * B : 3 * B], B), None, "device")
+        assert bridge.gaps == 1
+
+
+async def test_gap_with_replay_fills_in_order(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    ours = block_hashes(TOKENS, B)
+    async with running_bridge(engine, nats_url, namespace, replay=True) as bridge:
+        await engine.send(map_batch(stored([1], None, TOKENS[:B])))
+        await engine.send(map_batch(stored([2], 1, TOKENS[B : 2 * B])), drop=True)
+        await engine.send(map_batch(stored([3], 2, TOKENS[2 * B : 3 * B])))
+        await engine.send(map_batch(MapRemoved([2, 3], None)))
+        events = await tap.events(4)
+        assert events == [
+            BlockStored([ours[0]], None, "device"),
+            BlockStored([ours[1]], ours[0], "device"),  # from the replay
+            BlockStored([ours[2]], ours[1], "device"),
+            BlockRemoved([ours[1], ours[2]], "device"),
+        ]
+        await tap.nothing_more()
+        assert engine.replay_requests == [1]
+        assert bridge.last_seq == 3
+
+
+async def test_late_start_replays_from_zero(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    ours = block_hashes(TOKENS, B)
+    # Sent before the bridge exists: only the replay buffer has them.
+    await engine.send(map_batch(stored([1, 2], None, TOKENS[: 2 * B])), drop=True)
+    async with running_bridge(engine, nats_url, namespace, replay=True):
+        await engine.send(map_batch(stored([3], 2, TOKENS[2 * B : 3 * B])))
+        assert await tap.events(2) == [
+            BlockStored(ours[:2], None, "device"),
+            BlockStored([ours[2]], ours[1], "device"),
+        ]
+        assert engine.replay_requests == [0]
+
+
+async def test_engine_restart_clears_and_starts_over(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    ours = block_hashes(TOKENS, B)
+    async with running_bridge(engine, nats_url, namespace, replay=True) as bridge:
+        await engine.send(map_batch(stored([1], None, TOKENS[:B])))
+        await engine.send(map_batch(stored([2], 1, TOKENS[B : 2 * B])))
+        engine.restart()
+        await engine.send(map_batch(stored([1], None, TOKENS[:B])))
+        assert await tap.events(4) == [
+            BlockStored([ours[0]], None, "device"),
+            BlockStored([ours[1]], ours[0], "device"),
+            AllBlocksCleared(),
+            BlockStored([ours[0]], None, "device"),
+        ]
+        assert bridge.restarts == 1
+        assert bridge.translator.our_hash(2) is None
+
+
+async def test_registration_dump_and_bad_input(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    subjects = Subjects(namespace)
+    ours = block_hashes(TOKENS, B)
+    async with running_bridge(engine, nats_url, namespace, replay=False, engine="sglang") as bridge:
+        kv = await tap.nc.jetstream().key_value(subjects.registry_bucket)
+        registration = await registered(kv, WORKER)
+        assert (registration.engine, registration.block_size, registration.url) == (
+            "sglang",
+            B,
+            "http://127.0.0.1:9",
+        )
+        assert registration.model == "meta-llama/Llama-3.1-8B-Instruct"
+
+        await engine.pub.send_multipart([b"kv-events", b"\x00"])  # not 3 frames
+        await engine.send(b"\xc1 not msgpack")
+        await engine.send(map_batch(stored([1], None, TOKENS[:B]), stored([2], 1, TOKENS[B : 3 * B])))
+        await engine.send(map_batch(stored([5, 6], None, TOKENS[: 2 * B], medium="CPU")))
+        # The second event has 2 blocks of tokens for 1 hash: skipped, the first kept.
+        assert await tap.events(2) == [
+            BlockStored([ours[0]], None, "device"),
+            BlockStored(ours[:2], None, "host"),
+        ]
+        assert bridge.malformed == 3
+
+        reply = await tap.nc.request(subjects.dump(WORKER), encode(StateDumpRequest("test")), timeout=5)
+        dump = decode(reply.data, KvStateDump)
+        assert dump.epoch == registration.epoch
+        assert {(b.block_hash, b.parent_hash, b.tier) for b in dump.blocks} == {
+            (ours[0], None, "device"),
+            (ours[0], None, "host"),
+            (ours[1], ours[0], "host"),
+        }
+        # The stream the gateway replays from holds what the tap saw.
+        last = await tap.nc.jetstream().get_last_msg(subjects.kv_stream, subjects.kv(WORKER))
+        assert decode(last.data, KvEventBatch).events[-1] == BlockStored(ours[:2], None, "host")
+    # A clean stop removes the worker from the registry.
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await kv.get(WORKER)
+
+
+async def test_block_size_mismatch_is_skipped(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    async with running_bridge(engine, nats_url, namespace, replay=False, block_size=32) as bridge:
+        await engine.send(map_batch(stored([1], None, TOKENS[:B])))
+        await engine.send(map_batch(MapCleared()))
+        assert await tap.events(1) == [AllBlocksCleared()]
+        assert bridge.translator.size_mismatches == 1
+
+
+def vllm_metrics_page(running: int, waiting: int, usage: float, prompt_tokens: int) -> bytes:
+    registry = CollectorRegistry()
+    labels = ["model_name", "engine"]
+    Gauge("vllm:num_requests_running", "", labels, registry=registry).labels("m", "0").set(running)
+    Gauge("vllm:num_requests_waiting", "", labels, registry=registry).labels("m", "0").set(waiting)
+    Gauge("vllm:kv_cache_usage_perc", "", labels, registry=registry).labels("m", "0").set(usage)
+    Counter("vllm:prompt_tokens", "", labels, registry=registry).labels("m", "0").inc(prompt_tokens)
+    info = Gauge("vllm:cache_config_info", "", ["block_size", "num_gpu_blocks"], registry=registry)
+    info.labels("16", "2000").set(1)
+    return generate_latest(registry)
+
+
+async def test_load_reports_from_engine_metrics(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    pages = iter([vllm_metrics_page(3, 2, 0.25, 1000)] + [vllm_metrics_page(4, 1, 0.5, 3000)] * 1000)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=next(pages), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        async with running_bridge(
+            engine, nats_url, namespace, replay=False, url=url, metrics_interval_s=0.05
+        ):
+            first = await asyncio.wait_for(tap.loads.get(), 10)
+            second = await asyncio.wait_for(tap.loads.get(), 10)
+    finally:
+        await runner.cleanup()
+    assert (first.running, first.waiting, first.used_blocks, first.total_blocks) == (3, 2, 500, 2000)
+    assert (second.running, second.waiting, second.used_blocks) == (4, 1, 1000)
+    assert second.prefill_tok_s > 0  # 2000 prompt tokens between the two scrapes
+
+
+def test_parse_sglang_metrics() -> None:
+    registry = CollectorRegistry()
+    Gauge("sglang:num_running_reqs", "", ["model_name"], registry=registry).labels("m").set(5)
+    Gauge("sglang:num_queue_reqs", "", ["model_name"], registry=registry).labels("m").set(7)
+    Gauge("sglang:token_usage", "", ["model_name"], registry=registry).labels("m").set(0.125)
+    metrics = parse_metrics(generate_latest(registry).decode())
+    assert (metrics.running, metrics.waiting, metrics.kv_usage, metrics.num_blocks) == (5, 7, 0.125, 0)
+
+
+def test_decode_rejects_garbage() -> None:
+    for bad in (b"\xc1", msgspec.msgpack.encode(42), msgspec.msgpack.encode({"ts": "x", "events": []})):
+        with pytest.raises(WireError):
+            decode_batch(bad)
+
+
+def test_translator_skips_orphans_and_maps_hash_signs() -> None:
+    translator = EventTranslator(B)
+    batch = decode_batch(map_batch(stored([99], 12345, TOKENS[:B])))  # parent never seen
+    assert translator.translate(batch.events) == []
+    assert translator.skipped_blocks == 1
+    translator.translate(decode_batch(map_batch(stored([-1], None, TOKENS[:B]))).events)
+    assert translator.our_hash((1 << 64) - 1) == block_hashes(TOKENS[:B], B)[0]
+
+
+def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["bridge", "--zmq", "tcp://127.0.0.1:1", "--url", "http://x:8000", "--model", "m"]
+    base += ["--nats", "nats://127.0.0.1:1"]
+    assert kvgate_main([*base, "--worker-id", "has.dot"]) == 2
+    assert "worker id" in capsys.readouterr().out
+    assert kvgate_main([*base, "--block-size", "0"]) == 2
