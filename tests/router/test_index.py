@@ -201,3 +201,44 @@ def test_approximate_index_expires_by_ttl_and_stays_prefix_closed() -> None:
 )
 def test_common_prefix(a: list[int], b: list[int], n: int) -> None:
     assert common_prefix(a, b) == n == common_prefix(b, a)
+
+
+@settings(max_examples=150, deadline=None)
+@given(streams())
+def test_multi_event_batches_match_brute_force(stream) -> None:
+    """Consecutive events of one worker go in one batch, clears in the middle included."""
+    forest, ops = stream
+    index = BlockIndex()
+    for w in WORKERS:
+        index.add_worker(w, 10_000)
+    model = {t: {w: set() for w in WORKERS} for t in TIERS}
+    runs: list[tuple[str, list]] = []
+    for kind, worker, tier, hashes, parent in ops:
+        if kind == "readd":
+            continue
+        if kind == "store":
+            event = BlockStored(hashes, parent, tier)
+        elif kind == "remove":
+            event = BlockRemoved(hashes, tier)
+        else:
+            event = AllBlocksCleared()
+        if runs and runs[-1][0] == worker:
+            runs[-1][1].append(event)
+        else:
+            runs.append((worker, [event]))
+        held = model[tier][worker]
+        if kind == "store":
+            held.update(hashes)
+        elif kind == "remove":
+            held.difference_update(hashes)
+        else:
+            for t in TIERS:
+                model[t][worker].clear()
+    for worker, events in runs:
+        assert index.apply(worker, events)
+    for node in range(len(forest.parents)):
+        chain = forest.chain(node)
+        for t in TIERS:
+            assert index.overlap(chain, t) == brute_overlap(model[t], chain)
+    for w in WORKERS:
+        assert index.blocks_of(w) == sum(len(model[t][w]) for t in TIERS)
