@@ -10,11 +10,14 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 
+import aiohttp
+import nats
 import openai
 import pytest
 
 from gateway.middleware import AgentSession, bind_session
 from gateway.natsd import NatsServer
+from router.protocol import PinHint, Subjects, decode
 from tests.gateway.conftest import API_KEY, Cluster, http_get
 
 pytestmark = pytest.mark.slow
@@ -209,3 +212,75 @@ def test_a_killed_worker_loses_no_unstarted_request_and_leaves_the_view(cluster:
         return results
 
     assert asyncio.run(run()) == ["length"] * 24
+
+
+def metric(url: str, line_start: str) -> float | None:
+    with urllib.request.urlopen(url + "/metrics") as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_disconnect_cancels_upstream_and_a_full_queue_answers_429(cluster: Cluster) -> None:
+    cluster.worker("slow", "mock")  # real-time mock: about 6 ms per token
+    cluster.start_gateway("--max-inflight-per-worker", "1", "--queue-bound", "1")
+    cluster.ready(workers=1)
+    url = cluster.gateway.url
+    body = {"model": "mock", "messages": [{"role": "user", "content": "write a novel"}], "max_tokens": 3000}
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as http:
+            # a client that reads one event and hangs up: the worker must stop generating
+            async with http.post(url + "/v1/chat/completions", json={**body, "stream": True}) as resp:
+                assert resp.status == 200
+                await resp.content.readline()
+            running = 'kvgate_worker_running{worker="slow"}'
+            deadline = time.monotonic() + 5
+            while metric(url, running) != 0.0 or metric(url, 'kvgate_worker_inflight{worker="slow"}') != 0.0:
+                assert time.monotonic() < deadline, "the worker kept generating for a client that left"
+                await asyncio.sleep(0.1)
+            # one running, one queued, the rest refused with Retry-After
+            tasks = [
+                asyncio.create_task(http.post(url + "/v1/chat/completions", json={**body, "max_tokens": 100}))
+                for _ in range(4)
+            ]
+            responses = await asyncio.gather(*tasks)
+            statuses = sorted(r.status for r in responses)
+            refused = [r for r in responses if r.status == 429]
+            assert statuses == [200, 200, 429, 429], statuses
+            for r in refused:
+                assert r.headers["Retry-After"] and (await r.json())["error"]["code"] == "overloaded"
+            for r in responses:
+                r.release()
+
+    asyncio.run(run())
+
+
+async def test_a_tool_loop_turn_pins_its_blocks_on_its_worker(pool: Cluster) -> None:
+    nc = await nats.connect(pool.nats_url)
+    hints: asyncio.Queue[tuple[str, PinHint]] = asyncio.Queue()
+
+    async def on_pin(msg: nats.aio.msg.Msg) -> None:
+        await hints.put((Subjects.worker_of(msg.subject), decode(msg.data, PinHint)))
+
+    await nc.subscribe(Subjects(pool.namespace).prefix + ".pin.>", cb=on_pin)
+    session = AgentSession(
+        openai.AsyncOpenAI(base_url=pool.gateway.url + "/v1", api_key=API_KEY, max_retries=0)
+    )
+    try:
+        messages = [{"role": "user", "content": "run the tests and tell me what fails " * 4}]
+        raw = await session.client.chat.completions.with_raw_response.create(
+            model=model_of(pool), messages=messages, max_tokens=2
+        )
+        assert hints.empty()  # an ordinary turn pins nothing
+        with session.tool_call():
+            raw = await session.client.chat.completions.with_raw_response.create(
+                model=model_of(pool), messages=messages, max_tokens=2
+            )
+        worker, hint = await asyncio.wait_for(hints.get(), 5)
+        assert worker == raw.headers["x-kvgate-worker"]
+        assert hint.session_id == session.session_id and hint.block_hashes and hint.ttl_s > 0
+    finally:
+        await session.client.close()
+        await nc.close()
