@@ -49,3 +49,17 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     pin_factor: float = 1.5  # pin for this multiple of the expected tool time
     pin_min_s: float = 5.0
     pin_max_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        bounded = ("max_sessions", "max_inflight", "approx_blocks_per_worker", "cache_tree_blocks_per_worker")
+        for name in bounded:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not 0 <= self.pin_min_s <= self.pin_max_s:
+            raise ValueError("need 0 <= pin_min_s <= pin_max_s")
+        if not 0 <= self.think_alpha <= 1:
+            raise ValueError("think_alpha must be within [0, 1]")
+        if self.default_prefill_tok_s <= 0:
+            raise ValueError("default_prefill_tok_s must be positive")
+        if self.kv_temperature < 0 or self.cache_threshold < 0:
+            raise ValueError("kv_temperature and cache_threshold cannot be negative")

@@ -177,3 +177,11 @@ def test_expire_drops_lost_requests_and_idle_sessions() -> None:
     router.expire(101.0)
     assert router.load.requests("a") == 0
     assert router.on_complete("r1", 102.0, "tool_calls", 1) is None
+
+
+@pytest.mark.parametrize(
+    "bad", [{"max_sessions": 0}, {"pin_min_s": 10.0, "pin_max_s": 5.0}, {"default_prefill_tok_s": 0.0}]
+)
+def test_nonsense_config_is_refused(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        RouterConfig(**bad)
