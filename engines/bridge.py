@@ -51,8 +51,9 @@ EngineKind = Literal["vllm", "sglang"]
 EngineHash = int | bytes
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a batch beyond this is not a KV event batch; ZMQ drops it
-MAX_EVENTS_PER_PUBLISH = 4096  # our batches stay well under the NATS max payload
 END_OF_REPLAY = -1
+# Far above any engine's block count: reaching it means removals went missing, so start over.
+MAX_TRACKED_BLOCKS = 8_000_000
 LOAD_REPORTS_OFF_S = 3600.0  # without /metrics, one zero report at start and hourly after
 _U64 = (1 << 64) - 1
 
@@ -231,8 +232,9 @@ class EventTranslator:
     is skipped; so are blocks of a different size than ours, which would never match a prompt.
     """
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, max_blocks: int = MAX_TRACKED_BLOCKS) -> None:
         self.block_size = block_size
+        self.max_blocks = max_blocks
         self._blocks: dict[EngineHash, _Block] = {}
         self.skipped_blocks = 0
         self.size_mismatches = 0
@@ -292,6 +294,10 @@ class EventTranslator:
         for engine_hash, our in zip(event.block_hashes, ours, strict=True):
             block = self._blocks.get(engine_hash)
             if block is None:
+                if len(self._blocks) >= self.max_blocks:
+                    log.error("tracking %d blocks: removals must have been lost; clearing", len(self._blocks))
+                    yield from self.clear()
+                    return
                 block = self._blocks[engine_hash] = _Block(our, parent, seed)
             block.tiers.add(tier)
             parent = our

@@ -298,6 +298,8 @@ def test_service_monitor_selects_the_gateway_service() -> None:
     selector = monitor["spec"]["selector"]["matchLabels"]
     (service,) = find(docs, "Service", "gateway")
     assert selector.items() <= service["metadata"]["labels"].items()
+    (workers,) = find(docs, "Service", "worker")  # workers serve no /metrics: not scraped
+    assert not selector.items() <= workers["metadata"]["labels"].items()
     ports = {p["name"] for p in service["spec"]["ports"]}
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"

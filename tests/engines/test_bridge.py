@@ -529,3 +529,14 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert kvgate_main([*base, "--worker-id", "has.dot"]) == 2
     assert "worker id" in capsys.readouterr().out
     assert kvgate_main([*base, "--block-size", "0"]) == 2
+
+
+def test_translator_bounds_what_it_tracks() -> None:
+    translator = EventTranslator(B, max_blocks=2)
+    ours = block_hashes(TOKENS, B)
+    first = translator.translate(decode_batch(map_batch(stored([1, 2], None, TOKENS[: 2 * B]))).events)
+    assert first == [BlockStored(ours[:2], None, "device")]
+    # A third block means removals went missing: start over rather than grow without bound.
+    third = translator.translate(decode_batch(map_batch(stored([3], 2, TOKENS[2 * B : 3 * B]))).events)
+    assert third == [AllBlocksCleared()]
+    assert len(translator) == 0
