@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
+from tests.engines.test_torch_checkpoint import QWEN2, write_checkpoint
 
 KEYS = ("ttft_uncached_ms", "ttft_cached_ms", "prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b8")
 
@@ -56,3 +58,15 @@ def test_human_readable_output_from_the_installed_cli() -> None:
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     assert "TTFT 2048 tokens" in out and "decode" in out
+
+
+def test_torch_bench_runs_a_local_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "tiny-qwen", QWEN2)
+    result = bench_json(
+        capsys,
+        "--engine", "torch", "--device", "cpu", "--model-path", str(tmp_path / "tiny-qwen"),
+        "--prompt-tokens", "256", "--cached-tokens", "192", "--decode-steps", "2",
+        "--decode-context", "16", "--repeats", "1",
+    )  # fmt: skip
+    assert result["model"] == "tiny-qwen" and result["cached_tokens"] == 192
+    assert all(result[k] > 0 for k in KEYS)
