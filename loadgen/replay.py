@@ -97,19 +97,19 @@ class TraceWorkload:
             return
         t0 = min(row.timestamp for row in self.rows)
         grouped: dict[str, list[TraceRow]] = defaultdict(list)
-        for row in self.rows:
-            if row.session_id is not None:
-                grouped[row.session_id].append(row)
+        first_index: dict[str, int] = {}
+        # (arrival ms, row number in the file: ties keep file order and name single rows, item)
         arrivals: list[tuple[float, int, Session | TraceRow]] = []
+        for index, row in enumerate(self.rows):
+            if row.session_id is None:
+                arrivals.append((row.timestamp, index, row))
+            else:
+                grouped[row.session_id].append(row)
+                first_index.setdefault(row.session_id, index)
         for session_id, rows in grouped.items():
             rows.sort(key=lambda r: (r.turn, r.timestamp))
             session = TraceSession(session_id, rows, self._text, self.max_think_s, self.rate_scale)
-            arrivals.append((rows[0].timestamp, len(arrivals), session))
-        arrivals.extend(
-            (row.timestamp, len(arrivals) + i, row)
-            for i, row in enumerate(self.rows)
-            if row.session_id is None
-        )
+            arrivals.append((rows[0].timestamp, first_index[session_id], session))
         arrivals.sort(key=lambda a: (a[0], a[1]))
         for timestamp, index, item in arrivals:
             if isinstance(item, TraceRow):  # built on demand: a long open-loop trace is megabytes of text
