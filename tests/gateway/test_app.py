@@ -108,7 +108,7 @@ def test_an_agent_session_stays_on_its_worker_and_hits_the_cache(pool: Cluster) 
     model = model_of(pool)
     sdk = client(pool)
     messages = [{"role": "system", "content": "You are a coding agent. " * 20}]
-    workers, cached, prompts = set(), [], []
+    workers, cached, prompts, expected = set(), [], [], []
     for turn in range(5):
         messages.append({"role": "user", "content": f"tool result {turn}: " + "x" * 200})
         raw = bind_session(sdk, "agent-1").chat.completions.with_raw_response.create(
@@ -116,12 +116,15 @@ def test_an_agent_session_stays_on_its_worker_and_hits_the_cache(pool: Cluster) 
         )
         reply = raw.parse()
         workers.add(raw.headers["x-kvgate-worker"])
+        expected.append(int(raw.headers["x-kvgate-cached-tokens-expected"]))
         cached.append(reply.usage.prompt_tokens_details.cached_tokens)
         prompts.append(reply.usage.prompt_tokens)
         messages.append({"role": "assistant", "content": reply.choices[0].message.content})
     assert len(workers) == 1
     for turn in range(1, 5):
         assert cached[turn] >= 0.9 * prompts[turn - 1], (cached, prompts)
+        # the gateway's hashes are the worker's: what it predicted is what the worker had
+        assert cached[turn] - 16 <= expected[turn] <= cached[turn], (expected, cached)
 
 
 def test_bad_input_gets_openai_errors_and_the_gateway_keeps_serving(pool: Cluster) -> None:
