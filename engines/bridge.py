@@ -621,6 +621,12 @@ class Bridge:
             dt = max(now - then, 1e-3)
             prefill_rate = max(0.0, metrics.prompt_tokens - prev.prompt_tokens) / dt
             decode_rate = max(0.0, metrics.generation_tokens - prev.generation_tokens) / dt
+            served = metrics.generation_tokens > prev.generation_tokens
+            if served and self.last_seq is not None and self.remote.on_finished is not None:
+                # Requests ran and the event stream is known to work: the Publisher's next heartbeat
+                # sends an empty batch if they cached nothing new, so the gateway does not take the
+                # silence for lost events (and fall back to approximate routing).
+                self.remote.on_finished()
         self._last_scrape = (now, metrics)
         total = self._num_blocks or USAGE_SCALE
         self.remote.latest = EngineLoad(

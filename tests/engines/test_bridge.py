@@ -459,13 +459,14 @@ async def test_block_size_mismatch_is_skipped(
         assert bridge.translator.size_mismatches == 1
 
 
-def vllm_metrics_page(running: int, waiting: int, usage: float, prompt_tokens: int) -> bytes:
+def vllm_metrics_page(running: int, waiting: int, usage: float, prompt: int, generated: int = 0) -> bytes:
     registry = CollectorRegistry()
     labels = ["model_name", "engine"]
     Gauge("vllm:num_requests_running", "", labels, registry=registry).labels("m", "0").set(running)
     Gauge("vllm:num_requests_waiting", "", labels, registry=registry).labels("m", "0").set(waiting)
     Gauge("vllm:kv_cache_usage_perc", "", labels, registry=registry).labels("m", "0").set(usage)
-    Counter("vllm:prompt_tokens", "", labels, registry=registry).labels("m", "0").inc(prompt_tokens)
+    Counter("vllm:prompt_tokens", "", labels, registry=registry).labels("m", "0").inc(prompt)
+    Counter("vllm:generation_tokens", "", labels, registry=registry).labels("m", "0").inc(generated)
     info = Gauge("vllm:cache_config_info", "", ["block_size", "num_gpu_blocks"], registry=registry)
     info.labels("16", "2000").set(1)
     return generate_latest(registry)
@@ -474,7 +475,7 @@ def vllm_metrics_page(running: int, waiting: int, usage: float, prompt_tokens: i
 async def test_load_reports_from_engine_metrics(
     engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
 ) -> None:
-    pages = iter([vllm_metrics_page(3, 2, 0.25, 1000)] + [vllm_metrics_page(4, 1, 0.5, 3000)] * 1000)
+    pages = iter([vllm_metrics_page(3, 2, 0.25, 1000)] + [vllm_metrics_page(4, 1, 0.5, 3000, 50)] * 1000)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=next(pages), content_type="text/plain")
@@ -490,8 +491,14 @@ async def test_load_reports_from_engine_metrics(
         async with running_bridge(
             engine, nats_url, namespace, replay=False, url=url, metrics_interval_s=0.05
         ):
+            await engine.send(map_batch(stored([1], None, TOKENS[:B])))
+            assert await tap.events(1) == [BlockStored(block_hashes(TOKENS[:B], B), None, "device")]
             first = await asyncio.wait_for(tap.loads.get(), 10)
             second = await asyncio.wait_for(tap.loads.get(), 10)
+            # Tokens were generated and nothing new was cached: the next heartbeat says events still
+            # flow with an empty batch, so the gateway keeps routing this worker on its events.
+            alive = await asyncio.wait_for(tap.batches.get(), 10)
+            assert alive.events == []
     finally:
         await runner.cleanup()
     assert (first.running, first.waiting, first.used_blocks, first.total_blocks) == (3, 2, 500, 2000)
