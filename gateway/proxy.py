@@ -143,26 +143,29 @@ async def _relay(
                 raise Retryable(f"{type(exc).__name__}: {exc}") from exc
             return await _fail(response, metrics, f"worker failed mid-stream: {type(exc).__name__}")
         buffer += chunk
+        out: list[bytes] = []  # the events that arrived together leave together: one write, one flush
         while not done:
             end = buffer.find(b"\n\n")
             if end < 0:
                 break
             event, buffer = buffer[: end + 2], buffer[end + 2 :]
             keep, done = _inspect(event, client_wants_usage, outcome)
-            if not keep:
-                continue
-            now = time.monotonic()
-            if response is None:
-                response = web.StreamResponse(
-                    headers={**headers, "content-type": "text/event-stream", "cache-control": "no-cache"}
-                )
-                await response.prepare(request)
-                outcome.first_token_at = now
-                on_first_token()
-            else:
-                metrics.itl.observe(now - last_event_at)
-            last_event_at = now
-            await response.write(event)
+            if keep:
+                out.append(event)
+        if not out:
+            continue
+        now = time.monotonic()
+        if response is None:
+            response = web.StreamResponse(
+                headers={**headers, "content-type": "text/event-stream", "cache-control": "no-cache"}
+            )
+            await response.prepare(request)
+            outcome.first_token_at = now
+            on_first_token()
+        else:
+            metrics.itl.observe(now - last_event_at)
+        last_event_at = now
+        await response.write(out[0] if len(out) == 1 else b"".join(out))
     if response is None:
         raise Retryable("worker ended the stream before its first event")
     if not done:
