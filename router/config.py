@@ -11,6 +11,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     index_blocks_per_worker_min: int = 1 << 16
     approx_ttl_s: float = 120.0  # Dynamo's approximate mode: routed blocks count as held this long
     approx_blocks_per_worker: int = 1 << 18
+    sweep_entries_per_expire: int = 200_000  # dropped workers' bits come off this many entries per expire
 
     # --- load view
     report_stale_s: float = 2.0  # an older report's load is ignored; in-flight predictions stand alone

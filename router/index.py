@@ -247,23 +247,31 @@ class TierIndex:
                 self._sweep_dead_parents()
         return removed
 
-    def clear(self, bit: int) -> int:
-        """Drop every block of one worker (a full pass: clears and worker removals are rare)."""
+    def keys(self) -> list[int]:
+        return list(self._held)
+
+    def sweep(self, dead: int, keys: Iterable[int]) -> None:
+        """Take the retired worker bits `dead` off these blocks (a slice of a full pass)."""
         held = self._held
-        shared: list[int] = []
-        alone: list[int] = []
-        for h, m in held.items():
-            if m & bit:
-                (alone if m == bit else shared).append(h)
-        for h in shared:
-            held[h] ^= bit
-        for h in alone:
-            del held[h]
-        self._dead_parents.extend(h for h in alone if h in self._children)
+        children = self._children
+        for h in keys:
+            m = held.get(h)
+            if m is None or not m & dead:
+                continue
+            m &= ~dead
+            if m:
+                held[h] = m
+            else:
+                del held[h]
+                if h in children:
+                    self._dead_parents.append(h)
+
+    def forget_bits(self, dead: int) -> None:
+        """After a full sweep pass: the retired bits hold nothing, so they have no orphans either."""
+        for h in [h for h, m in self._orphans.items() if m & dead]:
+            for bit in expand([(self._orphans[h] & dead, 0)]):
+                self._unmark(h, bit)
         self._sweep_dead_parents()
-        for h in [h for h, m in self._orphans.items() if m & bit]:
-            self._unmark(h, bit)
-        return len(shared) + len(alone)
 
     def _sweep_dead_parents(self) -> None:
         held = self._held
@@ -342,7 +350,15 @@ class TierIndex:
 
 
 class BlockIndex:
-    """The event-fed index: one `TierIndex` per tier, worker ids mapped to bits, bounded per worker."""
+    """The event-fed index: one `TierIndex` per tier, worker ids mapped to bits, bounded per worker.
+
+    Dropping a worker's blocks (it left, restarted or cleared its cache) must not stall the gateway for
+    a pass over millions of entries: its bit is retired at once (queries mask it out, and a restarted
+    worker continues under a fresh bit), and `sweep` takes retired bits off the entries a slice at a
+    time, from `Router.expire`. A retired bit is reused only after a full pass.
+    """
+
+    MAX_RETIRED = 64  # beyond this many bits awaiting a sweep, sweep at once (bounds the masks' width)
 
     def __init__(self) -> None:
         self.tiers: dict[Tier, TierIndex] = {"device": TierIndex(), "host": TierIndex(), "disk": TierIndex()}
@@ -351,39 +367,88 @@ class BlockIndex:
         self._mask_names = MaskNames(self._worker_of)
         self._count: dict[str, int] = {}  # blocks held, all tiers
         self._limit: dict[str, int] = {}
+        self._live = 0  # bits of the current workers
+        self._retired = 0  # bits waiting for the next sweep pass
+        self._sweeping = 0  # bits of the pass in progress
+        self._pass: list[tuple[TierIndex, list[int]]] = []  # (tier, its keys when the pass began)
+        self._pos = 0
+
+    def _allocate(self) -> int:
+        used = self._live | self._retired | self._sweeping
+        bit = 1
+        while bit & used:
+            bit <<= 1
+        return bit
 
     def add_worker(self, worker_id: str, max_blocks: int) -> int:
         bit = self._bit_of.get(worker_id)
         if bit is None:
-            used = set(self._worker_of)
-            slot = 0
-            while (1 << slot) in used:
-                slot += 1
-            bit = 1 << slot
+            bit = self._allocate()
             self._bit_of[worker_id] = bit
             self._worker_of[bit] = worker_id
+            self._live |= bit
             self._mask_names.invalidate()
             self._count[worker_id] = 0
         self._limit[worker_id] = max_blocks
         return bit
 
     def remove_worker(self, worker_id: str) -> None:
-        if worker_id not in self._bit_of:
+        bit = self._bit_of.pop(worker_id, None)
+        if bit is None:
             return
-        self.clear_worker(worker_id)
-        bit = self._bit_of.pop(worker_id)
         del self._worker_of[bit]
         self._mask_names.invalidate()
         del self._count[worker_id]
         del self._limit[worker_id]
+        self._retire(bit)
 
     def clear_worker(self, worker_id: str) -> None:
+        """Forget the worker's blocks: it continues under a fresh bit, the old one is swept later."""
         bit = self._bit_of.get(worker_id)
         if bit is None or not self._count[worker_id]:
             return
-        for tier in self.tiers.values():
-            tier.clear(bit)
+        self._retire(bit)
+        new = self._allocate()
+        del self._worker_of[bit]
+        self._bit_of[worker_id] = new
+        self._worker_of[new] = worker_id
+        self._live |= new
+        self._mask_names.invalidate()
         self._count[worker_id] = 0
+
+    def _retire(self, bit: int) -> None:
+        self._live &= ~bit
+        self._retired |= bit
+        if self._retired.bit_count() + self._sweeping.bit_count() > self.MAX_RETIRED:
+            self.sweep_all()
+
+    def sweep(self, budget: int) -> bool:
+        """Sweep up to `budget` entries; True when no retired bit is left anywhere."""
+        if not self._sweeping:
+            if not self._retired:
+                return True
+            self._sweeping, self._retired = self._retired, 0
+            self._pass = [(t, t.keys()) for t in self.tiers.values() if len(t)]
+            self._pos = 0
+        while budget > 0 and self._pass:
+            tier, keys = self._pass[0]
+            chunk = keys[self._pos : self._pos + budget]
+            tier.sweep(self._sweeping, chunk)
+            budget -= len(chunk)
+            self._pos += len(chunk)
+            if self._pos >= len(keys):
+                self._pass.pop(0)
+                self._pos = 0
+        if self._pass:
+            return False
+        for tier in self.tiers.values():
+            tier.forget_bits(self._sweeping)
+        self._sweeping = 0
+        return not self._retired
+
+    def sweep_all(self) -> None:
+        while not self.sweep(1 << 62):
+            pass
 
     def has_worker(self, worker_id: str) -> bool:
         return worker_id in self._bit_of
@@ -399,7 +464,7 @@ class BlockIndex:
         return self._count.get(worker_id, 0)
 
     def __len__(self) -> int:
-        """Entries: distinct (block, tier) pairs held by at least one worker."""
+        """Entries: distinct (block, tier) pairs held by a worker (or by a retired bit, until swept)."""
         return sum(len(t) for t in self.tiers.values())
 
     def apply(self, worker_id: str, events: Iterable[KvEvent]) -> bool:
@@ -415,6 +480,7 @@ class BlockIndex:
             elif type(event) is AllBlocksCleared:
                 self._count[worker_id] = count
                 self.clear_worker(worker_id)
+                bit = self._bit_of[worker_id]
                 count = 0
         self._count[worker_id] = count
         if count > self._limit[worker_id]:
@@ -438,7 +504,7 @@ class BlockIndex:
 
     def overlap(self, chain: Sequence[int], tier: Tier = "device") -> dict[str, int]:
         """Matched prefix length in blocks of every worker holding chain[0] on `tier`."""
-        return self._mask_names.expand(self.tiers[tier].prefixes(chain))
+        return self._mask_names.expand(self.tiers[tier].prefixes(chain, self._live))
 
 
 class ApproxIndex:

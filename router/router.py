@@ -116,8 +116,7 @@ class Router:
         if self.approx.has_worker(wid):
             return True  # registered as silent: its blocks are tracked approximately
         if not self.index.has_worker(wid):
-            # events ahead of the registration: index them (not routable until it arrives)
-            self.index.add_worker(wid, self.config.index_blocks_per_worker_min)
+            return True  # not registered (yet): its registration starts the stream afresh
         stream = self._streams.get(wid)
         in_order = True
         if stream is None or batch.epoch > stream.epoch:
@@ -138,7 +137,7 @@ class Router:
         if self.approx.has_worker(wid):
             return
         if not self.index.has_worker(wid):
-            self.index.add_worker(wid, self.config.index_blocks_per_worker_min)
+            return
         stream = self._streams.get(wid)
         if stream is not None and dump.epoch < stream.epoch:
             return
@@ -246,8 +245,10 @@ class Router:
         return flight.worker_id, PinHint(s.id, list(s.chain), ttl)
 
     def expire(self, now: float) -> None:
-        """Drop stale in-flight predictions, idle sessions and TTL'd approximate blocks."""
+        """Drop stale in-flight predictions, idle sessions, TTL'd approximate blocks, and sweep a slice of
+        the blocks of dropped workers off the index."""
         self.load.expire(now)
         self.sessions.expire(now)
         self.approx.expire(now)
         self.policy.expire(now)
+        self.index.sweep(self.config.sweep_entries_per_expire)

@@ -95,13 +95,17 @@ def test_overlap_matches_brute_force_on_random_streams(stream) -> None:
             index.add_worker(worker, 10_000)
             for t in TIERS:
                 model[t][worker].clear()
+        index.sweep(budget=3)  # dropped workers' bits come off a few entries at a time
         for node in range(len(forest.parents)):
             chain = forest.chain(node)
             for t in TIERS:
                 assert index.overlap(chain, t) == brute_overlap(model[t], chain), (t, chain)
         assert index.blocks_of(worker) == sum(len(model[t][worker]) for t in TIERS)
+    index.sweep_all()
     total = sum(len({h for w in WORKERS for h in model[t][w]}) for t in TIERS)
     assert len(index) == total  # nothing nobody holds is kept
+    for t in TIERS:  # nor orphan marks of retired bits
+        assert index.tiers[t].dirty_mask & ~index._live == 0
 
 
 def test_eviction_leaf_first_keeps_workers_on_the_fast_path() -> None:
@@ -144,6 +148,8 @@ def test_worker_over_its_bound_is_cleared_and_asks_for_a_dump() -> None:
     assert index.apply("a", [BlockStored(list(range(1, 101)))])
     assert not index.apply("a", [BlockStored([500], 100)])
     assert index.blocks_of("a") == 0
+    assert index.overlap(list(range(1, 101))) == {}
+    index.sweep_all()
     assert len(index) == 0
 
 
@@ -165,11 +171,14 @@ def test_memory_stays_bounded_under_an_endless_store_remove_stream() -> None:
     index.add_worker("b", 1 << 20)
     rng = random.Random(1)
     root = 77
-    for _step in range(3000):  # many sessions under one shared root, each stored and evicted
+    for step in range(3000):  # many sessions under one shared root, each stored and evicted
         chain = [rng.getrandbits(64) for _ in range(8)]
         index.apply("a", [BlockStored([root]), BlockStored(chain, root)])
         index.apply("b", [BlockStored([root])])
         index.apply("a", [BlockRemoved(chain[::-1])])
+        if step % 100 == 0:  # and workers restart now and then
+            index.apply("b", [AllBlocksCleared(), BlockStored([root])])
+            index.sweep(budget=2)
     device = index.tiers["device"]
     assert len(device) == 1
     kids = device._children.get(root)
@@ -242,3 +251,25 @@ def test_multi_event_batches_match_brute_force(stream) -> None:
             assert index.overlap(chain, t) == brute_overlap(model[t], chain)
     for w in WORKERS:
         assert index.blocks_of(w) == sum(len(model[t][w]) for t in TIERS)
+
+
+def test_a_dropped_worker_is_masked_at_once_and_swept_in_slices() -> None:
+    index = BlockIndex()
+    index.add_worker("a", 1 << 20)
+    index.add_worker("b", 1 << 20)
+    chain = list(range(1, 1001))
+    index.apply("a", [BlockStored(chain)])
+    index.apply("b", [BlockStored(chain[:10])])
+    index.remove_worker("a")
+    assert index.overlap(chain) == {"b": 10}  # gone from answers before any sweep
+    assert len(index) == 1000
+    index.add_worker("c", 1 << 20)  # a newcomer never inherits a bit still being swept
+    assert index.overlap(chain) == {"b": 10}
+    assert not index.sweep(budget=400)
+    assert not index.sweep(budget=400)
+    assert index.sweep(budget=400)
+    assert len(index) == 10
+    index.apply("b", [AllBlocksCleared(), BlockStored([7])])  # a restart: a fresh bit, old one retired
+    assert index.overlap(chain) == {} and index.overlap([7]) == {"b": 1}
+    index.sweep_all()
+    assert len(index) == 1
