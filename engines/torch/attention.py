@@ -5,8 +5,9 @@ and MLPs run on that packed batch. Attention needs each sequence's own context, 
 paged cache (`[2, num_blocks, block_size, kv_heads, head_dim]` per layer) at the blocks its block
 table names. The new tokens' K/V are written into their slots first, so every sequence's whole
 context (cached prefix + new tokens) is then read back through its block table:
-- decode-like sequences (one new token) run together in one batched SDPA over their gathered,
-  padded contexts with a key-length mask;
+- decode-like sequences (one new token) run batched: one SDPA per `DecodeGroup` over their gathered
+  contexts, padded to the group's longest with a key-length mask (usually one group per step;
+  sequences of very different lengths are split so padding at most doubles the work);
 - prefill chunks run one SDPA each: causal over the new tokens when nothing precedes them, else
   against the gathered prefix blocks plus the new tokens, causal aligned to the bottom right.
 """
@@ -32,15 +33,23 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """One-token sequences attended together: packed `rows`, their block tables padded to the
+    group's widest (`tables` [D, blocks]) and which gathered keys are real (`mask` [D, 1, 1, keys])."""
+
+    rows: torch.Tensor
+    tables: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
 class StepLayout:
     """Where one step's packed tokens go in the cache and what each of them attends to; built once
     per step by the runner and shared by every layer."""
 
     positions: torch.Tensor  # [T] absolute position of each packed token
     slots: torch.Tensor  # [T] flat cache slot (block * block_size + offset) each token's K/V goes to
-    decode_rows: torch.Tensor | None  # [D] packed rows of the one-token sequences
-    decode_tables: torch.Tensor | None  # [D, max_blocks] padded block tables
-    decode_mask: torch.Tensor | None  # [D, 1, 1, max_blocks * block_size] key j valid for row d
+    decodes: tuple[DecodeGroup, ...]
     prefills: tuple[PrefillSpan, ...]
 
 
@@ -58,8 +67,8 @@ def paged_attention(
     """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] of the new tokens -> [T, heads, head_dim]."""
     write_kv(kv_layer, layout, k, v)
     out = torch.empty_like(q)
-    if layout.decode_rows is not None:
-        out[layout.decode_rows] = _decode_attention(q, kv_layer, layout)
+    for group in layout.decodes:
+        out[group.rows] = _decode_attention(q, kv_layer, group)
     for span in layout.prefills:
         out[span.begin : span.end] = _prefill_attention(q, k, v, kv_layer, span)
     return out
@@ -75,17 +84,16 @@ def _gather(kv_layer: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor,
     return kv[0], kv[1]
 
 
-def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, layout: StepLayout) -> torch.Tensor:
-    assert layout.decode_rows is not None and layout.decode_tables is not None
+def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
     kv_heads = kv_layer.shape[3]
-    rows = q[layout.decode_rows]  # [D, heads, hd]
+    rows = q[group.rows]  # [D, heads, hd]
     num, heads, head_dim = rows.shape
     # Query heads j*G .. j*G+G-1 share KV head j, so the G heads of one KV head become G "query
     # positions" of the same sequence: no K/V repetition, one SDPA for the whole batch.
     query = rows.view(num, kv_heads, heads // kv_heads, head_dim)
-    keys, values = _gather(kv_layer, layout.decode_tables)  # [D, L, kv_heads, hd]
+    keys, values = _gather(kv_layer, group.tables)  # [D, L, kv_heads, hd]
     out = F.scaled_dot_product_attention(
-        query, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=layout.decode_mask
+        query, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.mask
     )
     return out.reshape(num, heads, head_dim)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from engines.runner import ScheduledChunk
-from engines.torch.attention import PrefillSpan, StepLayout
+from engines.torch.attention import DecodeGroup, PrefillSpan, StepLayout
 from engines.torch.checkpoint import load_checkpoint, tokenizer_path
 from engines.torch.config import ModelConfig, tiny_config
 from engines.torch.model import CausalLM
@@ -22,6 +22,8 @@ from engines.torch.sampler import Sampler
 from router.chat import ByteTokenizer, HFTokenizer, Tokenizer
 
 TINY_MODEL_NAME = "kvgate-tiny"
+# Keys gathered for one batched decode attention, at most (bounds the step's transient memory).
+MAX_DECODE_GATHER_TOKENS = 1 << 18
 
 
 def default_device() -> torch.device:
@@ -171,20 +173,49 @@ class TorchRunner:
 
         to = self.device
         decode = [i for i, n in enumerate(lens) if n == 1]
-        decode_rows = decode_tables = decode_mask = None
-        if decode:
-            index = torch.tensor(decode)
-            width = max(needed[i] for i in decode)
-            decode_rows = first_row[index].to(to)
-            decode_tables = tables[index, :width].to(to)
-            # key j of row d is real when j < its context; the rest is padding from other rows' width
-            context = torch.tensor([contexts[i] for i in decode])
-            valid = torch.arange(width * block)[None, :] < context[:, None]
-            decode_mask = valid[:, None, None].to(to)  # broadcast over KV heads and query heads
+        decodes = tuple(
+            self._decode_group(group, first_row, tables, needed, contexts)
+            for group in decode_groups(decode, needed, MAX_DECODE_GATHER_TOKENS // block)
+        )
         prefills = tuple(
             PrefillSpan(ends[i] - n, ends[i], starts[i], contexts[i], tables[i, : needed[i]].to(to))
             for i, n in enumerate(lens)
             if n > 1
         )
-        layout = StepLayout(positions.to(to), slots.to(to), decode_rows, decode_tables, decode_mask, prefills)
+        layout = StepLayout(positions.to(to), slots.to(to), decodes, prefills)
         return layout, ends
+
+    def _decode_group(
+        self,
+        group: list[int],
+        first_row: torch.Tensor,
+        tables: torch.Tensor,
+        needed: list[int],
+        contexts: list[int],
+    ) -> DecodeGroup:
+        index = torch.tensor(group)
+        width = max(needed[i] for i in group)
+        # key j of a row is real when j < its context; the rest pads it to the group's width
+        context = torch.tensor([contexts[i] for i in group])
+        valid = torch.arange(width * self.block_size)[None, :] < context[:, None]
+        to = self.device
+        return DecodeGroup(
+            first_row[index].to(to),
+            tables[index, :width].to(to),
+            valid[:, None, None].to(to),  # broadcast over KV heads and query heads
+        )
+
+
+def decode_groups(decode: list[int], needed: list[int], max_gather_blocks: int) -> list[list[int]]:
+    """Split one-token chunks (indices into `needed`, their context in blocks) into groups attended
+    together: longest first, a group takes chunks at least half as wide as its widest (padding at
+    most doubles the gathered keys) while its padded gather stays under `max_gather_blocks`."""
+    groups: list[list[int]] = []
+    width = 0
+    for i in sorted(decode, key=lambda i: -needed[i]):
+        if groups and 2 * needed[i] >= width and (len(groups[-1]) + 1) * width <= max_gather_blocks:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+            width = needed[i]
+    return groups

@@ -10,6 +10,7 @@ import torch
 
 from engines.runner import SamplingParams, ScheduledChunk
 from engines.torch import TorchRunner
+from engines.torch.runner import decode_groups
 from router.chat import ByteTokenizer, encode_chat
 
 BLOCK = 16
@@ -244,3 +245,25 @@ def test_bfloat16_keeps_rope_frequencies_in_float32() -> None:
     low, full = (r.logits([chunk("b", tokens, 0, [0, 1, 2])])[0] for r in (runner, reference))
     assert low.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(low, full, dim=-1).min() > 0.99
+
+
+def test_decode_groups_bound_padding_and_gather() -> None:
+    needed = [1, 40, 3, 20, 2, 39, 11, 21]  # blocks of context of eight one-token chunks
+    groups = decode_groups(list(range(8)), needed, max_gather_blocks=100)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    for group in groups:
+        widest = max(needed[i] for i in group)
+        assert all(2 * needed[i] >= widest for i in group)  # padding at most doubles the keys
+        assert len(group) == 1 or len(group) * widest <= 100
+    assert groups[0] == [1, 5]  # longest first; 40 + 39 fit, a third 40-wide row would not
+    assert decode_groups([0, 1], [5, 5], max_gather_blocks=1) == [[0], [1]]
+
+
+def test_decode_batch_of_very_different_lengths_equals_each_alone(runner: TorchRunner) -> None:
+    pool = BlockPool(runner.num_blocks, seed=21)
+    prompts = [prompt(n, seed=n) for n in (2, 700, 15, 300, 40)]
+    tables = [pool.take(blocks_for(len(p))) for p in prompts]
+    runner.execute([chunk(f"d{i}", p[:-1], 0, tables[i], sample=False) for i, p in enumerate(prompts)])
+    chunks = [chunk(f"d{i}", p[-1:], len(p) - 1, tables[i]) for i, p in enumerate(prompts)]
+    for c, logits in zip(chunks, runner.logits(chunks), strict=True):
+        torch.testing.assert_close(logits, runner.logits([c])[0], rtol=1e-4, atol=1e-4)
