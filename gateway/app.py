@@ -28,6 +28,7 @@ from gateway.validation import Kind, Turn, parse_turn
 from router.chat import TemplateError
 from router.protocol import Subjects, WorkerRegistration
 from router.request import Decision, RouteRequest
+from router.router import Router
 
 log = logging.getLogger("kvgate.gateway")
 
@@ -56,8 +57,6 @@ class Gateway:
     """Everything one gateway process holds; the aiohttp handlers are its methods."""
 
     def __init__(self, config: GatewayConfig) -> None:
-        from router.router import Router  # imported here: the router package may be mid-build in tests
-
         self.config = config
         self.metrics = GatewayMetrics()
         self.router = Router(policy=config.policy)

@@ -12,13 +12,16 @@ import uuid
 from aiohttp import web
 
 from gateway.app import Gateway, GatewayConfig
+from router.policies import POLICIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats", required=True, help="NATS URL, e.g. nats://127.0.0.1:4222")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--policy", default="session_kv", help="routing policy (default: session_kv)")
+    parser.add_argument(
+        "--policy", default="session_kv", choices=sorted(POLICIES), help="(default: session_kv)"
+    )
     parser.add_argument("--namespace", default="kvgate", help="bus namespace shared with the workers")
     parser.add_argument(
         "--api-key",

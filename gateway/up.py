@@ -26,6 +26,7 @@ import urllib.request
 from gateway.app import GatewayConfig
 from gateway.natsd import NatsServer, free_port
 from gateway.serve import install_uvloop, serve
+from router.policies import POLICIES
 
 log = logging.getLogger("kvgate.up")
 
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=("torch", "mock"), default="torch")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--policy", default="session_kv")
+    parser.add_argument("--policy", default="session_kv", choices=sorted(POLICIES))
     parser.add_argument("--nats", default=None, help="use this NATS instead of an embedded one")
     parser.add_argument("--namespace", default="kvgate")
     parser.add_argument("--worker-args", default="", help="extra arguments for every worker, one string")

@@ -33,6 +33,13 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -85,6 +92,21 @@ def test_kvgate_up_serves_the_openai_client_and_stops_cleanly(tmp_path: Path) ->
             await client.close()
 
         asyncio.run(async_turns())
+
+        # a crashed worker is restarted (same id, new process) and serves again
+        worker0 = next(pid for pid in children if "worker-0" in cmdline(pid))
+        os.kill(worker0, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            restarted = [pid for pid in children_of(up.pid) if "worker-0" in cmdline(pid) and pid != worker0]
+            if restarted:
+                break
+            assert time.monotonic() < deadline, "the crashed worker was not restarted"
+            time.sleep(0.2)
+        children = children_of(up.pid)
+        sdk.with_options(timeout=30).models.list()
+        assert sdk.chat.completions.create(model=model, messages=messages, max_tokens=2).choices[0].message
+
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0
         deadline = time.monotonic() + 10
