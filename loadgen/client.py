@@ -18,6 +18,7 @@ from loadgen.workloads import Turn
 SESSION_HEADER = "x-session-id"
 TOOL_CALL_HEADER = "x-kvgate-tool-call"
 MAX_ERROR_BODY = 4096
+MAX_EVENT_BYTES = 16 << 20  # a server that never ends an event must not grow us without bound
 
 
 class _Delta(msgspec.Struct):
@@ -88,11 +89,16 @@ class _Stream:
         self._last: float | None = None
 
     def feed(self, data: bytes, now: float) -> None:
-        if b"\r" in data or b"\r" in self._buffer[-1:]:
-            data = (self._buffer + data).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            self._buffer = b""
         buffer = self._buffer + data
-        *events, self._buffer = buffer.split(b"\n\n")
+        held = b""
+        if b"\r" in buffer:  # CRLF or CR line ends; a trailing CR may be half of a CRLF: keep it back
+            if buffer.endswith(b"\r"):
+                buffer, held = buffer[:-1], b"\r"
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *events, rest = buffer.split(b"\n\n")
+        if len(rest) > MAX_EVENT_BYTES:
+            raise StreamError(f"an SSE event exceeds {MAX_EVENT_BYTES} bytes")
+        self._buffer = rest + held
         for event in events:
             self._event(event, now)
 

@@ -133,3 +133,33 @@ async def test_errors_are_recorded_with_status_and_message(serve) -> None:
     async with StreamClient(f"http://127.0.0.1:{free_port()}", "m") as client:
         refused = await client.send(TURN, "s")
     assert refused.status == 0 and "Connect" in refused.error
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 4096])
+def test_multi_line_data_and_cr_line_ends_parse_at_any_split(step: int) -> None:
+    from loadgen.client import Outcome, _Stream
+
+    payload = (
+        ": comment\r\n\r\n"
+        + _event(_content("a"))
+        + 'data: {"choices":[{"delta":\r\ndata: {"content":"b"}}]}\r\n\r\n'  # one event, two data lines
+        + "event: message\rdata: "
+        + json.dumps(_content("c"))
+        + "\r\r"  # bare CR line ends
+        + "data: [DONE]\n\n"
+    ).encode()
+    outcome = Outcome(start=0.0)
+    stream = _Stream(outcome)
+    for i in range(0, len(payload), step):
+        stream.feed(payload[i : i + step], float(i))
+    stream.finish()
+    assert stream.done and outcome.text == "abc" and outcome.output_tokens == 3
+
+
+def test_an_event_that_never_ends_is_an_error_not_unbounded_memory() -> None:
+    from loadgen.client import MAX_EVENT_BYTES, Outcome, StreamError, _Stream
+
+    stream = _Stream(Outcome(start=0.0))
+    with pytest.raises(StreamError):
+        for _ in range(MAX_EVENT_BYTES // (1 << 20) + 2):
+            stream.feed(b"x" * (1 << 20), 0.0)
