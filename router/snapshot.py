@@ -216,7 +216,8 @@ def apply_snapshot(router: Router, snapshot: IndexSnapshot, now: float) -> int:
             continue  # routed without events here: nothing to load
         # room for its blocks until its registration sets the bound from its capacity
         if not router.index.has_worker(worker.worker_id):
-            bound = max(router.config.index_blocks_per_worker_min, worker.num_blocks())
+            # twice its blocks: the tail may add some before the registration sets the real bound
+            bound = max(router.config.index_blocks_per_worker_min, 2 * worker.num_blocks())
             router.index.add_worker(worker.worker_id, bound)
         # an empty dump: its old blocks are cleared and its position set
         router.apply_state_dump(KvStateDump(worker.worker_id, worker.epoch, worker.seq, []), now)
