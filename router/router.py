@@ -188,6 +188,14 @@ class Router:
         self._record(request, decision, now)
         return decision
 
+    def record(self, request: RouteRequest, decision: Decision, now: float) -> bool:
+        """Record a pick another gateway replica made (its in-flight load, its session's worker and
+        chain), as `pick` records its own; False when the worker is not registered here."""
+        if decision.worker_id not in self._registrations:
+            return False
+        self._record(request, decision, now)
+        return True
+
     def _record(self, request: RouteRequest, decision: Decision, now: float) -> None:
         bs = self.block_size
         worker = decision.worker_id
