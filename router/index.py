@@ -230,7 +230,7 @@ class TierIndex:
                 self._unmark(h, bit)
         removed = len(hashes) - list(map(held.pop, hashes, repeat(None))).count(None)
         popped = list(map(children.pop, hashes, repeat(None)))
-        if popped.count(None) != len(popped):
+        if popped.count(None) != len(popped) and not self._all_gone(popped):
             for h, kids in zip(hashes, popped, strict=True):
                 if kids is None or (type(kids) is not list and kids not in held):
                     continue
@@ -246,6 +246,13 @@ class TierIndex:
             if len(self._dead_parents) > 1024 + (len(held) >> 2):
                 self._sweep_dead_parents()
         return removed
+
+    def _all_gone(self, kids: list) -> bool:
+        """No child in `kids` (ints, None, or lists of ints) is held by anyone: one C-level pass."""
+        try:
+            return self._held.keys().isdisjoint(kids)
+        except TypeError:  # a list of several children in there: look closer
+            return False
 
     def keys(self) -> list[int]:
         return list(self._held)
