@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.request
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 import nats
+import openai
 import pytest
 import zmq
 import zmq.asyncio
@@ -34,6 +37,7 @@ from engines.bridge import (
 )
 from gateway.cli import main as kvgate_main
 from gateway.natsd import free_port
+from router.chat import ByteTokenizer, encode_chat
 from router.hashing import block_hashes, hash_seed
 from router.protocol import (
     AllBlocksCleared,
@@ -48,6 +52,7 @@ from router.protocol import (
     decode,
     encode,
 )
+from tests.gateway.conftest import Proc, http_get
 
 B = 16
 WORKER = "vllm-0"
@@ -252,9 +257,9 @@ async def running_bridge(
         zmq_endpoint=publisher.endpoint,
         replay_endpoint=publisher.replay_endpoint if replay else None,
         url=kw.pop("url", "http://127.0.0.1:9"),
-        model="meta-llama/Llama-3.1-8B-Instruct",
+        model=kw.pop("model", "meta-llama/Llama-3.1-8B-Instruct"),
         nats_url=nats_url,
-        worker_id=WORKER,
+        worker_id=kw.pop("worker_id", WORKER),
         block_size=kw.pop("block_size", B),
         namespace=namespace,
         topic="kv-events",
@@ -547,3 +552,92 @@ def test_translator_bounds_what_it_tracks() -> None:
     third = translator.translate(decode_batch(map_batch(stored([3], 2, TOKENS[2 * B : 3 * B]))).events)
     assert third == [AllBlocksCleared()]
     assert len(translator) == 0
+
+
+# --- end to end: vLLM-wire events through the bridge steer the real gateway
+
+
+def gateway_saw_events_of(gateway_url: str, worker_id: str) -> bool:
+    with urllib.request.urlopen(gateway_url + "/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    return f'kvgate_worker_event_lag_seconds{{worker="{worker_id}"}}' in text
+
+
+async def eventually(check: Any, what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(check):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_gateway_routes_on_bridged_engine_events(
+    zctx: zmq.asyncio.Context, nats_url: str, namespace: str, tmp_path: Any
+) -> None:
+    model = "vllm-sim"
+    # Two OpenAI-compatible servers that publish nothing themselves (kvgate mock workers without
+    # --nats) stand in for vLLM's HTTP side; their KV events come from vLLM-wire publishers.
+    servers: dict[str, Proc] = {}
+    engines: dict[str, EnginePublisher] = {}
+    for name in ("vllm-a", "vllm-b"):
+        port = free_port()
+        argv = ["worker", "--engine", "mock", "--port", str(port), "--model", model, "--worker-id", name]
+        servers[name] = Proc(argv, f"http://127.0.0.1:{port}", tmp_path / f"{name}.log")
+        engines[name] = EnginePublisher(zctx)
+    port = free_port()
+    gateway = Proc(
+        ["gateway", "--nats", nats_url, "--port", str(port), "--namespace", namespace],
+        f"http://127.0.0.1:{port}",
+        tmp_path / "gateway.log",
+    )
+    messages = [
+        {"role": "system", "content": "You are a careful coding agent. Use the tools. " * 8},
+        {"role": "user", "content": "List the files in the repository."},
+    ]
+    tokens = encode_chat(messages, ByteTokenizer())
+    k = len(tokens) // B - 1
+    assert k >= 4
+    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+
+    async def route() -> tuple[str, int]:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=model, messages=messages, max_tokens=1, extra_headers={"x-session-id": uuid.uuid4().hex}
+        )
+        raw.parse()
+        return raw.headers["x-kvgate-worker"], int(raw.headers["x-kvgate-cached-tokens-expected"])
+
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for name, server in servers.items():
+                await asyncio.to_thread(server.wait_http, "/health", 60)
+                bridge_kw = {"worker_id": name, "url": server.url, "model": model}
+                await stack.enter_async_context(
+                    running_bridge(engines[name], nats_url, namespace, replay=True, **bridge_kw)
+                )
+            await eventually(lambda: (http_get(gateway.url + "/ready")[1] or {}).get("workers") == 2, "ready")
+
+            # Engine B caches the prompt's first k blocks: the gateway sends the turn there.
+            await engines["vllm-b"].send(map_batch(stored(list(range(1, k + 1)), None, tokens[: k * B])))
+            await eventually(lambda: gateway_saw_events_of(gateway.url, "vllm-b"), "B's events")
+            assert await route() == ("vllm-b", k * B)
+
+            # B evicts them (removals by vLLM's hashes), A caches them: the next turn goes to A.
+            await engines["vllm-b"].send(map_batch(MapRemoved(list(range(1, k + 1)), "GPU")))
+            nc = await nats.connect(nats_url)
+            subjects = Subjects(namespace)
+            for _ in range(100):
+                last = await nc.jetstream().get_last_msg(subjects.kv_stream, subjects.kv("vllm-b"))
+                if isinstance(decode(last.data, KvEventBatch).events[-1], BlockRemoved):
+                    break
+                await asyncio.sleep(0.05)
+            await nc.close()
+            # The gateway reads the stream in order: B's removal is applied before A's store.
+            await engines["vllm-a"].send(map_batch(stored(list(range(101, 101 + k)), None, tokens[: k * B])))
+            await eventually(lambda: gateway_saw_events_of(gateway.url, "vllm-a"), "A's events")
+            assert await route() == ("vllm-a", k * B)
+    finally:
+        await client.close()
+        for proc in (gateway, *servers.values()):
+            proc.stop()
+        for engine_publisher in engines.values():
+            await engine_publisher.close()
