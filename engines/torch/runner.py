@@ -7,6 +7,7 @@ projections and MLPs, attention through the chunks' block tables (see attention.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,9 +68,28 @@ class TorchRunner:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens, the model only {self.config.vocab_size}"
             )
         self.max_model_len = self.config.max_position_embeddings
-        shape = (self.config.num_layers, 2, num_blocks, block_size, self.config.num_kv_heads)
-        self.kv_cache = torch.zeros((*shape, self.config.dims_per_head), dtype=self.dtype, device=self.device)
+        layers, kv_heads, head_dim = (
+            self.config.num_layers,
+            self.config.num_kv_heads,
+            self.config.dims_per_head,
+        )
+        shape = (layers, 2, num_blocks, block_size, kv_heads, head_dim)
+        self._check_fits(math.prod(shape) * self.dtype.itemsize)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._sampler = Sampler(seed)
+
+    def _check_fits(self, cache_bytes: int) -> None:
+        """Refuse a KV cache larger than the device's memory with a clear error: on CPU the
+        allocation would succeed lazily and the process be killed later, when the cache fills."""
+        if self.device.type == "cuda":
+            limit, _ = torch.cuda.mem_get_info(self.device)
+        else:
+            limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if cache_bytes > limit:
+            raise ValueError(
+                f"a KV cache of {self.num_blocks} blocks needs {cache_bytes / 2**30:.1f} GiB, more than "
+                f"the {limit / 2**30:.1f} GiB of {self.device}: lower --num-blocks"
+            )
 
     def _build(
         self, model_path: str | None, config: ModelConfig | None, seed: int

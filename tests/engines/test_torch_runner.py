@@ -267,3 +267,8 @@ def test_decode_batch_of_very_different_lengths_equals_each_alone(runner: TorchR
     chunks = [chunk(f"d{i}", p[-1:], len(p) - 1, tables[i]) for i, p in enumerate(prompts)]
     for c, logits in zip(chunks, runner.logits(chunks), strict=True):
         torch.testing.assert_close(logits, runner.logits([c])[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_kv_cache_larger_than_memory_is_refused_before_allocating() -> None:
+    with pytest.raises(ValueError, match="lower --num-blocks"):
+        TorchRunner(num_blocks=10**9, block_size=BLOCK, device="cpu")
