@@ -27,6 +27,7 @@ import tracemalloc
 from collections.abc import Callable
 
 from router.hashing import PrefixHasher, block_hashes
+from router.policies import POLICIES
 from router.protocol import (
     BlockRemoved,
     BlockStored,
@@ -45,13 +46,13 @@ BATCH_EVENTS = 4  # events per batch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=64, help="workers in the index (64)")
     parser.add_argument("--blocks", type=int, default=2_000_000, help="distinct blocks in the index")
-    parser.add_argument("--prompt-tokens", type=int, default=32_768)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=32_768, help="tokens of the routed prompt")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per block")
     parser.add_argument("--iterations", type=int, default=2000, help="timed repetitions per measure")
-    parser.add_argument("--policy", default="session_kv")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policy", default="session_kv", choices=list(POLICIES), help="the policy that picks")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic cache and prompts")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
