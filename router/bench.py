@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32_768, help="tokens of the routed prompt")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per block")
     parser.add_argument("--iterations", type=int, default=2000, help="timed repetitions per measure")
-    parser.add_argument("--policy", default="session_kv", choices=list(POLICIES), help="the policy that picks")
+    parser.add_argument("--policy", default="session_kv", choices=list(POLICIES), help="the picking policy")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic cache and prompts")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
