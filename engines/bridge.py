@@ -538,9 +538,9 @@ class Bridge:
             if last is not None:
                 log.warning("missed engine batches %d..%d and could not replay: clearing", expected, seq - 1)
                 self._publish(self.translator.clear())
-        await self._apply(seq, payload)
+        self._apply(seq, payload)
 
-    async def _apply(self, seq: int, payload: bytes) -> None:
+    def _apply(self, seq: int, payload: bytes) -> None:
         self.last_seq = seq
         try:
             batch = decode_batch(payload)
@@ -588,7 +588,7 @@ class Bridge:
                 if seq > expected and self.last_seq is not None:
                     log.warning("replay starts at %d, after %d: clearing", seq, expected)
                     self._publish(self.translator.clear())
-                await self._apply(seq, frames[1])
+                self._apply(seq, frames[1])
                 self._dedupe_until = seq
                 reached = reached or seq >= needed
         finally:
