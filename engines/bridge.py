@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
@@ -183,9 +184,13 @@ def _hashes(value: Any) -> list[EngineHash]:
 
 
 def _ints(value: Any, what: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and 0 <= v < 1 << 32 for v in value):
-        raise WireError(f"{what} must be a list of uint32")
-    return value
+    try:
+        if isinstance(value, list):
+            array("I", value)  # checks every item is a uint32, at C speed
+            return value
+    except (TypeError, OverflowError):
+        pass
+    raise WireError(f"{what} must be a list of uint32")
 
 
 def _int(value: Any, what: str) -> int:
