@@ -49,14 +49,10 @@ SNAPSHOT_OBJECT = "index"
 MAX_SNAPSHOT_BYTES = 1 << 30  # the bucket's bound: a 1M-block index takes ~8 MB
 
 
-def snapshot_bucket(subjects: Subjects) -> str:
-    return f"kvgate_{subjects.namespace.replace('-', '_')}_snapshots"
-
-
 class SnapshotStore:
     def __init__(self, nc: NATS, subjects: Subjects) -> None:
         self.nc = nc
-        self.bucket = snapshot_bucket(subjects)
+        self.bucket = subjects.snapshot_bucket
         self._store: Any = None
 
     async def _objects(self, create: bool) -> Any:

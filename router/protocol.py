@@ -122,6 +122,46 @@ class PinHint(msgspec.Struct, frozen=True):
     ttl_s: float
 
 
+# --- gateway replicas
+
+
+class RoutePicked(msgspec.Struct, tag="picked", frozen=True):
+    """A replica routed a request: the others record the same in-flight load and session binding."""
+
+    replica: str
+    request_id: str
+    worker_id: str
+    model: str
+    num_tokens: int
+    expected_output_tokens: int
+    overlap_blocks: int
+    session_id: str | None = None
+    tool_call_pending: bool = False
+    chain: bytes = b""  # the prompt's block hashes, packed little-endian uint64
+
+
+class RouteFirstToken(msgspec.Struct, tag="first", frozen=True):
+    replica: str
+    request_id: str
+
+
+class RouteDone(msgspec.Struct, tag="done", frozen=True):
+    replica: str
+    request_id: str
+    finish_reason: str | None = None
+    output_tokens: int = 0
+    ok: bool = True
+
+
+class ReplicaAlive(msgspec.Struct, tag="alive", frozen=True):
+    """A replica's heartbeat: when it stops, the others drop that replica's in-flight predictions."""
+
+    replica: str
+
+
+ReplicaNote = RoutePicked | RouteFirstToken | RouteDone | ReplicaAlive
+
+
 # --- encoding
 
 _encoder = msgspec.msgpack.Encoder()
@@ -187,6 +227,16 @@ class Subjects:
     @property
     def kv_stream(self) -> str:
         return f"KVGATE_{self.namespace.upper().replace('-', '_')}_KV"
+
+    @property
+    def replica_route(self) -> str:
+        """Where gateway replicas share their picks and completions (`ReplicaNote`)."""
+        return f"{self.prefix}.replica.route"
+
+    @property
+    def snapshot_bucket(self) -> str:
+        """The object store bucket holding the latest index snapshot."""
+        return f"kvgate_{self.namespace.replace('-', '_')}_snapshots"
 
     @property
     def registry_bucket(self) -> str:
