@@ -50,14 +50,26 @@ def _distribution(spec: str) -> Distribution:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _defaults(field: str) -> str:
+    from loadgen.workloads import AgenticConfig, ChatConfig, PrefixConfig
+
+    found = [
+        f"{name} {getattr(config, field)}"
+        for name, config in (("agentic", AgenticConfig()), ("chat", ChatConfig()), ("prefix", PrefixConfig()))
+        if hasattr(config, field)
+    ]
+    return ", ".join(found)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument(
         "action", nargs="*", metavar="compare DIR", help="`compare DIR DIR...`: compare earlier runs"
     )
     target = parser.add_argument_group("target")
     target.add_argument(
-        "--url", default="http://127.0.0.1:8000", help="OpenAI-compatible base URL (with or without /v1)"
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="OpenAI-compatible base URL, with or without /v1 (default %(default)s)",
     )
     target.add_argument("--model", help="model name (default: the first of GET /v1/models)")
     target.add_argument(
@@ -73,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--extra-body", type=json.loads, default=None, help="JSON object merged into every body"
     )
     load = parser.add_argument_group("load")
-    load.add_argument("--workload", choices=WORKLOADS, default="agentic")
+    load.add_argument("--workload", choices=WORKLOADS, default="agentic", help="default %(default)s")
     load.add_argument(
         "--trace", type=Path, help="replay this trace (shared/traces format) instead of a workload"
     )
@@ -82,39 +94,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate", type=float, help="new sessions per second, Poisson (default 1; 0 = all at once)"
     )
     arrival.add_argument("--concurrency", type=int, help="closed loop: this many sessions live at all times")
-    load.add_argument("--duration", type=float, default=60.0, help="seconds to send for (0: no limit)")
+    load.add_argument(
+        "--duration",
+        type=float,
+        default=60.0,
+        help="seconds to send for, 0 for no limit (default %(default)s)",
+    )
     load.add_argument("--requests", type=int, help="stop after sending this many requests")
     load.add_argument(
         "--warmup", type=float, default=0.0, help="seconds whose requests the summary leaves out"
     )
-    load.add_argument("--seed", type=int, default=0)
-    load.add_argument("--max-concurrency", type=int, default=512, help="requests in flight at most")
-    load.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    load.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     load.add_argument(
-        "--drain", type=float, default=30.0, help="seconds in-flight requests get after the end"
+        "--max-concurrency", type=int, default=512, help="requests in flight at most (default %(default)s)"
     )
-    load.add_argument("--max-think-s", type=float, default=60.0, help="cap on every think/tool delay")
+    load.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds per request (default %(default)s)"
+    )
+    load.add_argument(
+        "--drain",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get after the end (default %(default)s)",
+    )
+    load.add_argument(
+        "--max-think-s", type=float, default=60.0, help="cap on every think/tool delay (default %(default)s)"
+    )
     shape = parser.add_argument_group(
         "workload shape (distributions: const:X, uniform:A,B, exp:MEAN, "
         "lognormal:MEDIAN,SIGMA, each with optional ,min=X,max=Y)"
     )
     shape.add_argument(
-        "--agent-types", type=int, default=4, help="agents with their own system prompt and tools"
+        "--agent-types",
+        type=int,
+        default=4,
+        help="agents with their own system prompt and tools (default %(default)s)",
     )
-    shape.add_argument("--prefixes", type=int, default=8, help="shared prefixes (prefix workload)")
     shape.add_argument(
-        "--chars-per-token", type=float, default=1.0, help="1 for a byte tokenizer, ~3 for BPE"
+        "--prefixes", type=int, default=8, help="shared prefixes (prefix workload; default %(default)s)"
+    )
+    shape.add_argument(
+        "--chars-per-token", type=float, default=1.0, help="1 for a byte tokenizer (default), ~3 for BPE"
     )
     shape.add_argument(
         "--max-context", type=int, help="a session ends before its prompt would exceed this many tokens"
     )
-    for option, (_, help_text) in DISTRIBUTION_OPTIONS.items():
-        shape.add_argument(option, type=_distribution, help=help_text + " (default: see README)")
+    for option, (field, help_text) in DISTRIBUTION_OPTIONS.items():
+        shape.add_argument(option, type=_distribution, help=f"{help_text}; default {_defaults(field)}")
     replay = parser.add_argument_group("trace replay")
-    replay.add_argument("--rate-scale", type=float, default=1.0, help="trace time runs this much faster")
+    replay.add_argument(
+        "--rate-scale",
+        type=float,
+        default=1.0,
+        help="trace time (arrivals and delays) runs this much faster (default 1)",
+    )
     replay.add_argument("--limit", type=int, help="replay the first N rows")
     replay.add_argument(
-        "--trace-block-size", type=int, default=TRACE_BLOCK_SIZE, help="tokens per trace hash id"
+        "--trace-block-size",
+        type=int,
+        default=TRACE_BLOCK_SIZE,
+        help="tokens per trace hash id (default %(default)s)",
     )
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, help="write results.json, report.md and charts here")
