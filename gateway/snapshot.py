@@ -144,17 +144,22 @@ class Snapshotter:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            if not self.ready():
-                continue
             try:
-                latest = await self.store.created_ts()
-                if latest is not None and time.time() - latest < 0.9 * self.interval_s:
-                    continue  # another replica just took one
-                await self.take()
+                await self.round()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS away: the next round tries again
                 log.warning("index snapshot not stored: %s", exc)
+
+    async def round(self) -> bool:
+        """Take a snapshot if this replica is caught up and nobody stored one within the interval."""
+        if not self.ready():
+            return False  # a partial index must not become the one new replicas load
+        latest = await self.store.created_ts()
+        if latest is not None and time.time() - latest < 0.9 * self.interval_s:
+            return False  # another replica just took one
+        await self.take()
+        return True
 
     async def take(self) -> int:
         """Build and store a snapshot now; returns its size in bytes."""

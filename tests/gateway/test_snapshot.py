@@ -1,0 +1,241 @@
+"""Index snapshots in a real nats-server's object store, and a new replica's recovery from the latest
+snapshot plus the KV stream's tail."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import api
+
+from gateway.snapshot import SNAPSHOT_OBJECT, IndexRecovery, SnapshotStore, Snapshotter
+from router.protocol import (
+    BlockRemoved,
+    BlockStored,
+    KvEventBatch,
+    KvStateDump,
+    Subjects,
+    WorkerRegistration,
+    encode,
+)
+from router.router import Router
+
+WORKERS = ("w0", "w1", "w2")
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NATS]:
+    conn = await nats.connect(nats_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def registration(wid: str, epoch: int = 1) -> WorkerRegistration:
+    return WorkerRegistration(wid, "http://w", "m", 16, 4096, "mock", epoch, time.time())
+
+
+class Cluster:
+    """What the workers would have put on the bus: registrations and KV batches on JetStream."""
+
+    def __init__(self, nc: NATS, subjects: Subjects) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = subjects
+        self.rng = random.Random(3)
+        self.seq = dict.fromkeys(WORKERS, -1)
+        self.chains: list[list[int]] = []
+        self.old = Router()  # the replica that was running all along
+
+    async def setup(self, epochs: dict[str, int] | None = None) -> None:
+        await self.js.add_stream(
+            api.StreamConfig(
+                name=self.subjects.kv_stream, subjects=[self.subjects.kv_all], storage=api.StorageType.FILE
+            )
+        )
+        kv = await self.js.create_key_value(bucket=self.subjects.registry_bucket, history=1)
+        for wid in WORKERS:
+            reg = registration(wid, (epochs or {}).get(wid, 1))
+            await kv.put(wid, encode(reg))
+            self.old.add_worker(registration(wid), 0.0)
+
+    async def publish(self, n: int) -> int:
+        last = 0
+        for _ in range(n):
+            wid = self.rng.choice(WORKERS)
+            if self.chains and self.rng.random() < 0.2:
+                chain = self.rng.choice(self.chains)
+                events: list[Any] = [BlockRemoved(chain[len(chain) // 2 :][::-1])]
+            else:
+                base = self.rng.choice(self.chains) if self.chains else []
+                base = base[: self.rng.randint(0, len(base))]
+                chain = base + [self.rng.getrandbits(64) for _ in range(self.rng.randint(1, 40))]
+                self.chains.append(chain)
+                events = [BlockStored(chain[len(base) :], base[-1] if base else None)]
+            self.seq[wid] += 1
+            batch = KvEventBatch(wid, 1, self.seq[wid], time.time(), events)
+            self.old.apply_kv_batch(batch, 0.0)
+            last = (await self.js.publish(self.subjects.kv(wid), encode(batch))).seq
+        return last
+
+    def agrees(self, router: Router) -> bool:
+        return all(self.old.index.overlap(c) == router.index.overlap(c) for c in self.chains)
+
+
+@pytest.fixture
+async def cluster(nc: NATS, namespace: str) -> Cluster:
+    running = Cluster(nc, Subjects(namespace))
+    await running.setup()
+    return running
+
+
+async def test_store_roundtrip_and_absence(nc: NATS, namespace: str, cluster: Cluster) -> None:
+    store = SnapshotStore(nc, Subjects(namespace))
+    assert await store.get() is None and await store.created_ts() is None  # no bucket yet
+    seq = await cluster.publish(30)
+    taker = Snapshotter(store, cluster.old, lambda: seq, lambda: True, source="old")
+    size = await taker.take()
+    found = await store.get()
+    assert found is not None
+    snapshot, stored = found
+    assert stored == size == taker.last_bytes and snapshot.stream_seq == seq and snapshot.source == "old"
+    assert abs((await store.created_ts() or 0) - snapshot.created_ts) < 1e-6
+    assert snapshot.num_blocks() == sum(cluster.old.index.blocks_of(w) for w in WORKERS)
+
+
+async def test_a_corrupt_snapshot_is_ignored(nc: NATS, namespace: str, cluster: Cluster) -> None:
+    subjects = Subjects(namespace)
+    store = SnapshotStore(nc, subjects)
+    await cluster.publish(10)
+    await Snapshotter(store, cluster.old, lambda: 1, lambda: True).take()
+    objects = await nc.jetstream().object_store(subjects.snapshot_bucket)
+    await objects.put(SNAPSHOT_OBJECT, b"\x93not a snapshot")
+    assert await store.get() is None
+    # and a new replica then replays the whole stream instead
+    router = Router()
+    recovery = IndexRecovery(nc, subjects, router)
+    await recovery.catch_up()
+    assert recovery.snapshot is None and cluster.agrees(router)
+
+
+async def test_recovery_from_snapshot_and_tail(nc: NATS, namespace: str, cluster: Cluster) -> None:
+    subjects = Subjects(namespace)
+    seq = await cluster.publish(200)
+    await Snapshotter(SnapshotStore(nc, subjects), cluster.old, lambda: seq, lambda: True).take()
+    last = await cluster.publish(50)
+
+    router = Router()
+    recovery = IndexRecovery(nc, subjects, router)
+    assert await recovery.catch_up() == last
+    assert recovery.snapshot is not None and recovery.snapshot.stream_seq == seq
+    assert recovery.replayed == last - seq  # only the tail was replayed
+    assert recovery.lost == set() and not recovery.stale
+    assert cluster.agrees(router)
+    assert router.stream_positions() == cluster.old.stream_positions()
+    assert sorted(router.workers()) == sorted(WORKERS)  # from the registry
+
+
+async def test_recovery_without_a_snapshot_replays_everything(
+    nc: NATS, namespace: str, cluster: Cluster
+) -> None:
+    last = await cluster.publish(80)
+    router = Router()
+    recovery = IndexRecovery(nc, Subjects(namespace), router)
+    assert await recovery.catch_up() == last
+    assert recovery.replayed == last and cluster.agrees(router)
+
+
+async def test_no_stream_yet(nc: NATS, namespace: str) -> None:
+    recovery = IndexRecovery(nc, Subjects(namespace), Router())
+    assert await recovery.catch_up() == 0
+
+
+async def dump_responder(nc: NATS, subjects: Subjects, router: Router, epoch: int = 1) -> list[Any]:
+    """Workers answering state dump requests with what the old replica knows of them."""
+    subs = []
+    for wid in WORKERS:
+
+        async def answer(msg: Any, wid: str = wid) -> None:
+            from router.snapshot import build_snapshot
+
+            (worker,) = [w for w in build_snapshot(router, 0, 0.0).workers if w.worker_id == wid]
+            await msg.respond(encode(KvStateDump(wid, epoch, worker.seq, worker.blocks())))
+
+        subs.append(await nc.subscribe(subjects.dump(wid), cb=answer))
+    await nc.flush()
+    return subs
+
+
+async def test_a_snapshot_older_than_the_stream_asks_every_worker(
+    nc: NATS, namespace: str, cluster: Cluster
+) -> None:
+    subjects = Subjects(namespace)
+    seq = await cluster.publish(100)
+    await Snapshotter(SnapshotStore(nc, subjects), cluster.old, lambda: seq, lambda: True).take()
+    last = await cluster.publish(100)
+    await nc.jetstream().purge_stream(subjects.kv_stream, seq=seq + 20)  # retention dropped a part
+    router = Router()
+    recovery = IndexRecovery(nc, subjects, router)
+    assert await recovery.catch_up() == last
+    assert recovery.stale
+    await dump_responder(nc, subjects, cluster.old)
+    dumped = await recovery.reconcile({w: 1 for w in WORKERS})
+    assert sorted(dumped) == sorted(WORKERS)
+    assert cluster.agrees(router)
+
+
+async def test_reconcile_forgets_gone_workers_and_empties_restarted_ones(
+    nc: NATS, namespace: str, cluster: Cluster
+) -> None:
+    subjects = Subjects(namespace)
+    seq = await cluster.publish(60)
+    await Snapshotter(SnapshotStore(nc, subjects), cluster.old, lambda: seq, lambda: True).take()
+    router = Router()
+    recovery = IndexRecovery(nc, subjects, router)
+    await recovery.catch_up()
+    chains = [c for c in cluster.chains if cluster.old.index.overlap(c)]
+    assert chains and all(router.index.overlap(c) for c in chains)
+    # w0 is gone, w1 restarted (epoch 2), w2 is as it was
+    router.remove_worker("w0")
+    await recovery.reconcile({"w1": 2, "w2": 1})
+    assert router.stream_positions()["w1"] == (2, -1)
+    for chain in chains:
+        assert set(router.index.overlap(chain)) <= {"w2"}
+        assert router.index.overlap(chain).get("w2") == cluster.old.index.overlap(chain).get("w2")
+    # w1's new process publishes from seq 0: in order, no dump needed
+    assert router.apply_kv_batch(KvEventBatch("w1", 2, 0, 0.0, [BlockStored([5, 6], None)]), 0.0)
+    assert router.index.overlap([5, 6]) == {"w1": 2}
+
+
+async def test_snapshotter_takes_turns_and_waits_for_readiness(
+    nc: NATS, namespace: str, cluster: Cluster
+) -> None:
+    subjects = Subjects(namespace)
+    seq = await cluster.publish(20)
+    ready = [False]
+    first = Snapshotter(
+        SnapshotStore(nc, subjects), cluster.old, lambda: seq, lambda: ready[0], interval_s=0.2
+    )
+    second = Snapshotter(SnapshotStore(nc, subjects), cluster.old, lambda: seq, lambda: True, interval_s=30.0)
+    task = asyncio.create_task(first.run())
+    try:
+        await asyncio.sleep(0.6)
+        assert first.taken == 0  # not caught up: it must not store a partial index
+        ready[0] = True
+        deadline = time.monotonic() + 5
+        while first.taken < 2:  # then one every interval
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+    assert not await second.round()  # another replica stored one within its interval: skip
+    second.interval_s = 0.1
+    await asyncio.sleep(0.2)
+    assert await second.round() and second.taken == 1
