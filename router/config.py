@@ -50,6 +50,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     pin_factor: float = 1.5  # pin for this multiple of the expected tool time
     pin_min_s: float = 5.0
     pin_max_s: float = 120.0
+    # Also pin when the request said a tool call is pending (the turn carried a tool result), whatever the
+    # finish reason: engines that never report "tool_calls" (the mock) still get pins. Turn off when the
+    # engines report real finish reasons and a tool loop's final answer should not pin.
+    pin_on_tool_result: bool = True
 
     def __post_init__(self) -> None:
         bounded = ("max_sessions", "max_inflight", "approx_blocks_per_worker", "cache_tree_blocks_per_worker")

@@ -183,7 +183,8 @@ class Router:
             raise NoWorkerError(f"no routable worker for model {request.model!r}")
         sid = request.session_id
         session = self.sessions.get(sid) if sid else None
-        view = RouterView(candidates, self.index, self.approx, self.load, session, self.block_size, now)
+        bs = self._registrations[candidates[0]].block_size  # the gateway hashed with a candidate's size
+        view = RouterView(candidates, self.index, self.approx, self.load, session, bs, now)
         decision = self.policy.pick(request, view)
         self._record(request, decision, now)
         return decision
@@ -197,7 +198,8 @@ class Router:
         return True
 
     def _record(self, request: RouteRequest, decision: Decision, now: float) -> None:
-        bs = self.block_size
+        reg = self._registrations.get(decision.worker_id)
+        bs = reg.block_size if reg is not None else self.block_size
         worker = decision.worker_id
         prefill = max(0, request.num_tokens - decision.overlap_blocks * bs)
         blocks = -(-(request.num_tokens + request.expected_output_tokens) // bs)
@@ -243,7 +245,8 @@ class Router:
         s.attained_tokens += max(0, output_tokens)
         s.last_finish_reason = finish_reason
         s.last_done_at = now
-        s.tool_pending = ok and (finish_reason == "tool_calls" or flight.tool_pending)
+        said_pending = flight.tool_pending and self.config.pin_on_tool_result
+        s.tool_pending = ok and (finish_reason == "tool_calls" or said_pending)
         if not s.tool_pending or flight.worker_id not in self._registrations or not s.chain:
             return None
         cfg = self.config

@@ -185,3 +185,12 @@ def test_expire_drops_lost_requests_and_idle_sessions() -> None:
 def test_nonsense_config_is_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
         RouterConfig(**bad)
+
+
+def test_pins_on_a_pending_tool_call_can_be_limited_to_tool_call_finishes() -> None:
+    router = Router(config=RouterConfig(pin_on_tool_result=False))
+    router.add_worker(reg("a"), 0.0)
+    router.pick(req("r1", [1, 2, 3], "s", tool=True), 0.0)
+    assert router.on_complete("r1", 1.0, "stop", 5) is None
+    router.pick(req("r2", [1, 2, 3, 4], "s", tool=True), 2.0)
+    assert router.on_complete("r2", 3.0, "tool_calls", 5) is not None
