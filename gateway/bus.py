@@ -99,20 +99,53 @@ class Bus:
     # --- lifecycle
 
     async def start(self) -> None:
-        self.nc = await nats.connect(
-            self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, name=self.gateway_id
-        )
+        """Returns at once: connecting runs in the background, so the HTTP side (/health, and /ready
+        saying "not yet") is up while NATS is still unreachable."""
+        self._tasks = [asyncio.create_task(self._connect(), name="kvgate-bus-connect")]
+
+    async def _connect(self) -> None:
+        while True:
+            try:
+                self.nc = await nats.connect(
+                    self.nats_url,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2.0,
+                    name=self.gateway_id,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                )
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # not up yet: keep trying, the log says why
+                log.warning("cannot reach NATS at %s (%s); retrying", self.nats_url, exc)
+                await asyncio.sleep(1.0)
+        log.info("connected to NATS at %s", self.nats_url)
         self._subs.append(await self.nc.subscribe(self.subjects.load_all, cb=self._on_load))
-        self._tasks = [
+        self._tasks += [
             asyncio.create_task(self._watch_registry(), name="kvgate-registry"),
             asyncio.create_task(self._follow_kv_events(), name="kvgate-kv-events"),
             asyncio.create_task(self._housekeeping(), name="kvgate-housekeeping"),
         ]
 
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("disconnected from NATS; routing on the last known view, reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS")
+        now = self.clock()
+        for state in self.workers.values():  # heartbeats could not reach us: time starts again
+            state.last_seen = now
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
@@ -332,6 +365,9 @@ class Bus:
         while True:
             await asyncio.sleep(0.5)
             now = self.clock()
+            if not self.connected:
+                # a NATS outage says nothing about the workers: keep routing on the last known view
+                continue
             for wid, state in list(self.workers.items()):
                 if now - state.last_seen > self.stale_after_s:
                     self.remove_worker(wid, f"no heartbeat for {now - state.last_seen:.1f} s")

@@ -9,6 +9,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import nats
@@ -287,3 +288,33 @@ async def test_a_tool_loop_turn_pins_its_blocks_on_its_worker(pool: Cluster) -> 
     finally:
         await session.client.close()
         await nc.close()
+
+
+def test_a_nats_outage_keeps_the_gateway_serving(tmp_path: Path) -> None:
+    with NatsServer() as own_nats:  # its own server: stopping the shared one would disturb other tests
+        cluster = Cluster(own_nats.url, "outage", tmp_path)
+        try:
+            nats_outage(own_nats, cluster)
+        finally:
+            cluster.stop()
+
+
+def nats_outage(nats_server: NatsServer, cluster: Cluster) -> None:
+    cluster.worker("n0", "mock", "--speedup", "1000")
+    cluster.start_gateway()
+    cluster.ready(workers=1)
+    sdk = openai.OpenAI(base_url=cluster.gateway.url + "/v1", api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "still there?"}]
+    try:
+        nats_server.stop()
+        time.sleep(4.0)  # longer than a heartbeat timeout: the worker must not be dropped for it
+        reply = sdk.chat.completions.create(model="mock", messages=messages, max_tokens=2)
+        assert reply.choices[0].finish_reason == "length"
+        assert http_get(cluster.gateway.url + "/ready")[1]["nats"] is False
+    finally:
+        nats_server.start()
+    deadline = time.monotonic() + 15
+    while http_get(cluster.gateway.url + "/ready")[0] != 200:
+        assert time.monotonic() < deadline, "the gateway did not come back to the bus"
+        time.sleep(0.2)
+    assert sdk.chat.completions.create(model="mock", messages=messages, max_tokens=2).choices[0].message
