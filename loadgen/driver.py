@@ -42,6 +42,7 @@ class Driver:
         self.recorder = recorder
         self.t0 = time.perf_counter()
         self.stopping = asyncio.Event()
+        self._idle = asyncio.Event()  # set when no task is left: the workload ran out
         self.interrupted = False
         self._sessions: Iterator[tuple[float, Session]] = iter(())
         self._budget = config.requests
@@ -94,16 +95,25 @@ class Driver:
             await asyncio.wait(set(self._tasks))
 
     async def stopping_or_done(self) -> None:
-        while self._tasks and not self.stopping.is_set():
-            stop = asyncio.ensure_future(self.stopping.wait())
-            await asyncio.wait({stop, *self._tasks}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
+        # two events, not a wait on every task: hundreds of sessions end each second
+        waits = {asyncio.ensure_future(self.stopping.wait()), asyncio.ensure_future(self._idle.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     def _spawn(self, coro: object) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._idle.clear()
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self._tasks:
+            self._idle.set()
 
     async def _wait(self, seconds: float) -> None:
         """Sleep, cancellable by stop()."""
