@@ -230,3 +230,36 @@ def test_session_kv_counts_a_pinned_session_as_held_until_the_pin_expires() -> N
     assert (d.worker_id, d.overlap_blocks) == (w, 100)
     router.on_complete("r2", 16.0, "stop", 10)  # ended normally: no new pin
     assert router.pick(req("r3", [*turn1, 5, 6], "s"), 30.0).worker_id == other
+
+
+def test_session_kv_credits_host_and_disk_tiers_partly() -> None:
+    router = make("session_kv", n=4)
+    prompt = chain(200)
+    events = {
+        "w0": [BlockStored(prompt[:100])],
+        "w1": [BlockStored(prompt[:100], None, "host")],
+        "w2": [BlockStored(prompt[:40]), BlockStored(prompt[:100], None, "disk")],
+    }
+    for w, ev in events.items():
+        assert router.apply_kv_batch(KvEventBatch(w, 1, 0, 0.0, ev), 0.0)
+    ms = 1000 / RouterConfig().default_prefill_tok_s
+    d = router.pick(req("r1", prompt), 0.0)
+    assert (d.worker_id, d.estimated_cost) == ("w0", pytest.approx((3200 - 100 * BS) * ms))
+    router.remove_worker("w0")
+    d = router.pick(req("r2", prompt), 0.0)  # host: 0.75 x 100 blocks > disk: 40 + 0.25 x 60 blocks
+    assert (d.worker_id, d.estimated_cost) == ("w1", pytest.approx((3200 - 75 * BS) * ms))
+    router.remove_worker("w1")
+    load(router, "w3", 0)
+    d = router.pick(req("r3", prompt), 0.0)
+    assert (d.worker_id, d.estimated_cost) == ("w2", pytest.approx((3200 - 55 * BS) * ms))
+
+
+def test_kv_overlap_with_a_temperature_samples_and_prefers_the_cheaper() -> None:
+    router = make("kv_overlap", n=2, kv_temperature=0.5)
+    prompt = chain(100)
+    hold(router, "w0", prompt)
+    picks = Counter()
+    for i in range(200):
+        picks[router.pick(req(f"r{i}", prompt), 0.0).worker_id] += 1
+        router.on_complete(f"r{i}", 0.0, "stop", 0)
+    assert picks["w0"] > picks["w1"] > 0
