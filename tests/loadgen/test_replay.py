@@ -48,9 +48,9 @@ def test_session_rows_are_one_closed_loop_session_each() -> None:
 
 @pytest.mark.skipif(not (TRACES / "cc_sessions_dev.jsonl").exists(), reason="shared traces not present")
 def test_claude_code_trace_slice_yields_every_row_once() -> None:
-    rows = load_trace(TRACES / "cc_sessions_dev.jsonl", limit=300)
+    rows = load_trace(TRACES / "cc_sessions_dev.jsonl", limit=120)
     sent = 0
     for _, session in TraceWorkload(rows, TraceContent(), rate_scale=10.0).sessions():
         while session.next_turn("reply") is not None:
             sent += 1
-    assert sent == 300
+    assert sent == 120
