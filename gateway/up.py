@@ -140,10 +140,18 @@ def _get_json(url: str) -> tuple[int, object]:
         return 0, None
 
 
-async def _wait_ready(gateway_url: str, supervisor: Supervisor, timeout_s: float, stop: asyncio.Event) -> str:
+async def _wait_ready(
+    gateway_url: str,
+    supervisor: Supervisor,
+    timeout_s: float,
+    stop: asyncio.Event,
+    gateway: asyncio.Task[None],
+) -> str:
     """Wait until the gateway sees every worker; the model name to advertise."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
+        if gateway.done():  # e.g. its port is taken: say so now, not after the timeout
+            raise RuntimeError(f"the gateway stopped: {gateway.exception()}")
         status, body = await asyncio.to_thread(_get_json, gateway_url + "/ready")
         if status == 200 and isinstance(body, dict) and body.get("workers", 0) >= len(supervisor.children):
             _, models = await asyncio.to_thread(_get_json, gateway_url + "/v1/models")
@@ -181,11 +189,13 @@ async def _main(args: argparse.Namespace, nats_url: str) -> int:
     url = f"http://{args.host}:{args.port}"
     code = 0
     try:
-        model = await _wait_ready(url, supervisor, args.ready_timeout, stop)
+        model = await _wait_ready(url, supervisor, args.ready_timeout, stop, gateway)
         if not stop.is_set():
             print(_banner(url, model, args, nats_url), flush=True)
-        await stop.wait()
-    except TimeoutError as exc:
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopper, gateway}, return_when=asyncio.FIRST_COMPLETED)  # a signal, or a crash
+        stopper.cancel()
+    except (TimeoutError, RuntimeError) as exc:
         log.error("%s", exc)
         code = 1
     finally:
@@ -195,7 +205,6 @@ async def _main(args: argparse.Namespace, nats_url: str) -> int:
         await watcher
         await asyncio.to_thread(supervisor.stop)
     if gateway.done() and not gateway.cancelled() and gateway.exception() is not None:
-        log.error("gateway failed: %s", gateway.exception())
         code = 1
     return code
 
