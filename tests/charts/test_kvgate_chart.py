@@ -8,6 +8,7 @@ point at an external NATS URL; the values handed to that subchart are checked ag
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -333,3 +334,18 @@ def test_external_nats_url_is_required_without_the_subchart() -> None:
 def test_schema_rejects_bad_values(bad: dict[str, Any]) -> None:
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
         chart.validate_schema(chart.merge_values(merge(EXTERNAL_NATS, bad)))
+
+
+def test_schema_choices_follow_the_code() -> None:
+    """The schema's policy and engine lists are the ones the gateway and the worker accept."""
+    from router.policies import POLICIES
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]
+    assert sorted(schema["gateway"]["properties"]["policy"]["enum"]) == sorted(POLICIES)
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    engine_flag = next(a for a in commands["worker"]._actions if "--engine" in a.option_strings)
+    assert sorted(schema["workers"]["properties"]["engine"]["enum"]) == sorted(engine_flag.choices)
+    bridge_flag = next(a for a in commands["bridge"]._actions if "--engine" in a.option_strings)
+    targets = schema["bridges"]["properties"]["targets"]["items"]["properties"]
+    assert sorted(targets["engine"]["enum"]) == sorted(bridge_flag.choices)
