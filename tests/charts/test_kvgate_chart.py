@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from gateway.cli import build_parser
+from router.policies import POLICIES
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kvgate"
 KUBE_VERSION = "1.30"
@@ -338,8 +339,6 @@ def test_schema_rejects_bad_values(bad: dict[str, Any]) -> None:
 
 def test_schema_choices_follow_the_code() -> None:
     """The schema's policy and engine lists are the ones the gateway and the worker accept."""
-    from router.policies import POLICIES
-
     schema = json.loads((CHART / "values.schema.json").read_text())["properties"]
     assert sorted(schema["gateway"]["properties"]["policy"]["enum"]) == sorted(POLICIES)
     parser = build_parser()
