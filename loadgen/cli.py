@@ -79,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-session-header", action="store_true", help="send no x-session-id / tool-call marker"
     )
     target.add_argument(
+        "--plain-tools",
+        action="store_true",
+        help="agentic: tool definitions, calls and results as prompt text, not `tools`/`tool_calls` "
+        "(for servers without a tool-call parser, e.g. vLLM without --enable-auto-tool-choice)",
+    )
+    target.add_argument(
         "--ignore-eos", action="store_true", help='add "ignore_eos": true (vLLM, SGLang, kvgate)'
     )
     target.add_argument(
@@ -212,10 +218,12 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _with_distributions(config: msgspec.Struct, args: argparse.Namespace) -> msgspec.Struct:
-    changes: dict[str, Distribution | float | int | None] = {"chars_per_token": args.chars_per_token}
+    changes: dict[str, Distribution | float | int | bool | None] = {"chars_per_token": args.chars_per_token}
     fields = set(config.__struct_fields__)
     if "max_context_tokens" in fields:
         changes["max_context_tokens"] = args.max_context
+    if "plain_tools" in fields:
+        changes["plain_tools"] = args.plain_tools
     for option, (field, _) in DISTRIBUTION_OPTIONS.items():
         value = getattr(args, option.lstrip("-").replace("-", "_"))
         if value is not None and field in fields:

@@ -67,6 +67,9 @@ class AgenticConfig(msgspec.Struct):
     tools_per_agent: int = 8
     chars_per_token: float = 1.0  # 1 for a byte tokenizer (kvgate's default model); ~3-4 for BPE
     max_context_tokens: int | None = None  # a session ends before its prompt would exceed this
+    # tools as text in the prompt instead of `tools`/`tool_calls`/role "tool": a vLLM started without
+    # --enable-auto-tool-choice rejects requests that carry `tools`
+    plain_tools: bool = False
 
 
 def poisson_offsets(rate: float, rng: random.Random) -> Iterator[float]:
@@ -139,6 +142,29 @@ class AgenticSession:
     def _chars(self, dist: Distribution) -> int:
         return max(1, round(dist.sample(self._rng) * self._config.chars_per_token))
 
+    def _tool_round(self, reply: str) -> list[dict[str, Any]]:
+        """The reply with a tool call, and the tool's result."""
+        rng = self._rng
+        call_id = f"call_{self.session_id}_{self._turn}"
+        tool = rng.choice(self._agent.tools)["function"]["name"]
+        arguments = json.dumps({"arg": self._text.text(24, rng)})
+        result = self._text.text(self._chars(self._config.tool_result_tokens), rng)
+        if self._config.plain_tools:  # as text: servers without a tool-call parser accept it
+            call = json.dumps({"id": call_id, "name": tool, "arguments": arguments})
+            return [
+                {"role": "assistant", "content": f"{reply}\n<tool_call>{call}</tool_call>"},
+                {"role": "user", "content": f"<tool_result id={call_id}>{result}</tool_result>"},
+            ]
+        function = {"name": tool, "arguments": arguments}
+        return [
+            {
+                "role": "assistant",
+                "content": reply,
+                "tool_calls": [{"id": call_id, "type": "function", "function": function}],
+            },
+            {"role": "tool", "tool_call_id": call_id, "content": result},
+        ]
+
     def next_turn(self, reply: str | None) -> Turn | None:
         if self._turns_left <= 0:
             return None
@@ -146,32 +172,13 @@ class AgenticSession:
         rng = self._rng
         if reply is None:
             task = f"[{self.session_id}] " + self._text.text(self._chars(self._config.task_tokens), rng)
-            self._messages = [
-                {"role": "system", "content": self._agent.system_prompt},
-                {"role": "user", "content": task},
-            ]
+            system = self._agent.system_prompt
+            if self._config.plain_tools:
+                system += "\n# Tools\n" + json.dumps(self._agent.tools)
+            self._messages = [{"role": "system", "content": system}, {"role": "user", "content": task}]
             delay = 0.0
         else:
-            call_id = f"call_{self.session_id}_{self._turn}"
-            tool = rng.choice(self._agent.tools)["function"]["name"]
-            self._messages.append(
-                {
-                    "role": "assistant",
-                    "content": reply,
-                    "tool_calls": [
-                        {
-                            "id": call_id,
-                            "type": "function",
-                            "function": {
-                                "name": tool,
-                                "arguments": json.dumps({"arg": self._text.text(24, rng)}),
-                            },
-                        }
-                    ],
-                }
-            )
-            result = self._text.text(self._chars(self._config.tool_result_tokens), rng)
-            self._messages.append({"role": "tool", "tool_call_id": call_id, "content": result})
+            self._messages.extend(self._tool_round(reply))
             delay = self._config.tool_time_s.sample(rng)
         config = self._config
         if not _fits(
@@ -183,7 +190,7 @@ class AgenticSession:
         return Turn(
             messages=list(self._messages),
             max_tokens=self._config.output_tokens.sample_int(rng, floor=1),
-            tools=self._agent.tools,
+            tools=None if self._config.plain_tools else self._agent.tools,
             tool_result=reply is not None,
             delay_s=delay,
         )

@@ -111,3 +111,16 @@ def test_sessions_end_before_their_prompt_exceeds_max_context() -> None:
     chat = ChatWorkload(ChatConfig(turns=parse_distribution("const:30"), max_context_tokens=2000), rate=1.0)
     _, session = next(iter(chat.sessions()))
     assert 1 <= len(_run_session(session, replies=["r" * 300] * 30)) < 30
+
+
+def test_plain_tools_put_definitions_calls_and_results_in_the_text() -> None:
+    workload = AgenticWorkload(_small_agentic(plain_tools=True), rate=1.0, seed=3)
+    _, session = next(iter(workload.sessions()))
+    turns = _run_session(session)
+    assert all(t.tools is None for t in turns)
+    assert '"name": "read_file"' in turns[0].messages[0]["content"]  # definitions in the system prompt
+    assert {m["role"] for t in turns for m in t.messages} == {"system", "user", "assistant"}
+    for previous, turn in pairwise(turns):
+        assert turn.messages[: len(previous.messages)] == previous.messages and turn.tool_result
+        assistant, result = turn.messages[len(previous.messages) :]
+        assert "<tool_call>" in assistant["content"] and result["content"].startswith("<tool_result")
