@@ -6,12 +6,16 @@ import asyncio
 import itertools
 from collections import defaultdict
 
+import pytest
+
 from loadgen.client import StreamClient
 from loadgen.distributions import parse_distribution
 from loadgen.driver import Driver, RunConfig
 from loadgen.metrics import Recorder, RequestRecord
+from loadgen.replay import TraceWorkload
+from loadgen.trace import TraceContent, load_trace
 from loadgen.workloads import AgenticConfig, AgenticWorkload
-from tests.loadgen.conftest import Served
+from tests.loadgen.conftest import TRACES, Served
 
 
 def _workload(turns: str = "const:4", tool_time: str = "const:0.05", rate: float = 50.0) -> AgenticWorkload:
@@ -96,3 +100,26 @@ async def test_closed_loop_concurrency_and_interrupt(sse: Served) -> None:
         len({r.session_id for r in recorder.requests if r.start <= t <= r.end}) for t in (0.1, 0.2, 0.3)
     )
     assert live <= 4
+
+
+@pytest.mark.skipif(not (TRACES / "mooncake_conversation.jsonl").exists(), reason="shared traces not present")
+async def test_trace_replay_shares_exactly_the_prefixes_the_trace_shares(sse: Served) -> None:
+    rows = load_trace(TRACES / "mooncake_conversation.jsonl", limit=200)
+    seen: set[int] = set()
+    shared = total = 0
+    for row in rows:  # what an infinite prefix cache would hit, from the trace's hash ids
+        prefix = 0
+        while prefix < len(row.hash_ids) and row.hash_ids[prefix] in seen:
+            prefix += 1
+        shared += min(prefix * 512, row.input_length)
+        total += row.input_length
+        seen.update(row.hash_ids)
+    workload = TraceWorkload(rows, TraceContent(), rate_scale=1000.0)
+    recorder = Recorder()
+    async with StreamClient(sse.url, "mock-model") as client:
+        config = RunConfig(duration_s=None, max_concurrency=1)  # one at a time: the cache sees trace order
+        await asyncio.wait_for(Driver(client, workload, config, recorder).run(), 60)
+    summary = recorder.summary(1.0)
+    assert summary["completed"] == 200 and shared / total > 0.05
+    # the server's cache (16-character blocks, infinite) hits what the trace says is shared
+    assert summary["cache_hit_rate"] == pytest.approx(shared / total, abs=0.01)
