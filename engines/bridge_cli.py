@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from urllib.parse import urlsplit
 
 from engines.bridge import Bridge, BridgeConfig
 from router.protocol import ProtocolError
@@ -49,10 +50,29 @@ def default_worker_id(url: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in host)[:128] or "engine"
 
 
+def check(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, before anything connects; None when they are usable."""
+    if args.block_size < 1 or args.metrics_interval < 0 or args.num_blocks < 0:
+        return "--block-size must be positive, --metrics-interval and --num-blocks >= 0"
+    for flag, value, schemes in (
+        ("--zmq", args.zmq, ("tcp", "ipc")),
+        ("--replay", args.replay, ("tcp", "ipc")),
+        ("--url", args.url, ("http", "https")),
+        ("--nats", args.nats, ("nats", "tls", "ws", "wss")),
+    ):
+        if value is None:
+            continue
+        parsed = urlsplit(value)
+        if parsed.scheme not in schemes or not (parsed.netloc or parsed.path):
+            return f"{flag} {value!r} must be a {' or '.join(s + '://' for s in schemes)} address"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if args.block_size < 1 or args.metrics_interval < 0 or args.num_blocks < 0:
-        print("kvgate bridge: --block-size must be positive, --metrics-interval and --num-blocks >= 0")
+    problem = check(args)
+    if problem is not None:
+        print(f"kvgate bridge: {problem}")
         return 2
     config = BridgeConfig(
         zmq_endpoint=args.zmq,

@@ -541,6 +541,11 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert kvgate_main([*base, "--worker-id", "has.dot"]) == 2
     assert "worker id" in capsys.readouterr().out
     assert kvgate_main([*base, "--block-size", "0"]) == 2
+    for flag, bad in (("--zmq", "127.0.0.1:5557"), ("--url", "vllm:8000"), ("--nats", "http://n:4222")):
+        args = [*base, "--worker-id", "w"]
+        args[args.index(flag) + 1] = bad
+        assert kvgate_main(args) == 2
+        assert flag in capsys.readouterr().out
 
 
 def test_translator_bounds_what_it_tracks() -> None:
@@ -641,3 +646,33 @@ async def test_gateway_routes_on_bridged_engine_events(
             proc.stop()
         for engine_publisher in engines.values():
             await engine_publisher.close()
+
+
+@pytest.mark.slow
+async def test_bridge_process_registers_and_deregisters_on_sigterm(
+    engine: EnginePublisher, nats_url: str, namespace: str, tmp_path: Any
+) -> None:
+    argv = [
+        "bridge", "--zmq", engine.endpoint, "--replay", engine.replay_endpoint, "--url", "http://vllm-0:8000",
+        "--model", "m", "--nats", nats_url, "--namespace", namespace, "--worker-id", WORKER,
+        "--metrics-interval", "0",
+    ]  # fmt: skip
+    proc = Proc(argv, "http://unused", tmp_path / "bridge.log")
+    nc = await nats.connect(nats_url)
+    try:
+        await engine.wait_subscribed()
+        js = nc.jetstream()
+        for _ in range(200):  # the bucket appears with the bridge's set-up
+            with contextlib.suppress(nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+                kv = await js.key_value(Subjects(namespace).registry_bucket)
+                break
+            await asyncio.sleep(0.05)
+        registration = await registered(kv, WORKER)
+        assert (registration.url, registration.engine) == ("http://vllm-0:8000", "vllm")
+        proc.proc.terminate()
+        assert await asyncio.to_thread(proc.proc.wait, 15) == 0
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await kv.get(WORKER)
+    finally:
+        proc.stop()
+        await nc.close()
