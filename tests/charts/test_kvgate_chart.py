@@ -307,6 +307,17 @@ def test_service_monitor_selects_the_gateway_service() -> None:
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
 
 
+def test_api_key_comes_from_a_secret() -> None:
+    docs = render(merge(EXTERNAL_NATS, {"gateway": {"apiKeySecret": {"name": "kvgate-keys"}}}))
+    validate_all(docs)
+    gw = container(find(docs, "Deployment", "gateway")[0])
+    assert flag(gw["args"], "--api-key") == "$(KVGATE_API_KEY)"
+    (env,) = [e for e in gw["env"] if e["name"] == "KVGATE_API_KEY"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "kvgate-keys", "key": "api-key"}
+    check_cli(gw["args"], "gateway")
+    assert "--api-key" not in container(find(render(EXTERNAL_NATS), "Deployment", "gateway")[0])["args"]
+
+
 def test_autoscaling_off_sets_replicas() -> None:
     docs = render(merge(EXTERNAL_NATS, {"gateway": {"replicas": 3, "autoscaling": {"enabled": False}}}))
     assert not find(docs, "HorizontalPodAutoscaler")
