@@ -231,8 +231,9 @@ class IndexRecovery:
             log.warning(
                 "index snapshot older than the stream (seq %d < %d): asking every worker", start, first
             )
-        if last >= max(start, first):
-            await self.replay(max(start, first), last)
+        start = max(start, first, 1)  # an empty stream says first 0, last 0
+        if last >= start:
+            await self.replay(start, last)
         self.resume_seq = max(last, self.snapshot.stream_seq if self.snapshot is not None else 0)
         return self.resume_seq
 

@@ -239,3 +239,10 @@ async def test_snapshotter_takes_turns_and_waits_for_readiness(
     second.interval_s = 0.1
     await asyncio.sleep(0.2)
     assert await second.round() and second.taken == 1
+
+
+async def test_an_empty_stream(nc: NATS, namespace: str) -> None:
+    subjects = Subjects(namespace)
+    await nc.jetstream().add_stream(api.StreamConfig(name=subjects.kv_stream, subjects=[subjects.kv_all]))
+    recovery = IndexRecovery(nc, subjects, Router())
+    assert await recovery.catch_up() == 0 and recovery.replayed == 0
