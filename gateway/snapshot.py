@@ -41,7 +41,14 @@ from router.protocol import (
     encode,
 )
 from router.router import Router
-from router.snapshot import IndexSnapshot, apply_snapshot, build_snapshot, decode_snapshot, encode_snapshot
+from router.snapshot import (
+    IndexSnapshot,
+    apply_snapshot,
+    capture,
+    decode_snapshot,
+    encode_snapshot,
+    snapshot_of,
+)
 
 log = logging.getLogger("kvgate.gateway.snapshot")
 
@@ -163,7 +170,11 @@ class Snapshotter:
 
     async def take(self) -> int:
         """Build and store a snapshot now; returns its size in bytes."""
-        snapshot = build_snapshot(self.router, self.position(), time.time(), self.source)
+        # copied at one instant on the loop, built on a thread: a 1M-block index takes a second or two,
+        # which must not stall the event loop (heartbeats, requests) meanwhile
+        captured = capture(self.router)
+        position = self.position()
+        snapshot = await asyncio.to_thread(snapshot_of, captured, position, time.time(), self.source)
         size = await self.store.put(snapshot)
         self.taken += 1
         self.last_bytes = size

@@ -23,7 +23,6 @@ import msgspec
 from router.protocol import TIERS, BlockStored, CachedBlock, KvStateDump, ProtocolError, Tier
 
 if TYPE_CHECKING:
-    from router.index import BlockIndex, TierIndex
     from router.router import Router
 
 SNAPSHOT_VERSION = 1
@@ -116,43 +115,65 @@ def decode_snapshot(data: bytes) -> IndexSnapshot:
 # --- build
 
 
-def build_snapshot(router: Router, stream_seq: int, created_ts: float, source: str = "") -> IndexSnapshot:
-    """The event-fed index of `router` as it stands, said to reflect the stream up to `stream_seq`.
+class IndexCapture(msgspec.Struct):
+    """The index's maps and the workers' stream positions copied at one instant (C-speed dict copies),
+    so that the snapshot can be built from them off the event loop while the index moves on."""
 
-    Runs in one go on the caller's thread (the index must not change meanwhile): about a second per
-    million blocks.
-    """
+    positions: dict[str, tuple[int, int]]
+    names: dict[int, str]  # worker bit -> id
+    tiers: dict[
+        str, tuple[dict[int, int], dict[int, int | list[int]], dict[int, int]]
+    ]  # held, links, orphans
+
+
+def capture(router: Router) -> IndexCapture:
     index = router.index
     positions = {w: p for w, p in router.stream_positions().items() if index.has_worker(w)}
-    runs = index_runs(index, {index.bit(w): w for w in positions})
-    workers = [WorkerSnapshot(w, epoch, seq, runs.get(w, [])) for w, (epoch, seq) in positions.items()]
-    return IndexSnapshot(SNAPSHOT_VERSION, stream_seq, created_ts, source, workers)
+    tiers = {
+        tier: (t._held.copy(), t._children.copy(), t._orphans.copy())
+        for tier, t in index.tiers.items()
+        if len(t)
+    }
+    return IndexCapture(positions, {index.bit(w): w for w in positions}, tiers)
 
 
-def index_runs(index: BlockIndex, names: dict[int, str]) -> dict[str, list[ChainRun]]:
-    """The blocks of the workers in `names` (bit -> id) as chain runs, every tier, parents first.
+def build_snapshot(router: Router, stream_seq: int, created_ts: float, source: str = "") -> IndexSnapshot:
+    """The event-fed index of `router` as it stands, said to reflect the stream up to `stream_seq`."""
+    return snapshot_of(capture(router), stream_seq, created_ts, source)
+
+
+def snapshot_of(
+    captured: IndexCapture, stream_seq: int, created_ts: float, source: str = ""
+) -> IndexSnapshot:
+    """The snapshot of a capture: about a second per million blocks, safe on another thread.
 
     A block's parent comes from the index's parent -> children links. A block the index marks as an
     orphan (held while its parent is not) whose link is gone gets a parent nobody holds (its hash's
     complement), so that the loader marks it an orphan too and prefix matching stays exact.
     """
-    out: dict[str, list[ChainRun]] = {}
+    runs: dict[str, list[ChainRun]] = {}
     for tier in TIERS:
-        for bit, runs in _tier_runs(index.tiers[tier], tier, names).items():
-            out.setdefault(names[bit], []).extend(runs)
-    return out
+        if tier in captured.tiers:
+            held, links, orphans = captured.tiers[tier]
+            for bit, tier_runs in _tier_runs(held, links, orphans, tier, captured.names).items():
+                runs.setdefault(captured.names[bit], []).extend(tier_runs)
+    workers = [WorkerSnapshot(w, e, seq, runs.get(w, [])) for w, (e, seq) in captured.positions.items()]
+    return IndexSnapshot(SNAPSHOT_VERSION, stream_seq, created_ts, source, workers)
 
 
-def _tier_runs(tier_index: TierIndex, tier: Tier, names: dict[int, str]) -> dict[int, list[ChainRun]]:
+def _tier_runs(
+    held: dict[int, int],
+    links: dict[int, int | list[int]],
+    orphans: dict[int, int],
+    tier: Tier,
+    names: dict[int, str],
+) -> dict[int, list[ChainRun]]:
     """One pass over the held blocks in the index's insertion order, which is chain order for blocks
     stored together: a block extends its worker's current run when its parent ends that run. Runs
     whose parent lands later in the order still load exactly (the index adopts orphans)."""
-    # a read-only walk of the index's own maps: copying 1M entries first would double the memory
-    held = tier_index._held
-    orphans = tier_index._orphans
     if not held:
         return {}
-    parent_of = _parents(tier_index._children)
+    parent_of = _parents(links)
     wanted = 0
     for bit in names:
         wanted |= bit
