@@ -13,7 +13,6 @@ import time
 import uuid
 from typing import Any
 
-import aiohttp
 import msgspec
 from aiohttp import web
 
@@ -24,6 +23,7 @@ from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.prompt import PromptEncoder
 from gateway.proxy import Outcome, Retryable, forward
 from gateway.session_id import explicit_session_id
+from gateway.upstream import UpstreamPool
 from gateway.validation import Kind, Turn, parse_turn
 from router.chat import TemplateError
 from router.protocol import Subjects, WorkerRegistration
@@ -73,13 +73,7 @@ class Gateway:
             on_added=self._worker_added,
             on_removed=self.admission.remove_worker,
         )
-        self.http: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=config.connect_timeout_s,
-            sock_connect=config.connect_timeout_s,
-            sock_read=config.read_timeout_s,
-        )
+        self.upstream = UpstreamPool(config.connect_timeout_s, config.read_timeout_s)
 
     # --- lifecycle
 
@@ -96,17 +90,11 @@ class Gateway:
         return app
 
     async def _start(self, _app: web.Application) -> None:
-        self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies, and skips their cost
-        )
         await self.bus.start()
 
     async def _stop(self, _app: web.Application) -> None:
         await self.bus.stop()
-        if self.http is not None:
-            await self.http.close()
+        await self.upstream.close()
 
     def _worker_added(self, registration: WorkerRegistration) -> None:
         limit = self.config.max_inflight_per_worker or registration.max_num_seqs
@@ -288,7 +276,6 @@ class Gateway:
         try:
             if state is None:
                 raise Retryable("worker left the pool")
-            assert self.http is not None
 
             def first_token() -> None:
                 now = time.monotonic()
@@ -296,14 +283,13 @@ class Gateway:
                 self.router.on_first_token(route.request_id, now)
 
             response, outcome = await forward(
-                self.http,
+                self.upstream,
                 state.registration.url.rstrip("/") + path,
                 msgspec.json.encode(body),
                 request=request,
                 stream=turn.stream,
                 client_wants_usage=turn.client_wants_usage,
                 headers=headers,
-                timeout=self._timeout,
                 metrics=self.metrics,
                 on_first_token=first_token,
             )

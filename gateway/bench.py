@@ -3,7 +3,7 @@
 A real nats-server, one mock worker at (near) zero latency and the gateway, each its own process; the
 client sends the same requests to the worker and through the gateway, interleaved so that both see
 the same machine. Latency: sequential requests, overhead = gateway percentile - direct percentile.
-Throughput: a fixed number of requests at a fixed concurrency.
+Throughput: a fixed number of requests at a fixed concurrency, in alternating rounds (median).
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ GOAL_RPS_RATIO = 0.5
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--requests", type=int, default=400, help="sequential requests per target")
-    parser.add_argument("--throughput-requests", type=int, default=1500, help="requests per throughput run")
+    parser.add_argument(
+        "--throughput-requests", type=int, default=2000, help="requests per target, all rounds"
+    )
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating throughput rounds per target")
     parser.add_argument("--stream", action="store_true", help="stream the responses (SSE)")
     parser.add_argument("--max-tokens", type=int, default=4)
 
@@ -133,8 +136,13 @@ async def _measure(args: argparse.Namespace, worker: str, gateway: str) -> dict[
         for _ in range(args.requests):
             direct.append(await client.one(worker))
             through.append(await client.one(gateway))
-        direct_rps = await client.throughput(worker, args.throughput_requests, args.concurrency)
-        gateway_rps = await client.throughput(gateway, args.throughput_requests, args.concurrency)
+        # alternating short rounds, median of each: the machine's other load hits both alike
+        per_round = max(1, args.throughput_requests // args.rounds)
+        direct_runs, gateway_runs = [], []
+        for _ in range(args.rounds):
+            direct_runs.append(await client.throughput(worker, per_round, args.concurrency))
+            gateway_runs.append(await client.throughput(gateway, per_round, args.concurrency))
+        direct_rps, gateway_rps = float(np.median(direct_runs)), float(np.median(gateway_runs))
     d_ms, g_ms = np.array(direct) * 1e3, np.array(through) * 1e3
     return {
         "direct_rps": round(direct_rps, 1),

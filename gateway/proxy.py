@@ -8,16 +8,17 @@ that can be retried elsewhere (`Retryable`); a failure after it ends the stream 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import msgspec
 from aiohttp import web
 
 from gateway.errors import sse_error_event
 from gateway.metrics import GatewayMetrics
+from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 _DONE = b"[DONE]"
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -59,7 +60,7 @@ def _finish_reason(chunk: dict[str, Any]) -> str | None:
 
 
 async def forward(
-    http: aiohttp.ClientSession,
+    pool: UpstreamPool,
     url: str,
     payload: bytes,
     *,
@@ -67,40 +68,45 @@ async def forward(
     stream: bool,
     client_wants_usage: bool,
     headers: dict[str, str],
-    timeout: aiohttp.ClientTimeout,
     metrics: GatewayMetrics,
     on_first_token: Callable[[], None],
 ) -> tuple[web.StreamResponse, Outcome]:
     """One attempt. Raises `Retryable` when nothing has been sent to the client yet."""
     outcome = Outcome()
     try:
-        resp = await http.post(
-            url, data=payload, headers={"content-type": "application/json"}, timeout=timeout
-        )
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise Retryable(f"{type(exc).__name__}: {exc}") from exc
+        resp = await pool.post(url, payload)
+    except UpstreamError as exc:
+        raise Retryable(str(exc)) from exc
     try:
         if resp.status in _RETRYABLE_STATUS:
             raise Retryable(f"worker answered {resp.status}")
         if resp.status != 200 or not stream:
-            return await _whole(resp, headers, outcome, on_first_token), outcome
-        return await _relay(
-            resp, request, headers, client_wants_usage, metrics, outcome, on_first_token
-        ), outcome
+            response = await _whole(resp, headers, outcome, on_first_token)
+        else:
+            response = await _relay(
+                resp, request, headers, client_wants_usage, metrics, outcome, on_first_token
+            )
+            if outcome.ok and not resp.complete:
+                with contextlib.suppress(UpstreamError):
+                    async for _ in resp.iter_chunks():  # the chunk terminator after [DONE]
+                        pass
+        return response, outcome
     finally:
-        resp.close()  # never pooled after a relay: a half-read stream must cancel the worker's sequence
+        # back to the pool when read to the end; a half-read response is closed, which is what
+        # cancels the worker's sequence when the client left
+        resp.release()
 
 
 async def _whole(
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     headers: dict[str, str],
     outcome: Outcome,
     on_first_token: Callable[[], None],
 ) -> web.Response:
     try:
         body = await resp.read()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise Retryable(f"{type(exc).__name__}: {exc}") from exc
+    except UpstreamError as exc:
+        raise Retryable(str(exc)) from exc
     if resp.status == 200:
         outcome.first_token_at = time.monotonic()
         on_first_token()
@@ -120,7 +126,7 @@ async def _whole(
 
 
 async def _relay(
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     request: web.Request,
     headers: dict[str, str],
     client_wants_usage: bool,
@@ -132,16 +138,16 @@ async def _relay(
     buffer = b""
     last_event_at = 0.0
     done = False
-    chunks = resp.content.iter_any()
+    chunks = resp.iter_chunks()
     while not done:
         try:
             chunk = await chunks.__anext__()
         except StopAsyncIteration:
             break
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except UpstreamError as exc:
             if response is None:
-                raise Retryable(f"{type(exc).__name__}: {exc}") from exc
-            return await _fail(response, metrics, f"worker failed mid-stream: {type(exc).__name__}")
+                raise Retryable(str(exc)) from exc
+            return await _fail(response, metrics, f"worker failed mid-stream: {exc}")
         buffer += chunk
         out: list[bytes] = []  # the events that arrived together leave together: one write, one flush
         while not done:

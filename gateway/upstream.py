@@ -1,0 +1,210 @@
+"""A small HTTP/1.1 client for the gateway's hop to its workers: keep-alive pool, one request at a time
+per connection, Content-Length and chunked bodies.
+
+aiohttp's client costs about as much CPU per request as its server; on the gateway's hot path that
+doubled the price of proxying. This does only what the hop needs: POST a JSON body to a worker, read
+the status and headers, then the body whole or chunk by chunk as it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_IDLE_PER_HOST = 256
+
+
+class UpstreamError(ConnectionError):
+    """The worker could not be reached, hung up, timed out or broke the protocol."""
+
+
+class _Conn:
+    __slots__ = ("reader", "reused", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.reused = False
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class UpstreamResponse:
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int], conn: _Conn, status: int,
+                 headers: dict[str, str], read_timeout_s: float) -> None:  # fmt: skip
+        self._pool = pool
+        self._key = key
+        self._conn: _Conn | None = conn
+        self.status = status
+        self.headers = headers
+        self._timeout = read_timeout_s
+        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        length = headers.get("content-length")
+        self._length = int(length) if length is not None and length.isdigit() else None
+        self._keep_alive = headers.get("connection", "").lower() != "close"
+        self._done = False
+
+    @property
+    def complete(self) -> bool:
+        return self._done
+
+    async def read(self) -> bytes:
+        parts = [chunk async for chunk in self.iter_chunks()]
+        return b"".join(parts)
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; raises UpstreamError when the worker breaks off."""
+        conn = self._conn
+        if conn is None or self._done:
+            return
+        reader = conn.reader
+        try:
+            if self._chunked:
+                while True:
+                    async with asyncio.timeout(self._timeout):
+                        size_line = await reader.readuntil(b"\r\n")
+                        size = int(size_line.split(b";", 1)[0].strip(), 16)
+                        if size == 0:
+                            await reader.readuntil(b"\r\n")  # no trailers from our workers
+                            break
+                        data = await reader.readexactly(size + 2)
+                    yield data[:-2]
+            elif self._length is not None:
+                left = self._length
+                while left > 0:
+                    async with asyncio.timeout(self._timeout):
+                        data = await reader.read(min(left, 65536))
+                    if not data:
+                        raise UpstreamError("the worker closed the connection mid-body")
+                    left -= len(data)
+                    yield data
+            else:  # delimited by the connection's end
+                self._keep_alive = False
+                while True:
+                    async with asyncio.timeout(self._timeout):
+                        data = await reader.read(65536)
+                    if not data:
+                        break
+                    yield data
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            self.close()
+            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
+        except TimeoutError as exc:
+            self.close()
+            raise UpstreamError("the worker stopped sending (read timeout)") from exc
+        self._done = True
+
+    def release(self) -> None:
+        """Back to the pool when the body was read to its end, else closed."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._done and self._keep_alive:
+            self._pool._put(self._key, conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Drop the connection: a worker sees its client go and aborts the request."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class UpstreamPool:
+    def __init__(self, connect_timeout_s: float = 2.0, read_timeout_s: float = 120.0) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self._idle: defaultdict[tuple[str, int], list[_Conn]] = defaultdict(list)
+
+    async def post(self, url: str, body: bytes) -> UpstreamResponse:
+        """Send; the status and headers are read before returning. Raises UpstreamError."""
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise UpstreamError(f"unsupported worker URL {url!r} (plain http only)")
+        key = (parts.hostname, parts.port or 80)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\naccept: */*\r\n\r\n"
+        ).encode("latin-1")
+        while True:
+            conn = self._take(key)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._open(key)
+            try:
+                conn.writer.write(head + body if len(body) < 16384 else head)
+                if len(body) >= 16384:
+                    conn.writer.write(body)
+                async with asyncio.timeout(self.read_timeout_s):
+                    status, headers = await self._read_head(conn.reader)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+                conn.close()
+                if reused:
+                    continue  # the worker closed an idle keep-alive connection: try a fresh one
+                raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
+            except TimeoutError as exc:
+                conn.close()
+                raise UpstreamError("the worker did not answer (read timeout)") from exc
+            except BaseException:
+                conn.close()  # cancelled (the client left): the worker must see the hop close
+                raise
+            return UpstreamResponse(self, key, conn, status, headers, self.read_timeout_s)
+
+    async def _open(self, key: tuple[str, int]) -> _Conn:
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                reader, writer = await asyncio.open_connection(key[0], key[1], limit=MAX_HEADER_BYTES)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc}") from exc
+        return _Conn(reader, writer)
+
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+        raw = await reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status_line = lines[0].split(" ", 2)
+        if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
+            raise ValueError(f"not an HTTP/1.x response: {lines[0][:80]!r}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        return int(status_line[1]), headers
+
+    def _take(self, key: tuple[str, int]) -> _Conn | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.reader.at_eof() and not conn.writer.is_closing():
+                conn.reused = True
+                return conn
+            conn.close()
+        return None
+
+    def _put(self, key: tuple[str, int], conn: _Conn) -> None:
+        idle = self._idle[key]
+        if len(idle) < MAX_IDLE_PER_HOST and not conn.reader.at_eof():
+            idle.append(conn)
+        else:
+            conn.close()
+
+    def forget(self, key_url: str) -> None:
+        """Close the idle connections to a worker that left."""
+        parts = urlsplit(key_url)
+        for conn in self._idle.pop((parts.hostname or "", parts.port or 80), []):
+            conn.close()
+
+    async def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
