@@ -66,6 +66,14 @@ class Replication:
         Gauge(
             "kvgate_index_ready", "1 once the index caught up with the KV event stream", registry=registry
         ).set_function(lambda: float(self.index_ready))
+        Gauge(
+            "kvgate_replica_peers", "Other gateway replicas heard from recently", registry=registry
+        ).set_function(lambda: float(len(self.replicas.peers)))
+        Gauge(
+            "kvgate_index_snapshot_bytes",
+            "Size of the last index snapshot this replica stored",
+            registry=registry,
+        ).set_function(lambda: float(self.snapshotter.last_bytes if self.snapshotter is not None else 0))
 
     async def start(self) -> None:
         """Returns at once; recovery, then the bus, then snapshots run in the background."""

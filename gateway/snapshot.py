@@ -312,7 +312,9 @@ class IndexRecovery:
             elif epoch < current:
                 router.apply_state_dump(KvStateDump(wid, current, -1, []), now)
         wanted = set(registered) if self.stale else self.lost & set(registered)
-        dumped = [wid for wid in sorted(wanted) if await self.fetch_dump(wid, registered[wid])]
+        wanted_ids = sorted(wanted)  # asked together: a silent worker costs one timeout, not one each
+        answers = await asyncio.gather(*(self.fetch_dump(wid, registered[wid]) for wid in wanted_ids))
+        dumped = [wid for wid, ok in zip(wanted_ids, answers, strict=True) if ok]
         self.lost.clear()
         self.stale = False
         return dumped
