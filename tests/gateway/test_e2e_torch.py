@@ -51,6 +51,11 @@ def test_session_stays_and_hits_cache_and_a_second_session_spreads(cluster: Clus
     cluster.start_gateway()
     cluster.ready(workers=2, timeout_s=180)
     model = http_get(cluster.gateway.url + "/v1/models")[1]["data"][0]["id"]
+    for worker in cluster.workers.values():  # the first torch step is slow; its speed must not skew routing
+        warm = openai.OpenAI(base_url=worker.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        warm.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "warm up " * 40}], max_tokens=2
+        )
 
     async def run() -> list[tuple[list[str], list[int], list[int]]]:
         sdk = openai.AsyncOpenAI(
