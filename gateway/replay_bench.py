@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--batch-blocks", type=int, default=64, help="blocks per published batch")
     parser.add_argument("--tail-batches", type=int, default=500, help="batches published after the snapshot")
+    parser.add_argument(
+        "--churn",
+        type=float,
+        default=0.0,
+        help="also store and evict this many times --blocks of short-lived chains before the snapshot "
+        "(a real stream holds far more events than the index)",
+    )
     parser.add_argument("--probes", type=int, default=500, help="prefix queries compared at the end")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -65,13 +72,17 @@ class Workload:
         self.chains: list[list[int]] = [self.system]
         self.stored = 0
 
-    def batch(self, worker: str, events: list[KvEvent]) -> KvEventBatch:
-        self.seq[worker] += 1
-        return KvEventBatch(worker, 1, self.seq[worker], time.time(), events)
+    def numbered(self, pending: list[tuple[str, list[KvEvent]]]) -> list[KvEventBatch]:
+        """Batches with each worker's next sequence numbers, in the order given."""
+        out = []
+        for worker, events in pending:
+            self.seq[worker] += 1
+            out.append(KvEventBatch(worker, 1, self.seq[worker], time.time(), events))
+        return out
 
-    def batches(self, blocks: int) -> list[KvEventBatch]:
+    def batches(self, blocks: int) -> list[tuple[str, list[KvEvent]]]:
         """Batches that store about `blocks` more blocks (net of evictions)."""
-        out = [self.batch(w, [BlockStored(self.system, None)]) for w in self.workers if self.stored == 0]
+        out = [(w, [BlockStored(self.system, None)]) for w in self.workers if self.stored == 0]
         self.stored += len(self.system) * len(out)
         rng = self.rng
         target = self.stored + blocks
@@ -83,13 +94,30 @@ class Workload:
             parent = self.system[-1]
             for i in range(0, len(chain), self.batch_blocks):
                 part = chain[i : i + self.batch_blocks]
-                out.append(self.batch(worker, [BlockStored(part, parent)]))
+                out.append((worker, [BlockStored(part, parent)]))
                 parent = part[-1]
             self.stored += len(chain)
             if rng.random() < 0.1:  # evicted leaf first, as an engine's LRU does
                 gone = chain[len(chain) // 2 :][::-1]
-                out.append(self.batch(worker, [BlockRemoved(gone)]))
+                out.append((worker, [BlockRemoved(gone)]))
                 self.stored -= len(gone)
+        return out
+
+    def churn(self, blocks: int) -> list[tuple[str, list[KvEvent]]]:
+        """Chains stored then evicted: events in the stream, nothing left in the index."""
+        out: list[tuple[str, list[KvEvent]]] = []
+        rng = self.rng
+        done = 0
+        while done < blocks:
+            worker = rng.choice(self.workers)
+            chain = [rng.getrandbits(64) for _ in range(rng.randint(64, 512))]
+            parent = self.system[-1]
+            for i in range(0, len(chain), self.batch_blocks):
+                part = chain[i : i + self.batch_blocks]
+                out.append((worker, [BlockStored(part, parent)]))
+                parent = part[-1]
+            out.append((worker, [BlockRemoved(chain[::-1])]))
+            done += len(chain)
         return out
 
     def probes(self, n: int) -> list[list[int]]:
@@ -139,7 +167,19 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             )
             await registry.put(wid, encode(registration))
             old.add_worker(registration, 0.0)
-        batches = workload.batches(args.blocks)
+        pending = workload.batches(args.blocks)
+        if args.churn > 0:  # interleaved: evictions happen all along, not after the index is built
+            churn = workload.churn(int(args.churn * args.blocks))
+            every = max(1, len(pending) // max(1, len(churn)))
+            per = max(1, -(-len(churn) * every // len(pending)))
+            mixed = []
+            for i, item in enumerate(pending):
+                mixed.append(item)
+                if i % every == 0:
+                    mixed.extend(churn[:per])
+                    del churn[:per]
+            pending = mixed + churn
+        batches = workload.numbered(pending)
         for batch in batches:
             old.apply_kv_batch(batch, 0.0)
         snapshot_seq = await publish(js, subjects, batches)
@@ -151,7 +191,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         snapshot_bytes = await SnapshotStore(nc, subjects).put(snapshot)
         put_s = time.perf_counter() - started
 
-        tail = workload.batches(args.tail_batches * args.batch_blocks)[: args.tail_batches]
+        tail = workload.numbered(workload.batches(args.tail_batches * args.batch_blocks)[: args.tail_batches])
         for batch in tail:
             old.apply_kv_batch(batch, 0.0)
         last = await publish(js, subjects, tail)
@@ -165,6 +205,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "workers": args.workers,
         "batches": len(batches) + len(tail),
         "tail_batches": len(tail),
+        "churn": args.churn,
         "snapshot_bytes": snapshot_bytes,
         "snapshot_build_s": round(build_s, 3),
         "snapshot_put_s": round(put_s, 3),
