@@ -206,6 +206,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "batches": len(batches) + len(tail),
         "tail_batches": len(tail),
         "churn": args.churn,
+        "snapshot_blocks": snapshot.num_blocks(),
         "snapshot_bytes": snapshot_bytes,
         "snapshot_build_s": round(build_s, 3),
         "snapshot_put_s": round(put_s, 3),
