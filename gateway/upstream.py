@@ -71,7 +71,8 @@ class UpstreamResponse:
                         size_line = await reader.readuntil(b"\r\n")
                         size = int(size_line.split(b";", 1)[0].strip(), 16)
                         if size == 0:
-                            await reader.readuntil(b"\r\n")  # no trailers from our workers
+                            while await reader.readuntil(b"\r\n") != b"\r\n":
+                                pass  # trailers, if any, up to the blank line
                             break
                         data = await reader.readexactly(size + 2)
                     yield data[:-2]
@@ -92,12 +93,12 @@ class UpstreamResponse:
                     if not data:
                         break
                     yield data
+        except TimeoutError as exc:  # before OSError, of which it is a subclass
+            self.close()
+            raise UpstreamError("the worker stopped sending (read timeout)") from exc
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             self.close()
             raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-        except TimeoutError as exc:
-            self.close()
-            raise UpstreamError("the worker stopped sending (read timeout)") from exc
         self._done = True
 
     def release(self) -> None:
@@ -145,14 +146,14 @@ class UpstreamPool:
                     conn.writer.write(body)
                 async with asyncio.timeout(self.read_timeout_s):
                     status, headers = await self._read_head(conn.reader)
+            except TimeoutError as exc:  # before OSError, of which it is a subclass
+                conn.close()
+                raise UpstreamError("the worker did not answer (read timeout)") from exc
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
                 conn.close()
                 if reused:
                     continue  # the worker closed an idle keep-alive connection: try a fresh one
                 raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-            except TimeoutError as exc:
-                conn.close()
-                raise UpstreamError("the worker did not answer (read timeout)") from exc
             except BaseException:
                 conn.close()  # cancelled (the client left): the worker must see the hop close
                 raise
@@ -162,8 +163,8 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 reader, writer = await asyncio.open_connection(key[0], key[1], limit=MAX_HEADER_BYTES)
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc}") from exc
+        except OSError as exc:  # refused, unreachable, or the connect timeout (a TimeoutError)
+            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc!r}") from exc
         return _Conn(reader, writer)
 
     @staticmethod

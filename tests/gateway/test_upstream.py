@@ -1,0 +1,97 @@
+"""The gateway's HTTP client against a real aiohttp server: bodies by length, chunked (with a trailer)
+and until close; keep-alive reuse, a stale pooled connection, refusal and timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from gateway.natsd import free_port
+from gateway.upstream import UpstreamError, UpstreamPool
+
+
+async def raw_server(handler) -> tuple[asyncio.Server, int]:  # type: ignore[no-untyped-def]
+    port = free_port()
+    return await asyncio.start_server(handler, "127.0.0.1", port), port
+
+
+@pytest.fixture
+async def app_url() -> AsyncIterator[str]:
+    async def whole(request: web.Request) -> web.Response:
+        return web.json_response({"echo": (await request.read()).decode()})
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(3):
+            await response.write(f"data: {i}\n\n".encode())
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+
+    async def slow(_request: web.Request) -> web.Response:
+        await asyncio.sleep(1)
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_post("/whole", whole)
+    app.router.add_post("/stream", stream)
+    app.router.add_post("/slow", slow)
+    runner = web.AppRunner(app, keepalive_timeout=0.3)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_bodies_and_keep_alive(app_url: str) -> None:
+    pool = UpstreamPool(read_timeout_s=2.0)
+    for i in range(3):  # the same connection serves them all
+        resp = await pool.post(app_url + "/whole", f"body {i}".encode())
+        assert resp.status == 200 and await resp.read() == f'{{"echo": "body {i}"}}'.encode()
+        resp.release()
+        assert len(pool._idle[("127.0.0.1", int(app_url.rsplit(":", 1)[1]))]) == 1
+    resp = await pool.post(app_url + "/stream", b"{}")
+    chunks = [chunk async for chunk in resp.iter_chunks()]
+    assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n" and resp.complete
+    resp.release()
+    await asyncio.sleep(0.6)  # the server drops the idle connection: the pool must notice and reconnect
+    resp = await pool.post(app_url + "/whole", b"again")
+    assert await resp.read() == b'{"echo": "again"}'
+    resp.release()
+    await pool.close()
+
+
+async def test_refused_timed_out_and_broken_responses(app_url: str) -> None:
+    pool = UpstreamPool(connect_timeout_s=1.0, read_timeout_s=0.3)
+    with pytest.raises(UpstreamError):
+        await pool.post(f"http://127.0.0.1:{free_port()}/x", b"{}")
+    with pytest.raises(UpstreamError, match="timeout"):
+        await pool.post(app_url + "/slow", b"{}")
+
+    async def chunked_then_trailer_then_cut(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+        await writer.drain()
+        writer.close()
+
+    server, port = await raw_server(chunked_then_trailer_then_cut)
+    resp = await pool.post(f"http://127.0.0.1:{port}/a", b"{}")
+    assert await resp.read() == b"abc"
+    resp.release()
+    resp = await pool.post(
+        f"http://127.0.0.1:{port}/b", b"{}"
+    )  # reuses the connection: parsing stayed aligned
+    with pytest.raises(UpstreamError, match="mid-body"):
+        await resp.read()
+    resp.release()
+    server.close()
+    await pool.close()
