@@ -129,10 +129,13 @@ class ReplicaSync:
         nc = self.nc
         if nc is None or nc.is_closed:
             return
+        asyncio.get_running_loop().create_task(self._publish(nc, encode(note)))
+
+    async def _publish(self, nc: NATS, data: bytes) -> None:
         # publish only buffers (flushed by the client); while NATS is away the buffer is bounded and a
         # full one raises: the note is lost, which the TTLs absorb
         with contextlib.suppress(Exception):
-            asyncio.get_running_loop().create_task(nc.publish(self.subjects.replica_route, encode(note)))
+            await nc.publish(self.subjects.replica_route, data)
 
     # --- what the others did
 
