@@ -318,3 +318,21 @@ def nats_outage(nats_server: NatsServer, cluster: Cluster) -> None:
         assert time.monotonic() < deadline, "the gateway did not come back to the bus"
         time.sleep(0.2)
     assert sdk.chat.completions.create(model="mock", messages=messages, max_tokens=2).choices[0].message
+
+
+def test_a_worker_dying_mid_stream_ends_the_stream_with_an_error_event(cluster: Cluster) -> None:
+    cluster.worker("dies", "mock")  # real-time mock: the stream lasts long enough to kill it midway
+    cluster.start_gateway()
+    cluster.ready(workers=1)
+    sdk = openai.OpenAI(base_url=cluster.gateway.url + "/v1", api_key="none", max_retries=0)
+    stream = sdk.chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "go on"}], max_tokens=3000, stream=True
+    )
+    received = 0
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        for _chunk in stream:
+            received += 1
+            if received == 3:
+                cluster.workers["dies"].kill()
+    assert received >= 3
+    assert http_get(cluster.gateway.url + "/health")[0] == 200
