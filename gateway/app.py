@@ -71,9 +71,10 @@ class Gateway:
             gateway_id=config.gateway_id,
             stale_after_s=config.stale_after_s,
             on_added=self._worker_added,
-            on_removed=self.admission.remove_worker,
+            on_removed=self._worker_removed,
         )
         self.upstream = UpstreamPool(config.connect_timeout_s, config.read_timeout_s)
+        self._urls: dict[str, str] = {}  # worker id -> URL, to abort its requests when it leaves
 
     # --- lifecycle
 
@@ -99,6 +100,15 @@ class Gateway:
     def _worker_added(self, registration: WorkerRegistration) -> None:
         limit = self.config.max_inflight_per_worker or registration.max_num_seqs
         self.admission.set_limit(registration.worker_id, limit)
+        self._urls[registration.worker_id] = registration.url
+
+    def _worker_removed(self, worker_id: str) -> None:
+        self.admission.remove_worker(worker_id)
+        url = self._urls.pop(worker_id, None)
+        if url is not None and (aborted := self.upstream.abort(url)):
+            log.warning(
+                "worker %s left with %d unanswered requests: retrying them elsewhere", worker_id, aborted
+            )
 
     # --- plain endpoints
 

@@ -165,6 +165,7 @@ async def _relay(
             response = web.StreamResponse(
                 headers={**headers, "content-type": "text/event-stream", "cache-control": "no-cache"}
             )
+            resp.commit()
             await response.prepare(request)
             outcome.first_token_at = now
             on_first_token()

@@ -23,12 +23,14 @@ class UpstreamError(ConnectionError):
 
 
 class _Conn:
-    __slots__ = ("reader", "reused", "writer")
+    __slots__ = ("aborted", "committed", "reader", "reused", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.reused = False
+        self.committed = False  # the client already received bytes of this answer
+        self.aborted = False
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -53,6 +55,11 @@ class UpstreamResponse:
     @property
     def complete(self) -> bool:
         return self._done
+
+    def commit(self) -> None:
+        """The client has bytes of this answer: a worker that leaves no longer aborts it."""
+        if self._conn is not None:
+            self._conn.committed = True
 
     async def read(self) -> bytes:
         parts = [chunk async for chunk in self.iter_chunks()]
@@ -106,6 +113,7 @@ class UpstreamResponse:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        self._pool._active[self._key].discard(conn)
         if self._done and self._keep_alive:
             self._pool._put(self._key, conn)
         else:
@@ -115,6 +123,7 @@ class UpstreamResponse:
         """Drop the connection: a worker sees its client go and aborts the request."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            self._pool._active[self._key].discard(conn)
             conn.close()
 
 
@@ -123,6 +132,7 @@ class UpstreamPool:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self._idle: defaultdict[tuple[str, int], list[_Conn]] = defaultdict(list)
+        self._active: defaultdict[tuple[str, int], set[_Conn]] = defaultdict(set)
 
     async def post(self, url: str, body: bytes) -> UpstreamResponse:
         """Send; the status and headers are read before returning. Raises UpstreamError."""
@@ -140,6 +150,8 @@ class UpstreamPool:
             reused = conn is not None
             if conn is None:
                 conn = await self._open(key)
+            active = self._active[key]
+            active.add(conn)
             try:
                 conn.writer.write(head + body if len(body) < 16384 else head)
                 if len(body) >= 16384:
@@ -147,14 +159,17 @@ class UpstreamPool:
                 async with asyncio.timeout(self.read_timeout_s):
                     status, headers = await self._read_head(conn.reader)
             except TimeoutError as exc:  # before OSError, of which it is a subclass
+                active.discard(conn)
                 conn.close()
                 raise UpstreamError("the worker did not answer (read timeout)") from exc
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+                active.discard(conn)
                 conn.close()
-                if reused:
+                if reused and not conn.aborted:
                     continue  # the worker closed an idle keep-alive connection: try a fresh one
                 raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
             except BaseException:
+                active.discard(conn)
                 conn.close()  # cancelled (the client left): the worker must see the hop close
                 raise
             return UpstreamResponse(self, key, conn, status, headers, self.read_timeout_s)
@@ -198,11 +213,19 @@ class UpstreamPool:
         else:
             conn.close()
 
-    def forget(self, key_url: str) -> None:
-        """Close the idle connections to a worker that left."""
-        parts = urlsplit(key_url)
-        for conn in self._idle.pop((parts.hostname or "", parts.port or 80), []):
+    def abort(self, url: str) -> int:
+        """A worker left the pool: close its idle connections, and those of answers the client has
+        not started to receive, so that they fail now (and are retried elsewhere) instead of waiting
+        on a worker that may never answer. Returns how many answers were aborted."""
+        parts = urlsplit(url)
+        key = (parts.hostname or "", parts.port or 80)
+        for conn in self._idle.pop(key, []):
             conn.close()
+        aborted = [conn for conn in self._active.get(key, ()) if not conn.committed]
+        for conn in aborted:
+            conn.aborted = True
+            conn.close()
+        return len(aborted)
 
     async def close(self) -> None:
         for idle in self._idle.values():

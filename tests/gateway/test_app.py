@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 import urllib.request
 import uuid
@@ -336,3 +337,31 @@ def test_a_worker_dying_mid_stream_ends_the_stream_with_an_error_event(cluster: 
                 cluster.workers["dies"].kill()
     assert received >= 3
     assert http_get(cluster.gateway.url + "/health")[0] == 200
+
+
+def test_requests_waiting_on_a_hung_worker_are_retried_when_it_leaves(cluster: Cluster) -> None:
+    for name in ("hangs", "fine"):
+        cluster.worker(name, "mock", "--speedup", "100")
+    cluster.start_gateway()
+    cluster.ready(workers=2)
+    hung = cluster.workers["hangs"].proc
+    hung.send_signal(signal.SIGSTOP)  # alive to the kernel (connections accepted), silent to everyone
+    try:
+
+        async def run() -> list[str]:
+            sdk = openai.AsyncOpenAI(base_url=cluster.gateway.url + "/v1", api_key="none", max_retries=0)
+            replies = await asyncio.gather(*(
+                sdk.chat.completions.with_raw_response.create(
+                    model="mock", messages=[{"role": "user", "content": f"session {i} " * 20}], max_tokens=4,
+                    extra_headers={"x-session-id": f"hung-{i}"},
+                )
+                for i in range(6)
+            ))  # fmt: skip
+            await sdk.close()
+            return [r.headers["x-kvgate-worker"] for r in replies]
+
+        started = time.monotonic()
+        assert asyncio.run(run()) == ["fine"] * 6
+        assert time.monotonic() - started < 10  # the heartbeat timeout, not the 120 s read timeout
+    finally:
+        cluster.workers["hangs"].kill()
