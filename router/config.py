@@ -54,6 +54,15 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # finish reason: engines that never report "tool_calls" (the mock) still get pins. Turn off when the
     # engines report real finish reasons and a tool loop's final answer should not pin.
     pin_on_tool_result: bool = True
+    # memory (docs/ROUTING.md ideas 2-4): sessions routed to a worker within `live_session_s` are its live
+    # contexts; beyond `memory_free_fraction` of its blocks their excess costs `memory_pressure_factor` x
+    # its prefill time, every live block `memory_balance_factor` x, and in-flight blocks beyond the
+    # worker's capacity `inflight_pressure_factor` x
+    live_session_s: float = 120.0
+    memory_free_fraction: float = 0.8
+    memory_pressure_factor: float = 0.4
+    memory_balance_factor: float = 0.01
+    inflight_pressure_factor: float = 1.0
 
     def __post_init__(self) -> None:
         bounded = ("max_sessions", "max_inflight", "approx_blocks_per_worker", "cache_tree_blocks_per_worker")
@@ -64,6 +73,15 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("need 0 <= pin_min_s <= pin_max_s")
         if not 0 <= self.think_alpha <= 1:
             raise ValueError("think_alpha must be within [0, 1]")
+        memory = (
+            self.live_session_s,
+            self.memory_free_fraction,
+            self.memory_pressure_factor,
+            self.memory_balance_factor,
+            self.inflight_pressure_factor,
+        )
+        if min(memory) < 0:
+            raise ValueError("the session_kv memory settings cannot be negative")
         if self.default_prefill_tok_s <= 0:
             raise ValueError("default_prefill_tok_s must be positive")
         if self.kv_temperature < 0 or self.cache_threshold < 0:

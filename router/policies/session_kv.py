@@ -1,17 +1,35 @@
 """`session_kv` (ours, the default): the worker with the lowest estimated time to first token.
 
 Per worker: TTFT = (prefill queued ahead of the request + prefill of the prompt tokens it does not
-hold) / its measured prefill speed. Held tokens: the device-tier prefix counts fully, a longer host-tier
-prefix `host_credit`, a longer disk-tier one `disk_credit`. The session's own worker is credited the
-blocks routed there within `prior_ttl_s` (events may lag the route) or still pinned there (the pin
-hint `on_complete` returned), and wins whenever it is within the affinity tolerance of the best. A
-prefix every worker holds (system prompt, tool definitions) credits them all alike, so the queue
-decides and no single worker turns hot.
+hold) x the pool's prefill cost per token, plus a memory-pressure term. Held tokens: the device-tier
+prefix counts fully, a longer host-tier prefix `host_credit`, a longer disk-tier one `disk_credit`. The
+session's own worker is credited the blocks routed there within `prior_ttl_s` (events may lag the
+route) or still pinned there (the pin hint `on_complete` returned), and wins whenever it is within the
+affinity tolerance of the best. A prefix every worker holds (system prompt, tool definitions) credits
+them all alike, so the queue decides and no single worker turns hot.
+
+The prefill cost per token is the median of the workers' measured costs, not each worker's own: the
+workers are alike, and a worker's measured speed mostly says whether its recent prefills were short
+(a step's fixed cost dominates) or long, which would push sessions off the worker holding their cache.
+
+Memory pressure: the contexts of the sessions routed to a worker within `live_session_s` are what it
+must keep cached for their next turns. When they, plus this prompt, exceed `memory_free_fraction` of
+the worker's KV blocks, the excess will be evicted and prefilled again by someone; the term charges
+`memory_pressure_factor` x the prefill time of those excess blocks, so new and cold sessions go where
+their context fits and live sessions stop evicting each other. Below that, `memory_balance_factor`
+charges a little for every live block, so cold sessions spread by memory before any worker is full;
+and blocks held by in-flight requests beyond the worker's capacity mean waiting for admission, charged
+`inflight_pressure_factor` x their prefill time (docs/ROUTING.md has the measurements of each).
 """
 
 from __future__ import annotations
 
+import random
+from collections import deque
+
+from router.config import RouterConfig
 from router.index import common_prefix
+from router.load import WorkerLoad
 from router.policies.base import Policy, RouterView
 from router.request import Decision, RouteRequest
 
@@ -19,10 +37,18 @@ from router.request import Decision, RouteRequest
 class SessionKv(Policy):
     name = "session_kv"
 
+    def __init__(self, config: RouterConfig, rng: random.Random) -> None:
+        super().__init__(config, rng)
+        self._live: dict[str, tuple[str, int, float]] = {}  # session -> (worker, blocks, picked at)
+        self._live_order: deque[tuple[float, str]] = deque()  # (picked at, session), pick order
+        self._footprint: dict[str, int] = {}  # worker -> blocks of its live sessions
+        self._pool_speed = 0.0
+        self._pool_speed_until = float("-inf")
+        self._pool_speed_n = 0
+
     def pick(self, request: RouteRequest, view: RouterView) -> Decision:
         cfg = self.config
         chain = request.block_hashes
-        bs = view.block_size
         n_tokens = request.num_tokens
         now = view.now
         overlap = view.overlap(chain)
@@ -36,46 +62,139 @@ class SessionKv(Policy):
                     overlap = dict(overlap)
                     overlap[sticky] = prior
         credit = self._credit(overlap, view.tier_overlap(chain, "host"), view.tier_overlap(chain, "disk"))
-
-        loads = view.load.workers
-        best = float("inf")
-        tied: list[str] = []
-        for w in view.candidates:
-            wl = loads[w]
-            if now <= wl.fresh_until:
-                queued = wl.report_prefill + wl.prefill_since_report
-            else:
-                queued = wl.inflight_prefill
-            held = credit.get(w)
-            missing = n_tokens - held * bs if held else n_tokens
-            cost = (queued + (missing if missing > 0 else 0)) * wl.ms_per_token
-            if cost < best:
-                best = cost
-                tied = [w]
-            elif cost == best:
-                tied.append(w)
-        if sticky is not None and sticky in loads and sticky in view.candidates:
-            cost = self._cost(sticky, view, credit, n_tokens)
+        self._expire_live(now)
+        costs = self._costs(view, credit, n_tokens, len(chain), request.session_id, sticky)
+        best = min(costs.values())
+        if sticky is not None and sticky in costs:
             tolerance = max(cfg.affinity_tolerance_ms, cfg.affinity_tolerance_rel * best)
-            if cost <= best + tolerance:
-                return Decision(sticky, overlap.get(sticky, 0), cost, "session")
+            if costs[sticky] <= best + tolerance:
+                return self._decide(request, sticky, overlap, costs, "session", now)
+        tied = [w for w, c in costs.items() if c == best]
         if len(tied) > 1:  # equal estimates: more cached prefix, then fewer requests, then chance
             requests = view.load.requests
             key = max((overlap.get(w, 0), -requests(w)) for w in tied)
             tied = [w for w in tied if (overlap.get(w, 0), -requests(w)) == key]
         worker = tied[0] if len(tied) == 1 else self.rng.choice(tied)
-        matched = overlap.get(worker, 0)
-        return Decision(worker, matched, best, "overlap" if matched else "load")
-
-    @staticmethod
-    def _cost(w: str, view: RouterView, credit: dict[str, int] | dict[str, float], n_tokens: int) -> float:
-        """Estimated TTFT in ms on one worker (the loop in `pick` inlines the same)."""
-        wl = view.load.workers[w]
-        queued = (
-            wl.report_prefill + wl.prefill_since_report if view.now <= wl.fresh_until else wl.inflight_prefill
+        return self._decide(
+            request, worker, overlap, costs, "overlap" if overlap.get(worker) else "load", now
         )
-        missing = max(0.0, n_tokens - credit.get(w, 0) * view.block_size)
-        return (queued + missing) * wl.ms_per_token
+
+    def _costs(
+        self,
+        view: RouterView,
+        credit: dict[str, int] | dict[str, float],
+        n_tokens: int,
+        n_blocks: int,
+        session_id: str | None,
+        sticky: str | None,
+    ) -> dict[str, float]:
+        """Estimated TTFT in ms plus the memory terms, for every candidate that can be the cheapest
+        (and the session's worker); the others are left out."""
+        now = view.now
+        bs = view.block_size
+        loads = view.load.workers
+        ms_per_token = self._pool_ms_per_token(view)
+        block_ms = bs * ms_per_token
+        ttft: dict[str, float] = {}
+        for w in view.candidates:
+            wl = loads[w]
+            queued = (
+                wl.report_prefill + wl.prefill_since_report if now <= wl.fresh_until else wl.inflight_prefill
+            )
+            held = credit.get(w)
+            missing = n_tokens - held * bs if held else n_tokens
+            ttft[w] = (queued + (missing if missing > 0 else 0)) * ms_per_token
+        # the memory terms only add: take workers cheapest first and stop at the first whose TTFT alone
+        # exceeds the best total found (64 workers cost a few, not 64, memory evaluations)
+        own = self._live.get(session_id) if session_id else None
+        costs: dict[str, float] = {}
+        best = float("inf")
+        for w in sorted(ttft, key=ttft.__getitem__):
+            cost = ttft[w]
+            if cost > best:
+                break
+            cost += self._memory_ms(loads[w], w, n_blocks, own, block_ms)
+            costs[w] = cost
+            if cost < best:
+                best = cost
+        if sticky is not None and sticky in ttft and sticky not in costs:
+            costs[sticky] = ttft[sticky] + self._memory_ms(loads[sticky], sticky, n_blocks, own, block_ms)
+        return costs
+
+    def _memory_ms(
+        self, wl: WorkerLoad, w: str, n_blocks: int, own: tuple[str, int, float] | None, block_ms: float
+    ) -> float:
+        cfg = self.config
+        live = self._footprint.get(w, 0)
+        if own is not None and own[0] == w:
+            live -= own[1]  # the session's previous turn is this prompt's prefix, not extra
+        ms = cfg.memory_balance_factor * live
+        report = wl.report
+        if report is not None:
+            capacity = report.total_blocks
+            excess = live + n_blocks - cfg.memory_free_fraction * capacity
+            if excess > 0:
+                ms += cfg.memory_pressure_factor * excess
+            # running sequences hold their blocks: beyond the worker's capacity this one waits
+            busy = wl.inflight_blocks + n_blocks - capacity
+            if busy > 0:
+                ms += cfg.inflight_pressure_factor * busy
+        return ms * block_ms
+
+    def _pool_ms_per_token(self, view: RouterView) -> float:
+        """The lower median of the candidates' measured prefill cost per token, recomputed at most
+        every 100 ms (reports arrive at about that pace)."""
+        if view.now < self._pool_speed_until and len(view.candidates) == self._pool_speed_n:
+            return self._pool_speed
+        loads = view.load.workers
+        costs = sorted(loads[w].ms_per_token for w in view.candidates)
+        self._pool_speed = costs[(len(costs) - 1) // 2]
+        self._pool_speed_until = view.now + 0.1
+        self._pool_speed_n = len(costs)
+        return self._pool_speed
+
+    def _decide(
+        self,
+        request: RouteRequest,
+        worker: str,
+        overlap: dict[str, int],
+        costs: dict[str, float],
+        reason: str,
+        now: float,
+    ) -> Decision:
+        sid = request.session_id
+        if sid:
+            old = self._live.get(sid)
+            if old is not None:
+                self._footprint[old[0]] -= old[1]
+            elif len(self._live) >= self.config.max_sessions:
+                self._forget(next(iter(self._live)))
+            blocks = len(request.block_hashes)
+            self._live[sid] = (worker, blocks, now)
+            self._footprint[worker] = self._footprint.get(worker, 0) + blocks
+            self._live_order.append((now, sid))
+        return Decision(worker, overlap.get(worker, 0), costs[worker], reason)
+
+    def _expire_live(self, now: float) -> None:
+        cutoff = now - self.config.live_session_s
+        order = self._live_order
+        while order and order[0][0] < cutoff:
+            picked_at, sid = order.popleft()
+            entry = self._live.get(sid)
+            if entry is not None and entry[2] == picked_at:
+                self._forget(sid)
+
+    def _forget(self, sid: str) -> None:
+        worker, blocks, _ = self._live.pop(sid)
+        self._footprint[worker] -= blocks
+
+    def expire(self, now: float) -> None:
+        self._expire_live(now)
+
+    def remove_worker(self, worker_id: str) -> None:
+        for sid in [s for s, entry in self._live.items() if entry[0] == worker_id]:
+            self._forget(sid)
+        self._footprint.pop(worker_id, None)
 
     def _credit(
         self, device: dict[str, int], host: dict[str, int], disk: dict[str, int]

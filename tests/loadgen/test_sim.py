@@ -10,6 +10,7 @@ import pytest
 
 from gateway.cli import main
 from loadgen.sim.compare import POLICIES, compare, parse_policies
+from loadgen.sim.oracle import oracle_figures
 from loadgen.sim.simulation import SimConfig, Simulation
 from loadgen.sim.workload import Workload
 from loadgen.trace import TraceRow
@@ -111,6 +112,24 @@ def test_every_request_completes_or_counts_as_failed() -> None:
                 assert r.arrival <= r.first_token <= r.finish and r.output_tokens > 0
         assert not any(w.engine.has_work() for w in sim.workers.values())
         assert sum(run.busy_s.values()) > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_session_kv_reaches_the_oracle_hit_rate_when_nothing_competes(seed: int) -> None:
+    # two sessions with nothing in common, two workers, room for everything: the right answer is to
+    # keep each session on its own worker, which hits every block an infinite cache would
+    rows = agent_sessions(2, 10, seed=seed, shared_blocks=0, start_gap_ms=0.0)
+    wl = workload(rows)
+    config = small_config(workers=2, num_blocks=4096)
+    oracle = oracle_figures(wl, config.max_num_batched_tokens)
+    report, runs, _ = compare("gen", wl, ["session_kv", "round_robin"], config)
+    assert report.oracle_hit_rate == oracle.oracle_hit_rate > 0.7
+    assert report.policies["session_kv"].hit_rate == pytest.approx(oracle.oracle_hit_rate, abs=1e-9)
+    assert report.policies["round_robin"].hit_rate < oracle.oracle_hit_rate
+    workers = {s: {r.worker for r in runs["session_kv"].records if r.session == s} for s in ("s0", "s1")}
+    assert all(len(w) == 1 for w in workers.values()) and workers["s0"] != workers["s1"]
+    # and its mean TTFT approaches the no-queue limit
+    assert report.policies["session_kv"].ttft_mean_ms < 1.5 * report.ideal_ttft_mean_ms
 
 
 def test_shortcuts_change_no_number() -> None:

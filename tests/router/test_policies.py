@@ -157,13 +157,18 @@ def test_session_kv_avoids_a_cached_worker_whose_queue_makes_it_slower() -> None
     assert router.pick(req("r2", prompt), 0.1).worker_id == "w1"
 
 
-def test_session_kv_uses_measured_speed() -> None:
-    router = make("session_kv", n=2)
+def test_session_kv_prices_tokens_at_the_pool_speed() -> None:
+    # a worker's measured speed mostly says how long its recent prompts were (a step's fixed cost),
+    # so workers are compared by tokens at the pool's median speed (docs/ROUTING.md, idea 1)
+    router = make("session_kv", n=3)
     prompt = chain(100)
     hold(router, "w0", prompt[:50])
-    load(router, "w0", 0, speed=1_000.0)  # holds half but prefills 10x slower
+    load(router, "w0", 0, speed=1_000.0)  # holds half, and looks 10x slower
     load(router, "w1", 0, speed=10_000.0)
-    assert router.pick(req("r1", prompt), 0.0).worker_id == "w1"
+    load(router, "w2", 0, speed=10_000.0)
+    d = router.pick(req("r1", prompt), 0.0)
+    assert d.worker_id == "w0"
+    assert d.estimated_cost == pytest.approx(50 * BS / 10_000.0 * 1000)
 
 
 def test_session_kv_counts_routed_blocks_before_events_confirm_them() -> None:
