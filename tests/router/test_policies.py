@@ -268,3 +268,22 @@ def test_kv_overlap_with_a_temperature_samples_and_prefers_the_cheaper() -> None
         picks[router.pick(req(f"r{i}", prompt), 0.0).worker_id] += 1
         router.on_complete(f"r{i}", 0.0, "stop", 0)
     assert picks["w0"] > picks["w1"] > 0
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_session_kv_sends_a_new_session_where_its_context_fits(memory: bool) -> None:
+    off = {"memory_pressure_factor": 0.0, "memory_balance_factor": 0.0, "inflight_pressure_factor": 0.0}
+    router = make("session_kv", n=2, **({} if memory else off))
+    system = chain(10, base=1)
+    hold(router, "w0", system)  # the shared system prompt is on w0 only: TTFT alone favours w0
+    for w in ("w0", "w1"):
+        load(router, w, 0)  # 1,000 blocks each, nothing queued
+    for i in range(2):  # two live sessions of 400 blocks go to w0, where their prefixes are
+        prompt = chain(400, base=100_000 * (i + 1))
+        hold(router, "w0", prompt[:390], seq=i + 1)
+        assert router.pick(req(f"a{i}", prompt, f"live{i}"), 0.0).worker_id == "w0"
+        router.on_first_token(f"a{i}", 0.1)
+        router.on_complete(f"a{i}", 0.2, "tool_calls", 10)
+    # a new 300-block session: on w0 it would push 1,100 live blocks into 1,000
+    d = router.pick(req("new", system + chain(290, base=900_000), "new"), 1.0)
+    assert d.worker_id == ("w1" if memory else "w0")
