@@ -15,19 +15,10 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import repeat
 
 from engines.sequence import Sequence
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
-
-
-class Block:
-    __slots__ = ("block_hash", "block_id", "parent_hash", "ref_count")
-
-    def __init__(self, block_id: int) -> None:
-        self.block_id = block_id
-        self.ref_count = 0
-        self.block_hash: int | None = None
-        self.parent_hash: int | None = None
 
 
 class Pin:
@@ -52,7 +43,11 @@ class BlockManager:
         self.block_size = block_size
         self.clock = clock
         self.max_pinned_blocks = num_blocks // 2 if max_pinned_blocks is None else max_pinned_blocks
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        # per block: its users, and its hash and parent hash while cached (None otherwise); plain lists
+        # so that whole runs of blocks are read and written in C loops (map over __getitem__/__setitem__)
+        self.ref_counts = [0] * num_blocks
+        self.block_hash_of: list[int | None] = [None] * num_blocks
+        self.parent_of: list[int | None] = [None] * num_blocks
         self.num_used = 0
         self.events: list[KvEvent] = []
         # free blocks by class; the OrderedDicts are in eviction order (least recently freed first)
@@ -65,6 +60,13 @@ class BlockManager:
         self.num_pinned = 0
         self._next_expiry = math.inf
         self._removed: list[int] = []  # evictions not yet turned into one BlockRemoved event
+        # The scheduler (and the simulator's fast-forward) ask about the same waiting head step after
+        # step; a 2,000-block answer is kept until what it depends on changes. `_cache_version` counts
+        # changes of the cached set, `_version` those and every change of refs or free blocks.
+        self._cache_version = 0
+        self._version = 0
+        self._match_memo: tuple[Sequence, int, int, int] | None = None  # seq, cache version, limit, hits
+        self._fit_memo: tuple[Sequence, int, int, int, bool] | None = None  # seq, version, len, hits, fits
 
     # --- state
 
@@ -80,8 +82,8 @@ class BlockManager:
         return self.num_used / self.num_blocks
 
     def cached_blocks(self) -> list[CachedBlock]:
-        blocks = self.blocks
-        return [CachedBlock(h, blocks[b].parent_hash) for h, b in self._by_hash.items()]
+        parent_of = self.parent_of
+        return [CachedBlock(h, parent_of[b]) for h, b in self._by_hash.items()]
 
     def is_cached(self, block_hash: int) -> bool:
         return block_hash in self._by_hash
@@ -103,28 +105,68 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> int:
         """Leading full blocks of `seq` that are cached, keeping at least one token to compute."""
         limit = (len(seq) - 1) // self.block_size
-        by_hash = self._by_hash
+        memo = self._match_memo
+        if memo is not None and memo[0] is seq and memo[1] == self._cache_version and memo[2] == limit:
+            return memo[3]
         hits = 0
-        while hits < limit and seq.block_hash(hits) in by_hash:
-            hits += 1
+        if limit > 0:
+            hashes = seq.hashes(limit)
+            chain = hashes if len(hashes) == limit else hashes[:limit]
+            # the cached set is not prefix-closed (a parent can be evicted before its child): the first
+            # miss is found by a full C-level scan rather than a bisection
+            found = list(map(self._by_hash.__contains__, chain))
+            hits = found.index(False) if False in found else limit
+        self._match_memo = (seq, self._cache_version, limit, hits)
         return hits
 
     def can_allocate(self, seq: Sequence, num_hits: int) -> bool:
-        blocks = self.blocks
-        by_hash = self._by_hash
-        free_hits = sum(1 for i in range(num_hits) if blocks[by_hash[seq.block_hash(i)]].ref_count == 0)
         need = self.blocks_needed(len(seq)) - num_hits
-        return self.num_free - free_hits >= need
+        free = self.num_free
+        if free < need:
+            return False
+        if free - num_hits >= need:
+            return True  # even if every hit were a free block
+        memo = self._fit_memo
+        if (
+            memo is not None
+            and memo[0] is seq
+            and memo[1] == self._version
+            and memo[2] == len(seq)
+            and memo[3] == num_hits
+        ):
+            return memo[4]
+        # hit blocks nobody uses are counted as free now but will not be once allocated
+        ids = map(self._by_hash.__getitem__, seq.hashes(num_hits)[:num_hits])
+        free_hits = list(map(self.ref_counts.__getitem__, ids)).count(0)
+        fits = free - free_hits >= need
+        self._fit_memo = (seq, self._version, len(seq), num_hits, fits)
+        return fits
 
     def allocate(self, seq: Sequence, num_hits: int) -> None:
         """Give `seq` its cached prefix (`num_hits` blocks) and fresh blocks for the rest of its tokens.
         The caller checked `can_allocate`."""
+        self._version += 1
         table = seq.block_table
-        by_hash = self._by_hash
-        for i in range(num_hits):
-            table.append(self._ref(by_hash[seq.block_hash(i)]))
-        for _ in range(self.blocks_needed(len(seq)) - num_hits):
-            table.append(self._take_free())
+        if num_hits:
+            ids = list(map(self._by_hash.__getitem__, seq.hashes(num_hits)[:num_hits]))
+            refs = self.ref_counts
+            evictable = self._evictable
+            pinned_free = self._pinned_free
+            used = 0
+            for block_id in ids:
+                count = refs[block_id]
+                if not count:
+                    if block_id in evictable:
+                        del evictable[block_id]
+                    else:
+                        del pinned_free[block_id]
+                    used += 1
+                refs[block_id] = count + 1
+            self.num_used += used
+            table.extend(ids)
+        fresh = self.blocks_needed(len(seq)) - num_hits
+        if fresh > 0:
+            table.extend(self._take_free(fresh))
         seq.num_computed_tokens = num_hits * self.block_size
         seq.num_committed_blocks = num_hits
         if seq.num_cached_tokens < 0:
@@ -137,8 +179,10 @@ class BlockManager:
     def append_slots(self, seq: Sequence, num_tokens: int) -> None:
         """Blocks for `num_tokens` more computed tokens (decode crossing a block boundary)."""
         table = seq.block_table
-        for _ in range(self.blocks_needed(seq.num_computed_tokens + num_tokens) - len(table)):
-            table.append(self._take_free())
+        fresh = self.blocks_needed(seq.num_computed_tokens + num_tokens) - len(table)
+        if fresh > 0:
+            self._version += 1
+            table.extend(self._take_free(fresh))
 
     def commit(self, seq: Sequence) -> None:
         """Offer the blocks `seq` has fully computed to the prefix cache (after a step)."""
@@ -147,23 +191,40 @@ class BlockManager:
         if full <= start:
             return
         seq.num_committed_blocks = full
+        self._version += 1
+        self._cache_version += 1
+        hashes = seq.hashes(full)
+        chain = hashes[start:full]
+        ids = seq.block_table[start:full]
+        parent = hashes[start - 1] if start else None
         by_hash = self._by_hash
-        blocks = self.blocks
+        if by_hash.keys().isdisjoint(chain):
+            # the common case: all new, one run; a hash listed twice (the slow path's business) shows
+            # as fewer new keys and is undone
+            before = len(by_hash)
+            by_hash.update(zip(chain, ids, strict=True))
+            if len(by_hash) - before == len(chain):
+                list(map(self.block_hash_of.__setitem__, ids, chain))
+                parents = [parent, *chain[:-1]]
+                list(map(self.parent_of.__setitem__, ids, parents))
+                self._stored(chain, parent)
+                return
+            for block_hash in chain:
+                by_hash.pop(block_hash, None)
+        hash_of = self.block_hash_of
+        parent_of = self.parent_of
         run: list[int] = []
         run_parent: int | None = None
-        parent = seq.block_hash(start - 1) if start else None
-        for i in range(start, full):
-            block_hash = seq.block_hash(i)
+        for block_hash, block_id in zip(chain, ids, strict=True):
             if block_hash in by_hash:
                 # the same content is cached in another block: this one stays anonymous
                 if run:
                     self._stored(run, run_parent)
                     run = []
             else:
-                block = blocks[seq.block_table[i]]
-                block.block_hash = block_hash
-                block.parent_hash = parent
-                by_hash[block_hash] = block.block_id
+                hash_of[block_id] = block_hash
+                parent_of[block_id] = parent
+                by_hash[block_hash] = block_id
                 if not run:
                     run_parent = parent
                 run.append(block_hash)
@@ -173,10 +234,31 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s blocks, tail first, so that a chain's tail is evicted before its head."""
-        release = self._release
-        for block_id in reversed(seq.block_table):
-            release(block_id)
-        seq.block_table.clear()
+        table = seq.block_table
+        if table:
+            self._version += 1
+            refs = self.ref_counts
+            hash_of = self.block_hash_of
+            pinned = self._pin_counts
+            uncached = self._uncached
+            evictable = self._evictable
+            pinned_free = self._pinned_free
+            released = 0
+            for block_id in reversed(table):
+                count = refs[block_id] - 1
+                refs[block_id] = count
+                if count:
+                    continue
+                released += 1
+                block_hash = hash_of[block_id]
+                if block_hash is None:
+                    uncached.append(block_id)
+                elif block_hash in pinned:
+                    pinned_free[block_id] = None
+                else:
+                    evictable[block_id] = None
+            self.num_used -= released
+            table.clear()
         seq.num_committed_blocks = 0
 
     def reset(self) -> bool:
@@ -184,9 +266,10 @@ class BlockManager:
         if self.num_used:
             return False
         self._flush_removed()
-        for block in self.blocks:
-            block.block_hash = None
-            block.parent_hash = None
+        self._version += 1
+        self._cache_version += 1
+        self.block_hash_of = [None] * self.num_blocks
+        self.parent_of = [None] * self.num_blocks
         self._by_hash.clear()
         self._evictable.clear()
         self._pinned_free.clear()
@@ -210,14 +293,18 @@ class BlockManager:
         self.num_pinned += len(hashes)
         self._next_expiry = min(self._next_expiry, expires_at)
         counts = self._pin_counts
+        count_of = counts.get
+        block_of = self._by_hash.get
+        evictable = self._evictable
+        pinned_free = self._pinned_free
         for block_hash in hashes:
-            count = counts.get(block_hash, 0)
+            count = count_of(block_hash, 0)
             counts[block_hash] = count + 1
-            if count == 0:
-                block_id = self._by_hash.get(block_hash)
-                if block_id is not None and block_id in self._evictable:
-                    del self._evictable[block_id]
-                    self._pinned_free[block_id] = None
+            if not count:
+                block_id = block_of(block_hash)
+                if block_id is not None and block_id in evictable:
+                    del evictable[block_id]
+                    pinned_free[block_id] = None
         return len(hashes)
 
     def unpin(self, session_id: str) -> None:
@@ -244,69 +331,54 @@ class BlockManager:
             return
         self.num_pinned -= len(pin.block_hashes)
         counts = self._pin_counts
+        block_of = self._by_hash.get
+        evictable = self._evictable
+        pinned_free = self._pinned_free
         for block_hash in pin.block_hashes:
             count = counts[block_hash] - 1
             if count:
                 counts[block_hash] = count
                 continue
             del counts[block_hash]
-            block_id = self._by_hash.get(block_hash)
-            if block_id is not None and block_id in self._pinned_free:
-                del self._pinned_free[block_id]
+            block_id = block_of(block_hash)
+            if block_id is not None and block_id in pinned_free:
+                del pinned_free[block_id]
                 # an expired pin's blocks were not wanted back: first in line for eviction
-                self._evictable[block_id] = None
-                self._evictable.move_to_end(block_id, last=False)
+                evictable[block_id] = None
+                evictable.move_to_end(block_id, last=False)
 
     # --- internals
 
-    def _ref(self, block_id: int) -> int:
-        block = self.blocks[block_id]
-        if block.ref_count == 0:
-            if block_id in self._evictable:
-                del self._evictable[block_id]
-            else:
-                del self._pinned_free[block_id]
-            self.num_used += 1
-        block.ref_count += 1
-        return block_id
-
-    def _take_free(self) -> int:
-        if self._uncached:
-            block_id = self._uncached.pop()
-        else:
+    def _take_free(self, n: int) -> list[int]:
+        """`n` free blocks, in the order single takes would give them: uncached ones first (lowest id
+        first), then cached ones least recently freed first, evicted (pinned ones last)."""
+        uncached = self._uncached
+        k = min(n, len(uncached))
+        taken = uncached[-1 : -k - 1 : -1] if k else []
+        del uncached[len(uncached) - k :]
+        rest = n - k
+        if rest:
             self.expire_pins()
-            if self._evictable:
-                block_id, _ = self._evictable.popitem(last=False)
-            elif self._pinned_free:
-                block_id, _ = self._pinned_free.popitem(last=False)
-            else:
+            evictable = self._evictable
+            pinned_free = self._pinned_free
+            if len(evictable) + len(pinned_free) < rest:
                 raise RuntimeError("no free KV block (the scheduler must check first)")
-            self._evict(self.blocks[block_id])
-        block = self.blocks[block_id]
-        block.ref_count = 1
-        self.num_used += 1
-        return block_id
-
-    def _evict(self, block: Block) -> None:
-        block_hash = block.block_hash
-        assert block_hash is not None
-        del self._by_hash[block_hash]
-        block.block_hash = None
-        block.parent_hash = None
-        self._removed.append(block_hash)
-
-    def _release(self, block_id: int) -> None:
-        block = self.blocks[block_id]
-        block.ref_count -= 1
-        if block.ref_count:
-            return
-        self.num_used -= 1
-        if block.block_hash is None:
-            self._uncached.append(block_id)
-        elif block.block_hash in self._pin_counts:
-            self._pinned_free[block_id] = None
-        else:
-            self._evictable[block_id] = None
+            by_hash = self._by_hash
+            hash_of = self.block_hash_of
+            parent_of = self.parent_of
+            removed = self._removed
+            self._cache_version += 1
+            for _ in range(rest):
+                block_id = (evictable or pinned_free).popitem(last=False)[0]
+                block_hash = hash_of[block_id]
+                del by_hash[block_hash]
+                hash_of[block_id] = None
+                parent_of[block_id] = None
+                removed.append(block_hash)
+                taken.append(block_id)
+        list(map(self.ref_counts.__setitem__, taken, repeat(1)))
+        self.num_used += n
+        return taken
 
     def _stored(self, hashes: list[int], parent: int | None) -> None:
         self._flush_removed()

@@ -77,13 +77,19 @@ class Sequence:
         """Tokens whose KV still has to be computed before the next token can be sampled."""
         return len(self.token_ids) - self.num_computed_tokens
 
+    def hashes(self, num_blocks: int) -> list[int]:
+        """The block hash list, extended to at least `num_blocks` full blocks (hashed in one call)."""
+        hashes = self.block_hashes
+        have = len(hashes)
+        if have < num_blocks:
+            size = self.block_size
+            parent = hashes[-1] if have else None
+            tokens = self.token_ids[have * size : num_blocks * size]
+            hashes.extend(block_hashes(tokens, size, self.hash_seed, parent))
+            if len(hashes) < num_blocks:
+                raise IndexError(f"sequence {self.seq_id!r} has fewer than {num_blocks} full blocks")
+        return hashes
+
     def block_hash(self, index: int) -> int:
         """Hash of full block `index`, computing (and remembering) those not hashed yet."""
-        hashes = self.block_hashes
-        size = self.block_size
-        while len(hashes) <= index:
-            i = len(hashes)
-            parent = hashes[-1] if i else None
-            block = self.token_ids[i * size : (i + 1) * size]
-            hashes.extend(block_hashes(block, size, self.hash_seed, parent))
-        return hashes[index]
+        return self.hashes(index + 1)[index]

@@ -43,14 +43,17 @@ def check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
     assert set(free).isdisjoint(refs), "a block in use is also free"
     assert len(free) + len(refs) == bm.num_blocks, "a block is neither free nor in use"
     assert bm.num_used == len(refs)
-    for block in bm.blocks:
-        assert block.ref_count == refs.get(block.block_id, 0)
-        if block.block_hash is not None:
-            assert bm._by_hash[block.block_hash] == block.block_id
-    assert len(bm._by_hash) == sum(1 for b in bm.blocks if b.block_hash is not None)
-    assert all(bm.blocks[b].block_hash is None for b in bm._uncached)
-    assert all(not bm.is_pinned(bm.blocks[b].block_hash) for b in bm._evictable)
-    assert all(bm.is_pinned(bm.blocks[b].block_hash) for b in bm._pinned_free)
+    for block_id in range(bm.num_blocks):
+        assert bm.ref_counts[block_id] == refs.get(block_id, 0)
+        block_hash = bm.block_hash_of[block_id]
+        if block_hash is not None:
+            assert bm._by_hash[block_hash] == block_id
+        else:
+            assert bm.parent_of[block_id] is None
+    assert len(bm._by_hash) == sum(1 for h in bm.block_hash_of if h is not None)
+    assert all(bm.block_hash_of[b] is None for b in bm._uncached)
+    assert all(not bm.is_pinned(bm.block_hash_of[b]) for b in bm._evictable)
+    assert all(bm.is_pinned(bm.block_hash_of[b]) for b in bm._pinned_free)
     pins = bm.pinned_sessions()
     assert bm.num_pinned == sum(len(h) for h in pins.values()) <= bm.max_pinned_blocks
     assert Counter(h for hashes in pins.values() for h in hashes) == Counter(bm._pin_counts)
