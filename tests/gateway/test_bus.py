@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable
 import nats
 import pytest
 from nats.js.api import StreamConfig
-from router.router import Router
 
 from gateway.bus import Bus
 from gateway.metrics import GatewayMetrics
@@ -28,6 +27,7 @@ from router.protocol import (
     encode,
 )
 from router.request import RouteRequest
+from router.router import Router
 
 CHAIN = block_hashes(list(range(64)), 16)
 
