@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from itertools import repeat
+from itertools import islice, repeat, takewhile
 
 from engines.sequence import Sequence
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
@@ -62,10 +62,13 @@ class BlockManager:
         self._removed: list[int] = []  # evictions not yet turned into one BlockRemoved event
         # The scheduler (and the simulator's fast-forward) ask about the same waiting head step after
         # step; a 2,000-block answer is kept until what it depends on changes. `_cache_version` counts
-        # changes of the cached set, `_version` those and every change of refs or free blocks.
+        # changes of the cached set, `_evict_version` removals from it, `_version` all those and every
+        # change of refs or free blocks.
         self._cache_version = 0
         self._version = 0
-        self._match_memo: tuple[Sequence, int, int, int] | None = None  # seq, cache version, limit, hits
+        self._evict_version = 0  # removals from the cached set only
+        # seq, evict version, limit, hits, cache version
+        self._match_memo: tuple[Sequence, int, int, int, int] | None = None
         self._fit_memo: tuple[Sequence, int, int, int, bool] | None = None  # seq, version, len, hits, fits
 
     # --- state
@@ -106,17 +109,18 @@ class BlockManager:
         """Leading full blocks of `seq` that are cached, keeping at least one token to compute."""
         limit = (len(seq) - 1) // self.block_size
         memo = self._match_memo
-        if memo is not None and memo[0] is seq and memo[1] == self._cache_version and memo[2] == limit:
-            return memo[3]
         hits = 0
-        if limit > 0:
-            hashes = seq.hashes(limit)
-            chain = hashes if len(hashes) == limit else hashes[:limit]
-            # the cached set is not prefix-closed (a parent can be evicted before its child): the first
-            # miss is found by a full C-level scan rather than a bisection
-            found = list(map(self._by_hash.__contains__, chain))
-            hits = found.index(False) if False in found else limit
-        self._match_memo = (seq, self._cache_version, limit, hits)
+        if memo is not None and memo[0] is seq and memo[1] == self._evict_version and memo[2] == limit:
+            # nothing left the cache since: the blocks matched then still match, only look further
+            hits = memo[3]
+            if hits == limit or memo[4] == self._cache_version:
+                return hits
+        if hits < limit:
+            # the cached set is not prefix-closed (a parent can be evicted before its child): the
+            # first miss is found by a scan, in C, that stops there
+            chain = islice(seq.hashes(limit), hits, limit)
+            hits += len(list(takewhile(self._by_hash.__contains__, chain)))
+        self._match_memo = (seq, self._evict_version, limit, hits, self._cache_version)
         return hits
 
     def can_allocate(self, seq: Sequence, num_hits: int) -> bool:
@@ -268,6 +272,7 @@ class BlockManager:
         self._flush_removed()
         self._version += 1
         self._cache_version += 1
+        self._evict_version += 1
         self.block_hash_of = [None] * self.num_blocks
         self.parent_of = [None] * self.num_blocks
         self._by_hash.clear()
@@ -368,14 +373,21 @@ class BlockManager:
             parent_of = self.parent_of
             removed = self._removed
             self._cache_version += 1
-            for _ in range(rest):
-                block_id = (evictable or pinned_free).popitem(last=False)[0]
-                block_hash = hash_of[block_id]
-                del by_hash[block_hash]
-                hash_of[block_id] = None
-                parent_of[block_id] = None
-                removed.append(block_hash)
-                taken.append(block_id)
+            self._evict_version += 1
+            # C loops over the run: pop the blocks in eviction order, then clear their hashes
+            victims = [
+                block_id for block_id, _ in map(evictable.popitem, repeat(False, min(rest, len(evictable))))
+            ]
+            if len(victims) < rest:
+                victims += [
+                    block_id for block_id, _ in map(pinned_free.popitem, repeat(False, rest - len(victims)))
+                ]
+            hashes = list(map(hash_of.__getitem__, victims))
+            list(map(by_hash.__delitem__, hashes))
+            list(map(hash_of.__setitem__, victims, repeat(None)))
+            list(map(parent_of.__setitem__, victims, repeat(None)))
+            removed.extend(hashes)
+            taken += victims
         list(map(self.ref_counts.__setitem__, taken, repeat(1)))
         self.num_used += n
         return taken
