@@ -138,6 +138,7 @@ class TierIndex:
         children = self._children
         child_of = children.get
         orphans = self._orphans
+        orphan_of = orphans.get
         added = 0
         prev = parent
         for h in hashes:
@@ -148,7 +149,12 @@ class TierIndex:
                 if prev is not None and prev is parent and not get(prev, 0) & bit:
                     self._mark(h, bit)  # stored before (or without) its parent
                 if orphans:
-                    self._adopt(h, bit)
+                    # `_adopt` inlined down to the lookups: most blocks have no orphaned child here
+                    kids = child_of(h)
+                    if kids is not None:
+                        for kid in kids if type(kids) is list else (kids,):
+                            if orphan_of(kid, 0) & bit:
+                                self._unmark(kid, bit)
             if prev is not None:
                 kids = child_of(prev)
                 if kids is None:
@@ -168,6 +174,9 @@ class TierIndex:
             return self._remove_alone(bit, hashes)
         get = held.get
         children = self._children
+        child_of = children.get
+        orphans = self._orphans
+        orphan_of = orphans.get
         removed = 0
         for h in hashes:
             m = get(h, 0)
@@ -179,12 +188,12 @@ class TierIndex:
             else:
                 del held[h]
             removed += 1
-            if self._orphans:
+            if orphans and orphan_of(h, 0) & bit:
                 self._unmark(h, bit)
-            kids = children.get(h)
+            kids = child_of(h)
             if kids is not None:
                 orphaned = False
-                for kid in kids if isinstance(kids, list) else (kids,):
+                for kid in kids if type(kids) is list else (kids,):
                     kid_mask = get(kid, 0)
                     if kid_mask & bit:
                         self._mark(kid, bit)  # its parent left before it did
