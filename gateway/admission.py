@@ -4,6 +4,10 @@ The queue favours sessions in the middle of a tool loop, then those with the lea
 (tokens served so far), then arrival order, so one long agent does not starve the rest (DESIGN.md
 point 6). A slot is handed to a waiter by routing it at that moment, so a fresh request cannot take
 the slot between the release and the waiter waking up.
+
+Before that, `SessionHold` applies the router's admission by session (router/admission.py): under KV
+memory pressure a turn of a session that is not resident waits here, at its tool boundary, until the
+router releases it (a resident session's turn completes or its pin ends, or the hold bound passes).
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from router.request import Decision
+from router.request import Decision, RouteRequest
+from router.router import Router
 
 # Given the workers that must not be chosen (saturated), route the request or say None.
 RouteFn = Callable[[frozenset[str]], Decision | None]
@@ -141,3 +147,62 @@ class Admission:
         self._service[session_id] = self._service.pop(session_id, 0) + tokens
         if len(self._service) > self.max_sessions:
             self._service.popitem(last=False)
+
+
+class SessionHold:
+    """Waits out the router's session admission: `enter` returns once the request may be routed."""
+
+    def __init__(self, router: Router, timeout_s: float) -> None:
+        self.router = router
+        self.timeout_s = timeout_s  # a safety net: the router releases within its own hold bound
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+
+    @property
+    def held(self) -> int:
+        return len(self._waiting)
+
+    async def enter(self, route: RouteRequest) -> None:
+        """Returns when the request may be picked; raises TimeoutError (or CancelledError) having
+        handed its place back. Call `leave` if it is then not picked after all."""
+        if self.router.admit(route, time.monotonic()):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[route.request_id] = future
+        self._arm()
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            self._waiting.pop(route.request_id, None)
+            self.leave(route)
+            raise
+
+    def leave(self, route: RouteRequest) -> None:
+        """The request entered (or waits) but will not be picked: forget it, or hand back its place."""
+        self.router.cancel_held(route.request_id, route.session_id, time.monotonic())
+
+    def poke(self) -> None:
+        """Start the held requests the router releases now (after a completion, at a deadline)."""
+        if not self._waiting:
+            return
+        for request_id in self.router.release_held(time.monotonic()):
+            future = self._waiting.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+        self._arm()
+
+    def _arm(self) -> None:
+        deadline = self.router.held_deadline()
+        if deadline is None or deadline >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        delay = max(0.0, deadline - time.monotonic())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        self.poke()

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from gateway.admission import Admission, NoWorker, QueueFull
+from gateway.admission import Admission, NoWorker, QueueFull, SessionHold
 from gateway.bus import Bus
 from gateway.errors import ApiError
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
@@ -62,6 +62,8 @@ class Gateway:
         self.router = Router(policy=config.policy)
         self.subjects = Subjects(config.namespace)
         self.admission = Admission(config.queue_bound, config.queue_timeout_s)
+        hold_s = self.router.config.admission_max_hold_s + config.queue_timeout_s
+        self.holds = SessionHold(self.router, hold_s)  # session_kv's admission by session
         self.prompts = PromptEncoder()
         self.bus = Bus(
             config.nats_url,
@@ -233,7 +235,14 @@ class Gateway:
                 return None  # the router has no candidate left
 
         try:
-            return await self.admission.admit(pick, eligible, route.session_id or "", route.tool_call_pending)
+            await self.holds.enter(route)
+            try:
+                return await self.admission.admit(
+                    pick, eligible, route.session_id or "", route.tool_call_pending
+                )
+            except BaseException:
+                self.holds.leave(route)  # not picked after all: its session's place goes back
+                raise
         except NoWorker as exc:
             if last_error:
                 raise ApiError(
@@ -321,6 +330,7 @@ class Gateway:
         )
         if hint is not None:
             self.bus.publish_pin(*hint)
+        self.holds.poke()
 
     # --- cross-cutting
 

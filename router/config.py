@@ -63,6 +63,13 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     memory_pressure_factor: float = 0.4
     memory_balance_factor: float = 0.01
     inflight_pressure_factor: float = 1.0
+    # admission by session (router/admission.py; session_kv only): while the resident sessions' contexts
+    # (turns in flight or pinned) fill `admission_fill` of the pool's blocks, other sessions' turns wait,
+    # at most `admission_max_hold_s`; at most `admission_max_held` turns wait at once
+    session_admission: bool = True
+    admission_fill: float = 0.9
+    admission_max_hold_s: float = 30.0
+    admission_max_held: int = 4096
 
     def __post_init__(self) -> None:
         bounded = ("max_sessions", "max_inflight", "approx_blocks_per_worker", "cache_tree_blocks_per_worker")
@@ -82,6 +89,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
         )
         if min(memory) < 0:
             raise ValueError("the session_kv memory settings cannot be negative")
+        if not self.admission_fill > 0 or self.admission_max_hold_s < 0 or self.admission_max_held < 0:
+            raise ValueError("need admission_fill > 0 and non-negative admission hold bounds")
         if self.default_prefill_tok_s <= 0:
             raise ValueError("default_prefill_tok_s must be positive")
         if self.kv_temperature < 0 or self.cache_threshold < 0:

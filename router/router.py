@@ -12,16 +12,21 @@ from collections.abc import Sequence
 
 import xxhash
 
+from router.admission import SessionAdmission
 from router.config import RouterConfig
 from router.hashing import DEFAULT_BLOCK_SIZE
 from router.index import ApproxIndex, BlockIndex
-from router.load import LoadView
+from router.load import InFlight, LoadView
 from router.policies import POLICIES, Policy, RouterView
 from router.protocol import KvEventBatch, KvStateDump, LoadReport, PinHint, WorkerRegistration
 from router.request import Decision, RouteRequest
 from router.sessions import SessionTable
 
 __all__ = ["NoWorkerError", "Router", "RouterConfig"]
+
+# the policies that hold sessions at their tool boundary under memory pressure (the baselines are other
+# systems' routing rules: they admit everything)
+ADMITTING_POLICIES = frozenset({"session_kv"})
 
 
 class NoWorkerError(LookupError):
@@ -54,6 +59,11 @@ class Router:
         self._by_model: dict[str, list[str]] = {}
         self._streams: dict[str, _Stream] = {}
         self._anon = 0
+        self.admission: SessionAdmission | None = None
+        if config.session_admission and policy in ADMITTING_POLICIES:
+            self.admission = SessionAdmission(
+                config.admission_fill, config.admission_max_hold_s, config.admission_max_held
+            )
 
     # --- workers
 
@@ -97,6 +107,8 @@ class Router:
         return list(self._registrations)
 
     def _workers_changed(self) -> None:
+        if self.admission is not None:
+            self.admission.set_capacity(sum(r.num_blocks for r in self._registrations.values()))
         by_model: dict[str, list[str]] = {}
         for wid, reg in self._registrations.items():
             by_model.setdefault(reg.model, []).append(wid)
@@ -169,6 +181,37 @@ class Router:
         self._anon += 1  # shorter than one block: nothing to recognise it by next time
         return f"anon-{self._anon}"
 
+    # --- admission (session_kv: router/admission.py)
+
+    def admit(self, request: RouteRequest, now: float) -> bool:
+        """True: pick the request now. False: its session is held (the pool's KV is full of resident
+        sessions); pick it once `release_held` returns its id. Requests without a session, and every
+        request under a policy without admission, are admitted at once."""
+        adm = self.admission
+        sid = request.session_id
+        if adm is None or not sid:
+            return True
+        s = self.sessions.get(sid)
+        blocks = -(-(request.num_tokens + request.expected_output_tokens) // self.block_size)
+        tool_loop = request.tool_call_pending or (s is not None and s.tool_pending)
+        attained = s.attained_tokens if s is not None else 0
+        return adm.offer(request.request_id, sid, blocks, tool_loop, attained, now)
+
+    def release_held(self, now: float) -> list[str]:
+        """Ids of held requests to pick now (call after completions and by `held_deadline`)."""
+        return self.admission.release(now) if self.admission is not None else []
+
+    def held_deadline(self) -> float | None:
+        """When `release_held` should next be called if nothing completes before; None: nothing held."""
+        return self.admission.next_deadline() if self.admission is not None else None
+
+    def cancel_held(self, request_id: str, session_id: str | None, now: float) -> None:
+        """The caller gives up on an admitted or held request before picking it (client gone, timeout):
+        forget it, or hand back the residency its release gave it."""
+        adm = self.admission
+        if adm is not None and session_id and not adm.cancel(request_id):
+            adm.done(session_id, float("-inf"), now)
+
     # --- routing
 
     def pick(self, request: RouteRequest, now: float, exclude: frozenset[str] = frozenset()) -> Decision:
@@ -239,6 +282,16 @@ class Router:
         flight = self.load.finish(request_id)
         if flight is None or not flight.session_id:
             return None
+        hint = self._session_done(flight, now, finish_reason, output_tokens, ok)
+        if self.admission is not None:
+            pinned_until = hint[1].ttl_s + now if hint is not None else float("-inf")
+            self.admission.done(flight.session_id, pinned_until, now)
+        return hint
+
+    def _session_done(
+        self, flight: InFlight, now: float, finish_reason: str | None, output_tokens: int, ok: bool
+    ) -> tuple[str, PinHint] | None:
+        assert flight.session_id is not None
         s = self.sessions.get(flight.session_id)
         if s is None:
             return None
@@ -262,4 +315,6 @@ class Router:
         self.sessions.expire(now)
         self.approx.expire(now)
         self.policy.expire(now)
+        if self.admission is not None:
+            self.admission.expire(now, self.config.inflight_ttl_s)
         self.index.sweep(self.config.sweep_entries_per_expire)

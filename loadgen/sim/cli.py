@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="divide timestamps and think times by X (X > 1 compresses time)",
     )
     parser.add_argument("--bus-delay-ms", type=float, default=5.0, help="KV events, load reports, pins")
+    parser.add_argument(
+        "--no-admission",
+        action="store_true",
+        help="session_kv routes without holding sessions under memory pressure (router/admission.py)",
+    )
     parser.add_argument("--jobs", type=_positive_int, default=1, help="policies run in parallel processes")
     parser.add_argument(
         "--json", metavar="OUT", default=None, help="write the result object to OUT (- = stdout)"
@@ -75,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         bus_delay_s=args.bus_delay_ms / 1000.0,
         seed=args.seed,
+        session_admission=not args.no_admission,
     )
     workload = Workload(
         rows,
@@ -91,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     if not to_stdout:
         render_table(report, runtime)
         print(f"{len(rows)} rows x {len(policies)} policies in {elapsed:.1f} s")
+        for policy, sim_run in runs.items():
+            if sim_run.held:
+                print(f"{policy}: {sim_run.held} turns held by admission before routing")
     if args.json is not None:
         data = msgspec.json.encode(report)
         if to_stdout:

@@ -54,6 +54,7 @@ class SimConfig(msgspec.Struct, frozen=True):
     fast_forward: bool = True  # take runs of pure decode steps as one event (same results)
     stall_timeout_s: float = 3600.0  # virtual seconds without any output before in-flight work fails
     seed: int = 0
+    session_admission: bool = True  # RouterConfig.session_admission when no router config is given
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -77,6 +78,7 @@ class SimRun:
         self.events = 0
         self.pins = 0
         self.decisions: dict[str, int] = {}  # decision reason -> count
+        self.held = 0  # turns the router's admission held before routing them
 
 
 class Simulation:
@@ -96,6 +98,10 @@ class Simulation:
         if config.block_size != workload.block_size:
             raise ValueError("the workload was hashed with another block size")
         self.loop = EventLoop()
+        if router_config is None and not config.session_admission:
+            from router.config import RouterConfig
+
+            router_config = RouterConfig(session_admission=False)
         kwargs: dict[str, Any] = {"policy": policy, "seed": config.seed}
         if router_config is not None:
             kwargs["config"] = router_config
@@ -120,6 +126,8 @@ class Simulation:
         self._tick_generation = dict.fromkeys(self.workers, 0)
         self._tick_sleeping = dict.fromkeys(self.workers, False)
         self._last_report: dict[str, LoadReport] = {}
+        self._held: dict[str, tuple[Turn, RouteRequest]] = {}  # held by the router's admission
+        self._release_at = math.inf  # when a release check is scheduled
 
     # --- driving
 
@@ -138,6 +146,8 @@ class Simulation:
         result.busy_s = {wid: w.busy_s for wid, w in self.workers.items()}
         result.steps = sum(w.steps for w in self.workers.values())
         result.events = loop.events_run
+        if self.router.admission is not None:
+            result.held = self.router.admission.held_total
         return result
 
     def _arrive(self, key: str, turn_index: int, tool_result: bool) -> None:
@@ -157,10 +167,22 @@ class Simulation:
             session_id=session_id,
             tool_call_pending=tool_result,
         )
+        if router.admit(request, now):
+            self._dispatch(turn, request)
+        else:  # held at its tool boundary: its TTFT keeps counting from `turn.arrival`
+            self._held[turn.request_id] = (turn, request)
+            self._schedule_release()
+
+    def _dispatch(self, turn: Turn, request: RouteRequest) -> None:
+        now = self.loop.now
+        row = turn.row
+        router = self.router
+        hashes = request.block_hashes
+        session_id = request.session_id
         decision = router.pick(request, now)
         reasons = self.run_result.decisions
         reasons[decision.reason] = reasons.get(decision.reason, 0) + 1
-        record = RequestRecord(key, turn_index, now, row.input_length, decision.worker_id)
+        record = RequestRecord(turn.session, turn.turn, turn.arrival, row.input_length, decision.worker_id)
         self.run_result.records.append(record)
         self._turns[turn.request_id] = (turn, record)
         if self._tick_sleeping[decision.worker_id]:
@@ -205,10 +227,33 @@ class Simulation:
                     self.config.bus_delay_s, worker.pin, pin.session_id, pin.block_hashes, pin.ttl_s
                 )
         self._open -= 1
+        self._release()
         turns = self.workload.sessions[turn.session]
         if turn.turn + 1 < len(turns):
             think = self.workload.think_time(turns[turn.turn + 1])
             self.loop.after(think, self._arrive, turn.session, turn.turn + 1, turn.row.stop == "tool_use")
+
+    # --- admission
+
+    def _release(self) -> None:
+        if not self._held:
+            return
+        now = self.loop.now
+        for request_id in self.router.release_held(now):
+            turn, request = self._held.pop(request_id)
+            self._dispatch(turn, request)
+        self._schedule_release()
+
+    def _schedule_release(self) -> None:
+        deadline = self.router.held_deadline()
+        if deadline is not None and deadline < self._release_at:
+            self._release_at = deadline = max(deadline, self.loop.now)
+            self.loop.at(deadline, self._release_tick, deadline)
+
+    def _release_tick(self, at: float) -> None:
+        if at == self._release_at:
+            self._release_at = math.inf
+        self._release()
 
     # --- the bus
 

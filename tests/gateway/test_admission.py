@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from gateway.admission import Admission, NoWorker, QueueFull
-from router.request import Decision
+from gateway.admission import Admission, NoWorker, QueueFull, SessionHold
+from router.config import RouterConfig
+from router.protocol import WorkerRegistration
+from router.request import Decision, RouteRequest
+from router.router import Router
 
 
 def first_free(order: list[str]):
@@ -80,3 +84,54 @@ async def test_waiters_fail_fast_when_their_workers_leave() -> None:
     admission.remove_worker("w1")
     with pytest.raises(NoWorker):
         await asyncio.wait_for(waiting, 1)
+
+
+def session_router(capacity_blocks: int, max_hold_s: float = 30.0) -> Router:
+    router = Router("session_kv", RouterConfig(admission_fill=1.0, admission_max_hold_s=max_hold_s))
+    registration = WorkerRegistration("w1", "http://w1", "m", 16, capacity_blocks, "mock", 1, 0.0)
+    router.add_worker(registration, time.monotonic())
+    return router
+
+
+def turn(rid: str, session: str, blocks: int) -> RouteRequest:
+    return RouteRequest(rid, "m", list(range(1, blocks + 1)), blocks * 16, session)
+
+
+async def test_session_hold_waits_for_the_resident_session_to_finish() -> None:
+    router = session_router(100)
+    holds = SessionHold(router, timeout_s=5)
+    a = turn("a1", "a", 80)
+    await holds.enter(a)  # the pool has room: no wait
+    router.pick(a, time.monotonic())
+    b = turn("b1", "b", 50)
+    waiting = asyncio.create_task(holds.enter(b))
+    await asyncio.sleep(0.02)
+    assert not waiting.done() and holds.held == 1
+    holds.poke()  # nothing finished: still held
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    router.on_complete("a1", time.monotonic(), "stop", 5)
+    holds.poke()
+    await asyncio.wait_for(waiting, 1)
+    assert holds.held == 0 and router.admission is not None and router.admission.resident("b")
+
+
+async def test_session_hold_is_bounded_by_the_router_and_timeouts_hand_back() -> None:
+    router = session_router(100, max_hold_s=0.05)
+    holds = SessionHold(router, timeout_s=5)
+    await holds.enter(turn("a1", "a", 100))
+    await asyncio.wait_for(holds.enter(turn("b1", "b", 50)), 1)  # released by the bound's timer
+    assert router.admission is not None and router.admission.held == 0
+    strict = session_router(100, max_hold_s=60)
+    short = SessionHold(strict, timeout_s=0.05)
+    await short.enter(turn("a1", "a", 100))
+    with pytest.raises(TimeoutError):
+        await short.enter(turn("b1", "b", 50))
+    assert strict.admission is not None and strict.admission.held == 0 and not strict.admission.resident("b")
+
+
+async def test_no_session_hold_for_baselines() -> None:
+    router = Router("kv_overlap")
+    holds = SessionHold(router, timeout_s=0.01)
+    await holds.enter(turn("a1", "a", 10_000))
+    assert holds.held == 0
