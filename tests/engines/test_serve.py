@@ -11,11 +11,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 import openai
 import pytest
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from gateway.natsd import NatsServer, free_port
 from router.chat import ByteTokenizer, encode_chat
@@ -138,6 +139,19 @@ async def bus(nats_url: str, namespace: str) -> AsyncIterator[BusTap]:
     await nc.close()
 
 
+async def registry_entry(js: Any, bucket: str, worker_id: str, timeout_s: float = 10.0) -> tuple[Any, Any]:
+    """The registry bucket and the worker's entry: /health answers before its NATS side registered."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            kv = await js.key_value(bucket)
+            return kv, await kv.get(worker_id)
+        except (BucketNotFoundError, KeyNotFoundError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -189,8 +203,7 @@ async def test_registration_load_dump_pin_and_clean_shutdown(
 ) -> None:
     subjects = Subjects(namespace)
     nc = bus.nc
-    kv = await nc.jetstream().key_value(subjects.registry_bucket)
-    entry = await kv.get(worker.worker_id)
+    kv, entry = await registry_entry(nc.jetstream(), subjects.registry_bucket, worker.worker_id)
     registration = decode(entry.value, WorkerRegistration)
     assert (
         registration.url == worker.url and registration.block_size == BLOCK and registration.engine == "mock"
