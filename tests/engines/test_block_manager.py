@@ -11,6 +11,7 @@ from engines.sequence import Sequence
 from router.hashing import BASE_SEED, block_hashes
 from router.protocol import BlockRemoved, BlockStored
 from tests.engines.kv_replay import ReplayedCache, cached_set, check_invariants
+from tests.engines.reference_block_manager import ReferenceBlockManager
 
 B = 4
 
@@ -181,3 +182,104 @@ def test_invariants_and_event_exactness_under_random_operations(operations: list
     assert bm.reset()
     replay.apply(bm.take_events())
     assert replay.blocks == cached_set(bm) == {}
+
+
+twin_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 1), st.integers(0, 1), st.integers(1, 30)),
+        st.tuples(st.just("compute"), st.integers(0, 20), st.integers(1, 40)),
+        st.tuples(st.just("free"), st.integers(0, 20)),
+        st.tuples(st.just("pin"), st.integers(0, 20), st.integers(0, 30)),
+        st.tuples(st.just("probe"), st.integers(0, 20), st.booleans()),
+        st.tuples(st.just("tick"), st.integers(1, 20)),
+    ),
+    min_size=20,
+    max_size=150,
+)
+
+
+def free_order(bm: BlockManager | ReferenceBlockManager) -> tuple[list[int], list[int], list[int]]:
+    return list(bm._uncached), list(bm._evictable), list(bm._pinned_free)
+
+
+@settings(max_examples=300, deadline=None)
+@given(twin_ops)
+def test_the_batched_block_manager_matches_the_per_block_reference(operations: list[tuple]) -> None:
+    """The same operations on the batched manager and the per-block reference give the same block ids,
+    events, prefix matches and eviction order at every point (the simulator's numbers rest on it)."""
+    clock = Clock()
+    fast = BlockManager(16, B, clock, max_pinned_blocks=6)
+    ref = ReferenceBlockManager(16, B, clock, max_pinned_blocks=6)
+    live: list[tuple[Sequence, Sequence]] = []
+    waiting: list[tuple[Sequence, Sequence]] = []
+    count = 0
+    for op in operations:
+        kind = op[0]
+        if kind == "add":
+            _, stem, variant, length = op
+            tokens = [stem] * 10 + [variant + 10 * i for i in range(length)]
+            pair = (make_seq(f"s{count}", tokens), make_seq(f"s{count}", tokens))
+            count += 1
+            waiting.append(pair)
+        elif kind == "probe" and waiting:
+            # the waiting head asked again and again, as the scheduler does, while the cache changes
+            index = op[1] % len(waiting)
+            a, b = waiting[index]
+            hits = fast.match_prefix(a)
+            assert hits == ref.match_prefix(b)
+            fits = fast.can_allocate(a, hits)
+            assert fits == ref.can_allocate(b, hits)
+            if fits and op[2]:
+                fast.allocate(a, hits)
+                ref.allocate(b, hits)
+                live.append(waiting.pop(index))
+        elif kind == "compute" and live:
+            a, b = live[op[1] % len(live)]
+            for seq, bm in ((a, fast), (b, ref)):
+                seq.num_computed_tokens = min(len(seq), seq.num_computed_tokens + op[2])
+                bm.commit(seq)
+                if seq.num_computed_tokens == len(seq) and bm.can_append(seq, 1):
+                    seq.token_ids.append(op[2])
+                    bm.append_slots(seq, 1)
+        elif kind == "free" and live:
+            a, b = live.pop(op[1] % len(live))
+            fast.free(a)
+            ref.free(b)
+        elif kind == "pin" and live:
+            a, b = live[op[1] % len(live)]
+            session = f"sess{op[1] % 3}"
+            pinned = fast.pin(session, a.block_hashes[: a.num_committed_blocks], ttl_s=op[2])
+            assert pinned == ref.pin(session, b.block_hashes[: b.num_committed_blocks], ttl_s=op[2])
+        elif kind == "tick":
+            clock.now += op[1]
+            fast.expire_pins()
+            ref.expire_pins()
+        assert fast.take_events() == ref.take_events()
+        assert free_order(fast) == free_order(ref)
+        assert fast._by_hash == ref._by_hash
+        assert fast._pin_counts == ref._pin_counts
+        assert fast.num_used == ref.num_used
+        assert fast.cached_blocks() == ref.cached_blocks()
+        assert [b.ref_count for b in ref.blocks] == fast.ref_counts
+        for a, b in live:
+            assert a.block_table == b.block_table
+            assert a.num_committed_blocks == b.num_committed_blocks
+
+
+def test_a_waiting_sequence_sees_blocks_committed_since_it_was_last_matched() -> None:
+    """The remembered prefix match of a waiting sequence grows with the cache, and shrinks on eviction."""
+    bm = BlockManager(8, B, Clock())
+    first = make_seq("a", list(range(20)))
+    waiting = make_seq("w", [*range(20), 99, 98])
+    assert bm.match_prefix(waiting) == 0
+    bm.allocate(first, bm.match_prefix(first))
+    first.num_computed_tokens = 10
+    bm.commit(first)
+    assert bm.match_prefix(waiting) == 2
+    first.num_computed_tokens = 20
+    bm.commit(first)
+    assert bm.match_prefix(waiting) == 5
+    bm.free(first)
+    other = make_seq("o", [7] * 24)  # takes the 3 uncached blocks and evicts the tail of `first`
+    bm.allocate(other, bm.match_prefix(other))
+    assert bm.match_prefix(waiting) == 2
