@@ -297,19 +297,18 @@ class BlockManager:
         self._pins[session_id] = Pin(hashes, expires_at)
         self.num_pinned += len(hashes)
         self._next_expiry = min(self._next_expiry, expires_at)
+        # C loops over the (distinct) hashes: count them, then move the newly pinned free blocks from
+        # the evictable order to the end of the pinned one, in the pin's order as one by one would
         counts = self._pin_counts
-        count_of = counts.get
-        block_of = self._by_hash.get
+        before = list(map(counts.get, hashes, repeat(0)))
+        counts.update(zip(hashes, map((1).__add__, before), strict=True))
+        first = hashes
+        if before.count(0) != len(before):
+            first = [h for h, c in zip(hashes, before, strict=True) if not c]
         evictable = self._evictable
-        pinned_free = self._pinned_free
-        for block_hash in hashes:
-            count = count_of(block_hash, 0)
-            counts[block_hash] = count + 1
-            if not count:
-                block_id = block_of(block_hash)
-                if block_id is not None and block_id in evictable:
-                    del evictable[block_id]
-                    pinned_free[block_id] = None
+        moved = [b for b in map(self._by_hash.get, first) if b in evictable]
+        list(map(evictable.__delitem__, moved))
+        self._pinned_free.update(zip(moved, repeat(None)))
         return len(hashes)
 
     def unpin(self, session_id: str) -> None:
@@ -336,21 +335,27 @@ class BlockManager:
             return
         self.num_pinned -= len(pin.block_hashes)
         counts = self._pin_counts
-        block_of = self._by_hash.get
-        evictable = self._evictable
+        hashes = pin.block_hashes  # distinct
+        before = list(map(counts.__getitem__, hashes))
+        if before.count(1) == len(before):
+            dropped = hashes  # the common case: pinned by this session alone
+            list(map(counts.__delitem__, hashes))
+        else:
+            dropped = []
+            for block_hash, count in zip(hashes, before, strict=True):
+                if count == 1:
+                    del counts[block_hash]
+                    dropped.append(block_hash)
+                else:
+                    counts[block_hash] = count - 1
         pinned_free = self._pinned_free
-        for block_hash in pin.block_hashes:
-            count = counts[block_hash] - 1
-            if count:
-                counts[block_hash] = count
-                continue
-            del counts[block_hash]
-            block_id = block_of(block_hash)
-            if block_id is not None and block_id in pinned_free:
-                del pinned_free[block_id]
-                # an expired pin's blocks were not wanted back: first in line for eviction
-                evictable[block_id] = None
-                evictable.move_to_end(block_id, last=False)
+        moved = [b for b in map(self._by_hash.get, dropped) if b in pinned_free]
+        list(map(pinned_free.__delitem__, moved))
+        # an expired pin's blocks were not wanted back: first in line for eviction (each one moved to
+        # the front in turn, as one by one would)
+        evictable = self._evictable
+        evictable.update(zip(moved, repeat(None)))
+        list(map(evictable.move_to_end, moved, repeat(False)))
 
     # --- internals
 
