@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from itertools import islice, repeat, takewhile
+from itertools import compress, islice, repeat, takewhile
+from operator import is_, not_, or_
 
 from engines.sequence import Sequence
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
@@ -154,19 +155,28 @@ class BlockManager:
         if num_hits:
             ids = list(map(self._by_hash.__getitem__, seq.hashes(num_hits)[:num_hits]))
             refs = self.ref_counts
-            evictable = self._evictable
-            pinned_free = self._pinned_free
-            used = 0
-            for block_id in ids:
-                count = refs[block_id]
-                if not count:
-                    if block_id in evictable:
-                        del evictable[block_id]
-                    else:
-                        del pinned_free[block_id]
-                    used += 1
-                refs[block_id] = count + 1
-            self.num_used += used
+            before = list(map(refs.__getitem__, ids))
+            if len(set(ids)) == len(ids):
+                # hit blocks nobody used leave the free lists; each one is in one of the two
+                unused = list(compress(ids, map(not_, before)))
+                missing = object()
+                popped = map(self._evictable.pop, unused, repeat(missing))
+                pinned = compress(unused, map(is_, popped, repeat(missing)))  # not in the evictable list
+                list(map(self._pinned_free.__delitem__, pinned))
+                list(map(refs.__setitem__, ids, map((1).__add__, before)))
+                self.num_used += len(unused)
+            else:  # a hash listed twice: the second reference finds the block in use
+                evictable = self._evictable
+                pinned_free = self._pinned_free
+                for block_id in ids:
+                    count = refs[block_id]
+                    if not count:
+                        if block_id in evictable:
+                            del evictable[block_id]
+                        else:
+                            del pinned_free[block_id]
+                        self.num_used += 1
+                    refs[block_id] = count + 1
             table.extend(ids)
         fresh = self.blocks_needed(len(seq)) - num_hits
         if fresh > 0:
@@ -242,26 +252,34 @@ class BlockManager:
         if table:
             self._version += 1
             refs = self.ref_counts
-            hash_of = self.block_hash_of
-            pinned = self._pin_counts
-            uncached = self._uncached
-            evictable = self._evictable
-            pinned_free = self._pinned_free
-            released = 0
-            for block_id in reversed(table):
-                count = refs[block_id] - 1
-                refs[block_id] = count
-                if count:
-                    continue
-                released += 1
-                block_hash = hash_of[block_id]
-                if block_hash is None:
-                    uncached.append(block_id)
-                elif block_hash in pinned:
-                    pinned_free[block_id] = None
-                else:
-                    evictable[block_id] = None
-            self.num_used -= released
+            order = table[::-1]
+            before = list(map(refs.__getitem__, order))
+            if before.count(1) == len(order):
+                released = order  # the common case (a block listed twice would count 2 or more)
+                list(map(refs.__setitem__, order, repeat(0)))
+            elif len(set(order)) == len(order):
+                list(map(refs.__setitem__, order, map((-1).__add__, before)))
+                released = list(compress(order, map((1).__eq__, before)))
+            else:
+                released = []
+                for block_id in order:
+                    count = refs[block_id] - 1
+                    refs[block_id] = count
+                    if not count:
+                        released.append(block_id)
+            self.num_used -= len(released)
+            # each free list takes its blocks in release order, as one by one would
+            hashes = list(map(self.block_hash_of.__getitem__, released))
+            pinned = list(map(self._pin_counts.__contains__, hashes))
+            if None in hashes:
+                uncached = list(map(is_, hashes, repeat(None)))
+                self._uncached.extend(compress(released, uncached))
+                cached = list(map(not_, map(or_, uncached, pinned)))
+            else:
+                cached = list(map(not_, pinned))
+            self._evictable.update(zip(compress(released, cached), repeat(None)))
+            if True in pinned:
+                self._pinned_free.update(zip(compress(released, pinned), repeat(None)))
             table.clear()
         seq.num_committed_blocks = 0
 
