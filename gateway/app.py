@@ -22,6 +22,7 @@ from gateway.errors import ApiError
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.prompt import PromptEncoder
 from gateway.proxy import Outcome, Retryable, forward
+from gateway.replication import Replication
 from gateway.session_id import explicit_session_id
 from gateway.upstream import UpstreamPool
 from gateway.validation import Kind, Turn, parse_turn
@@ -51,6 +52,7 @@ class GatewayConfig(msgspec.Struct, frozen=True):
     read_timeout_s: float = 120.0
     stale_after_s: float = 3.0
     gateway_id: str = "gateway"
+    snapshot_interval_s: float = 30.0  # index snapshots for new replicas (taken by one replica in turn)
 
 
 class Gateway:
@@ -75,6 +77,16 @@ class Gateway:
             on_added=self._worker_added,
             on_removed=self._worker_removed,
         )
+        self.replication = Replication(
+            config.nats_url,
+            self.subjects,
+            self.router,
+            self.bus,
+            self.metrics,
+            replica_id=config.gateway_id,
+            snapshot_interval_s=config.snapshot_interval_s,
+            stale_after_s=config.stale_after_s,
+        )
         self.upstream = UpstreamPool(config.connect_timeout_s, config.read_timeout_s)
         self._urls: dict[str, str] = {}  # worker id -> URL, to abort its requests when it leaves
 
@@ -93,9 +105,10 @@ class Gateway:
         return app
 
     async def _start(self, _app: web.Application) -> None:
-        await self.bus.start()
+        await self.replication.start()  # index recovery from the latest snapshot, then the bus
 
     async def _stop(self, _app: web.Application) -> None:
+        await self.replication.stop()
         await self.bus.stop()
         await self.upstream.close()
 
@@ -118,11 +131,29 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def ready(self, _request: web.Request) -> web.Response:
+        """200 once this replica has workers and an index caught up with the stream.
+
+        A replica that loses NATS afterwards stays ready, saying `"degraded": true`: it still routes on
+        its last view (workers, index, its own in-flight picks), and a readiness probe that failed on
+        a bus outage would take every replica out of rotation at once, turning a degraded gateway into
+        a down one. Before its first view (no workers, or the index still catching up) it is not ready.
+        """
         workers = len(self.bus.workers)
-        ok = self.bus.connected and workers > 0
-        return web.json_response(
-            {"ready": ok, "nats": self.bus.connected, "workers": workers}, status=200 if ok else 503
-        )
+        connected = self.bus.connected
+        index_ready = self.replication.index_ready
+        ok = workers > 0 and index_ready
+        body: dict[str, Any] = {
+            "ready": ok,
+            "nats": connected,
+            "degraded": not connected,
+            "index_ready": index_ready,
+            "workers": workers,
+        }
+        if not ok:
+            body["reason"] = "index catching up" if not index_ready else "no workers"
+        elif not connected:
+            body["reason"] = "NATS unreachable: routing on the last known view"
+        return web.json_response(body, status=200 if ok else 503)
 
     async def metrics_endpoint(self, _request: web.Request) -> web.Response:
         self.metrics.queued.set(self.admission.queued)
@@ -215,6 +246,7 @@ class Gateway:
             eligible = frozenset(w for w in workers if w in self.bus.workers) - failed
             route.request_id = f"{base_id}-{attempt}"
             decision = await self._admit(route, eligible, last_error)
+            self.replication.replicas.picked(route, decision)
             try:
                 response, _ = await self._send(request, turn, route, tokens, decision, path, block_size)
             except Retryable as exc:
@@ -300,6 +332,7 @@ class Gateway:
                 now = time.monotonic()
                 self.metrics.ttft.observe(now - sent_at)
                 self.router.on_first_token(route.request_id, now)
+                self.replication.replicas.first_token(route.request_id)
 
             response, outcome = await forward(
                 self.upstream,
@@ -325,6 +358,9 @@ class Gateway:
             self.metrics.record_usage(outcome.prompt_tokens, outcome.cached_tokens)
             served = max(0, outcome.prompt_tokens - outcome.cached_tokens) + outcome.completion_tokens
             self.admission.add_service(route.session_id or "", served)
+        self.replication.replicas.done(
+            route.request_id, outcome.finish_reason, outcome.completion_tokens, outcome.ok
+        )
         hint = self.router.on_complete(
             route.request_id, now, outcome.finish_reason, outcome.completion_tokens, ok=outcome.ok
         )

@@ -95,6 +95,14 @@ class Bus:
         self._tasks: list[asyncio.Task[None]] = []
         self._dumping: set[str] = set()
         self._subs: list[Any] = []
+        # Where the KV event stream stands: a new replica's snapshot recovery says where to start
+        # following; every batch received moves the position (snapshots record it, a reconnect
+        # resumes after it).
+        self.kv_start_seq = 0
+        self.kv_stream_seq = 0
+        self.disconnects = 0
+        self._kv_sub: Any = None
+        self._registry_task: asyncio.Task[None] | None = None
 
     # --- lifecycle
 
@@ -124,8 +132,9 @@ class Bus:
                 await asyncio.sleep(1.0)
         log.info("connected to NATS at %s", self.nats_url)
         self._subs.append(await self.nc.subscribe(self.subjects.load_all, cb=self._on_load))
+        self._registry_task = asyncio.create_task(self._watch_registry(), name="kvgate-registry")
         self._tasks += [
-            asyncio.create_task(self._watch_registry(), name="kvgate-registry"),
+            self._registry_task,
             asyncio.create_task(self._follow_kv_events(), name="kvgate-kv-events"),
             asyncio.create_task(self._housekeeping(), name="kvgate-housekeeping"),
         ]
@@ -134,6 +143,7 @@ class Bus:
         log.debug("NATS: %s", exc)
 
     async def _on_disconnected(self) -> None:
+        self.disconnects += 1
         log.warning("disconnected from NATS; routing on the last known view, reconnecting")
 
     async def _on_reconnected(self) -> None:
@@ -141,6 +151,25 @@ class Bus:
         now = self.clock()
         for state in self.workers.values():  # heartbeats could not reach us: time starts again
             state.last_seen = now
+        self._tasks = [task for task in self._tasks if not task.done()]
+        self._tasks.append(asyncio.get_running_loop().create_task(self._resync(), name="kvgate-resync"))
+
+    async def _resync(self) -> None:
+        """After a reconnect. NATS may have restarted: its consumers are gone, and our registry watch
+        and KV stream consumer would stall until their heartbeats time out (the workers' heartbeats
+        unseen meanwhile). So watch the registry again, follow the stream again after the last batch
+        received, and ask every worker for its state: what it published while NATS was away is lost."""
+        if self._registry_task is not None:
+            self._registry_task.cancel()
+        self._registry_task = asyncio.create_task(self._watch_registry(), name="kvgate-registry")
+        self._tasks.append(self._registry_task)
+        if self.registry_synced.is_set():  # else the first follow is still waiting and subscribes itself
+            for _ in range(120):  # JetStream takes a moment to recover its streams after a restart
+                if await self._subscribe_kv():
+                    break
+                await asyncio.sleep(0.5)
+        for wid in list(self.workers):
+            self._request_dump(wid)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -252,28 +281,50 @@ class Bus:
     # --- KV events
 
     async def _follow_kv_events(self) -> None:
+        await self.registry_synced.wait()  # registrations first, so replayed events find their worker
+        while not await self._subscribe_kv():
+            await asyncio.sleep(0.5)
+
+    async def _subscribe_kv(self) -> bool:
+        """(Re)create the ordered consumer of the KV stream: after the last batch received, else from
+        `kv_start_seq`, else from the start. False when the stream is not there (yet)."""
         assert self.nc is not None
         js = self.nc.jetstream()
-        await self.registry_synced.wait()  # registrations first, so replayed events find their worker
-        while True:
-            try:
-                sub = await js.subscribe(
-                    self.subjects.kv_all,
-                    stream=self.subjects.kv_stream,
-                    ordered_consumer=True,
-                    deliver_policy=api.DeliverPolicy.ALL,
-                    cb=self._on_kv_message,
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the stream appears with the first worker
-                log.debug("KV event stream not available yet: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
-            self._subs.append(sub)
-            return
+        try:
+            info = await js.stream_info(self.subjects.kv_stream)
+            start = self.kv_stream_seq + 1 if self.kv_stream_seq else self.kv_start_seq
+            if start > info.state.last_seq + 1:
+                # the stream is younger than our position: NATS came back without its store
+                log.warning("KV stream restarted at seq %d (we were at %d)", info.state.last_seq, start - 1)
+                start = self.kv_stream_seq = 0
+                for wid in list(self.workers):
+                    self._request_dump(wid)
+            sub = await js.subscribe(
+                self.subjects.kv_all,
+                stream=self.subjects.kv_stream,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start else api.DeliverPolicy.ALL,
+                config=api.ConsumerConfig(opt_start_seq=start) if start else None,
+                cb=self._on_kv_message,
+                pending_msgs_limit=-1,
+                pending_bytes_limit=-1,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream appears with the first worker
+            log.debug("KV event stream not available yet: %s", exc)
+            return False
+        old, self._kv_sub = self._kv_sub, sub
+        if old is not None:
+            with contextlib.suppress(Exception):
+                self._subs.remove(old)
+                await old.unsubscribe()
+        self._subs.append(sub)
+        return True
 
     async def _on_kv_message(self, msg: Any) -> None:
+        with contextlib.suppress(Exception):  # every message of the stream has its metadata
+            self.kv_stream_seq = max(self.kv_stream_seq, msg.metadata.sequence.stream)
         try:
             batch = decode(msg.data, KvEventBatch)
         except ProtocolError as exc:

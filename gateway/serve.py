@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="in-flight requests per worker before queueing (0: the worker's max_num_seqs)",
     )
     parser.add_argument("--queue-bound", type=int, default=256, help="queued requests beyond which 429")
+    parser.add_argument(
+        "--snapshot-interval-s",
+        type=float,
+        default=30.0,
+        help="seconds between index snapshots in the NATS object store (replicas take turns)",
+    )
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -52,6 +58,7 @@ def config_from(args: argparse.Namespace) -> GatewayConfig:
         max_prompt_tokens=args.max_prompt_tokens,
         max_inflight_per_worker=args.max_inflight_per_worker,
         queue_bound=args.queue_bound,
+        snapshot_interval_s=args.snapshot_interval_s,
         gateway_id=f"gateway-{uuid.uuid4().hex[:8]}",
     )
 
