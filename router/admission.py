@@ -23,32 +23,35 @@ import itertools
 
 
 class _Resident:
-    __slots__ = ("blocks", "running", "started", "until")
+    __slots__ = ("attained", "blocks", "running", "started", "until")
 
     def __init__(self, blocks: int) -> None:
         self.blocks = blocks
+        self.attained = 0  # service it had attained when its latest turn started
         self.running = 0
         self.started = 0.0  # when its latest turn started
         self.until = float("-inf")  # pinned until then once no turn runs
 
 
 class _Held:
-    __slots__ = ("arrived", "blocks", "request_id", "session_id")
+    __slots__ = ("arrived", "attained", "blocks", "request_id", "session_id")
 
-    def __init__(self, request_id: str, session_id: str, blocks: int, arrived: float) -> None:
+    def __init__(self, request_id: str, session_id: str, blocks: int, attained: int, arrived: float) -> None:
         self.request_id = request_id
         self.session_id = session_id
         self.blocks = blocks
+        self.attained = attained
         self.arrived = arrived
 
 
 class SessionAdmission:
-    def __init__(self, fill: float, max_hold_s: float, max_held: int) -> None:
+    def __init__(self, fill: float, max_hold_s: float, max_held: int, yield_to_held: bool = True) -> None:
         if not fill > 0 or max_hold_s < 0 or max_held < 0:
             raise ValueError("need admission_fill > 0, admission_max_hold_s >= 0, admission_max_held >= 0")
         self.fill = fill
         self.max_hold_s = max_hold_s
         self.max_held = max_held
+        self.yield_to_held = yield_to_held
         self.capacity = 0  # the pool's KV blocks (the router keeps it up to date)
         self.footprint = 0  # blocks of the resident sessions
         self._residents: dict[str, _Resident] = {}
@@ -58,6 +61,7 @@ class SessionAdmission:
         self._by_arrival: list[tuple[float, str]] = []  # (arrived, request id): for the hold bound
         self._order = itertools.count()
         self.held_total = 0  # turns ever held (for reports)
+        self.overdue_total = 0  # of which released by the hold bound rather than by room
 
     # --- state
 
@@ -73,22 +77,36 @@ class SessionAdmission:
 
     # --- turns
 
+    def pressed(self, session_id: str, blocks: int, now: float) -> bool:
+        """Whether `offer` would hold this turn unless its context is cached already."""
+        self._expire_pins(now)
+        return session_id not in self._residents and (bool(self._held) or blocks > self.room())
+
     def offer(
-        self, request_id: str, session_id: str, blocks: int, tool_pending: bool, attained: int, now: float
+        self,
+        request_id: str,
+        session_id: str,
+        blocks: int,
+        tool_pending: bool,
+        attained: int,
+        now: float,
+        cached: bool = False,
     ) -> bool:
         """True: start the turn now (it is resident from here). False: it is held until `release`
-        returns its id (or `cancel` drops it)."""
+        returns its id (or `cancel` drops it). `cached`: most of its context is still in some worker's
+        KV, so it evicts little and holding it would save nothing: admitted."""
         self._expire_pins(now)
         admit = (
-            session_id in self._residents
+            cached
+            or session_id in self._residents
             or self.capacity <= 0
             or (not self._held and blocks <= self.room())
             or len(self._held) >= self.max_held  # the hold is bounded: past it, nothing more waits
         )
         if admit:
-            self._start(session_id, blocks, now)
+            self._start(session_id, blocks, attained, now)
             return True
-        self._held[request_id] = _Held(request_id, session_id, blocks, now)
+        self._held[request_id] = _Held(request_id, session_id, blocks, attained, now)
         heapq.heappush(self._queue, (0 if tool_pending else 1, attained, next(self._order), request_id))
         heapq.heappush(self._by_arrival, (now, request_id))
         self.held_total += 1
@@ -102,11 +120,24 @@ class SessionAdmission:
         r.running = max(0, r.running - 1)
         if r.running:
             return
-        if pinned_until > now:
+        if pinned_until > now and not self._yields(r):
             r.until = pinned_until
             heapq.heappush(self._pins, (pinned_until, session_id))
         else:
             self._leave(session_id)
+
+    def _yields(self, r: _Resident) -> bool:
+        """At its tool boundary, a resident session gives its place to the held turn at the head of the
+        queue when that one is blocked and has attained less service (least attained service first)."""
+        if not self.yield_to_held:
+            return False
+        queue = self._queue
+        while queue and queue[0][3] not in self._held:
+            heapq.heappop(queue)
+        if not queue:
+            return False
+        head = self._held[queue[0][3]]
+        return head.attained < r.attained and head.blocks > self.room()
 
     def release(self, now: float) -> list[str]:
         """The held turns to start now, each already resident: the queue's head while it fits, then
@@ -130,6 +161,7 @@ class SessionAdmission:
             _, request_id = heapq.heappop(by_arrival)
             held = self._held.get(request_id)
             if held is not None:
+                self.overdue_total += 1
                 released.append(self._admit_held(held, now))
         return released
 
@@ -164,16 +196,17 @@ class SessionAdmission:
 
     def _admit_held(self, held: _Held, now: float) -> str:
         del self._held[held.request_id]
-        self._start(held.session_id, held.blocks, now)
+        self._start(held.session_id, held.blocks, held.attained, now)
         return held.request_id
 
-    def _start(self, session_id: str, blocks: int, now: float) -> None:
+    def _start(self, session_id: str, blocks: int, attained: int, now: float) -> None:
         r = self._residents.get(session_id)
         if r is None:
             r = self._residents[session_id] = _Resident(0)
         self.footprint += blocks - r.blocks if blocks > r.blocks or not r.running else 0
         r.blocks = max(blocks, r.blocks) if r.running else blocks
         r.running += 1
+        r.attained = attained
         r.started = now
         r.until = float("-inf")
 

@@ -65,10 +65,15 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     inflight_pressure_factor: float = 1.0
     # admission by session (router/admission.py; session_kv only): while the resident sessions' contexts
     # (turns in flight or pinned) fill `admission_fill` of the pool's blocks, other sessions' turns wait,
-    # at most `admission_max_hold_s`; at most `admission_max_held` turns wait at once
+    # at most `admission_max_hold_s`; at most `admission_max_held` turns wait at once; a turn whose
+    # prefix of at least `admission_cached_fraction` of its blocks is cached on a worker never waits
+    # `admission_yield`: at its tool boundary a resident session with more attained service than the
+    # blocked head of the queue leaves the resident set (its next turn queues) so the head gets in
     session_admission: bool = True
-    admission_fill: float = 0.9
-    admission_max_hold_s: float = 30.0
+    admission_cached_fraction: float = 0.5
+    admission_yield: bool = True
+    admission_fill: float = 1.1
+    admission_max_hold_s: float = 10.0
     admission_max_held: int = 4096
 
     def __post_init__(self) -> None:

@@ -62,7 +62,10 @@ class Router:
         self.admission: SessionAdmission | None = None
         if config.session_admission and policy in ADMITTING_POLICIES:
             self.admission = SessionAdmission(
-                config.admission_fill, config.admission_max_hold_s, config.admission_max_held
+                config.admission_fill,
+                config.admission_max_hold_s,
+                config.admission_max_held,
+                config.admission_yield,
             )
 
     # --- workers
@@ -185,8 +188,8 @@ class Router:
 
     def admit(self, request: RouteRequest, now: float) -> bool:
         """True: pick the request now. False: its session is held (the pool's KV is full of resident
-        sessions); pick it once `release_held` returns its id. Requests without a session, and every
-        request under a policy without admission, are admitted at once."""
+        sessions, and its context is not cached already); pick it once `release_held` returns its id.
+        Requests without a session, and every request under a policy without admission, pass at once."""
         adm = self.admission
         sid = request.session_id
         if adm is None or not sid:
@@ -195,7 +198,15 @@ class Router:
         blocks = -(-(request.num_tokens + request.expected_output_tokens) // self.block_size)
         tool_loop = request.tool_call_pending or (s is not None and s.tool_pending)
         attained = s.attained_tokens if s is not None else 0
-        return adm.offer(request.request_id, sid, blocks, tool_loop, attained, now)
+        cached = False
+        chain = request.block_hashes
+        if chain and adm.pressed(sid, blocks, now):
+            found = self.index.overlap(chain)
+            if len(self.approx):
+                found.update(self.approx.overlap(chain))
+            best = max(found.values(), default=0)
+            cached = best >= self.config.admission_cached_fraction * len(chain)
+        return adm.offer(request.request_id, sid, blocks, tool_loop, attained, now, cached)
 
     def release_held(self, now: float) -> list[str]:
         """Ids of held requests to pick now (call after completions and by `held_deadline`)."""

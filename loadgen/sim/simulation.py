@@ -79,6 +79,8 @@ class SimRun:
         self.pins = 0
         self.decisions: dict[str, int] = {}  # decision reason -> count
         self.held = 0  # turns the router's admission held before routing them
+        self.held_overdue = 0  # of which released by the hold bound
+        self.hold_s = 0.0  # virtual seconds they waited in all
 
 
 class Simulation:
@@ -148,6 +150,7 @@ class Simulation:
         result.events = loop.events_run
         if self.router.admission is not None:
             result.held = self.router.admission.held_total
+            result.held_overdue = self.router.admission.overdue_total
         return result
 
     def _arrive(self, key: str, turn_index: int, tool_result: bool) -> None:
@@ -241,6 +244,7 @@ class Simulation:
         now = self.loop.now
         for request_id in self.router.release_held(now):
             turn, request = self._held.pop(request_id)
+            self.run_result.hold_s += now - turn.arrival
             self._dispatch(turn, request)
         self._schedule_release()
 

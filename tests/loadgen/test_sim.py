@@ -10,10 +10,12 @@ import pytest
 
 from gateway.cli import main
 from loadgen.sim.compare import POLICIES, compare, parse_policies
+from loadgen.sim.metrics import summarize
 from loadgen.sim.oracle import oracle_figures
 from loadgen.sim.simulation import SimConfig, Simulation
 from loadgen.sim.workload import Workload
 from loadgen.trace import TraceRow
+from router.config import RouterConfig
 
 TRACE_BLOCK = 128
 BLOCK = 16
@@ -210,3 +212,52 @@ def test_cli_prints_the_object(tmp_path, capsys) -> None:
     assert main(["sim", "--trace", str(trace), "--policy", "nope"]) == 2
     assert main(["sim", "--trace", str(tmp_path / "missing.jsonl")]) == 2
     assert "kvgate sim:" in capsys.readouterr().err
+
+
+def two_big_sessions() -> list[TraceRow]:
+    """Two tool-loop sessions whose contexts each fit one worker's KV (256 blocks) but not both
+    together: 18 trace blocks (144 KV blocks) growing by one trace block a turn, 200 ms tool calls."""
+    rows: list[TraceRow] = []
+    for s in range(2):
+        ids = [10_000 * (s + 1) + i for i in range(18)]
+        for turn in range(6):
+            rows.append(
+                TraceRow(
+                    timestamp=s * 300.0 + turn,
+                    input_length=len(ids) * TRACE_BLOCK,
+                    output_length=20,
+                    hash_ids=list(ids),
+                    session_id=f"big{s}",
+                    turn=turn,
+                    delay_ms=0.0 if turn == 0 else 200.0,
+                    stop="tool_use" if turn < 5 else "end_turn",
+                )
+            )
+            ids.append(10_000 * (s + 1) + 100 + turn)
+    rows.sort(key=lambda r: r.timestamp)
+    return rows
+
+
+def test_admission_by_session_keeps_a_capacity_bound_pair_from_thrashing() -> None:
+    """Known by construction: one worker, two sessions that cannot both stay cached. Admitted together
+    they evict each other's context every turn; holding the second at its first turn until the first
+    is done lets each miss only its first turn."""
+    wl = workload(two_big_sessions())
+    # a hold bound longer than the first session and no yielding (least attained service would swap two
+    # equal sessions at every tool boundary), so the case does not depend on the default's tuning
+    admitting = RouterConfig(admission_fill=0.9, admission_max_hold_s=60.0, admission_yield=False)
+    held = Simulation(wl, "session_kv", small_config(workers=1), admitting).run()
+    free = Simulation(wl, "session_kv", small_config(workers=1, session_admission=False)).run()
+    assert held.held == 1 and free.held == 0
+    assert all(r.ok for r in held.records + free.records) and len(held.records) == 12
+    hit_held = summarize(held.records, [1.0]).hit_rate
+    hit_free = summarize(free.records, [1.0]).hit_rate
+    oracle = oracle_figures(wl, 512).oracle_hit_rate
+    assert hit_held >= oracle - 0.02 and hit_held > hit_free + 0.2
+    # the held session's first turn waited for the first session's last turn to end
+    first_end = max(r.finish for r in held.records if r.session == "big0")
+    first_start = min(r.first_token for r in held.records if r.session == "big1")
+    assert first_start >= first_end
+    # the hold is honest: the held turn's TTFT counts from its arrival, not its release
+    arrival = min(r.arrival for r in held.records if r.session == "big1")
+    assert arrival == pytest.approx(0.3)

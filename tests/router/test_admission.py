@@ -59,6 +59,24 @@ def test_head_waits_until_it_fits_and_pins_expire() -> None:
     assert adm.release(20.0) == ["b1", "c1"]
 
 
+def test_a_resident_with_more_service_yields_at_its_tool_boundary() -> None:
+    adm = pool()
+    assert adm.offer("a1", "a", 600, False, 5000, 0.0)
+    assert adm.offer("c1", "c", 300, False, 0, 0.0)
+    assert not adm.offer("b1", "b", 600, False, 100, 1.0)
+    adm.done("c", pinned_until=30.0, now=2.0)  # c has less service than b: it keeps its place
+    assert adm.resident("c") and adm.release(2.0) == []
+    adm.done("a", pinned_until=30.0, now=3.0)  # a has more: it leaves, though pinned
+    assert not adm.resident("a") and adm.release(3.0) == ["b1"]
+    assert not adm.offer("a2", "a", 610, True, 6000, 4.0)  # and its next turn queues
+    fixed = SessionAdmission(1.0, 30.0, 100, yield_to_held=False)
+    fixed.set_capacity(1000)
+    assert fixed.offer("a1", "a", 600, False, 5000, 0.0)
+    assert not fixed.offer("b1", "b", 600, False, 100, 1.0)
+    fixed.done("a", pinned_until=30.0, now=3.0)
+    assert fixed.resident("a") and fixed.release(3.0) == []
+
+
 def test_hold_is_bounded() -> None:
     adm = pool(max_hold_s=30.0)
     assert adm.offer("a1", "a", 1000, False, 0, 0.0)
@@ -141,7 +159,7 @@ def turn(rid: str, sid: str, blocks: int, tool: bool = False) -> RouteRequest:
 
 
 def test_router_holds_a_session_until_a_resident_one_finishes() -> None:
-    r = router(100, admission_fill=1.0)
+    r = router(100, admission_fill=1.0, admission_max_hold_s=30.0)
     a = turn("a1", "a", 80)
     assert r.admit(a, 0.0)
     r.pick(a, 0.0)
