@@ -77,6 +77,7 @@ class ReplicaSync:
         self.nc: NATS | None = None
         self._sub: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
@@ -129,7 +130,9 @@ class ReplicaSync:
         nc = self.nc
         if nc is None or nc.is_closed:
             return
-        asyncio.get_running_loop().create_task(self._publish(nc, encode(note)))
+        task = asyncio.get_running_loop().create_task(self._publish(nc, encode(note)))
+        self._sending.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._sending.discard)
 
     async def _publish(self, nc: NATS, data: bytes) -> None:
         # publish only buffers (flushed by the client); while NATS is away the buffer is bounded and a
