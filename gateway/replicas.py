@@ -148,7 +148,10 @@ class ReplicaSync:
         except ProtocolError as exc:
             log.warning("dropping a malformed replica note: %s", exc)
             return
-        self.apply(note)
+        try:
+            self.apply(note)
+        except Exception:  # a bug here must not end the subscription's delivery loop silently
+            log.exception("replica note %r not applied", note)
 
     def apply(self, note: ReplicaNote) -> bool:
         """Record another replica's note; False when ignored (our own, unknown, over a bound)."""
