@@ -4,15 +4,18 @@ into its own router."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import nats
+import openai
 import pytest
 
 from gateway.replicas import ReplicaSync
 from router.protocol import RouteDone, RoutePicked, Subjects, WorkerRegistration
 from router.request import RouteRequest
 from router.router import Router
+from tests.gateway.conftest import Cluster
+from tests.gateway.gateways import running_gateway, until
 
 WORKERS = ("w0", "w1", "w2")
 
@@ -22,13 +25,6 @@ def router() -> Router:
     for wid in WORKERS:
         r.add_worker(WorkerRegistration(wid, "http://w", "m", 16, 4096, "mock", 1, 0.0), 0.0)
     return r
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 class Replica:
@@ -167,3 +163,53 @@ async def test_predictions_per_replica_are_bounded(namespace: str) -> None:
         assert b.sync.apply(RoutePicked("a", f"r{i}", "w0", "m", 64, 1, 0))
     assert b.router.load.requests("w0") == 3
     assert list(b.sync.peers["a"].inflight) == ["r7", "r8", "r9"]
+
+
+@pytest.mark.slow
+async def test_a_session_alternating_between_two_gateways_stays_on_one_worker(
+    cluster: Cluster, nats_url: str, namespace: str
+) -> None:
+    """Two real gateways on one NATS, three real workers: the turns of one agent session alternate
+    between the gateways and still land on one worker, each hitting the cache of the turn before."""
+    for i in range(3):
+        cluster.worker(f"r{i}", "mock", "--speedup", "1000")
+    for proc in cluster.workers.values():
+        await asyncio.to_thread(proc.wait_http, "/health", 60.0)
+    async with (
+        running_gateway(nats_url, namespace, "gw-a") as a,
+        running_gateway(nats_url, namespace, "gw-b") as b,
+    ):
+        await a.wait_ready(workers=3)
+        await b.wait_ready(workers=3)
+        clients = [
+            openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0) for gw in (a, b)
+        ]
+        messages = [{"role": "system", "content": "You are a coding agent with tools. " * 20}]
+        workers, cached, prompts = [], [], []
+        try:
+            for turn in range(10):
+                messages.append({"role": "user", "content": f"tool result {turn}: " + "y" * 150})
+                raw = await clients[turn % 2].chat.completions.with_raw_response.create(
+                    model="mock", messages=messages, max_tokens=4, extra_headers={"x-session-id": "agent-7"}
+                )
+                reply = raw.parse()
+                workers.append(raw.headers["x-kvgate-worker"])
+                cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+                prompts.append(reply.usage.prompt_tokens)
+                messages.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
+                # the other gateway learnt the session's worker from this one, not from a guess
+                other = (b, a)[turn % 2].router.sessions
+                await until(
+                    lambda other=other, w=workers[-1]: (
+                        (s := other.get("agent-7")) is not None and s.worker_id == w
+                    ),
+                    5.0,
+                    "the other gateway's session binding",
+                )
+        finally:
+            for sdk in clients:
+                await sdk.close()
+    assert len(set(workers)) == 1, workers
+    for turn in range(1, 10):  # growing, and nearly all of the previous prompt each time
+        assert cached[turn] > cached[turn - 1], cached
+        assert cached[turn] >= 0.9 * prompts[turn - 1], (cached, prompts)

@@ -24,6 +24,7 @@ from router.protocol import (
     WorkerRegistration,
     encode,
 )
+from router.request import RouteRequest
 from router.router import Router
 
 WORKERS = ("w0", "w1", "w2")
@@ -246,3 +247,71 @@ async def test_an_empty_stream(nc: NATS, namespace: str) -> None:
     await nc.jetstream().add_stream(api.StreamConfig(name=subjects.kv_stream, subjects=[subjects.kv_all]))
     recovery = IndexRecovery(nc, subjects, Router())
     assert await recovery.catch_up() == 0 and recovery.replayed == 0
+
+
+class Registry:
+    """Registrations of synthetic workers, kept alive by a heartbeat like the real workers'."""
+
+    def __init__(self, nc: NATS, subjects: Subjects, workers: list[str]) -> None:
+        self.nc, self.subjects, self.workers = nc, subjects, workers
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.kv = await self.nc.jetstream().create_key_value(bucket=self.subjects.registry_bucket, history=1)
+        await self.beat()
+        self.task = asyncio.create_task(self.run())
+
+    async def beat(self) -> None:
+        for wid in self.workers:
+            reg = WorkerRegistration(wid, "http://127.0.0.1:9", "m", 16, 1 << 16, "mock", 1, time.time())
+            await self.kv.put(wid, encode(reg))
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self.beat()
+
+
+@pytest.mark.slow
+async def test_a_replica_started_after_a_million_block_events_routes_like_the_old_one(
+    nc: NATS, nats_url: str, namespace: str
+) -> None:
+    """1M blocks of synthetic KV events on JetStream; an old gateway follows them, snapshots, follows a
+    tail; a new gateway starts from the snapshot and the tail, and then picks exactly as the old one."""
+    from gateway.replay_bench import Workload, publish
+    from tests.gateway.gateways import running_gateway, until
+
+    subjects = Subjects(namespace)
+    js = nc.jetstream()
+    await js.add_stream(
+        api.StreamConfig(name=subjects.kv_stream, subjects=[subjects.kv_all], storage=api.StorageType.FILE)
+    )
+    workload = Workload(workers=8, batch_blocks=64, seed=11)
+    registry = Registry(nc, subjects, workload.workers)
+    await registry.start()
+    # generous heartbeat staleness: both gateways share this test's event loop with 1M blocks of work
+    config = {"stale_after_s": 30.0, "snapshot_interval_s": 3600.0}
+    try:
+        await publish(js, subjects, workload.numbered(workload.batches(1_000_000)))
+        async with running_gateway(nats_url, namespace, "gw-old", **config) as old:
+            await until(lambda: old.gateway.replication.index_ready, 60.0, "the old gateway's index")
+            snapshotter = old.gateway.replication.snapshotter
+            assert snapshotter is not None
+            await snapshotter.take()
+            last = await publish(js, subjects, workload.numbered(workload.batches(20_000)))  # the tail
+            await until(lambda: old.gateway.bus.kv_stream_seq == last, 30.0, "the old gateway's tail")
+            assert sum(old.router.index.blocks_of(w) for w in workload.workers) >= 1_000_000
+
+            async with running_gateway(nats_url, namespace, "gw-new", **config) as new:
+                await until(lambda: new.gateway.replication.index_ready, 30.0, "the new gateway's index")
+                recovery = new.gateway.replication.recovery
+                assert recovery is not None and recovery.snapshot is not None
+                assert 0 < recovery.replayed < 1000  # the tail only, not the million
+                assert new.router.stream_positions() == old.router.stream_positions()
+                for i, chain in enumerate(workload.probes(300)):
+                    probe = RouteRequest(f"probe-{i}", "m", chain, len(chain) * 16 + 5, None, 16)
+                    mine, theirs = old.router.pick(probe, 0.0), new.router.pick(probe, 0.0)
+                    assert (mine.worker_id, mine.overlap_blocks) == (theirs.worker_id, theirs.overlap_blocks)
+    finally:
+        if registry.task is not None:
+            registry.task.cancel()

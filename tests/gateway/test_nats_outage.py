@@ -1,0 +1,113 @@
+"""A NATS outage under load: nats-server stopped and restarted (same port, same store) while clients
+keep sending. No request that a worker could serve fails, the gateway says it is degraded meanwhile,
+and its index agrees with the workers' own state again within 10 s of the restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import nats
+import openai
+import pytest
+
+from gateway.natsd import NatsServer
+from router.protocol import Subjects
+from tests.gateway.conftest import Cluster
+from tests.gateway.gateways import RunningGateway, running_gateway, worker_blocks
+
+WORKERS = ("o0", "o1")
+CLIENTS = 6
+
+
+async def load(url: str, client_id: int, stop: asyncio.Event, statuses: list[str]) -> None:
+    """One agent session after another, each turn extending the last, until `stop` (bounded)."""
+    sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30.0)
+    try:
+        for session in range(1000):
+            messages = [{"role": "system", "content": f"agent {client_id}.{session} " * 40}]
+            for turn in range(4):
+                if stop.is_set():
+                    return
+                messages.append({"role": "user", "content": f"tool result {turn} " * 30})
+                try:
+                    reply = await sdk.chat.completions.create(
+                        model="mock",
+                        messages=messages,
+                        max_tokens=8,
+                        extra_headers={"x-session-id": f"c{client_id}-s{session}"},
+                    )
+                    statuses.append("ok")
+                    messages.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
+                except openai.APIError as exc:
+                    statuses.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        await sdk.close()
+
+
+async def consistent(gw: RunningGateway, nc: nats.NATS, subjects: Subjects) -> bool:
+    for wid in WORKERS:
+        try:
+            theirs = await worker_blocks(nc, subjects, wid)
+        except Exception:  # the worker not back on the bus yet
+            return False
+        if not theirs or gw.blocks(wid) != theirs:
+            return False
+    return True
+
+
+@pytest.mark.slow
+async def test_a_nats_restart_under_load_loses_no_request_and_the_index_resyncs(
+    tmp_path: Path, namespace: str
+) -> None:
+    with NatsServer() as server:  # its own: stopping the shared one would disturb other tests
+        cluster = Cluster(server.url, namespace, tmp_path)
+        try:
+            for wid in WORKERS:
+                cluster.worker(wid, "mock", "--speedup", "200", "--num-blocks", "256")
+            for proc in cluster.workers.values():
+                await asyncio.to_thread(proc.wait_http, "/health", 60.0)
+            async with running_gateway(server.url, namespace, "gw-outage") as gw:
+                await gw.wait_ready(workers=len(WORKERS))
+                await outage(server, gw, Subjects(namespace))
+        finally:
+            cluster.stop()
+
+
+async def outage(server: NatsServer, gw: RunningGateway, subjects: Subjects) -> None:
+    stop = asyncio.Event()
+    statuses: list[str] = []
+    clients = [asyncio.create_task(load(gw.url, i, stop, statuses)) for i in range(CLIENTS)]
+    try:
+        await asyncio.sleep(2.0)
+        served_before = len(statuses)
+        await asyncio.to_thread(server.stop)
+        await asyncio.sleep(4.0)  # past the heartbeat timeout: the workers must stay in the view
+        status, ready = await gw.get("/ready")
+        assert status == 200 and ready["degraded"] is True and ready["nats"] is False, ready
+        _, metrics = await gw.get("/metrics")
+        assert "kvgate_bus_connected 0.0" in metrics
+        served_during = len(statuses)
+        await asyncio.to_thread(server.start)
+        restarted = time.monotonic()
+
+        nc = await nats.connect(server.url)
+        try:
+            deadline = restarted + 10.0
+            while not await consistent(gw, nc, subjects):
+                assert time.monotonic() < deadline, "the index did not match the workers' state within 10 s"
+                await asyncio.sleep(0.25)
+            await asyncio.sleep(1.0)  # and it stays so under load
+        finally:
+            await nc.close()
+        status, ready = await gw.get("/ready")
+        assert status == 200 and ready["degraded"] is False, ready
+    finally:
+        stop.set()
+        await asyncio.gather(*clients)
+    failures = [s for s in statuses if s != "ok"]
+    assert not failures, failures[:5]
+    assert served_before > 0 and served_during > served_before and len(statuses) > served_during
+    # the workers' and the gateway's states were compared on a busy index, not an empty one
+    assert all(gw.blocks(wid) for wid in WORKERS)
