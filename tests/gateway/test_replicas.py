@@ -53,6 +53,9 @@ async def pair(nats_url: str, namespace: str) -> AsyncIterator[tuple[Replica, Re
     conns = [await nats.connect(nats_url), await nats.connect(nats_url)]
     await a.sync.start(conns[0])
     await b.sync.start(conns[1])
+    # each has heard the other's heartbeat: both subscriptions are live at the server (a note published
+    # on one connection may otherwise overtake the other connection's fresh subscription)
+    await until(lambda: "a" in b.sync.peers and "b" in a.sync.peers, 5.0, "the replicas' heartbeats")
     try:
         yield a, b
     finally:
