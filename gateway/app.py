@@ -255,7 +255,7 @@ class Gateway:
                 self.metrics.retries.inc()
                 failed.add(decision.worker_id)
                 continue
-            self.metrics.requests.labels(path, str(response.status)).inc()
+            self.metrics.count_request(path, response.status)
             return response
         raise ApiError(502, f"no worker could serve the request ({last_error})", code="upstream_failed")
 
@@ -305,7 +305,7 @@ class Gateway:
     ) -> tuple[web.StreamResponse, Outcome]:
         worker = decision.worker_id
         state = self.bus.workers.get(worker)
-        self.metrics.decisions.labels(self.config.policy, decision.reason).inc()
+        self.metrics.count_decision(self.config.policy, decision.reason)
         expected = min(decision.overlap_blocks * block_size, len(tokens))
         self.metrics.overlap_tokens.observe(expected)
         headers = {
@@ -383,7 +383,7 @@ class Gateway:
         try:
             return await handler(request)
         except ApiError as exc:
-            self.metrics.requests.labels(request.path, str(exc.status)).inc()
+            self.metrics.count_request(request.path, exc.status)
             return exc.response()
         except web.HTTPException as exc:
             if exc.status < 400:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -94,6 +96,21 @@ class GatewayMetrics:
         )
         self._prompt_total = 0
         self._cached_total = 0
+        # labelled children, looked up once: `labels()` costs a lock and a tuple per call on the hot path
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._decisions: dict[tuple[str, str], Any] = {}
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        child = self._requests.get((endpoint, status))
+        if child is None:
+            child = self._requests[endpoint, status] = self.requests.labels(endpoint, str(status))
+        child.inc()
+
+    def count_decision(self, policy: str, reason: str) -> None:
+        child = self._decisions.get((policy, reason))
+        if child is None:
+            child = self._decisions[policy, reason] = self.decisions.labels(policy, reason)
+        child.inc()
 
     def record_usage(self, prompt_tokens: int, cached_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)

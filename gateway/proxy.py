@@ -51,12 +51,21 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _finish_reason(chunk: dict[str, Any]) -> str | None:
-    choices = chunk.get("choices")
+class _Answer(msgspec.Struct):
+    """The two fields of a whole answer the gateway reads; the rest is skipped, not built."""
+
+    usage: Any = None
+    choices: Any = None
+
+
+def _finish_reason(choices: Any) -> str | None:
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         reason = choices[0].get("finish_reason")
         return reason if isinstance(reason, str) else None
     return None
+
+
+_ANSWER = msgspec.json.Decoder(_Answer)
 
 
 async def forward(
@@ -112,12 +121,12 @@ async def _whole(
         on_first_token()
         outcome.ok = True
         try:
-            parsed = msgspec.json.decode(body)
-        except msgspec.DecodeError:
-            parsed = None
-        if isinstance(parsed, dict):
-            read_usage(parsed.get("usage"), outcome)
-            outcome.finish_reason = _finish_reason(parsed)
+            answer = _ANSWER.decode(body)
+        except msgspec.DecodeError:  # also not an object (a ValidationError)
+            answer = None
+        if answer is not None:
+            read_usage(answer.usage, outcome)
+            outcome.finish_reason = _finish_reason(answer.choices)
     return web.Response(
         status=resp.status,
         body=body,
@@ -190,18 +199,15 @@ def _inspect(event: bytes, client_wants_usage: bool, outcome: Outcome) -> tuple[
     if data == _DONE:
         return True, True
     try:
-        chunk = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+        chunk = _ANSWER.decode(data)
+    except msgspec.DecodeError:  # also not an object (a ValidationError)
         return True, False
-    if not isinstance(chunk, dict):
-        return True, False
-    reason = _finish_reason(chunk)
+    reason = _finish_reason(chunk.choices)
     if reason is not None:
         outcome.finish_reason = reason
-    usage = chunk.get("usage")
-    if usage:
-        read_usage(usage, outcome)
-        if chunk.get("choices") == [] and not client_wants_usage:
+    if chunk.usage:
+        read_usage(chunk.usage, outcome)
+        if chunk.choices == [] and not client_wants_usage:
             return False, False
     return True, False
 

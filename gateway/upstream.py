@@ -62,6 +62,29 @@ class UpstreamResponse:
             self._conn.committed = True
 
     async def read(self) -> bytes:
+        conn = self._conn
+        if (
+            conn is not None
+            and not self._done
+            and not self._chunked
+            and self._length is not None
+            and self._length <= 65536  # larger: chunk by chunk, each read with its own timeout
+        ):
+            # the usual whole answer: one read of a known length, without the chunk iterator's churn
+            try:
+                async with asyncio.timeout(self._timeout):
+                    data = await conn.reader.readexactly(self._length)
+            except TimeoutError as exc:  # before OSError, of which it is a subclass
+                self.close()
+                raise UpstreamError("the worker stopped sending (read timeout)") from exc
+            except asyncio.IncompleteReadError as exc:
+                self.close()
+                raise UpstreamError("the worker closed the connection mid-body") from exc
+            except (OSError, asyncio.LimitOverrunError, ValueError) as exc:
+                self.close()
+                raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
+            self._done = True
+            return data
         parts = [chunk async for chunk in self.iter_chunks()]
         return b"".join(parts)
 
