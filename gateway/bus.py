@@ -47,7 +47,8 @@ class RouterFeed(Protocol):
     def add_worker(self, registration: WorkerRegistration, now: float) -> None: ...
     def remove_worker(self, worker_id: str) -> None: ...
     def apply_kv_batch(self, batch: KvEventBatch, now: float) -> bool: ...
-    def apply_state_dump(self, dump: KvStateDump, now: float) -> None: ...
+    def apply_state_dump(self, dump: KvStateDump, now: float) -> bool: ...
+    def expect_dump(self, worker_id: str) -> None: ...
     def apply_load(self, report: LoadReport, now: float) -> None: ...
     def expire(self, now: float) -> None: ...
 
@@ -347,10 +348,12 @@ class Bus:
         if worker_id in self._dumping:
             return
         self._dumping.add(worker_id)
+        self.router.expect_dump(worker_id)
         self.metrics.state_dumps.labels(worker_id).inc()
         asyncio.get_running_loop().create_task(self._dump(worker_id))
 
     async def _dump(self, worker_id: str) -> None:
+        again = False
         try:
             assert self.nc is not None
             reply = await self.nc.request(
@@ -359,12 +362,14 @@ class Bus:
             dump = decode(reply.data, KvStateDump)
             state = self.workers.get(worker_id)
             if state is not None and state.registration.epoch == dump.epoch:
-                self.router.apply_state_dump(dump, self.clock())
+                again = not self.router.apply_state_dump(dump, self.clock())
                 log.info("worker %s: state dump applied (%d blocks)", worker_id, len(dump.blocks))
         except Exception as exc:  # timeout, no responder, malformed: the next gap asks again
             log.warning("worker %s: state dump failed: %s", worker_id, exc)
         finally:
             self._dumping.discard(worker_id)
+        if again:  # too much happened while it was on its way: the dump cannot be patched up
+            self._request_dump(worker_id)
 
     # --- load
 

@@ -321,6 +321,7 @@ class IndexRecovery:
 
     async def fetch_dump(self, worker_id: str, epoch: int) -> bool:
         """Ask one worker for its full block list and load it; False when it did not answer."""
+        self.router.expect_dump(worker_id)
         try:
             reply = await self.nc.request(
                 self.subjects.dump(worker_id), encode(StateDumpRequest(self.requester, "resync")), timeout=5.0
@@ -333,5 +334,4 @@ class IndexRecovery:
             return False
         if dump.epoch != epoch:
             return False
-        self.router.apply_state_dump(dump, self.clock())
-        return True
+        return self.router.apply_state_dump(dump, self.clock())

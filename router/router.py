@@ -33,14 +33,33 @@ class NoWorkerError(LookupError):
     """No routable worker is left for a request (none registered, or all excluded)."""
 
 
-class _Stream:
-    """Where a worker's KV event stream stands: its process epoch and the last batch applied."""
+# Batches kept per worker while its state dump is awaited (a round trip: far fewer in practice).
+_PENDING_BATCHES_MAX = 4096
 
-    __slots__ = ("epoch", "seq")
+
+class _Stream:
+    """Where a worker's KV event stream stands: its process epoch and the last batch applied.
+
+    While a state dump is awaited, the batches applied meanwhile are kept (`pending`): the dump may
+    describe an older point of the stream than they do, and must not undo them.
+    """
+
+    __slots__ = ("epoch", "overflowed", "pending", "seq")
 
     def __init__(self, epoch: int, seq: int) -> None:
         self.epoch = epoch
         self.seq = seq
+        self.pending: list[KvEventBatch] | None = None
+        self.overflowed = False
+
+    def keep(self, batch: KvEventBatch, limit: int) -> None:
+        if self.pending is None:
+            return
+        if len(self.pending) >= limit:
+            self.overflowed = True
+            self.pending.clear()
+        else:
+            self.pending.append(batch)
 
 
 class Router:
@@ -144,21 +163,36 @@ class Router:
         else:
             in_order = batch.seq == stream.seq + 1
             stream.seq = batch.seq
-        return self.index.apply(wid, batch.events) and in_order
+        ok = self.index.apply(wid, batch.events) and in_order
+        if not ok and stream.pending is None:
+            stream.pending = []  # a dump will be asked for: keep what it may not include
+        stream.keep(batch, _PENDING_BATCHES_MAX)
+        return ok
 
-    def apply_state_dump(self, dump: KvStateDump, now: float) -> None:
-        """Replace a worker's blocks with its full list (the answer to a gap)."""
+    def expect_dump(self, worker_id: str) -> None:
+        """A state dump of this worker was asked for: keep the batches applied until it arrives."""
+        stream = self._streams.get(worker_id)
+        if stream is not None and stream.pending is None:
+            stream.pending = []
+
+    def apply_state_dump(self, dump: KvStateDump, now: float) -> bool:
+        """Replace a worker's blocks with its full list (the answer to a gap), then re-apply the batches
+        that arrived while it was awaited and are newer than it. False when those were too many to keep
+        (ask for another dump)."""
         wid = dump.worker_id
-        if self.approx.has_worker(wid):
-            return
-        if not self.index.has_worker(wid):
-            return
+        if self.approx.has_worker(wid) or not self.index.has_worker(wid):
+            return True
         stream = self._streams.get(wid)
         if stream is not None and dump.epoch < stream.epoch:
-            return
-        self.index.load_dump(wid, dump.blocks)
-        if stream is None or dump.epoch > stream.epoch or dump.seq > stream.seq:
-            self._streams[wid] = _Stream(dump.epoch, dump.seq)
+            return True
+        same_epoch = stream is not None and stream.epoch == dump.epoch
+        later = [b for b in (stream.pending or ()) if b.seq > dump.seq] if same_epoch else []
+        ok = self.index.load_dump(wid, dump.blocks) and not (same_epoch and stream.overflowed)
+        for batch in later:
+            ok = self.index.apply(wid, batch.events) and ok
+        seq = max(dump.seq, stream.seq) if same_epoch else dump.seq
+        self._streams[wid] = _Stream(dump.epoch, seq)
+        return ok
 
     def apply_load(self, report: LoadReport, now: float) -> None:
         self.load.apply(report, now)

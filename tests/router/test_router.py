@@ -76,6 +76,30 @@ def test_a_first_batch_that_is_not_the_start_asks_for_a_dump(router: Router) -> 
     assert router.index.overlap([1, 2]) == {"a": 1}
 
 
+def test_a_dump_older_than_the_batches_applied_meanwhile_does_not_undo_them(router: Router) -> None:
+    """The dump answers a gap, but batches after it arrive first: they are re-applied on top of it."""
+    assert router.apply_kv_batch(batch("a", 0, BlockStored([1, 2, 3])), 0.0)
+    assert not router.apply_kv_batch(batch("a", 2, BlockStored([4], 3)), 0.0)  # seq 1 lost: a dump
+    assert router.apply_kv_batch(batch("a", 3, BlockRemoved([3, 4])), 0.0)  # newer than the dump
+    assert router.apply_kv_batch(batch("a", 4, BlockStored([8], None)), 0.0)
+    dump = KvStateDump(
+        "a", 1, 2, [CachedBlock(1, None), CachedBlock(2, 1), CachedBlock(3, 2), CachedBlock(4, 3)]
+    )
+    assert router.apply_state_dump(dump, 0.0)
+    assert router.index.overlap([1, 2, 3, 4]) == {"a": 2}  # seq 3's removal survives the older dump
+    assert router.index.overlap([8]) == {"a": 1}
+    assert router.apply_kv_batch(batch("a", 4, BlockRemoved([8])), 0.0)  # already applied: ignored
+    assert router.index.overlap([8]) == {"a": 1}
+
+
+def test_a_dump_asked_for_without_a_gap_keeps_the_batches_meanwhile(router: Router) -> None:
+    assert router.apply_kv_batch(batch("a", 0, BlockStored([1, 2])), 0.0)
+    router.expect_dump("a")  # e.g. after a NATS reconnect
+    assert router.apply_kv_batch(batch("a", 1, BlockRemoved([2])), 0.0)
+    assert router.apply_state_dump(KvStateDump("a", 1, 0, [CachedBlock(1, None), CachedBlock(2, 1)]), 0.0)
+    assert router.index.overlap([1, 2]) == {"a": 1}
+
+
 def test_removing_a_worker_drops_its_blocks_and_routes_elsewhere(router: Router) -> None:
     router.apply_kv_batch(batch("a", 0, BlockStored([1, 2, 3])), 0.0)
     router.remove_worker("a")
