@@ -100,6 +100,8 @@ class ReplicaSync:
     # --- what this replica did
 
     def picked(self, request: RouteRequest, decision: Decision) -> None:
+        if not self.peers:
+            return  # nobody to tell: a lone gateway pays nothing per request (a newcomer is heard at once)
         chain = request.block_hashes
         packed = b""
         if len(chain) <= MAX_CHAIN_BLOCKS:
@@ -121,10 +123,12 @@ class ReplicaSync:
         )
 
     def first_token(self, request_id: str) -> None:
-        self._send(RouteFirstToken(self.replica_id, request_id))
+        if self.peers:
+            self._send(RouteFirstToken(self.replica_id, request_id))
 
     def done(self, request_id: str, finish_reason: str | None, output_tokens: int, ok: bool) -> None:
-        self._send(RouteDone(self.replica_id, request_id, finish_reason, output_tokens, ok))
+        if self.peers:
+            self._send(RouteDone(self.replica_id, request_id, finish_reason, output_tokens, ok))
 
     def _send(self, note: ReplicaNote) -> None:
         nc = self.nc
@@ -163,6 +167,7 @@ class ReplicaSync:
             if len(self.peers) >= self.max_replicas:
                 return False
             peer = self.peers[note.replica] = Peer(now)
+            self._send(ReplicaAlive(self.replica_id))  # let a newcomer know us now, not at our next beat
         peer.last_seen = now
         router = self.router
         if type(note) is RoutePicked:
