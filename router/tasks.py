@@ -1,0 +1,69 @@
+"""Stopping background tasks within a bound: `cancel_and_wait`.
+
+Pure asyncio, no I/O. It lives in router because the engines and the gateway both stop their tasks
+this way and router is the one package both may import.
+
+Why not `task.cancel(); await task`: a cancel can be lost (on Python 3.11, `asyncio.wait_for`, which
+nats-py uses for flushes and requests, returns the inner result when it completes as the cancel
+arrives), and the task, often a `while True` loop, runs on and is awaited forever. Why not
+`asyncio.wait_for(task, t)`: on timeout it cancels the task and then awaits it without a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+log = logging.getLogger("kvgate.tasks")
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout: float) -> list[asyncio.Task[Any]]:
+    """Cancel `tasks` and wait at most `timeout` seconds for them to finish.
+
+    Returns the tasks still running at the bound, in the given order, and logs their names. Those
+    still running halfway through are cancelled once more (their first cancel may have been lost).
+    The tasks' results, exceptions and CancelledError never reach the caller; their exceptions are
+    retrieved and logged (also for a task that finishes after the bound), so asyncio does not warn
+    "exception was never retrieved". Cancelling the caller while it waits raises CancelledError in
+    the caller as usual; the tasks stay cancelled. The calling task itself is skipped, so a task may
+    stop a group it belongs to.
+    """
+    if timeout < 0:
+        raise ValueError(f"timeout must be >= 0, got {timeout}")
+    current = asyncio.current_task()
+    group = list(dict.fromkeys(task for task in tasks if task is not current))
+    for task in group:
+        task.add_done_callback(_retrieve)
+        task.cancel()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    await _wait(group, timeout / 2)
+    for task in group:
+        if not task.done():
+            task.cancel()
+    await _wait(group, deadline - loop.time())
+    stragglers = [task for task in group if not task.done()]
+    if stragglers:
+        log.warning(
+            "%d task(s) still running %.1f s after being cancelled: %s",
+            len(stragglers),
+            timeout,
+            ", ".join(task.get_name() for task in stragglers),
+        )
+    return stragglers
+
+
+async def _wait(tasks: list[asyncio.Task[Any]], timeout: float) -> None:
+    running = [task for task in tasks if not task.done()]
+    if running:
+        await asyncio.wait(running, timeout=max(timeout, 0.0))
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.warning("task %s ended with %s: %s", task.get_name(), type(exc).__name__, exc)
