@@ -1,4 +1,5 @@
-"""Stopping background tasks within a bound: `cancel_and_wait`.
+"""Stopping background tasks within a bound: `cancel_and_wait`, and `wait_for_bounded` for the last
+awaits of a stop path (a final flush, a close).
 
 Pure asyncio, no I/O. It lives in router because the engines and the gateway both stop their tasks
 this way and router is the one package both may import.
@@ -6,17 +7,22 @@ this way and router is the one package both may import.
 Why not `task.cancel(); await task`: a cancel can be lost (on Python 3.11, `asyncio.wait_for`, which
 nats-py uses for flushes and requests, returns the inner result when it completes as the cancel
 arrives), and the task, often a `while True` loop, runs on and is awaited forever. Why not
-`asyncio.wait_for(task, t)`: on timeout it cancels the task and then awaits it without a bound.
+`asyncio.wait_for(task, t)`: on timeout it cancels the task and then awaits it without a bound, and a
+cancel of the caller that arrives as the task completes is lost (3.11).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
 
 log = logging.getLogger("kvgate.tasks")
+
+T = TypeVar("T")
+
+CANCEL_GRACE_S = 0.5  # what wait_for_bounded gives a timed-out coroutine to finish its cancel
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout: float) -> list[asyncio.Task[Any]]:
@@ -53,6 +59,26 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout: float) ->
             ", ".join(task.get_name() for task in stragglers),
         )
     return stragglers
+
+
+async def wait_for_bounded(
+    coro: Coroutine[Any, Any, T], timeout: float, *, name: str, grace: float = CANCEL_GRACE_S
+) -> T:
+    """`asyncio.wait_for` with a hard bound: returns the result or raises the coroutine's exception;
+    past `timeout` it is cancelled through `cancel_and_wait` (at most `grace` more seconds, then left
+    to finish on its own, logged under `name`) and TimeoutError is raised. Cancelling the caller
+    cancels the coroutine and raises CancelledError in the caller."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    try:
+        await _wait([task], timeout)
+    except asyncio.CancelledError:
+        task.add_done_callback(_retrieve)
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    await cancel_and_wait([task], grace)
+    raise TimeoutError(f"{name} did not finish within {timeout} s")
 
 
 async def _wait(tasks: list[asyncio.Task[Any]], timeout: float) -> None:

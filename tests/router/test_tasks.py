@@ -1,4 +1,5 @@
-"""cancel_and_wait: bounded, never leaks the tasks' errors, never swallows the caller's cancellation."""
+"""cancel_and_wait and wait_for_bounded: bounded, never leak the tasks' errors, never swallow the
+caller's cancellation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from router.tasks import cancel_and_wait
+from router.tasks import cancel_and_wait, wait_for_bounded
 
 
 async def _sleeper() -> None:
@@ -162,3 +163,34 @@ async def test_the_calling_task_is_not_cancelled_by_stopping_its_own_group() -> 
 async def test_negative_timeout_is_refused() -> None:
     with pytest.raises(ValueError, match="timeout"):
         await cancel_and_wait([], timeout=-1.0)
+
+
+async def test_wait_for_bounded_returns_the_result_or_raises_the_error() -> None:
+    assert await wait_for_bounded(asyncio.sleep(0, result="ok"), 5.0, name="quick") == "ok"
+    with pytest.raises(ValueError, match="broken before stop"):
+        await wait_for_bounded(_fails_at_once(), 5.0, name="failing")
+
+
+async def test_wait_for_bounded_gives_up_on_a_coroutine_that_ignores_its_cancel() -> None:
+    cancels: list[int] = []
+    release = asyncio.Event()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="stubborn-close"):
+            await wait_for_bounded(_swallows(cancels, release), 0.2, name="stubborn-close", grace=0.2)
+        elapsed = time.monotonic() - started
+        assert elapsed >= 0.2
+        assert elapsed < 3.0  # asyncio.wait_for would wait here for as long as the coroutine runs
+        assert len(cancels) == 2
+    finally:
+        release.set()
+
+
+async def test_wait_for_bounded_cancels_the_coroutine_with_its_caller() -> None:
+    finished = asyncio.Event()
+    caller = asyncio.create_task(wait_for_bounded(_slow_cleanup(finished), 30.0, name="slow"))
+    await asyncio.sleep(0.05)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.wait_for(finished.wait(), 5.0)  # the coroutine got the cancel too
