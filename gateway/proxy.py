@@ -1,14 +1,18 @@
 """Forwarding one attempt of a turn to one worker, and relaying its answer to the client.
 
-Streams are relayed event by event, bytes untouched, each written (flushed) as it arrives. The
-final usage chunk the gateway asked for is read as it passes and dropped when the client did not ask
-for it. Nothing is sent to the client before the worker's first event, so a worker that fails before
-that can be retried elsewhere (`Retryable`); a failure after it ends the stream with an error event.
+Streams are relayed event by event, each written (flushed) as it arrives, bytes untouched when the
+client asked for usage. The gateway always asks the worker for it (its metrics and sessions need the
+cached tokens); when the client did not, the final usage chunk is read as it passes and dropped, and
+the other chunks lose their `"usage": null` member, so the client sees the stream the worker (or
+OpenAI) would have sent it. Nothing is sent to the client before the worker's first event, so a
+worker that fails before that can be retried elsewhere (`Retryable`); a failure after it ends the
+stream with an error event.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +58,7 @@ def _int(value: Any) -> int:
 class _Answer(msgspec.Struct):
     """The two fields of a whole answer the gateway reads; the rest is skipped, not built."""
 
-    usage: Any = None
+    usage: Any | msgspec.UnsetType = msgspec.UNSET  # UNSET: no usage member; None: `"usage": null`
     choices: Any = None
 
 
@@ -164,9 +168,9 @@ async def _relay(
             if end < 0:
                 break
             event, buffer = buffer[: end + 2], buffer[end + 2 :]
-            keep, done = _inspect(event, client_wants_usage, outcome)
-            if keep:
-                out.append(event)
+            sent, done = _inspect(event, client_wants_usage, outcome)
+            if sent is not None:
+                out.append(sent)
         if not out:
             continue
         now = time.monotonic()
@@ -191,25 +195,82 @@ async def _relay(
     return response
 
 
-def _inspect(event: bytes, client_wants_usage: bool, outcome: Outcome) -> tuple[bool, bool]:
-    """(write it to the client?, is it the last event?)"""
+def _inspect(event: bytes, client_wants_usage: bool, outcome: Outcome) -> tuple[bytes | None, bool]:
+    """(what to write to the client, None for nothing; is it the last event?)"""
     if not event.startswith(b"data:"):
-        return True, False  # comments and other fields pass through
+        return event, False  # comments and other fields pass through
     data = event[5:].strip()
     if data == _DONE:
-        return True, True
+        return event, True
     try:
         chunk = _ANSWER.decode(data)
     except msgspec.DecodeError:  # also not an object (a ValidationError)
-        return True, False
+        return event, False
     reason = _finish_reason(chunk.choices)
     if reason is not None:
         outcome.finish_reason = reason
+    if chunk.usage is None and not client_wants_usage:
+        return drop_null_usage(event), False
     if chunk.usage:
         read_usage(chunk.usage, outcome)
         if chunk.choices == [] and not client_wants_usage:
-            return False, False
-    return True, False
+            return None, False
+    return event, False
+
+
+# How the encoders our workers meet write the member last (pydantic, msgspec, json.dumps): cut as is.
+_NULL_USAGE_TAILS = (b',"usage":null}', b', "usage": null}', b',"usage": null}')
+_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+_WHITESPACE = b" \t\r\n"
+
+
+def drop_null_usage(event: bytes) -> bytes:
+    """`event` (`data: {json}\n\n`) without the top-level `"usage": null` member of its JSON object.
+
+    Exact at bytes level: the member is cut with one separating comma and the rest is left as the
+    worker wrote it. The caller decoded the chunk and saw that member, so the JSON is valid: a member
+    closing the object needs no further check (a quote inside a string is escaped, so the pattern
+    cannot start inside one); one elsewhere is cut only if the result no longer has a top-level
+    usage (it was not a nested object's). Anything else is decoded and encoded again.
+    """
+    body_end = len(event) - 2 if event.endswith(b"\n\n") else len(event)
+    for tail in _NULL_USAGE_TAILS:
+        if event.endswith(tail, 0, body_end):
+            return event[: body_end - len(tail)] + event[body_end - 1 :]
+    for match in _NULL_USAGE.finditer(event):
+        edited = _cut_member(event, match.start(), match.end())
+        if edited is not None and _top_level_usage(edited) is msgspec.UNSET:
+            return edited
+    return _reencode_without_usage(event)
+
+
+def _cut_member(event: bytes, start: int, end: int) -> bytes | None:
+    head = event[:start].rstrip(_WHITESPACE)
+    if head.endswith(b","):  # a member before it: take the comma before
+        return head[:-1] + event[end:]
+    if not head.endswith(b"{"):
+        return None
+    rest = event[end:].lstrip(_WHITESPACE)
+    if rest.startswith(b","):  # the first member: take the comma after
+        return head + rest[1:].lstrip(_WHITESPACE)
+    return head + rest  # the only member
+
+
+def _top_level_usage(event: bytes) -> Any:
+    try:
+        return _ANSWER.decode(event[5:].strip()).usage
+    except msgspec.DecodeError:
+        return None
+
+
+def _reencode_without_usage(event: bytes) -> bytes:
+    try:
+        chunk = msgspec.json.decode(event[5:].strip())
+    except msgspec.DecodeError:
+        return event
+    if isinstance(chunk, dict):
+        chunk.pop("usage", None)
+    return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
 
 
 async def _fail(response: web.StreamResponse, metrics: GatewayMetrics, message: str) -> web.StreamResponse:
