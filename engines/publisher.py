@@ -40,6 +40,7 @@ from router.protocol import (
     decode,
     encode,
 )
+from router.tasks import cancel_and_wait, wait_for_bounded
 
 log = logging.getLogger("kvgate.publisher")
 
@@ -47,6 +48,7 @@ STREAM_MAX_AGE_S = 15 * 60.0
 STREAM_MAX_BYTES = 512 * 1024 * 1024
 REGISTRY_TTL_S = 60.0  # a crashed worker's entry disappears even if nobody deletes it
 MAX_PENDING_EVENTS = 100_000  # beyond this (NATS away for long) events are dropped: a gap
+STOP_TIMEOUT_S = 5.0  # stop() in all: tasks 40 %, final flush and deregistration 35 %, close 25 %
 
 
 class Publisher:
@@ -59,6 +61,7 @@ class Publisher:
         *,
         load_interval_s: float = 0.1,
         heartbeat_interval_s: float = 1.0,
+        stop_timeout_s: float = STOP_TIMEOUT_S,
     ) -> None:
         self.nats_url = nats_url
         self.subjects = subjects
@@ -69,6 +72,7 @@ class Publisher:
         self.epoch = first.epoch
         self.load_interval_s = load_interval_s
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.stop_timeout_s = stop_timeout_s
         self.nc: NATS | None = None
         self.next_seq = 0
         self.batches_published = 0
@@ -88,25 +92,28 @@ class Publisher:
         self._tasks.append(asyncio.get_running_loop().create_task(self._connect(), name="nats-connect"))
 
     async def stop(self) -> None:
-        """Deregister, flush what is queued (briefly), and close."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        """Stop the tasks, flush what is queued, deregister and close: returns within `stop_timeout_s`
+        whatever NATS does (a worker's shutdown must not hang on a frozen or vanished server)."""
+        budget = self.stop_timeout_s
+        # tasks that ignore their cancel are kept, so that a second stop() tries them again
+        self._tasks = await cancel_and_wait(self._tasks, budget * 0.4)
         nc, self.nc = self.nc, None
         if nc is None:
             return
         if nc.is_connected:
             self.take_batch()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._publish_batches(nc), timeout=2.0)
-            with contextlib.suppress(Exception):
-                kv = await nc.jetstream().key_value(self.subjects.registry_bucket)
-                await asyncio.wait_for(kv.delete(self.worker_id), timeout=2.0)
+                await wait_for_bounded(
+                    self._flush_and_deregister(nc), budget * 0.3, name="nats-final-flush", grace=budget * 0.05
+                )
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.close(), timeout=2.0)
+            await wait_for_bounded(nc.close(), budget * 0.2, name="nats-close", grace=budget * 0.05)
+
+    async def _flush_and_deregister(self, nc: NATS) -> None:
+        with contextlib.suppress(Exception):
+            await self._publish_batches(nc)
+        kv = await nc.jetstream().key_value(self.subjects.registry_bucket)
+        await kv.delete(self.worker_id)
 
     async def _connect(self) -> None:
         try:

@@ -1,9 +1,12 @@
 """Publisher against a real nats-server, in process: batch numbering, replay exactness, the empty
-"events still flow" batch, and the gap a dropped backlog leaves."""
+"events still flow" batch, the gap a dropped backlog leaves, and a stop that is bounded whatever the
+server does."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -16,6 +19,7 @@ from engines.mock import MockRunner
 from engines.publisher import Publisher
 from engines.runner import SamplingParams
 from engines.worker import EngineLoop
+from gateway.natsd import NatsServer
 from router.protocol import BlockStored, KvEventBatch, Subjects, WorkerRegistration, decode
 from tests.engines.kv_replay import ReplayedCache
 
@@ -99,3 +103,89 @@ async def test_a_dropped_backlog_leaves_a_sequence_gap(setup: Setup, monkeypatch
     await run(loop, "kept", list(range(70, 79)), max_tokens=1)
     await settle(lambda: len(batches) >= 1)
     assert batches[0].seq >= 1  # seq 0 was burnt: a subscriber sees the gap and asks for a dump
+
+
+STOP_TIMEOUT_S = 1.0
+STOP_SLACK_S = 1.5  # scheduling on a loaded 2-core CI machine, not part of the contract
+
+
+async def start_publisher(nats_url: str, namespace: str) -> tuple[EngineLoop, Publisher]:
+    engine = Engine(EngineConfig(num_blocks=32, block_size=4), MockRunner(32, 4, speedup=1000))
+    loop = EngineLoop(engine, threaded=False)
+    publisher = Publisher(
+        nats_url,
+        Subjects(namespace),
+        loop,
+        registration,
+        heartbeat_interval_s=0.2,
+        stop_timeout_s=STOP_TIMEOUT_S,
+    )
+    loop.start()
+    await publisher.start()
+    await asyncio.wait_for(publisher.ready.wait(), 10)
+    return loop, publisher
+
+
+async def timed_stop(publisher: Publisher) -> float:
+    started = time.monotonic()
+    await asyncio.wait_for(publisher.stop(), 30)  # a hang fails here rather than at pytest's timeout
+    return time.monotonic() - started
+
+
+@pytest.mark.slow
+async def test_stop_is_bounded_while_a_publish_is_in_flight_to_a_frozen_server(namespace: str) -> None:
+    with NatsServer() as server:
+        loop, publisher = await start_publisher(server.url, namespace)
+        try:
+            await run(loop, "warm", list(range(9)), max_tokens=1)
+            await asyncio.sleep(0.5)  # past a heartbeat: its empty "events flow" batch is out too
+            await settle(lambda: publisher.batches_published == publisher.next_seq)
+            published = publisher.batches_published
+            assert server._proc is not None  # no public pid: freezing the process holds a publish's ack
+            os.kill(server._proc.pid, signal.SIGSTOP)
+            try:
+                await run(loop, "stuck", list(range(20, 29)), max_tokens=1)
+                await settle(lambda: publisher.next_seq > published)  # taken: its publish awaits the ack
+                assert publisher.batches_published == published and publisher.nc is not None
+                assert publisher.nc.is_connected  # the TCP connection lives: every request waits
+                elapsed = await timed_stop(publisher)
+            finally:
+                os.kill(server._proc.pid, signal.SIGCONT)
+            assert elapsed < STOP_TIMEOUT_S + STOP_SLACK_S
+            assert publisher.nc is None
+            assert publisher._tasks == []  # every task ended, none left running behind
+        finally:
+            await loop.stop()
+
+
+@pytest.mark.slow
+async def test_stop_is_bounded_after_the_server_went_away(namespace: str) -> None:
+    with NatsServer() as server:
+        loop, publisher = await start_publisher(server.url, namespace)
+        try:
+            nc = publisher.nc
+            assert nc is not None
+            server.stop()
+            await settle(lambda: not nc.is_connected)
+            await run(loop, "orphan", list(range(40, 49)), max_tokens=1)  # a publish into the outage
+            await asyncio.sleep(0.3)  # heartbeat and load report attempts are now in flight too
+            elapsed = await timed_stop(publisher)
+            assert elapsed < STOP_TIMEOUT_S + STOP_SLACK_S
+            assert nc.is_closed  # closed, not left reconnecting forever
+            assert publisher._tasks == []
+        finally:
+            await loop.stop()
+
+
+async def test_stop_deregisters_the_worker(nats_url: str, namespace: str) -> None:
+    loop, publisher = await start_publisher(nats_url, namespace)
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await nc.jetstream().key_value(Subjects(namespace).registry_bucket)
+        assert decode((await kv.get("pw")).value, WorkerRegistration).worker_id == "pw"
+        await publisher.stop()
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await kv.get("pw")
+    finally:
+        await nc.close()
+        await loop.stop()
