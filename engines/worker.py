@@ -14,7 +14,6 @@ meets a handler's `add_request` or a state dump halfway; mock steps sleep their 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -30,10 +29,13 @@ from engines.engine import Engine, EngineRequest, RequestOutput, StepResult
 from engines.runner import SamplingParams
 from router.chat import TemplateError, Tokenizer, encode_chat
 from router.protocol import KvEvent
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger("kvgate.worker")
 
 T = TypeVar("T")
+
+STOP_TIMEOUT_S = 2.0  # for the engine loop's task; a threaded step in flight still finishes after it
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 
@@ -76,9 +78,7 @@ class EngineLoop:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task], STOP_TIMEOUT_S)
             self._task = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)

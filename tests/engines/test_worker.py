@@ -12,8 +12,9 @@ import openai
 import pytest
 from aiohttp import web
 
-from engines.engine import Engine, EngineConfig
+from engines.engine import Engine, EngineConfig, EngineRequest
 from engines.mock import PLACEHOLDER_TEXT, MockRunner
+from engines.runner import SamplingParams
 from engines.worker import EngineLoop, TextStream, WorkerApp, WorkerSettings
 from gateway.natsd import free_port
 from router.chat import ByteTokenizer, encode_chat
@@ -207,6 +208,21 @@ async def test_client_disconnect_aborts_the_sequence() -> None:
     finally:
         await app_runner.cleanup()
         await served.worker.loop.stop()
+
+
+async def test_engine_loop_stops_with_a_request_in_flight() -> None:
+    engine = Engine(EngineConfig(num_blocks=64, block_size=16), MockRunner(64, 16, speedup=1.0))
+    loop = EngineLoop(engine, threaded=False)
+    loop.start()
+    request = EngineRequest("long", list(range(40)), SamplingParams(max_tokens=500, ignore_eos=True))
+    queue = await loop.submit(request)  # ~12 ms a step: still decoding when stopped
+    await queue.get()
+    assert loop.running
+    await asyncio.wait_for(loop.stop(), 10)
+    assert not loop.running
+    assert queue.qsize() < 500
+    # the step's lock was released: state dumps and pins of a stopping publisher still get through
+    assert await asyncio.wait_for(loop.call(engine.has_work), 1)
 
 
 def test_text_stream_holds_back_a_forming_stop_string() -> None:
