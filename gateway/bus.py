@@ -37,8 +37,11 @@ from router.protocol import (
     decode,
     encode,
 )
+from router.tasks import cancel_and_wait, wait_for_bounded
 
 log = logging.getLogger("kvgate.gateway.bus")
+
+STOP_TIMEOUT_S = 2.0  # for the tasks, then for the drain (and a close if it cannot drain)
 
 
 class RouterFeed(Protocol):
@@ -160,8 +163,8 @@ class Bus:
         and KV stream consumer would stall until their heartbeats time out (the workers' heartbeats
         unseen meanwhile). So watch the registry again, follow the stream again after the last batch
         received, and ask every worker for its state: what it published while NATS was away is lost."""
-        if self._registry_task is not None:
-            self._registry_task.cancel()
+        if self._registry_task is not None:  # gone before the new watch starts, or given up on
+            await cancel_and_wait([self._registry_task], STOP_TIMEOUT_S)
         self._registry_task = asyncio.create_task(self._watch_registry(), name="kvgate-registry")
         self._tasks.append(self._registry_task)
         if self.registry_synced.is_set():  # else the first follow is still waiting and subscribes itself
@@ -173,16 +176,17 @@ class Bus:
             self._request_dump(wid)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
-        if self.nc is not None:
+        """Stop the tasks, then drain the connection (close it if it cannot drain: NATS away), each
+        within a bound: a gateway's shutdown never hangs on NATS."""
+        self._tasks = await cancel_and_wait(self._tasks, STOP_TIMEOUT_S)  # a second stop tries again
+        nc, self.nc = self.nc, None
+        if nc is None:
+            return
+        with contextlib.suppress(Exception):
+            await wait_for_bounded(nc.drain(), STOP_TIMEOUT_S, name="kvgate-bus-drain")
+        if not nc.is_closed:  # drain refuses while reconnecting: close, or it reconnects forever
             with contextlib.suppress(Exception):
-                await self.nc.drain()
-            self.nc = None
+                await wait_for_bounded(nc.close(), STOP_TIMEOUT_S, name="kvgate-bus-close")
 
     @property
     def connected(self) -> bool:

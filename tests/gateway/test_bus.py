@@ -1,5 +1,6 @@
 """The bus feed against a real nats-server and the real router: registry, replayed and live events,
-gap -> state dump, heartbeat loss -> removal, and approximate mode when events stop arriving."""
+gap -> state dump, heartbeat loss -> removal, approximate mode when events stop arriving, and a stop
+that is bounded and closes the connection when NATS has gone away."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
+from gateway import bus as bus_module
 from gateway.bus import Bus
 from gateway.metrics import GatewayMetrics
+from gateway.natsd import NatsServer
 from router.hashing import block_hashes
 from router.protocol import (
     BlockStored,
@@ -147,3 +150,22 @@ async def test_worker_whose_events_stop_is_routed_approximately(nats_url: str, s
         await until(lambda: not bus.workers["w1"].approximate)
     finally:
         await bus.stop()
+
+
+@pytest.mark.slow
+async def test_stop_after_nats_went_away_is_bounded_and_closes_the_connection(namespace: str) -> None:
+    with NatsServer() as server:
+        bus = Bus(server.url, Subjects(namespace), Router(), GatewayMetrics())
+        await bus.start()
+        await until(lambda: bus.connected and bus.registry_synced.is_set())
+        nc = bus.nc
+        assert nc is not None
+        server.stop()
+        await until(lambda: not nc.is_connected)
+        started = time.monotonic()
+        await asyncio.wait_for(bus.stop(), 30)  # a hang fails here rather than at pytest's timeout
+        elapsed = time.monotonic() - started
+        # tasks, drain, close: each bounded (+ the cancel grace); the slack is a loaded CI machine's
+        assert elapsed < 3 * bus_module.STOP_TIMEOUT_S + 3.0
+        assert nc.is_closed  # not left reconnecting to a server that is gone
+        assert bus.nc is None and bus._tasks == []
