@@ -218,8 +218,9 @@ def _inspect(event: bytes, client_wants_usage: bool, outcome: Outcome) -> tuple[
     return event, False
 
 
-# How the encoders our workers meet write the member last (pydantic, msgspec, json.dumps): cut as is.
-_NULL_USAGE_TAILS = (b',"usage":null}', b', "usage": null}', b',"usage": null}')
+# The member last, as pydantic, msgspec and our workers write it (compact), and as json.dumps does.
+_COMPACT_TAIL = b',"usage":null}\n\n'
+_OTHER_TAILS = (b', "usage": null}\n\n', b',"usage": null}\n\n')
 _NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
 _WHITESPACE = b" \t\r\n"
 
@@ -233,10 +234,11 @@ def drop_null_usage(event: bytes) -> bytes:
     cannot start inside one); one elsewhere is cut only if the result no longer has a top-level
     usage (it was not a nested object's). Anything else is decoded and encoded again.
     """
-    body_end = len(event) - 2 if event.endswith(b"\n\n") else len(event)
-    for tail in _NULL_USAGE_TAILS:
-        if event.endswith(tail, 0, body_end):
-            return event[: body_end - len(tail)] + event[body_end - 1 :]
+    if event.endswith(_COMPACT_TAIL):  # the hot path: one compare, one copy
+        return event[: -len(_COMPACT_TAIL)] + b"}\n\n"
+    for tail in _OTHER_TAILS:
+        if event.endswith(tail):
+            return event[: -len(tail)] + b"}\n\n"
     for match in _NULL_USAGE.finditer(event):
         edited = _cut_member(event, match.start(), match.end())
         if edited is not None and _top_level_usage(edited) is msgspec.UNSET:
