@@ -36,11 +36,13 @@ from router.protocol import (
 from router.request import Decision, RouteRequest
 from router.router import Router
 from router.snapshot import pack_hashes, unpack_hashes
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger("kvgate.gateway.replicas")
 
 MAX_CHAIN_BLOCKS = 16_384  # 128 KiB packed; longer prompts share their load but not their chain
 _U64 = (1 << 64) - 1
+STOP_TIMEOUT_S = 2.0  # for the heartbeat task
 
 
 class Peer:
@@ -88,9 +90,7 @@ class ReplicaSync:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task], STOP_TIMEOUT_S)
             self._task = None
         if self._sub is not None:
             with contextlib.suppress(Exception):

@@ -25,11 +25,13 @@ from gateway.replicas import ReplicaSync
 from gateway.snapshot import IndexRecovery, SnapshotStore, Snapshotter
 from router.protocol import Subjects
 from router.router import Router
+from router.tasks import cancel_and_wait, wait_for_bounded
 
 log = logging.getLogger("kvgate.gateway.replication")
 
 RECOVERY_TIMEOUT_S = 120.0  # past this, the bus replays the whole stream instead
 CATCH_UP_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 2.0  # for the tasks, then for the close
 
 
 class Replication:
@@ -80,17 +82,13 @@ class Replication:
         self._tasks.append(asyncio.get_running_loop().create_task(self._run(), name="kvgate-replication"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
+        """Stop recovery and snapshots, then the replica notes, then close: each step bounded."""
+        self._tasks = await cancel_and_wait(self._tasks, STOP_TIMEOUT_S)  # a second stop tries again
         await self.replicas.stop()
-        if self.nc is not None:
+        nc, self.nc = self.nc, None
+        if nc is not None:
             with contextlib.suppress(Exception):
-                await self.nc.close()
-            self.nc = None
+                await wait_for_bounded(nc.close(), STOP_TIMEOUT_S, name="kvgate-replication-close")
 
     def position(self) -> int:
         """The stream sequence the router reflects (for snapshots)."""
