@@ -43,6 +43,7 @@ from router.protocol import (
     WorkerRegistration,
     check_token,
 )
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ END_OF_REPLAY = -1
 # Far above any engine's block count: reaching it means removals went missing, so start over.
 MAX_TRACKED_BLOCKS = 8_000_000
 LOAD_REPORTS_OFF_S = 3600.0  # without /metrics, one zero report at start and hourly after
+SCRAPER_STOP_S = 2.0  # for the /metrics scraper's task at stop
 _U64 = (1 << 64) - 1
 
 
@@ -486,8 +488,7 @@ class Bridge:
             await self._follow(sub)
         finally:
             if scraper is not None:
-                scraper.cancel()
-                await asyncio.gather(scraper, return_exceptions=True)
+                await cancel_and_wait([scraper], SCRAPER_STOP_S)
             sub.close(linger=0)
             await self.publisher.stop()
             self._ctx.term()
