@@ -83,6 +83,27 @@ class SessionTable:
         if s.chain:
             self._by_tail[s.chain[-1]] = s.id
 
+    def values(self) -> list[Session]:
+        """Every session kept (expired ones not yet swept included), in no particular order."""
+        return list(self._sessions.values())
+
+    def restore(self, s: Session) -> bool:
+        """Add a session as another router kept it (a snapshot), its expiry and chain included.
+
+        False when the id is known here already (the live entry is newer than any snapshot), or the
+        table is full of sessions that outlive it (it would be the first to go anyway)."""
+        if s.id in self._sessions:
+            return False
+        if len(self._sessions) >= self.max_sessions:
+            if s.expires_at <= self._by_expiry[0][0]:
+                return False
+            self._drop(self._by_expiry[0][1])
+        self._sessions[s.id] = s
+        self._by_expiry.add((s.expires_at, s.id))
+        if s.chain:
+            self._by_tail.setdefault(s.chain[-1], s.id)  # a live session's claim on the tail stands
+        return True
+
     def find_by_chain(self, chain: Sequence[int]) -> str | None:
         """The session whose latest prompt this chain extends (the longest such prompt), if any."""
         tail = self._by_tail

@@ -9,11 +9,18 @@ A run is a chain: each block's parent is the block before it, the first block's 
 `parent_hash`. Hashes are packed little-endian uint64 (8 bytes a block instead of ~26 for a msgpack
 `CachedBlock`), and a run is applied with one `BlockStored`, which the index stores in C loops: 1M
 blocks load in a fraction of a second where one `store` per block takes seconds.
+
+Since version 2 a snapshot also carries the live session table (`SessionSnapshot`: each session's
+worker, latest chain, turns, attained service, tool-loop state, think-time estimate), so a new replica
+sends an existing session's next turn to the worker holding its KV before any other replica tells it
+where that is. Times are stored relative to the snapshot (seconds ago, seconds left), since each
+process has its own monotonic clock. Version 1 snapshots (no sessions) still load.
 """
 
 from __future__ import annotations
 
 import array
+import math
 import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -21,11 +28,17 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from router.protocol import TIERS, BlockStored, CachedBlock, KvStateDump, ProtocolError, Tier
+from router.sessions import Session
 
 if TYPE_CHECKING:
     from router.router import Router
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: sessions
+READABLE_VERSIONS = frozenset({1, 2})
+# Session chains exported in all, most recently picked sessions first (16 MB packed; the 1M-block index
+# takes 8 MB). A session past the budget keeps its binding and its chain's last block only: enough to
+# be recognised by its prompt, not to credit its prefix.
+MAX_SESSION_CHAIN_BLOCKS = 1 << 21
 _U64 = (1 << 64) - 1
 _LITTLE = sys.byteorder == "little"
 
@@ -61,12 +74,30 @@ class WorkerSnapshot(msgspec.Struct, frozen=True):
         return out
 
 
+class SessionSnapshot(msgspec.Struct, array_like=True, frozen=True):
+    """One session of the router's table, its times relative to when the snapshot was taken."""
+
+    session_id: str
+    worker_id: str
+    chain: bytes  # its latest prompt's block hashes, little-endian uint64
+    turns: int
+    attained_tokens: int
+    last_finish_reason: str | None
+    think_s: float | None  # EWMA of its tool gaps
+    tool_pending: bool  # its latest turn ended in a tool call
+    idle_s: float  # since its latest pick
+    done_ago_s: float | None  # since its latest completion
+    pinned_s: float  # left of the pin on its worker (0: none)
+    expires_s: float  # left before the router would forget it
+
+
 class IndexSnapshot(msgspec.Struct, frozen=True):
     version: int
     stream_seq: int  # JetStream sequence of the last KV batch reflected (0: none)
     created_ts: float  # wall clock, seconds
     source: str  # the replica that took it
     workers: list[WorkerSnapshot]
+    sessions: list[SessionSnapshot] = []  # version 2; most recently picked first
 
     def num_blocks(self) -> int:
         return sum(w.num_blocks() for w in self.workers)
@@ -103,12 +134,17 @@ def decode_snapshot(data: bytes) -> IndexSnapshot:
         snapshot = _decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"invalid index snapshot: {exc}") from exc
-    if snapshot.version != SNAPSHOT_VERSION:
-        raise ProtocolError(f"index snapshot version {snapshot.version}, expected {SNAPSHOT_VERSION}")
+    if snapshot.version not in READABLE_VERSIONS:
+        raise ProtocolError(
+            f"index snapshot version {snapshot.version}, expected one of {sorted(READABLE_VERSIONS)}"
+        )
     for worker in snapshot.workers:
         for run in worker.runs:
             if len(run.hashes) % 8:
                 raise ProtocolError(f"worker {worker.worker_id}: a run of {len(run.hashes)} bytes")
+    for session in snapshot.sessions:
+        if len(session.chain) % 8:
+            raise ProtocolError(f"session {session.session_id!r}: a chain of {len(session.chain)} bytes")
     return snapshot
 
 
@@ -124,9 +160,13 @@ class IndexCapture(msgspec.Struct):
     tiers: dict[
         str, tuple[dict[int, int], dict[int, int | list[int]], dict[int, int]]
     ]  # held, links, orphans
+    # the live sessions' state, times relative to the capture; chains are the router's own lists,
+    # which it replaces and never mutates, so they can be packed later on another thread
+    sessions: list[tuple[SessionSnapshot, list[int]]] = []
 
 
-def capture(router: Router) -> IndexCapture:
+def capture(router: Router, now: float | None = None) -> IndexCapture:
+    """Copy what a snapshot needs; the session table only when `now` (the router's clock) is given."""
     index = router.index
     positions = {w: p for w, p in router.stream_positions().items() if index.has_worker(w)}
     tiers = {
@@ -134,12 +174,42 @@ def capture(router: Router) -> IndexCapture:
         for tier, t in index.tiers.items()
         if len(t)
     }
-    return IndexCapture(positions, {index.bit(w): w for w in positions}, tiers)
+    sessions = capture_sessions(router, now) if now is not None else []
+    return IndexCapture(positions, {index.bit(w): w for w in positions}, tiers, sessions)
 
 
-def build_snapshot(router: Router, stream_seq: int, created_ts: float, source: str = "") -> IndexSnapshot:
-    """The event-fed index of `router` as it stands, said to reflect the stream up to `stream_seq`."""
-    return snapshot_of(capture(router), stream_seq, created_ts, source)
+def capture_sessions(router: Router, now: float) -> list[tuple[SessionSnapshot, list[int]]]:
+    """The sessions bound to a worker and not expired at `now`, most recently picked first, each with
+    its chain still to pack."""
+    live = [s for s in router.sessions.values() if s.worker_id is not None and s.expires_at > now]
+    live.sort(key=lambda s: s.last_pick_at, reverse=True)
+    out = []
+    for s in live:
+        assert s.worker_id is not None
+        state = SessionSnapshot(
+            s.id,
+            s.worker_id,
+            b"",
+            s.turns,
+            s.attained_tokens,
+            s.last_finish_reason,
+            s.think_s,
+            s.tool_pending,
+            max(0.0, now - s.last_pick_at),
+            max(0.0, now - s.last_done_at) if s.last_done_at is not None else None,
+            max(0.0, s.pinned_until - now),
+            s.expires_at - now,
+        )
+        out.append((state, s.chain))
+    return out
+
+
+def build_snapshot(
+    router: Router, stream_seq: int, created_ts: float, source: str = "", now: float | None = None
+) -> IndexSnapshot:
+    """The event-fed index of `router` as it stands, said to reflect the stream up to `stream_seq`;
+    with `now` (the router's clock), also its live sessions."""
+    return snapshot_of(capture(router, now), stream_seq, created_ts, source)
 
 
 def snapshot_of(
@@ -158,7 +228,25 @@ def snapshot_of(
             for bit, tier_runs in _tier_runs(held, links, orphans, tier, captured.names).items():
                 runs.setdefault(captured.names[bit], []).extend(tier_runs)
     workers = [WorkerSnapshot(w, e, seq, runs.get(w, [])) for w, (e, seq) in captured.positions.items()]
-    return IndexSnapshot(SNAPSHOT_VERSION, stream_seq, created_ts, source, workers)
+    sessions = pack_sessions(captured.sessions)
+    return IndexSnapshot(SNAPSHOT_VERSION, stream_seq, created_ts, source, workers, sessions)
+
+
+def pack_sessions(
+    captured: list[tuple[SessionSnapshot, list[int]]], budget: int = MAX_SESSION_CHAIN_BLOCKS
+) -> list[SessionSnapshot]:
+    """Each session with its chain packed, within `budget` blocks in all (in the given order; past it,
+    a chain's last block only)."""
+    out = []
+    for state, chain in captured:
+        kept = chain if len(chain) <= budget else chain[-1:]
+        budget = max(0, budget - len(kept))
+        try:
+            packed = pack_hashes(kept)
+        except OverflowError:  # a hash outside uint64 (no xxh3 hash is): no chain to share
+            packed = b""
+        out.append(msgspec.structs.replace(state, chain=packed))
+    return out
 
 
 def _tier_runs(
@@ -224,8 +312,9 @@ def _close(run: tuple[int | None, list[int]], tier: Tier, runs: list[ChainRun]) 
 # --- apply
 
 
-def apply_snapshot(router: Router, snapshot: IndexSnapshot, now: float) -> int:
-    """Load every worker of the snapshot into `router` (replacing what it held); returns blocks loaded.
+def apply_snapshot(router: Router, snapshot: IndexSnapshot, now: float, age_s: float = 0.0) -> int:
+    """Load every worker of the snapshot into `router` (replacing what it held), then its sessions
+    (`apply_sessions`; `age_s`: how long ago it was taken); returns blocks loaded.
 
     Each worker's stream position becomes the snapshot's, so the tail's batches apply in order and
     older ones are ignored. A worker whose runs exceed its index bound is left empty (the router asks
@@ -245,7 +334,66 @@ def apply_snapshot(router: Router, snapshot: IndexSnapshot, now: float) -> int:
         events = [BlockStored(run.block_hashes(), run.parent_hash, run.tier) for run in worker.runs]
         if router.index.apply(worker.worker_id, events):
             loaded += worker.num_blocks()
+    apply_sessions(router, snapshot.sessions, now, age_s)
     return loaded
+
+
+def apply_sessions(router: Router, sessions: list[SessionSnapshot], now: float, age_s: float = 0.0) -> int:
+    """Import sessions taken `age_s` seconds ago into `router`'s table; returns how many.
+
+    Left out: a session expired since, one bound to a worker the router does not have (registered) now,
+    one the router already knows (its entry is newer), an id longer than the router accepts. A session
+    on a worker without KV events also puts its chain back into that worker's approximate index, as
+    routing its latest turn did there (until the same TTL), since nothing else tells where it is.
+    """
+    age = max(0.0, age_s)
+    workers = set(router.workers())
+    table = router.sessions
+    config = router.config
+    restored: list[Session] = []
+    for state in sessions:
+        expires = min(state.expires_s, config.session_ttl_s) - age  # no longer than it would live here
+        if (
+            not _finite(state)
+            or expires <= 0
+            or state.worker_id not in workers
+            or state.session_id in table
+            or not state.session_id
+            or len(state.session_id) > config.max_session_id_len
+        ):
+            continue
+        s = _session(state, now, age, expires, config.pin_max_s)
+        if table.restore(s):
+            restored.append(s)
+    for s in sorted(restored, key=lambda s: s.last_pick_at):  # oldest first: the LRU ends newest
+        worker = s.worker_id
+        assert worker is not None
+        if s.chain and router.approx.has_worker(worker) and now - s.last_pick_at < router.approx.ttl_s:
+            router.approx.insert(worker, s.chain, s.last_pick_at)
+    return len(restored)
+
+
+def _finite(state: SessionSnapshot) -> bool:
+    times = (state.idle_s, state.pinned_s, state.expires_s, state.done_ago_s or 0.0, state.think_s or 0.0)
+    return all(math.isfinite(t) for t in times)
+
+
+def _session(state: SessionSnapshot, now: float, age: float, expires: float, pin_max_s: float) -> Session:
+    s = Session(state.session_id)
+    s.worker_id = state.worker_id
+    s.chain = unpack_hashes(state.chain)
+    s.turns = max(0, state.turns)
+    s.attained_tokens = max(0, state.attained_tokens)
+    s.last_finish_reason = state.last_finish_reason
+    s.think_s = state.think_s if state.think_s is not None and state.think_s >= 0 else None
+    s.tool_pending = state.tool_pending
+    s.last_pick_at = now - age - max(0.0, state.idle_s)
+    if state.done_ago_s is not None:
+        s.last_done_at = now - age - max(0.0, state.done_ago_s)
+    if state.pinned_s > age:
+        s.pinned_until = now + min(state.pinned_s, pin_max_s) - age
+    s.expires_at = now + expires
+    return s
 
 
 def snapshot_workers(snapshot: IndexSnapshot) -> Iterable[tuple[str, int]]:

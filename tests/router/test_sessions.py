@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.sessions import SessionTable
+from router.sessions import Session, SessionTable
 
 ops = st.lists(
     st.tuples(st.sampled_from(["touch", "touch", "touch", "expire"]), st.integers(0, 12), st.floats(0, 5)),
@@ -58,3 +58,33 @@ def test_a_turn_that_extends_a_session_chain_finds_it() -> None:
 def test_zero_capacity_is_refused() -> None:
     with pytest.raises(ValueError):
         SessionTable(0, 1.0)
+
+
+def restored(sid: str, expires_at: float, chain: list[int]) -> Session:
+    s = Session(sid)
+    s.worker_id, s.chain, s.expires_at = "w0", chain, expires_at
+    return s
+
+
+def test_restore_keeps_live_sessions_and_the_bound() -> None:
+    table = SessionTable(2, 10.0)
+    live = table.touch("live", 0.0)  # expires at 10
+    table.set_chain(live, [1, 2])
+    assert not table.restore(restored("live", 50.0, [9]))  # the live entry is newer than a snapshot
+    assert table.get("live") is live
+    assert table.restore(restored("old", 30.0, [1, 2, 3]))
+    assert table.find_by_chain([1, 2, 3, 4]) == "old"
+    assert table.find_by_chain([1, 2, 5]) == "live"
+    # full: one that would expire first is not taken; a later one pushes out the closest to expiry
+    assert not table.restore(restored("sooner", 5.0, []))
+    assert table.restore(restored("later", 40.0, [7]))
+    assert "live" not in table and {"old", "later"} == {s.id for s in table.values()}
+    assert table.expire(35.0) == 1 and [s.id for s in table.values()] == ["later"]
+
+
+def test_restore_does_not_take_a_live_sessions_tail() -> None:
+    table = SessionTable(4, 10.0)
+    live = table.touch("live", 0.0)
+    table.set_chain(live, [1, 2])
+    assert table.restore(restored("old", 5.0, [1, 2]))  # the same prompt, seen by another replica
+    assert table.find_by_chain([1, 2, 3]) == "live"

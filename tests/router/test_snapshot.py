@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,17 +22,22 @@ from router.protocol import (
     ProtocolError,
     WorkerRegistration,
 )
+from router.request import RouteRequest
 from router.router import Router
 from router.snapshot import (
     SNAPSHOT_VERSION,
     ChainRun,
     IndexSnapshot,
+    SessionSnapshot,
     WorkerSnapshot,
+    apply_sessions,
     apply_snapshot,
     build_snapshot,
+    capture_sessions,
     decode_snapshot,
     encode_snapshot,
     pack_hashes,
+    pack_sessions,
     unpack_hashes,
 )
 
@@ -237,3 +243,193 @@ def test_pack_roundtrip_and_full_range() -> None:
 def test_bad_snapshots_raise_protocol_error(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_snapshot(data)
+
+
+# --- sessions (snapshot version 2)
+
+
+class SnapshotV1(msgspec.Struct, frozen=True):
+    """The layout written before sessions were added."""
+
+    version: int
+    stream_seq: int
+    created_ts: float
+    source: str
+    workers: list[WorkerSnapshot]
+
+
+def approx_router(*workers: str) -> Router:
+    """Workers without KV events: where a session's KV lives is known only from routing it."""
+    router = Router()
+    for w in workers:
+        router.add_worker(
+            WorkerRegistration(w, "http://w", "m", 16, 4096, "mock", 1, 0.0, publishes_events=False), 0.0
+        )
+    return router
+
+
+def turn(router: Router, rid: str, session: str, chain: list[int], now: float, reason: str = "stop") -> str:
+    """One turn of `session`: picked at `now`, done a second later; returns its worker."""
+    decision = router.pick(RouteRequest(rid, "m", chain, len(chain) * 16, session, 8), now)
+    router.on_first_token(rid, now + 0.5)
+    router.on_complete(rid, now + 1.0, reason, 8)
+    return decision.worker_id
+
+
+def relative(router: Router, now: float) -> dict[str, tuple]:
+    """Each session's state with its times as seconds before/after `now` (what a snapshot keeps)."""
+    out = {}
+    for s in router.sessions.values():
+        done = None if s.last_done_at is None else round(now - s.last_done_at, 6)
+        pinned = round(max(0.0, s.pinned_until - now), 6)
+        out[s.id] = (
+            s.worker_id,
+            list(s.chain),
+            s.turns,
+            s.attained_tokens,
+            s.last_finish_reason,
+            None if s.think_s is None else round(s.think_s, 6),
+            s.tool_pending,
+            round(now - s.last_pick_at, 6),
+            done,
+            pinned,
+            round(s.expires_at - now, 6),
+        )
+    return out
+
+
+def two_sessions(router: Router) -> dict[str, list[int]]:
+    """An agent's tool loop (pinned, its think time learnt) and a chat, sharing a system prompt, on
+    different workers: the chat's first turn came while the agent's was still prefilling."""
+    system = list(range(1, 33))
+    chains = {"agent": [*system, *range(40, 49)], "chat": [*system, *range(1000, 1006)]}
+    first = RouteRequest("a1", "m", chains["agent"], len(chains["agent"]) * 16, "agent", 8)
+    router.pick(first, 10.0)
+    turn(router, "c1", "chat", chains["chat"], 10.1)
+    router.on_complete("a1", 11.0, "tool_calls", 8)
+    chains["agent"] = [*chains["agent"], 50, 51, 52]
+    turn(router, "a2", "agent", chains["agent"], 14.0, "tool_calls")  # a 3 s tool gap
+    return chains
+
+
+def test_sessions_round_trip() -> None:
+    old = approx_router("w0", "w1")
+    two_sessions(old)
+    assert {s.worker_id for s in old.sessions.values()} == {"w0", "w1"}
+    snapshot = decode_snapshot(encode_snapshot(build_snapshot(old, 0, 1000.0, "old", now=16.0)))
+    assert snapshot.version == SNAPSHOT_VERSION == 2
+    assert [s.session_id for s in snapshot.sessions] == ["agent", "chat"]  # most recently picked first
+
+    new = approx_router("w0", "w1")
+    assert apply_snapshot(new, snapshot, 500.0, age_s=2.0) == 0  # no event-fed blocks, two sessions
+    # the same state on the new router's own clock, two seconds on (the snapshot's age)
+    assert relative(new, 500.0) == relative(old, 18.0)
+    agent = new.sessions.get("agent")
+    assert agent is not None and agent.think_s == pytest.approx(3.0) and agent.turns == 2
+    assert agent.tool_pending and agent.pinned_until > 500.0
+    # a prompt without a session id that extends a session's chain is that session here too
+    assert new.resolve_session(None, [*old.sessions.get("chat").chain, 7]) == "chat"  # type: ignore[union-attr]
+
+
+def test_restored_sessions_route_like_the_old_router() -> None:
+    old = approx_router("w0", "w1")
+    chains = two_sessions(old)
+    snapshot = decode_snapshot(encode_snapshot(build_snapshot(old, 0, 0.0, now=16.0)))
+    control = approx_router("w0", "w1")  # what a replica learns without the sessions (version 1)
+    new = approx_router("w0", "w1")
+    apply_snapshot(new, snapshot, 16.0)
+    picks = {}
+    for router in (old, new, control):
+        picks[id(router)] = [
+            turn(router, f"{sid}-next", sid, [*chains[sid], 9000 + i], 17.0) for i, sid in enumerate(chains)
+        ]
+    assert picks[id(new)] == picks[id(old)] == [old.sessions.get(s).worker_id for s in chains]  # type: ignore[union-attr]
+    assert picks[id(control)] != picks[id(old)]  # the index alone does not tell
+
+
+def test_expired_sessions_are_not_exported_nor_imported() -> None:
+    router = approx_router("w0", "w1")
+    two_sessions(router)
+    ttl = router.config.session_ttl_s
+    # "chat" was last picked at 10.1, "agent" at 14: at 14 + ttl - 1 the chat has expired (not swept)
+    snapshot = build_snapshot(router, 0, 0.0, now=13.0 + ttl)
+    assert [s.session_id for s in snapshot.sessions] == ["agent"]
+    assert build_snapshot(router, 0, 0.0).sessions == []  # without the router's clock: no sessions
+    # and one that expires while the snapshot waits for its loader is left out too
+    new = approx_router("w0", "w1")
+    apply_snapshot(new, snapshot, 0.0, age_s=1.0)
+    assert len(new.sessions) == 0
+
+
+def test_a_binding_to_a_worker_not_in_the_view_is_dropped() -> None:
+    old = approx_router("w0", "w1")
+    two_sessions(old)
+    on_w1 = {s.id for s in old.sessions.values() if s.worker_id == "w1"}
+    snapshot = build_snapshot(old, 0, 0.0, now=16.0)
+    new = approx_router("w0", "w2")  # w1 is gone
+    apply_snapshot(new, snapshot, 16.0)
+    assert {s.id for s in new.sessions.values()} == {s.id for s in old.sessions.values()} - on_w1
+    assert all(s.worker_id == "w0" for s in new.sessions.values())
+    assert new.approx.blocks_of("w2") == 0
+
+
+def test_a_session_the_router_knows_already_is_kept() -> None:
+    old = approx_router("w0", "w1")
+    two_sessions(old)
+    snapshot = build_snapshot(old, 0, 0.0, now=16.0)
+    new = approx_router("w0", "w1")
+    # a route note of another replica taught it the agent session's newer turn meanwhile
+    worker = turn(new, "n1", "agent", [777, 778], 15.5)
+    apply_snapshot(new, snapshot, 16.0)
+    agent = new.sessions.get("agent")
+    assert agent is not None and agent.chain == [777, 778] and agent.worker_id == worker
+    assert agent.turns == 1 and "chat" in new.sessions
+
+
+def test_session_chains_are_bounded() -> None:
+    router = approx_router("w0")
+    for i in range(5):
+        turn(router, f"r{i}", f"s{i}", [i * 100 + j for j in range(10)], float(i))
+    captured = capture_sessions(router, 10.0)
+    sessions = pack_sessions(captured, budget=25)
+    # most recent first: s4 and s3 whole (20 blocks), then only the last block of each
+    assert [len(s.chain) // 8 for s in sessions] == [10, 10, 1, 1, 1]
+    assert [unpack_hashes(s.chain)[-1] for s in sessions] == [409, 309, 209, 109, 9]
+    new = approx_router("w0")
+    assert apply_sessions(new, sessions, 10.0) == 5
+    assert new.resolve_session(None, [200 + j for j in range(10)] + [5]) == "s2"  # still recognised
+
+
+def test_an_old_snapshot_without_sessions_loads() -> None:
+    old = fed_router()
+    old.apply_kv_batch(KvEventBatch("a", 1, 0, 0.0, [BlockStored([1, 2], None)]), 0.0)
+    current = build_snapshot(old, 4, 0.0, "old")
+    data = msgspec.msgpack.encode(SnapshotV1(1, 4, 0.0, "old", current.workers))
+    snapshot = decode_snapshot(data)
+    assert snapshot.version == 1 and snapshot.sessions == []
+    new = fed_router()
+    assert apply_snapshot(new, snapshot, 0.0) == 2
+    assert new.index.overlap([1, 2]) == {"a": 2} and len(new.sessions) == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"idle_s": float("nan")},
+        {"expires_s": float("inf")},
+        {"think_s": float("-inf")},
+        {"worker_id": "nobody"},
+        {"session_id": ""},
+        {"session_id": "x" * 1000},
+        {"expires_s": -1.0},
+    ],
+)
+def test_unusable_sessions_are_left_out(bad: dict) -> None:
+    good = SessionSnapshot("s", "w0", pack_hashes([1, 2]), 1, 10, "stop", None, False, 1.0, 0.5, 0.0, 60.0)
+    router = approx_router("w0")
+    assert apply_sessions(router, [msgspec.structs.replace(good, **bad), good], 0.0) == 1
+    assert router.sessions.get("s") is not None and router.sessions.get("s").chain == [1, 2]  # type: ignore[union-attr]
+    with pytest.raises(ProtocolError):  # a chain that is not whole hashes: not a snapshot
+        decode_snapshot(
+            encode_snapshot(IndexSnapshot(2, 0, 0.0, "x", [], [msgspec.structs.replace(good, chain=b"123")]))
+        )
