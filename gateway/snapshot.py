@@ -5,9 +5,10 @@ the KV event stream's tail after it, instead of the whole stream.
   replaces the previous one, so the bucket holds one snapshot's chunks at a time).
 - `Snapshotter`: every `interval_s`, a replica whose index is caught up takes a snapshot unless
   another replica stored one within the interval (every replica may take them; they race harmlessly).
-- `IndexRecovery`: at start-up, before the bus follows the stream: load the latest snapshot, replay
-  the stream's tail after it, and tell where the bus resumes; once the registry is read, forget
-  workers that are gone, empty those that restarted since, and ask state dumps where events were lost.
+- `IndexRecovery`: at start-up, before the bus follows the stream: load the latest snapshot (its
+  index and its session bindings), replay the stream's tail after it, and tell where the bus resumes;
+  once the registry is read, forget workers that are gone, empty those that restarted since, and ask
+  state dumps where events were lost.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from router.protocol import (
 from router.router import Router
 from router.snapshot import (
     IndexSnapshot,
+    apply_sessions,
     apply_snapshot,
     capture,
     decode_snapshot,
@@ -125,8 +127,9 @@ class SnapshotStore:
 class Snapshotter:
     """Takes a snapshot of `router` every `interval_s` while `ready()`.
 
-    `position()` is the stream sequence of the last KV batch the router applied. The build runs on the
-    event loop (the index must not change under it): about a second per million indexed blocks.
+    `position()` is the stream sequence of the last KV batch the router applied; `clock` is the
+    router's (the sessions' times are taken relative to it). The index and the session table are
+    copied on the event loop, the snapshot built from the copy on a thread.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class Snapshotter:
         *,
         interval_s: float = 30.0,
         source: str = "gateway",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.router = router
@@ -145,6 +149,7 @@ class Snapshotter:
         self.ready = ready
         self.interval_s = interval_s
         self.source = source
+        self.clock = clock
         self.taken = 0
         self.last_bytes = 0
 
@@ -172,17 +177,18 @@ class Snapshotter:
         """Build and store a snapshot now; returns its size in bytes."""
         # copied at one instant on the loop, built on a thread: a 1M-block index takes a second or two,
         # which must not stall the event loop (heartbeats, requests) meanwhile
-        captured = capture(self.router)
+        captured = capture(self.router, self.clock())
         position = self.position()
         snapshot = await asyncio.to_thread(snapshot_of, captured, position, time.time(), self.source)
         size = await self.store.put(snapshot)
         self.taken += 1
         self.last_bytes = size
         log.info(
-            "index snapshot stored: %d blocks of %d workers up to stream seq %d, %d bytes",
+            "index snapshot stored: %d blocks of %d workers up to stream seq %d, %d sessions, %d bytes",
             snapshot.num_blocks(),
             len(snapshot.workers),
             snapshot.stream_seq,
+            len(snapshot.sessions),
             size,
         )
         return size
@@ -212,6 +218,7 @@ class IndexRecovery:
         self.snapshot_bytes = 0
         self.resume_seq = 0  # the stream sequence the recovery applied up to (the bus follows after it)
         self.replayed = 0  # tail batches applied
+        self.sessions_restored = 0  # session bindings imported from the snapshot
         self.lost: set[str] = set()  # workers whose events the tail lacks: they need a state dump
         self.stale = False  # the snapshot is older than the stream's retention: every worker needs one
 
@@ -221,20 +228,36 @@ class IndexRecovery:
         try:
             info = await js.stream_info(self.subjects.kv_stream)
         except NotFoundError:
-            return 0  # no worker ever published: nothing to catch up with
+            # no worker ever published events (all route approximately): no index to load, but the
+            # snapshot's sessions still say which worker holds each one's KV
+            await self.register_workers()
+            found = await self.store.get()
+            if found is not None:
+                self.snapshot, self.snapshot_bytes = found
+                self.sessions_restored = apply_sessions(
+                    self.router, self.snapshot.sessions, self.clock(), self._age(self.snapshot)
+                )
+            return 0
         first, last = info.state.first_seq, info.state.last_seq
         await self.register_workers()  # the router applies events of registered workers only
         found = await self.store.get()
         if found is not None:
             self.snapshot, self.snapshot_bytes = found
-            loaded = apply_snapshot(self.router, self.snapshot, self.clock())
+            before = len(self.router.sessions)
+            age = self._age(self.snapshot)
+            loaded = apply_snapshot(self.router, self.snapshot, self.clock(), age)
+            self.sessions_restored = len(self.router.sessions) - before
             log.info(
-                "index snapshot loaded: %d blocks of %d workers up to stream seq %d (%d bytes, by %s)",
+                "index snapshot loaded: %d blocks of %d workers up to stream seq %d, %d of %d sessions "
+                "(%d bytes, by %s, %.1f s old)",
                 loaded,
                 len(self.snapshot.workers),
                 self.snapshot.stream_seq,
+                self.sessions_restored,
+                len(self.snapshot.sessions),
                 self.snapshot_bytes,
                 self.snapshot.source,
+                age,
             )
         start = self.snapshot.stream_seq + 1 if self.snapshot is not None else first
         if self.snapshot is not None and first > start:
@@ -247,6 +270,11 @@ class IndexRecovery:
             await self.replay(start, last)
         self.resume_seq = max(last, self.snapshot.stream_seq if self.snapshot is not None else 0)
         return self.resume_seq
+
+    @staticmethod
+    def _age(snapshot: IndexSnapshot) -> float:
+        """Seconds since the snapshot was taken, by the wall clock (0 when the clocks disagree)."""
+        return max(0.0, time.time() - snapshot.created_ts)
 
     async def register_workers(self) -> list[str]:
         """Add the registry's live workers to the router (the bus's registry watch adds the same ones,
