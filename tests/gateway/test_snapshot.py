@@ -7,13 +7,16 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import nats
+import openai
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import api
 
+from gateway.natsd import free_port
 from gateway.snapshot import SNAPSHOT_OBJECT, IndexRecovery, SnapshotStore, Snapshotter
 from router.protocol import (
     BlockRemoved,
@@ -26,6 +29,8 @@ from router.protocol import (
 )
 from router.request import RouteRequest
 from router.router import Router
+from tests.gateway.conftest import Proc
+from tests.gateway.gateways import RunningGateway, running_gateway, until
 
 WORKERS = ("w0", "w1", "w2")
 
@@ -250,10 +255,23 @@ async def test_an_empty_stream(nc: NATS, namespace: str) -> None:
 
 
 class Registry:
-    """Registrations of synthetic workers, kept alive by a heartbeat like the real workers'."""
+    """Registrations of workers, kept alive by a heartbeat like the real workers' (synthetic workers
+    at a dead URL unless `urls` says where they answer)."""
 
-    def __init__(self, nc: NATS, subjects: Subjects, workers: list[str]) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        workers: list[str],
+        urls: dict[str, str] | None = None,
+        *,
+        model: str = "m",
+        events: bool = True,
+    ) -> None:
         self.nc, self.subjects, self.workers = nc, subjects, workers
+        self.urls = urls or {}
+        self.model = model
+        self.events = events
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -263,7 +281,10 @@ class Registry:
 
     async def beat(self) -> None:
         for wid in self.workers:
-            reg = WorkerRegistration(wid, "http://127.0.0.1:9", "m", 16, 1 << 16, "mock", 1, time.time())
+            url = self.urls.get(wid, "http://127.0.0.1:9")
+            reg = WorkerRegistration(
+                wid, url, self.model, 16, 1 << 16, "mock", 1, time.time(), publishes_events=self.events
+            )
             await self.kv.put(wid, encode(reg))
 
     async def run(self) -> None:
@@ -315,3 +336,102 @@ async def test_a_replica_started_after_a_million_block_events_routes_like_the_ol
     finally:
         if registry.task is not None:
             registry.task.cancel()
+
+
+SYSTEM_PROMPT = "You are a coding agent. Tools: read_file, write_file, run_tests, search. " * 40
+
+
+async def chat_turn(
+    gateway: RunningGateway, messages: list[dict[str, str]], session: str
+) -> tuple[str, int, int, str]:
+    """One turn through the real openai client: (worker, cached tokens, prompt tokens, reply)."""
+    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0)
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="mock",
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=2,
+            extra_headers={"x-session-id": session, "x-kvgate-tool-call": "pending"},
+        )
+    finally:
+        await client.close()
+    reply = raw.parse()
+    assert raw.headers["x-kvgate-session"] == session
+    usage = reply.usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    cached = usage.prompt_tokens_details.cached_tokens or 0
+    return raw.headers["x-kvgate-worker"], cached, usage.prompt_tokens, reply.choices[0].message.content or ""
+
+
+@pytest.mark.slow
+async def test_a_new_replica_sends_each_session_to_its_worker_from_the_snapshot(
+    nc: NATS, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """Two real workers that publish no KV events (an engine without a KV event feed): a gateway knows
+    where a session's KV lives only from having routed it. Replica A serves two agent sessions that
+    share a system prompt, on different workers, stores its snapshot and goes away; replica B starts
+    from the snapshot, and the next turn of each session, sent to B, goes to that session's worker and
+    hits its cache. Without the sessions in the snapshot B would send both turns to one worker (the
+    second follows the system prompt the first one just put there)."""
+    subjects = Subjects(namespace)
+    procs: dict[str, Proc] = {}
+    for wid in ("w0", "w1"):
+        port = free_port()
+        argv = ["worker", "--engine", "mock", "--port", str(port), "--worker-id", wid, "--speedup", "0.1"]
+        procs[wid] = Proc(argv, f"http://127.0.0.1:{port}", tmp_path / f"{wid}.log")
+    registry = Registry(
+        nc, subjects, list(procs), {w: p.url for w, p in procs.items()}, model="mock", events=False
+    )
+    config = {"snapshot_interval_s": 3600.0}
+    conversations = {sid: [{"role": "system", "content": SYSTEM_PROMPT}] for sid in ("agent", "chat")}
+    bound: dict[str, str] = {}
+    last_prompt: dict[str, int] = {}
+
+    async def serve(gateway: RunningGateway, sid: str, text: str) -> tuple[str, int]:
+        messages = conversations[sid]
+        messages.append({"role": "user", "content": text})
+        worker, cached, prompt, reply = await chat_turn(gateway, messages, sid)
+        messages.append({"role": "assistant", "content": reply})
+        last_prompt[sid] = prompt
+        return worker, cached
+
+    try:
+        for proc in procs.values():
+            await asyncio.to_thread(proc.wait_http, "/health", 60.0)
+        await registry.start()
+        async with running_gateway(nats_url, namespace, "gw-a", **config) as a:
+            await a.wait_ready(workers=2)
+            # the agent's first turn is still prefilling on its worker when the chat's arrives: the
+            # chat goes to the other worker
+            first = asyncio.create_task(serve(a, "agent", "task: fix the failing test in parser.py"))
+            await until(lambda: "agent" in a.router.sessions, 30.0, "the agent's first pick")
+            bound["chat"], _ = await serve(a, "chat", "question: what does the parser do?")
+            bound["agent"], _ = await first
+            assert bound["agent"] != bound["chat"]
+            for turn in range(3):
+                for sid in ("agent", "chat"):
+                    worker, _ = await serve(a, sid, f"tool result {turn}: " + "x" * 120)
+                    assert worker == bound[sid]
+            snapshotter = a.gateway.replication.snapshotter
+            assert snapshotter is not None
+            await snapshotter.take()
+        # A is gone: no route note can teach B anything
+
+        async with running_gateway(nats_url, namespace, "gw-b", **config) as b:
+            await b.wait_ready(workers=2)
+            recovery = b.gateway.replication.recovery
+            assert recovery is not None and recovery.sessions_restored == 2
+            routed, cached, previous = {}, {}, dict(last_prompt)
+            for sid in ("agent", "chat"):
+                routed[sid], cached[sid] = await serve(b, sid, "tool result 3: " + "y" * 120)
+            assert routed == bound
+            for sid in ("agent", "chat"):
+                assert cached[sid] >= 0.9 * previous[sid], (cached, previous)  # its KV was there
+                session = b.router.sessions.get(sid)
+                assert session is not None and session.turns == 5  # four turns on A, this one on B
+            assert b.gateway.replication.replicas.applied == 0
+    finally:
+        if registry.task is not None:
+            registry.task.cancel()
+        for proc in procs.values():
+            proc.stop()
