@@ -177,6 +177,40 @@ async def test_stop_is_bounded_after_the_server_went_away(namespace: str) -> Non
             await loop.stop()
 
 
+async def test_stop_survives_a_cancel_lost_inside_nats_py(
+    nats_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's asyncio.wait_for, inside nats-py, returns normally when its reply lands as the
+    cancel arrives: the load loop then runs on. Injected here on the real client, deterministically:
+    before, stop() awaited that loop forever."""
+    loop, publisher = await start_publisher(nats_url, namespace)
+    nc = publisher.nc
+    assert nc is not None
+    real_publish = nc.publish
+    load_subject = Subjects(namespace).load("pw")
+    inside = asyncio.Event()
+    lost: list[int] = []
+
+    async def publish_losing_the_cancel(subject: str, *args: object, **kwargs: object) -> None:
+        if subject == load_subject and not lost:
+            inside.set()
+            try:
+                await asyncio.sleep(30)  # a reply that takes its time
+            except asyncio.CancelledError:
+                lost.append(1)  # ...and lands together with the cancel
+        await real_publish(subject, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(nc, "publish", publish_losing_the_cancel)
+    try:
+        await asyncio.wait_for(inside.wait(), 5)
+        elapsed = await timed_stop(publisher)
+        assert lost == [1]
+        assert elapsed < STOP_TIMEOUT_S + STOP_SLACK_S
+        assert publisher._tasks == []  # the second cancel ended the loop
+    finally:
+        await loop.stop()
+
+
 async def test_stop_deregisters_the_worker(nats_url: str, namespace: str) -> None:
     loop, publisher = await start_publisher(nats_url, namespace)
     nc = await nats.connect(nats_url)
