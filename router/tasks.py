@@ -56,7 +56,7 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout: float) ->
             "%d task(s) still running %.1f s after being cancelled: %s",
             len(stragglers),
             timeout,
-            ", ".join(task.get_name() for task in stragglers),
+            ", ".join(_name(task) for task in stragglers),
         )
     return stragglers
 
@@ -64,10 +64,11 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout: float) ->
 async def wait_for_bounded(
     coro: Coroutine[Any, Any, T], timeout: float, *, name: str, grace: float = CANCEL_GRACE_S
 ) -> T:
-    """`asyncio.wait_for` with a hard bound: returns the result or raises the coroutine's exception;
-    past `timeout` it is cancelled through `cancel_and_wait` (at most `grace` more seconds, then left
-    to finish on its own, logged under `name`) and TimeoutError is raised. Cancelling the caller
-    cancels the coroutine and raises CancelledError in the caller."""
+    """`asyncio.wait_for` with a hard bound: returns the result or raises the coroutine's exception
+    (RuntimeError if something else cancelled it). Past `timeout` it is cancelled through
+    `cancel_and_wait` (at most `grace` more seconds, then left to finish on its own, logged under
+    `name`) and TimeoutError is raised. Cancelling the caller cancels the coroutine and raises
+    CancelledError in the caller."""
     task = asyncio.get_running_loop().create_task(coro, name=name)
     try:
         await _wait([task], timeout)
@@ -75,6 +76,8 @@ async def wait_for_bounded(
         task.add_done_callback(_retrieve)
         task.cancel()
         raise
+    if task.cancelled():  # by someone else: not the caller's cancellation, so not its CancelledError
+        raise RuntimeError(f"{name} was cancelled")
     if task.done():
         return task.result()
     await cancel_and_wait([task], grace)
@@ -87,9 +90,14 @@ async def _wait(tasks: list[asyncio.Task[Any]], timeout: float) -> None:
         await asyncio.wait(running, timeout=max(timeout, 0.0))
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
+def _retrieve(task: asyncio.Future[Any]) -> None:
     if task.cancelled():
         return
     exc = task.exception()
     if exc is not None:
-        log.warning("task %s ended with %s: %s", task.get_name(), type(exc).__name__, exc)
+        log.warning("task %s ended with %s: %s", _name(task), type(exc).__name__, exc)
+
+
+def _name(task: asyncio.Future[Any]) -> str:
+    # a plain future (what asyncio.ensure_future gives for some awaitables) has no name
+    return task.get_name() if isinstance(task, asyncio.Task) else repr(task)

@@ -171,6 +171,17 @@ async def test_wait_for_bounded_returns_the_result_or_raises_the_error() -> None
         await wait_for_bounded(_fails_at_once(), 5.0, name="failing")
 
 
+async def test_wait_for_bounded_does_not_pass_on_a_cancel_that_was_not_the_callers() -> None:
+    async def cancelled_from_inside() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # as a library closing its own work would
+        await asyncio.sleep(1)
+
+    with pytest.raises(RuntimeError, match="was cancelled"):
+        await wait_for_bounded(cancelled_from_inside(), 5.0, name="closer")
+
+
 async def test_wait_for_bounded_gives_up_on_a_coroutine_that_ignores_its_cancel() -> None:
     cancels: list[int] = []
     release = asyncio.Event()
