@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import math
+import operator
 import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -160,9 +161,26 @@ class IndexCapture(msgspec.Struct):
     tiers: dict[
         str, tuple[dict[int, int], dict[int, int | list[int]], dict[int, int]]
     ]  # held, links, orphans
-    # the live sessions' state, times relative to the capture; chains are the router's own lists,
-    # which it replaces and never mutates, so they can be packed later on another thread
-    sessions: list[tuple[SessionSnapshot, list[int]]] = []
+    sessions: list[tuple] = []  # `session_rows` at `now` (the router's clock)
+    now: float = 0.0
+
+
+# A session's fields as one tuple, in a C loop: copying 100k sessions stalls the event loop ~30 ms.
+# The chain is the router's own list, which it replaces and never mutates: packed later, on a thread.
+_ROW = operator.attrgetter(
+    "id",
+    "worker_id",
+    "chain",
+    "turns",
+    "attained_tokens",
+    "last_finish_reason",
+    "think_s",
+    "tool_pending",
+    "last_pick_at",
+    "last_done_at",
+    "pinned_until",
+    "expires_at",
+)
 
 
 def capture(router: Router, now: float | None = None) -> IndexCapture:
@@ -174,33 +192,46 @@ def capture(router: Router, now: float | None = None) -> IndexCapture:
         for tier, t in index.tiers.items()
         if len(t)
     }
-    sessions = capture_sessions(router, now) if now is not None else []
-    return IndexCapture(positions, {index.bit(w): w for w in positions}, tiers, sessions)
+    rows = session_rows(router) if now is not None else []
+    return IndexCapture(positions, {index.bit(w): w for w in positions}, tiers, rows, now or 0.0)
 
 
-def capture_sessions(router: Router, now: float) -> list[tuple[SessionSnapshot, list[int]]]:
-    """The sessions bound to a worker and not expired at `now`, most recently picked first, each with
-    its chain still to pack."""
-    live = [s for s in router.sessions.values() if s.worker_id is not None and s.expires_at > now]
-    live.sort(key=lambda s: s.last_pick_at, reverse=True)
+def session_rows(router: Router) -> list[tuple]:
+    """Every session of the router's table as a tuple of its fields (see `sessions_of`)."""
+    return list(map(_ROW, router.sessions.values()))
+
+
+def sessions_of(
+    rows: list[tuple], now: float, budget: int = MAX_SESSION_CHAIN_BLOCKS
+) -> list[SessionSnapshot]:
+    """The sessions of `rows` bound to a worker and not expired at `now`, most recently picked first,
+    their chains packed within `budget` blocks in all (past it, a chain's last block only)."""
+    live = [r for r in rows if r[1] is not None and r[11] > now]
+    live.sort(key=operator.itemgetter(8), reverse=True)
     out = []
-    for s in live:
-        assert s.worker_id is not None
-        state = SessionSnapshot(
-            s.id,
-            s.worker_id,
-            b"",
-            s.turns,
-            s.attained_tokens,
-            s.last_finish_reason,
-            s.think_s,
-            s.tool_pending,
-            max(0.0, now - s.last_pick_at),
-            max(0.0, now - s.last_done_at) if s.last_done_at is not None else None,
-            max(0.0, s.pinned_until - now),
-            s.expires_at - now,
+    for sid, worker, chain, turns, attained, finish, think, tool, picked, done, pinned, expires in live:
+        kept = chain if len(chain) <= budget else chain[-1:]
+        budget = max(0, budget - len(kept))
+        try:
+            packed = pack_hashes(kept)
+        except OverflowError:  # a hash outside uint64 (no xxh3 hash is): no chain to share
+            packed = b""
+        out.append(
+            SessionSnapshot(
+                sid,
+                worker,
+                packed,
+                turns,
+                attained,
+                finish,
+                think,
+                tool,
+                max(0.0, now - picked),
+                max(0.0, now - done) if done is not None else None,
+                max(0.0, pinned - now),
+                expires - now,
+            )
         )
-        out.append((state, s.chain))
     return out
 
 
@@ -228,25 +259,8 @@ def snapshot_of(
             for bit, tier_runs in _tier_runs(held, links, orphans, tier, captured.names).items():
                 runs.setdefault(captured.names[bit], []).extend(tier_runs)
     workers = [WorkerSnapshot(w, e, seq, runs.get(w, [])) for w, (e, seq) in captured.positions.items()]
-    sessions = pack_sessions(captured.sessions)
+    sessions = sessions_of(captured.sessions, captured.now)
     return IndexSnapshot(SNAPSHOT_VERSION, stream_seq, created_ts, source, workers, sessions)
-
-
-def pack_sessions(
-    captured: list[tuple[SessionSnapshot, list[int]]], budget: int = MAX_SESSION_CHAIN_BLOCKS
-) -> list[SessionSnapshot]:
-    """Each session with its chain packed, within `budget` blocks in all (in the given order; past it,
-    a chain's last block only)."""
-    out = []
-    for state, chain in captured:
-        kept = chain if len(chain) <= budget else chain[-1:]
-        budget = max(0, budget - len(kept))
-        try:
-            packed = pack_hashes(kept)
-        except OverflowError:  # a hash outside uint64 (no xxh3 hash is): no chain to share
-            packed = b""
-        out.append(msgspec.structs.replace(state, chain=packed))
-    return out
 
 
 def _tier_runs(
@@ -374,8 +388,10 @@ def apply_sessions(router: Router, sessions: list[SessionSnapshot], now: float, 
 
 
 def _finite(state: SessionSnapshot) -> bool:
-    times = (state.idle_s, state.pinned_s, state.expires_s, state.done_ago_s or 0.0, state.think_s or 0.0)
-    return all(math.isfinite(t) for t in times)
+    # one sum: a NaN or an infinity anywhere makes it non-finite (as do absurd values that overflow)
+    return math.isfinite(
+        state.idle_s + state.pinned_s + state.expires_s + (state.done_ago_s or 0.0) + (state.think_s or 0.0)
+    )
 
 
 def _session(state: SessionSnapshot, now: float, age: float, expires: float, pin_max_s: float) -> Session:

@@ -33,11 +33,11 @@ from router.snapshot import (
     apply_sessions,
     apply_snapshot,
     build_snapshot,
-    capture_sessions,
     decode_snapshot,
     encode_snapshot,
     pack_hashes,
-    pack_sessions,
+    session_rows,
+    sessions_of,
     unpack_hashes,
 )
 
@@ -390,8 +390,7 @@ def test_session_chains_are_bounded() -> None:
     router = approx_router("w0")
     for i in range(5):
         turn(router, f"r{i}", f"s{i}", [i * 100 + j for j in range(10)], float(i))
-    captured = capture_sessions(router, 10.0)
-    sessions = pack_sessions(captured, budget=25)
+    sessions = sessions_of(session_rows(router), 10.0, budget=25)
     # most recent first: s4 and s3 whole (20 blocks), then only the last block of each
     assert [len(s.chain) // 8 for s in sessions] == [10, 10, 1, 1, 1]
     assert [unpack_hashes(s.chain)[-1] for s in sessions] == [409, 309, 209, 109, 9]
