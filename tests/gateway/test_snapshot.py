@@ -148,6 +148,29 @@ async def test_recovery_from_snapshot_and_tail(nc: NATS, namespace: str, cluster
     assert sorted(router.workers()) == sorted(WORKERS)  # from the registry
 
 
+async def test_recovery_restores_the_session_table(nc: NATS, namespace: str, cluster: Cluster) -> None:
+    subjects = Subjects(namespace)
+    seq = await cluster.publish(60)
+    held = [c for c in cluster.chains if cluster.old.index.overlap(c)][:4]
+    for i, chain in enumerate(held):
+        cluster.old.pick(RouteRequest(f"r{i}", "m", chain, len(chain) * 16, f"s{i}", 8), 100.0)
+    bound = {s.id: s.worker_id for s in cluster.old.sessions.values()}
+    assert len(bound) == len(held) > 0
+    # taken on the old replica's clock (100 s); the new one's clock reads 7 s
+    snapshotter = Snapshotter(
+        SnapshotStore(nc, subjects), cluster.old, lambda: seq, lambda: True, clock=lambda: 100.0
+    )
+    await snapshotter.take()
+    router = Router()
+    recovery = IndexRecovery(nc, subjects, router, clock=lambda: 7.0)
+    await recovery.catch_up()
+    assert recovery.sessions_restored == len(bound)
+    assert {s.id: s.worker_id for s in router.sessions.values()} == bound
+    for s in router.sessions.values():
+        assert s.turns == 1 and 6.0 < s.last_pick_at <= 7.0  # picked just before the snapshot
+        assert s.chain == cluster.old.sessions.get(s.id).chain  # type: ignore[union-attr]
+
+
 async def test_recovery_without_a_snapshot_replays_everything(
     nc: NATS, namespace: str, cluster: Cluster
 ) -> None:
