@@ -424,9 +424,10 @@ async def test_a_new_replica_sends_each_session_to_its_worker_from_the_snapshot(
         await registry.start()
         async with running_gateway(nats_url, namespace, "gw-a", **config) as a:
             await a.wait_ready(workers=2)
-            # the agent's first turn is still prefilling on its worker when the chat's arrives: the
-            # chat goes to the other worker
-            first = asyncio.create_task(serve(a, "agent", "task: fix the failing test in parser.py"))
+            # the agent's first turn (~6k tokens) is still prefilling on its worker (~1 s) when the
+            # chat's arrives: the chat goes to the other worker
+            task = "task: fix the failing test in parser.py. Log of the failing run: " + "E " * 1500
+            first = asyncio.create_task(serve(a, "agent", task))
             await until(lambda: "agent" in a.router.sessions, 30.0, "the agent's first pick")
             bound["chat"], _ = await serve(a, "chat", "question: what does the parser do?")
             bound["agent"], _ = await first
