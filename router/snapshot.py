@@ -165,8 +165,8 @@ class IndexCapture(msgspec.Struct):
     now: float = 0.0
 
 
-# A session's fields as one tuple, in a C loop: copying 100k sessions stalls the event loop ~30 ms.
-# The chain is the router's own list, which it replaces and never mutates: packed later, on a thread.
+# A session's fields as one tuple, in a C loop (about a microsecond a session on the event loop; the
+# rest is built on a thread). The chain is the router's own list, which it replaces and never mutates.
 _ROW = operator.attrgetter(
     "id",
     "worker_id",
