@@ -37,7 +37,7 @@ from engines.mock import MockRunner
 from engines.worker import EngineLoop, WorkerApp, WorkerSettings
 from gateway.app import Gateway, GatewayConfig
 from gateway.cli import COMMANDS, build_parser
-from tests.charts.test_kvgate_chart import EXTERNAL_NATS, container, find, merge, render, values_file
+from tests.charts.test_kvgate_chart import EXTERNAL_NATS, container, find, merge, notes, render, values_file
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -573,3 +573,23 @@ def test_the_chart_pulls_the_image_this_repository_builds() -> None:
         assert container(doc)["image"] == expected
     readme = (ROOT / "README.md").read_text()
     assert f"docker build -t {expected} ." in readme
+
+
+@pytest.mark.parametrize(
+    ("values", "served"),
+    [
+        ({}, lambda: MockRunner.model_name),
+        (
+            {"workers": {"engine": "torch"}},
+            lambda: importlib.import_module("engines.torch.runner").TINY_MODEL_NAME,
+        ),
+        ({"workers": {"engine": "torch", "model": "llama"}}, lambda: "llama"),
+        (BRIDGES, lambda: BRIDGES["bridges"]["targets"][0]["model"]),
+    ],
+    ids=["mock", "torch", "named", "bridges"],
+)
+def test_the_notes_example_asks_for_a_model_the_workers_serve(values: dict[str, Any], served: Any) -> None:
+    """The gateway answers 404 to a model no worker serves: the install notes' curl must name one."""
+    text = notes(merge(values, EXTERNAL_NATS))
+    (body,) = re.findall(r"-d '(\{.*\})'", text)
+    assert json.loads(body)["model"] == served()
