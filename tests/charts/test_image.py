@@ -381,8 +381,8 @@ def test_a_wheel_built_from_the_copied_files_has_every_module_and_the_script(tmp
 CLIENT_SIDE = {"gateway/middleware.py": {"openai"}}
 
 
-def imported_distributions(path: Path, top_level_only: bool) -> set[str]:
-    """Third-party distributions a module imports (its whole body, or only what runs on import)."""
+def imported_modules(path: Path, top_level_only: bool) -> set[str]:
+    """Absolute module names a module imports (its whole body, or only what runs on import)."""
     tree = ast.parse(path.read_text())
     if top_level_only:
         nodes = [
@@ -396,9 +396,15 @@ def imported_distributions(path: Path, top_level_only: bool) -> set[str]:
     names: set[str] = set()
     for node in nodes:
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+    return names
+
+
+def imported_distributions(path: Path, top_level_only: bool) -> set[str]:
+    """Third-party distributions a module imports."""
+    names = {name.split(".")[0] for name in imported_modules(path, top_level_only)}
     names -= set(sys.stdlib_module_names) | set(package_dirs()) | {"__future__"}
     names -= CLIENT_SIDE.get(path.relative_to(ROOT).as_posix(), set())
     owners = installed_owners()
@@ -440,8 +446,13 @@ def test_an_image_without_extras_still_starts_every_command() -> None:
     for path in repo_sources():
         if path.is_relative_to(ROOT / "engines" / "torch"):
             continue
+        rel = path.relative_to(ROOT)
         undeclared = imported_distributions(path, top_level_only=True) - allowed
-        assert not undeclared, f"{path.relative_to(ROOT)} imports {undeclared} on import: not in a slim image"
+        assert not undeclared, f"{rel} imports {undeclared} on import: not in a slim image"
+        torch_engine = {
+            m for m in imported_modules(path, top_level_only=True) if m.startswith("engines.torch")
+        }
+        assert not torch_engine, f"{rel} imports {torch_engine} (and so torch) on import"
 
 
 # --- the chart's commands and ports against the image
