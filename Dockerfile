@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The image charts/kvgate runs: `kvgate` is the entrypoint, the chart passes the subcommand
 # (gateway, worker, bridge). Build from the repository root:
 #   docker build -t kvgate:0.1.0 .                           # gateway, bridges, mock + torch (CPU) workers
@@ -29,15 +28,18 @@ RUN case ",${EXTRAS}," in \
         fi ;; \
     esac
 
-# Only the files the package is built from (pyproject's readme is part of its metadata). One COPY per
-# package: a COPY of several folders would merge their contents into one.
+# The dependencies on their own layer, rebuilt only when pyproject.toml (or the readme, part of the
+# metadata) changes: the project installed before its packages are copied pulls them all in.
 WORKDIR /src
 COPY pyproject.toml README.md ./
+RUN pip install --no-cache-dir "./${EXTRAS:+[${EXTRAS}]}"
+
+# Then the code. One COPY per package: a COPY of several folders would merge their contents into one.
 COPY gateway/ gateway/
 COPY router/ router/
 COPY engines/ engines/
 COPY loadgen/ loadgen/
-RUN pip install --no-cache-dir "./${EXTRAS:+[${EXTRAS}]}"
+RUN pip install --no-cache-dir --no-deps --force-reinstall ./
 
 
 FROM python:3.11-slim AS runtime

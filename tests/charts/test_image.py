@@ -286,12 +286,13 @@ def test_torch_is_the_cpu_build_by_default() -> None:
     assert args["TORCH_INDEX_URL"] == CPU_TORCH_INDEX
     (torch_spec,) = [r for r in extras["torch"] if re.match(r"torch\b", r)]
     assert Version(args["TORCH_VERSION"]) in SpecifierSet(torch_spec.removeprefix("torch"))
-    runs = [i for i in build.all("RUN") if "pip install" in i.value]
-    torch_run, package_run = runs
+    torch_run, *package_runs = [i for i in build.all("RUN") if "pip install" in i.value]
     assert '--index-url "${TORCH_INDEX_URL}"' in torch_run.value
     assert '"torch==${TORCH_VERSION}"' in torch_run.value
     # torch before the package, so `.[torch]` finds it satisfied instead of fetching PyPI's CUDA build.
-    assert torch_run.line < package_run.line
+    assert all(torch_run.line < run.line for run in package_runs)
+    # The extras chosen are the ones installed.
+    assert any('"./${EXTRAS:+[${EXTRAS}]}"' in run.value for run in package_runs)
 
 
 # --- the build context and the install
@@ -335,7 +336,7 @@ def test_the_build_stage_copies_every_package_pyproject_builds() -> None:
         rel = path.relative_to(ROOT).as_posix()
         assert files.get(rel) == path, f"{rel} does not reach the image at its package path"
     (workdir,) = [i.value for i in build.all("WORKDIR")]
-    (install,) = [i for i in build.all("RUN") if re.search(r"pip install\b.*\"\./", i.value)]
+    *_, install = [i for i in build.all("RUN") if re.search(r"pip install\b.*\s\"?\./", i.value)]
     assert install.line > max(i.line for i in build.all("COPY")), "installs after the sources are in"
     assert workdir == "/src"
 
