@@ -54,7 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="session_kv routes without holding sessions under memory pressure (router/admission.py)",
     )
-    parser.add_argument("--jobs", type=_positive_int, default=1, help="policies run in parallel processes")
+    parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="policies run in parallel processes (default: one per policy, at most one per core)",
+    )
     parser.add_argument(
         "--json", metavar="OUT", default=None, help="write the result object to OUT (- = stdout)"
     )

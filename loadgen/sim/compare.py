@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
+import traceback
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from loadgen.sim.metrics import summarize
@@ -35,18 +39,80 @@ def run_policy(workload: Workload, policy: str, config: SimConfig) -> tuple[SimR
     return run, time.perf_counter() - started
 
 
+def default_jobs(policies: int) -> int:
+    """One process per policy, at most one per core this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(policies, cores or 1))
+
+
+def _child(conn: Connection, workload: Workload, policy: str, config: SimConfig) -> None:
+    """A forked process's whole life: one policy's replay, its result (or its error) sent back."""
+    try:
+        conn.send(("ok", run_policy(workload, policy, config)))
+    except Exception:  # the parent reports it: a child must not die silently
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _run_forked(
+    workload: Workload, policies: Sequence[str], config: SimConfig, jobs: int
+) -> dict[str, tuple[SimRun, float]]:
+    """Up to `jobs` policies at a time, each in a forked child: the hashed workload (hundreds of MB of
+    memoised block hashes on a big trace) is inherited through fork instead of pickled per task."""
+    ctx = multiprocessing.get_context("fork")
+    pending = list(policies)
+    running: dict[Connection, tuple[multiprocessing.process.BaseProcess, str]] = {}
+    results: dict[str, tuple[SimRun, float]] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                policy = pending.pop(0)
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_child, args=(send, workload, policy, config), daemon=True)
+                proc.start()
+                send.close()  # the child holds the only writer: EOF if it dies
+                running[recv] = (proc, policy)
+            for conn in wait(list(running)):
+                proc, policy = running.pop(conn)  # type: ignore[index]
+                try:
+                    status, value = conn.recv()  # type: ignore[union-attr]
+                except EOFError:
+                    proc.join()
+                    died = f"policy {policy}: its process died (exit code {proc.exitcode})"
+                    raise RuntimeError(died) from None
+                conn.close()  # type: ignore[union-attr]
+                proc.join()
+                if status != "ok":
+                    raise RuntimeError(f"policy {policy} failed:\n{value}")
+                results[policy] = value
+    finally:
+        for conn, (proc, _policy) in running.items():  # an error above: end the others
+            proc.terminate()
+            proc.join()
+            conn.close()
+    return results
+
+
 def compare(
     trace_name: str | Path,
     workload: Workload,
     policies: Sequence[str],
     config: SimConfig,
-    jobs: int = 1,
+    jobs: int | None = 1,
 ) -> tuple[SimReport, dict[str, SimRun], dict[str, float]]:
-    """Replay the workload once per policy; returns the report, the raw runs and seconds per policy."""
+    """Replay the workload once per policy; returns the report, the raw runs and seconds per policy.
+    `jobs`: policies run in parallel processes (None: `default_jobs`)."""
+    if jobs is None:
+        jobs = default_jobs(len(policies))
     oracle = oracle_figures(workload, config.max_num_batched_tokens)  # also warms the hash memo
     runs: dict[str, SimRun] = {}
     runtime: dict[str, float] = {}
-    if jobs > 1 and len(policies) > 1:
+    if jobs > 1 and len(policies) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        results = _run_forked(workload, policies, config, jobs)
+        for policy in policies:  # in the caller's order, not the order they finished in
+            runs[policy], runtime[policy] = results[policy]
+    elif jobs > 1 and len(policies) > 1:
         with ProcessPoolExecutor(max_workers=min(jobs, len(policies))) as pool:
             # each process gets its own copy of the hashed workload (pickled once per task)
             futures = {p: pool.submit(run_policy, workload, p, config) for p in policies}

@@ -4,12 +4,13 @@ answer is known by construction, fast-forward equivalence, and the CLI's JSON ob
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
 
 from gateway.cli import main
-from loadgen.sim.compare import POLICIES, compare, parse_policies
+from loadgen.sim.compare import POLICIES, compare, default_jobs, parse_policies
 from loadgen.sim.metrics import summarize
 from loadgen.sim.oracle import oracle_figures
 from loadgen.sim.simulation import SimConfig, Simulation
@@ -73,6 +74,35 @@ def test_same_seed_same_numbers_and_seed_matters() -> None:
     ]
     assert runs[0] == runs[1]
     assert runs[0].policies["random"] != runs[2].policies["random"]
+
+
+def test_parallel_policies_give_the_numbers_of_one_process() -> None:
+    # forked children inherit the hashed workload; their results come back in the caller's order
+    rows = agent_sessions(6, 5, seed=7)
+    policies = ["session_kv", "random", "kv_overlap"]
+    serial, serial_runs, _ = compare("gen", workload(rows), policies, small_config(), jobs=1)
+    forked, forked_runs, runtime = compare("gen", workload(rows), policies, small_config(), jobs=2)
+    assert forked == serial
+    assert list(forked_runs) == list(runtime) == policies
+    for policy in policies:
+        a, b = serial_runs[policy], forked_runs[policy]
+        assert (a.steps, a.events, a.pins, a.busy_s) == (b.steps, b.events, b.pins, b.busy_s)
+        assert [(r.worker, r.first_token, r.finish) for r in a.records] == [
+            (r.worker, r.first_token, r.finish) for r in b.records
+        ]
+
+
+def test_a_failing_policy_process_is_reported() -> None:
+    rows = agent_sessions(2, 2, seed=8)
+    with pytest.raises(RuntimeError, match="policy random failed"):
+        # workers=0 is refused inside the child's Simulation: the error crosses back, nothing hangs
+        compare("gen", workload(rows), ["random", "session_kv"], small_config(workers=0), jobs=2)
+
+
+def test_default_jobs_use_the_cores_there_are() -> None:
+    assert default_jobs(1) == 1
+    assert 1 <= default_jobs(7) <= 7
+    assert default_jobs(1000) == len(os.sched_getaffinity(0))
 
 
 def test_turns_wait_for_their_predecessor_plus_capped_think_time() -> None:
