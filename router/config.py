@@ -63,13 +63,18 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     memory_pressure_factor: float = 0.4
     memory_balance_factor: float = 0.01
     inflight_pressure_factor: float = 1.0
+    # a prefill on a worker stalls the requests running there (a step that carries a chunk of it is that
+    # much longer for all of them), and while memory is full that stall holds their blocks and delays
+    # every admission: missing tokens cost `stall_factor` x running requests x the worker's memory
+    # fullness (in-flight blocks plus this prompt over its capacity, at most 1) times more (idea 10)
+    stall_factor: float = 2.0
     # admission by session (router/admission.py; session_kv only): while the resident sessions' contexts
     # (turns in flight or pinned) fill `admission_fill` of the pool's blocks, other sessions' turns wait,
     # at most `admission_max_hold_s`; at most `admission_max_held` turns wait at once; a turn whose
     # prefix of at least `admission_cached_fraction` of its blocks is cached on a worker never waits
     # `admission_yield`: at its tool boundary a resident session with more attained service than the
     # blocked head of the queue leaves the resident set (its next turn queues) so the head gets in
-    session_admission: bool = True
+    session_admission: bool = False  # off: on the capacity-bound trace its holds cost more than they save
     admission_cached_fraction: float = 0.5
     admission_yield: bool = True
     admission_fill: float = 1.1
@@ -86,6 +91,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
         if not 0 <= self.think_alpha <= 1:
             raise ValueError("think_alpha must be within [0, 1]")
         memory = (
+            self.stall_factor,
             self.live_session_s,
             self.memory_free_fraction,
             self.memory_pressure_factor,

@@ -20,6 +20,13 @@ their context fits and live sessions stop evicting each other. Below that, `memo
 charges a little for every live block, so cold sessions spread by memory before any worker is full;
 and blocks held by in-flight requests beyond the worker's capacity mean waiting for admission, charged
 `inflight_pressure_factor` x their prefill time (docs/ROUTING.md has the measurements of each).
+
+Stall: a turn's own TTFT is not all its prefill costs. Every step that carries a chunk of it is longer for
+every request running on that worker, and while the worker's memory is full those requests hold their
+blocks the longer, so every admission there waits too. The missing tokens are charged
+`1 + stall_factor x running x fullness` times (fullness: in-flight blocks plus this prompt over the
+worker's capacity, at most 1): a miss where many decode in a full worker is dear, one on an idle worker is
+not, and a hit on a busy worker beats a miss on a slightly shorter queue.
 """
 
 from __future__ import annotations
@@ -88,14 +95,15 @@ class SessionKv(Policy):
         session_id: str | None,
         sticky: str | None,
     ) -> dict[str, float]:
-        """Estimated TTFT in ms plus the memory terms, for every candidate that can be the cheapest
-        (and the session's worker); the others are left out."""
+        """Estimated TTFT in ms plus the stall and memory terms, for every candidate that can be the
+        cheapest (and the session's worker); the others are left out."""
         now = view.now
         bs = view.block_size
         loads = view.load.workers
         ms_per_token = self._pool_ms_per_token(view)
         block_ms = bs * ms_per_token
         ttft: dict[str, float] = {}
+        stall_factor = self.config.stall_factor
         for w in view.candidates:
             wl = loads[w]
             queued = (
@@ -103,7 +111,15 @@ class SessionKv(Policy):
             )
             held = credit.get(w)
             missing = n_tokens - held * bs if held else n_tokens
-            ttft[w] = (queued + (missing if missing > 0 else 0)) * ms_per_token
+            if missing < 0:
+                missing = 0
+            report = wl.report
+            if stall_factor and report is not None and report.total_blocks > 0:
+                # the running requests wait out this prefill too (the docstring's "Stall")
+                running = report.running if now <= wl.fresh_until else wl.requests
+                full = (wl.inflight_blocks + n_blocks) / report.total_blocks
+                missing *= 1.0 + stall_factor * running * (full if full < 1.0 else 1.0)
+            ttft[w] = (queued + missing) * ms_per_token
         # the memory terms only add: take workers cheapest first and stop at the first whose TTFT alone
         # exceeds the best total found (64 workers cost a few, not 64, memory evaluations)
         own = self._live.get(session_id) if session_id else None

@@ -160,7 +160,7 @@ def test_session_kv_avoids_a_cached_worker_whose_queue_makes_it_slower() -> None
 def test_session_kv_prices_tokens_at_the_pool_speed() -> None:
     # a worker's measured speed mostly says how long its recent prompts were (a step's fixed cost),
     # so workers are compared by tokens at the pool's median speed (docs/ROUTING.md, idea 1)
-    router = make("session_kv", n=3)
+    router = make("session_kv", n=3, stall_factor=0.0)  # the cost is then prefill alone
     prompt = chain(100)
     hold(router, "w0", prompt[:50])
     load(router, "w0", 0, speed=1_000.0)  # holds half, and looks 10x slower
@@ -287,3 +287,31 @@ def test_session_kv_sends_a_new_session_where_its_context_fits(memory: bool) -> 
     # a new 300-block session: on w0 it would push 1,100 live blocks into 1,000
     d = router.pick(req("new", system + chain(290, base=900_000), "new"), 1.0)
     assert d.worker_id == ("w1" if memory else "w0")
+
+
+def test_session_kv_charges_a_miss_for_the_requests_it_stalls() -> None:
+    # w0 holds 150 of the prompt's 200 blocks behind a long queue; w1 holds nothing and has no queue.
+    # By TTFT alone the miss on w1 is faster (3,200 < 3,000 + 800 tokens); but w1's prefill would stall
+    # four running requests in a full memory, so the hit waits out w0's queue instead
+    router = make("session_kv", n=2, memory_pressure_factor=0.0, memory_balance_factor=0.0)
+    prompt = chain(200)
+    hold(router, "w0", prompt[:150])
+
+    def report(worker: str, running: int, prefill: int) -> None:  # 250 blocks: this prompt fills 80 %
+        router.apply_load(LoadReport(worker, 0.0, running, 0, prefill, 0, 250, 10_000.0, 100.0), 0.0)
+
+    report("w0", 4, 3_000)
+    report("w1", 4, 0)
+    d = router.pick(req("r1", prompt), 0.0)
+    stall = 1 + RouterConfig().stall_factor * 4 * 200 / 250
+    assert d.worker_id == "w0"
+    assert d.estimated_cost == pytest.approx((3_000 + 50 * BS * stall) / 10_000.0 * 1000)
+    # where nothing runs, a miss stalls nobody: the idle worker's shorter wait wins
+    report("w1", 0, 0)
+    assert router.pick(req("r2", prompt), 0.0).worker_id == "w1"
+    # and without the charge the miss wins on TTFT alone
+    plain = make("session_kv", n=2, memory_pressure_factor=0.0, memory_balance_factor=0.0, stall_factor=0.0)
+    hold(plain, "w0", prompt[:150])
+    for worker, prefill in (("w0", 3_000), ("w1", 0)):
+        plain.apply_load(LoadReport(worker, 0.0, 4, 0, prefill, 0, 250, 10_000.0, 100.0), 0.0)
+    assert plain.pick(req("r3", prompt), 0.0).worker_id == "w1"
