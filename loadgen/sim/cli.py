@@ -50,9 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--bus-delay-ms", type=float, default=5.0, help="KV events, load reports, pins")
     parser.add_argument(
-        "--no-admission",
-        action="store_true",
-        help="session_kv routes without holding sessions under memory pressure (router/admission.py)",
+        "--admission",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="session_kv holds sessions under memory pressure (router/admission.py); default: the "
+        "router's (off)",
     )
     parser.add_argument(
         "--jobs",
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         bus_delay_s=args.bus_delay_ms / 1000.0,
         seed=args.seed,
-        session_admission=not args.no_admission,
+        session_admission=args.admission,
     )
     workload = Workload(
         rows,

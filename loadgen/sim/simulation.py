@@ -54,7 +54,7 @@ class SimConfig(msgspec.Struct, frozen=True):
     fast_forward: bool = True  # take runs of pure decode steps as one event (same results)
     stall_timeout_s: float = 3600.0  # virtual seconds without any output before in-flight work fails
     seed: int = 0
-    session_admission: bool = True  # RouterConfig.session_admission when no router config is given
+    session_admission: bool | None = None  # RouterConfig.session_admission when no router config is given
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -100,10 +100,10 @@ class Simulation:
         if config.block_size != workload.block_size:
             raise ValueError("the workload was hashed with another block size")
         self.loop = EventLoop()
-        if router_config is None and not config.session_admission:
+        if router_config is None and config.session_admission is not None:
             from router.config import RouterConfig
 
-            router_config = RouterConfig(session_admission=False)
+            router_config = RouterConfig(session_admission=config.session_admission)
         kwargs: dict[str, Any] = {"policy": policy, "seed": config.seed}
         if router_config is not None:
             kwargs["config"] = router_config

@@ -87,7 +87,10 @@ async def test_waiters_fail_fast_when_their_workers_leave() -> None:
 
 
 def session_router(capacity_blocks: int, max_hold_s: float = 30.0) -> Router:
-    router = Router("session_kv", RouterConfig(admission_fill=1.0, admission_max_hold_s=max_hold_s))
+    router = Router(
+        "session_kv",
+        RouterConfig(session_admission=True, admission_fill=1.0, admission_max_hold_s=max_hold_s),
+    )
     registration = WorkerRegistration("w1", "http://w1", "m", 16, capacity_blocks, "mock", 1, 0.0)
     router.add_worker(registration, time.monotonic())
     return router

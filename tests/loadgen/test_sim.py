@@ -275,7 +275,9 @@ def test_admission_by_session_keeps_a_capacity_bound_pair_from_thrashing() -> No
     wl = workload(two_big_sessions())
     # a hold bound longer than the first session and no yielding (least attained service would swap two
     # equal sessions at every tool boundary), so the case does not depend on the default's tuning
-    admitting = RouterConfig(admission_fill=0.9, admission_max_hold_s=60.0, admission_yield=False)
+    admitting = RouterConfig(
+        session_admission=True, admission_fill=0.9, admission_max_hold_s=60.0, admission_yield=False
+    )
     held = Simulation(wl, "session_kv", small_config(workers=1), admitting).run()
     free = Simulation(wl, "session_kv", small_config(workers=1, session_admission=False)).run()
     assert held.held == 1 and free.held == 0

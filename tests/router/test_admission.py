@@ -149,6 +149,7 @@ def test_conservation_every_held_turn_is_released_once() -> None:
 
 
 def router(capacity_blocks: int, **config: float | bool) -> Router:
+    config.setdefault("session_admission", True)  # the tests are of admission itself: on whatever the default
     r = Router("session_kv", RouterConfig(**config))  # type: ignore[arg-type]
     r.add_worker(WorkerRegistration("w0", "http://w0", "m", 16, capacity_blocks, "mock", 1, 0.0), 0.0)
     return r
