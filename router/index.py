@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from itertools import islice, repeat
+from itertools import compress, islice, repeat
+from operator import and_, is_, is_not, not_, or_, xor
 
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent, Tier
 
@@ -134,6 +135,16 @@ class TierIndex:
         held = self._held
         if held.keys().isdisjoint(hashes):
             return self._store_fresh(bit, hashes, parent)
+        masks = list(map(held.get, hashes, repeat(0)))
+        if not any(map(and_, masks, repeat(bit))):
+            distinct = set(hashes)
+            if len(distinct) == len(hashes) and parent not in distinct:
+                return self._store_new(bit, hashes, parent, masks)
+        return self._store_loop(bit, hashes, parent)
+
+    def _store_loop(self, bit: int, hashes: Sequence[int], parent: int | None) -> int:
+        """Any store, one block at a time (blocks listed twice, some held already)."""
+        held = self._held
         get = held.get
         children = self._children
         child_of = children.get
@@ -172,6 +183,13 @@ class TierIndex:
         masks = list(map(held.get, hashes))
         if masks.count(bit) == len(masks):
             return self._remove_alone(bit, hashes)
+        if None not in masks and all(map(and_, masks, repeat(bit))) and len(set(hashes)) == len(hashes):
+            return self._remove_held(bit, hashes, list(map(xor, masks, repeat(bit))))
+        return self._remove_loop(bit, hashes)
+
+    def _remove_loop(self, bit: int, hashes: list[int]) -> int:
+        """Any removal, one block at a time (blocks listed twice, some not held)."""
+        held = self._held
         get = held.get
         children = self._children
         child_of = children.get
@@ -229,6 +247,88 @@ class TierIndex:
             elif kids != hashes[0]:
                 self._link(parent, kids, hashes[0])
         return len(held) - before  # a block listed twice counts once
+
+    def _store_new(self, bit: int, hashes: Sequence[int], parent: int | None, masks: list[int]) -> int:
+        """Blocks new to worker `bit` (some held by others: a shared prefix), each listed once, not
+        `parent`: `store`'s loop in C loops, with the loop's end state. Links to children are merged,
+        never overwritten, as others hold these blocks."""
+        held = self._held
+        children = self._children
+        if self._dirty & bit:
+            for h in hashes:
+                if h in children:
+                    self._adopt(h, bit)  # its children held by `bit` are orphans no more
+        held.update(zip(hashes, map(or_, masks, repeat(bit)), strict=True))
+        if parent is not None:
+            if not held.get(parent, 0) & bit:
+                self._mark(hashes[0], bit)  # stored before (or without) its parent
+            prevs: Sequence[int] = [parent, *hashes[:-1]]
+            nexts: Sequence[int] = hashes
+        else:
+            prevs, nexts = hashes[:-1], hashes[1:]
+        links = list(map(children.get, prevs))
+        missing = list(map(is_, links, repeat(None)))
+        children.update(compress(zip(prevs, nexts, strict=True), missing))
+        if missing.count(True) != len(missing):
+            # parents with another child already: rare, merged one by one
+            for prev, kids, h in compress(zip(prevs, links, nexts, strict=True), map(not_, missing)):
+                if kids != h:
+                    self._link(prev, kids, h)
+        return len(hashes)
+
+    def _remove_held(self, bit: int, hashes: list[int], rest: list[int]) -> int:
+        """Blocks worker `bit` holds, each listed once, `rest` the other holders' bits of each: the
+        common shared-block eviction, in C loops, with the end state `remove`'s loop leaves."""
+        held = self._held
+        children = self._children
+        if 0 in rest:
+            keep = list(map(bool, rest))
+            held.update(zip(compress(hashes, keep), compress(rest, keep), strict=True))
+            list(map(held.__delitem__, compress(hashes, map(not_, keep))))
+        else:
+            held.update(zip(hashes, rest, strict=True))
+        if self._dirty & bit:
+            orphan_of = self._orphans.get
+            for h in compress(hashes, map(and_, map(orphan_of, hashes, repeat(0)), repeat(bit))):
+                self._unmark(h, bit)
+        links = list(map(children.get, hashes))
+        has = list(map(is_not, links, repeat(None)))
+        if True in has:
+            parents = list(compress(hashes, has))
+            kids = list(compress(links, has))
+            gone = list(map(not_, compress(rest, has)))  # nobody holds the parent any more
+            try:
+                kid_masks = list(map(held.get, kids, repeat(0)))
+            except TypeError:  # a parent with several children: one by one
+                for h, its_kids, is_gone in zip(parents, kids, gone, strict=True):
+                    self._unlink_removed(bit, h, its_kids, is_gone)
+            else:
+                for kid in compress(kids, map(and_, kid_masks, repeat(bit))):
+                    self._mark(kid, bit)  # its parent left before it did
+                if True in gone:
+                    held_kid = list(map(bool, kid_masks))
+                    self._dead_parents.extend(compress(parents, map(and_, gone, held_kid)))
+                    dead = compress(parents, map(and_, gone, map(not_, held_kid)))
+                    list(map(children.__delitem__, dead))
+        if len(self._dead_parents) > 1024 + (len(held) >> 2):
+            self._sweep_dead_parents()
+        return len(hashes)
+
+    def _unlink_removed(self, bit: int, h: int, kids: int | list[int], gone: bool) -> None:
+        """`h` left worker `bit`: its children there lost their parent; a parent nobody holds keeps
+        its links only while someone holds a child."""
+        held = self._held
+        orphaned = False
+        for kid in kids if type(kids) is list else (kids,):
+            kid_mask = held.get(kid, 0)
+            if kid_mask & bit:
+                self._mark(kid, bit)
+            orphaned = orphaned or bool(kid_mask)
+        if gone:
+            if orphaned:
+                self._dead_parents.append(h)
+            else:
+                del self._children[h]
 
     def _remove_alone(self, bit: int, hashes: list[int]) -> int:
         """The common case: blocks only this worker held, usually leaf first, so their links die too."""

@@ -273,3 +273,64 @@ def test_a_dropped_worker_is_masked_at_once_and_swept_in_slices() -> None:
     assert index.overlap(chain) == {} and index.overlap([7]) == {"b": 1}
     index.sweep_all()
     assert len(index) == 1
+
+
+class LoopTierIndex(TierIndex):
+    """The straightforward index: every store and removal one block at a time."""
+
+    def store(self, bit: int, hashes, parent: int | None) -> int:
+        return self._store_loop(bit, hashes, parent)
+
+    def remove(self, bit: int, hashes) -> int:
+        return self._remove_loop(bit, list(hashes))
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams())
+def test_run_fast_paths_leave_the_state_of_the_block_by_block_loops(stream) -> None:
+    """Shared-block stores and removals taken in C loops hold the same blocks, mark the same orphans
+    and answer the same overlaps as the per-block loops."""
+    forest, ops = stream
+    fast, loop = BlockIndex(), BlockIndex()
+    loop.tiers = {t: LoopTierIndex() for t in TIERS}
+    for index in (fast, loop):
+        for w in WORKERS:
+            index.add_worker(w, 10_000)
+    for kind, worker, tier, hashes, parent in ops:
+        if kind == "store":
+            event = BlockStored(hashes, parent, tier)
+        elif kind == "remove":
+            event = BlockRemoved(hashes, tier)
+        elif kind == "clear":
+            event = AllBlocksCleared()
+        else:
+            continue
+        for index in (fast, loop):
+            index.apply(worker, [event])
+        for t in TIERS:
+            assert fast.tiers[t]._held == loop.tiers[t]._held
+            assert fast.tiers[t].dirty_mask == loop.tiers[t].dirty_mask
+            assert fast.tiers[t]._orphans == loop.tiers[t]._orphans
+        for node in range(len(forest.parents)):
+            chain = forest.chain(node)
+            for t in TIERS:
+                assert fast.overlap(chain, t) == loop.overlap(chain, t)
+        assert fast.blocks_of(worker) == loop.blocks_of(worker)
+
+
+def test_shared_blocks_stored_and_evicted_as_runs() -> None:
+    tier = TierIndex()
+    chain = list(range(100, 164))
+    tier.store(1, chain, None)
+    assert tier.store(2, chain[:40], None) == 40  # all shared with worker 1: the run path
+    tier.store(2, [900, 901], chain[39])  # a branch of worker 2 off the shared prefix
+    assert expand(tier.prefixes([*chain[:40], 900, 901])) == {1: 40, 2: 42}
+    assert tier.remove(1, chain[63:19:-1]) == 44  # tail first, half of it shared: the run path
+    assert tier.dirty_mask == 0
+    assert expand(tier.prefixes(chain)) == {1: 20, 2: 40}
+    assert tier.remove(2, [chain[10]]) == 1  # a shared parent leaves worker 2 before its children
+    assert tier.dirty_mask == 2
+    assert expand(tier.prefixes([*chain[:40], 900])) == {1: 20, 2: 10}
+    assert tier.store(2, [chain[10]], chain[9]) == 1  # back: its children are adopted again
+    assert tier.dirty_mask == 0
+    assert expand(tier.prefixes([*chain[:40], 900])) == {1: 20, 2: 41}
