@@ -35,3 +35,32 @@ def test_shared_traces_load() -> None:
     assert all(r.hash_ids and r.input_length > 0 for r in rows)
     mooncake = load_trace(TRACES / "mooncake_conversation.jsonl", limit=50)
     assert not is_session_trace(mooncake)
+
+
+def test_memoised_rows_take_one_c_loop_with_the_same_result() -> None:
+    content = TraceContent(trace_block_size=64, vocab_size=1000)
+    warm = TraceBlockHasher(content, block_size=16)
+    rows = [
+        TraceRow(0, 64 * 4, 5, [1, 2, 3, 4]),
+        TraceRow(1, 64 * 2 + 40, 5, [1, 2, 3, 4]),  # a prompt shorter than its ids: the tail is cut
+        TraceRow(2, 10, 5, [1, 2]),  # shorter than one block
+        TraceRow(3, 64 * 2, 5, [1, 2, 5]),  # a new id after known ones: the slow path
+    ]
+    for row in rows:
+        cold = TraceBlockHasher(content, block_size=16)
+        expected = block_hashes(content.prompt_tokens(row), 16)
+        assert cold.block_hashes(row) == expected
+        assert warm.block_hashes(row) == expected == warm.block_hashes(row)
+
+
+def test_fast_trace_tokens_are_the_shake_words_mod_vocab() -> None:
+    import hashlib
+    from array import array
+
+    from loadgen.sim.workload import FastTraceContent
+
+    content = FastTraceContent(trace_block_size=512, vocab_size=32_000, seed=3)
+    for hash_id in (0, 7, 2**40):
+        words = array("I", hashlib.shake_128(f"3:{hash_id}".encode()).digest(4 * 512))
+        tokens = content.tokens_for_id(hash_id)
+        assert tokens == [w % 32_000 for w in words] and all(type(t) is int for t in tokens)
