@@ -27,6 +27,7 @@ from gateway.session_id import explicit_session_id
 from gateway.upstream import UpstreamPool
 from gateway.validation import Kind, Turn, parse_turn
 from router.chat import TemplateError
+from router.config import RouterConfig
 from router.protocol import Subjects, WorkerRegistration
 from router.request import Decision, RouteRequest
 from router.router import Router
@@ -53,6 +54,7 @@ class GatewayConfig(msgspec.Struct, frozen=True):
     stale_after_s: float = 3.0
     gateway_id: str = "gateway"
     snapshot_interval_s: float = 30.0  # index snapshots for new replicas (taken by one replica in turn)
+    router_config: RouterConfig = msgspec.field(default_factory=RouterConfig)  # the routing tunables
 
 
 class Gateway:
@@ -61,7 +63,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
-        self.router = Router(policy=config.policy)
+        self.router = Router(policy=config.policy, config=config.router_config)
         self.subjects = Subjects(config.namespace)
         self.admission = Admission(config.queue_bound, config.queue_timeout_s)
         hold_s = self.router.config.admission_max_hold_s + config.queue_timeout_s

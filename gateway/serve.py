@@ -7,12 +7,22 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import uuid
+from collections.abc import Sequence
+from difflib import get_close_matches
+from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from gateway.app import Gateway, GatewayConfig
+from router.config import RouterConfig
 from router.policies import POLICIES
+
+log = logging.getLogger("kvgate.gateway")
+
+MAX_ROUTER_CONFIG_BYTES = 1 << 20  # a JSON object of a few dozen tunables; anything near this is a wrong file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,10 +55,101 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds between index snapshots in the NATS object store (replicas take turns)",
     )
+    add_router_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
 
 
-def config_from(args: argparse.Namespace) -> GatewayConfig:
+def add_router_arguments(parser: argparse.ArgumentParser) -> None:
+    """The router's tunables (router/config.py `RouterConfig`); `kvgate up` takes them too."""
+    parser.add_argument(
+        "--router-config",
+        metavar="FILE",
+        help='JSON object of RouterConfig fields (router/config.py), e.g. {"session_admission": true}',
+    )
+    parser.add_argument(
+        "--router-set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="one RouterConfig field over --router-config, VALUE as JSON (repeatable), e.g. stall_factor=1.5",
+    )
+
+
+class RouterConfigError(Exception):
+    """A router config file or override the gateway cannot use; the message is one line naming it."""
+
+
+def load_router_config(path: str | None, overrides: Sequence[str] = ()) -> RouterConfig:
+    """The file's fields, then each KEY=VALUE over them; every step checked as RouterConfig checks it,
+    so an error names the file or the override that made it."""
+    config, fields = RouterConfig(), {}
+    if path is not None:
+        fields = _read_object(path)
+        config = _to_config(fields, f"--router-config {path}")
+    for item in overrides:
+        key, value = _parse_override(item)
+        fields = {**fields, key: value}
+        config = _to_config(fields, f"--router-set {item}")
+    return config
+
+
+def router_config_from(args: argparse.Namespace) -> RouterConfig:
+    return load_router_config(args.router_config, args.router_set)
+
+
+def _read_object(path: str) -> dict[str, Any]:
+    where = f"--router-config {path}"
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_ROUTER_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise RouterConfigError(f"{where}: {exc.strerror or exc}") from None
+    if len(data) > MAX_ROUTER_CONFIG_BYTES:
+        raise RouterConfigError(f"{where}: larger than {MAX_ROUTER_CONFIG_BYTES} bytes")
+    try:
+        fields = msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise RouterConfigError(f"{where}: not JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise RouterConfigError(f"{where}: expected a JSON object of RouterConfig fields")
+    return fields
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise RouterConfigError(f"--router-set {item}: expected KEY=VALUE, e.g. session_admission=true")
+    try:
+        return key.strip(), msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        raise RouterConfigError(f"--router-set {item}: VALUE must be JSON (true, 1.5, 64)") from None
+
+
+def _to_config(fields: dict[str, Any], where: str) -> RouterConfig:
+    # RouterConfig ignores unknown fields when decoding; a typo must not silently keep the default.
+    for key in fields:
+        if key not in RouterConfig.__struct_fields__:
+            close = get_close_matches(key, RouterConfig.__struct_fields__, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RouterConfigError(f"{where}: unknown field {key!r}{hint}")
+    try:
+        return msgspec.convert(fields, RouterConfig)  # types as JSON decoding checks them, then __post_init__
+    except msgspec.ValidationError as exc:
+        raise RouterConfigError(f"{where}: {exc}") from None
+
+
+def describe_router_config(config: RouterConfig) -> str:
+    """The fields that differ from the defaults, as KEY=JSON, for the start-up log."""
+    default = RouterConfig()
+    changed = [
+        f"{name}={msgspec.json.encode(getattr(config, name)).decode()}"
+        for name in RouterConfig.__struct_fields__
+        if getattr(config, name) != getattr(default, name)
+    ]
+    return " ".join(changed) if changed else "all defaults"
+
+
+def config_from(args: argparse.Namespace, router_config: RouterConfig) -> GatewayConfig:
     return GatewayConfig(
         nats_url=args.nats,
         namespace=args.namespace,
@@ -60,18 +161,20 @@ def config_from(args: argparse.Namespace) -> GatewayConfig:
         queue_bound=args.queue_bound,
         snapshot_interval_s=args.snapshot_interval_s,
         gateway_id=f"gateway-{uuid.uuid4().hex[:8]}",
+        router_config=router_config,
     )
 
 
 async def serve(config: GatewayConfig, host: str, port: int, stop: asyncio.Event) -> None:
     """Serve until `stop` is set; logs the URL once listening."""
     gateway = Gateway(config)
+    log.info("router settings: %s", describe_router_config(config.router_config))
     runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, backlog=1024)
         await site.start()
-        logging.getLogger("kvgate.gateway").info(
+        log.info(
             "gateway listening on http://%s:%d (policy %s, namespace %s)",
             host,
             port,
@@ -91,9 +194,14 @@ def install_uvloop() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        router_config = router_config_from(args)
+    except RouterConfigError as exc:
+        print(f"kvgate gateway: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     install_uvloop()
-    config = config_from(args)
+    config = config_from(args, router_config)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -25,7 +25,14 @@ import urllib.request
 
 from gateway.app import GatewayConfig
 from gateway.natsd import NatsServer, free_port
-from gateway.serve import install_uvloop, serve
+from gateway.serve import (
+    RouterConfigError,
+    add_router_arguments,
+    install_uvloop,
+    router_config_from,
+    serve,
+)
+from router.config import RouterConfig
 from router.policies import POLICIES
 
 log = logging.getLogger("kvgate.up")
@@ -44,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-args", default="", help="extra arguments for every worker, one string")
     parser.add_argument("--max-inflight-per-worker", type=int, default=0)
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the workers")
+    add_router_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -173,7 +181,7 @@ def _banner(url: str, model: str, args: argparse.Namespace, nats_url: str) -> st
     )
 
 
-async def _main(args: argparse.Namespace, nats_url: str) -> int:
+async def _main(args: argparse.Namespace, nats_url: str, router_config: RouterConfig) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -182,6 +190,7 @@ async def _main(args: argparse.Namespace, nats_url: str) -> int:
     config = GatewayConfig(
         nats_url=nats_url, namespace=args.namespace, policy=args.policy,
         max_inflight_per_worker=args.max_inflight_per_worker, gateway_id="gateway-up",
+        router_config=router_config,
     )  # fmt: skip
     supervisor.start()
     gateway = asyncio.create_task(serve(config, args.host, args.port, stop))
@@ -210,6 +219,11 @@ async def _main(args: argparse.Namespace, nats_url: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:  # before anything starts: a bad file must not leave NATS and workers behind
+        router_config = router_config_from(args)
+    except RouterConfigError as exc:
+        print(f"kvgate up: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     install_uvloop()
     nats: NatsServer | None = None
@@ -218,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         nats = NatsServer().start()
         nats_url = nats.url
     try:
-        return asyncio.run(_main(args, nats_url))
+        return asyncio.run(_main(args, nats_url, router_config))
     finally:
         if nats is not None:
             nats.close()
