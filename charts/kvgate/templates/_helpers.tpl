@@ -64,3 +64,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "kvgate.gatewayName" -}}
 {{- printf "%s-gateway" (include "kvgate.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
+
+{{/* The ConfigMap holding gateway.routerConfig as router.json. */}}
+{{- define "kvgate.routerConfigName" -}}
+{{- printf "%s-router" (include "kvgate.gatewayName" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
