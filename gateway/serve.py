@@ -169,6 +169,8 @@ async def serve(config: GatewayConfig, host: str, port: int, stop: asyncio.Event
     """Serve until `stop` is set; logs the URL once listening."""
     gateway = Gateway(config)
     log.info("router settings: %s", describe_router_config(config.router_config))
+    if config.router_config.session_admission and gateway.router.admission is None:
+        log.warning("session_admission is ignored: only session_kv admits by session, not %s", config.policy)
     runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     try:

@@ -3,7 +3,9 @@ KEY=VALUE`, parsed by the real CLI, checked as RouterConfig checks them, and use
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import Gateway
+from gateway.app import Gateway, GatewayConfig
 from gateway.cli import build_parser
 from gateway.natsd import free_port
 from gateway.serve import (
@@ -22,6 +24,7 @@ from gateway.serve import (
     describe_router_config,
     load_router_config,
     router_config_from,
+    serve,
 )
 from router.config import RouterConfig
 from tests.gateway.conftest import Cluster, http_get
@@ -155,6 +158,28 @@ def test_gateway_with_a_good_file_serves_and_logs_its_settings(cluster: Cluster,
     (line,) = [line for line in log.splitlines() if "router settings:" in line]
     assert "INFO" in line
     assert line.endswith("router settings: pin_max_s=60.0 stall_factor=1.5 session_admission=true")
+
+
+async def test_session_admission_on_a_policy_without_it_is_called_out(
+    nats_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    stop = asyncio.Event()
+    stop.set()  # start, log, stop
+    for policy in ("round_robin", "session_kv"):
+        config = GatewayConfig(
+            nats_url=nats_url,
+            namespace=namespace,
+            policy=policy,
+            router_config=RouterConfig(session_admission=True),
+        )
+        with caplog.at_level(logging.INFO, logger="kvgate.gateway"):
+            await asyncio.wait_for(serve(config, "127.0.0.1", free_port(), stop), 30)
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "session_admission" in r.getMessage()
+    ]
+    assert warnings == ["session_admission is ignored: only session_kv admits by session, not round_robin"]
 
 
 def test_up_with_a_bad_override_starts_nothing(tmp_path: Path) -> None:
