@@ -322,9 +322,10 @@ class BlockManager:
         counts.update(zip(hashes, map((1).__add__, before), strict=True))
         first = hashes
         if before.count(0) != len(before):
-            first = [h for h, c in zip(hashes, before, strict=True) if not c]
+            first = list(compress(hashes, map(not_, before)))
         evictable = self._evictable
-        moved = [b for b in map(self._by_hash.get, first) if b in evictable]
+        ids = list(map(self._by_hash.get, first))
+        moved = list(compress(ids, map(evictable.__contains__, ids)))
         list(map(evictable.__delitem__, moved))
         self._pinned_free.update(zip(moved, repeat(None)))
         return len(hashes)
@@ -367,7 +368,8 @@ class BlockManager:
                 else:
                     counts[block_hash] = count - 1
         pinned_free = self._pinned_free
-        moved = [b for b in map(self._by_hash.get, dropped) if b in pinned_free]
+        ids = list(map(self._by_hash.get, dropped))
+        moved = list(compress(ids, map(pinned_free.__contains__, ids)))
         list(map(pinned_free.__delitem__, moved))
         # an expired pin's blocks were not wanted back: first in line for eviction (each one moved to
         # the front in turn, as one by one would)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from operator import attrgetter
 
 import msgspec
 
@@ -17,6 +18,9 @@ from engines.scheduler import Scheduler
 from engines.sequence import Sequence, SequenceStatus
 from router.hashing import DEFAULT_BLOCK_SIZE, hash_seed
 from router.protocol import CachedBlock, KvEvent
+
+_token_ids = attrgetter("token_ids")
+_computed = attrgetter("num_computed_tokens")
 
 
 class EngineConfig(msgspec.Struct, frozen=True):
@@ -245,8 +249,13 @@ class Engine:
 
     def load(self) -> EngineLoad:
         sched = self.scheduler
-        active_prefill = sum(s.num_pending_tokens for s in sched.waiting)
-        active_prefill += sum(s.num_pending_tokens for s in sched.running if s.num_pending_tokens > 1)
+        waiting = sched.waiting
+        # every waiting sequence's pending tokens, summed in C loops (a long queue under pressure)
+        active_prefill = sum(map(len, map(_token_ids, waiting))) - sum(map(_computed, waiting))
+        for s in sched.running:
+            pending = len(s.token_ids) - s.num_computed_tokens
+            if pending > 1:
+                active_prefill += pending
         bm = self.block_manager
         return EngineLoad(
             len(sched.running),

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from itertools import compress, islice, repeat
-from operator import and_, is_, is_not, not_, or_, xor
+from operator import and_, is_, not_, or_, xor
 
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent, Tier
 
@@ -292,24 +292,24 @@ class TierIndex:
             for h in compress(hashes, map(and_, map(orphan_of, hashes, repeat(0)), repeat(bit))):
                 self._unmark(h, bit)
         links = list(map(children.get, hashes))
-        has = list(map(is_not, links, repeat(None)))
-        if True in has:
-            parents = list(compress(hashes, has))
-            kids = list(compress(links, has))
-            gone = list(map(not_, compress(rest, has)))  # nobody holds the parent any more
-            try:
-                kid_masks = list(map(held.get, kids, repeat(0)))
-            except TypeError:  # a parent with several children: one by one
-                for h, its_kids, is_gone in zip(parents, kids, gone, strict=True):
-                    self._unlink_removed(bit, h, its_kids, is_gone)
-            else:
-                for kid in compress(kids, map(and_, kid_masks, repeat(bit))):
-                    self._mark(kid, bit)  # its parent left before it did
-                if True in gone:
-                    held_kid = list(map(bool, kid_masks))
-                    self._dead_parents.extend(compress(parents, map(and_, gone, held_kid)))
-                    dead = compress(parents, map(and_, gone, map(not_, held_kid)))
-                    list(map(children.__delitem__, dead))
+        # parents with one child (an int) in C loops; None: no child; a list: several, one by one
+        kinds = list(map(type, links))
+        one = list(map(is_, kinds, repeat(int)))
+        if True in one:
+            parents = list(compress(hashes, one))
+            kids = list(compress(links, one))
+            kid_masks = list(map(held.get, kids, repeat(0)))
+            for kid in compress(kids, map(and_, kid_masks, repeat(bit))):
+                self._mark(kid, bit)  # its parent left before it did
+            gone = list(map(not_, compress(rest, one)))  # nobody holds the parent any more
+            if True in gone:
+                held_kid = list(map(bool, kid_masks))
+                self._dead_parents.extend(compress(parents, map(and_, gone, held_kid)))
+                list(map(children.__delitem__, compress(parents, map(and_, gone, map(not_, held_kid)))))
+        if one.count(True) + kinds.count(type(None)) != len(kinds):
+            for h, its_kids, m in zip(hashes, links, rest, strict=True):
+                if its_kids is not None and type(its_kids) is not int:
+                    self._unlink_removed(bit, h, its_kids, not m)
         if len(self._dead_parents) > 1024 + (len(held) >> 2):
             self._sweep_dead_parents()
         return len(hashes)

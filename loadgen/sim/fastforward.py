@@ -20,13 +20,16 @@ from engines.sequence import Sequence
 class DecodeRun:
     """A planned run of `steps` identical pure-decode steps of `duration` seconds each."""
 
-    __slots__ = ("duration", "seqs", "start", "steps")
+    __slots__ = ("duration", "seqs", "speed_memo", "start", "steps")
 
     def __init__(self, start: float, duration: float, steps: int, seqs: list[Sequence]) -> None:
         self.start = start
         self.duration = duration
         self.steps = steps
         self.seqs = seqs
+        # (speed before the run, steps, speed after them): each load report of a long run goes on
+        # from the previous one instead of smoothing from the run's start again
+        self.speed_memo: tuple[float, int, float] | None = None
 
     def end(self) -> float:
         return self.start + self.steps * self.duration
@@ -106,7 +109,12 @@ class FastForward:
         engine = self.engine
         a = engine.SPEED_SMOOTHING
         speed = len(run.seqs) / run.duration
-        value = engine.decode_tok_s
-        for _ in range(steps):
+        start = value = engine.decode_tok_s
+        done = 0
+        memo = run.speed_memo
+        if memo is not None and memo[0] == start and memo[1] <= steps:
+            done, value = memo[1], memo[2]  # the same float steps, taken already
+        for _ in range(steps - done):
             value = speed if not value else (1 - a) * value + a * speed
+        run.speed_memo = (start, steps, value)
         return value

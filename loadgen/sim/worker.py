@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from engines.engine import Engine, EngineConfig, EngineRequest, RequestOutput
+from engines.engine import Engine, EngineConfig, EngineLoad, EngineRequest, RequestOutput
 from engines.mock import MockRunner
 from engines.runner import SamplingParams
 from loadgen.sim.events import EventLoop
@@ -52,6 +52,9 @@ class SimWorker:
         self._idle_steps = 0  # consecutive steps that scheduled nothing
         self.busy_s = 0.0
         self.steps = 0
+        # the engine's load as of its last change: the engine changes only through this class, and
+        # load reports (10 Hz) far outnumber its changes during long decode runs
+        self._load: EngineLoad | None = None
         # a shared, never-mutated prompt body: the engine copies it, the mock runner ignores values
         self._zeros: list[int] = []
 
@@ -89,6 +92,7 @@ class SimWorker:
         sampling = SamplingParams(max_tokens=max(1, max_tokens), ignore_eos=True)
         engine = self.engine
         self._cut_run()
+        self._load = None
         engine.add_request(EngineRequest(request_id, tokens, sampling, session_id))
         seq = engine.scheduler.waiting[-1]
         assert seq.seq_id == request_id
@@ -97,6 +101,7 @@ class SimWorker:
         self.kick()
 
     def pin(self, session_id: str, block_hashes: list[int], ttl_s: float) -> None:
+        self._load = None
         self.engine.pin(session_id, block_hashes, ttl_s)
         self._idle_steps = 0
 
@@ -105,6 +110,7 @@ class SimWorker:
 
     def abort(self, request_id: str) -> None:
         self._cut_run()
+        self._load = None
         self.engine.abort(request_id)
 
     def kick(self) -> None:
@@ -119,6 +125,7 @@ class SimWorker:
                 self._run = run
                 self.loop.at(run.end(), self._run_done, self._run_generation)
                 return
+        self._load = None
         result = self.engine.step()
         duration = result.duration_s
         self.busy_s += duration
@@ -154,6 +161,7 @@ class SimWorker:
     def _finish_run(self, run: DecodeRun, steps: int) -> None:
         assert self.fast_forward is not None
         self.fast_forward.apply(run, steps)
+        self._load = None
         self._run = None
         self.busy_s += steps * run.duration
         self.steps += steps
@@ -169,7 +177,9 @@ class SimWorker:
             self.kick()
 
     def load_report(self) -> LoadReport:
-        load = self.engine.load()
+        load = self._load
+        if load is None:
+            load = self._load = self.engine.load()
         decode_tok_s = load.decode_tok_s
         if self._run is not None and self.fast_forward is not None:
             started = self._run.started_by(self.loop.now)

@@ -11,12 +11,15 @@ import pytest
 
 from gateway.cli import main
 from loadgen.sim.compare import POLICIES, compare, default_jobs, parse_policies
+from loadgen.sim.fastforward import DecodeRun
 from loadgen.sim.metrics import summarize
 from loadgen.sim.oracle import oracle_figures
 from loadgen.sim.simulation import SimConfig, Simulation
+from loadgen.sim.worker import SimWorker
 from loadgen.sim.workload import Workload
 from loadgen.trace import TraceRow
 from router.config import RouterConfig
+from router.protocol import LoadReport
 
 TRACE_BLOCK = 128
 BLOCK = 16
@@ -94,7 +97,7 @@ def test_parallel_policies_give_the_numbers_of_one_process() -> None:
 
 def test_a_failing_policy_process_is_reported() -> None:
     rows = agent_sessions(2, 2, seed=8)
-    with pytest.raises(RuntimeError, match="policy random failed"):
+    with pytest.raises(RuntimeError, match=r"policy (random|session_kv) failed"):
         # workers=0 is refused inside the child's Simulation: the error crosses back, nothing hangs
         compare("gen", workload(rows), ["random", "session_kv"], small_config(workers=0), jobs=2)
 
@@ -183,6 +186,36 @@ def test_shortcuts_change_no_number() -> None:
             )
             assert x.first_token == pytest.approx(y.first_token, abs=1e-9)
             assert x.finish == pytest.approx(y.finish, abs=1e-9)
+
+
+def test_cached_loads_and_run_speeds_are_what_the_engine_would_report(monkeypatch) -> None:
+    """A worker reuses its engine's load until the engine changes, and a decode run's smoothed speed
+    goes on from the previous report: every report equals one computed from scratch."""
+    reports = []
+    original = SimWorker.load_report
+
+    def load_report(worker: SimWorker) -> LoadReport:
+        report = original(worker)
+        fresh = worker.engine.load()
+        assert (report.running, report.waiting, report.active_prefill_tokens, report.used_blocks) == (
+            fresh.running,
+            fresh.waiting,
+            fresh.active_prefill_tokens,
+            fresh.used_blocks,
+        )
+        assert report.prefill_tok_s == fresh.prefill_tok_s
+        decode = fresh.decode_tok_s
+        run = worker._run
+        if run is not None and worker.fast_forward is not None:
+            unmemoised = DecodeRun(run.start, run.duration, run.steps, run.seqs)
+            decode = worker.fast_forward.decode_speed_after(unmemoised, run.started_by(worker.loop.now))
+        assert report.decode_tok_s == decode
+        reports.append(run is not None)
+        return report
+
+    monkeypatch.setattr(SimWorker, "load_report", load_report)
+    Simulation(workload(agent_sessions(8, 6, seed=9)), "kv_overlap", small_config(num_blocks=200)).run()
+    assert len(reports) > 100 and any(reports)  # reports during decode runs were checked too
 
 
 def test_policy_names() -> None:
