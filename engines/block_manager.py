@@ -270,14 +270,17 @@ class BlockManager:
             self.num_used -= len(released)
             # each free list takes its blocks in release order, as one by one would
             hashes = list(map(self.block_hash_of.__getitem__, released))
-            pinned = list(map(self._pin_counts.__contains__, hashes))
+            counts = self._pin_counts
+            pinned = list(map(counts.__contains__, hashes)) if counts else []
             if None in hashes:
                 uncached = list(map(is_, hashes, repeat(None)))
                 self._uncached.extend(compress(released, uncached))
-                cached = list(map(not_, map(or_, uncached, pinned)))
-            else:
-                cached = list(map(not_, pinned))
-            self._evictable.update(zip(compress(released, cached), repeat(None)))
+                cached = list(map(not_, map(or_, uncached, pinned))) if pinned else map(not_, uncached)
+                self._evictable.update(zip(compress(released, cached), repeat(None)))
+            elif True in pinned:
+                self._evictable.update(zip(compress(released, map(not_, pinned)), repeat(None)))
+            else:  # the common case: every block cached, none pinned
+                self._evictable.update(zip(released, repeat(None)))
             if True in pinned:
                 self._pinned_free.update(zip(compress(released, pinned), repeat(None)))
             table.clear()

@@ -195,26 +195,38 @@ class Engine:
     ) -> None:
         bm = self.block_manager
         block_size = bm.block_size
+        max_len = self.max_model_len
         for (seq, n), token in zip(scheduled, sampled, strict=True):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens // block_size > seq.num_committed_blocks:
                 bm.commit(seq)
             if token is None:
                 continue
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                del self._seqs[seq.seq_id]
+            tokens = seq.token_ids
+            tokens.append(token)
+            # the finish check and the output of a running sequence, inline: every sequence, every step
+            params = seq.sampling
+            num_output = len(tokens) - seq.num_prompt_tokens
+            if not params.ignore_eos and token in params.stop_token_ids:
+                reason: str | None = "stop"
+            elif num_output >= params.max_tokens or len(tokens) >= max_len:
+                reason = "length"
+            else:
+                outputs.append(
+                    RequestOutput(
+                        seq.seq_id,
+                        [token],
+                        False,
+                        None,
+                        max(seq.num_cached_tokens, 0),
+                        seq.num_prompt_tokens,
+                        num_output,
+                    )
+                )
+                continue
+            self.scheduler.finish(seq, reason)
+            del self._seqs[seq.seq_id]
             outputs.append(self._output(seq, [token]))
-
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        params = seq.sampling
-        if not params.ignore_eos and token in params.stop_token_ids:
-            return "stop"
-        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
-            return "length"
-        return None
 
     def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
         finished = seq.status is SequenceStatus.FINISHED

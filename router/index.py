@@ -229,10 +229,9 @@ class TierIndex:
         """The common case, in C loops: blocks nobody holds yet, a chain linked parent to child."""
         held = self._held
         children = self._children
-        if self._orphans:
-            for h in hashes:
-                if h in children:
-                    self._adopt(h, bit)  # a returning parent whose children stayed
+        if self._dirty & bit:  # only a worker with orphans can adopt any
+            for h in compress(hashes, map(children.__contains__, hashes)):
+                self._adopt(h, bit)  # a returning parent whose children stayed
         before = len(held)
         held.update(zip(hashes, repeat(bit)))
         # Overwriting a link of a block nobody held loses nothing exactness needs: every worker holding
@@ -255,9 +254,8 @@ class TierIndex:
         held = self._held
         children = self._children
         if self._dirty & bit:
-            for h in hashes:
-                if h in children:
-                    self._adopt(h, bit)  # its children held by `bit` are orphans no more
+            for h in compress(hashes, map(children.__contains__, hashes)):
+                self._adopt(h, bit)  # its children held by `bit` are orphans no more
         held.update(zip(hashes, map(or_, masks, repeat(bit)), strict=True))
         if parent is not None:
             if not held.get(parent, 0) & bit:
@@ -288,9 +286,7 @@ class TierIndex:
         else:
             held.update(zip(hashes, rest, strict=True))
         if self._dirty & bit:
-            orphan_of = self._orphans.get
-            for h in compress(hashes, map(and_, map(orphan_of, hashes, repeat(0)), repeat(bit))):
-                self._unmark(h, bit)
+            self._unmark_all(bit, hashes)
         links = list(map(children.get, hashes))
         # parents with one child (an int) in C loops; None: no child; a list: several, one by one
         kinds = list(map(type, links))
@@ -334,9 +330,8 @@ class TierIndex:
         """The common case: blocks only this worker held, usually leaf first, so their links die too."""
         held = self._held
         children = self._children
-        if self._orphans:
-            for h in hashes:
-                self._unmark(h, bit)
+        if self._dirty & bit:
+            self._unmark_all(bit, hashes)
         removed = len(hashes) - list(map(held.pop, hashes, repeat(None))).count(None)
         popped = list(map(children.pop, hashes, repeat(None)))
         if popped.count(None) != len(popped) and not self._all_gone(popped):
@@ -442,6 +437,12 @@ class TierIndex:
         else:
             del self._orphan_count[bit]
             self._dirty &= ~bit
+
+    def _unmark_all(self, bit: int, hashes: list[int]) -> None:
+        """`bit` no longer holds `hashes`: none is its orphan any more (the marked ones found in C)."""
+        marks = map(self._orphans.get, hashes, repeat(0))
+        for h in compress(hashes, map(and_, marks, repeat(bit))):
+            self._unmark(h, bit)
 
     def _adopt(self, parent: int, bit: int) -> None:
         """`parent` just arrived at worker `bit`: its children there are orphans no more."""
