@@ -16,10 +16,12 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from itertools import compress, islice, repeat, takewhile
-from operator import is_, not_, or_
+from operator import is_, itemgetter, not_, or_
 
 from engines.sequence import Sequence
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
+
+_first = itemgetter(0)
 
 
 class Pin:
@@ -309,10 +311,14 @@ class BlockManager:
         """Make a session's blocks the last to be evicted for `ttl_s`; returns how many were pinned
         (fewer than asked when the cap on pinned blocks is reached; the prefix is kept)."""
         self.expire_pins()
-        self._unpin(session_id)
+        old = self._pins.pop(session_id, None)
+        # a session pins again after each turn: its old pin's free blocks (released), most of them in
+        # the new pin too, are not moved to the evictable order and back, only where they end up
+        released = self._release(old) if old is not None else []
         room = self.max_pinned_blocks - self.num_pinned
         hashes = list(dict.fromkeys(block_hashes))[: max(room, 0)]
         if ttl_s <= 0 or not hashes:
+            self._to_evictable_front(released)
             return 0
         expires_at = self.clock() + ttl_s
         self._pins[session_id] = Pin(hashes, expires_at)
@@ -327,10 +333,25 @@ class BlockManager:
         if before.count(0) != len(before):
             first = list(compress(hashes, map(not_, before)))
         evictable = self._evictable
+        pinned_free = self._pinned_free
         ids = list(map(self._by_hash.get, first))
-        moved = list(compress(ids, map(evictable.__contains__, ids)))
-        list(map(evictable.__delitem__, moved))
-        self._pinned_free.update(zip(moved, repeat(None)))
+        if not released:
+            moved = list(compress(ids, map(evictable.__contains__, ids)))
+            list(map(evictable.__delitem__, moved))
+            pinned_free.update(zip(moved, repeat(None)))
+            return len(hashes)
+        # as `_to_evictable_front(released)` and then the moves above would leave it: the released
+        # blocks leave the pinned order; those pinned again rejoin its end with the others moved, in
+        # the pin's order; the rest go to the evictable front
+        again = set(released)
+        in_released = list(map(again.__contains__, ids))
+        moved = list(compress(ids, map(or_, in_released, map(evictable.__contains__, ids))))
+        list(map(pinned_free.__delitem__, released))
+        list(map(evictable.__delitem__, compress(moved, map(not_, map(again.__contains__, moved)))))
+        pinned_again = set(moved)
+        let_go = compress(released, map(not_, map(pinned_again.__contains__, released)))
+        self._to_evictable_front(list(let_go), pinned=False)
+        pinned_free.update(zip(moved, repeat(None)))
         return len(hashes)
 
     def unpin(self, session_id: str) -> None:
@@ -353,8 +374,11 @@ class BlockManager:
 
     def _unpin(self, session_id: str) -> None:
         pin = self._pins.pop(session_id, None)
-        if pin is None:
-            return
+        if pin is not None:
+            self._to_evictable_front(self._release(pin))
+
+    def _release(self, pin: Pin) -> list[int]:
+        """Uncount a pin (already off `_pins`); returns the free blocks it was the last pin of."""
         self.num_pinned -= len(pin.block_hashes)
         counts = self._pin_counts
         hashes = pin.block_hashes  # distinct
@@ -370,15 +394,17 @@ class BlockManager:
                     dropped.append(block_hash)
                 else:
                     counts[block_hash] = count - 1
-        pinned_free = self._pinned_free
         ids = list(map(self._by_hash.get, dropped))
-        moved = list(compress(ids, map(pinned_free.__contains__, ids)))
-        list(map(pinned_free.__delitem__, moved))
-        # an expired pin's blocks were not wanted back: first in line for eviction (each one moved to
-        # the front in turn, as one by one would)
+        return list(compress(ids, map(self._pinned_free.__contains__, ids)))
+
+    def _to_evictable_front(self, blocks: list[int], pinned: bool = True) -> None:
+        """Unpinned free blocks were not wanted back: first in line for eviction (each one moved to the
+        front in turn, as one by one would). `pinned`: they still sit in the pinned order."""
+        if pinned:
+            list(map(self._pinned_free.__delitem__, blocks))
         evictable = self._evictable
-        evictable.update(zip(moved, repeat(None)))
-        list(map(evictable.move_to_end, moved, repeat(False)))
+        evictable.update(zip(blocks, repeat(None)))
+        list(map(evictable.move_to_end, blocks, repeat(False)))
 
     # --- internals
 
@@ -403,13 +429,9 @@ class BlockManager:
             self._cache_version += 1
             self._evict_version += 1
             # C loops over the run: pop the blocks in eviction order, then clear their hashes
-            victims = [
-                block_id for block_id, _ in map(evictable.popitem, repeat(False, min(rest, len(evictable))))
-            ]
+            victims = list(map(_first, map(evictable.popitem, repeat(False, min(rest, len(evictable))))))
             if len(victims) < rest:
-                victims += [
-                    block_id for block_id, _ in map(pinned_free.popitem, repeat(False, rest - len(victims)))
-                ]
+                victims += map(_first, map(pinned_free.popitem, repeat(False, rest - len(victims))))
             hashes = list(map(hash_of.__getitem__, victims))
             list(map(by_hash.__delitem__, hashes))
             list(map(hash_of.__setitem__, victims, repeat(None)))

@@ -283,3 +283,39 @@ def test_a_waiting_sequence_sees_blocks_committed_since_it_was_last_matched() ->
     other = make_seq("o", [7] * 24)  # takes the 3 uncached blocks and evicts the tail of `first`
     bm.allocate(other, bm.match_prefix(other))
     assert bm.match_prefix(waiting) == 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 12), st.integers(0, 3), st.integers(0, 30)),
+        min_size=5,
+        max_size=40,
+    )
+)
+def test_a_session_pinning_again_leaves_the_reference_order(turns: list[tuple]) -> None:
+    """Agent turns: each session's prompt grows, is computed, freed and pinned again (the old pin's
+    free blocks kept, dropped or cut by the cap), with shared stems and expiries in between."""
+    clock = Clock()
+    fast = BlockManager(24, B, clock, max_pinned_blocks=7)
+    ref = ReferenceBlockManager(24, B, clock, max_pinned_blocks=7)
+    grown: dict[int, list[int]] = {}
+    for n, (session, grow, cut, ttl) in enumerate(turns):
+        tokens = grown.setdefault(session, [session % 2] * 8)
+        tokens.extend(100 * (session + 1) + len(tokens) + i for i in range(grow))
+        pair = (make_seq(f"t{n}", list(tokens)), make_seq(f"t{n}", list(tokens)))
+        for seq, bm in zip(pair, (fast, ref), strict=True):
+            hits = bm.match_prefix(seq)
+            if bm.can_allocate(seq, hits):
+                bm.allocate(seq, hits)
+                seq.num_computed_tokens = len(seq)
+                bm.commit(seq)
+                bm.free(seq)
+        chain = pair[0].hashes(len(tokens) // B)
+        chain = chain[: max(0, len(chain) - cut)]
+        assert fast.pin(f"sess{session}", chain, ttl) == ref.pin(f"sess{session}", chain, ttl)
+        clock.now += 3
+        assert fast.take_events() == ref.take_events()
+        assert free_order(fast) == free_order(ref)
+        assert fast._pin_counts == ref._pin_counts and fast.num_pinned == ref.num_pinned
+        assert fast.pinned_sessions() == ref.pinned_sessions()
