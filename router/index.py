@@ -230,8 +230,7 @@ class TierIndex:
         held = self._held
         children = self._children
         if self._dirty & bit:  # only a worker with orphans can adopt any
-            for h in compress(hashes, map(children.__contains__, hashes)):
-                self._adopt(h, bit)  # a returning parent whose children stayed
+            self._adopt_all(bit, hashes)  # returning parents whose children stayed
         before = len(held)
         held.update(zip(hashes, repeat(bit)))
         # Overwriting a link of a block nobody held loses nothing exactness needs: every worker holding
@@ -254,8 +253,7 @@ class TierIndex:
         held = self._held
         children = self._children
         if self._dirty & bit:
-            for h in compress(hashes, map(children.__contains__, hashes)):
-                self._adopt(h, bit)  # its children held by `bit` are orphans no more
+            self._adopt_all(bit, hashes)  # their children held by `bit` are orphans no more
         held.update(zip(hashes, map(or_, masks, repeat(bit)), strict=True))
         if parent is not None:
             if not held.get(parent, 0) & bit:
@@ -443,6 +441,21 @@ class TierIndex:
         marks = map(self._orphans.get, hashes, repeat(0))
         for h in compress(hashes, map(and_, marks, repeat(bit))):
             self._unmark(h, bit)
+
+    def _adopt_all(self, bit: int, parents: Sequence[int]) -> None:
+        """`_adopt` of each parent, the single children's marks looked up in C loops."""
+        links = list(map(self._children.get, parents))
+        kinds = list(map(type, links))
+        one = list(map(is_, kinds, repeat(int)))
+        if True in one:
+            kids = list(compress(links, one))
+            marks = map(self._orphans.get, kids, repeat(0))
+            for kid in compress(kids, map(and_, marks, repeat(bit))):
+                self._unmark(kid, bit)
+        if one.count(True) + kinds.count(type(None)) != len(kinds):
+            for parent, kids in zip(parents, links, strict=True):
+                if kids is not None and type(kids) is not int:
+                    self._adopt(parent, bit)
 
     def _adopt(self, parent: int, bit: int) -> None:
         """`parent` just arrived at worker `bit`: its children there are orphans no more."""

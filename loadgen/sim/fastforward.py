@@ -57,14 +57,17 @@ class FastForward:
         block_size = engine.config.block_size
         steps = 1 << 30
         for seq in running:
-            if seq.num_pending_tokens != 1 or seq.num_output_tokens < 1:
-                return None
+            # the sequence's properties, inline: this runs for every running sequence before each step
+            length = len(seq.token_ids)
             computed = seq.num_computed_tokens
+            output = length - seq.num_prompt_tokens
+            if length - computed != 1 or output < 1:
+                return None
             # stay inside the last block held, and stop short of filling it (a fill is a commit)
             steps = min(
                 steps,
                 len(seq.block_table) * block_size - computed - 1,
-                seq.sampling.max_tokens - seq.num_output_tokens - 1,  # the finishing step is real
+                seq.sampling.max_tokens - output - 1,  # the finishing step is real
             )
             if not seq.sampling.ignore_eos and seq.sampling.stop_token_ids:
                 return None
