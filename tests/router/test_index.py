@@ -276,13 +276,19 @@ def test_a_dropped_worker_is_masked_at_once_and_swept_in_slices() -> None:
 
 
 class LoopTierIndex(TierIndex):
-    """The straightforward index: every store and removal one block at a time."""
+    """The index before the run paths for shared blocks: blocks nobody else holds go the run way
+    (`_store_fresh`, `_remove_alone`), every other store and removal one block at a time."""
 
     def store(self, bit: int, hashes, parent: int | None) -> int:
+        if self._held.keys().isdisjoint(hashes):
+            return self._store_fresh(bit, hashes, parent)
         return self._store_loop(bit, hashes, parent)
 
     def remove(self, bit: int, hashes) -> int:
-        return self._remove_loop(bit, list(hashes))
+        hashes = list(hashes)
+        if list(map(self._held.get, hashes)).count(bit) == len(hashes):
+            return self._remove_alone(bit, hashes)
+        return self._remove_loop(bit, hashes)
 
 
 @settings(max_examples=300, deadline=None)
