@@ -311,6 +311,16 @@ class TierIndex:
     def _unlink_removed(self, bit: int, h: int, kids: int | list[int], gone: bool) -> None:
         """`h` left worker `bit`: its children there lost their parent; a parent nobody holds keeps
         its links only while someone holds a child."""
+        orphaned = self._orphan_kids(bit, kids)
+        if gone:
+            if orphaned:
+                self._dead_parents.append(h)
+            else:
+                del self._children[h]
+
+    def _orphan_kids(self, bit: int, kids: int | list[int]) -> bool:
+        """A parent of `kids` left worker `bit`: mark the kids `bit` holds as orphans there; True when
+        any worker holds one of them (the parent's links must then outlive it)."""
         held = self._held
         orphaned = False
         for kid in kids if type(kids) is list else (kids,):
@@ -318,11 +328,7 @@ class TierIndex:
             if kid_mask & bit:
                 self._mark(kid, bit)
             orphaned = orphaned or bool(kid_mask)
-        if gone:
-            if orphaned:
-                self._dead_parents.append(h)
-            else:
-                del self._children[h]
+        return orphaned
 
     def _remove_alone(self, bit: int, hashes: list[int]) -> int:
         """The common case: blocks only this worker held, usually leaf first, so their links die too."""
@@ -336,13 +342,7 @@ class TierIndex:
             for h, kids in zip(hashes, popped, strict=True):
                 if kids is None or (type(kids) is not list and kids not in held):
                     continue
-                orphaned = False
-                for kid in kids if type(kids) is list else (kids,):
-                    kid_mask = held.get(kid, 0)
-                    if kid_mask & bit:
-                        self._mark(kid, bit)
-                    orphaned = orphaned or bool(kid_mask)
-                if orphaned:
+                if self._orphan_kids(bit, kids):
                     children[h] = kids
                     self._dead_parents.append(h)
             if len(self._dead_parents) > 1024 + (len(held) >> 2):
