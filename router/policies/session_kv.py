@@ -101,9 +101,10 @@ class SessionKv(Policy):
         bs = view.block_size
         loads = view.load.workers
         ms_per_token = self._pool_ms_per_token(view)
-        block_ms = bs * ms_per_token
-        ttft: dict[str, float] = {}
-        stall_factor = self.config.stall_factor
+        # a lower bound of each TTFT first (the stall charge only adds), then the exact TTFT and the
+        # memory terms cheapest first, stopping at the first bound above the best total found: 64
+        # workers cost a few, not 64, full evaluations
+        bound: dict[str, float] = {}
         for w in view.candidates:
             wl = loads[w]
             queued = (
@@ -111,31 +112,48 @@ class SessionKv(Policy):
             )
             held = credit.get(w)
             missing = n_tokens - held * bs if held else n_tokens
-            if missing < 0:
-                missing = 0
-            report = wl.report
-            if stall_factor and report is not None and report.total_blocks > 0:
-                # the running requests wait out this prefill too (the docstring's "Stall")
-                running = report.running if now <= wl.fresh_until else wl.requests
-                full = (wl.inflight_blocks + n_blocks) / report.total_blocks
-                missing *= 1.0 + stall_factor * running * (full if full < 1.0 else 1.0)
-            ttft[w] = (queued + missing) * ms_per_token
-        # the memory terms only add: take workers cheapest first and stop at the first whose TTFT alone
-        # exceeds the best total found (64 workers cost a few, not 64, memory evaluations)
+            bound[w] = (queued + (missing if missing > 0 else 0)) * ms_per_token
         own = self._live.get(session_id) if session_id else None
         costs: dict[str, float] = {}
         best = float("inf")
-        for w in sorted(ttft, key=ttft.__getitem__):
-            cost = ttft[w]
-            if cost > best:
+        for w in sorted(bound, key=bound.__getitem__):
+            if bound[w] > best:
                 break
-            cost += self._memory_ms(loads[w], w, n_blocks, own, block_ms)
-            costs[w] = cost
+            cost = costs[w] = self._cost_ms(view, w, credit.get(w), n_tokens, n_blocks, own, ms_per_token)
             if cost < best:
                 best = cost
-        if sticky is not None and sticky in ttft and sticky not in costs:
-            costs[sticky] = ttft[sticky] + self._memory_ms(loads[sticky], sticky, n_blocks, own, block_ms)
+        if sticky is not None and sticky in bound and sticky not in costs:
+            costs[sticky] = self._cost_ms(
+                view, sticky, credit.get(sticky), n_tokens, n_blocks, own, ms_per_token
+            )
         return costs
+
+    def _cost_ms(
+        self,
+        view: RouterView,
+        w: str,
+        held: float | None,
+        n_tokens: int,
+        n_blocks: int,
+        own: tuple[str, int, float] | None,
+        ms_per_token: float,
+    ) -> float:
+        """The worker's estimated TTFT with the stall charge, plus the memory terms."""
+        now = view.now
+        bs = view.block_size
+        wl = view.load.workers[w]
+        queued = wl.report_prefill + wl.prefill_since_report if now <= wl.fresh_until else wl.inflight_prefill
+        missing = n_tokens - held * bs if held else n_tokens
+        if missing < 0:
+            missing = 0
+        report = wl.report
+        stall_factor = self.config.stall_factor
+        if stall_factor and report is not None and report.total_blocks > 0:
+            # the running requests wait out this prefill too (the docstring's "Stall")
+            running = report.running if now <= wl.fresh_until else wl.requests
+            full = (wl.inflight_blocks + n_blocks) / report.total_blocks
+            missing *= 1.0 + stall_factor * running * (full if full < 1.0 else 1.0)
+        return (queued + missing) * ms_per_token + self._memory_ms(wl, w, n_blocks, own, bs * ms_per_token)
 
     def _memory_ms(
         self, wl: WorkerLoad, w: str, n_blocks: int, own: tuple[str, int, float] | None, block_ms: float
