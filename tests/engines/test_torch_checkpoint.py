@@ -12,10 +12,9 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engines.torch import TorchRunner
 from engines.torch.config import ConfigError
 from router.chat import IM_END, IM_START, HFTokenizer, encode_chat
-from tests.engines.test_torch_runner import BlockPool, chunk, greedy_generate
+from tests.engines.test_torch_runner import BlockPool, chunk, greedy_generate, make_runner
 
 BLOCK = 8
 
@@ -159,18 +158,18 @@ def reference_logits(w: dict[str, torch.Tensor], config: dict, tokens: list[int]
 @pytest.mark.parametrize(("config", "shards"), [(QWEN2, 1), (LLAMA, 3)], ids=["qwen2", "llama-sharded"])
 def test_checkpoint_logits_match_the_reference_forward(tmp_path: Path, config: dict, shards: int) -> None:
     weights = write_checkpoint(tmp_path / "ckpt", config, seed=3, shards=shards)
-    runner = TorchRunner(64, BLOCK, model_path=str(tmp_path / "ckpt"), device="cpu")
+    runner = make_runner(64, BLOCK, str(tmp_path / "ckpt"))
     assert runner.model_name == "ckpt"
     assert runner.config.qkv_bias == (config["model_type"] == "qwen2")
     tokens = encode_chat([{"role": "user", "content": "hello world, you are a tool"}], runner.tokenizer)
     table = BlockPool(64).take(-(-len(tokens) // BLOCK))
-    got = runner.logits([chunk("ref", tokens, 0, table)])[0]
+    got = runner.logits([chunk("ref", tokens, 0, table)])[0].cpu()  # the reference runs on the CPU
     torch.testing.assert_close(got, reference_logits(weights, config, tokens), rtol=1e-4, atol=1e-4)
 
 
 def test_checkpoint_tokenizer_and_cached_generation(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "qwen", QWEN2, seed=5)
-    runner = TorchRunner(128, BLOCK, model_path=str(tmp_path / "qwen"), device="cpu", seed=1)
+    runner = make_runner(128, BLOCK, str(tmp_path / "qwen"), seed=1)
     tok = runner.tokenizer
     assert isinstance(tok, HFTokenizer)
     assert tok.eos_token_id == 1  # <|im_end|>, the second special token
@@ -196,8 +195,8 @@ def test_llama3_rope_scaling_slows_only_long_wavelengths(tmp_path: Path) -> None
     }
     write_checkpoint(tmp_path / "plain", LLAMA)
     write_checkpoint(tmp_path / "scaled", scaled)
-    plain = TorchRunner(8, BLOCK, model_path=str(tmp_path / "plain"), device="cpu")
-    long = TorchRunner(8, BLOCK, model_path=str(tmp_path / "scaled"), device="cpu")
+    plain = make_runner(8, BLOCK, str(tmp_path / "plain"))
+    long = make_runner(8, BLOCK, str(tmp_path / "scaled"))
     base, freq = plain.model.model.rotary.inv_freq, long.model.model.rotary.inv_freq
     assert freq[0] == base[0]  # the fastest rotation is kept
     torch.testing.assert_close(freq[-1], base[-1] / 8)  # the slowest is slowed by `factor`
@@ -206,10 +205,10 @@ def test_llama3_rope_scaling_slows_only_long_wavelengths(tmp_path: Path) -> None
 
 def test_bad_checkpoints_are_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a directory"):
-        TorchRunner(8, BLOCK, model_path=str(tmp_path / "nowhere"), device="cpu")
+        make_runner(8, BLOCK, str(tmp_path / "nowhere"))
     write_checkpoint(tmp_path / "gpt", dict(QWEN2, model_type="gpt2"))
     with pytest.raises(ConfigError, match="model_type"):
-        TorchRunner(8, BLOCK, model_path=str(tmp_path / "gpt"), device="cpu")
+        make_runner(8, BLOCK, str(tmp_path / "gpt"))
     write_checkpoint(tmp_path / "mismatch", dict(QWEN2, hidden_size=32))
     (tmp_path / "mismatch" / "config.json").write_text(json.dumps(QWEN2))
     write_checkpoint(tmp_path / "short", QWEN2)
@@ -217,9 +216,9 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path: Path) -> None:
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, str(tmp_path / "short" / "model-00001-of-00001.safetensors"))
     with pytest.raises(ConfigError, match="missing"):
-        TorchRunner(8, BLOCK, model_path=str(tmp_path / "short"), device="cpu")
+        make_runner(8, BLOCK, str(tmp_path / "short"))
     with pytest.raises(ConfigError, match="shape"):
-        TorchRunner(8, BLOCK, model_path=str(tmp_path / "mismatch"), device="cpu")
+        make_runner(8, BLOCK, str(tmp_path / "mismatch"))
     (tmp_path / "short" / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read"):
-        TorchRunner(8, BLOCK, model_path=str(tmp_path / "short"), device="cpu")
+        make_runner(8, BLOCK, str(tmp_path / "short"))

@@ -11,15 +11,15 @@ import pytest
 
 from engines.engine import Engine, EngineConfig, EngineRequest
 from engines.runner import SamplingParams
-from engines.torch import TorchRunner
 from router.chat import ByteTokenizer, encode_chat
 from tests.engines.test_torch_checkpoint import QWEN2, write_checkpoint
+from tests.engines.test_torch_runner import make_runner
 
 BLOCK = 16
 
 
 def make_engine(num_blocks: int = 256, **kwargs: int) -> Engine:
-    runner = TorchRunner(num_blocks, BLOCK, device="cpu", seed=3)
+    runner = make_runner(num_blocks, BLOCK, seed=3)
     return Engine(EngineConfig(num_blocks=num_blocks, block_size=BLOCK, **kwargs), runner)
 
 
@@ -107,7 +107,7 @@ def test_checkpoint_model_through_the_engine_generates_the_same_warm_and_cold(tm
     write_checkpoint(tmp_path / "qwen", QWEN2, seed=4)
 
     def engine() -> Engine:
-        runner = TorchRunner(64, BLOCK, model_path=str(tmp_path / "qwen"), device="cpu")
+        runner = make_runner(64, BLOCK, str(tmp_path / "qwen"))
         return Engine(EngineConfig(num_blocks=64, block_size=BLOCK), runner)
 
     tokenizer = engine().runner.tokenizer

@@ -4,6 +4,7 @@ logits and greedy tokens as computing from scratch, alone and batched."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from engines.runner import SamplingParams, ScheduledChunk
 from engines.torch import TorchRunner
 from engines.torch.runner import decode_groups
 from router.chat import ByteTokenizer, encode_chat
+from tests.engines.conftest import torch_device
 
 BLOCK = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
@@ -36,13 +38,23 @@ def chunk(
     return ScheduledChunk(seq, tokens, start, table, sample, GREEDY, output_len)
 
 
+def make_runner(
+    num_blocks: int, block_size: int, model_path: str | None = None, **kwargs: Any
+) -> TorchRunner:
+    """A runner on the test device, in float32 unless `dtype` says otherwise, on CUDA too (whose
+    default is bf16): the tests compare cached with uncached and batched with lone computations token
+    for token, and bf16 rounds differently along those paths."""
+    kwargs.setdefault("dtype", torch.float32)
+    return TorchRunner(num_blocks, block_size, model_path, torch_device(), **kwargs)
+
+
 def blocks_for(length: int, block_size: int = BLOCK) -> int:
     return -(-length // block_size)
 
 
 @pytest.fixture(scope="module")
 def runner() -> TorchRunner:
-    return TorchRunner(num_blocks=1024, block_size=BLOCK, device="cpu", seed=7)
+    return make_runner(1024, BLOCK, seed=7)
 
 
 def prompt(length: int, seed: int) -> list[int]:
@@ -99,9 +111,9 @@ def test_defaults_describe_the_tiny_model(runner: TorchRunner) -> None:
 
 
 def test_same_seed_same_model_other_seed_differs() -> None:
-    a = TorchRunner(8, BLOCK, device="cpu", seed=1)
-    b = TorchRunner(8, BLOCK, device="cpu", seed=1)
-    c = TorchRunner(8, BLOCK, device="cpu", seed=2)
+    a = make_runner(8, BLOCK, seed=1)
+    b = make_runner(8, BLOCK, seed=1)
+    c = make_runner(8, BLOCK, seed=2)
     tokens = prompt(20, 0)
     la, lb, lc = (r.logits([chunk("x", tokens, 0, [0, 1])])[0] for r in (a, b, c))
     assert torch.equal(la, lb)
@@ -237,10 +249,10 @@ def test_bad_chunks_are_refused_with_a_clear_error(
 
 def test_bfloat16_keeps_rope_frequencies_in_float32() -> None:
     """bf16 weights and cache (the CUDA default), while RoPE angles stay exact at long positions."""
-    runner = TorchRunner(16, BLOCK, device="cpu", seed=7, dtype=torch.bfloat16)
+    runner = make_runner(16, BLOCK, seed=7, dtype=torch.bfloat16)
     assert runner.kv_cache.dtype == torch.bfloat16
     assert runner.model.model.rotary.inv_freq.dtype == torch.float32
-    reference = TorchRunner(16, BLOCK, device="cpu", seed=7)
+    reference = make_runner(16, BLOCK, seed=7)
     tokens = prompt(40, seed=2)
     low, full = (r.logits([chunk("b", tokens, 0, [0, 1, 2])])[0] for r in (runner, reference))
     assert low.dtype == torch.float32
@@ -271,4 +283,4 @@ def test_decode_batch_of_very_different_lengths_equals_each_alone(runner: TorchR
 
 def test_a_kv_cache_larger_than_memory_is_refused_before_allocating() -> None:
     with pytest.raises(ValueError, match="lower --num-blocks"):
-        TorchRunner(num_blocks=10**9, block_size=BLOCK, device="cpu")
+        make_runner(10**9, BLOCK)

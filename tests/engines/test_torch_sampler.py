@@ -6,13 +6,20 @@ import torch
 
 from engines.runner import SamplingParams
 from engines.torch.sampler import Sampler
+from tests.engines.conftest import torch_device
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
 
 
+def on_device(logits: torch.Tensor) -> torch.Tensor:
+    """The sampler is handed the model's logits where the model runs; expectations stay on the CPU."""
+    return logits.to(torch_device())
+
+
 def draws(params: SamplingParams, count: int = 3000) -> torch.Tensor:
     sampler = Sampler(seed=0)
-    tokens = [sampler.sample(LOGITS, [params], [n])[0] for n in range(count)]
+    logits = on_device(LOGITS)
+    tokens = [sampler.sample(logits, [params], [n])[0] for n in range(count)]
     return torch.bincount(torch.tensor(tokens), minlength=LOGITS.shape[1]).float() / count
 
 
@@ -34,8 +41,8 @@ def test_top_p_keeps_only_the_nucleus_renormalised() -> None:
 
 def test_same_seed_and_position_same_token_whatever_the_batch() -> None:
     params = SamplingParams(temperature=1.0, seed=42)
-    alone = [Sampler(0).sample(LOGITS, [params], [n])[0] for n in range(50)]
-    batch_logits = torch.cat([LOGITS.flip(-1), LOGITS, LOGITS * 2])
+    alone = [Sampler(0).sample(on_device(LOGITS), [params], [n])[0] for n in range(50)]
+    batch_logits = on_device(torch.cat([LOGITS.flip(-1), LOGITS, LOGITS * 2]))
     other = SamplingParams(temperature=1.0, seed=7)
     in_batch = [Sampler(99).sample(batch_logits, [other, params, other], [n, n, 0])[1] for n in range(50)]
     assert alone == in_batch
@@ -45,4 +52,4 @@ def test_same_seed_and_position_same_token_whatever_the_batch() -> None:
 def test_greedy_rows_take_the_argmax() -> None:
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(temperature=0.0)] * 5
-    assert Sampler(0).sample(logits, params, [0] * 5) == logits.argmax(-1).tolist()
+    assert Sampler(0).sample(on_device(logits), params, [0] * 5) == logits.argmax(-1).tolist()
