@@ -318,14 +318,15 @@ class BlockManager:
         room = self.max_pinned_blocks - self.num_pinned
         hashes = list(dict.fromkeys(block_hashes))[: max(room, 0)]
         if ttl_s <= 0 or not hashes:
-            self._to_evictable_front(released)
+            self._to_evictable(released)
             return 0
         expires_at = self.clock() + ttl_s
         self._pins[session_id] = Pin(hashes, expires_at)
         self.num_pinned += len(hashes)
         self._next_expiry = min(self._next_expiry, expires_at)
         # C loops over the (distinct) hashes: count them, then move the newly pinned free blocks from
-        # the evictable order to the end of the pinned one, in the pin's order as one by one would
+        # the evictable order to the end of the pinned one, tail first: when pinned blocks must go, a
+        # chain loses its tail before its head (a lost head makes the whole rest unmatchable)
         counts = self._pin_counts
         before = list(map(counts.get, hashes, repeat(0)))
         counts.update(zip(hashes, map((1).__add__, before), strict=True))
@@ -338,11 +339,11 @@ class BlockManager:
         if not released:
             moved = list(compress(ids, map(evictable.__contains__, ids)))
             list(map(evictable.__delitem__, moved))
-            pinned_free.update(zip(moved, repeat(None)))
+            pinned_free.update(zip(reversed(moved), repeat(None)))
             return len(hashes)
-        # as `_to_evictable_front(released)` and then the moves above would leave it: the released
-        # blocks leave the pinned order; those pinned again rejoin its end with the others moved, in
-        # the pin's order; the rest go to the evictable front
+        # as `_to_evictable(released)` and then the moves above would leave it: the released
+        # blocks leave the pinned order; those pinned again rejoin its end with the others moved, tail
+        # first; the rest go to the evictable end
         again = set(released)
         in_released = list(map(again.__contains__, ids))
         moved = list(compress(ids, map(or_, in_released, map(evictable.__contains__, ids))))
@@ -350,8 +351,8 @@ class BlockManager:
         list(map(evictable.__delitem__, compress(moved, map(not_, map(again.__contains__, moved)))))
         pinned_again = set(moved)
         let_go = compress(released, map(not_, map(pinned_again.__contains__, released)))
-        self._to_evictable_front(list(let_go), pinned=False)
-        pinned_free.update(zip(moved, repeat(None)))
+        self._to_evictable(list(let_go), pinned=False)
+        pinned_free.update(zip(reversed(moved), repeat(None)))
         return len(hashes)
 
     def unpin(self, session_id: str) -> None:
@@ -375,7 +376,7 @@ class BlockManager:
     def _unpin(self, session_id: str) -> None:
         pin = self._pins.pop(session_id, None)
         if pin is not None:
-            self._to_evictable_front(self._release(pin))
+            self._to_evictable(self._release(pin))
 
     def _release(self, pin: Pin) -> list[int]:
         """Uncount a pin (already off `_pins`); returns the free blocks it was the last pin of."""
@@ -397,14 +398,14 @@ class BlockManager:
         ids = list(map(self._by_hash.get, dropped))
         return list(compress(ids, map(self._pinned_free.__contains__, ids)))
 
-    def _to_evictable_front(self, blocks: list[int], pinned: bool = True) -> None:
-        """Unpinned free blocks were not wanted back: first in line for eviction (each one moved to the
-        front in turn, as one by one would). `pinned`: they still sit in the pinned order."""
+    def _to_evictable(self, blocks: list[int], pinned: bool = True) -> None:
+        """Blocks a pin no longer holds (in pin order) rejoin the evictable order as if freed now, tail
+        first. Not at its front: a session's pin also holds the prefix other sessions share (a system
+        prompt), which would then be evicted before their own blocks and orphan every chain on it.
+        `pinned`: they still sit in the pinned order."""
         if pinned:
             list(map(self._pinned_free.__delitem__, blocks))
-        evictable = self._evictable
-        evictable.update(zip(blocks, repeat(None)))
-        list(map(evictable.move_to_end, blocks, repeat(False)))
+        self._evictable.update(zip(reversed(blocks), repeat(None)))
 
     # --- internals
 

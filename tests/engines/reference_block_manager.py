@@ -213,7 +213,7 @@ class ReferenceBlockManager:
         self.num_pinned += len(hashes)
         self._next_expiry = min(self._next_expiry, expires_at)
         counts = self._pin_counts
-        for block_hash in hashes:
+        for block_hash in reversed(hashes):  # tail first: pinned blocks, too, are evicted tail first
             count = counts.get(block_hash, 0)
             counts[block_hash] = count + 1
             if count == 0:
@@ -247,7 +247,7 @@ class ReferenceBlockManager:
             return
         self.num_pinned -= len(pin.block_hashes)
         counts = self._pin_counts
-        for block_hash in pin.block_hashes:
+        for block_hash in reversed(pin.block_hashes):
             count = counts[block_hash] - 1
             if count:
                 counts[block_hash] = count
@@ -256,9 +256,9 @@ class ReferenceBlockManager:
             block_id = self._by_hash.get(block_hash)
             if block_id is not None and block_id in self._pinned_free:
                 del self._pinned_free[block_id]
-                # an expired pin's blocks were not wanted back: first in line for eviction
+                # as if freed now, tail first (at the front, a shared prefix would go before the
+                # blocks of the other sessions on it)
                 self._evictable[block_id] = None
-                self._evictable.move_to_end(block_id, last=False)
 
     # --- internals
 

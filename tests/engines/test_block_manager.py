@@ -111,6 +111,43 @@ def test_pins_are_evicted_last_never_refuse_and_expire() -> None:
     assert bm.pinned_sessions() == {} and bm.num_pinned == 0
 
 
+def test_pinned_blocks_are_evicted_tail_first() -> None:
+    # a lost head makes the rest of a chain unmatchable: when pinned blocks must go, the tail goes first
+    bm = BlockManager(4, B, Clock(), max_pinned_blocks=4)
+    tokens = list(range(16))  # 4 blocks
+    seq = make_seq("p", tokens)
+    run_prefill(bm, seq)
+    bm.free(seq)
+    chain = block_hashes(tokens, B)
+    assert bm.pin("s1", chain, ttl_s=10) == 4
+    bm.take_events()
+    run_prefill(bm, make_seq("x", list(range(90, 97))))  # needs 2 of the 4 pinned blocks
+    assert bm.take_events()[0] == BlockRemoved([chain[3], chain[2]])
+    assert bm.match_prefix(make_seq("again", [*tokens, 1])) == 2
+
+
+def test_an_ended_pin_does_not_send_a_shared_prefix_to_the_front() -> None:
+    # s1 pinned the system prompt with its turn; other sessions' turns on that prompt were freed before
+    # s1's pin ended. The prompt must not be evicted before their blocks (that orphans their chains).
+    clock = Clock()
+    bm = BlockManager(8, B, clock)
+    system = list(range(8))  # 2 blocks
+    s1 = make_seq("s1", [*system, *range(20, 24), 0])
+    s2 = make_seq("s2", [*system, *range(30, 34), 0])
+    run_prefill(bm, s1)
+    bm.free(s1)
+    bm.pin("s1", block_hashes([*system, *range(20, 24)], B), ttl_s=5)
+    run_prefill(bm, s2)
+    bm.free(s2)
+    clock.now = 6
+    bm.expire_pins()
+    bm.take_events()
+    run_prefill(bm, make_seq("x", list(range(90, 114))))  # 6 blocks: the 4 uncached, then 2 evicted
+    tails = [block_hashes([*system, *range(k, k + 4)], B)[2] for k in (30, 20)]
+    assert bm.take_events()[0] == BlockRemoved(tails)  # both sessions' own blocks, the prompt kept
+    assert bm.match_prefix(make_seq("s3", [*system, 5])) == 2
+
+
 def test_pins_are_capped_keeping_the_prefix() -> None:
     bm = BlockManager(8, B, Clock(), max_pinned_blocks=3)
     assert bm.pin("a", [1, 2], 10) == 2
