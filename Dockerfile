@@ -28,10 +28,10 @@ RUN case ",${EXTRAS}," in \
         fi ;; \
     esac
 
-# The dependencies on their own layer, rebuilt only when pyproject.toml (or the readme, part of the
-# metadata) changes: the project installed before its packages are copied pulls them all in.
+# The dependencies on their own layer, rebuilt only when pyproject.toml (or the readme and licence,
+# part of the metadata) changes: the project installed before its packages are copied pulls them all in.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 RUN pip install --no-cache-dir "./${EXTRAS:+[${EXTRAS}]}"
 
 # Then the code. One COPY per package: a COPY of several folders would merge their contents into one.
