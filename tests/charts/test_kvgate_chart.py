@@ -324,6 +324,122 @@ def test_autoscaling_off_sets_replicas() -> None:
     assert find(docs, "Deployment", "gateway")[0]["spec"]["replicas"] == 3
 
 
+# --- volumes: model weights and tokenizers
+
+
+MODELS_VOLUME = {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+MODELS_MOUNT = {"name": "models", "mountPath": "/models", "readOnly": True}
+VLLM_TARGET = {
+    "name": "vllm-0",
+    "url": "http://vllm-0.vllm:8000",
+    "zmq": "tcp://vllm-0.vllm:5557",
+    "model": "meta-llama/Llama-3.1-8B-Instruct",
+    "tokenizer": "/models/llama/tokenizer.json",  # values.yaml's example
+}
+
+
+def pod_volumes(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in doc["spec"]["template"]["spec"].get("volumes", [])}
+
+
+def mounted(doc: dict[str, Any], path: str) -> bool:
+    """Some mount of the pod's container covers `path`, and names a volume the pod has."""
+    volumes = pod_volumes(doc)
+    for mount in container(doc).get("volumeMounts", []):
+        assert mount["name"] in volumes, f"mount of a volume the pod lacks: {mount}"
+        if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            return True
+    return False
+
+
+def documented_examples(section: str) -> dict[str, list[dict[str, Any]]]:
+    """The `volumes:`/`volumeMounts:` example lines values.yaml's comments give under `section`."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    start = lines.index(f"{section}:")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith((" ", "#")))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for line in lines[start:end]:
+        text = line.strip()
+        if text.startswith("#") and text.lstrip("# ").startswith(("volumes: [", "volumeMounts: [")):
+            out.update(yaml.safe_load(text.lstrip("# ")))
+    return out
+
+
+def test_no_volumes_by_default() -> None:
+    docs = render(merge(EXTERNAL_NATS, {"bridges": {"targets": [VLLM_TARGET]}}))
+    for doc in find(docs, "Deployment") + find(docs, "StatefulSet"):
+        assert "volumes" not in doc["spec"]["template"]["spec"], doc["metadata"]["name"]
+        assert "volumeMounts" not in container(doc), doc["metadata"]["name"]
+
+
+def test_volumes_reach_every_pod_and_the_gateway_can_load_the_tokenizers() -> None:
+    models = {"volumes": [MODELS_VOLUME], "volumeMounts": [MODELS_MOUNT]}
+    sockets = {
+        "volumes": [{"name": "zmq", "emptyDir": {}}],
+        "volumeMounts": [{"name": "zmq", "mountPath": "/run/zmq"}],
+    }
+    values = merge(
+        EXTERNAL_NATS,
+        {
+            # routerConfig brings the chart's own volume: the user's join it, not replace it.
+            "gateway": {"routerConfig": {"session_admission": True}, **models},
+            "workers": {"engine": "torch", "modelPath": "/models/llama", **models},
+            "bridges": {"targets": [VLLM_TARGET], **sockets},
+        },
+    )
+    docs = render(values)
+    validate_all(docs)
+    (gateway,) = find(docs, "Deployment", "gateway")
+    (workers,) = find(docs, "StatefulSet", "worker")
+    (bridge,) = find(docs, "Deployment", "bridge")
+    assert set(pod_volumes(gateway)) == {"router-config", "models"}
+    assert pod_volumes(workers) == {"models": MODELS_VOLUME}
+    assert pod_volumes(bridge) == {"zmq": {"name": "zmq", "emptyDir": {}}}
+    assert MODELS_MOUNT in container(gateway)["volumeMounts"] and mounted(gateway, "/etc/kvgate/router.json")
+    assert mounted(bridge, "/run/zmq/kv.sock")
+
+    wk = container(workers)
+    assert flag(wk["args"], "--model-path") == "/models/llama"
+    check_cli(wk["args"], "worker")
+    assert mounted(workers, "/models/llama/config.json")
+    # The gateway loads the tokenizer each worker registers, by the same path: the bridge's flag and
+    # the torch worker's <model path>/tokenizer.json.
+    tokenizer = flag(container(bridge)["args"], "--tokenizer")
+    assert tokenizer == "/models/llama/tokenizer.json"
+    assert mounted(gateway, tokenizer)
+    text = notes(values)
+    assert "WARNING" not in text
+    assert '"model": "llama"' in text  # the torch engine serves the checkpoint folder's name
+
+
+def test_an_unmounted_tokenizer_is_called_out() -> None:
+    values = merge(
+        EXTERNAL_NATS,
+        {
+            "workers": {"engine": "torch", "modelPath": "/weights/qwen/"},
+            "bridges": {"targets": [VLLM_TARGET]},
+        },
+    )
+    text = notes(values)
+    assert "the gateway loads /weights/qwen/tokenizer.json" in text
+    assert "the gateway loads /models/llama/tokenizer.json" in text
+    mounts = {"volumes": [MODELS_VOLUME], "volumeMounts": [MODELS_MOUNT]}
+    text = notes(merge(values, {"gateway": mounts}))
+    assert "/models/llama/tokenizer.json" not in text  # now covered by the /models mount
+    assert "the gateway loads /weights/qwen/tokenizer.json" in text
+
+
+@pytest.mark.parametrize("section", ["gateway", "workers"])
+def test_documented_volume_examples_render_valid_pods(section: str) -> None:
+    example = documented_examples(section)
+    assert set(example) == {"volumes", "volumeMounts"}
+    kind = "StatefulSet" if section == "workers" else "Deployment"
+    docs = render(merge(EXTERNAL_NATS, {section: example}))
+    validate_all(docs)
+    (doc,) = find(docs, kind, section.removesuffix("s"))
+    assert mounted(doc, "/models/llama/tokenizer.json")
+
+
 # --- bad values get clear errors
 
 
@@ -341,6 +457,13 @@ def test_external_nats_url_is_required_without_the_subchart() -> None:
         {"gateway": {"replicaz": 2}},
         {"bridges": {"targets": [{"name": "Bad_Name", "url": "http://x", "zmq": "tcp://x:1", "model": "m"}]}},
         {"bridges": {"targets": [{"name": "v", "url": "http://x", "model": "m"}]}},
+        {"gateway": {"volumes": {"name": "models"}}},  # a list, not one volume
+        {"gateway": {"volumes": [{"hostPath": {"path": "/models"}}]}},  # no name
+        {"workers": {"volumes": [{"name": "Models_1", "emptyDir": {}}]}},  # not a DNS label
+        {"workers": {"volumeMounts": [{"name": "models"}]}},  # no mountPath
+        {"bridges": {"volumeMounts": [{"name": "models", "mountPath": "models"}]}},  # relative
+        {"workers": {"modelPath": "/models/llama"}},  # the mock engine loads no checkpoint
+        {"workers": {"engine": "torch", "modelPath": "models/llama"}},  # relative to an unknown cwd
     ],
 )
 def test_schema_rejects_bad_values(bad: dict[str, Any]) -> None:
