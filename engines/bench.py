@@ -22,13 +22,26 @@ from engines.runner import ModelRunner, SamplingParams
 GOAL_TTFT_RATIO = 5.0
 GOAL_DECODE_BATCH_RATIO = 4.0
 DECODE_BATCH = 8
+# The prompt of the TTFT runs by device type, and how many of its tokens are new in the cached run.
+DEFAULT_PROMPT_TOKENS = {"cpu": 2048, "cuda": 16384}
+NEW_TOKENS = 128
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=("torch", "mock"), default="torch")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--prompt-tokens", type=int, default=2048)
-    parser.add_argument("--cached-tokens", type=int, default=1920, help="cached prefix (whole blocks)")
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        help=f"default: {DEFAULT_PROMPT_TOKENS['cpu']:,} on CPU (and mock), "
+        f"{DEFAULT_PROMPT_TOKENS['cuda']:,} on CUDA, where a 2k-token prefill of a small model is bound "
+        "by kernel launches, cached or not",
+    )
+    parser.add_argument(
+        "--cached-tokens",
+        type=int,
+        help=f"cached prefix (whole blocks); default: all but the last {NEW_TOKENS} prompt tokens",
+    )
     parser.add_argument("--decode-context", type=int, default=256, help="prompt tokens of decode runs")
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -115,7 +128,27 @@ def _runner(args: argparse.Namespace, num_blocks: int) -> tuple[ModelRunner, int
     return runner, runner.config.vocab_size, info
 
 
+def _device_type(args: argparse.Namespace) -> str:
+    if args.engine == "mock":
+        return "cpu"
+    if args.device:
+        return args.device.split(":")[0]
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_sizes(args: argparse.Namespace) -> None:
+    """Fill in the device's default prompt and the cached prefix left unset (all but the last
+    NEW_TOKENS tokens, down to whole blocks)."""
+    if args.prompt_tokens is None:
+        args.prompt_tokens = DEFAULT_PROMPT_TOKENS.get(_device_type(args), DEFAULT_PROMPT_TOKENS["cpu"])
+    if args.cached_tokens is None:
+        args.cached_tokens = (args.prompt_tokens - NEW_TOKENS) // args.block_size * args.block_size
+
+
 def measure(args: argparse.Namespace) -> dict[str, object]:
+    resolve_sizes(args)
     block = args.block_size
     if args.cached_tokens % block or not 0 < args.cached_tokens < args.prompt_tokens:
         raise ValueError("--cached-tokens must be whole blocks, fewer than --prompt-tokens")

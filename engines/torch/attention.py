@@ -30,16 +30,22 @@ class PrefillSpan:
     start_pos: int
     context_len: int
     block_table: torch.Tensor  # [blocks covering context_len]
+    # [n, context_len] additive (-inf above the bottom-right diagonal), built once per step where
+    # SDPA has no fused kernel for that alignment (CPU); None: `causal_lower_right`, which CUDA's
+    # flash kernel runs without materialising anything
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class DecodeGroup:
     """One-token sequences attended together: packed `rows`, their block tables padded to the
-    group's widest (`tables` [D, blocks]) and which gathered keys are real (`mask` [D, 1, 1, keys])."""
+    group's widest (`tables` [D, blocks]) and the additive mask of the padding keys (`mask`
+    [D, 1, 1, keys], -inf past each row's context)."""
 
     rows: torch.Tensor
     tables: torch.Tensor
     mask: torch.Tensor
+    whole: bool = False  # the group is every row of the step, in order (rows == arange(T))
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,12 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] of the new tokens -> [T, heads, head_dim]."""
     write_kv(kv_layer, layout, k, v)
+    # One sequence alone (a prefill, or a decode batch in order) is the common step: its
+    # attention output is the step's, with no scatter into a fresh tensor.
+    if not layout.prefills and len(layout.decodes) == 1 and layout.decodes[0].whole:
+        return _decode_attention(q, kv_layer, layout.decodes[0])
+    if not layout.decodes and len(layout.prefills) == 1:
+        return _prefill_attention(q, k, v, kv_layer, layout.prefills[0])
     out = torch.empty_like(q)
     for group in layout.decodes:
         out[group.rows] = _decode_attention(q, kv_layer, group)
@@ -86,7 +98,7 @@ def _gather(kv_layer: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor,
 
 def _decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
     kv_heads = kv_layer.shape[3]
-    rows = q[group.rows]  # [D, heads, hd]
+    rows = q if group.whole else q[group.rows]  # [D, heads, hd]
     num, heads, head_dim = rows.shape
     # Query heads j*G .. j*G+G-1 share KV head j, so the G heads of one KV head become G "query
     # positions" of the same sequence: no K/V repetition, one SDPA for the whole batch.
@@ -102,15 +114,18 @@ def _prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, span: PrefillSpan
 ) -> torch.Tensor:
     query = q[span.begin : span.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
-    mask: CausalBias | None = None
+    mask: CausalBias | torch.Tensor | None = None
     if span.start_pos == 0:  # nothing before: the new tokens are the whole context
         keys, values = k[span.begin : span.end], v[span.begin : span.end]
     else:
         keys, values = _gather(kv_layer, span.block_table)
         keys, values = keys[: span.context_len], values[: span.context_len]
-        # the n queries are the context's last n positions: causal aligned to the bottom right,
-        # without materialising an [n, context] mask
-        mask = causal_lower_right(span.end - span.begin, span.context_len)
+        # the n queries are the context's last n positions: causal aligned to the bottom right
+        mask = (
+            span.mask
+            if span.mask is not None
+            else causal_lower_right(span.end - span.begin, span.context_len)
+        )
     out = F.scaled_dot_product_attention(
         query,
         keys.transpose(0, 1).unsqueeze(0),

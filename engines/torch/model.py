@@ -8,6 +8,7 @@ step; `StepLayout` says where their K/V go and what each attends to.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +42,13 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = inv_freq.float()
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin over the whole head ([T, 1, hd]): `[cos, cos]` and `[-sin, sin]`,
+        built once per step so that each layer rotates with one cat, two muls and an add."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd/2]
-        return freqs.cos().to(dtype)[:, None, :], freqs.sin().to(dtype)[:, None, :]
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        return torch.cat((cos, cos), -1)[:, None, :], torch.cat((-sin, sin), -1)[:, None, :]
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -65,10 +69,57 @@ def _llama3_scaled(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, hd] rotated by its position (first half paired with second half, as in HF)."""
+    """x [T, heads, hd] rotated by its position (first half paired with second half, as in HF);
+    cos/sin as `RotaryEmbedding` gives them. Bit for bit HF's `x1*cos - x2*sin, x2*cos + x1*sin`
+    (adding -x2*sin is subtracting x2*sin), in 4 kernels instead of 7."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # [x2, x1]
+    return x * cos + swapped * sin
+
+
+def fuse_linears(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for linears applied to the same input, so that one GEMM replaces
+    several. The linears' parameters become views of it: no memory is duplicated, the state dict
+    keeps its names, and in-place writes to a parameter (loading, init) reach the fused tensor."""
+    with torch.no_grad():
+        weight = torch.cat([linear.weight for linear in linears])
+        has_bias = linears[0].bias is not None
+        bias = torch.cat([linear.bias for linear in linears]) if has_bias else None
+    row = 0
+    for linear in linears:
+        rows = slice(row, row + linear.out_features)
+        linear.weight = nn.Parameter(weight[rows], requires_grad=linear.weight.requires_grad)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias[rows], requires_grad=linear.bias.requires_grad)
+        row = rows.stop
+    return weight, bias
+
+
+class FusedLinears:
+    """Several linears of one module applied to one input, their outputs concatenated: one GEMM
+    once `fuse()` ran, else (or once `.to()` replaced the parameters) one linear at a time."""
+
+    def __init__(self, *linears: str) -> None:
+        self._names = linears
+        self._fused: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._ptrs: tuple[int, ...] = ()
+
+    def fuse(self, owner: nn.Module) -> None:
+        self._fused = fuse_linears(self._linears(owner))
+        self._ptrs = self._param_ptrs(owner)
+
+    def __call__(self, owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None:
+            if self._param_ptrs(owner) == self._ptrs:
+                return F.linear(x, *self._fused)
+            self._fused = None  # the parameters moved: the fused copy is stale
+        return torch.cat([linear(x) for linear in self._linears(owner)], dim=-1)
+
+    def _linears(self, owner: nn.Module) -> list[nn.Linear]:
+        return [getattr(owner, name) for name in self._names]
+
+    def _param_ptrs(self, owner: nn.Module) -> tuple[int, ...]:
+        return tuple(p.data_ptr() for linear in self._linears(owner) for p in linear.parameters())
 
 
 class Attention(nn.Module):
@@ -83,6 +134,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=False)
+        self.qkv = FusedLinears("q_proj", "k_proj", "v_proj")
 
     def forward(
         self,
@@ -91,11 +143,12 @@ class Attention(nn.Module):
         kv_layer: torch.Tensor,
         layout: StepLayout,
     ) -> torch.Tensor:
-        tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        tokens, heads, kv_heads, head_dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(self, x)  # [T, (heads + 2 kv_heads) * hd]
+        # q and k heads side by side are rotated together; v is the rest
+        qk = apply_rope(qkv[:, : (heads + kv_heads) * head_dim].view(tokens, -1, head_dim), *rope)
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
         out = paged_attention(q, k, v, kv_layer, layout)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
@@ -108,9 +161,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up = FusedLinears("gate_proj", "up_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(self, x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -161,6 +216,13 @@ class CausalLM(nn.Module):
         """Hidden states [T, hidden] of the packed tokens, their K/V written into `kv_cache`
         ([layers, 2, num_blocks, block_size, kv_heads, head_dim])."""
         return self.model(token_ids, kv_cache, layout)
+
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up of every layer as one GEMM each (call once weights and device are
+        final): fewer kernel launches per layer, which is what a small model's step is bound by."""
+        for layer in self.model.layers:
+            layer.self_attn.qkv.fuse(layer.self_attn)
+            layer.mlp.gate_up.fuse(layer.mlp)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(hidden)).float()

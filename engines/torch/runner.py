@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -62,6 +63,7 @@ class TorchRunner:
         # bf16 halves memory and is what GPUs are fast at; CPU matmuls are fastest in fp32.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model, self.tokenizer, self.model_name = self._build(model_path, config, seed)
+        self.model.fuse_projections()
         self.config = self.model.config
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(
@@ -116,17 +118,15 @@ class TorchRunner:
     def execute(self, chunks: Sequence[ScheduledChunk]) -> list[int | None]:
         if not chunks:
             return []
-        hidden, ends = self._forward(chunks)
-        sampled = [i for i, chunk in enumerate(chunks) if chunk.sample]
+        hidden, step = self._forward(chunks)
         out: list[int | None] = [None] * len(chunks)
-        if not sampled:
+        if not step.sampled:
             return out
-        rows = torch.tensor([ends[i] - 1 for i in sampled], device=self.device)
-        logits = self._mask_padding(self.model.logits(hidden[rows]))
-        tokens = self._sampler.sample(
-            logits, [chunks[i].sampling for i in sampled], [chunks[i].output_len for i in sampled]
+        logits = self._mask_padding(self.model.logits(hidden[step.sample_rows]))
+        tokens = self._sampler.sample(  # the step's one device->host sync: the sampled ids
+            logits, [chunks[i].sampling for i in step.sampled], [chunks[i].output_len for i in step.sampled]
         )
-        for i, token in zip(sampled, tokens, strict=True):
+        for i, token in zip(step.sampled, tokens, strict=True):
             out[i] = token
         return out
 
@@ -136,10 +136,10 @@ class TorchRunner:
         writing their KV like `execute`; for tests and inspection."""
         if not chunks:
             return []
-        hidden, ends = self._forward(chunks)
+        hidden, step = self._forward(chunks)
         logits = self.model.logits(hidden)
-        begins = [0, *ends[:-1]]
-        return [logits[b:e] for b, e in zip(begins, ends, strict=True)]
+        begins = [0, *step.ends[:-1]]
+        return [logits[b:e] for b, e in zip(begins, step.ends, strict=True)]
 
     def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
         # Checkpoints pad the vocabulary past the tokenizer's; those ids decode to nothing.
@@ -147,15 +147,11 @@ class TorchRunner:
             logits[:, self.tokenizer.vocab_size :] = float("-inf")
         return logits
 
-    def _forward(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, list[int]]:
-        """Hidden states of the packed tokens and each chunk's end row."""
+    def _forward(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, StepInputs]:
+        """Hidden states of the packed tokens, and the step's inputs."""
         self._validate(chunks)
-        token_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], dtype=torch.long)
-        if int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        layout, ends = self._layout(chunks)
-        hidden = self.model(token_ids.to(self.device), self.kv_cache, layout)
-        return hidden, ends
+        layout, step = self._layout(chunks)
+        return self.model(step.token_ids, self.kv_cache, layout), step
 
     def _validate(self, chunks: Sequence[ScheduledChunk]) -> None:
         for chunk in chunks:
@@ -169,10 +165,14 @@ class TorchRunner:
             if len(chunk.block_table) * self.block_size < end:
                 raise ValueError(f"{chunk.seq_id}: block table does not cover position {end - 1}")
 
-    def _layout(self, chunks: Sequence[ScheduledChunk]) -> tuple[StepLayout, list[int]]:
-        """Positions, cache slots and attention spans of the step, computed as tensors (no per-token
-        Python work beyond flattening the token ids)."""
+    def _layout(self, chunks: Sequence[ScheduledChunk]) -> tuple[StepLayout, StepInputs]:
+        """Token ids, positions, cache slots and attention spans of the step. Computed on the CPU as
+        tensors (no per-token Python work beyond flattening the token ids) and sent to the device in
+        one copy: each separate copy of pageable memory to a GPU is a stream synchronisation."""
         block = self.block_size
+        token_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], dtype=torch.long)
+        if int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         lens = [len(chunk.token_ids) for chunk in chunks]
         starts = [chunk.start_pos for chunk in chunks]
         contexts = [s + n for s, n in zip(starts, lens, strict=True)]
@@ -190,40 +190,91 @@ class TorchRunner:
         positions = torch.tensor(starts)[seq_of_row] + torch.arange(int(lens_t.sum())) - first_row[seq_of_row]
         slots = tables[seq_of_row, positions // block] * block + positions % block
         ends = torch.cumsum(lens_t, 0).tolist()
+        sampled = [i for i, chunk in enumerate(chunks) if chunk.sample]
 
-        to = self.device
-        decode = [i for i, n in enumerate(lens) if n == 1]
+        pack = _Pack()
+        inputs = pack.add(token_ids), pack.add(positions), pack.add(slots)
+        sample_rows = pack.add(torch.tensor([ends[i] - 1 for i in sampled], dtype=torch.long))
+        groups: list[tuple[int, int, int, int]] = []  # size and pack indices of each decode group
+        for group in decode_groups(
+            [i for i, n in enumerate(lens) if n == 1], needed, MAX_DECODE_GATHER_TOKENS // block
+        ):
+            group = sorted(group)  # in row order: one group of every row is then rows 0..T-1
+            group_tables = tables[group, : max(needed[i] for i in group)]
+            group_contexts = torch.tensor([contexts[i] for i in group])
+            groups.append(
+                (len(group), pack.add(first_row[group]), pack.add(group_tables), pack.add(group_contexts))
+            )
+        spans = [(i, pack.add(tables[i, : needed[i]])) for i, n in enumerate(lens) if n > 1]
+        dev = pack.send(self.device)
+
         decodes = tuple(
-            self._decode_group(group, first_row, tables, needed, contexts)
-            for group in decode_groups(decode, needed, MAX_DECODE_GATHER_TOKENS // block)
+            self._decode_group(dev[rows], dev[group_tables], dev[group_contexts], whole=size == len(chunks))
+            for size, rows, group_tables, group_contexts in groups
         )
         prefills = tuple(
-            PrefillSpan(ends[i] - n, ends[i], starts[i], contexts[i], tables[i, : needed[i]].to(to))
-            for i, n in enumerate(lens)
-            if n > 1
+            PrefillSpan(
+                ends[i] - lens[i],
+                ends[i],
+                starts[i],
+                contexts[i],
+                dev[table],
+                self._prefill_mask(lens[i], contexts[i], starts[i]),
+            )
+            for i, table in spans
         )
-        layout = StepLayout(positions.to(to), slots.to(to), decodes, prefills)
-        return layout, ends
+        layout = StepLayout(dev[inputs[1]], dev[inputs[2]], decodes, prefills)
+        return layout, StepInputs(dev[inputs[0]], ends, sampled, dev[sample_rows])
 
     def _decode_group(
-        self,
-        group: list[int],
-        first_row: torch.Tensor,
-        tables: torch.Tensor,
-        needed: list[int],
-        contexts: list[int],
+        self, rows: torch.Tensor, tables: torch.Tensor, context: torch.Tensor, *, whole: bool
     ) -> DecodeGroup:
-        index = torch.tensor(group)
-        width = max(needed[i] for i in group)
-        # key j of a row is real when j < its context; the rest pads it to the group's width
-        context = torch.tensor([contexts[i] for i in group])
-        valid = torch.arange(width * self.block_size)[None, :] < context[:, None]
-        to = self.device
-        return DecodeGroup(
-            first_row[index].to(to),
-            tables[index, :width].to(to),
-            valid[:, None, None].to(to),  # broadcast over KV heads and query heads
-        )
+        # key j of a row is real when j < its context; the rest pads it to the group's width. Additive
+        # and in the model's dtype, as SDPA would otherwise convert a bool mask in every layer.
+        keys = torch.arange(tables.shape[1] * self.block_size, device=self.device)
+        mask = torch.zeros((len(rows), keys.shape[0]), dtype=self.dtype, device=self.device)
+        mask.masked_fill_(keys[None, :] >= context[:, None], float("-inf"))
+        return DecodeGroup(rows, tables, mask[:, None, None], whole)  # broadcast over KV and query heads
+
+    def _prefill_mask(self, new: int, context: int, start: int) -> torch.Tensor | None:
+        """On CPU, where SDPA has no fused bottom-right causal kernel and `causal_lower_right`
+        would build this mask in every layer (and SDPA turn it from bool to additive), it is built
+        once per step, additive in the model's dtype."""
+        if start == 0 or self.device.type != "cpu":
+            return None
+        allowed = torch.ones(new, context, dtype=torch.bool).tril(diagonal=context - new)
+        return torch.zeros(new, context, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
+
+
+class StepInputs(NamedTuple):
+    """The runner's side of one step: packed token ids and where each chunk's rows end, on the
+    device the chunks that sample and the rows they sample from."""
+
+    token_ids: torch.Tensor
+    ends: list[int]
+    sampled: list[int]
+    sample_rows: torch.Tensor
+
+
+class _Pack:
+    """Integer tensors built on the CPU for one step, sent to the device as one copy (pinned and
+    asynchronous on CUDA, so the host goes on queueing the step's kernels)."""
+
+    def __init__(self) -> None:
+        self._parts: list[torch.Tensor] = []
+
+    def add(self, part: torch.Tensor) -> int:
+        self._parts.append(part)
+        return len(self._parts) - 1
+
+    def send(self, device: torch.device) -> list[torch.Tensor]:
+        flat = torch.cat([part.reshape(-1) for part in self._parts])
+        if device.type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        elif flat.device != device:
+            flat = flat.to(device)
+        pieces = flat.split([part.numel() for part in self._parts])
+        return [piece.view(part.shape) for piece, part in zip(pieces, self._parts, strict=True)]
 
 
 def decode_groups(decode: list[int], needed: list[int], max_gather_blocks: int) -> list[list[int]]:

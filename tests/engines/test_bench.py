@@ -3,6 +3,7 @@ those are the bench's to report)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from engines import bench
 from gateway.cli import main
 from tests.engines.test_torch_checkpoint import QWEN2, write_checkpoint
 
@@ -70,3 +72,24 @@ def test_torch_bench_runs_a_local_checkpoint(capsys: pytest.CaptureFixture[str],
     )  # fmt: skip
     assert result["model"] == "tiny-qwen" and result["cached_tokens"] == 192
     assert all(result[k] > 0 for k in KEYS)
+
+
+@pytest.mark.parametrize(
+    ("argv", "prompt", "cached"),
+    [
+        (["--engine", "mock"], 2048, 1920),
+        (["--engine", "torch", "--device", "cpu"], 2048, 1920),
+        # a 2k-token prefill is launch-bound on a GPU whether cached or not: a longer prompt there
+        (["--engine", "torch", "--device", "cuda:0"], 16384, 16256),
+        (["--engine", "torch", "--device", "cuda", "--prompt-tokens", "1000"], 1000, 864),
+        (["--engine", "mock", "--prompt-tokens", "4096", "--cached-tokens", "1024"], 4096, 1024),
+    ],
+)
+def test_default_prompt_follows_the_device_and_caches_all_but_128_tokens(
+    argv: list[str], prompt: int, cached: int
+) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(argv)
+    bench.resolve_sizes(args)
+    assert (args.prompt_tokens, args.cached_tokens) == (prompt, cached)

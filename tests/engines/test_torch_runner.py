@@ -284,3 +284,24 @@ def test_decode_batch_of_very_different_lengths_equals_each_alone(runner: TorchR
 def test_a_kv_cache_larger_than_memory_is_refused_before_allocating() -> None:
     with pytest.raises(ValueError, match="lower --num-blocks"):
         make_runner(10**9, BLOCK)
+
+
+def test_fused_projections_share_the_weights_and_compute_what_separate_ones_do() -> None:
+    fused = make_runner(64, BLOCK, seed=3)
+    attn = fused.model.model.layers[0].self_attn
+    # the q/k/v parameters are views of the one fused weight: no second copy, same state dict
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
+    assert set(fused.model.state_dict()) == set(make_runner(64, BLOCK, seed=3).model.state_dict())
+    tokens = prompt(3 * BLOCK + 5, seed=3)
+    table = BlockPool(64, seed=3).take(blocks_for(len(tokens) + 1))
+    want = fused.logits([chunk("a", tokens, 0, table)])[0]
+    # `.to()` replaces every parameter: the fused weight is then stale and must not be used
+    fused.model.to(torch.float64).to(torch.float32)
+    got = fused.logits([chunk("a", tokens, 0, table)])[0]
+    assert attn.qkv._fused is None and fused.model.model.layers[0].mlp.gate_up._fused is None
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # a parameter written in place after fusing reaches the fused GEMM
+    fused.model.fuse_projections()
+    with torch.no_grad():
+        attn.v_proj.weight.zero_()
+    assert not torch.allclose(fused.logits([chunk("a", tokens, 0, table)])[0], want)
