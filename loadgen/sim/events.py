@@ -7,20 +7,29 @@ function of its inputs: same trace, same seed, same numbers.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 Callback = Callable[..., None]
+Entry = tuple[float, int, Callback, tuple[Any, ...]]
 
 
 class EventLoop:
-    """A discrete-event loop: `at(t, fn, *args)` runs `fn(*args)` when virtual time reaches `t`."""
+    """A discrete-event loop: `at(t, fn, *args)` runs `fn(*args)` when virtual time reaches `t`.
 
-    __slots__ = ("_heap", "_seq", "events_run", "now")
+    `defer_at(t, fn, *args)` is for callbacks whose only effect is read at `settle()` points (the
+    simulator's load reports, 1 of 3 events, only change the router's view): they wait in a FIFO
+    instead of the heap, and `settle()` runs the ones the heap would have run before the current event.
+    """
+
+    __slots__ = ("_deferred", "_heap", "_seq", "events_run", "now", "seq")
 
     def __init__(self, start: float = 0.0) -> None:
         self.now = start
-        self._heap: list[tuple[float, int, Callback, tuple[Any, ...]]] = []
+        self.seq = 0  # the scheduling number of the event running now
+        self._heap: list[Entry] = []
+        self._deferred: deque[Entry] = deque()
         self._seq = 0
         self.events_run = 0
 
@@ -30,29 +39,95 @@ class EventLoop:
 
     def at(self, when: float, fn: Callback, *args: Any) -> None:
         # never in the past: a callback scheduled "now" runs after the ones already due now
-        self._seq += 1
-        heapq.heappush(self._heap, (max(when, self.now), self._seq, fn, args))
+        seq = self._seq = self._seq + 1
+        now = self.now
+        heapq.heappush(self._heap, (now if now > when else when, seq, fn, args))
 
     def after(self, delay: float, fn: Callback, *args: Any) -> None:
-        self.at(self.now + delay, fn, *args)
+        seq = self._seq = self._seq + 1
+        now = self.now
+        when = now + delay
+        heapq.heappush(self._heap, (now if now > when else when, seq, fn, args))
+
+    def defer_at(self, when: float, fn: Callback, *args: Any) -> None:
+        """Like `at`, for a callback that schedules nothing and whose effect only callbacks that call
+        `settle()` first can see. It runs, with `now` and `seq` as the heap would have run it, at the
+        first `settle()` after its time, or when the heap runs dry."""
+        seq = self._seq = self._seq + 1
+        now = self.now
+        entry = (now if now > when else when, seq, fn, args)
+        deferred = self._deferred
+        if deferred and entry[0] < deferred[-1][0]:
+            # out of FIFO order: an ordinary event then, after the deferred ones due before it
+            heapq.heappush(self._heap, (entry[0], seq, self._settled, (fn, args)))
+        else:
+            deferred.append(entry)
+
+    def _settled(self, fn: Callback, args: tuple[Any, ...]) -> None:
+        self.settle()
+        fn(*args)
+
+    def settle(self) -> None:
+        """Run the deferred callbacks that come before the running event, in (time, seq) order."""
+        deferred = self._deferred
+        if not deferred:
+            return
+        now, seq = self.now, self.seq
+        ran = 0
+        while deferred:
+            when, s, fn, args = deferred[0]
+            if when > now or (when == now and s > seq):
+                break
+            deferred.popleft()
+            self.now, self.seq = when, s
+            fn(*args)
+            ran += 1
+        self.now, self.seq = now, seq
+        self.events_run += ran
 
     def next_time(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
+        times = [q[0][0] for q in (self._heap, self._deferred) if q]
+        return min(times) if times else None
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._heap) + len(self._deferred)
 
     def run(self, until: float | None = None, max_events: int | None = None) -> None:
         """Run callbacks in time order until none are left (or `until`, or `max_events`)."""
         heap = self._heap
         pop = heapq.heappop
-        budget = max_events if max_events is not None else -1
-        while heap and budget != 0:
-            if until is not None and heap[0][0] > until:
-                self.now = until
-                return
-            when, _, fn, args = pop(heap)
-            self.now = when
+        ran = 0
+        try:
+            if until is None and max_events is None:
+                while heap:
+                    when, seq, fn, args = pop(heap)
+                    self.now, self.seq = when, seq
+                    fn(*args)
+                    ran += 1
+            else:
+                budget = max_events if max_events is not None else -1
+                while heap and budget != 0:
+                    if until is not None and heap[0][0] > until:
+                        self.now = until
+                        return
+                    when, seq, fn, args = pop(heap)
+                    self.now, self.seq = when, seq
+                    fn(*args)
+                    ran += 1
+                    budget -= 1
+                if budget == 0:
+                    return
+            self._drain_deferred(until)
+        finally:
+            self.events_run += ran
+
+    def _drain_deferred(self, until: float | None) -> None:
+        """The heap ran dry: what is deferred would have run next, in order."""
+        deferred = self._deferred
+        while deferred and (until is None or deferred[0][0] <= until):
+            when, seq, fn, args = deferred.popleft()
+            self.now, self.seq = when, seq
             fn(*args)
             self.events_run += 1
-            budget -= 1
+        if until is not None and deferred:
+            self.now = until

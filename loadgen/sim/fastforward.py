@@ -46,6 +46,7 @@ class FastForward:
         self.engine = engine
         self.min_steps = min_steps
         self._placeholder = engine.runner.tokenizer.encode(PLACEHOLDER_TEXT)  # type: ignore[attr-defined]
+        self._tiled = self._placeholder * 2  # the placeholder repeated: any run of it is one slice
 
     def plan(self, now: float) -> DecodeRun | None:
         """A run of pure decode steps starting now, or None when the next step is not one."""
@@ -98,10 +99,13 @@ class FastForward:
             return
         placeholder = self._placeholder
         size = len(placeholder)
+        tiled = self._tiled
+        if len(tiled) < size + steps:
+            tiled = self._tiled = placeholder * (steps // size + 2)
         for seq in run.seqs:
-            tokens = seq.token_ids
-            out = seq.num_output_tokens
-            tokens.extend(placeholder[(out + i) % size] for i in range(steps))
+            # token i of the output is placeholder[i % size], as the mock runner samples it
+            start = seq.num_output_tokens % size
+            seq.token_ids += tiled[start : start + steps]
             seq.num_computed_tokens += steps
         engine = self.engine
         engine.num_steps += steps

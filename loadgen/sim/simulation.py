@@ -4,6 +4,8 @@ The router is driven exactly as the gateway drives it (router.router.Router: res
 on_first_token, on_complete, apply_kv_batch, apply_load, expire), in virtual time. KV events and load
 reports reach it `bus_delay_s` after the worker produced them; a pin hint returned by `on_complete`
 reaches the worker's engine (`Engine.pin`, as the worker applies one from the bus) after the same delay.
+Load reports (a third of all events) wait outside the event heap (`EventLoop.defer_at`): every handler
+that calls the router settles the loop first, which applies the ones due before it, in heap order.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class SimConfig(msgspec.Struct, frozen=True):
     expire_interval_s: float = 1.0
     load_sample_every: int = 10  # keep every n-th load report for the load-over-time chart
     fast_forward: bool = True  # take runs of pure decode steps as one event (same results)
+    lazy_load_reports: bool = True  # apply load reports at the next router call, not as events (same)
     stall_timeout_s: float = 3600.0  # virtual seconds without any output before in-flight work fails
     seed: int = 0
     session_admission: bool | None = None  # RouterConfig.session_admission when no router config is given
@@ -154,6 +157,7 @@ class Simulation:
         return result
 
     def _arrive(self, key: str, turn_index: int, tool_result: bool) -> None:
+        self.loop.settle()
         now = self._last_progress = self.loop.now
         row = self.workload.sessions[key][turn_index]
         turn = Turn(self._next_index, row, key, turn_index, tool_result)
@@ -198,6 +202,7 @@ class Simulation:
             self._finish(turn.request_id, 0, ok=False)
 
     def _on_outputs(self, worker_id: str, outputs: list[RequestOutput]) -> None:
+        self.loop.settle()
         now = self.loop.now
         self._last_progress = now
         for out in outputs:
@@ -255,6 +260,7 @@ class Simulation:
             self.loop.at(deadline, self._release_tick, deadline)
 
     def _release_tick(self, at: float) -> None:
+        self.loop.settle()
         if at == self._release_at:
             self._release_at = math.inf
         self._release()
@@ -267,6 +273,7 @@ class Simulation:
         self.loop.after(self.config.bus_delay_s, self._deliver_kv, batch)
 
     def _deliver_kv(self, batch: KvEventBatch) -> None:
+        self.loop.settle()
         if not self.router.apply_kv_batch(batch, self.loop.now):
             # a gap cannot happen on this lossless bus, but answer it as a worker would: a dump
             worker = self.workers[batch.worker_id]
@@ -276,38 +283,49 @@ class Simulation:
             self.loop.after(self.config.bus_delay_s, self._deliver_dump, dump)
 
     def _deliver_dump(self, dump: KvStateDump) -> None:
+        self.loop.settle()
         self.router.apply_state_dump(dump, self.loop.now)
-
-    def _deliver_load(self, report: LoadReport) -> None:
-        self.router.apply_load(report, self.loop.now)
 
     def _load_tick(self, worker_id: str, generation: int) -> None:
         if self._open <= 0 or generation != self._tick_generation[worker_id]:
             return
         worker = self.workers[worker_id]
         report = worker.load_report()
-        interval = self.config.load_interval_s
+        config = self.config
+        loop = self.loop
+        now = loop.now
         last = self._last_report.get(worker_id)
         if (
             last is not None
-            and report.ts - last.ts < self.config.idle_report_s - 1e-9
+            and now - last.ts < config.idle_report_s - 1e-9
             and worker.idle()
             and _same_load(last, report)
         ):
             # nothing changed: sleep until the heartbeat is due (a request wakes it earlier)
             self._tick_sleeping[worker_id] = True
-            wake = self._next_tick(worker_id, last.ts + self.config.idle_report_s)
-            self.loop.at(wake, self._load_tick, worker_id, generation)
+            wake = self._next_tick(worker_id, last.ts + config.idle_report_s)
+            loop.at(wake, self._load_tick, worker_id, generation)
             return
         self._tick_sleeping[worker_id] = False
         self._last_report[worker_id] = report
-        self.loop.after(self.config.bus_delay_s, self._deliver_load, report)
-        self._load_ticks[worker_id] += 1
-        if self._load_ticks[worker_id] % self.config.load_sample_every == 0:
+        # the report reaches the router bus_delay_s later; only router calls can see it, and they
+        # settle the loop first, so it waits outside the heap (its arrival time is its `now`)
+        arrival = now + config.bus_delay_s
+        if config.lazy_load_reports:
+            due = now if now > arrival else arrival  # the time `at` would give it
+            loop.defer_at(due, self.router.apply_load, report, due)
+        else:
+            loop.at(arrival, self._deliver_load, report)
+        ticks = self._load_ticks[worker_id] = self._load_ticks[worker_id] + 1
+        if ticks % config.load_sample_every == 0:
             self.run_result.load.append(
-                LoadSample(self.loop.now, worker_id, report.running, report.waiting, report.used_blocks)
+                LoadSample(now, worker_id, report.running, report.waiting, report.used_blocks)
             )
-        self.loop.after(interval, self._load_tick, worker_id, generation)
+        loop.after(config.load_interval_s, self._load_tick, worker_id, generation)
+
+    def _deliver_load(self, report: LoadReport) -> None:
+        self.loop.settle()
+        self.router.apply_load(report, self.loop.now)
 
     def _next_tick(self, worker_id: str, not_before: float) -> float:
         """The first time on the worker's reporting grid at or after `not_before`."""
@@ -328,6 +346,7 @@ class Simulation:
     def _expire_tick(self) -> None:
         if self._open <= 0:
             return
+        self.loop.settle()
         now = self.loop.now
         self.router.expire(now)
         if self._turns and now - self._last_progress > self.config.stall_timeout_s:

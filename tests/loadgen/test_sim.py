@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 
 import pytest
 
 from gateway.cli import main
 from loadgen.sim.compare import POLICIES, compare, default_jobs, parse_policies
 from loadgen.sim.fastforward import DecodeRun
-from loadgen.sim.metrics import summarize
+from loadgen.sim.metrics import RequestRecord, summarize
 from loadgen.sim.oracle import oracle_figures
 from loadgen.sim.simulation import SimConfig, Simulation
 from loadgen.sim.worker import SimWorker
@@ -20,6 +21,7 @@ from loadgen.sim.workload import Workload
 from loadgen.trace import TraceRow
 from router.config import RouterConfig
 from router.protocol import LoadReport
+from router.router import Router
 
 TRACE_BLOCK = 128
 BLOCK = 16
@@ -186,6 +188,63 @@ def test_shortcuts_change_no_number() -> None:
             )
             assert x.first_token == pytest.approx(y.first_token, abs=1e-9)
             assert x.finish == pytest.approx(y.finish, abs=1e-9)
+
+
+# every Router method the simulation calls that could read the load view
+ROUTER_CALLS = (
+    "resolve_session",
+    "admit",
+    "pick",
+    "on_first_token",
+    "on_complete",
+    "release_held",
+    "held_deadline",
+    "apply_kv_batch",
+    "apply_state_dump",
+    "expire",
+)
+
+
+def test_load_reports_applied_at_router_calls_change_nothing(monkeypatch) -> None:
+    """Load reports wait outside the event heap until a router call: at every call the router's load
+    view is what delivering each report as an event gives, and so is every number of the run."""
+    calls: list[tuple[str, list[dict[str, object]]]] = []
+
+    def spy(name: str, original: Callable[..., object]) -> Callable[..., object]:
+        def call(router: Router, *args: object, **kwargs: object) -> object:
+            view = [{k: getattr(w, k) for k in w.__slots__} for w in router.load.workers.values()]
+            calls.append((name, view))
+            return original(router, *args, **kwargs)
+
+        return call
+
+    for name in ROUTER_CALLS:
+        monkeypatch.setattr(Router, name, spy(name, getattr(Router, name)))
+    rows = agent_sessions(10, 6, seed=11)
+    # session_kv also with an admission that holds turns and releases some by their deadline
+    holding = RouterConfig(session_admission=True, admission_fill=0.3, admission_max_hold_s=0.5)
+    cases = [("session_kv", None), ("session_kv", holding), ("kv_overlap", None), ("least_loaded", None)]
+    for policy, router_config in cases:
+        runs, seen = [], []
+        for lazy in (True, False):
+            calls.clear()
+            config = small_config(num_blocks=200, lazy_load_reports=lazy)
+            runs.append(Simulation(workload(rows), policy, config, router_config).run())
+            seen.append(list(calls))
+        assert len(seen[0]) > 500 and seen[0] == seen[1]
+        a, b = runs
+        assert [_record_tuple(r) for r in a.records] == [_record_tuple(r) for r in b.records]
+        assert (a.decisions, a.load, a.events, a.steps, a.pins) == (
+            b.decisions,
+            b.load,
+            b.events,
+            b.steps,
+            b.pins,
+        )
+
+
+def _record_tuple(record: RequestRecord) -> tuple[object, ...]:
+    return tuple(getattr(record, name) for name in RequestRecord.__slots__)
 
 
 def test_cached_loads_and_run_speeds_are_what_the_engine_would_report(monkeypatch) -> None:
