@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from itertools import compress, islice, repeat
-from operator import and_, is_, not_, or_, xor
+from operator import and_, is_, is_not, ne, not_, or_, xor
 
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent, Tier
 
@@ -105,6 +105,21 @@ def walk_prefixes(get, chain: Sequence[int], mask: int, groups: list[tuple[int, 
         groups.append((m, len(chain)))
 
 
+def _zero_runs(rest: list[int], zeros: int) -> list[tuple[int, int]]:
+    """The [a, b) runs of zeros in `rest`, which holds `zeros` of them."""
+    if 0 not in rest[zeros:]:
+        return [(0, zeros)]  # the usual leaf-first eviction: the blocks nobody else holds come first
+    flags = list(map(not_, rest))
+    runs = []
+    b = 0
+    while zeros:
+        a = flags.index(True, b)
+        b = a + zeros if a + zeros == len(flags) else flags.index(False, a)
+        runs.append((a, b))
+        zeros -= b - a
+    return runs
+
+
 class TierIndex:
     """The blocks of one tier: block hash -> worker bitmask, with the orphan bookkeeping above."""
 
@@ -136,10 +151,12 @@ class TierIndex:
         if held.keys().isdisjoint(hashes):
             return self._store_fresh(bit, hashes, parent)
         masks = list(map(held.get, hashes, repeat(0)))
-        if not any(map(and_, masks, repeat(bit))):
+        news = list(map(or_, masks, repeat(bit)))
+        # or-ing adds `bit` to each mask without it: the sums differ by n * bit when none had it
+        if sum(news) - sum(masks) == len(masks) * bit:
             distinct = set(hashes)
             if len(distinct) == len(hashes) and parent not in distinct:
-                return self._store_new(bit, hashes, parent, masks)
+                return self._store_new(bit, hashes, parent, news)
         return self._store_loop(bit, hashes, parent)
 
     def _store_loop(self, bit: int, hashes: Sequence[int], parent: int | None) -> int:
@@ -178,13 +195,21 @@ class TierIndex:
     def remove(self, bit: int, hashes: Iterable[int]) -> int:
         """Worker `bit` no longer holds `hashes`; returns how many it did hold."""
         held = self._held
-        if not isinstance(hashes, list):
+        if type(hashes) is not list:
             hashes = list(hashes)
-        masks = list(map(held.get, hashes))
-        if masks.count(bit) == len(masks):
+        # Taken out first: one pass for the usual eviction, blocks only `bit` held. The run paths put
+        # back the blocks others hold, with `bit` off; any other case puts back all and loops.
+        masks = list(map(held.pop, hashes, repeat(None)))
+        n = len(masks)
+        if masks.count(bit) == n:
             return self._remove_alone(bit, hashes)
-        if None not in masks and all(map(and_, masks, repeat(bit))) and len(set(hashes)) == len(hashes):
-            return self._remove_held(bit, hashes, list(map(xor, masks, repeat(bit))))
+        if None not in masks:
+            rest = list(map(xor, masks, repeat(bit)))
+            # xor takes `bit` off a mask holding it and adds it to one that does not: the sums differ
+            # by n * bit exactly when every block was held by `bit`
+            if sum(masks) - sum(rest) == n * bit:
+                return self._remove_held(bit, hashes, masks, rest)
+        held.update(compress(zip(hashes, masks, strict=True), masks))
         return self._remove_loop(bit, hashes)
 
     def _remove_loop(self, bit: int, hashes: list[int]) -> int:
@@ -229,13 +254,16 @@ class TierIndex:
         """The common case, in C loops: blocks nobody holds yet, a chain linked parent to child."""
         held = self._held
         children = self._children
-        if self._dirty & bit:  # only a worker with orphans can adopt any
-            self._adopt_all(bit, hashes)  # returning parents whose children stayed
         before = len(held)
         held.update(zip(hashes, repeat(bit)))
-        # Overwriting a link of a block nobody held loses nothing exactness needs: every worker holding
-        # that old child was marked when the block left it.
-        children.update(zip(hashes, islice(hashes, 1, None), strict=False))
+        if self._dirty & bit:  # only a worker with orphans can adopt any
+            self._adopt_all(bit, hashes)  # returning parents whose children stayed
+            # the links to the children it adopted must stay: merged, as for blocks others hold
+            self._merge_links(hashes[:-1], hashes[1:])
+        else:
+            # Overwriting a link of a block nobody held loses nothing exactness needs: every worker
+            # holding that old child was marked when the block left it (and `bit` holds none).
+            children.update(zip(hashes, islice(hashes, 1, None), strict=False))
         if parent is not None:
             if not held.get(parent, 0) & bit:
                 self._mark(hashes[0], bit)
@@ -246,15 +274,14 @@ class TierIndex:
                 self._link(parent, kids, hashes[0])
         return len(held) - before  # a block listed twice counts once
 
-    def _store_new(self, bit: int, hashes: Sequence[int], parent: int | None, masks: list[int]) -> int:
+    def _store_new(self, bit: int, hashes: Sequence[int], parent: int | None, news: list[int]) -> int:
         """Blocks new to worker `bit` (some held by others: a shared prefix), each listed once, not
-        `parent`: `store`'s loop in C loops, with the loop's end state. Links to children are merged,
-        never overwritten, as others hold these blocks."""
+        `parent`, `news` their masks with `bit`: `store`'s loop in C loops, with the loop's end state.
+        Links to children are merged, never overwritten, as others hold these blocks."""
         held = self._held
-        children = self._children
         if self._dirty & bit:
             self._adopt_all(bit, hashes)  # their children held by `bit` are orphans no more
-        held.update(zip(hashes, map(or_, masks, repeat(bit)), strict=True))
+        held.update(zip(hashes, news, strict=True))
         if parent is not None:
             if not held.get(parent, 0) & bit:
                 self._mark(hashes[0], bit)  # stored before (or without) its parent
@@ -262,61 +289,79 @@ class TierIndex:
             nexts: Sequence[int] = hashes
         else:
             prevs, nexts = hashes[:-1], hashes[1:]
-        links = list(map(children.get, prevs))
-        missing = list(map(is_, links, repeat(None)))
-        children.update(compress(zip(prevs, nexts, strict=True), missing))
-        if missing.count(True) != len(missing):
+        self._merge_links(prevs, nexts)
+        return len(hashes)
+
+    def _merge_links(self, prevs: Sequence[int], nexts: Sequence[int]) -> None:
+        """Link each of `prevs` to the child in `nexts`, keeping the children it has."""
+        # the missing links set in the same pass; the rest mostly are these very links already
+        links = list(map(self._children.setdefault, prevs, nexts))
+        if links != list(nexts):
             # parents with another child already: rare, merged one by one
-            for prev, kids, h in compress(zip(prevs, links, nexts, strict=True), map(not_, missing)):
+            for prev, kids, h in zip(prevs, links, nexts, strict=True):
                 if kids != h:
                     self._link(prev, kids, h)
-        return len(hashes)
 
-    def _remove_held(self, bit: int, hashes: list[int], rest: list[int]) -> int:
-        """Blocks worker `bit` holds, each listed once, `rest` the other holders' bits of each: the
-        common shared-block eviction, in C loops, with the end state `remove`'s loop leaves."""
+    def _remove_held(self, bit: int, hashes: list[int], masks: list[int], rest: list[int]) -> int:
+        """Blocks worker `bit` held, taken out of `_held` by `remove`, `masks` their holders, `rest`
+        the others among them: the common shared-block eviction, in C loops, with the end state
+        `remove`'s loop leaves.
+
+        Engines evict chains leaf first, so a block's child is mostly the block listed just before it,
+        which `bit` no longer holds either: no orphan there, and the child of a block gone everywhere
+        (`rest` 0) is gone too, unless the run of such blocks begins there. Only the chains' first
+        blocks (`starts`) have children to look up."""
         held = self._held
         children = self._children
-        if 0 in rest:
-            keep = list(map(bool, rest))
-            held.update(zip(compress(hashes, keep), compress(rest, keep), strict=True))
-            list(map(held.__delitem__, compress(hashes, map(not_, keep))))
+        n = len(hashes)
+        zeros = rest.count(0)
+        runs = _zero_runs(rest, zeros) if zeros else []
+        links: list = []  # children entries; taken out for the blocks gone everywhere
+        done = 0
+        for a, b in runs:
+            links += map(children.get, hashes[done:a])
+            links += map(children.pop, hashes[a:b], repeat(None))
+            done = b
+        links += map(children.get, hashes[done:])
+        if links[1:] == hashes[:-1]:
+            # one chain: a block listed twice would need a cycle through links[0], in the list then
+            starts = [0]
+            kid = links[0]
+            distinct = type(kid) is not int or kid not in hashes
         else:
-            held.update(zip(hashes, rest, strict=True))
+            starts = [0, *compress(range(1, n), map(ne, links[1:], hashes[:-1]))]
+            distinct = False
+        if not distinct and len(set(hashes)) != n:
+            for a, b in runs:  # put everything back for the loop
+                gone = zip(hashes[a:b], links[a:b], strict=True)
+                children.update(compress(gone, map(is_not, links[a:b], repeat(None))))
+            held.update(zip(hashes, masks, strict=True))
+            return self._remove_loop(bit, hashes)
+        done = 0
+        for a, b in runs:
+            held.update(zip(hashes[done:a], rest[done:a], strict=True))
+            done = b
+        held.update(zip(hashes[done:], rest[done:], strict=True))
         if self._dirty & bit:
             self._unmark_all(bit, hashes)
-        links = list(map(children.get, hashes))
-        # parents with one child (an int) in C loops; None: no child; a list: several, one by one
-        kinds = list(map(type, links))
-        one = list(map(is_, kinds, repeat(int)))
-        if True in one:
-            parents = list(compress(hashes, one))
-            kids = list(compress(links, one))
-            kid_masks = list(map(held.get, kids, repeat(0)))
-            for kid in compress(kids, map(and_, kid_masks, repeat(bit))):
-                self._mark(kid, bit)  # its parent left before it did
-            gone = list(map(not_, compress(rest, one)))  # nobody holds the parent any more
-            if True in gone:
-                held_kid = list(map(bool, kid_masks))
-                self._dead_parents.extend(compress(parents, map(and_, gone, held_kid)))
-                list(map(children.__delitem__, compress(parents, map(and_, gone, map(not_, held_kid)))))
-        if one.count(True) + kinds.count(type(None)) != len(kinds):
-            for h, its_kids, m in zip(hashes, links, rest, strict=True):
-                if its_kids is not None and type(its_kids) is not int:
-                    self._unlink_removed(bit, h, its_kids, not m)
-        if len(self._dead_parents) > 1024 + (len(held) >> 2):
+        dead = self._dead_parents
+        first = set(starts) if len(starts) > 8 else starts
+        for a, _ in runs:
+            if a not in first:  # its child, listed before it, is still held by others
+                children[hashes[a]] = links[a]
+                dead.append(hashes[a])
+        for j in starts:
+            kids = links[j]
+            if kids is None:
+                continue
+            if rest[j]:
+                self._orphan_kids(bit, kids)
+            elif self._orphan_kids(bit, kids):  # gone everywhere: the links live while a child does
+                children[hashes[j]] = kids
+                dead.append(hashes[j])
+        if len(dead) > 1024 + (len(held) >> 2):
             self._sweep_dead_parents()
-        return len(hashes)
-
-    def _unlink_removed(self, bit: int, h: int, kids: int | list[int], gone: bool) -> None:
-        """`h` left worker `bit`: its children there lost their parent; a parent nobody holds keeps
-        its links only while someone holds a child."""
-        orphaned = self._orphan_kids(bit, kids)
-        if gone:
-            if orphaned:
-                self._dead_parents.append(h)
-            else:
-                del self._children[h]
+        return n
 
     def _orphan_kids(self, bit: int, kids: int | list[int]) -> bool:
         """A parent of `kids` left worker `bit`: mark the kids `bit` holds as orphans there; True when
@@ -331,30 +376,32 @@ class TierIndex:
         return orphaned
 
     def _remove_alone(self, bit: int, hashes: list[int]) -> int:
-        """The common case: blocks only this worker held, usually leaf first, so their links die too."""
-        held = self._held
-        children = self._children
+        """The common case: blocks only this worker held, taken out of `_held` by `remove`, usually
+        leaf first, so their links die too."""
+        n = len(hashes)
+        if not n:
+            return 0
         if self._dirty & bit:
             self._unmark_all(bit, hashes)
-        removed = len(hashes) - list(map(held.pop, hashes, repeat(None))).count(None)
+        children = self._children
         popped = list(map(children.pop, hashes, repeat(None)))
-        if popped.count(None) != len(popped) and not self._all_gone(popped):
-            for h, kids in zip(hashes, popped, strict=True):
-                if kids is None or (type(kids) is not list and kids not in held):
-                    continue
-                if self._orphan_kids(bit, kids):
-                    children[h] = kids
-                    self._dead_parents.append(h)
-            if len(self._dead_parents) > 1024 + (len(held) >> 2):
-                self._sweep_dead_parents()
-        return removed
-
-    def _all_gone(self, kids: list) -> bool:
-        """No child in `kids` (ints, None, or lists of ints) is held by anyone: one C-level pass."""
-        try:
-            return self._held.keys().isdisjoint(kids)
-        except TypeError:  # a list of several children in there: look closer
-            return False
+        # a child that is the block listed before it left with it: only the chains' first blocks
+        # can have children someone holds
+        if popped[1:] == hashes[:-1]:
+            starts: Iterable[int] = (0,)
+        else:
+            starts = compress(range(n), map(ne, popped, [None, *hashes[:-1]]))
+        held = self._held
+        for j in starts:
+            kids = popped[j]
+            if kids is None or (type(kids) is not list and kids not in held):
+                continue
+            if self._orphan_kids(bit, kids):
+                children[hashes[j]] = kids
+                self._dead_parents.append(hashes[j])
+        if len(self._dead_parents) > 1024 + (len(held) >> 2):
+            self._sweep_dead_parents()
+        return n
 
     def keys(self) -> list[int]:
         return list(self._held)

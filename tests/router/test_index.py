@@ -38,6 +38,11 @@ def forests(draw) -> Forest:
     return Forest(parents)
 
 
+def held_only(hashes: list[int], held: set[int]) -> list[int]:
+    """An eviction's blocks that the worker holds, in their order."""
+    return [h for h in hashes if h in held]
+
+
 def brute_overlap(held: dict[str, set[int]], chain: list[int]) -> dict[str, int]:
     out = {}
     for w, blocks in held.items():
@@ -49,15 +54,18 @@ def brute_overlap(held: dict[str, set[int]], chain: list[int]) -> dict[str, int]
     return out
 
 
+KINDS = ("store", "store", "store", "remove", "evict", "evict", "clear", "readd")
+
+
 @st.composite
-def streams(draw):
+def streams(draw, tiers: tuple = TIERS, kinds: tuple = KINDS):
     forest = draw(forests())
     n_nodes = len(forest.parents)
     ops = []
     for _ in range(draw(st.integers(1, 60))):
-        kind = draw(st.sampled_from(["store", "store", "store", "remove", "remove", "clear", "readd"]))
+        kind = draw(st.sampled_from(kinds))
         worker = draw(st.sampled_from(WORKERS))
-        tier = draw(st.sampled_from(TIERS))
+        tier = draw(st.sampled_from(tiers))
         if kind == "store":
             chain = forest.chain(draw(st.integers(0, n_nodes - 1)))
             i = draw(st.integers(0, len(chain) - 1))
@@ -66,6 +74,14 @@ def streams(draw):
         elif kind == "remove":
             nodes = draw(st.lists(st.integers(0, n_nodes - 1), max_size=6))
             ops.append(("remove", worker, tier, [x + 1000 for x in nodes], None))
+        elif kind == "evict":  # as engines evict: chains from their leaves, several in one event, of
+            hashes = []  # the blocks the worker holds (picked when the stream runs)
+            for _ in range(draw(st.integers(1, 3))):
+                chain = forest.chain(draw(st.integers(0, n_nodes - 1)))
+                i = draw(st.integers(0, len(chain) - 1))
+                j = draw(st.integers(i + 1, len(chain)))
+                hashes += chain[i:j][::-1]
+            ops.append(("evict", worker, tier, hashes, None))
         else:
             ops.append((kind, worker, tier, [], None))
     return forest, ops
@@ -80,6 +96,8 @@ def test_overlap_matches_brute_force_on_random_streams(stream) -> None:
         index.add_worker(w, 10_000)
     model = {t: {w: set() for w in WORKERS} for t in TIERS}
     for kind, worker, tier, hashes, parent in ops:
+        if kind == "evict":
+            kind, hashes = "remove", held_only(hashes, model[tier][worker])
         if kind == "store":
             index.apply(worker, [BlockStored(hashes, parent, tier)])
             model[tier][worker].update(hashes)
@@ -225,6 +243,8 @@ def test_multi_event_batches_match_brute_force(stream) -> None:
     for kind, worker, tier, hashes, parent in ops:
         if kind == "readd":
             continue
+        if kind == "evict":
+            kind, hashes = "remove", held_only(hashes, model[tier][worker])
         if kind == "store":
             event = BlockStored(hashes, parent, tier)
         elif kind == "remove":
@@ -276,8 +296,9 @@ def test_a_dropped_worker_is_masked_at_once_and_swept_in_slices() -> None:
 
 
 class LoopTierIndex(TierIndex):
-    """The index before the run paths for shared blocks: blocks nobody else holds go the run way
-    (`_store_fresh`, `_remove_alone`), every other store and removal one block at a time."""
+    """The index before the run paths for shared blocks: blocks nobody holds are stored the run way
+    (`_store_fresh`, which overwrites the links of blocks nobody holds), every other store and every
+    removal one block at a time."""
 
     def store(self, bit: int, hashes, parent: int | None) -> int:
         if self._held.keys().isdisjoint(hashes):
@@ -285,42 +306,84 @@ class LoopTierIndex(TierIndex):
         return self._store_loop(bit, hashes, parent)
 
     def remove(self, bit: int, hashes) -> int:
-        hashes = list(hashes)
-        if list(map(self._held.get, hashes)).count(bit) == len(hashes):
-            return self._remove_alone(bit, hashes)
-        return self._remove_loop(bit, hashes)
+        return self._remove_loop(bit, list(hashes))
 
 
 @settings(max_examples=300, deadline=None)
 @given(streams())
 def test_run_fast_paths_leave_the_state_of_the_block_by_block_loops(stream) -> None:
-    """Shared-block stores and removals taken in C loops hold the same blocks, mark the same orphans
-    and answer the same overlaps as the per-block loops."""
+    """Stores and removals taken in C loops hold the same blocks, mark the same orphans and answer the
+    same overlaps as the per-block loops (and a brute-force model)."""
+    check_against_the_loops(stream)
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams(tiers=("device",), kinds=("store", "store", "evict")))
+def test_leaf_first_evictions_of_shared_chains_match_the_loops(stream) -> None:
+    """One tier, no clears: the workers share many blocks, so evictions take the shared-block path,
+    with chains of several runs of blocks that others hold and blocks nobody holds after it."""
+    check_against_the_loops(stream)
+
+
+def true_orphans(forest: Forest, held: dict[str, set[int]], index: BlockIndex) -> dict[int, int]:
+    """block -> bits of the workers holding it but not its parent."""
+    out: dict[int, int] = {}
+    for w, blocks in held.items():
+        for h in blocks:
+            parent = forest.parents[h - 1000]
+            if parent is not None and parent + 1000 not in blocks:
+                out[h] = out.get(h, 0) | index.bit(w)
+    return out
+
+
+def marks(orphans: dict[int, int]) -> set[tuple[int, int]]:
+    return {(h, bit) for h, m in orphans.items() for bit in expand([(m, 0)])}
+
+
+def masks_of(orphans: dict[int, int]) -> int:
+    out = 0
+    for m in orphans.values():
+        out |= m
+    return out
+
+
+def check_against_the_loops(stream) -> None:
     forest, ops = stream
     fast, loop = BlockIndex(), BlockIndex()
     loop.tiers = {t: LoopTierIndex() for t in TIERS}
     for index in (fast, loop):
         for w in WORKERS:
             index.add_worker(w, 10_000)
+    model = {t: {w: set() for w in WORKERS} for t in TIERS}
     for kind, worker, tier, hashes, parent in ops:
+        if kind == "evict":
+            kind, hashes = "remove", held_only(hashes, model[tier][worker])
         if kind == "store":
             event = BlockStored(hashes, parent, tier)
+            model[tier][worker].update(hashes)
         elif kind == "remove":
             event = BlockRemoved(hashes, tier)
+            model[tier][worker].difference_update(hashes)
         elif kind == "clear":
             event = AllBlocksCleared()
+            for t in TIERS:
+                model[t][worker].clear()
         else:
             continue
         for index in (fast, loop):
             index.apply(worker, [event])
         for t in TIERS:
             assert fast.tiers[t]._held == loop.tiers[t]._held
-            assert fast.tiers[t].dirty_mask == loop.tiers[t].dirty_mask
+            # the same marks as the loops, every block held without its parent among them
             assert fast.tiers[t]._orphans == loop.tiers[t]._orphans
+            assert fast.tiers[t].dirty_mask == loop.tiers[t].dirty_mask
+            true = true_orphans(forest, model[t], fast)
+            assert marks(true) <= marks(fast.tiers[t]._orphans)
+            assert masks_of(true) & ~fast.tiers[t].dirty_mask == 0
         for node in range(len(forest.parents)):
             chain = forest.chain(node)
             for t in TIERS:
-                assert fast.overlap(chain, t) == loop.overlap(chain, t)
+                assert fast.overlap(chain, t) == loop.overlap(chain, t) == brute_overlap(model[t], chain)
         assert fast.blocks_of(worker) == loop.blocks_of(worker)
 
 
@@ -340,3 +403,41 @@ def test_shared_blocks_stored_and_evicted_as_runs() -> None:
     assert tier.store(2, [chain[10]], chain[9]) == 1  # back: its children are adopted again
     assert tier.dirty_mask == 0
     assert expand(tier.prefixes([*chain[:40], 900])) == {1: 20, 2: 41}
+
+
+def test_a_child_adopted_by_a_fresh_store_keeps_its_link() -> None:
+    """Y's children Z and W: Z arrives first (an orphan), then Y with W in one store of blocks
+    nobody held. Y's link to Z must survive it, so that Y leaving marks Z again."""
+    x, y, z, w = 10, 11, 12, 13
+    tier = TierIndex()
+    tier.store(1, [x], None)
+    tier.store(1, [z], y)
+    tier.store(1, [y, w], x)
+    assert tier.dirty_mask == 0
+    tier.remove(1, [w, y])  # leaf first
+    assert tier.dirty_mask == 1  # z is held without y
+    assert expand(tier.prefixes([x, y, z])) == {1: 1}
+
+
+def test_an_eviction_of_several_chains_with_runs_others_hold() -> None:
+    """One event, two chains leaf first; worker 2 holds a prefix of each and a piece of A's middle
+    (orphans), so the blocks gone everywhere come in several runs, one starting inside a chain."""
+    a = list(range(100, 110))
+    b = list(range(200, 210))
+    fast, loop = TierIndex(), LoopTierIndex()
+    for tier in (fast, loop):
+        tier.store(1, a, None)
+        tier.store(1, b, None)
+        tier.store(2, a[:3], None)
+        tier.store(2, b[:4], None)
+        tier.store(2, a[5:7], a[4])  # held without a[4]: orphans of worker 2
+        assert tier.remove(1, [*a[:1:-1], *b[:0:-1]]) == 17
+        kept = {a[0]: 3, a[1]: 3, a[2]: 2, a[5]: 2, a[6]: 2, b[0]: 3, b[1]: 2, b[2]: 2, b[3]: 2}
+        assert tier._held == kept
+        assert tier.dirty_mask == 2
+        assert expand(tier.prefixes(a)) == {1: 2, 2: 3}
+        assert expand(tier.prefixes(b)) == {1: 1, 2: 4}
+        tier.store(2, a[3:5], a[2])  # a[4] back: its child a[5] is adopted through the link kept
+        assert tier.dirty_mask == 0
+        assert expand(tier.prefixes(a)) == {1: 2, 2: 7}
+    assert fast._held == loop._held and fast._orphans == loop._orphans
