@@ -16,12 +16,10 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from itertools import compress, islice, repeat, takewhile
-from operator import is_, itemgetter, not_, or_
+from operator import eq, not_, or_
 
 from engines.sequence import Sequence
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
-
-_first = itemgetter(0)
 
 
 class Pin:
@@ -46,17 +44,20 @@ class BlockManager:
         self.block_size = block_size
         self.clock = clock
         self.max_pinned_blocks = num_blocks // 2 if max_pinned_blocks is None else max_pinned_blocks
-        # per block: its users, and its hash and parent hash while cached (None otherwise); plain lists
-        # so that whole runs of blocks are read and written in C loops (map over __getitem__/__setitem__)
+        # per block: its users, and its parent hash (read only while the block is cached: an evicted
+        # block's stale parent is never cleared); plain lists so that whole runs of blocks are read and
+        # written in C loops (map over __getitem__/__setitem__). A block's own hash is not kept per
+        # block: `_by_hash` says which block holds a hash, and a sequence's committed blocks have the
+        # hashes of its chain (those that stayed uncached, duplicates, are flagged on the sequence)
         self.ref_counts = [0] * num_blocks
-        self.block_hash_of: list[int | None] = [None] * num_blocks
         self.parent_of: list[int | None] = [None] * num_blocks
         self.num_used = 0
         self.events: list[KvEvent] = []
-        # free blocks by class; the OrderedDicts are in eviction order (least recently freed first)
+        # free blocks by class; the OrderedDicts map a cached free block's hash to its id, in eviction
+        # order (least recently freed first): keyed by hash, since pins and evictions start from hashes
         self._uncached: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._evictable: OrderedDict[int, None] = OrderedDict()
-        self._pinned_free: OrderedDict[int, None] = OrderedDict()
+        self._evictable: OrderedDict[int, int] = OrderedDict()
+        self._pinned_free: OrderedDict[int, int] = OrderedDict()
         self._by_hash: dict[int, int] = {}
         self._pins: dict[str, Pin] = {}
         self._pin_counts: dict[int, int] = {}
@@ -155,28 +156,39 @@ class BlockManager:
         self._version += 1
         table = seq.block_table
         if num_hits:
-            ids = list(map(self._by_hash.__getitem__, seq.hashes(num_hits)[:num_hits]))
+            hashes = seq.hashes(num_hits)[:num_hits]
+            ids = list(map(self._by_hash.__getitem__, hashes))
             refs = self.ref_counts
             before = list(map(refs.__getitem__, ids))
+            evictable = self._evictable
             if len(set(ids)) == len(ids):
                 # hit blocks nobody used leave the free lists; each one is in one of the two
-                unused = list(compress(ids, map(not_, before)))
-                missing = object()
-                popped = map(self._evictable.pop, unused, repeat(missing))
-                pinned = compress(unused, map(is_, popped, repeat(missing)))  # not in the evictable list
-                list(map(self._pinned_free.__delitem__, pinned))
-                list(map(refs.__setitem__, ids, map((1).__add__, before)))
+                if before.count(0) == len(before):
+                    unused = hashes  # the common case: every hit block was free
+                    list(map(refs.__setitem__, ids, repeat(1)))
+                else:
+                    unused = list(compress(hashes, map(not_, before)))
+                    list(map(refs.__setitem__, ids, map((1).__add__, before)))
+                if unused:
+                    # from the free order that holds the last of them first (a session's own earlier
+                    # blocks are pinned), then, for those it did not hold, from the other
+                    orders = (evictable, self._pinned_free)
+                    if unused[-1] not in evictable:
+                        orders = orders[::-1]
+                    size = len(orders[0])
+                    list(map(orders[0].pop, unused, repeat(None)))
+                    if size - len(orders[0]) != len(unused):
+                        list(map(orders[1].pop, unused, repeat(None)))
                 self.num_used += len(unused)
             else:  # a hash listed twice: the second reference finds the block in use
-                evictable = self._evictable
                 pinned_free = self._pinned_free
-                for block_id in ids:
+                for block_hash, block_id in zip(hashes, ids, strict=True):
                     count = refs[block_id]
                     if not count:
-                        if block_id in evictable:
-                            del evictable[block_id]
+                        if block_hash in evictable:
+                            del evictable[block_hash]
                         else:
-                            del pinned_free[block_id]
+                            del pinned_free[block_hash]
                         self.num_used += 1
                     refs[block_id] = count + 1
             table.extend(ids)
@@ -214,20 +226,18 @@ class BlockManager:
         ids = seq.block_table[start:full]
         parent = hashes[start - 1] if start else None
         by_hash = self._by_hash
-        if by_hash.keys().isdisjoint(chain):
-            # the common case: all new, one run; a hash listed twice (the slow path's business) shows
-            # as fewer new keys and is undone
-            before = len(by_hash)
-            by_hash.update(zip(chain, ids, strict=True))
-            if len(by_hash) - before == len(chain):
-                list(map(self.block_hash_of.__setitem__, ids, chain))
-                parents = [parent, *chain[:-1]]
-                list(map(self.parent_of.__setitem__, ids, parents))
-                self._stored(chain, parent)
-                return
-            for block_hash in chain:
-                by_hash.pop(block_hash, None)
-        hash_of = self.block_hash_of
+        # the common case, all new: one pass both looks each hash up and adds it. A hash cached
+        # already (or listed twice) answers another block than ours; what was added is then undone and
+        # the slow path below takes the run block by block. (No block of the run can be cached yet:
+        # blocks past the committed ones are fresh.)
+        got = list(map(by_hash.setdefault, chain, ids))
+        if got == ids:
+            parents = hashes[start - 1 : full - 1] if start else [None, *chain[:-1]]
+            list(map(self.parent_of.__setitem__, ids, parents))
+            self._stored(chain, parent)
+            return
+        list(map(by_hash.__delitem__, compress(chain, map(eq, got, ids))))
+        seq.has_anonymous_blocks = True
         parent_of = self.parent_of
         run: list[int] = []
         run_parent: int | None = None
@@ -238,7 +248,6 @@ class BlockManager:
                     self._stored(run, run_parent)
                     run = []
             else:
-                hash_of[block_id] = block_hash
                 parent_of[block_id] = parent
                 by_hash[block_hash] = block_id
                 if not run:
@@ -253,40 +262,66 @@ class BlockManager:
         table = seq.block_table
         if table:
             self._version += 1
-            refs = self.ref_counts
-            order = table[::-1]
-            before = list(map(refs.__getitem__, order))
-            if before.count(1) == len(order):
-                released = order  # the common case (a block listed twice would count 2 or more)
-                list(map(refs.__setitem__, order, repeat(0)))
-            elif len(set(order)) == len(order):
-                list(map(refs.__setitem__, order, map((-1).__add__, before)))
-                released = list(compress(order, map((1).__eq__, before)))
-            else:
-                released = []
-                for block_id in order:
-                    count = refs[block_id] - 1
-                    refs[block_id] = count
-                    if not count:
-                        released.append(block_id)
-            self.num_used -= len(released)
-            # each free list takes its blocks in release order, as one by one would
-            hashes = list(map(self.block_hash_of.__getitem__, released))
-            counts = self._pin_counts
-            pinned = list(map(counts.__contains__, hashes)) if counts else []
-            if None in hashes:
-                uncached = list(map(is_, hashes, repeat(None)))
-                self._uncached.extend(compress(released, uncached))
-                cached = list(map(not_, map(or_, uncached, pinned))) if pinned else map(not_, uncached)
-                self._evictable.update(zip(compress(released, cached), repeat(None)))
-            elif True in pinned:
-                self._evictable.update(zip(compress(released, map(not_, pinned)), repeat(None)))
-            else:  # the common case: every block cached, none pinned
-                self._evictable.update(zip(released, repeat(None)))
-            if True in pinned:
-                self._pinned_free.update(zip(compress(released, pinned), repeat(None)))
+            committed = seq.num_committed_blocks
+            if committed < len(table):
+                # past the committed blocks: fresh ones, never cached, so never hit and held by this
+                # sequence alone: straight to the uncached list, which takes them before the others
+                tail = table[committed:]
+                tail.reverse()
+                list(map(self.ref_counts.__setitem__, tail, repeat(0)))
+                self._uncached.extend(tail)
+                self.num_used -= len(tail)
+            if committed:
+                head = table[committed - 1 :: -1]
+                self._free_committed(head, seq.block_hashes[committed - 1 :: -1], seq.has_anonymous_blocks)
             table.clear()
         seq.num_committed_blocks = 0
+        seq.has_anonymous_blocks = False
+
+    def _free_committed(self, order: list[int], hashes: list[int], anonymous: bool) -> None:
+        """Release committed blocks and their chain hashes, in release order; `anonymous`: some of them
+        are not cached (their content was, in another block)."""
+        refs = self.ref_counts
+        before = list(map(refs.__getitem__, order))
+        if before.count(1) == len(order):
+            released = order  # the common case (a block listed twice would count 2 or more)
+            list(map(refs.__setitem__, order, repeat(0)))
+        elif len(set(order)) == len(order):
+            list(map(refs.__setitem__, order, map((-1).__add__, before)))
+            last = list(map((1).__eq__, before))
+            released = list(compress(order, last))
+            hashes = list(compress(hashes, last))
+        else:
+            released = []
+            kept = []
+            for block_id, block_hash in zip(order, hashes, strict=True):
+                count = refs[block_id] - 1
+                refs[block_id] = count
+                if not count:
+                    released.append(block_id)
+                    kept.append(block_hash)
+            hashes = kept
+        self.num_used -= len(released)
+        # each free list takes its blocks in release order, as one by one would
+        if anonymous:
+            cached = list(map(eq, map(self._by_hash.get, hashes), released))
+            self._uncached.extend(compress(released, map(not_, cached)))
+            released = list(compress(released, cached))
+            hashes = list(compress(hashes, cached))
+        counts = self._pin_counts
+        if not counts or counts.keys().isdisjoint(hashes):
+            self._evictable.update(zip(hashes, released, strict=True))  # the common case: none pinned
+            return
+        pinned = list(map(counts.__contains__, hashes))
+        first = pinned.index(True)
+        if pinned.count(True) == len(pinned) - first:
+            # pinned from some block on: a chain's head (released last) that its session pinned
+            self._evictable.update(zip(hashes[:first], released[:first], strict=True))
+            self._pinned_free.update(zip(hashes[first:], released[first:], strict=True))
+            return
+        free = list(map(not_, pinned))
+        self._evictable.update(zip(compress(hashes, free), compress(released, free), strict=True))
+        self._pinned_free.update(zip(compress(hashes, pinned), compress(released, pinned), strict=True))
 
     def reset(self) -> bool:
         """Drop every cached block; refused (False) while any block is in use."""
@@ -296,8 +331,6 @@ class BlockManager:
         self._version += 1
         self._cache_version += 1
         self._evict_version += 1
-        self.block_hash_of = [None] * self.num_blocks
-        self.parent_of = [None] * self.num_blocks
         self._by_hash.clear()
         self._evictable.clear()
         self._pinned_free.clear()
@@ -312,8 +345,9 @@ class BlockManager:
         (fewer than asked when the cap on pinned blocks is reached; the prefix is kept)."""
         self.expire_pins()
         old = self._pins.pop(session_id, None)
-        # a session pins again after each turn: its old pin's free blocks (released), most of them in
-        # the new pin too, are not moved to the evictable order and back, only where they end up
+        # a session pins again after each turn: its old pin's free blocks (released) rejoin the
+        # evictable order as if freed now, and those pinned again (usually all: the chain grew) then
+        # move to the pinned end below; they are left in the pinned order until it is known
         released = self._release(old) if old is not None else []
         room = self.max_pinned_blocks - self.num_pinned
         hashes = list(dict.fromkeys(block_hashes))[: max(room, 0)]
@@ -335,24 +369,22 @@ class BlockManager:
             first = list(compress(hashes, map(not_, before)))
         evictable = self._evictable
         pinned_free = self._pinned_free
-        ids = list(map(self._by_hash.get, first))
-        if not released:
-            moved = list(compress(ids, map(evictable.__contains__, ids)))
-            list(map(evictable.__delitem__, moved))
-            pinned_free.update(zip(reversed(moved), repeat(None)))
-            return len(hashes)
-        # as `_to_evictable(released)` and then the moves above would leave it: the released
-        # blocks leave the pinned order; those pinned again rejoin its end with the others moved, tail
-        # first; the rest go to the evictable end
-        again = set(released)
-        in_released = list(map(again.__contains__, ids))
-        moved = list(compress(ids, map(or_, in_released, map(evictable.__contains__, ids))))
-        list(map(pinned_free.__delitem__, released))
-        list(map(evictable.__delitem__, compress(moved, map(not_, map(again.__contains__, moved)))))
-        pinned_again = set(moved)
-        let_go = compress(released, map(not_, map(pinned_again.__contains__, released)))
-        self._to_evictable(list(let_go), pinned=False)
-        pinned_free.update(zip(reversed(moved), repeat(None)))
+        if released:
+            # of the new pin's first holders, those in the pinned order are the released ones (any
+            # other pinned block has a pin count): when the released blocks lead the moved ones, in
+            # the same order, they stay in the pinned order and only go to its end, behind the others
+            in_order = map(or_, map(pinned_free.__contains__, first), map(evictable.__contains__, first))
+            moved = list(compress(first, in_order))
+            if moved[: len(released)] == released:
+                moved = moved[len(released) :]
+                moved.reverse()
+                pinned_free.update(zip(moved, map(evictable.pop, moved), strict=True))
+                list(map(pinned_free.move_to_end, reversed(released)))
+                return len(hashes)
+            self._to_evictable(released)
+        moved = list(compress(first, map(evictable.__contains__, first)))
+        moved.reverse()
+        pinned_free.update(zip(moved, map(evictable.pop, moved), strict=True))
         return len(hashes)
 
     def unpin(self, session_id: str) -> None:
@@ -379,33 +411,28 @@ class BlockManager:
             self._to_evictable(self._release(pin))
 
     def _release(self, pin: Pin) -> list[int]:
-        """Uncount a pin (already off `_pins`); returns the free blocks it was the last pin of."""
+        """Uncount a pin (already off `_pins`); returns the hashes of the free blocks it was the last pin
+        of, in pin order."""
         self.num_pinned -= len(pin.block_hashes)
         counts = self._pin_counts
         hashes = pin.block_hashes  # distinct
-        before = list(map(counts.__getitem__, hashes))
-        if before.count(1) == len(before):
-            dropped = hashes  # the common case: pinned by this session alone
-            list(map(counts.__delitem__, hashes))
-        else:
-            dropped = []
-            for block_hash, count in zip(hashes, before, strict=True):
-                if count == 1:
-                    del counts[block_hash]
-                    dropped.append(block_hash)
-                else:
-                    counts[block_hash] = count - 1
-        ids = list(map(self._by_hash.get, dropped))
-        return list(compress(ids, map(self._pinned_free.__contains__, ids)))
+        # one pass both reads and drops the counts; those other pins hold too are put back, one less
+        # (the order of the counts' keys is never read)
+        before = list(map(counts.pop, hashes))
+        dropped = hashes  # the common case: pinned by this session alone
+        if before.count(1) != len(before):
+            counts.update((h, c - 1) for h, c in zip(hashes, before, strict=True) if c > 1)
+            dropped = list(compress(hashes, map((1).__eq__, before)))
+        return list(compress(dropped, map(self._pinned_free.__contains__, dropped)))
 
-    def _to_evictable(self, blocks: list[int], pinned: bool = True) -> None:
-        """Blocks a pin no longer holds (in pin order) rejoin the evictable order as if freed now, tail
-        first. Not at its front: a session's pin also holds the prefix other sessions share (a system
-        prompt), which would then be evicted before their own blocks and orphan every chain on it.
-        `pinned`: they still sit in the pinned order."""
-        if pinned:
-            list(map(self._pinned_free.__delitem__, blocks))
-        self._evictable.update(zip(reversed(blocks), repeat(None)))
+    def _to_evictable(self, hashes: list[int]) -> None:
+        """Free blocks a pin no longer holds (by hash, in pin order) leave the pinned order and rejoin the
+        evictable one as if freed now, tail first. Not at its front: a session's pin also holds the
+        prefix other sessions share (a system prompt), which would then be evicted before their own
+        blocks and orphan every chain on it."""
+        if hashes:
+            tail_first = hashes[::-1]
+            self._evictable.update(zip(tail_first, map(self._pinned_free.pop, tail_first), strict=True))
 
     # --- internals
 
@@ -423,25 +450,31 @@ class BlockManager:
             pinned_free = self._pinned_free
             if len(evictable) + len(pinned_free) < rest:
                 raise RuntimeError("no free KV block (the scheduler must check first)")
-            by_hash = self._by_hash
-            hash_of = self.block_hash_of
-            parent_of = self.parent_of
-            removed = self._removed
             self._cache_version += 1
             self._evict_version += 1
-            # C loops over the run: pop the blocks in eviction order, then clear their hashes
-            victims = list(map(_first, map(evictable.popitem, repeat(False, min(rest, len(evictable))))))
-            if len(victims) < rest:
-                victims += map(_first, map(pinned_free.popitem, repeat(False, rest - len(victims))))
-            hashes = list(map(hash_of.__getitem__, victims))
-            list(map(by_hash.__delitem__, hashes))
-            list(map(hash_of.__setitem__, victims, repeat(None)))
-            list(map(parent_of.__setitem__, victims, repeat(None)))
-            removed.extend(hashes)
+            # C loops over the run: take the victims' hashes in eviction order, then their ids as
+            # they leave the free order, then uncache them
+            hashes = self._victims(evictable, rest)
+            if len(hashes) < rest:
+                hashes += self._victims(pinned_free, rest - len(hashes))
+            by_hash = self._by_hash
+            victims = list(map(by_hash.pop, hashes))
+            self._removed.extend(hashes)
             taken += victims
         list(map(self.ref_counts.__setitem__, taken, repeat(1)))
         self.num_used += n
         return taken
+
+    @staticmethod
+    def _victims(order: OrderedDict[int, int], n: int) -> list[int]:
+        """Remove the first `n` (at most) entries of a free order; returns their hashes."""
+        if n >= len(order):
+            hashes = list(order)
+            order.clear()
+        else:
+            hashes = list(islice(order, n))
+            list(map(order.__delitem__, hashes))
+        return hashes
 
     def _stored(self, hashes: list[int], parent: int | None) -> None:
         self._flush_removed()

@@ -160,9 +160,11 @@ class Engine:
         chunks = []
         num_prefill = num_decode = 0
         for seq, n in scheduled:
+            # the sequence's properties, inline: every scheduled sequence, every step
+            tokens = seq.token_ids
             start = seq.num_computed_tokens
             end = start + n
-            output_len = seq.num_output_tokens
+            output_len = len(tokens) - seq.num_prompt_tokens
             if n == 1 and output_len:
                 num_decode += 1
             else:
@@ -170,10 +172,10 @@ class Engine:
             chunks.append(
                 ScheduledChunk(
                     seq.seq_id,
-                    seq.token_ids[start:end],
+                    tokens[start:end],
                     start,
                     seq.block_table,
-                    end == len(seq),
+                    end == len(tokens),
                     seq.sampling,
                     output_len,
                 )

@@ -44,8 +44,12 @@ class Scheduler:
         i = 0
         while i < len(running) and budget:
             seq = running[i]
-            n = min(seq.num_pending_tokens, budget)
-            if seq.num_computed_tokens + n <= len(seq.block_table) * block_size:
+            # the pending tokens, inline: every running sequence, every step
+            computed = seq.num_computed_tokens
+            n = len(seq.token_ids) - computed
+            if n > budget:
+                n = budget
+            if computed + n <= len(seq.block_table) * block_size:
                 # the common decode step: its slot is in a block it already holds
                 scheduled.append((seq, n))
                 budget -= n
@@ -88,7 +92,7 @@ class Scheduler:
             bm.allocate(seq, hits)
             seq.status = SequenceStatus.RUNNING
             running.append(seq)
-            n = min(seq.num_pending_tokens, budget)
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             scheduled.append((seq, n))
             budget -= n
         return scheduled, too_long

@@ -38,22 +38,26 @@ def cached_set(bm: BlockManager) -> dict[int, int | None]:
 
 def check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
     refs = Counter(block_id for seq in live for block_id in seq.block_table)
-    free: list[int] = list(bm._uncached) + list(bm._evictable) + list(bm._pinned_free)
+    free: list[int] = list(bm._uncached) + list(bm._evictable.values()) + list(bm._pinned_free.values())
     assert len(free) == len(set(free)), "a block is free twice"
     assert set(free).isdisjoint(refs), "a block in use is also free"
     assert len(free) + len(refs) == bm.num_blocks, "a block is neither free nor in use"
     assert bm.num_used == len(refs)
+    hash_of = {block_id: block_hash for block_hash, block_id in bm._by_hash.items()}
+    assert len(hash_of) == len(bm._by_hash), "two hashes cached in one block"
     for block_id in range(bm.num_blocks):
         assert bm.ref_counts[block_id] == refs.get(block_id, 0)
-        block_hash = bm.block_hash_of[block_id]
-        if block_hash is not None:
-            assert bm._by_hash[block_hash] == block_id
-        else:
-            assert bm.parent_of[block_id] is None
-    assert len(bm._by_hash) == sum(1 for h in bm.block_hash_of if h is not None)
-    assert all(bm.block_hash_of[b] is None for b in bm._uncached)
-    assert all(not bm.is_pinned(bm.block_hash_of[b]) for b in bm._evictable)
-    assert all(bm.is_pinned(bm.block_hash_of[b]) for b in bm._pinned_free)
+    assert all(b not in hash_of for b in bm._uncached)
+    # the free orders are keyed by the hashes of their blocks
+    assert all(hash_of.get(b) == h and not bm.is_pinned(h) for h, b in bm._evictable.items())
+    assert all(hash_of.get(b) == h and bm.is_pinned(h) for h, b in bm._pinned_free.items())
+    for seq in live:
+        # a committed block holds its chain hash, unless it stayed uncached (flagged on the sequence)
+        committed = seq.num_committed_blocks
+        chain = zip(seq.block_table[:committed], seq.block_hashes[:committed], strict=True)
+        for block_id, block_hash in chain:
+            assert hash_of.get(block_id, block_hash) == block_hash
+            assert block_id in hash_of or seq.has_anonymous_blocks
     pins = bm.pinned_sessions()
     assert bm.num_pinned == sum(len(h) for h in pins.values()) <= bm.max_pinned_blocks
     assert Counter(h for hashes in pins.values() for h in hashes) == Counter(bm._pin_counts)

@@ -224,9 +224,14 @@ def test_invariants_and_event_exactness_under_random_operations(operations: list
 twin_ops = st.lists(
     st.one_of(
         st.tuples(st.just("add"), st.integers(0, 1), st.integers(0, 1), st.integers(1, 30)),
+        # given block hashes (as the simulator hands its trace's over) that repeat with a period: a hash
+        # listed twice in one sequence, and blocks whose content is cached elsewhere already
+        st.tuples(st.just("add_given"), st.integers(0, 1), st.integers(1, 30), st.integers(1, 4)),
         st.tuples(st.just("compute"), st.integers(0, 20), st.integers(1, 40)),
         st.tuples(st.just("free"), st.integers(0, 20)),
         st.tuples(st.just("pin"), st.integers(0, 20), st.integers(0, 30)),
+        # a pin of every 2nd or 3rd block: pinned blocks that are not a chain's head
+        st.tuples(st.just("pin_some"), st.integers(0, 20), st.integers(0, 30), st.integers(2, 3)),
         st.tuples(st.just("probe"), st.integers(0, 20), st.booleans()),
         st.tuples(st.just("tick"), st.integers(1, 20)),
     ),
@@ -236,6 +241,9 @@ twin_ops = st.lists(
 
 
 def free_order(bm: BlockManager | ReferenceBlockManager) -> tuple[list[int], list[int], list[int]]:
+    """The block ids of each free list, in eviction order (the fast manager keys its orders by hash)."""
+    if isinstance(bm, BlockManager):
+        return list(bm._uncached), list(bm._evictable.values()), list(bm._pinned_free.values())
     return list(bm._uncached), list(bm._evictable), list(bm._pinned_free)
 
 
@@ -256,6 +264,15 @@ def test_the_batched_block_manager_matches_the_per_block_reference(operations: l
             _, stem, variant, length = op
             tokens = [stem] * 10 + [variant + 10 * i for i in range(length)]
             pair = (make_seq(f"s{count}", tokens), make_seq(f"s{count}", tokens))
+            count += 1
+            waiting.append(pair)
+        elif kind == "add_given":
+            _, stem, length, period = op
+            tokens = [stem] * 10 + list(range(length))
+            given = [1000 * (stem + 1) + i % period for i in range(len(tokens) // B)]
+            pair = (make_seq(f"s{count}", tokens), make_seq(f"s{count}", tokens))
+            for seq in pair:
+                seq.block_hashes = list(given)
             count += 1
             waiting.append(pair)
         elif kind == "probe" and waiting:
@@ -287,6 +304,12 @@ def test_the_batched_block_manager_matches_the_per_block_reference(operations: l
             session = f"sess{op[1] % 3}"
             pinned = fast.pin(session, a.block_hashes[: a.num_committed_blocks], ttl_s=op[2])
             assert pinned == ref.pin(session, b.block_hashes[: b.num_committed_blocks], ttl_s=op[2])
+        elif kind == "pin_some" and live:
+            a, b = live[op[1] % len(live)]
+            session = f"sess{op[1] % 3}"
+            step = op[3]
+            pinned = fast.pin(session, a.block_hashes[: a.num_committed_blocks : step], ttl_s=op[2])
+            assert pinned == ref.pin(session, b.block_hashes[: b.num_committed_blocks : step], ttl_s=op[2])
         elif kind == "tick":
             clock.now += op[1]
             fast.expire_pins()
