@@ -13,13 +13,16 @@ in order; the engine drains them after each step. Replaying them reproduces `cac
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 from itertools import compress, islice, repeat, takewhile
 from operator import eq, not_, or_
 
 from engines.sequence import Sequence
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
+
+# a free order is rebuilt without its dead front slots once evictions have stepped over this many
+# per live entry since (stepping over one costs ~1/30 of copying one)
+REBUILD_FACTOR = 30
 
 
 class Pin:
@@ -53,11 +56,18 @@ class BlockManager:
         self.parent_of: list[int | None] = [None] * num_blocks
         self.num_used = 0
         self.events: list[KvEvent] = []
-        # free blocks by class; the OrderedDicts map a cached free block's hash to its id, in eviction
-        # order (least recently freed first): keyed by hash, since pins and evictions start from hashes
+        # free blocks by class; the two orders map a cached free block's hash to its id, in eviction
+        # order (least recently freed first): keyed by hash, since pins and evictions start from hashes.
+        # Plain dicts (insertion ordered; half the cost of an OrderedDict per insert and delete), but a
+        # dict leaves a dead slot per deletion, which a scan from the front (an eviction) steps over
+        # until the dict resizes: per order, `_front_dead` counts the evictions since it was last
+        # rebuilt (the dead slots at its front) and `_scanned` the slots evictions stepped over since
+        # (see `_victims`; rebuilding never changes an order, only the work of reading its front)
         self._uncached: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._evictable: OrderedDict[int, int] = OrderedDict()
-        self._pinned_free: OrderedDict[int, int] = OrderedDict()
+        self._evictable: dict[int, int] = {}
+        self._pinned_free: dict[int, int] = {}
+        self._front_dead = [0, 0]  # evictable, pinned free
+        self._scanned = [0, 0]
         self._by_hash: dict[int, int] = {}
         self._pins: dict[str, Pin] = {}
         self._pin_counts: dict[int, int] = {}
@@ -334,6 +344,8 @@ class BlockManager:
         self._by_hash.clear()
         self._evictable.clear()
         self._pinned_free.clear()
+        self._front_dead = [0, 0]
+        self._scanned = [0, 0]
         self._uncached = list(range(self.num_blocks - 1, -1, -1))
         self.events.append(AllBlocksCleared())
         return True
@@ -379,7 +391,9 @@ class BlockManager:
                 moved = moved[len(released) :]
                 moved.reverse()
                 pinned_free.update(zip(moved, map(evictable.pop, moved), strict=True))
-                list(map(pinned_free.move_to_end, reversed(released)))
+                # to the end, last released first (a pop and a re-insert each, in one C loop)
+                released.reverse()
+                pinned_free.update(zip(released, map(pinned_free.pop, released), strict=True))
                 return len(hashes)
             self._to_evictable(released)
         moved = list(compress(first, map(evictable.__contains__, first)))
@@ -446,17 +460,15 @@ class BlockManager:
         rest = n - k
         if rest:
             self.expire_pins()
-            evictable = self._evictable
-            pinned_free = self._pinned_free
-            if len(evictable) + len(pinned_free) < rest:
+            if len(self._evictable) + len(self._pinned_free) < rest:
                 raise RuntimeError("no free KV block (the scheduler must check first)")
             self._cache_version += 1
             self._evict_version += 1
             # C loops over the run: take the victims' hashes in eviction order, then their ids as
             # they leave the free order, then uncache them
-            hashes = self._victims(evictable, rest)
+            hashes = self._victims(0, rest)
             if len(hashes) < rest:
-                hashes += self._victims(pinned_free, rest - len(hashes))
+                hashes += self._victims(1, rest - len(hashes))
             by_hash = self._by_hash
             victims = list(map(by_hash.pop, hashes))
             self._removed.extend(hashes)
@@ -465,15 +477,30 @@ class BlockManager:
         self.num_used += n
         return taken
 
-    @staticmethod
-    def _victims(order: OrderedDict[int, int], n: int) -> list[int]:
-        """Remove the first `n` (at most) entries of a free order; returns their hashes."""
+    def _victims(self, which: int, n: int) -> list[int]:
+        """Remove the first `n` (at most) entries of a free order (0: evictable, 1: pinned); returns
+        their hashes."""
+        order = self._pinned_free if which else self._evictable
         if n >= len(order):
             hashes = list(order)
-            order.clear()
-        else:
-            hashes = list(islice(order, n))
-            list(map(order.__delitem__, hashes))
+            order.clear()  # a fresh, empty table
+            self._front_dead[which] = self._scanned[which] = 0
+            return hashes
+        # the scan from the front steps over the slots earlier evictions left (at most); once that
+        # has cost about as much as copying the live entries, the order is rebuilt without them
+        dead = self._front_dead[which]
+        scanned = self._scanned[which] + dead
+        if scanned > REBUILD_FACTOR * len(order):
+            order = dict(order)
+            if which:
+                self._pinned_free = order
+            else:
+                self._evictable = order
+            dead = scanned = 0
+        hashes = list(islice(order, n))
+        list(map(order.__delitem__, hashes))
+        self._front_dead[which] = dead + n
+        self._scanned[which] = scanned
         return hashes
 
     def _stored(self, hashes: list[int], parent: int | None) -> None:

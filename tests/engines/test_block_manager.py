@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engines import block_manager
 from engines.block_manager import BlockManager
 from engines.runner import SamplingParams
 from engines.sequence import Sequence
@@ -345,17 +346,35 @@ def test_a_waiting_sequence_sees_blocks_committed_since_it_was_last_matched() ->
     assert bm.match_prefix(waiting) == 2
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    st.lists(
-        st.tuples(st.integers(0, 2), st.integers(0, 12), st.integers(0, 3), st.integers(0, 30)),
-        min_size=5,
-        max_size=40,
-    )
+agent_turns = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(0, 12), st.integers(0, 3), st.integers(0, 30)),
+    min_size=5,
+    max_size=40,
 )
+
+
+@settings(max_examples=150, deadline=None)
+@given(agent_turns)
 def test_a_session_pinning_again_leaves_the_reference_order(turns: list[tuple]) -> None:
     """Agent turns: each session's prompt grows, is computed, freed and pinned again (the old pin's
     free blocks kept, dropped or cut by the cap), with shared stems and expiries in between."""
+    run_agent_turns(turns)
+
+
+@settings(max_examples=150, deadline=None)
+@given(agent_turns)
+def test_free_orders_rebuilt_at_every_eviction_keep_the_reference_order(turns: list[tuple]) -> None:
+    """The free orders are dicts rebuilt without their dead slots once evictions stepped over enough
+    of them: rebuilt at every eviction that could, the agent turns still match the reference."""
+    factor = block_manager.REBUILD_FACTOR
+    block_manager.REBUILD_FACTOR = 0
+    try:
+        run_agent_turns(turns)
+    finally:
+        block_manager.REBUILD_FACTOR = factor
+
+
+def run_agent_turns(turns: list[tuple]) -> None:
     clock = Clock()
     fast = BlockManager(24, B, clock, max_pinned_blocks=7)
     ref = ReferenceBlockManager(24, B, clock, max_pinned_blocks=7)
@@ -379,3 +398,29 @@ def test_a_session_pinning_again_leaves_the_reference_order(turns: list[tuple]) 
         assert free_order(fast) == free_order(ref)
         assert fast._pin_counts == ref._pin_counts and fast.num_pinned == ref.num_pinned
         assert fast.pinned_sessions() == ref.pinned_sessions()
+
+
+def test_an_eviction_rebuilds_a_free_order_with_dead_front_slots() -> None:
+    """Evictions one block at a time (decode at block boundaries) leave dead slots at the front of the
+    evictable order; past the bound it is replaced by a copy without them, in the same order."""
+    factor = block_manager.REBUILD_FACTOR
+    block_manager.REBUILD_FACTOR = 0
+    try:
+        clock = Clock()
+        fast = BlockManager(10, B, clock)
+        ref = ReferenceBlockManager(10, B, clock)
+        for seq, bm in ((make_seq("a", list(range(40))), fast), (make_seq("a", list(range(40))), ref)):
+            run_prefill(bm, seq)
+            bm.free(seq)
+        order = fast._evictable
+        rebuilt = 0
+        for n in range(7):
+            for bm in (fast, ref):
+                bm.allocate(make_seq(f"d{n}", [7 + n] * 3), 0)
+            rebuilt += fast._evictable is not order
+            order = fast._evictable
+            assert fast.take_events() == ref.take_events()
+            assert free_order(fast) == free_order(ref)
+        assert rebuilt == 6  # each eviction but the first (no dead slot yet)
+    finally:
+        block_manager.REBUILD_FACTOR = factor
