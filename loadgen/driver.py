@@ -127,12 +127,20 @@ class Driver:
         finally:
             self._waiting.discard(task)
 
+    async def _wait_until(self, deadline: float) -> None:
+        """Sleep until `elapsed()` reaches `deadline`, cancellable by stop(). A timer can fire a little
+        early (uvloop keeps whole milliseconds against a loop clock read once per iteration), and a
+        closed-loop turn must never start before its predecessor's end plus its delay: sleep again."""
+        while (seconds := deadline - self.elapsed()) > 0 and not self.stopping.is_set():
+            await self._wait(seconds)
+
     async def _arrivals(self) -> None:
         spawned = 0
         try:
             for offset, session in self._sessions:
                 # sleep(0) at least: arrivals all at offset 0 must not starve the running sessions
-                await self._wait(max(offset - self.elapsed(), 1e-9))
+                await self._wait(1e-9)
+                await self._wait_until(offset)
                 if self.stopping.is_set():
                     return
                 self._spawn(self._session(session))
@@ -164,7 +172,7 @@ class Driver:
                     break
                 delay = min(turn.delay_s, self.config.max_think_s) if previous_end is not None else 0.0
                 ready = (previous_end + delay) if previous_end is not None else self.elapsed()
-                await self._wait(ready - self.elapsed())
+                await self._wait_until(ready)
                 if self.stopping.is_set() or not self._take_budget():
                     break
                 if turns == 0:
