@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.index import ApproxIndex, BlockIndex, TierIndex, common_prefix, expand, walk_prefixes
-from router.protocol import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock
+from router.protocol import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
 
 WORKERS = ("a", "b", "c")
 
@@ -41,6 +41,23 @@ def forests(draw) -> Forest:
 def held_only(hashes: list[int], held: set[int]) -> list[int]:
     """An eviction's blocks that the worker holds, in their order."""
     return [h for h in hashes if h in held]
+
+
+def to_event(op: tuple, model: dict) -> KvEvent | None:
+    """A stream op as the event its worker sends, with the brute-force model (tier -> worker -> held
+    set) updated; None for "readd" (the worker leaves and comes back empty)."""
+    kind, worker, tier, hashes, parent = op
+    if kind == "evict":
+        kind, hashes = "remove", held_only(hashes, model[tier][worker])
+    if kind == "store":
+        model[tier][worker].update(hashes)
+        return BlockStored(hashes, parent, tier)
+    if kind == "remove":
+        model[tier][worker].difference_update(hashes)
+        return BlockRemoved(hashes, tier)
+    for t in TIERS:
+        model[t][worker].clear()
+    return AllBlocksCleared() if kind == "clear" else None
 
 
 def brute_overlap(held: dict[str, set[int]], chain: list[int]) -> dict[str, int]:
@@ -95,24 +112,14 @@ def test_overlap_matches_brute_force_on_random_streams(stream) -> None:
     for w in WORKERS:
         index.add_worker(w, 10_000)
     model = {t: {w: set() for w in WORKERS} for t in TIERS}
-    for kind, worker, tier, hashes, parent in ops:
-        if kind == "evict":
-            kind, hashes = "remove", held_only(hashes, model[tier][worker])
-        if kind == "store":
-            index.apply(worker, [BlockStored(hashes, parent, tier)])
-            model[tier][worker].update(hashes)
-        elif kind == "remove":
-            index.apply(worker, [BlockRemoved(hashes, tier)])
-            model[tier][worker].difference_update(hashes)
-        elif kind == "clear":
-            index.apply(worker, [AllBlocksCleared()])
-            for t in TIERS:
-                model[t][worker].clear()
+    for op in ops:
+        worker = op[1]
+        event = to_event(op, model)
+        if event is not None:
+            index.apply(worker, [event])
         else:  # the worker leaves and comes back empty
             index.remove_worker(worker)
             index.add_worker(worker, 10_000)
-            for t in TIERS:
-                model[t][worker].clear()
         index.sweep(budget=3)  # dropped workers' bits come off a few entries at a time
         for node in range(len(forest.parents)):
             chain = forest.chain(node)
@@ -355,21 +362,12 @@ def check_against_the_loops(stream) -> None:
         for w in WORKERS:
             index.add_worker(w, 10_000)
     model = {t: {w: set() for w in WORKERS} for t in TIERS}
-    for kind, worker, tier, hashes, parent in ops:
-        if kind == "evict":
-            kind, hashes = "remove", held_only(hashes, model[tier][worker])
-        if kind == "store":
-            event = BlockStored(hashes, parent, tier)
-            model[tier][worker].update(hashes)
-        elif kind == "remove":
-            event = BlockRemoved(hashes, tier)
-            model[tier][worker].difference_update(hashes)
-        elif kind == "clear":
-            event = AllBlocksCleared()
-            for t in TIERS:
-                model[t][worker].clear()
-        else:
+    for op in ops:
+        worker = op[1]
+        if op[0] == "readd":
             continue
+        event = to_event(op, model)
+        assert event is not None
         for index in (fast, loop):
             index.apply(worker, [event])
         for t in TIERS:
