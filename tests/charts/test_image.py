@@ -37,7 +37,16 @@ from engines.mock import MockRunner
 from engines.worker import EngineLoop, WorkerApp, WorkerSettings
 from gateway.app import Gateway, GatewayConfig
 from gateway.cli import COMMANDS, build_parser
-from tests.charts.test_kvgate_chart import EXTERNAL_NATS, container, find, merge, notes, render, values_file
+from tests.charts.test_kvgate_chart import (
+    BRIDGE_TARGETS,
+    EXTERNAL_NATS,
+    container,
+    find,
+    merge,
+    notes,
+    render,
+    values_file,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -471,29 +480,7 @@ def substitute_env(args: list[str], env: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-BRIDGES = {
-    "workers": {"enabled": False},
-    "bridges": {
-        "targets": [
-            {
-                "name": "vllm-0",
-                "url": "http://vllm-0.vllm:8000",
-                "zmq": "tcp://vllm-0.vllm:5557",
-                "replay": "tcp://vllm-0.vllm:5558",
-                "model": "meta-llama/Llama-3.1-8B-Instruct",
-                "tokenizer": "/models/llama/tokenizer.json",
-            },
-            {
-                "name": "sglang-0",
-                "engine": "sglang",
-                "url": "http://sglang-0.sglang:30000",
-                "zmq": "tcp://sglang-0.sglang:5557",
-                "model": "Qwen/Qwen2.5-7B-Instruct",
-                "blockSize": 1,
-            },
-        ]
-    },
-}
+BRIDGES = {"workers": {"enabled": False}, "bridges": {"targets": BRIDGE_TARGETS}}
 VALUE_SETS = {
     "default": {},
     "ha": values_file("values-ha.yaml"),

@@ -224,33 +224,36 @@ def test_lint_catches_a_broken_value() -> None:
 # --- fronting vLLM / SGLang
 
 
+# Two bridged engines as values.yaml documents them (a vLLM pod with a replay endpoint and a tokenizer the
+# gateway loads, an SGLang pod with its 1-token blocks)
+BRIDGE_TARGETS: list[dict[str, Any]] = [
+    {
+        "name": "vllm-0",
+        "engine": "vllm",
+        "url": "http://vllm-0.vllm:8000",
+        "zmq": "tcp://vllm-0.vllm:5557",
+        "replay": "tcp://vllm-0.vllm:5558",
+        "model": "meta-llama/Llama-3.1-8B-Instruct",
+        "blockSize": 16,
+        "tokenizer": "/models/llama/tokenizer.json",
+    },
+    {
+        "name": "sglang-0",
+        "engine": "sglang",
+        "url": "http://sglang-0.sglang:30000",
+        "zmq": "tcp://sglang-0.sglang:5557",
+        "model": "Qwen/Qwen2.5-7B-Instruct",
+        "blockSize": 1,
+    },
+]
+
+
 def test_bridges_replace_builtin_workers() -> None:
     values = merge(
         EXTERNAL_NATS,
         {
             "workers": {"enabled": False},
-            "bridges": {
-                "targets": [
-                    {
-                        "name": "vllm-0",
-                        "engine": "vllm",
-                        "url": "http://vllm-0.vllm:8000",
-                        "zmq": "tcp://vllm-0.vllm:5557",
-                        "replay": "tcp://vllm-0.vllm:5558",
-                        "model": "meta-llama/Llama-3.1-8B-Instruct",
-                        "blockSize": 16,
-                        "tokenizer": "/models/llama/tokenizer.json",
-                    },
-                    {
-                        "name": "sglang-0",
-                        "engine": "sglang",
-                        "url": "http://sglang-0.sglang:30000",
-                        "zmq": "tcp://sglang-0.sglang:5557",
-                        "model": "Qwen/Qwen2.5-7B-Instruct",
-                        "blockSize": 1,
-                    },
-                ]
-            },
+            "bridges": {"targets": BRIDGE_TARGETS},
         },
     )
     docs = render(values)
