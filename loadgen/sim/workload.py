@@ -80,6 +80,10 @@ class Workload:
         for turns in self.sessions.values():
             turns.sort(key=lambda r: (r.turn, r.timestamp))
         self.t0 = min((row.timestamp for row in self.rows), default=0.0)
+        # each row's chain, by the row's identity (rows live as long as the workload): every policy's
+        # replay asks for every row once, and joining ~250 per-id lists into a 2,000-block chain costs
+        # more than keeping it (forked replays share the one hashed in the parent)
+        self._chains: dict[int, tuple[TraceRow, list[int]]] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -91,7 +95,11 @@ class Workload:
         return min(row.delay_ms / 1000.0, self.max_think_s) / self.rate_scale
 
     def block_hashes(self, row: TraceRow) -> list[int]:
-        return self.hasher.block_hashes(row)
+        """The row's full-block chain: shared, not a copy (callers must not change it)."""
+        kept = self._chains.get(id(row))
+        if kept is None or kept[0] is not row:  # a row of another workload may reuse a dead one's id
+            kept = self._chains[id(row)] = (row, self.hasher.block_hashes(row))
+        return kept[1]
 
     def first_turns(self) -> list[tuple[float, str, TraceRow]]:
         """(arrival time, session, row) of every session's first turn, in arrival order."""
