@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from router.hashing import BASE_SEED, PrefixHasher
+from router.hashing import BASE_SEED, block_hashes_of_bytes, tokens_to_bytes
 
 TRACE_BLOCK_SIZE = 512
 
@@ -75,6 +75,10 @@ class TraceContent:
         rng = random.Random(hash_id * 1_000_003 + self.seed)
         return [rng.randrange(self.vocab_size) for _ in range(self.trace_block_size)]
 
+    def token_bytes_for_id(self, hash_id: int) -> bytes:
+        """`tokens_for_id` in the byte form block hashes are taken over."""
+        return tokens_to_bytes(self.tokens_for_id(hash_id))
+
     def prompt_tokens(self, row: TraceRow) -> list[int]:
         tokens: list[int] = []
         for hash_id in row.hash_ids:
@@ -118,11 +122,9 @@ class TraceBlockHasher:
     def _hashes_of_id(self, hash_id: int, parent: int | None) -> list[int]:
         hashes = self._per_id.get(hash_id)
         if hashes is None:
-            hasher = PrefixHasher(self.block_size, self.seed)
-            if parent is not None:
-                hasher.hashes.append(parent)  # continue the chain from the previous trace block
-            hasher.extend(self.content.tokens_for_id(hash_id))
-            hashes = self._per_id[hash_id] = hasher.hashes[1:] if parent is not None else hasher.hashes
+            # a trace block is whole engine blocks: its hashes continue the previous trace block's
+            data = self.content.token_bytes_for_id(hash_id)
+            hashes = self._per_id[hash_id] = block_hashes_of_bytes(data, self.block_size, self.seed, parent)
         return hashes
 
     def block_hashes(self, row: TraceRow) -> list[int]:

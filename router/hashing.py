@@ -43,10 +43,13 @@ def block_hashes(
     parent: int | None = None,
 ) -> list[int]:
     """Chained hashes of the full blocks of `tokens`, continuing from `parent` when given."""
-    return _chain(tokens_to_bytes(tokens), block_size, seed, parent)
+    return block_hashes_of_bytes(tokens_to_bytes(tokens), block_size, seed, parent)
 
 
-def _chain(data: bytes, block_size: int, seed: int, parent: int | None) -> list[int]:
+def block_hashes_of_bytes(
+    data: bytes, block_size: int = DEFAULT_BLOCK_SIZE, seed: int = BASE_SEED, parent: int | None = None
+) -> list[int]:
+    """`block_hashes` of tokens given in their byte form (`tokens_to_bytes`)."""
     step = 4 * block_size
     full = len(data) - len(data) % step
     out: list[int] = []

@@ -64,3 +64,15 @@ def test_fast_trace_tokens_are_the_shake_words_mod_vocab() -> None:
         words = array("I", hashlib.shake_128(f"3:{hash_id}".encode()).digest(4 * 512))
         tokens = content.tokens_for_id(hash_id)
         assert tokens == [w % 32_000 for w in words] and all(type(t) is int for t in tokens)
+
+
+def test_fast_trace_bytes_are_its_tokens_bytes_and_hash_the_same() -> None:
+    from loadgen.sim.workload import FastTraceContent
+    from router.hashing import tokens_to_bytes
+
+    content = FastTraceContent(trace_block_size=128, vocab_size=50_000, seed=1)
+    for hash_id in (0, 5, 2**40):
+        assert content.token_bytes_for_id(hash_id) == tokens_to_bytes(content.tokens_for_id(hash_id))
+    hasher = TraceBlockHasher(content, block_size=16)
+    row = TraceRow(0, 128 * 3 + 20, 5, [4, 8, 15, 16])
+    assert hasher.block_hashes(row) == block_hashes(content.prompt_tokens(row), 16)
