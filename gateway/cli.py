@@ -41,8 +41,14 @@ def _load(module_name: str) -> ModuleType | None:
         raise
 
 
-def _add_commands(subparsers: argparse._SubParsersAction, table: dict[str, tuple[str, str]]) -> None:
+def _add_commands(
+    subparsers: argparse._SubParsersAction, table: dict[str, tuple[str, str]], named: str | None
+) -> None:
+    """One sub-parser per command; only the `named` one's module is imported (all when None)."""
     for name, (module_name, help_text) in table.items():
+        if named is not None and name != named:
+            subparsers.add_parser(name, help=help_text, description=help_text)
+            continue
         module = _load(module_name)
         if module is None:
             continue
@@ -51,20 +57,31 @@ def _add_commands(subparsers: argparse._SubParsersAction, table: dict[str, tuple
         sub.set_defaults(_run=module.run)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given `argv`, only the command it names is imported (the top-level help
+    needs no module: a command's one-line help is in the tables above)."""
+    words = [w for w in (argv or []) if not w.startswith("-")]
+    command = words[0] if words else ""
     parser = argparse.ArgumentParser(
         prog="kvgate", description="Agent-session-aware KV routing gateway for LLM inference."
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    _add_commands(subparsers, COMMANDS)
+    _add_commands(subparsers, COMMANDS, command if argv is not None else None)
     bench = subparsers.add_parser("bench", help="benchmarks", description="benchmarks")
-    _add_commands(bench.add_subparsers(title="benchmarks", metavar="BENCH"), BENCHMARKS)
+    benchmark = words[1] if command == "bench" and len(words) > 1 else ""
+    _add_commands(
+        bench.add_subparsers(title="benchmarks", metavar="BENCH"),
+        BENCHMARKS,
+        benchmark if argv is not None else None,
+    )
     bench.set_defaults(_run=lambda _args: (bench.print_help(), 2)[1])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     run = getattr(args, "_run", None)
     if run is None:
