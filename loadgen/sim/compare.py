@@ -7,17 +7,21 @@ import multiprocessing
 import os
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import TypeVar
 
 from loadgen.sim.metrics import summarize
 from loadgen.sim.oracle import oracle_figures
 from loadgen.sim.report import SimReport
 from loadgen.sim.simulation import SimConfig, SimRun, Simulation
 from loadgen.sim.workload import Workload
+
+T = TypeVar("T")
 
 BASELINES = ("round_robin", "random", "least_loaded", "session_sticky", "kv_overlap", "cache_aware")
 POLICIES = (*BASELINES, "session_kv")
@@ -76,16 +80,25 @@ def _child(conn: Connection, workload: Workload, policy: str, config: SimConfig)
 
 
 def _run_forked(
-    workload: Workload, policies: Sequence[str], config: SimConfig, jobs: int
-) -> dict[str, tuple[SimRun, float]]:
+    workload: Workload,
+    policies: Sequence[str],
+    config: SimConfig,
+    jobs: int,
+    while_idle: Callable[[], T],
+) -> tuple[dict[str, tuple[SimRun, float]], T]:
     """Up to `jobs` policies at a time, each in a forked child: the hashed workload (hundreds of MB of
-    memoised block hashes on a big trace) is inherited through fork instead of pickled per task."""
+    memoised block hashes on a big trace) is inherited through fork instead of pickled per task.
+    `while_idle()` runs here once a core is left without a replay (the last ones are running); its
+    result is returned with theirs."""
     ctx = multiprocessing.get_context("fork")
     pending = list(policies)
     running: dict[Connection, tuple[multiprocessing.process.BaseProcess, str]] = {}
     results: dict[str, tuple[SimRun, float]] = {}
+    idle_result: list[T] = []
     try:
         while pending or running:
+            if not idle_result and not pending and len(running) < jobs:
+                idle_result.append(while_idle())
             while pending and len(running) < jobs:
                 policy = pending.pop(0)
                 recv, send = ctx.Pipe(duplex=False)
@@ -111,7 +124,7 @@ def _run_forked(
             proc.terminate()
             proc.join()
             conn.close()
-    return results
+    return results, idle_result[0] if idle_result else while_idle()
 
 
 def compare(
@@ -125,20 +138,25 @@ def compare(
     `jobs`: policies run in parallel processes (None: `default_jobs`)."""
     if jobs is None:
         jobs = default_jobs(len(policies))
-    oracle = oracle_figures(workload, config.max_num_batched_tokens)  # also warms the hash memo
+    oracle_of = partial(oracle_figures, workload, config.max_num_batched_tokens)
     runs: dict[str, SimRun] = {}
     runtime: dict[str, float] = {}
     if jobs > 1 and len(policies) > 1 and "fork" in multiprocessing.get_all_start_methods():
-        results = _run_forked(workload, policies, config, jobs)
+        # every row hashed before the fork (the children share the memo); the oracle's own pass waits
+        # for a core the replays leave idle (seven replays on two cores: the last runs alone)
+        workload.hash_all()
+        results, oracle = _run_forked(workload, policies, config, jobs, while_idle=oracle_of)
         for policy in policies:  # in the caller's order, not the order they finished in
             runs[policy], runtime[policy] = results[policy]
     elif jobs > 1 and len(policies) > 1:
+        oracle = oracle_of()
         with ProcessPoolExecutor(max_workers=min(jobs, len(policies))) as pool:
             # each process gets its own copy of the hashed workload (pickled once per task)
             futures = {p: pool.submit(run_policy, workload, p, config) for p in policies}
             for policy, future in futures.items():
                 runs[policy], runtime[policy] = future.result()
     else:
+        oracle = oracle_of()
         for policy in policies:
             runs[policy], runtime[policy] = run_policy(workload, policy, config)
     report = SimReport(

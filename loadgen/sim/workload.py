@@ -108,6 +108,11 @@ class Workload:
             kept = self._chains[id(row)] = (row, self.hasher.block_hashes(row))
         return kept[1]
 
+    def hash_all(self) -> None:
+        """Every row's chain, now (before forking replays that would each hash them again)."""
+        for row in self.rows:
+            self.block_hashes(row)
+
     def first_turns(self) -> list[tuple[float, str, TraceRow]]:
         """(arrival time, session, row) of every session's first turn, in arrival order."""
         firsts = [(self.start_time(turns[0]), key, turns[0]) for key, turns in self.sessions.items()]
