@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from itertools import compress, islice, repeat, takewhile
-from operator import eq, not_, or_
+from itertools import compress, count, islice, repeat, takewhile
+from operator import eq, is_not, ne, not_, or_
 
 from engines.sequence import Sequence
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
@@ -357,6 +357,10 @@ class BlockManager:
         (fewer than asked when the cap on pinned blocks is reached; the prefix is kept)."""
         self.expire_pins()
         old = self._pins.pop(session_id, None)
+        if old is not None and ttl_s > 0:
+            grown = self._pin_grown(session_id, old, block_hashes, ttl_s)
+            if grown is not None:
+                return grown
         # a session pins again after each turn: its old pin's free blocks (released) rejoin the
         # evictable order as if freed now, and those pinned again (usually all: the chain grew) then
         # move to the pinned end below; they are left in the pinned order until it is known
@@ -400,6 +404,64 @@ class BlockManager:
         moved.reverse()
         pinned_free.update(zip(moved, map(evictable.pop, moved), strict=True))
         return len(hashes)
+
+    def _pin_grown(self, session_id: str, old: Pin, block_hashes: list[int], ttl_s: float) -> int | None:
+        """The usual re-pin, after a turn: the session's chain grew from a point on (its old pin's last
+        blocks may differ: a trace's partial last block, an edited turn), and no pin holds the new part.
+        `pin`'s end state without recounting the common prefix: the old pin's free blocks that leave
+        it rejoin the evictable order, tail first; the newly pinned free blocks, then the prefix's free
+        blocks that only this pin held, move to the end of the pinned order, each tail first. None,
+        with nothing changed, in any other case (then `pin` releases and counts everything)."""
+        hashes = old.block_hashes
+        n = len(hashes)
+        common = next(compress(count(), map(ne, hashes, block_hashes)), min(n, len(block_hashes)))
+        tail = block_hashes[common:]
+        counts = self._pin_counts
+        if (
+            not block_hashes  # no pin at all: the old one's blocks all leave it
+            or self.num_pinned - n + common + len(tail) > self.max_pinned_blocks
+            or not counts.keys().isdisjoint(tail)
+            or len(set(tail)) != len(tail)
+        ):
+            return None
+        pinned_free = self._pinned_free
+        if common < n:  # the blocks that leave the pin, as `_release` and `_to_evictable` would
+            left = hashes[common:]
+            before = list(map(counts.pop, left))
+            sole = left
+            if before.count(1) != len(left):
+                counts.update((h, c - 1) for h, c in zip(left, before, strict=True) if c > 1)
+                sole = list(compress(left, map((1).__eq__, before)))
+            self._evictable.update(zip(*self._take_pinned_free(sole[::-1]), strict=True))
+            del hashes[common:]
+        # the prefix's free blocks this pin alone holds are in the pinned order (a pinned free block
+        # always is; a shared stem stays where it is): taken out, tail first, to go back at the end
+        sole = hashes
+        before = list(map(counts.__getitem__, hashes))
+        if before.count(1) != common:
+            sole = list(compress(hashes, map((1).__eq__, before)))
+        released, ids = self._take_pinned_free(sole[::-1])
+        counts.update(zip(tail, repeat(1)))
+        evictable = self._evictable
+        moved = list(compress(tail, map(evictable.__contains__, tail)))
+        moved.reverse()
+        pinned_free.update(zip(moved, map(evictable.pop, moved), strict=True))
+        pinned_free.update(zip(released, ids, strict=True))
+        hashes += tail  # the old pin's list (distinct hashes) becomes the new one's
+        expires_at = self.clock() + ttl_s
+        self._pins[session_id] = Pin(hashes, expires_at)
+        self.num_pinned += len(hashes) - n
+        self._next_expiry = min(self._next_expiry, expires_at)
+        return len(hashes)
+
+    def _take_pinned_free(self, hashes: list[int]) -> tuple[list[int], list[int]]:
+        """Take those of `hashes` that are in the pinned free order out of it; returns their hashes and
+        block ids, in the given order."""
+        ids = list(map(self._pinned_free.pop, hashes, repeat(None)))
+        present = list(map(is_not, ids, repeat(None)))
+        if present.count(True) == len(present):
+            return hashes, ids
+        return list(compress(hashes, present)), list(compress(ids, present))
 
     def unpin(self, session_id: str) -> None:
         self._unpin(session_id)

@@ -374,13 +374,33 @@ def test_free_orders_rebuilt_at_every_eviction_keep_the_reference_order(turns: l
         block_manager.REBUILD_FACTOR = factor
 
 
-def run_agent_turns(turns: list[tuple]) -> None:
+edited_turns = st.lists(
+    st.tuples(
+        st.integers(0, 2), st.integers(0, 12), st.integers(0, 3), st.integers(0, 30), st.integers(0, 10)
+    ),
+    min_size=5,
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(edited_turns)
+def test_a_session_whose_last_blocks_change_leaves_the_reference_order(turns: list[tuple]) -> None:
+    """As above, but a turn may rewrite the session's last tokens before growing (a trace's partial last
+    block filled in, an edited message): the new pin leaves the old one at some block, not at its end."""
+    run_agent_turns(turns, max_pinned=12)
+
+
+def run_agent_turns(turns: list[tuple], max_pinned: int = 7) -> None:
     clock = Clock()
-    fast = BlockManager(24, B, clock, max_pinned_blocks=7)
-    ref = ReferenceBlockManager(24, B, clock, max_pinned_blocks=7)
+    fast = BlockManager(24, B, clock, max_pinned_blocks=max_pinned)
+    ref = ReferenceBlockManager(24, B, clock, max_pinned_blocks=max_pinned)
     grown: dict[int, list[int]] = {}
-    for n, (session, grow, cut, ttl) in enumerate(turns):
+    for n, (session, grow, cut, ttl, *edit) in enumerate(turns):
         tokens = grown.setdefault(session, [session % 2] * 8)
+        if edit and edit[0] and len(tokens) > 8:
+            rewrite = min(edit[0], len(tokens) - 8)
+            tokens[-rewrite:] = [7000 + n * 16 + i for i in range(rewrite)]
         tokens.extend(100 * (session + 1) + len(tokens) + i for i in range(grow))
         pair = (make_seq(f"t{n}", list(tokens)), make_seq(f"t{n}", list(tokens)))
         for seq, bm in zip(pair, (fast, ref), strict=True):
