@@ -102,7 +102,9 @@ class Engine:
 
     # --- requests
 
-    def add_request(self, request: EngineRequest) -> None:
+    def add_request(self, request: EngineRequest, *, adopt_prompt: bool = False) -> None:
+        """Queue a request. `adopt_prompt`: the caller hands its `prompt_token_ids` list over (it does
+        not use it again): the sequence extends that list instead of a copy of it."""
         tokens = request.prompt_token_ids
         if not tokens:
             raise ValueError("the prompt is empty")
@@ -125,6 +127,7 @@ class Engine:
             seed,
             hashes,
             request.session_id,
+            copy_prompt=not adopt_prompt,
         )
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)

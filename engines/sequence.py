@@ -47,9 +47,13 @@ class Sequence:
         hash_seed: int,
         prompt_block_hashes: list[int],
         session_id: str | None = None,
+        *,
+        copy_prompt: bool = True,
     ) -> None:
+        """`copy_prompt=False`: `prompt_token_ids` (a list) becomes the sequence's own token list."""
         self.seq_id = seq_id
-        self.token_ids = list(prompt_token_ids)
+        adopt = not copy_prompt and type(prompt_token_ids) is list
+        self.token_ids = prompt_token_ids if adopt else list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling = sampling
         self.block_size = block_size

@@ -55,8 +55,6 @@ class SimWorker:
         # the engine's load as of its last change: the engine changes only through this class, and
         # load reports (10 Hz) far outnumber its changes during long decode runs
         self._load: EngineLoad | None = None
-        # the prompt body handed to the engine, which copies it (the mock runner ignores values)
-        self._zeros: list[int] = []
 
     def registration(self) -> WorkerRegistration:
         return WorkerRegistration(
@@ -84,23 +82,14 @@ class SimWorker:
         The engine hashes prompt tokens lazily (`Sequence.block_hash`); handing it the trace's
         precomputed chain instead keeps its block manager and scheduler exactly as they are while
         skipping ~100k tokens of hashing per turn. The token values are then never read (the mock
-        runner ignores them), so they are zeros: one list of them, resized to each prompt (by the
-        difference of two prompts, not a copy of 136k on average), which the engine copies.
+        runner ignores them), so they are zeros, in a list the engine adopts rather than copies.
         """
-        tokens = self._zeros
-        extra = num_tokens - len(tokens)
-        if extra > 0:
-            tokens += [0] * extra
-        elif extra < 0:
-            del tokens[num_tokens:]
         sampling = SamplingParams(max_tokens=max(1, max_tokens), ignore_eos=True)
-        engine = self.engine
         self._cut_run()
         self._load = None
-        engine.add_request(EngineRequest(request_id, tokens, sampling, session_id))
-        seq = engine.scheduler.waiting[-1]
-        assert seq.seq_id == request_id and seq.token_ids is not tokens  # a copy: ours to resize
-        seq.block_hashes = list(block_hashes)
+        zeros = [0] * num_tokens
+        request = EngineRequest(request_id, zeros, sampling, session_id, prompt_block_hashes=block_hashes)
+        self.engine.add_request(request, adopt_prompt=True)
         self._idle_steps = 0
         self.kick()
 

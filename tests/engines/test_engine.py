@@ -201,3 +201,14 @@ def test_long_random_workload_events_are_exact_after_every_step() -> None:
             assert index.overlap(chain).get("w", 0) == held
     assert finished > 300
     assert engine.scheduler.num_preemptions > 0
+
+
+def test_an_adopted_prompt_is_the_sequence_token_list_and_a_copied_one_is_left_alone() -> None:
+    engine, clock = make_engine()
+    adopted, copied = [3] * 9, [4] * 9
+    engine.add_request(request("adopted", adopted, max_tokens=3), adopt_prompt=True)
+    engine.add_request(request("copied", copied, max_tokens=3))
+    outputs = drain(engine, clock)
+    assert len(adopted) == 9 + 3  # the sequence's own list: the sampled tokens went onto it
+    assert copied == [4] * 9
+    assert outputs["adopted"][-1].completion_tokens == outputs["copied"][-1].completion_tokens == 3
