@@ -86,8 +86,9 @@ def _run_forked(
     jobs: int,
     while_idle: Callable[[], T],
 ) -> tuple[dict[str, tuple[SimRun, float]], T]:
-    """Up to `jobs` policies at a time, each in a forked child: the hashed workload (hundreds of MB of
-    memoised block hashes on a big trace) is inherited through fork instead of pickled per task.
+    """Up to `jobs` policies at a time (the last one as soon as the one before it starts), each in a
+    forked child: the hashed workload (hundreds of MB of memoised block hashes on a big trace) is
+    inherited through fork instead of pickled per task.
     `while_idle()` runs here once a core is left without a replay (the last ones are running); its
     result is returned with theirs."""
     ctx = multiprocessing.get_context("fork")
@@ -99,7 +100,9 @@ def _run_forked(
         while pending or running:
             if not idle_result and not pending and len(running) < jobs:
                 idle_result.append(while_idle())
-            while pending and len(running) < jobs:
+            # the last replay starts with the ones before it still running (one process more than
+            # cores for a while) rather than alone after them, with every other core idle
+            while pending and len(running) < jobs + (len(pending) == 1):
                 policy = pending.pop(0)
                 recv, send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_child, args=(send, workload, policy, config), daemon=True)
