@@ -20,6 +20,7 @@ from router.hashing import DEFAULT_BLOCK_SIZE, hash_seed
 from router.protocol import CachedBlock, KvEvent
 
 _token_ids = attrgetter("token_ids")
+_NO_TOKENS: list[int] = []  # a chunk's tokens for a runner that does not read them (never written)
 _computed = attrgetter("num_computed_tokens")
 
 
@@ -96,6 +97,7 @@ class Engine:
         runner_limit = getattr(runner, "max_model_len", None)  # positions the model can encode
         if runner_limit:
             self.max_model_len = min(self.max_model_len, runner_limit)
+        self._token_values = getattr(runner, "reads_token_ids", True)
         self.prefill_tok_s = 0.0
         self.decode_tok_s = 0.0
         self.num_steps = 0
@@ -162,6 +164,7 @@ class Engine:
             return StepResult(outputs, 0.0)
         chunks = []
         num_prefill = num_decode = 0
+        values = self._token_values
         for seq, n in scheduled:
             # the sequence's properties, inline: every scheduled sequence, every step
             tokens = seq.token_ids
@@ -175,12 +178,13 @@ class Engine:
             chunks.append(
                 ScheduledChunk(
                     seq.seq_id,
-                    tokens[start:end],
+                    tokens[start:end] if values else _NO_TOKENS,
                     start,
                     seq.block_table,
                     end == len(tokens),
                     seq.sampling,
                     output_len,
+                    n,
                 )
             )
         kv_usage = self.block_manager.usage()

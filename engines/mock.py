@@ -25,6 +25,7 @@ def decode_ms(kv_usage: float) -> float:
 
 class MockRunner:
     model_name = "mock"
+    reads_token_ids = False  # only how many: the engine need not copy a step's tokens for it
 
     def __init__(
         self,
@@ -60,10 +61,11 @@ class MockRunner:
         new_tokens = 0
         decoding = False
         for chunk in chunks:
-            if chunk.output_len and len(chunk.token_ids) == 1:
+            size = chunk.size()
+            if chunk.output_len and size == 1:
                 decoding = True
             else:
-                new_tokens += len(chunk.token_ids)
+                new_tokens += size
         ms = prefill_ms(new_tokens) if new_tokens else 0.0
         if decoding:
             ms += decode_ms(kv_usage)

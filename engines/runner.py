@@ -39,11 +39,19 @@ class ScheduledChunk(msgspec.Struct):
     sample: bool
     sampling: SamplingParams
     output_len: int = 0  # tokens generated so far, to seed sampling per position
+    # a runner that never reads token values (`reads_token_ids = False`: the mock) gets an empty
+    # `token_ids` and their count here, not a copy of up to a whole step's tokens; -1: len(token_ids)
+    num_tokens: int = -1
+
+    def size(self) -> int:
+        """Tokens computed now."""
+        return self.num_tokens if self.num_tokens >= 0 else len(self.token_ids)
 
 
 class ModelRunner(Protocol):
     block_size: int
     num_blocks: int
+    reads_token_ids: bool  # False: chunks carry `num_tokens` instead of their token values
 
     def execute(self, chunks: Sequence[ScheduledChunk]) -> list[int | None]:
         """Compute the chunks (writing their KV into the paged cache) and return, per chunk, the

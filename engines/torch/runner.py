@@ -41,6 +41,8 @@ def default_threads() -> int:
 class TorchRunner:
     """The tiny seeded random model (byte tokenizer) by default, or a local HF checkpoint."""
 
+    reads_token_ids = True
+
     def __init__(
         self,
         num_blocks: int,

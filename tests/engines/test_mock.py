@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from engines.mock import PLACEHOLDER_TEXT, MockRunner, decode_ms, prefill_ms
@@ -41,3 +43,22 @@ def test_placeholder_tokens_and_eos_when_asked() -> None:
     assert [eos.execute([chunk(1, output_len=i)])[0] for i in range(4)][2:] == [
         eos.tokenizer.eos_token_id
     ] * 2
+
+
+def test_the_engine_hands_the_mock_token_counts_not_copies_of_the_tokens() -> None:
+    from engines.engine import Engine, EngineConfig, EngineRequest
+
+    seen: list[ScheduledChunk] = []
+
+    class Recording(MockRunner):
+        def execute(self, chunks: Sequence[ScheduledChunk]) -> list[int | None]:
+            seen.extend(chunks)
+            return super().execute(chunks)
+
+    engine = Engine(EngineConfig(num_blocks=32, block_size=4), Recording(32, 4), lambda: 0.0)
+    engine.add_request(EngineRequest("a", list(range(10)), SamplingParams(max_tokens=2, ignore_eos=True)))
+    engine.step()
+    engine.step()
+    assert [(c.token_ids, c.size()) for c in seen] == [([], 10), ([], 1)]
+    timed = MockRunner(32, 4).step_time_s(seen[:1], 0.0)
+    assert timed == MockRunner(32, 4).step_time_s([chunk(10)], 0.0)
