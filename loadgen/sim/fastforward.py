@@ -55,6 +55,9 @@ class FastForward:
         running = sched.running
         if not running or engine.has_work() != sched.has_work():  # aborted outputs pending
             return None
+        last = running[-1]  # the latest admitted: still prefilling, more often than not
+        if len(last.token_ids) - last.num_computed_tokens != 1:
+            return None
         block_size = engine.config.block_size
         steps = 1 << 30
         for seq in running:
