@@ -23,7 +23,7 @@ class EventLoop:
     instead of the heap, and `settle()` runs the ones the heap would have run before the current event.
     """
 
-    __slots__ = ("_deferred", "_heap", "_seq", "events_run", "now", "seq")
+    __slots__ = ("_deferred", "_heap", "_inline", "_seq", "events_run", "now", "seq")
 
     def __init__(self, start: float = 0.0) -> None:
         self.now = start
@@ -32,6 +32,7 @@ class EventLoop:
         self._deferred: deque[Entry] = deque()
         self._seq = 0
         self.events_run = 0
+        self._inline = False  # whether `next_now` may run its callback at once (an unbounded run)
 
     def clock(self) -> float:
         """The current virtual time in seconds (what the engine and router are given as `now`)."""
@@ -48,6 +49,17 @@ class EventLoop:
         now = self.now
         when = now + delay
         heapq.heappush(self._heap, (now if now > when else when, seq, fn, args))
+
+    def next_now(self, fn: Callback, *args: Any) -> None:
+        """`at(now, fn, *args)`, but run at once when nothing else is due now: the loop would run it
+        next anyway (with the scheduling number it gets here), so the heap round trip is saved."""
+        heap = self._heap
+        if not self._inline or (heap and heap[0][0] <= self.now):
+            self.at(self.now, fn, *args)
+            return
+        self.seq = self._seq = self._seq + 1
+        self.events_run += 1
+        fn(*args)
 
     def defer_at(self, when: float, fn: Callback, *args: Any) -> None:
         """Like `at`, for a callback that schedules nothing and whose effect only callbacks that call
@@ -99,6 +111,7 @@ class EventLoop:
         ran = 0
         try:
             if until is None and max_events is None:
+                self._inline = True
                 while heap:
                     when, seq, fn, args = pop(heap)
                     self.now, self.seq = when, seq
@@ -119,6 +132,7 @@ class EventLoop:
                     return
             self._drain_deferred(until)
         finally:
+            self._inline = False
             self.events_run += ran
 
     def _drain_deferred(self, until: float | None) -> None:

@@ -166,8 +166,9 @@ class SimWorker:
         if outputs:
             self.on_outputs(self.worker_id, outputs)
         self.busy = False
-        if self._idle_steps < 2:
-            self.kick()
+        if self._idle_steps < 2 and self.engine.has_work():
+            self.busy = True
+            self.loop.next_now(self._step)  # the step ends in nothing else: the next starts now
 
     def load_report(self) -> LoadReport:
         load = self._load

@@ -72,3 +72,45 @@ def test_deferred_callbacks_left_at_the_end_still_run() -> None:
     loop.at(1.0, lambda: loop.defer_at(3.0, lambda: ran.append(loop.now)))
     loop.run()
     assert ran == [3.0] and loop.now == 3.0 and loop.events_run == 2 and len(loop) == 0
+
+
+def _chain_replay(seed: int, inline: bool) -> tuple[list[tuple[str, float, int]], int]:
+    """Chains of callbacks that each schedule their successor "now" (or later), with ties between
+    chains, and readers that settle deferred writes: the order seen, the times and scheduling numbers."""
+    rng = random.Random(seed)
+    loop = EventLoop()
+    seen: list[tuple[str, float, int]] = []
+
+    def step(name: str, left: int) -> None:
+        loop.settle()
+        seen.append((name, loop.now, loop.seq))
+        if rng.random() < 0.3:
+            loop.defer_at(loop.now + 0.005, lambda: seen.append(("write", loop.now, loop.seq)))
+        if left:
+            if rng.random() < 0.5:
+                (loop.next_now if inline else lambda fn, *a: loop.at(loop.now, fn, *a))(step, name, left - 1)
+            else:
+                loop.after(rng.choice([0.001, 0.005]), step, name, left - 1)
+
+    for i in range(8):
+        loop.at(rng.choice([0.0, 0.001, 0.005]), step, f"c{i}", 30)
+    loop.run()
+    return seen, loop.events_run
+
+
+def test_next_now_runs_a_callback_where_the_heap_would_have_run_it() -> None:
+    for seed in range(20):
+        assert _chain_replay(seed, inline=True) == _chain_replay(seed, inline=False)
+
+
+def test_next_now_waits_for_what_is_due_now_and_for_a_bounded_run() -> None:
+    loop = EventLoop()
+    seen: list[str] = []
+    loop.at(1.0, lambda: loop.next_now(seen.append, "after-b"))
+    loop.at(1.0, seen.append, "b")
+    loop.run()
+    assert seen == ["b", "after-b"]
+    bounded = EventLoop()
+    bounded.at(0.0, lambda: bounded.next_now(seen.append, "later"))
+    bounded.run(max_events=1)  # a bounded run stops where it said, the callback still queued
+    assert len(bounded) == 1
