@@ -118,7 +118,7 @@ class Simulation:
             self.workers[wid] = SimWorker(
                 wid, engine_config, self.loop, self._on_outputs, self._on_kv_events, config.fast_forward
             )
-        self._kv_seq = dict.fromkeys(self.workers, 0)
+        self._next_kv_seq = dict.fromkeys(self.workers, 0)  # numbered from 0, as a worker's publisher does
         self.run_result = SimRun(policy)
         self._turns: dict[str, tuple[Turn, RequestRecord]] = {}
         self._open = len(workload)  # turns not finished yet (arrived or not)
@@ -268,8 +268,9 @@ class Simulation:
     # --- the bus
 
     def _on_kv_events(self, worker_id: str, events: list[KvEvent]) -> None:
-        self._kv_seq[worker_id] += 1
-        batch = KvEventBatch(worker_id, 1, self._kv_seq[worker_id], self.loop.now, events)
+        seq = self._next_kv_seq[worker_id]
+        self._next_kv_seq[worker_id] = seq + 1
+        batch = KvEventBatch(worker_id, 1, seq, self.loop.now, events)
         self.loop.after(self.config.bus_delay_s, self._deliver_kv, batch)
 
     def _deliver_kv(self, batch: KvEventBatch) -> None:
@@ -278,7 +279,7 @@ class Simulation:
             # a gap cannot happen on this lossless bus, but answer it as a worker would: a dump
             worker = self.workers[batch.worker_id]
             dump = KvStateDump(
-                batch.worker_id, 1, self._kv_seq[batch.worker_id], worker.engine.cached_blocks()
+                batch.worker_id, 1, self._next_kv_seq[batch.worker_id] - 1, worker.engine.cached_blocks()
             )
             self.loop.after(self.config.bus_delay_s, self._deliver_dump, dump)
 

@@ -20,7 +20,7 @@ from loadgen.sim.worker import SimWorker
 from loadgen.sim.workload import Workload
 from loadgen.trace import TraceRow
 from router.config import RouterConfig
-from router.protocol import LoadReport
+from router.protocol import KvEventBatch, KvStateDump, LoadReport
 from router.router import Router
 
 TRACE_BLOCK = 128
@@ -385,3 +385,26 @@ def test_admission_by_session_keeps_a_capacity_bound_pair_from_thrashing() -> No
     # the hold is honest: the held turn's TTFT counts from its arrival, not its release
     arrival = min(r.arrival for r in held.records if r.session == "big1")
     assert arrival == pytest.approx(0.3)
+
+
+def test_workers_number_their_kv_batches_from_zero_so_the_router_never_asks_for_a_dump(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As a worker's publisher does: a stream that starts at 0 is in order, so the router applies it
+    as it comes (a first batch numbered 1 looked like a gap and cost every worker a state dump)."""
+    first: dict[str, int] = {}
+    dumps: list[str] = []
+    apply_batch, apply_dump = Router.apply_kv_batch, Router.apply_state_dump
+
+    def batch(router: Router, b: KvEventBatch, now: float) -> bool:
+        first.setdefault(b.worker_id, b.seq)
+        return apply_batch(router, b, now)
+
+    def dump(router: Router, d: KvStateDump, now: float) -> bool:
+        dumps.append(d.worker_id)
+        return apply_dump(router, d, now)
+
+    monkeypatch.setattr(Router, "apply_kv_batch", batch)
+    monkeypatch.setattr(Router, "apply_state_dump", dump)
+    Simulation(workload(agent_sessions(6, 4, seed=2)), "session_kv", small_config()).run()
+    assert first and set(first.values()) == {0} and dumps == []
