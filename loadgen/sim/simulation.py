@@ -4,8 +4,10 @@ The router is driven exactly as the gateway drives it (router.router.Router: res
 on_first_token, on_complete, apply_kv_batch, apply_load, expire), in virtual time. KV events and load
 reports reach it `bus_delay_s` after the worker produced them; a pin hint returned by `on_complete`
 reaches the worker's engine (`Engine.pin`, as the worker applies one from the bus) after the same delay.
-Load reports (a third of all events) wait outside the event heap (`EventLoop.defer_at`): every handler
-that calls the router settles the loop first, which applies the ones due before it, in heap order.
+Load reports and KV batches (together half of all events) wait outside the event heap
+(`EventLoop.defer_at`): every handler that calls the router settles the loop first, which applies the
+ones due before it, in heap order. (A batch the router cannot apply, which this lossless bus never
+produces, is answered with a state dump scheduled from there.)
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class SimConfig(msgspec.Struct, frozen=True):
     expire_interval_s: float = 1.0
     load_sample_every: int = 10  # keep every n-th load report for the load-over-time chart
     fast_forward: bool = True  # take runs of pure decode steps as one event (same results)
-    lazy_load_reports: bool = True  # apply load reports at the next router call, not as events (same)
+    lazy_bus: bool = True  # apply load reports and KV batches at the next router call, not as events (same)
     stall_timeout_s: float = 3600.0  # virtual seconds without any output before in-flight work fails
     seed: int = 0
     session_admission: bool | None = None  # RouterConfig.session_admission when no router config is given
@@ -270,11 +272,19 @@ class Simulation:
     def _on_kv_events(self, worker_id: str, events: list[KvEvent]) -> None:
         seq = self._next_kv_seq[worker_id]
         self._next_kv_seq[worker_id] = seq + 1
-        batch = KvEventBatch(worker_id, 1, seq, self.loop.now, events)
-        self.loop.after(self.config.bus_delay_s, self._deliver_kv, batch)
+        loop = self.loop
+        batch = KvEventBatch(worker_id, 1, seq, loop.now, events)
+        if self.config.lazy_bus:
+            # like a load report, a batch only changes what the next router call sees
+            loop.defer_at(loop.now + self.config.bus_delay_s, self._apply_kv, batch)
+        else:
+            loop.after(self.config.bus_delay_s, self._deliver_kv, batch)
 
     def _deliver_kv(self, batch: KvEventBatch) -> None:
         self.loop.settle()
+        self._apply_kv(batch)
+
+    def _apply_kv(self, batch: KvEventBatch) -> None:
         if not self.router.apply_kv_batch(batch, self.loop.now):
             # a gap cannot happen on this lossless bus, but answer it as a worker would: a dump
             worker = self.workers[batch.worker_id]
@@ -312,7 +322,7 @@ class Simulation:
         # the report reaches the router bus_delay_s later; only router calls can see it, and they
         # settle the loop first, so it waits outside the heap (its arrival time is its `now`)
         arrival = now + config.bus_delay_s
-        if config.lazy_load_reports:
+        if config.lazy_bus:
             due = now if now > arrival else arrival  # the time `at` would give it
             loop.defer_at(due, self.router.apply_load, report, due)
         else:

@@ -205,15 +205,17 @@ ROUTER_CALLS = (
 )
 
 
-def test_load_reports_applied_at_router_calls_change_nothing(monkeypatch) -> None:
-    """Load reports wait outside the event heap until a router call: at every call the router's load
-    view is what delivering each report as an event gives, and so is every number of the run."""
+def test_bus_messages_applied_at_router_calls_change_nothing(monkeypatch) -> None:
+    """Load reports and KV batches wait outside the event heap until a router call: at every call the
+    router's load view and block counts are what delivering each as an event gives, and so is every
+    number of the run."""
     calls: list[tuple[str, list[dict[str, object]]]] = []
 
     def spy(name: str, original: Callable[..., object]) -> Callable[..., object]:
         def call(router: Router, *args: object, **kwargs: object) -> object:
             view = [{k: getattr(w, k) for k in w.__slots__} for w in router.load.workers.values()]
-            calls.append((name, view))
+            blocks = {w: router.index.blocks_of(w) for w in router.workers()}
+            calls.append((name, [*view, blocks, router.stream_positions()]))
             return original(router, *args, **kwargs)
 
         return call
@@ -228,7 +230,7 @@ def test_load_reports_applied_at_router_calls_change_nothing(monkeypatch) -> Non
         runs, seen = [], []
         for lazy in (True, False):
             calls.clear()
-            config = small_config(num_blocks=200, lazy_load_reports=lazy)
+            config = small_config(num_blocks=200, lazy_bus=lazy)
             runs.append(Simulation(workload(rows), policy, config, router_config).run())
             seen.append(list(calls))
         assert len(seen[0]) > 500 and seen[0] == seen[1]
