@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from itertools import compress, count, islice, repeat, takewhile
 from operator import eq, is_not, ne, not_, or_
 
 from engines.sequence import Sequence
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
+
+_is_block = partial(is_not, None)  # a hash's block id, not a miss (`dict.get`'s None)
 
 # a free order is rebuilt without its dead front slots once evictions have stepped over this many
 # per live entry since (stepping over one costs ~1/30 of copying one)
@@ -81,8 +84,8 @@ class BlockManager:
         self._cache_version = 0
         self._version = 0
         self._evict_version = 0  # removals from the cached set only
-        # seq, evict version, limit, hits, cache version
-        self._match_memo: tuple[Sequence, int, int, int, int] | None = None
+        # seq, evict version, limit, hits, cache version, the hit blocks' ids (allocate reads them)
+        self._match_memo: tuple[Sequence, int, int, int, int, list[int]] | None = None
         self._fit_memo: tuple[Sequence, int, int, int, bool] | None = None  # seq, version, len, hits, fits
 
     # --- state
@@ -123,19 +126,20 @@ class BlockManager:
         """Leading full blocks of `seq` that are cached, keeping at least one token to compute."""
         limit = (len(seq) - 1) // self.block_size
         memo = self._match_memo
-        hits = 0
+        ids: list[int] = []
         if memo is not None and memo[0] is seq and memo[1] == self._evict_version and memo[2] == limit:
-            # nothing left the cache since: the blocks matched then still match, only look further
-            hits = memo[3]
-            if hits == limit or memo[4] == self._cache_version:
-                return hits
-        if hits < limit:
+            # nothing left the cache since: the blocks matched then still match (in the same blocks),
+            # only look further
+            ids = memo[5]
+            if len(ids) == limit or memo[4] == self._cache_version:
+                return len(ids)
+        if len(ids) < limit:
             # the cached set is not prefix-closed (a parent can be evicted before its child): the
             # first miss is found by a scan, in C, that stops there
-            chain = islice(seq.hashes(limit), hits, limit)
-            hits += len(list(takewhile(self._by_hash.__contains__, chain)))
-        self._match_memo = (seq, self._evict_version, limit, hits, self._cache_version)
-        return hits
+            chain = islice(seq.hashes(limit), len(ids), limit)
+            ids = ids + list(takewhile(_is_block, map(self._by_hash.get, chain)))
+        self._match_memo = (seq, self._evict_version, limit, len(ids), self._cache_version, ids)
+        return len(ids)
 
     def can_allocate(self, seq: Sequence, num_hits: int) -> bool:
         need = self.blocks_needed(len(seq)) - num_hits
@@ -167,7 +171,11 @@ class BlockManager:
         table = seq.block_table
         if num_hits:
             hashes = seq.hashes(num_hits)[:num_hits]
-            ids = list(map(self._by_hash.__getitem__, hashes))
+            memo = self._match_memo
+            if memo is not None and memo[0] is seq and memo[1] == self._evict_version and memo[3] >= num_hits:
+                ids = memo[5][:num_hits]  # as `match_prefix` just found them: nothing was evicted since
+            else:
+                ids = list(map(self._by_hash.__getitem__, hashes))
             refs = self.ref_counts
             before = list(map(refs.__getitem__, ids))
             evictable = self._evictable
