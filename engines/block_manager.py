@@ -13,15 +13,30 @@ in order; the engine drains them after each step. Replaying them reproduces `cac
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from itertools import compress, count, islice, repeat, takewhile
-from operator import eq, is_not, ne, not_, or_
+from operator import eq, is_not, itemgetter, ne, not_, or_, setitem
 
 from engines.sequence import Sequence
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
 
 _is_block = partial(is_not, None)  # a hash's block id, not a miss (`dict.get`'s None)
+
+
+def _get_all(source: Mapping[int, int] | list[int], keys: list[int]) -> list[int]:
+    """`[source[k] for k in keys]` in one C call (an itemgetter reads ~1.6x faster than a map over
+    `__getitem__`)."""
+    if len(keys) > 1:
+        return list(itemgetter(*keys)(source))
+    return [source[keys[0]]] if keys else []
+
+
+def _set_all(target: list[int | None], keys: Iterable[int], values: Iterable[int | None]) -> None:
+    """`target[k] = v` for each pair, in a C loop (`operator.setitem` is ~2x faster than a map over
+    the list's `__setitem__` wrapper)."""
+    deque(map(setitem, repeat(target), keys, values), maxlen=0)
 
 # a free order is rebuilt without its dead front slots once evictions have stepped over this many
 # per live entry since (stepping over one costs ~1/30 of copying one)
@@ -52,7 +67,7 @@ class BlockManager:
         self.max_pinned_blocks = num_blocks // 2 if max_pinned_blocks is None else max_pinned_blocks
         # per block: its users, and its parent hash (read only while the block is cached: an evicted
         # block's stale parent is never cleared); plain lists so that whole runs of blocks are read and
-        # written in C loops (map over __getitem__/__setitem__). A block's own hash is not kept per
+        # written in C loops (`_get_all`, `_set_all`). A block's own hash is not kept per
         # block: `_by_hash` says which block holds a hash, and a sequence's committed blocks have the
         # hashes of its chain (those that stayed uncached, duplicates, are flagged on the sequence)
         self.ref_counts = [0] * num_blocks
@@ -158,8 +173,8 @@ class BlockManager:
         ):
             return memo[4]
         # hit blocks nobody uses are counted as free now but will not be once allocated
-        ids = map(self._by_hash.__getitem__, seq.hashes(num_hits)[:num_hits])
-        free_hits = list(map(self.ref_counts.__getitem__, ids)).count(0)
+        ids = _get_all(self._by_hash, seq.hashes(num_hits)[:num_hits])
+        free_hits = _get_all(self.ref_counts, ids).count(0)
         fits = free - free_hits >= need
         self._fit_memo = (seq, self._version, len(seq), num_hits, fits)
         return fits
@@ -175,18 +190,18 @@ class BlockManager:
             if memo is not None and memo[0] is seq and memo[1] == self._evict_version and memo[3] >= num_hits:
                 ids = memo[5][:num_hits]  # as `match_prefix` just found them: nothing was evicted since
             else:
-                ids = list(map(self._by_hash.__getitem__, hashes))
+                ids = _get_all(self._by_hash, hashes)
             refs = self.ref_counts
-            before = list(map(refs.__getitem__, ids))
+            before = _get_all(refs, ids)
             evictable = self._evictable
             if len(set(ids)) == len(ids):
                 # hit blocks nobody used leave the free lists; each one is in one of the two
                 if before.count(0) == len(before):
                     unused = hashes  # the common case: every hit block was free
-                    list(map(refs.__setitem__, ids, repeat(1)))
+                    _set_all(refs, ids, repeat(1))
                 else:
                     unused = list(compress(hashes, map(not_, before)))
-                    list(map(refs.__setitem__, ids, map((1).__add__, before)))
+                    _set_all(refs, ids, map((1).__add__, before))
                 if unused:
                     # from the free order that holds the last of them first (a session's own earlier
                     # blocks are pinned), then, for those it did not hold, from the other
@@ -251,7 +266,7 @@ class BlockManager:
         got = list(map(by_hash.setdefault, chain, ids))
         if got == ids:
             parents = hashes[start - 1 : full - 1] if start else [None, *chain[:-1]]
-            list(map(self.parent_of.__setitem__, ids, parents))
+            _set_all(self.parent_of, ids, parents)
             self._stored(chain, parent)
             return
         list(map(by_hash.__delitem__, compress(chain, map(eq, got, ids))))
@@ -286,7 +301,7 @@ class BlockManager:
                 # sequence alone: straight to the uncached list, which takes them before the others
                 tail = table[committed:]
                 tail.reverse()
-                list(map(self.ref_counts.__setitem__, tail, repeat(0)))
+                _set_all(self.ref_counts, tail, repeat(0))
                 self._uncached.extend(tail)
                 self.num_used -= len(tail)
             if committed:
@@ -300,12 +315,12 @@ class BlockManager:
         """Release committed blocks and their chain hashes, in release order; `anonymous`: some of them
         are not cached (their content was, in another block)."""
         refs = self.ref_counts
-        before = list(map(refs.__getitem__, order))
+        before = _get_all(refs, order)
         if before.count(1) == len(order):
             released = order  # the common case (a block listed twice would count 2 or more)
-            list(map(refs.__setitem__, order, repeat(0)))
+            _set_all(refs, order, repeat(0))
         elif len(set(order)) == len(order):
-            list(map(refs.__setitem__, order, map((-1).__add__, before)))
+            _set_all(refs, order, map((-1).__add__, before))
             last = list(map((1).__eq__, before))
             released = list(compress(order, last))
             hashes = list(compress(hashes, last))
@@ -445,7 +460,7 @@ class BlockManager:
         # the prefix's free blocks this pin alone holds are in the pinned order (a pinned free block
         # always is; a shared stem stays where it is): taken out, tail first, to go back at the end
         sole = hashes
-        before = list(map(counts.__getitem__, hashes))
+        before = _get_all(counts, hashes)
         if before.count(1) != common:
             sole = list(compress(hashes, map((1).__eq__, before)))
         released, ids = self._take_pinned_free(sole[::-1])
@@ -543,7 +558,7 @@ class BlockManager:
             victims = list(map(by_hash.pop, hashes))
             self._removed.extend(hashes)
             taken += victims
-        list(map(self.ref_counts.__setitem__, taken, repeat(1)))
+        _set_all(self.ref_counts, taken, repeat(1))
         self.num_used += n
         return taken
 
