@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from itertools import compress, count, islice, repeat, takewhile
-from operator import eq, is_not, itemgetter, ne, not_, or_, setitem
+from operator import add, eq, is_not, itemgetter, ne, not_, or_, setitem, sub
 
 from engines.sequence import Sequence
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
@@ -201,7 +201,7 @@ class BlockManager:
                     _set_all(refs, ids, repeat(1))
                 else:
                     unused = list(compress(hashes, map(not_, before)))
-                    _set_all(refs, ids, map((1).__add__, before))
+                    _set_all(refs, ids, map(add, before, repeat(1)))
                 if unused:
                     # from the free order that holds the last of them first (a session's own earlier
                     # blocks are pinned), then, for those it did not hold, from the other
@@ -320,8 +320,8 @@ class BlockManager:
             released = order  # the common case (a block listed twice would count 2 or more)
             _set_all(refs, order, repeat(0))
         elif len(set(order)) == len(order):
-            _set_all(refs, order, map((-1).__add__, before))
-            last = list(map((1).__eq__, before))
+            _set_all(refs, order, map(sub, before, repeat(1)))
+            last = list(map(eq, before, repeat(1)))
             released = list(compress(order, last))
             hashes = list(compress(hashes, last))
         else:
@@ -402,7 +402,7 @@ class BlockManager:
         # chain loses its tail before its head (a lost head makes the whole rest unmatchable)
         counts = self._pin_counts
         before = list(map(counts.get, hashes, repeat(0)))
-        counts.update(zip(hashes, map((1).__add__, before), strict=True))
+        counts.update(zip(hashes, map(add, before, repeat(1)), strict=True))
         first = hashes
         if before.count(0) != len(before):
             first = list(compress(hashes, map(not_, before)))
@@ -454,7 +454,7 @@ class BlockManager:
             sole = left
             if before.count(1) != len(left):
                 counts.update((h, c - 1) for h, c in zip(left, before, strict=True) if c > 1)
-                sole = list(compress(left, map((1).__eq__, before)))
+                sole = list(compress(left, map(eq, before, repeat(1))))
             self._evictable.update(zip(*self._take_pinned_free(sole[::-1]), strict=True))
             del hashes[common:]
         # the prefix's free blocks this pin alone holds are in the pinned order (a pinned free block
@@ -462,7 +462,7 @@ class BlockManager:
         sole = hashes
         before = _get_all(counts, hashes)
         if before.count(1) != common:
-            sole = list(compress(hashes, map((1).__eq__, before)))
+            sole = list(compress(hashes, map(eq, before, repeat(1))))
         released, ids = self._take_pinned_free(sole[::-1])
         counts.update(zip(tail, repeat(1)))
         evictable = self._evictable
@@ -521,7 +521,7 @@ class BlockManager:
         dropped = hashes  # the common case: pinned by this session alone
         if before.count(1) != len(before):
             counts.update((h, c - 1) for h, c in zip(hashes, before, strict=True) if c > 1)
-            dropped = list(compress(hashes, map((1).__eq__, before)))
+            dropped = list(compress(hashes, map(eq, before, repeat(1))))
         return list(compress(dropped, map(self._pinned_free.__contains__, dropped)))
 
     def _to_evictable(self, hashes: list[int]) -> None:
