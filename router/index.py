@@ -20,8 +20,19 @@ from operator import and_, is_, is_not, ne, not_, or_, xor
 
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent, Tier
 
-# Children links longer than this are pruned of blocks nobody holds any more, so they stay bounded.
+# A block's children are pruned of blocks nobody holds any more once there are this many, then each
+# time their number doubles, so they stay bounded at O(1) amortized per link.
 _CHILDREN_PRUNE_LEN = 8
+
+
+class Children(set):
+    """A block's children when it has several (one child is kept as a bare hash)."""
+
+    __slots__ = ("prune_at",)
+
+    def __init__(self, kids: Iterable[int] = ()) -> None:
+        super().__init__(kids)
+        self.prune_at = _CHILDREN_PRUNE_LEN
 
 
 def expand(groups: list[tuple[int, int]], names: dict[int, str] | None = None) -> dict:
@@ -127,7 +138,7 @@ class TierIndex:
 
     def __init__(self) -> None:
         self._held: dict[int, int] = {}
-        self._children: dict[int, int | list[int]] = {}  # parent -> child or children (a superset)
+        self._children: dict[int, int | Children] = {}  # parent -> child or children (a superset)
         self._orphans: dict[int, int] = {}  # block -> bits of workers holding it but not its parent
         self._orphan_count: dict[int, int] = {}  # worker bit -> its orphan count
         self._dirty = 0  # bits of workers with orphans
@@ -180,7 +191,7 @@ class TierIndex:
                     # `_adopt` inlined down to the lookups: most blocks have no orphaned child here
                     kids = child_of(h)
                     if kids is not None:
-                        for kid in kids if type(kids) is list else (kids,):
+                        for kid in kids if type(kids) is Children else (kids,):
                             if orphan_of(kid, 0) & bit:
                                 self._unmark(kid, bit)
             if prev is not None:
@@ -236,7 +247,7 @@ class TierIndex:
             kids = child_of(h)
             if kids is not None:
                 orphaned = False
-                for kid in kids if type(kids) is list else (kids,):
+                for kid in kids if type(kids) is Children else (kids,):
                     kid_mask = get(kid, 0)
                     if kid_mask & bit:
                         self._mark(kid, bit)  # its parent left before it did
@@ -363,12 +374,12 @@ class TierIndex:
             self._sweep_dead_parents()
         return n
 
-    def _orphan_kids(self, bit: int, kids: int | list[int]) -> bool:
+    def _orphan_kids(self, bit: int, kids: int | Children) -> bool:
         """A parent of `kids` left worker `bit`: mark the kids `bit` holds as orphans there; True when
         any worker holds one of them (the parent's links must then outlive it)."""
         held = self._held
         orphaned = False
-        for kid in kids if type(kids) is list else (kids,):
+        for kid in kids if type(kids) is Children else (kids,):
             kid_mask = held.get(kid, 0)
             if kid_mask & bit:
                 self._mark(kid, bit)
@@ -394,7 +405,7 @@ class TierIndex:
         held = self._held
         for j in starts:
             kids = popped[j]
-            if kids is None or (type(kids) is not list and kids not in held):
+            if kids is None or (type(kids) is not Children and kids not in held):
                 continue
             if self._orphan_kids(bit, kids):
                 children[hashes[j]] = kids
@@ -405,6 +416,14 @@ class TierIndex:
 
     def keys(self) -> list[int]:
         return list(self._held)
+
+    def children_copy(self) -> dict[int, int | tuple[int, ...]]:
+        """The parent -> children links, several children as a tuple: a copy that the index's later
+        changes cannot reach (a snapshot is encoded in a thread while the index goes on)."""
+        links: dict[int, int | Children | tuple[int, ...]] = dict(self._children)
+        several = list(compress(links, map(is_, map(type, links.values()), repeat(Children))))
+        links.update(zip(several, map(tuple, map(links.__getitem__, several)), strict=True))
+        return links  # type: ignore[return-value]  # no Children left
 
     def sweep(self, dead: int, keys: Iterable[int]) -> None:
         """Take the retired worker bits `dead` off these blocks (a slice of a full pass)."""
@@ -437,7 +456,7 @@ class TierIndex:
             kids = children.get(p)
             if p in held or kids is None:
                 continue  # back in use, or already dropped
-            if any(k in held for k in (kids if isinstance(kids, list) else (kids,))):
+            if any(k in held for k in (kids if type(kids) is Children else (kids,))):
                 keep.append(p)
             else:
                 del children[p]
@@ -509,19 +528,23 @@ class TierIndex:
         kids = self._children.get(parent)
         if kids is None:
             return
-        for kid in kids if isinstance(kids, list) else (kids,):
+        for kid in kids if type(kids) is Children else (kids,):
             self._unmark(kid, bit)
 
-    def _link(self, parent: int, kids: int | list[int], h: int) -> None:
+    def _link(self, parent: int, kids: int | Children, h: int) -> None:
         held = self._held
-        if isinstance(kids, list):
+        if type(kids) is Children:
             if h in kids:
                 return
-            if len(kids) >= _CHILDREN_PRUNE_LEN:
-                kids[:] = [k for k in kids if k in held]
-            kids.append(h)
+            if len(kids) >= kids.prune_at:
+                gone = [k for k in kids if k not in held]
+                kids.difference_update(gone)
+                # the next pruning waits until the set doubles: a shared prefix (a system prompt) can
+                # have thousands of live children, and each new one must not walk them all
+                kids.prune_at = max(_CHILDREN_PRUNE_LEN, 2 * len(kids))
+            kids.add(h)
         elif kids in held:
-            self._children[parent] = [kids, h]
+            self._children[parent] = Children((kids, h))
         else:
             self._children[parent] = h  # the old child is gone everywhere
 

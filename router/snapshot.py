@@ -159,7 +159,7 @@ class IndexCapture(msgspec.Struct):
     positions: dict[str, tuple[int, int]]
     names: dict[int, str]  # worker bit -> id
     tiers: dict[
-        str, tuple[dict[int, int], dict[int, int | list[int]], dict[int, int]]
+        str, tuple[dict[int, int], dict[int, int | tuple[int, ...]], dict[int, int]]
     ]  # held, links, orphans
     sessions: list[tuple] = []  # `session_rows` at `now` (the router's clock)
     now: float = 0.0
@@ -188,7 +188,7 @@ def capture(router: Router, now: float | None = None) -> IndexCapture:
     index = router.index
     positions = {w: p for w, p in router.stream_positions().items() if index.has_worker(w)}
     tiers = {
-        tier: (t._held.copy(), t._children.copy(), t._orphans.copy())
+        tier: (t._held.copy(), t.children_copy(), t._orphans.copy())
         for tier, t in index.tiers.items()
         if len(t)
     }
@@ -302,11 +302,11 @@ def _tier_runs(
     return out
 
 
-def _parents(children: dict[int, int | list[int]]) -> dict[int, int]:
+def _parents(children: dict[int, int | tuple[int, ...]]) -> dict[int, int]:
     """Invert the parent -> children links (a block hash names its parent: one parent per block)."""
     parent_of = {kids: parent for parent, kids in children.items() if type(kids) is int}
     for parent, kids in children.items():
-        if type(kids) is list:
+        if type(kids) is tuple:
             for kid in kids:
                 parent_of[kid] = parent
     return parent_of

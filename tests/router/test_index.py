@@ -210,6 +210,34 @@ def test_memory_stays_bounded_under_an_endless_store_remove_stream() -> None:
     assert kids is None or isinstance(kids, int) or len(kids) <= 9
 
 
+def test_a_prefix_with_thousands_of_live_children_keeps_every_link_and_prunes_rarely() -> None:
+    """A system prompt shared by many sessions: each session's first block is one more child of the
+    prompt's last block. Every link must stay (the prompt's eviction orphans them all), and the links
+    are pruned of dead children only as their number doubles, not on every new one."""
+    index = BlockIndex()
+    index.add_worker("a", 1 << 20)
+    root = 5
+    index.apply("a", [BlockStored([root])])
+    rng = random.Random(3)
+    firsts = []
+    for step in range(3000):
+        chain = [rng.getrandbits(64) for _ in range(3)]
+        firsts.append(chain[0])
+        index.apply("a", [BlockStored(chain, root)])
+        if step % 3 == 0:  # a third of the sessions leave again
+            index.apply("a", [BlockRemoved(chain[::-1])])
+    device = index.tiers["device"]
+    kids = device._children[root]
+    live = [h for h in firsts if device.get(h)]
+    assert set(live) <= set(kids) and len(kids) < 2 * len(live) + 8  # dead ones pruned, in bulk
+    assert kids.prune_at >= len(kids)  # the next prune waits for growth
+    index.apply("a", [BlockRemoved([root])])
+    assert device.dirty_mask  # every live child is an orphan of "a" now
+    for h in live[:50]:
+        assert index.overlap([root, h]) == {}
+        assert index.overlap([h]) == {"a": 1}
+
+
 def test_approximate_index_expires_by_ttl_and_stays_prefix_closed() -> None:
     approx = ApproxIndex(ttl_s=10.0, max_blocks_per_worker=50)
     approx.add_worker("a")
