@@ -45,15 +45,19 @@ def parse_policies(spec: str) -> list[str]:
 
 @contextmanager
 def replay_gc() -> Iterator[None]:
-    """What exists before a replay (the workload) is left out of collections, which run less often."""
+    """What exists before a replay (the workload) is left out of collections, which run less often.
+    (Objects a caller froze itself stay frozen: then nothing is frozen or unfrozen here.)"""
     threshold = gc.get_threshold()
-    gc.freeze()
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
     gc.set_threshold(*REPLAY_GC_THRESHOLD)
     try:
         yield
     finally:
         gc.set_threshold(*threshold)
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
 
 
 def run_policy(workload: Workload, policy: str, config: SimConfig) -> tuple[SimRun, float]:

@@ -410,3 +410,14 @@ def test_workers_number_their_kv_batches_from_zero_so_the_router_never_asks_for_
     monkeypatch.setattr(Router, "apply_state_dump", dump)
     Simulation(workload(agent_sessions(6, 4, seed=2)), "session_kv", small_config()).run()
     assert first and set(first.values()) == {0} and dumps == []
+
+
+def test_a_replay_leaves_the_collector_as_it_found_it() -> None:
+    import gc
+
+    from loadgen.sim.compare import replay_gc
+
+    before = gc.get_threshold(), gc.get_freeze_count()
+    with replay_gc():
+        assert gc.get_threshold() != before[0] and gc.get_freeze_count() > 0
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
