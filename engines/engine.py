@@ -20,8 +20,8 @@ from router.hashing import DEFAULT_BLOCK_SIZE, hash_seed
 from router.protocol import CachedBlock, KvEvent
 
 _token_ids = attrgetter("token_ids")
-_NO_TOKENS: list[int] = []  # a chunk's tokens for a runner that does not read them (never written)
 _computed = attrgetter("num_computed_tokens")
+_NO_TOKENS: list[int] = []  # a chunk's tokens for a runner that does not read them (never written)
 
 
 class EngineConfig(msgspec.Struct, frozen=True):
