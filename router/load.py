@@ -93,7 +93,8 @@ class LoadView:
         w.report_at = now
         w.fresh_until = now + self.config.report_stale_s
         w.report_prefill = report.active_prefill_tokens
-        w.ms_per_token = 1000.0 / self.prefill_speed(report.worker_id)
+        speed = report.prefill_tok_s  # `prefill_speed` of this report, inline: 10 reports/s per worker
+        w.ms_per_token = 1000.0 / (speed if speed > 0 else self.config.default_prefill_tok_s)
         w.epoch += 1
         w.prefill_since_report = 0
 
