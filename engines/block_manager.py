@@ -38,6 +38,7 @@ def _set_all(target: list[int | None], keys: Iterable[int], values: Iterable[int
     the list's `__setitem__` wrapper)."""
     deque(map(setitem, repeat(target), keys, values), maxlen=0)
 
+
 # a free order is rebuilt without its dead front slots once evictions have stepped over this many
 # per live entry since (stepping over one costs ~1/30 of copying one)
 REBUILD_FACTOR = 30
@@ -156,6 +157,14 @@ class BlockManager:
         self._match_memo = (seq, self._evict_version, limit, len(ids), self._cache_version, ids)
         return len(ids)
 
+    def _hit_ids(self, seq: Sequence, num_hits: int) -> list[int]:
+        """The blocks holding `seq`'s first `num_hits` (cached) blocks: as `match_prefix` found them
+        when nothing was evicted since, else looked up."""
+        memo = self._match_memo
+        if memo is not None and memo[0] is seq and memo[1] == self._evict_version and memo[3] >= num_hits:
+            return memo[5][:num_hits]
+        return _get_all(self._by_hash, seq.hashes(num_hits)[:num_hits])
+
     def can_allocate(self, seq: Sequence, num_hits: int) -> bool:
         need = self.blocks_needed(len(seq)) - num_hits
         free = self.num_free
@@ -173,8 +182,7 @@ class BlockManager:
         ):
             return memo[4]
         # hit blocks nobody uses are counted as free now but will not be once allocated
-        ids = _get_all(self._by_hash, seq.hashes(num_hits)[:num_hits])
-        free_hits = _get_all(self.ref_counts, ids).count(0)
+        free_hits = _get_all(self.ref_counts, self._hit_ids(seq, num_hits)).count(0)
         fits = free - free_hits >= need
         self._fit_memo = (seq, self._version, len(seq), num_hits, fits)
         return fits
@@ -186,11 +194,7 @@ class BlockManager:
         table = seq.block_table
         if num_hits:
             hashes = seq.hashes(num_hits)[:num_hits]
-            memo = self._match_memo
-            if memo is not None and memo[0] is seq and memo[1] == self._evict_version and memo[3] >= num_hits:
-                ids = memo[5][:num_hits]  # as `match_prefix` just found them: nothing was evicted since
-            else:
-                ids = _get_all(self._by_hash, hashes)
+            ids = self._hit_ids(seq, num_hits)
             refs = self.ref_counts
             before = _get_all(refs, ids)
             evictable = self._evictable
@@ -449,13 +453,8 @@ class BlockManager:
             return None
         pinned_free = self._pinned_free
         if common < n:  # the blocks that leave the pin, as `_release` and `_to_evictable` would
-            left = hashes[common:]
-            before = list(map(counts.pop, left))
-            sole = left
-            if before.count(1) != len(left):
-                counts.update((h, c - 1) for h, c in zip(left, before, strict=True) if c > 1)
-                sole = list(compress(left, map(eq, before, repeat(1))))
-            self._evictable.update(zip(*self._take_pinned_free(sole[::-1]), strict=True))
+            left = self._uncount(hashes[common:])
+            self._to_evictable(list(compress(left, map(pinned_free.__contains__, left))))
             del hashes[common:]
         # the prefix's free blocks this pin alone holds are in the pinned order (a pinned free block
         # always is; a shared stem stays where it is): taken out, tail first, to go back at the end
@@ -513,16 +512,19 @@ class BlockManager:
         """Uncount a pin (already off `_pins`); returns the hashes of the free blocks it was the last pin
         of, in pin order."""
         self.num_pinned -= len(pin.block_hashes)
+        dropped = self._uncount(pin.block_hashes)
+        return list(compress(dropped, map(self._pinned_free.__contains__, dropped)))
+
+    def _uncount(self, hashes: list[int]) -> list[int]:
+        """One pin less on each of `hashes` (distinct); returns those no pin holds any more, in order."""
         counts = self._pin_counts
-        hashes = pin.block_hashes  # distinct
         # one pass both reads and drops the counts; those other pins hold too are put back, one less
         # (the order of the counts' keys is never read)
         before = list(map(counts.pop, hashes))
-        dropped = hashes  # the common case: pinned by this session alone
-        if before.count(1) != len(before):
-            counts.update((h, c - 1) for h, c in zip(hashes, before, strict=True) if c > 1)
-            dropped = list(compress(hashes, map(eq, before, repeat(1))))
-        return list(compress(dropped, map(self._pinned_free.__contains__, dropped)))
+        if before.count(1) == len(before):
+            return hashes  # the common case: pinned by this pin alone
+        counts.update((h, c - 1) for h, c in zip(hashes, before, strict=True) if c > 1)
+        return list(compress(hashes, map(eq, before, repeat(1))))
 
     def _to_evictable(self, hashes: list[int]) -> None:
         """Free blocks a pin no longer holds (by hash, in pin order) leave the pinned order and rejoin the
