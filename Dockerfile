@@ -39,6 +39,7 @@ COPY gateway/ gateway/
 COPY router/ router/
 COPY engines/ engines/
 COPY loadgen/ loadgen/
+COPY kvutil/ kvutil/
 RUN pip install --no-cache-dir --no-deps --force-reinstall ./
 
 

@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engines.engine import EngineLoad
 from engines.publisher import Publisher
+from kvutil.tasks import cancel_and_wait
 from router.hashing import block_hashes, hash_seed
 from router.protocol import (
     AllBlocksCleared,
@@ -43,7 +44,6 @@ from router.protocol import (
     WorkerRegistration,
     check_token,
 )
-from router.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from engines.engine import Engine
 from engines.worker import EngineLoop
+from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import (
     KvEvent,
     KvEventBatch,
@@ -40,7 +41,6 @@ from router.protocol import (
     decode,
     encode,
 )
-from router.tasks import cancel_and_wait, wait_for_bounded
 
 log = logging.getLogger("kvgate.publisher")
 

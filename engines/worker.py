@@ -27,9 +27,9 @@ from aiohttp import web
 
 from engines.engine import Engine, EngineRequest, RequestOutput, StepResult
 from engines.runner import SamplingParams
+from kvutil.tasks import cancel_and_wait
 from router.chat import TemplateError, Tokenizer, encode_chat
 from router.protocol import KvEvent
-from router.tasks import cancel_and_wait
 
 log = logging.getLogger("kvgate.worker")
 

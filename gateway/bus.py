@@ -25,6 +25,7 @@ from nats.js import api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from gateway.metrics import GatewayMetrics
+from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import (
     KvEventBatch,
     KvStateDump,
@@ -37,7 +38,6 @@ from router.protocol import (
     decode,
     encode,
 )
-from router.tasks import cancel_and_wait, wait_for_bounded
 
 log = logging.getLogger("kvgate.gateway.bus")
 

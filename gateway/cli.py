@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # name -> (module, one-line help), under `kvgate bench`
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "router": ("router.bench", "hashing, routing and event ingestion at scale"),
+    "router": ("gateway.router_bench", "hashing, routing and event ingestion at scale"),
     "engine": ("engines.bench", "TTFT with and without cache, prefill and decode speed"),
     "gateway": ("gateway.bench", "proxy overhead against calling a worker directly"),
     "replay": ("gateway.replay_bench", "catch-up time of a new replica from snapshot and tail"),

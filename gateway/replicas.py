@@ -22,6 +22,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
+from kvutil.tasks import cancel_and_wait
 from router.protocol import (
     ProtocolError,
     ReplicaAlive,
@@ -36,7 +37,6 @@ from router.protocol import (
 from router.request import Decision, RouteRequest
 from router.router import Router
 from router.snapshot import pack_hashes, unpack_hashes
-from router.tasks import cancel_and_wait
 
 log = logging.getLogger("kvgate.gateway.replicas")
 

@@ -23,9 +23,9 @@ from gateway.bus import Bus
 from gateway.metrics import GatewayMetrics
 from gateway.replicas import ReplicaSync
 from gateway.snapshot import IndexRecovery, SnapshotStore, Snapshotter
+from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import Subjects
 from router.router import Router
-from router.tasks import cancel_and_wait, wait_for_bounded
 
 log = logging.getLogger("kvgate.gateway.replication")
 

@@ -1,8 +1,8 @@
 """Stopping background tasks within a bound: `cancel_and_wait`, and `wait_for_bounded` for the last
 awaits of a stop path (a final flush, a close).
 
-Pure asyncio, no I/O. It lives in router because the engines and the gateway both stop their tasks
-this way and router is the one package both may import.
+Pure asyncio, no I/O. The engines and the gateway both stop their tasks this way; it lives in kvutil,
+which both may import, because it is not routing.
 
 Why not `task.cancel(); await task`: a cancel can be lost (on Python 3.11, `asyncio.wait_for`, which
 nats-py uses for flushes and requests, returns the inner result when it completes as the cancel

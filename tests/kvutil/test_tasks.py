@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from router.tasks import cancel_and_wait, wait_for_bounded
+from kvutil.tasks import cancel_and_wait, wait_for_bounded
 
 
 async def _sleeper() -> None:
