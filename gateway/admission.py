@@ -1,9 +1,9 @@
 """Per-worker in-flight limits and, when every worker is saturated, a bounded queue by session.
 
 The queue favours sessions in the middle of a tool loop, then those with the least attained service
-(tokens served so far), then arrival order, so one long agent does not starve the rest (DESIGN.md
-point 6). A slot is handed to a waiter by routing it at that moment, so a fresh request cannot take
-the slot between the release and the waiter waking up.
+(tokens served so far), then arrival order, so one long agent does not starve the rest
+(docs/ARCHITECTURE.md, "agent-session-aware" point 6). A slot is handed to a waiter by routing it at
+that moment, so a fresh request cannot take the slot between the release and the waiter waking up.
 
 Before that, `SessionHold` applies the router's admission by session (router/admission.py): under KV
 memory pressure a turn of a session that is not resident waits here, at its tool boundary, until the

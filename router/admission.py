@@ -1,4 +1,4 @@
-"""Admission by session (DESIGN.md "agent-session-aware" points 6 and 7): when the live sessions'
+"""Admission by session (docs/ARCHITECTURE.md, "agent-session-aware" 6 and 7): when the live sessions'
 contexts exceed the pool's KV, hold a session at its tool boundary instead of letting it evict the rest.
 
 The resident sessions are those with a turn in flight or pinned (expected back from a tool call, the

@@ -54,7 +54,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # finish reason: engines that never report "tool_calls" (the mock) still get pins. Turn off when the
     # engines report real finish reasons and a tool loop's final answer should not pin.
     pin_on_tool_result: bool = True
-    # memory (docs/ROUTING.md ideas 2-4): sessions routed to a worker within `live_session_s` are its live
+    # memory (docs/EXPERIMENTS.md ideas 2-4): sessions routed to a worker within `live_session_s` are its live
     # contexts; beyond `memory_free_fraction` of its blocks their excess costs `memory_pressure_factor` x
     # its prefill time, every live block `memory_balance_factor` x, and in-flight blocks beyond the
     # worker's capacity `inflight_pressure_factor` x

@@ -19,7 +19,7 @@ the worker's KV blocks, the excess will be evicted and prefilled again by someon
 their context fits and live sessions stop evicting each other. Below that, `memory_balance_factor`
 charges a little for every live block, so cold sessions spread by memory before any worker is full;
 and blocks held by in-flight requests beyond the worker's capacity mean waiting for admission, charged
-`inflight_pressure_factor` x their prefill time (docs/ROUTING.md has the measurements of each).
+`inflight_pressure_factor` x their prefill time (docs/EXPERIMENTS.md has the measurements of each).
 
 Stall: a turn's own TTFT is not all its prefill costs. Every step that carries a chunk of it is longer for
 every request running on that worker, and while the worker's memory is full those requests hold their

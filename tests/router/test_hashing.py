@@ -9,7 +9,7 @@ from router.hashing import BASE_SEED, PrefixHasher, block_hashes, hash_seed
 
 
 def reference_chain(tokens: list[int], block_size: int, seed: int) -> list[int]:
-    """DESIGN.md's contract written out longhand, straight on xxhash."""
+    """docs/ARCHITECTURE.md's contract written out longhand, straight on xxhash."""
     out: list[int] = []
     for i in range(len(tokens) // block_size):
         block = struct.pack(f"<{block_size}I", *tokens[i * block_size : (i + 1) * block_size])

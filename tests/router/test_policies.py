@@ -159,7 +159,7 @@ def test_session_kv_avoids_a_cached_worker_whose_queue_makes_it_slower() -> None
 
 def test_session_kv_prices_tokens_at_the_pool_speed() -> None:
     # a worker's measured speed mostly says how long its recent prompts were (a step's fixed cost),
-    # so workers are compared by tokens at the pool's median speed (docs/ROUTING.md, idea 1)
+    # so workers are compared by tokens at the pool's median speed (docs/EXPERIMENTS.md, idea 1)
     router = make("session_kv", n=3, stall_factor=0.0)  # the cost is then prefill alone
     prompt = chain(100)
     hold(router, "w0", prompt[:50])
