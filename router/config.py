@@ -24,7 +24,12 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     session_ttl_s: float = 3600.0
     max_session_id_len: int = 256
 
-    # --- kv_overlap (Dynamo)
+    # --- baselines
+    # give the baselines the gateway's pin hints too (the "same engine" ablation); off: no baseline
+    # pins, as none of the systems they are named after does
+    pin_baselines: bool = False
+
+    # --- kv_overlap (Dynamo 1.6.1 defaults)
     overlap_score_weight: float = 1.0
     kv_temperature: float = 0.0
 
@@ -32,8 +37,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     cache_threshold: float = 0.3
     balance_abs_threshold: int = 64
     balance_rel_threshold: float = 1.5
-    cache_tree_ttl_s: float = 120.0
-    cache_tree_blocks_per_worker: int = 1 << 18
+    cache_max_tree_tokens: int = 1 << 26  # per worker (SGLang's max_tree_size, which counts characters)
 
     # --- session_sticky
     ring_vnodes: int = 64
@@ -82,7 +86,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     admission_max_held: int = 4096
 
     def __post_init__(self) -> None:
-        bounded = ("max_sessions", "max_inflight", "approx_blocks_per_worker", "cache_tree_blocks_per_worker")
+        bounded = ("max_sessions", "max_inflight", "approx_blocks_per_worker", "cache_max_tree_tokens")
         for name in bounded:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

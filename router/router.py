@@ -24,6 +24,9 @@ from router.sessions import SessionTable
 
 __all__ = ["NoWorkerError", "Router", "RouterConfig"]
 
+# the policies whose sessions get pin hints (the baselines are other systems' routing rules: none of
+# them pins; RouterConfig.pin_baselines gives them the same pinning engine, the "same engine" ablation)
+PINNING_POLICIES = frozenset({"session_kv"})
 # the policies that hold sessions at their tool boundary under memory pressure (the baselines are other
 # systems' routing rules: they admit everything)
 ADMITTING_POLICIES = frozenset({"session_kv"})
@@ -78,6 +81,7 @@ class Router:
         self._by_model: dict[str, list[str]] = {}
         self._streams: dict[str, _Stream] = {}
         self._anon = 0
+        self._pins = config.pin_baselines or policy in PINNING_POLICIES
         self.admission: SessionAdmission | None = None
         if config.session_admission and policy in ADMITTING_POLICIES:
             self.admission = SessionAdmission(
@@ -292,6 +296,7 @@ class Router:
         prefill = max(0, request.num_tokens - decision.overlap_blocks * bs)
         blocks = -(-(request.num_tokens + request.expected_output_tokens) // bs)
         self.load.start(request.request_id, worker, prefill, blocks, now)
+        self.policy.on_pick(request, decision, bs, now)
         flight = self.load.get(request.request_id)
         if flight is not None:
             flight.session_id = request.session_id
@@ -314,6 +319,7 @@ class Router:
 
     def on_first_token(self, request_id: str, now: float) -> None:
         self.load.first_token(request_id)
+        self.policy.on_first_token(request_id)
 
     def on_complete(
         self, request_id: str, now: float, finish_reason: str | None, output_tokens: int, ok: bool = True
@@ -325,6 +331,7 @@ class Router:
         the session's expected tool time, bounded to [pin_min_s, pin_max_s].
         """
         flight = self.load.finish(request_id)
+        self.policy.on_complete(request_id)
         if flight is None or not flight.session_id:
             return None
         hint = self._session_done(flight, now, finish_reason, output_tokens, ok)
@@ -345,7 +352,7 @@ class Router:
         s.last_done_at = now
         said_pending = flight.tool_pending and self.config.pin_on_tool_result
         s.tool_pending = ok and (finish_reason == "tool_calls" or said_pending)
-        if not s.tool_pending or flight.worker_id not in self._registrations or not s.chain:
+        if not s.tool_pending or flight.worker_id not in self._registrations or not s.chain or not self._pins:
             return None
         cfg = self.config
         think = s.think_s if s.think_s is not None else cfg.think_default_s

@@ -57,6 +57,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "router's (off)",
     )
     parser.add_argument(
+        "--pin-baselines",
+        action="store_true",
+        help="give the baselines the gateway's pin hints too (the 'same engine' ablation; default: "
+        "only session_kv pins, as none of the systems the baselines are named after does)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="router_settings",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a RouterConfig field for every policy (repeatable), e.g. --set stall_factor=1.5",
+    )
+    parser.add_argument(
         "--jobs",
         type=_positive_int,
         default=None,
@@ -68,6 +82,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--charts", metavar="DIR", default=None, help="write PNG charts into DIR")
 
 
+def _router_settings(pairs: list[str]) -> dict[str, object]:
+    """`NAME=VALUE` pairs as RouterConfig fields (values read as JSON, else kept as text); checked."""
+    from router.config import RouterConfig
+
+    settings: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in RouterConfig.__struct_fields__:
+            raise ValueError(f"--set {pair!r}: expected NAME=VALUE with NAME a RouterConfig field")
+        try:
+            settings[name] = msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            settings[name] = value
+    try:
+        msgspec.convert(settings, RouterConfig, strict=False)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ValueError(f"--set: {exc}") from None
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         policies = parse_policies(args.policy)
@@ -75,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--trace-block-size must be a multiple of --block-size")
         if args.max_think_s < 0 or args.bus_delay_ms < 0:
             raise ValueError("--max-think-s and --bus-delay-ms must not be negative")
+        settings = _router_settings(args.router_settings)
         rows = load_trace(args.trace, args.limit)
         if not rows:
             raise ValueError(f"{args.trace}: no rows")
@@ -88,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         bus_delay_s=args.bus_delay_ms / 1000.0,
         seed=args.seed,
         session_admission=args.admission,
+        pin_baselines=args.pin_baselines,
+        router_settings=settings,
     )
     workload = Workload(
         rows,

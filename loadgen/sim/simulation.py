@@ -60,6 +60,20 @@ class SimConfig(msgspec.Struct, frozen=True):
     stall_timeout_s: float = 3600.0  # virtual seconds without any output before in-flight work fails
     seed: int = 0
     session_admission: bool | None = None  # RouterConfig.session_admission when no router config is given
+    pin_baselines: bool = False  # RouterConfig.pin_baselines (the "same engine" ablation), likewise
+    # further RouterConfig fields (name -> value) when no router config is given: sweeps from the CLI
+    router_settings: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def router_config(self) -> Any:
+        """The RouterConfig these settings name (None: the router's defaults)."""
+        from router.config import RouterConfig
+
+        settings = dict(self.router_settings)
+        if self.session_admission is not None:
+            settings["session_admission"] = self.session_admission
+        if self.pin_baselines:
+            settings["pin_baselines"] = True
+        return msgspec.convert(settings, RouterConfig, strict=False) if settings else None
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -105,10 +119,8 @@ class Simulation:
         if config.block_size != workload.block_size:
             raise ValueError("the workload was hashed with another block size")
         self.loop = EventLoop()
-        if router_config is None and config.session_admission is not None:
-            from router.config import RouterConfig
-
-            router_config = RouterConfig(session_admission=config.session_admission)
+        if router_config is None:
+            router_config = config.router_config()
         kwargs: dict[str, Any] = {"policy": policy, "seed": config.seed}
         if router_config is not None:
             kwargs["config"] = router_config

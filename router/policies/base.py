@@ -70,6 +70,16 @@ class Policy(ABC):
     @abstractmethod
     def pick(self, request: RouteRequest, view: RouterView) -> Decision: ...
 
+    def on_pick(self, request: RouteRequest, decision: Decision, block_size: int, now: float) -> None:
+        """A pick was made (by this router or, recorded, by a replica): track it if the policy does."""
+        return None
+
+    def on_first_token(self, request_id: str) -> None:
+        return None
+
+    def on_complete(self, request_id: str) -> None:
+        return None
+
     def on_workers_changed(self, workers: Sequence[str]) -> None:
         """The routable set changed (consistent hashing rebuilds its ring here)."""
         return None

@@ -1,52 +1,166 @@
-"""`kv_overlap`: Dynamo's KV router cost (docs/router/kv_cache_routing.md), as published.
+"""`kv_overlap`: NVIDIA Dynamo 1.6.1's KV router as shipped (`lib/kv-router`: scheduling/selector,
+sequences), checked against the real one (`tests/router/test_dynamo_equivalence.py`, `peers` extra).
 
-`logit = overlap_score_weight x prefill_blocks + decode_blocks`, with
-`prefill_blocks = (active_prefill_tokens + ISL - overlap x block_size) / block_size` and `decode_blocks`
-the blocks of the worker's active requests. Temperature 0: the lowest logit wins; ties go to the worker
-with the smaller tree (fewer indexed blocks), then at random. With a temperature above 0 it samples
-from the softmax of the negated, normalised logits instead.
+Per candidate worker, in blocks:
+
+    logit = overlap_score_weight x max(0, (active_prefill_tokens + ISL) / block_size - overlap)
+            + potential_decode_blocks
+
+- `overlap`: the device-tier prefix the worker holds (its KV events).
+- `active_prefill_tokens`: the router's own prediction, not the worker's report: every request it sent
+  there adds `ISL - overlap x block_size` at the pick and removes it at its first token.
+- `potential_decode_blocks`: the distinct prompt blocks of the requests it sent there that have not
+  completed (a block shared by two of them counts once), plus this prompt's blocks not among them.
+  Output blocks are not tracked (Dynamo's `router_track_output_blocks` is off by default).
+
+Temperature 0 (the default): the lowest logit wins, ties at random. Above 0: a softmax over the logits
+normalised to [0, 1] (`(logit - min) / (max - min) / temperature`), sampled. The worker's load reports
+play no part, as in Dynamo (they only gate its optional busy thresholds).
 """
 
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Sequence
 
+from router.config import RouterConfig
 from router.policies.base import Policy, RouterView
 from router.request import Decision, RouteRequest
+
+# Dynamo's stale-request guard (sequences/single.rs EXPIRY_DURATION): a request whose completion never
+# arrives stops counting after this long.
+EXPIRY_S = 3600.0
+
+
+class _Active:
+    """One worker's in-flight requests as Dynamo's router tracks them (`ActiveSequences`)."""
+
+    __slots__ = ("blocks", "prefill_tokens")
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, int] = {}  # block hash -> in-flight requests holding it
+        self.prefill_tokens = 0
+
+    def add(self, chain: Sequence[int]) -> None:
+        blocks = self.blocks
+        for h in chain:
+            blocks[h] = blocks.get(h, 0) + 1
+
+    def remove(self, chain: Sequence[int]) -> None:
+        blocks = self.blocks
+        for h in chain:
+            n = blocks.get(h, 0)
+            if n > 1:
+                blocks[h] = n - 1
+            else:
+                blocks.pop(h, None)
+
+    def potential_blocks(self, chain: Sequence[int]) -> int:
+        """Distinct active blocks once `chain` is added."""
+        blocks = self.blocks
+        return len(blocks) + len(chain) - sum(map(blocks.__contains__, chain))
+
+
+class _Flight:
+    __slots__ = ("chain", "picked_at", "prefill_tokens", "worker_id")
+
+    def __init__(self, worker_id: str, chain: Sequence[int], prefill_tokens: int, picked_at: float) -> None:
+        self.worker_id = worker_id
+        self.chain = chain
+        self.prefill_tokens = prefill_tokens  # until the first token; 0 after it
+        self.picked_at = picked_at
 
 
 class KvOverlap(Policy):
     name = "kv_overlap"
 
+    def __init__(self, config: RouterConfig, rng: random.Random) -> None:
+        super().__init__(config, rng)
+        self._active: dict[str, _Active] = {}
+        self._flights: dict[str, _Flight] = {}  # insertion order is pick order (expiry)
+
     def pick(self, request: RouteRequest, view: RouterView) -> Decision:
         overlap = view.overlap(request.block_hashes)
-        load = view.load
-        now = view.now
+        logits = self.logits(request, view, overlap)
+        worker = self._select(logits)
+        matched = overlap.get(worker, 0)
+        return Decision(worker, matched, logits[worker], "overlap" if matched else "load")
+
+    def logits(self, request: RouteRequest, view: RouterView, overlap: dict[str, int]) -> dict[str, float]:
+        chain = request.block_hashes
         bs = view.block_size
         weight = self.config.overlap_score_weight
         isl = request.num_tokens
         logits: dict[str, float] = {}
         for w in view.candidates:
-            prefill_blocks = (load.queued_prefill(w, now) + isl - overlap.get(w, 0) * bs) / bs
-            logits[w] = weight * prefill_blocks + load.active_blocks(w)
-        worker = self._select(logits, view)
-        matched = overlap.get(worker, 0)
-        return Decision(worker, matched, logits[worker], "overlap" if matched else "load")
+            active = self._active.get(w)
+            if active is None:
+                active = self._active[w] = _Active()
+            prefill_blocks = (active.prefill_tokens + isl) / bs - overlap.get(w, 0)
+            logits[w] = weight * max(0.0, prefill_blocks) + active.potential_blocks(chain)
+        return logits
 
-    def _select(self, logits: dict[str, float], view: RouterView) -> str:
+    def _select(self, logits: dict[str, float]) -> str:
         temperature = self.config.kv_temperature
         if temperature > 0:
             return self._sample(logits, temperature)
         best = min(logits.values())
         tied = [w for w, v in logits.items() if v == best]
-        if len(tied) > 1:
-            smallest = min(view.tree_size(w) for w in tied)
-            tied = [w for w in tied if view.tree_size(w) == smallest]
         return tied[0] if len(tied) == 1 else self.rng.choice(tied)
 
     def _sample(self, logits: dict[str, float], temperature: float) -> str:
         values = list(logits.values())
         lo, hi = min(values), max(values)
-        span = hi - lo or 1.0
-        weights = [math.exp(-(v - lo) / span / temperature) for v in values]
+        if lo == hi:
+            return self.rng.choice(list(logits))
+        scale = 1.0 / ((hi - lo) * temperature)
+        weights = [math.exp(-(v - lo) * scale) for v in values]
         return self.rng.choices(list(logits), weights=weights)[0]
+
+    # --- the router's tracking of in-flight requests (Dynamo: add at pick, prefill off at the first
+    # token, blocks off at completion)
+
+    def on_pick(self, request: RouteRequest, decision: Decision, block_size: int, now: float) -> None:
+        rid = request.request_id
+        if rid in self._flights:
+            self.on_complete(rid)  # a reused id: the old request is over
+        if len(self._flights) >= self.config.max_inflight:
+            self.on_complete(next(iter(self._flights)))
+        w = decision.worker_id
+        active = self._active.get(w)
+        if active is None:
+            active = self._active[w] = _Active()
+        prefill = max(0, request.num_tokens - decision.overlap_blocks * block_size)
+        active.add(request.block_hashes)
+        active.prefill_tokens += prefill
+        self._flights[rid] = _Flight(w, request.block_hashes, prefill, now)
+
+    def on_first_token(self, request_id: str) -> None:
+        f = self._flights.get(request_id)
+        if f is not None and f.prefill_tokens:
+            active = self._active.get(f.worker_id)
+            if active is not None:
+                active.prefill_tokens -= f.prefill_tokens
+            f.prefill_tokens = 0
+
+    def on_complete(self, request_id: str) -> None:
+        self.on_first_token(request_id)
+        f = self._flights.pop(request_id, None)
+        if f is not None:
+            active = self._active.get(f.worker_id)
+            if active is not None:
+                active.remove(f.chain)
+
+    def expire(self, now: float) -> None:
+        cutoff = now - EXPIRY_S
+        while self._flights:
+            rid, f = next(iter(self._flights.items()))
+            if f.picked_at > cutoff:
+                break
+            self.on_complete(rid)
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._active.pop(worker_id, None)
+        for rid in [rid for rid, f in self._flights.items() if f.worker_id == worker_id]:
+            del self._flights[rid]

@@ -88,48 +88,84 @@ def test_kv_overlap_minimises_dynamo_cost() -> None:
     hold(router, "w1", prompt[:30])
     d = router.pick(req("r1", prompt), 0.0)
     assert (d.worker_id, d.overlap_blocks, d.reason) == ("w0", 80, "overlap")
-    assert d.estimated_cost == dynamo_logit(0, 1600, 80, 0)
-    router.on_complete("r1", 0.0, "stop", 0)
-    # w0's queue outweighs its 50 extra blocks: 1600 queued tokens = 100 blocks > 50
-    load(router, "w0", 1600)
+    assert d.estimated_cost == dynamo_logit(0, 1600, 80, 100)  # its own 100 blocks count as decode
+    # r1 prefills 20 blocks on w0 and holds 100 there: r2 = the same prompt costs w0 20 + 5 + 100 (the
+    # shared blocks count once), w1 70 + 100; the worker's load reports play no part
+    load(router, "w0", 0)
     d = router.pick(req("r2", prompt), 0.0)
-    assert d.worker_id == "w1"
-    assert d.estimated_cost == dynamo_logit(0, 1600, 30, 0)
-    assert dynamo_logit(1600, 1600, 80, 0) > d.estimated_cost
+    assert d.worker_id == "w0" and d.estimated_cost == dynamo_logit(320, 1600, 80, 100)
+    # another prompt: w0 now carries 40 blocks of prefill in flight and 100 active blocks
+    other = chain(100, base=5000)
+    d = router.pick(req("r3", other), 0.0)
+    assert d.worker_id == "w1" or d.worker_id == "w2"
+    assert d.estimated_cost == dynamo_logit(0, 1600, 0, 100)
 
 
-def test_kv_overlap_counts_decode_blocks_and_breaks_ties_by_the_smaller_tree() -> None:
+def test_kv_overlap_tracks_prefill_until_the_first_token_and_blocks_until_completion() -> None:
+    router = make("kv_overlap", n=2)
+    a, b = chain(10), chain(10, base=5000)
+    first = router.pick(req("r1", a), 0.0).worker_id
+    other = "w1" if first == "w0" else "w0"
+    assert router.pick(req("r2", b), 0.0).worker_id == other  # r1's 10 + 10 blocks make first dearer
+    policy = router.policy
+    router.on_first_token("r1", 0.1)
+    assert policy._active[first].prefill_tokens == 0 and len(policy._active[first].blocks) == 10
+    router.on_complete("r1", 0.2, "stop", 1)
+    assert not policy._active[first].blocks
+    assert policy._active[other].prefill_tokens == 160  # r2 has not produced a token yet
+
+
+def test_kv_overlap_breaks_ties_at_random_and_samples_with_a_temperature() -> None:
     router = make("kv_overlap")
-    hold(router, "w0", chain(40, base=5000))  # unrelated blocks: a bigger tree
-    hold(router, "w2", chain(20, base=9000))
-    prompt = chain(10)
-    d = router.pick(RouteRequest("r1", "m", prompt, 160, None, expected_output_tokens=160), 0.0)
-    assert d.worker_id == "w1"  # all tie on cost, w1 holds nothing at all
-    # r1 is in flight on w1 with 20 blocks: now w1 costs 20 more; w2 has the smaller tree of the rest
-    assert router.pick(req("r2", prompt), 0.0).worker_id == "w2"
+    seen = Counter()
+    for i in range(300):  # all tie every time (each request completes before the next)
+        seen[router.pick(req(f"r{i}", chain(4)), 0.0).worker_id] += 1
+        router.on_complete(f"r{i}", 0.0, "stop", 1)
+    assert set(seen) == {"w0", "w1", "w2"} and min(seen.values()) > 60
+    hot = make("kv_overlap", kv_temperature=1.0)
+    hold(hot, "w0", chain(100))
+    seen = Counter()
+    for i in range(300):
+        seen[hot.pick(req(f"r{i}", chain(100)), 0.0).worker_id] += 1
+        hot.on_complete(f"r{i}", 0.0, "stop", 1)
+    # logits 100, 200, 200: normalised 0, 1, 1; weights 1, e^-1, e^-1 -> w0 about 58 %
+    assert 140 < seen["w0"] < 210 and seen["w1"] > 30 and seen["w2"] > 30
 
 
 def test_cache_aware_matches_routed_requests_above_the_threshold() -> None:
     router = make("cache_aware")
     prompt = chain(100)
     first = router.pick(req("r1", prompt), 0.0)
-    assert first.reason == "least_loaded" and first.worker_id == "w0"  # empty trees: least loaded, first
+    assert first.reason == "smallest_tree"  # empty trees: every tree is the smallest
     router.on_complete("r1", 1.0, "stop", 1)
-    hold(router, "w2", prompt)  # events do not feed SGLang's tree
+    hold(router, "w2" if first.worker_id != "w2" else "w1", prompt)  # events do not feed SGLang's tree
     d = router.pick(req("r2", prompt[:60] + chain(40, base=7000)), 1.0)  # 60% matched > 0.3
-    assert (d.worker_id, d.reason) == ("w0", "cache")  # r2 stays in flight there
-    d = router.pick(req("r3", prompt[:20] + chain(80, base=8000)), 1.0)  # 20% <= 0.3: least loaded
-    assert (d.worker_id, d.reason) == ("w1", "least_loaded")
+    assert (d.worker_id, d.reason) == (first.worker_id, "cache")
+    # 20% <= 0.3: the smallest tree, one that took no request yet
+    d = router.pick(req("r3", prompt[:20] + chain(80, base=8000)), 1.0)
+    assert d.reason == "smallest_tree" and d.worker_id != first.worker_id
+    sizes = {w: router.policy.tree.blocks_of(w) for w in router.workers()}
+    assert sorted(sizes.values()) == [0, 100, 140]
 
 
 def test_cache_aware_gate_sends_imbalanced_load_to_the_shortest_queue() -> None:
     router = make("cache_aware", n=2, balance_abs_threshold=4, balance_rel_threshold=1.5)
     prompt = chain(64)
-    for i in range(5):  # all match w0's tree: it fills while w1 stays empty
+    owner = router.pick(req("r0", prompt), 0.0).worker_id
+    for i in range(1, 5):  # all match the owner's tree: it fills while the other stays empty
         d = router.pick(req(f"r{i}", prompt), 0.0)
-        assert d.worker_id == "w0", i
+        assert d.worker_id == owner, i
     d = router.pick(req("r5", prompt), 0.0)  # 5 - 0 > 4 and 5 > 1.5 x 0
-    assert (d.worker_id, d.reason) == ("w1", "balance")
+    assert d.reason == "balance" and d.worker_id != owner
+
+
+def test_baselines_get_no_pins_unless_asked() -> None:
+    for policy, pins in (("kv_overlap", False), ("session_kv", True)):
+        for ablation in (False, True):
+            router = make(policy, pin_baselines=ablation)
+            router.pick(RouteRequest("r1", "m", chain(8), 128, "s1", tool_call_pending=True), 0.0)
+            hint = router.on_complete("r1", 1.0, "tool_calls", 5)
+            assert (hint is not None) == (pins or ablation), (policy, ablation)
 
 
 def test_session_kv_prefers_the_worker_holding_more_of_the_prompt() -> None:
