@@ -17,6 +17,8 @@ import msgspec
 from aiohttp import web
 
 from gateway.admission import Admission, NoWorker, QueueFull, SessionHold
+from gateway.anthropic_api import AnthropicApi
+from gateway.api_bridge import Relay
 from gateway.bus import Bus
 from gateway.errors import ApiError
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
@@ -55,6 +57,7 @@ class GatewayConfig(msgspec.Struct, frozen=True):
     gateway_id: str = "gateway"
     snapshot_interval_s: float = 30.0  # index snapshots for new replicas (taken by one replica in turn)
     router_config: RouterConfig = msgspec.field(default_factory=RouterConfig)  # the routing tunables
+    strip_anthropic_billing: bool = True  # drop Claude Code's per-request line from system prompts
 
 
 class Gateway:
@@ -98,6 +101,7 @@ class Gateway:
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._errors])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
+        AnthropicApi(self, strip_billing=self.config.strip_anthropic_billing).register(app)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
@@ -181,15 +185,32 @@ class Gateway:
     async def _turn(self, request: web.Request, kind: Kind, path: str) -> web.StreamResponse:
         started = time.monotonic()
         self._authorize(request)
+        turn = parse_turn(await self.read_body(request), kind)
+        return await self.serve_turn(request, turn, path, started=started)
+
+    async def read_body(self, request: web.Request) -> bytes:
         try:
-            raw = await request.read()
+            return await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             raise ApiError(413, f"request body exceeds {self.config.max_body_bytes} bytes") from exc
-        turn = parse_turn(raw, kind)
+
+    async def serve_turn(
+        self,
+        request: web.Request,
+        turn: Turn,
+        path: str,
+        *,
+        started: float | None = None,
+        explicit_session: str | None = None,
+        relay: Relay = forward,
+    ) -> web.StreamResponse:
+        """Route and serve one chat or completion turn; `relay` writes the worker's answer to the
+        client (the other APIs' endpoints pass their own, and their session id when they know it)."""
+        started = time.monotonic() if started is None else started
         workers = self._workers_for(turn.model)
         registration = self.bus.workers[next(iter(workers))].registration
         tokens = self._tokens(turn, registration)
-        explicit = explicit_session_id(request.headers, turn.body)
+        explicit = explicit_session or explicit_session_id(request.headers, turn.body)
         hashes = self.prompts.hashes(tokens, registration.block_size, turn.cache_salt, explicit)
         session_id = self.router.resolve_session(explicit, hashes)
         tool_loop = request.headers.get(TOOL_CALL_HEADER, "").lower() == "pending"
@@ -204,7 +225,9 @@ class Gateway:
             expected_output_tokens=turn.max_tokens,
             tool_call_pending=tool_loop,
         )
-        response = await self._attempts(request, turn, route, tokens, workers, path, registration.block_size)
+        response = await self._attempts(
+            request, turn, route, tokens, workers, path, registration.block_size, relay
+        )
         self.metrics.e2e.observe(time.monotonic() - started)
         return response
 
@@ -240,6 +263,7 @@ class Gateway:
         workers: frozenset[str],
         path: str,
         block_size: int,
+        relay: Relay,
     ) -> web.StreamResponse:
         base_id = "req-" + uuid.uuid4().hex
         failed: set[str] = set()
@@ -250,7 +274,9 @@ class Gateway:
             decision = await self._admit(route, eligible, last_error)
             self.replication.replicas.picked(route, decision)
             try:
-                response, _ = await self._send(request, turn, route, tokens, decision, path, block_size)
+                response, _ = await self._send(
+                    request, turn, route, tokens, decision, path, block_size, relay
+                )
             except Retryable as exc:
                 last_error = f"worker {decision.worker_id}: {exc}"
                 log.warning("retrying %s elsewhere: %s", base_id, last_error)
@@ -304,6 +330,7 @@ class Gateway:
         decision: Decision,
         path: str,
         block_size: int,
+        relay: Relay,
     ) -> tuple[web.StreamResponse, Outcome]:
         worker = decision.worker_id
         state = self.bus.workers.get(worker)
@@ -314,6 +341,7 @@ class Gateway:
             "x-kvgate-worker": worker,
             "x-kvgate-session": route.session_id or "",
             "x-kvgate-cached-tokens-expected": str(expected),
+            "x-kvgate-prompt-tokens": str(len(tokens)),
         }
         body: dict[str, Any] = dict(turn.body)
         body["kvgate"] = {
@@ -336,7 +364,7 @@ class Gateway:
                 self.router.on_first_token(route.request_id, now)
                 self.replication.replicas.first_token(route.request_id)
 
-            response, outcome = await forward(
+            response, outcome = await relay(
                 self.upstream,
                 state.registration.url.rstrip("/") + path,
                 msgspec.json.encode(body),

@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds between index snapshots in the NATS object store (replicas take turns)",
     )
+    parser.add_argument(
+        "--keep-anthropic-billing-line",
+        action="store_true",
+        help="keep Claude Code's per-request billing line in /v1/messages system prompts (default: removed)",
+    )
     add_router_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
 
@@ -162,6 +167,7 @@ def config_from(args: argparse.Namespace, router_config: RouterConfig) -> Gatewa
         snapshot_interval_s=args.snapshot_interval_s,
         gateway_id=f"gateway-{uuid.uuid4().hex[:8]}",
         router_config=router_config,
+        strip_anthropic_billing=not args.keep_anthropic_billing_line,
     )
 
 
