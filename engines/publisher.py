@@ -26,7 +26,7 @@ from nats.js import api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from engines.engine import Engine
-from engines.worker import EngineLoop
+from engines.loop import EngineLoop
 from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import (
     KvEvent,

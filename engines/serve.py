@@ -20,9 +20,10 @@ import uuid
 from aiohttp import web
 
 from engines.engine import Engine, EngineConfig
+from engines.loop import EngineLoop
 from engines.mock import MockRunner
 from engines.runner import ModelRunner
-from engines.worker import EngineLoop, WorkerApp, WorkerSettings
+from engines.worker import WorkerApp, WorkerSettings
 from router.chat import Tokenizer
 from router.hashing import DEFAULT_BLOCK_SIZE
 from router.protocol import DEFAULT_NAMESPACE, ProtocolError, Subjects, WorkerRegistration, check_token

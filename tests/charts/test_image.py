@@ -34,7 +34,8 @@ from packaging.version import Version
 
 from engines.engine import Engine, EngineConfig
 from engines.mock import MockRunner
-from engines.worker import EngineLoop, WorkerApp, WorkerSettings
+from engines.loop import EngineLoop
+from engines.worker import WorkerApp, WorkerSettings
 from gateway.app import Gateway, GatewayConfig
 from gateway.cli import COMMANDS, build_parser
 from tests.charts.test_kvgate_chart import (

@@ -15,10 +15,10 @@ import pytest
 
 from engines import publisher as publisher_module
 from engines.engine import Engine, EngineConfig, EngineRequest
+from engines.loop import EngineLoop
 from engines.mock import MockRunner
 from engines.publisher import Publisher
 from engines.runner import SamplingParams
-from engines.worker import EngineLoop
 from gateway.natsd import NatsServer
 from router.protocol import BlockStored, KvEventBatch, Subjects, WorkerRegistration, decode
 from tests.engines.kv_replay import ReplayedCache

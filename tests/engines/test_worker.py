@@ -13,9 +13,11 @@ import pytest
 from aiohttp import web
 
 from engines.engine import Engine, EngineConfig, EngineRequest
+from engines.loop import EngineLoop
 from engines.mock import PLACEHOLDER_TEXT, MockRunner
 from engines.runner import SamplingParams
-from engines.worker import EngineLoop, TextStream, WorkerApp, WorkerSettings
+from engines.text_stream import TextStream
+from engines.worker import WorkerApp, WorkerSettings
 from gateway.natsd import free_port
 from router.chat import ByteTokenizer, encode_chat
 

@@ -1,0 +1,125 @@
+"""The engine under asyncio: one task steps the synchronous engine while handlers add, read and
+abort requests.
+
+Every touch of the engine holds `lock`, so a torch step running in a thread never meets a handler's
+`add_request` or a state dump halfway; mock steps sleep their modelled duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from engines.engine import Engine, EngineRequest, RequestOutput, StepResult
+from kvutil.tasks import cancel_and_wait
+from router.protocol import KvEvent
+
+log = logging.getLogger("kvgate.worker")
+
+T = TypeVar("T")
+
+STOP_TIMEOUT_S = 2.0  # for the engine loop's task; a threaded step in flight still finishes after it
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, threaded: bool) -> None:
+        """`threaded`: run steps in a thread (real compute), else inline, sleeping the modelled time."""
+        self.engine = engine
+        self.lock = asyncio.Lock()
+        self.on_events: Callable[[list[KvEvent]], None] | None = None
+        self.on_finished: Callable[[], None] | None = None
+        self._events: list[KvEvent] = []
+        engine.on_kv_events = self._events.extend
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine") if threaded else None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._queues)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait([self._task], STOP_TIMEOUT_S)
+            self._task = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    async def submit(self, request: EngineRequest) -> asyncio.Queue[RequestOutput]:
+        """Queue a request; its outputs arrive on the returned queue. ValueError when refused."""
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        async with self.lock:
+            self.engine.add_request(request)
+            self._queues[request.request_id] = queue
+        self._wake.set()
+        return queue
+
+    async def abort(self, request_id: str) -> None:
+        async with self.lock:
+            self._queues.pop(request_id, None)
+            if self.engine.abort(request_id):
+                self._wake.set()
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` between steps (pins, state dumps, load figures)."""
+        async with self.lock:
+            return fn()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+        while True:
+            if not engine.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+            async with self.lock:
+                try:
+                    if self._executor is not None:
+                        result = await loop.run_in_executor(self._executor, engine.step)
+                    else:
+                        result = engine.step()
+                except Exception:
+                    # a broken step must not leave clients hanging on their queues
+                    log.exception("engine step failed; aborting the requests in flight")
+                    self._fail_all()
+                    await asyncio.sleep(0.1)
+                    continue
+                self._deliver(result)
+            if self._executor is None and result.duration_s > 0:
+                await asyncio.sleep(result.duration_s)
+            else:
+                await asyncio.sleep(0)
+
+    def _deliver(self, result: StepResult) -> None:
+        finished = False
+        for out in result.outputs:
+            queue = self._queues.get(out.request_id)
+            if out.finished:
+                finished = True
+                self._queues.pop(out.request_id, None)
+            if queue is not None:
+                queue.put_nowait(out)
+        if self._events:
+            events = self._events[:]
+            self._events.clear()
+            if self.on_events is not None:
+                self.on_events(events)
+        if finished and self.on_finished is not None:
+            self.on_finished()
+
+    def _fail_all(self) -> None:
+        for request_id, queue in list(self._queues.items()):
+            self.engine.abort(request_id)
+            queue.put_nowait(RequestOutput(request_id, [], True, "abort", 0, 0, 0))
+        self._queues.clear()

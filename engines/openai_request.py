@@ -1,0 +1,227 @@
+"""OpenAI request bodies to engine requests: validation, chat rendering, sampling options.
+
+A gateway may send the prompt already tokenized in the body's `kvgate.prompt_token_ids`; otherwise
+chat messages are rendered with `router.chat.encode_chat`, the same function the gateway hashes with.
+Options the engine cannot honour are refused with a `RequestError` (an OpenAI-style 400).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+
+from engines.runner import SamplingParams
+from router.chat import TemplateError, Tokenizer, encode_chat
+
+
+class RequestError(Exception):
+    """A request the worker refuses: rendered as an OpenAI error body."""
+
+    def __init__(
+        self, message: str, param: str | None = None, status: int = 400, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.code = code
+        self.type = "invalid_request_error" if status < 500 else "server_error"
+
+
+class ParsedRequest(msgspec.Struct):
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    request_id: str
+    session_id: str | None
+    cache_salt: str | None
+
+
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise RequestError(f"'{name}' must be a number between {low} and {high}", name)
+    return float(value)
+
+
+def _int(body: dict[str, Any], name: str, low: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise RequestError(f"'{name}' must be an integer >= {low}", name)
+    return value
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise RequestError("only n=1 is supported", "n")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != 1:
+        raise RequestError("only best_of=1 is supported", "best_of")
+    for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "audio", "prediction"):
+        if body.get(name):
+            raise RequestError(f"'{name}' is not supported by this worker", name)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name):
+            raise RequestError(f"'{name}' is not supported by this worker (only 0)", name)
+    response_format = body.get("response_format")
+    if response_format is not None and (
+        not isinstance(response_format, dict) or response_format.get("type", "text") != "text"
+    ):
+        raise RequestError("only response_format type 'text' is supported", "response_format")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise RequestError("only the text modality is supported", "modalities")
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and tool_choice not in ("auto", "none"):
+        raise RequestError("tool_choice must be 'auto' or 'none' (forced tool calls are not supported)")
+
+
+def _stop_strings(body: dict[str, Any], limit: int) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > limit or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError(f"'stop' must be a non-empty string or a list of at most {limit} of them", "stop")
+    return stops
+
+
+def _token_ids(value: Any, vocab_size: int, param: str) -> list[int]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(type(t) is int and 0 <= t < vocab_size for t in value)
+    ):
+        raise RequestError(f"'{param}' must be a non-empty list of token ids below {vocab_size}", param)
+    return value
+
+
+class RequestParser:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        max_model_len: int,
+        default_max_tokens: int = 512,
+        max_stop_strings: int = 4,
+    ) -> None:
+        """`default_max_tokens`: for chat requests without max_tokens."""
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.default_max_tokens = default_max_tokens
+        self.max_stop_strings = max_stop_strings
+
+    def chat(self, body: dict[str, Any]) -> ParsedRequest:
+        extension = self._extension(body)
+        if "prompt_token_ids" in extension:
+            tokens = _token_ids(
+                extension["prompt_token_ids"], self.tokenizer.vocab_size, "kvgate.prompt_token_ids"
+            )
+        else:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise RequestError("'messages' must be a non-empty list", "messages")
+            tools = body.get("tools")
+            if tools is not None and not isinstance(tools, list):
+                raise RequestError("'tools' must be a list", "tools")
+            try:
+                tokens = encode_chat(messages, self.tokenizer, tools)
+            except TemplateError as exc:
+                raise RequestError(str(exc), "messages") from exc
+        max_tokens = _int(body, "max_completion_tokens", 1) or _int(body, "max_tokens", 1)
+        return self._common(body, extension, tokens, max_tokens or self.default_max_tokens)
+
+    def completion(self, body: dict[str, Any]) -> ParsedRequest:
+        extension = self._extension(body)
+        if "prompt_token_ids" in extension:
+            tokens = _token_ids(
+                extension["prompt_token_ids"], self.tokenizer.vocab_size, "kvgate.prompt_token_ids"
+            )
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+                prompt = prompt[0]  # a batch of one
+            if isinstance(prompt, str) and prompt:
+                tokens = self.tokenizer.encode(prompt)
+            elif isinstance(prompt, list):
+                tokens = _token_ids(prompt, self.tokenizer.vocab_size, "prompt")
+            else:
+                raise RequestError(
+                    "'prompt' must be a non-empty string or list of token ids (one prompt)", "prompt"
+                )
+        max_tokens = _int(body, "max_tokens", 1) or 16  # the completions API's default
+        return self._common(body, extension, tokens, max_tokens)
+
+    def _extension(self, body: dict[str, Any]) -> dict[str, Any]:
+        extension = body.get("kvgate") or {}
+        if not isinstance(extension, dict):
+            raise RequestError("'kvgate' must be an object", "kvgate")
+        return extension
+
+    def _common(
+        self, body: dict[str, Any], extension: dict[str, Any], tokens: list[int], max_tokens: int
+    ) -> ParsedRequest:
+        _refuse_unsupported(body)
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise RequestError("'model' must be a string", "model")
+        if len(tokens) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(tokens)} tokens; this worker's context holds {self.max_model_len - 1}",
+                "messages",
+                code="context_length_exceeded",
+            )
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError("'stream' must be a boolean", "stream")
+        options = body.get("stream_options")
+        if options is not None and (not stream or not isinstance(options, dict)):
+            raise RequestError(
+                "'stream_options' is only allowed (as an object) when stream is true", "stream_options"
+            )
+        include_usage = bool(options and options.get("include_usage"))
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise RequestError("'seed' must be an integer", "seed")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise RequestError("'ignore_eos' must be a boolean", "ignore_eos")
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+        if top_p <= 0:
+            raise RequestError("'top_p' must be above 0", "top_p")
+        sampling = SamplingParams(
+            max_tokens=min(max_tokens, self.max_model_len - len(tokens)),
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=(self.tokenizer.eos_token_id,),
+            ignore_eos=ignore_eos,
+        )
+        request_id = extension.get("request_id")
+        session_id = extension.get("session_id")
+        cache_salt = body.get("cache_salt")
+        for name, value in (
+            ("kvgate.request_id", request_id),
+            ("kvgate.session_id", session_id),
+            ("cache_salt", cache_salt),
+        ):
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
+                raise RequestError(f"'{name}' must be a string of 1 to 256 characters", name)
+        return ParsedRequest(
+            tokens,
+            sampling,
+            _stop_strings(body, self.max_stop_strings),
+            stream,
+            include_usage,
+            request_id or uuid.uuid4().hex,
+            session_id,
+            cache_salt,
+        )
