@@ -2,16 +2,22 @@
 abort requests.
 
 Every touch of the engine holds `lock`, so a torch step running in a thread never meets a handler's
-`add_request` or a state dump halfway; mock steps sleep their modelled duration.
+`add_request` or a state dump halfway. A step's outputs (tokens, finishes, KV events) leave when the
+step has ended: a torch step when its thread returns, a mock step when its modelled duration has
+passed (so a prompt's first token comes at the end of its last prefill chunk, as on a GPU). Handlers
+may add requests while a mock step's time runs; they join the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+
+import msgspec
 
 from engines.engine import Engine, EngineRequest, RequestOutput, StepResult
 from kvutil.tasks import cancel_and_wait
@@ -22,6 +28,19 @@ log = logging.getLogger("kvgate.worker")
 T = TypeVar("T")
 
 STOP_TIMEOUT_S = 2.0  # for the engine loop's task; a threaded step in flight still finishes after it
+STEP_LOG_LEN = 1024  # the newest steps kept in `EngineLoop.steps`
+
+
+class StepRecord(msgspec.Struct, frozen=True):
+    """One engine step as the loop ran it (event-loop clock, seconds)."""
+
+    started: float  # the step began (the engine lock taken)
+    ended: float  # its modelled time ran out (mock; see `_run`) or its thread returned (torch)
+    delivered: float  # its outputs left, never before `ended`
+    duration_s: float  # modelled by the runner (mock) or measured (torch)
+    prefill_tokens: int
+    decode_tokens: int
+    num_outputs: int
 
 
 class EngineLoop:
@@ -37,6 +56,8 @@ class EngineLoop:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine") if threaded else None
+        self.steps: deque[StepRecord] = deque(maxlen=STEP_LOG_LEN)
+        self._last_submit = 0.0  # event-loop time of the newest request
 
     @property
     def running(self) -> bool:
@@ -62,6 +83,7 @@ class EngineLoop:
         async with self.lock:
             self.engine.add_request(request)
             self._queues[request.request_id] = queue
+        self._last_submit = asyncio.get_running_loop().time()
         self._wake.set()
         return queue
 
@@ -79,11 +101,14 @@ class EngineLoop:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         engine = self.engine
+        modelled_end = 0.0  # when the previous step's modelled time ran out (mock)
         while True:
-            if not engine.has_work():
+            idle = not engine.has_work()
+            if idle:
                 self._wake.clear()
                 await self._wake.wait()
             async with self.lock:
+                started = loop.time()
                 try:
                     if self._executor is not None:
                         result = await loop.run_in_executor(self._executor, engine.step)
@@ -95,11 +120,38 @@ class EngineLoop:
                     self._fail_all()
                     await asyncio.sleep(0.1)
                     continue
-                self._deliver(result)
             if self._executor is None and result.duration_s > 0:
-                await asyncio.sleep(result.duration_s)
+                # A GPU starts its next step the moment the last one ends: a busy loop's step starts at
+                # the previous modelled end even when this process woke late (lateness must not add up
+                # over a long prefill), but never before a request it may hold arrived.
+                start = started if idle else min(started, max(modelled_end, self._last_submit))
+                modelled_end = start + result.duration_s
+                while (left := modelled_end - loop.time()) > 0:
+                    await asyncio.sleep(left)
+                ended = modelled_end
             else:
+                ended = modelled_end = loop.time()
                 await asyncio.sleep(0)
+            record = StepRecord(
+                started,
+                ended,
+                loop.time(),
+                result.duration_s,
+                result.num_prefill_tokens,
+                result.num_decode_tokens,
+                len(result.outputs),
+            )
+            self.steps.append(record)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "step: prefill %d decode %d outputs %d duration_ms %.3f late_ms %.3f",
+                    record.prefill_tokens,
+                    record.decode_tokens,
+                    record.num_outputs,
+                    record.duration_s * 1e3,
+                    (record.delivered - record.ended) * 1e3,
+                )
+            self._deliver(result)
 
     def _deliver(self, result: StepResult) -> None:
         finished = False

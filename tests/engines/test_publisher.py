@@ -73,7 +73,8 @@ async def test_batches_are_numbered_and_replay_to_the_cached_set(setup: Setup) -
     loop, publisher, batches = setup
     for i in range(40):  # 32 blocks: later prompts evict earlier ones
         await run(loop, f"r{i}", [i % 9] * 6 + list(range(i, i + 11)), max_tokens=3)
-    await settle(lambda: batches and batches[-1].seq == publisher.next_seq - 1)
+    # every event taken into a batch (none left pending) and the last batch received
+    await settle(lambda: not publisher._pending and batches and batches[-1].seq == publisher.next_seq - 1)
     assert [b.seq for b in batches] == list(range(len(batches)))
     assert {(b.worker_id, b.epoch) for b in batches} == {("pw", 42)}
     replay = ReplayedCache()

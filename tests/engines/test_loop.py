@@ -1,0 +1,186 @@
+"""The engine loop's clock: a step's outputs leave when the step has ended, never before.
+
+A mock step ends when its modelled duration has passed (so a prompt's first token comes at the end of
+its last prefill chunk), a torch step when its thread returns. The live check runs a real
+`kvgate worker --engine mock` and compares each TTFT with the timing model's own prediction and the
+worker's step log; the only bound on time is relative (10 % plus a little slack, plus how late the
+worker itself says its last step woke), so a loaded machine cannot fail it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from engines.engine import Engine, EngineConfig, EngineRequest
+from engines.loop import EngineLoop
+from engines.mock import MockRunner, prefill_ms
+from engines.runner import SamplingParams
+from gateway.natsd import free_port
+
+BUDGET = 8192  # tokens per step (the worker's --max-num-batched-tokens default)
+STEP_LINE = re.compile(
+    r"step: prefill (\d+) decode (\d+) outputs (\d+) duration_ms ([\d.]+) late_ms ([-\d.]+)"
+)
+
+
+def predicted_ttft_ms(prompt_tokens: int) -> float:
+    """The first token of an uncached prompt alone on a worker: the end of its last prefill chunk."""
+    chunks = [min(BUDGET, prompt_tokens - start) for start in range(0, prompt_tokens, BUDGET)]
+    return sum(prefill_ms(n) for n in chunks)
+
+
+class LiveWorker:
+    """A `kvgate worker --engine mock` process whose step log (DEBUG lines) is read as it runs."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "gateway.cli", "worker", "--engine", "mock", "--port", str(self.port)]
+        cmd += ["--num-blocks", "2048", "--block-size", "16", "--log-level", "DEBUG"]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.steps: list[tuple[int, int, int, float, float]] = []
+        self.ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if " ready on " in line:
+                self.ready.set()
+            elif match := STEP_LINE.search(line):
+                p, d, o, duration, late = match.groups()
+                self.steps.append((int(p), int(d), int(o), float(duration), float(late)))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+
+
+@pytest.fixture
+def live_worker() -> Iterator[LiveWorker]:
+    worker = LiveWorker()
+    try:
+        assert worker.ready.wait(120), "the worker did not become ready"
+        yield worker
+    finally:
+        worker.stop()
+
+
+async def timed_completion(session: aiohttp.ClientSession, url: str, prompt: list[int]) -> tuple[float, int]:
+    """Milliseconds until the one-token reply is back, and the prompt tokens the worker found cached."""
+    body = {"model": "mock", "prompt": prompt, "max_tokens": 1}
+    start = time.perf_counter()
+    async with session.post(f"{url}/v1/completions", json=body) as response:
+        reply = await response.json()
+    elapsed = (time.perf_counter() - start) * 1e3
+    assert response.status == 200, reply
+    return elapsed, reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+async def wait_for_steps(worker: LiveWorker, count: int) -> None:
+    for _ in range(200):
+        if len(worker.steps) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the worker logged {len(worker.steps)} steps, expected {count}")
+
+
+@pytest.mark.slow
+async def test_live_mock_ttft_is_the_end_of_the_last_prefill_chunk(live_worker: LiveWorker) -> None:
+    url = f"http://127.0.0.1:{live_worker.port}"
+    rng = random.Random(7)
+    async with aiohttp.ClientSession() as session:
+        await timed_completion(session, url, [rng.randrange(256) for _ in range(64)])  # warm-up
+        for size in (1024, 4096, 8192, 16384):
+            predicted = predicted_ttft_ms(size)
+            fits = []
+            for _ in range(3):
+                before = len(live_worker.steps)
+                ttft, cached = await timed_completion(session, url, [rng.randrange(256) for _ in range(size)])
+                assert cached == 0
+                chunks = -(-size // BUDGET)
+                await wait_for_steps(live_worker, before + chunks)
+                steps = live_worker.steps[before:]
+                assert [p for p, *_ in steps] == [min(BUDGET, size - i * BUDGET) for i in range(chunks)]
+                # the worker modelled exactly the prediction, and nothing left before it had passed
+                assert sum(s[3] for s in steps) == pytest.approx(predicted, abs=0.01)
+                assert ttft >= predicted, (size, ttft, predicted)
+                late = max(0.0, steps[-1][4])  # the worker's own wake-up lateness on its last step
+                fits.append(ttft <= 1.1 * predicted + 5.0 + late)
+            assert any(fits), (size, predicted)
+
+
+async def test_a_mock_step_delivers_only_after_its_modelled_time() -> None:
+    runner = MockRunner(64, 16)
+    engine = Engine(EngineConfig(num_blocks=64, block_size=16, max_num_batched_tokens=256), runner)
+    loop = EngineLoop(engine, threaded=False)
+    loop.start()
+    try:
+        sent = asyncio.get_running_loop().time()
+        queue = await loop.submit(EngineRequest("r", list(range(600)), SamplingParams(max_tokens=2)))
+        first = await queue.get()
+        received = asyncio.get_running_loop().time()
+        # three chunks of 256, 256 and 88 tokens: the first token is the last chunk's output
+        assert [s.prefill_tokens for s in loop.steps] == [256, 256, 88]
+        assert first.new_token_ids and not first.finished
+        modelled = sum(prefill_ms(n) for n in (256, 256, 88)) / 1e3
+        assert received - sent >= modelled
+        assert all(s.delivered >= s.ended for s in loop.steps)
+        # a busy loop's next step starts on the modelled clock: after the previous step's modelled end,
+        # and no later than it really began (a late wake-up is not added to it)
+        steps = list(loop.steps)
+        for previous, step in itertools.pairwise(steps):
+            assert previous.ended - 1e-9 <= step.ended - step.duration_s <= step.started + 1e-9
+        assert (await queue.get()).finished
+    finally:
+        await loop.stop()
+
+
+async def test_a_torch_step_delivers_nothing_before_it_ends() -> None:
+    pytest.importorskip("torch")
+    from tests.engines.test_torch_runner import make_runner
+
+    config = EngineConfig(num_blocks=64, block_size=16, max_num_batched_tokens=64)
+    engine = Engine(config, make_runner(64, 16))
+    loop = EngineLoop(engine, threaded=True)
+    loop.start()
+    try:
+        clock = asyncio.get_running_loop().time
+        queue = await loop.submit(EngineRequest("r", list(range(200)), SamplingParams(max_tokens=3)))
+        received = []
+        while True:
+            out = await queue.get()
+            received.append(clock())
+            if out.finished:
+                break
+        steps = list(loop.steps)
+        assert [s.prefill_tokens for s in steps[:4]] == [64, 64, 64, 8]
+        first_token_step = steps[3]
+        # the first token came after the step that made it had run for its measured time
+        assert received[0] >= first_token_step.started + first_token_step.duration_s
+        assert all(s.delivered >= s.ended >= s.started + s.duration_s for s in steps)
+    finally:
+        await loop.stop()
