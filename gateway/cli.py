@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bridge": ("engines.bridge_cli", "bridge a vLLM/SGLang server's ZMQ KV events onto the bus"),
     "sim": ("loadgen.sim.cli", "replay a trace against simulated workers, comparing policies"),
     "loadgen": ("loadgen.cli", "generate agentic load or replay a trace against an endpoint"),
+    "trace": ("loadgen.trace_cli", "convert public traces (kv-cache-tester, Mooncake) into kvgate rows"),
 }
 
 # name -> (module, one-line help), under `kvgate bench`

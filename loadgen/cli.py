@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load = parser.add_argument_group("load")
     load.add_argument("--workload", choices=WORKLOADS, default="agentic", help="default %(default)s")
     load.add_argument(
-        "--trace", type=Path, help="replay this trace (shared/traces format) instead of a workload"
+        "--trace", type=Path, help="replay this trace (traces/README.md format) instead of a workload"
     )
     arrival = load.add_mutually_exclusive_group()
     arrival.add_argument(

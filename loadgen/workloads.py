@@ -4,8 +4,8 @@ A workload hands the driver sessions; a session hands out one turn at a time, gi
 model's previous reply, so each turn's prompt is exactly the previous prompt plus the reply plus what
 the client appends (as a real agent's is), and a worker's cached prefix stays valid.
 
-Defaults of the agentic workload are measured on the 179 Claude Code sessions in
-shared/traces/cc_sessions_dev.jsonl (5,782 turns; see README "loadgen"):
+Defaults of the agentic workload are measured on 179 Claude Code sessions of kv-cache-tester's traces
+(cc_sessions_dev.jsonl, 5,782 turns; traces/README.md):
 - turns per session: median 27, log-sigma 0.93, cut at 60 in the trace;
 - tool/think time after a `tool_use` turn: median 10 s, log-sigma 1.13 (p90 64 s, p99 610 s);
 - tokens appended after a tool call (the tool result): median 653, log-sigma 1.81 (p99 22,028);

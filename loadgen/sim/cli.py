@@ -31,7 +31,7 @@ def _positive_float(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", required=True, type=Path, help="JSONL trace (shared/traces format)")
+    parser.add_argument("--trace", required=True, type=Path, help="JSONL trace (traces/README.md format)")
     parser.add_argument("--workers", type=_positive_int, default=8)
     parser.add_argument("--policy", default="all", help="all, or a comma-separated list of policies")
     parser.add_argument("--num-blocks", type=_positive_int, default=16_384, help="KV blocks per worker")
