@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engines.engine import EngineLoad
 from engines.publisher import Publisher
+from kvutil.bus_auth import BusAuth, redact_url
 from kvutil.tasks import cancel_and_wait
 from router.hashing import block_hashes, hash_seed
 from router.protocol import (
@@ -416,6 +417,7 @@ class BridgeConfig(msgspec.Struct, frozen=True):
     model: str
     nats_url: str
     worker_id: str
+    bus_auth: BusAuth = msgspec.field(default_factory=BusAuth)
     block_size: int = 16
     replay_endpoint: str | None = None
     namespace: str = "kvgate"
@@ -451,6 +453,7 @@ class Bridge:
             Subjects(config.namespace),
             self.remote,  # type: ignore[arg-type]  # the loop interface the Publisher drives
             self.registration,
+            auth=config.bus_auth,
             load_interval_s=config.metrics_interval_s or LOAD_REPORTS_OFF_S,
             heartbeat_interval_s=config.heartbeat_s,
         )
@@ -484,7 +487,7 @@ class Bridge:
             if self.config.metrics_interval_s > 0:
                 scraper = asyncio.create_task(self._scrape_metrics())
             c = self.config
-            log.info("bridge %s: %s -> %s", c.worker_id, c.zmq_endpoint, c.nats_url)
+            log.info("bridge %s: %s -> %s", c.worker_id, c.zmq_endpoint, redact_url(c.nats_url))
             await self._follow(sub)
         finally:
             if scraper is not None:

@@ -15,6 +15,7 @@ import signal
 from urllib.parse import urlsplit
 
 from engines.bridge import Bridge, BridgeConfig
+from kvutil.bus_auth import BusAuthError, add_bus_arguments, bus_auth_from, nats_url_from
 from router.protocol import ProtocolError
 
 
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", required=True, help="the engine's OpenAI-compatible URL the gateway calls")
     parser.add_argument("--model", required=True, help="the model name the engine serves")
     parser.add_argument("--block-size", type=int, default=16, help="must equal the engine's block size")
-    parser.add_argument("--nats", required=True, help="NATS URL, e.g. nats://127.0.0.1:4222")
+    parser.add_argument("--nats", default=None, help="NATS URL, e.g. nats://127.0.0.1:4222 [NATS_URL]")
     parser.add_argument("--worker-id", default=None, help="worker id on the bus (default: from --url)")
     parser.add_argument("--namespace", default="kvgate", help="bus namespace shared with the gateway")
     parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="seconds between scrapes of the engine's /metrics for load reports; 0 turns them off",
     )
+    add_bus_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -52,6 +54,8 @@ def default_worker_id(url: str) -> str:
 
 def check(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments, before anything connects; None when they are usable."""
+    if args.nats is None:
+        return "--nats (or NATS_URL) is required"
     if args.block_size < 1 or args.metrics_interval < 0 or args.num_blocks < 0:
         return "--block-size must be positive, --metrics-interval and --num-blocks >= 0"
     for flag, value, schemes in (
@@ -70,7 +74,12 @@ def check(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args.nats = nats_url_from(args.nats)
     problem = check(args)
+    try:
+        auth = bus_auth_from(args)
+    except BusAuthError as exc:
+        problem = problem or str(exc)
     if problem is not None:
         print(f"kvgate bridge: {problem}")
         return 2
@@ -79,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         url=args.url,
         model=args.model,
         nats_url=args.nats,
+        bus_auth=auth,
         worker_id=args.worker_id or default_worker_id(args.url),
         block_size=args.block_size,
         replay_endpoint=args.replay,

@@ -27,6 +27,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from engines.engine import Engine
 from engines.loop import EngineLoop
+from kvutil.bus_auth import BusAuth, redact_url
 from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import (
     KvEvent,
@@ -59,11 +60,13 @@ class Publisher:
         loop: EngineLoop,
         registration: Callable[[], WorkerRegistration],
         *,
+        auth: BusAuth | None = None,
         load_interval_s: float = 0.1,
         heartbeat_interval_s: float = 1.0,
         stop_timeout_s: float = STOP_TIMEOUT_S,
     ) -> None:
         self.nats_url = nats_url
+        self.auth = auth or BusAuth()
         self.subjects = subjects
         self.loop = loop
         self.registration = registration
@@ -135,9 +138,10 @@ class Publisher:
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            **self.auth.connect_options(),
         )
         self.nc = nc
-        log.info("connected to NATS at %s", self.nats_url)
+        log.info("connected to NATS at %s", redact_url(self.nats_url))
         while True:
             try:
                 await self._ensure_stream(nc)

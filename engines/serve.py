@@ -24,6 +24,7 @@ from engines.loop import EngineLoop
 from engines.mock import MockRunner
 from engines.runner import ModelRunner
 from engines.worker import WorkerApp, WorkerSettings
+from kvutil.bus_auth import BusAuth, add_bus_arguments, bus_auth_from, nats_url_from
 from router.chat import Tokenizer
 from router.hashing import DEFAULT_BLOCK_SIZE
 from router.protocol import DEFAULT_NAMESPACE, ProtocolError, Subjects, WorkerRegistration, check_token
@@ -33,7 +34,9 @@ log = logging.getLogger("kvgate.worker")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=("torch", "mock"), default="mock")
-    parser.add_argument("--nats", metavar="URL", help="NATS server; without it the worker publishes nothing")
+    parser.add_argument(
+        "--nats", metavar="URL", help="NATS server [NATS_URL]; without it the worker publishes nothing"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--advertise-url", help="URL the gateway should use (default http://HOST:PORT)")
@@ -48,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="torch: weights of the default tiny model")
     parser.add_argument("--worker-id", help="subject-safe id (default: engine-host-port-random)")
     parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    add_bus_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -76,19 +80,21 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if args.speedup <= 0:
             raise ValueError("--speedup must be positive")
+        args.nats = nats_url_from(args.nats)
+        auth = bus_auth_from(args)
     except (ProtocolError, ValueError) as exc:
         print(f"kvgate worker: {exc}")
         return 2
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(args, worker_id, subjects))
+            asyncio.run(serve(args, worker_id, subjects, auth))
     except OSError as exc:  # the port is taken, or the host is not ours
         print(f"kvgate worker: cannot listen on {args.host}:{args.port}: {exc}")
         return 1
     return 0
 
 
-async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects) -> None:
+async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, auth: BusAuth) -> None:
     runner, tokenizer, engine_model = build_runner(args)
     config = EngineConfig(
         num_blocks=args.num_blocks,
@@ -121,7 +127,7 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects) ->
     if args.nats:
         from engines.publisher import Publisher  # nats-py only when a bus is named
 
-        publisher = Publisher(args.nats, subjects, loop, registration)
+        publisher = Publisher(args.nats, subjects, loop, registration, auth=auth)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

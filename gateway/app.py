@@ -28,6 +28,7 @@ from gateway.replication import Replication
 from gateway.session_id import explicit_session_id
 from gateway.upstream import UpstreamPool
 from gateway.validation import Kind, Turn, parse_turn
+from kvutil.bus_auth import BusAuth
 from router.chat import TemplateError
 from router.config import RouterConfig
 from router.protocol import Subjects, WorkerRegistration
@@ -41,6 +42,7 @@ TOOL_CALL_HEADER = "x-kvgate-tool-call"
 
 class GatewayConfig(msgspec.Struct, frozen=True):
     nats_url: str
+    bus_auth: BusAuth = msgspec.field(default_factory=BusAuth)
     namespace: str = "kvgate"
     policy: str = "session_kv"
     api_keys: tuple[str, ...] = ()
@@ -78,6 +80,7 @@ class Gateway:
             self.router,
             self.metrics,
             gateway_id=config.gateway_id,
+            auth=config.bus_auth,
             stale_after_s=config.stale_after_s,
             on_added=self._worker_added,
             on_removed=self._worker_removed,
@@ -89,6 +92,7 @@ class Gateway:
             self.bus,
             self.metrics,
             replica_id=config.gateway_id,
+            auth=config.bus_auth,
             snapshot_interval_s=config.snapshot_interval_s,
             stale_after_s=config.stale_after_s,
         )

@@ -25,6 +25,7 @@ from nats.js import api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from gateway.metrics import GatewayMetrics
+from kvutil.bus_auth import BusAuth, redact_url
 from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import (
     KvEventBatch,
@@ -37,10 +38,12 @@ from router.protocol import (
     WorkerRegistration,
     decode,
     encode,
+    registration_problem,
 )
 
 log = logging.getLogger("kvgate.gateway.bus")
 
+MAX_REFUSED_KEYS = 1024
 STOP_TIMEOUT_S = 2.0  # for the tasks, then for the drain (and a close if it cannot drain)
 
 
@@ -77,6 +80,7 @@ class Bus:
         metrics: GatewayMetrics,
         *,
         gateway_id: str = "gateway",
+        auth: BusAuth | None = None,
         stale_after_s: float = 3.0,
         event_timeout_s: float = 5.0,
         on_added: Callable[[WorkerRegistration], None] | None = None,
@@ -84,6 +88,7 @@ class Bus:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.nats_url = nats_url
+        self.auth = auth or BusAuth()
         self.subjects = subjects
         self.router = router
         self.metrics = metrics
@@ -98,6 +103,7 @@ class Bus:
         self.registry_synced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._dumping: set[str] = set()
+        self._refused: set[str] = set()  # registry keys already logged as bad
         self._subs: list[Any] = []
         # Where the KV event stream stands: a new replica's snapshot recovery says where to start
         # following; every batch received moves the position (snapshots record it, a reconnect
@@ -127,14 +133,15 @@ class Bus:
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
+                    **self.auth.connect_options(),
                 )
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # not up yet: keep trying, the log says why
-                log.warning("cannot reach NATS at %s (%s); retrying", self.nats_url, exc)
+                log.warning("cannot reach NATS at %s (%s); retrying", redact_url(self.nats_url), exc)
                 await asyncio.sleep(1.0)
-        log.info("connected to NATS at %s", self.nats_url)
+        log.info("connected to NATS at %s", redact_url(self.nats_url))
         self._subs.append(await self.nc.subscribe(self.subjects.load_all, cb=self._on_load))
         self._registry_task = asyncio.create_task(self._watch_registry(), name="kvgate-registry")
         self._tasks += [
@@ -238,11 +245,24 @@ class Bus:
         try:
             registration = decode(value, WorkerRegistration)
         except ProtocolError as exc:
-            log.warning("ignoring registry entry %s: %s", key, exc)
+            self._refuse(key, str(exc))
             return
+        problem = registration_problem(registration, key)
+        if problem is not None:
+            self._refuse(key, problem)
+            return
+        self._refused.discard(key)
         if time.time() - registration.heartbeat_ts > self.stale_after_s:
             return  # a leftover of a worker that died without deregistering
         self._upsert(registration)
+
+    def _refuse(self, key: str, problem: str) -> None:
+        """One log line per bad entry, not one per heartbeat (bounded: keys come from the bus)."""
+        if key in self._refused or len(self._refused) >= MAX_REFUSED_KEYS:
+            return
+        self._refused.add(key)
+        log.warning("ignoring registry entry %r: %s", key[:128], problem)
+        self.metrics.bad_registrations.inc()
 
     def _upsert(self, registration: WorkerRegistration) -> None:
         now = self.clock()

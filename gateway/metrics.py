@@ -54,6 +54,9 @@ class GatewayMetrics:
         self.cache_hit_ratio = Gauge(
             "kvgate_cache_hit_ratio", "cached_tokens / prompt_tokens over all completed requests", registry=r
         )
+        self.bad_registrations = Counter(
+            "kvgate_bad_registrations", "Registry entries ignored as invalid (logged once a key)", registry=r
+        )
         self.retries = Counter(
             "kvgate_retries", "Requests retried on another worker before the first byte", registry=r
         )

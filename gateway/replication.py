@@ -23,6 +23,7 @@ from gateway.bus import Bus
 from gateway.metrics import GatewayMetrics
 from gateway.replicas import ReplicaSync
 from gateway.snapshot import IndexRecovery, SnapshotStore, Snapshotter
+from kvutil.bus_auth import BusAuth, redact_url
 from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import Subjects
 from router.router import Router
@@ -44,10 +45,12 @@ class Replication:
         metrics: GatewayMetrics,
         *,
         replica_id: str,
+        auth: BusAuth | None = None,
         snapshot_interval_s: float = 30.0,
         stale_after_s: float = 3.0,
     ) -> None:
         self.nats_url = nats_url
+        self.auth = auth or BusAuth()
         self.subjects = subjects
         self.router = router
         self.bus = bus
@@ -141,11 +144,12 @@ class Replication:
                     reconnect_time_wait=0.5,
                     connect_timeout=2.0,
                     name=f"{self.replica_id}-replication",
+                    **self.auth.connect_options(),
                 )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("cannot reach NATS at %s (%s); retrying", self.nats_url, exc)
+                log.warning("cannot reach NATS at %s (%s); retrying", redact_url(self.nats_url), exc)
                 await asyncio.sleep(1.0)
 
     async def _caught_up(self) -> None:

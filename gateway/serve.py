@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.app import Gateway, GatewayConfig
+from kvutil.bus_auth import BusAuthError, add_bus_arguments, bus_auth_from, nats_url_from, redact_url
 from router.config import RouterConfig
 from router.policies import POLICIES
 
@@ -26,7 +27,7 @@ MAX_ROUTER_CONFIG_BYTES = 1 << 20  # a JSON object of a few dozen tunables; anyt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nats", required=True, help="NATS URL, e.g. nats://127.0.0.1:4222")
+    parser.add_argument("--nats", default=None, help="NATS URL, e.g. nats://127.0.0.1:4222 [NATS_URL]")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep Claude Code's per-request billing line in /v1/messages system prompts (default: removed)",
     )
     add_router_arguments(parser)
+    add_bus_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -157,6 +159,7 @@ def describe_router_config(config: RouterConfig) -> str:
 def config_from(args: argparse.Namespace, router_config: RouterConfig) -> GatewayConfig:
     return GatewayConfig(
         nats_url=args.nats,
+        bus_auth=bus_auth_from(args),
         namespace=args.namespace,
         policy=args.policy,
         api_keys=tuple(args.api_keys),
@@ -183,11 +186,12 @@ async def serve(config: GatewayConfig, host: str, port: int, stop: asyncio.Event
         site = web.TCPSite(runner, host, port, backlog=1024)
         await site.start()
         log.info(
-            "gateway listening on http://%s:%d (policy %s, namespace %s)",
+            "gateway listening on http://%s:%d (policy %s, namespace %s, NATS %s)",
             host,
             port,
             config.policy,
             config.namespace,
+            redact_url(config.nats_url),
         )
         await stop.wait()
     finally:
@@ -202,14 +206,17 @@ def install_uvloop() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.nats = nats_url_from(args.nats)
+    if args.nats is None:
+        print("kvgate gateway: --nats (or NATS_URL) is required", file=sys.stderr)
+        return 2
     try:
-        router_config = router_config_from(args)
-    except RouterConfigError as exc:
+        config = config_from(args, router_config_from(args))
+    except (RouterConfigError, BusAuthError) as exc:
         print(f"kvgate gateway: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     install_uvloop()
-    config = config_from(args, router_config)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -1,7 +1,10 @@
 """`kvgate up`: the whole system in one command.
 
 An embedded `nats-server` (JetStream on, temporary store) unless `--nats` is given, N workers as child
-processes (restarted with backoff if they crash), and the gateway in this process. Ctrl-C or SIGTERM
+processes (restarted with backoff if they crash), and the gateway in this process. The embedded server
+admits only the users generated for this run, one per role and per worker (gateway/bus_roles.py), with
+random passwords handed to the workers through their environment, never their command line; it is
+restarted on the same port and store if it dies, and its output goes to the log. Ctrl-C or SIGTERM
 stops the gateway, then the workers (so they deregister), then NATS; nothing is left running. The
 children run in their own session, so a terminal's Ctrl-C reaches only this supervisor, and on Linux
 they get SIGTERM if the supervisor dies without cleaning up.
@@ -15,8 +18,10 @@ import contextlib
 import ctypes
 import json
 import logging
+import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +29,8 @@ import urllib.error
 import urllib.request
 
 from gateway.app import GatewayConfig
-from gateway.natsd import NatsServer, free_port
+from gateway.bus_roles import BusUser, authorization, generated_users
+from gateway.natsd import NatsServer, NatsServerError, free_port
 from gateway.serve import (
     RouterConfigError,
     add_router_arguments,
@@ -32,8 +38,10 @@ from gateway.serve import (
     router_config_from,
     serve,
 )
+from kvutil.bus_auth import BusAuth, BusAuthError, add_bus_arguments, bus_auth_from, redact_url
 from router.config import RouterConfig
 from router.policies import POLICIES
+from router.protocol import ProtocolError, Subjects
 
 log = logging.getLogger("kvgate.up")
 
@@ -46,12 +54,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--policy", default="session_kv", choices=sorted(POLICIES))
-    parser.add_argument("--nats", default=None, help="use this NATS instead of an embedded one")
+    parser.add_argument(
+        "--nats", default=None, help="use this NATS (--nats-* credentials) instead of an embedded one"
+    )
+    parser.add_argument(
+        "--nats-no-auth",
+        action="store_true",
+        help="embedded NATS without credentials (anyone who can reach its port controls routing)",
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        dest="api_keys",
+        help="accept only requests bearing this key (repeatable)",
+    )
     parser.add_argument("--namespace", default="kvgate")
     parser.add_argument("--worker-args", default="", help="extra arguments for every worker, one string")
     parser.add_argument("--max-inflight-per-worker", type=int, default=0)
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the workers")
     add_router_arguments(parser)
+    add_bus_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -64,17 +87,18 @@ def _die_with_parent() -> None:
 class Child:
     """One supervised worker process: the same command line on every restart."""
 
-    def __init__(self, name: str, argv: list[str], url: str) -> None:
+    def __init__(self, name: str, argv: list[str], url: str, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv
         self.url = url
+        self.env = env  # the credentials go here, not in argv (visible to every local user)
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.next_start = 0.0
 
     def start(self) -> None:
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=preexec)
+        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=preexec, env=self.env)
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -93,26 +117,87 @@ class Child:
             self.proc.wait()
 
 
+class BusPlan:
+    """Where the bus is and how each part authenticates to it; owns the embedded server, if any."""
+
+    def __init__(self, url: str, gateway: BusAuth, workers: dict[str, BusAuth], server: NatsServer | None):
+        self.url = url
+        self.gateway = gateway
+        self.workers = workers
+        self.server = server
+        self._restarts = 0
+        self._next_start = 0.0
+
+    @classmethod
+    def make(cls, args: argparse.Namespace, worker_ids: list[str]) -> BusPlan:
+        """Raises BusAuthError, NatsServerError or ProtocolError with a one-line reason."""
+        if args.nats is not None:
+            auth = bus_auth_from(args)
+            return cls(args.nats, auth, dict.fromkeys(worker_ids, auth), None)
+        if args.nats_no_auth:
+            server = NatsServer().start()
+            return cls(server.url, BusAuth(), dict.fromkeys(worker_ids, BusAuth()), server)
+        gateway, workers = generated_users(Subjects(args.namespace), worker_ids)
+        server = NatsServer(authorization=authorization([gateway, *workers.values()])).start()
+        return cls(server.url, _password(gateway), {w: _password(u) for w, u in workers.items()}, server)
+
+    async def watch(self) -> None:
+        """Restart a dead embedded server on its port and store (1 s doubling to 30 s between tries)."""
+        server = self.server
+        if server is None or server.exit_code is None:
+            return
+        now = time.monotonic()
+        if self._next_start == 0.0:
+            delay = min(30.0, 2.0**self._restarts)
+            self._next_start = now + delay
+            code, output = server.exit_code, server.last_output()
+            log.warning("nats-server exited with %s (%s); restarting in %.0f s", code, output, delay)
+        elif now >= self._next_start:
+            self._restarts += 1
+            self._next_start = 0.0
+            try:
+                await asyncio.to_thread(server.start)
+                log.info("nats-server restarted on %s", server.url)
+            except NatsServerError as exc:
+                log.warning("nats-server restart failed: %s", exc)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def _password(user: BusUser) -> BusAuth:
+    return BusAuth(user=user.user, password=user.password)
+
+
+def _child_env(auth: BusAuth) -> dict[str, str]:
+    """This process's environment, its NATS credentials replaced by the worker's own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    return {**env, **auth.environ()}
+
+
 class Supervisor:
-    def __init__(self, args: argparse.Namespace, nats_url: str) -> None:
+    def __init__(self, args: argparse.Namespace, bus: BusPlan) -> None:
         self.args = args
+        self.bus = bus
         self.children: list[Child] = []
         extra = shlex.split(args.worker_args)
-        for i in range(args.workers):
+        for wid, auth in bus.workers.items():
             port = free_port(args.host)
             argv = [
-                sys.executable, "-m", "gateway.cli", "worker", "--engine", args.engine, "--nats", nats_url,
+                sys.executable, "-m", "gateway.cli", "worker", "--engine", args.engine, "--nats", bus.url,
                 "--host", args.host, "--port", str(port), "--namespace", args.namespace,
-                "--worker-id", f"worker-{i}", *extra,
+                "--worker-id", wid, *extra,
             ]  # fmt: skip
-            self.children.append(Child(f"worker-{i}", argv, f"http://{args.host}:{port}"))
+            self.children.append(Child(wid, argv, f"http://{args.host}:{port}", _child_env(auth)))
 
     def start(self) -> None:
         for child in self.children:
             child.start()
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Restart crashed workers with backoff (1 s doubling to 30 s) until `stop`."""
+        """Restart crashed workers and a dead embedded NATS with backoff (1 s doubling to 30 s) until
+        `stop`."""
         while not stop.is_set():
             now = time.monotonic()
             for child in self.children:
@@ -127,6 +212,7 @@ class Supervisor:
                     child.restarts += 1
                     child.next_start = 0.0
                     child.start()
+            await self.bus.watch()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
 
@@ -138,9 +224,10 @@ class Supervisor:
             child.wait(max(0.1, deadline - time.monotonic()))
 
 
-def _get_json(url: str) -> tuple[int, object]:
+def _get_json(url: str, api_key: str | None = None) -> tuple[int, object]:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as resp:
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         return exc.code, None
@@ -154,15 +241,17 @@ async def _wait_ready(
     timeout_s: float,
     stop: asyncio.Event,
     gateway: asyncio.Task[None],
+    api_keys: list[str],
 ) -> str:
     """Wait until the gateway sees every worker; the model name to advertise."""
+    key = api_keys[0] if api_keys else None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
         if gateway.done():  # e.g. its port is taken: say so now, not after the timeout
             raise RuntimeError(f"the gateway stopped: {gateway.exception()}")
-        status, body = await asyncio.to_thread(_get_json, gateway_url + "/ready")
+        status, body = await asyncio.to_thread(_get_json, gateway_url + "/ready", key)
         if status == 200 and isinstance(body, dict) and body.get("workers", 0) >= len(supervisor.children):
-            _, models = await asyncio.to_thread(_get_json, gateway_url + "/v1/models")
+            _, models = await asyncio.to_thread(_get_json, gateway_url + "/v1/models", key)
             data = models.get("data") if isinstance(models, dict) else None
             return data[0]["id"] if data else "unknown"
         with contextlib.suppress(TimeoutError):
@@ -170,27 +259,29 @@ async def _wait_ready(
     raise TimeoutError(f"the workers were not ready within {timeout_s:.0f} s")
 
 
-def _banner(url: str, model: str, args: argparse.Namespace, nats_url: str) -> str:
+def _banner(url: str, model: str, args: argparse.Namespace, bus: BusPlan) -> str:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16})
+    key = f"-H 'authorization: Bearer {args.api_keys[0]}' " if args.api_keys else ""
+    secured = "" if bus.server is None else (", no NATS auth" if args.nats_no_auth else ", NATS auth on")
     return (
         f"kvgate is up: {url}  ({args.workers} {args.engine} workers, "
-        f"policy {args.policy}, NATS {nats_url})\n"
-        f"try:\n  curl {url}/v1/chat/completions -H 'content-type: application/json' "
+        f"policy {args.policy}, NATS {redact_url(bus.url)}{secured})\n"
+        f"try:\n  curl {url}/v1/chat/completions -H 'content-type: application/json' {key}"
         f"-H 'x-session-id: demo' -d '{body}'\n"
         "Ctrl-C stops everything."
     )
 
 
-async def _main(args: argparse.Namespace, nats_url: str, router_config: RouterConfig) -> int:
+async def _main(args: argparse.Namespace, bus: BusPlan, router_config: RouterConfig) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    supervisor = Supervisor(args, nats_url)
+    supervisor = Supervisor(args, bus)
     config = GatewayConfig(
-        nats_url=nats_url, namespace=args.namespace, policy=args.policy,
-        max_inflight_per_worker=args.max_inflight_per_worker, gateway_id="gateway-up",
-        router_config=router_config,
+        nats_url=bus.url, bus_auth=bus.gateway, namespace=args.namespace, policy=args.policy,
+        api_keys=tuple(args.api_keys), max_inflight_per_worker=args.max_inflight_per_worker,
+        gateway_id="gateway-up", router_config=router_config,
     )  # fmt: skip
     supervisor.start()
     gateway = asyncio.create_task(serve(config, args.host, args.port, stop))
@@ -198,9 +289,9 @@ async def _main(args: argparse.Namespace, nats_url: str, router_config: RouterCo
     url = f"http://{args.host}:{args.port}"
     code = 0
     try:
-        model = await _wait_ready(url, supervisor, args.ready_timeout, stop, gateway)
+        model = await _wait_ready(url, supervisor, args.ready_timeout, stop, gateway, args.api_keys)
         if not stop.is_set():
-            print(_banner(url, model, args, nats_url), flush=True)
+            print(_banner(url, model, args, bus), flush=True)
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({stopper, gateway}, return_when=asyncio.FIRST_COMPLETED)  # a signal, or a crash
         stopper.cancel()
@@ -218,21 +309,38 @@ async def _main(args: argparse.Namespace, nats_url: str, router_config: RouterCo
     return code
 
 
+def _port_taken(host: str, port: int) -> str | None:
+    """Why the gateway could not listen on host:port, checked before anything starts."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     try:  # before anything starts: a bad file must not leave NATS and workers behind
         router_config = router_config_from(args)
     except RouterConfigError as exc:
         print(f"kvgate up: {exc}", file=sys.stderr)
         return 2
+    problem = _port_taken(args.host, args.port)
+    if problem is not None:
+        print(f"kvgate up: {problem}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     install_uvloop()
-    nats: NatsServer | None = None
-    nats_url = args.nats
-    if nats_url is None:
-        nats = NatsServer().start()
-        nats_url = nats.url
     try:
-        return asyncio.run(_main(args, nats_url, router_config))
+        bus = BusPlan.make(args, [f"worker-{i}" for i in range(args.workers)])
+    except (BusAuthError, ProtocolError) as exc:
+        print(f"kvgate up: {exc}", file=sys.stderr)
+        return 2
+    except NatsServerError as exc:
+        print(f"kvgate up: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(_main(args, bus, router_config))
     finally:
-        if nats is not None:
-            nats.close()
+        bus.close()

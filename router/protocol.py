@@ -5,6 +5,7 @@ One module, so that the workers, the gateway, the bridge and the simulator canno
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal, TypeVar
 
@@ -112,6 +113,46 @@ class WorkerRegistration(msgspec.Struct, frozen=True):
     tokenizer: str = "byte"
     max_num_seqs: int = 256
     publishes_events: bool = True
+
+
+MAX_URL_CHARS = 2048
+MAX_NAME_CHARS = 256  # model, engine
+MAX_TOKENIZER_CHARS = 4096  # a path or a spec
+MAX_BLOCK_SIZE = 1 << 16
+MAX_NUM_BLOCKS = 1 << 40
+MAX_NUM_SEQS = 1 << 20
+_URL = re.compile(r"^https?://[^\s/?#@]+(/[^\s]*)?$")
+_PRINTABLE = re.compile(r"^[\x21-\x7e][\x20-\x7e]*$")
+
+
+def registration_problem(registration: WorkerRegistration, key: str | None = None) -> str | None:
+    """What makes a registration from the bus unusable (None when it is fine): everything in it is
+    untrusted, and the gateway divides by its block size, calls its URL and reads its tokenizer."""
+    r = registration
+    if not _TOKEN.match(r.worker_id):
+        return f"worker id must match {_TOKEN.pattern}"
+    if key is not None and key != r.worker_id:
+        return f"entry {key!r} names another worker"  # a worker may write only its own entry
+    if len(r.url) > MAX_URL_CHARS or not _URL.match(r.url):
+        return "url must be an http:// or https:// URL without credentials"
+    for name, value, limit in (
+        ("model", r.model, MAX_NAME_CHARS),
+        ("engine", r.engine, MAX_NAME_CHARS),
+        ("tokenizer", r.tokenizer, MAX_TOKENIZER_CHARS),
+    ):
+        if len(value) > limit or not _PRINTABLE.match(value):
+            return f"{name} must be 1 to {limit} printable characters"
+    for name, value, low, high in (
+        ("block_size", r.block_size, 1, MAX_BLOCK_SIZE),
+        ("num_blocks", r.num_blocks, 0, MAX_NUM_BLOCKS),
+        ("max_num_seqs", r.max_num_seqs, 1, MAX_NUM_SEQS),
+        ("epoch", r.epoch, 0, (1 << 63) - 1),
+    ):
+        if not low <= value <= high:
+            return f"{name} must be between {low} and {high}"
+    if not math.isfinite(r.heartbeat_ts):
+        return "heartbeat_ts must be a finite number"
+    return None
 
 
 class PinHint(msgspec.Struct, frozen=True):

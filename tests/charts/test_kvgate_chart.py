@@ -33,6 +33,8 @@ OFFICIAL_NATS_KEYS = {
     "config.jetstream.enabled",
     "config.jetstream.fileStore.pvc.size",
 }
+# Maps of the official chart whose contents are free: env vars of its container, NATS configuration.
+OFFICIAL_NATS_FREE = ("container.env.", "config.merge.")
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +123,7 @@ def test_default_values_render_valid_manifests() -> None:
         "Deployment",
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
+        "Secret",
         "Service",
         "Service",
         "StatefulSet",
@@ -192,7 +195,7 @@ def test_nats_dependency_and_its_values_use_the_official_chart() -> None:
 
     default, ha = values_file("values.yaml")["nats"], values_file("values-ha.yaml")["nats"]
     for nats in (default, ha):
-        unknown = set(leaf_paths(nats)) - OFFICIAL_NATS_KEYS
+        unknown = {p for p in leaf_paths(nats) if not p.startswith(OFFICIAL_NATS_FREE)} - OFFICIAL_NATS_KEYS
         assert not unknown, f"not keys of the official nats chart: {unknown}"
         assert nats["enabled"] is True
         assert nats["config"]["jetstream"]["enabled"] is True
@@ -485,3 +488,42 @@ def test_schema_choices_follow_the_code() -> None:
     bridge_flag = next(a for a in commands["bridge"]._actions if "--engine" in a.option_strings)
     targets = schema["bridges"]["properties"]["targets"]["items"]["properties"]
     assert sorted(targets["engine"]["enum"]) == sorted(bridge_flag.choices)
+
+
+def test_bus_roles_reach_every_pod_and_the_bundled_nats() -> None:
+    """Each pod authenticates as its role with the password from the chart's Secret, and the bundled
+    NATS admits those roles with the permissions kvgate up's embedded server gives them."""
+    from gateway.bus_roles import gateway_permissions, worker_permissions
+    from router.protocol import Subjects
+
+    docs = render({"bridges": {"targets": BRIDGE_TARGETS[:1]}})
+    (secret,) = find(docs, "Secret")
+    assert set(secret["data"]) == {"gateway-password", "worker-password"}
+    roles = {"Deployment/demo-kvgate-gateway": "gateway", "StatefulSet/demo-kvgate-worker": "worker"}
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        role = roles.get(f"{doc['kind']}/{doc['metadata']['name']}", "worker")  # bridges are workers
+        assert env["NATS_USER"]["value"] == role
+        ref = env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": secret["metadata"]["name"], "key": f"{role}-password"}
+
+    nats = values_file("values.yaml")["nats"]
+    secrets = {k: v["valueFrom"]["secretKeyRef"] for k, v in nats["container"]["env"].items()}
+    subjects = Subjects(values_file("values.yaml")["busNamespace"])
+    expected = {"gateway": gateway_permissions(subjects), "worker": worker_permissions(subjects, None)}
+    for user in nats["config"]["merge"]["authorization"]["users"]:
+        assert user["permissions"] == expected.pop(user["user"])
+        variable = user["password"].removeprefix("<< $").removesuffix(" >>")
+        assert secrets[variable] == {"name": secret["metadata"]["name"], "key": f"{user['user']}-password"}
+    assert not expected
+
+
+def test_bus_auth_can_be_turned_off() -> None:
+    docs = render({"busAuth": {"enabled": False}})
+    assert not find(docs, "Secret")
+    (gateway,) = find(docs, "Deployment")
+    env = gateway["spec"]["template"]["spec"]["containers"][0].get("env", [])
+    assert "NATS_PASSWORD" not in {e["name"] for e in env}

@@ -169,3 +169,26 @@ async def test_stop_after_nats_went_away_is_bounded_and_closes_the_connection(na
         assert elapsed < 3 * bus_module.STOP_TIMEOUT_S + 3.0
         assert nc.is_closed  # not left reconnecting to a server that is gone
         assert bus.nc is None and bus._tasks == []
+
+
+async def test_an_invalid_registration_is_ignored_with_one_log_line(
+    nats_url: str, side: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, kv, subjects = side
+    router = Router(policy="session_kv")
+    metrics = GatewayMetrics()
+    bus = Bus(nats_url, subjects, router, metrics, stale_after_s=5.0)
+    await bus.start()
+    try:
+        for _ in range(3):  # heartbeats of a bad entry: logged once, never added
+            await kv.put("w0", encode(registration("w0", block_size=0)))
+            await kv.put("w1", encode(registration("w1", url="file:///etc/passwd")))
+            await asyncio.sleep(0.1)
+        await kv.put("w2", encode(registration("w2")))
+        await until(lambda: "w2" in router.workers())
+        assert set(router.workers()) == {"w2"}
+        ignored = [r.getMessage() for r in caplog.records if "ignoring registry entry" in r.getMessage()]
+        assert len(ignored) == 2 and "block_size" in ignored[0] and "url" in ignored[1]
+        assert b"kvgate_bad_registrations_total 2.0" in metrics.render()
+    finally:
+        await bus.stop()

@@ -16,6 +16,7 @@ from router.protocol import (
     WorkerRegistration,
     decode,
     encode,
+    registration_problem,
 )
 
 MESSAGES = [
@@ -77,3 +78,39 @@ def test_subjects() -> None:
     for bad in ["a.b", "*", ">", "", "a b"]:
         with pytest.raises(ProtocolError):
             subjects.kv(bad)
+
+
+def _registration(**changes: object) -> WorkerRegistration:
+    fields = dict(
+        worker_id="w-0", url="http://10.0.0.1:8000", model="m", block_size=16, num_blocks=100,
+        engine="mock", epoch=1, heartbeat_ts=1.0,
+    )  # fmt: skip
+    fields.update(changes)
+    return WorkerRegistration(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": 1 << 20}, "block_size"),
+        ({"num_blocks": -1}, "num_blocks"),
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"url": "file:///etc/passwd"}, "url"),
+        ({"url": "http://user:pw@evil:1"}, "url"),
+        ({"url": "http://" + "a" * 3000}, "url"),
+        ({"model": ""}, "model"),
+        ({"model": "m\x00"}, "model"),
+        ({"tokenizer": "x" * 5000}, "tokenizer"),
+        ({"worker_id": "a.b"}, "worker id"),
+        ({"heartbeat_ts": float("nan")}, "heartbeat_ts"),
+    ],
+)
+def test_a_bad_registration_names_its_problem(changes: dict[str, object], problem: str) -> None:
+    assert problem in (registration_problem(_registration(**changes)) or "")
+
+
+def test_a_good_registration_passes_and_must_sit_under_its_own_key() -> None:
+    assert registration_problem(_registration()) is None
+    assert registration_problem(_registration(url="https://vllm-0.vllm:8000/")) is None
+    assert "another worker" in (registration_problem(_registration(), key="w-1") or "")

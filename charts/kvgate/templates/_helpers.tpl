@@ -69,3 +69,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "kvgate.routerConfigName" -}}
 {{- printf "%s-router" (include "kvgate.gatewayName" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
+
+{{/* NATS_USER and NATS_PASSWORD of one bus role (gateway or worker), the password from the Secret. */}}
+{{- define "kvgate.busAuthEnv" -}}
+{{- $root := index . 0 }}{{- $role := index . 1 }}
+{{- if $root.Values.busAuth.enabled }}
+- name: NATS_USER
+  value: {{ $role | quote }}
+- name: NATS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.busAuth.secretName | quote }}
+      key: {{ printf "%s-password" $role | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,95 @@
+"""Who may publish and subscribe what on the bus: the per-role permissions of a nats-server.
+
+- A worker (or a bridge) writes only its own KV events, load reports and registration entry, may
+  create the KV stream and the registry bucket if they are missing, reads only its own pin hints and
+  dump requests, and may answer the requests it receives (state dumps).
+- A gateway reads everything and writes its pin hints, dump requests and replica notes; it can neither
+  register a worker nor publish a worker's events or load, nor delete or purge a stream.
+
+`kvgate up` generates one user per role (one per worker, so a worker cannot write another's entry)
+with random passwords; `docs/SECURITY.md` gives the same rules for a NATS you run yourself. The
+permissions are nats-server configuration (its format is a superset of JSON).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import msgspec
+
+from router.protocol import Subjects, check_token
+
+JS_API = "$JS.API"
+
+
+class BusUser(msgspec.Struct, frozen=True):
+    user: str
+    password: str
+    permissions: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return f"BusUser({self.user!r}, password=***)"
+
+    def server_entry(self) -> dict[str, Any]:
+        return {"user": self.user, "password": self.password, "permissions": self.permissions}
+
+
+def _kv_stream(subjects: Subjects) -> str:
+    return f"KV_{subjects.registry_bucket}"
+
+
+def worker_permissions(subjects: Subjects, worker_id: str | None) -> dict[str, Any]:
+    """One worker's permissions; `None` for a user all workers share (the Helm chart's, where pods come
+    and go): any worker's subjects then, and still nothing of a gateway's."""
+    wid = "*" if worker_id is None else check_token(worker_id, "worker id")
+    registry, stream, prefix = _kv_stream(subjects), subjects.kv_stream, subjects.prefix
+    return {
+        "publish": {
+            "allow": [
+                f"{prefix}.kv.{wid}",
+                f"{prefix}.load.{wid}",
+                f"$KV.{subjects.registry_bucket}.{wid}",
+                f"{JS_API}.INFO",
+                f"{JS_API}.STREAM.INFO.{stream}",
+                f"{JS_API}.STREAM.CREATE.{stream}",
+                f"{JS_API}.STREAM.INFO.{registry}",
+                f"{JS_API}.STREAM.CREATE.{registry}",
+            ]
+        },
+        "subscribe": {"allow": [f"{prefix}.pin.{wid}", f"{prefix}.dump.{wid}", "_INBOX.>"]},
+        "allow_responses": {"max": 1},
+    }
+
+
+def gateway_permissions(subjects: Subjects) -> dict[str, Any]:
+    workers_streams = (subjects.kv_stream, _kv_stream(subjects))  # the snapshot bucket is the gateways'
+    stream_ops = ("CREATE", "UPDATE", "DELETE", "PURGE", "MSG.DELETE")
+    return {
+        "publish": {
+            "allow": [">"],
+            "deny": [
+                f"{subjects.prefix}.kv.>",
+                f"{subjects.prefix}.load.>",
+                f"$KV.{subjects.registry_bucket}.>",
+                *(f"{JS_API}.STREAM.{op}.{stream}" for op in stream_ops for stream in workers_streams),
+            ],
+        },
+        "subscribe": {"allow": [">"]},
+    }
+
+
+def new_user(name: str, permissions: dict[str, Any]) -> BusUser:
+    return BusUser(name, secrets.token_urlsafe(24), permissions)
+
+
+def generated_users(subjects: Subjects, worker_ids: list[str]) -> tuple[BusUser, dict[str, BusUser]]:
+    """A gateway user and one user per worker, each with a fresh random password."""
+    gateway = new_user("gateway", gateway_permissions(subjects))
+    workers = {wid: new_user(f"worker-{wid}", worker_permissions(subjects, wid)) for wid in worker_ids}
+    return gateway, workers
+
+
+def authorization(users: list[BusUser]) -> dict[str, Any]:
+    """The `authorization` block of a nats-server configuration."""
+    return {"users": [user.server_entry() for user in users]}

@@ -1,0 +1,144 @@
+"""Per-role bus permissions against a real nats-server with the authorization `kvgate up` generates:
+no credentials or a wrong password is refused, a real worker process registers with its own
+credentials, and a registration injected by a client without that worker's credentials (the gateway's,
+another worker's, or a worker's entry naming someone else) never reaches the gateway's pool."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from gateway.bus import Bus
+from gateway.bus_roles import BusUser, authorization, generated_users
+from gateway.metrics import GatewayMetrics
+from gateway.natsd import NatsServer, free_port
+from kvutil.bus_auth import BusAuth
+from router.protocol import Subjects, WorkerRegistration, encode
+from router.router import Router
+
+NAMESPACE = "roles"
+
+
+class Users:
+    def __init__(self, gateway: BusUser, workers: dict[str, BusUser]) -> None:
+        self.gateway = gateway
+        self.workers = workers
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[tuple[NatsServer, Users]]:
+    gateway, workers = generated_users(Subjects(NAMESPACE), ["worker-0", "worker-1"])
+    with NatsServer(authorization=authorization([gateway, *workers.values()])) as server:
+        yield server, Users(gateway, workers)
+
+
+def auth(user: BusUser) -> BusAuth:
+    return BusAuth(user=user.user, password=user.password)
+
+
+async def connect(url: str, credentials: BusAuth) -> nats.NATS:
+    options = credentials.connect_options()
+    return await nats.connect(url, allow_reconnect=False, connect_timeout=2, **options)
+
+
+def registration(worker_id: str, url: str = "http://127.0.0.1:9") -> WorkerRegistration:
+    return WorkerRegistration(
+        worker_id=worker_id, url=url, model="mock", block_size=16, num_blocks=64,
+        engine="mock", epoch=1, heartbeat_ts=time.time(),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("credentials", [BusAuth(), BusAuth(user="gateway", password="wrong")])
+async def test_a_client_without_valid_credentials_is_refused(secured, credentials: BusAuth) -> None:
+    server, _ = secured
+    with pytest.raises(Exception, match=r"(?i)authorization|no servers"):
+        nc = await connect(server.url, credentials)
+        await nc.close()
+
+
+def start_worker(server: NatsServer, user: BusUser, worker_id: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    env.update(auth(user).environ())  # as `kvgate up` hands them over: never on the command line
+    argv = [
+        sys.executable, "-m", "gateway.cli", "worker", "--engine", "mock", "--nats", server.url,
+        "--port", str(free_port()), "--namespace", NAMESPACE, "--worker-id", worker_id,
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+async def test_only_a_worker_with_its_own_credentials_joins_the_pool(secured, tmp_path: Path) -> None:
+    server, users = secured
+    subjects = Subjects(NAMESPACE)
+    bus = Bus(server.url, subjects, Router(), GatewayMetrics(), auth=auth(users.gateway), stale_after_s=5.0)
+    worker = start_worker(server, users.workers["worker-0"], "worker-0", tmp_path / "worker.log")
+    try:
+        await bus.start()
+        deadline = time.monotonic() + 60
+        while "worker-0" not in bus.workers:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            await asyncio.sleep(0.1)
+        assert "password" not in (tmp_path / "worker.log").read_text().lower()
+
+        injected = 0
+        for user, key, entry in (
+            (users.gateway, "evil", registration("evil")),  # the gateway's role cannot register
+            (users.workers["worker-1"], "evil", registration("evil")),  # nor can another worker's
+            (users.workers["worker-1"], "worker-0", registration("worker-0", "http://attacker:1")),
+        ):
+            nc = await connect(server.url, auth(user))
+            try:
+                kv = await nc.jetstream().key_value(subjects.registry_bucket)
+                with pytest.raises(Exception):  # noqa: B017 - a permissions violation: the put times out
+                    await kv.put(key, encode(entry), timeout=1.0)
+            finally:
+                await nc.close()
+        # worker-1's credentials may write worker-1's entry only: one naming another worker is ignored
+        nc = await connect(server.url, auth(users.workers["worker-1"]))
+        try:
+            kv = await nc.jetstream().key_value(subjects.registry_bucket)
+            await kv.put("worker-1", encode(registration("evil", "http://attacker:1")))
+            injected += 1
+        finally:
+            await nc.close()
+        await asyncio.sleep(1.5)  # several of worker-0's heartbeats: every entry has been seen
+        assert set(bus.workers) == {"worker-0"}
+        assert bus.workers["worker-0"].registration.url.startswith("http://127.0.0.1:")
+        assert bus.metrics.bad_registrations._value.get() == injected
+    finally:
+        worker.terminate()
+        worker.wait(10)
+        await bus.stop()
+
+
+async def test_a_worker_cannot_publish_another_workers_events_or_load(secured) -> None:
+    server, users = secured
+    subjects = Subjects(NAMESPACE)
+    watcher = await connect(server.url, auth(users.gateway))
+    seen: list[str] = []
+
+    async def record(msg: nats.aio.msg.Msg) -> None:
+        seen.append(msg.subject)
+
+    sub = await watcher.subscribe(f"{subjects.prefix}.>", cb=record)
+    worker1 = await connect(server.url, auth(users.workers["worker-1"]))
+    try:
+        await worker1.publish(subjects.load("worker-0"), b"forged")
+        await worker1.publish(subjects.kv("worker-0"), b"forged")
+        await worker1.publish(subjects.load("worker-1"), b"own")
+        await worker1.flush()
+        await asyncio.sleep(0.3)
+        assert seen == [subjects.load("worker-1")]
+    finally:
+        await sub.unsubscribe()
+        await worker1.close()
+        await watcher.close()
