@@ -25,7 +25,6 @@ class Sequence:
         "block_size",
         "block_table",
         "finish_reason",
-        "has_anonymous_blocks",
         "hash_seed",
         "num_cached_tokens",
         "num_committed_blocks",
@@ -68,8 +67,6 @@ class Sequence:
         self.block_hashes = prompt_block_hashes
         # leading blocks of block_table already offered to the prefix cache
         self.num_committed_blocks = 0
-        # whether one of those stayed uncached (its content was cached in another block already)
-        self.has_anonymous_blocks = False
         self.finish_reason: str | None = None
 
     def __len__(self) -> int:

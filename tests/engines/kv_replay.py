@@ -52,12 +52,14 @@ def check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
     assert all(hash_of.get(b) == h and not bm.is_pinned(h) for h, b in bm._evictable.items())
     assert all(hash_of.get(b) == h and bm.is_pinned(h) for h, b in bm._pinned_free.items())
     for seq in live:
-        # a committed block holds its chain hash, unless it stayed uncached (flagged on the sequence)
+        # a committed block holds its chain hash, unless it stayed uncached (its content was cached in
+        # another block already)
         committed = seq.num_committed_blocks
         chain = zip(seq.block_table[:committed], seq.block_hashes[:committed], strict=True)
         for block_id, block_hash in chain:
             assert hash_of.get(block_id, block_hash) == block_hash
-            assert block_id in hash_of or seq.has_anonymous_blocks
+            assert block_id in hash_of or bm._by_hash.get(block_hash) != block_id
+    assert bm.hash_of == [hash_of.get(b) for b in range(bm.num_blocks)]
     pins = bm.pinned_sessions()
     assert bm.num_pinned == sum(len(h) for h in pins.values()) <= bm.max_pinned_blocks
     assert Counter(h for hashes in pins.values() for h in hashes) == Counter(bm._pin_counts)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines import block_manager
 from engines.block_manager import BlockManager
 from engines.runner import SamplingParams
 from engines.sequence import Sequence
@@ -242,7 +241,7 @@ twin_ops = st.lists(
 
 
 def free_order(bm: BlockManager | ReferenceBlockManager) -> tuple[list[int], list[int], list[int]]:
-    """The block ids of each free list, in eviction order (the fast manager keys its orders by hash)."""
+    """The block ids of each free list, in eviction order (the manager keys its orders by hash)."""
     if isinstance(bm, BlockManager):
         return list(bm._uncached), list(bm._evictable.values()), list(bm._pinned_free.values())
     return list(bm._uncached), list(bm._evictable), list(bm._pinned_free)
@@ -250,8 +249,8 @@ def free_order(bm: BlockManager | ReferenceBlockManager) -> tuple[list[int], lis
 
 @settings(max_examples=300, deadline=None)
 @given(twin_ops)
-def test_the_batched_block_manager_matches_the_per_block_reference(operations: list[tuple]) -> None:
-    """The same operations on the batched manager and the per-block reference give the same block ids,
+def test_the_block_manager_matches_the_per_block_reference(operations: list[tuple]) -> None:
+    """The same operations on the manager and the per-block reference give the same block ids,
     events, prefix matches and eviction order at every point (the simulator's numbers rest on it)."""
     clock = Clock()
     fast = BlockManager(16, B, clock, max_pinned_blocks=6)
@@ -361,19 +360,6 @@ def test_a_session_pinning_again_leaves_the_reference_order(turns: list[tuple]) 
     run_agent_turns(turns)
 
 
-@settings(max_examples=150, deadline=None)
-@given(agent_turns)
-def test_free_orders_rebuilt_at_every_eviction_keep_the_reference_order(turns: list[tuple]) -> None:
-    """The free orders are dicts rebuilt without their dead slots once evictions stepped over enough
-    of them: rebuilt at every eviction that could, the agent turns still match the reference."""
-    factor = block_manager.REBUILD_FACTOR
-    block_manager.REBUILD_FACTOR = 0
-    try:
-        run_agent_turns(turns)
-    finally:
-        block_manager.REBUILD_FACTOR = factor
-
-
 edited_turns = st.lists(
     st.tuples(
         st.integers(0, 2), st.integers(0, 12), st.integers(0, 3), st.integers(0, 30), st.integers(0, 10)
@@ -418,29 +404,3 @@ def run_agent_turns(turns: list[tuple], max_pinned: int = 7) -> None:
         assert free_order(fast) == free_order(ref)
         assert fast._pin_counts == ref._pin_counts and fast.num_pinned == ref.num_pinned
         assert fast.pinned_sessions() == ref.pinned_sessions()
-
-
-def test_an_eviction_rebuilds_a_free_order_with_dead_front_slots() -> None:
-    """Evictions one block at a time (decode at block boundaries) leave dead slots at the front of the
-    evictable order; past the bound it is replaced by a copy without them, in the same order."""
-    factor = block_manager.REBUILD_FACTOR
-    block_manager.REBUILD_FACTOR = 0
-    try:
-        clock = Clock()
-        fast = BlockManager(10, B, clock)
-        ref = ReferenceBlockManager(10, B, clock)
-        for seq, bm in ((make_seq("a", list(range(40))), fast), (make_seq("a", list(range(40))), ref)):
-            run_prefill(bm, seq)
-            bm.free(seq)
-        order = fast._evictable
-        rebuilt = 0
-        for n in range(7):
-            for bm in (fast, ref):
-                bm.allocate(make_seq(f"d{n}", [7 + n] * 3), 0)
-            rebuilt += fast._evictable is not order
-            order = fast._evictable
-            assert fast.take_events() == ref.take_events()
-            assert free_order(fast) == free_order(ref)
-        assert rebuilt == 6  # each eviction but the first (no dead slot yet)
-    finally:
-        block_manager.REBUILD_FACTOR = factor
