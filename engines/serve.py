@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--speedup", type=float, default=1.0, help="mock: divide the modelled step time")
+    parser.add_argument(
+        "--eos-after", type=int, default=None, help="mock: end each answer after N tokens (default: never)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="torch: weights of the default tiny model")
     parser.add_argument("--worker-id", help="subject-safe id (default: engine-host-port-random)")
     parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
@@ -62,7 +65,7 @@ def default_worker_id(engine: str, port: int) -> str:
 
 def build_runner(args: argparse.Namespace) -> tuple[ModelRunner, Tokenizer, str]:
     if args.engine == "mock":
-        runner = MockRunner(args.num_blocks, args.block_size, speedup=args.speedup)
+        runner = MockRunner(args.num_blocks, args.block_size, speedup=args.speedup, eos_after=args.eos_after)
         return runner, runner.tokenizer, runner.model_name
     from engines.torch import TorchRunner  # only now: torch is a heavy import
 

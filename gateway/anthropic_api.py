@@ -424,9 +424,13 @@ class AnthropicApi:
                 return await relay(*args, **kwargs, translation=translation)
 
             return await self.gateway.serve_turn(
-                request, turn, "/v1/chat/completions", started=started, explicit_session=explicit,
+                request,
+                turn,
+                "/v1/chat/completions",
+                started=started,
+                explicit_session=explicit,
                 relay=relay_messages,
-            )  # fmt: skip
+            )
         except ApiError as exc:
             self.gateway.metrics.count_request(request.path, exc.status)
             return error_response(exc)

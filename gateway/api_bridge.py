@@ -350,8 +350,9 @@ async def _stream(
             await response.prepare(request)
             outcome.first_token_at = now
             on_first_token()
-            out = translation.start(_int_header(headers, PROMPT_TOKENS_HEADER),
-                                    _int_header(headers, EXPECTED_CACHED_HEADER))  # fmt: skip
+            out = translation.start(
+                _int_header(headers, PROMPT_TOKENS_HEADER), _int_header(headers, EXPECTED_CACHED_HEADER)
+            )
         else:
             metrics.itl.observe(now - last_event_at)
         last_event_at = now

@@ -25,6 +25,8 @@ from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.prompt import PromptEncoder
 from gateway.proxy import Outcome, Retryable, forward
 from gateway.replication import Replication
+from gateway.response_store import ResponseStore
+from gateway.responses_api import ResponsesApi
 from gateway.session_id import explicit_session_id
 from gateway.upstream import UpstreamPool
 from gateway.validation import Kind, Turn, parse_turn
@@ -60,6 +62,7 @@ class GatewayConfig(msgspec.Struct, frozen=True):
     snapshot_interval_s: float = 30.0  # index snapshots for new replicas (taken by one replica in turn)
     router_config: RouterConfig = msgspec.field(default_factory=RouterConfig)  # the routing tunables
     strip_anthropic_billing: bool = True  # drop Claude Code's per-request line from system prompts
+    responses_ttl_s: float = 3600.0  # how long /v1/responses keeps a response for previous_response_id
 
 
 class Gateway:
@@ -98,6 +101,8 @@ class Gateway:
         )
         self.upstream = UpstreamPool(config.connect_timeout_s, config.read_timeout_s)
         self._urls: dict[str, str] = {}  # worker id -> URL, to abort its requests when it leaves
+        bucket = f"kvgate_{config.namespace.replace('-', '_')}_responses"
+        self.responses = ResponseStore(bucket, ttl_s=config.responses_ttl_s)
 
     # --- lifecycle
 
@@ -106,6 +111,7 @@ class Gateway:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         AnthropicApi(self, strip_billing=self.config.strip_anthropic_billing).register(app)
+        ResponsesApi(self, self.responses).register(app)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)

@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep Claude Code's per-request billing line in /v1/messages system prompts (default: removed)",
     )
+    parser.add_argument(
+        "--responses-ttl",
+        type=float,
+        default=3600.0,
+        help="seconds a /v1/responses response can be continued by previous_response_id (default 3600)",
+    )
     add_router_arguments(parser)
     add_bus_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
@@ -171,6 +177,7 @@ def config_from(args: argparse.Namespace, router_config: RouterConfig) -> Gatewa
         gateway_id=f"gateway-{uuid.uuid4().hex[:8]}",
         router_config=router_config,
         strip_anthropic_billing=not args.keep_anthropic_billing_line,
+        responses_ttl_s=args.responses_ttl,
     )
 
 

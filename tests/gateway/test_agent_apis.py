@@ -13,12 +13,15 @@ import uuid
 from collections.abc import Iterator
 
 import anthropic
+import openai
 import pytest
 
-from gateway.natsd import NatsServer
-from tests.gateway.conftest import API_KEY, Cluster, http_get
+from gateway.natsd import NatsServer, free_port
+from tests.gateway.conftest import API_KEY, Cluster, Proc, http_get
 
 pytestmark = pytest.mark.slow
+
+OTHER_KEY = "other-tenant-key"
 
 SYSTEM = "You are a careful coding agent. Use the tools, then answer briefly. " * 6
 TOOLS = [
@@ -37,8 +40,10 @@ def pool(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> I
     cluster = Cluster(nats_server.url, "t" + uuid.uuid4().hex[:10], tmp_path_factory.mktemp("apis"))
     try:
         for i in range(2):
-            cluster.worker(f"a{i}", "mock", "--speedup", "1000")
-        cluster.start_gateway("--api-key", API_KEY)
+            # answers end by themselves (EOS), as a real model's do: a Responses answer cut by its
+            # token limit is `incomplete`, which the Agents SDK treats as a failure
+            cluster.worker(f"a{i}", "mock", "--speedup", "1000", "--eos-after", "12")
+        cluster.start_gateway("--api-key", API_KEY, "--api-key", OTHER_KEY)
         cluster.ready(workers=2)
         yield cluster
     finally:
@@ -259,3 +264,242 @@ def test_messages_concurrent_async_sessions(pool: Cluster, model: str) -> None:
         return [r.stop_reason for r in replies]
 
     assert asyncio.run(run()) == ["max_tokens"] * 6
+
+
+# --- OpenAI Responses
+
+FUNCTIONS = [
+    {
+        "type": "function",
+        "name": "run_tests",
+        "description": "Run the test suite",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}},
+    }
+]
+
+
+def gpt(pool: Cluster, key: str = API_KEY, url: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=(url or pool.gateway.url) + "/v1", api_key=key, max_retries=0)
+
+
+def test_responses_chain_with_function_calls_stays_and_hits_the_cache(pool: Cluster, model: str) -> None:
+    """A previous_response_id chain of five turns, each carrying a function call and its output,
+    streamed and not: one worker, one session, >= 90 % of the previous prompt read from the cache."""
+    sdk = gpt(pool)
+    previous, workers, sessions, cached, prompts = None, set(), set(), [], []
+    new_input: list[dict] | str = "Find the failing test and fix it."
+    for turn in range(5):
+        args = {"model": model, "instructions": SYSTEM, "input": new_input, "tools": FUNCTIONS}
+        if previous is not None:
+            args["previous_response_id"] = previous.id
+        if turn % 2:
+            with sdk.responses.with_streaming_response.create(**args, stream=True) as raw:
+                workers.add(raw.headers["x-kvgate-worker"])
+                sessions.add(raw.headers["x-kvgate-session"])
+                events = list(raw.parse())
+            kinds = [e.type for e in events]
+            assert kinds[:2] == ["response.created", "response.in_progress"], kinds
+            assert "response.output_text.delta" in kinds and kinds[-1] == "response.completed"
+            assert [e.sequence_number for e in events] == list(range(len(events)))
+            reply = events[-1].response
+            text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+            assert text == reply.output_text
+        else:
+            raw = sdk.responses.with_raw_response.create(**args)
+            workers.add(raw.headers["x-kvgate-worker"])
+            sessions.add(raw.headers["x-kvgate-session"])
+            reply = raw.parse()
+        assert reply.status == "completed" and reply.output_text and reply.output[0].type == "message"
+        assert reply.previous_response_id == (previous.id if previous else None)
+        cached.append(reply.usage.input_tokens_details.cached_tokens)
+        prompts.append(reply.usage.input_tokens)
+        previous = reply
+        call = f"call_{turn}"
+        new_input = [
+            {
+                "type": "function_call",
+                "call_id": call,
+                "name": "run_tests",
+                "arguments": f'{{"path":"t{turn}"}}',
+            },
+            {"type": "function_call_output", "call_id": call, "output": f"{turn} failed " * 20},
+        ]
+    assert len(workers) == 1 and len(sessions) == 1, (workers, sessions)
+    for turn in range(1, 5):
+        assert cached[turn] >= 0.9 * prompts[turn - 1], (cached, prompts)
+        assert prompts[turn] > prompts[turn - 1]  # the stored conversation was replayed
+
+
+def test_responses_store_false_unknown_and_other_tenants_ids(pool: Cluster, model: str) -> None:
+    sdk = gpt(pool)
+    kept = sdk.responses.create(model=model, input="remember this")
+    unkept = sdk.responses.create(model=model, input="forget this", store=False)
+    assert kept.store is True and unkept.store is False
+    assert sdk.responses.create(model=model, input="and?", previous_response_id=kept.id).status == "completed"
+    for missing in (unkept.id, "resp_unknown"):
+        with pytest.raises(openai.NotFoundError) as error:
+            sdk.responses.create(model=model, input="and?", previous_response_id=missing)
+        assert error.value.body["code"] == "previous_response_not_found"
+        assert error.value.body["param"] == "previous_response_id"
+    # another tenant (API key) cannot continue, nor learn that the id exists
+    with pytest.raises(openai.NotFoundError):
+        gpt(pool, key=OTHER_KEY).responses.create(model=model, input="x", previous_response_id=kept.id)
+
+
+def test_responses_bad_input_gets_openai_errors(pool: Cluster, model: str) -> None:
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    cases = [
+        (b"[1, 2]", 400),
+        (json.dumps({"input": "x"}).encode(), 400),
+        (json.dumps({"model": model, "input": []}).encode(), 400),
+        (
+            json.dumps(
+                {"model": model, "input": [{"type": "message", "role": "robot", "content": "x"}]}
+            ).encode(),
+            400,
+        ),
+        (
+            json.dumps(
+                {"model": model, "input": [{"role": "user", "content": [{"type": "input_image"}]}]}
+            ).encode(),
+            400,
+        ),
+        (json.dumps({"model": model, "input": "x", "max_output_tokens": 0}).encode(), 400),
+        (json.dumps({"model": model, "input": "x", "previous_response_id": 7}).encode(), 400),
+        (json.dumps({"model": "no-such-model", "input": "x"}).encode(), 404),
+    ]
+    for body, status in cases:
+        got, error = post(pool, "/v1/responses", body, headers)
+        assert got == status, (body, error)
+        assert set(error["error"]) == {"message", "type", "param", "code"}, error
+    got, _ = post(pool, "/v1/responses", json.dumps({"model": model, "input": "x"}).encode(), {})
+    assert got == 401
+
+
+def test_responses_chain_continues_on_another_gateway_replica(pool: Cluster, model: str) -> None:
+    """Stored conversations live in the bus's key-value bucket: a second replica continues a chain."""
+    port = free_port()
+    argv = [
+        "gateway",
+        "--nats",
+        pool.nats_url,
+        "--port",
+        str(port),
+        "--namespace",
+        pool.namespace,
+        "--api-key",
+        API_KEY,
+    ]
+    replica = Proc(argv, f"http://127.0.0.1:{port}", pool.tmp / "replica.log")
+    try:
+        replica.wait_http("/ready", 60)
+        first = gpt(pool).responses.create(model=model, instructions=SYSTEM, input="start here")
+        second = gpt(pool, url=replica.url).responses.create(
+            model=model, instructions=SYSTEM, input="go on", previous_response_id=first.id
+        )
+        assert second.status == "completed"
+        assert second.usage.input_tokens > first.usage.input_tokens
+    finally:
+        replica.stop()
+
+
+def test_openai_agents_sdk_multi_turn_through_the_gateway(pool: Cluster, model: str) -> None:
+    """The Agents SDK's default model class (the Responses API), a conversation of three turns: the
+    first two carried by the SDK's own input list, the third by previous_response_id."""
+    from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)  # its traces would go to OpenAI's servers
+
+    @function_tool
+    def run_tests(path: str) -> str:
+        """Run the tests under a path."""
+        return f"{path}: 3 passed"
+
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=pool.gateway.url + "/v1", api_key=API_KEY, max_retries=0)
+        try:
+            agent = Agent(
+                name="coder",
+                instructions=SYSTEM,
+                tools=[run_tests],
+                model=OpenAIResponsesModel(model=model, openai_client=client),
+            )
+            first = await Runner.run(agent, "Find the failing test.")
+            second = await Runner.run(
+                agent, [*first.to_input_list(), {"role": "user", "content": "Now fix it."}]
+            )
+            third = await Runner.run(agent, "Thanks.", previous_response_id=second.last_response_id)
+            usage = third.context_wrapper.usage
+            assert usage.input_tokens > 0 and usage.input_tokens_details.cached_tokens > 0
+            return [first.final_output, second.final_output, third.final_output]
+        finally:
+            await client.close()
+
+    outputs = asyncio.run(run())
+    assert all(isinstance(o, str) and o for o in outputs), outputs
+
+
+# --- one conversation, three APIs
+
+
+def test_the_same_conversation_is_the_same_prompt_through_all_three_apis(pool: Cluster, model: str) -> None:
+    user, said, result = "Find the failing test.", "Running the tests.", "3 passed, 1 failed"
+    arguments = '{"path":"tests"}'
+    chat = gpt(pool).chat.completions.create(
+        model=model,
+        max_tokens=2,
+        messages=[
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": user},
+            {
+                "role": "assistant",
+                "content": said,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "run_tests", "arguments": arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": result},
+        ],
+        tools=[{"type": "function", "function": {k: v for k, v in FUNCTIONS[0].items() if k != "type"}}],
+    )
+    message = claude(pool).messages.create(
+        model=model,
+        max_tokens=2,
+        system=SYSTEM,
+        messages=[
+            {"role": "user", "content": user},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": said},
+                    {"type": "tool_use", "id": "call_1", "name": "run_tests", "input": {"path": "tests"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": result}],
+            },
+        ],
+        tools=TOOLS,
+    )
+    response = gpt(pool).responses.create(
+        model=model,
+        max_output_tokens=2,
+        instructions=SYSTEM,
+        input=[
+            {"role": "user", "content": user},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": said}]},
+            {"type": "function_call", "call_id": "call_1", "name": "run_tests", "arguments": arguments},
+            {"type": "function_call_output", "call_id": "call_1", "output": result},
+        ],
+        tools=FUNCTIONS,
+        store=False,
+    )
+    prompt = chat.usage.prompt_tokens
+    assert prompt > 100
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == prompt
+    assert response.usage.input_tokens == prompt

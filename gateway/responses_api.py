@@ -1,0 +1,490 @@
+"""OpenAI's Responses API (`POST /v1/responses`), as Codex CLI and the OpenAI Agents SDK speak it, served
+through the gateway's chat path.
+
+`input` (a string, or items: messages, `function_call`, `function_call_output`) becomes chat messages,
+`instructions` a system message first; function tools become chat tools. A `previous_response_id`
+replays the stored conversation of that response (gateway.response_store: per tenant, TTL, bounded,
+shared by replicas through the bus) as the head of the prompt, and its session: a chain is an explicit
+session. `store: false` keeps the response out of the store. Built-in tools (web search, file search,
+...) and fields no engine honours (`reasoning`, `include`, `truncation`, `text` formats other than
+plain text aside) are accepted and ignored; images and files are refused (400).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from gateway.api_bridge import (
+    Answer,
+    Delta,
+    TextDelta,
+    ToolArgumentsDelta,
+    ToolCallStart,
+    chat_turn,
+    function_tool,
+    relay,
+    sse,
+    tool_call,
+)
+from gateway.errors import ApiError
+from gateway.response_store import ResponseStore, StoredConversation, tenant_of
+from gateway.session_id import explicit_session_id
+from gateway.validation import DEFAULT_MAX_TOKENS
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+_ROLES = frozenset({"user", "assistant", "system", "developer"})
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal"})
+_UNSUPPORTED_PARTS = frozenset({"input_image", "input_file", "input_audio"})
+_IGNORED_ITEMS = frozenset({"reasoning"})
+
+
+# --- the request
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"'{where}' must be a string or a list of content parts", param=where)
+    parts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _UNSUPPORTED_PARTS:
+            raise ApiError(400, f"'{where}[{i}]': {kind} is not supported (text only)", param=where)
+        text = part.get("text", part.get("refusal")) if isinstance(part, dict) else None
+        if kind not in _TEXT_PARTS or not isinstance(text, str):
+            raise ApiError(400, f"'{where}[{i}]' must be a text content part", param=where)
+        parts.append(text)
+    return "".join(parts)
+
+
+def input_messages(value: Any) -> list[dict[str, Any]]:
+    """`input` as chat messages; function calls join the assistant message they follow."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, "'input' must be a string or a non-empty list of items", param="input")
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"'{where}' must be an object", param=where)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in _ROLES:
+                raise ApiError(400, f"'{where}.role' must be one of {sorted(_ROLES)}", param=where)
+            out.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments", "")
+            if not all(isinstance(v, str) for v in (call_id, name, arguments)):
+                raise ApiError(400, f"'{where}' needs string call_id, name and arguments", param=where)
+            last = out[-1] if out else None
+            if last is None or last["role"] != "assistant":
+                last = {"role": "assistant", "content": ""}
+                out.append(last)
+            last.setdefault("tool_calls", []).append(tool_call(call_id, name, arguments))
+        elif kind == "function_call_output":
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str):
+                raise ApiError(400, f"'{where}.call_id' must be a string", param=where)
+            output = _text(item.get("output", ""), f"{where}.output")
+            out.append({"role": "tool", "tool_call_id": call_id, "content": output})
+        elif kind in _IGNORED_ITEMS:
+            continue
+        else:
+            raise ApiError(400, f"'{where}': items of type {kind!r} are not supported", param=where)
+    return out
+
+
+def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """Function tools as chat tools; built-in tools (web search, ...) are ignored: no engine runs them."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise ApiError(400, "'tools' must be a list", param="tools")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise ApiError(400, f"'tools[{i}]' must be an object", param=f"tools[{i}]")
+        if tool.get("type") == "function":
+            out.append(
+                function_tool(
+                    tool.get("name"), tool.get("description"), tool.get("parameters"), f"tools[{i}]"
+                )
+            )
+    return out or None
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            raise ApiError(400, f"'{name}' must be a number between {low} and {high}", param=name)
+        out[name] = value
+    choice = body.get("tool_choice")
+    if choice in ("auto", "none", "required"):
+        out["tool_choice"] = choice
+    elif (
+        isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str)
+    ):
+        out["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    elif choice is not None:
+        raise ApiError(400, "'tool_choice' must be auto, none, required or a function", param="tool_choice")
+    if isinstance(body.get("parallel_tool_calls"), bool):
+        out["parallel_tool_calls"] = body["parallel_tool_calls"]
+    return out
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    value = body.get("max_output_tokens")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ApiError(400, "'max_output_tokens' must be an integer of at least 1", param="max_output_tokens")
+    return value
+
+
+# --- the answer
+
+
+def output_items(answer: Answer, message_id: str, call_ids: list[str]) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    if answer.text or not answer.tool_calls:
+        items.append(message_item(message_id, answer.text, "completed"))
+    for item_id, call in zip(call_ids, answer.tool_calls, strict=True):
+        items.append(function_item(item_id, call.id, call.name, call.arguments, "completed"))
+    return items
+
+
+def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status else []
+    return {
+        "type": "message",
+        "id": item_id,
+        "status": status or "in_progress",
+        "role": "assistant",
+        "content": content,
+    }
+
+
+def function_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def answer_message(answer: Answer) -> dict[str, Any]:
+    """The answer as the chat message a later turn replays."""
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+    if answer.tool_calls:
+        message["tool_calls"] = [tool_call(c.id, c.name, c.arguments) for c in answer.tool_calls]
+    return message
+
+
+class ResponsesTranslation:
+    """One answer as a Response object, or as the Responses event stream; stored on the way out."""
+
+    def __init__(self, api: ResponsesApi, body: dict[str, Any], context: _Context) -> None:
+        self.api = api
+        self.body = body
+        self.context = context
+        self.id = "resp_" + uuid.uuid4().hex
+        self.created_at = int(time.time())
+        self.session_id = ""
+        self._seq = 0
+        self._message_id = "msg_" + uuid.uuid4().hex
+        self._call_ids: list[str] = []  # item ids of the function calls
+        self._output: list[dict[str, Any]] = []  # the items streamed so far (done ones)
+        self._open: dict[str, Any] | None = None  # the item being streamed
+        self._text = ""
+
+    def routed(self, headers: dict[str, str]) -> None:
+        self.session_id = headers.get("x-kvgate-session", "")
+
+    def response(self, status: str, output: list[dict[str, Any]], answer: Answer | None) -> dict[str, Any]:
+        body = self.body
+        usage = None
+        incomplete = None
+        if answer is not None:
+            usage = {
+                "input_tokens": answer.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": answer.cached_tokens},
+                "output_tokens": answer.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+            }
+            if answer.finish_reason == "length":
+                status, incomplete = "incomplete", {"reason": "max_output_tokens"}
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": None,
+            "incomplete_details": incomplete,
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "model": body["model"],
+            "output": output,
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": None, "summary": None},
+            "store": self.context.store,
+            "temperature": body.get("temperature", 1.0),
+            "text": {"format": {"type": "text"}},
+            "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [],
+            "top_p": body.get("top_p", 1.0),
+            "truncation": "disabled",
+            "usage": usage,
+            "user": body.get("user"),
+            "metadata": body.get("metadata") or {},
+        }
+
+    async def whole(self, answer: Answer) -> bytes:
+        self._call_ids = ["fc_" + uuid.uuid4().hex for _ in answer.tool_calls]
+        output = output_items(answer, self._message_id, self._call_ids)
+        await self._store(answer)
+        return msgspec.json.encode(self.response("completed", output, answer))
+
+    # --- streaming
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self._seq, **fields}
+        self._seq += 1
+        return sse(kind, data)
+
+    def start(self, prompt_tokens: int, expected_cached: int) -> bytes:
+        del prompt_tokens, expected_cached  # the Response carries usage at its end only
+        created = self.response("in_progress", [], None)
+        return self._event("response.created", response=created) + self._event(
+            "response.in_progress", response=created
+        )
+
+    def deltas(self, deltas: list[Delta]) -> bytes:
+        out: list[bytes] = []
+        for delta in deltas:
+            if isinstance(delta, TextDelta):
+                if self._open is None or self._open["type"] != "message":
+                    out.append(self._close())
+                    out.append(self._open_message())
+                self._text += delta.text
+                out.append(
+                    self._event(
+                        "response.output_text.delta",
+                        item_id=self._message_id,
+                        output_index=len(self._output),
+                        content_index=0,
+                        delta=delta.text,
+                        logprobs=[],
+                    )
+                )
+            elif isinstance(delta, ToolCallStart):
+                out.append(self._close())
+                item = function_item(
+                    "fc_" + uuid.uuid4().hex, delta.call.id, delta.call.name, "", "in_progress"
+                )
+                self._call_ids.append(item["id"])
+                self._open = item
+                out.append(
+                    self._event("response.output_item.added", output_index=len(self._output), item=item)
+                )
+            elif isinstance(delta, ToolArgumentsDelta) and self._open is not None:
+                self._open["arguments"] += delta.delta
+                out.append(
+                    self._event(
+                        "response.function_call_arguments.delta",
+                        item_id=self._open["id"],
+                        output_index=len(self._output),
+                        delta=delta.delta,
+                    )
+                )
+        return b"".join(out)
+
+    def _open_message(self) -> bytes:
+        item = message_item(self._message_id, "", "")
+        self._open = item
+        index = len(self._output)
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        return self._event("response.output_item.added", output_index=index, item=item) + self._event(
+            "response.content_part.added", item_id=item["id"], output_index=index, content_index=0, part=part
+        )
+
+    def _close(self) -> bytes:
+        item, self._open = self._open, None
+        if item is None:
+            return b""
+        index = len(self._output)
+        if item["type"] == "message":
+            done = message_item(item["id"], self._text, "completed")
+            part = done["content"][0]
+            out = self._event(
+                "response.output_text.done",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                text=self._text,
+                logprobs=[],
+            ) + self._event(
+                "response.content_part.done",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                part=part,
+            )
+        else:
+            done = {**item, "status": "completed"}
+            out = self._event(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                name=item["name"],
+                arguments=item["arguments"],
+            )
+        self._output.append(done)
+        return out + self._event("response.output_item.done", output_index=index, item=done)
+
+    async def end(self, answer: Answer) -> bytes:
+        out = b""
+        if not self._output and self._open is None:
+            out += self._open_message()  # an empty answer is still one (empty) message
+        out += self._close()
+        await self._store(answer)
+        final = self.response("completed", self._output, answer)
+        kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+        return out + self._event(kind, response=final)
+
+    def stream_error(self, message: str) -> bytes:
+        return self._event("error", code="upstream_failed", message=message, param=None)
+
+    async def _store(self, answer: Answer) -> None:
+        if not self.context.store:
+            return
+        conversation = StoredConversation(
+            self.session_id, [*self.context.replay, answer_message(answer)], self.api.store.new_expiry()
+        )
+        await self.api.store.put(self.context.tenant, self.id, conversation)
+
+
+class _Context(msgspec.Struct):
+    tenant: str
+    store: bool
+    replay: list[dict[str, Any]]  # the conversation this response continues, without instructions
+
+
+# --- the endpoint
+
+
+class ResponsesApi:
+    """`POST /v1/responses` over a `Gateway`."""
+
+    def __init__(self, gateway: Gateway, store: ResponseStore) -> None:
+        self.gateway = gateway
+        self.store = store
+
+    def register(self, app: web.Application) -> None:
+        app.router.add_post("/v1/responses", self.create)
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        tenant = tenant_of(self._authorize(request))
+        body = self._decode(await self.gateway.read_body(request))
+        self.store.nc = self.gateway.replication.nc
+        previous = await self._previous(tenant, body.get("previous_response_id"))
+        new = input_messages(body.get("input"))
+        replay = [*(previous.messages if previous else []), *new]
+        instructions = body.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise ApiError(400, "'instructions' must be a string", param="instructions")
+        messages = ([{"role": "system", "content": instructions}] if instructions else []) + replay
+        store = body.get("store", True)
+        if not isinstance(store, bool):
+            raise ApiError(400, "'store' must be a boolean", param="store")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError(400, "'stream' must be a boolean", param="stream")
+        max_tokens = _max_tokens(body)
+        sampling = _sampling(body)
+        turn = chat_turn(
+            body["model"],
+            messages,
+            tools=chat_tools(body.get("tools")),
+            stream=stream,
+            max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+            sampling=sampling,
+        )
+        if max_tokens is None:
+            del turn.body["max_tokens"]  # the worker's own default, as for a chat request without one
+        explicit = explicit_session_id(request.headers, {}) or (previous.session_id if previous else None)
+        explicit = explicit or explicit_session_id({}, body)
+        translation = ResponsesTranslation(self, body, _Context(tenant, store, replay))
+
+        async def relay_responses(*args: Any, **kwargs: Any) -> Any:
+            translation.routed(kwargs["headers"])
+            return await relay(*args, **kwargs, translation=translation)
+
+        return await self.gateway.serve_turn(
+            request,
+            turn,
+            "/v1/chat/completions",
+            started=started,
+            explicit_session=explicit,
+            relay=relay_responses,
+        )
+
+    async def _previous(self, tenant: str, response_id: Any) -> StoredConversation | None:
+        if response_id is None:
+            return None
+        if not isinstance(response_id, str) or not response_id:
+            raise ApiError(400, "'previous_response_id' must be a string", param="previous_response_id")
+        found = await self.store.get(tenant, response_id)
+        if found is None:
+            raise ApiError(
+                404,
+                f"Previous response with id '{response_id}' not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        return found
+
+    @staticmethod
+    def _decode(raw: bytes) -> dict[str, Any]:
+        try:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            raise ApiError(400, "'model' is required and must be a non-empty string", param="model")
+        if body.get("conversation") is not None:
+            raise ApiError(
+                400, "'conversation' is not supported; chain with previous_response_id", param="conversation"
+            )
+        return body
+
+    def _authorize(self, request: web.Request) -> str | None:
+        """The API key (the tenant); 401 when keys are configured and this is none of them."""
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        keys = self.gateway.config.api_keys
+        if keys and not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
+            raise ApiError(401, "invalid or missing API key", code="invalid_api_key")
+        return given or None

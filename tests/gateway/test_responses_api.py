@@ -1,0 +1,121 @@
+"""Responses API <-> chat completions translation and the response store, without processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import pytest
+
+from gateway.api_bridge import ChatReader
+from gateway.errors import ApiError
+from gateway.response_store import ResponseStore, StoredConversation, tenant_of
+from gateway.responses_api import ResponsesTranslation, _Context, input_messages
+from tests.gateway.test_anthropic_api import CHUNKS
+
+
+def test_items_become_chat_messages_with_calls_joining_their_assistant_message() -> None:
+    items = [
+        {"role": "user", "content": "go"},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]},
+        {"type": "function_call", "call_id": "c1", "name": "ls", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "cat", "arguments": '{"f":"a"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "a b"},
+        {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "x"}]},
+    ]
+    assert input_messages(items) == [
+        {"role": "user", "content": "go"},
+        {
+            "role": "assistant",
+            "content": "ok",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "ls", "arguments": "{}"}},
+                {"id": "c2", "type": "function", "function": {"name": "cat", "arguments": '{"f":"a"}'}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "a b"},
+        {"role": "tool", "tool_call_id": "c2", "content": "x"},
+    ]
+    assert input_messages("hi") == [{"role": "user", "content": "hi"}]
+    for bad in (
+        [],
+        [{"type": "item_reference", "id": "x"}],
+        [{"role": "user", "content": [{"type": "input_image"}]}],
+    ):
+        with pytest.raises(ApiError):
+            input_messages(bad)
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.kept: dict[str, StoredConversation] = {}
+
+    def new_expiry(self) -> float:
+        return time.time() + 60
+
+    async def put(self, tenant: str, response_id: str, conversation: StoredConversation) -> bool:
+        self.kept[f"{tenant}.{response_id}"] = conversation
+        return True
+
+
+class _Api:
+    store = _Store()
+
+
+def test_a_streamed_tool_call_gives_responses_events_and_is_stored() -> None:
+    api = _Api()
+    body = {"model": "m", "input": "go"}
+    translation = ResponsesTranslation(api, body, _Context("anon", True, [{"role": "user", "content": "go"}]))
+    translation.routed({"x-kvgate-session": "s1"})
+    reader = ChatReader()
+    raw = translation.start(100, 0)
+    for chunk in CHUNKS:
+        raw += translation.deltas(reader.chunk(chunk))
+    raw += asyncio.run(translation.end(reader.result()))
+    events = [msgspec.json.decode(e.split(b"\ndata: ", 1)[1]) for e in raw.split(b"\n\n") if e]
+    assert [e["type"] for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]["response"]
+    assert [item["type"] for item in final["output"]] == ["message", "function_call"]
+    assert final["output"][1]["call_id"] == "call_9" and final["output"][1]["arguments"] == '{"path":"/"}'
+    assert final["usage"]["input_tokens_details"]["cached_tokens"] == 64
+    stored = api.store.kept[f"anon.{translation.id}"]
+    assert stored.session_id == "s1"
+    assert stored.messages[-1]["tool_calls"][0]["function"] == {"name": "ls", "arguments": '{"path":"/"}'}
+
+
+async def test_store_is_per_tenant_expires_and_is_bounded_in_bytes() -> None:
+    store = ResponseStore(
+        "unused", ttl_s=60, max_bytes=4096, max_entry_bytes=2048
+    )  # no bus: this process only
+    conversation = StoredConversation("s", [{"role": "user", "content": "x" * 100}], store.new_expiry())
+    assert await store.put(tenant_of("key-a"), "resp_1", conversation)
+    assert (await store.get(tenant_of("key-a"), "resp_1")) == conversation
+    assert await store.get(tenant_of("key-b"), "resp_1") is None
+    assert tenant_of("key-a") != tenant_of("key-b") and "key-a" not in tenant_of("key-a")
+    expired = StoredConversation("s", [], time.time() - 1)
+    await store.put("anon", "resp_old", expired)
+    assert await store.get("anon", "resp_old") is None
+    too_big = StoredConversation("s", [{"role": "user", "content": "x" * 4000}], store.new_expiry())
+    assert not await store.put("anon", "resp_big", too_big)
+    for i in range(100):  # far over 4 KiB in all: the oldest go first
+        await store.put("anon", f"resp_{i}", conversation)
+    assert store._bytes <= 4096
+    assert await store.get("anon", "resp_99") is not None and await store.get("anon", "resp_0") is None
