@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from loadgen.apis import API_NAMES, FORMATS
 from loadgen.distributions import Distribution, DistributionError, parse_distribution
 from loadgen.metrics import Recorder
 from loadgen.report import ReportError, Results, write_comparison, write_report, write_results
@@ -74,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--model", help="model name (default: the first of GET /v1/models)")
     target.add_argument(
         "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token ($OPENAI_API_KEY)"
+    )
+    target.add_argument(
+        "--api",
+        choices=API_NAMES,
+        default="chat",
+        help="the API the turns are sent through: chat (/v1/chat/completions), messages (Anthropic's "
+        "/v1/messages) or responses (OpenAI's /v1/responses, whole conversation each turn, store false)",
     )
     target.add_argument(
         "--no-session-header", action="store_true", help="send no x-session-id / tool-call marker"
@@ -344,6 +352,7 @@ async def _main(args: argparse.Namespace, workload: Any) -> int:
         args.max_concurrency,
         not args.no_session_header,
         extra_body,
+        FORMATS.get(args.api),
     )
     loop = asyncio.get_running_loop()
     async with client:

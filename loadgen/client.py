@@ -171,11 +171,14 @@ class StreamClient:
         max_connections: int = 512,
         session_header: bool = True,
         extra_body: dict[str, Any] | None = None,
+        api: Any = None,
     ) -> None:
+        """`api`: a `loadgen.apis.ApiFormat` (Anthropic Messages, OpenAI Responses); None: chat."""
         base = url.rstrip("/")
         if not base.endswith("/v1"):
             base += "/v1"
-        self.endpoint = base + "/chat/completions"
+        self.api = api
+        self.endpoint = base + (api.path if api is not None else "/chat/completions")
         self.model = model
         self.session_header = session_header
         self.extra_body = extra_body or {}
@@ -196,6 +199,8 @@ class StreamClient:
             await self._http.close()
 
     def body(self, turn: Turn) -> bytes:
+        if self.api is not None:
+            return _encoder.encode({**self.api.body(self.model, turn), **self.extra_body})
         payload: dict[str, Any] = {
             "model": self.model,
             "messages": turn.messages,
@@ -219,7 +224,7 @@ class StreamClient:
     async def send(self, turn: Turn, session_id: str) -> Outcome:
         assert self._http is not None, "use StreamClient as an async context manager"
         outcome = Outcome(start=time.perf_counter())
-        stream = _Stream(outcome)
+        stream = _Stream(outcome) if self.api is None else self.api.stream(outcome)
         try:
             async with self._http.post(
                 self.endpoint, data=self.body(turn), headers=self.headers(turn, session_id)
