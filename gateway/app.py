@@ -293,7 +293,7 @@ class Gateway:
                 self.metrics.retries.inc()
                 failed.add(decision.worker_id)
                 continue
-            self.metrics.count_request(path, response.status)
+            self.metrics.count_request(request.path, response.status)  # the client's endpoint
             return response
         raise ApiError(502, f"no worker could serve the request ({last_error})", code="upstream_failed")
 
