@@ -7,7 +7,7 @@
 
 FROM python:3.11-slim AS build
 
-# pyproject.toml's extras to install: "torch" for the torch worker (and HF tokenizers); empty for none.
+# pyproject.toml's extras to install: "torch" for the torch worker; empty for none.
 ARG EXTRAS=torch
 # torch comes from this index, not PyPI, whose Linux torch is the CUDA build (gigabytes of CUDA
 # libraries). A CUDA variant: https://download.pytorch.org/whl/cu128 (match your driver); empty: PyPI.

@@ -45,6 +45,7 @@ from router.protocol import (
     WorkerRegistration,
     check_token,
 )
+from router.tokenizer_files import digest, read_folder
 
 log = logging.getLogger(__name__)
 
@@ -411,6 +412,23 @@ class RemoteEngine:
 # --- the bridge
 
 
+def tokenizer_bundle(spec: str) -> tuple[str, bytes | None]:
+    """The name to register and the files to store for `--tokenizer`: a checkpoint folder or its
+    tokenizer.json this bridge can read goes on the bus by content hash (with the chat template and
+    special tokens beside it); `byte`, or a path only the gateway can read, is registered as given."""
+    if spec == "byte":
+        return spec, None
+    try:
+        files = read_folder(spec)
+    except OSError:
+        files = None
+    if files is None:
+        log.warning("tokenizer %s is not readable here: registered by path, for the gateway to read", spec)
+        return spec, None
+    data = files.encode()
+    return digest(data), data
+
+
 class BridgeConfig(msgspec.Struct, frozen=True):
     zmq_endpoint: str
     url: str
@@ -448,6 +466,7 @@ class Bridge:
         self.remote = RemoteEngine(self.translator)
         self._num_blocks = config.num_blocks
         self._epoch = time.time_ns()
+        self.tokenizer, bundle = tokenizer_bundle(config.tokenizer)
         self.publisher = Publisher(
             config.nats_url,
             Subjects(config.namespace),
@@ -456,6 +475,7 @@ class Bridge:
             auth=config.bus_auth,
             load_interval_s=config.metrics_interval_s or LOAD_REPORTS_OFF_S,
             heartbeat_interval_s=config.heartbeat_s,
+            tokenizer_bundle=bundle,
         )
         self._last_scrape: tuple[float, EngineMetrics] | None = None
         self._stopping = asyncio.Event()
@@ -471,7 +491,7 @@ class Bridge:
             engine=c.engine,
             epoch=self._epoch,
             heartbeat_ts=time.time(),
-            tokenizer=c.tokenizer,
+            tokenizer=self.tokenizer,
         )
 
     async def run(self) -> None:

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         default="byte",
-        help="tokenizer.json of the engine's model, as the gateway must load it (default: byte)",
+        help="the engine model's folder or its tokenizer.json: stored on the bus by content hash, with "
+        "tokenizer_config.json and chat_template.jinja beside it, for the gateways (default: byte)",
     )
     parser.add_argument("--num-blocks", type=int, default=0, help="engine KV blocks (default: from /metrics)")
     parser.add_argument("--topic", default="", help="ZMQ topic to subscribe to (default: all)")

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from engines.runner import SamplingParams
-from router.chat import TemplateError, Tokenizer, encode_chat
+from router.chat import ChatOptions, TemplateError, Tokenizer, encode_chat
 
 
 class RequestError(Exception):
@@ -133,7 +133,7 @@ class RequestParser:
             if tools is not None and not isinstance(tools, list):
                 raise RequestError("'tools' must be a list", "tools")
             try:
-                tokens = encode_chat(messages, self.tokenizer, tools)
+                tokens = encode_chat(messages, self.tokenizer, tools, None, ChatOptions.from_body(body))
             except TemplateError as exc:
                 raise RequestError(str(exc), "messages") from exc
         max_tokens = _int(body, "max_completion_tokens", 1) or _int(body, "max_tokens", 1)

@@ -42,6 +42,7 @@ from router.protocol import (
     decode,
     encode,
 )
+from router.tokenizer_files import HASH_PREFIX, digest
 
 log = logging.getLogger("kvgate.publisher")
 
@@ -64,9 +65,13 @@ class Publisher:
         load_interval_s: float = 0.1,
         heartbeat_interval_s: float = 1.0,
         stop_timeout_s: float = STOP_TIMEOUT_S,
+        tokenizer_bundle: bytes | None = None,
     ) -> None:
+        """`tokenizer_bundle`: the encoded `TokenizerFiles` the registration names by hash; stored in
+        the object store before the first registration, so that no gateway looks for it in vain."""
         self.nats_url = nats_url
         self.auth = auth or BusAuth()
+        self.tokenizer_bundle = tokenizer_bundle
         self.subjects = subjects
         self.loop = loop
         self.registration = registration
@@ -146,6 +151,7 @@ class Publisher:
             try:
                 await self._ensure_stream(nc)
                 await self._ensure_bucket(nc)
+                await self._store_tokenizer(nc)
                 break
             except Exception as exc:  # NATS went away mid-setup, or JetStream is not ready yet
                 log.warning("JetStream setup failed, retrying: %s", exc)
@@ -189,6 +195,26 @@ class Publisher:
                 await js.create_key_value(bucket=self.subjects.registry_bucket, history=1, ttl=REGISTRY_TTL_S)
             except nats.js.errors.BadRequestError:
                 await js.key_value(self.subjects.registry_bucket)
+
+    async def _store_tokenizer(self, nc: NATS) -> None:
+        if self.tokenizer_bundle is None:
+            return
+        name = digest(self.tokenizer_bundle).removeprefix(HASH_PREFIX)
+        js = nc.jetstream()
+        try:
+            store = await js.object_store(self.subjects.tokenizer_bucket)
+        except (BucketNotFoundError, NotFoundError):
+            try:
+                store = await js.create_object_store(self.subjects.tokenizer_bucket)
+            except nats.js.errors.BadRequestError:
+                store = await js.object_store(self.subjects.tokenizer_bucket)  # created meanwhile
+        try:
+            await store.get_info(name)
+            return  # stored already (by this model's other workers): content-addressed
+        except NotFoundError:
+            pass
+        await store.put(name, self.tokenizer_bundle)
+        log.info("stored tokenizer %s (%d bytes)", name[:12], len(self.tokenizer_bundle))
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS: %s", exc)

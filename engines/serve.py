@@ -25,7 +25,7 @@ from engines.mock import MockRunner
 from engines.runner import ModelRunner
 from engines.worker import WorkerApp, WorkerSettings
 from kvutil.bus_auth import BusAuth, add_bus_arguments, bus_auth_from, nats_url_from
-from router.chat import Tokenizer
+from router.chat import HFTokenizer, Tokenizer
 from router.hashing import DEFAULT_BLOCK_SIZE
 from router.protocol import DEFAULT_NAMESPACE, ProtocolError, Subjects, WorkerRegistration, check_token
 
@@ -130,7 +130,8 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, au
     if args.nats:
         from engines.publisher import Publisher  # nats-py only when a bus is named
 
-        publisher = Publisher(args.nats, subjects, loop, registration, auth=auth)
+        bundle = tokenizer.files.encode() if isinstance(tokenizer, HFTokenizer) else None
+        publisher = Publisher(args.nats, subjects, loop, registration, auth=auth, tokenizer_bundle=bundle)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -445,7 +445,7 @@ class AnthropicApi:
             workers = self.gateway._workers_for(body["model"])
             spec = self.gateway.bus.workers[next(iter(workers))].registration.tokenizer
             try:
-                tokens = encode_chat(messages, self.gateway.prompts.tokenizer(spec), tools)
+                tokens = encode_chat(messages, await self.gateway.tokenizer(spec), tools)
             except TemplateError as exc:
                 raise ApiError(400, str(exc), param="messages") from exc
             return web.json_response({"input_tokens": len(tokens)})

@@ -28,10 +28,11 @@ from gateway.replication import Replication
 from gateway.response_store import ResponseStore
 from gateway.responses_api import ResponsesApi
 from gateway.session_id import explicit_session_id
+from gateway.tokenizers import Tokenizers, TokenizerUnavailable
 from gateway.upstream import UpstreamPool
 from gateway.validation import Kind, Turn, parse_turn
 from kvutil.bus_auth import BusAuth
-from router.chat import TemplateError
+from router.chat import TemplateError, Tokenizer
 from router.config import RouterConfig
 from router.protocol import Subjects, WorkerRegistration
 from router.request import Decision, RouteRequest
@@ -76,7 +77,8 @@ class Gateway:
         self.admission = Admission(config.queue_bound, config.queue_timeout_s)
         hold_s = self.router.config.admission_max_hold_s + config.queue_timeout_s
         self.holds = SessionHold(self.router, hold_s)  # session_kv's admission by session
-        self.prompts = PromptEncoder()
+        self.tokenizers = Tokenizers(self.subjects.tokenizer_bucket, lambda: self.bus.nc)
+        self.prompts = PromptEncoder(resolve=self._tokenizer)
         self.bus = Bus(
             config.nats_url,
             self.subjects,
@@ -132,6 +134,7 @@ class Gateway:
         limit = self.config.max_inflight_per_worker or registration.max_num_seqs
         self.admission.set_limit(registration.worker_id, limit)
         self._urls[registration.worker_id] = registration.url
+        self.tokenizers.prefetch(registration.tokenizer)
 
     def _worker_removed(self, worker_id: str) -> None:
         self.admission.remove_worker(worker_id)
@@ -219,7 +222,7 @@ class Gateway:
         started = time.monotonic() if started is None else started
         workers = self._workers_for(turn.model)
         registration = self.bus.workers[next(iter(workers))].registration
-        tokens = self._tokens(turn, registration)
+        tokens = await self._tokens(turn, registration)
         explicit = explicit_session or explicit_session_id(request.headers, turn.body)
         hashes = self.prompts.hashes(tokens, registration.block_size, turn.cache_salt, explicit)
         session_id = self.router.resolve_session(explicit, hashes)
@@ -249,7 +252,24 @@ class Gateway:
             raise ApiError(404, f"the model '{model}' does not exist", param="model", code="model_not_found")
         return workers
 
-    def _tokens(self, turn: Turn, registration: WorkerRegistration) -> list[int]:
+    def _tokenizer(self, spec: str) -> Tokenizer:
+        tokenizer = self.tokenizers.get(spec)
+        if tokenizer is None:
+            raise TokenizerUnavailable(f"tokenizer {spec} is not loaded")
+        return tokenizer
+
+    async def tokenizer(self, spec: str) -> Tokenizer:
+        """The tokenizer a registration names, fetched once per hash; 503 while it cannot be had."""
+        tokenizer = self.tokenizers.get(spec)
+        if tokenizer is not None:
+            return tokenizer
+        try:
+            return await self.tokenizers.load(spec)
+        except TokenizerUnavailable as exc:
+            raise ApiError(503, str(exc), code="tokenizer_unavailable") from exc
+
+    async def _tokens(self, turn: Turn, registration: WorkerRegistration) -> list[int]:
+        await self.tokenizer(registration.tokenizer)
         try:
             tokens = self.prompts.tokens(turn, registration.tokenizer)
         except TemplateError as exc:

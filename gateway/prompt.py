@@ -8,9 +8,10 @@ session's hashes continue from its previous turn's (`PrefixHasher`) wherever the
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from gateway.validation import Turn
-from router.chat import SegmentCache, Tokenizer, encode_chat, load_tokenizer
+from router.chat import ChatOptions, SegmentCache, Tokenizer, encode_chat, load_tokenizer
 from router.hashing import PrefixHasher, block_hashes, hash_seed
 
 
@@ -25,8 +26,15 @@ class _SessionPrefix:
 class PromptEncoder:
     """Tokenizers per spec, and the last prompt of each recent session (bounded, LRU)."""
 
-    def __init__(self, max_sessions: int = 10_000, segment_cache: int = 8192) -> None:
+    def __init__(
+        self,
+        max_sessions: int = 10_000,
+        segment_cache: int = 8192,
+        resolve: Callable[[str], Tokenizer] = load_tokenizer,
+    ) -> None:
+        """`resolve`: the tokenizer a registration names (the gateway's fetched ones)."""
         self.max_sessions = max_sessions
+        self.resolve = resolve
         self._segment_cache_size = segment_cache
         self._caches: dict[str, SegmentCache] = {}
         self._sessions: OrderedDict[tuple[str, int, int], _SessionPrefix] = OrderedDict()
@@ -37,14 +45,15 @@ class PromptEncoder:
     def _cache(self, spec: str) -> SegmentCache:
         cache = self._caches.get(spec)
         if cache is None:
-            cache = self._caches[spec] = SegmentCache(load_tokenizer(spec), self._segment_cache_size)
+            cache = self._caches[spec] = SegmentCache(self.resolve(spec), self._segment_cache_size)
         return cache
 
     def tokens(self, turn: Turn, tokenizer_spec: str) -> list[int]:
         """Raises router.chat.TemplateError on messages the template cannot render."""
         if turn.kind == "chat":
             cache = self._cache(tokenizer_spec)
-            return encode_chat(turn.messages or [], cache.tokenizer, turn.tools, cache)
+            options = ChatOptions.from_body(turn.body)
+            return encode_chat(turn.messages or [], cache.tokenizer, turn.tools, cache, options)
         if isinstance(turn.prompt, list):
             return turn.prompt
         return self._cache(tokenizer_spec).tokenizer.encode(turn.prompt or "")

@@ -1,18 +1,41 @@
-"""Chat template and tokenizers shared by the gateway and the workers, so that both see the same tokens.
+"""Chat templates and tokenizers shared by the gateway and the workers, so that both see the same tokens.
 
-The template renders each message as its own segment, and segments are tokenized independently, so a
-new turn costs tokenization of its new messages only (`SegmentCache`), and a prompt's tokens are a
+A prompt is rendered as text segments that tokenize independently, and segments are tokenized once
+(`SegmentCache`), so a new turn costs tokenization of its new text only and a prompt's tokens are a
 pure function of its messages: the gateway's block hashes equal the worker's.
+
+- The byte tokenizer, and a tokenizer.json without a chat template: kvgate's ChatML, one segment per
+  message.
+- A model with its own chat template (`HFTokenizer` over its tokenizer files): the whole prompt
+  rendered as the engines render it (`router.template`), cut before each added token (`<|im_start|>`,
+  `<|start_header_id|>`...). The `tokenizers` library splits the text on added tokens before
+  anything else, so the pieces tokenize to exactly the whole text's tokens; a template that rewrites
+  earlier turns (dropping old reasoning, say) just makes its changed pieces new ones.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import xxhash
+
+from router.template import (
+    DEFAULT_OPTIONS,
+    ChatOptions,
+    ChatTemplate,
+    TemplateError,
+    message_texts,
+    select_template,
+    special_tokens_of,
+)
+from router.tokenizer_files import TokenizerFiles, digest, read_folder
+
+__all__ = ["ChatOptions", "TemplateError"]
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -27,6 +50,8 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def chat_segments(self, messages: Any, tools: Any, options: ChatOptions) -> list[str]: ...
 
 
 class ByteTokenizer:
@@ -66,6 +91,9 @@ class ByteTokenizer:
         parts.append(run.decode("utf-8", errors="replace"))
         return "".join(parts)
 
+    def chat_segments(self, messages: Any, tools: Any, options: ChatOptions = DEFAULT_OPTIONS) -> list[str]:
+        return render_segments(messages, tools)
+
 
 def _split_specials(text: str, specials: dict[str, int]) -> Iterable[tuple[str, int | None]]:
     """Split text into plain runs and special tokens, left to right."""
@@ -84,57 +112,106 @@ def _split_specials(text: str, specials: dict[str, int]) -> Iterable[tuple[str, 
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizer.json` (the `tokenizers` package) with the same segment template."""
+    """A Hugging Face tokenizer (tokenizer.json, via the `tokenizers` package), with the model's chat
+    template and special tokens when its files carry them, else kvgate's ChatML segments."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, files: TokenizerFiles, name: str | None = None) -> None:
         from tokenizers import Tokenizer as _HFTokenizer
 
-        self.name = path
-        self._tok = _HFTokenizer.from_file(path)
+        self.files = files
+        self.name = name or digest(files.encode())
+        try:
+            self._tok = _HFTokenizer.from_str(files.tokenizer_json.decode("utf-8"))
+        except Exception as exc:  # the Rust library raises plain Exception on a bad file
+            raise ValueError(f"invalid tokenizer.json: {exc}") from exc
+        self._config = files.config()
+        self.special_tokens = special_tokens_of(self._config)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        eos = self._tok.token_to_id(IM_END)
-        if eos is None:
-            eos = self._tok.token_to_id(ENDOFTEXT)
-        self.eos_token_id = eos if eos is not None else self.vocab_size - 1
+        self.eos_token_id = self._eos_id()
+        self._templates: dict[str, ChatTemplate] = {}
+        self._cuts = _cut_pattern(self._tok.get_added_tokens_decoder().values())
+        self.has_template = self._template_source(False) is not None
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> HFTokenizer:
+        """A checkpoint folder, or its tokenizer.json (the files beside it are read too)."""
+        files = read_folder(path)
+        if files is None:
+            raise ValueError(f"no tokenizer.json at {path}")
+        return cls(files)
+
+    def _eos_id(self) -> int:
+        for text in (self.special_tokens.get("eos_token"), IM_END, ENDOFTEXT):
+            token = self._tok.token_to_id(text) if text else None
+            if token is not None:
+                return token
+        return self.vocab_size - 1
 
     def encode(self, text: str) -> list[int]:
+        # add_special_tokens=False: chat templates write BOS themselves (transformers and vLLM agree)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tok.decode(list(token_ids), skip_special_tokens=False)
 
+    def _template_source(self, with_tools: bool) -> str | None:
+        return select_template(self._config, self.files.chat_template, with_tools)
+
+    def chat_template(self, with_tools: bool) -> ChatTemplate | None:
+        source = self._template_source(with_tools)
+        if source is None:
+            return None
+        template = self._templates.get(source)
+        if template is None:
+            template = self._templates[source] = ChatTemplate(source, self.special_tokens)
+        return template
+
+    def render(self, messages: Any, tools: Any = None, options: ChatOptions = DEFAULT_OPTIONS) -> str:
+        """The prompt text of a chat request (the model's template; ChatML without one)."""
+        template = self.chat_template(bool(tools))
+        if template is None:
+            return "".join(render_segments(messages, tools))
+        return template.render(messages, tools, options)
+
+    def chat_segments(self, messages: Any, tools: Any, options: ChatOptions = DEFAULT_OPTIONS) -> list[str]:
+        template = self.chat_template(bool(tools))
+        if template is None:
+            return render_segments(messages, tools)
+        return self.split(template.render(messages, tools, options))
+
+    def split(self, text: str) -> list[str]:
+        """`text` cut before each added token that the tokenizer splits on first."""
+        if self._cuts is None:
+            return [text]
+        pattern, cut = self._cuts
+        starts = [m.start() for m in pattern.finditer(text) if m.start() > 0 and m.group() in cut]
+        return [text[a:b] for a, b in zip([0, *starts], [*starts, len(text)], strict=True)]
+
+
+def _cut_pattern(added: Iterable[Any]) -> tuple[re.Pattern[str], frozenset[str]] | None:
+    """Every added token, longest first (the tokenizer matches leftmost-longest), and the ones a cut
+    may precede: matched on the raw text, and not eating the whitespace before them."""
+    tokens = {t.content: not t.lstrip and not t.normalized and not t.single_word for t in added}
+    cut = frozenset(t for t, safe in tokens.items() if safe)
+    if not cut:
+        return None
+    alternatives = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
+    return re.compile(alternatives), cut
+
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """`byte`, or a path to a `tokenizer.json`."""
+    """`byte`, or a local path to a checkpoint folder or a `tokenizer.json`."""
     if spec == "byte":
         return ByteTokenizer()
-    return HFTokenizer(spec)
+    return HFTokenizer.from_path(spec)
 
 
 # --- template
 
 
-class TemplateError(ValueError):
-    """A message the template cannot render (the gateway answers 400)."""
-
-
 def message_text(content: Any) -> str:
     """OpenAI content: a string, or a list of parts of which text parts are kept."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise TemplateError("only text content parts are supported")
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise TemplateError("a text content part needs a string 'text'")
-            texts.append(text)
-        return "".join(texts)
-    raise TemplateError("message content must be a string or a list of parts")
+    return "".join(message_texts(content))
 
 
 def render_segments(messages: Sequence[dict[str, Any]], tools: Sequence[Any] | None = None) -> list[str]:
@@ -190,10 +267,13 @@ def encode_chat(
     tokenizer: Tokenizer,
     tools: Sequence[Any] | None = None,
     cache: SegmentCache | None = None,
+    options: ChatOptions = DEFAULT_OPTIONS,
 ) -> list[int]:
-    """The prompt tokens of a chat request: the concatenated tokens of its segments."""
+    """The prompt tokens of a chat request: the concatenated tokens of its segments.
+
+    Raises TemplateError on a request the template cannot render."""
     encode = cache.encode if cache is not None else tokenizer.encode
     tokens: list[int] = []
-    for segment in render_segments(messages, tools):
+    for segment in tokenizer.chat_segments(messages, tools, options):
         tokens.extend(encode(segment))
     return tokens

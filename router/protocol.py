@@ -280,6 +280,11 @@ class Subjects:
         return f"kvgate_{self.namespace.replace('-', '_')}_snapshots"
 
     @property
+    def tokenizer_bucket(self) -> str:
+        """The object store bucket holding the workers' tokenizer files, named by content hash."""
+        return f"kvgate_{self.namespace.replace('-', '_')}_tokenizers"
+
+    @property
     def registry_bucket(self) -> str:
         return f"kvgate_{self.namespace.replace('-', '_')}_workers"
 

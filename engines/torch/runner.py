@@ -106,7 +106,8 @@ class TorchRunner:
             return model.to(self.device, self.dtype).eval(), tokenizer, TINY_MODEL_NAME
         model = load_checkpoint(model_path, self.device, self.dtype)
         tok_file = tokenizer_path(model_path)
-        tokenizer = HFTokenizer(str(tok_file)) if tok_file else ByteTokenizer()
+        # with the checkpoint's chat template and special tokens when it has them
+        tokenizer = HFTokenizer.from_path(model_path) if tok_file else ByteTokenizer()
         return model, tokenizer, Path(model_path).resolve().name
 
     @property
