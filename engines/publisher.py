@@ -197,24 +197,8 @@ class Publisher:
                 await js.key_value(self.subjects.registry_bucket)
 
     async def _store_tokenizer(self, nc: NATS) -> None:
-        if self.tokenizer_bundle is None:
-            return
-        name = digest(self.tokenizer_bundle).removeprefix(HASH_PREFIX)
-        js = nc.jetstream()
-        try:
-            store = await js.object_store(self.subjects.tokenizer_bucket)
-        except (BucketNotFoundError, NotFoundError):
-            try:
-                store = await js.create_object_store(self.subjects.tokenizer_bucket)
-            except nats.js.errors.BadRequestError:
-                store = await js.object_store(self.subjects.tokenizer_bucket)  # created meanwhile
-        try:
-            await store.get_info(name)
-            return  # stored already (by this model's other workers): content-addressed
-        except NotFoundError:
-            pass
-        await store.put(name, self.tokenizer_bundle)
-        log.info("stored tokenizer %s (%d bytes)", name[:12], len(self.tokenizer_bundle))
+        if self.tokenizer_bundle is not None:
+            await store_tokenizer(nc, self.subjects.tokenizer_bucket, self.tokenizer_bundle)
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS: %s", exc)
@@ -350,3 +334,23 @@ class Publisher:
                 self.next_seq += 1
                 self._wake.set()
             await asyncio.sleep(self.heartbeat_interval_s)
+
+
+async def store_tokenizer(nc: NATS, bucket: str, bundle: bytes) -> None:
+    """Put an encoded `TokenizerFiles` in the object store under its hash, unless it is there."""
+    name = digest(bundle).removeprefix(HASH_PREFIX)
+    js = nc.jetstream()
+    try:
+        store = await js.object_store(bucket)
+    except (BucketNotFoundError, NotFoundError):
+        try:
+            store = await js.create_object_store(bucket)
+        except nats.js.errors.BadRequestError:
+            store = await js.object_store(bucket)  # created meanwhile
+    try:
+        await store.get_info(name)
+        return  # stored already (by this model's other workers): content-addressed
+    except NotFoundError:
+        pass
+    await store.put(name, bundle)
+    log.info("stored tokenizer %s (%d bytes)", name[:12], len(bundle))

@@ -1,7 +1,8 @@
 """Who may publish and subscribe what on the bus: the per-role permissions of a nats-server.
 
-- A worker (or a bridge) writes only its own KV events, load reports and registration entry, may
-  create the KV stream and the registry bucket if they are missing, reads only its own pin hints and
+- A worker (or a bridge) writes only its own KV events, load reports and registration entry (and
+  tokenizer files, content-addressed), may create the KV stream, the registry and the tokenizer
+  buckets if they are missing, reads only its own pin hints and
   dump requests, and may answer the requests it receives (state dumps).
 - A gateway reads everything and writes its pin hints, dump requests and replica notes; it can neither
   register a worker nor publish a worker's events or load, nor delete or purge a stream.
@@ -44,6 +45,7 @@ def worker_permissions(subjects: Subjects, worker_id: str | None) -> dict[str, A
     and go): any worker's subjects then, and still nothing of a gateway's."""
     wid = "*" if worker_id is None else check_token(worker_id, "worker id")
     registry, stream, prefix = _kv_stream(subjects), subjects.kv_stream, subjects.prefix
+    tokenizers = f"OBJ_{subjects.tokenizer_bucket}"
     return {
         "publish": {
             "allow": [
@@ -55,6 +57,12 @@ def worker_permissions(subjects: Subjects, worker_id: str | None) -> dict[str, A
                 f"{JS_API}.STREAM.CREATE.{stream}",
                 f"{JS_API}.STREAM.INFO.{registry}",
                 f"{JS_API}.STREAM.CREATE.{registry}",
+                # its tokenizer files, stored by content hash (every reader checks the hash)
+                f"$O.{subjects.tokenizer_bucket}.>",
+                f"{JS_API}.STREAM.INFO.{tokenizers}",
+                f"{JS_API}.STREAM.CREATE.{tokenizers}",
+                f"{JS_API}.STREAM.MSG.GET.{tokenizers}",
+                f"{JS_API}.DIRECT.GET.{tokenizers}.>",
             ]
         },
         "subscribe": {"allow": [f"{prefix}.pin.{wid}", f"{prefix}.dump.{wid}", "_INBOX.>"]},

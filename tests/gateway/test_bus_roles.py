@@ -16,13 +16,17 @@ from pathlib import Path
 import nats
 import pytest
 
+from engines.publisher import store_tokenizer
 from gateway.bus import Bus
 from gateway.bus_roles import BusUser, authorization, generated_users
 from gateway.metrics import GatewayMetrics
 from gateway.natsd import NatsServer, free_port
+from gateway.tokenizers import Tokenizers
 from kvutil.bus_auth import BusAuth
 from router.protocol import Subjects, WorkerRegistration, encode
 from router.router import Router
+from router.tokenizer_files import digest, read_folder
+from tests.router.chat_families import write_tokenizer_folder
 
 NAMESPACE = "roles"
 
@@ -142,3 +146,20 @@ async def test_a_worker_cannot_publish_another_workers_events_or_load(secured) -
         await sub.unsubscribe()
         await worker1.close()
         await watcher.close()
+
+
+async def test_a_worker_stores_its_tokenizer_and_the_gateway_fetches_it(secured, tmp_path: Path) -> None:
+    server, users = secured
+    files = read_folder(write_tokenizer_folder("qwen2.5-7b-instruct", tmp_path / "qwen"))
+    assert files is not None
+    bucket = Subjects(NAMESPACE).tokenizer_bucket
+    worker = await connect(server.url, auth(users.workers["worker-0"]))
+    gateway = await connect(server.url, auth(users.gateway))
+    try:
+        await store_tokenizer(worker, bucket, files.encode())
+        await store_tokenizer(worker, bucket, files.encode())  # the second worker of the model
+        tokenizer = await Tokenizers(bucket, lambda: gateway).load(digest(files.encode()))
+        assert tokenizer.vocab_size > 256
+    finally:
+        await worker.close()
+        await gateway.close()
