@@ -124,6 +124,7 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, au
             heartbeat_ts=time.time(),
             tokenizer=tokenizer.name,
             max_num_seqs=config.max_num_seqs,
+            max_model_len=engine.max_model_len,
         )
 
     publisher = None

@@ -83,6 +83,7 @@ class WorkerApp:
             "object": "model",
             "created": self.created,
             "owned_by": "kvgate",
+            "max_model_len": self.loop.engine.max_model_len,  # as vLLM reports it: prompt + output
         }
         return web.json_response({"object": "list", "data": [model]})
 

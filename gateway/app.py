@@ -183,8 +183,15 @@ class Gateway:
 
     async def models(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        names = sorted({s.registration.model for s in self.bus.workers.values()})
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "kvgate"} for name in names]
+        lengths: dict[str, list[int]] = {}
+        for state in self.bus.workers.values():
+            lengths.setdefault(state.registration.model, []).append(state.registration.max_model_len)
+        data = []
+        for name in sorted(lengths):
+            model: dict[str, object] = {"id": name, "object": "model", "created": 0, "owned_by": "kvgate"}
+            if min(lengths[name]) > 0:  # what every worker of the model serves, when they all said
+                model["max_model_len"] = min(lengths[name])
+            data.append(model)
         return web.json_response({"object": "list", "data": data})
 
     # --- turns

@@ -15,16 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from loadgen.apis import API_NAMES, FORMATS
 from loadgen.distributions import Distribution, DistributionError, parse_distribution
 from loadgen.metrics import Recorder
 from loadgen.report import ReportError, Results, write_comparison, write_report, write_results
-from loadgen.trace import TRACE_BLOCK_SIZE, TraceContent, TraceError, load_trace
+from loadgen.trace import TRACE_BLOCK_SIZE, TraceContent, TraceError, TraceRow, load_trace
 
 WORKLOADS = ("agentic", "chat", "prefix")
+DEFAULT_DURATION_S = 60.0  # a synthetic workload never ends by itself
 
 # option -> (workload config field, help); defaults come from the workload's config class
 DISTRIBUTION_OPTIONS: dict[str, tuple[str, str]] = {
@@ -111,10 +111,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--duration",
         type=float,
-        default=60.0,
-        help="seconds to send for, 0 for no limit (default %(default)s)",
+        help=f"seconds to send for, 0 for no limit (default {DEFAULT_DURATION_S:g} for a workload without"
+        " --requests; none with --requests or --trace). With --requests too, whichever comes first ends"
+        " the run",
     )
-    load.add_argument("--requests", type=int, help="stop after sending this many requests")
+    load.add_argument(
+        "--requests", type=int, help="stop after sending this many requests (default: no limit)"
+    )
     load.add_argument(
         "--warmup", type=float, default=0.0, help="seconds whose requests the summary leaves out"
     )
@@ -151,7 +154,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chars-per-token", type=float, default=1.0, help="1 for a byte tokenizer (default), ~3 for BPE"
     )
     shape.add_argument(
-        "--max-context", type=int, help="a session ends before its prompt would exceed this many tokens"
+        "--max-context",
+        type=int,
+        help="prompt + reply tokens a request may take: sessions end before it, replies and trace rows"
+        " are cut to it (default: the max_model_len of GET /v1/models less a margin; none if not given)",
     )
     for option, (field, help_text) in DISTRIBUTION_OPTIONS.items():
         shape.add_argument(option, type=_distribution, help=f"{help_text}; default {_defaults(field)}")
@@ -192,10 +198,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         _check(args)
-        workload = build_workload(args)
+        rows = _load_rows(args) if args.trace is not None else None
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
-    return _run_loop(_main(args, workload))
+    return _run_loop(_main(args, rows))
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -219,7 +225,7 @@ def _check(args: argparse.Namespace) -> None:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     for name in ("duration", "warmup", "drain", "max_think_s"):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     if args.extra_body is not None and not isinstance(args.extra_body, dict):
         raise ValueError("--extra-body must be a JSON object")
@@ -239,27 +245,78 @@ def _with_distributions(config: msgspec.Struct, args: argparse.Namespace) -> msg
     return msgspec.structs.replace(config, **changes)
 
 
-def build_workload(args: argparse.Namespace) -> Any:
+def _load_rows(args: argparse.Namespace) -> list[TraceRow]:
+    try:
+        rows = load_trace(args.trace, args.limit)
+    except TraceError as exc:
+        raise ValueError(str(exc)) from exc
+    if not rows:
+        raise ValueError(f"{args.trace}: no rows")
+    return rows
+
+
+def duration_s(args: argparse.Namespace) -> float | None:
+    """The run's time limit: --duration, else 60 s unless --requests or the trace ends the run."""
+    if args.duration is not None:
+        return args.duration or None
+    return None if args.requests is not None or args.trace is not None else DEFAULT_DURATION_S
+
+
+def build_workload(
+    args: argparse.Namespace, rows: list[TraceRow] | None, context: int | None
+) -> tuple[Any, str]:
+    """The workload sized to `context` tokens (prompt + reply; None: unbounded), and a line saying how."""
     from loadgen import workloads
+    from loadgen.fit import fit_trace
     from loadgen.replay import TraceWorkload
 
-    if args.trace is not None:
-        try:
-            rows = load_trace(args.trace, args.limit)
-        except TraceError as exc:
-            raise ValueError(str(exc)) from exc
-        if not rows:
-            raise ValueError(f"{args.trace}: no rows")
+    if rows is not None:
+        note = f"{len(rows)} trace rows"
+        if context is not None:
+            fit = fit_trace(rows, context, args.chars_per_token)
+            if not fit.rows:
+                raise ValueError(f"none of the {len(rows)} trace rows fits in {context} tokens")
+            if fit.left_out:
+                note = (
+                    f"{fit.left_out} of {len(rows)} trace rows need more than {context} tokens and are left"
+                    f" out ({fit.sessions_cut} sessions end early)"
+                )
+            rows = fit.rows
         content = TraceContent(trace_block_size=args.trace_block_size, seed=args.seed)
-        return TraceWorkload(rows, content, max_think_s=args.max_think_s, rate_scale=args.rate_scale)
+        workload = TraceWorkload(rows, content, max_think_s=args.max_think_s, rate_scale=args.rate_scale)
+        return workload, note
     rate = 1.0 if args.rate is None else args.rate
+    sized: Any
     if args.workload == "agentic":
         config = _with_distributions(workloads.AgenticConfig(agent_types=args.agent_types), args)
-        return workloads.AgenticWorkload(config, rate, args.seed)
-    if args.workload == "chat":
-        return workloads.ChatWorkload(_with_distributions(workloads.ChatConfig(), args), rate, args.seed)
-    config = _with_distributions(workloads.PrefixConfig(prefixes=args.prefixes), args)
-    return workloads.PrefixWorkload(config, rate, args.seed)
+        sized = workloads.AgenticWorkload(_sized(config, context), rate, args.seed)
+        what, option = "system prompt and tools", "--system-len"
+    elif args.workload == "chat":
+        config = _with_distributions(workloads.ChatConfig(), args)
+        sized = workloads.ChatWorkload(_sized(config, context), rate, args.seed)
+        what, option = "system prompt", "--system-len"
+    else:
+        config = _with_distributions(workloads.PrefixConfig(prefixes=args.prefixes), args)
+        sized = workloads.PrefixWorkload(_sized(config, context), rate, args.seed)
+        what, option = "shared prefix", "--prefix-len"
+    room = sized.system_room()
+    if room is not None and room < MIN_ROOM_TOKENS:
+        raise ValueError(
+            f"the {what} take nearly all of the {context} tokens a request may use: lower {option}"
+            " or raise --max-context"
+        )
+    if context is None:
+        return sized, "prompts unbounded (the server gave no max_model_len; --max-context to set one)"
+    if args.workload == "prefix":
+        return sized, f"questions and replies cut to fit {context} tokens"
+    return sized, f"sessions end before prompt + reply exceed {context} tokens, replies cut to fit"
+
+
+MIN_ROOM_TOKENS = 64  # a first turn needs a task and a reply beside the system prompt
+
+
+def _sized(config: msgspec.Struct, context: int | None) -> Any:
+    return msgspec.structs.replace(config, max_context_tokens=context)
 
 
 def _run_loop(coro: Any) -> int:
@@ -273,30 +330,17 @@ def _run_loop(coro: Any) -> int:
         return runner.run(coro)
 
 
-async def discover_model(url: str, api_key: str | None, timeout_s: float = 10.0) -> str:
-    base = url.rstrip("/")
-    base = base if base.endswith("/v1") else base + "/v1"
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as http,
-            http.get(base + "/models", headers=headers) as r,
-        ):
-            body = await r.json(content_type=None)
-            models = body.get("data") or []
-            if r.status == 200 and models:
-                return str(models[0]["id"])
-            raise ValueError(f"GET {base}/models answered {r.status} without models; pass --model")
-    except (
-        aiohttp.ClientError,
-        TimeoutError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        json.JSONDecodeError,
-    ) as exc:
-        raise ValueError(f"cannot list models at {base}/models ({exc}); pass --model") from exc
+def _plan(args: argparse.Namespace, served: Any, sizing: str) -> str:
+    """One line before the run: what is sent where, how it is sized, and what ends the run."""
+    limit = duration_s(args)
+    ends = [f"{limit:g} s (--duration)"] if limit is not None else []
+    if args.requests is not None:
+        ends.append(f"{args.requests} requests (--requests)")
+    end = " or ".join(ends) + (", whichever comes first" if len(ends) > 1 else "")
+    what = f"trace {args.trace}" if args.trace is not None else f"{args.workload} workload"
+    length = f", max_model_len {served.max_model_len}" if served.max_model_len else ""
+    stop = f"the run ends after {end}" if ends else "the run ends with the workload"
+    return f"{what} -> {args.url} (model {served.name}{length}): {sizing}; {stop}"
 
 
 def _config_record(args: argparse.Namespace, workload: Any, model: str) -> dict[str, Any]:
@@ -307,7 +351,7 @@ def _config_record(args: argparse.Namespace, workload: Any, model: str) -> dict[
         "session_header": not args.no_session_header,
         "rate": args.rate,
         "concurrency": args.concurrency,
-        "duration_s": args.duration,
+        "duration_s": duration_s(args),
         "requests": args.requests,
         "warmup_s": args.warmup,
         "seed": args.seed,
@@ -322,20 +366,27 @@ def _config_record(args: argparse.Namespace, workload: Any, model: str) -> dict[
     return record
 
 
-async def _main(args: argparse.Namespace, workload: Any) -> int:
+async def _main(args: argparse.Namespace, rows: list[TraceRow] | None) -> int:
     from loadgen.client import StreamClient
     from loadgen.driver import Driver, RunConfig
+    from loadgen.fit import context_budget, served_model
     from loadgen.progress import ProgressDisplay
 
     try:
-        model = args.model or await discover_model(args.url, args.api_key)
+        served = await served_model(args.url, args.api_key, args.model)
+        context = args.max_context
+        if context is None and served.max_model_len is not None:
+            context = context_budget(served.max_model_len)
+        workload, sizing = build_workload(args, rows, context)
     except ValueError as exc:
         return _fail(str(exc))
+    model = served.name
+    print(f"kvgate loadgen: {_plan(args, served, sizing)}", file=sys.stderr)
     extra_body = dict(args.extra_body or {})
     if args.ignore_eos:
         extra_body["ignore_eos"] = True
     config = RunConfig(
-        duration_s=args.duration or None,
+        duration_s=duration_s(args),
         requests=args.requests,
         warmup_s=args.warmup,
         concurrency=args.concurrency,
@@ -382,7 +433,7 @@ async def _main(args: argparse.Namespace, workload: Any) -> int:
     # the loadgen's own CPU: a figure near 1 core per second of wall means the loadgen, not the server,
     # may be the bottleneck
     own = {"loadgen_cpu_s": round(cpu_s, 3), "loadgen_cpu_util": round(cpu_s / wall, 3) if wall else None}
-    summary = recorder.summary(wall, {**own, "interrupted": driver.interrupted})
+    summary = recorder.summary(wall, {**own, "interrupted": driver.interrupted, "ended_by": driver.ended_by})
     if args.out is not None:
         results = Results(
             summary, _config_record(args, workload, model), recorder.requests, recorder.sessions

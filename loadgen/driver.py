@@ -44,6 +44,8 @@ class Driver:
         self.stopping = asyncio.Event()
         self._idle = asyncio.Event()  # set when no task is left: the workload ran out
         self.interrupted = False
+        # what ended the run: "duration", "requests", "interrupt", or "workload" (it ran out)
+        self.ended_by: str | None = None
         self._sessions: Iterator[tuple[float, Session]] = iter(())
         self._budget = config.requests
         self._slots = asyncio.Semaphore(max(1, config.max_concurrency))
@@ -53,9 +55,10 @@ class Driver:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "interrupt") -> None:
         """No new requests; cancel sessions that are only waiting."""
         if not self.stopping.is_set():
+            self.ended_by = reason
             self.stopping.set()
             for task in list(self._waiting):
                 task.cancel()
@@ -72,7 +75,7 @@ class Driver:
         self._sessions = self.workload.sessions()
         timer = None
         if self.config.duration_s is not None:
-            timer = asyncio.get_running_loop().call_later(self.config.duration_s, self.stop)
+            timer = asyncio.get_running_loop().call_later(self.config.duration_s, self.stop, "duration")
         try:
             if self.config.concurrency:
                 for _ in range(self.config.concurrency):
@@ -83,6 +86,8 @@ class Driver:
         finally:
             if timer is not None:
                 timer.cancel()
+        if self.ended_by is None:
+            self.ended_by = "workload"
         return self.elapsed()
 
     async def _join(self) -> None:
@@ -197,11 +202,11 @@ class Driver:
         if self._budget is None:
             return True
         if self._budget <= 0:
-            self.stop()
+            self.stop("requests")
             return False
         self._budget -= 1
         if self._budget == 0:
-            asyncio.get_running_loop().call_soon(self.stop)
+            asyncio.get_running_loop().call_soon(self.stop, "requests")
         return True
 
     async def _send(self, turn: Turn, session_id: str) -> Outcome:

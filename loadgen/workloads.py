@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -81,13 +82,19 @@ def poisson_offsets(rate: float, rng: random.Random) -> Iterator[float]:
             t += rng.expovariate(rate)
 
 
-def _fits(messages: list[dict[str, Any]], tools_chars: int, max_tokens: int | None, cpt: float) -> bool:
-    """Whether the prompt stays within `max_tokens` (estimated from characters; a real agent would
-    compact its context here, a bench ends the session)."""
-    if max_tokens is None:
-        return True
+def _room(messages: list[dict[str, Any]], tools_chars: int, context: int | None, cpt: float) -> int | None:
+    """Tokens left for the reply when the prompt (estimated from characters) and the reply must fit in
+    `context` tokens, as a server's max_model_len counts them; None when unbounded. Below 1, a real
+    agent would compact its context here; a bench ends the session."""
+    if context is None:
+        return None
     chars = tools_chars + sum(len(m.get("content") or "") + 64 for m in messages)  # 64: role, tool call
-    return chars / cpt <= max_tokens
+    return context - math.ceil(chars / cpt)
+
+
+def _reply_tokens(dist: Distribution, rng: random.Random, room: int | None) -> int:
+    wanted = dist.sample_int(rng, floor=1)
+    return wanted if room is None else min(wanted, room)
 
 
 class AgentType(msgspec.Struct):
@@ -181,15 +188,15 @@ class AgenticSession:
             self._messages.extend(self._tool_round(reply))
             delay = self._config.tool_time_s.sample(rng)
         config = self._config
-        if not _fits(
-            self._messages, self._agent.tools_chars, config.max_context_tokens, config.chars_per_token
-        ):
+        tools_chars = self._agent.tools_chars
+        room = _room(self._messages, tools_chars, config.max_context_tokens, config.chars_per_token)
+        if room is not None and room < 1:
             self._turns_left = 0
             return None
         self._turn += 1
         return Turn(
             messages=list(self._messages),
-            max_tokens=self._config.output_tokens.sample_int(rng, floor=1),
+            max_tokens=_reply_tokens(config.output_tokens, rng, room),
             tools=None if self._config.plain_tools else self._agent.tools,
             tool_result=reply is not None,
             delay_s=delay,
@@ -207,6 +214,13 @@ class AgenticWorkload:
         self.agents = [
             _make_agent(i, config, self._text, self._rng) for i in range(max(1, config.agent_types))
         ]
+
+    def system_room(self) -> int | None:
+        """Tokens the largest system prompt and tool definitions leave for a session (None: no
+        context given)."""
+        context, cpt = self.config.max_context_tokens, self.config.chars_per_token
+        rooms = [_room([{"content": a.system_prompt}], a.tools_chars, context, cpt) for a in self.agents]
+        return None if context is None else min(r for r in rooms if r is not None)
 
     def sessions(self) -> Iterator[tuple[float, Session]]:
         for index, offset in zip(itertools.count(), poisson_offsets(self.rate, self._rng)):
@@ -251,12 +265,13 @@ class ChatSession:
             {"role": "user", "content": f"[{self.session_id}] " + self._text.text(chars, rng)}
         )
         config = self._config
-        if not _fits(self._messages, 0, config.max_context_tokens, config.chars_per_token):
+        room = _room(self._messages, 0, config.max_context_tokens, config.chars_per_token)
+        if room is not None and room < 1:
             self._turns_left = 0
             return None
         return Turn(
             messages=list(self._messages),
-            max_tokens=self._config.output_tokens.sample_int(rng, floor=1),
+            max_tokens=_reply_tokens(config.output_tokens, rng, room),
             delay_s=0.0 if reply is None else self._config.think_time_s.sample(rng),
         )
 
@@ -272,6 +287,11 @@ class ChatWorkload:
         chars = max(1, round(config.system_tokens.sample(self._rng) * config.chars_per_token))
         self._system = "You are a helpful assistant. " + self._text.text(chars, self._rng)
 
+    def system_room(self) -> int | None:
+        """Tokens the system prompt leaves for a session (None: no context given)."""
+        config = self.config
+        return _room([{"content": self._system}], 0, config.max_context_tokens, config.chars_per_token)
+
     def sessions(self) -> Iterator[tuple[float, Session]]:
         for index, offset in zip(itertools.count(), poisson_offsets(self.rate, self._rng)):
             session_rng = random.Random(self._rng.getrandbits(64))
@@ -284,6 +304,7 @@ class PrefixConfig(msgspec.Struct):
     suffix_tokens: Distribution = parse_distribution("lognormal:128,0.8,max=4000")
     output_tokens: Distribution = parse_distribution("lognormal:64,0.7,min=1,max=1024")
     chars_per_token: float = 1.0
+    max_context_tokens: int | None = None  # a request's question and reply are cut to fit
 
 
 class SingleTurn:
@@ -317,18 +338,33 @@ class PrefixWorkload:
             for i in range(max(1, config.prefixes))
         ]
 
+    def system_room(self) -> int | None:
+        """Tokens the longest prefix leaves for a question and its reply (None: no context given)."""
+        longest = max(self._prefixes, key=len)
+        return _room([{"content": longest}, {"content": ""}], 0, self.config.max_context_tokens, self._cpt)
+
+    @property
+    def _cpt(self) -> float:
+        return self.config.chars_per_token
+
     def sessions(self) -> Iterator[tuple[float, Session]]:
-        cpt = self.config.chars_per_token
+        cpt = self._cpt
+        context = self.config.max_context_tokens
         for index, offset in zip(itertools.count(), poisson_offsets(self.rate, self._rng)):
             prefix_id = self._rng.randrange(len(self._prefixes))
-            question = self._text.text(
-                max(1, round(self.config.suffix_tokens.sample(self._rng) * cpt)), self._rng
-            )
+            prefix = self._prefixes[prefix_id]
+            chars = max(1, round(self.config.suffix_tokens.sample(self._rng) * cpt))
+            room = _room([{"content": prefix}, {"content": ""}], 0, context, cpt)
+            if room is not None:  # the question takes at most half of what the prefix leaves
+                chars = max(1, min(chars, int(room // 2 * cpt)))
+            messages = [
+                {"role": "system", "content": prefix},
+                {"role": "user", "content": f"[q{index}] " + self._text.text(chars, self._rng)},
+            ]
             turn = Turn(
-                messages=[
-                    {"role": "system", "content": self._prefixes[prefix_id]},
-                    {"role": "user", "content": f"[q{index}] {question}"},
-                ],
-                max_tokens=self.config.output_tokens.sample_int(self._rng, floor=1),
+                messages=messages,
+                max_tokens=_reply_tokens(
+                    self.config.output_tokens, self._rng, _room(messages, 0, context, cpt)
+                ),
             )
             yield offset, SingleTurn(f"p{index:07d}", f"prefix{prefix_id}", turn)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
@@ -113,6 +113,8 @@ class WorkerRegistration(msgspec.Struct, frozen=True):
     tokenizer: str = "byte"
     max_num_seqs: int = 256
     publishes_events: bool = True
+    # prompt + output tokens the worker serves; 0: unknown (e.g. a bridge's)
+    max_model_len: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 MAX_URL_CHARS = 2048

@@ -180,6 +180,10 @@ def test_models_health_ready_metrics(pool: Cluster) -> None:
     status, ready = http_get(pool.gateway.url + "/ready")
     assert status == 200 and ready["workers"] == 2 and ready["nats"]
     assert http_get(pool.gateway.url + "/v1/models")[0] == 401
+    # the served context, as vLLM lists it: the workers' own, then the gateway's (the least of them)
+    own = [http_get(w.url + "/v1/models")[1]["data"][0]["max_model_len"] for w in pool.workers.values()]
+    listed = http_get(pool.gateway.url + "/v1/models", {"authorization": f"Bearer {API_KEY}"})[1]["data"]
+    assert own[0] > 0 and [m["max_model_len"] for m in listed] == [min(own)]
     with urllib.request.urlopen(pool.gateway.url + "/metrics") as resp:
         text = resp.read().decode()
     for name in (

@@ -16,7 +16,7 @@ from aiohttp import web
 from tests.loadgen.sse_server import SseServer
 
 ROOT = Path(__file__).resolve().parents[2]
-TRACES = ROOT.parent / "shared" / "traces"
+TRACES = ROOT / "traces"  # the samples the repository ships
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -39,11 +40,18 @@ def assert_charts(out: Path) -> None:
 @pytest.fixture
 async def mock_gateway(tmp_path: Path) -> AsyncIterator[str]:
     """`kvgate up --engine mock`: NATS, two zero-latency mock workers and the gateway, as a user runs it."""
+    workers = "--speedup 1000 --num-blocks 4096"
+    async with kvgate_up(tmp_path, "--workers", "2", "--worker-args", workers) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def kvgate_up(tmp_path: Path, *extra: str) -> AsyncIterator[str]:
+    """`kvgate up --engine mock EXTRA` on a free port, until the block ends; yields the gateway's URL."""
     port = free_port()
     log = (tmp_path / "up.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "up", "--engine", "mock", "--workers", "2", "--port", str(port),
-        "--worker-args", "--speedup 1000 --num-blocks 4096",
+        sys.executable, "-m", "gateway.cli", "up", "--engine", "mock", "--port", str(port), *extra,
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
     )  # fmt: skip
     try:
@@ -61,6 +69,20 @@ async def mock_gateway(tmp_path: Path) -> AsyncIterator[str]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
         log.close()
+
+
+@pytest.mark.slow
+async def test_the_defaults_fit_the_default_server(tmp_path: Path) -> None:
+    """`kvgate loadgen` with its defaults against `kvgate up --engine mock` with its defaults (a free
+    port; 20 s instead of 60): the workload is sized to the workers' context, so nothing is refused."""
+    async with kvgate_up(tmp_path) as url:
+        run = await run_loadgen(["--url", url, "--no-progress", "--duration", "20"], timeout=150)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = run.summary()
+    assert summary["errors"] == 0 and summary["completed"] > 0, summary
+    assert summary["sessions_completed"] > 0 and summary["ended_by"] == "duration"
+    plan = run.stderr.splitlines()[0]  # said up front, in one line
+    assert "max_model_len 16384" in plan and "the run ends after 20 s (--duration)" in plan
 
 
 @pytest.mark.slow
@@ -95,9 +117,8 @@ async def test_agentic_run_against_kvgate_up_writes_results_report_and_charts(
     assert_charts(out)
 
 
-@pytest.mark.skipif(not (TRACES / "cc_sessions_dev.jsonl").exists(), reason="shared traces not present")
 async def test_trace_replay_is_closed_loop_per_session(sse: Served, tmp_path: Path) -> None:
-    trace = TRACES / "cc_sessions_dev.jsonl"
+    trace = TRACES / "cc_sessions_sample.jsonl"
     limit, scale, cap = 60, 100.0, 0.4
     out = tmp_path / "replay"
     run = await run_loadgen(

@@ -1,11 +1,9 @@
 from pathlib import Path
 
-import pytest
-
 from loadgen.replay import TraceWorkload, think_delay_s
 from loadgen.trace import TraceContent, TraceRow, load_trace
 
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[2] / "traces"  # the samples the repository ships
 
 
 def _content() -> TraceContent:
@@ -46,9 +44,8 @@ def test_session_rows_are_one_closed_loop_session_each() -> None:
     assert think_delay_s(rows[2], 10.0, 2.0) == 1.5
 
 
-@pytest.mark.skipif(not (TRACES / "cc_sessions_dev.jsonl").exists(), reason="shared traces not present")
 def test_claude_code_trace_slice_yields_every_row_once() -> None:
-    rows = load_trace(TRACES / "cc_sessions_dev.jsonl", limit=120)
+    rows = load_trace(TRACES / "cc_sessions_sample.jsonl", limit=120)
     sent = 0
     for _, session in TraceWorkload(rows, TraceContent(), rate_scale=10.0).sessions():
         while session.next_turn("reply") is not None:

@@ -1,11 +1,9 @@
 from pathlib import Path
 
-import pytest
-
 from loadgen.trace import TraceBlockHasher, TraceContent, TraceRow, is_session_trace, load_trace
 from router.hashing import block_hashes
 
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[2] / "traces"  # the samples the repository ships
 
 
 def test_memoised_block_hashes_equal_hashing_the_tokens() -> None:
@@ -28,12 +26,11 @@ def test_text_is_deterministic_and_shares_prefixes() -> None:
     assert a[:512] == b[:512] and a != b and len(a) == 1024
 
 
-@pytest.mark.skipif(not TRACES.exists(), reason="shared traces not present")
-def test_shared_traces_load() -> None:
-    rows = load_trace(TRACES / "cc_sessions_dev.jsonl", limit=50)
+def test_the_shipped_traces_load() -> None:
+    rows = load_trace(TRACES / "cc_sessions_sample.jsonl", limit=50)
     assert len(rows) == 50 and is_session_trace(rows)
     assert all(r.hash_ids and r.input_length > 0 for r in rows)
-    mooncake = load_trace(TRACES / "mooncake_conversation.jsonl", limit=50)
+    mooncake = load_trace(TRACES / "mooncake_conversation_sample.jsonl", limit=50)
     assert not is_session_trace(mooncake)
 
 
