@@ -9,6 +9,12 @@ blocks, with a TTL) are only an eviction order: they never make an allocation fa
 Every change of the cached set is appended to `events` (BlockStored, BlockRemoved, AllBlocksCleared),
 in order; the engine drains them after each step. Replaying them reproduces `cached_blocks()`.
 
+With a host tier (`host_blocks` > 0, engines/host_tier.py), an evicted block worth keeping is offloaded
+there instead of dropped, and the blocks that follow a sequence's device prefix on the host are
+onboarded at admission instead of recomputed: they become device blocks again at once (events on both
+tiers), and the copies that make it true wait in `offloads` / `onboards` for the engine to run before
+the step computes anything (`take_copies`). With no host tier nothing of this runs.
+
 The specification is tests/engines/reference_block_manager.py (one call per block, first written);
 this manager gives the same block ids, events and eviction order (tested). It differs in two places
 only, both measured on the simulator: a waiting sequence's prefix match is remembered between steps
@@ -21,8 +27,22 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 
+import msgspec
+
+from engines.host_tier import HostTier
 from engines.sequence import Sequence
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
+
+
+class BlockCopies(msgspec.Struct):
+    """The copies a step must run before it computes: offloads first (device block -> host slot, out of
+    blocks about to be reused), then onboards (host slot -> device block)."""
+
+    offloads: list[tuple[int, int]]
+    onboards: list[tuple[int, int]]
+
+    def __bool__(self) -> bool:
+        return bool(self.offloads or self.onboards)
 
 
 class Pin:
@@ -57,9 +77,12 @@ class BlockManager:
         block_size: int,
         clock: Callable[[], float],
         max_pinned_blocks: int | None = None,
+        host_blocks: int = 0,
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
+        if host_blocks < 0:
+            raise ValueError("host_blocks must not be negative")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.clock = clock
@@ -84,6 +107,10 @@ class BlockManager:
         self._cache_version = 0  # bumped by every change of the cached set
         self._evictions = 0  # bumped by every removal from it
         self._match: PrefixMatch | None = None
+        self.host = HostTier(host_blocks) if host_blocks else None
+        self._host_removed: list[int] = []  # host drops and claims not yet one BlockRemoved event
+        self.offloads: list[tuple[int, int]] = []  # (device block, host slot), in order
+        self.onboards: list[tuple[int, int]] = []  # (host slot, device block)
 
     # --- state
 
@@ -99,19 +126,31 @@ class BlockManager:
         return self.num_used / self.num_blocks
 
     def cached_blocks(self) -> list[CachedBlock]:
-        return [CachedBlock(h, self.parent_of[b]) for h, b in self._by_hash.items()]
+        blocks = [CachedBlock(h, self.parent_of[b]) for h, b in self._by_hash.items()]
+        if self.host is not None:
+            blocks += [CachedBlock(h, p, "host") for h, p in self.host.parent_of.items()]
+        return blocks
 
     def is_cached(self, block_hash: int) -> bool:
         return block_hash in self._by_hash
 
     @property
     def has_events(self) -> bool:
-        return bool(self.events or self._removed)
+        return bool(self.events or self._removed or self._host_removed)
 
     def take_events(self) -> list[KvEvent]:
         self._flush_removed()
+        self._flush_host_removed()
         events, self.events = self.events, []
         return events
+
+    def take_copies(self) -> BlockCopies:
+        """The copies decided since the last call; the engine runs them before the step's compute."""
+        copies = BlockCopies(self.offloads, self.onboards)
+        self.offloads, self.onboards = [], []
+        if self.host is not None:
+            self.host.release_claimed()
+        return copies
 
     # --- allocation
 
@@ -140,6 +179,19 @@ class BlockManager:
         self._match = match
         return len(found)
 
+    def match_host(self, seq: Sequence, num_hits: int) -> int:
+        """Full blocks of `seq` on the host right after its first `num_hits` (its device prefix), within
+        the same limit as `match_prefix`: the blocks `allocate` would onboard."""
+        if self.host is None:
+            return 0
+        limit = (len(seq) - 1) // self.block_size
+        found = 0
+        for block_hash in seq.hashes(limit)[num_hits:limit]:
+            if block_hash not in self.host:
+                break
+            found += 1
+        return found
+
     def can_allocate(self, seq: Sequence, num_hits: int) -> bool:
         need = self.blocks_needed(len(seq)) - num_hits
         free = self.num_free
@@ -150,9 +202,10 @@ class BlockManager:
         free_hits = sum(1 for block_id in self._hit_ids(seq, num_hits) if refs[block_id] == 0)
         return free - free_hits >= need
 
-    def allocate(self, seq: Sequence, num_hits: int) -> None:
-        """Give `seq` its cached prefix (`num_hits` blocks) and fresh blocks for the rest of its tokens.
-        The caller checked `can_allocate`."""
+    def allocate(self, seq: Sequence, num_hits: int, num_onboard: int = 0) -> None:
+        """Give `seq` its cached prefix (`num_hits` blocks) and fresh blocks for the rest of its tokens,
+        the first `num_onboard` of them filled from the host (`match_host`). The caller checked
+        `can_allocate` (an onboarded block needs a fresh block, as a computed one does)."""
         table = seq.block_table
         refs = self.ref_counts
         evictable, pinned_free = self._evictable, self._pinned_free
@@ -164,13 +217,20 @@ class BlockManager:
                 self.num_used += 1
             refs[block_id] += 1
         table.extend(hit_ids)
+        # claimed before any eviction below can offload to the host and make it drop them
+        onboarded = seq.hashes(num_hits + num_onboard)[num_hits : num_hits + num_onboard]
+        slots = self._claim_from_host(onboarded) if onboarded else []
         fresh = self.blocks_needed(len(seq)) - num_hits
         if fresh > 0:
             table.extend(self._take_free(fresh))
-        seq.num_computed_tokens = num_hits * self.block_size
-        seq.num_committed_blocks = num_hits
+        if onboarded:
+            self._onboard(seq, num_hits, onboarded, slots)
+        computed = num_hits + len(onboarded)
+        seq.num_computed_tokens = computed * self.block_size
+        seq.num_committed_blocks = computed
         if seq.num_cached_tokens < 0:
             seq.num_cached_tokens = seq.num_computed_tokens
+            seq.num_host_cached_tokens = len(onboarded) * self.block_size
 
     def can_append(self, seq: Sequence, num_tokens: int) -> bool:
         need = self.blocks_needed(seq.num_computed_tokens + num_tokens) - len(seq.block_table)
@@ -194,7 +254,12 @@ class BlockManager:
         parent = hashes[start - 1] if start else None
         run: list[int] = []  # consecutive newly cached blocks: one BlockStored event
         run_parent = parent
+        host = self.host
         for block_hash, block_id in zip(hashes[start:full], seq.block_table[start:full], strict=True):
+            if host is not None and block_hash in host:
+                # computed again (its parent was missing): the device copy replaces the host's
+                host.drop(block_hash)
+                self._host_removed.append(block_hash)
             if block_hash in self._by_hash:
                 # the same content is cached in another block: this one stays uncached
                 if run:
@@ -234,8 +299,11 @@ class BlockManager:
         if self.num_used:
             return False
         self._flush_removed()
+        self._flush_host_removed()
         self._cache_version += 1
         self._evictions += 1
+        if self.host is not None:
+            self.host.clear()
         self._by_hash.clear()
         self._evictable.clear()
         self._pinned_free.clear()
@@ -311,8 +379,20 @@ class BlockManager:
     def unpin(self, session_id: str) -> None:
         self._unpin(session_id)
 
+    def keep_on_host(self, session_id: str, block_hashes: list[int], ttl_s: float) -> None:
+        """The weaker pin: for `ttl_s`, a session's blocks that reach the host are dropped from it last
+        (an eviction order there; the device evicts them as any other). No-op without a host tier."""
+        if self.host is None:
+            return
+        if ttl_s <= 0:
+            self.host.unkeep(session_id)
+        else:
+            self.host.keep(session_id, block_hashes, self.clock() + ttl_s)
+
     def expire_pins(self) -> None:
         now = self.clock()
+        if self.host is not None:
+            self.host.expire(now)
         if now < self._next_expiry:
             return
         expired = [s for s, pin in self._pins.items() if pin.expires_at <= now]
@@ -381,9 +461,13 @@ class BlockManager:
                 raise RuntimeError("no free KV block (the scheduler must check first)")
             self._cache_version += 1
             self._evictions += 1
-            while len(taken) < n:
+            victims: list[tuple[int, int]] = []  # (hash, block id), in eviction order
+            while len(taken) + len(victims) < n:
                 order = self._evictable or self._pinned_free
-                block_hash, block_id = order.popitem(last=False)
+                victims.append(order.popitem(last=False))
+            if self.host is not None:
+                self._offload(victims)
+            for block_hash, block_id in victims:
                 del self._by_hash[block_hash]
                 self.hash_of[block_id] = None
                 self._removed.append(block_hash)
@@ -392,6 +476,67 @@ class BlockManager:
             self.ref_counts[block_id] = 1
         self.num_used += n
         return taken
+
+    # --- the host tier
+
+    def _claim_from_host(self, hashes: list[int]) -> list[int]:
+        assert self.host is not None
+        self._host_removed += hashes
+        return [self.host.claim(h) for h in hashes]
+
+    def _onboard(self, seq: Sequence, start: int, hashes: list[int], slots: list[int]) -> None:
+        """Blocks `start`.. of `seq` (fresh) receive the host's copies of `hashes`: cached on the
+        device from now (the copies run before the step reads them)."""
+        ids = seq.block_table[start : start + len(hashes)]
+        self.onboards += zip(slots, ids, strict=True)
+        self._cache_version += 1
+        parent = seq.block_hashes[start - 1] if start else None
+        first_parent = parent
+        for block_hash, block_id in zip(hashes, ids, strict=True):
+            self._by_hash[block_hash] = block_id
+            self.hash_of[block_id] = block_hash
+            self.parent_of[block_id] = parent
+            parent = block_hash
+        self._stored(hashes, first_parent)
+
+    def _offload(self, victims: list[tuple[int, int]]) -> None:
+        """Copy the evicted blocks worth keeping to the host, dropping its oldest blocks for room.
+        Worth keeping: a chain's first block, or one whose parent is cached on either tier (else no
+        prefix match can reach it). When more are evicted than the host can take, the last evicted
+        (a chain's head, evicted after its tail) are kept. Blocks a session keeps on the host make room
+        only for other such blocks."""
+        host = self.host
+        assert host is not None
+        kept = [(h, b) for h, b in victims if self._reachable(self.parent_of[b])]
+        room = host.num_blocks - host.num_claimed
+        if not any(host.is_kept(h) for h, _ in kept):
+            room = host.num_free + host.num_droppable  # blocks a session keeps are not pushed out
+        kept = kept[len(kept) - room :] if len(kept) > room else kept
+        while host.num_free < len(kept):
+            self._host_removed.append(host.drop_oldest())
+        self._flush_host_removed()
+        for block_hash, block_id in kept:
+            self.offloads.append((block_id, host.store(block_hash, self.parent_of[block_id])))
+        # one event per chain run, head first (eviction goes tail first)
+        run: list[int] = []
+        for block_hash, block_id in reversed(kept):
+            parent = self.parent_of[block_id]
+            if run and parent != run[-1]:
+                self.events.append(BlockStored(run, host.parent_of[run[0]], "host"))
+                run = []
+            run.append(block_hash)
+        if run:
+            self.events.append(BlockStored(run, host.parent_of[run[0]], "host"))
+
+    def _reachable(self, parent: int | None) -> bool:
+        return parent is None or parent in self._by_hash or (self.host is not None and parent in self.host)
+
+    def _flush_host_removed(self) -> None:
+        if self._host_removed:
+            self.events.append(BlockRemoved(self._host_removed, "host"))
+            self._host_removed = []
+
+    # --- events
 
     def _stored(self, hashes: list[int], parent: int | None) -> None:
         self._flush_removed()

@@ -89,7 +89,7 @@ class Scheduler:
             if not bm.can_allocate(seq, hits):
                 break
             self.waiting.popleft()
-            bm.allocate(seq, hits)
+            bm.allocate(seq, hits, bm.match_host(seq, hits))
             seq.status = SequenceStatus.RUNNING
             running.append(seq)
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)

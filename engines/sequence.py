@@ -29,6 +29,7 @@ class Sequence:
         "num_cached_tokens",
         "num_committed_blocks",
         "num_computed_tokens",
+        "num_host_cached_tokens",
         "num_prompt_tokens",
         "sampling",
         "seq_id",
@@ -62,6 +63,7 @@ class Sequence:
         self.num_computed_tokens = 0
         # -1 until first admitted: the prefix hit of the first admission is what the client is told
         self.num_cached_tokens = -1
+        self.num_host_cached_tokens = 0  # of which onboarded from the host tier
         self.block_table: list[int] = []
         # chained hashes of the full blocks of token_ids, extended as output fills blocks
         self.block_hashes = prompt_block_hashes

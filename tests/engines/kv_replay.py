@@ -13,27 +13,31 @@ class ReplayedCache:
     """The cached set a subscriber rebuilds from events alone; a phantom event fails loudly."""
 
     def __init__(self) -> None:
-        self.blocks: dict[int, int | None] = {}  # hash -> parent
+        self.blocks: dict[int, int | None] = {}  # device tier: hash -> parent
+        self.host: dict[int, int | None] = {}  # host tier
 
     def apply(self, events: list[KvEvent]) -> None:
         for event in events:
             if isinstance(event, BlockStored):
+                tier = self.blocks if event.tier == "device" else self.host
                 parent = event.parent_hash
                 for block_hash in event.block_hashes:
-                    assert block_hash not in self.blocks, "stored twice without a removal"
-                    self.blocks[block_hash] = parent
+                    assert block_hash not in tier, "stored twice without a removal"
+                    tier[block_hash] = parent
                     parent = block_hash
             elif isinstance(event, BlockRemoved):
+                tier = self.blocks if event.tier == "device" else self.host
                 for block_hash in event.block_hashes:
-                    assert block_hash in self.blocks, "removed a block that was not stored"
-                    del self.blocks[block_hash]
+                    assert block_hash in tier, "removed a block that was not stored"
+                    del tier[block_hash]
             else:
                 assert isinstance(event, AllBlocksCleared)
                 self.blocks.clear()
+                self.host.clear()
 
 
-def cached_set(bm: BlockManager) -> dict[int, int | None]:
-    return {b.block_hash: b.parent_hash for b in bm.cached_blocks()}
+def cached_set(bm: BlockManager, tier: str = "device") -> dict[int, int | None]:
+    return {b.block_hash: b.parent_hash for b in bm.cached_blocks() if b.tier == tier}
 
 
 def check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
@@ -66,3 +70,12 @@ def check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
     for seq in live:
         # a running sequence holds a block for every token it has computed or will compute now
         assert len(seq.block_table) * bm.block_size >= seq.num_computed_tokens
+    host = bm.host
+    if host is not None:
+        # tiers are exclusive; every host slot is free, holds a block, or is mid-copy (onboarding)
+        assert host.parent_of.keys().isdisjoint(bm._by_hash), "a block cached on two tiers"
+        assert host.num_free + len(host) + host.num_claimed == host.num_blocks
+        slots = [host.slot_of(h) for h in host.parent_of]
+        assert len(set(slots)) == len(slots) and -1 not in slots
+        kept = set(host.droppable_in_order()[len(host.droppable_in_order()) - len(host._kept) :])
+        assert all(host.is_kept(h) == (h in kept) for h in host.parent_of)

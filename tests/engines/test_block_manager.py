@@ -404,3 +404,170 @@ def run_agent_turns(turns: list[tuple], max_pinned: int = 7) -> None:
         assert free_order(fast) == free_order(ref)
         assert fast._pin_counts == ref._pin_counts and fast.num_pinned == ref.num_pinned
         assert fast.pinned_sessions() == ref.pinned_sessions()
+
+
+# --- the host tier
+
+
+def test_an_evicted_chain_goes_to_the_host_and_comes_back_onboarded() -> None:
+    bm = BlockManager(4, B, Clock(), host_blocks=8)
+    tokens = list(range(16))  # 4 blocks
+    chain = block_hashes(tokens, B)
+    first = make_seq("a", tokens)
+    run_prefill(bm, first)
+    bm.free(first)
+    bm.take_events()
+    run_prefill(bm, other := make_seq("x", list(range(90, 106))))  # evicts all 4, tail first
+    assert bm.take_events() == [
+        BlockStored(chain, None, "host"),
+        BlockRemoved([chain[3], chain[2], chain[1], chain[0]]),
+        BlockStored(block_hashes(list(range(90, 106)), B), None),
+    ]
+    copies = bm.take_copies()
+    assert [h for h in bm.host.droppable_in_order()] == chain[::-1]  # tail first, as evicted
+    assert sorted(b for b, _ in copies.offloads) == [0, 1, 2, 3] and not copies.onboards
+    bm.free(other)
+    again = make_seq("b", tokens)  # the last block's last token is computed: 3 blocks onboarded
+    hits = bm.match_prefix(again)
+    assert hits == 0 and bm.match_host(again, hits) == 3
+    bm.allocate(again, hits, 3)
+    assert again.num_computed_tokens == 12 and again.num_cached_tokens == 12
+    assert again.num_host_cached_tokens == 12
+    assert bm.host.num_claimed == 3
+    events = bm.take_events()
+    assert events[0] == BlockRemoved(chain[:3], "host")
+    assert BlockStored(chain[:3], None) in events
+    copies = bm.take_copies()
+    assert [b for _, b in copies.onboards] == again.block_table[:3]
+    assert bm.host.num_claimed == 0 and chain[3] in bm.host and len(bm.host) == 5  # + x's 4 blocks
+
+
+def test_a_host_tier_smaller_than_the_eviction_keeps_the_chain_head() -> None:
+    bm = BlockManager(4, B, Clock(), host_blocks=2)
+    tokens = list(range(16))
+    chain = block_hashes(tokens, B)
+    seq = make_seq("a", tokens)
+    run_prefill(bm, seq)
+    bm.free(seq)
+    run_prefill(bm, make_seq("x", list(range(90, 106))))
+    assert sorted(bm.host.parent_of) == sorted(chain[:2])
+    assert bm.match_host(make_seq("b", [*tokens, 1]), 0) == 2
+
+
+def test_a_block_kept_on_host_is_dropped_last() -> None:
+    clock = Clock()
+    bm = BlockManager(2, B, clock, host_blocks=2)
+    kept, other, third = list(range(8)), list(range(20, 28)), list(range(40, 48))
+    for tokens in (kept, other):
+        seq = make_seq(f"s{tokens[0]}", tokens)
+        run_prefill(bm, seq)
+        bm.free(seq)
+    bm.keep_on_host("sess", block_hashes(kept, B), ttl_s=10)
+    seq = make_seq("t", third)
+    run_prefill(bm, seq)  # the host holds `kept` and `other`'s blocks: it drops `other`'s
+    bm.free(seq)
+    run_prefill(bm, make_seq("u", list(range(60, 68))))
+    assert all(h in bm.host for h in block_hashes(kept, B))
+    clock.now = 11
+    bm.expire_pins()
+    assert not bm.host.is_kept(block_hashes(kept, B)[0])
+
+
+def test_bad_host_sizes_are_refused() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="host_blocks"):
+        BlockManager(4, B, Clock(), host_blocks=-1)
+
+
+host_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 2), st.integers(0, 3), st.integers(1, 20)),
+        st.tuples(st.just("compute"), st.integers(0, 20), st.integers(1, 24)),
+        st.tuples(st.just("free"), st.integers(0, 20)),
+        st.tuples(st.just("pin"), st.integers(0, 20), st.integers(0, 30)),
+        st.tuples(st.just("keep"), st.integers(0, 20), st.integers(0, 30)),
+        st.tuples(st.just("tick"), st.integers(1, 20)),
+    ),
+    min_size=20,
+    max_size=120,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(host_ops, st.integers(1, 12))
+def test_host_tier_invariants_copies_and_events_under_random_operations(
+    operations: list[tuple], host_blocks: int
+) -> None:
+    """Device and host tiers under pressure: after every operation the tiers are exclusive, every
+    count adds up, the events replayed (per tier, and into the router's index) equal both cached sets,
+    and running the copies in order leaves each cached block's content equal to its hash."""
+    from router.index import BlockIndex
+
+    clock = Clock()
+    bm = BlockManager(9, B, clock, max_pinned_blocks=4, host_blocks=host_blocks)
+    replay = ReplayedCache()
+    index = BlockIndex()
+    index.add_worker("w", 1000)
+    device: dict[int, int | None] = {}  # block id -> the hash whose KV it holds
+    host: dict[int, int | None] = {}  # host slot -> the hash whose KV it holds
+    live: list[Sequence] = []
+
+    def run_copies() -> None:
+        copies = bm.take_copies()
+        for block_id, slot in copies.offloads:
+            host[slot] = device.get(block_id)
+        for slot, block_id in copies.onboards:
+            device[block_id] = host.get(slot)
+
+    count = 0
+    for op in operations:
+        kind = op[0]
+        if kind == "add":
+            _, stem, variant, length = op
+            seq = make_seq(f"s{count}", [stem] * 6 + [variant + 10 * i for i in range(length)])
+            count += 1
+            hits = bm.match_prefix(seq)
+            if bm.can_allocate(seq, hits):
+                onboard = bm.match_host(seq, hits)
+                bm.allocate(seq, hits, onboard)
+                assert seq.num_computed_tokens == (hits + onboard) * B < len(seq)
+                live.append(seq)
+        elif kind == "compute" and live:
+            seq = live[op[1] % len(live)]
+            done = seq.num_computed_tokens // B
+            seq.num_computed_tokens = min(len(seq), seq.num_computed_tokens + op[2])
+            for i in range(done, seq.num_computed_tokens // B):  # the step writes their KV
+                device[seq.block_table[i]] = seq.block_hash(i)
+            bm.commit(seq)
+            if seq.num_computed_tokens == len(seq) and bm.can_append(seq, 1):
+                seq.token_ids.append(op[2])
+                bm.append_slots(seq, 1)
+        elif kind == "free" and live:
+            bm.free(live.pop(op[1] % len(live)))
+        elif kind == "pin" and live:
+            seq = live[op[1] % len(live)]
+            bm.pin(f"sess{op[1] % 3}", seq.block_hashes[: seq.num_committed_blocks], ttl_s=op[2])
+        elif kind == "keep" and live:
+            seq = live[op[1] % len(live)]
+            bm.keep_on_host(f"sess{op[1] % 3}", seq.block_hashes[: seq.num_committed_blocks], ttl_s=op[2])
+        elif kind == "tick":
+            clock.now += op[1]
+            bm.expire_pins()
+        run_copies()
+        events = bm.take_events()
+        replay.apply(events)
+        index.apply("w", events)
+        check_invariants(bm, live)
+        assert replay.blocks == cached_set(bm) and replay.host == cached_set(bm, "host")
+        assert index.blocks_of("w") == len(replay.blocks) + len(replay.host)
+        for block_hash, block_id in bm._by_hash.items():
+            assert device.get(block_id) == block_hash, "a cached device block holds other KV"
+        for block_hash in bm.host.parent_of:
+            assert host.get(bm.host.slot_of(block_hash)) == block_hash, "a host block holds other KV"
+    for seq in live:
+        bm.free(seq)
+    assert bm.num_used == 0 and bm.num_free == bm.num_blocks
+    assert bm.reset()
+    replay.apply(bm.take_events())
+    assert replay.blocks == replay.host == {} and bm.cached_blocks() == []
