@@ -30,6 +30,7 @@ class EngineConfig(msgspec.Struct, frozen=True):
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_pinned_blocks: int | None = None  # default: half the blocks
+    host_blocks: int = 0  # the host tier's blocks (0: no host tier)
     hash_seed: int = hash_seed()  # base seed for requests without a cache salt
 
 
@@ -52,6 +53,7 @@ class RequestOutput(msgspec.Struct):
     num_cached_tokens: int
     prompt_tokens: int
     completion_tokens: int
+    num_host_cached_tokens: int = 0  # of the cached ones, those onboarded from the host tier
 
 
 class StepResult(msgspec.Struct):
@@ -87,8 +89,10 @@ class Engine:
         self.runner = runner
         self.clock = clock
         self.on_kv_events = on_kv_events
+        if config.host_blocks and not hasattr(runner, "copy_blocks"):
+            raise ValueError("a host tier needs a runner that copies blocks (copy_blocks)")
         self.block_manager = BlockManager(
-            config.num_blocks, config.block_size, clock, config.max_pinned_blocks
+            config.num_blocks, config.block_size, clock, config.max_pinned_blocks, config.host_blocks
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._seqs: dict[str, Sequence] = {}
@@ -145,7 +149,11 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._finished_early)
 
-    def pin(self, session_id: str, block_hashes: list[int], ttl_s: float) -> int:
+    def pin(self, session_id: str, block_hashes: list[int], ttl_s: float, host_ttl_s: float = 0.0) -> int:
+        """Pin a session's blocks on the device for `ttl_s`, and keep them on the host tier (if any)
+        for `host_ttl_s` (0: leave the session's keep as it is)."""
+        if host_ttl_s > 0:
+            self.block_manager.keep_on_host(session_id, block_hashes, host_ttl_s)
         return self.block_manager.pin(session_id, block_hashes, ttl_s)
 
     def cached_blocks(self) -> list[CachedBlock]:
@@ -189,15 +197,28 @@ class Engine:
             )
         kv_usage = self.block_manager.usage()
         started = time.perf_counter()
+        copy_s = self._run_copies()
         sampled = self.runner.execute(chunks)
         duration = self.runner.step_time_s(chunks, kv_usage)
         if duration is None:
             duration = time.perf_counter() - started
+        elif copy_s:
+            duration += copy_s  # modelled: the step waits for its onboarded blocks
         self._after_step(scheduled, sampled, outputs)
         self._measure(num_prefill, num_decode, duration)
         self._emit_events()
         self.num_steps += 1
         return StepResult(outputs, duration, num_prefill, num_decode)
+
+    def _run_copies(self) -> float | None:
+        """The host tier's copies the scheduler decided; their modelled seconds, if modelled."""
+        bm = self.block_manager
+        if bm.host is None:
+            return None
+        copies = bm.take_copies()
+        if not copies:
+            return None
+        return self.runner.copy_blocks(copies.offloads, copies.onboards)  # type: ignore[attr-defined]
 
     def _after_step(
         self, scheduled: list[tuple[Sequence, int]], sampled: list[int | None], outputs: list[RequestOutput]
@@ -230,6 +251,7 @@ class Engine:
                         max(seq.num_cached_tokens, 0),
                         seq.num_prompt_tokens,
                         num_output,
+                        seq.num_host_cached_tokens,
                     )
                 )
                 continue
@@ -247,6 +269,7 @@ class Engine:
             max(seq.num_cached_tokens, 0),
             seq.num_prompt_tokens,
             seq.num_output_tokens,
+            seq.num_host_cached_tokens,
         )
 
     def _measure(self, num_prefill: int, num_decode: int, duration: float) -> None:

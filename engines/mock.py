@@ -3,16 +3,45 @@
 Prefill ms = 4.209989e-7·t² + 1.518344e-2·t + 16.50142 for the t new tokens in the batch; decode ms
 per step = max(1, -25.74·p² + 54.01·p + 5.74) at KV usage p (`lib/mocker/src/common/perf_model.rs`).
 A step with both pays both. `speedup` divides the modelled time. The tokens are placeholder text.
+
+With a host tier, a step first onboards the blocks its admissions found on the host: `TransferModel`
+times the copy over the host link, and the step waits for it (the attention of those sequences reads
+the copied KV). Offloads are free here: a GPU runs them on a copy stream beside the compute, and a PCIe
+link carries both directions at full speed at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import msgspec
+
 from engines.runner import ScheduledChunk
 from router.chat import ByteTokenizer, Tokenizer
 
 PLACEHOLDER_TEXT = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
+
+
+# KV bytes per token of Llama-3.1-8B (32 layers x 8 KV heads x 128 dims x K and V x 2 bytes, bf16;
+# its config.json), a common model behind the Dynamo mocker's timing
+DEFAULT_KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
+# PCIe Gen5 x16: 64 GB/s raw per direction, ~50 GB/s effective for large pinned-memory copies
+# (NVIDIA's H100 PCIe figures; the nvbandwidth tool measures 50-55 GB/s host to device)
+DEFAULT_HOST_BANDWIDTH_GBPS = 50.0
+
+
+class TransferModel(msgspec.Struct, frozen=True):
+    """Seconds to copy KV blocks over the host link: bytes per block / bandwidth."""
+
+    kv_bytes_per_token: int = DEFAULT_KV_BYTES_PER_TOKEN
+    bandwidth_gbps: float = DEFAULT_HOST_BANDWIDTH_GBPS  # GB/s (1e9 bytes)
+
+    def __post_init__(self) -> None:
+        if self.kv_bytes_per_token < 1 or not self.bandwidth_gbps > 0:
+            raise ValueError("the host link needs a positive KV size per token and bandwidth")
+
+    def seconds(self, num_blocks: int, block_size: int) -> float:
+        return num_blocks * block_size * self.kv_bytes_per_token / (self.bandwidth_gbps * 1e9)
 
 
 def prefill_ms(new_tokens: int) -> float:
@@ -34,6 +63,7 @@ class MockRunner:
         speedup: float = 1.0,
         tokenizer: Tokenizer | None = None,
         eos_after: int | None = None,
+        transfer: TransferModel | None = None,
     ) -> None:
         """`eos_after`: emit the tokenizer's EOS as output token number `eos_after` (never when None)."""
         if speedup <= 0:
@@ -43,6 +73,7 @@ class MockRunner:
         self.speedup = speedup
         self.tokenizer = tokenizer or ByteTokenizer()
         self.eos_after = eos_after
+        self.transfer = transfer or TransferModel()
         self._placeholder = self.tokenizer.encode(PLACEHOLDER_TEXT)
 
     def execute(self, chunks: Sequence[ScheduledChunk]) -> list[int | None]:
@@ -56,6 +87,9 @@ class MockRunner:
             else:
                 out.append(placeholder[chunk.output_len % len(placeholder)])
         return out
+
+    def copy_blocks(self, offloads: list[tuple[int, int]], onboards: list[tuple[int, int]]) -> float:
+        return self.transfer.seconds(len(onboards), self.block_size) / self.speedup
 
     def step_time_s(self, chunks: Sequence[ScheduledChunk], kv_usage: float) -> float:
         new_tokens = 0

@@ -61,3 +61,13 @@ class ModelRunner(Protocol):
     def step_time_s(self, chunks: Sequence[ScheduledChunk], kv_usage: float) -> float | None:
         """Modelled duration of a step (mock engine); None when the step's real duration counts."""
         ...
+
+
+class TieredModelRunner(ModelRunner, Protocol):
+    """A runner behind an engine with a host tier: it also copies KV blocks between tiers."""
+
+    def copy_blocks(self, offloads: list[tuple[int, int]], onboards: list[tuple[int, int]]) -> float | None:
+        """Run the step's copies before its compute, in this order: `offloads` (device block, host slot)
+        then `onboards` (host slot, device block). Returns their modelled duration (mock), or None when
+        their real time counts (it is inside the step's measured time)."""
+        ...

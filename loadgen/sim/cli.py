@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgspec
 
+from engines.mock import DEFAULT_HOST_BANDWIDTH_GBPS
 from loadgen.sim.compare import compare, parse_policies
 from loadgen.sim.report import render_table, write_charts
 from loadgen.sim.simulation import SimConfig
@@ -20,6 +21,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
     return value
 
 
@@ -36,6 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="all", help="all, or a comma-separated list of policies")
     parser.add_argument("--num-blocks", type=_positive_int, default=16_384, help="KV blocks per worker")
     parser.add_argument("--block-size", type=_positive_int, default=64, help="tokens per KV block")
+    parser.add_argument(
+        "--host-blocks",
+        type=_non_negative_int,
+        default=0,
+        help="each worker's host-memory KV tier, in blocks (0: none; 4x --num-blocks is typical)",
+    )
+    parser.add_argument(
+        "--host-bandwidth",
+        type=_positive_float,
+        default=DEFAULT_HOST_BANDWIDTH_GBPS,
+        help="host link GB/s for onboarding copies (default: PCIe Gen5 x16, effective)",
+    )
     parser.add_argument(
         "--trace-block-size", type=_positive_int, default=TRACE_BLOCK_SIZE, help="tokens per trace hash id"
     )
@@ -123,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         bus_delay_s=args.bus_delay_ms / 1000.0,
         seed=args.seed,
         session_admission=args.admission,
+        host_blocks=args.host_blocks,
+        host_bandwidth_gbps=args.host_bandwidth,
         pin_baselines=args.pin_baselines,
         router_settings=settings,
     )

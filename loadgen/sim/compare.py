@@ -172,7 +172,9 @@ def compare(
         oracle_hit_rate=oracle.oracle_hit_rate,
         ideal_ttft_mean_ms=oracle.ideal_ttft_mean_ms,
         policies={
-            p: summarize(runs[p].records, [runs[p].busy_s[w] for w in sorted(runs[p].busy_s)])
+            p: summarize(
+                runs[p].records, [runs[p].busy_s[w] for w in sorted(runs[p].busy_s)], config.host_blocks > 0
+            )
             for p in policies
         },
     )

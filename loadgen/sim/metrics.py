@@ -17,6 +17,7 @@ class RequestRecord:
         "cached_tokens",
         "finish",
         "first_token",
+        "host_cached_tokens",
         "ok",
         "output_tokens",
         "prompt_tokens",
@@ -34,12 +35,15 @@ class RequestRecord:
         self.first_token = -1.0
         self.finish = -1.0
         self.cached_tokens = 0
+        self.host_cached_tokens = 0  # of which onboarded from a host tier
         self.output_tokens = 0
         self.ok = False
 
 
-class PolicyResult(msgspec.Struct):
-    """The per-policy object of `kvgate sim --json` (issue 5)."""
+class PolicyResult(msgspec.Struct, omit_defaults=True):
+    """The per-policy object of `kvgate sim --json` (issue 5). `hit_rate` counts every cached prompt
+    token; with a host tier, `device_hit_rate` and `host_hit_rate` split it by the tier it came from
+    (absent without one, so that the JSON of a run without tiers is as before)."""
 
     requests: int
     completed: int
@@ -52,6 +56,8 @@ class PolicyResult(msgspec.Struct):
     hit_rate: float
     throughput_tok_s: float
     load_cv: float
+    device_hit_rate: float | None = None
+    host_hit_rate: float | None = None
 
 
 class LoadSample(msgspec.Struct, array_like=True):
@@ -74,7 +80,9 @@ def coefficient_of_variation(values: Sequence[float]) -> float:
     return math.sqrt(var) / mean
 
 
-def summarize(records: Sequence[RequestRecord], busy_s: Sequence[float]) -> PolicyResult:
+def summarize(
+    records: Sequence[RequestRecord], busy_s: Sequence[float], host_tier: bool = False
+) -> PolicyResult:
     """Summary of one replay. A request that never finished counts in `requests`, not `completed`,
     and is left out of the latency figures (its failure is visible as requests - completed)."""
     done = [r for r in records if r.ok]
@@ -82,6 +90,7 @@ def summarize(records: Sequence[RequestRecord], busy_s: Sequence[float]) -> Poli
     e2e = [(r.finish - r.arrival) * 1000.0 for r in done]
     prompt = sum(r.prompt_tokens for r in done)
     cached = sum(r.cached_tokens for r in done)
+    host = sum(r.host_cached_tokens for r in done)
     sessions: dict[str, tuple[float, float]] = {}
     for r in done:
         first, last = sessions.get(r.session, (r.arrival, r.finish))
@@ -103,4 +112,6 @@ def summarize(records: Sequence[RequestRecord], busy_s: Sequence[float]) -> Poli
         hit_rate=round(cached / prompt, 5) if prompt else 0.0,
         throughput_tok_s=round(output / span, 3) if span > 0 else 0.0,
         load_cv=round(coefficient_of_variation(busy_s), 5),
+        device_hit_rate=(round((cached - host) / prompt, 5) if prompt else 0.0) if host_tier else None,
+        host_hit_rate=(round(host / prompt, 5) if prompt else 0.0) if host_tier else None,
     )

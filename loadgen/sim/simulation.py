@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from engines.engine import EngineConfig, RequestOutput
+from engines.mock import DEFAULT_HOST_BANDWIDTH_GBPS, TransferModel
 from loadgen.sim.events import EventLoop
 from loadgen.sim.metrics import LoadSample, RequestRecord
 from loadgen.sim.worker import SimWorker
@@ -60,6 +61,8 @@ class SimConfig(msgspec.Struct, frozen=True):
     stall_timeout_s: float = 3600.0  # virtual seconds without any output before in-flight work fails
     seed: int = 0
     session_admission: bool | None = None  # RouterConfig.session_admission when no router config is given
+    host_blocks: int = 0  # each worker's host tier (0: none)
+    host_bandwidth_gbps: float = DEFAULT_HOST_BANDWIDTH_GBPS  # the host link (engines/mock.py)
     pin_baselines: bool = False  # RouterConfig.pin_baselines (the "same engine" ablation), likewise
     # further RouterConfig fields (name -> value) when no router config is given: sweeps from the CLI
     router_settings: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -82,7 +85,11 @@ class SimConfig(msgspec.Struct, frozen=True):
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_pinned_blocks=self.max_pinned_blocks,
+            host_blocks=self.host_blocks,
         )
+
+    def transfer(self) -> TransferModel:
+        return TransferModel(bandwidth_gbps=self.host_bandwidth_gbps)
 
 
 class SimRun:
@@ -130,7 +137,13 @@ class Simulation:
         for i in range(config.workers):
             wid = f"w{i}"
             self.workers[wid] = SimWorker(
-                wid, engine_config, self.loop, self._on_outputs, self._on_kv_events, config.fast_forward
+                wid,
+                engine_config,
+                self.loop,
+                self._on_outputs,
+                self._on_kv_events,
+                config.fast_forward,
+                config.transfer(),
             )
         self._next_kv_seq = dict.fromkeys(self.workers, 0)  # numbered from 0, as a worker's publisher does
         self.run_result = SimRun(policy)
@@ -227,6 +240,7 @@ class Simulation:
             if out.new_token_ids and record.first_token < 0:
                 record.first_token = now
                 record.cached_tokens = out.num_cached_tokens
+                record.host_cached_tokens = out.num_host_cached_tokens
                 self.router.on_first_token(out.request_id, now)
             if out.finished:
                 ok = out.completion_tokens > 0 and out.finish_reason != "abort"

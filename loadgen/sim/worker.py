@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from engines.engine import Engine, EngineConfig, EngineLoad, EngineRequest, RequestOutput
-from engines.mock import MockRunner
+from engines.mock import MockRunner, TransferModel
 from engines.runner import SamplingParams
 from loadgen.sim.events import EventLoop
 from loadgen.sim.fastforward import DecodeRun, FastForward
@@ -32,6 +32,7 @@ class SimWorker:
         on_outputs: OutputSink,
         on_kv_events: EventSink,
         fast_forward: bool = True,
+        transfer: TransferModel | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.config = config
@@ -41,7 +42,7 @@ class SimWorker:
         self._pending_events: list[KvEvent] = []
         self.engine = Engine(
             config,
-            MockRunner(config.num_blocks, config.block_size),
+            MockRunner(config.num_blocks, config.block_size, transfer=transfer),
             clock=loop.clock,
             on_kv_events=self._pending_events.extend,
         )
