@@ -21,7 +21,7 @@ from aiohttp import web
 
 from engines.engine import Engine, EngineConfig
 from engines.loop import EngineLoop
-from engines.mock import MockRunner
+from engines.mock import DEFAULT_HOST_BANDWIDTH_GBPS, MockRunner, TransferModel
 from engines.runner import ModelRunner
 from engines.worker import WorkerApp, WorkerSettings
 from kvutil.bus_auth import BusAuth, add_bus_arguments, bus_auth_from, nats_url_from
@@ -51,6 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eos-after", type=int, default=None, help="mock: end each answer after N tokens (default: never)"
     )
+    parser.add_argument(
+        "--host-blocks",
+        type=int,
+        default=0,
+        help="host-memory KV tier behind the device's, in blocks (default 0: none)",
+    )
+    parser.add_argument(
+        "--host-bandwidth",
+        type=float,
+        default=DEFAULT_HOST_BANDWIDTH_GBPS,
+        help="mock: host link GB/s that times onboarding copies (default %(default)s, PCIe Gen5 x16)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="torch: weights of the default tiny model")
     parser.add_argument("--worker-id", help="subject-safe id (default: engine-host-port-random)")
     parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
@@ -65,7 +77,14 @@ def default_worker_id(engine: str, port: int) -> str:
 
 def build_runner(args: argparse.Namespace) -> tuple[ModelRunner, Tokenizer, str]:
     if args.engine == "mock":
-        runner = MockRunner(args.num_blocks, args.block_size, speedup=args.speedup, eos_after=args.eos_after)
+        transfer = TransferModel(bandwidth_gbps=args.host_bandwidth)
+        runner = MockRunner(
+            args.num_blocks,
+            args.block_size,
+            speedup=args.speedup,
+            eos_after=args.eos_after,
+            transfer=transfer,
+        )
         return runner, runner.tokenizer, runner.model_name
     from engines.torch import TorchRunner  # only now: torch is a heavy import
 
@@ -83,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if args.speedup <= 0:
             raise ValueError("--speedup must be positive")
+        if args.host_blocks < 0:
+            raise ValueError("--host-blocks must not be negative")
+        if not args.host_bandwidth > 0:
+            raise ValueError("--host-bandwidth must be positive")
         args.nats = nats_url_from(args.nats)
         auth = bus_auth_from(args)
     except (ProtocolError, ValueError) as exc:
@@ -104,6 +127,7 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, au
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        host_blocks=args.host_blocks,
     )
     engine = Engine(config, runner, time.monotonic)
     loop = EngineLoop(engine, threaded=args.engine != "mock")

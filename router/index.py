@@ -706,6 +706,34 @@ class BlockIndex:
         """Matched prefix length in blocks of every worker holding chain[0] on `tier`."""
         return self._mask_names.expand(self.tiers[tier].prefixes(chain, self._live))
 
+    def reach(self, chain: Sequence[int], tier: Tier) -> dict[str, int]:
+        """The prefix of `chain` each worker can serve without computing, each block on the device or
+        on `tier`: what its engine matches on the device and then onboards from a lower tier. Tiers
+        may hold a block once (kvgate's engines move it) or twice (a copy offloaded, as vLLM's CPU
+        offloading keeps): either way the prefix is the first block on neither. A linear walk, only
+        while the lower tier holds anything."""
+        lower = self.tiers[tier]
+        reached: dict[str, int] = {}
+        if not len(lower) or not chain:
+            return reached
+        device = self.tiers["device"]
+        alive = (device.get(chain[0]) | lower.get(chain[0])) & self._live
+        position = 0
+        while alive and position < len(chain):
+            block_hash = chain[position]
+            held = alive & (device.get(block_hash) | lower.get(block_hash))
+            self._note_ends(alive & ~held, position, reached)
+            alive = held
+            position += 1
+        self._note_ends(alive, position, reached)
+        return reached
+
+    def _note_ends(self, bits: int, length: int, reached: dict[str, int]) -> None:
+        while bits:
+            bit = bits & -bits
+            reached[self._worker_of[bit]] = length
+            bits ^= bit
+
 
 class ApproxIndex:
     """Blocks of requests routed to workers that publish no events, each expiring after a TTL.

@@ -52,9 +52,10 @@ class RouterView:
         return self._overlap
 
     def tier_overlap(self, chain: Sequence[int], tier: Tier) -> dict[str, int]:
-        if not len(self.index.tiers[tier]):
-            return {}
-        return self.index.overlap(chain, tier)
+        """The prefix per worker held on the device or on `tier` (`BlockIndex.reach`): what the worker
+        serves without computing, at `tier`'s onboarding cost for the part past `overlap(chain)`.
+        Empty while no worker reports blocks on `tier`."""
+        return self.index.reach(chain, tier)
 
     def tree_size(self, worker_id: str) -> int:
         return self.index.blocks_of(worker_id) + self.approx.blocks_of(worker_id)

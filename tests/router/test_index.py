@@ -467,3 +467,21 @@ def test_an_eviction_of_several_chains_with_runs_others_hold() -> None:
         assert tier.dirty_mask == 0
         assert expand(tier.prefixes(a)) == {1: 2, 2: 7}
     assert fast._held == loop._held and fast._orphans == loop._orphans
+
+
+def test_reach_walks_the_device_then_a_lower_tier_moved_or_copied() -> None:
+    index = BlockIndex()
+    for worker in ("moved", "copied", "device", "gap"):
+        index.add_worker(worker, 100)
+    chain = [11, 12, 13, 14, 15]
+    # kvgate's engines move blocks: the device keeps the head, the host the rest
+    index.apply("moved", [BlockStored(chain[:2], None), BlockStored(chain[2:], 12, "host")])
+    # vLLM's CPU offloading copies: the host holds the whole chain, the device its head
+    index.apply("copied", [BlockStored(chain, None, "host"), BlockStored(chain[:1], None)])
+    index.apply("device", [BlockStored(chain[:3], None)])
+    index.apply("gap", [BlockStored(chain[:1], None), BlockStored(chain[2:], 12, "host")])
+    assert index.reach(chain, "host") == {"moved": 5, "copied": 5, "device": 3, "gap": 1}
+    assert index.reach(chain, "disk") == {}  # nothing on disk: no walk
+    assert index.overlap(chain) == {"moved": 2, "copied": 1, "device": 3, "gap": 1}
+    index.remove_worker("moved")
+    assert "moved" not in index.reach(chain, "host")
