@@ -28,7 +28,7 @@ NEW_TOKENS = 128
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", choices=("torch", "mock"), default="torch")
+    parser.add_argument("--engine", choices=("torch", "mock"), default="torch", help="the engine measured")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--prompt-tokens",
@@ -43,10 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"cached prefix (whole blocks); default: all but the last {NEW_TOKENS} prompt tokens",
     )
     parser.add_argument("--decode-context", type=int, default=256, help="prompt tokens of decode runs")
-    parser.add_argument("--decode-steps", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--decode-steps", type=int, default=64, help="decode steps timed per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measure (the median is kept)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=8192, help="tokens per engine step (chunked prefill)"
+    )
     parser.add_argument("--model-path", help="torch: a local Hugging Face checkpoint folder")
     parser.add_argument("--device", help="torch: cpu, cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, help="torch on CPU: intra-op threads")

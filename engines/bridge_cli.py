@@ -28,15 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats", default=None, help="NATS URL, e.g. nats://127.0.0.1:4222 [NATS_URL]")
     parser.add_argument("--worker-id", default=None, help="worker id on the bus (default: from --url)")
     parser.add_argument("--namespace", default="kvgate", help="bus namespace shared with the gateway")
-    parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
+    parser.add_argument(
+        "--engine", choices=["vllm", "sglang"], default="vllm", help="which engine's events and metrics"
+    )
     parser.add_argument(
         "--tokenizer",
         default="byte",
         help="the engine model's folder or its tokenizer.json: stored on the bus by content hash, with "
-        "tokenizer_config.json and chat_template.jinja beside it, for the gateways (default: byte)",
+        "tokenizer_config.json and chat_template.jinja beside it, for the gateways",
     )
-    parser.add_argument("--num-blocks", type=int, default=0, help="engine KV blocks (default: from /metrics)")
-    parser.add_argument("--topic", default="", help="ZMQ topic to subscribe to (default: all)")
+    parser.add_argument("--num-blocks", type=int, default=0, help="engine KV blocks (0: from /metrics)")
+    parser.add_argument("--topic", default="", help="ZMQ topic to subscribe to (empty: all)")
     parser.add_argument(
         "--metrics-interval",
         type=float,
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds between scrapes of the engine's /metrics for load reports; 0 turns them off",
     )
     add_bus_arguments(parser)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 def default_worker_id(url: str) -> str:

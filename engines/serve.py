@@ -33,23 +33,34 @@ log = logging.getLogger("kvgate.worker")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", choices=("torch", "mock"), default="mock")
+    parser.add_argument(
+        "--engine",
+        choices=("torch", "mock"),
+        default="mock",
+        help="torch: a Llama-style model (CPU or CUDA); mock: simulated GPU timing, no torch needed",
+    )
     parser.add_argument(
         "--nats", metavar="URL", help="NATS server [NATS_URL]; without it the worker publishes nothing"
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8001, help="port to listen on")
     parser.add_argument("--advertise-url", help="URL the gateway should use (default http://HOST:PORT)")
     parser.add_argument("--model", help="served model name (default: the engine's own)")
     parser.add_argument("--model-path", help="torch: a local Hugging Face checkpoint folder")
     parser.add_argument("--device", help="torch: cpu, cuda, cuda:1 (default: cuda when present)")
-    parser.add_argument("--num-blocks", type=int, default=1024)
-    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--speedup", type=float, default=1.0, help="mock: divide the modelled step time")
     parser.add_argument(
-        "--eos-after", type=int, default=None, help="mock: end each answer after N tokens (default: never)"
+        "--num-blocks", type=int, default=1024, help="KV cache blocks; x --block-size = max_model_len"
+    )
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=8192, help="tokens per engine step (chunked prefill)"
+    )
+    parser.add_argument(
+        "--speedup", type=float, default=1.0, help="mock: run this many times faster than the modelled GPU"
+    )
+    parser.add_argument(
+        "--eos-after", type=int, default=None, help="mock: end each answer after N tokens"
     )
     parser.add_argument(
         "--host-blocks",
@@ -65,9 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="torch: weights of the default tiny model")
     parser.add_argument("--worker-id", help="subject-safe id (default: engine-host-port-random)")
-    parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    parser.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help="bus namespace shared with the gateway"
+    )
     add_bus_arguments(parser)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 def default_worker_id(engine: str, port: int) -> str:

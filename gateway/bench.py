@@ -33,10 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--throughput-requests", type=int, default=2000, help="requests per target, all rounds"
     )
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight in throughput rounds")
     parser.add_argument("--rounds", type=int, default=5, help="alternating throughput rounds per target")
     parser.add_argument("--stream", action="store_true", help="stream the responses (SSE)")
-    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=4, help="max_tokens of every request")
 
 
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:

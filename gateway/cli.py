@@ -34,6 +34,20 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 }
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, "(default: 8000)", unless the help already gives it or
+    there is none to give (None, empty, a switch that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default in ("", [])
+        if unset or action.default == argparse.SUPPRESS or action.nargs == 0:
+            return text
+        if any(said in text for said in ("(default", "default:", "; default", "%(default)")):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _load(module_name: str) -> ModuleType | None:
     try:
         return importlib.import_module(module_name)
@@ -54,7 +68,9 @@ def _add_commands(
         module = _load(module_name)
         if module is None:
             continue
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub = subparsers.add_parser(
+            name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter
+        )
         module.add_arguments(sub)
         sub.set_defaults(_run=module.run)
 

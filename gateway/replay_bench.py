@@ -45,7 +45,7 @@ _PUBLISH_WINDOW = 256  # JetStream publishes in flight at once
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", type=int, default=1_000_000, help="indexed blocks before the snapshot")
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=8, help="workers the blocks are spread over")
     parser.add_argument("--batch-blocks", type=int, default=64, help="blocks per published batch")
     parser.add_argument("--tail-batches", type=int, default=500, help="batches published after the snapshot")
     parser.add_argument(
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(a real stream holds far more events than the index)",
     )
     parser.add_argument("--probes", type=int, default=500, help="prefix queries compared at the end")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic chains")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -28,10 +28,10 @@ MAX_ROUTER_CONFIG_BYTES = 1 << 20  # a JSON object of a few dozen tunables; anyt
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats", default=None, help="NATS URL, e.g. nats://127.0.0.1:4222 [NATS_URL]")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument(
-        "--policy", default="session_kv", choices=sorted(POLICIES), help="(default: session_kv)"
+        "--policy", default="session_kv", choices=sorted(POLICIES), help="routing policy"
     )
     parser.add_argument("--namespace", default="kvgate", help="bus namespace shared with the workers")
     parser.add_argument(
@@ -41,8 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="api_keys",
         help="accept only requests bearing this key (repeatable)",
     )
-    parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
-    parser.add_argument("--max-prompt-tokens", type=int, default=131_072)
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger request bodies get 413"
+    )
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, default=131_072, help="longer prompts get 400 before routing"
+    )
     parser.add_argument(
         "--max-inflight-per-worker",
         type=int,
@@ -59,17 +63,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-anthropic-billing-line",
         action="store_true",
-        help="keep Claude Code's per-request billing line in /v1/messages system prompts (default: removed)",
+        help="keep Claude Code's per-request billing line in /v1/messages system prompts (else removed)",
     )
     parser.add_argument(
         "--responses-ttl",
         type=float,
         default=3600.0,
-        help="seconds a /v1/responses response can be continued by previous_response_id (default 3600)",
+        help="seconds a /v1/responses response can be continued by previous_response_id",
     )
     add_router_arguments(parser)
     add_bus_arguments(parser)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 def add_router_arguments(parser: argparse.ArgumentParser) -> None:

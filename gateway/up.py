@@ -49,11 +49,16 @@ _PR_SET_PDEATHSIG = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=2, help="number of local workers (default 2)")
-    parser.add_argument("--engine", choices=("torch", "mock"), default="torch")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--policy", default="session_kv", choices=sorted(POLICIES))
+    parser.add_argument("--workers", type=int, default=2, help="number of local workers")
+    parser.add_argument(
+        "--engine",
+        choices=("torch", "mock"),
+        default="torch",
+        help="torch: the tiny seeded model (CPU or CUDA); mock: simulated GPU timing, no torch needed",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address the gateway listens on")
+    parser.add_argument("--port", type=int, default=8000, help="the gateway's port (workers take free ones)")
+    parser.add_argument("--policy", default="session_kv", choices=sorted(POLICIES), help="routing policy")
     parser.add_argument(
         "--nats", default=None, help="use this NATS (--nats-* credentials) instead of an embedded one"
     )
@@ -69,13 +74,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="api_keys",
         help="accept only requests bearing this key (repeatable)",
     )
-    parser.add_argument("--namespace", default="kvgate")
+    parser.add_argument("--namespace", default="kvgate", help="bus namespace (several systems on one NATS)")
     parser.add_argument("--worker-args", default="", help="extra arguments for every worker, one string")
-    parser.add_argument("--max-inflight-per-worker", type=int, default=0)
+    parser.add_argument(
+        "--max-inflight-per-worker",
+        type=int,
+        default=0,
+        help="in-flight requests per worker before queueing (0: the worker's max_num_seqs)",
+    )
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the workers")
     add_router_arguments(parser)
     add_bus_arguments(parser)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 def _die_with_parent() -> None:

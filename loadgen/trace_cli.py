@@ -18,13 +18,12 @@ from loadgen.trace_import import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     actions = parser.add_subparsers(title="actions", metavar="ACTION")
     imp = actions.add_parser(
         "import",
         help="convert a public trace into kvgate rows",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=parser.formatter_class,  # kvgate's: each flag's default in its help
     )
     imp.add_argument("format", choices=FORMATS, help="the input's format")
     imp.add_argument(

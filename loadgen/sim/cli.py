@@ -40,7 +40,7 @@ def _positive_float(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", required=True, type=Path, help="JSONL trace (traces/README.md format)")
-    parser.add_argument("--workers", type=_positive_int, default=8)
+    parser.add_argument("--workers", type=_positive_int, default=8, help="simulated workers")
     parser.add_argument("--policy", default="all", help="all, or a comma-separated list of policies")
     parser.add_argument("--num-blocks", type=_positive_int, default=16_384, help="KV blocks per worker")
     parser.add_argument("--block-size", type=_positive_int, default=64, help="tokens per KV block")
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trace-block-size", type=_positive_int, default=TRACE_BLOCK_SIZE, help="tokens per trace hash id"
     )
     parser.add_argument("--max-think-s", type=float, default=60.0, help="cap on a session's think time")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the policies' random choices")
     parser.add_argument("--limit", type=_positive_int, default=None, help="replay only the first N rows")
     parser.add_argument(
         "--rate-scale",

@@ -1,5 +1,6 @@
 """`kvgate`'s entry point: one command's module imported per run, every command still listed."""
 
+import argparse
 import subprocess
 import sys
 
@@ -48,3 +49,29 @@ def test_the_named_command_parses_as_with_every_command_loaded() -> None:
     lazy = vars(build_parser(argv).parse_args(argv))
     full = vars(build_parser().parse_args(argv))
     assert lazy == full and lazy["workers"] == 4
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    (subparsers,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices[name]
+
+
+HELPED = [[name] for name in COMMANDS if name != "trace"] + [["bench", name] for name in BENCHMARKS]
+
+
+@pytest.mark.parametrize("argv", [*HELPED, ["trace", "import"]], ids=" ".join)
+def test_every_flag_says_what_it_does_and_its_default(argv: list[str]) -> None:
+    parser = build_parser(argv)
+    for word in argv:
+        parser = _subparser(parser, word)
+    formatter = parser._get_formatter()
+    missing = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        text = formatter._expand_help(action) if action.help else ""
+        unset = action.default is None or action.default is False or action.default in ("", [])
+        has_default = not unset and action.default != argparse.SUPPRESS and action.nargs != 0
+        if not text or (has_default and "default" not in text):
+            missing.append(action.option_strings[0])
+    assert not missing, f"kvgate {' '.join(argv)}: no help or no default shown for {missing}"
