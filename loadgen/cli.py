@@ -69,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target")
     target.add_argument(
         "--url",
-        default="http://127.0.0.1:8000",
-        help="OpenAI-compatible base URL, with or without /v1 (default %(default)s)",
+        default=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000"),
+        help="OpenAI-compatible base URL, with or without /v1 [OPENAI_BASE_URL] (default %(default)s)",
     )
     target.add_argument("--model", help="model name (default: the first of GET /v1/models)")
     target.add_argument(

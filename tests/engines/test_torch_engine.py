@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("torch")  # the whole module needs it: skipped without
+
+
 from engines.engine import Engine, EngineConfig, EngineRequest
 from engines.runner import SamplingParams
 from router.chat import ByteTokenizer, encode_chat

@@ -11,6 +11,8 @@ import pytest
 from gateway.middleware import AgentSession
 from tests.gateway.conftest import Cluster, http_get
 
+pytest.importorskip("torch")  # torch workers
+
 pytestmark = pytest.mark.slow
 
 SYSTEM = "You are a careful coding agent. Use the tools, then answer briefly. " * 4
