@@ -146,6 +146,11 @@ class Engine:
         self._finished_early.append(self._output(seq, []))
         return True
 
+    def was_scheduled(self, request_id: str) -> bool:
+        """Whether a step has taken the request in (its prefix looked up, blocks given), or it left."""
+        seq = self._seqs.get(request_id)
+        return seq is None or seq.num_cached_tokens >= 0
+
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._finished_early)
 

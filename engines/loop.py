@@ -58,6 +58,8 @@ class EngineLoop:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine") if threaded else None
         self.steps: deque[StepRecord] = deque(maxlen=STEP_LOG_LEN)
         self._last_submit = 0.0  # event-loop time of the newest request
+        # traced requests: the start of the first step that took each in (None while it waits)
+        self._first_steps: dict[str, float | None] = {}
 
     @property
     def running(self) -> bool:
@@ -86,6 +88,19 @@ class EngineLoop:
         self._last_submit = asyncio.get_running_loop().time()
         self._wake.set()
         return queue
+
+    def watch(self, request_id: str) -> None:
+        """Note when the engine first takes `request_id` in (its queue wait, for its trace)."""
+        self._first_steps[request_id] = None
+
+    def first_step(self, request_id: str) -> float | None:
+        """The start of the first step that took a watched request in; forgets it."""
+        return self._first_steps.pop(request_id, None)
+
+    def _note_first_steps(self, started: float) -> None:
+        for request_id, first in self._first_steps.items():
+            if first is None and self.engine.was_scheduled(request_id):
+                self._first_steps[request_id] = started
 
     async def abort(self, request_id: str) -> None:
         async with self.lock:
@@ -142,6 +157,8 @@ class EngineLoop:
                 len(result.outputs),
             )
             self.steps.append(record)
+            if self._first_steps:
+                self._note_first_steps(started)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "step: prefill %d decode %d outputs %d duration_ms %.3f late_ms %.3f",

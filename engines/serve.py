@@ -25,6 +25,7 @@ from engines.mock import DEFAULT_HOST_BANDWIDTH_GBPS, MockRunner, TransferModel
 from engines.runner import ModelRunner
 from engines.worker import WorkerApp, WorkerSettings
 from kvutil.bus_auth import BusAuth, add_bus_arguments, bus_auth_from, nats_url_from
+from kvutil.tracing import Tracing
 from router.chat import HFTokenizer, Tokenizer
 from router.hashing import DEFAULT_BLOCK_SIZE
 from router.protocol import DEFAULT_NAMESPACE, ProtocolError, Subjects, WorkerRegistration, check_token
@@ -145,7 +146,8 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, au
     engine = Engine(config, runner, time.monotonic)
     loop = EngineLoop(engine, threaded=args.engine != "mock")
     model_name = args.model or engine_model
-    worker = WorkerApp(loop, tokenizer, WorkerSettings(model_name=model_name))
+    tracing = Tracing("kvgate-worker", "kvgate.worker")
+    worker = WorkerApp(loop, tokenizer, WorkerSettings(model_name=model_name), tracer=tracing.tracer)
     url = args.advertise_url or f"http://{args.host}:{args.port}"
     epoch = time.time_ns()
 
@@ -193,3 +195,4 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, au
             await publisher.stop()
         await app_runner.cleanup()
         await loop.stop()
+        tracing.shutdown()  # flushes the spans still queued

@@ -17,11 +17,13 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from opentelemetry.trace import Tracer
 
 from engines.engine import EngineRequest, RequestOutput
 from engines.loop import EngineLoop
 from engines.openai_request import ParsedRequest, RequestError, RequestParser
 from engines.text_stream import TextStream
+from engines.tracing import RequestTimes, record_request
 from router.chat import Tokenizer
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
@@ -46,6 +48,7 @@ class Generation(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    first_token_at: float | None = None  # event-loop time (traced requests' decode span)
 
     def usage(self) -> dict[str, Any]:
         return {
@@ -57,7 +60,11 @@ class Generation(msgspec.Struct):
 
 
 class WorkerApp:
-    def __init__(self, loop: EngineLoop, tokenizer: Tokenizer, settings: WorkerSettings) -> None:
+    def __init__(
+        self, loop: EngineLoop, tokenizer: Tokenizer, settings: WorkerSettings, tracer: Tracer | None = None
+    ) -> None:
+        """`tracer`: spans per request (queue, prefill, decode) joining the caller's trace."""
+        self.tracer = tracer
         self.loop = loop
         self.tokenizer = tokenizer
         self.settings = settings
@@ -111,6 +118,10 @@ class WorkerApp:
             queue = await self.loop.submit(engine_request)
         except ValueError as exc:
             return error_response(RequestError(str(exc)))
+        times = None
+        if self.tracer is not None:
+            times = RequestTimes(asyncio.get_running_loop().time())
+            self.loop.watch(engine_id)
         kind = "chat.completion" if chat else "text_completion"
         response_id = ("chatcmpl-" if chat else "cmpl-") + parsed.request_id
         stream = TextStream(self.tokenizer, parsed.stop)
@@ -133,6 +144,29 @@ class WorkerApp:
             if not done or result.finish_reason is None or stream.stopped:
                 # client gone, or a stop string ended it early: free the sequence now
                 await self.loop.abort(engine_id)
+            if times is not None:
+                self._trace(request, chat, engine_id, times, result)
+
+    def _trace(
+        self, request: web.Request, chat: bool, engine_id: str, times: RequestTimes, result: Generation
+    ) -> None:
+        assert self.tracer is not None
+        now = asyncio.get_running_loop().time()
+        times.first_step = self.loop.first_step(engine_id)
+        times.first_token = result.first_token_at
+        times.finished = now
+        operation = "chat" if chat else "text_completion"
+        attributes: dict[str, object] = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.request.model": self.settings.model_name,
+            "gen_ai.usage.input_tokens": result.prompt_tokens,
+            "gen_ai.usage.output_tokens": result.completion_tokens,
+            "gen_ai.response.finish_reasons": [result.finish_reason or "abort"],
+            "kvgate.cached_tokens": result.cached_tokens,
+            "kvgate.request_id": engine_id,
+        }
+        name = f"{operation} {self.settings.model_name}"
+        record_request(self.tracer, request.headers, name, times, now, attributes)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -153,6 +187,8 @@ class WorkerApp:
         """Consume engine outputs until the sequence finishes or a stop string ends it."""
         while result.finish_reason is None:
             out = await queue.get()
+            if result.first_token_at is None and out.new_token_ids:
+                result.first_token_at = asyncio.get_running_loop().time()
             stream.add(out.new_token_ids)
             result.completion_tokens = out.completion_tokens
             result.cached_tokens = out.num_cached_tokens

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from opentelemetry.trace import SpanKind
 
 from gateway.admission import Admission, NoWorker, QueueFull, SessionHold
 from gateway.anthropic_api import AnthropicApi
@@ -29,9 +30,11 @@ from gateway.response_store import ResponseStore
 from gateway.responses_api import ResponsesApi
 from gateway.session_id import explicit_session_id
 from gateway.tokenizers import Tokenizers, TokenizerUnavailable
+from gateway.tracing import TurnTracing
 from gateway.upstream import UpstreamPool
 from gateway.validation import Kind, Turn, parse_turn
 from kvutil.bus_auth import BusAuth
+from kvutil.tracing import Tracing
 from router.chat import TemplateError, Tokenizer
 from router.config import RouterConfig
 from router.protocol import Subjects, WorkerRegistration
@@ -79,6 +82,7 @@ class Gateway:
         self.holds = SessionHold(self.router, hold_s)  # session_kv's admission by session
         self.tokenizers = Tokenizers(self.subjects.tokenizer_bucket, lambda: self.bus.nc)
         self.prompts = PromptEncoder(resolve=self._tokenizer)
+        self.traces = TurnTracing(Tracing("kvgate-gateway", "kvgate.gateway"), config.policy)
         self.bus = Bus(
             config.nats_url,
             self.subjects,
@@ -102,6 +106,7 @@ class Gateway:
             stale_after_s=config.stale_after_s,
         )
         self.upstream = UpstreamPool(config.connect_timeout_s, config.read_timeout_s)
+        self.upstream.propagate_trace = self.traces.tracer is not None
         self._urls: dict[str, str] = {}  # worker id -> URL, to abort its requests when it leaves
         bucket = f"kvgate_{config.namespace.replace('-', '_')}_responses"
         self.responses = ResponseStore(bucket, ttl_s=config.responses_ttl_s)
@@ -126,6 +131,7 @@ class Gateway:
         await self.replication.start()  # index recovery from the latest snapshot, then the bus
 
     async def _stop(self, _app: web.Application) -> None:
+        self.traces.shutdown()
         await self.replication.stop()
         await self.bus.stop()
         await self.upstream.close()
@@ -227,12 +233,29 @@ class Gateway:
         """Route and serve one chat or completion turn; `relay` writes the worker's answer to the
         client (the other APIs' endpoints pass their own, and their session id when they know it)."""
         started = time.monotonic() if started is None else started
+        if self.traces.tracer is None:
+            return await self._serve_turn(request, turn, path, started, explicit_session, relay)
+        with self.traces.turn(request.headers, turn.kind, turn.model, turn.max_tokens):
+            return await self._serve_turn(request, turn, path, started, explicit_session, relay)
+
+    async def _serve_turn(
+        self,
+        request: web.Request,
+        turn: Turn,
+        path: str,
+        started: float,
+        explicit_session: str | None,
+        relay: Relay,
+    ) -> web.StreamResponse:
         workers = self._workers_for(turn.model)
         registration = self.bus.workers[next(iter(workers))].registration
         tokens = await self._tokens(turn, registration)
         explicit = explicit_session or explicit_session_id(request.headers, turn.body)
         hashes = self.prompts.hashes(tokens, registration.block_size, turn.cache_salt, explicit)
         session_id = self.router.resolve_session(explicit, hashes)
+        if self.traces.tracer is not None:
+            session = session_id or ""
+            self.traces.annotate({"gen_ai.conversation.id": session, "kvgate.session.id": session})
         tool_loop = request.headers.get(TOOL_CALL_HEADER, "").lower() == "pending"
         if not tool_loop and turn.messages:
             tool_loop = turn.messages[-1].get("role") == "tool"  # it carries a tool result
@@ -308,7 +331,8 @@ class Gateway:
         for attempt in range(self.config.max_attempts):
             eligible = frozenset(w for w in workers if w in self.bus.workers) - failed
             route.request_id = f"{base_id}-{attempt}"
-            decision = await self._admit(route, eligible, last_error)
+            with self.traces.child("kvgate.admission"):
+                decision = await self._admit(route, eligible, last_error)
             self.replication.replicas.picked(route, decision)
             try:
                 response, _ = await self._send(
@@ -380,6 +404,8 @@ class Gateway:
             "x-kvgate-cached-tokens-expected": str(expected),
             "x-kvgate-prompt-tokens": str(len(tokens)),
         }
+        if self.traces.tracer is not None:
+            self.traces.annotate(self._route_attributes(route, decision, expected))
         body: dict[str, Any] = dict(turn.body)
         body["kvgate"] = {
             "prompt_token_ids": tokens,
@@ -401,24 +427,44 @@ class Gateway:
                 self.router.on_first_token(route.request_id, now)
                 self.replication.replicas.first_token(route.request_id)
 
-            response, outcome = await relay(
-                self.upstream,
-                state.registration.url.rstrip("/") + path,
-                msgspec.json.encode(body),
-                request=request,
-                stream=turn.stream,
-                client_wants_usage=turn.client_wants_usage,
-                headers=headers,
-                metrics=self.metrics,
-                on_first_token=first_token,
-            )
+            with self.traces.child(f"POST {path}", SpanKind.CLIENT):  # its traceparent goes upstream
+                response, outcome = await relay(
+                    self.upstream,
+                    state.registration.url.rstrip("/") + path,
+                    msgspec.json.encode(body),
+                    request=request,
+                    stream=turn.stream,
+                    client_wants_usage=turn.client_wants_usage,
+                    headers=headers,
+                    metrics=self.metrics,
+                    on_first_token=first_token,
+                )
             return response, outcome
         finally:
             self._finish(route, worker, outcome)
 
+    def _route_attributes(self, route: RouteRequest, decision: Decision, expected: int) -> dict[str, Any]:
+        return {
+            "kvgate.route.worker": decision.worker_id,
+            "kvgate.route.reason": decision.reason,
+            "kvgate.route.expected_cached_tokens": expected,
+            "kvgate.route.estimated_cost": decision.estimated_cost,
+            "kvgate.route.request_id": route.request_id,
+            "kvgate.route.tool_call_pending": route.tool_call_pending,
+        }
+
     def _finish(self, route: RouteRequest, worker: str, outcome: Outcome) -> None:
         """Exactly once per attempt, whatever happened (success, failure, client gone)."""
         now = time.monotonic()
+        if self.traces.tracer is not None and outcome.ok:
+            self.traces.annotate(
+                {
+                    "gen_ai.usage.input_tokens": outcome.prompt_tokens,
+                    "gen_ai.usage.output_tokens": outcome.completion_tokens,
+                    "gen_ai.response.finish_reasons": [outcome.finish_reason or ""],
+                    "kvgate.cached_tokens": outcome.cached_tokens,
+                }
+            )
         self.admission.release(worker)
         if outcome.ok:
             self.bus.request_finished(worker)

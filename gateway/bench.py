@@ -4,6 +4,8 @@ A real nats-server, one mock worker at (near) zero latency and the gateway, each
 client sends the same requests to the worker and through the gateway, interleaved so that both see
 the same machine. Latency: sequential requests, overhead = gateway percentile - direct percentile.
 Throughput: a fixed number of requests at a fixed concurrency, in alternating rounds (median).
+With `--tracing`, a second gateway exports OpenTelemetry spans of every request (OTLP/HTTP to a sink
+in this process) and its latency is measured in the same interleaving: the cost of tracing on.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.server
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +30,7 @@ from gateway.natsd import NatsServer, free_port
 
 GOAL_OVERHEAD_MS_P50 = 1.0
 GOAL_RPS_RATIO = 0.5
+GOAL_TRACING_MS_P50 = 0.1  # tracing on costs at most this over tracing off
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,22 +43,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating throughput rounds per target")
     parser.add_argument("--stream", action="store_true", help="stream the responses (SSE)")
     parser.add_argument("--max-tokens", type=int, default=4, help="max_tokens of every request")
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also measure a gateway exporting OpenTelemetry spans, beside the plain one",
+    )
 
 
-def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    # tracing only where asked: the environment's OTEL_* endpoint stays off the plain gateway
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_EXPORTER_OTLP")}
     return subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**base, **(env or {})},
     )
 
 
+class _SpanSink(http.server.BaseHTTPRequestHandler):
+    """Accepts OTLP/HTTP exports and drops them (an empty protobuf message is a valid answer)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def _processes(namespace: str) -> Iterator[tuple[str, str]]:
-    """(worker URL, gateway URL), torn down on exit."""
+def _span_sink() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SpanSink)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def _processes(namespace: str, tracing: bool = False) -> Iterator[tuple[str, str, str | None]]:
+    """(worker URL, gateway URL, traced gateway URL or None), torn down on exit."""
     procs: list[subprocess.Popen[bytes]] = []
-    with NatsServer() as nats:
+    with NatsServer() as nats, _span_sink() as sink:
         try:
             worker_port, gateway_port = free_port(), free_port()
             procs.append(_spawn([
@@ -63,7 +103,15 @@ def _processes(namespace: str) -> Iterator[tuple[str, str]]:
                 "gateway", "--nats", nats.url, "--port", str(gateway_port), "--namespace", namespace,
                 "--log-level", "WARNING",
             ]))  # fmt: skip
-            yield f"http://127.0.0.1:{worker_port}", f"http://127.0.0.1:{gateway_port}"
+            traced = None
+            if tracing:
+                traced_port = free_port()
+                procs.append(_spawn([
+                    "gateway", "--nats", nats.url, "--port", str(traced_port), "--namespace", namespace,
+                    "--log-level", "WARNING",
+                ], env={"OTEL_EXPORTER_OTLP_ENDPOINT": sink}))  # fmt: skip
+                traced = f"http://127.0.0.1:{traced_port}"
+            yield f"http://127.0.0.1:{worker_port}", f"http://127.0.0.1:{gateway_port}", traced
         finally:
             for proc in procs:
                 proc.terminate()
@@ -124,18 +172,25 @@ class _Client:
         return total / (time.perf_counter() - start)
 
 
-async def _measure(args: argparse.Namespace, worker: str, gateway: str) -> dict[str, float]:
+async def _measure(
+    args: argparse.Namespace, worker: str, gateway: str, traced: str | None = None
+) -> dict[str, float]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
         model = await _wait_ready(http, worker, gateway)
+        if traced is not None:
+            await _wait_ready(http, worker, traced)
         client = _Client(http, model, args.stream, args.max_tokens)
-        for base in (worker, gateway):  # warm both paths (connections, caches)
+        bases = [worker, gateway] if traced is None else [worker, gateway, traced]
+        for base in bases:  # warm every path (connections, caches)
             for _ in range(50):
                 await client.one(base)
-        direct, through = [], []
+        direct, through, through_traced = [], [], []
         for _ in range(args.requests):
             direct.append(await client.one(worker))
             through.append(await client.one(gateway))
+            if traced is not None:
+                through_traced.append(await client.one(traced))
         # alternating short rounds, median of each: the machine's other load hits both alike
         per_round = max(1, args.throughput_requests // args.rounds)
         direct_runs, gateway_runs = [], []
@@ -144,7 +199,16 @@ async def _measure(args: argparse.Namespace, worker: str, gateway: str) -> dict[
             gateway_runs.append(await client.throughput(gateway, per_round, args.concurrency))
         direct_rps, gateway_rps = float(np.median(direct_runs)), float(np.median(gateway_runs))
     d_ms, g_ms = np.array(direct) * 1e3, np.array(through) * 1e3
+    extra = {}
+    if through_traced:
+        t_ms = np.array(through_traced) * 1e3
+        extra = {
+            "traced_ms_p50": round(float(np.percentile(t_ms, 50)), 3),
+            "tracing_overhead_ms_p50": round(float(np.percentile(t_ms, 50) - np.percentile(g_ms, 50)), 3),
+            "tracing_overhead_ms_p99": round(float(np.percentile(t_ms, 99) - np.percentile(g_ms, 99)), 3),
+        }
     return {
+        **extra,
         "direct_rps": round(direct_rps, 1),
         "gateway_rps": round(gateway_rps, 1),
         "overhead_ms_p50": round(float(np.percentile(g_ms, 50) - np.percentile(d_ms, 50)), 3),
@@ -161,8 +225,8 @@ async def _measure(args: argparse.Namespace, worker: str, gateway: str) -> dict[
 
 
 def run(args: argparse.Namespace) -> int:
-    with _processes("bench" + uuid.uuid4().hex[:8]) as (worker, gateway):
-        result = asyncio.run(_measure(args, worker, gateway))
+    with _processes("bench" + uuid.uuid4().hex[:8], args.tracing) as (worker, gateway, traced):
+        result = asyncio.run(_measure(args, worker, gateway, traced))
     result["goal_overhead_ms_p50"] = GOAL_OVERHEAD_MS_P50
     result["goal_rps_ratio"] = GOAL_RPS_RATIO
     if args.json:
@@ -175,4 +239,10 @@ def run(args: argparse.Namespace) -> int:
         f"p99 {result['overhead_ms_p99']:.3f} ms; gateway/direct rps {result['rps_ratio']:.2f} "
         f"(goal >= {GOAL_RPS_RATIO})"
     )
+    if "tracing_overhead_ms_p50" in result:
+        print(
+            f"tracing on: p50 {result['traced_ms_p50']:.2f} ms, {result['tracing_overhead_ms_p50']:+.3f} ms "
+            f"over tracing off (goal <= {GOAL_TRACING_MS_P50}), "
+            f"p99 {result['tracing_overhead_ms_p99']:+.3f} ms"
+        )
     return 0

@@ -14,6 +14,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+from opentelemetry import propagate
+
 MAX_HEADER_BYTES = 64 * 1024
 MAX_IDLE_PER_HOST = 256
 
@@ -154,6 +156,7 @@ class UpstreamPool:
     def __init__(self, connect_timeout_s: float = 2.0, read_timeout_s: float = 120.0) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.propagate_trace = False  # send the current span's W3C traceparent (tracing on)
         self._idle: defaultdict[tuple[str, int], list[_Conn]] = defaultdict(list)
         self._active: defaultdict[tuple[str, int], set[_Conn]] = defaultdict(set)
 
@@ -166,7 +169,7 @@ class UpstreamPool:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\naccept: */*\r\n\r\n"
+            f"content-length: {len(body)}\r\naccept: */*\r\n{self._trace_headers()}\r\n"
         ).encode("latin-1")
         while True:
             conn = self._take(key)
@@ -196,6 +199,17 @@ class UpstreamPool:
                 conn.close()  # cancelled (the client left): the worker must see the hop close
                 raise
             return UpstreamResponse(self, key, conn, status, headers, self.read_timeout_s)
+
+    def _trace_headers(self) -> str:
+        if not self.propagate_trace:
+            return ""
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)  # traceparent, and a client's tracestate passed along
+        return "".join(
+            f"{name}: {value}\r\n"
+            for name, value in carrier.items()
+            if value.isascii() and "\r" not in value and "\n" not in value
+        )
 
     async def _open(self, key: tuple[str, int]) -> _Conn:
         try:
