@@ -479,6 +479,30 @@ class BlockManager:
 
     # --- the host tier
 
+    def offload(self, block_hashes: list[int]) -> int:
+        """Move the free device blocks among `block_hashes` (a session waiting on a tool, say) to the
+        host now, tail first, rather than have them dropped by a later eviction; returns how many
+        moved. Blocks in use stay. No-op without a host tier."""
+        if self.host is None:
+            return 0
+        victims = []
+        for block_hash in reversed(block_hashes):
+            order = self._evictable if block_hash in self._evictable else self._pinned_free
+            block_id = order.pop(block_hash, None)
+            if block_id is not None:
+                victims.append((block_hash, block_id))
+        if not victims:
+            return 0
+        self._cache_version += 1
+        self._evictions += 1
+        self._offload(victims)
+        for block_hash, block_id in victims:
+            del self._by_hash[block_hash]
+            self.hash_of[block_id] = None
+            self._removed.append(block_hash)
+            self._uncached.append(block_id)
+        return len(victims)
+
     def _claim_from_host(self, hashes: list[int]) -> list[int]:
         assert self.host is not None
         self._host_removed += hashes

@@ -161,6 +161,10 @@ class Engine:
             self.block_manager.keep_on_host(session_id, block_hashes, host_ttl_s)
         return self.block_manager.pin(session_id, block_hashes, ttl_s)
 
+    def offload(self, block_hashes: list[int]) -> int:
+        """Move these blocks, where free on the device, to the host tier (`BlockManager.offload`)."""
+        return self.block_manager.offload(block_hashes)
+
     def cached_blocks(self) -> list[CachedBlock]:
         return self.block_manager.cached_blocks()
 
@@ -173,8 +177,9 @@ class Engine:
             del self._seqs[seq.seq_id]
             outputs.append(self._output(seq, []))
         if not scheduled:
+            copy_s = self._run_copies()  # an offload asked for between steps
             self._emit_events()
-            return StepResult(outputs, 0.0)
+            return StepResult(outputs, copy_s or 0.0)
         chunks = []
         num_prefill = num_decode = 0
         values = self._token_values

@@ -102,7 +102,14 @@ def build_runner(args: argparse.Namespace) -> tuple[ModelRunner, Tokenizer, str]
         return runner, runner.tokenizer, runner.model_name
     from engines.torch import TorchRunner  # only now: torch is a heavy import
 
-    torch_runner = TorchRunner(args.num_blocks, args.block_size, args.model_path, args.device, args.seed)
+    torch_runner = TorchRunner(
+        args.num_blocks,
+        args.block_size,
+        args.model_path,
+        args.device,
+        args.seed,
+        host_blocks=args.host_blocks,
+    )
     return torch_runner, torch_runner.tokenizer, torch_runner.model_name
 
 

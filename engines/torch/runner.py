@@ -1,12 +1,15 @@
 """`TorchRunner`: the real model behind the scheduler (a `ModelRunner`).
 
 Owns the model, the paged KV cache tensor `[layers, 2, num_blocks, block_size, kv_heads, head_dim]`
-and the sampler. Each `execute` packs the step's chunks into one forward: one token batch for the
-projections and MLPs, attention through the chunks' block tables (see attention.py).
+and the sampler; with a host tier, a host buffer of the same layout (`host_blocks` slots: pinned
+memory on CUDA, copied on a side stream the step's compute waits for; a second CPU tensor on CPU).
+Each `execute` packs the step's chunks into one forward: one token batch for the projections and
+MLPs, attention through the chunks' block tables (see attention.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -26,6 +29,10 @@ from router.chat import ByteTokenizer, HFTokenizer, Tokenizer
 TINY_MODEL_NAME = "kvgate-tiny"
 # Keys gathered for one batched decode attention, at most (bounds the step's transient memory).
 MAX_DECODE_GATHER_TOKENS = 1 << 18
+
+
+def _no_stream() -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
 
 
 def default_device() -> torch.device:
@@ -54,6 +61,7 @@ class TorchRunner:
         dtype: torch.dtype | None = None,
         config: ModelConfig | None = None,
         threads: int | None = None,
+        host_blocks: int = 0,
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
@@ -81,6 +89,37 @@ class TorchRunner:
         self._check_fits(math.prod(shape) * self.dtype.itemsize)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._sampler = Sampler(seed)
+        self.host_cache: torch.Tensor | None = None
+        self._copy_stream = None
+        if host_blocks:
+            host_shape = (layers, 2, host_blocks, block_size, kv_heads, head_dim)
+            on_cuda = self.device.type == "cuda"
+            self.host_cache = torch.zeros(host_shape, dtype=self.dtype, pin_memory=on_cuda)
+            self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
+
+    def copy_blocks(self, offloads: list[tuple[int, int]], onboards: list[tuple[int, int]]) -> None:
+        """Offloads (device block -> host slot), then onboards (host slot -> device block), before the
+        step's compute. On CUDA they run on a copy stream that waits for the compute already queued
+        (it wrote the blocks offloaded) and that the step's compute then waits for."""
+        host = self.host_cache
+        if host is None:
+            raise RuntimeError("this runner has no host buffer (host_blocks=0)")
+        stream = self._copy_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else _no_stream():
+            if offloads:
+                blocks = torch.tensor([b for b, _ in offloads], device=self.device)
+                slots = torch.tensor([s for _, s in offloads])
+                # a blocking copy: the gathered blocks land in pageable memory before the scatter
+                host[:, :, slots] = self.kv_cache[:, :, blocks].to("cpu")
+            if onboards:
+                slots = torch.tensor([s for s, _ in onboards])
+                blocks = torch.tensor([b for _, b in onboards], device=self.device)
+                self.kv_cache[:, :, blocks] = host[:, :, slots].to(self.device, non_blocking=True)
+        if stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        return None
 
     def _check_fits(self, cache_bytes: int) -> None:
         """Refuse a KV cache larger than the device's memory with a clear error: on CPU the

@@ -487,6 +487,7 @@ host_ops = st.lists(
         st.tuples(st.just("free"), st.integers(0, 20)),
         st.tuples(st.just("pin"), st.integers(0, 20), st.integers(0, 30)),
         st.tuples(st.just("keep"), st.integers(0, 20), st.integers(0, 30)),
+        st.tuples(st.just("offload"), st.integers(0, 2), st.integers(0, 3), st.integers(1, 20)),
         st.tuples(st.just("tick"), st.integers(1, 20)),
     ),
     min_size=20,
@@ -551,6 +552,10 @@ def test_host_tier_invariants_copies_and_events_under_random_operations(
         elif kind == "keep" and live:
             seq = live[op[1] % len(live)]
             bm.keep_on_host(f"sess{op[1] % 3}", seq.block_hashes[: seq.num_committed_blocks], ttl_s=op[2])
+        elif kind == "offload":  # a session's chain (some of it in use, some not cached) moved down
+            _, stem, variant, length = op
+            tokens = [stem] * 6 + [variant + 10 * i for i in range(length)]
+            bm.offload(block_hashes(tokens, B))
         elif kind == "tick":
             clock.now += op[1]
             bm.expire_pins()

@@ -126,3 +126,24 @@ def test_checkpoint_model_through_the_engine_generates_the_same_warm_and_cold(tm
     cold_out, _ = run(engine(), {"t2": turn2})["t2"]
     assert cached == len(turn1) // BLOCK * BLOCK
     assert warm_out == cold_out
+
+
+def test_a_prompt_onboarded_from_the_host_generates_the_same(cold_outputs: dict[str, list[int]]) -> None:
+    """Turn 2's blocks are offloaded to the host tier (a session waiting on a tool), then turn 3
+    onboards them instead of recomputing: the same greedy output, cached tokens reported by tier."""
+    runner = make_runner(256, BLOCK, seed=3, host_blocks=64)
+    engine = Engine(EngineConfig(num_blocks=256, block_size=BLOCK, host_blocks=64), runner)
+    run(engine, {"t2": PROMPTS["turn2"]})
+    seq_hashes = [b.block_hash for b in engine.cached_blocks()]
+    assert engine.offload(seq_hashes) == len(seq_hashes)
+    assert all(b.tier == "host" for b in engine.cached_blocks())
+    sampling = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    engine.add_request(EngineRequest("t3", PROMPTS["turn3"], sampling))
+    out: list[int] = []
+    host_cached = 0
+    while engine.has_work():
+        for o in engine.step().outputs:
+            out.extend(o.new_token_ids)
+            host_cached = o.num_host_cached_tokens
+    assert out == cold_outputs["turn3"]
+    assert host_cached >= BLOCK * 2

@@ -307,3 +307,21 @@ def test_fused_projections_share_the_weights_and_compute_what_separate_ones_do()
     with torch.no_grad():
         attn.v_proj.weight.zero_()
     assert not torch.allclose(fused.logits([chunk("a", tokens, 0, table)])[0], want)
+
+
+def test_logits_after_an_onboard_from_the_host_equal_scratch() -> None:
+    """The donor's blocks go to the host buffer, their device blocks are overwritten, and they come
+    back in other device blocks: the suffix's logits equal a computation from scratch."""
+    runner = make_runner(64, BLOCK, seed=0, host_blocks=8)
+    pool = BlockPool(runner.num_blocks, seed=7)
+    tokens = prompt(6 * BLOCK + 5, seed=7)
+    scratch = runner.logits([chunk("scratch", tokens, 0, pool.take(blocks_for(len(tokens))))])[0]
+    donor = pool.take(4)
+    runner.execute([chunk("donor", tokens[: 4 * BLOCK], 0, donor, sample=False)])
+    runner.copy_blocks(list(zip(donor, [5, 1, 6, 0], strict=True)), [])
+    runner.execute([chunk("noise", prompt(4 * BLOCK, seed=99), 0, donor, sample=False)])  # overwrite
+    table = pool.take(4)
+    runner.copy_blocks([], list(zip([5, 1, 6, 0], table, strict=True)))
+    table += pool.take(blocks_for(len(tokens)) - 4)
+    suffix = runner.logits([chunk("onboarded", tokens[4 * BLOCK :], 4 * BLOCK, table)])[0]
+    torch.testing.assert_close(suffix, scratch[4 * BLOCK :], rtol=1e-4, atol=1e-4)
