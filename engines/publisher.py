@@ -286,8 +286,9 @@ class Publisher:
             log.warning("ignoring a malformed pin hint: %s", exc)
             return
         ttl = min(max(hint.ttl_s, 0.0), 3600.0)
+        host_ttl = min(max(hint.host_ttl_s, 0.0), 4 * 3600.0)
         engine: Engine = self.loop.engine
-        await self.loop.call(lambda: engine.pin(hint.session_id, hint.block_hashes, ttl))
+        await self.loop.call(lambda: engine.pin(hint.session_id, hint.block_hashes, ttl, host_ttl))
 
     # --- load and heartbeat
 

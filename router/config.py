@@ -54,6 +54,9 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     pin_factor: float = 1.5  # pin for this multiple of the expected tool time
     pin_min_s: float = 5.0
     pin_max_s: float = 120.0
+    # a pinned session's blocks are also kept on its worker's host tier for this multiple of the pin (a
+    # host holds several times the device's blocks; a tool call that outlasts its pin finds them there)
+    host_keep_factor: float = 4.0
     # Also pin when the request said a tool call is pending (the turn carried a tool result), whatever the
     # finish reason: engines that never report "tool_calls" (the mock) still get pins. Turn off when the
     # engines report real finish reasons and a tool loop's final answer should not pin.
@@ -92,6 +95,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"{name} must be at least 1")
         if not 0 <= self.pin_min_s <= self.pin_max_s:
             raise ValueError("need 0 <= pin_min_s <= pin_max_s")
+        if self.host_keep_factor < 0:
+            raise ValueError("host_keep_factor must not be negative")
         if not 0 <= self.think_alpha <= 1:
             raise ValueError("think_alpha must be within [0, 1]")
         memory = (

@@ -158,11 +158,13 @@ def registration_problem(registration: WorkerRegistration, key: str | None = Non
 
 
 class PinHint(msgspec.Struct, frozen=True):
-    """Keep a session's blocks on `pin.<worker>` until `ttl_s` has passed (an eviction hint only)."""
+    """Keep a session's blocks on `pin.<worker>` until `ttl_s` has passed (an eviction hint only), and
+    on its host tier, if it has one, until `host_ttl_s` (the weaker pin: dropped from host last)."""
 
     session_id: str
     block_hashes: list[int]
     ttl_s: float
+    host_ttl_s: float = 0.0
 
 
 # --- gateway replicas

@@ -260,7 +260,12 @@ class Simulation:
             if worker is not None:
                 self.run_result.pins += 1
                 self.loop.after(
-                    self.config.bus_delay_s, worker.pin, pin.session_id, pin.block_hashes, pin.ttl_s
+                    self.config.bus_delay_s,
+                    worker.pin,
+                    pin.session_id,
+                    pin.block_hashes,
+                    pin.ttl_s,
+                    pin.host_ttl_s,
                 )
         self._open -= 1
         self._release()

@@ -94,9 +94,9 @@ class SimWorker:
         self._idle_steps = 0
         self.kick()
 
-    def pin(self, session_id: str, block_hashes: list[int], ttl_s: float) -> None:
+    def pin(self, session_id: str, block_hashes: list[int], ttl_s: float, host_ttl_s: float = 0.0) -> None:
         self._load = None
-        self.engine.pin(session_id, block_hashes, ttl_s)
+        self.engine.pin(session_id, block_hashes, ttl_s, host_ttl_s)
         self._idle_steps = 0
 
     def idle(self) -> bool:
