@@ -28,7 +28,7 @@ from gateway.proxy import Outcome, Retryable, forward
 from gateway.replication import Replication
 from gateway.response_store import ResponseStore
 from gateway.responses_api import ResponsesApi
-from gateway.session_id import explicit_session_id
+from gateway.session_id import explicit_session_id, header_value
 from gateway.tokenizers import Tokenizers, TokenizerUnavailable
 from gateway.tracing import TurnTracing
 from gateway.upstream import UpstreamPool
@@ -57,6 +57,7 @@ class GatewayConfig(msgspec.Struct, frozen=True):
     max_inflight_per_worker: int = 0  # 0: the worker's own max_num_seqs
     queue_bound: int = 256
     queue_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0  # a connection's time to send a request head (slowloris)
     retry_after_s: int = 1
     max_attempts: int = 3
     connect_timeout_s: float = 2.0
@@ -312,6 +313,15 @@ class Gateway:
                 f"the prompt has {len(tokens)} tokens, over the limit of {self.config.max_prompt_tokens}",
                 code="context_length_exceeded",
             )
+        context, output = registration.max_model_len, turn.requested_max_tokens
+        if context and output is not None and len(tokens) + output > context:
+            raise ApiError(  # as vLLM answers: an output that cannot fit would hold a slot for nothing
+                400,
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{len(tokens) + output} tokens ({len(tokens)} in the prompt, {output} in the completion).",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         return tokens
 
     async def _attempts(
@@ -400,7 +410,7 @@ class Gateway:
         self.metrics.overlap_tokens.observe(expected)
         headers = {
             "x-kvgate-worker": worker,
-            "x-kvgate-session": route.session_id or "",
+            "x-kvgate-session": header_value(route.session_id or ""),
             "x-kvgate-cached-tokens-expected": str(expected),
             "x-kvgate-prompt-tokens": str(len(tokens)),
         }
@@ -493,18 +503,23 @@ class Gateway:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        # every refusal is counted, under the route's path: a path the client made up is one label
+        resource = request.match_info.route.resource
+        endpoint = resource.canonical if resource is not None else "other"
         try:
             return await handler(request)
         except ApiError as exc:
-            self.metrics.count_request(request.path, exc.status)
+            self.metrics.count_request(endpoint, exc.status)
             return exc.response()
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             status = 413 if isinstance(exc, web.HTTPRequestEntityTooLarge) else exc.status
+            self.metrics.count_request(endpoint, status)
             return ApiError(status, exc.reason or "error").response()
         except ConnectionError:
             raise  # the client went away; nothing to answer
         except Exception:
-            log.exception("unexpected error on %s", request.path)
+            log.exception("unexpected error on %s", endpoint)
+            self.metrics.count_request(endpoint, 500)
             return ApiError(500, "internal gateway error").response()

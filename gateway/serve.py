@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.app import Gateway, GatewayConfig
+from gateway.http_server import DEFAULT_HEADER_TIMEOUT_S, GatewayRunner
 from kvutil.bus_auth import BusAuthError, add_bus_arguments, bus_auth_from, nats_url_from, redact_url
 from router.config import RouterConfig
 from router.policies import POLICIES
@@ -54,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="in-flight requests per worker before queueing (0: the worker's max_num_seqs)",
     )
     parser.add_argument("--queue-bound", type=int, default=256, help="queued requests beyond which 429")
+    parser.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=DEFAULT_HEADER_TIMEOUT_S,
+        help="seconds a connection has to send a request's headers (also the idle keep-alive limit)",
+    )
     parser.add_argument(
         "--snapshot-interval-s",
         type=float,
@@ -177,6 +184,7 @@ def config_from(args: argparse.Namespace, router_config: RouterConfig) -> Gatewa
         max_prompt_tokens=args.max_prompt_tokens,
         max_inflight_per_worker=args.max_inflight_per_worker,
         queue_bound=args.queue_bound,
+        header_timeout_s=args.header_timeout_s,
         snapshot_interval_s=args.snapshot_interval_s,
         gateway_id=f"gateway-{uuid.uuid4().hex[:8]}",
         router_config=router_config,
@@ -191,7 +199,13 @@ async def serve(config: GatewayConfig, host: str, port: int, stop: asyncio.Event
     log.info("router settings: %s", describe_router_config(config.router_config))
     if config.router_config.session_admission and gateway.router.admission is None:
         log.warning("session_admission is ignored: only session_kv admits by session, not %s", config.policy)
-    runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
+    runner = GatewayRunner(
+        gateway.app(),
+        header_timeout_s=config.header_timeout_s,
+        on_refused=lambda status: gateway.metrics.count_request("other", status),
+        handler_cancellation=True,
+        access_log=None,
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, backlog=1024)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
+
+from gateway.errors import ApiError
 
 HEADERS: tuple[str, ...] = (
     "x-session-id",
@@ -17,19 +21,35 @@ HEADERS: tuple[str, ...] = (
 )
 
 MAX_LENGTH = 256  # an id is a key in bounded tables; a longer one is cut, not refused
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 
 
 def explicit_session_id(headers: Mapping[str, str], body: Mapping[str, Any]) -> str | None:
+    """The first id present, stripped and cut to MAX_LENGTH; 400 for one holding a control character
+    (never part of an id, and it cannot be echoed in a response header)."""
     for name in HEADERS:
         value = headers.get(name)
         if value and value.strip():
-            return value.strip()[:MAX_LENGTH]
+            return _checked(value, name)
     metadata = body.get("metadata")
-    candidates = [body.get("prompt_cache_key")]
+    candidates = [("prompt_cache_key", body.get("prompt_cache_key"))]
     if isinstance(metadata, dict):
-        candidates += [metadata.get("session_id"), metadata.get("user_id")]
-    candidates.append(body.get("user"))
-    for value in candidates:
+        candidates += [("metadata.session_id", metadata.get("session_id"))]
+        candidates += [("metadata.user_id", metadata.get("user_id"))]
+    candidates.append(("user", body.get("user")))
+    for name, value in candidates:
         if isinstance(value, str) and value.strip():
-            return value.strip()[:MAX_LENGTH]
+            return _checked(value, name)
     return None
+
+
+def _checked(value: str, name: str) -> str:
+    if _CONTROL.search(value):
+        raise ApiError(400, f"the session id in '{name}' holds a control character", param=name)
+    return value.strip()[:MAX_LENGTH]
+
+
+def header_value(session_id: str) -> str:
+    """A session id as a response header can carry it: printable ASCII, the rest percent-encoded."""
+    return quote(session_id, safe=_HEADER_SAFE)

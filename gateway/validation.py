@@ -1,7 +1,10 @@
 """Checks a client's OpenAI body before anything is routed: every refusal is a 400 naming the field.
 
 The body is kept as the client sent it (the worker receives it unchanged plus the `kvgate`
-extension); only what the gateway itself needs is read out into a `Turn`.
+extension); only what the gateway itself needs is read out into a `Turn`. Everything in it is
+untrusted: nesting is bounded (deep JSON would exhaust the stack in the template or the encoder),
+token ids must fit the uint32 the hashing packs them into, and the fields other parts of the system
+read (`user`, `metadata`, `tools`, `tool_calls`) are checked for their shape and size.
 """
 
 from __future__ import annotations
@@ -15,6 +18,13 @@ from gateway.errors import ApiError
 Kind = Literal["chat", "completion"]
 
 DEFAULT_MAX_TOKENS = 16
+MAX_TOKENS_LIMIT = (1 << 31) - 1  # beyond any context; a bigger number is a probe, not a request
+MAX_TOKEN_ID = (1 << 32) - 1  # block hashing packs token ids as little-endian uint32
+MAX_DEPTH = 32  # JSON nesting: OpenAI bodies need about 8 (tool parameter schemas nest further)
+MAX_USER_CHARS = 256
+MAX_METADATA_PAIRS = 16  # OpenAI's limits for `metadata`
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
 
 
 class Turn(msgspec.Struct):
@@ -25,6 +35,7 @@ class Turn(msgspec.Struct):
     client_wants_usage: bool  # stream_options.include_usage as the client sent it
     max_tokens: int
     messages: list[dict[str, Any]] | None = None
+    requested_max_tokens: int | None = None  # as the client sent it (None: the default)
     tools: list[Any] | None = None
     prompt: str | list[int] | None = None
     cache_salt: str | None = None
@@ -35,8 +46,11 @@ def parse_turn(raw: bytes, kind: Kind) -> Turn:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise ApiError(400, f"request body nests deeper than {MAX_DEPTH}", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
+    check_depth(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required and must be a non-empty string", param="model")
@@ -50,7 +64,8 @@ def parse_turn(raw: bytes, kind: Kind) -> Turn:
         raise ApiError(400, "only n=1 is supported", param="n")
     if _optional(body, "best_of", int, 1) != 1:
         raise ApiError(400, "only best_of=1 is supported", param="best_of")
-    max_tokens = _max_tokens(body)
+    requested = _max_tokens(body)
+    max_tokens = DEFAULT_MAX_TOKENS if requested is None else requested
     for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
         value = _optional(body, name, (int, float), None)
         if value is not None and not low <= value <= high:
@@ -58,10 +73,13 @@ def parse_turn(raw: bytes, kind: Kind) -> Turn:
     _optional(body, "seed", int, None)
     _check_stop(body.get("stop"))
     salt = _optional(body, "cache_salt", str, None)
-    turn = Turn(kind, body, model, stream, wants_usage, max_tokens, cache_salt=salt)
+    _check_user_and_metadata(body)
+    turn = Turn(
+        kind, body, model, stream, wants_usage, max_tokens, cache_salt=salt, requested_max_tokens=requested
+    )
     if kind == "chat":
         turn.messages = _messages(body.get("messages"))
-        turn.tools = _optional(body, "tools", list, None)
+        turn.tools = _tools(body.get("tools"))
     else:
         turn.prompt = _prompt(body.get("prompt"))
     return turn
@@ -82,14 +100,68 @@ def _optional(
     return value
 
 
-def _max_tokens(body: dict[str, Any]) -> int:
+def _max_tokens(body: dict[str, Any]) -> int | None:
     for name in ("max_completion_tokens", "max_tokens"):
         value = _optional(body, name, int, None)
         if value is not None:
-            if value < 1:
-                raise ApiError(400, f"'{name}' must be at least 1", param=name)
+            if not 1 <= value <= MAX_TOKENS_LIMIT:
+                raise ApiError(400, f"'{name}' must be between 1 and {MAX_TOKENS_LIMIT}", param=name)
             return value
-    return DEFAULT_MAX_TOKENS
+    return None
+
+
+def check_depth(body: Any, limit: int = MAX_DEPTH) -> None:
+    """400 when containers nest deeper than `limit`; iterative, so no depth can overflow the stack.
+    Lists of plain values (token ids) are skipped in one C-level pass."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            raise ApiError(400, f"request body nests deeper than {limit}", code="invalid_json")
+        children = value.values() if isinstance(value, dict) else value
+        if isinstance(value, list) and not any(map(_is_container, value)):
+            continue
+        stack.extend((child, depth + 1) for child in children if _is_container(child))
+
+
+def _is_container(value: Any) -> bool:
+    return isinstance(value, (dict, list))
+
+
+def _check_user_and_metadata(body: dict[str, Any]) -> None:
+    user = _optional(body, "user", str, None)
+    if user is not None and len(user) > MAX_USER_CHARS:
+        raise ApiError(400, f"'user' must be at most {MAX_USER_CHARS} characters", param="user")
+    metadata = _optional(body, "metadata", dict, None)
+    if metadata is None:
+        return
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise ApiError(400, f"'metadata' holds at most {MAX_METADATA_PAIRS} pairs", param="metadata")
+    for key, value in metadata.items():
+        long_key = len(key) > MAX_METADATA_KEY_CHARS
+        if long_key or not isinstance(value, str) or len(value) > MAX_METADATA_VALUE_CHARS:
+            raise ApiError(
+                400,
+                f"'metadata' maps keys of up to {MAX_METADATA_KEY_CHARS} characters to strings of up to "
+                f"{MAX_METADATA_VALUE_CHARS}",
+                param=f"metadata.{key[:MAX_METADATA_KEY_CHARS]}",
+            )
+
+
+def _tools(tools: Any) -> list[Any] | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise ApiError(400, "'tools' must be a list", param="tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ApiError(
+                400, f"tools[{i}] must be an object with a 'function' object naming it", param=f"tools[{i}]"
+            )
+        if not isinstance(function.get("parameters", {}), dict):
+            raise ApiError(400, f"tools[{i}].function.parameters must be an object", param=f"tools[{i}]")
+    return tools
 
 
 def _check_stop(stop: Any) -> None:
@@ -108,6 +180,14 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
             raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
         if not isinstance(message.get("role"), str):
             raise ApiError(400, f"messages[{i}].role must be a string", param=f"messages[{i}].role")
+        calls = message.get("tool_calls")
+        if calls is not None and not (
+            isinstance(calls, list)
+            and all(isinstance(c, dict) and isinstance(c.get("function", {}), dict) for c in calls)
+        ):
+            raise ApiError(
+                400, f"messages[{i}].tool_calls must be a list of objects", param=f"messages[{i}].tool_calls"
+            )
     return messages
 
 
@@ -119,9 +199,11 @@ def _prompt(prompt: Any) -> str | list[int]:
     if (
         isinstance(prompt, list)
         and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+        and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in prompt)
     ):
         return prompt
     raise ApiError(
-        400, "'prompt' must be a string or a list of token ids (one prompt per request)", param="prompt"
+        400,
+        f"'prompt' must be a string or a list of token ids from 0 to {MAX_TOKEN_ID} (one prompt per request)",
+        param="prompt",
     )

@@ -148,6 +148,7 @@ def registration_problem(registration: WorkerRegistration, key: str | None = Non
         ("block_size", r.block_size, 1, MAX_BLOCK_SIZE),
         ("num_blocks", r.num_blocks, 0, MAX_NUM_BLOCKS),
         ("max_num_seqs", r.max_num_seqs, 1, MAX_NUM_SEQS),
+        ("max_model_len", r.max_model_len, 0, MAX_NUM_BLOCKS),
         ("epoch", r.epoch, 0, (1 << 63) - 1),
     ):
         if not low <= value <= high:

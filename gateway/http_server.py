@@ -1,0 +1,90 @@
+"""The gateway's HTTP server: aiohttp's, with two things its defaults lack in front of the internet.
+
+- Requests its parser refuses (a malformed request line, a header over the size limit) get an
+  OpenAI-style JSON error, 431 for headers that are too large, and are counted in the metrics; aiohttp
+  answers them with a plain-text 400.
+- A header-read deadline: a connection has `header_timeout_s` to send a complete request head after
+  it opens or after its previous response, else it is closed. aiohttp's keep-alive timer already
+  closes a connection that has not completed a request when it fires; here it fires after
+  `header_timeout_s`, so a slowloris client that trickles header bytes holds a socket for seconds,
+  not the 75 s of aiohttp's default keep-alive.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.errors import ApiError
+
+log = logging.getLogger("kvgate.gateway.http")
+
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, answering parse errors as JSON."""
+
+    on_refused: Callable[[int], None]
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        # aiohttp logs each with a traceback at ERROR: anyone could flood the log with bad requests
+        log.debug("refused a request from %s: %s", request.remote, exc)
+        if request.writer.output_size > 0:  # part of a response went out: the connection is broken
+            raise ConnectionError("response already started; cannot answer with an error")
+        if status == 400 and isinstance(exc, LineTooLong):
+            error = ApiError(431, "request header fields too large", code="header_too_large")
+        elif status >= 500:
+            error = ApiError(status, "internal gateway error")
+        else:
+            reason = (message or "bad request")[:200]
+            error = ApiError(status, f"malformed HTTP request: {reason}", code="bad_request")
+        self.on_refused(error.status)
+        response = error.response()
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, making `_JsonErrorHandler`s for its connections."""
+
+    def __init__(self, *args: Any, on_refused: Callable[[int], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handler_class = type("GatewayRequestHandler", (_JsonErrorHandler,), {})
+        self.handler_class.on_refused = staticmethod(on_refused)
+
+    def __call__(self) -> RequestHandler:
+        return self.handler_class(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """An AppRunner whose connections answer parse errors as JSON and have a header-read deadline."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+        on_refused: Callable[[int], None] = lambda status: None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, keepalive_timeout=header_timeout_s, **kwargs)
+        self._on_refused = on_refused
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()  # runs the app's start-up; its settings are kept
+        return _Server(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            on_refused=self._on_refused,
+            **made._kwargs,
+        )
