@@ -307,7 +307,7 @@ class MessagesTranslation:
     def __init__(self, model: str) -> None:
         self.model = model
         self.id = "msg_" + uuid.uuid4().hex
-        self._block = -1  # index of the open content block, -1 when none is open
+        self._block = -1  # index of the latest content block, -1 before the first
         self._open_kind = ""
         self._tool_blocks: dict[int, int] = {}  # tool call index -> its content block index
 
