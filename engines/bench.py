@@ -125,7 +125,7 @@ def _runner(
         return runner, runner.tokenizer.vocab_size, {"model": runner.model_name, "device": "modelled"}
     from engines.torch import TorchRunner  # heavy import, only when asked for
 
-    runner = TorchRunner(
+    torch_runner = TorchRunner(
         num_blocks,
         args.block_size,
         args.model_path,
@@ -135,10 +135,10 @@ def _runner(
     )
     import torch
 
-    info: dict[str, object] = {"model": runner.model_name, "device": str(runner.device)}
-    if runner.device.type == "cpu":
+    info: dict[str, object] = {"model": torch_runner.model_name, "device": str(torch_runner.device)}
+    if torch_runner.device.type == "cpu":
         info["threads"] = torch.get_num_threads()
-    return runner, runner.config.vocab_size, info
+    return torch_runner, torch_runner.config.vocab_size, info
 
 
 def _device_type(args: argparse.Namespace) -> str:

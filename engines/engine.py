@@ -248,7 +248,7 @@ class Engine:
             params = seq.sampling
             num_output = len(tokens) - seq.num_prompt_tokens
             if not params.ignore_eos and token in params.stop_token_ids:
-                reason: str | None = "stop"
+                reason = "stop"
             elif num_output >= params.max_tokens or len(tokens) >= max_len:
                 reason = "length"
             else:

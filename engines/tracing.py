@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Tracer
+from opentelemetry.util.types import AttributeValue
 
 
 class RequestTimes:
@@ -28,7 +29,7 @@ def record_request(
     name: str,
     times: RequestTimes,
     now: float,
-    attributes: dict[str, object],
+    attributes: dict[str, AttributeValue],
 ) -> None:
     """The request's spans; `now` is the event loop's time at this call (to place its times)."""
     offset_ns = time.time_ns() - int(now * 1e9)

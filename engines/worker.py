@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 from opentelemetry.trace import Tracer
+from opentelemetry.util.types import AttributeValue
 
 from engines.engine import EngineRequest, RequestOutput
 from engines.loop import EngineLoop
@@ -156,7 +157,7 @@ class WorkerApp:
         times.first_token = result.first_token_at
         times.finished = now
         operation = "chat" if chat else "text_completion"
-        attributes: dict[str, object] = {
+        attributes: dict[str, AttributeValue] = {
             "gen_ai.operation.name": operation,
             "gen_ai.request.model": self.settings.model_name,
             "gen_ai.usage.input_tokens": result.prompt_tokens,

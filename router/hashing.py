@@ -55,7 +55,9 @@ def block_hashes_of_bytes(
     out: list[int] = []
     append = out.append
     start = 0
-    if parent is None and full:
+    if parent is None:
+        if not full:
+            return out
         parent = _xxh3(data[:step], seed)
         append(parent)
         start = step

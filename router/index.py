@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from itertools import compress, islice, repeat
 from operator import and_, is_, is_not, ne, not_, or_, xor
+from typing import Any, cast
 
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent, Tier
 
@@ -191,7 +192,7 @@ class TierIndex:
                     # `_adopt` inlined down to the lookups: most blocks have no orphaned child here
                     kids = child_of(h)
                     if kids is not None:
-                        for kid in kids if type(kids) is Children else (kids,):
+                        for kid in kids if isinstance(kids, Children) else (kids,):
                             if orphan_of(kid, 0) & bit:
                                 self._unmark(kid, bit)
             if prev is not None:
@@ -215,12 +216,13 @@ class TierIndex:
         if masks.count(bit) == n:
             return self._remove_alone(bit, hashes)
         if None not in masks:
-            rest = list(map(xor, masks, repeat(bit)))
+            held_masks = cast("list[int]", masks)  # every block was held
+            rest = list(map(xor, held_masks, repeat(bit)))
             # xor takes `bit` off a mask holding it and adds it to one that does not: the sums differ
             # by n * bit exactly when every block was held by `bit`
-            if sum(masks) - sum(rest) == n * bit:
-                return self._remove_held(bit, hashes, masks, rest)
-        held.update(compress(zip(hashes, masks, strict=True), masks))
+            if sum(held_masks) - sum(rest) == n * bit:
+                return self._remove_held(bit, hashes, held_masks, rest)
+        held.update((h, m) for h, m in zip(hashes, masks, strict=True) if m)  # put back, for the loop
         return self._remove_loop(bit, hashes)
 
     def _remove_loop(self, bit: int, hashes: list[int]) -> int:
@@ -247,7 +249,7 @@ class TierIndex:
             kids = child_of(h)
             if kids is not None:
                 orphaned = False
-                for kid in kids if type(kids) is Children else (kids,):
+                for kid in kids if isinstance(kids, Children) else (kids,):
                     kid_mask = get(kid, 0)
                     if kid_mask & bit:
                         self._mark(kid, bit)  # its parent left before it did
@@ -379,7 +381,7 @@ class TierIndex:
         any worker holds one of them (the parent's links must then outlive it)."""
         held = self._held
         orphaned = False
-        for kid in kids if type(kids) is Children else (kids,):
+        for kid in kids if isinstance(kids, Children) else (kids,):
             kid_mask = held.get(kid, 0)
             if kid_mask & bit:
                 self._mark(kid, bit)
@@ -405,7 +407,7 @@ class TierIndex:
         held = self._held
         for j in starts:
             kids = popped[j]
-            if kids is None or (type(kids) is not Children and kids not in held):
+            if kids is None or (not isinstance(kids, Children) and kids not in held):
                 continue
             if self._orphan_kids(bit, kids):
                 children[hashes[j]] = kids
@@ -420,10 +422,10 @@ class TierIndex:
     def children_copy(self) -> dict[int, int | tuple[int, ...]]:
         """The parent -> children links, several children as a tuple: a copy that the index's later
         changes cannot reach (a snapshot is encoded in a thread while the index goes on)."""
-        links: dict[int, int | Children | tuple[int, ...]] = dict(self._children)
+        links: dict[int, Any] = dict(self._children)
         several = list(compress(links, map(is_, map(type, links.values()), repeat(Children))))
         links.update(zip(several, map(tuple, map(links.__getitem__, several)), strict=True))
-        return links  # type: ignore[return-value]  # no Children left
+        return links  # no Children left: single children and tuples
 
     def sweep(self, dead: int, keys: Iterable[int]) -> None:
         """Take the retired worker bits `dead` off these blocks (a slice of a full pass)."""
@@ -456,7 +458,7 @@ class TierIndex:
             kids = children.get(p)
             if p in held or kids is None:
                 continue  # back in use, or already dropped
-            if any(k in held for k in (kids if type(kids) is Children else (kids,))):
+            if any(k in held for k in (kids if isinstance(kids, Children) else (kids,))):
                 keep.append(p)
             else:
                 del children[p]
@@ -514,9 +516,9 @@ class TierIndex:
         kinds = list(map(type, links))
         one = list(map(is_, kinds, repeat(int)))
         if True in one:
-            kids = list(compress(links, one))
-            marks = map(self._orphans.get, kids, repeat(0))
-            for kid in compress(kids, map(and_, marks, repeat(bit))):
+            single = cast("list[int]", list(compress(links, one)))  # the links that are one child
+            marks = map(self._orphans.get, single, repeat(0))
+            for kid in compress(single, map(and_, marks, repeat(bit))):
                 self._unmark(kid, bit)
         if one.count(True) + kinds.count(type(None)) != len(kinds):
             for parent, kids in zip(parents, links, strict=True):
@@ -528,12 +530,12 @@ class TierIndex:
         kids = self._children.get(parent)
         if kids is None:
             return
-        for kid in kids if type(kids) is Children else (kids,):
+        for kid in kids if isinstance(kids, Children) else (kids,):
             self._unmark(kid, bit)
 
     def _link(self, parent: int, kids: int | Children, h: int) -> None:
         held = self._held
-        if type(kids) is Children:
+        if isinstance(kids, Children):
             if h in kids:
                 return
             if len(kids) >= kids.prune_at:

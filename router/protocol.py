@@ -144,15 +144,15 @@ def registration_problem(registration: WorkerRegistration, key: str | None = Non
     ):
         if len(value) > limit or not _PRINTABLE.match(value):
             return f"{name} must be 1 to {limit} printable characters"
-    for name, value, low, high in (
+    for field, number, low, high in (
         ("block_size", r.block_size, 1, MAX_BLOCK_SIZE),
         ("num_blocks", r.num_blocks, 0, MAX_NUM_BLOCKS),
         ("max_num_seqs", r.max_num_seqs, 1, MAX_NUM_SEQS),
         ("max_model_len", r.max_model_len, 0, MAX_NUM_BLOCKS),
         ("epoch", r.epoch, 0, (1 << 63) - 1),
     ):
-        if not low <= value <= high:
-            return f"{name} must be between {low} and {high}"
+        if not low <= number <= high:
+            return f"{field} must be between {low} and {high}"
     if not math.isfinite(r.heartbeat_ts):
         return "heartbeat_ts must be a finite number"
     return None

@@ -189,12 +189,12 @@ class Router:
         stream = self._streams.get(wid)
         if stream is not None and dump.epoch < stream.epoch:
             return True
-        same_epoch = stream is not None and stream.epoch == dump.epoch
-        later = [b for b in (stream.pending or ()) if b.seq > dump.seq] if same_epoch else []
-        ok = self.index.load_dump(wid, dump.blocks) and not (same_epoch and stream.overflowed)
+        same = stream if stream is not None and stream.epoch == dump.epoch else None
+        later = [b for b in (same.pending or ()) if b.seq > dump.seq] if same is not None else []
+        ok = self.index.load_dump(wid, dump.blocks) and not (same is not None and same.overflowed)
         for batch in later:
             ok = self.index.apply(wid, batch.events) and ok
-        seq = max(dump.seq, stream.seq) if same_epoch else dump.seq
+        seq = max(dump.seq, same.seq) if same is not None else dump.seq
         self._streams[wid] = _Stream(dump.epoch, seq)
         return ok
 

@@ -187,7 +187,7 @@ def capture(router: Router, now: float | None = None) -> IndexCapture:
     """Copy what a snapshot needs; the session table only when `now` (the router's clock) is given."""
     index = router.index
     positions = {w: p for w, p in router.stream_positions().items() if index.has_worker(w)}
-    tiers = {
+    tiers: dict[str, tuple[dict[int, int], dict[int, int | tuple[int, ...]], dict[int, int]]] = {
         tier: (t._held.copy(), t.children_copy(), t._orphans.copy())
         for tier, t in index.tiers.items()
         if len(t)
@@ -265,7 +265,7 @@ def snapshot_of(
 
 def _tier_runs(
     held: dict[int, int],
-    links: dict[int, int | list[int]],
+    links: dict[int, int | tuple[int, ...]],
     orphans: dict[int, int],
     tier: Tier,
     names: dict[int, str],

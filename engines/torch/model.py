@@ -221,6 +221,7 @@ class CausalLM(nn.Module):
         """q/k/v and gate/up of every layer as one GEMM each (call once weights and device are
         final): fewer kernel launches per layer, which is what a small model's step is bound by."""
         for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)  # what a ModuleList holds is typed Module
             layer.self_attn.qkv.fuse(layer.self_attn)
             layer.mlp.gate_up.fuse(layer.mlp)
 

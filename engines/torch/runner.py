@@ -138,6 +138,7 @@ class TorchRunner:
         self, model_path: str | None, config: ModelConfig | None, seed: int
     ) -> tuple[CausalLM, Tokenizer, str]:
         """The model, its tokenizer and its served name."""
+        tokenizer: Tokenizer
         if model_path is None:
             tokenizer = ByteTokenizer()
             model = CausalLM(config or tiny_config(tokenizer.vocab_size))
