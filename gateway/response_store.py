@@ -66,7 +66,7 @@ class ResponseStore:
         """False when the conversation is over the per-entry bound (it is not stored)."""
         data = msgspec.msgpack.encode(conversation)
         if len(data) > self.max_entry_bytes:
-            log.warning("response %s not stored: %d bytes over the bound", response_id, len(data))
+            log.warning("response store: %s not stored, %d bytes over the bound", response_id, len(data))
             return False
         key = f"{tenant}.{response_id}"
         self._remember(key, data)
@@ -75,7 +75,7 @@ class ResponseStore:
             try:
                 await asyncio.wait_for(kv.put(key, data), BUS_TIMEOUT_S)
             except Exception as exc:  # the bus is down or the bucket full: this replica still has it
-                log.warning("response %s kept on this replica only: %s", response_id, exc)
+                log.warning("response store: %s kept on this replica only: %s", response_id, exc)
         return True
 
     async def get(self, tenant: str, response_id: str) -> StoredConversation | None:
@@ -108,7 +108,7 @@ class ResponseStore:
         except (KeyNotFoundError, NotFoundError):
             return None
         except Exception as exc:
-            log.warning("response store unreachable: %s", exc)
+            log.warning("response store: unreachable: %s", exc)
             return None
         if entry.value is None:
             return None
@@ -135,7 +135,7 @@ class ResponseStore:
                             BUS_TIMEOUT_S,
                         )
                 except Exception as exc:
-                    log.warning("response store bucket unavailable (kept per replica): %s", exc)
+                    log.warning("response store: no bucket, responses kept per replica: %s", exc)
         return self._kv
 
     def _remember(self, key: str, data: bytes) -> None:

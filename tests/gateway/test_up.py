@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import anthropic
 import openai
 import pytest
 
@@ -92,6 +93,17 @@ def test_kvgate_up_serves_the_openai_client_and_stops_cleanly(tmp_path: Path) ->
             await client.close()
 
         asyncio.run(async_turns())
+
+        # the agents' APIs: Anthropic Messages, and a Responses chain kept in the bus's bucket
+        # (which the gateway's generated bus user may create and write)
+        claude = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)
+        reply = claude.messages.create(model=model, max_tokens=3, messages=messages)
+        assert reply.type == "message" and reply.usage.output_tokens == 3
+        first = sdk.responses.create(model=model, input="Hello!", max_output_tokens=3)
+        second = sdk.responses.create(model=model, input="Again.", previous_response_id=first.id)
+        assert second.usage.input_tokens > first.usage.input_tokens
+        gateway_log = (tmp_path / "up.log").read_text()
+        assert "joined" in gateway_log and "response store:" not in gateway_log  # its log; no bucket warning
 
         # a crashed worker is restarted (same id, new process) and serves again
         worker0 = next(pid for pid in children if "worker-0" in cmdline(pid))
