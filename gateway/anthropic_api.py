@@ -22,6 +22,7 @@ Usage follows Anthropic's accounting: `input_tokens` are the prompt tokens not r
 from __future__ import annotations
 
 import hmac
+import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 
 BILLING_PREFIX = "x-anthropic-billing-header:"
 CLAUDE_CODE_SESSION = "x-claude-code-session-id"
+_CC_USER_SESSION = re.compile(r"_session_([0-9a-fA-F-]{36})$")
 MAX_TOKENS_LIMIT = 1 << 20
 
 _ERROR_TYPES = {
@@ -262,9 +264,21 @@ def _decode(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def claude_code_session(headers: Any, body: dict[str, Any]) -> str | None:
+    """Claude Code's session id: its header, else the `_session_<uuid>` its `metadata.user_id` ends with
+    (`user_<hash>_account_<uuid>_session_<uuid>`, what versions before the header sent)."""
+    header = headers.get(CLAUDE_CODE_SESSION, "").strip()
+    if header:
+        return header
+    metadata = body.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    found = _CC_USER_SESSION.search(user_id) if isinstance(user_id, str) else None
+    return found.group(1) if found else None
+
+
 def session_of(headers: Any, body: dict[str, Any], messages: list[dict[str, Any]]) -> str | None:
-    """The session id the client sent; a Claude Code session's each conversation its own child."""
-    parent = headers.get(CLAUDE_CODE_SESSION, "").strip()
+    """The session id the client sent; each conversation of a Claude Code session its own child."""
+    parent = None if headers.get("x-session-id", "").strip() else claude_code_session(headers, body)
     if parent:
         first = next((m for m in messages if m["role"] == "user"), messages[0])
         thread = xxhash.xxh3_64_hexdigest(compact_json(first).encode("utf-8", "surrogatepass"))[:12]

@@ -8,7 +8,13 @@ import asyncio
 import msgspec
 import pytest
 
-from gateway.anthropic_api import MessagesTranslation, chat_messages, chat_tools, strip_billing_line
+from gateway.anthropic_api import (
+    MessagesTranslation,
+    chat_messages,
+    chat_tools,
+    session_of,
+    strip_billing_line,
+)
 from gateway.api_bridge import ChatReader
 from gateway.errors import ApiError
 
@@ -194,3 +200,17 @@ def test_a_whole_answer_with_a_tool_call() -> None:
     message = msgspec.json.decode(asyncio.run(MessagesTranslation("m").whole(answer)))
     assert message["content"] == [{"type": "tool_use", "id": "call_1", "name": "ls", "input": {"a": 1}}]
     assert message["stop_reason"] == "tool_use" and message["usage"]["input_tokens"] == 10
+
+
+def test_claude_code_sessions_and_their_conversations() -> None:
+    main = [{"role": "user", "content": "fix the bug"}]
+    task = [{"role": "user", "content": "search for parse()"}]
+    header = {"x-claude-code-session-id": "abc"}
+    a, b = session_of(header, {}, main), session_of(header, {}, task)
+    assert a.startswith("abc/") and b.startswith("abc/") and a != b
+    assert session_of(header, {}, [*main, {"role": "assistant", "content": "ok"}]) == a  # later turns
+    uuid_ = "0b6a1c57-1f7e-4a0e-9d2b-1f9e3c2d4a5b"
+    body = {"metadata": {"user_id": f"user_ab12_account_{uuid_}_session_{uuid_}"}}
+    assert session_of({}, body, main).startswith(uuid_ + "/")  # the id older versions sent in metadata
+    assert session_of({"x-session-id": "mine", **header}, body, main) == "mine"  # the generic header first
+    assert session_of({}, {"metadata": {"user_id": "someone"}}, main) == "someone"
