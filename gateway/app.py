@@ -107,7 +107,8 @@ class Gateway:
             stale_after_s=config.stale_after_s,
         )
         self.upstream = UpstreamPool(config.connect_timeout_s, config.read_timeout_s)
-        self.upstream.propagate_trace = self.traces.tracer is not None
+        if self.traces.enabled:
+            self.upstream.trace_headers = self.traces.upstream_headers
         self._urls: dict[str, str] = {}  # worker id -> URL, to abort its requests when it leaves
         bucket = f"kvgate_{config.namespace.replace('-', '_')}_responses"
         self.responses = ResponseStore(bucket, ttl_s=config.responses_ttl_s)
@@ -234,7 +235,7 @@ class Gateway:
         """Route and serve one chat or completion turn; `relay` writes the worker's answer to the
         client (the other APIs' endpoints pass their own, and their session id when they know it)."""
         started = time.monotonic() if started is None else started
-        if self.traces.tracer is None:
+        if not self.traces.enabled:
             return await self._serve_turn(request, turn, path, started, explicit_session, relay)
         with self.traces.turn(request.headers, turn.kind, turn.model, turn.max_tokens):
             return await self._serve_turn(request, turn, path, started, explicit_session, relay)
@@ -254,7 +255,7 @@ class Gateway:
         explicit = explicit_session or explicit_session_id(request.headers, turn.body)
         hashes = self.prompts.hashes(tokens, registration.block_size, turn.cache_salt, explicit)
         session_id = self.router.resolve_session(explicit, hashes)
-        if self.traces.tracer is not None:
+        if self.traces.enabled:
             session = session_id or ""
             self.traces.annotate({"gen_ai.conversation.id": session, "kvgate.session.id": session})
         tool_loop = request.headers.get(TOOL_CALL_HEADER, "").lower() == "pending"
@@ -414,7 +415,7 @@ class Gateway:
             "x-kvgate-cached-tokens-expected": str(expected),
             "x-kvgate-prompt-tokens": str(len(tokens)),
         }
-        if self.traces.tracer is not None:
+        if self.traces.enabled:
             self.traces.annotate(self._route_attributes(route, decision, expected))
         body: dict[str, Any] = dict(turn.body)
         body["kvgate"] = {
@@ -466,7 +467,7 @@ class Gateway:
     def _finish(self, route: RouteRequest, worker: str, outcome: Outcome) -> None:
         """Exactly once per attempt, whatever happened (success, failure, client gone)."""
         now = time.monotonic()
-        if self.traces.tracer is not None and outcome.ok:
+        if self.traces.enabled and outcome.ok:
             self.traces.annotate(
                 {
                     "gen_ai.usage.input_tokens": outcome.prompt_tokens,

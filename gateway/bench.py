@@ -186,10 +186,12 @@ async def _measure(
             for _ in range(50):
                 await client.one(base)
         direct, through, through_traced = [], [], []
-        for _ in range(args.requests):
+        for i in range(args.requests):
             direct.append(await client.one(worker))
+            if traced is not None and i % 2:  # each second in either place: no order bias
+                through_traced.append(await client.one(traced))
             through.append(await client.one(gateway))
-            if traced is not None:
+            if traced is not None and not i % 2:
                 through_traced.append(await client.one(traced))
         # alternating short rounds, median of each: the machine's other load hits both alike
         per_round = max(1, args.throughput_requests // args.rounds)

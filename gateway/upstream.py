@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
-
-from opentelemetry import propagate
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_IDLE_PER_HOST = 256
@@ -156,7 +154,8 @@ class UpstreamPool:
     def __init__(self, connect_timeout_s: float = 2.0, read_timeout_s: float = 120.0) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
-        self.propagate_trace = False  # send the current span's W3C traceparent (tracing on)
+        # the W3C trace context header lines of the call in progress (tracing on)
+        self.trace_headers: Callable[[], str] | None = None
         self._idle: defaultdict[tuple[str, int], list[_Conn]] = defaultdict(list)
         self._active: defaultdict[tuple[str, int], set[_Conn]] = defaultdict(set)
 
@@ -169,7 +168,7 @@ class UpstreamPool:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\naccept: */*\r\n{self._trace_headers()}\r\n"
+            f"content-length: {len(body)}\r\naccept: */*\r\n{self._trace_lines()}\r\n"
         ).encode("latin-1")
         while True:
             conn = self._take(key)
@@ -200,16 +199,8 @@ class UpstreamPool:
                 raise
             return UpstreamResponse(self, key, conn, status, headers, self.read_timeout_s)
 
-    def _trace_headers(self) -> str:
-        if not self.propagate_trace:
-            return ""
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)  # traceparent, and a client's tracestate passed along
-        return "".join(
-            f"{name}: {value}\r\n"
-            for name, value in carrier.items()
-            if value.isascii() and "\r" not in value and "\n" not in value
-        )
+    def _trace_lines(self) -> str:
+        return "" if self.trace_headers is None else self.trace_headers()
 
     async def _open(self, key: tuple[str, int]) -> _Conn:
         try:
