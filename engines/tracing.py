@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Tracer
+from opentelemetry.propagate import extract
+from opentelemetry.trace import SpanKind, Tracer, set_span_in_context
 from opentelemetry.util.types import AttributeValue
 
 
@@ -39,12 +39,12 @@ def record_request(
 
     server = tracer.start_span(
         name,
-        context=propagate.extract(dict(headers)),
+        context=extract(dict(headers)),
         kind=SpanKind.SERVER,
         attributes=attributes,
         start_time=wall(times.arrived),
     )
-    context = trace.set_span_in_context(server)
+    context = set_span_in_context(server)
     first_step = times.first_step if times.first_step is not None else times.finished
     first_token = times.first_token if times.first_token is not None else times.finished
     phases = (

@@ -21,8 +21,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context
 
 from kvutil.tracing import Tracing
 
@@ -141,7 +140,7 @@ class TurnTracing:
     def _sampled(self, turn: TurnTrace) -> bool:
         if self._parent_based_always_on:  # the default sampler, decided without its machinery
             return turn.parent is None or turn.parent.trace_flags.sampled
-        parent = None if turn.parent is None else trace.set_span_in_context(NonRecordingSpan(turn.parent))
+        parent = None if turn.parent is None else set_span_in_context(NonRecordingSpan(turn.parent))
         result = self.tracing.sampler.should_sample(parent, turn.trace_id, turn.name, SpanKind.SERVER)
         return result.decision.is_sampled()
 

@@ -33,8 +33,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from engines.engine import Engine, EngineConfig
-from engines.mock import MockRunner
 from engines.loop import EngineLoop
+from engines.mock import MockRunner
 from engines.worker import WorkerApp, WorkerSettings
 from gateway.app import Gateway, GatewayConfig
 from gateway.cli import COMMANDS, build_parser
@@ -415,13 +415,34 @@ def imported_modules(path: Path, top_level_only: bool) -> set[str]:
 
 def imported_distributions(path: Path, top_level_only: bool) -> set[str]:
     """Third-party distributions a module imports."""
-    names = {name.split(".")[0] for name in imported_modules(path, top_level_only)}
+    modules = imported_modules(path, top_level_only)
+    names = {name.split(".")[0] for name in modules}
     names -= set(sys.stdlib_module_names) | set(package_dirs()) | {"__future__"}
     names -= CLIENT_SIDE.get(path.relative_to(ROOT).as_posix(), set())
     owners = installed_owners()
     missing = names - set(owners)
     assert not missing, f"{path}: imports {missing}, which no installed distribution provides"
-    return {normalize(d) for name in names for d in owners[name]}
+    return {normalize(d) for m in modules if m.split(".")[0] in names for d in module_owners(m, owners)}
+
+
+def module_owners(module: str, owners: dict[str, list[str]]) -> list[str]:
+    """The distributions providing `module`: for a namespace package several distributions share
+    (`opentelemetry`), the one holding the module's own files."""
+    parts = module.split(".")
+    candidates = owners[parts[0]]
+    if len(candidates) == 1:
+        return candidates
+    for depth in range(len(parts), 1, -1):
+        stem = "/".join(parts[:depth])
+        found = [d for d in candidates if {f"{stem}.py", f"{stem}/__init__.py"} & distribution_files(d)]
+        if found:
+            return found
+    return candidates
+
+
+@functools.cache
+def distribution_files(name: str) -> frozenset[str]:
+    return frozenset(f.as_posix() for f in importlib.metadata.distribution(name).files or ())
 
 
 @functools.cache

@@ -527,3 +527,27 @@ def test_bus_auth_can_be_turned_off() -> None:
     (gateway,) = find(docs, "Deployment")
     env = gateway["spec"]["template"]["spec"]["containers"][0].get("env", [])
     assert "NATS_PASSWORD" not in {e["name"] for e in env}
+
+
+def test_tracing_values_reach_the_gateway_and_the_workers() -> None:
+    def otel_env(docs: list[dict]) -> dict[str, dict[str, str]]:
+        out = {}
+        for doc in docs:
+            if doc["kind"] in ("Deployment", "StatefulSet"):
+                (container,) = doc["spec"]["template"]["spec"]["containers"]
+                env = container.get("env", [])
+                out[doc["kind"]] = {e["name"]: e["value"] for e in env if e["name"].startswith("OTEL_")}
+        return out
+
+    assert otel_env(render({})) == {"Deployment": {}, "StatefulSet": {}}  # off by default
+    endpoint = "http://otel-collector.observability:4318"
+    sampler = {"sampler": "parentbased_traceidratio", "samplerArg": "0.1"}
+    tracing = {"tracing": {"otlpEndpoint": endpoint, **sampler}}
+    env = otel_env(render({**tracing, "busAuth": {"enabled": False}}))
+    for kind, service in (("Deployment", "kvgate-gateway"), ("StatefulSet", "kvgate-worker")):
+        assert env[kind] == {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_SERVICE_NAME": service,
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.1",
+        }

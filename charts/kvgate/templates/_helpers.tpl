@@ -71,6 +71,26 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/* NATS_USER and NATS_PASSWORD of one bus role (gateway or worker), the password from the Secret. */}}
+{{- define "kvgate.tracingEnv" -}}
+{{- $root := index . 0 }}{{- $service := index . 1 }}
+{{- with $root.Values.tracing }}
+{{- if .otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .otlpEndpoint | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ $service | quote }}
+{{- with .sampler }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ . | quote }}
+{{- end }}
+{{- with .samplerArg }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "kvgate.busAuthEnv" -}}
 {{- $root := index . 0 }}{{- $role := index . 1 }}
 {{- if $root.Values.busAuth.enabled }}
