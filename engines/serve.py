@@ -60,9 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speedup", type=float, default=1.0, help="mock: run this many times faster than the modelled GPU"
     )
-    parser.add_argument(
-        "--eos-after", type=int, default=None, help="mock: end each answer after N tokens"
-    )
+    parser.add_argument("--eos-after", type=int, default=None, help="mock: end each answer after N tokens")
     parser.add_argument(
         "--host-blocks",
         type=int,
