@@ -58,6 +58,7 @@ class GatewayConfig(msgspec.Struct, frozen=True):
     queue_bound: int = 256
     queue_timeout_s: float = 30.0
     header_timeout_s: float = 10.0  # a connection's time to send a request head (slowloris)
+    prompt_cache_bytes: int = 64 << 20  # sessions' last prompts, and each tokenizer's segment cache
     retry_after_s: int = 1
     max_attempts: int = 3
     connect_timeout_s: float = 2.0
@@ -82,7 +83,10 @@ class Gateway:
         hold_s = self.router.config.admission_max_hold_s + config.queue_timeout_s
         self.holds = SessionHold(self.router, hold_s)  # session_kv's admission by session
         self.tokenizers = Tokenizers(self.subjects.tokenizer_bucket, lambda: self.bus.nc)
-        self.prompts = PromptEncoder(resolve=self._tokenizer)
+        cache_bytes = config.prompt_cache_bytes
+        self.prompts = PromptEncoder(
+            resolve=self._tokenizer, max_bytes=cache_bytes, segment_cache_bytes=cache_bytes
+        )
         self.traces = TurnTracing(Tracing("kvgate-gateway", "kvgate.gateway"), config.policy)
         self.bus = Bus(
             config.nats_url,
@@ -270,9 +274,15 @@ class Gateway:
             expected_output_tokens=turn.max_tokens,
             tool_call_pending=tool_loop,
         )
-        response = await self._attempts(
-            request, turn, route, tokens, workers, path, registration.block_size, relay
-        )
+        refused = True
+        try:
+            response = await self._attempts(
+                request, turn, route, tokens, workers, path, registration.block_size, relay
+            )
+            refused = response.status >= 400
+        finally:
+            if refused:  # nothing is kept for a refused request (a 400 for length, say)
+                self.prompts.forget(explicit, registration.block_size, turn.cache_salt)
         self.metrics.e2e.observe(time.monotonic() - started)
         return response
 
@@ -315,6 +325,13 @@ class Gateway:
                 code="context_length_exceeded",
             )
         context, output = registration.max_model_len, turn.requested_max_tokens
+        if context and len(tokens) >= context:
+            raise ApiError(  # the worker would refuse it: refused here, it costs the worker nothing
+                400,
+                f"the prompt has {len(tokens)} tokens; this model's context holds at most {context - 1}",
+                param="messages" if turn.kind == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
         if context and output is not None and len(tokens) + output > context:
             raise ApiError(  # as vLLM answers: an output that cannot fit would hold a slot for nothing
                 400,

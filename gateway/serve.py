@@ -56,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--queue-bound", type=int, default=256, help="queued requests beyond which 429")
     parser.add_argument(
+        "--prompt-cache-mb",
+        type=float,
+        default=64.0,
+        help="memory for the sessions' last prompts, and again for each tokenizer's segment cache (MiB); "
+        "the session table's is --router-set max_session_bytes=N",
+    )
+    parser.add_argument(
         "--header-timeout-s",
         type=float,
         default=DEFAULT_HEADER_TIMEOUT_S,
@@ -185,6 +192,7 @@ def config_from(args: argparse.Namespace, router_config: RouterConfig) -> Gatewa
         max_inflight_per_worker=args.max_inflight_per_worker,
         queue_bound=args.queue_bound,
         header_timeout_s=args.header_timeout_s,
+        prompt_cache_bytes=max(1, int(args.prompt_cache_mb * 2**20)),
         snapshot_interval_s=args.snapshot_interval_s,
         gateway_id=f"gateway-{uuid.uuid4().hex[:8]}",
         router_config=router_config,

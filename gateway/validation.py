@@ -154,11 +154,13 @@ def _tools(tools: Any) -> list[Any] | None:
     if not isinstance(tools, list):
         raise ApiError(400, "'tools' must be a list", param="tools")
     for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict):
+            raise ApiError(400, f"tools[{i}] must be an object", param=f"tools[{i}]")
+        function = tool.get("function")
+        if function is None:
+            continue
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise ApiError(
-                400, f"tools[{i}] must be an object with a 'function' object naming it", param=f"tools[{i}]"
-            )
+            raise ApiError(400, f"tools[{i}].function must be an object with a name", param=f"tools[{i}]")
         if not isinstance(function.get("parameters", {}), dict):
             raise ApiError(400, f"tools[{i}].function.parameters must be an object", param=f"tools[{i}]")
     return tools

@@ -237,12 +237,19 @@ def render_segments(messages: Sequence[dict[str, Any]], tools: Sequence[Any] | N
     return segments
 
 
-class SegmentCache:
-    """Tokens of recently seen segments, keyed by a hash of their text (bounded, LRU)."""
+SEGMENT_BYTES = 160  # an entry's key, its dict slot and the list header, estimated from above
+BYTES_PER_TOKEN = 8 + 32  # a list slot and the int object (ids past 256 are not shared small ints)
 
-    def __init__(self, tokenizer: Tokenizer, capacity: int = 4096) -> None:
+
+class SegmentCache:
+    """Tokens of recently seen segments, keyed by a hash of their text (bounded in count and in bytes,
+    LRU)."""
+
+    def __init__(self, tokenizer: Tokenizer, capacity: int = 4096, capacity_bytes: int = 64 << 20) -> None:
         self.tokenizer = tokenizer
         self.capacity = capacity
+        self.capacity_bytes = capacity_bytes
+        self.bytes = 0
         self._tokens: OrderedDict[int, list[int]] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -256,9 +263,14 @@ class SegmentCache:
             return tokens
         self.misses += 1
         tokens = self.tokenizer.encode(segment)
+        size = SEGMENT_BYTES + BYTES_PER_TOKEN * len(tokens)
+        if size > self.capacity_bytes:
+            return tokens  # larger than the whole cache: not kept
         self._tokens[key] = tokens
-        if len(self._tokens) > self.capacity:
-            self._tokens.popitem(last=False)
+        self.bytes += size
+        while len(self._tokens) > self.capacity or self.bytes > self.capacity_bytes:
+            _, dropped = self._tokens.popitem(last=False)
+            self.bytes -= SEGMENT_BYTES + BYTES_PER_TOKEN * len(dropped)
         return tokens
 
 

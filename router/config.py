@@ -21,6 +21,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     # --- sessions
     max_sessions: int = 100_000
+    max_session_bytes: int = 256 << 20  # the session table's memory (chains mostly), estimated from above
     session_ttl_s: float = 3600.0
     max_session_id_len: int = 256
 
@@ -89,7 +90,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     admission_max_held: int = 4096
 
     def __post_init__(self) -> None:
-        bounded = ("max_sessions", "max_inflight", "approx_blocks_per_worker", "cache_max_tree_tokens")
+        bounded = ("max_sessions", "max_session_bytes", "max_inflight", "approx_blocks_per_worker")
+        bounded += ("cache_max_tree_tokens",)
         for name in bounded:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

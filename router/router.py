@@ -75,7 +75,7 @@ class Router:
         self.index = BlockIndex()
         self.approx = ApproxIndex(config.approx_ttl_s, config.approx_blocks_per_worker)
         self.load = LoadView(config)
-        self.sessions = SessionTable(config.max_sessions, config.session_ttl_s)
+        self.sessions = SessionTable(config.max_sessions, config.session_ttl_s, config.max_session_bytes)
         self.block_size = DEFAULT_BLOCK_SIZE
         self._registrations: dict[str, WorkerRegistration] = {}
         self._by_model: dict[str, list[str]] = {}
@@ -346,6 +346,9 @@ class Router:
         assert flight.session_id is not None
         s = self.sessions.get(flight.session_id)
         if s is None:
+            return None
+        if not ok and s.turns <= 1:  # its only turn failed (refused, say): keep nothing for it
+            self.sessions.discard(s.id)
             return None
         s.attained_tokens += max(0, output_tokens)
         s.last_finish_reason = finish_reason

@@ -1,9 +1,10 @@
 """The session table: what the router knows about each agent session between its turns.
 
-Bounded (`max_sessions`; the session closest to expiry goes first) and expired in time order through a
-sorted list of (expires_at, session id). A session is also findable by the last block of its latest
-prompt, which is how a request without a session id is recognised as the next turn of a known session:
-its prompt extends that chain.
+Bounded in count (`max_sessions`) and in bytes (`max_bytes`, an estimate from above of what each
+session holds, its chain mostly); the session closest to expiry, which is the least recently used,
+goes first. Expired in time order through a sorted list of (expires_at, session id). A session is also
+findable by the last block of its latest prompt, which is how a request without a session id is
+recognised as the next turn of a known session: its prompt extends that chain.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sortedcontainers import SortedList
+
+SESSION_BYTES = 1024  # a Session, its dict and index entries and its id, estimated from above
+BYTES_PER_HASH = 8 + 32  # a list slot and the int object (64-bit hashes are not cached small ints)
 
 
 class Session:
@@ -45,10 +49,12 @@ class Session:
 
 
 class SessionTable:
-    def __init__(self, max_sessions: int, ttl_s: float) -> None:
-        if max_sessions < 1:
-            raise ValueError("max_sessions must be at least 1")
+    def __init__(self, max_sessions: int, ttl_s: float, max_bytes: int = 256 << 20) -> None:
+        if max_sessions < 1 or max_bytes < 1:
+            raise ValueError("max_sessions and max_bytes must be at least 1")
         self.max_sessions = max_sessions
+        self.max_bytes = max_bytes
+        self.bytes = 0  # the estimate of what the sessions hold, kept under max_bytes
         self.ttl_s = ttl_s
         self._sessions: dict[str, Session] = {}
         self._by_expiry: SortedList = SortedList()  # (expires_at, session id)
@@ -67,9 +73,12 @@ class SessionTable:
         """The session, created if new, with its expiry pushed to `now + ttl_s`."""
         s = self._sessions.get(session_id)
         if s is None:
-            while len(self._sessions) >= self.max_sessions:
+            while len(self._sessions) >= self.max_sessions or self.bytes + SESSION_BYTES > self.max_bytes:
+                if not self._sessions:
+                    break
                 self._drop(self._by_expiry[0][1])
             s = self._sessions[session_id] = Session(session_id)
+            self.bytes += SESSION_BYTES
         else:
             self._by_expiry.remove((s.expires_at, session_id))
         s.expires_at = now + self.ttl_s
@@ -79,9 +88,15 @@ class SessionTable:
     def set_chain(self, s: Session, chain: Sequence[int]) -> None:
         if s.chain and self._by_tail.get(s.chain[-1]) == s.id:
             del self._by_tail[s.chain[-1]]
+        self.bytes += (len(chain) - len(s.chain)) * BYTES_PER_HASH
         s.chain = chain if isinstance(chain, list) else list(chain)  # kept, not copied: 2,048 blocks
         if s.chain:
             self._by_tail[s.chain[-1]] = s.id
+        while self.bytes > self.max_bytes and len(self._sessions) > 1:  # the others go first
+            oldest = self._by_expiry[0][1] if self._by_expiry[0][1] != s.id else self._by_expiry[1][1]
+            self._drop(oldest)
+        if self.bytes > self.max_bytes:  # one chain alone over the cap: the session keeps no chain
+            self.set_chain(s, [])
 
     def values(self) -> list[Session]:
         """Every session kept (expired ones not yet swept included), in no particular order."""
@@ -98,7 +113,11 @@ class SessionTable:
             if s.expires_at <= self._by_expiry[0][0]:
                 return False
             self._drop(self._by_expiry[0][1])
+        size = SESSION_BYTES + len(s.chain) * BYTES_PER_HASH
+        if self.bytes + size > self.max_bytes:
+            return False  # what is live here stays; a snapshot's session is only a hint
         self._sessions[s.id] = s
+        self.bytes += size
         self._by_expiry.add((s.expires_at, s.id))
         if s.chain:
             self._by_tail.setdefault(s.chain[-1], s.id)  # a live session's claim on the tail stands
@@ -119,8 +138,13 @@ class SessionTable:
             dropped += 1
         return dropped
 
+    def discard(self, session_id: str) -> None:
+        if session_id in self._sessions:
+            self._drop(session_id)
+
     def _drop(self, session_id: str) -> None:
         s = self._sessions.pop(session_id)
+        self.bytes -= SESSION_BYTES + len(s.chain) * BYTES_PER_HASH
         self._by_expiry.remove((s.expires_at, session_id))
         if s.chain and self._by_tail.get(s.chain[-1]) == session_id:
             del self._by_tail[s.chain[-1]]

@@ -30,3 +30,13 @@ def test_chat_tokens_are_what_a_worker_encodes() -> None:
     assert encoder.tokens(turn, "byte") == expected  # second time from the segment cache
     completion = parse_turn(b'{"model":"m","prompt":"abc"}', "completion")
     assert encoder.tokens(completion, "byte") == [97, 98, 99]
+
+
+def test_session_prompts_stay_under_the_byte_cap_and_a_refused_one_is_forgotten() -> None:
+    encoder = PromptEncoder(max_bytes=200_000)
+    for i in range(100):
+        encoder.hashes([i] * 1000, 16, None, f"s{i}")  # ~80 KB each as estimated
+        assert encoder.bytes <= 200_000
+    assert 1 <= len(encoder._sessions) < 100 and ("s0", 16, hash_seed(None, None)) not in encoder._sessions
+    encoder.forget("s99", 16, None)
+    assert ("s99", 16, hash_seed(None, None)) not in encoder._sessions

@@ -88,3 +88,20 @@ def test_restore_does_not_take_a_live_sessions_tail() -> None:
     table.set_chain(live, [1, 2])
     assert table.restore(restored("old", 5.0, [1, 2]))  # the same prompt, seen by another replica
     assert table.find_by_chain([1, 2, 3]) == "live"
+
+
+def test_the_table_stays_under_its_byte_cap_dropping_the_least_recently_used() -> None:
+    from router.sessions import BYTES_PER_HASH, SESSION_BYTES
+
+    cap = 10 * (SESSION_BYTES + 100 * BYTES_PER_HASH)
+    table = SessionTable(max_sessions=1000, ttl_s=60.0, max_bytes=cap)
+    for i in range(50):
+        table.set_chain(table.touch(f"s{i}", float(i)), list(range(i * 1000, i * 1000 + 100)))
+        assert table.bytes <= cap
+    assert len(table) == 10 and "s49" in table and "s39" not in table  # the newest ten
+    # one chain larger than the whole cap: the session stays, without its chain
+    big = table.touch("big", 100.0)
+    table.set_chain(big, list(range(10_000)))
+    assert table.bytes <= cap and big.chain == [] and "big" in table
+    table.discard("big")
+    assert "big" not in table
