@@ -157,4 +157,3 @@ _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^@/
 def redact_url(url: str) -> str:
     """The URL (or comma-separated URLs) with any user:password@ or token@ replaced by ***@."""
     return _USERINFO.sub(lambda m: m.group("scheme") + "***@", url)
-

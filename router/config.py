@@ -90,8 +90,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     admission_max_held: int = 4096
 
     def __post_init__(self) -> None:
-        bounded = ("max_sessions", "max_session_bytes", "max_inflight", "approx_blocks_per_worker")
-        bounded += ("cache_max_tree_tokens",)
+        bounded = ["max_sessions", "max_session_bytes", "max_inflight", "approx_blocks_per_worker"]
+        bounded.append("cache_max_tree_tokens")
         for name in bounded:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

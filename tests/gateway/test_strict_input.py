@@ -137,9 +137,7 @@ def test_a_slowloris_connection_is_closed_at_the_header_deadline(gateway: str) -
 
 # --- fuzzing
 
-JSON_LEAF = (
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text()
-)
+JSON_LEAF = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text()
 JSON = st.recursive(
     JSON_LEAF,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
