@@ -42,7 +42,8 @@ def pool(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> I
         for i in range(2):
             # answers end by themselves (EOS), as a real model's do: a Responses answer cut by its
             # token limit is `incomplete`, which the Agents SDK treats as a failure
-            cluster.worker(f"a{i}", "mock", "--speedup", "1000", "--eos-after", "12")
+            # room for a Claude Code-sized prompt (~76 KB of byte tokens)
+            cluster.worker(f"a{i}", "mock", "--speedup", "1000", "--eos-after", "12", "--num-blocks", "8192")
         cluster.start_gateway("--api-key", API_KEY, "--api-key", OTHER_KEY)
         cluster.ready(workers=2)
         yield cluster
@@ -157,22 +158,38 @@ async def test_messages_async_client_stream_and_not(pool: Cluster, model: str) -
         await sdk.close()
 
 
+def claude_code_tools() -> list[dict]:
+    """A tool list the size of Claude Code's (~64 KB of JSON), and one of its server tools."""
+    properties = {f"option_{j}": {"type": "string", "description": "what it does " * 4} for j in range(6)}
+    tools = [
+        {
+            "name": f"tool_{i}",
+            "description": f"Tool {i}: " + "Use it carefully, read the output, then decide. " * 30,
+            "input_schema": {"type": "object", "properties": properties, "required": ["option_0"]},
+        }
+        for i in range(32)
+    ]
+    return [*tools, {"type": "web_search_20250305", "name": "web_search"}]
+
+
 def test_claude_code_traffic_is_accepted_and_its_billing_line_ignored(pool: Cluster, model: str) -> None:
-    """A request shaped as Claude Code sends it: `?beta=true`, betas, fields no engine honours, a
-    server tool, and a billing line in the system prompt that changes on every call."""
+    """A request shaped and sized as Claude Code sends it: `?beta=true`, betas, `max_tokens` 32000, a
+    64 KB tool list with a server tool, fields no engine honours, and a billing line at the head of the
+    system prompt that changes on every call."""
     sdk = claude(pool)
-    counts = []
+    tools = claude_code_tools()
+    counts, sizes, cached = [], [], []
     for cch in ("1a2b3", "9f8e7"):
         system = [
             {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.0.1; cch={cch};"},
-            {"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": SYSTEM * 10, "cache_control": {"type": "ephemeral"}},
         ]
         body = {
             "model": model,
             "max_tokens": 32000,
             "system": system,
             "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}],
-            "tools": [*TOOLS, {"type": "web_search_20250305", "name": "web_search"}],
+            "tools": tools,
             "thinking": {"type": "enabled", "budget_tokens": 1024},
             "context_management": {"edits": []},
             "output_config": {"effort": "high"},
@@ -181,18 +198,23 @@ def test_claude_code_traffic_is_accepted_and_its_billing_line_ignored(pool: Clus
         headers = {
             "x-api-key": API_KEY,
             "anthropic-version": "2023-06-01",
-            "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+            "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-1m-2025-08-07",
             "x-claude-code-session-id": "cc-billing",
         }
-        status, count = post(pool, "/v1/messages/count_tokens?beta=true", json.dumps(body).encode(), headers)
+        raw = json.dumps(body).encode()
+        sizes.append(len(raw))
+        status, count = post(pool, "/v1/messages/count_tokens?beta=true", raw, headers)
         assert status == 200, count
         counts.append(count["input_tokens"])
-        body["max_tokens"] = 4
-        status, reply = post(pool, "/v1/messages?beta=true", json.dumps(body).encode(), headers)
+        status, reply = post(pool, "/v1/messages?beta=true", raw, headers)
         assert status == 200 and reply["type"] == "message", reply
+        assert reply["usage"]["input_tokens"] + reply["usage"]["cache_read_input_tokens"] == counts[-1]
+        cached.append(reply["usage"]["cache_read_input_tokens"])
+    assert min(sizes) > 70_000, sizes
     assert counts[0] == counts[1]  # the billing line is not part of the prompt
+    assert cached[1] >= counts[1] - 16  # so the second call, another cch, found it all cached
     hi = [{"role": "user", "content": "hi"}]
-    plain = sdk.messages.count_tokens(model=model, system=SYSTEM, messages=hi, tools=TOOLS)
+    plain = sdk.messages.count_tokens(model=model, system=SYSTEM * 10, messages=hi, tools=tools)
     assert plain.input_tokens == counts[0]
 
 
