@@ -13,6 +13,7 @@ from engines.mock import DEFAULT_HOST_BANDWIDTH_GBPS
 from loadgen.sim.compare import compare, parse_policies
 from loadgen.sim.report import render_table, write_charts
 from loadgen.sim.simulation import SimConfig
+from loadgen.sim.synthetic import WORKLOADS, make_workload, workload_rows
 from loadgen.sim.workload import Workload
 from loadgen.trace import TRACE_BLOCK_SIZE, TraceError, load_trace
 
@@ -39,7 +40,16 @@ def _positive_float(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", required=True, type=Path, help="JSONL trace (traces/README.md format)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", type=Path, help="JSONL trace (traces/README.md format)")
+    source.add_argument(
+        "--workload", choices=WORKLOADS, help="a load generator workload instead of a trace (its defaults)"
+    )
+    parser.add_argument("--rate", type=_positive_float, default=1.0, help="--workload: sessions per second")
+    parser.add_argument("--duration", type=_positive_float, default=300.0, help="--workload: arrivals (s)")
+    parser.add_argument(
+        "--max-context", type=_positive_int, default=None, help="--workload: sessions end before this size"
+    )
     parser.add_argument("--workers", type=_positive_int, default=8, help="simulated workers")
     parser.add_argument("--policy", default="all", help="all, or a comma-separated list of policies")
     parser.add_argument("--num-blocks", type=_positive_int, default=16_384, help="KV blocks per worker")
@@ -130,9 +140,14 @@ def run(args: argparse.Namespace) -> int:
         if args.max_think_s < 0 or args.bus_delay_ms < 0:
             raise ValueError("--max-think-s and --bus-delay-ms must not be negative")
         settings = _router_settings(args.router_settings)
-        rows = load_trace(args.trace, args.limit)
+        if args.workload is not None:
+            args.trace_block_size = args.block_size  # the rows' hash ids are blocks of the simulated size
+            generated = make_workload(args.workload, args.rate, args.seed, args.max_context)
+            rows = workload_rows(generated, args.duration, args.block_size, args.seed)[: args.limit]
+        else:
+            rows = load_trace(args.trace, args.limit)
         if not rows:
-            raise ValueError(f"{args.trace}: no rows")
+            raise ValueError(f"{args.trace or args.workload}: no rows")
     except (OSError, TraceError, ValueError) as exc:
         print(f"kvgate sim: {exc}", file=sys.stderr)
         return 2
@@ -157,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     started = time.perf_counter()
-    report, runs, runtime = compare(args.trace, workload, policies, config, jobs=args.jobs)
+    name = args.trace if args.trace is not None else f"workload:{args.workload}"
+    report, runs, runtime = compare(name, workload, policies, config, jobs=args.jobs)
     elapsed = time.perf_counter() - started
     to_stdout = args.json == "-"
     if not to_stdout:

@@ -1,0 +1,59 @@
+"""The load generator's workloads as simulator rows (`kvgate sim --workload`), and the sim's router
+settings (`--pin-baselines`, `--set`)."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+
+import pytest
+
+from gateway.cli import main
+from loadgen.sim.simulation import SimConfig, Simulation
+from loadgen.sim.synthetic import make_workload, workload_rows
+from loadgen.sim.workload import Workload
+
+
+def test_agentic_turns_extend_their_predecessor_and_end_in_tool_calls() -> None:
+    rows = workload_rows(make_workload("agentic", 4.0, 3, 40_000), 3.0, 16)
+    sessions: dict[str, list] = {}
+    for row in rows:
+        sessions.setdefault(row.session_id, []).append(row)
+    assert len(sessions) >= 5
+    for turns in sessions.values():
+        for before, after in pairwise(turns):
+            assert after.hash_ids[: len(before.hash_ids)] == before.hash_ids  # prompt + reply + tool result
+            assert before.stop == "tool_use" and after.delay_ms > 0
+            assert after.input_length > before.input_length + before.output_length
+        assert turns[-1].stop == "end_turn"
+    firsts = [turns[0].hash_ids for turns in sessions.values()]
+    assert any(a[:100] == b[:100] for a in firsts for b in firsts if a is not b)  # agents' system prompts
+
+
+def test_prefix_requests_have_no_session_and_share_their_documents() -> None:
+    rows = workload_rows(make_workload("prefix", 20.0, 1, None), 3.0, 16)
+    assert len(rows) > 20 and all(row.session_id is None for row in rows)
+    assert len({tuple(row.hash_ids[:100]) for row in rows}) <= 8  # 8 documents of 2,048 tokens
+
+
+def test_baselines_pin_only_in_the_ablation() -> None:
+    rows = workload_rows(make_workload("agentic", 4.0, 3, 40_000), 3.0, 16)
+    pins = {}
+    for ablation in (False, True):
+        config = SimConfig(workers=2, num_blocks=2048, block_size=16, pin_baselines=ablation)
+        for policy in ("kv_overlap", "session_kv"):
+            workload = Workload(rows, block_size=16, trace_block_size=16, max_think_s=2.0)
+            pins[policy, ablation] = Simulation(workload, policy, config).run().pins
+    assert pins["kv_overlap", False] == 0 and pins["kv_overlap", True] > 0
+    assert pins["session_kv", False] == pins["session_kv", True] > 0
+
+
+def test_cli_simulates_a_workload_with_router_settings(capsys) -> None:
+    args = ["sim", "--workload", "chat", "--rate", "2", "--duration", "4", "--workers", "2"]
+    args += ["--policy", "kv_overlap", "--set", "kv_temperature=0.5", "--json", "-"]
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["trace"] == "workload:chat" and data["policies"]["kv_overlap"]["completed"] > 5
+    with pytest.raises(SystemExit):
+        main(["sim", "--workload", "chat", "--trace", "t.jsonl"])
+    assert main(["sim", "--workload", "chat", "--set", "no_such_field=1"]) == 2
