@@ -67,6 +67,12 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # its prefill time, every live block `memory_balance_factor` x, and in-flight blocks beyond the
     # worker's capacity `inflight_pressure_factor` x
     live_session_s: float = 120.0
+    # a session's context counts as live on its worker once it has come back (this many turns routed
+    # before): one-shot requests, inferred sessions of one turn, are not contexts anyone keeps
+    live_after_turns: int = 1
+    prefix_home: bool = True
+    used_from_report: bool = True
+    stall_fullness_floor: float = 0.0
     memory_free_fraction: float = 0.8
     memory_pressure_factor: float = 0.4
     memory_balance_factor: float = 0.01

@@ -13,6 +13,9 @@ class RouteRequest(msgspec.Struct):
     session_id: str | None = None
     expected_output_tokens: int = 0
     tool_call_pending: bool = False  # the client said this turn carries a tool result
+    # the session that forked this one (a sub-agent's parent, e.g. Dynamo's x-dynamo-parent-session-id);
+    # without it, a new session whose first prompt extends another session's chain is that one's child
+    parent_session_id: str | None = None
 
 
 class Decision(msgspec.Struct):

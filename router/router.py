@@ -20,7 +20,7 @@ from router.load import InFlight, LoadView
 from router.policies import POLICIES, Policy, RouterView
 from router.protocol import KvEventBatch, KvStateDump, LoadReport, PinHint, WorkerRegistration
 from router.request import Decision, RouteRequest
-from router.sessions import SessionTable
+from router.sessions import Session, SessionTable
 
 __all__ = ["NoWorkerError", "Router", "RouterConfig"]
 
@@ -275,11 +275,22 @@ class Router:
             raise NoWorkerError(f"no routable worker for model {request.model!r}")
         sid = request.session_id
         session = self.sessions.get(sid) if sid else None
+        parent = self._parent(request) if session is None or session.turns == 0 else None
         bs = self._registrations[candidates[0]].block_size  # the gateway hashed with a candidate's size
-        view = RouterView(candidates, self.index, self.approx, self.load, session, bs, now)
+        view = RouterView(candidates, self.index, self.approx, self.load, session, bs, now, parent)
         decision = self.policy.pick(request, view)
         self._record(request, decision, now)
         return decision
+
+    def _parent(self, request: RouteRequest) -> Session | None:
+        """A new session's parent: the one named, else the session whose latest prompt its first prompt
+        extends (a sub-agent forked with its parent's context)."""
+        pid = request.parent_session_id
+        if pid is None and request.session_id and request.block_hashes:
+            pid = self.sessions.find_by_chain(request.block_hashes)
+        if pid is None or pid == request.session_id:
+            return None
+        return self.sessions.get(pid)
 
     def record(self, request: RouteRequest, decision: Decision, now: float) -> bool:
         """Record a pick another gateway replica made (its in-flight load, its session's worker and
@@ -305,6 +316,9 @@ class Router:
             self.approx.insert(worker, request.block_hashes, now)
         if request.session_id:
             s = self.sessions.touch(request.session_id, now)
+            if s.turns == 0 and s.parent_id is None:
+                parent = self._parent(request)
+                s.parent_id = parent.id if parent is not None else None
             if s.tool_pending and s.last_done_at is not None:  # the tool gap just ended: learn it
                 gap = max(0.0, now - s.last_done_at)
                 a = self.config.think_alpha

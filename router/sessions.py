@@ -26,6 +26,7 @@ class Session:
         "last_done_at",
         "last_finish_reason",
         "last_pick_at",
+        "parent_id",
         "pinned_until",
         "think_s",
         "tool_pending",
@@ -36,6 +37,7 @@ class Session:
     def __init__(self, session_id: str) -> None:
         self.id = session_id
         self.worker_id: str | None = None
+        self.parent_id: str | None = None  # the session that forked this one (sub-agents)
         self.chain: list[int] = []  # block hashes of the latest prompt (the caller's list, not a copy)
         self.turns = 0
         self.attained_tokens = 0  # service received: prefilled (uncached) plus generated tokens

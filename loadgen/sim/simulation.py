@@ -22,7 +22,7 @@ from engines.mock import DEFAULT_HOST_BANDWIDTH_GBPS, TransferModel
 from loadgen.sim.events import EventLoop
 from loadgen.sim.metrics import LoadSample, RequestRecord
 from loadgen.sim.worker import SimWorker
-from loadgen.sim.workload import Turn, Workload
+from loadgen.sim.workload import Turn, Workload, parent_of
 from router.protocol import KvEvent, KvEventBatch, KvStateDump, LoadReport
 from router.request import RouteRequest
 
@@ -200,6 +200,7 @@ class Simulation:
             num_tokens=row.input_length,
             session_id=session_id,
             tool_call_pending=tool_result,
+            parent_session_id=parent_of(row.session_id),
         )
         if router.admit(request, now):
             self._dispatch(turn, request)

@@ -36,6 +36,14 @@ class FastTraceContent(TraceContent):
         return raw % self.vocab_size  # in C: 180k ids x 512 tokens on a big trace
 
 
+def parent_of(session_id: str | None) -> str | None:
+    """The parent of a sub-agent session, which the Claude Code traces name `<parent>/sub<N>` (a client
+    would send it as a parent-session header); None for other sessions."""
+    if session_id is None or "/sub" not in session_id:
+        return None
+    return session_id.rsplit("/sub", 1)[0]
+
+
 class Turn:
     """One request of the replay: a trace row, its session and its place in the session."""
 

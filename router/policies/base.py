@@ -21,7 +21,17 @@ class RouterView:
     Built per pick; `overlap` is computed once and shared by whatever the policy asks for.
     """
 
-    __slots__ = ("_overlap", "approx", "block_size", "candidates", "index", "load", "now", "session")
+    __slots__ = (
+        "_overlap",
+        "approx",
+        "block_size",
+        "candidates",
+        "index",
+        "load",
+        "now",
+        "parent",
+        "session",
+    )
 
     def __init__(
         self,
@@ -32,12 +42,14 @@ class RouterView:
         session: Session | None,
         block_size: int,
         now: float,
+        parent: Session | None = None,
     ) -> None:
         self.candidates = candidates  # routable, in a stable order; never empty
         self.index = index
         self.approx = approx
         self.load = load
         self.session = session
+        self.parent = parent  # a new session's parent (it forked this one), when known
         self.block_size = block_size
         self.now = now
         self._overlap: dict[str, int] | None = None

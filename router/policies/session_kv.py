@@ -61,6 +61,7 @@ class SessionKv(Policy):
         overlap = view.overlap(chain)
         session = view.session
         sticky = None
+        why = "session"
         if session is not None and session.worker_id is not None:
             sticky = session.worker_id
             if now - session.last_pick_at <= cfg.prior_ttl_s or now <= session.pinned_until:
@@ -68,6 +69,22 @@ class SessionKv(Policy):
                 if prior > overlap.get(sticky, 0):
                     overlap = dict(overlap)
                     overlap[sticky] = prior
+        parent = view.parent
+        if sticky is None and parent is not None and parent.worker_id is not None:
+            # a sub-agent's first turn: its parent's worker, if the prefix they share is worth keeping
+            # together (the cost below decides, within the affinity tolerance, like a session's worker)
+            shared = common_prefix(parent.chain, chain)
+            if shared:
+                sticky, why = parent.worker_id, "parent"
+                if shared > overlap.get(sticky, 0) and (
+                    now - parent.last_pick_at <= cfg.prior_ttl_s or now <= parent.pinned_until
+                ):
+                    overlap = dict(overlap)
+                    overlap[sticky] = shared
+        if sticky is None and overlap and cfg.prefix_home:
+            home = max(overlap, key=overlap.__getitem__)  # the first listed of the longest holders
+            if overlap[home] * 2 >= len(chain):
+                sticky, why = home, "overlap"
         credit = self._credit(overlap, view.tier_overlap(chain, "host"), view.tier_overlap(chain, "disk"))
         self._expire_live(now)
         costs = self._costs(view, credit, n_tokens, len(chain), request.session_id, sticky)
@@ -75,16 +92,15 @@ class SessionKv(Policy):
         if sticky is not None and sticky in costs:
             tolerance = max(cfg.affinity_tolerance_ms, cfg.affinity_tolerance_rel * best)
             if costs[sticky] <= best + tolerance:
-                return self._decide(request, sticky, overlap, costs, "session", now)
+                return self._decide(request, view, sticky, overlap, costs, why)
         tied = [w for w, c in costs.items() if c == best]
         if len(tied) > 1:  # equal estimates: more cached prefix, then fewer requests, then chance
             requests = view.load.requests
             key = max((overlap.get(w, 0), -requests(w)) for w in tied)
             tied = [w for w in tied if (overlap.get(w, 0), -requests(w)) == key]
         worker = tied[0] if len(tied) == 1 else self.rng.choice(tied)
-        return self._decide(
-            request, worker, overlap, costs, "overlap" if overlap.get(worker) else "load", now
-        )
+        reason = "overlap" if overlap.get(worker) else "load"
+        return self._decide(request, view, worker, overlap, costs, reason)
 
     def _costs(
         self,
@@ -147,17 +163,38 @@ class SessionKv(Policy):
         if missing < 0:
             missing = 0
         report = wl.report
+        used = self._used_blocks(wl, now, bs)
         stall_factor = self.config.stall_factor
         if stall_factor and report is not None and report.total_blocks > 0:
             # the running requests wait out this prefill too (the docstring's "Stall")
             running = report.running if now <= wl.fresh_until else wl.requests
-            full = (wl.inflight_blocks + n_blocks) / report.total_blocks
-            missing *= 1.0 + stall_factor * running * (full if full < 1.0 else 1.0)
-        return (queued + missing) * ms_per_token + self._memory_ms(wl, w, n_blocks, own, bs * ms_per_token)
+            floor = self.config.stall_fullness_floor
+            full = ((used + n_blocks) / report.total_blocks - floor) / (1.0 - floor)
+            if full > 0.0:
+                missing *= 1.0 + stall_factor * running * (full if full < 1.0 else 1.0)
+        memory = self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used)
+        return (queued + missing) * ms_per_token + memory
+
+    def _used_blocks(self, wl: WorkerLoad, now: float, bs: int) -> float:
+        """Blocks the worker's running requests hold: its report's count (blocks shared by several of
+        them counted once) plus the prefill predicted since, while the report is fresh; else the blocks
+        of the requests in flight (each counted whole)."""
+        report = wl.report
+        if self.config.used_from_report and report is not None and now <= wl.fresh_until:
+            return report.used_blocks + wl.prefill_since_report / bs
+        return wl.inflight_blocks
 
     def _memory_ms(
-        self, wl: WorkerLoad, w: str, n_blocks: int, own: tuple[str, int, float] | None, block_ms: float
+        self,
+        wl: WorkerLoad,
+        w: str,
+        n_blocks: int,
+        own: tuple[str, int, float] | None,
+        bs: int,
+        ms_per_token: float,
+        used: float,
     ) -> float:
+        block_ms = bs * ms_per_token
         cfg = self.config
         live = self._footprint.get(w, 0)
         if own is not None and own[0] == w:
@@ -170,7 +207,7 @@ class SessionKv(Policy):
             if excess > 0:
                 ms += cfg.memory_pressure_factor * excess
             # running sequences hold their blocks: beyond the worker's capacity this one waits
-            busy = wl.inflight_blocks + n_blocks - capacity
+            busy = used + n_blocks - capacity
             if busy > 0:
                 ms += cfg.inflight_pressure_factor * busy
         return ms * block_ms
@@ -190,14 +227,22 @@ class SessionKv(Policy):
     def _decide(
         self,
         request: RouteRequest,
+        view: RouterView,
         worker: str,
         overlap: dict[str, int],
         costs: dict[str, float],
         reason: str,
-        now: float,
     ) -> Decision:
+        cfg = self.config
         sid = request.session_id
-        if sid:
+        now = view.now
+        session = view.session
+
+        # a context is live where a session that came back keeps it: one-shot requests never do, and a
+        # new session's first turn is placed by the others' footprints without adding its own yet
+        after = cfg.live_after_turns
+        live = sid and (after == 0 or (session is not None and session.turns >= after))
+        if live or sid in self._live:
             old = self._live.get(sid)
             if old is not None:
                 self._footprint[old[0]] -= old[1]

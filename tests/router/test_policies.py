@@ -317,9 +317,11 @@ def test_session_kv_sends_a_new_session_where_its_context_fits(memory: bool) -> 
     for i in range(2):  # two live sessions of 400 blocks go to w0, where their prefixes are
         prompt = chain(400, base=100_000 * (i + 1))
         hold(router, "w0", prompt[:390], seq=i + 1)
-        assert router.pick(req(f"a{i}", prompt, f"live{i}"), 0.0).worker_id == "w0"
-        router.on_first_token(f"a{i}", 0.1)
-        router.on_complete(f"a{i}", 0.2, "tool_calls", 10)
+        for turn in range(2):  # a context counts as live once its session came back
+            rid = f"a{i}.{turn}"
+            assert router.pick(req(rid, prompt[: 390 + 10 * turn], f"live{i}"), 0.0).worker_id == "w0"
+            router.on_first_token(rid, 0.1)
+            router.on_complete(rid, 0.2, "tool_calls", 10)
     # a new 300-block session: on w0 it would push 1,100 live blocks into 1,000
     d = router.pick(req("new", system + chain(290, base=900_000), "new"), 1.0)
     assert d.worker_id == ("w1" if memory else "w0")
@@ -351,3 +353,53 @@ def test_session_kv_charges_a_miss_for_the_requests_it_stalls() -> None:
     for worker, prefill in (("w0", 3_000), ("w1", 0)):
         plain.apply_load(LoadReport(worker, 0.0, 4, 0, prefill, 0, 250, 10_000.0, 100.0), 0.0)
     assert plain.pick(req("r3", prompt), 0.0).worker_id == "w1"
+
+
+def test_session_kv_keeps_a_sub_agent_with_its_parent_when_they_share_a_prefix() -> None:
+    router = make("session_kv", n=3)
+    for w in ("w0", "w1", "w2"):
+        load(router, w, 0)
+    context = chain(100)
+    parent = router.pick(req("p1", context, "parent"), 0.0).worker_id
+    router.on_complete("p1", 1.0, "tool_calls", 10)
+    load(router, parent, 200, now=1.0)  # the parent's worker is a little busier than the others
+    # a named child: its first prompt starts with the parent's context (events have not confirmed it)
+    prompt = context + chain(20, base=9000)
+    child = RouteRequest("c1", "m", prompt, 120 * BS, "child", parent_session_id="parent")
+    d = router.pick(child, 1.0)
+    assert (d.worker_id, d.reason) == (parent, "parent")
+    assert router.sessions.get("child").parent_id == "parent"
+    # an unnamed parent is inferred: the child's first prompt extends the parent's chain
+    d = router.pick(req("c2", context + chain(20, base=7000), "other-child"), 1.0)
+    assert d.worker_id == parent and router.sessions.get("other-child").parent_id == "parent"
+    # a child that shares nothing with its parent goes where it is cheapest, not to the parent
+    lone = RouteRequest("c3", "m", chain(120, base=50_000), 120 * BS, "lone", parent_session_id="parent")
+    d = router.pick(lone, 1.0)
+    assert d.worker_id != parent and d.reason != "parent"
+
+
+def test_session_kv_counts_a_shared_prefix_in_use_once() -> None:
+    # w0 runs eight requests over one 150-block document: its report says 160 blocks are in use, where
+    # the requests in flight sum to 1,280; the stall charge reads the report, not the sum
+    router = make("session_kv", n=2, memory_balance_factor=0.0)
+    doc = chain(150)
+    hold(router, "w0", doc)
+    for i in range(8):
+        assert router.pick(req(f"r{i}", doc + chain(10, base=10_000 * (i + 1))), 0.0).worker_id == "w0"
+    for w, running, used in (("w0", 8, 160), ("w1", 0, 0)):
+        router.apply_load(LoadReport(w, 0.0, running, 0, 0, used, 1000, 10_000.0, 100.0), 0.0)
+    assert router.load.workers["w0"].inflight_blocks == 8 * 160
+    d = router.pick(req("r9", doc + chain(10, base=99_000)), 0.0)
+    assert (d.worker_id, d.reason) == ("w0", "overlap")  # the document's home, not a second copy
+
+
+def test_session_kv_counts_one_shot_requests_as_no_live_context() -> None:
+    router = make("session_kv", n=2)
+    for i in range(5):
+        router.pick(req(f"r{i}", chain(50, base=1000 * (i + 1)), router.resolve_session(None, [])), 0.0)
+    assert not router.policy._live  # inferred, never came back
+    router.pick(req("n1", chain(50, base=90_000), "named"), 0.0)
+    assert not router.policy._live  # a first turn: the session has not come back yet
+    router.on_complete("n1", 0.5, "tool_calls", 5)
+    router.pick(req("n2", chain(60, base=90_000), "named"), 1.0)
+    assert set(router.policy._live) == {"named"}
