@@ -28,7 +28,7 @@ from gateway.proxy import Outcome, Retryable, forward
 from gateway.replication import Replication
 from gateway.response_store import ResponseStore
 from gateway.responses_api import ResponsesApi
-from gateway.session_id import explicit_session_id, header_value
+from gateway.session_id import explicit_session_id, header_value, parent_session_id
 from gateway.tokenizers import Tokenizers, TokenizerUnavailable
 from gateway.tracing import TurnTracing
 from gateway.upstream import UpstreamPool
@@ -273,6 +273,7 @@ class Gateway:
             session_id=session_id,
             expected_output_tokens=turn.max_tokens,
             tool_call_pending=tool_loop,
+            parent_session_id=parent_session_id(request.headers),
         )
         refused = True
         try:

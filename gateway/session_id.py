@@ -20,6 +20,10 @@ HEADERS: tuple[str, ...] = (
     "x-dynamo-session-id",
 )
 
+# the session that forked this one (a sub-agent's parent): the router keeps them together when they share
+# a prefix (Dynamo's header, and a plain one)
+PARENT_HEADERS: tuple[str, ...] = ("x-dynamo-parent-session-id", "x-parent-session-id")
+
 MAX_LENGTH = 256  # an id is a key in bounded tables; a longer one is cut, not refused
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
@@ -40,6 +44,15 @@ def explicit_session_id(headers: Mapping[str, str], body: Mapping[str, Any]) -> 
     candidates.append(("user", body.get("user")))
     for name, value in candidates:
         if isinstance(value, str) and value.strip():
+            return _checked(value, name)
+    return None
+
+
+def parent_session_id(headers: Mapping[str, str]) -> str | None:
+    """The parent session a sub-agent's request names, if any (same checks as a session id)."""
+    for name in PARENT_HEADERS:
+        value = headers.get(name)
+        if value and value.strip():
             return _checked(value, name)
     return None
 

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
-from gateway.session_id import explicit_session_id
+import pytest
+
+from gateway.errors import ApiError
+from gateway.session_id import explicit_session_id, parent_session_id
 
 
 def test_headers_come_first_in_reference_order() -> None:
@@ -21,3 +24,11 @@ def test_body_fields_in_order_then_none() -> None:
 
 def test_long_ids_are_cut() -> None:
     assert len(explicit_session_id({"x-session-id": "s" * 5000}, {}) or "") == 256
+
+
+def test_a_sub_agent_names_its_parent_in_a_header() -> None:
+    assert parent_session_id({"x-dynamo-parent-session-id": " root "}) == "root"
+    assert parent_session_id({"x-parent-session-id": "p", "x-session-id": "child"}) == "p"
+    assert parent_session_id({"x-session-id": "child"}) is None
+    with pytest.raises(ApiError):
+        parent_session_id({"x-dynamo-parent-session-id": "bad\x00id"})
