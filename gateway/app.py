@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 
+from gateway import tenants
 from gateway.admission import Admission, NoWorker, QueueFull, SessionHold
 from gateway.anthropic_api import AnthropicApi
 from gateway.api_bridge import Relay
@@ -52,6 +53,9 @@ class GatewayConfig(msgspec.Struct, frozen=True):
     namespace: str = "kvgate"
     policy: str = "session_kv"
     api_keys: tuple[str, ...] = ()
+    tenants: tuple[tuple[str, str], ...] = ()  # (tenant name, key): keys of one name share a tenant
+    metrics_key: str | None = None  # required on /metrics when set
+    ready_key: str | None = None  # required on /ready when set
     max_body_bytes: int = 8 * 1024 * 1024
     max_prompt_tokens: int = 131_072
     max_inflight_per_worker: int = 0  # 0: the worker's own max_num_seqs
@@ -84,6 +88,7 @@ class Gateway:
         self.holds = SessionHold(self.router, hold_s)  # session_kv's admission by session
         self.tokenizers = Tokenizers(self.subjects.tokenizer_bucket, lambda: self.bus.nc)
         cache_bytes = config.prompt_cache_bytes
+        self.tenants = tenants.Tenants(config.api_keys, config.tenants)
         self.prompts = PromptEncoder(
             resolve=self._tokenizer, max_bytes=cache_bytes, segment_cache_bytes=cache_bytes
         )
@@ -161,7 +166,7 @@ class Gateway:
     async def health(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def ready(self, _request: web.Request) -> web.Response:
+    async def ready(self, request: web.Request) -> web.Response:
         """200 once this replica has workers and an index caught up with the stream.
 
         A replica that loses NATS afterwards stays ready, saying `"degraded": true`: it still routes on
@@ -169,6 +174,7 @@ class Gateway:
         a bus outage would take every replica out of rotation at once, turning a degraded gateway into
         a down one. Before its first view (no workers, or the index still catching up) it is not ready.
         """
+        _require(request, self.config.ready_key)
         workers = len(self.bus.workers)
         connected = self.bus.connected
         index_ready = self.replication.index_ready
@@ -186,7 +192,8 @@ class Gateway:
             body["reason"] = "NATS unreachable: routing on the last known view"
         return web.json_response(body, status=200 if ok else 503)
 
-    async def metrics_endpoint(self, _request: web.Request) -> web.Response:
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        _require(request, self.config.metrics_key)
         self.metrics.queued.set(self.admission.queued)
         for wid in self.bus.workers:
             self.metrics.inflight.labels(wid).set(self.admission.inflight(wid))
@@ -257,6 +264,10 @@ class Gateway:
         registration = self.bus.workers[next(iter(workers))].registration
         tokens = await self._tokens(turn, registration)
         explicit = explicit_session or explicit_session_id(request.headers, turn.body)
+        tenant = self.tenants.of(request.headers)
+        if tenant is not None:  # kept apart: salted hashes (here and on the worker), namespaced sessions
+            turn.cache_salt = turn.body["cache_salt"] = tenants.salt(tenant, turn.cache_salt)
+            explicit = tenants.namespaced(tenant, explicit)
         hashes = self.prompts.hashes(tokens, registration.block_size, turn.cache_salt, explicit)
         session_id = self.router.resolve_session(explicit, hashes)
         if self.traces.enabled:
@@ -429,7 +440,7 @@ class Gateway:
         self.metrics.overlap_tokens.observe(expected)
         headers = {
             "x-kvgate-worker": worker,
-            "x-kvgate-session": header_value(route.session_id or ""),
+            "x-kvgate-session": header_value(tenants.public(route.session_id or "")),
             "x-kvgate-cached-tokens-expected": str(expected),
             "x-kvgate-prompt-tokens": str(len(tokens)),
         }
@@ -542,3 +553,13 @@ class Gateway:
             log.exception("unexpected error on %s", endpoint)
             self.metrics.count_request(endpoint, 500)
             return ApiError(500, "internal gateway error").response()
+
+
+def _require(request: web.Request, key: str | None) -> None:
+    """401 unless the request bears `key` (when one is set)."""
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise ApiError(401, "invalid or missing key", code="invalid_api_key")

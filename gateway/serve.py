@@ -40,8 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         dest="api_keys",
-        help="accept only requests bearing this key (repeatable)",
+        help="accept only requests bearing this key (repeatable); each key is a tenant of its own, its "
+        "cache and sessions apart from the others'",
     )
+    parser.add_argument(
+        "--tenant",
+        action="append",
+        default=[],
+        metavar="NAME=KEY",
+        help="accept KEY too, as tenant NAME: the keys of one NAME share its cache and sessions (repeatable)",
+    )
+    parser.add_argument("--metrics-key", default=None, help="require this bearer key on /metrics")
+    parser.add_argument("--ready-key", default=None, help="require this bearer key on /ready")
     parser.add_argument(
         "--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger request bodies get 413"
     )
@@ -169,6 +179,13 @@ def _to_config(fields: dict[str, Any], where: str) -> RouterConfig:
         raise RouterConfigError(f"{where}: {exc}") from None
 
 
+def _tenant(item: str) -> tuple[str, str]:
+    name, sep, key = item.partition("=")
+    if not sep or not name or not key:
+        raise RouterConfigError(f"--tenant expects NAME=KEY (got {len(item)} characters without one)")
+    return name, key
+
+
 def describe_router_config(config: RouterConfig) -> str:
     """The fields that differ from the defaults, as KEY=JSON, for the start-up log."""
     default = RouterConfig()
@@ -181,12 +198,16 @@ def describe_router_config(config: RouterConfig) -> str:
 
 
 def config_from(args: argparse.Namespace, router_config: RouterConfig) -> GatewayConfig:
+    named = tuple(_tenant(item) for item in args.tenant)
     return GatewayConfig(
         nats_url=args.nats,
         bus_auth=bus_auth_from(args),
         namespace=args.namespace,
         policy=args.policy,
-        api_keys=tuple(args.api_keys),
+        api_keys=tuple(args.api_keys) + tuple(key for _, key in named),
+        tenants=named,
+        metrics_key=args.metrics_key,
+        ready_key=args.ready_key,
         max_body_bytes=args.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens,
         max_inflight_per_worker=args.max_inflight_per_worker,

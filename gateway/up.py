@@ -271,7 +271,7 @@ async def _wait_ready(
 
 def _banner(url: str, model: str, args: argparse.Namespace, bus: BusPlan) -> str:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16})
-    key = f"-H 'authorization: Bearer {args.api_keys[0]}' " if args.api_keys else ""
+    key = "-H 'authorization: Bearer YOUR_KEY' " if args.api_keys else ""  # never print a secret
     secured = "" if bus.server is None else (", no NATS auth" if args.nats_no_auth else ", NATS auth on")
     return (
         f"kvgate is up: {url}  ({args.workers} {args.engine} workers, "

@@ -19,6 +19,7 @@ import pytest
 
 from gateway.middleware import AgentSession, bind_session
 from gateway.natsd import NatsServer
+from gateway.tenants import public
 from router.protocol import PinHint, Subjects, decode
 from tests.gateway.conftest import API_KEY, Cluster, http_get
 
@@ -289,7 +290,8 @@ async def test_a_tool_loop_turn_pins_its_blocks_on_its_worker(pool: Cluster) -> 
             )
         worker, hint = await asyncio.wait_for(hints.get(), 5)
         assert worker == raw.headers["x-kvgate-worker"]
-        assert hint.session_id == session.session_id and hint.block_hashes and hint.ttl_s > 0
+        # with API keys, the session is the tenant's (namespaced on the bus)
+        assert public(hint.session_id) == session.session_id and hint.block_hashes and hint.ttl_s > 0
     finally:
         await session.client.close()
         await nc.close()
