@@ -26,6 +26,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from gateway.metrics import GatewayMetrics
 from kvutil.bus_auth import BusAuth, redact_url
+from kvutil.outage import Outage
 from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import (
     KvEventBatch,
@@ -122,6 +123,7 @@ class Bus:
         self._tasks = [asyncio.create_task(self._connect(), name="kvgate-bus-connect")]
 
     async def _connect(self) -> None:
+        outage = Outage(log, f"NATS at {redact_url(self.nats_url)}")
         while True:
             try:
                 self.nc = await nats.connect(
@@ -138,9 +140,9 @@ class Bus:
                 break
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # not up yet: keep trying, the log says why
-                log.warning("cannot reach NATS at %s (%s); retrying", redact_url(self.nats_url), exc)
-                await asyncio.sleep(1.0)
+            except Exception as exc:  # not up yet: keep trying, the log says why (once)
+                await asyncio.sleep(outage.failed(exc))
+        outage.recovered()
         log.info("connected to NATS at %s", redact_url(self.nats_url))
         self._subs.append(await self.nc.subscribe(self.subjects.load_all, cb=self._on_load))
         self._registry_task = asyncio.create_task(self._watch_registry(), name="kvgate-registry")
@@ -214,6 +216,7 @@ class Bus:
     async def _watch_registry(self) -> None:
         assert self.nc is not None
         js = self.nc.jetstream()
+        outage = Outage(log, "the registry bucket")
         while True:
             try:
                 kv = await js.key_value(self.subjects.registry_bucket)
@@ -221,10 +224,10 @@ class Bus:
                 self.registry_synced.set()  # no worker ever registered: nothing to wait for
                 await asyncio.sleep(0.5)
                 continue
-            except Exception as exc:  # NATS down or slow: keep trying, the log says why
-                log.warning("registry bucket unavailable: %s", exc)
-                await asyncio.sleep(1.0)
+            except Exception as exc:  # NATS down or slow: keep trying, the log says why (once)
+                await asyncio.sleep(outage.failed(exc))
                 continue
+            outage.recovered()
             try:
                 watcher = await kv.watchall()
                 async for entry in watcher:

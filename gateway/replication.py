@@ -24,6 +24,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.replicas import ReplicaSync
 from gateway.snapshot import IndexRecovery, SnapshotStore, Snapshotter
 from kvutil.bus_auth import BusAuth, redact_url
+from kvutil.outage import Outage
 from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import Subjects
 from router.router import Router
@@ -136,21 +137,24 @@ class Replication:
         await self.snapshotter.run()
 
     async def _connect(self) -> NATS:
+        outage = Outage(log, f"NATS at {redact_url(self.nats_url)}")
         while True:
             try:
-                return await nats.connect(
+                nc = await nats.connect(
                     self.nats_url,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     connect_timeout=2.0,
                     name=f"{self.replica_id}-replication",
+                    error_cb=_quiet_error,  # the bus's connection says when NATS is down, once
                     **self.auth.connect_options(),
                 )
+                outage.recovered()
+                return nc
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("cannot reach NATS at %s (%s); retrying", redact_url(self.nats_url), exc)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(outage.failed(exc))
 
     async def _caught_up(self) -> None:
         """Until the bus has received the stream's last batch as of now (bounded)."""
@@ -163,3 +167,7 @@ class Replication:
         deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
         while self.position() < target and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+
+
+async def _quiet_error(exc: Exception) -> None:
+    log.debug("NATS (replication): %s", exc)

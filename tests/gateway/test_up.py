@@ -3,6 +3,7 @@ everything it started."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -12,10 +13,12 @@ import time
 from pathlib import Path
 
 import anthropic
+import nats as nats_client
 import openai
 import pytest
 
 from gateway.natsd import free_port
+from gateway.up import BusPlan
 
 pytestmark = pytest.mark.slow
 
@@ -130,3 +133,31 @@ def test_kvgate_up_serves_the_openai_client_and_stops_cleanly(tmp_path: Path) ->
             os.killpg(up.pid, signal.SIGKILL)
             up.wait()
         log.close()
+
+
+def test_the_embedded_nats_is_restarted_after_kill_9_with_its_credentials() -> None:
+    """`kvgate up`'s bus: a nats-server killed with -9 comes back on its port, and the generated
+    credentials still work; an unauthenticated client is refused."""
+    args = argparse.Namespace(nats=None, nats_no_auth=False, namespace="kvgate")
+    plan = BusPlan.make(args, ["worker-0"])
+    try:
+        assert plan.server is not None and plan.gateway.password and plan.workers["worker-0"].password
+        proc = plan.server._proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+        async def recover() -> None:
+            deadline = time.monotonic() + 15
+            while not plan.server.running:
+                await plan.watch()
+                assert time.monotonic() < deadline, "nats-server was not restarted"
+                await asyncio.sleep(0.2)
+            nc = await nats_client.connect(plan.url, allow_reconnect=False, **plan.gateway.connect_options())
+            await nc.close()
+            with pytest.raises(Exception):  # noqa: B017 - refused: no credentials
+                await nats_client.connect(plan.url, allow_reconnect=False, connect_timeout=2)
+
+        asyncio.run(recover())
+    finally:
+        plan.close()
