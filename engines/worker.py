@@ -49,14 +49,18 @@ class Generation(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    host_cached_tokens: int = 0  # of which onboarded from the worker's host tier
     first_token_at: float | None = None  # event-loop time (traced requests' decode span)
 
     def usage(self) -> dict[str, Any]:
+        details: dict[str, int] = {"cached_tokens": self.cached_tokens}
+        if self.host_cached_tokens:  # a kvgate extension, only when a host tier served some
+            details["host_cached_tokens"] = self.host_cached_tokens
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "prompt_tokens_details": details,
         }
 
 
@@ -193,6 +197,7 @@ class WorkerApp:
             stream.add(out.new_token_ids)
             result.completion_tokens = out.completion_tokens
             result.cached_tokens = out.num_cached_tokens
+            result.host_cached_tokens = out.num_host_cached_tokens
             if stream.stopped:
                 result.finish_reason = "stop"
             elif out.finish_reason == "abort":

@@ -276,3 +276,40 @@ async def eventually_async(call: Callable[[], Awaitable[object]], timeout_s: flo
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
+
+
+async def test_a_host_tier_takes_evicted_blocks_and_serves_them_back(nats_url: str, namespace: str) -> None:
+    """A worker with a small device cache and a host tier: a session's prompt is pushed off the device by
+    other prompts, its blocks reach the host (events on the bus with tier "host"), and its next turn
+    onboards them, reported as host-cached tokens."""
+    process = start_worker(nats_url, namespace, "--speedup", "1000", "--host-blocks", "512")
+    nc = await nats.connect(nats_url)
+    try:
+        bus = BusTap(nc, Subjects(namespace))
+        await bus.start()
+        client = api(process)
+        prompt = encode_chat(LONG_PROMPT, ByteTokenizer())
+        await client.chat.completions.create(model="any", messages=LONG_PROMPT, max_tokens=2)
+        for i in range(4):  # 4 x ~100 blocks through a 256-block device cache
+            other = [{"role": "user", "content": f"{i} unrelated work " * 90}]
+            await client.chat.completions.create(model="any", messages=other, max_tokens=2)
+        chain = block_hashes(prompt, BLOCK)
+
+        def on_host() -> set[int]:
+            held: set[int] = set()
+            for batch in bus.batches:
+                for event in batch.events:
+                    if getattr(event, "tier", "device") == "host":
+                        hashes = set(event.block_hashes)
+                        held = held | hashes if isinstance(event, BlockStored) else held - hashes
+            return held
+
+        await eventually(lambda: chain[0] in on_host())
+        again = await client.chat.completions.create(model="any", messages=LONG_PROMPT, max_tokens=2)
+        details = again.usage.prompt_tokens_details
+        host_cached = (details.model_extra or {}).get("host_cached_tokens", 0)
+        assert host_cached >= BLOCK and details.cached_tokens >= host_cached
+        await eventually(lambda: chain[0] not in on_host())  # onboarded: off the host, on the device
+    finally:
+        await nc.close()
+        assert process.stop() == 0
