@@ -224,7 +224,8 @@ class BlockManager:
         if fresh > 0:
             table.extend(self._take_free(fresh))
         if onboarded:
-            self._onboard(seq, num_hits, onboarded, slots)
+            parent = seq.block_hashes[num_hits - 1] if num_hits else None
+            self._onboard(table[num_hits : num_hits + len(onboarded)], onboarded, slots, parent)
         computed = num_hits + len(onboarded)
         seq.num_computed_tokens = computed * self.block_size
         seq.num_committed_blocks = computed
@@ -508,13 +509,41 @@ class BlockManager:
         self._host_removed += hashes
         return [self.host.claim(h) for h in hashes]
 
-    def _onboard(self, seq: Sequence, start: int, hashes: list[int], slots: list[int]) -> None:
-        """Blocks `start`.. of `seq` (fresh) receive the host's copies of `hashes`: cached on the
-        device from now (the copies run before the step reads them)."""
-        ids = seq.block_table[start : start + len(hashes)]
+    def prefetch(self, block_hashes: list[int]) -> int:
+        """Onboard the host blocks that continue this chain's device prefix (a session's next turn is
+        due) into free blocks, without evicting pinned ones: they wait on the device as free cached
+        blocks, so that the turn finds them there. Returns how many. No-op without a host tier."""
+        if self.host is None:
+            return 0
+        start = 0
+        while start < len(block_hashes) and block_hashes[start] in self._by_hash:
+            start += 1
+        room = len(self._uncached) + len(self._evictable)
+        run: list[int] = []
+        seen: set[int] = set()
+        for block_hash in block_hashes[start : start + room]:
+            if block_hash not in self.host or block_hash in seen:
+                break
+            run.append(block_hash)
+            seen.add(block_hash)
+        if not run:
+            return 0
+        slots = self._claim_from_host(run)
+        ids = self._take_free(len(run))
+        self._onboard(ids, run, slots, block_hashes[start - 1] if start else None)
+        # free again, as if just released by a sequence: tail first
+        self.num_used -= len(ids)
+        for block_hash, block_id in zip(reversed(run), reversed(ids), strict=True):
+            self.ref_counts[block_id] = 0
+            order = self._pinned_free if block_hash in self._pin_counts else self._evictable
+            order[block_hash] = block_id
+        return len(run)
+
+    def _onboard(self, ids: list[int], hashes: list[int], slots: list[int], parent: int | None) -> None:
+        """Fresh blocks `ids` receive the host's copies of `hashes` (a chain continuing `parent`):
+        cached on the device from now (the copies run before any step reads them)."""
         self.onboards += zip(slots, ids, strict=True)
         self._cache_version += 1
-        parent = seq.block_hashes[start - 1] if start else None
         first_parent = parent
         for block_hash, block_id in zip(hashes, ids, strict=True):
             self._by_hash[block_hash] = block_id

@@ -161,9 +161,21 @@ class Engine:
             self.block_manager.keep_on_host(session_id, block_hashes, host_ttl_s)
         return self.block_manager.pin(session_id, block_hashes, ttl_s)
 
+    def prefetch(self, block_hashes: list[int]) -> float:
+        """Bring these blocks back from the host tier ahead of their turn (`BlockManager.prefetch`), the
+        copies now, between steps; returns their modelled seconds (0 when real or none)."""
+        self.block_manager.prefetch(block_hashes)
+        copy_s = self._run_copies() or 0.0
+        self._emit_events()
+        return copy_s
+
     def offload(self, block_hashes: list[int]) -> int:
-        """Move these blocks, where free on the device, to the host tier (`BlockManager.offload`)."""
-        return self.block_manager.offload(block_hashes)
+        """Move these blocks, where free on the device, to the host tier (`BlockManager.offload`), the
+        copies now, between steps (a later step may reuse the blocks); returns how many moved."""
+        moved = self.block_manager.offload(block_hashes)
+        self._run_copies()
+        self._emit_events()
+        return moved
 
     def cached_blocks(self) -> list[CachedBlock]:
         return self.block_manager.cached_blocks()

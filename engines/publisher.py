@@ -90,6 +90,7 @@ class Publisher:
         self._wake = asyncio.Event()
         self._finished_since_batch = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self._prefetches: dict[str, asyncio.TimerHandle] = {}  # session id -> its pending prefetch
         self.ready = asyncio.Event()  # connected, stream and bucket in place, subscriptions made
         loop.on_events = self.add_events
         loop.on_finished = self._request_finished
@@ -103,6 +104,9 @@ class Publisher:
         """Stop the tasks, flush what is queued, deregister and close: returns within `stop_timeout_s`
         whatever NATS does (a worker's shutdown must not hang on a frozen or vanished server)."""
         budget = self.stop_timeout_s
+        for timer in self._prefetches.values():
+            timer.cancel()
+        self._prefetches.clear()
         # tasks that ignore their cancel are kept, so that a second stop() tries them again
         self._tasks = await cancel_and_wait(self._tasks, budget * 0.4)
         nc, self.nc = self.nc, None
@@ -289,6 +293,21 @@ class Publisher:
         host_ttl = min(max(hint.host_ttl_s, 0.0), 4 * 3600.0)
         engine: Engine = self.loop.engine
         await self.loop.call(lambda: engine.pin(hint.session_id, hint.block_hashes, ttl, host_ttl))
+        if engine.block_manager.host is not None and 0 < hint.prefetch_after_s <= 3600.0:
+            # one pending prefetch per session (bounded by the sessions pinned), replaced by a newer hint
+            old = self._prefetches.pop(hint.session_id, None)
+            if old is not None:
+                old.cancel()
+            self._prefetches[hint.session_id] = asyncio.get_running_loop().call_later(
+                hint.prefetch_after_s, self._start_prefetch, hint.session_id, hint.block_hashes
+            )
+
+    def _start_prefetch(self, session_id: str, block_hashes: list[int]) -> None:
+        self._prefetches.pop(session_id, None)
+        engine: Engine = self.loop.engine
+        task = asyncio.get_running_loop().create_task(self.loop.call(lambda: engine.prefetch(block_hashes)))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
 
     # --- load and heartbeat
 

@@ -160,12 +160,15 @@ def registration_problem(registration: WorkerRegistration, key: str | None = Non
 
 class PinHint(msgspec.Struct, frozen=True):
     """Keep a session's blocks on `pin.<worker>` until `ttl_s` has passed (an eviction hint only), and
-    on its host tier, if it has one, until `host_ttl_s` (the weaker pin: dropped from host last)."""
+    on its host tier, if it has one, until `host_ttl_s` (the weaker pin: dropped from host last).
+    `prefetch_after_s` > 0: the session's next turn is expected then; a worker with a host tier brings
+    the blocks it moved there back to the device at that time (if idle; else the turn onboards them)."""
 
     session_id: str
     block_hashes: list[int]
     ttl_s: float
     host_ttl_s: float = 0.0
+    prefetch_after_s: float = 0.0
 
 
 # --- gateway replicas

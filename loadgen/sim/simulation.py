@@ -267,6 +267,7 @@ class Simulation:
                     pin.block_hashes,
                     pin.ttl_s,
                     pin.host_ttl_s,
+                    pin.prefetch_after_s,
                 )
         self._open -= 1
         self._release()

@@ -94,10 +94,34 @@ class SimWorker:
         self._idle_steps = 0
         self.kick()
 
-    def pin(self, session_id: str, block_hashes: list[int], ttl_s: float, host_ttl_s: float = 0.0) -> None:
+    def pin(
+        self,
+        session_id: str,
+        block_hashes: list[int],
+        ttl_s: float,
+        host_ttl_s: float = 0.0,
+        prefetch_after_s: float = 0.0,
+    ) -> None:
         self._load = None
         self.engine.pin(session_id, block_hashes, ttl_s, host_ttl_s)
+        if prefetch_after_s > 0 and self.engine.block_manager.host is not None:
+            self.loop.after(prefetch_after_s, self.prefetch, block_hashes)
         self._idle_steps = 0
+
+    def prefetch(self, block_hashes: list[int]) -> None:
+        """Bring a session's blocks back from the host before its turn, as a step that only copies
+        (events out when it ends). A busy worker skips it: the turn onboards them at admission, and
+        events of a step in flight must not be overtaken."""
+        if self.busy or self.engine.has_work():
+            return
+        self._load = None
+        copy_s = self.engine.prefetch(block_hashes)
+        events = self._pending_events[:]
+        self._pending_events.clear()
+        if events:
+            self.busy = True
+            self.busy_s += copy_s
+            self.loop.after(copy_s, self._step_done, [], events)
 
     def idle(self) -> bool:
         return not self.busy and not self.engine.has_work()

@@ -442,6 +442,25 @@ def test_an_evicted_chain_goes_to_the_host_and_comes_back_onboarded() -> None:
     assert bm.host.num_claimed == 0 and chain[3] in bm.host and len(bm.host) == 5  # + x's 4 blocks
 
 
+def test_a_prefetch_brings_a_chain_back_as_free_cached_blocks() -> None:
+    bm = BlockManager(8, B, Clock(), host_blocks=8)
+    tokens = list(range(16))
+    chain = block_hashes(tokens, B)
+    seq = make_seq("a", tokens)
+    run_prefill(bm, seq)
+    bm.free(seq)
+    assert bm.offload(chain) == 4 and all(h in bm.host for h in chain)
+    bm.take_copies()
+    bm.take_events()
+    assert bm.prefetch(chain) == 4
+    assert all(bm.is_cached(h) for h in chain) and len(bm.host) == 0 and bm.num_used == 0
+    assert list(bm._evictable) == chain[::-1]  # as if freed now: tail first
+    assert len(bm.take_copies().onboards) == 4
+    events = bm.take_events()  # each tier's events in order; the tiers' relative order is free
+    assert len(events) == 2 and BlockRemoved(chain, "host") in events and BlockStored(chain, None) in events
+    assert bm.match_prefix(make_seq("b", [*tokens, 1])) == 4
+
+
 def test_a_host_tier_smaller_than_the_eviction_keeps_the_chain_head() -> None:
     bm = BlockManager(4, B, Clock(), host_blocks=2)
     tokens = list(range(16))
@@ -488,6 +507,7 @@ host_ops = st.lists(
         st.tuples(st.just("pin"), st.integers(0, 20), st.integers(0, 30)),
         st.tuples(st.just("keep"), st.integers(0, 20), st.integers(0, 30)),
         st.tuples(st.just("offload"), st.integers(0, 2), st.integers(0, 3), st.integers(1, 20)),
+        st.tuples(st.just("prefetch"), st.integers(0, 2), st.integers(0, 3), st.integers(1, 20)),
         st.tuples(st.just("tick"), st.integers(1, 20)),
     ),
     min_size=20,
@@ -556,6 +576,12 @@ def test_host_tier_invariants_copies_and_events_under_random_operations(
             _, stem, variant, length = op
             tokens = [stem] * 6 + [variant + 10 * i for i in range(length)]
             bm.offload(block_hashes(tokens, B))
+        elif kind == "prefetch":  # its next turn is due: back to the device, as free cached blocks
+            _, stem, variant, length = op
+            tokens = [stem] * 6 + [variant + 10 * i for i in range(length)]
+            used, pinned_free = bm.num_used, dict(bm._pinned_free)
+            bm.prefetch(block_hashes(tokens, B))
+            assert bm.num_used == used and pinned_free.items() <= bm._pinned_free.items()
         elif kind == "tick":
             clock.now += op[1]
             bm.expire_pins()
