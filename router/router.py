@@ -375,7 +375,7 @@ class Router:
         think = s.think_s if s.think_s is not None else cfg.think_default_s
         ttl = min(cfg.pin_max_s, max(cfg.pin_min_s, cfg.pin_factor * think))
         s.pinned_until = now + ttl
-        prefetch_after = max(0.0, think - cfg.prefetch_lead_s)
+        prefetch_after = max(0.0, think - cfg.prefetch_lead_s) if cfg.host_prefetch else 0.0
         return flight.worker_id, PinHint(s.id, list(s.chain), ttl, cfg.host_keep_factor * ttl, prefetch_after)
 
     def expire(self, now: float) -> None:

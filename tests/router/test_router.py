@@ -150,7 +150,7 @@ def test_a_tool_call_turn_returns_a_pin_for_its_expected_tool_time(router: Route
     d = router.pick(req("r1", chain, "s"), 0.0)
     hint = router.on_complete("r1", 1.0, "tool_calls", 20)
     # default think time 10 s x 1.5; kept on a host tier 4x as long
-    assert hint == (d.worker_id, PinHint("s", chain, 15.0, 60.0, 9.0))  # prefetched 1 s before
+    assert hint == (d.worker_id, PinHint("s", chain, 15.0, 60.0))
     router.pick(req("r2", [*chain, 1, 2], "s"), 41.0)  # the tool took 40 s
     _, pin = router.on_complete("r2", 42.0, "tool_calls", 20)
     assert pin.ttl_s == pytest.approx(1.5 * 40)  # the first gap seen replaces the default
@@ -219,3 +219,12 @@ def test_pins_on_a_pending_tool_call_can_be_limited_to_tool_call_finishes() -> N
     assert router.on_complete("r1", 1.0, "stop", 5) is None
     router.pick(req("r2", [1, 2, 3, 4], "s", tool=True), 2.0)
     assert router.on_complete("r2", 3.0, "tool_calls", 5) is not None
+
+
+def test_with_host_prefetch_a_pin_says_when_to_bring_the_blocks_back() -> None:
+    r = Router(config=RouterConfig(think_default_s=10.0, pin_factor=1.5, host_prefetch=True))
+    r.add_worker(reg("a"), 0.0)
+    chain = list(range(100, 140))
+    r.pick(req("r1", chain, "s"), 0.0)
+    _, pin = r.on_complete("r1", 1.0, "tool_calls", 20)
+    assert pin.prefetch_after_s == pytest.approx(9.0)  # the expected 10 s tool time, less the 1 s lead
