@@ -45,6 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="seconds between scrapes of the engine's /metrics for load reports; 0 turns them off",
     )
+    parser.add_argument(
+        "--health-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checks of the engine's /health; 0 turns them off (default 1)",
+    )
+    parser.add_argument(
+        "--health-failures",
+        type=int,
+        default=3,
+        help="failed health checks in a row that take the engine off the bus until it answers (default 3)",
+    )
     add_bus_arguments(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
@@ -101,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         num_blocks=args.num_blocks,
         topic=args.topic,
         metrics_interval_s=args.metrics_interval,
+        health_interval_s=args.health_interval,
+        health_failures=max(1, args.health_failures),
     )
     try:
         bridge = Bridge(config)

@@ -91,6 +91,7 @@ class Publisher:
         self._finished_since_batch = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._prefetches: dict[str, asyncio.TimerHandle] = {}  # session id -> its pending prefetch
+        self.paused = False  # no heartbeat while set: the worker is off the bus (a bridged engine down)
         self.ready = asyncio.Event()  # connected, stream and bucket in place, subscriptions made
         loop.on_events = self.add_events
         loop.on_finished = self._request_finished
@@ -331,12 +332,25 @@ class Publisher:
                 await nc.publish(subject, encode(report))
             await asyncio.sleep(self.load_interval_s)
 
+    async def deregister(self) -> None:
+        """Delete this worker's registry entry now (the gateway drops it at once); `paused` keeps the
+        heartbeat from writing it again."""
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            return
+        try:
+            kv = await nc.jetstream().key_value(self.subjects.registry_bucket)
+            await kv.delete(self.worker_id)
+        except Exception as exc:  # NATS away: the entry lapses with its heartbeat anyway
+            log.warning("deregistration failed: %s", exc)
+
     async def _heartbeat(self, nc: NATS) -> None:
         js = nc.jetstream()
         while True:
             try:
-                kv = await js.key_value(self.subjects.registry_bucket)
-                await kv.put(self.worker_id, encode(self.registration()))
+                if not self.paused:
+                    kv = await js.key_value(self.subjects.registry_bucket)
+                    await kv.put(self.worker_id, encode(self.registration()))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

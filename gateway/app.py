@@ -67,6 +67,8 @@ class GatewayConfig(msgspec.Struct, frozen=True):
     max_attempts: int = 3
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 120.0
+    first_byte_timeout_s: float = 20.0  # a streamed answer's head: a hung worker is retried elsewhere
+    failure_backoff_s: float = 5.0  # a worker that failed an attempt is left out of picks this long
     stale_after_s: float = 3.0
     gateway_id: str = "gateway"
     snapshot_interval_s: float = 30.0  # index snapshots for new replicas (taken by one replica in turn)
@@ -115,10 +117,13 @@ class Gateway:
             snapshot_interval_s=config.snapshot_interval_s,
             stale_after_s=config.stale_after_s,
         )
-        self.upstream = UpstreamPool(config.connect_timeout_s, config.read_timeout_s)
+        self.upstream = UpstreamPool(
+            config.connect_timeout_s, config.read_timeout_s, first_byte_timeout_s=config.first_byte_timeout_s
+        )
         if self.traces.enabled:
             self.upstream.trace_headers = self.traces.upstream_headers
         self._urls: dict[str, str] = {}  # worker id -> URL, to abort its requests when it leaves
+        self._cool_until: dict[str, float] = {}  # worker -> end of its back-off after a failed attempt
         bucket = f"kvgate_{config.namespace.replace('-', '_')}_responses"
         self.responses = ResponseStore(bucket, ttl_s=config.responses_ttl_s)
 
@@ -370,6 +375,9 @@ class Gateway:
         last_error = ""
         for attempt in range(self.config.max_attempts):
             eligible = frozenset(w for w in workers if w in self.bus.workers) - failed
+            cooling = self._cooling(eligible)
+            if cooling and cooling != eligible:  # one that just failed is left out while others can serve
+                eligible -= cooling
             route.request_id = f"{base_id}-{attempt}"
             with self.traces.child("kvgate.admission"):
                 decision = await self._admit(route, eligible, last_error)
@@ -383,10 +391,20 @@ class Gateway:
                 log.warning("retrying %s elsewhere: %s", base_id, last_error)
                 self.metrics.retries.inc()
                 failed.add(decision.worker_id)
+                self._cool_until[decision.worker_id] = time.monotonic() + self.config.failure_backoff_s
                 continue
             self.metrics.count_request(request.path, response.status)  # the client's endpoint
             return response
         raise ApiError(502, f"no worker could serve the request ({last_error})", code="upstream_failed")
+
+    def _cooling(self, workers: frozenset[str]) -> frozenset[str]:
+        """Workers that failed a request (refused, 5xx, no first byte) within the back-off."""
+        if not self._cool_until:
+            return frozenset()
+        now = time.monotonic()
+        for wid in [w for w, until in self._cool_until.items() if until <= now or w not in self.bus.workers]:
+            del self._cool_until[wid]
+        return workers & self._cool_until.keys()
 
     async def _admit(self, route: RouteRequest, eligible: frozenset[str], last_error: str) -> Decision:
         def pick(exclude: frozenset[str]) -> Decision | None:

@@ -87,7 +87,8 @@ async def forward(
     """One attempt. Raises `Retryable` when nothing has been sent to the client yet."""
     outcome = Outcome()
     try:
-        resp = await pool.post(url, payload)
+        # a worker streams its head at once; none within the first-byte timeout: hung, try another
+        resp = await pool.post(url, payload, pool.first_byte_timeout_s if stream else None)
     except UpstreamError as exc:
         raise Retryable(str(exc)) from exc
     try:

@@ -73,6 +73,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the session table's is --router-set max_session_bytes=N",
     )
     parser.add_argument(
+        "--first-byte-timeout-s",
+        type=float,
+        default=20.0,
+        help="seconds a worker has to start a streamed answer before the turn is retried elsewhere",
+    )
+    parser.add_argument(
+        "--failure-backoff-s",
+        type=float,
+        default=5.0,
+        help="seconds a worker that failed an attempt (refused, 5xx, no first byte) is left out of picks",
+    )
+    parser.add_argument(
         "--header-timeout-s",
         type=float,
         default=DEFAULT_HEADER_TIMEOUT_S,
@@ -213,6 +225,8 @@ def config_from(args: argparse.Namespace, router_config: RouterConfig) -> Gatewa
         max_inflight_per_worker=args.max_inflight_per_worker,
         queue_bound=args.queue_bound,
         header_timeout_s=args.header_timeout_s,
+        first_byte_timeout_s=args.first_byte_timeout_s,
+        failure_backoff_s=args.failure_backoff_s,
         prompt_cache_bytes=max(1, int(args.prompt_cache_mb * 2**20)),
         snapshot_interval_s=args.snapshot_interval_s,
         gateway_id=f"gateway-{uuid.uuid4().hex[:8]}",

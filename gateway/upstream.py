@@ -151,16 +151,23 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    def __init__(self, connect_timeout_s: float = 2.0, read_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        connect_timeout_s: float = 2.0,
+        read_timeout_s: float = 120.0,
+        first_byte_timeout_s: float = 20.0,
+    ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.first_byte_timeout_s = first_byte_timeout_s  # the head of a streamed answer comes at once
         # the W3C trace context header lines of the call in progress (tracing on)
         self.trace_headers: Callable[[], str] | None = None
         self._idle: defaultdict[tuple[str, int], list[_Conn]] = defaultdict(list)
         self._active: defaultdict[tuple[str, int], set[_Conn]] = defaultdict(set)
 
-    async def post(self, url: str, body: bytes) -> UpstreamResponse:
-        """Send; the status and headers are read before returning. Raises UpstreamError."""
+    async def post(self, url: str, body: bytes, head_timeout_s: float | None = None) -> UpstreamResponse:
+        """Send; the status and headers are read before returning (within `head_timeout_s`, default the
+        read timeout). Raises UpstreamError."""
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise UpstreamError(f"unsupported worker URL {url!r} (plain http only)")
@@ -181,7 +188,7 @@ class UpstreamPool:
                 conn.writer.write(head + body if len(body) < 16384 else head)
                 if len(body) >= 16384:
                     conn.writer.write(body)
-                async with asyncio.timeout(self.read_timeout_s):
+                async with asyncio.timeout(head_timeout_s or self.read_timeout_s):
                     status, headers = await self._read_head(conn.reader)
             except TimeoutError as exc:  # before OSError, of which it is a subclass
                 active.discard(conn)

@@ -24,6 +24,7 @@ class EngineMetrics(msgspec.Struct, frozen=True):
     prompt_tokens: float  # counters, for rates between two scrapes
     generation_tokens: float
     num_blocks: int  # 0 when unknown
+    started_at: float = 0.0  # process_start_time_seconds (0 when absent): a change means a restart
 
 
 def parse_metrics(text: str) -> EngineMetrics:
@@ -51,4 +52,5 @@ def parse_metrics(text: str) -> EngineMetrics:
         prompt_tokens=first(_PROMPT_TOKENS),
         generation_tokens=first(_GENERATION_TOKENS),
         num_blocks=num_blocks,
+        started_at=sums.get("process_start_time_seconds", 0.0),
     )

@@ -71,6 +71,8 @@ class BridgeConfig(msgspec.Struct, frozen=True):
     heartbeat_s: float = 1.0
     metrics_interval_s: float = 0.5  # 0: no load reports
     replay_timeout_s: float = 2.0
+    health_interval_s: float = 1.0  # GET <url>/health this often; 0: no health checks
+    health_failures: int = 3  # failed checks in a row that take the engine off the bus
 
 
 class Bridge:
@@ -104,6 +106,7 @@ class Bridge:
         )
         self._last_scrape: tuple[float, EngineMetrics] | None = None
         self._stopping = asyncio.Event()
+        self.engine_down = False  # failed its health checks: deregistered until it answers again
 
     def registration(self) -> WorkerRegistration:
         c = self.config
@@ -126,17 +129,20 @@ class Bridge:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, self.config.topic.encode())
         sub.connect(self.config.zmq_endpoint)
-        scraper: asyncio.Task[None] | None = None
+        watchers: list[asyncio.Task[None]] = []
         try:
             await self.publisher.start()
             if self.config.metrics_interval_s > 0:
-                scraper = asyncio.create_task(self._scrape_metrics())
+                watchers.append(asyncio.create_task(self._scrape_metrics()))
+            if self.config.health_interval_s > 0:
+                watchers.append(asyncio.create_task(self._watch_health()))
             c = self.config
             log.info("bridge %s: %s -> %s", c.worker_id, c.zmq_endpoint, redact_url(c.nats_url))
+            if c.replay_endpoint is not None:  # what the engine cached before this bridge started
+                await self._replay(0, 0)
             await self._follow(sub)
         finally:
-            if scraper is not None:
-                await cancel_and_wait([scraper], SCRAPER_STOP_S)
+            await cancel_and_wait(watchers, SCRAPER_STOP_S)
             sub.close(linger=0)
             await self.publisher.stop()
             self._ctx.term()
@@ -264,8 +270,57 @@ class Bridge:
                     log.debug("metrics scrape of %s failed: %s", url, exc)
                 await asyncio.sleep(self.config.metrics_interval_s)
 
+    async def _watch_health(self) -> None:
+        """`health_failures` failed checks in a row take the engine off the bus (deregistered, its blocks
+        cleared); the first answer after that puts it back, with no blocks until it stores new ones."""
+        url = self.config.url.rstrip("/") + "/health"
+        failures = 0
+        timeout = aiohttp.ClientTimeout(total=max(0.5, self.config.health_interval_s))
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                try:
+                    async with session.get(url) as resp:
+                        healthy = resp.status == 200
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # refused, reset, timed out: the engine is not answering
+                    healthy = False
+                failures = 0 if healthy else failures + 1
+                if healthy and self.engine_down:
+                    self._engine_back()
+                elif failures == self.config.health_failures and not self.engine_down:
+                    await self._engine_lost(failures)
+                await asyncio.sleep(self.config.health_interval_s)
+
+    async def _engine_lost(self, failures: int) -> None:
+        url = self.config.url
+        log.warning("engine %s failed %d health checks: off the bus until it answers", url, failures)
+        self.engine_down = True
+        self.publisher.paused = True
+        self._publish(self.translator.clear())
+        await self.publisher.deregister()
+
+    def _engine_back(self) -> None:
+        log.info("engine %s answers again: registering it (its cache starts empty)", self.config.url)
+        self.engine_down = False
+        self.last_seq = None  # a restarted engine numbers its batches from 0 again
+        self._publish(self.translator.clear())
+        self.publisher.paused = False
+
+    def _restarted(self, metrics: EngineMetrics) -> bool:
+        """The engine's process start time moved: it restarted, and its cache is empty."""
+        if self._last_scrape is None or not metrics.started_at:
+            return False
+        before = self._last_scrape[1].started_at
+        return bool(before) and metrics.started_at != before
+
     def _observe(self, metrics: EngineMetrics) -> None:
         """The load the Publisher reports next (its reports follow the scrape interval)."""
+        if self._restarted(metrics):
+            self.restarts += 1
+            log.warning("engine %s restarted (its metrics say): clearing its blocks", self.config.url)
+            self._publish(self.translator.clear())
+            self.last_seq = None
         now = time.monotonic()
         if metrics.num_blocks:
             self._num_blocks = metrics.num_blocks

@@ -264,6 +264,7 @@ async def running_bridge(
         namespace=namespace,
         topic="kv-events",
         metrics_interval_s=kw.pop("metrics_interval_s", 0.0),
+        health_interval_s=kw.pop("health_interval_s", 0.0),  # no engine answers at the default url
         **kw,
     )
     bridge = Bridge(config)
@@ -374,7 +375,7 @@ async def test_gap_with_replay_fills_in_order(
             BlockRemoved([ours[1], ours[2]], "device"),
         ]
         await tap.nothing_more()
-        assert engine.replay_requests == [1]
+        assert engine.replay_requests == [0, 1]  # at start (nothing buffered yet), then the gap
         assert bridge.last_seq == 3
 
 
@@ -676,3 +677,57 @@ async def test_bridge_process_registers_and_deregisters_on_sigterm(
     finally:
         proc.stop()
         await nc.close()
+
+
+async def test_an_engine_that_stops_answering_leaves_the_bus_and_comes_back(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    """3 failed health checks (0.2 s apart): deregistered and its blocks cleared; answering again:
+    registered again, with no blocks until it stores new ones."""
+    async def ok(_request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    health = web.Application()
+    health.router.add_get("/health", ok)
+    port = free_port()
+
+    async def serve() -> web.AppRunner:
+        runner = web.AppRunner(health)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    runner = await serve()
+    nc = await nats.connect(nats_url)
+
+    async def registered() -> bool:
+        try:  # the bucket appears with the bridge
+            kv = await nc.jetstream().key_value(Subjects(namespace).registry_bucket)
+            return (await kv.get(WORKER)).value is not None
+        except Exception:
+            return False
+
+    async def until(want: bool, timeout_s: float) -> float:
+        started = time.monotonic()
+        while await registered() != want:
+            assert time.monotonic() - started < timeout_s, f"registered should be {want}"
+            await asyncio.sleep(0.05)
+        return time.monotonic() - started
+
+    try:
+        async with running_bridge(
+            engine, nats_url, namespace, replay=False, url=f"http://127.0.0.1:{port}",
+            health_interval_s=0.2, heartbeat_s=0.2,
+        ) as bridge:  # fmt: skip
+            await until(True, 10)
+            await engine.send(map_batch(stored([1], None, TOKENS[:B])))
+            assert len(await tap.events(1)) == 1
+            await runner.cleanup()  # the engine is gone: connections closed, then refused
+            assert await until(False, 5) < 3.0  # out of the pick within 3 s (here 3 x 0.2 s)
+            assert bridge.engine_down and await tap.events(1) == [AllBlocksCleared()]
+            runner = await serve()
+            await until(True, 5)
+            assert not bridge.engine_down and bridge.translator.cached_blocks() == []
+    finally:
+        await nc.close()
+        await runner.cleanup()

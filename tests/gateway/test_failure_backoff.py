@@ -1,0 +1,56 @@
+"""A worker that refuses connections is left out of the pick for a back-off: after it dies (kill -9,
+still registered until its heartbeat lapses), one request pays a retry, the next ones go straight to
+the live worker."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.gateway.conftest import Cluster, http_get
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pair(nats_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    cluster = Cluster(nats_url, "t" + uuid.uuid4().hex[:10], tmp_path)
+    try:
+        for name in ("a", "b"):
+            cluster.worker(name, "mock", "--speedup", "1000")
+        cluster.start_gateway("--failure-backoff-s", "30", "--policy", "round_robin")
+        cluster.ready(workers=2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def ask(url: str) -> tuple[int, str]:
+    body = {"model": "mock", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+    request = urllib.request.Request(
+        url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return resp.status, resp.headers["x-kvgate-worker"]
+
+
+def retries(url: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    lines = [line for line in text.splitlines() if line.startswith("kvgate_retries_total")]
+    return sum(float(line.split()[-1]) for line in lines)
+
+
+def test_a_refusing_worker_costs_one_retry_not_one_per_request(pair: Cluster) -> None:
+    assert pair.gateway is not None
+    url = pair.gateway.url
+    pair.workers["a"].kill()  # its registration outlives it for a few seconds
+    answers = [ask(url) for _ in range(6)]  # round robin would send every other one to a
+    assert answers == [(200, "b")] * 6
+    assert retries(url) <= 1.0  # without the back-off: every other request (round robin) retried
+    assert http_get(url + "/health")[0] == 200
