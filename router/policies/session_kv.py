@@ -241,8 +241,8 @@ class SessionKv(Policy):
         # a context is live where a session that came back keeps it: one-shot requests never do, and a
         # new session's first turn is placed by the others' footprints without adding its own yet
         after = cfg.live_after_turns
-        live = sid and (after == 0 or (session is not None and session.turns >= after))
-        if live or sid in self._live:
+        live = after == 0 or (session is not None and session.turns >= after)
+        if sid and (live or sid in self._live):
             old = self._live.get(sid)
             if old is not None:
                 self._footprint[old[0]] -= old[1]
