@@ -408,8 +408,8 @@ def test_volumes_reach_every_pod_and_the_gateway_can_load_the_tokenizers() -> No
     assert flag(wk["args"], "--model-path") == "/models/llama"
     check_cli(wk["args"], "worker")
     assert mounted(workers, "/models/llama/config.json")
-    # The gateway loads the tokenizer each worker registers, by the same path: the bridge's flag and
-    # the torch worker's <model path>/tokenizer.json.
+    # The bridge pod does not mount the models here, so it registers its tokenizer by path and the
+    # gateway loads it from the same path (a torch worker stores its own on the bus).
     tokenizer = flag(container(bridge)["args"], "--tokenizer")
     assert tokenizer == "/models/llama/tokenizer.json"
     assert mounted(gateway, tokenizer)
@@ -427,12 +427,11 @@ def test_an_unmounted_tokenizer_is_called_out() -> None:
         },
     )
     text = notes(values)
-    assert "the gateway loads /weights/qwen/tokenizer.json" in text
+    assert "/weights/qwen" not in text  # a torch worker stores its checkpoint's tokenizer on the bus
     assert "the gateway loads /models/llama/tokenizer.json" in text
     mounts = {"volumes": [MODELS_VOLUME], "volumeMounts": [MODELS_MOUNT]}
-    text = notes(merge(values, {"gateway": mounts}))
-    assert "/models/llama/tokenizer.json" not in text  # now covered by the /models mount
-    assert "the gateway loads /weights/qwen/tokenizer.json" in text
+    for section in ("gateway", "bridges"):  # the bridge stores it on the bus, or the gateway reads it
+        assert "/models/llama/tokenizer.json" not in notes(merge(values, {section: mounts}))
 
 
 @pytest.mark.parametrize("section", ["gateway", "workers"])

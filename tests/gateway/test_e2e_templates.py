@@ -69,3 +69,10 @@ def test_a_templated_session_is_predicted_and_served_with_equal_cached_tokens(
     assert reply.usage.prompt_tokens == len(encode_chat(messages, tokenizer))
     log = (tmp_path / "gateway.log").read_text()
     assert f"tokenizer {tokenizer.name} ready" in log  # fetched from the bus by its hash
+
+    # a request the template refuses is a 400 naming the template's own message, at both
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    refused = [*messages, {"role": "assistant", "content": None, "tool_calls": [call, call]}]
+    for client in (sdk, direct):
+        with pytest.raises(openai.BadRequestError, match="only supports single tool-calls"):
+            client.chat.completions.create(model=registered, messages=refused, max_tokens=1)
