@@ -23,7 +23,8 @@ def test_session_hashes_equal_a_full_rehash_as_turns_grow_and_diverge() -> None:
 
 
 def test_chat_tokens_are_what_a_worker_encodes() -> None:
-    turn = parse_turn(b'{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[{"x":1}]}', "chat")
+    body = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[{"function":{"name":"f"}}]}'
+    turn = parse_turn(body, "chat")
     expected = encode_chat(turn.messages or [], ByteTokenizer(), turn.tools)
     encoder = PromptEncoder()
     assert encoder.tokens(turn, "byte") == expected
