@@ -26,11 +26,17 @@ class TokenizerUnavailable(LookupError):
 
 class Tokenizers:
     def __init__(
-        self, bucket: str, connection: Callable[[], NATS | None], max_bytes: int = MAX_BUNDLE_BYTES
+        self,
+        bucket: str,
+        connection: Callable[[], NATS | None],
+        max_bytes: int = MAX_BUNDLE_BYTES,
+        max_tokenizers: int = 32,
     ) -> None:
+        """`max_tokenizers`: distinct tokenizers held at most (each may be tens of MB parsed)."""
         self.bucket = bucket
         self.connection = connection
         self.max_bytes = max_bytes
+        self.max_tokenizers = max_tokenizers
         self._loaded: dict[str, Tokenizer] = {}
         self._fetching: dict[str, asyncio.Task[Tokenizer]] = {}
         self.fetches = 0
@@ -41,7 +47,10 @@ class Tokenizers:
     def prefetch(self, spec: str) -> None:
         """Start getting `spec` in the background (a worker just registered it)."""
         if spec not in self._loaded and spec not in self._fetching:
-            self._start(spec).add_done_callback(_log_failure)
+            try:
+                self._start(spec).add_done_callback(_log_failure)
+            except TokenizerUnavailable as exc:
+                log.warning("%s", exc)
 
     async def load(self, spec: str) -> Tokenizer:
         """The tokenizer named `spec`; TokenizerUnavailable when it cannot be had."""
@@ -52,6 +61,8 @@ class Tokenizers:
         return await asyncio.shield(task)
 
     def _start(self, spec: str) -> asyncio.Task[Tokenizer]:
+        if len(self._loaded) + len(self._fetching) >= self.max_tokenizers:
+            raise TokenizerUnavailable(f"tokenizer {spec}: already {self.max_tokenizers} tokenizers held")
         task = asyncio.get_running_loop().create_task(self._get(spec), name=f"kvgate-tokenizer-{spec[:20]}")
         self._fetching[spec] = task
         task.add_done_callback(lambda _t: self._fetching.pop(spec, None))

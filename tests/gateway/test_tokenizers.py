@@ -42,5 +42,9 @@ async def test_fetched_once_by_hash_and_checked(nats_url: str, namespace: str, t
         with pytest.raises(TokenizerUnavailable, match="over 1000"):
             await small.load(name)
         assert (await tokenizers.load("byte")).name == "byte"
+        full = Tokenizers(subjects.tokenizer_bucket, lambda: nc, max_tokenizers=1)
+        await full.load("byte")
+        with pytest.raises(TokenizerUnavailable, match="already 1 tokenizers held"):
+            await full.load(name)  # memory per gateway stays bounded whatever registrations say
     finally:
         await nc.close()
