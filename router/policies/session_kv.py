@@ -69,18 +69,18 @@ class SessionKv(Policy):
                 if prior > overlap.get(sticky, 0):
                     overlap = dict(overlap)
                     overlap[sticky] = prior
+        # a sub-agent's first turn: its parent's worker when that worker holds part of the prefix they
+        # share (the cost below decides, within the affinity tolerance, like a session's worker); no
+        # prior credit: the parent's chain is the parent's, the index says what is left of it
         parent = view.parent
-        if sticky is None and parent is not None and parent.worker_id is not None:
-            # a sub-agent's first turn: its parent's worker, if the prefix they share is worth keeping
-            # together (the cost below decides, within the affinity tolerance, like a session's worker)
-            shared = common_prefix(parent.chain, chain)
-            if shared:
-                sticky, why = parent.worker_id, "parent"
-                if shared > overlap.get(sticky, 0) and (
-                    now - parent.last_pick_at <= cfg.prior_ttl_s or now <= parent.pinned_until
-                ):
-                    overlap = dict(overlap)
-                    overlap[sticky] = shared
+        if (
+            sticky is None
+            and parent is not None
+            and parent.worker_id is not None
+            and overlap.get(parent.worker_id, 0)
+            and common_prefix(parent.chain, chain)
+        ):
+            sticky, why = parent.worker_id, "parent"
         if sticky is None and overlap and cfg.prefix_home:
             home = max(overlap, key=overlap.__getitem__)  # the first listed of the longest holders
             if overlap[home] * 2 >= len(chain):

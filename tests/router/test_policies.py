@@ -357,14 +357,23 @@ def test_session_kv_charges_a_miss_for_the_requests_it_stalls() -> None:
 
 def test_session_kv_keeps_a_sub_agent_with_its_parent_when_they_share_a_prefix() -> None:
     router = make("session_kv", n=3)
+    context = chain(100)
+    hold(router, "w0", context)
+    hold(router, "w1", context)  # two workers hold the parent's context (a shared system prompt, say)
     for w in ("w0", "w1", "w2"):
         load(router, w, 0)
-    context = chain(100)
-    parent = router.pick(req("p1", context, "parent"), 0.0).worker_id
+    parent = router.pick(req("p1", context, "parent"), 0.0, exclude=frozenset({"w0"})).worker_id
+    other = "w0"
+    assert parent == "w1"
     router.on_complete("p1", 1.0, "tool_calls", 10)
-    load(router, parent, 200, now=1.0)  # the parent's worker is a little busier than the others
-    # a named child: its first prompt starts with the parent's context (events have not confirmed it)
+    load(router, parent, 20, now=1.0)  # the parent's worker is a little busier than the other holder
+    for w in (other, "w2"):
+        load(router, w, 0, now=1.0)
+    # not a child (it does not extend the parent's latest prompt): the cheaper holder
+    d = router.pick(req("u1", context[:99] + chain(21, base=8000), "unrelated"), 1.0)
+    assert d.worker_id == other and router.sessions.get("unrelated").parent_id is None
     prompt = context + chain(20, base=9000)
+    # a named child goes with its parent, within the affinity tolerance
     child = RouteRequest("c1", "m", prompt, 120 * BS, "child", parent_session_id="parent")
     d = router.pick(child, 1.0)
     assert (d.worker_id, d.reason) == (parent, "parent")
