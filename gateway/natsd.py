@@ -57,6 +57,7 @@ class NatsServer:
         store_dir: str | None = None,
         *,
         authorization: dict[str, Any] | None = None,
+        tls: dict[str, Any] | None = None,
         host: str = "127.0.0.1",
     ) -> None:
         self.host = host
@@ -64,6 +65,7 @@ class NatsServer:
         self._own_store = store_dir is None
         self.store_dir = store_dir or tempfile.mkdtemp(prefix="kvgate-nats-")
         self.authorization = authorization
+        self.tls = tls  # a nats-server `tls` block (cert_file, key_file, ca_file, verify)
         self._proc: subprocess.Popen[bytes] | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._reader: threading.Thread | None = None
@@ -108,6 +110,8 @@ class NatsServer:
         }
         if self.authorization is not None:
             config["authorization"] = self.authorization
+        if self.tls is not None:
+            config["tls"] = self.tls
         path = os.path.join(self.store_dir, "nats-server.conf")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as file:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -163,3 +164,54 @@ async def test_a_worker_stores_its_tokenizer_and_the_gateway_fetches_it(secured,
     finally:
         await worker.close()
         await gateway.close()
+
+
+def test_a_token_server_admits_the_token_only() -> None:
+    with NatsServer(authorization={"token": "s3cret-token"}) as server:
+
+        async def check() -> None:
+            nc = await connect(server.url, BusAuth(token="s3cret-token"))
+            await nc.close()
+            with pytest.raises(Exception, match=r"(?i)authorization|no servers"):
+                await connect(server.url, BusAuth(token="wrong"))
+
+        asyncio.run(check())
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_mutual_tls_with_the_ca_and_client_certificate_options(tmp_path: Path) -> None:
+    """A nats-server that verifies client certificates: the --nats-ca/-cert/-key options connect,
+    a client without a certificate is refused."""
+    days, subj = ("-days", "1"), "-subj"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", *days,
+             subj, "/CN=kvgate-test-ca", cwd=tmp_path)  # fmt: skip
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 subj, f"/CN={name}", cwd=tmp_path)  # fmt: skip
+        (tmp_path / f"{name}.ext").write_text(ext + "\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", *days, "-extfile", f"{name}.ext", cwd=tmp_path)  # fmt: skip
+    tls = {
+        "cert_file": str(tmp_path / "server.pem"),
+        "key_file": str(tmp_path / "server.key"),
+        "ca_file": str(tmp_path / "ca.pem"),
+        "verify": True,
+    }
+    with NatsServer(tls=tls) as server:
+        url = server.url.replace("nats://", "tls://")
+        files = {"tls_ca": "ca.pem", "tls_cert": "client.pem", "tls_key": "client.key"}
+        auth = BusAuth(**{option: str(tmp_path / name) for option, name in files.items()}).check()
+
+        async def check() -> None:
+            nc = await connect(url, auth)
+            await nc.publish("kvgate.tls.probe", b"x")
+            await nc.flush()
+            await nc.close()
+            with pytest.raises(Exception):  # noqa: B017 - no client certificate: the handshake fails
+                await connect(url, BusAuth(tls_ca=str(tmp_path / "ca.pem")))
+
+        asyncio.run(check())
