@@ -4,7 +4,11 @@ the live worker."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -30,12 +34,14 @@ def pair(nats_url: str, tmp_path: Path) -> Iterator[Cluster]:
         cluster.stop()
 
 
-def ask(url: str) -> tuple[int, str]:
-    body = {"model": "mock", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+def ask(url: str, stream: bool = False) -> tuple[int, str]:
+    messages = [{"role": "user", "content": "hello"}]
+    body = {"model": "mock", "messages": messages, "max_tokens": 2, "stream": stream}
     request = urllib.request.Request(
         url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=30) as resp:
+        resp.read()
         return resp.status, resp.headers["x-kvgate-worker"]
 
 
@@ -54,3 +60,28 @@ def test_a_refusing_worker_costs_one_retry_not_one_per_request(pair: Cluster) ->
     assert answers == [(200, "b")] * 6
     assert retries(url) <= 1.0  # without the back-off: every other request (round robin) retried
     assert http_get(url + "/health")[0] == 200
+
+
+def test_a_hung_worker_costs_the_first_byte_timeout_then_is_left_out(nats_url: str, tmp_path: Path) -> None:
+    """SIGSTOP: the worker's socket still accepts, nothing answers. A streamed turn waits the first-byte
+    timeout (1 s here, not the 120 s read timeout), then is retried on the live worker."""
+    cluster = Cluster(nats_url, "t" + uuid.uuid4().hex[:10], tmp_path)
+    try:
+        for name in ("a", "b"):
+            cluster.worker(name, "mock", "--speedup", "1000")
+        cluster.start_gateway(
+            "--first-byte-timeout-s", "1", "--failure-backoff-s", "30", "--policy", "round_robin"
+        )
+        cluster.ready(workers=2)
+        assert cluster.gateway is not None
+        url = cluster.gateway.url
+        os.kill(cluster.workers["a"].proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        answers = [ask(url, stream=True) for _ in range(4)]
+        elapsed = time.monotonic() - started
+        assert answers == [(200, "b")] * 4
+        assert retries(url) <= 1.0 and elapsed < 10  # one first-byte timeout at most
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(cluster.workers["a"].proc.pid, signal.SIGCONT)
+        cluster.stop()
