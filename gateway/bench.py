@@ -4,6 +4,7 @@ A real nats-server, one mock worker at (near) zero latency and the gateway, each
 client sends the same requests to the worker and through the gateway, interleaved so that both see
 the same machine. Latency: sequential requests, overhead = gateway percentile - direct percentile.
 Throughput: a fixed number of requests at a fixed concurrency, in alternating rounds (median).
+CPU: the gateway process's CPU time during its own throughput rounds, per request.
 With `--tracing`, a second gateway exports OpenTelemetry spans of every request (OTLP/HTTP to a sink
 in this process) and its latency is measured in the same interleaving: the cost of tracing on.
 """
@@ -26,10 +27,13 @@ from collections.abc import Iterator
 import aiohttp
 import numpy as np
 
+from gateway.live_bench import cpu_seconds
 from gateway.natsd import NatsServer, free_port
 
 GOAL_OVERHEAD_MS_P50 = 1.0
 GOAL_RPS_RATIO = 0.5
+GOAL_CPU_MS_PER_REQUEST = 0.2  # the gateway's CPU per routed request (0.3 when streaming)
+GOAL_CPU_MS_PER_STREAM = 0.3
 GOAL_TRACING_MS_P50 = 0.1  # tracing on costs at most this over tracing off
 
 
@@ -89,8 +93,8 @@ def _span_sink() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _processes(namespace: str, tracing: bool = False) -> Iterator[tuple[str, str, str | None]]:
-    """(worker URL, gateway URL, traced gateway URL or None), torn down on exit."""
+def _processes(namespace: str, tracing: bool = False) -> Iterator[tuple[str, str, str | None, int]]:
+    """(worker URL, gateway URL, traced gateway URL or None, the gateway's pid), torn down on exit."""
     procs: list[subprocess.Popen[bytes]] = []
     with NatsServer() as nats, _span_sink() as sink:
         try:
@@ -111,7 +115,8 @@ def _processes(namespace: str, tracing: bool = False) -> Iterator[tuple[str, str
                     "--log-level", "WARNING",
                 ], env={"OTEL_EXPORTER_OTLP_ENDPOINT": sink}))  # fmt: skip
                 traced = f"http://127.0.0.1:{traced_port}"
-            yield f"http://127.0.0.1:{worker_port}", f"http://127.0.0.1:{gateway_port}", traced
+            gateway_pid = procs[1].pid
+            yield f"http://127.0.0.1:{worker_port}", f"http://127.0.0.1:{gateway_port}", traced, gateway_pid
         finally:
             for proc in procs:
                 proc.terminate()
@@ -173,7 +178,7 @@ class _Client:
 
 
 async def _measure(
-    args: argparse.Namespace, worker: str, gateway: str, traced: str | None = None
+    args: argparse.Namespace, worker: str, gateway: str, traced: str | None = None, gateway_pid: int = 0
 ) -> dict[str, float]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
@@ -196,9 +201,12 @@ async def _measure(
         # alternating short rounds, median of each: the machine's other load hits both alike
         per_round = max(1, args.throughput_requests // args.rounds)
         direct_runs, gateway_runs = [], []
+        gateway_cpu_s = 0.0  # the gateway process's CPU during its own rounds
         for _ in range(args.rounds):
             direct_runs.append(await client.throughput(worker, per_round, args.concurrency))
+            cpu_before = cpu_seconds(gateway_pid) or 0.0
             gateway_runs.append(await client.throughput(gateway, per_round, args.concurrency))
+            gateway_cpu_s += (cpu_seconds(gateway_pid) or 0.0) - cpu_before
         direct_rps, gateway_rps = float(np.median(direct_runs)), float(np.median(gateway_runs))
     d_ms, g_ms = np.array(direct) * 1e3, np.array(through) * 1e3
     extra = {}
@@ -220,6 +228,7 @@ async def _measure(
         "direct_ms_p99": round(float(np.percentile(d_ms, 99)), 3),
         "gateway_ms_p99": round(float(np.percentile(g_ms, 99)), 3),
         "rps_ratio": round(gateway_rps / direct_rps, 3) if direct_rps else 0.0,
+        "gateway_cpu_ms_per_request": round(gateway_cpu_s * 1e3 / (per_round * args.rounds), 4),
         "requests": args.requests,
         "concurrency": args.concurrency,
         "stream": args.stream,
@@ -227,8 +236,8 @@ async def _measure(
 
 
 def run(args: argparse.Namespace) -> int:
-    with _processes("bench" + uuid.uuid4().hex[:8], args.tracing) as (worker, gateway, traced):
-        result = asyncio.run(_measure(args, worker, gateway, traced))
+    with _processes("bench" + uuid.uuid4().hex[:8], args.tracing) as (worker, gateway, traced, pid):
+        result = asyncio.run(_measure(args, worker, gateway, traced, pid))
     result["goal_overhead_ms_p50"] = GOAL_OVERHEAD_MS_P50
     result["goal_rps_ratio"] = GOAL_RPS_RATIO
     if args.json:
@@ -241,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
         f"p99 {result['overhead_ms_p99']:.3f} ms; gateway/direct rps {result['rps_ratio']:.2f} "
         f"(goal >= {GOAL_RPS_RATIO})"
     )
+    cpu_goal = GOAL_CPU_MS_PER_STREAM if args.stream else GOAL_CPU_MS_PER_REQUEST
+    print(f"gateway CPU {result['gateway_cpu_ms_per_request']:.3f} ms per request (goal <= {cpu_goal})")
     if "tracing_overhead_ms_p50" in result:
         print(
             f"tracing on: p50 {result['traced_ms_p50']:.2f} ms, {result['tracing_overhead_ms_p50']:+.3f} ms "
