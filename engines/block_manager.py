@@ -483,7 +483,8 @@ class BlockManager:
     def offload(self, block_hashes: list[int]) -> int:
         """Move the free device blocks among `block_hashes` (a session waiting on a tool, say) to the
         host now, tail first, rather than have them dropped by a later eviction; returns how many
-        moved. Blocks in use stay. No-op without a host tier."""
+        moved. Blocks in use stay, and so do those the host has no room for (as if freed now). No-op
+        without a host tier."""
         if self.host is None:
             return 0
         victims = []
@@ -497,12 +498,21 @@ class BlockManager:
         self._cache_version += 1
         self._evictions += 1
         self._offload(victims)
+        moved = 0
         for block_hash, block_id in victims:
+            if block_hash not in self.host:
+                self._free_order(block_hash)[block_hash] = block_id
+                continue
             del self._by_hash[block_hash]
             self.hash_of[block_id] = None
             self._removed.append(block_hash)
             self._uncached.append(block_id)
-        return len(victims)
+            moved += 1
+        return moved
+
+    def _free_order(self, block_hash: int) -> OrderedDict[int, int]:
+        """The free order a cached block joins when freed: the pinned one if a pin holds it."""
+        return self._pinned_free if block_hash in self._pin_counts else self._evictable
 
     def _claim_from_host(self, hashes: list[int]) -> list[int]:
         assert self.host is not None
@@ -528,15 +538,20 @@ class BlockManager:
             seen.add(block_hash)
         if not run:
             return 0
-        slots = self._claim_from_host(run)
-        ids = self._take_free(len(run))
-        self._onboard(ids, run, slots, block_hashes[start - 1] if start else None)
-        # free again, as if just released by a sequence: tail first
+        # the chain's own free device blocks leave the evictable order meanwhile, so that taking
+        # blocks for the rest of it never evicts its head
+        prefix = [(h, self._evictable.pop(h)) for h in block_hashes[:start] if h in self._evictable]
+        slots = self._claim_from_host(run[: room - len(prefix)])
+        run = run[: len(slots)]
+        ids = self._take_free(len(run)) if run else []
+        if run:
+            self._onboard(ids, run, slots, block_hashes[start - 1] if start else None)
         self.num_used -= len(ids)
-        for block_hash, block_id in zip(reversed(run), reversed(ids), strict=True):
+        for block_id in ids:
             self.ref_counts[block_id] = 0
-            order = self._pinned_free if block_hash in self._pin_counts else self._evictable
-            order[block_hash] = block_id
+        # the whole chain free again, as if just released by a sequence: tail first
+        for block_hash, block_id in reversed(prefix + list(zip(run, ids, strict=True))):
+            self._free_order(block_hash)[block_hash] = block_id
         return len(run)
 
     def _onboard(self, ids: list[int], hashes: list[int], slots: list[int], parent: int | None) -> None:
