@@ -31,9 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats", default=None, help="NATS URL, e.g. nats://127.0.0.1:4222 [NATS_URL]")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument(
-        "--policy", default="session_kv", choices=sorted(POLICIES), help="routing policy"
-    )
+    parser.add_argument("--policy", default="session_kv", choices=sorted(POLICIES), help="routing policy")
     parser.add_argument("--namespace", default="kvgate", help="bus namespace shared with the workers")
     parser.add_argument(
         "--api-key",

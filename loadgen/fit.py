@@ -68,6 +68,7 @@ def fit_trace(rows: Sequence[TraceRow], budget: int, chars_per_token: float = 1.
     """The rows whose prompt leaves room for a reply within `budget` tokens, each reply cut to fit. A
     replayed prompt has about `input_length` characters. A session ends before its first turn that does
     not fit (its later turns extend that prompt); a row without a session is left out alone."""
+
     def room(row: TraceRow) -> int:
         return budget - math.ceil(row.input_length / chars_per_token)
 

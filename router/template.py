@@ -23,7 +23,13 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 SPECIAL_TOKEN_NAMES = (
-    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
 )
 TEXT_PART_TYPES = ("text", "input_text", "output_text", "refusal")
 # Passed by us from the request's own fields; a chat_template_kwargs entry may not replace them.

@@ -684,6 +684,7 @@ async def test_an_engine_that_stops_answering_leaves_the_bus_and_comes_back(
 ) -> None:
     """3 failed health checks (0.2 s apart): deregistered and its blocks cleared; answering again:
     registered again, with no blocks until it stores new ones."""
+
     async def ok(_request: web.Request) -> web.Response:
         return web.json_response({})
 

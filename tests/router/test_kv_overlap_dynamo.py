@@ -108,14 +108,19 @@ def test_overlap_scores_match_dynamos_radix_tree() -> None:
         w = rng.randrange(WORKERS)
         roll = rng.random()
         if roll < 0.35:
-            stored = cluster.store(w, rng.choice(corpus.prompts) )
+            stored = cluster.store(w, rng.choice(corpus.prompts))
             if stored is None:
                 continue
             hashes, parent, tokens = stored
             local = dynamo.compute_block_hash_for_seq(tokens, BS)
-            data = {"stored": {"parent_hash": parent, "blocks": [
-                {"block_hash": h, "tokens_hash": t} for h, t in zip(hashes, local, strict=True)
-            ]}}
+            data = {
+                "stored": {
+                    "parent_hash": parent,
+                    "blocks": [
+                        {"block_hash": h, "tokens_hash": t} for h, t in zip(hashes, local, strict=True)
+                    ],
+                }
+            }
             ours = BlockStored(hashes, parent)
         elif roll < 0.5:
             gone = cluster.evict(w)
@@ -156,13 +161,15 @@ class DynamoPool:
             socket = self.context.socket(zmq.PUB)
             port = socket.bind_to_random_port("tcp://127.0.0.1")
             self.sockets.append(socket)
-            await self.service.upsert_worker({
-                "worker_id": w,
-                "endpoint": f"http://127.0.0.1:1/{w}",
-                "block_size": BS,
-                "total_kv_blocks": 100_000,
-                "kv_events_endpoint": f"tcp://127.0.0.1:{port}",
-            })
+            await self.service.upsert_worker(
+                {
+                    "worker_id": w,
+                    "endpoint": f"http://127.0.0.1:1/{w}",
+                    "block_size": BS,
+                    "total_kv_blocks": 100_000,
+                    "kv_events_endpoint": f"tcp://127.0.0.1:{port}",
+                }
+            )
 
     def publish(self, w: int, event: list) -> None:
         batch = self.encoder.encode([time.time(), [event], None])
@@ -203,6 +210,7 @@ async def replay_against_dynamo(steps: int, seed: int) -> int:
     pool = DynamoPool()
     await pool.start()
     try:
+
         async def ready() -> bool:
             return pool.service.ready()["ready"]
 
