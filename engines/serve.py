@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 import uuid
 
@@ -128,13 +129,13 @@ def run(args: argparse.Namespace) -> int:
         args.nats = nats_url_from(args.nats)
         auth = bus_auth_from(args)
     except (ProtocolError, ValueError) as exc:
-        print(f"kvgate worker: {exc}")
+        print(f"kvgate worker: {exc}", file=sys.stderr)
         return 2
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(args, worker_id, subjects, auth))
     except OSError as exc:  # the port is taken, or the host is not ours
-        print(f"kvgate worker: cannot listen on {args.host}:{args.port}: {exc}")
+        print(f"kvgate worker: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
 

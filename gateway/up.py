@@ -45,6 +45,8 @@ from router.protocol import ProtocolError, Subjects
 
 log = logging.getLogger("kvgate.up")
 
+USAGE_EXIT = 2  # what `kvgate worker` (argparse and its own settings checks) exits with on bad arguments
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -92,6 +94,10 @@ def _die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM when the supervisor dies (Linux)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class WorkerRefused(Exception):
+    """A worker exited with the usage status: restarting it would fail the same way."""
 
 
 class Child:
@@ -191,6 +197,7 @@ class Supervisor:
         self.args = args
         self.bus = bus
         self.children: list[Child] = []
+        self.refused: str | None = None  # why a worker would not start with its arguments
         extra = shlex.split(args.worker_args)
         for wid, auth in bus.workers.items():
             port = free_port(args.host)
@@ -207,14 +214,18 @@ class Supervisor:
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Restart crashed workers and a dead embedded NATS with backoff (1 s doubling to 30 s) until
-        `stop`."""
+        `stop`; a worker that exits with the usage status stops everything instead."""
         while not stop.is_set():
             now = time.monotonic()
             for child in self.children:
                 code = child.exited()
-                if code is None:
+                if code is None or self.refused is not None:
                     continue
-                if child.next_start == 0.0:
+                if code == USAGE_EXIT:  # its arguments are wrong: a restart would fail the same way
+                    self.refused = f"{child.name} refused its arguments (exit {code}); see its error above"
+                    log.error("%s", self.refused)
+                    stop.set()
+                elif child.next_start == 0.0:
                     delay = min(30.0, 2.0**child.restarts)
                     child.next_start = now + delay
                     log.warning("%s exited with %s; restarting in %.0f s", child.name, code, delay)
@@ -257,6 +268,8 @@ async def _wait_ready(
     key = api_keys[0] if api_keys else None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
+        if supervisor.refused is not None:
+            break
         if gateway.done():  # e.g. its port is taken: say so now, not after the timeout
             raise RuntimeError(f"the gateway stopped: {gateway.exception()}")
         status, body = await asyncio.to_thread(_get_json, gateway_url + "/ready", key)
@@ -266,6 +279,8 @@ async def _wait_ready(
             return data[0]["id"] if data else "unknown"
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
+    if supervisor.refused is not None:
+        raise WorkerRefused(supervisor.refused)
     raise TimeoutError(f"the workers were not ready within {timeout_s:.0f} s")
 
 
@@ -305,6 +320,8 @@ async def _main(args: argparse.Namespace, bus: BusPlan, router_config: RouterCon
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({stopper, gateway}, return_when=asyncio.FIRST_COMPLETED)  # a signal, or a crash
         stopper.cancel()
+    except WorkerRefused:
+        code = USAGE_EXIT  # the watcher has said why
     except (TimeoutError, RuntimeError) as exc:
         log.error("%s", exc)
         code = 1
@@ -316,7 +333,7 @@ async def _main(args: argparse.Namespace, bus: BusPlan, router_config: RouterCon
         await asyncio.to_thread(supervisor.stop)
     if gateway.done() and not gateway.cancelled() and gateway.exception() is not None:
         code = 1
-    return code
+    return USAGE_EXIT if supervisor.refused is not None else code
 
 
 def _port_taken(host: str, port: int) -> str | None:

@@ -161,3 +161,19 @@ def test_the_embedded_nats_is_restarted_after_kill_9_with_its_credentials() -> N
         asyncio.run(recover())
     finally:
         plan.close()
+
+
+def test_a_worker_that_refuses_its_arguments_stops_kvgate_up_with_its_error() -> None:
+    """A bad `--worker-args` fails the same way on every restart: `kvgate up` says why and exits 2
+    instead of restarting the workers forever, and leaves nothing running."""
+    up = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "up", "--engine", "mock", "--workers", "2",
+         "--port", str(free_port()), "--worker-args", "--host-blocks -1"],
+        capture_output=True, timeout=60, start_new_session=True,
+    )  # fmt: skip
+    err = up.stderr.decode()
+    assert up.returncode == 2, err
+    assert "--host-blocks must not be negative" in err
+    assert "refused its arguments" in err
+    assert "kvgate is up" not in up.stdout.decode()
+    assert "restarting" not in err
