@@ -121,11 +121,8 @@ class RequestParser:
 
     def chat(self, body: dict[str, Any]) -> ParsedRequest:
         extension = self._extension(body)
-        if "prompt_token_ids" in extension:
-            tokens = _token_ids(
-                extension["prompt_token_ids"], self.tokenizer.vocab_size, "kvgate.prompt_token_ids"
-            )
-        else:
+        tokens = self._given_tokens(extension)
+        if tokens is None:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise RequestError("'messages' must be a non-empty list", "messages")
@@ -141,11 +138,8 @@ class RequestParser:
 
     def completion(self, body: dict[str, Any]) -> ParsedRequest:
         extension = self._extension(body)
-        if "prompt_token_ids" in extension:
-            tokens = _token_ids(
-                extension["prompt_token_ids"], self.tokenizer.vocab_size, "kvgate.prompt_token_ids"
-            )
-        else:
+        tokens = self._given_tokens(extension)
+        if tokens is None:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
                 prompt = prompt[0]  # a batch of one
@@ -165,6 +159,12 @@ class RequestParser:
         if not isinstance(extension, dict):
             raise RequestError("'kvgate' must be an object", "kvgate")
         return extension
+
+    def _given_tokens(self, extension: dict[str, Any]) -> list[int] | None:
+        """The prompt a gateway tokenized already, checked against the vocabulary; None if it did not."""
+        if "prompt_token_ids" not in extension:
+            return None
+        return _token_ids(extension["prompt_token_ids"], self.tokenizer.vocab_size, "kvgate.prompt_token_ids")
 
     def _common(
         self, body: dict[str, Any], extension: dict[str, Any], tokens: list[int], max_tokens: int

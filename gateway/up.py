@@ -321,7 +321,7 @@ async def _main(args: argparse.Namespace, bus: BusPlan, router_config: RouterCon
         await asyncio.wait({stopper, gateway}, return_when=asyncio.FIRST_COMPLETED)  # a signal, or a crash
         stopper.cancel()
     except WorkerRefused:
-        code = USAGE_EXIT  # the watcher has said why
+        pass  # the watcher has said why; the exit status is set below
     except (TimeoutError, RuntimeError) as exc:
         log.error("%s", exc)
         code = 1
