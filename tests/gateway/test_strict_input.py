@@ -190,7 +190,10 @@ class Sender:
         self.sent: list[concurrent.futures.Future[tuple[int, object]]] = []
 
     async def _session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        # A pooled connection idle for the gateway's whole keep-alive (2 s here) may be closed by the
+        # gateway just as it is reused, and a POST is not retried: drop idle connections well before.
+        connector = aiohttp.TCPConnector(keepalive_timeout=0.5)
+        return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30))
 
     def send(self, path: str, body: object) -> None:
         self.sent.append(asyncio.run_coroutine_threadsafe(self._one(path, body), self.loop))
