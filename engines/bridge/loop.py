@@ -203,7 +203,7 @@ class Bridge:
     def _apply(self, seq: int, payload: bytes) -> None:
         self.last_seq = seq
         try:
-            batch = decode_batch(payload)
+            batch = decode_batch(payload, self.config.engine)
         except WireError as exc:
             self.malformed += 1
             log.warning("dropping malformed engine batch %d: %s", seq, exc)

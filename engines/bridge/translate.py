@@ -39,7 +39,10 @@ class _Block:
         self.our_hash = our_hash
         self.parent = parent
         self.seed = seed
-        self.tiers: set[Tier] = set()
+        # stores not yet removed, per tier: an engine may announce one hash twice (vLLM caches a
+        # block computed twice in two slots; its offloading connector re-announces shared hashes per
+        # chunk) and removes it as often, so the block leaves a tier with its last removal
+        self.tiers: dict[Tier, int] = {}
 
 
 class EventTranslator:
@@ -48,6 +51,11 @@ class EventTranslator:
     Only KV cache group 0 is followed (a hybrid model's other groups describe the same tokens).
     A stored block whose parent the bridge never saw cannot be re-hashed (its prefix is unknown) and
     is skipped; so are blocks of a different size than ours, which would never match a prompt.
+
+    Each event's `medium` names its tier (`wire.MEDIUM_TIERS`). A store without token ids (vLLM's
+    offloading connector announcing a CPU copy by hash) adds the tier to a block the bridge knows by
+    that hash, and is skipped otherwise. Events of a medium that is no tier of ours, or of a block
+    held by another node (vLLM's `locality` "REMOTE"), are left out and counted in `unplaced_blocks`.
     """
 
     def __init__(self, block_size: int, max_blocks: int = MAX_TRACKED_BLOCKS) -> None:
@@ -56,6 +64,8 @@ class EventTranslator:
         self._blocks: dict[EngineHash, _Block] = {}
         self.skipped_blocks = 0
         self.size_mismatches = 0
+        self.unplaced_blocks = 0
+        self._unplaced_media: set[str] = set()  # logged once each (bounded)
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -86,7 +96,23 @@ class EventTranslator:
             CachedBlock(b.our_hash, b.parent, tier) for b in self._blocks.values() for tier in sorted(b.tiers)
         ]
 
+    def _tier(self, event: EngineStored | EngineRemoved) -> Tier | None:
+        tier = None if event.remote else medium_tier(event.medium)
+        if tier is None:
+            self.unplaced_blocks += len(event.block_hashes)
+            name = "REMOTE" if event.remote else str(event.medium)
+            if name not in self._unplaced_media and len(self._unplaced_media) < 16:
+                self._unplaced_media.add(name)
+                log.warning("engine events of medium %r are no tier of this worker: left out", name)
+        return tier
+
     def _stored(self, event: EngineStored) -> Iterator[KvEvent]:
+        tier = self._tier(event)
+        if tier is None:
+            return
+        if not event.token_ids:
+            yield from self._stored_by_hash(event.block_hashes, tier)
+            return
         if event.block_size != self.block_size:
             self.size_mismatches += 1
             self.skipped_blocks += len(event.block_hashes)
@@ -106,7 +132,6 @@ class EventTranslator:
                 self.skipped_blocks += count
                 return
             parent, seed = known.our_hash, known.seed
-        tier = medium_tier(event.medium)
         ours = block_hashes(event.token_ids, self.block_size, seed, parent)
         first_parent = parent
         for engine_hash, our in zip(event.block_hashes, ours, strict=True):
@@ -117,18 +142,44 @@ class EventTranslator:
                     yield from self.clear()
                     return
                 block = self._blocks[engine_hash] = _Block(our, parent, seed)
-            block.tiers.add(tier)
+            block.tiers[tier] = block.tiers.get(tier, 0) + 1
             parent = our
         yield BlockStored(ours, first_parent, tier)
 
+    def _stored_by_hash(self, engine_hashes: list[EngineHash], tier: Tier) -> Iterator[KvEvent]:
+        """A copy of blocks announced before, named by their engine hashes only: one store per run
+        of blocks that chain (an offload moves a prefix, parent first)."""
+        run: list[int] = []
+        run_parent: int | None = None
+        for engine_hash in engine_hashes:
+            block = self._blocks.get(engine_hash)
+            if block is None:
+                self.skipped_blocks += 1  # a copy of a block we never placed: nothing to re-hash
+                continue
+            block.tiers[tier] = block.tiers.get(tier, 0) + 1
+            if run and block.parent != run[-1]:
+                yield BlockStored(run, run_parent, tier)
+                run = []
+            if not run:
+                run_parent = block.parent
+            run.append(block.our_hash)
+        if run:
+            yield BlockStored(run, run_parent, tier)
+
     def _removed(self, event: EngineRemoved) -> Iterator[KvEvent]:
-        tier = medium_tier(event.medium)
+        tier = self._tier(event)
+        if tier is None:
+            return
         gone: list[int] = []
         for engine_hash in event.block_hashes:
             block = self._blocks.get(engine_hash)
-            if block is None or tier not in block.tiers:
+            held = 0 if block is None else block.tiers.get(tier, 0)
+            if not held:
                 continue  # a block we skipped, or a duplicate removal
-            block.tiers.discard(tier)
+            if held > 1:
+                block.tiers[tier] = held - 1  # still stored there under another announcement
+                continue
+            del block.tiers[tier]
             if not block.tiers:
                 del self._blocks[engine_hash]
             gone.append(block.our_hash)

@@ -31,17 +31,19 @@ class WireError(ValueError):
 class EngineStored(msgspec.Struct, frozen=True):
     block_hashes: list[EngineHash]
     parent: EngineHash | None
-    token_ids: list[int]
+    token_ids: list[int]  # empty: a hash-only store (a copy of blocks the engine announced before)
     block_size: int
     medium: str | None
     lora_name: str | None
     group_idx: int | None
+    remote: bool = False  # vLLM's `locality` "REMOTE": held by another node, not this worker
 
 
 class EngineRemoved(msgspec.Struct, frozen=True):
     block_hashes: list[EngineHash]
     medium: str | None
     group_idx: int | None
+    remote: bool = False
 
 
 class EngineCleared(msgspec.Struct, frozen=True):
@@ -58,10 +60,19 @@ class EngineBatch(msgspec.Struct, frozen=True):
     skipped: int = 0  # events of an unknown type or malformed, left out
 
 
-# Field order of the positional (array_like) layout, after the tag, per vLLM's struct definitions.
-_STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium",
-                  "lora_name", "extra_keys", "group_idx")  # fmt: skip
-_REMOVED_FIELDS = ("block_hashes", "medium", "group_idx")
+# Field order of the positional (array_like) layout, after the tag, per each engine's struct definitions:
+# vLLM's vllm/distributed/kv_events.py (BlockStored, BlockRemoved), and SGLang's
+# python/sglang/srt/disaggregation/kv_events.py, whose BlockStored ends at `medium` (a trailing item
+# there is SGLang's cache-salt `metadata` or `component_type`, not vLLM's `lora_name`).
+_STORED_FIELDS: dict[EngineKind, tuple[str, ...]] = {
+    "vllm": ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium",
+             "lora_name", "extra_keys", "group_idx"),
+    "sglang": ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium"),
+}  # fmt: skip
+_REMOVED_FIELDS: dict[EngineKind, tuple[str, ...]] = {
+    "vllm": ("block_hashes", "medium", "group_idx"),
+    "sglang": ("block_hashes", "medium"),
+}
 
 _raw_decoder = msgspec.msgpack.Decoder()
 
@@ -78,9 +89,10 @@ def normalise_hash(value: Any) -> EngineHash:
     raise WireError(f"block hash must be an int or bytes, got {type(value).__name__}")
 
 
-def decode_batch(payload: bytes) -> EngineBatch:
-    """One `EventBatch`: a map (`ts`, `events`, `data_parallel_rank`) or an array in that order;
-    each event a map with a `type` key or an array whose first item is the type."""
+def decode_batch(payload: bytes, engine: EngineKind = "vllm") -> EngineBatch:
+    """One `EventBatch`: a map (`ts`, `events`, `data_parallel_rank`) or an array in that order
+    (SGLang's third item is `attn_dp_rank`); each event a map with a `type` key or an array whose
+    first item is the type, its fields in `engine`'s order."""
     try:
         raw = _raw_decoder.decode(payload)
     except msgspec.DecodeError as exc:
@@ -97,26 +109,30 @@ def decode_batch(payload: bytes) -> EngineBatch:
     decoded: list[EngineEvent] = []
     for raw_event in events:
         try:
-            decoded.append(decode_event(raw_event))
+            decoded.append(decode_event(raw_event, engine))
         except WireError as exc:  # one bad or newer event must not cost the rest of the batch
             log.debug("skipping an engine event: %s", exc)
     return EngineBatch(float(ts), decoded, rank, len(events) - len(decoded))
 
 
-def decode_event(raw: Any) -> EngineEvent:
+def decode_event(raw: Any, engine: EngineKind = "vllm") -> EngineEvent:
     if isinstance(raw, dict):
         kind, fields = raw.get("type"), raw
     elif isinstance(raw, list) and raw:
         kind = raw[0]
-        names = _STORED_FIELDS if kind == "BlockStored" else _REMOVED_FIELDS
+        names = (_STORED_FIELDS if kind == "BlockStored" else _REMOVED_FIELDS)[engine]
         fields = dict(zip(names, raw[1:], strict=False))  # trailing fields of newer versions: ignored
     else:
         raise WireError("an event must be a map with a 'type' key or a non-empty array")
+    remote = fields.get("locality") == "REMOTE"
     if kind == "BlockStored":
         hashes, tokens = _hashes(fields.get("block_hashes")), _ints(fields.get("token_ids"), "token_ids")
-        size = _int(fields.get("block_size"), "block_size")
-        if len(tokens) != len(hashes) * size:
-            raise WireError(f"{len(hashes)} blocks of {size} tokens, but {len(tokens)} token ids")
+        if tokens:
+            size = _int(fields.get("block_size"), "block_size")
+            if len(tokens) != len(hashes) * size:
+                raise WireError(f"{len(hashes)} blocks of {size} tokens, but {len(tokens)} token ids")
+        else:  # vLLM's offloading connector announces its copies by hash alone (block_size 0 or its own)
+            size = 0
         return EngineStored(
             block_hashes=hashes,
             parent=None
@@ -127,12 +143,14 @@ def decode_event(raw: Any) -> EngineEvent:
             medium=_opt_str(fields.get("medium")),
             lora_name=_opt_str(fields.get("lora_name")),
             group_idx=_opt_int(fields.get("group_idx")),
+            remote=remote,
         )
     if kind == "BlockRemoved":
         return EngineRemoved(
             block_hashes=_hashes(fields.get("block_hashes")),
             medium=_opt_str(fields.get("medium")),
             group_idx=_opt_int(fields.get("group_idx")),
+            remote=remote,
         )
     if kind == "AllBlocksCleared":
         return EngineCleared()
@@ -169,10 +187,25 @@ def _opt_str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def medium_tier(medium: str | None) -> Tier:
-    """vLLM's `medium`: GPU (or unset) is our device tier, CPU offload is host, anything else disk."""
-    if medium is None or medium.upper() == "GPU":
+# Each engine's `medium` names (matched case-insensitively) -> our tier. Sources: vLLM's
+# vllm/distributed/kv_events.py (MEDIUM_GPU "GPU", MEDIUM_CPU "CPU", MEDIUM_STORAGE "STORAGE") and
+# vllm/v1/kv_offload/mediums.py ("Disk"); SGLang's python/sglang/srt/disaggregation/kv_events.py
+# StorageMedium (GPU "GPU", CPU "CPU_PINNED", DISK "DISK"), which HiCache's hiradix_cache.py puts on
+# the events of its host copies; LMCache's events through vLLM's LMCache connector ("cpu").
+MEDIUM_TIERS: dict[str, Tier] = {
+    "GPU": "device",
+    "CPU": "host",
+    "CPU_PINNED": "host",
+    "STORAGE": "disk",
+    "DISK": "disk",
+}
+
+
+def medium_tier(medium: str | None) -> Tier | None:
+    """The tier of an engine's `medium`. No medium (engines before tiers had only the GPU) is the
+    device. A medium not in `MEDIUM_TIERS` (SGLang's EXTERNAL shared pool, LMCache's CXL, a name
+    from a newer release) is None: not a tier of this worker that a policy could price, so the
+    bridge leaves those events out rather than guess."""
+    if medium is None:
         return "device"
-    if medium.upper() == "CPU":
-        return "host"
-    return "disk"
+    return MEDIUM_TIERS.get(medium.upper())
