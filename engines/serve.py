@@ -153,7 +153,8 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, au
     loop = EngineLoop(engine, threaded=args.engine != "mock")
     model_name = args.model or engine_model
     tracing = Tracing("kvgate-worker", "kvgate.worker")
-    worker = WorkerApp(loop, tokenizer, WorkerSettings(model_name=model_name), tracer=tracing.tracer)
+    settings = WorkerSettings(model_name=model_name, worker_id=worker_id)
+    worker = WorkerApp(loop, tokenizer, settings, tracer=tracing.tracer)
     url = args.advertise_url or f"http://{args.host}:{args.port}"
     epoch = time.time_ns()
 

@@ -28,10 +28,12 @@ from engines.tracing import RequestTimes, record_request
 from router.chat import Tokenizer
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
+SERVED_BY_HEADER = "x-kvgate-served-by"  # the worker's id on every answer: who served it, behind any router
 
 
 class WorkerSettings(msgspec.Struct, frozen=True):
     model_name: str
+    worker_id: str = ""  # sent as SERVED_BY_HEADER when set
     max_body_bytes: int = 16 * 1024 * 1024
     max_requests: int = 4096  # in flight; beyond it new requests get a 503
     default_max_tokens: int = 512  # chat requests without max_tokens
@@ -77,6 +79,7 @@ class WorkerApp:
             tokenizer, loop.engine.max_model_len, settings.default_max_tokens, settings.max_stop_strings
         )
         self.ready = False
+        self._served_by = {SERVED_BY_HEADER: settings.worker_id} if settings.worker_id else {}
         self.created = int(time.time())
         self.app = web.Application(client_max_size=settings.max_body_bytes)
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -142,7 +145,9 @@ class WorkerApp:
                 except RequestError as exc:
                     return error_response(exc)
                 result.text = stream.take(final=True)
-                response = web.json_response(self._whole(result, chat, kind, response_id))
+                response = web.json_response(
+                    self._whole(result, chat, kind, response_id), headers=self._served_by
+                )
             done = True
             return response
         finally:
@@ -242,7 +247,7 @@ class WorkerApp:
         kind: str,
         response_id: str,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers=SSE_HEADERS)
+        response = web.StreamResponse(headers={**SSE_HEADERS, **self._served_by})
         await response.prepare(request)
         created = int(time.time())
         model = self.settings.model_name

@@ -26,6 +26,7 @@ from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 _DONE = b"[DONE]"
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+SERVED_BY_HEADER = "x-kvgate-served-by"  # a worker's id, as `kvgate worker` sends it (engines/worker.py)
 
 
 class Retryable(Exception):
@@ -135,7 +136,11 @@ async def _whole(
     return web.Response(
         status=resp.status,
         body=body,
-        headers={**headers, "content-type": resp.headers.get("content-type", "application/json")},
+        headers={
+            **headers,
+            **_served_by(resp),
+            "content-type": resp.headers.get("content-type", "application/json"),
+        },
     )
 
 
@@ -177,7 +182,12 @@ async def _relay(
         now = time.monotonic()
         if response is None:
             response = web.StreamResponse(
-                headers={**headers, "content-type": "text/event-stream", "cache-control": "no-cache"}
+                headers={
+                    **headers,
+                    **_served_by(resp),
+                    "content-type": "text/event-stream",
+                    "cache-control": "no-cache",
+                }
             )
             resp.commit()
             await response.prepare(request)
@@ -194,6 +204,13 @@ async def _relay(
     outcome.ok = True
     await response.write_eof()
     return response
+
+
+def _served_by(resp: UpstreamResponse) -> dict[str, str]:
+    """The worker's own word on who served the request, passed on (`kvgate worker` sends its id); a
+    value no worker id could be is dropped."""
+    worker = resp.headers.get(SERVED_BY_HEADER, "")
+    return {SERVED_BY_HEADER: worker} if 0 < len(worker) <= 256 and worker.isprintable() else {}
 
 
 def _inspect(event: bytes, client_wants_usage: bool, outcome: Outcome) -> tuple[bytes | None, bool]:
