@@ -783,6 +783,10 @@ class ApproxIndex:
     def __len__(self) -> int:
         return len(self._held)
 
+    def holds(self, block_hash: int) -> bool:
+        """Whether any worker's set holds this block."""
+        return block_hash in self._held
+
     def insert(self, worker_id: str, chain: Sequence[int], now: float) -> None:
         lru = self._lru[worker_id]
         bit = self._bit_of[worker_id]

@@ -136,16 +136,35 @@ def test_cache_aware_matches_routed_requests_above_the_threshold() -> None:
     router = make("cache_aware")
     prompt = chain(100)
     first = router.pick(req("r1", prompt), 0.0)
-    assert first.reason == "smallest_tree"  # empty trees: every tree is the smallest
+    assert (first.worker_id, first.reason) == ("w0", "least_loaded")  # all idle: the first listed
     router.on_complete("r1", 1.0, "stop", 1)
-    hold(router, "w2" if first.worker_id != "w2" else "w1", prompt)  # events do not feed SGLang's tree
+    hold(router, "w2", prompt)  # events do not feed SGLang's tree
     d = router.pick(req("r2", prompt[:60] + chain(40, base=7000)), 1.0)  # 60% matched > 0.3
-    assert (d.worker_id, d.reason) == (first.worker_id, "cache")
-    # 20% <= 0.3: the smallest tree, one that took no request yet
+    assert (d.worker_id, d.reason) == ("w0", "cache")
+    # 20% <= 0.3 (r2 still running): the least loaded, the first listed among the idle; not w2, whose
+    # tree is as small but which holds the prefix in its KV cache
     d = router.pick(req("r3", prompt[:20] + chain(80, base=8000)), 1.0)
-    assert d.reason == "smallest_tree" and d.worker_id != first.worker_id
+    assert (d.worker_id, d.reason) == ("w1", "least_loaded")
     sizes = {w: router.policy.tree.blocks_of(w) for w in router.workers()}
-    assert sorted(sizes.values()) == [0, 100, 140]
+    assert sizes == {"w0": 140, "w1": 100, "w2": 0}
+
+
+def test_cache_aware_gives_a_shared_prefix_to_the_worker_that_first_held_it() -> None:
+    """Equal matches go to the tenant that created the deepest matched node of SGLang's tree."""
+    router = make("cache_aware", n=2, balance_abs_threshold=0, balance_rel_threshold=1.0)
+    prefix = chain(64)
+    assert router.pick(req("q", chain(64, base=5000)), 0.0).worker_id == "w0"  # a miss: the first listed
+    d = router.pick(req("p1", prefix), 0.0)  # 1 - 0 > 0 and 1 > 1.0 x 0: imbalanced
+    assert (d.worker_id, d.reason) == ("w1", "balance")  # w1 is the first to hold the prefix
+    router.on_complete("q", 1.0, "stop", 1)
+    d = router.pick(req("p2", prefix + chain(8, base=9000)), 1.0)  # now w1 is the busy one
+    assert (d.worker_id, d.reason) == ("w0", "balance")
+    router.on_complete("p1", 2.0, "stop", 1)
+    router.on_complete("p2", 2.0, "stop", 1)
+    for i in range(3):  # both trees hold the 64 blocks: the first holder wins, every time
+        d = router.pick(req(f"p{i + 3}", prefix + chain(8, base=10_000 + 100 * i)), 3.0)
+        assert (d.worker_id, d.reason) == ("w1", "cache"), i
+        router.on_complete(f"p{i + 3}", 3.0, "stop", 1)
 
 
 def test_cache_aware_gate_sends_imbalanced_load_to_the_shortest_queue() -> None:
