@@ -13,6 +13,7 @@ from engines.mock import DEFAULT_HOST_BANDWIDTH_GBPS
 from loadgen.sim.compare import compare, parse_policies
 from loadgen.sim.report import render_table, write_charts
 from loadgen.sim.simulation import SimConfig
+from loadgen.sim.sweep import parse_multiples, sweep_host_tier, sweep_markdown, write_sweep_chart
 from loadgen.sim.synthetic import WORKLOADS, make_workload, workload_rows
 from loadgen.sim.workload import Workload
 from loadgen.trace import TRACE_BLOCK_SIZE, TraceError, load_trace
@@ -65,6 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_float,
         default=DEFAULT_HOST_BANDWIDTH_GBPS,
         help="host link GB/s for onboarding copies (default: PCIe Gen5 x16, effective)",
+    )
+    parser.add_argument(
+        "--host-multiples",
+        metavar="M,M,...",
+        default=None,
+        help="sweep the host tier: every policy at each size, M x --num-blocks per worker (e.g. "
+        "0,1,2,4,8); --json then writes the sweep's table, --sweep-chart its chart",
+    )
+    parser.add_argument(
+        "--sweep-chart", metavar="PNG", default=None, help="with --host-multiples: TTFT against host size"
     )
     parser.add_argument(
         "--trace-block-size", type=_positive_int, default=TRACE_BLOCK_SIZE, help="tokens per trace hash id"
@@ -132,6 +143,35 @@ def _router_settings(pairs: list[str]) -> dict[str, object]:
     return settings
 
 
+def _sweep(
+    args: argparse.Namespace,
+    name: str | Path,
+    workload: Workload,
+    policies: list[str],
+    config: SimConfig,
+    multiples: list[float],
+    started: float,
+) -> int:
+    sweep = sweep_host_tier(name, workload, policies, config, multiples, jobs=args.jobs)
+    to_stdout = args.json == "-"
+    if not to_stdout:
+        print(sweep_markdown(sweep))
+        elapsed = time.perf_counter() - started
+        sizes = len(multiples)
+        print(f"{len(workload)} rows x {len(policies)} policies x {sizes} host sizes in {elapsed:.1f} s")
+    if args.json is not None:
+        data = msgspec.json.encode(sweep)
+        if to_stdout:
+            sys.stdout.write(data.decode() + "\n")
+        else:
+            Path(args.json).write_bytes(data + b"\n")
+    if args.sweep_chart is not None:
+        path = write_sweep_chart(sweep, args.sweep_chart)
+        if not to_stdout:
+            print(f"wrote {path}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         policies = parse_policies(args.policy)
@@ -140,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
         if args.max_think_s < 0 or args.bus_delay_ms < 0:
             raise ValueError("--max-think-s and --bus-delay-ms must not be negative")
         settings = _router_settings(args.router_settings)
+        multiples = parse_multiples(args.host_multiples) if args.host_multiples is not None else None
+        if args.sweep_chart is not None and multiples is None:
+            raise ValueError("--sweep-chart needs --host-multiples")
         if args.workload is not None:
             args.trace_block_size = args.block_size  # the rows' hash ids are blocks of the simulated size
             generated = make_workload(args.workload, args.rate, args.seed, args.max_context)
@@ -173,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     name = args.trace if args.trace is not None else f"workload:{args.workload}"
+    if multiples is not None:
+        return _sweep(args, name, workload, policies, config, multiples, started)
     report, runs, runtime = compare(name, workload, policies, config, jobs=args.jobs)
     elapsed = time.perf_counter() - started
     to_stdout = args.json == "-"
