@@ -1,5 +1,6 @@
 """`cache_aware`: SGLang router 0.3.2's cache-aware policy (sgl-model-gateway `src/policies/cache_aware.rs`
-and `tree.rs` at the `[smg] release 0.3.2` commit), with its Python CLI defaults.
+and `tree.rs` at the `[smg] release 0.3.2` commit), with its Python CLI defaults. Checked live against
+the real router in front of kvgate's mock workers (`tests/gateway/test_sglang_router_peer.py`).
 
 Load = requests this router sent to the worker that have not completed. If the load is imbalanced
 (`max - min > balance_abs_threshold` and `max > balance_rel_threshold x min`) the least loaded worker
