@@ -97,6 +97,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._seqs: dict[str, Sequence] = {}
         self._finished_early: list[RequestOutput] = []  # aborted or refused between steps
+        self.prefetched_blocks = 0  # brought back from the host ahead of a turn (`prefetch`), all time
         self.max_model_len = config.num_blocks * config.block_size
         runner_limit = getattr(runner, "max_model_len", None)  # positions the model can encode
         if runner_limit:
@@ -164,7 +165,7 @@ class Engine:
     def prefetch(self, block_hashes: list[int]) -> float:
         """Bring these blocks back from the host tier ahead of their turn (`BlockManager.prefetch`), the
         copies now, between steps; returns their modelled seconds (0 when real or none)."""
-        self.block_manager.prefetch(block_hashes)
+        self.prefetched_blocks += self.block_manager.prefetch(block_hashes)
         copy_s = self._run_copies() or 0.0
         self._emit_events()
         return copy_s

@@ -1,9 +1,10 @@
 """The worker's OpenAI-compatible HTTP surface over one engine.
 
-`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`. Streams exactly like OpenAI
-(text/event-stream, `data: {json}` events, a first delta with the role, `data: [DONE]`, an optional
-usage chunk with `choices: []`). Request bodies are parsed by `engines.openai_request`, the engine is
-driven by `engines.loop.EngineLoop`, and output tokens become text in `engines.text_stream`.
+`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`, and `/metrics` (Prometheus: cached
+tokens by tier). Streams exactly like OpenAI (text/event-stream, `data: {json}` events, a first delta
+with the role, `data: [DONE]`, an optional usage chunk with `choices: []`). Request bodies are parsed
+by `engines.openai_request`, the engine is driven by `engines.loop.EngineLoop`, and output tokens
+become text in `engines.text_stream`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from engines.loop import EngineLoop
 from engines.openai_request import ParsedRequest, RequestError, RequestParser
 from engines.text_stream import TextStream
 from engines.tracing import RequestTimes, record_request
+from engines.worker_metrics import CONTENT_TYPE, WorkerMetrics
 from router.chat import Tokenizer
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
@@ -80,17 +82,22 @@ class WorkerApp:
         )
         self.ready = False
         self._served_by = {SERVED_BY_HEADER: settings.worker_id} if settings.worker_id else {}
+        self.metrics = WorkerMetrics(lambda: loop.engine.prefetched_blocks)
         self.created = int(time.time())
         self.app = web.Application(client_max_size=settings.max_body_bytes)
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/metrics", self.render_metrics)
 
     async def health(self, _request: web.Request) -> web.Response:
         if not self.ready or not self.loop.running:
             return web.json_response({"status": "starting"}, status=503)
         return web.json_response({"status": "ok", "model": self.settings.model_name})
+
+    async def render_metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def models(self, _request: web.Request) -> web.Response:
         model = {
@@ -149,6 +156,8 @@ class WorkerApp:
                     self._whole(result, chat, kind, response_id), headers=self._served_by
                 )
             done = True
+            if result.finish_reason is not None:  # answered in full (not a client that left)
+                self.metrics.record(result.prompt_tokens, result.cached_tokens, result.host_cached_tokens)
             return response
         finally:
             if not done or result.finish_reason is None or stream.stopped:

@@ -117,6 +117,7 @@ class Answer(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    host_cached_tokens: int = 0
 
 
 class ChatReader:
@@ -188,6 +189,7 @@ class ChatReader:
             self.answer.prompt_tokens = outcome.prompt_tokens
             self.answer.completion_tokens = outcome.completion_tokens
             self.answer.cached_tokens = outcome.cached_tokens
+            self.answer.host_cached_tokens = outcome.host_cached_tokens
 
 
 def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
@@ -266,6 +268,7 @@ def _record(answer: Answer, outcome: Outcome) -> None:
     outcome.prompt_tokens = answer.prompt_tokens
     outcome.completion_tokens = answer.completion_tokens
     outcome.cached_tokens = answer.cached_tokens
+    outcome.host_cached_tokens = answer.host_cached_tokens
 
 
 async def _whole(

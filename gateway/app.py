@@ -526,7 +526,9 @@ class Gateway:
         self.admission.release(worker)
         if outcome.ok:
             self.bus.request_finished(worker)
-            self.metrics.record_usage(outcome.prompt_tokens, outcome.cached_tokens)
+            self.metrics.record_usage(
+                outcome.prompt_tokens, outcome.cached_tokens, outcome.host_cached_tokens
+            )
             served = max(0, outcome.prompt_tokens - outcome.cached_tokens) + outcome.completion_tokens
             self.admission.add_service(route.session_id or "", served)
         self.replication.replicas.done(

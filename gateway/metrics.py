@@ -54,6 +54,18 @@ class GatewayMetrics:
         self.cache_hit_ratio = Gauge(
             "kvgate_cache_hit_ratio", "cached_tokens / prompt_tokens over all completed requests", registry=r
         )
+        self.tier_cached_tokens = Counter(
+            "kvgate_tier_cached_tokens",
+            "Cached prompt tokens reported by workers, by the tier they came from (device, host)",
+            ["tier"],
+            registry=r,
+        )
+        self.tier_hit_ratio = Gauge(
+            "kvgate_tier_cache_hit_ratio",
+            "Cached prompt tokens from one tier / prompt tokens, over all completed requests",
+            ["tier"],
+            registry=r,
+        )
         self.bad_registrations = Counter(
             "kvgate_bad_registrations", "Registry entries ignored as invalid (logged once a key)", registry=r
         )
@@ -99,6 +111,11 @@ class GatewayMetrics:
         )
         self._prompt_total = 0
         self._cached_total = 0
+        self._host_total = 0
+        self._device_cached = self.tier_cached_tokens.labels("device")
+        self._host_cached = self.tier_cached_tokens.labels("host")
+        self._device_ratio = self.tier_hit_ratio.labels("device")
+        self._host_ratio = self.tier_hit_ratio.labels("host")
         # labelled children, looked up once: `labels()` costs a lock and a tuple per call on the hot path
         self._requests: dict[tuple[str, int], Any] = {}
         self._decisions: dict[tuple[str, str], Any] = {}
@@ -115,13 +132,20 @@ class GatewayMetrics:
             child = self._decisions[policy, reason] = self.decisions.labels(policy, reason)
         child.inc()
 
-    def record_usage(self, prompt_tokens: int, cached_tokens: int) -> None:
+    def record_usage(self, prompt_tokens: int, cached_tokens: int, host_cached_tokens: int = 0) -> None:
+        """One answer's usage; `host_cached_tokens` (part of `cached_tokens`) were onboarded from the
+        worker's host tier, the rest were on its device."""
         self.prompt_tokens.inc(prompt_tokens)
         self.cached_tokens.inc(cached_tokens)
+        self._device_cached.inc(cached_tokens - host_cached_tokens)
+        self._host_cached.inc(host_cached_tokens)
         self._prompt_total += prompt_tokens
         self._cached_total += cached_tokens
+        self._host_total += host_cached_tokens
         if self._prompt_total > 0:
             self.cache_hit_ratio.set(self._cached_total / self._prompt_total)
+            self._device_ratio.set((self._cached_total - self._host_total) / self._prompt_total)
+            self._host_ratio.set(self._host_total / self._prompt_total)
 
     def forget_worker(self, worker_id: str) -> None:
         for gauge in (

@@ -39,6 +39,7 @@ class Outcome(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    host_cached_tokens: int = 0  # of the cached, those onboarded from the worker's host tier
     first_token_at: float | None = None
 
 
@@ -50,6 +51,8 @@ def read_usage(usage: Any, outcome: Outcome) -> None:
     details = usage.get("prompt_tokens_details")
     if isinstance(details, dict):
         outcome.cached_tokens = _int(details.get("cached_tokens"))
+        # kvgate workers' extension: absent (0) when no host tier served the turn, or from other engines
+        outcome.host_cached_tokens = min(_int(details.get("host_cached_tokens")), outcome.cached_tokens)
 
 
 def _int(value: Any) -> int:

@@ -35,6 +35,7 @@ class _Choice(msgspec.Struct):
 
 class _Details(msgspec.Struct):
     cached_tokens: int | None = None
+    host_cached_tokens: int = 0  # kvgate workers: the part of cached_tokens onboarded from host memory
 
 
 class _Usage(msgspec.Struct):
@@ -65,6 +66,7 @@ class Outcome(msgspec.Struct):
     output_tokens: int = 0
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
+    host_cached_tokens: int = 0
     finish_reason: str | None = None
     itl: list[float] = []  # gaps between successive token events
 
@@ -141,6 +143,7 @@ class _Stream:
             self.outcome.output_tokens = usage.completion_tokens
             details = usage.prompt_tokens_details
             self.outcome.cached_tokens = details.cached_tokens if details is not None else None
+            self.outcome.host_cached_tokens = details.host_cached_tokens if details is not None else 0
 
     def finish(self) -> None:
         if self._buffer.strip():

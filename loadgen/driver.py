@@ -237,6 +237,7 @@ class Driver:
             output_tokens=outcome.output_tokens,
             prompt_tokens=outcome.prompt_tokens,
             cached_tokens=outcome.cached_tokens,
+            host_cached_tokens=outcome.host_cached_tokens,
             finish_reason=outcome.finish_reason,
             delay=delay,
             ready=ready,

@@ -28,6 +28,7 @@ class RequestRecord(msgspec.Struct):
     output_tokens: int = 0
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
+    host_cached_tokens: int = 0  # of cached_tokens, those a kvgate worker onboarded from its host tier
     finish_reason: str | None = None
     delay: float = 0.0  # think time applied after the previous turn's end
     ready: float = 0.0  # when the session was allowed to send it (previous end + delay)
@@ -111,6 +112,7 @@ def summarize(
     with_usage = [r for r in done if r.prompt_tokens]
     prompt_tokens = sum(r.prompt_tokens or 0 for r in with_usage)
     cached_tokens = sum(r.cached_tokens or 0 for r in with_usage)
+    host_cached_tokens = sum(r.host_cached_tokens for r in with_usage)
     finished = [s for s in sessions if s.completed]
     session_time = np.array([s.end - s.start for s in finished])
     summary: dict[str, Any] = {
@@ -138,6 +140,14 @@ def summarize(
         "cached_tokens": cached_tokens,
         # None when the server reports no usage: "unknown" must not read as "no hits"
         "cache_hit_rate": round(cached_tokens / prompt_tokens, 4) if prompt_tokens else None,
+        # by tier: on the worker's device, or onboarded from its host memory (kvgate workers say which;
+        # other servers' cached tokens all count as device)
+        "device_cached_tokens": cached_tokens - host_cached_tokens,
+        "host_cached_tokens": host_cached_tokens,
+        "device_cache_hit_rate": round((cached_tokens - host_cached_tokens) / prompt_tokens, 4)
+        if prompt_tokens
+        else None,
+        "host_cache_hit_rate": round(host_cached_tokens / prompt_tokens, 4) if prompt_tokens else None,
         "sessions": sessions_started,
         "sessions_completed": len(finished),
         "session_time_p50_s": _pct(session_time, 50),

@@ -39,6 +39,8 @@ SUMMARY_ROWS: list[tuple[str, str, str]] = [
     ("e2e_p99_ms", "e2e p99 (ms)", "{:,.1f}"),
     ("output_tok_s", "output tokens/s", "{:,.1f}"),
     ("cache_hit_rate", "cache hit rate", "{:.1%}"),
+    ("device_cache_hit_rate", "of which device", "{:.1%}"),
+    ("host_cache_hit_rate", "of which host (onboarded)", "{:.1%}"),
     ("sessions", "sessions", "{:,}"),
     ("sessions_completed", "sessions completed", "{:,}"),
     ("session_time_p50_s", "session time p50 (s)", "{:,.2f}"),

@@ -174,7 +174,7 @@ class EventTranslator:
         for engine_hash in event.block_hashes:
             block = self._blocks.get(engine_hash)
             held = 0 if block is None else block.tiers.get(tier, 0)
-            if not held:
+            if block is None or not held:
                 continue  # a block we skipped, or a duplicate removal
             if held > 1:
                 block.tiers[tier] = held - 1  # still stored there under another announcement

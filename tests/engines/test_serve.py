@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +159,11 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+def read_url(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read()
 
 
 def api(worker: WorkerProcess) -> openai.AsyncOpenAI:
@@ -310,6 +316,9 @@ async def test_a_host_tier_takes_evicted_blocks_and_serves_them_back(nats_url: s
         host_cached = (details.model_extra or {}).get("host_cached_tokens", 0)
         assert host_cached >= BLOCK and details.cached_tokens >= host_cached
         await eventually(lambda: chain[0] not in on_host())  # onboarded: off the host, on the device
+        # the worker's /metrics counts the cached tokens by tier (this was the only host hit)
+        metrics = await asyncio.to_thread(read_url, process.url + "/metrics")
+        assert f'kvgate_worker_cached_tokens_total{{tier="host"}} {float(host_cached)}'.encode() in metrics
     finally:
         await nc.close()
         assert process.stop() == 0
