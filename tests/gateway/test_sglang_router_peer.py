@@ -43,7 +43,7 @@ ABS_THRESHOLD = 1  # SGLang's default is 64; with 1, two requests in flight on o
 class Side:
     """One router in front of its own workers; `loads` reads that router's own in-flight counts."""
 
-    def __init__(self, url: str, loads: Callable[[], Awaitable[dict[str, int]]]) -> None:
+    def __init__(self, url: str, loads: Callable[[], Awaitable[dict[str, int] | None]]) -> None:
         self.client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=120)
         self.loads = loads
         self.served: list[str] = []
@@ -54,7 +54,8 @@ class Side:
         """Wait until the router counts `busy` requests in flight (the held streams), none other."""
 
         async def settled() -> bool:
-            return sum((await self.loads()).values()) == busy
+            loads = await self.loads()  # None: the router did not answer this time
+            return loads is not None and sum(loads.values()) == busy
 
         await until_async(settled, 60.0, f"{busy} requests in flight at the router")
 
@@ -179,10 +180,10 @@ class SglangRouter:
             time.sleep(0.2)
         raise TimeoutError(f"sglang-router not ready: {self.log.read_text()[-2000:]}")
 
-    async def loads(self) -> dict[str, int]:
+    async def loads(self) -> dict[str, int] | None:
+        """The router's own in-flight count per worker (`GET /workers`)."""
         status, body = await asyncio.to_thread(http_get, self.url + "/workers")
-        assert status == 200, body
-        return {w["url"]: w["load"] for w in body["workers"]}
+        return {w["url"]: w["load"] for w in body["workers"]} if status == 200 else None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -219,8 +220,8 @@ async def sglang(
         theirs.stop()
 
 
-def kvgate_loads(gw: RunningGateway) -> Callable[[], Awaitable[dict[str, int]]]:
-    async def loads() -> dict[str, int]:
+def kvgate_loads(gw: RunningGateway) -> Callable[[], Awaitable[dict[str, int] | None]]:
+    async def loads() -> dict[str, int] | None:
         return {w: gw.router.load.requests(w) for w in gw.router.workers()}
 
     return loads
