@@ -33,16 +33,25 @@ MAX_TRACKED_BLOCKS = 8_000_000
 
 
 class _Block:
-    __slots__ = ("our_hash", "parent", "seed", "tiers")
+    """One engine block: our hashes of its tokens (several when the engine's blocks are a multiple of
+    ours, as LMCache's 256-token chunks are), the parent of the first, and where it is held."""
 
-    def __init__(self, our_hash: int, parent: int | None, seed: int) -> None:
-        self.our_hash = our_hash
+    __slots__ = ("ours", "parent", "seed", "tiers", "whole")
+
+    def __init__(self, ours: list[int], parent: int | None, seed: int, whole: bool = True) -> None:
+        self.ours = ours
         self.parent = parent
         self.seed = seed
+        self.whole = whole  # False: a chunk's tokens end mid-block (LMCache's last), so no child follows
         # stores not yet removed, per tier: an engine may announce one hash twice (vLLM caches a
         # block computed twice in two slots; its offloading connector re-announces shared hashes per
         # chunk) and removes it as often, so the block leaves a tier with its last removal
         self.tiers: dict[Tier, int] = {}
+
+    @property
+    def our_hash(self) -> int:
+        """The last of our hashes: what a child block chains on."""
+        return self.ours[-1]
 
 
 class EventTranslator:
@@ -50,7 +59,9 @@ class EventTranslator:
 
     Only KV cache group 0 is followed (a hybrid model's other groups describe the same tokens).
     A stored block whose parent the bridge never saw cannot be re-hashed (its prefix is unknown) and
-    is skipped; so are blocks of a different size than ours, which would never match a prompt.
+    is skipped; so are blocks of a size that is not a multiple of ours, which would never match a
+    prompt. A block of k times our size (LMCache's chunks) is k of ours; one event's single block of
+    another size (LMCache's last chunk of a prompt) is its whole blocks of ours.
 
     Each event's `medium` names its tier (`wire.MEDIUM_TIERS`). A store without token ids (vLLM's
     offloading connector announcing a CPU copy by hash) adds the tier to a block the bridge knows by
@@ -92,9 +103,14 @@ class EventTranslator:
         return [AllBlocksCleared()]
 
     def cached_blocks(self) -> list[CachedBlock]:
-        return [
-            CachedBlock(b.our_hash, b.parent, tier) for b in self._blocks.values() for tier in sorted(b.tiers)
-        ]
+        out: list[CachedBlock] = []
+        for block in self._blocks.values():
+            for tier in sorted(block.tiers):
+                parent = block.parent
+                for our in block.ours:
+                    out.append(CachedBlock(our, parent, tier))
+                    parent = our
+        return out
 
     def _tier(self, event: EngineStored | EngineRemoved) -> Tier | None:
         tier = None if event.remote else medium_tier(event.medium)
@@ -113,38 +129,49 @@ class EventTranslator:
         if not event.token_ids:
             yield from self._stored_by_hash(event.block_hashes, tier)
             return
-        if event.block_size != self.block_size:
-            self.size_mismatches += 1
-            self.skipped_blocks += len(event.block_hashes)
-            if self.size_mismatches == 1:
-                log.error(
-                    "engine block size %d != bridge block size %d: its blocks cannot match any prompt;"
-                    " start the bridge with --block-size %d",
-                    event.block_size, self.block_size, event.block_size,
-                )  # fmt: skip
-            return
         count = len(event.block_hashes)
+        per, rest = divmod(event.block_size, self.block_size)
+        if rest and count == 1 and per:  # one chunk ending mid-block: its whole blocks of ours
+            rest = 0
+        if not per or rest:
+            self._size_mismatch(event, count)
+            return
         parent: int | None = None
         seed = hash_seed(event.lora_name)
         if event.parent is not None:
             known = self._blocks.get(event.parent)
-            if known is None:
+            if known is None or not known.whole:
                 self.skipped_blocks += count
                 return
             parent, seed = known.our_hash, known.seed
         ours = block_hashes(event.token_ids, self.block_size, seed, parent)
+        whole = event.block_size % self.block_size == 0
         first_parent = parent
-        for engine_hash, our in zip(event.block_hashes, ours, strict=True):
+        for i, engine_hash in enumerate(event.block_hashes):
             block = self._blocks.get(engine_hash)
             if block is None:
                 if len(self._blocks) >= self.max_blocks:
                     log.error("tracking %d blocks: removals must have been lost; clearing", len(self._blocks))
                     yield from self.clear()
                     return
-                block = self._blocks[engine_hash] = _Block(our, parent, seed)
+                block = self._blocks[engine_hash] = _Block(ours[i * per : (i + 1) * per], parent, seed, whole)
             block.tiers[tier] = block.tiers.get(tier, 0) + 1
-            parent = our
+            parent = block.our_hash
         yield BlockStored(ours, first_parent, tier)
+
+    def _size_mismatch(self, event: EngineStored, count: int) -> None:
+        self.skipped_blocks += count
+        parent = None if event.parent is None else self._blocks.get(event.parent)
+        if count == 1 and parent is not None and len(parent.ours) > 1:
+            return  # a chunk engine's last chunk, shorter than one of our blocks: nothing to match
+        self.size_mismatches += 1
+        engine_size = event.block_size
+        if self.size_mismatches == 1:
+            log.error(
+                "engine block size %d is not a multiple of the bridge's block size %d: its blocks cannot"
+                " match any prompt; start the bridge with --block-size %d",
+                engine_size, self.block_size, engine_size,
+            )  # fmt: skip
 
     def _stored_by_hash(self, engine_hashes: list[EngineHash], tier: Tier) -> Iterator[KvEvent]:
         """A copy of blocks announced before, named by their engine hashes only: one store per run
@@ -162,7 +189,7 @@ class EventTranslator:
                 run = []
             if not run:
                 run_parent = block.parent
-            run.append(block.our_hash)
+            run.extend(block.ours)
         if run:
             yield BlockStored(run, run_parent, tier)
 
@@ -182,6 +209,6 @@ class EventTranslator:
             del block.tiers[tier]
             if not block.tiers:
                 del self._blocks[engine_hash]
-            gone.append(block.our_hash)
+            gone.extend(block.ours)
         if gone:
             yield BlockRemoved(gone, tier)

@@ -500,8 +500,9 @@ async def test_load_reports_from_engine_metrics(
         ):
             await engine.send(map_batch(stored([1], None, TOKENS[:B])))
             assert await tap.events(1) == [BlockStored(block_hashes(TOKENS[:B], B), None, "device")]
-            first = await asyncio.wait_for(tap.loads.get(), 10)
-            second = await asyncio.wait_for(tap.loads.get(), 10)
+            first = second = await asyncio.wait_for(tap.loads.get(), 10)
+            while second.used_blocks == first.used_blocks:  # a loaded box may report one scrape twice
+                second = await asyncio.wait_for(tap.loads.get(), 10)
             # Tokens were generated and nothing new was cached: the next heartbeat says events still
             # flow with an empty batch, so the gateway keeps routing this worker on its events.
             alive = await asyncio.wait_for(tap.batches.get(), 10)

@@ -246,3 +246,27 @@ def test_repeated_announcements_are_counted_until_the_last_removal() -> None:
     assert engine.held("host") == 1
     assert engine.send(vllm_batch(VllmBlockRemoved([1], "CPU"))) == [BlockRemoved([OURS[0]], "host")]
     assert (engine.held("device"), engine.held("host")) == (2, 0)
+
+
+def test_lmcache_chunks_are_split_into_our_blocks() -> None:
+    """LMCache's events through vLLM's LMCache connector: one hash per chunk (256 tokens by default,
+    64 here), the chunk's tokens, `block_size` its token count, `medium` "cpu"; a prompt's last chunk
+    is shorter (lmcache/v1/cache_engine.py builds them)."""
+    engine = Engine("vllm")
+    tokens = list(range(3000, 3000 + 64 + 40))  # a whole chunk of 4 of our blocks, then 40 tokens
+    ours = block_hashes(tokens, B)
+    assert len(ours) == 6
+    first = VllmBlockStored([501], None, tokens[:64], 64, None, "cpu", None)
+    last = VllmBlockStored([502], 501, tokens[64:], 40, None, "cpu", None)
+    assert engine.send(vllm_batch(first, last)) == [
+        BlockStored(ours[:4], None, "host"),
+        BlockStored(ours[4:], ours[3], "host"),  # its 2 whole blocks; the last 8 tokens match nothing
+    ]
+    assert engine.index.overlap(ours, "host") == {WORKER: 6}
+    # a chunk after one that ends mid-block cannot be placed: its tokens start off our grid
+    after = VllmBlockStored([503], 502, list(range(64)), 64, None, "cpu", None)
+    assert engine.send(vllm_batch(after)) == []
+    assert engine.translator.skipped_blocks == 1 and engine.translator.size_mismatches == 0
+    assert engine.send(vllm_batch(VllmBlockRemoved([501], "cpu"))) == [BlockRemoved(ours[:4], "host")]
+    held = {(b.block_hash, b.parent_hash) for b in engine.translator.cached_blocks()}
+    assert held == {(ours[4], ours[3]), (ours[5], ours[4])}
