@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -479,13 +480,31 @@ def vllm_metrics_page(running: int, waiting: int, usage: float, prompt: int, gen
     return generate_latest(registry)
 
 
+async def next_load(
+    tap: BusTap, want: Callable[[LoadReport], bool], earlier: set[tuple[int, int]]
+) -> LoadReport:
+    """The first load report `want` accepts; those before it may only carry an earlier state (the
+    Publisher reports on its own clock: it repeats the last scrape's load until the next one)."""
+    while not want(report := await asyncio.wait_for(tap.loads.get(), 30)):
+        assert (report.running, report.waiting) in earlier, report
+    return report
+
+
 async def test_load_reports_from_engine_metrics(
     engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
 ) -> None:
-    pages = iter([vllm_metrics_page(3, 2, 0.25, 1000)] + [vllm_metrics_page(4, 1, 0.5, 3000, 50)] * 1000)
+    # The engine's page changes only when the test has seen the bus report the previous one: the bridge
+    # scrapes and the Publisher reports on two clocks, so a page served for one scrape only could be
+    # replaced before any report carried it.
+    seen_first = asyncio.Event()
+    later_scrapes = itertools.count()
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=next(pages), content_type="text/plain")
+        if not seen_first.is_set():
+            return web.Response(body=vllm_metrics_page(3, 2, 0.25, 1000), content_type="text/plain")
+        # each later scrape finds 2000 more prompt tokens than the one before
+        page = vllm_metrics_page(4, 1, 0.5, 3000 + 2000 * next(later_scrapes), 50)
+        return web.Response(body=page, content_type="text/plain")
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
@@ -500,18 +519,18 @@ async def test_load_reports_from_engine_metrics(
         ):
             await engine.send(map_batch(stored([1], None, TOKENS[:B])))
             assert await tap.events(1) == [BlockStored(block_hashes(TOKENS[:B], B), None, "device")]
-            first = second = await asyncio.wait_for(tap.loads.get(), 10)
-            while second.used_blocks == first.used_blocks:  # a loaded box may report one scrape twice
-                second = await asyncio.wait_for(tap.loads.get(), 10)
+            first = await next_load(tap, lambda r: r.running != 0, {(0, 0)})  # (0, 0): before a scrape
+            seen_first.set()
+            second = await next_load(tap, lambda r: r.running == 4, {(0, 0), (3, 2)})
             # Tokens were generated and nothing new was cached: the next heartbeat says events still
             # flow with an empty batch, so the gateway keeps routing this worker on its events.
-            alive = await asyncio.wait_for(tap.batches.get(), 10)
+            alive = await asyncio.wait_for(tap.batches.get(), 30)
             assert alive.events == []
     finally:
         await runner.cleanup()
     assert (first.running, first.waiting, first.used_blocks, first.total_blocks) == (3, 2, 500, 2000)
     assert (second.running, second.waiting, second.used_blocks) == (4, 1, 1000)
-    assert second.prefill_tok_s > 0  # 2000 prompt tokens between the two scrapes
+    assert second.prefill_tok_s > 0  # 2000 prompt tokens between any two scrapes
 
 
 def test_parse_sglang_metrics() -> None:
