@@ -4,7 +4,8 @@ A mock step ends when its modelled duration has passed (so a prompt's first toke
 its last prefill chunk), a torch step when its thread returns. The live check runs a real
 `kvgate worker --engine mock` and compares each TTFT with the timing model's own prediction and the
 worker's step log; the only bound on time is relative (10 % plus a little slack, plus how late the
-worker itself says its last step woke), so a loaded machine cannot fail it.
+worker itself says its last step woke), and one of up to ten prompts per size must meet it, so a loaded
+machine cannot fail it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from engines.runner import SamplingParams
 from gateway.natsd import free_port
 
 BUDGET = 8192  # tokens per step (the worker's --max-num-batched-tokens default)
+ATTEMPTS = 10  # uncached prompts per size, at most, for one reply within the bound
 STEP_LINE = re.compile(
     r"step: prefill (\d+) decode (\d+) outputs (\d+) duration_ms ([\d.]+) late_ms ([-\d.]+)"
 )
@@ -100,12 +102,12 @@ async def timed_completion(session: aiohttp.ClientSession, url: str, prompt: lis
     return elapsed, reply["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
-async def wait_for_steps(worker: LiveWorker, count: int) -> None:
-    for _ in range(200):
-        if len(worker.steps) >= count:
-            return
+async def wait_for_steps(worker: LiveWorker, count: int, timeout_s: float = 30.0) -> None:
+    """Until the reader thread has seen `count` step lines (it may lag the reply on a busy machine)."""
+    deadline = time.monotonic() + timeout_s
+    while len(worker.steps) < count:
+        assert time.monotonic() < deadline, f"the worker logged {len(worker.steps)} steps, expected {count}"
         await asyncio.sleep(0.01)
-    raise AssertionError(f"the worker logged {len(worker.steps)} steps, expected {count}")
 
 
 @pytest.mark.slow
@@ -114,10 +116,13 @@ async def test_live_mock_ttft_is_the_end_of_the_last_prefill_chunk(live_worker: 
     rng = random.Random(7)
     async with aiohttp.ClientSession() as session:
         await timed_completion(session, url, [rng.randrange(256) for _ in range(64)])  # warm-up
+        await wait_for_steps(live_worker, 1)  # its step must not be counted as the next prompt's
         for size in (1024, 4096, 8192, 16384):
             predicted = predicted_ttft_ms(size)
             fits = []
-            for _ in range(3):
+            # Up to ATTEMPTS prompts, until one fits: a late one is the machine's doing when another
+            # fits, while a worker that answered a step late would miss on every one of them.
+            while len(fits) < ATTEMPTS and not any(fits):
                 before = len(live_worker.steps)
                 ttft, cached = await timed_completion(session, url, [rng.randrange(256) for _ in range(size)])
                 assert cached == 0
