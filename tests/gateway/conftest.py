@@ -21,10 +21,11 @@ API_KEY = "test-key"
 
 
 def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    """(status, parsed JSON or None); status 0 when nothing answers."""
+    """(status, parsed JSON or None); status 0 when nothing answers (refused, or silent for 30 s: a
+    process busy on a loaded machine may take seconds to answer, and is not gone for it)."""
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=2.0) as resp:
+        with urllib.request.urlopen(request, timeout=30.0) as resp:
             status, body = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read()
