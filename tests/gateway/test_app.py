@@ -216,7 +216,9 @@ def test_a_killed_worker_loses_no_unstarted_request_and_leaves_the_view(cluster:
         killed_at = time.monotonic()
         results = await asyncio.gather(*tasks)
         while http_get(cluster.gateway.url + "/ready")[1]["workers"] != 1:
-            assert time.monotonic() - killed_at < 5.0, "the dead worker is still in the routing view"
+            # stale after 3 s without a heartbeat, well before its registry entry's 60 s TTL would
+            # lapse: the bound leaves a loaded machine room for the requests above and the sweep
+            assert time.monotonic() - killed_at < 30.0, "the dead worker is still in the routing view"
             await asyncio.sleep(0.05)
         await sdk.close()
         return results
@@ -368,6 +370,7 @@ def test_requests_waiting_on_a_hung_worker_are_retried_when_it_leaves(cluster: C
 
         started = time.monotonic()
         assert asyncio.run(run()) == ["fine"] * 6
-        assert time.monotonic() - started < 10  # the heartbeat timeout, not the 120 s read timeout
+        # the heartbeat timeout (3 s), not the 120 s read timeout; the rest is room for a loaded machine
+        assert time.monotonic() - started < 60
     finally:
         cluster.workers["hangs"].kill()

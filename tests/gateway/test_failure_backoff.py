@@ -80,7 +80,8 @@ def test_a_hung_worker_costs_the_first_byte_timeout_then_is_left_out(nats_url: s
         answers = [ask(url, stream=True) for _ in range(4)]
         elapsed = time.monotonic() - started
         assert answers == [(200, "b")] * 4
-        assert retries(url) <= 1.0 and elapsed < 10  # one first-byte timeout at most
+        assert retries(url) <= 1.0  # one first-byte timeout at most
+        assert elapsed < 60  # the 1 s first-byte timeout, not the 120 s read timeout (room for load)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(cluster.workers["a"].proc.pid, signal.SIGCONT)
