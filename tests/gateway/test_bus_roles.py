@@ -115,7 +115,10 @@ async def test_only_a_worker_with_its_own_credentials_joins_the_pool(secured, tm
             injected += 1
         finally:
             await nc.close()
-        await asyncio.sleep(1.5)  # several of worker-0's heartbeats: every entry has been seen
+        deadline = time.monotonic() + 30  # until the gateway has seen (and refused) the injected entry
+        while bus.metrics.bad_registrations._value.get() < injected:
+            assert time.monotonic() < deadline, "the gateway never saw the injected registration"
+            await asyncio.sleep(0.05)
         assert set(bus.workers) == {"worker-0"}
         assert bus.workers["worker-0"].registration.url.startswith("http://127.0.0.1:")
         assert bus.metrics.bad_registrations._value.get() == injected
@@ -135,13 +138,18 @@ async def test_a_worker_cannot_publish_another_workers_events_or_load(secured) -
         seen.append(msg.subject)
 
     sub = await watcher.subscribe(f"{subjects.prefix}.>", cb=record)
+    await watcher.flush()  # the subscription is in place at the server before anything is published
     worker1 = await connect(server.url, auth(users.workers["worker-1"]))
     try:
         await worker1.publish(subjects.load("worker-0"), b"forged")
         await worker1.publish(subjects.kv("worker-0"), b"forged")
         await worker1.publish(subjects.load("worker-1"), b"own")
         await worker1.flush()
-        await asyncio.sleep(0.3)
+        # one publisher's messages arrive in order: the forged ones would be in before its own
+        deadline = time.monotonic() + 30
+        while subjects.load("worker-1") not in seen:
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.02)
         assert seen == [subjects.load("worker-1")]
     finally:
         await sub.unsubscribe()
