@@ -8,8 +8,9 @@
   register a worker nor publish a worker's events or load, nor delete or purge a stream.
 
 `kvgate up` generates one user per role (one per worker, so a worker cannot write another's entry)
-with random passwords; `docs/SECURITY.md` gives the same rules for a NATS you run yourself. The
-permissions are nats-server configuration (its format is a superset of JSON).
+with random passwords; the server's configuration holds only their bcrypt hashes, the clients the
+passwords. `docs/SECURITY.md` gives the same rules for a NATS you run yourself. The permissions are
+nats-server configuration (its format is a superset of JSON).
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+import bcrypt
 import msgspec
 
 from router.protocol import Subjects, check_token
 
 JS_API = "$JS.API"
+# bcrypt's lowest cost: a generated password is 192 random bits, which no cost factor makes any harder
+# to guess, and nats-server checks the hash on every connection a client opens
+BCRYPT_ROUNDS = 4
 
 
 class BusUser(msgspec.Struct, frozen=True):
@@ -33,7 +38,10 @@ class BusUser(msgspec.Struct, frozen=True):
         return f"BusUser({self.user!r}, password=***)"
 
     def server_entry(self) -> dict[str, Any]:
-        return {"user": self.user, "password": self.password, "permissions": self.permissions}
+        """This user in a nats-server `authorization` block: the password as a bcrypt hash, which the
+        server accepts in its place (and does not warn about, as it does about a plaintext one)."""
+        hashed = bcrypt.hashpw(self.password.encode(), bcrypt.gensalt(BCRYPT_ROUNDS)).decode()
+        return {"user": self.user, "password": hashed, "permissions": self.permissions}
 
 
 def _kv_stream(subjects: Subjects) -> str:

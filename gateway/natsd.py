@@ -102,7 +102,8 @@ class NatsServer:
         raise NatsServerError(f"nats-server did not listen on {self.port} within {timeout_s} s")
 
     def _write_config(self) -> str:
-        """The configuration as a file only this user can read (it holds the passwords)."""
+        """The configuration as a file only this user can read (it holds password hashes, or passwords
+        when the caller gave them)."""
         config: dict[str, Any] = {
             "host": self.host,
             "port": self.port,

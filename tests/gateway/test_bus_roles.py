@@ -6,6 +6,8 @@ another worker's, or a worker's entry naming someone else) never reaches the gat
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -14,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import bcrypt
 import nats
 import pytest
 
@@ -172,6 +175,40 @@ async def test_a_worker_stores_its_tokenizer_and_the_gateway_fetches_it(secured,
     finally:
         await worker.close()
         await gateway.close()
+
+
+async def server_output(server: NatsServer, caplog: pytest.LogCaptureFixture) -> str:
+    """The server's start-up output, as far as "Server is ready" (its warnings come before that)."""
+    deadline = time.monotonic() + 30
+    while not any("Server is ready" in r.getMessage() for r in caplog.records if r.name == "kvgate.nats"):
+        assert time.monotonic() < deadline, server.last_output()
+        await asyncio.sleep(0.02)
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "kvgate.nats")
+
+
+async def test_generated_passwords_reach_the_server_as_bcrypt_hashes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-server warns about plaintext passwords in its configuration: the generated users go in as
+    hashes (no warning, and no password in the file), and their passwords still connect."""
+    caplog.set_level(logging.DEBUG, logger="kvgate.nats")
+    with NatsServer(authorization={"users": [{"user": "plain", "password": "in-the-clear"}]}) as control:
+        assert "Plaintext passwords detected" in await server_output(control, caplog)  # the capture works
+    caplog.clear()
+    gateway, workers = generated_users(Subjects(NAMESPACE), ["worker-0"])
+    with NatsServer(authorization=authorization([gateway, *workers.values()])) as server:
+        output = await server_output(server, caplog)
+        assert "[WRN]" not in output and "Plaintext" not in output, output
+        config = Path(server.store_dir, "nats-server.conf").read_text()
+        entries = {entry["user"]: entry["password"] for entry in json.loads(config)["authorization"]["users"]}
+        for user in (gateway, *workers.values()):
+            assert user.password not in config
+            assert entries[user.user].startswith("$2b$")
+            assert bcrypt.checkpw(user.password.encode(), entries[user.user].encode())
+            nc = await connect(server.url, auth(user))
+            await nc.close()
+        with pytest.raises(Exception, match=r"(?i)authorization|no servers"):
+            await connect(server.url, BusAuth(user=gateway.user, password=workers["worker-0"].password))
 
 
 def test_a_token_server_admits_the_token_only() -> None:
