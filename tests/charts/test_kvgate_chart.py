@@ -7,8 +7,13 @@ point at an external NATS URL; the values handed to that subchart are checked ag
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import copy
 import json
+import os
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +22,10 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+from nats import connect as nats_connect
 
 from gateway.cli import build_parser
+from gateway.natsd import find_nats_server, free_port
 from router.policies import POLICIES
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kvgate"
@@ -497,7 +504,8 @@ def test_bus_roles_reach_every_pod_and_the_bundled_nats() -> None:
 
     docs = render({"bridges": {"targets": BRIDGE_TARGETS[:1]}})
     (secret,) = find(docs, "Secret")
-    assert set(secret["data"]) == {"gateway-password", "worker-password"}
+    keys = {f"{role}-password{kind}" for role in ("gateway", "worker") for kind in ("", "-bcrypt")}
+    assert set(secret["data"]) == keys
     roles = {"Deployment/demo-kvgate-gateway": "gateway", "StatefulSet/demo-kvgate-worker": "worker"}
     for doc in docs:
         if doc["kind"] not in ("Deployment", "StatefulSet"):
@@ -516,8 +524,52 @@ def test_bus_roles_reach_every_pod_and_the_bundled_nats() -> None:
     for user in nats["config"]["merge"]["authorization"]["users"]:
         assert user["permissions"] == expected.pop(user["user"])
         variable = user["password"].removeprefix("<< $").removesuffix(" >>")
-        assert secrets[variable] == {"name": secret["metadata"]["name"], "key": f"{user['user']}-password"}
+        # the bundled NATS reads the hash, never the password itself
+        hashed = f"{user['user']}-password-bcrypt"
+        assert secrets[variable] == {"name": secret["metadata"]["name"], "key": hashed}
     assert not expected
+
+
+def test_the_bundled_nats_admits_the_secrets_passwords_by_their_hashes(tmp_path: Path) -> None:
+    """A real nats-server given what the chart gives the bundled one (the users' passwords as NATS
+    variables, from the Secret's hashes in its environment) admits each pod's password, refuses a wrong
+    one and logs no warning about plaintext passwords."""
+    (secret,) = find(render({}), "Secret")
+    data = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+    users = values_file("values.yaml")["nats"]["config"]["merge"]["authorization"]["users"]
+    port = free_port()
+    # `<< $X >>` is the nats chart's way to write `$X` unquoted: a variable nats-server looks up
+    entries = ", ".join(f"{{user: {u['user']}, password: {u['password'][3:-3]}}}" for u in users)
+    config = f"host: 127.0.0.1\nport: {port}\nauthorization {{ users: [{entries}] }}\n"
+    (tmp_path / "nats.conf").write_text(config)
+    nats_env = values_file("values.yaml")["nats"]["container"]["env"]
+    env = {name: data[ref["valueFrom"]["secretKeyRef"]["key"]] for name, ref in nats_env.items()}
+    assert all(value.startswith("$2a$") for value in env.values())
+    log = tmp_path / "nats.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [find_nats_server(), "-c", str(tmp_path / "nats.conf")], env={**os.environ, **env}, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "Server is ready" not in log.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert "Plaintext" not in log.read_text()
+
+        async def connect(user: str, password: str) -> None:
+            url = f"nats://127.0.0.1:{port}"
+            options = {"allow_reconnect": False, "connect_timeout": 10}
+            nc = await nats_connect(url, user=user, password=password, **options)
+            await nc.close()
+
+        for role in ("gateway", "worker"):
+            asyncio.run(connect(role, data[f"{role}-password"]))
+        with pytest.raises(Exception, match=r"(?i)authorization"):
+            asyncio.run(connect("worker", data["gateway-password"]))
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_bus_auth_can_be_turned_off() -> None:
