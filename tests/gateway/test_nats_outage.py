@@ -1,6 +1,7 @@
 """A NATS outage under load: nats-server stopped and restarted (same port, same store) while clients
 keep sending. No request that a worker could serve fails, the gateway says it is degraded meanwhile,
-and its index agrees with the workers' own state again within 10 s of the restart."""
+and its index agrees with the workers' own state again after the restart (typically within a few
+seconds; a loaded machine is given a minute)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from tests.gateway.gateways import RunningGateway, running_gateway, worker_block
 WORKERS = ("o0", "o1")
 DIFFS: list[str] = []  # why the last comparisons failed, for the assertion message
 CLIENTS = 6
+RESYNC_S = 60.0  # for the index to agree again after the restart, on a loaded machine
+SETTLE_S = 10.0  # for the last events of a pause to reach the gateway
 
 
 class Traffic:
@@ -31,7 +34,7 @@ class Traffic:
         self.go.set()
         self.in_flight = 0
 
-    async def quiet(self, timeout_s: float = 5.0) -> None:
+    async def quiet(self, timeout_s: float = 30.0) -> None:
         """Pause the clients and wait for their requests in flight to finish."""
         self.go.clear()
         deadline = time.monotonic() + timeout_s
@@ -69,15 +72,28 @@ async def load(url: str, client_id: int, traffic: Traffic, statuses: list[str]) 
 
 
 async def consistent(gw: RunningGateway, nc: nats.NATS, subjects: Subjects, traffic: Traffic) -> bool:
-    """Whether the gateway's index equals the workers' own state. Compared in a short pause of the
-    clients (their requests in flight finished, their last events given time to arrive), since under
-    traffic a worker's cache changes between its dump and any moment the gateway could be read at."""
+    """Whether the gateway's index equals the workers' own state. Compared in a pause of the clients
+    (their requests in flight finished), since under traffic a worker's cache changes between its dump
+    and any moment the gateway could be read at; in the pause the comparison is repeated until the last
+    events have arrived, for up to SETTLE_S (an index that lost events stays apart)."""
     await traffic.quiet()
     try:
-        await asyncio.sleep(0.3)
-        return await same_blocks(gw, nc, subjects)
+        deadline = time.monotonic() + SETTLE_S
+        while not await same_blocks(gw, nc, subjects):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
     finally:
         traffic.go.set()
+
+
+async def served_more_than(statuses: list[str], count: int, timeout_s: float = 60.0) -> None:
+    """Until the clients have had more than `count` answers (a loaded machine answers slowly)."""
+    deadline = time.monotonic() + timeout_s
+    while len(statuses) <= count:
+        assert time.monotonic() < deadline, f"no answer beyond the first {count} within {timeout_s} s"
+        await asyncio.sleep(0.05)
 
 
 async def same_blocks(gw: RunningGateway, nc: nats.NATS, subjects: Subjects) -> bool:
@@ -117,10 +133,11 @@ async def outage(server: NatsServer, gw: RunningGateway, subjects: Subjects) -> 
     statuses: list[str] = []
     clients = [asyncio.create_task(load(gw.url, i, traffic, statuses)) for i in range(CLIENTS)]
     try:
-        await asyncio.sleep(2.0)
+        await served_more_than(statuses, 0)  # traffic flows
         served_before = len(statuses)
         await asyncio.to_thread(server.stop)
         await asyncio.sleep(4.0)  # past the heartbeat timeout: the workers must stay in the view
+        await served_more_than(statuses, served_before)  # and requests are served without NATS
         status, ready = await gw.get("/ready")
         assert status == 200 and ready["degraded"] is True and ready["nats"] is False, ready
         _, metrics = await gw.get("/metrics")
@@ -131,15 +148,15 @@ async def outage(server: NatsServer, gw: RunningGateway, subjects: Subjects) -> 
 
         nc = await nats.connect(server.url)
         try:
-            deadline = restarted + 10.0
+            deadline = restarted + RESYNC_S
             while not await consistent(gw, nc, subjects, traffic):
                 assert time.monotonic() < deadline, (
-                    f"the index did not match the workers' state within 10 s: {DIFFS[-6:]}"
+                    f"the index did not match the workers' state within {RESYNC_S} s: {DIFFS[-6:]}"
                 )
                 await asyncio.sleep(0.25)
             served_after = len(statuses)
-            await asyncio.sleep(1.0)  # traffic goes on: and the index still agrees after it
-            assert await consistent(gw, nc, subjects, traffic), "the index drifted again under load"
+            await served_more_than(statuses, served_after + CLIENTS)  # traffic goes on...
+            assert await consistent(gw, nc, subjects, traffic), "...and the index drifted under it"
         finally:
             await nc.close()
         status, ready = await gw.get("/ready")
