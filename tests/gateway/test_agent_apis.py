@@ -271,7 +271,7 @@ def test_messages_sub_agent_is_a_child_session(pool: Cluster, model: str) -> Non
 
 def test_messages_concurrent_async_sessions(pool: Cluster, model: str) -> None:
     async def run() -> list[str]:
-        sdk = anthropic.AsyncAnthropic(base_url=pool.gateway.url, api_key=API_KEY, max_retries=0)
+        sdk = anthropic.AsyncAnthropic(base_url=pool.gateway.url, api_key=API_KEY, max_retries=0, timeout=120)
         try:
             replies = await asyncio.gather(
                 *(

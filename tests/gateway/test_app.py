@@ -209,7 +209,11 @@ def test_a_killed_worker_loses_no_unstarted_request_and_leaves_the_view(cluster:
         return reply.choices[0].finish_reason
 
     async def run() -> list[str]:
-        sdk = openai.AsyncOpenAI(base_url=cluster.gateway.url + "/v1", api_key="none", max_retries=0)
+        # 24 connections opened at once: on a loaded machine the last requests' set-up in this loop can
+        # outlast the SDK's 5 s connect timeout for the first ones (seen in a loaded full run)
+        sdk = openai.AsyncOpenAI(
+            base_url=cluster.gateway.url + "/v1", api_key="none", max_retries=0, timeout=120
+        )
         tasks = [asyncio.create_task(one(sdk, i)) for i in range(24)]
         await asyncio.sleep(0.3)
         cluster.workers["k0"].kill()
@@ -357,7 +361,9 @@ def test_requests_waiting_on_a_hung_worker_are_retried_when_it_leaves(cluster: C
     try:
 
         async def run() -> list[str]:
-            sdk = openai.AsyncOpenAI(base_url=cluster.gateway.url + "/v1", api_key="none", max_retries=0)
+            sdk = openai.AsyncOpenAI(
+                base_url=cluster.gateway.url + "/v1", api_key="none", max_retries=0, timeout=120
+            )
             replies = await asyncio.gather(*(
                 sdk.chat.completions.with_raw_response.create(
                     model="mock", messages=[{"role": "user", "content": f"session {i} " * 20}], max_tokens=4,
