@@ -56,7 +56,8 @@ def read_usage(usage: Any, outcome: Outcome) -> None:
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    """A token count from the worker (untrusted): a non-negative int, else 0 (a counter never goes down)."""
+    return max(0, value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 class _Answer(msgspec.Struct):

@@ -17,8 +17,9 @@ import aiohttp
 import openai
 import pytest
 
+from gateway.metrics import GatewayMetrics
 from gateway.natsd import NatsServer
-from gateway.proxy import drop_null_usage
+from gateway.proxy import Outcome, drop_null_usage, read_usage
 from tests.gateway.conftest import Cluster, http_get
 
 # -- the byte edit ------------------------------------------------------------------------------
@@ -153,6 +154,31 @@ async def test_raw_stream_through_the_gateway_is_the_workers(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("details", "cached", "host"),
+    [
+        ({"cached_tokens": 96, "host_cached_tokens": 64}, 96, 64),
+        ({"cached_tokens": 96}, 96, 0),  # another engine, or no host tier: all device
+        ({"cached_tokens": 32, "host_cached_tokens": 64}, 32, 32),  # never more than the cached
+        ({"cached_tokens": 32, "host_cached_tokens": "64"}, 32, 0),
+        ({"cached_tokens": 32, "host_cached_tokens": True}, 32, 0),
+        ({"cached_tokens": -5, "host_cached_tokens": -7}, 0, 0),  # a broken worker cannot crash a counter
+    ],
+)
+def test_host_cached_tokens_are_read_with_their_bounds(
+    details: dict[str, Any], cached: int, host: int
+) -> None:
+    outcome = Outcome()
+    read_usage({"prompt_tokens": 128, "completion_tokens": 1, "prompt_tokens_details": details}, outcome)
+    assert (outcome.cached_tokens, outcome.host_cached_tokens) == (cached, host)
+    metrics = GatewayMetrics()
+    metrics.record_usage(outcome.prompt_tokens, outcome.cached_tokens, outcome.host_cached_tokens)
+    page = metrics.render().decode()
+    assert f'kvgate_tier_cached_tokens_total{{tier="device"}} {float(cached - host)}' in page
+    assert f'kvgate_tier_cached_tokens_total{{tier="host"}} {float(host)}' in page
+    assert f'kvgate_tier_cache_hit_ratio{{tier="host"}} {host / 128}' in page
+
+
 def test_openai_client_sees_usage_only_when_it_asked(pool: Cluster) -> None:
     sdk = openai.OpenAI(base_url=pool.gateway.url + "/v1", api_key="unused", max_retries=0)
     model = model_of(pool)
