@@ -43,6 +43,16 @@ def scrape(url: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M) if not m[1].startswith("#")}
 
 
+async def scrape_until(url: str, name: str, value: float, timeout_s: float = 30.0) -> dict[str, float]:
+    """The page once `name` reads `value` (or the last one, after `timeout_s`)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        page = await asyncio.to_thread(scrape, url)
+        if page.get(name) == value or asyncio.get_running_loop().time() > deadline:
+            return page
+        await asyncio.sleep(0.2)
+
+
 class TierTap:
     """Every KV event batch on the bus, replayed per tier: what each hash did, in order."""
 
@@ -79,14 +89,16 @@ async def test_a_session_goes_to_host_during_its_tool_call_and_comes_back(
             worker_url = decode((await kv.get((await kv.keys())[0])).value, WorkerRegistration).url
             run = await run_loadgen(["--url", url, *LOAD, "--out", str(tmp_path / "run")], timeout=240)
             assert run.returncode == 0, run.stderr[-2000:]
-            gateway = await asyncio.to_thread(scrape, url)
-            worker = await asyncio.to_thread(scrape, worker_url)
+            summary = run.summary()
+            # the gateway and the worker count an answer once it is sent: the last may lag the client
+            prompt = summary["prompt_tokens"]
+            gateway = await scrape_until(url, "kvgate_prompt_tokens_total", prompt)
+            worker = await scrape_until(worker_url, "kvgate_worker_prompt_tokens_total", prompt)
         await nc.flush()
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
 
-    summary = run.summary()
     assert summary["errors"] == 0 and summary["completed"] == 6, summary  # 2 sessions x 3 turns
     # Blocks went to the host and came back to the device, and some came back ahead of their turn.
     assert any("+host" in moves for moves in tap.moves.values())
