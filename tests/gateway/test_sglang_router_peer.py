@@ -165,6 +165,8 @@ class SglangRouter:
             sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
             "--policy", "cache_aware", "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
             "--balance-abs-threshold", str(ABS_THRESHOLD), "--log-level", "warn",
+            # its metrics listener defaults to a fixed port (29000): two routers on one machine collide
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
         ]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.log = log
