@@ -7,10 +7,10 @@ unrelated prompts, a session's next turn, a partial match below the threshold, a
 streams make one worker busy. Each worker names itself in its answers (`x-kvgate-served-by`, which
 both routers pass on).
 
-SGLang lists its workers in its registry's hash order (not the `--worker-urls` order) and kvgate in
-registration order, and both give ties to the first listed; so the two must make the same choices up to
-a renaming of the workers: numbered by first use, the sequences of choices must be equal, and equal to
-the one 0.3.2's rules predict (written out below).
+SGLang lists its workers in its registry's hash order (not the `--worker-urls` order; `GET /workers`
+shows it) and kvgate in registration order, and both give ties to the first listed. So each choice is
+taken as a position in its router's list: both sequences of positions must equal the one 0.3.2's rules
+predict (written out below), and so each other.
 """
 
 from __future__ import annotations
@@ -121,26 +121,21 @@ def scenario() -> list[tuple[str, list[dict[str, Any]], str]]:
 # to each worker wins above 0.3 of the prompt, the worker that first took that text among equals; at or
 # below 0.3 the least loaded, the first listed among equals. Imbalanced: the least loaded, first listed.
 EXPECTED = {
-    "alpha": 0,  # no match; all idle: the first listed (call it 0)
+    "alpha": 0,  # no match; all idle: the first listed
     "bravo": 0,  # the system prompt, 2/3 of the text
-    "unrelated": 0,  # no match; all idle: 0 again
+    "unrelated": 0,  # no match; all idle: the first listed again
     "alpha-2": 0,  # all of alpha matched
     "hotel": 0,  # held: the system prompt matched; loads 0, 0, 0
     "india": 0,  # held: loads 1, 0, 0 are balanced (1 - 0 is not above 1)
-    "charlie": 1,  # loads 2, 0, 0: imbalanced, the first idle one (call it 1)
+    "charlie": 1,  # loads 2, 0, 0: imbalanced, the first idle one: the second listed
     "juliet": 1,  # held: still imbalanced, the first idle one again
     "delta": 2,  # loads 2, 1, 0: imbalanced, the idle one
-    "echo": 0,  # all hold the system prompt: 0 took it first
-    "charlie-2": 1,  # all of charlie matched, on 1 only
+    "echo": 0,  # all three hold the system prompt: the first listed took it first
+    "charlie-2": 1,  # all of charlie matched, on the second listed only
     "kilo": 0,  # no match; all idle: the first listed
     "juliet-2": 1,  # juliet matched, 4/5 of the text
-    "lima": 0,  # juliet's first 240 of 1,200 characters: 0.2 <= 0.3, so the least loaded, not 1
+    "lima": 0,  # juliet's first 240 of 1,200 characters: 0.2 <= 0.3: the least loaded, not its holder
 }
-
-
-def by_first_use(served: list[str]) -> list[int]:
-    names: dict[str, int] = {}
-    return [names.setdefault(w, len(names)) for w in served]
 
 
 async def play(side: Side) -> None:
@@ -158,11 +153,13 @@ async def play(side: Side) -> None:
 
 
 class SglangRouter:
-    def __init__(self, worker_urls: list[str], log: Path) -> None:
+    def __init__(self, worker_urls: dict[str, str], log: Path) -> None:
+        """`worker_urls`: worker id -> URL."""
+        self.worker_urls = worker_urls
         self.url = f"http://127.0.0.1:{free_port()}"
         self._log = log.open("ab")
         argv = [
-            sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
+            sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls.values(),
             "--policy", "cache_aware", "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
             "--balance-abs-threshold", str(ABS_THRESHOLD), "--log-level", "warn",
             # its metrics listener defaults to a fixed port (29000): two routers on one machine collide
@@ -181,6 +178,13 @@ class SglangRouter:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"sglang-router not ready: {self.log.read_text()[-2000:]}")
+
+    def workers(self) -> list[str]:
+        """Its worker ids in the order it lists them (the order of its picks' `min_by_key`)."""
+        status, body = http_get(self.url + "/workers")
+        assert status == 200, body
+        by_url = {url: wid for wid, url in self.worker_urls.items()}
+        return [by_url[w["url"]] for w in body["workers"]]
 
     async def loads(self) -> dict[str, int] | None:
         """The router's own in-flight count per worker (`GET /workers`)."""
@@ -213,7 +217,8 @@ async def sglang(
             cluster.worker(f"k{i}")
         for proc in [*theirs.workers.values(), *cluster.workers.values()]:
             await asyncio.to_thread(proc.wait_http, "/health", 90.0)
-        router = SglangRouter([theirs.workers[f"s{i}"].url for i in range(3)], tmp_path / "sglang-router.log")
+        urls = {f"s{i}": theirs.workers[f"s{i}"].url for i in range(3)}
+        router = SglangRouter(urls, tmp_path / "sglang-router.log")
         await asyncio.to_thread(router.wait_ready, 3)
         yield router
     finally:
@@ -242,8 +247,9 @@ async def test_cache_aware_chooses_as_sglang_router_does(
         finally:
             await peer.close()
             await ours.close()
+        ours_listed = gw.router.workers()
+    theirs_listed = await asyncio.to_thread(sglang.workers)
     names = [name for name, _, how in scenario() if how != "release"]
-    expected = [EXPECTED[n] for n in names]
-    assert dict(zip(names, by_first_use(peer.served), strict=True)) == dict(zip(names, expected, strict=True))
-    assert dict(zip(names, by_first_use(ours.served), strict=True)) == dict(zip(names, expected, strict=True))
+    assert dict(zip(names, [theirs_listed.index(w) for w in peer.served], strict=True)) == EXPECTED
+    assert dict(zip(names, [ours_listed.index(w) for w in ours.served], strict=True)) == EXPECTED
     assert ours.cached == peer.cached  # the same choices, so fresh workers cached the same prefixes
