@@ -141,7 +141,7 @@ async def bus(nats_url: str, namespace: str) -> AsyncIterator[BusTap]:
     await nc.close()
 
 
-async def registry_entry(js: Any, bucket: str, worker_id: str, timeout_s: float = 10.0) -> tuple[Any, Any]:
+async def registry_entry(js: Any, bucket: str, worker_id: str, timeout_s: float = 30.0) -> tuple[Any, Any]:
     """The registry bucket and the worker's entry: /health answers before its NATS side registered."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -154,7 +154,7 @@ async def registry_entry(js: Any, bucket: str, worker_id: str, timeout_s: float 
             await asyncio.sleep(0.05)
 
 
-async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+async def eventually(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
@@ -219,8 +219,10 @@ async def test_registration_load_dump_pin_and_clean_shutdown(
     first_revision = entry.revision
     await eventually(lambda: len(bus.loads) >= 5)  # 10 Hz
     assert bus.loads[-1].total_blocks == 256 and bus.loads[-1].worker_id == worker.worker_id
-    await asyncio.sleep(1.2)
-    assert (await kv.get(worker.worker_id)).revision > first_revision  # heartbeat rewrites it
+    deadline = time.monotonic() + 30  # the heartbeat (every 1 s) rewrites the entry
+    while (await kv.get(worker.worker_id)).revision == first_revision:
+        assert time.monotonic() < deadline, "the heartbeat did not rewrite the registry entry"
+        await asyncio.sleep(0.1)
 
     client = api(worker)
     await client.chat.completions.create(model="any", messages=LONG_PROMPT, max_tokens=3)
@@ -238,8 +240,9 @@ async def test_registration_load_dump_pin_and_clean_shutdown(
     # a pin on the prompt's blocks keeps them through a flood of other prompts (256 blocks, 2 of 3 cycles)
     prompt_hashes = block_hashes(encode_chat(LONG_PROMPT, ByteTokenizer()), BLOCK)
     await nc.publish(subjects.pin(worker.worker_id), encode(PinHint("sess", prompt_hashes, 60.0)))
-    await nc.flush()
-    await asyncio.sleep(0.3)
+    # The worker takes its bus messages in the order they arrive, each into its engine loop in turn:
+    # the answer to a dump asked after the pin says the pin is in place before the flood starts.
+    await nc.request(subjects.dump(worker.worker_id), encode(StateDumpRequest("test")), timeout=30)
     for i in range(12):
         flood = [{"role": "user", "content": f"{i} other work " * 40}]
         await client.chat.completions.create(model="any", messages=flood, max_tokens=1)
