@@ -75,6 +75,11 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # before): one-shot requests, inferred sessions of one turn, are not contexts anyone keeps
     live_after_turns: int = 1
     prefix_home: bool = True
+    # a request that named no session over a prefix a worker holds (at least half its prompt) stays with
+    # that worker unless it costs more than the best by this many times the held prefix's prefill time
+    # (the queue counts each queued token at the pool's average cost, several times its marginal cost in
+    # a batched step; a copy splits the prefix's traffic and doubles its blocks in use)
+    prefix_home_hold: float = 10.0
     used_from_report: bool = True
     stall_fullness_floor: float = 0.0
     memory_free_fraction: float = 0.8

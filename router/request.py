@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import msgspec
 
+# the prefixes of the session ids the router gives requests that named none (Router.resolve_session)
+INFERRED_SESSION_PREFIXES = ("inferred-", "anon-")
+
+
+def is_inferred(session_id: str | None) -> bool:
+    """True when the client named no session: the id, if any, is the router's own guess."""
+    return session_id is None or session_id.startswith(INFERRED_SESSION_PREFIXES)
+
 
 class RouteRequest(msgspec.Struct):
     request_id: str

@@ -19,7 +19,7 @@ from router.index import ApproxIndex, BlockIndex
 from router.load import InFlight, LoadView
 from router.policies import POLICIES, Policy, RouterView
 from router.protocol import KvEventBatch, KvStateDump, LoadReport, PinHint, WorkerRegistration
-from router.request import Decision, RouteRequest
+from router.request import INFERRED_SESSION_PREFIXES, Decision, RouteRequest
 from router.sessions import Session, SessionTable
 
 __all__ = ["NoWorkerError", "Router", "RouterConfig"]
@@ -218,9 +218,9 @@ class Router:
         if found is not None:
             return found
         if block_hashes:
-            return f"inferred-{block_hashes[-1]:016x}"
+            return f"{INFERRED_SESSION_PREFIXES[0]}{block_hashes[-1]:016x}"
         self._anon += 1  # shorter than one block: nothing to recognise it by next time
-        return f"anon-{self._anon}"
+        return f"{INFERRED_SESSION_PREFIXES[1]}{self._anon}"
 
     # --- admission (session_kv: router/admission.py)
 

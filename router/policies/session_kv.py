@@ -33,12 +33,17 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Sequence
 
 from router.config import RouterConfig
 from router.index import common_prefix
 from router.load import WorkerLoad
 from router.policies.base import Policy, RouterView
-from router.request import Decision, RouteRequest
+from router.request import Decision, RouteRequest, is_inferred
+
+# in-flight prefills remembered (the newest), each compared with every prompt: enough for the requests
+# routed within the few ms their KV events take to come back, and a bounded cost per pick
+MAX_PENDING = 32
 
 
 class SessionKv(Policy):
@@ -52,13 +57,15 @@ class SessionKv(Policy):
         self._pool_speed = 0.0
         self._pool_speed_until = float("-inf")
         self._pool_speed_n = 0
+        # prefills routed whose blocks the workers' KV events may not show yet: request -> (worker, chain)
+        self._pending: dict[str, tuple[str, Sequence[int]]] = {}
 
     def pick(self, request: RouteRequest, view: RouterView) -> Decision:
         cfg = self.config
         chain = request.block_hashes
         n_tokens = request.num_tokens
         now = view.now
-        overlap = view.overlap(chain)
+        overlap = self._with_pending(view.overlap(chain), chain)
         session = view.session
         sticky = None
         why = "session"
@@ -91,6 +98,16 @@ class SessionKv(Policy):
         best = min(costs.values())
         if sticky is not None and sticky in costs:
             tolerance = max(cfg.affinity_tolerance_ms, cfg.affinity_tolerance_rel * best)
+            if why == "overlap" and is_inferred(request.session_id):
+                # one-shot traffic over a shared prefix (a document, a few-shot prompt) that the cheapest
+                # worker lacks: its home keeps it until the home's queue is far longer, so each prefix is
+                # served by one worker and each worker's KV in use holds few of them (fewer blocks in
+                # use: faster steps for all). A prefix the cheapest worker holds too is no copy to spare.
+                cheapest = min(costs, key=costs.__getitem__)
+                spared = overlap[sticky] - overlap.get(cheapest, 0)
+                if spared > 0:
+                    held_ms = spared * view.block_size * self._pool_ms_per_token(view)
+                    tolerance = max(tolerance, cfg.prefix_home_hold * held_ms)
             if costs[sticky] <= best + tolerance:
                 return self._decide(request, view, sticky, overlap, costs, why)
         tied = [w for w, c in costs.items() if c == best]
@@ -101,6 +118,37 @@ class SessionKv(Policy):
         worker = tied[0] if len(tied) == 1 else self.rng.choice(tied)
         reason = "overlap" if overlap.get(worker) else "load"
         return self._decide(request, view, worker, overlap, costs, reason)
+
+    def _with_pending(self, overlap: dict[str, int], chain: Sequence[int]) -> dict[str, int]:
+        """The index's overlap, plus the prefix each recent prefill still in flight shares with this
+        chain on its worker: two requests over one new document a few ms apart land together, not
+        each on its own worker (the events of the first arrive only after its prefill)."""
+        pending = self._pending
+        if not pending or not chain:
+            return overlap
+        credited = overlap
+        first = chain[0]
+        for worker, other in pending.values():
+            if not other or other[0] != first:
+                continue
+            n = common_prefix(other, chain)
+            if n > credited.get(worker, 0):
+                if credited is overlap:
+                    credited = dict(overlap)
+                credited[worker] = n
+        return credited
+
+    def on_pick(self, request: RouteRequest, decision: Decision, block_size: int, now: float) -> None:
+        pending = self._pending
+        if len(pending) >= MAX_PENDING:
+            del pending[next(iter(pending))]
+        pending[request.request_id] = (decision.worker_id, request.block_hashes)
+
+    def on_first_token(self, request_id: str) -> None:
+        self._pending.pop(request_id, None)
+
+    def on_complete(self, request_id: str) -> None:
+        self._pending.pop(request_id, None)
 
     def _costs(
         self,
@@ -271,6 +319,8 @@ class SessionKv(Policy):
         self._expire_live(now)
 
     def remove_worker(self, worker_id: str) -> None:
+        for rid in [rid for rid, entry in self._pending.items() if entry[0] == worker_id]:
+            del self._pending[rid]
         for sid in [s for s, entry in self._live.items() if entry[0] == worker_id]:
             self._forget(sid)
         self._footprint.pop(worker_id, None)

@@ -206,10 +206,55 @@ def test_session_kv_avoids_a_cached_worker_whose_queue_makes_it_slower() -> None
     load(router, "w1", prefill=2000)  # (2000 + 800) / speed > (0 + 1600) / speed
     load(router, "w2", prefill=0)
     load(router, "w0", prefill=0)
-    d = router.pick(req("r1", prompt), 0.0)
+    d = router.pick(req("r1", prompt, "s1"), 0.0)  # a named session's first turn: the cost decides
     assert d.worker_id == "w2"
+    router.on_complete("r1", 0.05, "stop", 1)  # (in flight, it would credit w2 with the whole prompt)
     load(router, "w1", prefill=700)  # (700 + 800) < 1600: the cache wins again
-    assert router.pick(req("r2", prompt), 0.1).worker_id == "w1"
+    assert router.pick(req("r2", prompt, "s2"), 0.1).worker_id == "w1"
+
+
+def test_session_kv_keeps_one_shot_traffic_with_its_prefix_home() -> None:
+    # the same case without a session: a request over a shared prefix (a document) stays where the
+    # prefix is until the home's queue costs more than `prefix_home_hold` x the prefix's prefill
+    router = make("session_kv")
+    prompt = chain(200)
+    hold(router, "w1", prompt[:150])
+    hold(router, "w2", prompt[:100])
+    for w, queued in (("w0", 0), ("w1", 2000), ("w2", 0)):
+        load(router, w, prefill=queued)
+    d = router.pick(req("r1", prompt), 0.0)  # ~90 ms dearer than w2, within 10 x 240 ms
+    assert (d.worker_id, d.reason) == ("w1", "overlap")
+    router.on_complete("r1", 0.05, "stop", 1)
+    load(router, "w1", prefill=30_000, now=0.1)  # now ~2.9 s dearer: beyond the hold
+    assert router.pick(req("r2", prompt), 0.1).worker_id == "w2"
+    router.on_complete("r2", 0.15, "stop", 1)
+    hold(router, "w0", prompt[:150])  # w0 (listed first: the home) and w1 hold it; w2 holds less
+    load(router, "w1", prefill=2000, now=0.2)
+    load(router, "w0", prefill=2300, now=0.2)
+    assert router.pick(req("r3", prompt), 0.2).worker_id == "w0"  # w2 would copy 50 blocks again
+    router.on_complete("r3", 0.25, "stop", 1)
+    load(router, "w1", prefill=0, now=0.3)  # the cheapest holds it too: no copy to spare, the cost decides
+    assert router.pick(req("r3b", prompt), 0.3).worker_id == "w1"
+    router.on_complete("r3b", 0.35, "stop", 1)
+    # named sessions are not one-shot traffic: their first turns go by the cost
+    load(router, "w0", prefill=2000, now=0.4)
+    load(router, "w1", prefill=2000, now=0.4)
+    assert router.pick(req("r4", prompt, "named"), 0.4).worker_id == "w2"
+
+
+def test_session_kv_counts_a_prefill_in_flight_before_its_events() -> None:
+    # two requests over a new document a few ms apart: the second goes where the first's prefill is
+    # under way (no KV event yet), not to an idle worker to prefill the document a second time
+    router = make("session_kv", n=3)
+    doc = chain(150)
+    first = router.pick(req("r1", doc + chain(10, base=10_000)), 0.0)
+    d = router.pick(req("r2", doc + chain(10, base=20_000)), 0.01)
+    assert (d.worker_id, d.overlap_blocks, d.reason) == (first.worker_id, 150, "overlap")
+    # once the first token came, the events tell (none here): the credit is gone
+    router.on_first_token("r1", 0.02)
+    router.on_first_token("r2", 0.02)
+    d = router.pick(req("r3", doc + chain(10, base=30_000)), 0.03)
+    assert d.overlap_blocks == 0 and d.worker_id != first.worker_id
 
 
 def test_session_kv_prices_tokens_at_the_pool_speed() -> None:
@@ -359,19 +404,20 @@ def test_session_kv_charges_a_miss_for_the_requests_it_stalls() -> None:
 
     report("w0", 4, 3_000)
     report("w1", 4, 0)
-    d = router.pick(req("r1", prompt), 0.0)
+    d = router.pick(req("r1", prompt, "s1"), 0.0)  # named: the cost alone decides (no prefix hold)
     stall = 1 + RouterConfig().stall_factor * 4 * 200 / 250
     assert d.worker_id == "w0"
     assert d.estimated_cost == pytest.approx((3_000 + 50 * BS * stall) / 10_000.0 * 1000)
+    router.on_complete("r1", 0.0, "stop", 1)
     # where nothing runs, a miss stalls nobody: the idle worker's shorter wait wins
     report("w1", 0, 0)
-    assert router.pick(req("r2", prompt), 0.0).worker_id == "w1"
+    assert router.pick(req("r2", prompt, "s2"), 0.0).worker_id == "w1"
     # and without the charge the miss wins on TTFT alone
     plain = make("session_kv", n=2, memory_pressure_factor=0.0, memory_balance_factor=0.0, stall_factor=0.0)
     hold(plain, "w0", prompt[:150])
     for worker, prefill in (("w0", 3_000), ("w1", 0)):
         plain.apply_load(LoadReport(worker, 0.0, 4, 0, prefill, 0, 250, 10_000.0, 100.0), 0.0)
-    assert plain.pick(req("r3", prompt), 0.0).worker_id == "w1"
+    assert plain.pick(req("r3", prompt, "s3"), 0.0).worker_id == "w1"
 
 
 def test_session_kv_keeps_a_sub_agent_with_its_parent_when_they_share_a_prefix() -> None:
