@@ -57,7 +57,7 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(15)
+                self.proc.wait(60)  # a torch worker finishes its step first: slow on a loaded machine
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
