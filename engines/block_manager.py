@@ -519,10 +519,11 @@ class BlockManager:
         self._host_removed += hashes
         return [self.host.claim(h) for h in hashes]
 
-    def prefetch(self, block_hashes: list[int]) -> int:
+    def prefetch(self, block_hashes: list[int], limit: int | None = None) -> int:
         """Onboard the host blocks that continue this chain's device prefix (a session's next turn is
         due) into free blocks, without evicting pinned ones: they wait on the device as free cached
-        blocks, so that the turn finds them there. Returns how many. No-op without a host tier."""
+        blocks, so that the turn finds them there. At most `limit` blocks (None: all there is room
+        for). Returns how many. No-op without a host tier."""
         if self.host is None:
             return 0
         start = 0
@@ -531,7 +532,7 @@ class BlockManager:
         room = len(self._uncached) + len(self._evictable)
         run: list[int] = []
         seen: set[int] = set()
-        for block_hash in block_hashes[start : start + room]:
+        for block_hash in block_hashes[start : start + (room if limit is None else min(room, limit))]:
             if block_hash not in self.host or block_hash in seen:
                 break
             run.append(block_hash)

@@ -71,6 +71,7 @@ class EngineLoad(msgspec.Struct):
     total_blocks: int
     prefill_tok_s: float
     decode_tok_s: float
+    host_blocks: int = 0  # the host tier's capacity (0: none)
 
 
 class Engine:
@@ -162,10 +163,11 @@ class Engine:
             self.block_manager.keep_on_host(session_id, block_hashes, host_ttl_s)
         return self.block_manager.pin(session_id, block_hashes, ttl_s)
 
-    def prefetch(self, block_hashes: list[int]) -> float:
-        """Bring these blocks back from the host tier ahead of their turn (`BlockManager.prefetch`), the
-        copies now, between steps; returns their modelled seconds (0 when real or none)."""
-        self.prefetched_blocks += self.block_manager.prefetch(block_hashes)
+    def prefetch(self, block_hashes: list[int], limit: int | None = None) -> float:
+        """Bring these blocks (at most `limit`) back from the host tier ahead of their turn
+        (`BlockManager.prefetch`), the copies now, between steps; returns their modelled seconds (0 when
+        real or none)."""
+        self.prefetched_blocks += self.block_manager.prefetch(block_hashes, limit)
         copy_s = self._run_copies() or 0.0
         self._emit_events()
         return copy_s
@@ -332,4 +334,5 @@ class Engine:
             bm.num_blocks,
             self.prefill_tok_s,
             self.decode_tok_s,
+            bm.host.num_blocks if bm.host is not None else 0,
         )

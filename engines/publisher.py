@@ -327,6 +327,7 @@ class Publisher:
                 load.total_blocks,
                 load.prefill_tok_s,
                 load.decode_tok_s,
+                load.host_blocks,
             )
             with contextlib.suppress(Exception):
                 await nc.publish(subject, encode(report))

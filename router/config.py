@@ -86,6 +86,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     memory_pressure_factor: float = 0.4
     memory_balance_factor: float = 0.01
     inflight_pressure_factor: float = 1.0
+    # with a host tier (the worker's load report gives its size), live blocks beyond the device that fit
+    # on the host cost only the onboarding (1 - host_credit) of the memory pressure. Off: it gathers
+    # sessions whose running turns then wait for device room (docs/TIERS.md)
+    memory_counts_host: bool = False
     # a prefill on a worker stalls the requests running there (a step that carries a chunk of it is that
     # much longer for all of them), and while memory is full that stall holds their blocks and delays
     # every admission: missing tokens cost `stall_factor` x running requests x the worker's memory

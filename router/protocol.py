@@ -97,6 +97,7 @@ class LoadReport(msgspec.Struct, frozen=True):
     total_blocks: int
     prefill_tok_s: float
     decode_tok_s: float
+    host_blocks: int = 0  # the host tier's capacity in blocks (0: none, or a worker that predates tiers)
 
 
 class WorkerRegistration(msgspec.Struct, frozen=True):

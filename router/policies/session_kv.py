@@ -253,6 +253,12 @@ class SessionKv(Policy):
             capacity = report.total_blocks
             excess = live + n_blocks - cfg.memory_free_fraction * capacity
             if excess > 0:
+                host = report.host_blocks if cfg.memory_counts_host else 0
+                if host:
+                    # what the device cannot keep waits on the host: a next turn onboards it, at
+                    # `host_credit` of a block's prefill saved; beyond the host too, it is lost
+                    kept = excess if excess < host else host
+                    excess = (1.0 - cfg.host_credit) * kept + (excess - kept)
                 ms += cfg.memory_pressure_factor * excess
             # running sequences hold their blocks: beyond the worker's capacity this one waits
             busy = used + n_blocks - capacity

@@ -461,6 +461,21 @@ def test_a_prefetch_brings_a_chain_back_as_free_cached_blocks() -> None:
     assert bm.match_prefix(make_seq("b", [*tokens, 1])) == 4
 
 
+def test_a_prefetch_in_chunks_continues_the_device_prefix() -> None:
+    bm = BlockManager(8, B, Clock(), host_blocks=8)
+    tokens = list(range(20))
+    chain = block_hashes(tokens, B)
+    seq = make_seq("a", tokens)
+    run_prefill(bm, seq)
+    bm.free(seq)
+    assert bm.offload(chain) == 5
+    assert [bm.prefetch(chain, 2) for _ in range(4)] == [2, 2, 1, 0]
+    assert all(bm.is_cached(h) for h in chain) and len(bm.host) == 0
+    assert list(bm._evictable) == chain[::-1]  # the whole chain, as if freed now: tail first
+    onboards = bm.take_copies().onboards
+    assert len(onboards) == 5 and len({b for _, b in onboards}) == 5
+
+
 def test_a_host_tier_smaller_than_the_eviction_keeps_the_chain_head() -> None:
     bm = BlockManager(4, B, Clock(), host_blocks=2)
     tokens = list(range(16))
@@ -507,7 +522,13 @@ host_ops = st.lists(
         st.tuples(st.just("pin"), st.integers(0, 20), st.integers(0, 30)),
         st.tuples(st.just("keep"), st.integers(0, 20), st.integers(0, 30)),
         st.tuples(st.just("offload"), st.integers(0, 2), st.integers(0, 3), st.integers(1, 20)),
-        st.tuples(st.just("prefetch"), st.integers(0, 2), st.integers(0, 3), st.integers(1, 20)),
+        st.tuples(
+            st.just("prefetch"),
+            st.integers(0, 2),
+            st.integers(0, 3),
+            st.integers(1, 20),
+            st.one_of(st.none(), st.integers(1, 6)),
+        ),
         st.tuples(st.just("tick"), st.integers(1, 20)),
     ),
     min_size=20,
@@ -577,10 +598,10 @@ def test_host_tier_invariants_copies_and_events_under_random_operations(
             tokens = [stem] * 6 + [variant + 10 * i for i in range(length)]
             bm.offload(block_hashes(tokens, B))
         elif kind == "prefetch":  # its next turn is due: back to the device, as free cached blocks
-            _, stem, variant, length = op
+            _, stem, variant, length, limit = op
             tokens = [stem] * 6 + [variant + 10 * i for i in range(length)]
             used, pinned_free = bm.num_used, dict(bm._pinned_free)
-            bm.prefetch(block_hashes(tokens, B))
+            assert bm.prefetch(block_hashes(tokens, B), limit) <= (limit or length)
             assert bm.num_used == used and pinned_free.items() <= bm._pinned_free.items()
         elif kind == "tick":
             clock.now += op[1]

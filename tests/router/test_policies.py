@@ -391,6 +391,30 @@ def test_session_kv_sends_a_new_session_where_its_context_fits(memory: bool) -> 
     assert d.worker_id == ("w1" if memory else "w0")
 
 
+@pytest.mark.parametrize(("host_blocks", "expected"), [(0, "w1"), (4000, "w0"), (100, "w1")])
+def test_session_kv_prices_live_blocks_a_host_tier_keeps_at_their_onboarding(
+    host_blocks: int, expected: str
+) -> None:
+    router = make("session_kv", n=2, memory_counts_host=True)
+    system = chain(60, base=1)
+    hold(router, "w0", system)  # 60 blocks of the new session's prompt are on w0
+    for w in ("w0", "w1"):  # 1,000 device blocks each, and `host_blocks` on the host
+        router.apply_load(LoadReport(w, 0.0, 1, 0, 0, 0, 1000, 10_000.0, 100.0, host_blocks), 0.0)
+    for i in range(2):  # two live sessions of 400 blocks on w0
+        prompt = chain(400, base=100_000 * (i + 1))
+        hold(router, "w0", prompt[:390], seq=i + 1)
+        for turn in range(2):
+            rid = f"a{i}.{turn}"
+            assert router.pick(req(rid, prompt[: 390 + 10 * turn], f"live{i}"), 0.0).worker_id == "w0"
+            router.on_first_token(rid, 0.1)
+            router.on_complete(rid, 0.2, "tool_calls", 10)
+    # a new 300-block session pushes 1,100 live blocks into w0's 1,000 (300 beyond 80 %): without a
+    # host tier they would be computed again, 0.4 x 300 blocks > the 60 w0 saves; with one, they come
+    # back from the host, 0.25 x that < 60; a host of 100 keeps too little of them
+    d = router.pick(req("new", system + chain(240, base=900_000), "new"), 1.0)
+    assert d.worker_id == expected
+
+
 def test_session_kv_charges_a_miss_for_the_requests_it_stalls() -> None:
     # w0 holds 150 of the prompt's 200 blocks behind a long queue; w1 holds nothing and has no queue.
     # By TTFT alone the miss on w1 is faster (3,200 < 3,000 + 800 tokens); but w1's prefill would stall
