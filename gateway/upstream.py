@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_IDLE_PER_HOST = 256
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 class UpstreamError(ConnectionError):
@@ -51,6 +52,7 @@ class UpstreamResponse:
         self._length = int(length) if length is not None and length.isdigit() else None
         self._keep_alive = headers.get("connection", "").lower() != "close"
         self._done = False
+        self._undecoded = b""  # of a chunked body: bytes read past the last whole chunk
 
     @property
     def complete(self) -> bool:
@@ -96,16 +98,26 @@ class UpstreamResponse:
         reader = conn.reader
         try:
             if self._chunked:
+                # whatever arrived, decoded in one go: the events a worker sent together leave the
+                # gateway in one write, and one read (one await, one timeout) serves them all
                 while True:
                     async with asyncio.timeout(self._timeout):
-                        size_line = await reader.readuntil(b"\r\n")
-                        size = int(size_line.split(b";", 1)[0].strip(), 16)
-                        if size == 0:
-                            while await reader.readuntil(b"\r\n") != b"\r\n":
-                                pass  # trailers, if any, up to the blank line
-                            break
-                        data = await reader.readexactly(size + 2)
-                    yield data[:-2]
+                        data = await reader.read(65536)
+                    if not data:
+                        raise UpstreamError("the worker closed the connection mid-body")
+                    # what is left undecoded stays on the response: a caller may stop iterating
+                    # after an event and call again for the rest
+                    buffer = self._undecoded + data if self._undecoded else data
+                    payloads, used, last = dechunk(buffer)
+                    self._undecoded = buffer[used:]
+                    if last:  # complete before the last yield: a caller may stop at that event
+                        self._done = True
+                        if self._undecoded:  # bytes after the body: the connection's framing is lost
+                            self._keep_alive = False
+                    if payloads:
+                        yield payloads[0] if len(payloads) == 1 else b"".join(payloads)
+                    if last:
+                        return
             elif self._length is not None:
                 left = self._length
                 while left > 0:
@@ -148,6 +160,39 @@ class UpstreamResponse:
         if conn is not None:
             self._pool._active[self._key].discard(conn)
             conn.close()
+
+
+def dechunk(buffer: bytes) -> tuple[list[bytes], int, bool]:
+    """The whole chunks at the start of a chunked body: (their payloads, the bytes they and their framing
+    take, whether the last chunk and its trailers were among them). Raises ValueError on bad framing."""
+    payloads: list[bytes] = []
+    pos = 0
+    while True:
+        line_end = buffer.find(b"\r\n", pos)
+        if line_end < 0:
+            if len(buffer) - pos > MAX_HEADER_BYTES:
+                raise ValueError("chunk size line too long")
+            return payloads, pos, False
+        size_text = buffer[pos:line_end].split(b";", 1)[0].strip()
+        if not size_text or size_text.strip(_HEX_DIGITS):
+            raise ValueError(f"bad chunk size {size_text[:20]!r}")
+        size = int(size_text, 16)
+        if size == 0:  # trailers, if any, up to the blank line
+            if buffer.startswith(b"\r\n", line_end + 2):
+                return payloads, line_end + 4, True
+            end = buffer.find(b"\r\n\r\n", line_end + 2)
+            if end < 0:
+                if len(buffer) - line_end > MAX_HEADER_BYTES:
+                    raise ValueError("chunked trailers too long")
+                return payloads, pos, False
+            return payloads, end + 4, True
+        data_end = line_end + 2 + size
+        if len(buffer) < data_end + 2:
+            return payloads, pos, False
+        if buffer[data_end : data_end + 2] != b"\r\n":
+            raise ValueError("chunk not followed by CRLF")
+        payloads.append(buffer[line_end + 2 : data_end])
+        pos = data_end + 2
 
 
 class UpstreamPool:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from gateway.natsd import free_port
-from gateway.upstream import UpstreamError, UpstreamPool
+from gateway.upstream import UpstreamError, UpstreamPool, dechunk
 
 
 async def raw_server(handler) -> tuple[asyncio.Server, int]:  # type: ignore[no-untyped-def]
@@ -95,3 +95,43 @@ async def test_refused_timed_out_and_broken_responses(app_url: str) -> None:
     resp.release()
     server.close()
     await pool.close()
+
+
+def test_dechunk_takes_every_whole_chunk_and_keeps_the_rest() -> None:
+    body = b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nx-t: 1\r\n\r\n"
+    assert dechunk(body) == ([b"abc", b"de"], len(body), True)
+    for cut in range(len(body)):  # a cut anywhere: the whole chunks before it, nothing half-read
+        payloads, used, last = dechunk(body[:cut])
+        assert not last and b"".join(payloads) == b"abcde"[: len(b"".join(payloads))]
+        rest, _, last = dechunk(body[used:])
+        assert last and b"".join(payloads + rest) == b"abcde"
+    hex_size = b"A\r\n0123456789\r\n0\r\n\r\n"
+    assert dechunk(hex_size) == ([b"0123456789"], len(hex_size), True)
+    for bad in (b"-3\r\nabc\r\n", b"zz\r\n", b"\r\n", b"3\r\nabcd\r\n", b"0x3\r\nabc\r\n"):
+        with pytest.raises(ValueError):
+            dechunk(bad)
+
+
+async def test_events_and_the_last_chunk_in_one_read_end_the_body() -> None:
+    """A caller that stops at the event it waited for still finds the body complete when the last
+    chunk came in the same read (a second iteration would wait for bytes that never come)."""
+
+    async def events_and_end_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (b"data: 1\n\n", b"data: 2\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # holds the connection open until the client closes it
+
+    server, port = await raw_server(events_and_end_at_once)
+    pool = UpstreamPool(read_timeout_s=30.0)
+    resp = await pool.post(f"http://127.0.0.1:{port}/a", b"{}")
+    received = b""
+    async for chunk in resp.iter_chunks():
+        received += chunk
+        if received.endswith(b"data: 2\n"):
+            break
+    assert resp.complete and [chunk async for chunk in resp.iter_chunks()] == []
+    resp.release()
+    await pool.close()
+    server.close()
