@@ -8,6 +8,7 @@ router how it went (and send the pin hint it returns).
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import time
 import uuid
@@ -124,6 +125,10 @@ class Gateway:
             self.upstream.trace_headers = self.traces.upstream_headers
         self._urls: dict[str, str] = {}  # worker id -> URL, to abort its requests when it leaves
         self._cool_until: dict[str, float] = {}  # worker -> end of its back-off after a failed attempt
+        # request ids unique across replicas and restarts: a random prefix per process, then a count
+        # (a uuid4 per request costs a system call, on every turn)
+        self._request_id_prefix = uuid.uuid4().hex[:16]
+        self._request_numbers = itertools.count(1)
         bucket = f"kvgate_{config.namespace.replace('-', '_')}_responses"
         self.responses = ResponseStore(bucket, ttl_s=config.responses_ttl_s)
 
@@ -370,7 +375,7 @@ class Gateway:
         block_size: int,
         relay: Relay,
     ) -> web.StreamResponse:
-        base_id = "req-" + uuid.uuid4().hex
+        base_id = f"req-{self._request_id_prefix}{next(self._request_numbers):x}"
         failed: set[str] = set()
         last_error = ""
         for attempt in range(self.config.max_attempts):

@@ -278,7 +278,7 @@ class Bus:
             self.remove_worker(registration.worker_id, "restarted")
         self.workers[registration.worker_id] = state = WorkerState(registration, now)
         self.router.add_worker(registration, now)
-        self.metrics.approximate.labels(registration.worker_id).set(int(state.approximate))
+        self.metrics.of_worker(self.metrics.approximate, registration.worker_id).set(int(state.approximate))
         log.info(
             "worker %s joined: %s model=%s engine=%s block_size=%d%s",
             registration.worker_id,
@@ -365,7 +365,7 @@ class Bus:
         state.last_event = now
         state.events_seen = True
         state.unconfirmed_since = None
-        self.metrics.event_lag.labels(batch.worker_id).set(max(0.0, time.time() - batch.ts))
+        self.metrics.of_worker(self.metrics.event_lag, batch.worker_id).set(max(0.0, time.time() - batch.ts))
         if state.approximate and state.registration.publishes_events:
             self._set_approximate(state, False)
         if not self.router.apply_kv_batch(batch, now):
@@ -410,10 +410,11 @@ class Bus:
             return
         self.router.apply_load(report, self.clock())
         wid = report.worker_id
-        self.metrics.worker_running.labels(wid).set(report.running)
-        self.metrics.worker_waiting.labels(wid).set(report.waiting)
+        metrics = self.metrics
+        metrics.of_worker(metrics.worker_running, wid).set(report.running)
+        metrics.of_worker(metrics.worker_waiting, wid).set(report.waiting)
         if report.total_blocks > 0:
-            self.metrics.worker_kv_usage.labels(wid).set(report.used_blocks / report.total_blocks)
+            metrics.of_worker(metrics.worker_kv_usage, wid).set(report.used_blocks / report.total_blocks)
 
     # --- approximate mode
 
@@ -426,7 +427,7 @@ class Bus:
     def _set_approximate(self, state: WorkerState, approximate: bool) -> None:
         state.approximate = approximate
         wid = state.registration.worker_id
-        self.metrics.approximate.labels(wid).set(int(approximate))
+        self.metrics.of_worker(self.metrics.approximate, wid).set(int(approximate))
         self._count()
         if approximate:
             log.warning(

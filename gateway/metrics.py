@@ -119,6 +119,7 @@ class GatewayMetrics:
         # labelled children, looked up once: `labels()` costs a lock and a tuple per call on the hot path
         self._requests: dict[tuple[str, int], Any] = {}
         self._decisions: dict[tuple[str, str], Any] = {}
+        self._per_worker: dict[tuple[Gauge, str], Any] = {}  # (gauge, worker id) -> its child
 
     def count_request(self, endpoint: str, status: int) -> None:
         child = self._requests.get((endpoint, status))
@@ -131,6 +132,14 @@ class GatewayMetrics:
         if child is None:
             child = self._decisions[policy, reason] = self.decisions.labels(policy, reason)
         child.inc()
+
+    def of_worker(self, gauge: Gauge, worker_id: str) -> Any:
+        """`gauge.labels(worker_id)`, looked up once per worker (a KV batch sets one per message);
+        `forget_worker` drops them with the worker's series."""
+        child = self._per_worker.get((gauge, worker_id))
+        if child is None:
+            child = self._per_worker[gauge, worker_id] = gauge.labels(worker_id)
+        return child
 
     def record_usage(self, prompt_tokens: int, cached_tokens: int, host_cached_tokens: int = 0) -> None:
         """One answer's usage; `host_cached_tokens` (part of `cached_tokens`) were onboarded from the
@@ -148,6 +157,8 @@ class GatewayMetrics:
             self._host_ratio.set(self._host_total / self._prompt_total)
 
     def forget_worker(self, worker_id: str) -> None:
+        for key in [key for key in self._per_worker if key[1] == worker_id]:
+            del self._per_worker[key]
         for gauge in (
             self.inflight,
             self.worker_running,
