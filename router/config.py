@@ -59,8 +59,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # host holds several times the device's blocks; a tool call that outlasts its pin finds them there)
     host_keep_factor: float = 4.0
     # and, with host_prefetch, brought back this long before the session's expected return (its
-    # estimated tool time). Off: on the cc trace it cost more than it saved (docs/TIERS.md)
-    host_prefetch: bool = False
+    # estimated tool time), by an idle worker, in chunks (docs/TIERS.md)
+    host_prefetch: bool = True
     prefetch_lead_s: float = 1.0
     # Also pin when the request said a tool call is pending (the turn carried a tool result), whatever the
     # finish reason: engines that never report "tool_calls" (the mock) still get pins. Turn off when the

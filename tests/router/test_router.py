@@ -149,8 +149,8 @@ def test_a_tool_call_turn_returns_a_pin_for_its_expected_tool_time(router: Route
     chain = list(range(100, 140))
     d = router.pick(req("r1", chain, "s"), 0.0)
     hint = router.on_complete("r1", 1.0, "tool_calls", 20)
-    # default think time 10 s x 1.5; kept on a host tier 4x as long
-    assert hint == (d.worker_id, PinHint("s", chain, 15.0, 60.0))
+    # default think time 10 s x 1.5; kept on a host tier 4x as long, brought back 1 s before 10 s
+    assert hint == (d.worker_id, PinHint("s", chain, 15.0, 60.0, 9.0))
     router.pick(req("r2", [*chain, 1, 2], "s"), 41.0)  # the tool took 40 s
     _, pin = router.on_complete("r2", 42.0, "tool_calls", 20)
     assert pin.ttl_s == pytest.approx(1.5 * 40)  # the first gap seen replaces the default
