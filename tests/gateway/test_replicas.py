@@ -32,12 +32,14 @@ class Replica:
         self.router = router()
         self.sync = ReplicaSync(subjects, self.router, name, **kwargs)
         self.n = 0
+        self.hash_base = int.from_bytes(name.encode()) << 32  # two replicas never make the same chain
 
     def request(
         self, tokens: int, session: str | None = None, chain: list[int] | None = None
     ) -> RouteRequest:
         self.n += 1
-        hashes = chain if chain is not None else [self.n * 1000 + i for i in range(tokens // 16)]
+        own = [self.hash_base + self.n * 1000 + i for i in range(tokens // 16)]
+        hashes = chain if chain is not None else own
         return RouteRequest(f"{self.sync.replica_id}-r{self.n}", "m", hashes, tokens, session, 16)
 
     def pick(self, request: RouteRequest) -> str:
@@ -55,7 +57,7 @@ async def pair(nats_url: str, namespace: str) -> AsyncIterator[tuple[Replica, Re
     await b.sync.start(conns[1])
     # each has heard the other's heartbeat: both subscriptions are live at the server (a note published
     # on one connection may otherwise overtake the other connection's fresh subscription)
-    await until(lambda: "a" in b.sync.peers and "b" in a.sync.peers, 5.0, "the replicas' heartbeats")
+    await until(lambda: "a" in b.sync.peers and "b" in a.sync.peers, 30.0, "the replicas' heartbeats")
     try:
         yield a, b
     finally:
