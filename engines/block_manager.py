@@ -202,10 +202,14 @@ class BlockManager:
         free_hits = sum(1 for block_id in self._hit_ids(seq, num_hits) if refs[block_id] == 0)
         return free - free_hits >= need
 
-    def allocate(self, seq: Sequence, num_hits: int, num_onboard: int = 0) -> None:
-        """Give `seq` its cached prefix (`num_hits` blocks) and fresh blocks for the rest of its tokens,
-        the first `num_onboard` of them filled from the host (`match_host`). The caller checked
-        `can_allocate` (an onboarded block needs a fresh block, as a computed one does)."""
+    def allocate(
+        self, seq: Sequence, num_hits: int, num_onboard: int = 0, num_new_tokens: int | None = None
+    ) -> None:
+        """Give `seq` its cached prefix (`num_hits` blocks), then fresh blocks, the first `num_onboard`
+        of them filled from the host (`match_host`), the rest for the first `num_new_tokens` tokens to
+        compute after those (None: all the rest). The caller checked `can_allocate` (an onboarded
+        block needs a fresh block, as a computed one does); the later chunks' blocks come from
+        `append_slots`, step by step, as in vLLM."""
         table = seq.block_table
         refs = self.ref_counts
         evictable, pinned_free = self._evictable, self._pinned_free
@@ -220,7 +224,10 @@ class BlockManager:
         # claimed before any eviction below can offload to the host and make it drop them
         onboarded = seq.hashes(num_hits + num_onboard)[num_hits : num_hits + num_onboard]
         slots = self._claim_from_host(onboarded) if onboarded else []
-        fresh = self.blocks_needed(len(seq)) - num_hits
+        end = len(seq)
+        if num_new_tokens is not None:
+            end = min(end, (num_hits + num_onboard) * self.block_size + num_new_tokens)
+        fresh = self.blocks_needed(end) - num_hits
         if fresh > 0:
             table.extend(self._take_free(fresh))
         if onboarded:

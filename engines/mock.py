@@ -2,7 +2,10 @@
 
 Prefill ms = 4.209989e-7·t² + 1.518344e-2·t + 16.50142 for the t new tokens in the batch; decode ms
 per step = max(1, -25.74·p² + 54.01·p + 5.74) at KV usage p (`lib/mocker/src/common/perf_model.rs`).
-A step with both pays both. `speedup` divides the modelled time. The tokens are placeholder text.
+A step with both pays both. A step that samples a token pays the decode time, the step that ends a
+prompt's prefill included: Dynamo's mocker decodes a request's first token in the pass that computed
+its last prompt chunk and charges that pass the decode time. `speedup` divides the modelled time.
+The tokens are placeholder text.
 
 With a host tier, a step first onboards the blocks its admissions found on the host: `TransferModel`
 times the copy over the host link, and the step waits for it (the attention of those sequences reads
@@ -96,9 +99,9 @@ class MockRunner:
         decoding = False
         for chunk in chunks:
             size = chunk.size()
-            if chunk.output_len and size == 1:
+            if chunk.sample:
                 decoding = True
-            else:
+            if not (chunk.output_len and size == 1):
                 new_tokens += size
         ms = prefill_ms(new_tokens) if new_tokens else 0.0
         if decoding:

@@ -1,9 +1,12 @@
 """Continuous batching: which sequences compute which tokens in the next step.
 
 Running sequences go first (decode and the rest of chunked prefills), then waiting ones are admitted
-while the step's token budget, `max_num_seqs` and free blocks allow. When a running sequence needs a
-block and none is free, the most recently admitted sequence is preempted: its blocks are freed (they
-stay in the prefix cache) and it is recomputed when readmitted.
+while the step's token budget, `max_num_seqs` and free blocks allow. As in vLLM v1 (and Dynamo's
+mocker, which models it): a waiting sequence is admitted when its whole prompt fits in the blocks not
+in use, less its cached prefix (looked up at admission), but it gets blocks only for the tokens it
+computes in this step; each later chunk allocates its own. When a running sequence needs a block and
+none is free, the most recently admitted sequence is preempted: its blocks are freed (they stay in
+the prefix cache) and it is recomputed when readmitted. There is no watermark (vLLM v1 has none).
 """
 
 from __future__ import annotations
@@ -89,10 +92,12 @@ class Scheduler:
             if not bm.can_allocate(seq, hits):
                 break
             self.waiting.popleft()
-            bm.allocate(seq, hits, bm.match_host(seq, hits))
+            onboard = bm.match_host(seq, hits)
+            n = min(len(seq.token_ids) - (hits + onboard) * block_size, budget)
+            # blocks for this step's chunk only: the rest come chunk by chunk (as vLLM's allocate_slots)
+            bm.allocate(seq, hits, onboard, n)
             seq.status = SequenceStatus.RUNNING
             running.append(seq)
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             scheduled.append((seq, n))
             budget -= n
         return scheduled, too_long

@@ -26,21 +26,24 @@ import pytest
 
 from engines.engine import Engine, EngineConfig, EngineRequest
 from engines.loop import EngineLoop
-from engines.mock import MockRunner, prefill_ms
+from engines.mock import MockRunner, decode_ms, prefill_ms
 from engines.runner import SamplingParams
 from gateway.natsd import free_port
 
 BUDGET = 8192  # tokens per step (the worker's --max-num-batched-tokens default)
 ATTEMPTS = 10  # uncached prompts per size, at most, for one reply within the bound
+NUM_BLOCKS = 2048
+BLOCK_SIZE = 16
 STEP_LINE = re.compile(
     r"step: prefill (\d+) decode (\d+) outputs (\d+) duration_ms ([\d.]+) late_ms ([-\d.]+)"
 )
 
 
 def predicted_ttft_ms(prompt_tokens: int) -> float:
-    """The first token of an uncached prompt alone on a worker: the end of its last prefill chunk."""
+    """The first token of an uncached prompt alone on a worker: the end of its last prefill chunk,
+    which decodes that token too (at the prompt's blocks in use)."""
     chunks = [min(BUDGET, prompt_tokens - start) for start in range(0, prompt_tokens, BUDGET)]
-    return sum(prefill_ms(n) for n in chunks)
+    return sum(prefill_ms(n) for n in chunks) + decode_ms(-(-prompt_tokens // BLOCK_SIZE) / NUM_BLOCKS)
 
 
 class LiveWorker:
@@ -49,7 +52,7 @@ class LiveWorker:
     def __init__(self) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "gateway.cli", "worker", "--engine", "mock", "--port", str(self.port)]
-        cmd += ["--num-blocks", "2048", "--block-size", "16", "--log-level", "DEBUG"]
+        cmd += ["--num-blocks", str(NUM_BLOCKS), "--block-size", str(BLOCK_SIZE), "--log-level", "DEBUG"]
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,

@@ -22,14 +22,17 @@ def test_the_mocker_polynomials() -> None:
 
 def test_step_time_sums_prefill_tokens_and_pays_decode_once() -> None:
     runner = MockRunner(100, 16)
-    prefill_only = runner.step_time_s([chunk(300), chunk(200, sample=False)], 0.3)
+    prefill_only = runner.step_time_s([chunk(300, sample=False), chunk(200, sample=False)], 0.3)
     assert prefill_only == pytest.approx(prefill_ms(500) / 1000)
+    # a prompt's last chunk samples its first token: the pass pays a decode too (Dynamo's mocker)
+    finishing = runner.step_time_s([chunk(300), chunk(200, sample=False)], 0.3)
+    assert finishing == pytest.approx((prefill_ms(500) + decode_ms(0.3)) / 1000)
     decode_only = runner.step_time_s([chunk(1, output_len=3), chunk(1, output_len=9)], 0.3)
     assert decode_only == pytest.approx(decode_ms(0.3) / 1000)
     mixed = runner.step_time_s([chunk(100), chunk(1, output_len=2)], 0.3)
     assert mixed == pytest.approx((prefill_ms(100) + decode_ms(0.3)) / 1000)
     fast = MockRunner(100, 16, speedup=500)
-    assert fast.step_time_s([chunk(100)], 0.0) == pytest.approx(prefill_ms(100) / 1000 / 500)
+    assert fast.step_time_s([chunk(100, sample=False)], 0.0) == pytest.approx(prefill_ms(100) / 1000 / 500)
     with pytest.raises(ValueError):
         MockRunner(100, 16, speedup=0)
 

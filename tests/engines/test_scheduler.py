@@ -60,6 +60,29 @@ def test_max_num_seqs_and_free_blocks_gate_admission() -> None:
     assert [s.seq_id for s in sched.waiting] == ["s3"]
 
 
+def test_a_prompt_is_admitted_whole_but_holds_blocks_chunk_by_chunk() -> None:
+    """vLLM's rule (and Dynamo's mocker's): the whole prompt must fit to be admitted, but only the
+    step's chunk gets blocks; the rest are taken as later chunks are scheduled."""
+    sched = make(num_blocks=8, budget=12)
+    a, b = seq("a", 20), seq("b", 16, first=100)
+    sched.add(a)
+    sched.add(b)
+    work, _ = sched.schedule()
+    assert [(s.seq_id, n) for s, n in work] == [("a", 12)] and len(a.block_table) == 3
+    check_invariants(sched.block_manager, sched.running)
+    compute(sched, work)
+    work, _ = sched.schedule()
+    # a's last chunk takes 2 more blocks; b's first 4 tokens would fit in the 3 blocks left, but its
+    # whole prompt (4 blocks) does not: it waits
+    assert [(s.seq_id, n) for s, n in work] == [("a", 8)] and len(a.block_table) == 5
+    assert list(sched.waiting) == [b] and sched.block_manager.num_used == 5
+    compute(sched, work)
+    sched.finish(a, "length")
+    work, _ = sched.schedule()
+    assert [(s.seq_id, n) for s, n in work] == [("b", 12)] and len(b.block_table) == 3
+    check_invariants(sched.block_manager, sched.running)
+
+
 def test_preemption_takes_the_most_recent_and_readmits_it_with_its_cached_prefix() -> None:
     sched = make(num_blocks=4, budget=100)
     a, b = seq("a", 8), seq("b", 8, first=50)
