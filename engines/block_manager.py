@@ -250,9 +250,12 @@ class BlockManager:
         if fresh > 0:
             seq.block_table.extend(self._take_free(fresh))
 
-    def commit(self, seq: Sequence) -> None:
-        """Offer the blocks `seq` has fully computed to the prefix cache (after a step)."""
-        full = seq.num_computed_tokens // self.block_size
+    def commit(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Offer the full blocks of `seq`'s first `num_tokens` tokens (default: those computed) to the
+        prefix cache. The scheduler commits a step's chunk when it schedules it, as vLLM caches a
+        block when it allocates it for the step that computes it: a sequence admitted later in the
+        same step can hit it (the step writes every new token's KV before any attention reads)."""
+        full = (seq.num_computed_tokens if num_tokens is None else num_tokens) // self.block_size
         start = seq.num_committed_blocks
         if full <= start:
             return

@@ -4,7 +4,9 @@ Running sequences go first (decode and the rest of chunked prefills), then waiti
 while the step's token budget, `max_num_seqs` and free blocks allow. As in vLLM v1 (and Dynamo's
 mocker, which models it): a waiting sequence is admitted when its whole prompt fits in the blocks not
 in use, less its cached prefix (looked up at admission), but it gets blocks only for the tokens it
-computes in this step; each later chunk allocates its own. When a running sequence needs a block and
+computes in this step; each later chunk allocates its own. A chunk's full blocks join the prefix
+cache when it is scheduled (vLLM's allocate_slots caches them then), so a sequence admitted later in
+the same step hits them instead of computing them again. When a running sequence needs a block and
 none is free, the most recently admitted sequence is preempted: its blocks are freed (they stay in
 the prefix cache) and it is recomputed when readmitted. There is no watermark (vLLM v1 has none).
 """
@@ -57,6 +59,8 @@ class Scheduler:
                 scheduled.append((seq, n))
                 budget -= n
                 i += 1
+                if (computed + n) // block_size > seq.num_committed_blocks:
+                    bm.commit(seq, computed + n)
                 continue
             while not bm.can_append(seq, n):
                 if len(running) == 1:
@@ -74,6 +78,7 @@ class Scheduler:
                     break
             else:
                 bm.append_slots(seq, n)
+                bm.commit(seq, computed + n)
                 scheduled.append((seq, n))
                 budget -= n
                 i += 1
@@ -96,6 +101,7 @@ class Scheduler:
             n = min(len(seq.token_ids) - (hits + onboard) * block_size, budget)
             # blocks for this step's chunk only: the rest come chunk by chunk (as vLLM's allocate_slots)
             bm.allocate(seq, hits, onboard, n)
+            bm.commit(seq, seq.num_computed_tokens + n)
             seq.status = SequenceStatus.RUNNING
             running.append(seq)
             scheduled.append((seq, n))

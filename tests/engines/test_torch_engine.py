@@ -95,6 +95,20 @@ def test_concurrent_chunked_prefill_batch_generates_as_each_alone(cold_outputs: 
     assert results["turn3"][1] > 0
 
 
+def test_a_prompt_hitting_blocks_computed_in_the_same_step_generates_as_cold(
+    cold_outputs: dict[str, list[int]],
+) -> None:
+    # A cold engine, both prompts in one step: turn3 is scheduled first, and its chunk's blocks are
+    # cached when scheduled, so turn2 (which shares its leading blocks) hits them in the same step:
+    # it reads KV the step writes before any attention runs.
+    engine = make_engine()
+    results = run(engine, {"turn3": PROMPTS["turn3"], "turn2": PROMPTS["turn2"]})
+    assert engine.num_steps > 0 and results["turn3"][1] == 0 and results["turn2"][1] >= BLOCK
+    assert {rid: tokens for rid, (tokens, _) in results.items()} == {
+        rid: cold_outputs[rid] for rid in ("turn3", "turn2")
+    }
+
+
 def test_preemption_by_recompute_generates_as_cold(cold_outputs: dict[str, list[int]]) -> None:
     # 30 blocks: the two first prompts (13 + 16 blocks) are admitted together, then their decodes
     # run out of blocks and the scheduler preempts one and recomputes it later.
