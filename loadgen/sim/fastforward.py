@@ -81,8 +81,13 @@ class FastForward:
             return None
         if sched.waiting and self._admissible(sched.waiting[0]):
             return None
-        chunk = ScheduledChunk(running[0].seq_id, [0], 0, [], True, running[0].sampling, 1)
-        duration = engine.runner.step_time_s([chunk], engine.block_manager.usage())
+        # the step as the engine would hand it to the runner (the mock times a decode by the sampling
+        # sequences' block tables, which stay put through the run)
+        chunks = [
+            ScheduledChunk(s.seq_id, [], len(s.token_ids) - 1, s.block_table, True, s.sampling, 1, 1)
+            for s in running
+        ]
+        duration = engine.runner.step_time_s(chunks, engine.block_manager.usage())
         if duration is None or duration <= 0:
             return None
         return DecodeRun(now, duration, steps, list(running))

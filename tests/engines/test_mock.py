@@ -10,8 +10,8 @@ from engines.mock import PLACEHOLDER_TEXT, MockRunner, decode_ms, prefill_ms
 from engines.runner import SamplingParams, ScheduledChunk
 
 
-def chunk(n: int, output_len: int = 0, sample: bool = True) -> ScheduledChunk:
-    return ScheduledChunk("s", [1] * n, 0, [0], sample, SamplingParams(), output_len)
+def chunk(n: int, output_len: int = 0, sample: bool = True, blocks: int = 1) -> ScheduledChunk:
+    return ScheduledChunk("s", [1] * n, 0, list(range(blocks)), sample, SamplingParams(), output_len)
 
 
 def test_the_mocker_polynomials() -> None:
@@ -22,15 +22,20 @@ def test_the_mocker_polynomials() -> None:
 
 def test_step_time_sums_prefill_tokens_and_pays_decode_once() -> None:
     runner = MockRunner(100, 16)
-    prefill_only = runner.step_time_s([chunk(300, sample=False), chunk(200, sample=False)], 0.3)
+    prefill_only = runner.step_time_s([chunk(300, sample=False, blocks=19), chunk(200, sample=False)], 0.3)
     assert prefill_only == pytest.approx(prefill_ms(500) / 1000)
-    # a prompt's last chunk samples its first token: the pass pays a decode too (Dynamo's mocker)
-    finishing = runner.step_time_s([chunk(300), chunk(200, sample=False)], 0.3)
-    assert finishing == pytest.approx((prefill_ms(500) + decode_ms(0.3)) / 1000)
-    decode_only = runner.step_time_s([chunk(1, output_len=3), chunk(1, output_len=9)], 0.3)
+    # a prompt's last chunk samples its first token: the pass pays a decode too (Dynamo's mocker), at
+    # the sampling sequences' contexts over the cache (19 of 100 blocks), not the blocks in use (0.3)
+    finishing = runner.step_time_s([chunk(300, blocks=19), chunk(200, sample=False, blocks=13)], 0.3)
+    assert finishing == pytest.approx((prefill_ms(500) + decode_ms(0.19)) / 1000)
+    decodes = [chunk(1, output_len=3, blocks=20), chunk(1, output_len=9, blocks=10)]
+    decode_only = runner.step_time_s(decodes, 0.9)
     assert decode_only == pytest.approx(decode_ms(0.3) / 1000)
-    mixed = runner.step_time_s([chunk(100), chunk(1, output_len=2)], 0.3)
+    mixed = runner.step_time_s([chunk(100, blocks=7), chunk(1, output_len=2, blocks=23)], 0.3)
     assert mixed == pytest.approx((prefill_ms(100) + decode_ms(0.3)) / 1000)
+    # two sequences over one shared prefix count it twice, and p is capped at the whole cache
+    shared = runner.step_time_s([chunk(1, output_len=1, blocks=80), chunk(1, output_len=5, blocks=80)], 0.8)
+    assert shared == pytest.approx(decode_ms(1.0) / 1000) and decode_ms(1.6) < decode_ms(1.0)
     fast = MockRunner(100, 16, speedup=500)
     assert fast.step_time_s([chunk(100, sample=False)], 0.0) == pytest.approx(prefill_ms(100) / 1000 / 500)
     with pytest.raises(ValueError):
@@ -64,4 +69,5 @@ def test_the_engine_hands_the_mock_token_counts_not_copies_of_the_tokens() -> No
     engine.step()
     assert [(c.token_ids, c.size()) for c in seen] == [([], 10), ([], 1)]
     timed = MockRunner(32, 4).step_time_s(seen[:1], 0.0)
-    assert timed == MockRunner(32, 4).step_time_s([chunk(10)], 0.0)
+    # (the chunk shares the sequence's block table, emptied since it finished)
+    assert timed == MockRunner(32, 4).step_time_s([chunk(10, blocks=len(seen[0].block_table))], 0.0)
