@@ -289,9 +289,10 @@ class WorkerApp:
             text = stream.take(final=result.finish_reason is not None)
             if text:
                 await response.write(chunk([choice(text, None)]))
-        await response.write(chunk([choice("", result.finish_reason)]))
+        # the finish, the usage and [DONE] leave with the stream's end in one write (one system call
+        # here, one read at the gateway)
+        tail = chunk([choice("", result.finish_reason)])
         if parsed.include_usage:
-            await response.write(chunk([], usage=result.usage()))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            tail += chunk([], usage=result.usage())
+        await response.write_eof(tail + b"data: [DONE]\n\n")
         return response

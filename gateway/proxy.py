@@ -200,14 +200,15 @@ async def _relay(
         else:
             metrics.itl.observe(now - last_event_at)
         last_event_at = now
-        await response.write(out[0] if len(out) == 1 else b"".join(out))
+        batch = out[0] if len(out) == 1 else b"".join(out)
+        if done:  # the last events and the stream's end leave in one write (one system call)
+            outcome.ok = True
+            await response.write_eof(batch)
+            return response
+        await response.write(batch)
     if response is None:
         raise Retryable("worker ended the stream before its first event")
-    if not done:
-        return await _fail(response, metrics, "worker ended the stream without [DONE]")
-    outcome.ok = True
-    await response.write_eof()
-    return response
+    return await _fail(response, metrics, "worker ended the stream without [DONE]")
 
 
 def _served_by(resp: UpstreamResponse) -> dict[str, str]:
