@@ -79,7 +79,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # that worker unless it costs more than the best by this many times the held prefix's prefill time
     # (the queue counts each queued token at the pool's average cost, several times its marginal cost in
     # a batched step; a copy splits the prefix's traffic and doubles its blocks in use)
-    prefix_home_hold: float = 10.0
+    prefix_home_hold: float = 0.0  # off: 10 won on the earlier mock engine, lost on the calibrated one
     used_from_report: bool = True
     stall_fullness_floor: float = 0.0
     memory_free_fraction: float = 0.8

@@ -216,7 +216,7 @@ def test_session_kv_avoids_a_cached_worker_whose_queue_makes_it_slower() -> None
 def test_session_kv_keeps_one_shot_traffic_with_its_prefix_home() -> None:
     # the same case without a session: a request over a shared prefix (a document) stays where the
     # prefix is until the home's queue costs more than `prefix_home_hold` x the prefix's prefill
-    router = make("session_kv")
+    router = make("session_kv", prefix_home_hold=10.0)
     prompt = chain(200)
     hold(router, "w1", prompt[:150])
     hold(router, "w2", prompt[:100])
@@ -245,7 +245,7 @@ def test_session_kv_keeps_one_shot_traffic_with_its_prefix_home() -> None:
 def test_session_kv_counts_a_prefill_in_flight_before_its_events() -> None:
     # two requests over a new document a few ms apart: the second goes where the first's prefill is
     # under way (no KV event yet), not to an idle worker to prefill the document a second time
-    router = make("session_kv", n=3)
+    router = make("session_kv", n=3, prefix_home_hold=10.0)  # the hold keeps it with the prefill
     doc = chain(150)
     first = router.pick(req("r1", doc + chain(10, base=10_000)), 0.0)
     d = router.pick(req("r2", doc + chain(10, base=20_000)), 0.01)
