@@ -54,6 +54,7 @@ from router.protocol import (
     decode,
     encode,
 )
+from tests.engines.vllm_events import VllmAllBlocksCleared, VllmBlockRemoved, VllmBlockStored, VllmEventBatch
 from tests.gateway.conftest import Proc, http_get
 
 B = 16
@@ -61,35 +62,6 @@ WORKER = "vllm-0"
 TOKENS = list(range(1000, 1000 + 4 * B))  # 4 full blocks
 
 # --- vLLM's event structs, newer (map, tag key "type") and older (positional) layouts
-
-
-class MapStored(msgspec.Struct, tag="BlockStored", omit_defaults=True):
-    block_hashes: list[int | bytes]
-    parent_block_hash: int | bytes | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-    lora_name: str | None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None  # a newer field the bridge does not know
-
-
-class MapRemoved(msgspec.Struct, tag="BlockRemoved", omit_defaults=True):
-    block_hashes: list[int | bytes]
-    medium: str | None
-    group_idx: int | None = None
-
-
-class MapCleared(msgspec.Struct, tag="AllBlocksCleared"):
-    pass
-
-
-class MapBatch(msgspec.Struct, omit_defaults=True):
-    ts: float
-    events: list[MapStored | MapRemoved | MapCleared]
-    data_parallel_rank: int | None = None
 
 
 class ArrayStored(msgspec.Struct, tag="BlockStored", array_like=True):
@@ -117,7 +89,7 @@ class ArrayBatch(msgspec.Struct, array_like=True):
 
 
 def map_batch(*events: Any) -> bytes:
-    return msgspec.msgpack.encode(MapBatch(time.time(), list(events), 0))
+    return msgspec.msgpack.encode(VllmEventBatch(time.time(), list(events), 0))
 
 
 def array_batch(*events: Any) -> bytes:
@@ -126,8 +98,8 @@ def array_batch(*events: Any) -> bytes:
 
 def stored(
     hashes: list[Any], parent: Any, tokens: list[int], medium: str | None = "GPU", **kw: Any
-) -> MapStored:
-    return MapStored(hashes, parent, tokens, B, None, medium, kw.pop("lora_name", None), **kw)
+) -> VllmBlockStored:
+    return VllmBlockStored(hashes, parent, tokens, B, None, medium, kw.pop("lora_name", None), **kw)
 
 
 # --- a publisher speaking vLLM's ZMQ protocol
@@ -300,7 +272,9 @@ async def test_map_layout_is_rehashed_and_removals_map_back(
     e = [(1 << 63) + 11, (1 << 63) + 22, (1 << 63) + 33, (1 << 63) + 44]
     async with running_bridge(engine, nats_url, namespace, replay=False):
         await engine.send(map_batch(stored(e[:2], None, TOKENS[: 2 * B], extra_keys=[None, None])))
-        await engine.send(map_batch(stored(e[2:], e[1], TOKENS[2 * B :]), MapRemoved([e[3], e[0]], "GPU")))
+        await engine.send(
+            map_batch(stored(e[2:], e[1], TOKENS[2 * B :]), VllmBlockRemoved([e[3], e[0]], "GPU"))
+        )
         first, second, removed = await tap.events(3)
         assert first == BlockStored(ours[:2], None, "device")
         assert second == BlockStored(ours[2:], ours[1], "device")
@@ -336,7 +310,7 @@ async def test_lora_seed_and_cleared_and_unknown_events(
     async with running_bridge(engine, nats_url, namespace, replay=False) as bridge:
         await engine.send(map_batch(stored([7], None, TOKENS[:B], lora_name="sql-adapter")))
         await engine.send(unknown)
-        await engine.send(map_batch(MapRemoved([7], "GPU")))  # after the clear: nothing to remove
+        await engine.send(map_batch(VllmBlockRemoved([7], "GPU")))  # after the clear: nothing to remove
         await engine.send(map_batch(stored([8], None, TOKENS[:B], group_idx=1)))  # another KV group
         first, cleared = await tap.events(2)
         assert first == BlockStored(block_hashes(TOKENS[:B], B, seed), None, "device")
@@ -368,7 +342,7 @@ async def test_gap_with_replay_fills_in_order(
         await engine.send(map_batch(stored([1], None, TOKENS[:B])))
         await engine.send(map_batch(stored([2], 1, TOKENS[B : 2 * B])), drop=True)
         await engine.send(map_batch(stored([3], 2, TOKENS[2 * B : 3 * B])))
-        await engine.send(map_batch(MapRemoved([2, 3], None)))
+        await engine.send(map_batch(VllmBlockRemoved([2, 3], None)))
         events = await tap.events(4)
         assert events == [
             BlockStored([ours[0]], None, "device"),
@@ -462,7 +436,7 @@ async def test_block_size_mismatch_is_skipped(
 ) -> None:
     async with running_bridge(engine, nats_url, namespace, replay=False, block_size=32) as bridge:
         await engine.send(map_batch(stored([1], None, TOKENS[:B])))
-        await engine.send(map_batch(MapCleared()))
+        await engine.send(map_batch(VllmAllBlocksCleared()))
         assert await tap.events(1) == [AllBlocksCleared()]
         assert bridge.translator.size_mismatches == 1
 
@@ -649,7 +623,7 @@ async def test_gateway_routes_on_bridged_engine_events(
             assert await route() == ("vllm-b", k * B)
 
             # B evicts them (removals by vLLM's hashes), A caches them: the next turn goes to A.
-            await engines["vllm-b"].send(map_batch(MapRemoved(list(range(1, k + 1)), "GPU")))
+            await engines["vllm-b"].send(map_batch(VllmBlockRemoved(list(range(1, k + 1)), "GPU")))
             nc = await nats.connect(nats_url)
             subjects = Subjects(namespace)
             for _ in range(100):

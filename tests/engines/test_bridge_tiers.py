@@ -29,6 +29,7 @@ from engines.bridge import EventTranslator, decode_batch
 from router.hashing import block_hashes
 from router.index import BlockIndex
 from router.protocol import BlockRemoved, BlockStored
+from tests.engines.vllm_events import VllmBlockRemoved, VllmBlockStored, VllmEventBatch
 
 B = 16
 WORKER = "engine-0"
@@ -37,40 +38,6 @@ OURS = block_hashes(TOKENS, B)
 
 
 # --- vLLM (main): map events
-
-
-class VllmEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
-    pass
-
-
-class VllmBlockStored(VllmEvent, tag="BlockStored"):
-    block_hashes: list[int | bytes]
-    parent_block_hash: int | bytes | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-    lora_name: str | None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-
-
-class VllmBlockRemoved(VllmEvent, tag="BlockRemoved"):
-    block_hashes: list[int | bytes]
-    medium: str | None
-    group_idx: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-
-
-class VllmEventBatch(msgspec.Struct, omit_defaults=True, gc=False):
-    ts: float
-    events: list[VllmBlockStored | VllmBlockRemoved]
-    data_parallel_rank: int | None = None
 
 
 def vllm_batch(*events: Any) -> bytes:
