@@ -38,13 +38,15 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]
 
 
 class Proc:
-    def __init__(self, argv: list[str], url: str, log: Path) -> None:
+    """A server process (`python -m MODULE ARGV...`, kvgate's CLI by default) logging to a file."""
+
+    def __init__(self, argv: list[str], url: str, log: Path, module: str = "gateway.cli") -> None:
         self.argv = argv
         self.url = url
         self.log = log
         self._log_file = log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", *argv],
+            [sys.executable, "-m", module, *argv],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -16,8 +16,6 @@ predict (written out below), and so each other.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -28,7 +26,7 @@ import pytest
 
 from gateway.natsd import free_port
 from router.config import RouterConfig
-from tests.gateway.conftest import Cluster, http_get
+from tests.gateway.conftest import Cluster, Proc, http_get
 from tests.gateway.gateways import RunningGateway, running_gateway, until_async
 from tests.gateway.live_routes import chat, text
 
@@ -157,15 +155,15 @@ class SglangRouter:
         """`worker_urls`: worker id -> URL."""
         self.worker_urls = worker_urls
         self.url = f"http://127.0.0.1:{free_port()}"
-        self._log = log.open("ab")
         argv = [
-            sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls.values(),
+            "--worker-urls", *worker_urls.values(),
             "--policy", "cache_aware", "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
             "--balance-abs-threshold", str(ABS_THRESHOLD), "--log-level", "warn",
             # its metrics listener defaults to a fixed port (29000): two routers on one machine collide
             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = Proc(argv, self.url, log, module="sglang_router.launch_router")
+        self.proc = self.process.proc
         self.log = log
 
     def wait_ready(self, workers: int, timeout_s: float = 90.0) -> None:
@@ -192,14 +190,7 @@ class SglangRouter:
         return {w["url"]: w["load"] for w in body["workers"]} if status == 200 else None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        self.process.stop()
 
 
 @pytest.fixture
