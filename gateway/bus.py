@@ -46,6 +46,9 @@ log = logging.getLogger("kvgate.gateway.bus")
 
 MAX_REFUSED_KEYS = 1024
 STOP_TIMEOUT_S = 2.0  # for the tasks, then for the drain (and a close if it cannot drain)
+DUMP_ATTEMPTS = 8  # a state dump asked for and not answered is asked again, backing off: 1, 2, 4, ... s
+DUMP_RETRY_S = 1.0
+DUMP_RETRY_MAX_S = 30.0
 
 
 class RouterFeed(Protocol):
@@ -377,26 +380,35 @@ class Bus:
         self._dumping.add(worker_id)
         self.router.expect_dump(worker_id)
         self.metrics.state_dumps.labels(worker_id).inc()
-        asyncio.get_running_loop().create_task(self._dump(worker_id))
+        self._tasks = [task for task in self._tasks if not task.done()]
+        self._tasks.append(asyncio.get_running_loop().create_task(self._dump(worker_id), name="kvgate-dump"))
 
     async def _dump(self, worker_id: str) -> None:
         again = False
         try:
-            assert self.nc is not None
-            reply = await self.nc.request(
-                self.subjects.dump(worker_id), encode(StateDumpRequest(self.gateway_id)), timeout=5.0
-            )
-            dump = decode(reply.data, KvStateDump)
-            state = self.workers.get(worker_id)
-            if state is not None and state.registration.epoch == dump.epoch:
-                again = not self.router.apply_state_dump(dump, self.clock())
-                log.info("worker %s: state dump applied (%d blocks)", worker_id, len(dump.blocks))
-        except Exception as exc:  # timeout, no responder, malformed: the next gap asks again
-            log.warning("worker %s: state dump failed: %s", worker_id, exc)
+            for attempt in range(DUMP_ATTEMPTS):
+                if attempt:  # no gap may come to ask again: an idle worker publishes nothing
+                    await asyncio.sleep(min(DUMP_RETRY_S * 2 ** (attempt - 1), DUMP_RETRY_MAX_S))
+                    if worker_id not in self.workers:
+                        return
+                try:
+                    assert self.nc is not None
+                    reply = await self.nc.request(
+                        self.subjects.dump(worker_id), encode(StateDumpRequest(self.gateway_id)), timeout=5.0
+                    )
+                    dump = decode(reply.data, KvStateDump)
+                except Exception as exc:  # timeout, no responder (not back on the bus yet), malformed
+                    log.warning("worker %s: state dump failed (attempt %d): %s", worker_id, attempt + 1, exc)
+                    continue
+                state = self.workers.get(worker_id)
+                if state is not None and state.registration.epoch == dump.epoch:
+                    again = not self.router.apply_state_dump(dump, self.clock())
+                    log.info("worker %s: state dump applied (%d blocks)", worker_id, len(dump.blocks))
+                return
         finally:
             self._dumping.discard(worker_id)
-        if again:  # too much happened while it was on its way: the dump cannot be patched up
-            self._request_dump(worker_id)
+            if again:  # too much happened while it was on its way: the dump cannot be patched up
+                self._request_dump(worker_id)
 
     # --- load
 
