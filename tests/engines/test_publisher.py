@@ -221,7 +221,15 @@ async def test_stop_deregisters_the_worker(nats_url: str, namespace: str) -> Non
     nc = await nats.connect(nats_url)
     try:
         kv = await nc.jetstream().key_value(Subjects(namespace).registry_bucket)
-        assert decode((await kv.get("pw")).value, WorkerRegistration).worker_id == "pw"
+        deadline = time.monotonic() + 30.0
+        while True:  # `ready` comes before the first heartbeat has written the registration
+            try:
+                entry = await kv.get("pw")
+                break
+            except nats.js.errors.KeyNotFoundError:
+                assert time.monotonic() < deadline, "the worker never registered"
+                await asyncio.sleep(0.05)
+        assert decode(entry.value, WorkerRegistration).worker_id == "pw"
         await publisher.stop()
         with pytest.raises(nats.js.errors.KeyNotFoundError):
             await kv.get("pw")
