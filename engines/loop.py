@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import msgspec
 
-from engines.engine import Engine, EngineRequest, RequestOutput, StepResult
+from engines.engine import PREFETCH_CHUNK_BLOCKS, Engine, EngineRequest, RequestOutput, StepResult
 from kvutil.tasks import cancel_and_wait
 from router.protocol import KvEvent
 
@@ -112,6 +112,24 @@ class EngineLoop:
         """Run `fn` between steps (pins, state dumps, load figures)."""
         async with self.lock:
             return fn()
+
+    async def prefetch(self, block_hashes: list[int]) -> None:
+        """Bring a session's blocks back from the host tier before its turn, between steps and
+        `PREFETCH_CHUNK_BLOCKS` at a time, each chunk holding the engine for its modelled copy time
+        (mock; a real copy takes its own): a request that arrives meanwhile waits for one chunk, not a
+        whole context, as in the simulator. Once the engine has work the rest is left to admission,
+        which onboards what the turn needs."""
+        engine = self.engine
+        while True:
+            async with self.lock:  # a request queued for the lock meanwhile is in the engine by now
+                if engine.has_work():
+                    return
+                before = engine.prefetched_blocks
+                copy_s = engine.prefetch(block_hashes, PREFETCH_CHUNK_BLOCKS)
+                if copy_s > 0:
+                    await asyncio.sleep(copy_s)
+            if engine.prefetched_blocks == before:
+                return
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

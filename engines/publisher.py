@@ -305,8 +305,7 @@ class Publisher:
 
     def _start_prefetch(self, session_id: str, block_hashes: list[int]) -> None:
         self._prefetches.pop(session_id, None)
-        engine: Engine = self.loop.engine
-        task = asyncio.get_running_loop().create_task(self.loop.call(lambda: engine.prefetch(block_hashes)))
+        task = asyncio.get_running_loop().create_task(self.loop.prefetch(block_hashes))
         self._tasks.append(task)
         task.add_done_callback(self._tasks.remove)
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from engines.engine import Engine, EngineConfig, EngineLoad, EngineRequest, RequestOutput
+from engines.engine import (
+    PREFETCH_CHUNK_BLOCKS,
+    Engine,
+    EngineConfig,
+    EngineLoad,
+    EngineRequest,
+    RequestOutput,
+)
 from engines.mock import MockRunner, TransferModel
 from engines.runner import SamplingParams
 from loadgen.sim.events import EventLoop
 from loadgen.sim.fastforward import DecodeRun, FastForward
 from router.protocol import KvEvent, LoadReport, WorkerRegistration
-
-# A prefetch copies this many blocks per step (43 ms over the default host link, a step's order of
-# time): arrivals wait for one chunk, as a GPU's copy engine interleaves transfers in chunks.
-PREFETCH_CHUNK_BLOCKS = 256
 
 OutputSink = Callable[[str, list[RequestOutput]], None]
 EventSink = Callable[[str, list[KvEvent]], None]

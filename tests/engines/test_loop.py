@@ -24,11 +24,12 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from engines.engine import Engine, EngineConfig, EngineRequest
+from engines.engine import PREFETCH_CHUNK_BLOCKS, Engine, EngineConfig, EngineRequest
 from engines.loop import EngineLoop
-from engines.mock import MockRunner, decode_ms, prefill_ms
+from engines.mock import MockRunner, TransferModel, decode_ms, prefill_ms
 from engines.runner import SamplingParams
 from gateway.natsd import free_port
+from router.hashing import block_hashes
 
 BUDGET = 8192  # tokens per step (the worker's --max-num-batched-tokens default)
 ATTEMPTS = 10  # uncached prompts per size, at most, for one reply within the bound
@@ -163,6 +164,39 @@ async def test_a_mock_step_delivers_only_after_its_modelled_time() -> None:
         for previous, step in itertools.pairwise(steps):
             assert previous.ended - 1e-9 <= step.ended - step.duration_s <= step.started + 1e-9
         assert (await queue.get()).finished
+    finally:
+        await loop.stop()
+
+
+async def test_a_live_prefetch_copies_in_chunks_and_yields_to_a_new_request() -> None:
+    # a host link slow enough that one chunk of 256 blocks of 16 tokens takes ~0.2 s
+    transfer = TransferModel(bandwidth_gbps=2.5)
+    chunk_s = transfer.seconds(PREFETCH_CHUNK_BLOCKS, 16)
+    config = EngineConfig(num_blocks=1024, block_size=16, max_num_batched_tokens=8192, host_blocks=1024)
+    engine = Engine(config, MockRunner(1024, 16, transfer=transfer))
+    loop = EngineLoop(engine, threaded=False)
+    loop.start()
+    try:
+        prompt = list(range(600 * 16))
+        chain = block_hashes(prompt, 16, config.hash_seed)
+        done = await loop.submit(EngineRequest("a", prompt, SamplingParams(max_tokens=1)))
+        while not (await done.get()).finished:
+            pass
+        assert await loop.call(lambda: engine.offload(chain)) == 600  # the session waits on a tool
+        started = asyncio.get_running_loop().time()
+        prefetch = asyncio.create_task(loop.prefetch(chain))
+        while engine.prefetched_blocks == 0:  # the first chunk is being copied
+            await asyncio.sleep(0.005)
+        queue = await loop.submit(EngineRequest("b", [7] * 64, SamplingParams(max_tokens=1)))
+        assert (await queue.get()).finished
+        answered = asyncio.get_running_loop().time()
+        await prefetch
+        # the new request waited for the chunk in flight only, and the prefetch then left the rest
+        assert engine.prefetched_blocks == PREFETCH_CHUNK_BLOCKS
+        assert answered - started >= chunk_s
+        # the whole context back takes three chunks; an idle worker copies them all
+        await loop.prefetch(chain)
+        assert engine.prefetched_blocks == 600
     finally:
         await loop.stop()
 
