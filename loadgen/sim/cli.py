@@ -160,11 +160,7 @@ def _sweep(
         sizes = len(multiples)
         print(f"{len(workload)} rows x {len(policies)} policies x {sizes} host sizes in {elapsed:.1f} s")
     if args.json is not None:
-        data = msgspec.json.encode(sweep)
-        if to_stdout:
-            sys.stdout.write(data.decode() + "\n")
-        else:
-            Path(args.json).write_bytes(data + b"\n")
+        write_json(args.json, sweep)
     if args.sweep_chart is not None:
         path = write_sweep_chart(sweep, args.sweep_chart)
         if not to_stdout:
@@ -228,13 +224,18 @@ def run(args: argparse.Namespace) -> int:
             if sim_run.held:
                 print(f"{policy}: {sim_run.held} turns held by admission before routing")
     if args.json is not None:
-        data = msgspec.json.encode(report)
-        if to_stdout:
-            sys.stdout.write(data.decode() + "\n")
-        else:
-            Path(args.json).write_bytes(data + b"\n")
+        write_json(args.json, report)
     if args.charts:
         for path in write_charts(report, runs, args.charts):
             if not to_stdout:
                 print(f"wrote {path}")
     return 0
+
+
+def write_json(target: str, value: object) -> None:
+    """`--json`: to the file named, or to stdout for "-"."""
+    data = msgspec.json.encode(value)
+    if target == "-":
+        sys.stdout.write(data.decode() + "\n")
+    else:
+        Path(target).write_bytes(data + b"\n")
