@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.natsd import free_port
+from tests.kvgate_up import running_kvgate_up
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -101,27 +100,9 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def mock_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`kvgate up --engine mock` on a free port, for the blocks that need it; its /v1 URL."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("up") / "up.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "up", "--engine", "mock", "--port", str(port),
-         "--worker-args", "--speedup 20"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        while b"kvgate is up" not in (line := proc.stdout.readline()):
-            assert line, f"kvgate up exited: {log_path.read_text()[-3000:]}"
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    with running_kvgate_up(["--engine", "mock", "--worker-args", "--speedup 20"], log_path) as url:
+        yield url + "/v1"
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -18,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from gateway.natsd import free_port
+from tests.kvgate_up import running_kvgate_up
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_EXTRA = ("torch", "safetensors", "tokenizers")
@@ -58,29 +57,11 @@ def test_the_torch_test_modules_skip_without_torch(tmp_path: Path) -> None:
 def test_kvgate_up_with_the_mock_engine_needs_no_torch(tmp_path: Path) -> None:
     (tmp_path / "blocked").mkdir()
     env = without(tmp_path / "blocked", *TORCH_EXTRA)
-    port = free_port()
-    log = (tmp_path / "up.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "up", "--engine", "mock", "--workers", "1",
-         "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        while b"kvgate is up" not in (line := proc.stdout.readline()):
-            assert line, (tmp_path / "up.log").read_text()[-3000:]
-        url = f"http://127.0.0.1:{port}/v1"
+    with running_kvgate_up(["--engine", "mock", "--workers", "1"], tmp_path / "up.log", env=env) as base:
+        url = base + "/v1"
         with urllib.request.urlopen(url + "/models", timeout=10) as response:
             (model,) = json.load(response)["data"]
         reply = openai.OpenAI(base_url=url, api_key="none", max_retries=0).chat.completions.create(
             model=model["id"], messages=[{"role": "user", "content": "hello"}], max_tokens=8
         )
         assert reply.choices[0].message.content and reply.usage and reply.usage.completion_tokens > 0
-    finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: kvgate up stops its workers and NATS
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
