@@ -5,8 +5,9 @@ Each of those endpoints translates its request into the chat messages and tools 
 `/v1/chat/completions` path takes (`Turn`), so tokenization, routing, sessions, pins and admission are
 one code path whatever the API. The worker answers in chat completions; `relay` reads that answer (whole
 or as a stream) into neutral deltas and a final `Answer`, and a per-request `Translation` writes them in
-its API's shape. As in `gateway.proxy`, nothing reaches the client before the worker's first event, so a
-worker that fails before it can be retried elsewhere (`Retryable`).
+its API's shape. Streams go through `gateway.stream_relay`, as the chat-completions ones do: nothing
+reaches the client before the worker's first event, so a worker that fails before it can be retried
+elsewhere (`Retryable`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from aiohttp import web
 
 from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import Outcome, Retryable, read_usage
+from gateway.proxy import Outcome, read_usage
+from gateway.stream_relay import Retryable, relay_stream
 from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from gateway.validation import Turn
 
@@ -243,10 +245,14 @@ async def relay(
             raise ApiError(resp.status, await _error_message(resp), code="worker_refused")
         reader = ChatReader()
         if not stream:
-            response = await _whole(resp, headers, outcome, on_first_token, reader, translation)
+            response: web.StreamResponse = await _whole(
+                resp, headers, outcome, on_first_token, reader, translation
+            )
         else:
-            response = await _stream(
-                resp, request, headers, metrics, outcome, on_first_token, reader, translation
+            stream_headers = {**headers, "content-type": "text/event-stream", "cache-control": "no-cache"}
+            events = _TranslatedEvents(reader, translation, headers, outcome)
+            response = await relay_stream(
+                resp, request, stream_headers, metrics, outcome, on_first_token, events
             )
         return response, outcome
     finally:
@@ -298,103 +304,60 @@ async def _whole(
     return web.Response(body=data, headers={**headers, "content-type": "application/json"})
 
 
-async def _stream(
-    resp: UpstreamResponse,
-    request: web.Request,
-    headers: dict[str, str],
-    metrics: GatewayMetrics,
-    outcome: Outcome,
-    on_first_token: Callable[[], None],
-    reader: ChatReader,
-    translation: Translation,
-) -> web.StreamResponse:
-    response: web.StreamResponse | None = None
-    buffer = b""
-    last_event_at = 0.0
-    done = False
-    chunks = resp.iter_chunks()
-    while not done:
-        try:
-            chunk = await chunks.__anext__()
-        except StopAsyncIteration:
-            break
-        except UpstreamError as exc:
-            if response is None:
-                raise Retryable(str(exc)) from exc
-            return await _fail(response, metrics, translation, f"worker failed mid-stream: {exc}")
-        buffer += chunk
-        deltas: list[Delta] = []
-        seen = False
-        while not done:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
-            event, buffer = buffer[:end], buffer[end + 2 :]
-            if not event.startswith(b"data:"):
-                continue
-            data = event[5:].strip()
-            if data == _DONE:
-                done = True
-                break
-            with contextlib.suppress(msgspec.DecodeError):
-                parsed = msgspec.json.decode(data)
-                if isinstance(parsed, dict):
-                    seen = True
-                    deltas.extend(reader.chunk(parsed))
-        if not seen and not done:
-            continue
-        now = time.monotonic()
-        out = b""
-        if response is None:
-            response = web.StreamResponse(
-                headers={**headers, "content-type": "text/event-stream", "cache-control": "no-cache"}
-            )
-            resp.commit()
-            await response.prepare(request)
-            outcome.first_token_at = now
-            on_first_token()
-            out = translation.start(
-                _int_header(headers, PROMPT_TOKENS_HEADER), _int_header(headers, EXPECTED_CACHED_HEADER)
-            )
-        else:
-            metrics.itl.observe(now - last_event_at)
-        last_event_at = now
-        if deltas:
-            out += translation.deltas(deltas)
-        if done:
-            answer = reader.result()
-            _record(answer, outcome)
-            outcome.ok = True
-            out += await translation.end(answer)
-        if out:
-            await response.write(out)
-    if response is None:
-        raise Retryable("worker ended the stream before its first event")
-    if not done:
-        return await _fail(response, metrics, translation, "worker ended the stream without [DONE]")
-    if not resp.complete:
-        with contextlib.suppress(UpstreamError):
-            async for _ in resp.iter_chunks():  # the chunk terminator after [DONE]
-                pass
-    await response.write_eof()
-    return response
+class _TranslatedEvents:
+    """A worker's chat-completions stream, read into deltas and written in `translation`'s API."""
+
+    def __init__(
+        self, reader: ChatReader, translation: Translation, headers: dict[str, str], outcome: Outcome
+    ) -> None:
+        self._reader = reader
+        self._translation = translation
+        self._headers = headers
+        self._outcome = outcome
+        self._deltas: list[Delta] = []
+        self._seen = False  # a chunk (a JSON object) arrived since the last take
+        self._done = False
+
+    def read(self, event: bytes) -> bool:
+        if not event.startswith(b"data:"):
+            return False  # comments and other fields have no counterpart in the client's API
+        data = event[5:].strip()
+        if data == _DONE:
+            self._done = True
+            return True
+        with contextlib.suppress(msgspec.DecodeError):
+            parsed = msgspec.json.decode(data)
+            if isinstance(parsed, dict):
+                self._seen = True
+                self._deltas.extend(self._reader.chunk(parsed))
+        return False
+
+    def take(self, first: bool) -> bytes | None:
+        if not self._seen and not self._done:
+            return None
+        self._seen = False
+        out = self._start() if first else b""
+        deltas, self._deltas = self._deltas, []
+        return out + self._translation.deltas(deltas) if deltas else out
+
+    def _start(self) -> bytes:
+        return self._translation.start(
+            _int_header(self._headers, PROMPT_TOKENS_HEADER),
+            _int_header(self._headers, EXPECTED_CACHED_HEADER),
+        )
+
+    async def end(self) -> bytes:
+        answer = self._reader.result()
+        _record(answer, self._outcome)
+        return await self._translation.end(answer)
+
+    def error(self, message: str) -> bytes:
+        return self._translation.stream_error(message)
 
 
 def _int_header(headers: dict[str, str], name: str) -> int:
     value = headers.get(name, "")
     return int(value) if value.isdigit() else 0
-
-
-async def _fail(
-    response: web.StreamResponse, metrics: GatewayMetrics, translation: Translation, message: str
-) -> web.StreamResponse:
-    metrics.stream_errors.inc()
-    try:
-        await response.write(translation.stream_error(message))
-        await response.write_eof()
-    except ConnectionError:
-        pass
-    return response
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:

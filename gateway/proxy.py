@@ -11,7 +11,6 @@ stream with an error event.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -22,15 +21,12 @@ from aiohttp import web
 
 from gateway.errors import sse_error_event
 from gateway.metrics import GatewayMetrics
+from gateway.stream_relay import Retryable, relay_stream
 from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 _DONE = b"[DONE]"
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 SERVED_BY_HEADER = "x-kvgate-served-by"  # a worker's id, as `kvgate worker` sends it (engines/worker.py)
-
-
-class Retryable(Exception):
-    """The worker failed before anything reached the client: another worker may take the turn."""
 
 
 class Outcome(msgspec.Struct):
@@ -100,15 +96,18 @@ async def forward(
         if resp.status in _RETRYABLE_STATUS:
             raise Retryable(f"worker answered {resp.status}")
         if resp.status != 200 or not stream:
-            response = await _whole(resp, headers, outcome, on_first_token)
+            response: web.StreamResponse = await _whole(resp, headers, outcome, on_first_token)
         else:
-            response = await _relay(
-                resp, request, headers, client_wants_usage, metrics, outcome, on_first_token
+            stream_headers = {
+                **headers,
+                **_served_by(resp),
+                "content-type": "text/event-stream",
+                "cache-control": "no-cache",
+            }
+            events = _ChatEvents(client_wants_usage, outcome)
+            response = await relay_stream(
+                resp, request, stream_headers, metrics, outcome, on_first_token, events
             )
-            if outcome.ok and not resp.complete:
-                with contextlib.suppress(UpstreamError):
-                    async for _ in resp.iter_chunks():  # the chunk terminator after [DONE]
-                        pass
         return response, outcome
     finally:
         # back to the pool when read to the end; a half-read response is closed, which is what
@@ -148,67 +147,33 @@ async def _whole(
     )
 
 
-async def _relay(
-    resp: UpstreamResponse,
-    request: web.Request,
-    headers: dict[str, str],
-    client_wants_usage: bool,
-    metrics: GatewayMetrics,
-    outcome: Outcome,
-    on_first_token: Callable[[], None],
-) -> web.StreamResponse:
-    response: web.StreamResponse | None = None
-    buffer = b""
-    last_event_at = 0.0
-    done = False
-    chunks = resp.iter_chunks()
-    while not done:
-        try:
-            chunk = await chunks.__anext__()
-        except StopAsyncIteration:
-            break
-        except UpstreamError as exc:
-            if response is None:
-                raise Retryable(str(exc)) from exc
-            return await _fail(response, metrics, f"worker failed mid-stream: {exc}")
-        buffer += chunk
-        out: list[bytes] = []  # the events that arrived together leave together: one write, one flush
-        while not done:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
-            event, buffer = buffer[: end + 2], buffer[end + 2 :]
-            sent, done = _inspect(event, client_wants_usage, outcome)
-            if sent is not None:
-                out.append(sent)
+class _ChatEvents:
+    """A chat-completions stream relayed as it is: usage read as it passes, and dropped when the
+    client did not ask for it."""
+
+    def __init__(self, client_wants_usage: bool, outcome: Outcome) -> None:
+        self._client_wants_usage = client_wants_usage
+        self._outcome = outcome
+        self._out: list[bytes] = []
+
+    def read(self, event: bytes) -> bool:
+        sent, done = _inspect(event, self._client_wants_usage, self._outcome)
+        if sent is not None:
+            self._out.append(sent)
+        return done
+
+    def take(self, first: bool) -> bytes | None:
+        out = self._out
         if not out:
-            continue
-        now = time.monotonic()
-        if response is None:
-            response = web.StreamResponse(
-                headers={
-                    **headers,
-                    **_served_by(resp),
-                    "content-type": "text/event-stream",
-                    "cache-control": "no-cache",
-                }
-            )
-            resp.commit()
-            await response.prepare(request)
-            outcome.first_token_at = now
-            on_first_token()
-        else:
-            metrics.itl.observe(now - last_event_at)
-        last_event_at = now
-        batch = out[0] if len(out) == 1 else b"".join(out)
-        if done:  # the last events and the stream's end leave in one write (one system call)
-            outcome.ok = True
-            await response.write_eof(batch)
-            return response
-        await response.write(batch)
-    if response is None:
-        raise Retryable("worker ended the stream before its first event")
-    return await _fail(response, metrics, "worker ended the stream without [DONE]")
+            return None
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    async def end(self) -> bytes:
+        return b""
+
+    def error(self, message: str) -> bytes:
+        return sse_error_event(502, message, "upstream_failed")
 
 
 def _served_by(resp: UpstreamResponse) -> dict[str, str]:
@@ -296,13 +261,3 @@ def _reencode_without_usage(event: bytes) -> bytes:
     if isinstance(chunk, dict):
         chunk.pop("usage", None)
     return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
-
-
-async def _fail(response: web.StreamResponse, metrics: GatewayMetrics, message: str) -> web.StreamResponse:
-    metrics.stream_errors.inc()
-    try:
-        await response.write(sse_error_event(502, message, "upstream_failed"))
-        await response.write_eof()
-    except ConnectionError:
-        pass
-    return response

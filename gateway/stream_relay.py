@@ -1,0 +1,128 @@
+"""The loop that relays a worker's server-sent events to the client, whatever API the client speaks.
+
+The worker always answers in chat-completions SSE. The loop splits its chunks into events, hands them
+to a `StreamEvents` (which says what the client gets for them, and which event was the last), and owns
+what every API shares: nothing is sent before the worker's first event (so a worker that fails before
+it can be retried elsewhere: `Retryable`), the events that arrived together leave in one write, the
+inter-token latency is observed per write, and a worker that fails or ends early after the first
+event ends the client's stream with an error event in the client's API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from aiohttp import web
+
+from gateway.metrics import GatewayMetrics
+from gateway.upstream import UpstreamError, UpstreamResponse
+
+
+class Retryable(Exception):
+    """The worker failed before anything reached the client: another worker may take the turn."""
+
+
+class Outcome(Protocol):
+    ok: bool
+    first_token_at: float | None
+
+
+class StreamEvents(Protocol):
+    """What the client gets for a worker's events, in one API's wire format."""
+
+    def read(self, event: bytes) -> bool:
+        """Take one event (`...\\n\\n` included); True when it was the worker's last (`[DONE]`)."""
+        ...
+
+    def take(self, first: bool) -> bytes | None:
+        """The bytes for the events read since the last take (`first`: the first bytes the client
+        gets, which open its API's stream); None when none of them counts as an event for the
+        client: nothing is written, and before the first one nothing is sent."""
+        ...
+
+    async def end(self) -> bytes:
+        """What goes after the last event's bytes (once, when the worker's stream was complete)."""
+        ...
+
+    def error(self, message: str) -> bytes:
+        """The event that ends the client's stream when the worker failed after its first event."""
+        ...
+
+
+async def relay_stream(
+    resp: UpstreamResponse,
+    request: web.Request,
+    headers: dict[str, str],
+    metrics: GatewayMetrics,
+    outcome: Outcome,
+    on_first_token: Callable[[], None],
+    events: StreamEvents,
+) -> web.StreamResponse:
+    """Relay `resp`'s event stream to the client with `headers`; `outcome.ok` when it ended in [DONE]."""
+    response: web.StreamResponse | None = None
+    buffer = b""
+    last_event_at = 0.0
+    done = False
+    chunks = resp.iter_chunks()
+    while not done:
+        try:
+            chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            break
+        except UpstreamError as exc:
+            if response is None:
+                raise Retryable(str(exc)) from exc
+            return await _fail(response, metrics, events.error(f"worker failed mid-stream: {exc}"))
+        buffer += chunk
+        while not done:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            done = events.read(buffer[: end + 2])
+            buffer = buffer[end + 2 :]
+        out = events.take(response is None)
+        if out is None:
+            if not done:
+                continue
+            out = b""
+        now = time.monotonic()
+        if response is None:
+            response = web.StreamResponse(headers=headers)
+            resp.commit()
+            await response.prepare(request)
+            outcome.first_token_at = now
+            on_first_token()
+        else:
+            metrics.itl.observe(now - last_event_at)
+        last_event_at = now
+        if done:  # the last events and the stream's end leave in one write (one system call)
+            outcome.ok = True
+            await response.write_eof(out + await events.end())
+            await _drain(resp)
+            return response
+        if out:
+            await response.write(out)
+    if response is None:
+        raise Retryable("worker ended the stream before its first event")
+    return await _fail(response, metrics, events.error("worker ended the stream without [DONE]"))
+
+
+async def _drain(resp: UpstreamResponse) -> None:
+    """Read what follows [DONE] (the chunk terminator), so the connection goes back to the pool."""
+    if not resp.complete:
+        with contextlib.suppress(UpstreamError):
+            async for _ in resp.iter_chunks():
+                pass
+
+
+async def _fail(response: web.StreamResponse, metrics: GatewayMetrics, event: bytes) -> web.StreamResponse:
+    metrics.stream_errors.inc()
+    try:
+        await response.write(event)
+        await response.write_eof()
+    except ConnectionError:
+        pass
+    return response
