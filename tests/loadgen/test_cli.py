@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
-import os
 import signal
 import sys
 from collections import defaultdict
@@ -20,7 +18,8 @@ from gateway.cli import main
 from loadgen.charts import CHARTS
 from loadgen.replay import think_delay_s
 from loadgen.trace import load_trace
-from tests.loadgen.conftest import ROOT, TRACES, Served, free_port, run_loadgen
+from tests.kvgate_up import running_kvgate_up_async
+from tests.loadgen.conftest import ROOT, TRACES, Served, run_loadgen
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUMMARY_KEYS = (
@@ -41,41 +40,16 @@ def assert_charts(out: Path) -> None:
 async def mock_gateway(tmp_path: Path) -> AsyncIterator[str]:
     """`kvgate up --engine mock`: NATS, two zero-latency mock workers and the gateway, as a user runs it."""
     workers = "--speedup 1000 --num-blocks 4096"
-    async with kvgate_up(tmp_path, "--workers", "2", "--worker-args", workers) as url:
+    args = ["--engine", "mock", "--workers", "2", "--worker-args", workers]
+    async with running_kvgate_up_async(args, tmp_path / "up.log") as url:
         yield url
-
-
-@contextlib.asynccontextmanager
-async def kvgate_up(tmp_path: Path, *extra: str) -> AsyncIterator[str]:
-    """`kvgate up --engine mock EXTRA` on a free port, until the block ends; yields the gateway's URL."""
-    port = free_port()
-    log = (tmp_path / "up.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "up", "--engine", "mock", "--port", str(port), *extra,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(90):
-            while b"curl" not in (line := await proc.stdout.readline()):  # the ready banner
-                assert line, f"kvgate up exited: {(tmp_path / 'up.log').read_text()[-3000:]}"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except TimeoutError:
-                os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-        log.close()
 
 
 @pytest.mark.slow
 async def test_the_defaults_fit_the_default_server(tmp_path: Path) -> None:
     """`kvgate loadgen` with its defaults against `kvgate up --engine mock` with its defaults (a free
     port; 20 s instead of 60): the workload is sized to the workers' context, so nothing is refused."""
-    async with kvgate_up(tmp_path) as url:
+    async with running_kvgate_up_async(["--engine", "mock"], tmp_path / "up.log") as url:
         run = await run_loadgen(["--url", url, "--no-progress", "--duration", "20"], timeout=150)
     assert run.returncode == 0, run.stderr[-2000:]
     summary = run.summary()

@@ -18,8 +18,8 @@ import nats
 import pytest
 
 from router.protocol import BlockRemoved, BlockStored, KvEventBatch, Subjects, WorkerRegistration, decode
+from tests.kvgate_up import running_kvgate_up_async
 from tests.loadgen.conftest import run_loadgen
-from tests.loadgen.test_cli import kvgate_up
 
 # One worker whose device (384 blocks of 16 tokens) holds less than two of these sessions' contexts (a
 # shared ~2,300-token system prompt and tools, then 2,000 tokens and more of each session's own), behind
@@ -83,8 +83,9 @@ async def test_a_session_goes_to_host_during_its_tool_call_and_comes_back(
     nc = await nats.connect(nats_url)
     try:
         await nc.subscribe(Subjects(namespace).kv("w").removesuffix(".w") + ".*", cb=tap.on_batch)
-        up = ["--workers", "1", "--nats", nats_url, "--namespace", namespace, "--worker-args", WORKER_ARGS]
-        async with kvgate_up(tmp_path, *up, *ROUTER) as url:
+        up = ["--engine", "mock", "--workers", "1", "--nats", nats_url, "--namespace", namespace]
+        up += ["--worker-args", WORKER_ARGS, *ROUTER]
+        async with running_kvgate_up_async(up, tmp_path / "up.log") as url:
             kv = await nc.jetstream().key_value(Subjects(namespace).registry_bucket)
             worker_url = decode((await kv.get((await kv.keys())[0])).value, WorkerRegistration).url
             run = await run_loadgen(["--url", url, *LOAD, "--out", str(tmp_path / "run")], timeout=240)
