@@ -9,13 +9,16 @@
 
 `kvgate up` generates one user per role (one per worker, so a worker cannot write another's entry)
 with random passwords; the server's configuration holds only their bcrypt hashes, the clients the
-passwords. `docs/SECURITY.md` gives the same rules for a NATS you run yourself. The permissions are
-nats-server configuration (its format is a superset of JSON).
+passwords. The Helm chart renders the same permissions (charts/kvgate/templates/_helpers.tpl) for its
+gateway, its worker pods (one user: they share a pod template) and each bridge. `docs/SECURITY.md`
+gives the same rules for a NATS you run yourself. The permissions are nats-server configuration (its
+format is a superset of JSON).
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 import bcrypt
@@ -48,18 +51,19 @@ def _kv_stream(subjects: Subjects) -> str:
     return f"KV_{subjects.registry_bucket}"
 
 
-def worker_permissions(subjects: Subjects, worker_id: str | None) -> dict[str, Any]:
-    """One worker's permissions; `None` for a user all workers share (the Helm chart's, where pods come
-    and go): any worker's subjects then, and still nothing of a gateway's."""
-    wid = "*" if worker_id is None else check_token(worker_id, "worker id")
+def worker_permissions(subjects: Subjects, worker_ids: Sequence[str]) -> dict[str, Any]:
+    """The permissions of a user that serves `worker_ids`: one worker's own (`kvgate up` and each of
+    the Helm chart's bridges), or the Helm chart's worker pods', which share one pod template and so
+    one user. Nothing of another worker's, nor of a gateway's."""
+    ids = [check_token(wid, "worker id") for wid in worker_ids]
     registry, stream, prefix = _kv_stream(subjects), subjects.kv_stream, subjects.prefix
     tokenizers = f"OBJ_{subjects.tokenizer_bucket}"
     return {
         "publish": {
             "allow": [
-                f"{prefix}.kv.{wid}",
-                f"{prefix}.load.{wid}",
-                f"$KV.{subjects.registry_bucket}.{wid}",
+                *(f"{prefix}.kv.{wid}" for wid in ids),
+                *(f"{prefix}.load.{wid}" for wid in ids),
+                *(f"$KV.{subjects.registry_bucket}.{wid}" for wid in ids),
                 f"{JS_API}.INFO",
                 f"{JS_API}.STREAM.INFO.{stream}",
                 f"{JS_API}.STREAM.CREATE.{stream}",
@@ -73,7 +77,13 @@ def worker_permissions(subjects: Subjects, worker_id: str | None) -> dict[str, A
                 f"{JS_API}.DIRECT.GET.{tokenizers}.>",
             ]
         },
-        "subscribe": {"allow": [f"{prefix}.pin.{wid}", f"{prefix}.dump.{wid}", "_INBOX.>"]},
+        "subscribe": {
+            "allow": [
+                *(f"{prefix}.pin.{wid}" for wid in ids),
+                *(f"{prefix}.dump.{wid}" for wid in ids),
+                "_INBOX.>",
+            ]
+        },
         "allow_responses": {"max": 1},
     }
 
@@ -102,7 +112,7 @@ def new_user(name: str, permissions: dict[str, Any]) -> BusUser:
 def generated_users(subjects: Subjects, worker_ids: list[str]) -> tuple[BusUser, dict[str, BusUser]]:
     """A gateway user and one user per worker, each with a fresh random password."""
     gateway = new_user("gateway", gateway_permissions(subjects))
-    workers = {wid: new_user(f"worker-{wid}", worker_permissions(subjects, wid)) for wid in worker_ids}
+    workers = {wid: new_user(f"worker-{wid}", worker_permissions(subjects, [wid])) for wid in worker_ids}
     return gateway, workers
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import helm_python as helm
 import kubernetes_validate
 import pytest
@@ -39,9 +40,11 @@ OFFICIAL_NATS_KEYS = {
     "config.cluster.replicas",
     "config.jetstream.enabled",
     "config.jetstream.fileStore.pvc.size",
+    "container.patch",  # JSON patches of its container and pod template: the users file's mount
+    "podTemplate.patch",
 }
-# Maps of the official chart whose contents are free: env vars of its container, NATS configuration.
-OFFICIAL_NATS_FREE = ("container.env.", "config.merge.")
+# Maps of the official chart whose contents are free: NATS configuration.
+OFFICIAL_NATS_FREE = ("config.merge.",)
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -496,59 +499,86 @@ def test_schema_choices_follow_the_code() -> None:
     assert sorted(targets["engine"]["enum"]) == sorted(bridge_flag.choices)
 
 
-def test_bus_roles_reach_every_pod_and_the_bundled_nats() -> None:
-    """Each pod authenticates as its role with the password from the chart's Secret, and the bundled
-    NATS admits those roles with the permissions kvgate up's embedded server gives them."""
+def bus_secret(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[dict[str, Any]]]:
+    """The chart's bus Secret: the document, its data decoded, and the bundled NATS's users from it."""
+    (secret,) = find(render(values), "Secret")
+    data = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+    users_conf = data["nats-users.conf"]
+    assert users_conf.startswith("users: ")
+    return secret, data, json.loads(users_conf.removeprefix("users: "))
+
+
+def test_each_role_has_its_own_bus_user_with_kvgate_ups_permissions() -> None:
+    """The gateway, the workers' pods and each bridge authenticate as their own user with the password
+    from the chart's Secret; the bundled NATS's users carry bcrypt hashes of those passwords and exactly
+    the permissions `kvgate up` gives the same roles (gateway/bus_roles.py): the workers' user may write
+    its pods' worker ids only, each bridge's user its own only."""
     from gateway.bus_roles import gateway_permissions, worker_permissions
     from router.protocol import Subjects
 
-    docs = render({"bridges": {"targets": BRIDGE_TARGETS[:1]}})
-    (secret,) = find(docs, "Secret")
-    keys = {f"{role}-password{kind}" for role in ("gateway", "worker") for kind in ("", "-bcrypt")}
-    assert set(secret["data"]) == keys
-    roles = {"Deployment/demo-kvgate-gateway": "gateway", "StatefulSet/demo-kvgate-worker": "worker"}
+    values = {"busNamespace": "team-a", "workers": {"replicas": 3}, "bridges": {"targets": BRIDGE_TARGETS}}
+    docs = render(values)
+    secret, data, users = bus_secret(values)
+    bridges = [target["name"] for target in BRIDGE_TARGETS]
+    roles = ["gateway", "worker", *(f"bridge-{name}" for name in bridges)]
+    assert set(data) == {f"{role}-password" for role in roles} | {"nats-users.conf"}
+    pods = {"Deployment/demo-kvgate-gateway": "gateway", "StatefulSet/demo-kvgate-worker": "worker"}
+    pods.update({f"Deployment/demo-kvgate-bridge-{name}": f"bridge-{name}" for name in bridges})
     for doc in docs:
         if doc["kind"] not in ("Deployment", "StatefulSet"):
             continue
-        (container,) = doc["spec"]["template"]["spec"]["containers"]
-        env = {e["name"]: e for e in container.get("env", [])}
-        role = roles.get(f"{doc['kind']}/{doc['metadata']['name']}", "worker")  # bridges are workers
+        env = {e["name"]: e for e in container(doc).get("env", [])}
+        role = pods.pop(f"{doc['kind']}/{doc['metadata']['name']}")
         assert env["NATS_USER"]["value"] == role
         ref = env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": secret["metadata"]["name"], "key": f"{role}-password"}
+    assert not pods
 
-    nats = values_file("values.yaml")["nats"]
-    secrets = {k: v["valueFrom"]["secretKeyRef"] for k, v in nats["container"]["env"].items()}
-    subjects = Subjects(values_file("values.yaml")["busNamespace"])
-    expected = {"gateway": gateway_permissions(subjects), "worker": worker_permissions(subjects, None)}
-    for user in nats["config"]["merge"]["authorization"]["users"]:
-        assert user["permissions"] == expected.pop(user["user"])
-        variable = user["password"].removeprefix("<< $").removesuffix(" >>")
-        # the bundled NATS reads the hash, never the password itself
-        hashed = f"{user['user']}-password-bcrypt"
-        assert secrets[variable] == {"name": secret["metadata"]["name"], "key": hashed}
+    subjects = Subjects("team-a")
+    expected = {
+        "gateway": gateway_permissions(subjects),
+        "worker": worker_permissions(subjects, [f"demo-kvgate-worker-{i}" for i in range(3)]),
+        **{f"bridge-{name}": worker_permissions(subjects, [name]) for name in bridges},
+    }
+    for user in users:
+        assert user["permissions"] == expected.pop(user["user"]), user["user"]
+        # the bundled NATS gets the hash, never the password itself
+        assert bcrypt.checkpw(data[f"{user['user']}-password"].encode(), user["password"].encode())
     assert not expected
 
 
-def test_the_bundled_nats_admits_the_secrets_passwords_by_their_hashes(tmp_path: Path) -> None:
-    """A real nats-server given what the chart gives the bundled one (the users' passwords as NATS
-    variables, from the Secret's hashes in its environment) admits each pod's password, refuses a wrong
-    one and logs no warning about plaintext passwords."""
-    (secret,) = find(render({}), "Secret")
-    data = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
-    users = values_file("values.yaml")["nats"]["config"]["merge"]["authorization"]["users"]
+def test_the_bundled_nats_reads_the_users_from_the_secret() -> None:
+    """The nats chart's values include the Secret's user list, mounted beside its configuration, and
+    nothing else of the Secret (no password reaches the NATS pod)."""
+    nats = values_file("values.yaml")["nats"]
+    assert nats["config"]["merge"]["authorization"] == {"$include": "../nats-auth/users.conf"}
+    (mount,) = [p["value"] for p in nats["container"]["patch"] if p["path"] == "/volumeMounts/-"]
+    (volume,) = [p["value"] for p in nats["podTemplate"]["patch"] if p["path"] == "/spec/volumes/-"]
+    assert mount == {"name": volume["name"], "mountPath": "/etc/nats-auth", "readOnly": True}
+    # the nats chart's configuration lives in /etc/nats-config: the include resolves beside it
+    assert os.path.normpath("/etc/nats-config/../nats-auth/users.conf") == "/etc/nats-auth/users.conf"
+    secret_name = values_file("values.yaml")["busAuth"]["secretName"]
+    items = [{"key": "nats-users.conf", "path": "users.conf"}]
+    assert volume["secret"] == {"secretName": secret_name, "items": items}
+
+
+def test_the_bundled_nats_admits_each_role_to_its_own_subjects_only(tmp_path: Path) -> None:
+    """A real nats-server given what the chart gives the bundled one (its configuration including the
+    Secret's nats-users.conf from beside it) admits each pod's password, refuses a wrong one, logs no
+    warning about plaintext passwords, and drops what a worker or a bridge publishes as another."""
+    values = {"workers": {"replicas": 2}, "bridges": {"targets": BRIDGE_TARGETS[:1]}}
+    _, data, _ = bus_secret(values)
     port = free_port()
-    # `<< $X >>` is the nats chart's way to write `$X` unquoted: a variable nats-server looks up
-    entries = ", ".join(f"{{user: {u['user']}, password: {u['password'][3:-3]}}}" for u in users)
-    config = f"host: 127.0.0.1\nport: {port}\nauthorization {{ users: [{entries}] }}\n"
-    (tmp_path / "nats.conf").write_text(config)
-    nats_env = values_file("values.yaml")["nats"]["container"]["env"]
-    env = {name: data[ref["valueFrom"]["secretKeyRef"]["key"]] for name, ref in nats_env.items()}
-    assert all(value.startswith("$2a$") for value in env.values())
+    (tmp_path / "nats-config").mkdir()
+    (tmp_path / "nats-auth").mkdir()
+    (tmp_path / "nats-auth" / "users.conf").write_text(data["nats-users.conf"])
+    # the nats chart writes `$include: X` as nats-server's `include X;`
+    config = f"host: 127.0.0.1\nport: {port}\nauthorization {{\n  include ../nats-auth/users.conf;\n}}\n"
+    (tmp_path / "nats-config" / "nats.conf").write_text(config)
     log = tmp_path / "nats.log"
     with log.open("wb") as out:
         server = subprocess.Popen(
-            [find_nats_server(), "-c", str(tmp_path / "nats.conf")], env={**os.environ, **env}, stderr=out
+            [find_nats_server(), "-c", str(tmp_path / "nats-config" / "nats.conf")], stderr=out
         )
     try:
         deadline = time.monotonic() + 30
@@ -556,20 +586,46 @@ def test_the_bundled_nats_admits_the_secrets_passwords_by_their_hashes(tmp_path:
             assert server.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         assert "Plaintext" not in log.read_text()
-
-        async def connect(user: str, password: str) -> None:
-            url = f"nats://127.0.0.1:{port}"
-            options = {"allow_reconnect": False, "connect_timeout": 10}
-            nc = await nats_connect(url, user=user, password=password, **options)
-            await nc.close()
-
-        for role in ("gateway", "worker"):
-            asyncio.run(connect(role, data[f"{role}-password"]))
-        with pytest.raises(Exception, match=r"(?i)authorization"):
-            asyncio.run(connect("worker", data["gateway-password"]))
+        asyncio.run(_publish_as_each_role(f"nats://127.0.0.1:{port}", data))
     finally:
         server.terminate()
         server.wait(10)
+
+
+async def _publish_as_each_role(url: str, data: dict[str, str]) -> None:
+    options = {"allow_reconnect": False, "connect_timeout": 10}
+
+    async def connect(user: str, password: str) -> Any:
+        return await nats_connect(url, user=user, password=password, **options)
+
+    with pytest.raises(Exception, match=r"(?i)authorization"):
+        await connect("worker", data["gateway-password"])
+    gateway = await connect("gateway", data["gateway-password"])
+    seen: list[str] = []
+
+    async def on_event(msg: Any) -> None:
+        seen.append(msg.subject)
+
+    await gateway.subscribe("kvgate.kvgate.kv.>", cb=on_event)
+    await gateway.flush()
+    bridge = "bridge-vllm-0"
+    # each publishes as someone else first, then as itself: a connection's messages arrive in order,
+    # so once its own arrived, the other would have too had the server let it through
+    attempts = {
+        "worker": ("kvgate.kvgate.kv.vllm-0", "kvgate.kvgate.kv.demo-kvgate-worker-1"),
+        bridge: ("kvgate.kvgate.kv.demo-kvgate-worker-0", "kvgate.kvgate.kv.vllm-0"),
+    }
+    for user, (forbidden, own) in attempts.items():
+        client = await connect(user, data[f"{user}-password"])
+        await client.publish(forbidden, b"x")
+        await client.publish(own, b"x")
+        await client.flush()
+        await client.close()
+    async with asyncio.timeout(30):
+        while len(seen) < 2:
+            await asyncio.sleep(0.05)
+    assert seen == ["kvgate.kvgate.kv.demo-kvgate-worker-1", "kvgate.kvgate.kv.vllm-0"]
+    await gateway.close()
 
 
 def test_bus_auth_can_be_turned_off() -> None:
