@@ -235,7 +235,8 @@ async def relay(
     del client_wants_usage  # the translation reads usage itself; the worker is always asked for it
     outcome = Outcome()
     try:
-        resp = await pool.post(url, payload)
+        # as for chat streams: a worker that sends no head within the first-byte timeout is hung
+        resp = await pool.post(url, payload, pool.first_byte_timeout_s if stream else None)
     except UpstreamError as exc:
         raise Retryable(str(exc)) from exc
     try:

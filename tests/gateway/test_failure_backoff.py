@@ -34,11 +34,12 @@ def pair(nats_url: str, tmp_path: Path) -> Iterator[Cluster]:
         cluster.stop()
 
 
-def ask(url: str, stream: bool = False) -> tuple[int, str]:
+def ask(url: str, stream: bool = False, path: str = "/v1/chat/completions") -> tuple[int, str]:
+    """One turn through `path`: chat completions, or Anthropic's Messages (the same body fits both)."""
     messages = [{"role": "user", "content": "hello"}]
     body = {"model": "mock", "messages": messages, "max_tokens": 2, "stream": stream}
     request = urllib.request.Request(
-        url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+        url + path, json.dumps(body).encode(), {"content-type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=30) as resp:
         resp.read()
@@ -62,9 +63,13 @@ def test_a_refusing_worker_costs_one_retry_not_one_per_request(pair: Cluster) ->
     assert http_get(url + "/health")[0] == 200
 
 
-def test_a_hung_worker_costs_the_first_byte_timeout_then_is_left_out(nats_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_a_hung_worker_costs_the_first_byte_timeout_then_is_left_out(
+    nats_url: str, tmp_path: Path, path: str
+) -> None:
     """SIGSTOP: the worker's socket still accepts, nothing answers. A streamed turn waits the first-byte
-    timeout (1 s here, not the 120 s read timeout), then is retried on the live worker."""
+    timeout (1 s here, not the 120 s read timeout), then is retried on the live worker, whatever the
+    API the client speaks."""
     cluster = Cluster(nats_url, "t" + uuid.uuid4().hex[:10], tmp_path)
     try:
         for name in ("a", "b"):
@@ -77,7 +82,7 @@ def test_a_hung_worker_costs_the_first_byte_timeout_then_is_left_out(nats_url: s
         url = cluster.gateway.url
         os.kill(cluster.workers["a"].proc.pid, signal.SIGSTOP)
         started = time.monotonic()
-        answers = [ask(url, stream=True) for _ in range(4)]
+        answers = [ask(url, stream=True, path=path) for _ in range(4)]
         elapsed = time.monotonic() - started
         assert answers == [(200, "b")] * 4
         assert retries(url) <= 1.0  # one first-byte timeout at most
