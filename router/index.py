@@ -1,24 +1,25 @@
 """Which workers hold which blocks, per tier, and how long a prefix of a chain each one holds.
 
 One dict per tier maps a block hash to a bitmask of the workers holding it. `overlap(chain)` must be
-each worker's matched prefix, stopping at the first miss as the engines do. A linear walk over a 2,048
-block chain costs ~100 µs in Python, so the index bisects instead: when a worker's held set is
-prefix-closed along the chain (it holds a block only if it holds the block's parent, which the chained
-hash fixes), its bit along the chain reads 1…1 0…0, and one lookup per bisection step finds every
-worker's boundary at once. To stay exact on arbitrary event streams, the index tracks "orphans": blocks
-a worker holds while not holding their parent (stored before the parent arrived, or left behind when the
-parent was evicted first). A worker with orphans is answered by a linear walk instead. Orphans are
-tracked as a superset (a stale mark only costs speed, never exactness), via parent -> children links.
+each worker's matched prefix, stopping at the first miss as the engines do; the index bisects
+(`router.prefix_match`), which is exact while a worker's held set is prefix-closed along the chain (it
+holds a block only if it holds the block's parent). To stay exact on arbitrary event streams, the index
+tracks "orphans": blocks a worker holds while not holding their parent (stored before the parent
+arrived, or left behind when the parent was evicted first). A worker with orphans is answered by a
+linear walk instead. Orphans are tracked as a superset (a stale mark only costs speed, never
+exactness), via parent -> children links.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from itertools import compress, islice, repeat
 from operator import and_, is_, is_not, ne, not_, or_, xor
 from typing import Any, cast
 
+from router.approx_index import ApproxIndex as ApproxIndex  # its old home: router.router imports it here
+from router.prefix_match import MaskNames, bisect_prefixes, expand, walk_prefixes
+from router.prefix_match import common_prefix as common_prefix  # likewise, for the session_kv policy
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent, Tier
 
 # A block's children are pruned of blocks nobody holds any more once there are this many, then each
@@ -34,87 +35,6 @@ class Children(set):
     def __init__(self, kids: Iterable[int] = ()) -> None:
         super().__init__(kids)
         self.prune_at = _CHILDREN_PRUNE_LEN
-
-
-def expand(groups: list[tuple[int, int]], names: dict[int, str] | None = None) -> dict:
-    """{worker (or bit when `names` is None): length} from (worker mask, length) groups."""
-    out = {}
-    for m, n in groups:
-        while m:
-            low = m & -m
-            out[names[low] if names is not None else low] = n
-            m ^= low
-    return out
-
-
-class MaskNames:
-    """Worker ids of a bitmask, memoised: the same few masks (who holds the system prompt, who holds
-    a session) come back on every pick, and spelling out 64 bits each time costs more than the lookup."""
-
-    __slots__ = ("_cache", "_names")
-
-    def __init__(self, names: dict[int, str]) -> None:
-        self._names = names  # bit -> worker id, shared with the owner and kept current by it
-        self._cache: dict[int, tuple[str, ...]] = {}
-
-    def invalidate(self) -> None:
-        self._cache.clear()
-
-    def expand(self, groups: list[tuple[int, int]]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        cache = self._cache
-        for m, n in groups:
-            ids = cache.get(m)
-            if ids is None:
-                if len(cache) >= 4096:
-                    cache.clear()
-                ids = cache[m] = tuple(expand([(m, 0)], self._names))
-            out.update(zip(ids, repeat(n)))
-        return out
-
-
-def bisect_prefixes(get, chain: Sequence[int], mask: int, groups: list[tuple[int, int]]) -> None:
-    """Matched prefix lengths of the workers in `mask`, for held sets prefix-closed along `chain`.
-
-    `get(hash, 0)` is the held mask of a block. Appends (workers, length) groups, lengths >= 1. Workers
-    with the same boundary share their lookups: O(k log n) lookups for k distinct boundaries.
-    """
-    n = len(chain)
-    if not n or not mask:
-        return
-    first = get(chain[0], 0) & mask
-    if not first:
-        return
-    stack = [(1, n, first)]  # every bit of m holds chain[:lo]; its boundary lies in [lo, hi]
-    pop = stack.pop
-    push = stack.append
-    found = groups.append
-    while stack:
-        lo, hi, m = pop()
-        if lo == hi:
-            found((m, lo))
-            continue
-        mid = (lo + hi) >> 1
-        holds = get(chain[mid], 0) & m
-        if holds:
-            push((mid + 1, hi, holds))
-        if holds != m:
-            push((lo, mid, m ^ holds))
-
-
-def walk_prefixes(get, chain: Sequence[int], mask: int, groups: list[tuple[int, int]]) -> None:
-    """Same answer as `bisect_prefixes` for any held sets, one lookup per block (the slow path)."""
-    m = mask
-    for i, h in enumerate(chain):
-        holds = get(h, 0) & m
-        if holds != m:
-            if i:
-                groups.append((m ^ holds, i))
-            m = holds
-            if not m:
-                return
-    if m:
-        groups.append((m, len(chain)))
 
 
 def _zero_runs(rest: list[int], zeros: int) -> list[tuple[int, int]]:
@@ -735,109 +655,3 @@ class BlockIndex:
             bit = bits & -bits
             reached[self._worker_of[bit]] = length
             bits ^= bit
-
-
-class ApproxIndex:
-    """Blocks of requests routed to workers that publish no events, each expiring after a TTL.
-
-    Per worker an LRU of block hashes, touched child-before-parent on every insert, so a parent always
-    sits behind its children and eviction (by TTL or by size) keeps each worker's set prefix-closed:
-    `overlap` can bisect exactly. Also SGLang's approximate per-worker tree of routed requests.
-    """
-
-    def __init__(self, ttl_s: float, max_blocks_per_worker: int) -> None:
-        self.ttl_s = ttl_s
-        self.max_blocks = max_blocks_per_worker
-        self._held: dict[int, int] = {}
-        self._lru: dict[str, OrderedDict[int, float]] = {}
-        self._bit_of: dict[str, int] = {}
-        self._worker_of: dict[int, str] = {}
-        self._mask_names = MaskNames(self._worker_of)
-
-    def add_worker(self, worker_id: str) -> None:
-        if worker_id in self._bit_of:
-            return
-        slot = 0
-        while (1 << slot) in self._worker_of:
-            slot += 1
-        self._bit_of[worker_id] = 1 << slot
-        self._worker_of[1 << slot] = worker_id
-        self._mask_names.invalidate()
-        self._lru[worker_id] = OrderedDict()
-
-    def remove_worker(self, worker_id: str) -> None:
-        bit = self._bit_of.pop(worker_id, None)
-        if bit is None:
-            return
-        del self._worker_of[bit]
-        self._mask_names.invalidate()
-        self._drop(bit, list(self._lru.pop(worker_id)))
-
-    def has_worker(self, worker_id: str) -> bool:
-        return worker_id in self._bit_of
-
-    def blocks_of(self, worker_id: str) -> int:
-        lru = self._lru.get(worker_id)
-        return len(lru) if lru is not None else 0
-
-    def __len__(self) -> int:
-        return len(self._held)
-
-    def holds(self, block_hash: int) -> bool:
-        """Whether any worker's set holds this block."""
-        return block_hash in self._held
-
-    def insert(self, worker_id: str, chain: Sequence[int], now: float) -> None:
-        lru = self._lru[worker_id]
-        bit = self._bit_of[worker_id]
-        held = self._held
-        expires = now + self.ttl_s
-        for h in reversed(chain):
-            if h in lru:
-                lru.move_to_end(h)
-            else:
-                held[h] = held.get(h, 0) | bit
-            lru[h] = expires
-        excess = len(lru) - self.max_blocks
-        if excess > 0:
-            self._drop(bit, [lru.popitem(last=False)[0] for _ in range(excess)])
-
-    def expire(self, now: float) -> None:
-        for worker_id, lru in self._lru.items():
-            gone = []
-            for h, expires in lru.items():
-                if expires > now:
-                    break
-                gone.append(h)
-            for h in gone:
-                del lru[h]
-            if gone:
-                self._drop(self._bit_of[worker_id], gone)
-
-    def overlap(self, chain: Sequence[int]) -> dict[str, int]:
-        groups: list[tuple[int, int]] = []
-        bisect_prefixes(self._held.get, chain, -1, groups)
-        return self._mask_names.expand(groups)
-
-    def _drop(self, bit: int, hashes: Iterable[int]) -> None:
-        held = self._held
-        for h in hashes:
-            m = held.get(h, 0) & ~bit
-            if m:
-                held[h] = m
-            else:
-                held.pop(h, None)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Blocks two chains share: chained hashes agree up to the first difference, then never again."""
-    lo, hi = 0, min(len(a), len(b))
-    if hi and a[hi - 1] == b[hi - 1]:
-        return hi
-    while lo < hi:  # invariant: a[:lo] == b[:lo], and they differ somewhere before hi
-        mid = (lo + hi) >> 1
-        if a[mid] == b[mid]:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo

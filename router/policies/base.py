@@ -7,8 +7,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
+from router.approx_index import ApproxIndex
 from router.config import RouterConfig
-from router.index import ApproxIndex, BlockIndex
+from router.index import BlockIndex
 from router.load import LoadView
 from router.protocol import Tier
 from router.request import Decision, RouteRequest

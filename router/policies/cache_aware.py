@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from router.index import ApproxIndex
+from router.approx_index import ApproxIndex
 from router.policies.base import Policy, RouterView
 from router.request import Decision, RouteRequest
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import random
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.index import ApproxIndex, BlockIndex, TierIndex, common_prefix, expand, walk_prefixes
+from router.index import BlockIndex, TierIndex
+from router.prefix_match import expand, walk_prefixes
 from router.protocol import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
 
 WORKERS = ("a", "b", "c")
@@ -236,33 +236,6 @@ def test_a_prefix_with_thousands_of_live_children_keeps_every_link_and_prunes_ra
     for h in live[:50]:
         assert index.overlap([root, h]) == {}
         assert index.overlap([h]) == {"a": 1}
-
-
-def test_approximate_index_expires_by_ttl_and_stays_prefix_closed() -> None:
-    approx = ApproxIndex(ttl_s=10.0, max_blocks_per_worker=50)
-    approx.add_worker("a")
-    approx.add_worker("b")
-    long_chain = list(range(1, 41))
-    approx.insert("a", long_chain, now=0.0)
-    approx.insert("b", long_chain[:5], now=5.0)
-    assert approx.overlap(long_chain) == {"a": 40, "b": 5}
-    approx.insert("a", [*long_chain[:20], 900, 901], now=6.0)  # refreshes the first 20 only
-    assert approx.overlap(long_chain) == {"a": 40, "b": 5}
-    approx.insert("a", list(range(2000, 2020)), now=7.0)  # 62 > 50: the 12 oldest (tail) blocks go
-    assert approx.overlap(long_chain) == {"a": 28, "b": 5}
-    approx.expire(15.0)
-    assert approx.overlap(long_chain) == {"a": 20}
-    approx.expire(17.0)
-    assert approx.overlap(long_chain) == {}
-    approx.remove_worker("a")
-    assert len(approx) == 0
-
-
-@pytest.mark.parametrize(
-    ("a", "b", "n"), [([1, 2, 3], [1, 2, 3, 4], 3), ([1, 2, 3], [1, 5, 6], 1), ([], [1], 0)]
-)
-def test_common_prefix(a: list[int], b: list[int], n: int) -> None:
-    assert common_prefix(a, b) == n == common_prefix(b, a)
 
 
 @settings(max_examples=150, deadline=None)
