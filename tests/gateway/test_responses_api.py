@@ -1,4 +1,5 @@
-"""Responses API <-> chat completions translation and the response store, without processes."""
+"""A worker's chat answer as a Responses API response, and the response store, without processes. The
+request side: test_responses_request.py."""
 
 from __future__ import annotations
 
@@ -6,46 +7,11 @@ import asyncio
 import time
 
 import msgspec
-import pytest
 
 from gateway.api_bridge import ChatReader
-from gateway.errors import ApiError
 from gateway.response_store import ResponseStore, StoredConversation, tenant_of
-from gateway.responses_api import ResponsesTranslation, _Context, input_messages
+from gateway.responses_api import ResponsesTranslation, _Context
 from tests.gateway.test_anthropic_api import CHUNKS
-
-
-def test_items_become_chat_messages_with_calls_joining_their_assistant_message() -> None:
-    items = [
-        {"role": "user", "content": "go"},
-        {"type": "reasoning", "id": "rs_1", "summary": []},
-        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]},
-        {"type": "function_call", "call_id": "c1", "name": "ls", "arguments": "{}"},
-        {"type": "function_call", "call_id": "c2", "name": "cat", "arguments": '{"f":"a"}'},
-        {"type": "function_call_output", "call_id": "c1", "output": "a b"},
-        {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "x"}]},
-    ]
-    assert input_messages(items) == [
-        {"role": "user", "content": "go"},
-        {
-            "role": "assistant",
-            "content": "ok",
-            "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "ls", "arguments": "{}"}},
-                {"id": "c2", "type": "function", "function": {"name": "cat", "arguments": '{"f":"a"}'}},
-            ],
-        },
-        {"role": "tool", "tool_call_id": "c1", "content": "a b"},
-        {"role": "tool", "tool_call_id": "c2", "content": "x"},
-    ]
-    assert input_messages("hi") == [{"role": "user", "content": "hi"}]
-    for bad in (
-        [],
-        [{"type": "item_reference", "id": "x"}],
-        [{"role": "user", "content": [{"type": "input_image"}]}],
-    ):
-        with pytest.raises(ApiError):
-            input_messages(bad)
 
 
 class _Store:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from gateway.anthropic_api import MessagesTranslation, chat_messages
-from gateway.anthropic_api import chat_tools as anthropic_tools
+from gateway.anthropic_api import MessagesTranslation
+from gateway.anthropic_request import chat_messages
+from gateway.anthropic_request import chat_tools as anthropic_tools
 from gateway.api_bridge import ChatReader
-from gateway.responses_api import ResponsesTranslation, _Context, input_messages
-from gateway.responses_api import chat_tools as responses_tools
+from gateway.responses_api import ResponsesTranslation, _Context
+from gateway.responses_request import chat_tools as responses_tools
+from gateway.responses_request import input_messages
 from loadgen.apis import MessagesStream, ResponsesStream, messages_body, responses_body
 from loadgen.client import Outcome
 from loadgen.workloads import Turn
