@@ -37,6 +37,7 @@ from gateway.serve import (
     install_uvloop,
     router_config_from,
     serve,
+    tune_gc_for_serving,
 )
 from kvutil.bus_auth import BusAuth, BusAuthError, add_bus_arguments, bus_auth_from, redact_url
 from router.config import RouterConfig
@@ -359,6 +360,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     install_uvloop()
+    tune_gc_for_serving()
     try:
         bus = BusPlan.make(args, [f"worker-{i}" for i in range(args.workers)])
     except (BusAuthError, ProtocolError) as exc:
