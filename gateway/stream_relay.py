@@ -21,6 +21,14 @@ from gateway.metrics import GatewayMetrics
 from gateway.upstream import UpstreamError, UpstreamResponse
 
 
+class _EventStream(web.StreamResponse):
+    """A stream whose head leaves with its first events, in one write: a `StreamResponse` sends its
+    head alone at `prepare` (a system call of its own); aiohttp's `Response` buffers it so. The relay
+    writes right after `prepare`, so the head is not delayed."""
+
+    _send_headers_immediately = False  # aiohttp >= 3.11; older versions send it at once, as before
+
+
 class Retryable(Exception):
     """The worker failed before anything reached the client: another worker may take the turn."""
 
@@ -89,8 +97,9 @@ async def relay_stream(
                 continue
             out = b""
         now = time.monotonic()
+        opened = response is None
         if response is None:
-            response = web.StreamResponse(headers=headers)
+            response = _EventStream(headers=headers)
             resp.commit()
             await response.prepare(request)
             outcome.first_token_at = now
@@ -103,7 +112,7 @@ async def relay_stream(
             await response.write_eof(out + await events.end())
             await _drain(resp)
             return response
-        if out:
+        if out or opened:  # the head goes out now, with the events if any
             await response.write(out)
     if response is None:
         raise Retryable("worker ended the stream before its first event")
