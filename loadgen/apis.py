@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from loadgen.client import StreamError, _Stream
+from loadgen.client import StreamError, _data, _Stream
 from loadgen.workloads import Turn
 
 API_NAMES = ("chat", "messages", "responses")
@@ -23,11 +23,11 @@ class _EventStream(_Stream):
     """An API whose events are JSON objects with a `type`; subclasses read them."""
 
     def _event(self, event: bytes, now: float) -> None:
-        data_lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-        if not data_lines:
+        raw = _data(event)
+        if raw is None:
             return
         try:
-            data = msgspec.json.decode(b"\n".join(data_lines))
+            data = msgspec.json.decode(raw)
         except msgspec.DecodeError as exc:
             raise StreamError(f"bad SSE data: {exc}") from exc
         if isinstance(data, dict):
@@ -39,12 +39,7 @@ class _EventStream(_Stream):
     def _token(self, piece: str, now: float, text: bool) -> None:
         if text:
             self._pieces.append(piece)
-        self._events += 1
-        if self._last is None:
-            self.outcome.first_token = now
-        else:
-            self.outcome.itl.append(now - self._last)
-        self._last = now
+        self._token_event(now)
 
 
 def _error(data: dict[str, Any]) -> StreamError:

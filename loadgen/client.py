@@ -105,10 +105,9 @@ class _Stream:
             self._event(event, now)
 
     def _event(self, event: bytes, now: float) -> None:
-        data_lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-        if not data_lines:
+        data = _data(event)
+        if data is None:
             return  # comments (": ping") and events without data
-        data = b"\n".join(data_lines)
         if data == b"[DONE]":
             self.done = True
             return
@@ -131,12 +130,7 @@ class _Stream:
             if choice.finish_reason:
                 self.outcome.finish_reason = choice.finish_reason
         if produced:
-            self._events += 1
-            if self._last is None:
-                self.outcome.first_token = now
-            else:
-                self.outcome.itl.append(now - self._last)
-            self._last = now
+            self._token_event(now)
         if chunk.usage is not None:
             usage = chunk.usage
             self.outcome.prompt_tokens = usage.prompt_tokens
@@ -145,6 +139,15 @@ class _Stream:
             self.outcome.cached_tokens = details.cached_tokens if details is not None else None
             self.outcome.host_cached_tokens = details.host_cached_tokens if details is not None else 0
 
+    def _token_event(self, now: float) -> None:
+        """An event that carried tokens: the first sets the TTFT, each later one an inter-token gap."""
+        self._events += 1
+        if self._last is None:
+            self.outcome.first_token = now
+        else:
+            self.outcome.itl.append(now - self._last)
+        self._last = now
+
     def finish(self) -> None:
         if self._buffer.strip():
             self._event(self._buffer, time.perf_counter())
@@ -152,6 +155,12 @@ class _Stream:
         self.outcome.text = "".join(self._pieces)
         if not self.outcome.output_tokens:
             self.outcome.output_tokens = self._events  # server sent no usage: one event, one token
+
+
+def _data(event: bytes) -> bytes | None:
+    """An SSE event's data (its `data:` lines joined), None when it has none."""
+    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
 
 
 def _error_message(body: bytes) -> str:
