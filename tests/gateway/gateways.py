@@ -9,12 +9,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from gateway.app import Gateway, GatewayConfig
-from gateway.natsd import free_port
 from router.protocol import KvStateDump, StateDumpRequest, Subjects, decode, encode
 from router.snapshot import build_snapshot
+from tests.serving import serving
 
 
 class RunningGateway:
@@ -51,14 +50,8 @@ async def running_gateway(
     nats_url: str, namespace: str, gateway_id: str, **config: Any
 ) -> AsyncIterator[RunningGateway]:
     gateway = Gateway(GatewayConfig(nats_url=nats_url, namespace=namespace, gateway_id=gateway_id, **config))
-    runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield RunningGateway(gateway, f"http://127.0.0.1:{port}")
-    finally:
-        await runner.cleanup()
+    async with serving(gateway.app(), handler_cancellation=True, access_log=None) as url:
+        yield RunningGateway(gateway, url)
 
 
 async def until(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:

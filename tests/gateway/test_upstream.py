@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway.natsd import free_port
 from gateway.upstream import UpstreamError, UpstreamPool, dechunk
+from tests.serving import serving
 
 
 async def raw_server(handler) -> tuple[asyncio.Server, int]:  # type: ignore[no-untyped-def]
@@ -40,12 +41,8 @@ async def app_url() -> AsyncIterator[str]:
     app.router.add_post("/whole", whole)
     app.router.add_post("/stream", stream)
     app.router.add_post("/slow", slow)
-    runner = web.AppRunner(app, keepalive_timeout=0.3)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serving(app, keepalive_timeout=0.3) as url:
+        yield url
 
 
 async def test_bodies_and_keep_alive(app_url: str) -> None:

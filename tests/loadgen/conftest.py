@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from tests.loadgen.sse_server import SseServer
+from tests.serving import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACES = ROOT / "traces"  # the samples the repository ships
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Served:
@@ -31,22 +24,11 @@ class Served:
         self.url = url
 
 
-async def serve(server: SseServer) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(server.app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture
 async def sse() -> AsyncIterator[Served]:
     server = SseServer()
-    runner, url = await serve(server)
-    try:
+    async with serving(server.app, access_log=None) as url:
         yield Served(server, url)
-    finally:
-        await runner.cleanup()
 
 
 class LoadgenRun:

@@ -9,7 +9,8 @@ from aiohttp import web
 
 from loadgen.fit import context_budget, fit_trace, served_model
 from loadgen.trace import TraceRow
-from tests.loadgen.conftest import Served, free_port
+from tests.loadgen.conftest import Served
+from tests.serving import serving
 
 
 def row(session: str | None, turn: int, tokens: int, out: int = 100, at: float = 0.0) -> TraceRow:
@@ -44,14 +45,8 @@ async def models_server() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 async def test_served_model_reads_the_named_or_first_models_context(models_server: str, sse: Served) -> None:
