@@ -132,7 +132,7 @@ class ChatReader:
 
     def whole(self, body: dict[str, Any]) -> Answer:
         choice = _first_choice(body)
-        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        message = found if isinstance(found := choice.get("message"), dict) else {}
         text = message.get("content")
         self._text.append(text if isinstance(text, str) else "")
         for i, call in enumerate(message.get("tool_calls") or []):
@@ -162,15 +162,15 @@ class ChatReader:
         if not isinstance(call, dict):
             return []
         index = call.get("index", position)
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        function = found if isinstance(found := call.get("function"), dict) else {}
         arguments = function.get("arguments")
         arguments = arguments if isinstance(arguments, str) else ""
         ours = self._by_index.get(index)
         out: list[Delta] = []
         if ours is None:
             ours = self._by_index[index] = len(self.answer.tool_calls)
-            call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{ours}"
-            name = function.get("name") if isinstance(function.get("name"), str) else ""
+            call_id = given if isinstance(given := call.get("id"), str) else f"call_{ours}"
+            name = named if isinstance(named := function.get("name"), str) else ""
             self.answer.tool_calls.append(ToolCall(call_id, name))
             out.append(ToolCallStart(ours, self.answer.tool_calls[ours]))
         if arguments:

@@ -93,8 +93,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         BENCHMARKS,
         benchmark if argv is not None else None,
     )
-    bench.set_defaults(_run=lambda _args: (bench.print_help(), 2)[1])
+    bench.set_defaults(_run=lambda _args: _usage(bench))
     return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    """`kvgate bench` without a benchmark: its help, and the usage error's exit status."""
+    parser.print_help()
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

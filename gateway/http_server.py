@@ -57,8 +57,10 @@ class _Server(web.Server):
 
     def __init__(self, *args: Any, on_refused: Callable[[int], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.handler_class = type("GatewayRequestHandler", (_JsonErrorHandler,), {})
-        self.handler_class.on_refused = staticmethod(on_refused)
+        # a class per server: the handlers it makes report refusals to its own counter
+        self.handler_class: type[_JsonErrorHandler] = type(
+            "GatewayRequestHandler", (_JsonErrorHandler,), {"on_refused": staticmethod(on_refused)}
+        )
 
     def __call__(self) -> RequestHandler:
         return self.handler_class(self, loop=self._loop, **self._kwargs)

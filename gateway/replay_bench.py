@@ -82,7 +82,9 @@ class Workload:
 
     def batches(self, blocks: int) -> list[tuple[str, list[KvEvent]]]:
         """Batches that store about `blocks` more blocks (net of evictions)."""
-        out = [(w, [BlockStored(self.system, None)]) for w in self.workers if self.stored == 0]
+        out: list[tuple[str, list[KvEvent]]] = [
+            (w, [BlockStored(self.system, None)]) for w in self.workers if self.stored == 0
+        ]
         self.stored += len(self.system) * len(out)
         rng = self.rng
         target = self.stored + blocks

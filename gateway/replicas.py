@@ -148,7 +148,7 @@ class ReplicaSync:
 
     async def _on_message(self, msg: Any) -> None:
         try:
-            note = decode(msg.data, ReplicaNote)  # type: ignore[arg-type]
+            note: ReplicaNote = decode(msg.data, ReplicaNote)  # type: ignore[arg-type]  # a union
         except ProtocolError as exc:
             log.warning("dropping a malformed replica note: %s", exc)
             return

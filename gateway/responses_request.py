@@ -51,7 +51,7 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
             out.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
             call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments", "")
-            if not all(isinstance(v, str) for v in (call_id, name, arguments)):
+            if not (isinstance(call_id, str) and isinstance(name, str) and isinstance(arguments, str)):
                 raise ApiError(400, f"'{where}' needs string call_id, name and arguments", param=where)
             last = out[-1] if out else None
             if last is None or last["role"] != "assistant":

@@ -139,7 +139,7 @@ def _stored(chain: list[int], start: int, end: int) -> list[BlockStored]:
 
 
 def _interleave(streams: list[list[bytes]]) -> list[bytes]:
-    out = []
+    out: list[bytes] = []
     for i in range(max((len(s) for s in streams), default=0)):
         out.extend(s[i] for s in streams if i < len(s))
     return out

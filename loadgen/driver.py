@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import msgspec
 
@@ -49,8 +50,8 @@ class Driver:
         self._sessions: Iterator[tuple[float, Session]] = iter(())
         self._budget = config.requests
         self._slots = asyncio.Semaphore(max(1, config.max_concurrency))
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._waiting: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._waiting: set[asyncio.Task[object]] = set()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -108,14 +109,14 @@ class Driver:
             for wait in waits:
                 wait.cancel()
 
-    def _spawn(self, coro: object) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> asyncio.Task[object]:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         self._idle.clear()
         task.add_done_callback(self._task_done)
         return task
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Task[object]) -> None:
         self._tasks.discard(task)
         if not self._tasks:
             self._idle.set()

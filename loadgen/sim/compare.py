@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from functools import partial
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from loadgen.sim.metrics import summarize
 from loadgen.sim.oracle import oracle_figures
@@ -109,19 +109,20 @@ def _run_forked(
             while pending and len(running) < jobs + (len(pending) == 1):
                 policy = pending.pop(0)
                 recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_child, args=(send, workload, policy, config), daemon=True)
-                proc.start()
+                child = ctx.Process(target=_child, args=(send, workload, policy, config), daemon=True)
+                child.start()
                 send.close()  # the child holds the only writer: EOF if it dies
-                running[recv] = (proc, policy)
-            for conn in wait(list(running)):
-                proc, policy = running.pop(conn)  # type: ignore[index]
+                running[recv] = (child, policy)
+            for ready in wait(list(running)):
+                conn = cast(Connection, ready)  # wait() returns what it was given: our connections
+                proc, policy = running.pop(conn)
                 try:
-                    status, value = conn.recv()  # type: ignore[union-attr]
+                    status, value = conn.recv()
                 except EOFError:
                     proc.join()
                     died = f"policy {policy}: its process died (exit code {proc.exitcode})"
                     raise RuntimeError(died) from None
-                conn.close()  # type: ignore[union-attr]
+                conn.close()
                 proc.join()
                 if status != "ok":
                     raise RuntimeError(f"policy {policy} failed:\n{value}")
