@@ -131,11 +131,13 @@ class SessionKv(Policy):
         for worker, other in pending.values():
             if not other or other[0] != first:
                 continue
-            n = common_prefix(other, chain)
-            if n > credited.get(worker, 0):
+            held = credited.get(worker, 0)
+            # chained hashes: `other` shares more than `held` blocks with `chain` iff block `held` agrees,
+            # one compare where the prefix walk costs ~1 us (in-flight prefills share a system prompt)
+            if held < len(other) and held < len(chain) and other[held] == chain[held]:
                 if credited is overlap:
                     credited = dict(overlap)
-                credited[worker] = n
+                credited[worker] = common_prefix(other, chain)
         return credited
 
     def on_pick(self, request: RouteRequest, decision: Decision, block_size: int, now: float) -> None:

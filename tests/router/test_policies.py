@@ -3,6 +3,7 @@ chooses; session_kv prefers the worker with more cached prefix unless its queue 
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
@@ -255,6 +256,32 @@ def test_session_kv_counts_a_prefill_in_flight_before_its_events() -> None:
     router.on_first_token("r2", 0.02)
     d = router.pick(req("r3", doc + chain(10, base=30_000)), 0.03)
     assert d.overlap_blocks == 0 and d.worker_id != first.worker_id
+
+
+def test_session_kv_credits_each_worker_the_longest_prefix_it_has_in_flight() -> None:
+    # the in-flight credit skips a prefill with one compare where it cannot beat the credit so far:
+    # pinned to the plain rule (per worker, the longest prefix any of its prefills shares, if longer
+    # than the index's) on chains that share prefixes of every length
+    from router.prefix_match import common_prefix
+
+    rng = random.Random(3)
+    for _ in range(300):
+        router = make("session_kv", n=4)
+        policy = router.policy
+        trunk = chain(rng.randrange(1, 12))
+        policy._pending.clear()
+        for i in range(rng.randrange(0, 10)):
+            cut = rng.randrange(0, len(trunk) + 1)
+            other = trunk[:cut] + chain(rng.randrange(0, 4), base=10_000 * (i + 1))
+            policy._pending[f"p{i}"] = (f"w{rng.randrange(4)}", other)
+        prompt = trunk[: rng.randrange(0, len(trunk) + 1)] + chain(rng.randrange(0, 3), base=999_000)
+        overlap = {f"w{w}": rng.randrange(0, len(prompt) + 1) for w in range(4) if rng.random() < 0.5}
+        expected = dict(overlap)
+        for worker, other in policy._pending.values():
+            n = common_prefix(other, prompt) if other and prompt else 0
+            if n > expected.get(worker, 0):
+                expected[worker] = n
+        assert policy._with_pending(overlap, prompt) == expected
 
 
 def test_session_kv_prices_tokens_at_the_pool_speed() -> None:
