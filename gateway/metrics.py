@@ -114,8 +114,12 @@ class GatewayMetrics:
         self._host_total = 0
         self._device_cached = self.tier_cached_tokens.labels("device")
         self._host_cached = self.tier_cached_tokens.labels("host")
-        self._device_ratio = self.tier_hit_ratio.labels("device")
-        self._host_ratio = self.tier_hit_ratio.labels("host")
+        # the ratios are worked out when scraped, not set on every answer (three locked sets a request)
+        self.cache_hit_ratio.set_function(lambda: self._ratio(self._cached_total))
+        self.tier_hit_ratio.labels("device").set_function(
+            lambda: self._ratio(self._cached_total - self._host_total)
+        )
+        self.tier_hit_ratio.labels("host").set_function(lambda: self._ratio(self._host_total))
         # labelled children, looked up once: `labels()` costs a lock and a tuple per call on the hot path
         self._requests: dict[tuple[str, int], Any] = {}
         self._decisions: dict[tuple[str, str], Any] = {}
@@ -151,10 +155,10 @@ class GatewayMetrics:
         self._prompt_total += prompt_tokens
         self._cached_total += cached_tokens
         self._host_total += host_cached_tokens
-        if self._prompt_total > 0:
-            self.cache_hit_ratio.set(self._cached_total / self._prompt_total)
-            self._device_ratio.set((self._cached_total - self._host_total) / self._prompt_total)
-            self._host_ratio.set(self._host_total / self._prompt_total)
+
+    def _ratio(self, tokens: int) -> float:
+        """`tokens` over the prompt tokens of every answer so far (0 before any)."""
+        return tokens / self._prompt_total if self._prompt_total > 0 else 0.0
 
     def forget_worker(self, worker_id: str) -> None:
         for key in [key for key in self._per_worker if key[1] == worker_id]:
