@@ -68,14 +68,21 @@ class ByteTokenizer:
         self._special_text = {i: text for text, i in self._special_ids.items()}
         self.vocab_size = 256 + len(self.SPECIALS)
         self.eos_token_id = self._special_ids[IM_END]
+        # `_split_specials` in one C scan: the earliest special, the smallest of those starting there
+        # (a regex tries its alternatives in order); ~2x faster on a chat segment, pinned by a test
+        self._specials = re.compile("|".join(map(re.escape, sorted(self._special_ids))))
 
     def encode(self, text: str) -> list[int]:
         out: list[int] = []
-        for piece, special_id in _split_specials(text, self._special_ids):
-            if special_id is None:
-                out.extend(piece.encode("utf-8"))
-            else:
-                out.append(special_id)
+        ids = self._special_ids
+        start = 0
+        for match in self._specials.finditer(text):
+            if match.start() > start:
+                out.extend(text[start : match.start()].encode("utf-8"))
+            out.append(ids[match.group()])
+            start = match.end()
+        if start < len(text):
+            out.extend(text[start:].encode("utf-8"))
         return out
 
     def decode(self, token_ids: Sequence[int]) -> str:

@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from router.chat import (
@@ -5,6 +7,7 @@ from router.chat import (
     ByteTokenizer,
     SegmentCache,
     TemplateError,
+    _split_specials,
     encode_chat,
     render_segments,
 )
@@ -17,6 +20,20 @@ def test_byte_tokenizer_round_trip_with_specials() -> None:
     assert ids[0] == 256 and tok.eos_token_id in ids
     assert tok.decode(ids) == text
     assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def test_byte_tokenizer_encodes_as_the_plain_split() -> None:
+    tok = ByteTokenizer()
+    ids = {text: 256 + i for i, text in enumerate(tok.SPECIALS)}
+    # specials, their fragments and overlaps, plain and multi-byte text, in random order
+    pieces = [*tok.SPECIALS, "<|", "|>", "<|im_", "im_end|>", "<<|im_end|>", "a", "é", "\n", " ", "✓"]
+    rng = random.Random(5)
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 12)))
+        plain: list[int] = []
+        for piece, special in _split_specials(text, ids):
+            plain.extend(piece.encode("utf-8") if special is None else [special])
+        assert tok.encode(text) == plain
 
 
 def test_a_turn_extends_the_previous_prompt() -> None:
