@@ -50,7 +50,8 @@ def parse_turn(raw: bytes, kind: Kind) -> Turn:
         raise ApiError(400, f"request body nests deeper than {MAX_DEPTH}", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
-    check_depth(body)
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:  # fewer brackets cannot nest deeper: no walk
+        check_depth(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required and must be a non-empty string", param="model")

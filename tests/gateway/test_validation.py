@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import ApiError
-from gateway.validation import DEFAULT_MAX_TOKENS, parse_turn
+from gateway.validation import DEFAULT_MAX_TOKENS, MAX_DEPTH, parse_turn
 
 
 def refused(raw: bytes, kind: str = "chat") -> ApiError:
@@ -54,3 +54,13 @@ def test_completion_prompts() -> None:
     assert parse_turn(b'{"model":"m","prompt":"a"}', "completion").max_tokens == DEFAULT_MAX_TOKENS
     for bad in (b'{"model":"m"}', b'{"model":"m","prompt":["a","b"]}', b'{"model":"m","prompt":[-1]}'):
         assert refused(bad, "completion").param == "prompt"
+
+
+@pytest.mark.parametrize("extra", [b"", b',"user":"{{{{[[[["'])  # brackets in a string only add to the count
+def test_nesting_is_refused_just_past_the_limit(extra: bytes) -> None:
+    def body(depth: int) -> bytes:  # the body object and its messages list are two levels
+        value = b"[" * (depth - 3) + b"1" + b"]" * (depth - 3)
+        return b'{"model":"m","messages":[{"role":"user","content":"hi","x":' + value + b"}]" + extra + b"}"
+
+    assert parse_turn(body(MAX_DEPTH), "chat").model == "m"
+    assert refused(body(MAX_DEPTH + 1)).code == "invalid_json"
