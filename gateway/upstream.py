@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_IDLE_PER_HOST = 256
+MAX_TARGETS = 1024  # parsed worker URLs kept (workers come and go: the dict is emptied when full)
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
@@ -209,18 +210,14 @@ class UpstreamPool:
         self.trace_headers: Callable[[], str] | None = None
         self._idle: defaultdict[tuple[str, int], list[_Conn]] = defaultdict(list)
         self._active: defaultdict[tuple[str, int], set[_Conn]] = defaultdict(set)
+        self._targets: dict[str, tuple[tuple[str, int], str]] = {}  # URL -> `_target(URL)`
 
     async def post(self, url: str, body: bytes, head_timeout_s: float | None = None) -> UpstreamResponse:
         """Send; the status and headers are read before returning (within `head_timeout_s`, default the
         read timeout). Raises UpstreamError."""
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise UpstreamError(f"unsupported worker URL {url!r} (plain http only)")
-        key = (parts.hostname, parts.port or 80)
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        key, request_line = self._target(url)
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\naccept: */*\r\n{self._trace_lines()}\r\n"
+            f"{request_line}content-length: {len(body)}\r\naccept: */*\r\n{self._trace_lines()}\r\n"
         ).encode("latin-1")
         while True:
             conn = self._take(key)
@@ -250,6 +247,21 @@ class UpstreamPool:
                 conn.close()  # cancelled (the client left): the worker must see the hop close
                 raise
             return UpstreamResponse(self, key, conn, status, headers, self.read_timeout_s)
+
+    def _target(self, url: str) -> tuple[tuple[str, int], str]:
+        """(host, port) and the head's first lines for `url`, parsed once per URL (a few workers' few
+        paths; parsing costs ~3 us a request)."""
+        target = self._targets.get(url)
+        if target is None:
+            parts = urlsplit(url)
+            if parts.scheme != "http" or not parts.hostname:
+                raise UpstreamError(f"unsupported worker URL {url!r} (plain http only)")
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            lines = f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\ncontent-type: application/json\r\n"
+            if len(self._targets) >= MAX_TARGETS:
+                self._targets.clear()
+            target = self._targets[url] = ((parts.hostname, parts.port or 80), lines)
+        return target
 
     def _trace_lines(self) -> str:
         return "" if self.trace_headers is None else self.trace_headers()

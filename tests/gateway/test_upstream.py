@@ -132,3 +132,18 @@ async def test_events_and_the_last_chunk_in_one_read_end_the_body() -> None:
     resp.release()
     await pool.close()
     server.close()
+
+
+async def test_only_plain_http_worker_urls_are_sent_to(app_url: str) -> None:
+    pool = UpstreamPool()
+    try:
+        for url in ("https://127.0.0.1:1/v1/x", "unix:///tmp/x", "http:///no-host"):
+            for _ in range(2):  # refused again, not remembered as a target
+                with pytest.raises(UpstreamError, match="plain http only"):
+                    await pool.post(url, b"{}")
+        for _ in range(2):  # the second time from the parsed target
+            resp = await pool.post(app_url + "/whole", b'{"a":1}')
+            assert resp.status == 200 and b'{\\"a\\":1}' in await resp.read()
+            resp.release()
+    finally:
+        await pool.close()
