@@ -628,12 +628,26 @@ async def _publish_as_each_role(url: str, data: dict[str, str]) -> None:
     await gateway.close()
 
 
+BUNDLED_NATS_WITHOUT_USERS = {
+    "config": {"merge": {"authorization": None}},
+    "container": {"patch": []},
+    "podTemplate": {"patch": []},
+}
+
+
 def test_bus_auth_can_be_turned_off() -> None:
-    docs = render({"busAuth": {"enabled": False}})
+    docs = render({"busAuth": {"enabled": False}, "nats": BUNDLED_NATS_WITHOUT_USERS})
     assert not find(docs, "Secret")
     (gateway,) = find(docs, "Deployment")
     env = gateway["spec"]["template"]["spec"]["containers"][0].get("env", [])
     assert "NATS_PASSWORD" not in {e["name"] for e in env}
+
+
+def test_bus_auth_off_with_the_bundled_nats_still_reading_its_users_is_refused() -> None:
+    """The bundled NATS would wait for a users file from a Secret nobody makes: one clear error instead."""
+    with pytest.raises(helm.HelmError, match=r"also set nats\.config\.merge\.authorization=null"):
+        render({"busAuth": {"enabled": False}})
+    render({"busAuth": {"enabled": False}, **EXTERNAL_NATS})  # an external NATS: its users are yours
 
 
 def test_tracing_values_reach_the_gateway_and_the_workers() -> None:
@@ -650,7 +664,7 @@ def test_tracing_values_reach_the_gateway_and_the_workers() -> None:
     endpoint = "http://otel-collector.observability:4318"
     sampler = {"sampler": "parentbased_traceidratio", "samplerArg": "0.1"}
     tracing = {"tracing": {"otlpEndpoint": endpoint, **sampler}}
-    env = otel_env(render({**tracing, "busAuth": {"enabled": False}}))
+    env = otel_env(render({**tracing, "busAuth": {"enabled": False}, "nats": BUNDLED_NATS_WITHOUT_USERS}))
     for kind, service in (("Deployment", "kvgate-gateway"), ("StatefulSet", "kvgate-worker")):
         assert env[kind] == {
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
