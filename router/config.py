@@ -74,6 +74,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # a session's context counts as live on its worker once it has come back (this many turns routed
     # before): one-shot requests, inferred sessions of one turn, are not contexts anyone keeps
     live_after_turns: int = 1
+    # a session's worker keeps its turn unless it costs more than the best by this many times the
+    # prefill time of the context it holds that the cheapest worker lacks (0: the affinity tolerance
+    # alone); measured on the live agentic setting, docs/EXPERIMENTS.md ("Live p50")
+    session_hold: float = 10.0
     prefix_home: bool = True
     # a request that named no session over a prefix a worker holds (at least half its prompt) stays with
     # that worker unless it costs more than the best by this many times the held prefix's prefill time

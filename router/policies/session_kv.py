@@ -108,6 +108,8 @@ class SessionKv(Policy):
                 if spared > 0:
                     held_ms = spared * view.block_size * self._pool_ms_per_token(view)
                     tolerance = max(tolerance, cfg.prefix_home_hold * held_ms)
+            if why == "session":
+                tolerance = max(tolerance, self._session_hold_ms(view, overlap, costs, sticky, len(chain)))
             if costs[sticky] <= best + tolerance:
                 return self._decide(request, view, sticky, overlap, costs, why)
         tied = [w for w, c in costs.items() if c == best]
@@ -118,6 +120,29 @@ class SessionKv(Policy):
         worker = tied[0] if len(tied) == 1 else self.rng.choice(tied)
         reason = "overlap" if overlap.get(worker) else "load"
         return self._decide(request, view, worker, overlap, costs, reason)
+
+    def _session_hold_ms(
+        self, view: RouterView, overlap: dict[str, int], costs: dict[str, float], worker: str, n_blocks: int
+    ) -> float:
+        """How much dearer than the best a session's worker may be and keep the turn: `session_hold` x
+        the prefill time of the context it holds that the cheapest worker lacks, while the turn fits in
+        the blocks its worker has free. A move trades a passing queue for lasting work: the context is
+        computed again elsewhere while its copy here holds memory until evicted, and on a loaded pool
+        later turns wait behind that work. A turn that does not fit would wait for running requests to
+        finish (seconds): then the costs alone decide, so a worker whose sessions outgrew it sheds some."""
+        hold = self.config.session_hold
+        if not hold:
+            return 0.0
+        cheapest = min(costs, key=costs.__getitem__)
+        spared = overlap.get(worker, 0) - overlap.get(cheapest, 0)
+        if spared <= 0:
+            return 0.0
+        bs = view.block_size
+        wl = view.load.workers[worker]
+        report = wl.report
+        if report is not None and self._used_blocks(wl, view.now, bs) + n_blocks > report.total_blocks:
+            return 0.0
+        return hold * spared * bs * self._pool_ms_per_token(view)
 
     def _with_pending(self, overlap: dict[str, int], chain: Sequence[int]) -> dict[str, int]:
         """The index's overlap, plus the prefix each recent prefill still in flight shares with this

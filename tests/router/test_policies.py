@@ -313,6 +313,46 @@ def test_session_kv_counts_routed_blocks_before_events_confirm_them() -> None:
     assert d.worker_id == other
 
 
+@pytest.mark.parametrize("hold_factor", [10.0, 0.0])
+def test_session_kv_keeps_a_session_unless_moving_saves_more_than_its_context_costs(
+    hold_factor: float,
+) -> None:
+    # a turn that leaves its session's worker computes the held context again elsewhere: with
+    # `session_hold` it stays unless the worker is dearer by more than that many times the context's
+    # prefill (150 blocks at 10k tokens/s: 240 ms, so 2.4 s), not merely slower by a passing queue
+    router = make("session_kv", stall_factor=0.0, session_hold=hold_factor)
+    turn1 = chain(150)
+    hold(router, "w0", turn1)
+    assert router.pick(req("r1", turn1, "s"), 0.0).worker_id == "w0"
+    router.on_complete("r1", 0.5, "tool_calls", 10)
+    turn2 = turn1 + chain(50, base=9000)
+    for w, queued in (("w0", 5_000), ("w1", 0), ("w2", 0)):  # w0 ~0.26 s dearer than w1
+        load(router, w, prefill=queued, now=1.0)
+    d = router.pick(req("r2", turn2, "s"), 1.0)
+    assert (d.worker_id, d.reason) == (("w0", "session") if hold_factor else ("w1", "load"))
+    router.on_complete("r2", 1.5, "tool_calls", 10)
+    hold(router, "w0", turn2, seq=1)
+    turn3 = turn2 + chain(10, base=9500)
+    for w, queued in (("w0", 40_000), ("w1", 0), ("w2", 0)):  # now ~3.8 s dearer: beyond the hold
+        load(router, w, prefill=queued, now=2.0)
+    if hold_factor:
+        assert router.pick(req("r3", turn3, "s"), 2.0).worker_id != "w0"
+
+
+def test_session_kv_holds_no_session_on_a_worker_it_does_not_fit() -> None:
+    # the same small queue difference, but the session's worker has 900 of its 1,000 blocks in use: the
+    # 200-block turn would wait there for running requests to finish, so the costs decide again
+    router = make("session_kv", stall_factor=0.0)
+    turn1 = chain(150)
+    hold(router, "w0", turn1)
+    assert router.pick(req("r1", turn1, "s"), 0.0).worker_id == "w0"
+    router.on_complete("r1", 0.5, "tool_calls", 10)
+    router.apply_load(LoadReport("w0", 1.0, 4, 0, 5_000, 900, 1000, 10_000.0, 100.0), 1.0)
+    for w in ("w1", "w2"):
+        load(router, w, prefill=0, now=1.0)
+    assert router.pick(req("r2", turn1 + chain(50, base=9000), "s"), 1.0).worker_id != "w0"
+
+
 def test_session_kv_spreads_a_prefix_every_worker_holds() -> None:
     router = make("session_kv", n=4)
     system = chain(64)
