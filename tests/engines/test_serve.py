@@ -36,6 +36,7 @@ from router.protocol import (
     encode,
 )
 from tests.engines.kv_replay import ReplayedCache
+from tests.polling import until
 
 pytestmark = pytest.mark.slow
 
@@ -154,14 +155,6 @@ async def registry_entry(js: Any, bucket: str, worker_id: str, timeout_s: float 
             await asyncio.sleep(0.05)
 
 
-async def eventually(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
 def read_url(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as resp:
         return resp.read()
@@ -181,7 +174,7 @@ async def check_same_prompt_twice(worker: WorkerProcess, bus: BusTap, max_tokens
     second = await client.chat.completions.create(model="any", messages=LONG_PROMPT, max_tokens=max_tokens)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert (full_blocks - 1) * BLOCK <= cached <= full_blocks * BLOCK and cached < len(prompt)
-    await eventually(lambda: len(bus.stored_hashes()) >= full_blocks)
+    await until(lambda: len(bus.stored_hashes()) >= full_blocks)
     assert bus.stored_hashes()[:full_blocks] == block_hashes(prompt, BLOCK)
     assert [b.seq for b in bus.batches] == list(range(len(bus.batches)))
     assert {b.worker_id for b in bus.batches} == {worker.worker_id}
@@ -217,7 +210,7 @@ async def test_registration_load_dump_pin_and_clean_shutdown(
     )
     assert registration.num_blocks == 256 and abs(registration.heartbeat_ts - time.time()) < 5
     first_revision = entry.revision
-    await eventually(lambda: len(bus.loads) >= 5)  # 10 Hz
+    await until(lambda: len(bus.loads) >= 5)  # 10 Hz
     assert bus.loads[-1].total_blocks == 256 and bus.loads[-1].worker_id == worker.worker_id
     deadline = time.monotonic() + 30  # the heartbeat (every 1 s) rewrites the entry
     while (await kv.get(worker.worker_id)).revision == first_revision:
@@ -226,11 +219,11 @@ async def test_registration_load_dump_pin_and_clean_shutdown(
 
     client = api(worker)
     await client.chat.completions.create(model="any", messages=LONG_PROMPT, max_tokens=3)
-    await eventually(lambda: bus.stored_hashes() != [])
+    await until(lambda: bus.stored_hashes() != [])
     reply = await nc.request(subjects.dump(worker.worker_id), encode(StateDumpRequest("test")), timeout=5)
     dump = decode(reply.data, KvStateDump)
     assert dump.worker_id == worker.worker_id and dump.epoch == registration.epoch
-    await eventually(lambda: any(b.seq == dump.seq for b in bus.batches))
+    await until(lambda: any(b.seq == dump.seq for b in bus.batches))
     replay = ReplayedCache()
     for batch in bus.batches:
         if batch.seq <= dump.seq:
@@ -267,7 +260,7 @@ async def test_worker_serves_through_a_nats_outage_and_reconnects(namespace: str
             try:
                 tap = BusTap(nc, Subjects(namespace))
                 await tap.start()
-                await eventually(lambda: len(tap.loads) >= 3, timeout_s=20)
+                await until(lambda: len(tap.loads) >= 3, timeout_s=20)
                 kv = await nc.jetstream().key_value(Subjects(namespace).registry_bucket)
                 await eventually_async(lambda: kv.get(process.worker_id), timeout_s=10)
             finally:
@@ -314,12 +307,12 @@ async def test_a_host_tier_takes_evicted_blocks_and_serves_them_back(nats_url: s
                         held = held | hashes if isinstance(event, BlockStored) else held - hashes
             return held
 
-        await eventually(lambda: chain[0] in on_host())
+        await until(lambda: chain[0] in on_host())
         again = await client.chat.completions.create(model="any", messages=LONG_PROMPT, max_tokens=2)
         details = again.usage.prompt_tokens_details
         host_cached = (details.model_extra or {}).get("host_cached_tokens", 0)
         assert host_cached >= BLOCK and details.cached_tokens >= host_cached
-        await eventually(lambda: chain[0] not in on_host())  # onboarded: off the host, on the device
+        await until(lambda: chain[0] not in on_host())  # onboarded: off the host, on the device
         # the worker's /metrics counts the cached tokens by tier (counted before the answer is sent)
         metrics = (await asyncio.to_thread(read_url, process.url + "/metrics")).decode()
         host_total = re.search(r'^kvgate_worker_cached_tokens_total\{tier="host"\} (\S+)$', metrics, re.M)

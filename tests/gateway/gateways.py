@@ -3,9 +3,8 @@ tests can read (the index, the sessions) while real clients talk to them over HT
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -13,6 +12,7 @@ import aiohttp
 from gateway.app import Gateway, GatewayConfig
 from router.protocol import KvStateDump, StateDumpRequest, Subjects, decode, encode
 from router.snapshot import build_snapshot
+from tests.polling import until
 from tests.serving import serving
 
 
@@ -35,7 +35,7 @@ class RunningGateway:
             status, body = await self.get("/ready")
             return status == 200 and body["workers"] >= workers
 
-        await until_async(ready, timeout_s, f"{self.url} not ready with {workers} workers")
+        await until(ready, timeout_s, f"{self.url} not ready with {workers} workers")
 
     def blocks(self, worker_id: str) -> set[tuple[int, str]]:
         """The (block, tier) pairs this gateway's index holds for a worker."""
@@ -52,20 +52,6 @@ async def running_gateway(
     gateway = Gateway(GatewayConfig(nats_url=nats_url, namespace=namespace, gateway_id=gateway_id, **config))
     async with serving(gateway.app(), handler_cancellation=True, access_log=None) as url:
         yield RunningGateway(gateway, url)
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"{what} not met within {timeout_s} s"
-        await asyncio.sleep(0.05)
-
-
-async def until_async(predicate: Callable[[], Any], timeout_s: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"{what} within {timeout_s} s"
-        await asyncio.sleep(0.1)
 
 
 async def worker_blocks(nc: Any, subjects: Subjects, worker_id: str) -> set[tuple[int, str]]:

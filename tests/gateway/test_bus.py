@@ -8,7 +8,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -33,15 +33,9 @@ from router.protocol import (
 )
 from router.request import RouteRequest
 from router.router import Router
+from tests.polling import until
 
 CHAIN = block_hashes(list(range(64)), 16)
-
-
-async def until(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def registration(worker: str, epoch: int = 1, **changes: object) -> WorkerRegistration:

@@ -23,8 +23,9 @@ import pytest
 
 from router.protocol import Subjects
 from tests.gateway.conftest import Cluster
-from tests.gateway.gateways import RunningGateway, running_gateway, until_async
+from tests.gateway.gateways import RunningGateway, running_gateway
 from tests.gateway.live_routes import WorkerCaches, chat, text
+from tests.polling import until
 
 pytestmark = pytest.mark.slow
 
@@ -78,13 +79,13 @@ class Run:
                     return False
             return True
 
-        await until_async(quiet, 60.0, "in-flight counts and load reports")
+        await until(quiet, 60.0, "in-flight counts and load reports")
         held = await self.caches.holdings()
 
         async def heard() -> bool:
             return all(held[w] <= self.gw.blocks(w) for w in WORKERS)
 
-        await until_async(heard, 60.0, "the workers' KV events at the gateway")
+        await until(heard, 60.0, "the workers' KV events at the gateway")
 
     async def send(self, name: str, messages: list[dict[str, Any]], session: str | None) -> str:
         headers = {"x-session-id": f"{self.tag}-{session}"} if session else {}
@@ -155,7 +156,7 @@ async def play(
             check(run, gw.router.workers())  # the gateway's worker list, in its order
         finally:
             await run.close()
-        await until_async(_idle(gw), 60.0, "the held stream's end")  # before the next policy's run
+        await until(_idle(gw), 60.0, "the held stream's end")  # before the next policy's run
 
 
 def _idle(gw: RunningGateway) -> Callable[[], Any]:

@@ -15,7 +15,8 @@ from router.protocol import RouteDone, RoutePicked, Subjects, WorkerRegistration
 from router.request import RouteRequest
 from router.router import Router
 from tests.gateway.conftest import Cluster
-from tests.gateway.gateways import running_gateway, until
+from tests.gateway.gateways import running_gateway
+from tests.polling import until
 
 WORKERS = ("w0", "w1", "w2")
 

@@ -27,8 +27,9 @@ import pytest
 from gateway.natsd import free_port
 from router.config import RouterConfig
 from tests.gateway.conftest import Cluster, Proc, http_get
-from tests.gateway.gateways import RunningGateway, running_gateway, until_async
+from tests.gateway.gateways import RunningGateway, running_gateway
 from tests.gateway.live_routes import chat, text
+from tests.polling import until
 
 pytest.importorskip("sglang_router", reason="the peers extra (sglang-router) is not installed")
 
@@ -55,7 +56,7 @@ class Side:
             loads = await self.loads()  # None: the router did not answer this time
             return loads is not None and sum(loads.values()) == busy
 
-        await until_async(settled, 60.0, f"{busy} requests in flight at the router")
+        await until(settled, 60.0, f"{busy} requests in flight at the router")
 
     async def send(self, messages: list[dict[str, Any]]) -> None:
         response = await self.client.chat.completions.with_raw_response.create(

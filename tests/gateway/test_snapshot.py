@@ -30,7 +30,8 @@ from router.protocol import (
 from router.request import RouteRequest
 from router.router import Router
 from tests.gateway.conftest import Proc
-from tests.gateway.gateways import RunningGateway, running_gateway, until
+from tests.gateway.gateways import RunningGateway, running_gateway
+from tests.polling import until
 
 WORKERS = ("w0", "w1", "w2")
 
@@ -323,7 +324,7 @@ async def test_a_replica_started_after_a_million_block_events_routes_like_the_ol
     """1M blocks of synthetic KV events on JetStream; an old gateway follows them, snapshots, follows a
     tail; a new gateway starts from the snapshot and the tail, and then picks exactly as the old one."""
     from gateway.replay_bench import Workload, publish
-    from tests.gateway.gateways import running_gateway, until
+    from tests.gateway.gateways import running_gateway
 
     subjects = Subjects(namespace)
     js = nc.jetstream()
