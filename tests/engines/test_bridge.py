@@ -56,6 +56,7 @@ from router.protocol import (
 )
 from tests.engines.vllm_events import VllmAllBlocksCleared, VllmBlockRemoved, VllmBlockStored, VllmEventBatch
 from tests.gateway.conftest import Proc, http_get
+from tests.polling import until
 
 B = 16
 WORKER = "vllm-0"
@@ -564,11 +565,9 @@ def gateway_saw_events_of(gateway_url: str, worker_id: str) -> bool:
     return f'kvgate_worker_event_lag_seconds{{worker="{worker_id}"}}' in text
 
 
-async def eventually(check: Any, what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(check):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
+async def eventually(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """`until` for a blocking check (HTTP to a subprocess): each try runs in a thread."""
+    await until(lambda: asyncio.to_thread(check), timeout_s, what)
 
 
 @pytest.mark.slow
@@ -626,11 +625,12 @@ async def test_gateway_routes_on_bridged_engine_events(
             await engines["vllm-b"].send(map_batch(VllmBlockRemoved(list(range(1, k + 1)), "GPU")))
             nc = await nats.connect(nats_url)
             subjects = Subjects(namespace)
-            for _ in range(100):
+
+            async def b_removal_on_the_stream() -> bool:
                 last = await nc.jetstream().get_last_msg(subjects.kv_stream, subjects.kv("vllm-b"))
-                if isinstance(decode(last.data, KvEventBatch).events[-1], BlockRemoved):
-                    break
-                await asyncio.sleep(0.05)
+                return isinstance(decode(last.data, KvEventBatch).events[-1], BlockRemoved)
+
+            await until(b_removal_on_the_stream, 30.0, "B's removal on the KV stream")
             await nc.close()
             # The gateway reads the stream in order: B's removal is applied before A's store.
             await engines["vllm-a"].send(map_batch(stored(list(range(101, 101 + k)), None, tokens[: k * B])))
