@@ -254,12 +254,17 @@ async def running_bridge(
 
 
 async def registered(kv: Any, worker_id: str) -> WorkerRegistration:
-    """The worker's registry entry, once its first heartbeat has written it."""
-    for _ in range(100):
+    """The worker's registry entry, once its first heartbeat has written it (a bridge process may take
+    a while to start on a loaded box)."""
+    entries: list[WorkerRegistration] = []
+
+    async def written() -> bool:
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            return decode((await kv.get(worker_id)).value, WorkerRegistration)
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{worker_id} never registered")
+            entries.append(decode((await kv.get(worker_id)).value, WorkerRegistration))
+        return bool(entries)
+
+    await until(written, 60.0, f"{worker_id}'s registration")
+    return entries[0]
 
 
 # --- tests
@@ -658,11 +663,15 @@ async def test_bridge_process_registers_and_deregisters_on_sigterm(
     try:
         await engine.wait_subscribed()
         js = nc.jetstream()
-        for _ in range(200):  # the bucket appears with the bridge's set-up
+        buckets: list[Any] = []
+
+        async def bucket_made() -> bool:  # the bucket appears with the bridge's set-up
             with contextlib.suppress(nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
-                kv = await js.key_value(Subjects(namespace).registry_bucket)
-                break
-            await asyncio.sleep(0.05)
+                buckets.append(await js.key_value(Subjects(namespace).registry_bucket))
+            return bool(buckets)
+
+        await until(bucket_made, 60.0, "the registry bucket")
+        kv = buckets[0]
         registration = await registered(kv, WORKER)
         assert (registration.url, registration.engine) == ("http://vllm-0:8000", "vllm")
         proc.proc.terminate()
