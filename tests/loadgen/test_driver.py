@@ -16,6 +16,7 @@ from loadgen.replay import TraceWorkload
 from loadgen.trace import TraceContent, load_trace
 from loadgen.workloads import AgenticConfig, AgenticWorkload
 from tests.loadgen.conftest import TRACES, Served
+from tests.polling import until
 
 
 def _workload(turns: str = "const:4", tool_time: str = "const:0.05", rate: float = 50.0) -> AgenticWorkload:
@@ -94,9 +95,9 @@ async def test_closed_loop_concurrency_and_interrupt(sse: Served) -> None:
             client, _workload(tool_time="const:0"), RunConfig(duration_s=None, concurrency=4), recorder
         )
         task = asyncio.ensure_future(driver.run())
-        await asyncio.sleep(0.5)
+        await until(lambda: len(recorder.requests) > 10, 30.0, "requests recorded")  # not a time slot
         driver.interrupt()
-        await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, 30)
     assert driver.interrupted and recorder.in_flight == 0 and len(recorder.requests) > 10
     live = max(
         len({r.session_id for r in recorder.requests if r.start <= t <= r.end}) for t in (0.1, 0.2, 0.3)
