@@ -176,6 +176,26 @@ class DynamoPool:
         self.sockets[w].send_multipart([b"kv-events", struct.pack(">q", self.seq[w]), batch])
         self.seq[w] += 1
 
+    async def wait_subscribed(self) -> None:
+        """ZMQ's slow joiner: a PUB socket drops what it sends before the SUB side has connected. Each
+        worker sends a probe block until Dynamo's index shows it, then its removal (a probe lost before
+        that is a sequence gap, which Dynamo logs and skips)."""
+        for w in range(WORKERS):
+            tokens = [50_001 + w] * BS  # outside the corpus's tokens
+            hashes = block_hashes(tokens, BS)
+
+            async def probed(w: int = w, tokens: list[int] = tokens, hashes: list[int] = hashes) -> bool:
+                self.publish(w, ["BlockStored", hashes, None, tokens, BS, None, "GPU"])
+                await asyncio.sleep(0.05)
+                return f"w{w}" in await self.device_overlap(tokens)
+
+            async def cleared(tokens: list[int] = tokens) -> bool:
+                return not await self.device_overlap(tokens)
+
+            await until(probed, f"worker {w}'s events reaching Dynamo", 60.0)
+            self.publish(w, ["BlockRemoved", hashes, "GPU"])
+            await until(cleared, f"worker {w}'s probe removed", 60.0)
+
     async def device_overlap(self, tokens: list[int]) -> dict[str, int]:
         found = await self.service.overlap_scores({"token_ids": tokens})
         rows = found["workers"]
@@ -197,7 +217,7 @@ class DynamoPool:
         self.context.term()
 
 
-async def until(check, what: str, timeout_s: float = 5.0) -> None:
+async def until(check, what: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not await check():
         assert time.monotonic() < deadline, what
@@ -214,8 +234,8 @@ async def replay_against_dynamo(steps: int, seed: int) -> int:
         async def ready() -> bool:
             return pool.service.ready()["ready"]
 
-        await until(ready, "Dynamo's workers schedulable")
-        await asyncio.sleep(0.3)  # the ZMQ subscriptions connect
+        await until(ready, "Dynamo's workers schedulable", 60.0)
+        await pool.wait_subscribed()
         ours_seq = [0] * WORKERS
         in_flight: list[tuple[str, bool]] = []  # (request id, first token seen)
         picks = 0
