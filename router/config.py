@@ -85,6 +85,9 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # a batched step; a copy splits the prefix's traffic and doubles its blocks in use)
     prefix_home_hold: float = 0.0  # off: 10 won on the earlier mock engine, lost on the calibrated one
     used_from_report: bool = True
+    # a request that named no session is placed by its estimated TTFT: prefill at the pool's marginal
+    # cost per token (router/prefill_fit.py), a busy worker's steps to wait out (docs/SESSION_KV.md)
+    one_shot_ttft: bool = True
     stall_fullness_floor: float = 0.0
     memory_free_fraction: float = 0.8
     memory_pressure_factor: float = 0.4

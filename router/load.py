@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 
 from router.config import RouterConfig
+from router.prefill_fit import PrefillFit
 from router.protocol import LoadReport
 
 
@@ -20,6 +21,7 @@ class InFlight:
         "blocks",
         "epoch",
         "picked_at",
+        "prefill_ahead",
         "prefill_tokens",
         "prefilling",
         "session_id",
@@ -38,6 +40,8 @@ class InFlight:
         self.prefilling = True
         self.session_id: str | None = None  # the router's notes for on_complete
         self.tool_pending = False
+        # prefill tokens the worker computes before or with this request's first token (PrefillFit)
+        self.prefill_ahead = prefill_tokens
 
 
 class WorkerLoad:
@@ -74,6 +78,7 @@ class LoadView:
         self._inflight: dict[str, InFlight] = {}
         self._prefill_queue: deque[tuple[float, str]] = deque()  # (picked_at, request id), pick order
         self._done_queue: deque[tuple[float, str]] = deque()
+        self.prefill_fit = PrefillFit()  # the pool's marginal prefill cost, from the first tokens
 
     def add_worker(self, worker_id: str) -> None:
         self.workers.setdefault(worker_id, WorkerLoad(self.config.default_prefill_tok_s))
@@ -106,7 +111,8 @@ class LoadView:
             self.finish(request_id)  # a reused id: the old prediction is over
         if len(self._inflight) >= self.config.max_inflight:
             self.finish(next(iter(self._inflight)))  # bounded: the oldest prediction goes first
-        self._inflight[request_id] = InFlight(worker_id, prefill_tokens, blocks, now, w.epoch)
+        f = self._inflight[request_id] = InFlight(worker_id, prefill_tokens, blocks, now, w.epoch)
+        f.prefill_ahead += w.inflight_prefill
         w.prefill_since_report += prefill_tokens
         w.inflight_prefill += prefill_tokens
         w.inflight_blocks += blocks
@@ -116,10 +122,13 @@ class LoadView:
         if len(self._done_queue) > 2 * self.config.max_inflight:
             self._compact()
 
-    def first_token(self, request_id: str) -> None:
+    def first_token(self, request_id: str, now: float | None = None) -> None:
+        """The request's prefill is over; with `now`, its latency is a sample of the prefill cost."""
         f = self._inflight.get(request_id)
         if f is not None and f.prefilling:
             self._end_prefill(f)
+            if now is not None and now >= f.picked_at:
+                self.prefill_fit.observe(f.prefill_ahead, (now - f.picked_at) * 1000.0)
 
     def finish(self, request_id: str) -> InFlight | None:
         f = self._inflight.pop(request_id, None)

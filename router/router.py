@@ -332,7 +332,7 @@ class Router:
             s.pinned_until = float("-inf")  # it came back: the pin did its job
 
     def on_first_token(self, request_id: str, now: float) -> None:
-        self.load.first_token(request_id)
+        self.load.first_token(request_id, now)
         self.policy.on_first_token(request_id)
 
     def on_complete(

@@ -57,6 +57,8 @@ class SessionKv(Policy):
         self._pool_speed = 0.0
         self._pool_speed_until = float("-inf")
         self._pool_speed_n = 0
+        self._pool_step = (0.0, 1.0)  # (ms of a busy worker's step, in-flight context blocks of one)
+        self._pool_step_until = float("-inf")
         # prefills routed whose blocks the workers' KV events may not show yet: request -> (worker, chain)
         self._pending: dict[str, tuple[str, Sequence[int]]] = {}
 
@@ -94,7 +96,10 @@ class SessionKv(Policy):
                 sticky, why = home, "overlap"
         credit = self._credit(overlap, view.tier_overlap(chain, "host"), view.tier_overlap(chain, "disk"))
         self._expire_live(now)
-        costs = self._costs(view, credit, n_tokens, len(chain), request.session_id, sticky)
+        if cfg.one_shot_ttft and is_inferred(request.session_id) and view.load.prefill_fit.ms_per_token:
+            costs = self._one_shot_costs(view, credit, n_tokens, len(chain), request.session_id, sticky)
+        else:
+            costs = self._costs(view, credit, n_tokens, len(chain), request.session_id, sticky)
         best = min(costs.values())
         if sticky is not None and sticky in costs:
             tolerance = max(cfg.affinity_tolerance_ms, cfg.affinity_tolerance_rel * best)
@@ -218,6 +223,72 @@ class SessionKv(Policy):
                 view, sticky, credit.get(sticky), n_tokens, n_blocks, own, ms_per_token
             )
         return costs
+
+    def _one_shot_costs(
+        self,
+        view: RouterView,
+        credit: dict[str, int] | dict[str, float],
+        n_tokens: int,
+        n_blocks: int,
+        session_id: str | None,
+        sticky: str | None,
+    ) -> dict[str, float]:
+        """Estimated TTFT in ms for a request that named no session (docstring "One-shot traffic"), plus
+        the memory terms, for every candidate that can be the cheapest (and the prefix home)."""
+        bs = view.block_size
+        loads = view.load.workers
+        per_token = view.load.prefill_fit.ms_per_token or 0.0
+        # the prefill computed before or with the first token, at its marginal cost: a lower bound
+        bound: dict[str, float] = {}
+        for w in view.candidates:
+            held = credit.get(w)
+            missing = n_tokens - held * bs if held else n_tokens
+            bound[w] = (loads[w].inflight_prefill + (missing if missing > 0 else 0)) * per_token
+        step, context = self._busy_step(view)
+        own = self._live.get(session_id) if session_id else None
+        ms_per_token = self._pool_ms_per_token(view)  # the memory terms: re-prefills, at the average cost
+        now = view.now
+        costs: dict[str, float] = {}
+        best = float("inf")
+        for w in sorted(bound, key=bound.__getitem__):
+            if bound[w] > best and w != sticky:
+                continue
+            wl = loads[w]
+            cost = bound[w]
+            if wl.requests:  # wait out the step in progress; ours carries the worker's decodes
+                cost += step * (1.0 + wl.inflight_blocks / context)
+                if wl.inflight_prefill:  # and a prefill is ahead of ours: a step more
+                    cost += 2.0 * step
+            used = self._used_blocks(wl, now, bs)
+            cost = costs[w] = cost + self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used)
+            if cost < best:
+                best = cost
+        return costs
+
+    def _busy_step(self, view: RouterView) -> tuple[float, float]:
+        """A busy worker's step in ms (the median over the workers that reported running requests: their
+        running requests over their decode tokens/s) and the in-flight context blocks of one (the median
+        over those with requests in flight), recomputed at most every 100 ms."""
+        now = view.now
+        if now < self._pool_step_until:
+            return self._pool_step
+        loads = view.load.workers
+        steps: list[float] = []
+        contexts: list[int] = []
+        for w in view.candidates:
+            wl = loads[w]
+            report = wl.report
+            if report is not None and now <= wl.fresh_until and report.running and report.decode_tok_s > 0:
+                steps.append(1000.0 * report.running / report.decode_tok_s)
+            if wl.requests:
+                contexts.append(wl.inflight_blocks)
+        steps.sort()
+        contexts.sort()
+        step = steps[(len(steps) - 1) // 2] if steps else 0.0
+        context = max(1.0, float(contexts[(len(contexts) - 1) // 2])) if contexts else 1.0
+        self._pool_step = (step, context)
+        self._pool_step_until = now + 0.1
+        return self._pool_step
 
     def _cost_ms(
         self,
