@@ -77,3 +77,22 @@ def test_in_flight_is_bounded() -> None:
 def test_default_speed_until_reported() -> None:
     load = view(default_prefill_tok_s=1234.0)
     assert load.prefill_speed("w") == 1234.0
+
+
+def test_first_tokens_fit_the_marginal_prefill_cost() -> None:
+    # each first token: its latency from the pick against the prefill the worker had to compute before
+    # or with it (the in-flight prefill there at the pick plus its own)
+    load = view()
+    t = 0.0
+    for i in range(100):
+        own = 2000 if i % 4 == 0 else 100
+        load.start(f"a{i}", "w", prefill_tokens=own, blocks=10, now=t)
+        load.start(f"b{i}", "w", prefill_tokens=100, blocks=10, now=t)  # behind a{i}: 100 + own ahead
+        load.first_token(f"a{i}", t + (10.0 + 0.02 * own) / 1000.0)
+        load.first_token(f"b{i}", t + (10.0 + 0.02 * (own + 100)) / 1000.0)
+        load.first_token(f"b{i}")  # a repeated first token (no time): not a sample
+        load.finish(f"a{i}")
+        load.finish(f"b{i}")
+        t += 1.0
+    assert load.prefill_fit.ms_per_token is not None
+    assert abs(load.prefill_fit.ms_per_token - 0.02) < 1e-9

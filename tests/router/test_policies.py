@@ -568,3 +568,47 @@ def test_session_kv_counts_one_shot_requests_as_no_live_context() -> None:
     router.on_complete("n1", 0.5, "tool_calls", 5)
     router.pick(req("n2", chain(60, base=90_000), "named"), 1.0)
     assert set(router.policy._live) == {"named"}
+
+
+def test_session_kv_places_one_shot_traffic_by_its_estimated_ttft() -> None:
+    # a request that named no session: prefill at the pool's marginal cost per token, plus a busy
+    # worker's steps (docs/SESSION_KV.md, "One-shot traffic"); a copy of a document on an idle worker
+    # beats waiting behind a busy home's decodes, not behind a light one's
+    router = make("session_kv", n=2)
+    for i in range(100):  # the pool's first tokens so far: 20 ms + 0.015 ms per prefill token
+        tokens = 100 if i % 2 else 2100
+        router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+    doc = chain(128)
+    hold(router, "w0", doc)
+    # w0 runs one request of 100 blocks (its first token came, on the line above)
+    router.pick(req("busy", chain(100, base=50_000), "s"), 0.0, exclude=frozenset({"w1"}))
+    router.on_first_token("busy", (20.0 + 0.015 * 1600) / 1000.0)
+    assert router.load.prefill_fit.ms_per_token == pytest.approx(0.015)
+
+    def report(now: float, running: int) -> None:  # 100 decode tokens/s: a step of 10 ms per request
+        router.apply_load(LoadReport("w0", now, running, 0, 0, 228, 1000, 5_000.0, 100.0), now)
+        router.apply_load(LoadReport("w1", now, 0, 0, 0, 0, 1000, 5_000.0, 0.0), now)
+
+    question = doc + chain(8, base=70_000)
+    report(0.1, running=1)
+    d = router.pick(req("q1", question), 0.1)
+    # w0: its 8 blocks at 0.015 + a 10 ms step to wait out + one as long as its 100 in-flight context
+    # blocks over the busy workers' median (100) make it; w1: the document and the question
+    assert (d.worker_id, d.reason) == ("w0", "overlap")
+    assert d.estimated_cost == pytest.approx(128 * 0.015 + 10.0 * (1 + 100 / 100))
+    router.on_complete("q1", 0.15, "stop", 1)
+    report(0.3, running=4)  # the home's steps now take 40 ms: a copy on w1 (2,176 tokens, 33 ms) is faster
+    d = router.pick(req("q2", question), 0.3)
+    assert (d.worker_id, d.reason) == ("w1", "load")
+    assert d.estimated_cost == pytest.approx(136 * BS * 0.015)
+    router.on_complete("q2", 0.35, "stop", 1)
+    # a named session's first turn goes by the session cost: the miss at the pool's average speed
+    assert router.pick(req("q3", question, "named"), 0.4).worker_id == "w0"
+    # and so does one-shot traffic with the estimate switched off
+    off = make("session_kv", n=2, one_shot_ttft=False)
+    off.load.prefill_fit.ms_per_token = 0.015
+    hold(off, "w0", doc)
+    off.pick(req("busy", chain(100, base=50_000), "s"), 0.0, exclude=frozenset({"w1"}))
+    off.apply_load(LoadReport("w0", 0.3, 4, 0, 0, 228, 1000, 5_000.0, 100.0), 0.3)
+    off.apply_load(LoadReport("w1", 0.3, 0, 0, 0, 0, 1000, 5_000.0, 0.0), 0.3)
+    assert off.pick(req("q2", question), 0.3).worker_id == "w0"
