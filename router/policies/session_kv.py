@@ -27,6 +27,15 @@ blocks the longer, so every admission there waits too. The missing tokens are ch
 `1 + stall_factor x running x fullness` times (fullness: in-flight blocks plus this prompt over the
 worker's capacity, at most 1): a miss where many decode in a full worker is dear, one on an idle worker is
 not, and a hit on a busy worker beats a miss on a slightly shorter queue.
+
+One-shot traffic (a request that named no session): the estimate above prices its prefill at the pool's
+measured average cost per token, which carries a step's fixed cost (for short prompts several times the
+cost one more token adds to a step) and ignores the running decodes a first token waits behind. Such a
+request is priced instead by its TTFT: the prefill ahead of it and its own at the marginal cost per token
+(`router/prefill_fit.py`, fitted from the first tokens), plus, on a busy worker, the step in progress, a
+step carrying its running decodes (scaled by their context) and one more when a prefill is queued there
+(docs/SESSION_KV.md, "One-shot traffic"). A hot document is then copied to an idle worker when waiting
+at its home costs more than the copy's prefill.
 """
 
 from __future__ import annotations
