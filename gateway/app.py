@@ -19,7 +19,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from gateway import tenants
-from gateway.admission import Admission, NoWorker, QueueFull, SessionHold
+from gateway.admission import Admission, NoWorker, QueueFull, RoomHold, SessionHold
 from gateway.anthropic_api import AnthropicApi
 from gateway.api_bridge import Relay
 from gateway.bus import Bus
@@ -89,6 +89,8 @@ class Gateway:
         self.admission = Admission(config.queue_bound, config.queue_timeout_s)
         hold_s = self.router.config.admission_max_hold_s + config.queue_timeout_s
         self.holds = SessionHold(self.router, hold_s)  # session_kv's admission by session
+        # session_kv's room queue: a pick waits here while its worker has no KV room for it
+        self.rooms = RoomHold(self.router, self.router.config.room_max_hold_s + config.queue_timeout_s)
         self.tokenizers = Tokenizers(self.subjects.tokenizer_bucket, lambda: self.bus.nc)
         cache_bytes = config.prompt_cache_bytes
         self.tenants = tenants.Tenants(config.api_keys, config.tenants)
@@ -165,6 +167,7 @@ class Gateway:
 
     def _worker_removed(self, worker_id: str) -> None:
         self.admission.remove_worker(worker_id)
+        self.rooms.poke()  # what waited for its room goes now, and fails over
         url = self._urls.pop(worker_id, None)
         if url is not None and (aborted := self.upstream.abort(url)):
             log.warning(
@@ -457,7 +460,6 @@ class Gateway:
         relay: Relay,
     ) -> tuple[web.StreamResponse, Outcome]:
         worker = decision.worker_id
-        state = self.bus.workers.get(worker)
         self.metrics.count_decision(self.config.policy, decision.reason)
         expected = min(decision.overlap_blocks * block_size, len(tokens))
         self.metrics.overlap_tokens.observe(expected)
@@ -479,8 +481,10 @@ class Gateway:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         outcome = Outcome()
-        sent_at = time.monotonic()
         try:
+            await self.rooms.enter(route, decision)
+            state = self.bus.workers.get(worker)  # it may have left while the request waited for room
+            sent_at = time.monotonic()
             if state is None:
                 raise Retryable("worker left the pool")
 
@@ -545,6 +549,7 @@ class Gateway:
         if hint is not None:
             self.bus.publish_pin(*hint)
         self.holds.poke()
+        self.rooms.poke()
 
     # --- cross-cutting
 

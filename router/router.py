@@ -20,6 +20,7 @@ from router.load import InFlight, LoadView
 from router.policies import POLICIES, Policy, RouterView
 from router.protocol import KvEventBatch, KvStateDump, LoadReport, PinHint, WorkerRegistration
 from router.request import INFERRED_SESSION_PREFIXES, Decision, RouteRequest
+from router.room import RoomQueue
 from router.sessions import Session, SessionTable
 
 __all__ = ["NoWorkerError", "Router", "RouterConfig"]
@@ -30,6 +31,9 @@ PINNING_POLICIES = frozenset({"session_kv"})
 # the policies that hold sessions at their tool boundary under memory pressure (the baselines are other
 # systems' routing rules: they admit everything)
 ADMITTING_POLICIES = frozenset({"session_kv"})
+# the policies whose picks wait at the router while their worker has no KV room (router/room.py; the
+# baselines send at once, as the systems they are named after do by default)
+ROOM_POLICIES = frozenset({"session_kv"})
 
 
 class NoWorkerError(LookupError):
@@ -90,6 +94,9 @@ class Router:
                 config.admission_max_held,
                 config.admission_yield,
             )
+        self.rooms: RoomQueue | None = None
+        if config.room_hold and policy in ROOM_POLICIES:
+            self.rooms = RoomQueue(config.room_max_hold_s, config.room_max_held, config.max_inflight)
 
     # --- workers
 
@@ -116,6 +123,8 @@ class Router:
         else:
             self.approx.add_worker(wid)
         self.load.add_worker(wid)
+        if self.rooms is not None:
+            self.rooms.set_capacity(wid, registration.num_blocks)
         self._workers_changed()
 
     def remove_worker(self, worker_id: str) -> None:
@@ -126,6 +135,8 @@ class Router:
         self.approx.remove_worker(worker_id)
         self.load.remove_worker(worker_id)
         self.policy.remove_worker(worker_id)
+        if self.rooms is not None:
+            self.rooms.remove_worker(worker_id)
         self._workers_changed()
 
     def workers(self) -> list[str]:
@@ -261,6 +272,37 @@ class Router:
         if adm is not None and session_id and not adm.cancel(request_id):
             adm.done(session_id, float("-inf"), now)
 
+    # --- room (session_kv: router/room.py)
+
+    def room_offer(self, request: RouteRequest, decision: Decision, now: float) -> bool:
+        """After `pick`: True, send the request to its worker now. False: the worker has no KV room for
+        its prompt; send it once `release_rooms` returns its id (every request passes under other
+        policies). Either way `on_complete` ends it."""
+        rooms = self.rooms
+        if rooms is None:
+            return True
+        blocks = -(-request.num_tokens // self.block_size)
+        return rooms.offer(request.request_id, decision.worker_id, blocks, now)
+
+    def release_rooms(self, now: float) -> list[str]:
+        """Ids of requests held for room to send now (call after completions and at `rooms_deadline`)."""
+        return self.rooms.release(now) if self.rooms is not None else []
+
+    def rooms_deadline(self) -> float | None:
+        """When `release_rooms` should next be called if nothing completes before; None: none held."""
+        return self.rooms.next_deadline() if self.rooms is not None else None
+
+    def send_room_now(self, request_id: str, now: float) -> None:
+        """A request held for room is sent before its release (its caller's own bound passed)."""
+        if self.rooms is not None:
+            self.rooms.force(request_id, now)
+
+    def cancel_room(self, request_id: str) -> None:
+        """A request held for room will not be sent (its client went away): forget it. Its pick is
+        still to be closed by `on_complete`, as any pick is."""
+        if self.rooms is not None:
+            self.rooms.done(request_id)
+
     # --- routing
 
     def pick(self, request: RouteRequest, now: float, exclude: frozenset[str] = frozenset()) -> Decision:
@@ -346,6 +388,8 @@ class Router:
         """
         flight = self.load.finish(request_id)
         self.policy.on_complete(request_id)
+        if self.rooms is not None:
+            self.rooms.done(request_id)
         if flight is None or not flight.session_id:
             return None
         hint = self._session_done(flight, now, finish_reason, output_tokens, ok)
@@ -387,4 +431,6 @@ class Router:
         self.policy.expire(now)
         if self.admission is not None:
             self.admission.expire(now, self.config.inflight_ttl_s)
+        if self.rooms is not None:
+            self.rooms.expire(now, self.config.inflight_ttl_s)
         self.index.sweep(self.config.sweep_entries_per_expire)

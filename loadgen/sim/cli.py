@@ -223,6 +223,11 @@ def run(args: argparse.Namespace) -> int:
         for policy, sim_run in runs.items():
             if sim_run.held:
                 print(f"{policy}: {sim_run.held} turns held by admission before routing")
+            if sim_run.room_held:
+                print(
+                    f"{policy}: {sim_run.room_held} turns held at the router for KV room "
+                    f"({sim_run.room_overdue} sent by the bound, {sim_run.room_hold_s:.0f} s in all)"
+                )
     if args.json is not None:
         write_json(args.json, report)
     if args.charts:

@@ -107,6 +107,9 @@ class SimRun:
         self.held = 0  # turns the router's admission held before routing them
         self.held_overdue = 0  # of which released by the hold bound
         self.hold_s = 0.0  # virtual seconds they waited in all
+        self.room_held = 0  # picked turns the router held while their worker had no KV room
+        self.room_overdue = 0  # of which sent by the hold bound
+        self.room_hold_s = 0.0  # virtual seconds they waited in all
 
 
 class Simulation:
@@ -160,6 +163,8 @@ class Simulation:
         self._last_report: dict[str, LoadReport] = {}
         self._held: dict[str, tuple[Turn, RouteRequest]] = {}  # held by the router's admission
         self._release_at = math.inf  # when a release check is scheduled
+        self._room_held: dict[str, tuple[Turn, RequestRecord, str | None]] = {}  # picked, held for room
+        self._room_release_at = math.inf
 
     # --- driving
 
@@ -181,6 +186,13 @@ class Simulation:
         if self.router.admission is not None:
             result.held = self.router.admission.held_total
             result.held_overdue = self.router.admission.overdue_total
+        rooms = self.router.rooms
+        if rooms is not None:
+            result.room_held, result.room_overdue, result.room_hold_s = (
+                rooms.held_total,
+                rooms.overdue_total,
+                rooms.hold_s,
+            )
         return result
 
     def _arrive(self, key: str, turn_index: int, tool_result: bool) -> None:
@@ -212,7 +224,6 @@ class Simulation:
         now = self.loop.now
         row = turn.row
         router = self.router
-        hashes = request.block_hashes
         session_id = request.session_id
         decision = router.pick(request, now)
         reasons = self.run_result.decisions
@@ -220,10 +231,20 @@ class Simulation:
         record = RequestRecord(turn.session, turn.turn, turn.arrival, row.input_length, decision.worker_id)
         self.run_result.records.append(record)
         self._turns[turn.request_id] = (turn, record)
-        if self._tick_sleeping[decision.worker_id]:
-            self._wake_ticks(decision.worker_id)
+        if router.room_offer(request, decision, now):
+            self._submit(turn, record, session_id)
+        else:  # its worker has no room: it waits at the router (its TTFT counts from its arrival)
+            self._room_held[turn.request_id] = (turn, record, session_id)
+            self._schedule_room_release()
+
+    def _submit(self, turn: Turn, record: RequestRecord, session_id: str | None) -> None:
+        worker_id = record.worker
+        if self._tick_sleeping[worker_id]:
+            self._wake_ticks(worker_id)
+        row = turn.row
+        hashes = self.workload.block_hashes(row)
         try:
-            self.workers[decision.worker_id].submit(
+            self.workers[worker_id].submit(
                 turn.request_id, row.input_length, hashes, row.output_length, session_id
             )
         except ValueError:  # the engine refuses it (longer than the worker's whole cache)
@@ -270,6 +291,7 @@ class Simulation:
                     pin.prefetch_after_s,
                 )
         self._open -= 1
+        self._release_rooms()
         self._release()
         turns = self.workload.sessions[turn.session]
         if turn.turn + 1 < len(turns):
@@ -299,6 +321,27 @@ class Simulation:
         if at == self._release_at:
             self._release_at = math.inf
         self._release()
+
+    def _release_rooms(self) -> None:
+        if not self._room_held:
+            return
+        for request_id in self.router.release_rooms(self.loop.now):
+            entry = self._room_held.pop(request_id, None)
+            if entry is not None:
+                self._submit(*entry)
+        self._schedule_room_release()
+
+    def _schedule_room_release(self) -> None:
+        deadline = self.router.rooms_deadline()
+        if deadline is not None and deadline < self._room_release_at:
+            self._room_release_at = deadline = max(deadline, self.loop.now)
+            self.loop.at(deadline, self._room_release_tick, deadline)
+
+    def _room_release_tick(self, at: float) -> None:
+        self.loop.settle()
+        if at == self._room_release_at:
+            self._room_release_at = math.inf
+        self._release_rooms()
 
     # --- the bus
 

@@ -421,3 +421,32 @@ def test_a_replay_leaves_the_collector_as_it_found_it() -> None:
     with replay_gc():
         assert gc.get_threshold() != before[0] and gc.get_freeze_count() > 0
     assert (gc.get_threshold(), gc.get_freeze_count()) == before
+
+
+def test_a_prompt_waiting_for_room_waits_at_the_router_not_ahead_of_one_that_fits() -> None:
+    """Known by construction: one worker of 256 blocks runs a long turn of 120 blocks; a turn of 160
+    arrives (it cannot fit beside it) and then one of 32 (it can). In the engine's first-come-first-
+    served queue the small one waits behind the big one until the long turn is over; held at the
+    router instead, the big one lets it pass."""
+
+    def row(session: str, base: int, at_ms: float, trace_blocks: int, output: int) -> TraceRow:
+        ids = [base + i for i in range(trace_blocks)]
+        return TraceRow(at_ms, trace_blocks * TRACE_BLOCK, output, ids, session, 0, 0.0, "end_turn")
+
+    rows = [row("long", 1000, 0.0, 15, 400), row("big", 2000, 10.0, 20, 5), row("small", 3000, 20.0, 4, 5)]
+    wl = workload(rows)
+
+    def ttft(run_records: list[RequestRecord], session: str) -> float:
+        record = next(r for r in run_records if r.session == session)
+        return record.first_token - record.arrival
+
+    config = small_config(workers=1)
+    held = Simulation(wl, "session_kv", config, RouterConfig(room_hold=True)).run()
+    fcfs = Simulation(wl, "session_kv", config, RouterConfig(room_hold=False)).run()
+    assert all(r.ok for r in held.records + fcfs.records)
+    assert held.room_held == 1 and held.room_overdue == 0 and fcfs.room_held == 0
+    long_end = next(r.finish for r in fcfs.records if r.session == "long")
+    assert ttft(fcfs.records, "small") >= long_end - 0.02  # behind the big one, which waited for room
+    assert ttft(held.records, "small") < ttft(fcfs.records, "small") / 10
+    # the big one still starts as soon as the long turn leaves: it lost nothing to the small one
+    assert ttft(held.records, "big") <= ttft(fcfs.records, "big") + 0.05
