@@ -117,8 +117,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # room (router/room.py; session_kv only): a picked request whose worker has no KV room for its prompt
     # waits at the router, not in the engine's first-come-first-served queue where it would hold up the
     # requests behind it; at most `room_max_hold_s`, at most `room_max_held` at once. Off: on the cc
-    # trace it cuts TTFT p50 / p90 by 13-21 % but the mean moves within the run-to-run spread, as the
-    # giant sessions it makes wait longer pay what the others save (docs/EXPERIMENTS.md)
+    # trace it cuts TTFT p90 by 13-15 %, and the mean by -15 % to +5 % over four runs, as the giant
+    # sessions it parks pay much of what the others save (docs/EXPERIMENTS.md)
     room_hold: bool = False
     room_max_hold_s: float = 60.0
     room_max_held: int = 4096
