@@ -384,14 +384,17 @@ class TierIndex:
                 del children[p]
         self._dead_parents = keep
 
-    def prefixes(self, chain: Sequence[int], mask: int = -1) -> list[tuple[int, int]]:
-        """(workers mask, matched prefix length) groups for the workers of `mask` holding chain[0]."""
+    def prefixes(
+        self, chain: Sequence[int], mask: int = -1, hints: Sequence[int] = ()
+    ) -> list[tuple[int, int]]:
+        """(workers mask, matched prefix length) groups for the workers of `mask` holding chain[0], by
+        length; `hints` are likely lengths (`bisect_prefixes`)."""
         groups: list[tuple[int, int]] = []
         if not self._held:
             return groups
         get = self._held.get
         dirty = self._dirty & mask
-        bisect_prefixes(get, chain, mask & ~dirty, groups)
+        bisect_prefixes(get, chain, mask & ~dirty, groups, hints)
         if dirty:
             walk_prefixes(get, chain, dirty, groups)
         return groups
@@ -624,9 +627,12 @@ class BlockIndex:
             return False
         return True
 
-    def overlap(self, chain: Sequence[int], tier: Tier = "device") -> dict[str, int]:
-        """Matched prefix length in blocks of every worker holding chain[0] on `tier`."""
-        return self._mask_names.expand(self.tiers[tier].prefixes(chain, self._live))
+    def overlap(
+        self, chain: Sequence[int], tier: Tier = "device", hints: Sequence[int] = ()
+    ) -> dict[str, int]:
+        """Matched prefix length in blocks of every worker holding chain[0] on `tier`; `hints` are
+        likely lengths, which only make the answer cheaper to find (`bisect_prefixes`)."""
+        return self._mask_names.expand(self.tiers[tier].prefixes(chain, self._live, hints))
 
     def reach(self, chain: Sequence[int], tier: Tier) -> dict[str, int]:
         """The prefix of `chain` each worker can serve without computing, each block on the device or

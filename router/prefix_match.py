@@ -52,11 +52,17 @@ class MaskNames:
         return out
 
 
-def bisect_prefixes(get, chain: Sequence[int], mask: int, groups: list[tuple[int, int]]) -> None:
+def bisect_prefixes(
+    get, chain: Sequence[int], mask: int, groups: list[tuple[int, int]], hints: Sequence[int] = ()
+) -> None:
     """Matched prefix lengths of the workers in `mask`, for held sets prefix-closed along `chain`.
 
     `get(hash, 0)` is the held mask of a block. Appends (workers, length) groups, lengths >= 1. Workers
     with the same boundary share their lookups: O(k log n) lookups for k distinct boundaries.
+
+    `hints` are likely lengths (a session's previous match): each splits a range it falls in before
+    the midpoint does, so a boundary that did not move costs two lookups, not log n. Any split gives
+    the same answer on prefix-closed sets; a wrong hint costs one lookup, at most two per hint.
     """
     n = len(chain)
     if not n or not mask:
@@ -64,6 +70,8 @@ def bisect_prefixes(get, chain: Sequence[int], mask: int, groups: list[tuple[int
     first = get(chain[0], 0) & mask
     if not first:
         return
+    # a boundary at g: chain[g - 1] held, chain[g] not; probing index i splits [lo, hi] at i
+    splits = sorted({i for g in hints for i in (g - 1, g) if 0 < i < n})
     stack = [(1, n, first)]  # every bit of m holds chain[:lo]; its boundary lies in [lo, hi]
     pop = stack.pop
     push = stack.append
@@ -74,6 +82,10 @@ def bisect_prefixes(get, chain: Sequence[int], mask: int, groups: list[tuple[int
             found((m, lo))
             continue
         mid = (lo + hi) >> 1
+        for i in splits:
+            if lo <= i < hi:
+                mid = i
+                break
         holds = get(chain[mid], 0) & m
         if holds:
             push((mid + 1, hi, holds))

@@ -26,6 +26,7 @@ class Session:
         "last_done_at",
         "last_finish_reason",
         "last_pick_at",
+        "match_lengths",
         "parent_id",
         "pinned_until",
         "think_s",
@@ -39,6 +40,7 @@ class Session:
         self.worker_id: str | None = None
         self.parent_id: str | None = None  # the session that forked this one (sub-agents)
         self.chain: list[int] = []  # block hashes of the latest prompt (the caller's list, not a copy)
+        self.match_lengths: tuple[int, ...] = ()  # the index's distinct matches for it: probes to try first
         self.turns = 0
         self.attained_tokens = 0  # service received: prefilled (uncached) plus generated tokens
         self.last_finish_reason: str | None = None

@@ -15,11 +15,14 @@ from router.protocol import Tier
 from router.request import Decision, RouteRequest
 from router.sessions import Session
 
+MATCH_HINTS = 4  # a session's distinct match lengths kept as probes (the longest)
+
 
 class RouterView:
     """What one pick may read: the candidate workers, the indexes, the load and the request's session.
 
-    Built per pick; `overlap` is computed once and shared by whatever the policy asks for.
+    Built per pick; `overlap` is computed once and shared by whatever the policy asks for. It leaves
+    the session its matches' lengths, the probes its next turn's `overlap` tries first.
     """
 
     __slots__ = (
@@ -58,7 +61,15 @@ class RouterView:
     def overlap(self, chain: Sequence[int]) -> dict[str, int]:
         """Device-tier matched prefix in blocks per worker (event-fed, or approximate for silent workers)."""
         if self._overlap is None:
-            found = self.index.overlap(chain)
+            session = self.session
+            if session is None:
+                found = self.index.overlap(chain)
+            else:
+                # a turn extends the session's last prompt, so the last matches and that prompt's end
+                # are where the boundaries most likely are: probed first, a few lookups instead of ~22
+                hints = (*session.match_lengths, len(session.chain))
+                found = self.index.overlap(chain, "device", hints)
+                session.match_lengths = tuple(sorted(set(found.values()))[-MATCH_HINTS:])
             if len(self.approx):
                 found.update(self.approx.overlap(chain))
             self._overlap = found

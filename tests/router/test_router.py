@@ -228,3 +228,17 @@ def test_with_host_prefetch_a_pin_says_when_to_bring_the_blocks_back() -> None:
     r.pick(req("r1", chain, "s"), 0.0)
     _, pin = r.on_complete("r1", 1.0, "tool_calls", 20)
     assert pin.prefetch_after_s == pytest.approx(9.0)  # the expected 10 s tool time, less the 1 s lead
+
+
+def test_a_session_keeps_its_matches_as_probes_for_its_next_turn(router: Router) -> None:
+    chain = list(range(1, 41))
+    assert router.apply_kv_batch(batch("a", 0, BlockStored(chain[:30])), 0.0)
+    assert router.apply_kv_batch(batch("b", 0, BlockStored(chain[:10])), 0.0)
+    router.pick(req("r1", chain, "s"), 0.0)  # a new session: nothing to probe yet
+    router.pick(req("r2", [*chain, 41], "s"), 1.0)
+    session = router.sessions.get("s")
+    assert session is not None and session.match_lengths == (10, 30)
+    assert router.apply_kv_batch(batch("b", 1, BlockStored(chain[10:35], chain[9])), 1.0)
+    router.pick(req("r3", [*chain, 41, 42], "s"), 2.0)  # a probe misses b's moved boundary: bisected
+    assert router.index.overlap([*chain, 41, 42]) == {"a": 30, "b": 35}
+    assert session.match_lengths == (30, 35)
