@@ -23,13 +23,12 @@ from aiohttp import web
 
 from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import Outcome, read_usage
+from gateway.proxy import Outcome, post_attempt, read_usage
 from gateway.stream_relay import Retryable, relay_stream
 from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from gateway.validation import Turn
 
 _DONE = b"[DONE]"
-_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 PROMPT_TOKENS_HEADER = "x-kvgate-prompt-tokens"
 EXPECTED_CACHED_HEADER = "x-kvgate-cached-tokens-expected"
 
@@ -234,14 +233,8 @@ async def relay(
     """`gateway.proxy.forward`'s contract, answering in `translation`'s API."""
     del client_wants_usage  # the translation reads usage itself; the worker is always asked for it
     outcome = Outcome()
+    resp = await post_attempt(pool, url, payload, stream)
     try:
-        # as for chat streams: a worker that sends no head within the first-byte timeout is hung
-        resp = await pool.post(url, payload, pool.first_byte_timeout_s if stream else None)
-    except UpstreamError as exc:
-        raise Retryable(str(exc)) from exc
-    try:
-        if resp.status in _RETRYABLE_STATUS:
-            raise Retryable(f"worker answered {resp.status}")
         if resp.status != 200:
             raise ApiError(resp.status, await _error_message(resp), code="worker_refused")
         reader = ChatReader()

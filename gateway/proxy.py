@@ -73,6 +73,20 @@ def _finish_reason(choices: Any) -> str | None:
 _ANSWER = msgspec.json.Decoder(_Answer)
 
 
+async def post_attempt(pool: UpstreamPool, url: str, payload: bytes, stream: bool) -> UpstreamResponse:
+    """Posts one attempt to a worker and reads its head. Raises `Retryable` when the worker cannot be
+    reached or answers a status another worker may not (429, 5xx); the caller releases the response."""
+    try:
+        # a worker streams its head at once; none within the first-byte timeout: hung, try another
+        resp = await pool.post(url, payload, pool.first_byte_timeout_s if stream else None)
+    except UpstreamError as exc:
+        raise Retryable(str(exc)) from exc
+    if resp.status in _RETRYABLE_STATUS:
+        resp.release()
+        raise Retryable(f"worker answered {resp.status}")
+    return resp
+
+
 async def forward(
     pool: UpstreamPool,
     url: str,
@@ -87,14 +101,8 @@ async def forward(
 ) -> tuple[web.StreamResponse, Outcome]:
     """One attempt. Raises `Retryable` when nothing has been sent to the client yet."""
     outcome = Outcome()
+    resp = await post_attempt(pool, url, payload, stream)
     try:
-        # a worker streams its head at once; none within the first-byte timeout: hung, try another
-        resp = await pool.post(url, payload, pool.first_byte_timeout_s if stream else None)
-    except UpstreamError as exc:
-        raise Retryable(str(exc)) from exc
-    try:
-        if resp.status in _RETRYABLE_STATUS:
-            raise Retryable(f"worker answered {resp.status}")
         if resp.status != 200 or not stream:
             response: web.StreamResponse = await _whole(resp, headers, outcome, on_first_token)
         else:
