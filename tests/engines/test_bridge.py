@@ -57,6 +57,7 @@ from router.protocol import (
 from tests.engines.vllm_events import VllmAllBlocksCleared, VllmBlockRemoved, VllmBlockStored, VllmEventBatch
 from tests.gateway.conftest import Proc, http_get
 from tests.polling import until
+from tests.serving import serving
 
 B = 16
 WORKER = "vllm-0"
@@ -488,26 +489,19 @@ async def test_load_reports_from_engine_metrics(
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        async with running_bridge(
-            engine, nats_url, namespace, replay=False, url=url, metrics_interval_s=0.05
-        ):
-            await engine.send(map_batch(stored([1], None, TOKENS[:B])))
-            assert await tap.events(1) == [BlockStored(block_hashes(TOKENS[:B], B), None, "device")]
-            first = await next_load(tap, lambda r: r.running != 0, {(0, 0)})  # (0, 0): before a scrape
-            seen_first.set()
-            second = await next_load(tap, lambda r: r.running == 4, {(0, 0), (3, 2)})
-            # Tokens were generated and nothing new was cached: the next heartbeat says events still
-            # flow with an empty batch, so the gateway keeps routing this worker on its events.
-            alive = await asyncio.wait_for(tap.batches.get(), 30)
-            assert alive.events == []
-    finally:
-        await runner.cleanup()
+    async with (
+        serving(app) as url,
+        running_bridge(engine, nats_url, namespace, replay=False, url=url, metrics_interval_s=0.05),
+    ):
+        await engine.send(map_batch(stored([1], None, TOKENS[:B])))
+        assert await tap.events(1) == [BlockStored(block_hashes(TOKENS[:B], B), None, "device")]
+        first = await next_load(tap, lambda r: r.running != 0, {(0, 0)})  # (0, 0): before a scrape
+        seen_first.set()
+        second = await next_load(tap, lambda r: r.running == 4, {(0, 0), (3, 2)})
+        # Tokens were generated and nothing new was cached: the next heartbeat says events still
+        # flow with an empty batch, so the gateway keeps routing this worker on its events.
+        alive = await asyncio.wait_for(tap.batches.get(), 30)
+        assert alive.events == []
     assert (first.running, first.waiting, first.used_blocks, first.total_blocks) == (3, 2, 500, 2000)
     assert (second.running, second.waiting, second.used_blocks) == (4, 1, 1000)
     assert second.prefill_tok_s > 0  # 2000 prompt tokens between any two scrapes
@@ -695,14 +689,8 @@ async def test_an_engine_that_stops_answering_leaves_the_bus_and_comes_back(
     health = web.Application()
     health.router.add_get("/health", ok)
     port = free_port()
-
-    async def serve() -> web.AppRunner:
-        runner = web.AppRunner(health)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
-
-    runner = await serve()
+    engine_server = contextlib.AsyncExitStack()  # the engine's /health, stopped and served again
+    await engine_server.enter_async_context(serving(health, port))
     nc = await nats.connect(nats_url)
 
     async def registered() -> bool:
@@ -727,17 +715,17 @@ async def test_an_engine_that_stops_answering_leaves_the_bus_and_comes_back(
             await until(True, 30)
             await engine.send(map_batch(stored([1], None, TOKENS[:B])))
             assert len(await tap.events(1)) == 1
-            await runner.cleanup()  # the engine is gone: connections closed, then refused
+            await engine_server.aclose()  # the engine is gone: connections closed, then refused
             # Out of the pick after 3 failed checks (here 3 x 0.2 s), deleted by the bridge: a registry
             # entry left to lapse would stay 60 s. 30 s leaves a loaded machine room.
             await until(False, 30)
             assert bridge.engine_down and await tap.events(1) == [AllBlocksCleared()]
-            runner = await serve()
+            await engine_server.enter_async_context(serving(health, port))
             await until(True, 30)
             assert not bridge.engine_down and bridge.translator.cached_blocks() == []
     finally:
         await nc.close()
-        await runner.cleanup()
+        await engine_server.aclose()
 
 
 async def test_sglang_hicache_tiers_reach_the_index_and_bad_bytes_are_dropped(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 
 from engines.engine import Engine, EngineConfig, EngineRequest
 from engines.loop import EngineLoop
@@ -18,8 +18,8 @@ from engines.mock import PLACEHOLDER_TEXT, MockRunner
 from engines.runner import SamplingParams
 from engines.text_stream import TextStream
 from engines.worker import WorkerApp, WorkerSettings
-from gateway.natsd import free_port
 from router.chat import ByteTokenizer, encode_chat
+from tests.serving import serving
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "x" * 100}]
 
@@ -31,28 +31,25 @@ class Served:
     engine: Engine
 
 
-async def serve(
-    speedup: float = 1000.0, num_blocks: int = 256, **settings: int
-) -> tuple[Served, web.AppRunner]:
+@contextlib.asynccontextmanager
+async def serve(speedup: float = 1000.0, num_blocks: int = 256) -> AsyncIterator[Served]:
     runner = MockRunner(num_blocks, 16, speedup=speedup)
     engine = Engine(EngineConfig(num_blocks=num_blocks, block_size=16), runner)
     loop = EngineLoop(engine, threaded=False)
     worker = WorkerApp(loop, runner.tokenizer, WorkerSettings(model_name="mock-model"))
     loop.start()
     worker.ready = True
-    app_runner = web.AppRunner(worker.app, handler_cancellation=True)
-    await app_runner.setup()
-    port = free_port()
-    await web.TCPSite(app_runner, "127.0.0.1", port).start()
-    return Served(f"http://127.0.0.1:{port}", worker, engine), app_runner
+    try:
+        async with serving(worker.app, handler_cancellation=True) as url:
+            yield Served(url, worker, engine)
+    finally:
+        await loop.stop()
 
 
 @pytest.fixture
 async def served() -> AsyncIterator[Served]:
-    result, app_runner = await serve()
-    yield result
-    await app_runner.cleanup()
-    await result.worker.loop.stop()
+    async with serve() as result:
+        yield result
 
 
 async def wait_idle(engine: Engine) -> None:
@@ -189,8 +186,7 @@ async def test_malformed_and_oversized_bodies(served: Served) -> None:
 
 
 async def test_client_disconnect_aborts_the_sequence() -> None:
-    served, app_runner = await serve(speedup=1.0)  # real-time steps: ~12 ms per decode step
-    try:
+    async with serve(speedup=1.0) as served:  # real-time steps: ~12 ms per decode step
         body = {"model": "m", "messages": MESSAGES, "max_tokens": 5000, "stream": True}
         async with (
             aiohttp.ClientSession() as http,
@@ -207,9 +203,6 @@ async def test_client_disconnect_aborts_the_sequence() -> None:
             with pytest.raises(asyncio.TimeoutError):
                 await http.post(f"{served.url}/v1/chat/completions", json={**body, "stream": False})
         await wait_idle(served.engine)
-    finally:
-        await app_runner.cleanup()
-        await served.worker.loop.stop()
 
 
 async def test_engine_loop_stops_with_a_request_in_flight() -> None:

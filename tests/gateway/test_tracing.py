@@ -23,6 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from gateway.natsd import free_port
 from kvutil.tracing import tracing_enabled
+from tests.serving import serving
 
 pytestmark = pytest.mark.slow
 
@@ -81,52 +82,52 @@ async def test_one_trace_from_the_gateway_to_the_worker(tmp_path: Path) -> None:
     receiver = Receiver()
     app = web.Application()
     app.router.add_post("/v1/traces", receiver.traces)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    otlp_port, port = free_port(), free_port()
-    await web.TCPSite(runner, "127.0.0.1", otlp_port).start()
-    env = {
-        **os.environ,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-    }
-    env.pop("OTEL_SERVICE_NAME", None)
-    log = (tmp_path / "up.log").open("wb")
-    up = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "up", "--engine", "mock", "--workers", "2",
-        "--port", str(port), "--worker-args", "--speedup 1000",
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
-    )  # fmt: skip
-    try:
-        assert up.stdout is not None
-        banner = ""
-        while "curl" not in banner:
-            line = (await asyncio.wait_for(up.stdout.readline(), 90)).decode()
-            assert line, (tmp_path / "up.log").read_text()[-3000:]
-            banner += line
-        model = banner.split('"model": "')[1].split('"')[0]
-        sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        reply = await sdk.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": "Hello!"}],
-            max_tokens=3,
-            extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "x-session-affinity": "s7"},
-        )
-        await sdk.close()
+    port = free_port()
+    async with serving(app) as otlp_url:
+        env = {
+            **os.environ,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_url,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+        env.pop("OTEL_SERVICE_NAME", None)
+        log = (tmp_path / "up.log").open("wb")
+        up = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "up", "--engine", "mock", "--workers", "2",
+            "--port", str(port), "--worker-args", "--speedup 1000",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert up.stdout is not None
+            banner = ""
+            while "curl" not in banner:
+                line = (await asyncio.wait_for(up.stdout.readline(), 90)).decode()
+                assert line, (tmp_path / "up.log").read_text()[-3000:]
+                banner += line
+            model = banner.split('"model": "')[1].split('"')[0]
+            sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            reply = await sdk.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "Hello!"}],
+                max_tokens=3,
+                extra_headers={
+                    "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+                    "x-session-affinity": "s7",
+                },
+            )
+            await sdk.close()
 
-        deadline = time.monotonic() + 30
-        while True:
-            trace = [s for s in receiver.spans if s["trace_id"] == CLIENT_TRACE]
-            names = {s["name"] for s in trace}
-            if {"kvgate.worker.decode", f"chat {model}", "kvgate.admission"} <= names and len(trace) >= 7:
-                break
-            seen = [(s["service"], s["name"], s["trace_id"]) for s in receiver.spans]
-            assert time.monotonic() < deadline, seen
-            await asyncio.sleep(0.2)
-    finally:
-        up.terminate()
-        await asyncio.wait_for(up.wait(), 30)
-        await runner.cleanup()
+            deadline = time.monotonic() + 30
+            while True:
+                trace = [s for s in receiver.spans if s["trace_id"] == CLIENT_TRACE]
+                names = {s["name"] for s in trace}
+                if {"kvgate.worker.decode", f"chat {model}", "kvgate.admission"} <= names and len(trace) >= 7:
+                    break
+                seen = [(s["service"], s["name"], s["trace_id"]) for s in receiver.spans]
+                assert time.monotonic() < deadline, seen
+                await asyncio.sleep(0.2)
+        finally:
+            up.terminate()
+            await asyncio.wait_for(up.wait(), 30)
 
     by_service: dict[str, list[dict[str, Any]]] = {}
     for span in trace:
