@@ -18,7 +18,7 @@ from typing import Any
 import nats
 import openai
 import pytest
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from gateway.natsd import NatsServer, free_port
 from router.chat import ByteTokenizer, encode_chat
@@ -115,7 +115,7 @@ class BusTap:
                     self.subjects.kv_all, stream=self.subjects.kv_stream, ordered_consumer=True, cb=self._kv
                 )
                 break
-            except Exception:
+            except (NotFoundError, nats.errors.TimeoutError):  # no stream yet; a slow JetStream API
                 if attempt == 99:
                     raise
                 await asyncio.sleep(0.1)
