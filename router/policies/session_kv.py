@@ -266,7 +266,7 @@ class SessionKv(Policy):
             cost = bound[w]
             if wl.requests:  # wait out the step in progress; ours carries the worker's decodes
                 cost += step * (1.0 + wl.inflight_blocks / context)
-                if wl.inflight_prefill:  # and a prefill is ahead of ours: a step more
+                if wl.inflight_prefill:  # and a prefill is ahead of ours: two steps more
                     cost += 2.0 * step
             used = self._used_blocks(wl, now, bs)
             cost = costs[w] = cost + self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used)
