@@ -7,6 +7,7 @@ function of its inputs: same trace, same seed, same numbers.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -145,3 +146,31 @@ class EventLoop:
             self.events_run += 1
         if until is not None and deferred:
             self.now = until
+
+
+class DeadlineTimer:
+    """One pending call of `release` at the earliest deadline `deadline()` has named (a router hold's
+    bound): `arm` after holding something, and `release` runs at the deadline after the loop settles.
+    A later, earlier deadline schedules another call; a superseded one still runs (release is idempotent)."""
+
+    __slots__ = ("_at", "_deadline", "_loop", "_release")
+
+    def __init__(
+        self, loop: EventLoop, deadline: Callable[[], float | None], release: Callable[[], None]
+    ) -> None:
+        self._loop = loop
+        self._deadline = deadline
+        self._release = release
+        self._at = math.inf  # when a call is scheduled
+
+    def arm(self) -> None:
+        deadline = self._deadline()
+        if deadline is not None and deadline < self._at:
+            self._at = deadline = max(deadline, self._loop.now)
+            self._loop.at(deadline, self._tick, deadline)
+
+    def _tick(self, at: float) -> None:
+        self._loop.settle()
+        if at == self._at:
+            self._at = math.inf
+        self._release()

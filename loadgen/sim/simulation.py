@@ -19,7 +19,7 @@ import msgspec
 
 from engines.engine import EngineConfig, RequestOutput
 from engines.mock import DEFAULT_HOST_BANDWIDTH_GBPS, TransferModel
-from loadgen.sim.events import EventLoop
+from loadgen.sim.events import DeadlineTimer, EventLoop
 from loadgen.sim.metrics import LoadSample, RequestRecord
 from loadgen.sim.worker import SimWorker
 from loadgen.sim.workload import Turn, Workload, parent_of
@@ -162,9 +162,9 @@ class Simulation:
         self._tick_sleeping = dict.fromkeys(self.workers, False)
         self._last_report: dict[str, LoadReport] = {}
         self._held: dict[str, tuple[Turn, RouteRequest]] = {}  # held by the router's admission
-        self._release_at = math.inf  # when a release check is scheduled
+        self._held_timer = DeadlineTimer(self.loop, self.router.held_deadline, self._release)
         self._room_held: dict[str, tuple[Turn, RequestRecord, str | None]] = {}  # picked, held for room
-        self._room_release_at = math.inf
+        self._room_timer = DeadlineTimer(self.loop, self.router.rooms_deadline, self._release_rooms)
 
     # --- driving
 
@@ -218,7 +218,7 @@ class Simulation:
             self._dispatch(turn, request)
         else:  # held at its tool boundary: its TTFT keeps counting from `turn.arrival`
             self._held[turn.request_id] = (turn, request)
-            self._schedule_release()
+            self._held_timer.arm()
 
     def _dispatch(self, turn: Turn, request: RouteRequest) -> None:
         now = self.loop.now
@@ -235,7 +235,7 @@ class Simulation:
             self._submit(turn, record, session_id)
         else:  # its worker has no room: it waits at the router (its TTFT counts from its arrival)
             self._room_held[turn.request_id] = (turn, record, session_id)
-            self._schedule_room_release()
+            self._room_timer.arm()
 
     def _submit(self, turn: Turn, record: RequestRecord, session_id: str | None) -> None:
         worker_id = record.worker
@@ -308,19 +308,7 @@ class Simulation:
             turn, request = self._held.pop(request_id)
             self.run_result.hold_s += now - turn.arrival
             self._dispatch(turn, request)
-        self._schedule_release()
-
-    def _schedule_release(self) -> None:
-        deadline = self.router.held_deadline()
-        if deadline is not None and deadline < self._release_at:
-            self._release_at = deadline = max(deadline, self.loop.now)
-            self.loop.at(deadline, self._release_tick, deadline)
-
-    def _release_tick(self, at: float) -> None:
-        self.loop.settle()
-        if at == self._release_at:
-            self._release_at = math.inf
-        self._release()
+        self._held_timer.arm()
 
     def _release_rooms(self) -> None:
         if not self._room_held:
@@ -329,19 +317,7 @@ class Simulation:
             entry = self._room_held.pop(request_id, None)
             if entry is not None:
                 self._submit(*entry)
-        self._schedule_room_release()
-
-    def _schedule_room_release(self) -> None:
-        deadline = self.router.rooms_deadline()
-        if deadline is not None and deadline < self._room_release_at:
-            self._room_release_at = deadline = max(deadline, self.loop.now)
-            self.loop.at(deadline, self._room_release_tick, deadline)
-
-    def _room_release_tick(self, at: float) -> None:
-        self.loop.settle()
-        if at == self._room_release_at:
-            self._room_release_at = math.inf
-        self._release_rooms()
+        self._room_timer.arm()
 
     # --- the bus
 
