@@ -38,6 +38,12 @@ def run_prefill(bm: BlockManager, seq: Sequence) -> int:
     return hits
 
 
+def prefill_and_free(bm: BlockManager, seq: Sequence) -> None:
+    """Compute a sequence's prompt and finish it: its blocks stay cached, free to evict."""
+    run_prefill(bm, seq)
+    bm.free(seq)
+
+
 def test_stored_events_carry_the_router_hashes_and_a_prefix_hit_follows() -> None:
     bm = BlockManager(16, B, Clock())
     prompt = list(range(100, 118))  # 4 full blocks and 2 tokens
@@ -55,9 +61,7 @@ def test_stored_events_carry_the_router_hashes_and_a_prefix_hit_follows() -> Non
 def test_a_full_prefix_hit_still_computes_the_last_token() -> None:
     bm = BlockManager(16, B, Clock())
     prompt = list(range(8))
-    seq = make_seq("a", prompt)
-    run_prefill(bm, seq)
-    bm.free(seq)
+    prefill_and_free(bm, make_seq("a", prompt))
     again = make_seq("b", prompt)
     assert bm.match_prefix(again) == 1  # not 2: the last block's last token is recomputed
 
@@ -115,9 +119,7 @@ def test_pinned_blocks_are_evicted_tail_first() -> None:
     # a lost head makes the rest of a chain unmatchable: when pinned blocks must go, the tail goes first
     bm = BlockManager(4, B, Clock(), max_pinned_blocks=4)
     tokens = list(range(16))  # 4 blocks
-    seq = make_seq("p", tokens)
-    run_prefill(bm, seq)
-    bm.free(seq)
+    prefill_and_free(bm, make_seq("p", tokens))
     chain = block_hashes(tokens, B)
     assert bm.pin("s1", chain, ttl_s=10) == 4
     bm.take_events()
@@ -446,9 +448,7 @@ def test_a_prefetch_brings_a_chain_back_as_free_cached_blocks() -> None:
     bm = BlockManager(8, B, Clock(), host_blocks=8)
     tokens = list(range(16))
     chain = block_hashes(tokens, B)
-    seq = make_seq("a", tokens)
-    run_prefill(bm, seq)
-    bm.free(seq)
+    prefill_and_free(bm, make_seq("a", tokens))
     assert bm.offload(chain) == 4 and all(h in bm.host for h in chain)
     bm.take_copies()
     bm.take_events()
@@ -465,9 +465,7 @@ def test_a_prefetch_in_chunks_continues_the_device_prefix() -> None:
     bm = BlockManager(8, B, Clock(), host_blocks=8)
     tokens = list(range(20))
     chain = block_hashes(tokens, B)
-    seq = make_seq("a", tokens)
-    run_prefill(bm, seq)
-    bm.free(seq)
+    prefill_and_free(bm, make_seq("a", tokens))
     assert bm.offload(chain) == 5
     assert [bm.prefetch(chain, 2) for _ in range(4)] == [2, 2, 1, 0]
     assert all(bm.is_cached(h) for h in chain) and len(bm.host) == 0
@@ -480,9 +478,7 @@ def test_a_host_tier_smaller_than_the_eviction_keeps_the_chain_head() -> None:
     bm = BlockManager(4, B, Clock(), host_blocks=2)
     tokens = list(range(16))
     chain = block_hashes(tokens, B)
-    seq = make_seq("a", tokens)
-    run_prefill(bm, seq)
-    bm.free(seq)
+    prefill_and_free(bm, make_seq("a", tokens))
     run_prefill(bm, make_seq("x", list(range(90, 106))))
     assert sorted(bm.host.parent_of) == sorted(chain[:2])
     assert bm.match_host(make_seq("b", [*tokens, 1]), 0) == 2
@@ -493,13 +489,9 @@ def test_a_block_kept_on_host_is_dropped_last() -> None:
     bm = BlockManager(2, B, clock, host_blocks=2)
     kept, other, third = list(range(8)), list(range(20, 28)), list(range(40, 48))
     for tokens in (kept, other):
-        seq = make_seq(f"s{tokens[0]}", tokens)
-        run_prefill(bm, seq)
-        bm.free(seq)
+        prefill_and_free(bm, make_seq(f"s{tokens[0]}", tokens))
     bm.keep_on_host("sess", block_hashes(kept, B), ttl_s=10)
-    seq = make_seq("t", third)
-    run_prefill(bm, seq)  # the host holds `kept` and `other`'s blocks: it drops `other`'s
-    bm.free(seq)
+    prefill_and_free(bm, make_seq("t", third))  # the host holds `kept` and `other`'s: it drops `other`'s
     run_prefill(bm, make_seq("u", list(range(60, 68))))
     assert all(h in bm.host for h in block_hashes(kept, B))
     clock.now = 11
