@@ -4,7 +4,7 @@ A block is in use (ref count > 0), or free. A free block is either uncached (no 
 or a duplicate of a block cached elsewhere) or cached: it keeps its KV and its hash until it is
 reused, so a later prompt with the same prefix skips computing it. Allocation takes uncached blocks
 first, then evicts cached ones least recently freed first, pinned ones last. Pins (a session's
-blocks, with a TTL) are only an eviction order: they never make an allocation fail.
+blocks, with a TTL, engines/pins.py) are only an eviction order: they never make an allocation fail.
 
 Every change of the cached set is appended to `events` (BlockStored, BlockRemoved, AllBlocksCleared),
 in order; the engine drains them after each step. Replaying them reproduces `cached_blocks()`.
@@ -12,8 +12,8 @@ in order; the engine drains them after each step. Replaying them reproduces `cac
 With a host tier (`host_blocks` > 0, engines/host_tier.py), an evicted block worth keeping is offloaded
 there instead of dropped, and the blocks that follow a sequence's device prefix on the host are
 onboarded at admission instead of recomputed: they become device blocks again at once (events on both
-tiers), and the copies that make it true wait in `offloads` / `onboards` for the engine to run before
-the step computes anything (`take_copies`). With no host tier nothing of this runs.
+tiers), and the copies that make it true wait in engines/host_transfers.py for the engine to run
+before the step computes anything (`take_copies`). With no host tier nothing of this runs.
 
 The specification is tests/engines/reference_block_manager.py (one call per block, first written);
 this manager gives the same block ids, events and eviction order (tested). It differs in two places
@@ -23,34 +23,14 @@ only, both measured on the simulator: a waiting sequence's prefix match is remem
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 
-import msgspec
-
 from engines.host_tier import HostTier
+from engines.host_transfers import BlockCopies, HostTransfers
+from engines.pins import SessionPins
 from engines.sequence import Sequence
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, CachedBlock, KvEvent
-
-
-class BlockCopies(msgspec.Struct):
-    """The copies a step must run before it computes: offloads first (device block -> host slot, out of
-    blocks about to be reused), then onboards (host slot -> device block)."""
-
-    offloads: list[tuple[int, int]]
-    onboards: list[tuple[int, int]]
-
-    def __bool__(self) -> bool:
-        return bool(self.offloads or self.onboards)
-
-
-class Pin:
-    __slots__ = ("block_hashes", "expires_at")
-
-    def __init__(self, block_hashes: list[int], expires_at: float) -> None:
-        self.block_hashes = block_hashes
-        self.expires_at = expires_at
 
 
 class PrefixMatch:
@@ -86,7 +66,6 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.clock = clock
-        self.max_pinned_blocks = num_blocks // 2 if max_pinned_blocks is None else max_pinned_blocks
         # per block id: its users, its hash while cached (None: uncached) and its parent's hash
         self.ref_counts = [0] * num_blocks
         self.hash_of: list[int | None] = [None] * num_blocks
@@ -99,18 +78,15 @@ class BlockManager:
         self._evictable: OrderedDict[int, int] = OrderedDict()  # hash -> block id
         self._pinned_free: OrderedDict[int, int] = OrderedDict()
         self._by_hash: dict[int, int] = {}  # the cached blocks: hash -> block id
-        self._pins: dict[str, Pin] = {}
-        self._pin_counts: dict[int, int] = {}  # hash -> pins holding it
-        self.num_pinned = 0
-        self._next_expiry = math.inf
+        max_pinned = num_blocks // 2 if max_pinned_blocks is None else max_pinned_blocks
+        self.pins = SessionPins(max_pinned, clock, self._evictable, self._pinned_free)
+        self._pin_counts = self.pins.counts  # read for every block freed
         self._removed: list[int] = []  # evictions not yet turned into one BlockRemoved event
         self._cache_version = 0  # bumped by every change of the cached set
         self._evictions = 0  # bumped by every removal from it
         self._match: PrefixMatch | None = None
-        self.host = HostTier(host_blocks) if host_blocks else None
-        self._host_removed: list[int] = []  # host drops and claims not yet one BlockRemoved event
-        self.offloads: list[tuple[int, int]] = []  # (device block, host slot), in order
-        self.onboards: list[tuple[int, int]] = []  # (host slot, device block)
+        self.transfers = HostTransfers(host_blocks) if host_blocks else None
+        self.host: HostTier | None = self.transfers.tier if self.transfers is not None else None
 
     # --- state
 
@@ -135,8 +111,17 @@ class BlockManager:
         return block_hash in self._by_hash
 
     @property
+    def num_pinned(self) -> int:
+        return self.pins.num_pinned
+
+    @property
+    def max_pinned_blocks(self) -> int:
+        return self.pins.max_pinned_blocks
+
+    @property
     def has_events(self) -> bool:
-        return bool(self.events or self._removed or self._host_removed)
+        transfers = self.transfers
+        return bool(self.events or self._removed or (transfers is not None and transfers.has_removed))
 
     def take_events(self) -> list[KvEvent]:
         self._flush_removed()
@@ -146,11 +131,9 @@ class BlockManager:
 
     def take_copies(self) -> BlockCopies:
         """The copies decided since the last call; the engine runs them before the step's compute."""
-        copies = BlockCopies(self.offloads, self.onboards)
-        self.offloads, self.onboards = [], []
-        if self.host is not None:
-            self.host.release_claimed()
-        return copies
+        if self.transfers is None:
+            return BlockCopies([], [])
+        return self.transfers.take_copies()
 
     # --- allocation
 
@@ -182,15 +165,10 @@ class BlockManager:
     def match_host(self, seq: Sequence, num_hits: int) -> int:
         """Full blocks of `seq` on the host right after its first `num_hits` (its device prefix), within
         the same limit as `match_prefix`: the blocks `allocate` would onboard."""
-        if self.host is None:
+        if self.transfers is None:
             return 0
         limit = (len(seq) - 1) // self.block_size
-        found = 0
-        for block_hash in seq.hashes(limit)[num_hits:limit]:
-            if block_hash not in self.host:
-                break
-            found += 1
-        return found
+        return self.transfers.match(seq.hashes(limit)[num_hits:limit])
 
     def can_allocate(self, seq: Sequence, num_hits: int) -> bool:
         need = self.blocks_needed(len(seq)) - num_hits
@@ -221,9 +199,9 @@ class BlockManager:
                 self.num_used += 1
             refs[block_id] += 1
         table.extend(hit_ids)
-        # claimed before any eviction below can offload to the host and make it drop them
         onboarded = seq.hashes(num_hits + num_onboard)[num_hits : num_hits + num_onboard]
-        slots = self._claim_from_host(onboarded) if onboarded else []
+        # claimed before any eviction below can offload to the host and make it drop them
+        slots = self.transfers.claim(onboarded) if self.transfers is not None and onboarded else []
         end = len(seq)
         if num_new_tokens is not None:
             end = min(end, (num_hits + num_onboard) * self.block_size + num_new_tokens)
@@ -265,12 +243,10 @@ class BlockManager:
         parent = hashes[start - 1] if start else None
         run: list[int] = []  # consecutive newly cached blocks: one BlockStored event
         run_parent = parent
-        host = self.host
+        transfers = self.transfers
         for block_hash, block_id in zip(hashes[start:full], seq.block_table[start:full], strict=True):
-            if host is not None and block_hash in host:
-                # computed again (its parent was missing): the device copy replaces the host's
-                host.drop(block_hash)
-                self._host_removed.append(block_hash)
+            if transfers is not None:
+                transfers.drop_recomputed(block_hash)
             if block_hash in self._by_hash:
                 # the same content is cached in another block: this one stays uncached
                 if run:
@@ -323,72 +299,16 @@ class BlockManager:
         self.events.append(AllBlocksCleared())
         return True
 
-    # --- pins
+    # --- pins (engines/pins.py) and host keeps
 
     def pin(self, session_id: str, block_hashes: list[int], ttl_s: float) -> int:
         """Make a session's blocks the last to be evicted for `ttl_s`; returns how many were pinned
         (fewer than asked when the cap on pinned blocks is reached; the prefix is kept)."""
         self.expire_pins()
-        old = self._pins.get(session_id)
-        if old is not None and ttl_s > 0:
-            common = self._grown_from(old, block_hashes)
-            if common is not None:
-                return self._pin_grown(session_id, old, common, block_hashes[common:], ttl_s)
-        self._unpin(session_id)
-        room = self.max_pinned_blocks - self.num_pinned
-        hashes = list(dict.fromkeys(block_hashes))[: max(room, 0)]
-        if ttl_s <= 0 or not hashes:
-            return 0
-        expires_at = self.clock() + ttl_s
-        self._pins[session_id] = Pin(hashes, expires_at)
-        self.num_pinned += len(hashes)
-        self._next_expiry = min(self._next_expiry, expires_at)
-        self._count(hashes)
-        return len(hashes)
-
-    def _grown_from(self, old: Pin, block_hashes: list[int]) -> int | None:
-        """The usual re-pin, after a turn: the session's chain grew from some block of its old pin on
-        (its last blocks may differ: a trace's partial last block, an edited turn). Returns how many
-        leading blocks the pins share when the new part is distinct, held by no pin and within the
-        cap; else None."""
-        old_hashes = old.block_hashes
-        common = 0
-        for mine, theirs in zip(old_hashes, block_hashes, strict=False):
-            if mine != theirs:
-                break
-            common += 1
-        tail = block_hashes[common:]
-        grown_by = len(tail) - (len(old_hashes) - common)
-        if (
-            not block_hashes
-            or self.num_pinned + grown_by > self.max_pinned_blocks
-            or len(set(tail)) != len(tail)
-            or any(h in self._pin_counts for h in tail)
-        ):
-            return None
-        return common
-
-    def _pin_grown(self, session_id: str, old: Pin, common: int, tail: list[int], ttl_s: float) -> int:
-        """`pin`'s end state for a grown chain without uncounting and recounting the blocks the old and
-        new pins share (a session's re-pin was ~12 % of a simulator replay). The old blocks past
-        `common` leave the pin, as `_unpin` does; the new blocks' free ones, then the shared blocks'
-        free ones this pin alone holds, move to the end of the pinned order, each tail first."""
-        counts = self._pin_counts
-        self._uncount(old.block_hashes[common:])
-        shared = old.block_hashes[:common]
-        sole_free = [h for h in reversed(shared) if counts[h] == 1 and h in self._pinned_free]
-        self._count(tail)
-        for block_hash in sole_free:
-            self._pinned_free.move_to_end(block_hash)
-        self.num_pinned += len(tail) - (len(old.block_hashes) - common)
-        old.block_hashes = shared + tail
-        old.expires_at = self.clock() + ttl_s
-        self._pins[session_id] = self._pins.pop(session_id)  # as a new pin: last in expiry order
-        self._next_expiry = min(self._next_expiry, old.expires_at)
-        return len(old.block_hashes)
+        return self.pins.pin(session_id, block_hashes, ttl_s)
 
     def unpin(self, session_id: str) -> None:
-        self._unpin(session_id)
+        self.pins.unpin(session_id)
 
     def keep_on_host(self, session_id: str, block_hashes: list[int], ttl_s: float) -> None:
         """The weaker pin: for `ttl_s`, a session's blocks that reach the host are dropped from it last
@@ -404,47 +324,13 @@ class BlockManager:
         now = self.clock()
         if self.host is not None:
             self.host.expire(now)
-        if now < self._next_expiry:
-            return
-        expired = [s for s, pin in self._pins.items() if pin.expires_at <= now]
-        for session_id in expired:
-            self._unpin(session_id)
-        self._next_expiry = min((p.expires_at for p in self._pins.values()), default=math.inf)
+        self.pins.expire(now)
 
     def pinned_sessions(self) -> dict[str, list[int]]:
-        return {s: list(p.block_hashes) for s, p in self._pins.items()}
+        return self.pins.sessions()
 
     def is_pinned(self, block_hash: int) -> bool:
         return block_hash in self._pin_counts
-
-    def _count(self, hashes: list[int]) -> None:
-        """One pin more on each of `hashes` (distinct), tail first: a free block that gains its first
-        pin moves to the end of the pinned order, so that pinned blocks, too, are evicted tail first."""
-        counts, evictable, pinned_free = self._pin_counts, self._evictable, self._pinned_free
-        for block_hash in reversed(hashes):
-            count = counts.get(block_hash, 0)
-            counts[block_hash] = count + 1
-            if count == 0 and block_hash in evictable:
-                pinned_free[block_hash] = evictable.pop(block_hash)
-
-    def _unpin(self, session_id: str) -> None:
-        pin = self._pins.pop(session_id, None)
-        if pin is not None:
-            self.num_pinned -= len(pin.block_hashes)
-            self._uncount(pin.block_hashes)
-
-    def _uncount(self, hashes: list[int]) -> None:
-        """One pin less on each of `hashes`, tail first. A free block no pin holds any more rejoins the
-        evictable order as if freed now (at its front, a shared prefix would go before the blocks of
-        the other sessions on it)."""
-        counts = self._pin_counts
-        pinned_free = self._pinned_free
-        for block_hash in reversed(hashes):
-            count = counts.pop(block_hash) - 1
-            if count:
-                counts[block_hash] = count
-            elif block_hash in pinned_free:
-                self._evictable[block_hash] = pinned_free.pop(block_hash)
 
     # --- internals
 
@@ -476,8 +362,8 @@ class BlockManager:
             while len(taken) + len(victims) < n:
                 order = self._evictable or self._pinned_free
                 victims.append(order.popitem(last=False))
-            if self.host is not None:
-                self._offload(victims)
+            if self.transfers is not None:
+                self.transfers.store_evicted(victims, self.parent_of, self._by_hash, self.events)
             for block_hash, block_id in victims:
                 del self._by_hash[block_hash]
                 self.hash_of[block_id] = None
@@ -488,14 +374,15 @@ class BlockManager:
         self.num_used += n
         return taken
 
-    # --- the host tier
+    # --- moves to and from the host tier (its side of them: engines/host_transfers.py)
 
     def offload(self, block_hashes: list[int]) -> int:
         """Move the free device blocks among `block_hashes` (a session waiting on a tool, say) to the
         host now, tail first, rather than have them dropped by a later eviction; returns how many
         moved. Blocks in use stay, and so do those the host has no room for (as if freed now). No-op
         without a host tier."""
-        if self.host is None:
+        transfers = self.transfers
+        if transfers is None:
             return 0
         victims = []
         for block_hash in reversed(block_hashes):
@@ -507,10 +394,10 @@ class BlockManager:
             return 0
         self._cache_version += 1
         self._evictions += 1
-        self._offload(victims)
+        transfers.store_evicted(victims, self.parent_of, self._by_hash, self.events)
         moved = 0
         for block_hash, block_id in victims:
-            if block_hash not in self.host:
+            if block_hash not in transfers.tier:
                 self._free_order(block_hash)[block_hash] = block_id
                 continue
             del self._by_hash[block_hash]
@@ -524,17 +411,13 @@ class BlockManager:
         """The free order a cached block joins when freed: the pinned one if a pin holds it."""
         return self._pinned_free if block_hash in self._pin_counts else self._evictable
 
-    def _claim_from_host(self, hashes: list[int]) -> list[int]:
-        assert self.host is not None
-        self._host_removed += hashes
-        return [self.host.claim(h) for h in hashes]
-
     def prefetch(self, block_hashes: list[int], limit: int | None = None) -> int:
         """Onboard the host blocks that continue this chain's device prefix (a session's next turn is
         due) into free blocks, without evicting pinned ones: they wait on the device as free cached
         blocks, so that the turn finds them there. At most `limit` blocks (None: all there is room
         for). Returns how many. No-op without a host tier."""
-        if self.host is None:
+        transfers = self.transfers
+        if transfers is None:
             return 0
         start = 0
         while start < len(block_hashes) and block_hashes[start] in self._by_hash:
@@ -543,7 +426,7 @@ class BlockManager:
         run: list[int] = []
         seen: set[int] = set()
         for block_hash in block_hashes[start : start + (room if limit is None else min(room, limit))]:
-            if block_hash not in self.host or block_hash in seen:
+            if block_hash not in transfers.tier or block_hash in seen:
                 break
             run.append(block_hash)
             seen.add(block_hash)
@@ -552,7 +435,7 @@ class BlockManager:
         # the chain's own free device blocks leave the evictable order meanwhile, so that taking
         # blocks for the rest of it never evicts its head
         prefix = [(h, self._evictable.pop(h)) for h in block_hashes[:start] if h in self._evictable]
-        slots = self._claim_from_host(run[: room - len(prefix)])
+        slots = transfers.claim(run[: room - len(prefix)])
         run = run[: len(slots)]
         ids = self._take_free(len(run)) if run else []
         if run:
@@ -568,7 +451,8 @@ class BlockManager:
     def _onboard(self, ids: list[int], hashes: list[int], slots: list[int], parent: int | None) -> None:
         """Fresh blocks `ids` receive the host's copies of `hashes` (a chain continuing `parent`):
         cached on the device from now (the copies run before any step reads them)."""
-        self.onboards += zip(slots, ids, strict=True)
+        assert self.transfers is not None
+        self.transfers.onboarded(slots, ids)
         self._cache_version += 1
         first_parent = parent
         for block_hash, block_id in zip(hashes, ids, strict=True):
@@ -578,42 +462,9 @@ class BlockManager:
             parent = block_hash
         self._stored(hashes, first_parent)
 
-    def _offload(self, victims: list[tuple[int, int]]) -> None:
-        """Copy the evicted blocks worth keeping to the host, dropping its oldest blocks for room.
-        Worth keeping: a chain's first block, or one whose parent is cached on either tier (else no
-        prefix match can reach it). When more are evicted than the host can take, the last evicted
-        (a chain's head, evicted after its tail) are kept. Blocks a session keeps on the host make room
-        only for other such blocks."""
-        host = self.host
-        assert host is not None
-        kept = [(h, b) for h, b in victims if self._reachable(self.parent_of[b])]
-        room = host.num_blocks - host.num_claimed
-        if not any(host.is_kept(h) for h, _ in kept):
-            room = host.num_free + host.num_droppable  # blocks a session keeps are not pushed out
-        kept = kept[len(kept) - room :] if len(kept) > room else kept
-        while host.num_free < len(kept):
-            self._host_removed.append(host.drop_oldest())
-        self._flush_host_removed()
-        for block_hash, block_id in kept:
-            self.offloads.append((block_id, host.store(block_hash, self.parent_of[block_id])))
-        # one event per chain run, head first (eviction goes tail first)
-        run: list[int] = []
-        for block_hash, block_id in reversed(kept):
-            parent = self.parent_of[block_id]
-            if run and parent != run[-1]:
-                self.events.append(BlockStored(run, host.parent_of[run[0]], "host"))
-                run = []
-            run.append(block_hash)
-        if run:
-            self.events.append(BlockStored(run, host.parent_of[run[0]], "host"))
-
-    def _reachable(self, parent: int | None) -> bool:
-        return parent is None or parent in self._by_hash or (self.host is not None and parent in self.host)
-
     def _flush_host_removed(self) -> None:
-        if self._host_removed:
-            self.events.append(BlockRemoved(self._host_removed, "host"))
-            self._host_removed = []
+        if self.transfers is not None:
+            self.transfers.flush_removed(self.events)
 
     # --- events
 

@@ -9,7 +9,7 @@ onboarded, so no hash is cached on both (between the decision and the copy it is
 Each block has a slot (its place in a host buffer: the torch runner copies into it). A slot whose
 block is being onboarded stays taken until the engine has run the step's copies (`release_claimed`),
 so that no offload of the same step overwrites it first. This class only keeps the state; the block
-manager decides, and turns every change into a KV event.
+manager and engines/host_transfers.py decide, and turn every change into a KV event.
 """
 
 from __future__ import annotations
