@@ -30,18 +30,24 @@ class InFlight:
     )
 
     def __init__(
-        self, worker_id: str, prefill_tokens: int, blocks: int, picked_at: float, epoch: int
+        self,
+        worker_id: str,
+        prefill_tokens: int,
+        prefill_ahead: int,
+        blocks: int,
+        picked_at: float,
+        epoch: int,
     ) -> None:
         self.worker_id = worker_id
         self.prefill_tokens = prefill_tokens
+        # prefill tokens the worker computes before or with this request's first token (PrefillFit)
+        self.prefill_ahead = prefill_ahead
         self.blocks = blocks
         self.picked_at = picked_at
         self.epoch = epoch  # the worker's report epoch at pick time
         self.prefilling = True
         self.session_id: str | None = None  # the router's notes for on_complete
         self.tool_pending = False
-        # prefill tokens the worker computes before or with this request's first token (PrefillFit)
-        self.prefill_ahead = prefill_tokens
 
 
 class WorkerLoad:
@@ -111,8 +117,8 @@ class LoadView:
             self.finish(request_id)  # a reused id: the old prediction is over
         if len(self._inflight) >= self.config.max_inflight:
             self.finish(next(iter(self._inflight)))  # bounded: the oldest prediction goes first
-        f = self._inflight[request_id] = InFlight(worker_id, prefill_tokens, blocks, now, w.epoch)
-        f.prefill_ahead += w.inflight_prefill
+        ahead = w.inflight_prefill + prefill_tokens  # the worker's queued prefill, then this request's
+        self._inflight[request_id] = InFlight(worker_id, prefill_tokens, ahead, blocks, now, w.epoch)
         w.prefill_since_report += prefill_tokens
         w.inflight_prefill += prefill_tokens
         w.inflight_blocks += blocks

@@ -88,6 +88,8 @@ def test_first_tokens_fit_the_marginal_prefill_cost() -> None:
         own = 2000 if i % 4 == 0 else 100
         load.start(f"a{i}", "w", prefill_tokens=own, blocks=10, now=t)
         load.start(f"b{i}", "w", prefill_tokens=100, blocks=10, now=t)  # behind a{i}: 100 + own ahead
+        b = load.get(f"b{i}")
+        assert b is not None and b.prefill_ahead == own + 100
         load.first_token(f"a{i}", t + (10.0 + 0.02 * own) / 1000.0)
         load.first_token(f"b{i}", t + (10.0 + 0.02 * (own + 100)) / 1000.0)
         load.first_token(f"b{i}")  # a repeated first token (no time): not a sample
