@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import xxhash
 
 from router.admission import SessionAdmission
+from router.approx_index import ApproxIndex
 from router.config import RouterConfig
 from router.hashing import DEFAULT_BLOCK_SIZE
-from router.index import ApproxIndex, BlockIndex
+from router.index import BlockIndex
 from router.load import InFlight, LoadView
 from router.policies import POLICIES, Policy, RouterView
 from router.protocol import KvEventBatch, KvStateDump, LoadReport, PinHint, WorkerRegistration

@@ -45,9 +45,9 @@ from collections import deque
 from collections.abc import Sequence
 
 from router.config import RouterConfig
-from router.index import common_prefix
 from router.load import WorkerLoad
 from router.policies.base import Policy, RouterView
+from router.prefix_match import common_prefix
 from router.request import Decision, RouteRequest, is_inferred
 
 # in-flight prefills remembered (the newest), each compared with every prompt: enough for the requests
