@@ -1,5 +1,5 @@
 """`kv_overlap`: NVIDIA Dynamo 1.6.1's KV router as shipped (`lib/kv-router`: scheduling/selector,
-sequences), checked against the real one (`tests/router/test_dynamo_equivalence.py`, `peers` extra).
+sequences), checked against the real one (`tests/router/test_kv_overlap_dynamo.py`, `peers` extra).
 
 Per candidate worker, in blocks:
 
