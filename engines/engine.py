@@ -17,7 +17,7 @@ from engines.runner import ModelRunner, SamplingParams, ScheduledChunk
 from engines.scheduler import Scheduler
 from engines.sequence import Sequence, SequenceStatus
 from router.hashing import DEFAULT_BLOCK_SIZE, hash_seed
-from router.protocol import CachedBlock, KvEvent
+from router.protocol import CachedBlock, KvEvent, LoadReport
 
 _token_ids = attrgetter("token_ids")
 _computed = attrgetter("num_computed_tokens")
@@ -77,6 +77,21 @@ class EngineLoad(msgspec.Struct):
     prefill_tok_s: float
     decode_tok_s: float
     host_blocks: int = 0  # the host tier's capacity (0: none)
+
+    def report(self, worker_id: str, ts: float, decode_tok_s: float | None = None) -> LoadReport:
+        """This load as the worker publishes it; `decode_tok_s` overrides the measured decode speed."""
+        return LoadReport(
+            worker_id,
+            ts,
+            self.running,
+            self.waiting,
+            self.active_prefill_tokens,
+            self.used_blocks,
+            self.total_blocks,
+            self.prefill_tok_s,
+            self.decode_tok_s if decode_tok_s is None else decode_tok_s,
+            self.host_blocks,
+        )
 
 
 class Engine:

@@ -33,7 +33,6 @@ from router.protocol import (
     KvEvent,
     KvEventBatch,
     KvStateDump,
-    LoadReport,
     PinHint,
     ProtocolError,
     StateDumpRequest,
@@ -316,18 +315,7 @@ class Publisher:
         engine = self.loop.engine
         while True:
             load = await self.loop.call(engine.load)
-            report = LoadReport(
-                self.worker_id,
-                time.time(),
-                load.running,
-                load.waiting,
-                load.active_prefill_tokens,
-                load.used_blocks,
-                load.total_blocks,
-                load.prefill_tok_s,
-                load.decode_tok_s,
-                load.host_blocks,
-            )
+            report = load.report(self.worker_id, time.time())
             with contextlib.suppress(Exception):
                 await nc.publish(subject, encode(report))
             await asyncio.sleep(self.load_interval_s)

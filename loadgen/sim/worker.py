@@ -215,15 +215,4 @@ class SimWorker:
         if self._run is not None and self.fast_forward is not None:
             started = self._run.started_by(self.loop.now)
             decode_tok_s = self.fast_forward.decode_speed_after(self._run, started)
-        return LoadReport(
-            worker_id=self.worker_id,
-            ts=self.loop.now,
-            running=load.running,
-            waiting=load.waiting,
-            active_prefill_tokens=load.active_prefill_tokens,
-            used_blocks=load.used_blocks,
-            total_blocks=load.total_blocks,
-            prefill_tok_s=load.prefill_tok_s,
-            decode_tok_s=decode_tok_s,
-            host_blocks=load.host_blocks,
-        )
+        return load.report(self.worker_id, self.loop.now, decode_tok_s)

@@ -7,12 +7,12 @@ import random
 
 import pytest
 
-from engines.engine import Engine, EngineConfig, EngineRequest, RequestOutput
+from engines.engine import Engine, EngineConfig, EngineLoad, EngineRequest, RequestOutput
 from engines.mock import MockRunner, decode_ms, prefill_ms
 from engines.runner import SamplingParams
 from router.hashing import block_hashes
 from router.index import BlockIndex
-from router.protocol import KvEvent
+from router.protocol import KvEvent, LoadReport
 from tests.engines.kv_replay import ReplayedCache, cached_set, check_invariants
 
 
@@ -213,3 +213,9 @@ def test_an_adopted_prompt_is_the_sequence_token_list_and_a_copied_one_is_left_a
     assert len(adopted) == 9 + 3  # the sequence's own list: the sampled tokens went onto it
     assert copied == [4] * 9
     assert outputs["adopted"][-1].completion_tokens == outputs["copied"][-1].completion_tokens == 3
+
+
+def test_an_engine_load_becomes_the_load_report_the_worker_publishes() -> None:
+    load = EngineLoad(2, 3, 400, 50, 64, 9000.0, 120.0, host_blocks=256)
+    assert load.report("w0", 12.5) == LoadReport("w0", 12.5, 2, 3, 400, 50, 64, 9000.0, 120.0, 256)
+    assert load.report("w0", 12.5, decode_tok_s=80.0).decode_tok_s == 80.0
