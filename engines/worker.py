@@ -189,13 +189,19 @@ class WorkerApp:
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
-            body = await request.json(loads=json.loads)
+            raw = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             raise RequestError(
                 f"the request body exceeds {self.settings.max_body_bytes} bytes", status=413
             ) from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        try:
+            # msgspec, not json: a long prompt's body (its token ids included) decodes ~4x faster, and
+            # the decode is on every request's way to its first token
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
             raise RequestError(f"the body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise RequestError("the body nests too deeply") from exc
         if not isinstance(body, dict):
             raise RequestError("the body must be a JSON object")
         return body

@@ -160,6 +160,10 @@ async def test_pretokenized_prompt_from_the_gateway_is_used_as_is(served: Served
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
         ({"messages": MESSAGES, "kvgate": {"prompt_token_ids": [1, -1]}}, "kvgate.prompt_token_ids"),
+        ({"messages": MESSAGES, "kvgate": {"prompt_token_ids": [1, True]}}, "kvgate.prompt_token_ids"),
+        ({"messages": MESSAGES, "kvgate": {"prompt_token_ids": [1, 2.0]}}, "kvgate.prompt_token_ids"),
+        ({"messages": MESSAGES, "kvgate": {"prompt_token_ids": [1, 10**9]}}, "kvgate.prompt_token_ids"),
+        ({"messages": MESSAGES, "kvgate": {"prompt_token_ids": []}}, "kvgate.prompt_token_ids"),
         ({"messages": [{"role": "user", "content": "x" * 5000}]}, "messages"),
     ],
 )
@@ -179,6 +183,8 @@ async def test_malformed_and_oversized_bodies(served: Served) -> None:
             assert resp.status == 400 and "JSON" in (await resp.json())["error"]["message"]
         async with http.post(url, json=[1, 2]) as resp:
             assert resp.status == 400
+        async with http.post(url, data=b'{"a":' * 100_000 + b"1" + b"}" * 100_000) as resp:
+            assert resp.status == 400  # nested past the decoder's depth: refused, not a crash
         async with http.post(url, data=b"x" * (17 * 1024 * 1024)) as resp:
             assert resp.status == 413
         async with http.get(f"{served.url}/health") as resp:
