@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from loadgen.sim.metrics import PolicyResult
 from loadgen.sim.simulation import SimRun
+
+if TYPE_CHECKING:  # imported where used: `kvgate sim` without --charts never loads matplotlib
+    from matplotlib.figure import Figure
+    from rich.console import JustifyMethod
 
 
 class SimReport(msgspec.Struct):
@@ -29,7 +34,7 @@ def render_table(report: SimReport, runtime_s: Mapping[str, float] | None = None
         title=f"{report.trace}: {report.workers} workers, oracle hit rate {report.oracle_hit_rate:.3f}, "
         f"ideal TTFT {report.ideal_ttft_mean_ms:.0f} ms"
     )
-    columns = [
+    columns: list[tuple[str, JustifyMethod]] = [
         ("policy", "left"),
         ("done", "right"),
         ("TTFT mean", "right"),
@@ -46,7 +51,7 @@ def render_table(report: SimReport, runtime_s: Mapping[str, float] | None = None
     if runtime_s:
         columns.append(("sim s", "right"))
     for name, justify in columns:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify)
     best = min((p.ttft_mean_ms for p in report.policies.values()), default=0.0)
     for name, p in report.policies.items():
         cells = [
@@ -120,10 +125,10 @@ def write_charts(report: SimReport, runs: Mapping[str, SimRun], directory: str |
     return written
 
 
-def _save(fig: object, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()  # type: ignore[attr-defined]
-    fig.savefig(path, dpi=110)  # type: ignore[attr-defined]
-    plt.close(fig)  # type: ignore[arg-type]
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
