@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -22,6 +22,10 @@ from loadgen.distributions import Distribution, DistributionError, parse_distrib
 from loadgen.metrics import Recorder
 from loadgen.report import ReportError, Results, write_comparison, write_report, write_results
 from loadgen.trace import TRACE_BLOCK_SIZE, TraceContent, TraceError, TraceRow, load_trace
+
+if TYPE_CHECKING:  # imported where used, as in `_main`: `kvgate --help` imports this module
+    from loadgen.client import StreamClient
+    from loadgen.driver import Driver, RunConfig
 
 WORKLOADS = ("agentic", "chat", "prefix")
 DEFAULT_DURATION_S = 60.0  # a synthetic workload never ends by itself
@@ -367,10 +371,8 @@ def _config_record(args: argparse.Namespace, workload: Any, model: str) -> dict[
 
 
 async def _main(args: argparse.Namespace, rows: list[TraceRow] | None) -> int:
-    from loadgen.client import StreamClient
-    from loadgen.driver import Driver, RunConfig
+    from loadgen.driver import Driver
     from loadgen.fit import context_budget, served_model
-    from loadgen.progress import ProgressDisplay
 
     try:
         served = await served_model(args.url, args.api_key, args.model)
@@ -382,53 +384,11 @@ async def _main(args: argparse.Namespace, rows: list[TraceRow] | None) -> int:
         return _fail(str(exc))
     model = served.name
     print(f"kvgate loadgen: {_plan(args, served, sizing)}", file=sys.stderr)
-    extra_body = dict(args.extra_body or {})
-    if args.ignore_eos:
-        extra_body["ignore_eos"] = True
-    config = RunConfig(
-        duration_s=duration_s(args),
-        requests=args.requests,
-        warmup_s=args.warmup,
-        concurrency=args.concurrency,
-        max_concurrency=args.max_concurrency,
-        max_think_s=args.max_think_s,
-        drain_s=args.drain,
-    )
     recorder = Recorder(warmup_s=args.warmup)
-    client = StreamClient(
-        args.url,
-        model,
-        args.api_key,
-        args.timeout,
-        args.max_concurrency,
-        not args.no_session_header,
-        extra_body,
-        FORMATS.get(args.api),
-    )
-    loop = asyncio.get_running_loop()
-    async with client:
-        driver = Driver(client, workload, config, recorder)
-
-        def on_signal() -> None:
-            # the first Ctrl-C stops cleanly; a second one falls through to the default handler
-            loop.remove_signal_handler(signal.SIGINT)
-            driver.interrupt()
-
-        loop.add_signal_handler(signal.SIGINT, on_signal)
-        loop.add_signal_handler(signal.SIGTERM, driver.interrupt)
-        progress = None
-        if not args.no_progress:
-            title = f"kvgate loadgen · {'trace' if args.trace else args.workload} → {args.url}"
-            progress = asyncio.ensure_future(ProgressDisplay(driver, title).run())
+    async with _stream_client(args, model) as client:
+        driver = Driver(client, workload, _run_config(args), recorder)
         cpu_start = time.process_time()
-        try:
-            wall = await driver.run()
-        finally:
-            if progress is not None:
-                progress.cancel()
-                await asyncio.gather(progress, return_exceptions=True)
-            loop.remove_signal_handler(signal.SIGTERM)
-            loop.remove_signal_handler(signal.SIGINT)
+        wall = await _drive(driver, args)
     cpu_s = time.process_time() - cpu_start
     # the loadgen's own CPU: a figure near 1 core per second of wall means the loadgen, not the server,
     # may be the bottleneck
@@ -442,3 +402,63 @@ async def _main(args: argparse.Namespace, rows: list[TraceRow] | None) -> int:
         write_report(args.out, results)
     print(json.dumps(summary, indent=1))
     return 130 if driver.interrupted else (1 if summary["completed"] == 0 else 0)
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    from loadgen.driver import RunConfig
+
+    return RunConfig(
+        duration_s=duration_s(args),
+        requests=args.requests,
+        warmup_s=args.warmup,
+        concurrency=args.concurrency,
+        max_concurrency=args.max_concurrency,
+        max_think_s=args.max_think_s,
+        drain_s=args.drain,
+    )
+
+
+def _stream_client(args: argparse.Namespace, model: str) -> StreamClient:
+    from loadgen.client import StreamClient
+
+    extra_body = dict(args.extra_body or {})
+    if args.ignore_eos:
+        extra_body["ignore_eos"] = True
+    return StreamClient(
+        args.url,
+        model,
+        args.api_key,
+        args.timeout,
+        args.max_concurrency,
+        not args.no_session_header,
+        extra_body,
+        FORMATS.get(args.api),
+    )
+
+
+async def _drive(driver: Driver, args: argparse.Namespace) -> float:
+    """Run the driver to its end (Ctrl-C or SIGTERM stops it cleanly), with the progress display unless
+    --no-progress; returns the run's wall seconds."""
+    from loadgen.progress import ProgressDisplay
+
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        # the first Ctrl-C stops cleanly; a second one falls through to the default handler
+        loop.remove_signal_handler(signal.SIGINT)
+        driver.interrupt()
+
+    loop.add_signal_handler(signal.SIGINT, on_signal)
+    loop.add_signal_handler(signal.SIGTERM, driver.interrupt)
+    progress = None
+    if not args.no_progress:
+        title = f"kvgate loadgen · {'trace' if args.trace else args.workload} → {args.url}"
+        progress = asyncio.ensure_future(ProgressDisplay(driver, title).run())
+    try:
+        return await driver.run()
+    finally:
+        if progress is not None:
+            progress.cancel()
+            await asyncio.gather(progress, return_exceptions=True)
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)
