@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
@@ -25,7 +26,17 @@ class UpstreamError(ConnectionError):
 
 
 class _Conn:
-    __slots__ = ("aborted", "committed", "reader", "reused", "writer")
+    """One keep-alive connection to a worker, with its read deadline.
+
+    A read must get bytes within its timeout, else the connection is aborted and the read raises
+    TimeoutError. One lazy timer per connection keeps that deadline: a read moves `deadline` and the
+    timer, when it fires early, sets itself again for the new one. An `asyncio.timeout` per read
+    costs a timer and a context of its own on every read, 2-4 a turn (docs/EXPERIMENTS.md, "Gateway
+    CPU, fourth pass")."""
+
+    __slots__ = (
+        "_loop", "_timer", "aborted", "committed", "deadline", "reader", "reused", "timed_out", "writer",
+    )  # fmt: skip
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -33,8 +44,66 @@ class _Conn:
         self.reused = False
         self.committed = False  # the client already received bytes of this answer
         self.aborted = False
+        self.timed_out = False
+        self.deadline = math.inf  # of the read in progress; none between reads
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def readuntil(self, separator: bytes, timeout_s: float) -> bytes:
+        self._expect_within(timeout_s)
+        try:
+            return await self.reader.readuntil(separator)
+        except asyncio.IncompleteReadError:
+            self._raise_if_timed_out()
+            raise
+        finally:
+            self.deadline = math.inf
+
+    async def readexactly(self, n: int, timeout_s: float) -> bytes:
+        self._expect_within(timeout_s)
+        try:
+            return await self.reader.readexactly(n)
+        except asyncio.IncompleteReadError:
+            self._raise_if_timed_out()
+            raise
+        finally:
+            self.deadline = math.inf
+
+    async def read(self, n: int, timeout_s: float) -> bytes:
+        self._expect_within(timeout_s)
+        try:
+            data = await self.reader.read(n)
+        finally:
+            self.deadline = math.inf
+        self._raise_if_timed_out()  # an aborted connection reads as its end
+        return data
+
+    def _expect_within(self, timeout_s: float) -> None:
+        self.deadline = deadline = self._loop.time() + timeout_s
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.deadline == math.inf:  # no read waiting: the next one sets the timer again
+            return
+        if self._loop.time() < self.deadline:  # a later read moved the deadline
+            self._timer = self._loop.call_at(self.deadline, self._on_timer)
+            return
+        self.timed_out = True
+        self.writer.transport.abort()  # the pending read ends at once
+
+    def _raise_if_timed_out(self) -> None:
+        if self.timed_out:
+            raise TimeoutError
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         with contextlib.suppress(Exception):
             self.writer.close()
 
@@ -75,8 +144,7 @@ class UpstreamResponse:
         ):
             # the usual whole answer: one read of a known length, without the chunk iterator's churn
             try:
-                async with asyncio.timeout(self._timeout):
-                    data = await conn.reader.readexactly(self._length)
+                data = await conn.readexactly(self._length, self._timeout)
             except TimeoutError as exc:  # before OSError, of which it is a subclass
                 self.close()
                 raise UpstreamError("the worker stopped sending (read timeout)") from exc
@@ -96,14 +164,12 @@ class UpstreamResponse:
         conn = self._conn
         if conn is None or self._done:
             return
-        reader = conn.reader
         try:
             if self._chunked:
                 # whatever arrived, decoded in one go: the events a worker sent together leave the
                 # gateway in one write, and one read (one await, one timeout) serves them all
                 while True:
-                    async with asyncio.timeout(self._timeout):
-                        data = await reader.read(65536)
+                    data = await conn.read(65536, self._timeout)
                     if not data:
                         raise UpstreamError("the worker closed the connection mid-body")
                     # what is left undecoded stays on the response: a caller may stop iterating
@@ -122,8 +188,7 @@ class UpstreamResponse:
             elif self._length is not None:
                 left = self._length
                 while left > 0:
-                    async with asyncio.timeout(self._timeout):
-                        data = await reader.read(min(left, 65536))
+                    data = await conn.read(min(left, 65536), self._timeout)
                     if not data:
                         raise UpstreamError("the worker closed the connection mid-body")
                     left -= len(data)
@@ -131,8 +196,7 @@ class UpstreamResponse:
             else:  # delimited by the connection's end
                 self._keep_alive = False
                 while True:
-                    async with asyncio.timeout(self._timeout):
-                        data = await reader.read(65536)
+                    data = await conn.read(65536, self._timeout)
                     if not data:
                         break
                     yield data
@@ -230,8 +294,7 @@ class UpstreamPool:
                 conn.writer.write(head + body if len(body) < 16384 else head)
                 if len(body) >= 16384:
                     conn.writer.write(body)
-                async with asyncio.timeout(head_timeout_s or self.read_timeout_s):
-                    status, headers = await self._read_head(conn.reader)
+                status, headers = await self._read_head(conn, head_timeout_s or self.read_timeout_s)
             except TimeoutError as exc:  # before OSError, of which it is a subclass
                 active.discard(conn)
                 conn.close()
@@ -275,8 +338,8 @@ class UpstreamPool:
         return _Conn(reader, writer)
 
     @staticmethod
-    async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-        raw = await reader.readuntil(b"\r\n\r\n")
+    async def _read_head(conn: _Conn, timeout_s: float) -> tuple[int, dict[str, str]]:
+        raw = await conn.readuntil(b"\r\n\r\n", timeout_s)
         lines = raw.decode("latin-1").split("\r\n")
         status_line = lines[0].split(" ", 2)
         if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):

@@ -147,3 +147,64 @@ async def test_only_plain_http_worker_urls_are_sent_to(app_url: str) -> None:
             resp.release()
     finally:
         await pool.close()
+
+
+async def test_the_read_timeout_is_per_read_and_a_shorter_head_timeout_applies_at_once() -> None:
+    """A stream whose gaps are each under the read timeout is read to its end however long it lasts;
+    one that stalls mid-body times out; a head timeout shorter than the connection's last read
+    timeout is kept on a reused connection (the deadline timer is set earlier, not left later)."""
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)  # the body, b"{}"
+            if head.startswith(b"POST /slow-events"):
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                for i in range(4):  # 4 x 0.6 s: longer than the 2 s read timeout, each gap well under
+                    await asyncio.sleep(0.6)
+                    writer.write(b"9\r\ndata: %d\n\n\r\n" % i)
+                writer.write(b"0\r\n\r\n")
+            elif head.startswith(b"POST /stall"):
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 0\n\n\r\n")
+                await release.wait()
+                return
+            elif head.startswith(b"POST /quick"):
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            else:  # /never: no answer
+                await release.wait()
+                return
+            await writer.drain()
+
+    server, port = await raw_server(handler)
+    url = f"http://127.0.0.1:{port}"
+    pool = UpstreamPool(read_timeout_s=2.0)
+    try:
+        resp = await pool.post(url + "/slow-events", b"{}")
+        chunks = [chunk async for chunk in resp.iter_chunks()]
+        assert b"".join(chunks) == b"".join(b"data: %d\n\n" % i for i in range(4)) and resp.complete
+        resp.release()
+
+        patient = UpstreamPool(read_timeout_s=60.0)
+        resp = await patient.post(url + "/quick", b"{}")
+        assert await resp.read() == b"ok"
+        resp.release()
+        # the reused connection's timer was set for the 60 s read timeout: the head's 0.2 s must hold
+        # (were it left at 60 s, `wait_for` would end the call first, with another exception)
+        with pytest.raises(UpstreamError, match="timeout"):
+            await asyncio.wait_for(patient.post(url + "/never", b"{}", head_timeout_s=0.2), 20)
+        await patient.close()
+
+        stalling = UpstreamPool(read_timeout_s=0.3)
+        resp = await stalling.post(url + "/stall", b"{}")
+        received = []
+        with pytest.raises(UpstreamError, match="stopped sending"):
+            async for chunk in resp.iter_chunks():
+                received.append(chunk)
+        assert received == [b"data: 0\n\n"]
+        resp.release()
+        await stalling.close()
+    finally:
+        release.set()
+        await pool.close()
+        server.close()
