@@ -122,6 +122,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     room_hold: bool = False
     room_max_hold_s: float = 60.0
     room_max_held: int = 4096
+    # EASY backfilling in the room queue: a worker's oldest held request reserves it, and a request that
+    # fits passes it only if expected (its session's past turns' run times) to complete before the held
+    # one could start, or if it fits beside it then (router/room.py)
+    room_backfill: bool = False
 
     def __post_init__(self) -> None:
         bounded = ["max_sessions", "max_session_bytes", "max_inflight", "approx_blocks_per_worker"]

@@ -97,7 +97,10 @@ class Router:
             )
         self.rooms: RoomQueue | None = None
         if config.room_hold and policy in ROOM_POLICIES:
-            self.rooms = RoomQueue(config.room_max_hold_s, config.room_max_held, config.max_inflight)
+            self.rooms = RoomQueue(
+                config.room_max_hold_s, config.room_max_held, config.max_inflight, config.room_backfill
+            )
+        self._turn_s: float | None = None  # EWMA of all turns' run times (room backfill, new sessions)
 
     # --- workers
 
@@ -283,7 +286,9 @@ class Router:
         if rooms is None:
             return True
         blocks = -(-request.num_tokens // self.block_size)
-        return rooms.offer(request.request_id, decision.worker_id, blocks, now)
+        session = self.sessions.get(request.session_id) if request.session_id else None
+        expected = session.turn_s if session is not None and session.turn_s is not None else self._turn_s
+        return rooms.offer(request.request_id, decision.worker_id, blocks, now, expected)
 
     def release_rooms(self, now: float) -> list[str]:
         """Ids of requests held for room to send now (call after completions and at `rooms_deadline`)."""
@@ -390,6 +395,7 @@ class Router:
         flight = self.load.finish(request_id)
         self.policy.on_complete(request_id)
         if self.rooms is not None:
+            self._learn_turn_time(request_id, flight, now, ok)
             self.rooms.done(request_id)
         if flight is None or not flight.session_id:
             return None
@@ -398,6 +404,20 @@ class Router:
             pinned_until = hint[1].ttl_s + now if hint is not None else float("-inf")
             self.admission.done(flight.session_id, pinned_until, now)
         return hint
+
+    def _learn_turn_time(self, request_id: str, flight: InFlight | None, now: float, ok: bool) -> None:
+        """A completed turn's run time (from its send) feeds its session's and the pool's estimates,
+        which the room queue's backfill reads."""
+        assert self.rooms is not None
+        sent_at = self.rooms.sent_at(request_id)
+        if sent_at is None or not ok:
+            return
+        run_s = max(0.0, now - sent_at)
+        a = self.config.think_alpha
+        self._turn_s = run_s if self._turn_s is None else a * run_s + (1 - a) * self._turn_s
+        s = self.sessions.get(flight.session_id) if flight is not None and flight.session_id else None
+        if s is not None:
+            s.turn_s = run_s if s.turn_s is None else a * run_s + (1 - a) * s.turn_s
 
     def _session_done(
         self, flight: InFlight, now: float, finish_reason: str | None, output_tokens: int, ok: bool

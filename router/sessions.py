@@ -31,6 +31,7 @@ class Session:
         "pinned_until",
         "think_s",
         "tool_pending",
+        "turn_s",
         "turns",
         "worker_id",
     )
@@ -45,6 +46,7 @@ class Session:
         self.attained_tokens = 0  # service received: prefilled (uncached) plus generated tokens
         self.last_finish_reason: str | None = None
         self.think_s: float | None = None  # EWMA of tool gaps: completion -> next turn's arrival
+        self.turn_s: float | None = None  # EWMA of its turns' run times, send -> completion (room queue)
         self.last_pick_at = float("-inf")
         self.last_done_at: float | None = None
         self.tool_pending = False  # the latest turn ended in a tool call

@@ -450,3 +450,34 @@ def test_a_prompt_waiting_for_room_waits_at_the_router_not_ahead_of_one_that_fit
     assert ttft(held.records, "small") < ttft(fcfs.records, "small") / 10
     # the big one still starts as soon as the long turn leaves: it lost nothing to the small one
     assert ttft(held.records, "big") <= ttft(fcfs.records, "big") + 0.05
+
+
+def test_with_backfill_a_turn_that_would_delay_the_held_prompt_waits_behind_it() -> None:
+    """Known by construction: one worker of 256 blocks runs a long turn of 120 blocks; a turn of 160
+    arrives (it cannot fit beside it), then one of 104 with a long decode (it fits beside the long
+    turn now, but not beside the 160 once those start, and nothing says it ends first). Passed, as the
+    room queue alone lets it, it delays the 160-block turn until it is over; with backfill it waits
+    behind it, and the 160-block turn starts as soon as the long turn leaves."""
+
+    def row(session: str, base: int, at_ms: float, trace_blocks: int, output: int) -> TraceRow:
+        ids = [base + i for i in range(trace_blocks)]
+        return TraceRow(at_ms, trace_blocks * TRACE_BLOCK, output, ids, session, 0, 0.0, "end_turn")
+
+    rows = [row("long", 1000, 0.0, 15, 400), row("big", 2000, 10.0, 20, 5), row("mid", 3000, 20.0, 13, 1000)]
+    config = small_config(workers=1)
+
+    def replay(rows: list[TraceRow], backfill: bool) -> list[RequestRecord]:
+        router_config = RouterConfig(room_hold=True, room_backfill=backfill)
+        run = Simulation(workload(rows), "session_kv", config, router_config).run()
+        assert all(r.ok for r in run.records) and run.room_overdue == 0  # none waited out the bound
+        return run.records
+
+    def first_token(records: list[RequestRecord], session: str) -> float:
+        return next(r.first_token for r in records if r.session == session)
+
+    passed, backfilled, alone = replay(rows, False), replay(rows, True), replay(rows[:2], True)
+    mid_end = next(r.finish for r in passed if r.session == "mid")
+    assert first_token(passed, "big") >= mid_end - 0.02  # it waited for "mid" to finish
+    assert first_token(backfilled, "big") == pytest.approx(first_token(alone, "big"), abs=0.02)
+    big_end = next(r.finish for r in backfilled if r.session == "big")
+    assert first_token(backfilled, "mid") >= big_end - 0.02  # "mid" went after it
