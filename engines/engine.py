@@ -36,6 +36,7 @@ class EngineConfig(msgspec.Struct, frozen=True):
     max_num_batched_tokens: int = 8192
     max_pinned_blocks: int | None = None  # default: half the blocks
     host_blocks: int = 0  # the host tier's blocks (0: no host tier)
+    preempt_for_prompts: bool = False  # a prompt that does not fit preempts decodes (engines/scheduler.py)
     hash_seed: int = hash_seed()  # base seed for requests without a cache salt
 
 
@@ -115,7 +116,9 @@ class Engine:
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, clock, config.max_pinned_blocks, config.host_blocks
         )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.preempt_for_prompts
+        )
         self._seqs: dict[str, Sequence] = {}
         self._finished_early: list[RequestOutput] = []  # aborted or refused between steps
         self.prefetched_blocks = 0  # brought back from the host ahead of a turn (`prefetch`), all time

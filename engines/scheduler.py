@@ -9,6 +9,13 @@ cache when it is scheduled (vLLM's allocate_slots caches them then), so a sequen
 the same step hits them instead of computing them again. When a running sequence needs a block and
 none is free, the most recently admitted sequence is preempted: its blocks are freed (they stay in
 the prefix cache) and it is recomputed when readmitted. There is no watermark (vLLM v1 has none).
+
+With `preempt_for_prompts` (off by default), a prompt at the head of the queue that has not started
+and does not fit preempts running sequences that are decoding (their first token is out), the most
+recently admitted first, when that makes it fit, as vLLM v1's priority scheduling preempts a running
+request of lower priority for a waiting one: here a prompt waiting for its first token outranks a
+decode. The preempted ones queue right behind it and resume from the prefix cache (or the host tier,
+where their evicted blocks go), so a turn's first token no longer waits for other turns' decodes.
 """
 
 from __future__ import annotations
@@ -20,12 +27,19 @@ from engines.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        preempt_for_prompts: bool = False,
+    ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.preempt_for_prompts = preempt_for_prompts
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -40,6 +54,8 @@ class Scheduler:
         """The step's work as (sequence, tokens to compute) pairs, and the sequences that cannot
         ever fit (finished here with reason "length")."""
         bm = self.block_manager
+        if self.preempt_for_prompts and self.waiting:
+            self._make_room_for_head()
         block_size = bm.block_size
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
@@ -118,9 +134,40 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    def _preempt(self, seq: Sequence) -> None:
+    def decodes_to_preempt(self) -> list[Sequence]:
+        """With `preempt_for_prompts`: the decoding sequences, most recently admitted first, whose
+        preemption lets the head of the queue (a prompt not started, that does not fit) in; none when
+        all of them would not."""
+        bm = self.block_manager
+        seq = self.waiting[0] if self.waiting else None
+        if seq is None or seq.num_output_tokens or len(self.running) >= self.max_num_seqs:
+            return []
+        need = bm.blocks_needed(len(seq))
+        if need > bm.num_blocks:
+            return []
+        hits = bm.match_prefix(seq)
+        if bm.can_allocate(seq, hits):
+            return []
+        # decoding: the first token is out and only the sampled one is left to compute
+        victims = [
+            s for s in reversed(self.running) if s.num_output_tokens and len(s) - s.num_computed_tokens == 1
+        ]
+        refs = bm.ref_counts
+        freed = sum(1 for s in victims for block_id in s.block_table if refs[block_id] == 1)
+        return victims if bm.num_free + freed >= need - hits else []
+
+    def _make_room_for_head(self) -> None:
+        head = self.waiting[0]
+        bm = self.block_manager
+        for position, victim in enumerate(self.decodes_to_preempt(), start=1):
+            self.running.remove(victim)
+            self._preempt(victim, position)
+            if bm.can_allocate(head, bm.match_prefix(head)):
+                return
+
+    def _preempt(self, seq: Sequence, position: int = 0) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.insert(position, seq)
         self.num_preemptions += 1

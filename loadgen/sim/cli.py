@@ -104,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "only session_kv pins, as none of the systems the baselines are named after does)",
     )
     parser.add_argument(
+        "--preempt-for-prompts",
+        action="store_true",
+        help="every worker's engine lets a prompt that does not fit preempt decoding requests "
+        "(engines/scheduler.py; the same engine for every policy)",
+    )
+    parser.add_argument(
         "--set",
         dest="router_settings",
         action="append",
@@ -200,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         host_blocks=args.host_blocks,
         host_bandwidth_gbps=args.host_bandwidth,
         pin_baselines=args.pin_baselines,
+        preempt_for_prompts=args.preempt_for_prompts,
         router_settings=settings,
     )
     workload = Workload(

@@ -99,7 +99,9 @@ class FastForward:
             return False
         if bm.blocks_needed(len(seq)) > bm.num_blocks:
             return True  # the scheduler will drop it: a real step
-        return bm.can_allocate(seq, bm.match_prefix(seq))
+        return bm.can_allocate(seq, bm.match_prefix(seq)) or bool(
+            sched.preempt_for_prompts and sched.decodes_to_preempt()
+        )
 
     def apply(self, run: DecodeRun, steps: int) -> None:
         """Apply the first `steps` steps of `run` to the engine, as `steps` calls of step() would."""

@@ -64,6 +64,7 @@ class SimConfig(msgspec.Struct, frozen=True):
     host_blocks: int = 0  # each worker's host tier (0: none)
     host_bandwidth_gbps: float = DEFAULT_HOST_BANDWIDTH_GBPS  # the host link (engines/mock.py)
     pin_baselines: bool = False  # RouterConfig.pin_baselines (the "same engine" ablation), likewise
+    preempt_for_prompts: bool = False  # EngineConfig.preempt_for_prompts, every worker's (every policy's)
     # further RouterConfig fields (name -> value) when no router config is given: sweeps from the CLI
     router_settings: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -86,6 +87,7 @@ class SimConfig(msgspec.Struct, frozen=True):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_pinned_blocks=self.max_pinned_blocks,
             host_blocks=self.host_blocks,
+            preempt_for_prompts=self.preempt_for_prompts,
         )
 
     def transfer(self) -> TransferModel:

@@ -126,3 +126,46 @@ def test_finish_releases_waiting_and_running() -> None:
     sched.finish(b, "abort")
     assert not sched.has_work() and sched.block_manager.num_used == 0
     assert a.finish_reason == b.finish_reason == "abort"
+
+
+def test_a_prompt_that_does_not_fit_preempts_decodes_newest_first_with_preempt_for_prompts() -> None:
+    """Known by construction: 8 blocks; a (2 blocks) and b (2 blocks) decode, c waits for a third
+    block's prefill; d needs 5 blocks: preempting b alone frees enough (4 free + 2), so only b goes,
+    right behind d, and c keeps its place after them."""
+    sched = Scheduler(BlockManager(8, B, lambda: 0.0), 8, 100, preempt_for_prompts=True)
+    a, b = seq("a", 7), seq("b", 7, first=50)
+    for s in (a, b):
+        sched.add(s)
+    compute(sched, sched.schedule()[0])  # both prefilled, first token out: 2 blocks each
+    assert a.num_output_tokens == 1 and sched.block_manager.num_free == 4
+    d, c = seq("d", 20, first=100), seq("c", 40, first=200)  # c (10 blocks) never fits beside them
+    sched.add(d)
+    sched.add(c)
+    work, _ = sched.schedule()
+    assert [(s.seq_id, n) for s, n in work] == [("a", 1), ("d", 20)]
+    assert list(sched.waiting) == [b, c] and b.num_computed_tokens == 0 and sched.num_preemptions == 1
+    check_invariants(sched.block_manager, sched.running)
+
+
+def test_only_a_prompt_not_started_preempts_and_only_when_it_then_fits() -> None:
+    sched = Scheduler(BlockManager(8, B, lambda: 0.0), 8, 100, preempt_for_prompts=True)
+    a = seq("a", 7)
+    sched.add(a)
+    compute(sched, sched.schedule()[0])
+    big = seq("big", 40, first=100)  # 10 blocks: more than the whole cache, finished as too long
+    sched.add(big)
+    work, too_long = sched.schedule()
+    assert too_long == [big] and [s.seq_id for s, _ in work] == ["a"]
+    e = seq("e", 29, first=300)  # 8 blocks: fits only if a goes, and a is its only victim
+    sched.add(e)
+    assert sched.decodes_to_preempt() == [a]
+    work, _ = sched.schedule()
+    assert [s.seq_id for s, _ in work] == ["e"] and list(sched.waiting) == [a]
+    # a resumed sequence (its first token is out) preempts nobody: it waits for room
+    assert sched.decodes_to_preempt() == [] and a.status is SequenceStatus.WAITING
+    off = make(num_blocks=8, budget=100)
+    f = seq("f", 7)
+    off.add(f)
+    compute(off, off.schedule()[0])
+    off.add(seq("g", 29, first=300))
+    assert [s.seq_id for s, _ in off.schedule()[0]] == ["f"]  # off by default: the prompt waits

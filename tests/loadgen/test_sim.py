@@ -172,12 +172,21 @@ def test_session_kv_reaches_the_oracle_hit_rate_when_nothing_competes(seed: int)
 def test_shortcuts_change_no_number() -> None:
     """Decode fast-forward and idle-report thinning only save events."""
     rows = agent_sessions(10, 6, seed=5)
-    for policy in ("session_kv", "kv_overlap"):
+    for policy, preempt in (("session_kv", False), ("kv_overlap", False), ("session_kv", True)):
         results = []
         for fast in (True, False):
-            config = small_config(num_blocks=200, fast_forward=fast, idle_report_s=1.0 if fast else 0.0)
-            run = Simulation(workload(rows), policy, config).run()
-            results.append(run)
+            idle_report_s = 1.0 if fast else 0.0
+            config = small_config(
+                workers=1 if preempt else 3,  # one worker: its decodes are preempted for prompts
+                num_blocks=200,
+                fast_forward=fast,
+                idle_report_s=idle_report_s,
+                preempt_for_prompts=preempt,
+            )
+            sim = Simulation(workload(rows), policy, config)
+            results.append(sim.run())
+            preemptions = sum(w.engine.scheduler.num_preemptions for w in sim.workers.values())
+            assert preemptions > 0 or not preempt  # the rule ran
         a, b = results
         assert a.steps == b.steps and a.events < b.events
         for x, y in zip(a.records, b.records, strict=True):
