@@ -12,10 +12,10 @@ the prefix cache) and it is recomputed when readmitted. There is no watermark (v
 
 With `preempt_for_prompts` (off by default), a prompt at the head of the queue that has not started
 and does not fit preempts running sequences that are decoding (their first token is out), the most
-recently admitted first, when that makes it fit, as vLLM v1's priority scheduling preempts a running
-request of lower priority for a waiting one: here a prompt waiting for its first token outranks a
-decode. The preempted ones queue right behind it and resume from the prefix cache (or the host tier,
-where their evicted blocks go), so a turn's first token no longer waits for other turns' decodes.
+recently admitted first, when that makes it fit: a prompt waiting for its first token outranks a
+decode. The preempted ones queue behind every prompt not started (those that arrive later included)
+and resume from the prefix cache (or the host tier, where their evicted blocks go) when they are the
+head and fit, so a turn's first token waits neither for other turns' decodes nor behind them.
 """
 
 from __future__ import annotations
@@ -41,11 +41,15 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preempt_for_prompts = preempt_for_prompts
         self.waiting: deque[Sequence] = deque()
+        self._resumed: set[str] = set()  # preempted for a prompt: the tail of `waiting`, behind prompts
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self._resumed:
+            self.waiting.insert(len(self.waiting) - len(self._resumed), seq)
+        else:
+            self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -105,6 +109,7 @@ class Scheduler:
             seq = self.waiting[0]
             if bm.blocks_needed(len(seq)) > bm.num_blocks:
                 self.waiting.popleft()
+                self._resumed.discard(seq.seq_id)
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "length"
                 too_long.append(seq)
@@ -113,6 +118,8 @@ class Scheduler:
             if not bm.can_allocate(seq, hits):
                 break
             self.waiting.popleft()
+            if self._resumed:
+                self._resumed.discard(seq.seq_id)
             onboard = bm.match_host(seq, hits)
             n = min(len(seq.token_ids) - (hits + onboard) * block_size, budget)
             # blocks for this step's chunk only: the rest come chunk by chunk (as vLLM's allocate_slots)
@@ -131,6 +138,7 @@ class Scheduler:
             self.block_manager.free(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+            self._resumed.discard(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -159,9 +167,10 @@ class Scheduler:
     def _make_room_for_head(self) -> None:
         head = self.waiting[0]
         bm = self.block_manager
-        for position, victim in enumerate(self.decodes_to_preempt(), start=1):
+        for victim in self.decodes_to_preempt():
             self.running.remove(victim)
-            self._preempt(victim, position)
+            self._preempt(victim, len(self.waiting))
+            self._resumed.add(victim.seq_id)
             if bm.can_allocate(head, bm.match_prefix(head)):
                 return
 

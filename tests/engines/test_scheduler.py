@@ -131,19 +131,29 @@ def test_finish_releases_waiting_and_running() -> None:
 def test_a_prompt_that_does_not_fit_preempts_decodes_newest_first_with_preempt_for_prompts() -> None:
     """Known by construction: 8 blocks; a (2 blocks) and b (2 blocks) decode, c waits for a third
     block's prefill; d needs 5 blocks: preempting b alone frees enough (4 free + 2), so only b goes,
-    right behind d, and c keeps its place after them."""
+    behind every prompt not started (c, then e, which arrives later)."""
     sched = Scheduler(BlockManager(8, B, lambda: 0.0), 8, 100, preempt_for_prompts=True)
     a, b = seq("a", 7), seq("b", 7, first=50)
     for s in (a, b):
         sched.add(s)
     compute(sched, sched.schedule()[0])  # both prefilled, first token out: 2 blocks each
     assert a.num_output_tokens == 1 and sched.block_manager.num_free == 4
-    d, c = seq("d", 20, first=100), seq("c", 40, first=200)  # c (10 blocks) never fits beside them
+    d, c = seq("d", 20, first=100), seq("c", 24, first=200)  # c (6 blocks) does not fit beside them
     sched.add(d)
     sched.add(c)
     work, _ = sched.schedule()
     assert [(s.seq_id, n) for s, n in work] == [("a", 1), ("d", 20)]
-    assert list(sched.waiting) == [b, c] and b.num_computed_tokens == 0 and sched.num_preemptions == 1
+    assert list(sched.waiting) == [c, b] and b.num_computed_tokens == 0 and sched.num_preemptions == 1
+    e = seq("e", 24, first=300)
+    sched.add(e)
+    assert list(sched.waiting) == [c, e, b]
+    sched.finish(c, "abort")
+    sched.finish(e, "abort")
+    sched.finish(d, "stop")
+    work, _ = sched.schedule()  # b resumes once it is the head and fits
+    assert [s.seq_id for s, _ in work] == ["a", "b"] and not sched.waiting
+    sched.add(c)
+    assert list(sched.waiting) == [c]  # nothing resumed is left waiting: a plain append
     check_invariants(sched.block_manager, sched.running)
 
 
