@@ -105,3 +105,17 @@ def test_the_table_stays_under_its_byte_cap_dropping_the_least_recently_used() -
     assert table.bytes <= cap and big.chain == [] and "big" in table
     table.discard("big")
     assert "big" not in table
+
+
+def test_a_session_touched_twice_at_once_is_not_dropped_for_its_own_chain() -> None:
+    """Two touches at one time leave two equal expiry entries; a chain over the byte cap still drops
+    the others first, never the session it is set on."""
+    from router.sessions import BYTES_PER_HASH, SESSION_BYTES
+
+    table = SessionTable(max_sessions=10, ttl_s=60.0, max_bytes=2 * SESSION_BYTES + 99 * BYTES_PER_HASH)
+    a = table.touch("a", 0.0)
+    assert table.touch("a", 0.0) is a
+    table.touch("b", 1.0)
+    table.set_chain(a, list(range(100)))  # over the cap with b: b goes, though a expires first
+    assert "a" in table and "b" not in table and a.chain == list(range(100))
+    assert table.expire(60.0) == 1 and len(table) == 0
