@@ -1,7 +1,14 @@
-"""The gateway's Prometheus metrics, on a registry of its own (two gateways in one process never mix)."""
+"""The gateway's Prometheus metrics, on a registry of its own (two gateways in one process never mix).
+
+The counters every request moves (requests, decisions, usage: six a request) are counted in plain
+ints and added to their prometheus-client counters when the registry is collected (a scrape, or
+`get_sample_value`): each counter `inc` takes a lock, ~0.7 us a call (docs/EXPERIMENTS.md,
+"Gateway CPU, fourth pass"). A collection sees every count made before it, as before.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -14,9 +21,25 @@ _TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class _FlushFirst:
+    """A collector of nothing, registered first: each collection of the registry starts with it, so
+    the counts kept aside are in the counters before these are read."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        self._flush()
+        return []
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        r.register(_FlushFirst(self._flush))
         self.requests = Counter(
             "kvgate_requests", "Requests answered, by endpoint and status", ["endpoint", "status"], registry=r
         )
@@ -112,6 +135,7 @@ class GatewayMetrics:
         self._prompt_total = 0
         self._cached_total = 0
         self._host_total = 0
+        self._flushed_usage = (0, 0, 0)  # (prompt, cached, host) totals already in the counters
         self._device_cached = self.tier_cached_tokens.labels("device")
         self._host_cached = self.tier_cached_tokens.labels("host")
         # the ratios are worked out when scraped, not set on every answer (three locked sets a request)
@@ -120,22 +144,19 @@ class GatewayMetrics:
             lambda: self._ratio(self._cached_total - self._host_total)
         )
         self.tier_hit_ratio.labels("host").set_function(lambda: self._ratio(self._host_total))
+        # counted here until the next collection, by label values (a few endpoints, statuses, reasons)
+        self._request_counts: dict[tuple[str, int], int] = {}
+        self._decision_counts: dict[tuple[str, str], int] = {}
         # labelled children, looked up once: `labels()` costs a lock and a tuple per call on the hot path
-        self._requests: dict[tuple[str, int], Any] = {}
-        self._decisions: dict[tuple[str, str], Any] = {}
         self._per_worker: dict[tuple[Gauge, str], Any] = {}  # (gauge, worker id) -> its child
 
     def count_request(self, endpoint: str, status: int) -> None:
-        child = self._requests.get((endpoint, status))
-        if child is None:
-            child = self._requests[endpoint, status] = self.requests.labels(endpoint, str(status))
-        child.inc()
+        key = (endpoint, status)
+        self._request_counts[key] = self._request_counts.get(key, 0) + 1
 
     def count_decision(self, policy: str, reason: str) -> None:
-        child = self._decisions.get((policy, reason))
-        if child is None:
-            child = self._decisions[policy, reason] = self.decisions.labels(policy, reason)
-        child.inc()
+        key = (policy, reason)
+        self._decision_counts[key] = self._decision_counts.get(key, 0) + 1
 
     def of_worker(self, gauge: Gauge, worker_id: str) -> Any:
         """`gauge.labels(worker_id)`, looked up once per worker (a KV batch sets one per message);
@@ -148,13 +169,25 @@ class GatewayMetrics:
     def record_usage(self, prompt_tokens: int, cached_tokens: int, host_cached_tokens: int = 0) -> None:
         """One answer's usage; `host_cached_tokens` (part of `cached_tokens`) were onboarded from the
         worker's host tier, the rest were on its device."""
-        self.prompt_tokens.inc(prompt_tokens)
-        self.cached_tokens.inc(cached_tokens)
-        self._device_cached.inc(cached_tokens - host_cached_tokens)
-        self._host_cached.inc(host_cached_tokens)
         self._prompt_total += prompt_tokens
         self._cached_total += cached_tokens
         self._host_total += host_cached_tokens
+
+    def _flush(self) -> None:
+        """The counts kept since the last collection, into their counters."""
+        requests, self._request_counts = self._request_counts, {}
+        for (endpoint, status), n in requests.items():
+            self.requests.labels(endpoint, str(status)).inc(n)
+        decisions, self._decision_counts = self._decision_counts, {}
+        for (policy, reason), n in decisions.items():
+            self.decisions.labels(policy, reason).inc(n)
+        prompt, cached, host = self._prompt_total, self._cached_total, self._host_total
+        was_prompt, was_cached, was_host = self._flushed_usage
+        self._flushed_usage = (prompt, cached, host)
+        self.prompt_tokens.inc(prompt - was_prompt)
+        self.cached_tokens.inc(cached - was_cached)
+        self._device_cached.inc((cached - host) - (was_cached - was_host))
+        self._host_cached.inc(host - was_host)
 
     def _ratio(self, tokens: int) -> float:
         """`tokens` over the prompt tokens of every answer so far (0 before any)."""

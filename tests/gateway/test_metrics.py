@@ -1,4 +1,5 @@
-"""The gateway's metrics: per-worker series looked up once, and gone with their worker."""
+"""The gateway's metrics: per-worker series looked up once, and gone with their worker; the per-request
+counters counted aside and in their series at every collection."""
 
 from __future__ import annotations
 
@@ -14,3 +15,25 @@ def test_a_worker_series_is_gone_with_its_worker_and_back_with_it() -> None:
     assert b'worker="w-1"' not in metrics.render()
     metrics.of_worker(metrics.event_lag, "w-1").set(0.5)  # the worker is back: its series with it
     assert b'kvgate_worker_event_lag_seconds{worker="w-1"} 0.5' in metrics.render()
+
+
+def test_per_request_counts_are_in_their_series_at_every_collection() -> None:
+    metrics = GatewayMetrics()
+    value = metrics.registry.get_sample_value
+    assert value("kvgate_prompt_tokens_total") == 0.0
+    for _ in range(3):
+        metrics.count_request("/v1/chat/completions", 200)
+    metrics.count_request("other", 404)
+    metrics.count_decision("session_kv", "overlap")
+    metrics.record_usage(100, 40, 10)
+    assert value("kvgate_requests_total", {"endpoint": "/v1/chat/completions", "status": "200"}) == 3.0
+    assert value("kvgate_requests_total", {"endpoint": "other", "status": "404"}) == 1.0
+    assert value("kvgate_routing_decisions_total", {"policy": "session_kv", "reason": "overlap"}) == 1.0
+    metrics.count_request("/v1/chat/completions", 200)
+    metrics.record_usage(50, 20, 0)  # a second collection adds only what came since the first
+    page = metrics.render().decode()
+    assert 'kvgate_requests_total{endpoint="/v1/chat/completions",status="200"} 4.0' in page
+    assert "kvgate_prompt_tokens_total 150.0" in page and "kvgate_cached_tokens_total 60.0" in page
+    assert 'kvgate_tier_cached_tokens_total{tier="device"} 50.0' in page
+    assert 'kvgate_tier_cached_tokens_total{tier="host"} 10.0' in page
+    assert "kvgate_cache_hit_ratio 0.4" in page
