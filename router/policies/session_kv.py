@@ -53,6 +53,8 @@ from router.request import Decision, RouteRequest, is_inferred
 # in-flight prefills remembered (the newest), each compared with every prompt: enough for the requests
 # routed within the few ms their KV events take to come back, and a bounded cost per pick
 MAX_PENDING = 32
+# requests in flight whose chains are kept (the newest): what a session's worker has in use already
+MAX_RUNNING = 4096
 
 
 class SessionKv(Policy):
@@ -70,6 +72,8 @@ class SessionKv(Policy):
         self._pool_step_until = float("-inf")
         # prefills routed whose blocks the workers' KV events may not show yet: request -> (worker, chain)
         self._pending: dict[str, tuple[str, Sequence[int]]] = {}
+        # requests in flight until they complete: request -> (worker, chain)
+        self._running: dict[str, tuple[str, Sequence[int]]] = {}
 
     def pick(self, request: RouteRequest, view: RouterView) -> Decision:
         cfg = self.config
@@ -123,7 +127,7 @@ class SessionKv(Policy):
                     held_ms = spared * view.block_size * self._pool_ms_per_token(view)
                     tolerance = max(tolerance, cfg.prefix_home_hold * held_ms)
             if why == "session":
-                tolerance = max(tolerance, self._session_hold_ms(view, overlap, costs, sticky, len(chain)))
+                tolerance = max(tolerance, self._session_hold_ms(view, overlap, costs, sticky, chain))
             if costs[sticky] <= best + tolerance:
                 return self._decide(request, view, sticky, overlap, costs, why)
         tied = [w for w, c in costs.items() if c == best]
@@ -136,14 +140,21 @@ class SessionKv(Policy):
         return self._decide(request, view, worker, overlap, costs, reason)
 
     def _session_hold_ms(
-        self, view: RouterView, overlap: dict[str, int], costs: dict[str, float], worker: str, n_blocks: int
+        self,
+        view: RouterView,
+        overlap: dict[str, int],
+        costs: dict[str, float],
+        worker: str,
+        chain: Sequence[int],
     ) -> float:
         """How much dearer than the best a session's worker may be and keep the turn: `session_hold` x
         the prefill time of the context it holds that the cheapest worker lacks, while the turn fits in
-        the blocks its worker has free. A move trades a passing queue for lasting work: the context is
-        computed again elsewhere while its copy here holds memory until evicted, and on a loaded pool
-        later turns wait behind that work. A turn that does not fit would wait for running requests to
-        finish (seconds): then the costs alone decide, so a worker whose sessions outgrew it sheds some."""
+        the blocks its worker has free (the leading blocks a request in flight there holds already, a
+        system prompt their sessions share, take no new ones). A move trades a passing queue for
+        lasting work: the context is computed again elsewhere while its copy here holds memory until
+        evicted, and on a loaded pool later turns wait behind that work. A turn that does not fit would
+        wait for running requests to finish (seconds): then the costs alone decide, so a worker whose
+        sessions outgrew it sheds some."""
         hold = self.config.session_hold
         if not hold:
             return 0.0
@@ -154,9 +165,20 @@ class SessionKv(Policy):
         bs = view.block_size
         wl = view.load.workers[worker]
         report = wl.report
-        if report is not None and self._used_blocks(wl, view.now, bs) + n_blocks > report.total_blocks:
-            return 0.0
+        if report is not None:
+            needed = self._used_blocks(wl, view.now, bs) + len(chain)
+            if needed > report.total_blocks and needed - self._in_use(worker, chain) > report.total_blocks:
+                return 0.0
         return hold * spared * bs * self._pool_ms_per_token(view)
+
+    def _in_use(self, worker: str, chain: Sequence[int]) -> int:
+        """The longest prefix of `chain` a request in flight on `worker` holds: blocks in use already
+        (a system prompt its sessions share), which the turn takes no new blocks for."""
+        longest = 0
+        for other_worker, other in self._running.values():
+            if other_worker == worker and other and other[0] == chain[0]:
+                longest = max(longest, common_prefix(other, chain))
+        return longest
 
     def _with_pending(self, overlap: dict[str, int], chain: Sequence[int]) -> dict[str, int]:
         """The index's overlap, plus the prefix each recent prefill still in flight shares with this
@@ -184,12 +206,17 @@ class SessionKv(Policy):
         if len(pending) >= MAX_PENDING:
             del pending[next(iter(pending))]
         pending[request.request_id] = (decision.worker_id, request.block_hashes)
+        running = self._running
+        if len(running) >= MAX_RUNNING:
+            del running[next(iter(running))]
+        running[request.request_id] = (decision.worker_id, request.block_hashes)
 
     def on_first_token(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
 
     def on_complete(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
+        self._running.pop(request_id, None)
 
     def _costs(
         self,
@@ -434,6 +461,8 @@ class SessionKv(Policy):
     def remove_worker(self, worker_id: str) -> None:
         for rid in [rid for rid, entry in self._pending.items() if entry[0] == worker_id]:
             del self._pending[rid]
+        for rid in [rid for rid, entry in self._running.items() if entry[0] == worker_id]:
+            del self._running[rid]
         for sid in [s for s, entry in self._live.items() if entry[0] == worker_id]:
             self._forget(sid)
         self._footprint.pop(worker_id, None)

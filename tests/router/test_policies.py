@@ -353,6 +353,23 @@ def test_session_kv_holds_no_session_on_a_worker_it_does_not_fit() -> None:
     assert router.pick(req("r2", turn1 + chain(50, base=9000), "s"), 1.0).worker_id != "w0"
 
 
+def test_session_kv_counts_blocks_in_use_by_other_requests_as_no_new_blocks() -> None:
+    # as above, but another session's request in flight on w0 holds the first 120 of the turn's blocks
+    # (a system prompt they share): the turn takes only 80 new blocks, which fit in the 100 free, so the
+    # session keeps its worker
+    router = make("session_kv", stall_factor=0.0)
+    turn1 = chain(150)
+    hold(router, "w0", turn1)
+    assert router.pick(req("r1", turn1, "s"), 0.0).worker_id == "w0"
+    router.on_complete("r1", 0.5, "tool_calls", 10)
+    assert router.pick(req("t1", turn1[:120] + chain(40, base=20_000), "t"), 0.6).worker_id == "w0"
+    router.apply_load(LoadReport("w0", 1.0, 4, 0, 5_000, 900, 1000, 10_000.0, 100.0), 1.0)
+    for w in ("w1", "w2"):
+        load(router, w, prefill=0, now=1.0)
+    d = router.pick(req("r2", turn1 + chain(50, base=9000), "s"), 1.0)
+    assert (d.worker_id, d.reason) == ("w0", "session")
+
+
 def test_session_kv_spreads_a_prefix_every_worker_holds() -> None:
     router = make("session_kv", n=4)
     system = chain(64)
