@@ -289,15 +289,20 @@ class WorkerApp:
                 delta["content"] = text
             return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
-        if chat:
-            await response.write(chunk([choice("", None, first=True)]))
+        # the role chunk leaves with the first output, as vLLM sends it, not before: a router reads the
+        # first event as the first token (its prefill is over), and the headers went at `prepare`
+        head = chunk([choice("", None, first=True)]) if chat else b""
         async for _ in self._outputs(queue, stream, result):
             text = stream.take(final=result.finish_reason is not None)
             if text:
-                await response.write(chunk([choice(text, None)]))
+                await response.write(head + chunk([choice(text, None)]))
+                head = b""
+            elif head and result.finish_reason is None:
+                await response.write(head)
+                head = b""
         # the finish, the usage and [DONE] leave with the stream's end in one write (one system call
         # here, one read at the gateway)
-        tail = chunk([choice("", result.finish_reason)])
+        tail = head + chunk([choice("", result.finish_reason)])
         if parsed.include_usage:
             tail += chunk([], usage=result.usage())
         await response.write_eof(tail + b"data: [DONE]\n\n")

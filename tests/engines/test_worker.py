@@ -115,6 +115,25 @@ async def test_raw_sse_framing_and_done(served: Served) -> None:
     assert all(p["object"] == "chat.completion.chunk" and "usage" not in p for p in payloads)
 
 
+async def test_the_role_chunk_leaves_with_the_first_token(served: Served) -> None:
+    # a router reads a stream's first event as its first token (the prefill over): the role delta does
+    # not go out alone before it, as vLLM's does not; the two leave in one write, one HTTP chunk
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 3, "stream": True}
+    first = b""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{served.url}/v1/chat/completions", json=body) as resp,
+    ):
+        async for data, end_of_http_chunk in resp.content.iter_chunks():
+            first += data
+            if end_of_http_chunk:
+                break
+        await resp.read()
+    events = [json.loads(e.removeprefix("data: ")) for e in first.decode().split("\n\n") if e]
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert deltas == [{"role": "assistant", "content": ""}, {"content": PLACEHOLDER_TEXT[0]}]
+
+
 async def test_completions_with_stop_string_and_streaming(served: Served) -> None:
     api = client(served.url)
     done = await api.completions.create(model="m", prompt="hello", max_tokens=40, stop=["sum"])
