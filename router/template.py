@@ -168,6 +168,8 @@ class ChatOptions:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> ChatOptions:
         """Validated from a chat request body; TemplateError on a wrong type."""
+        if not any(name in body for name in OPTION_FIELDS):  # most requests: the defaults, shared
+            return DEFAULT_OPTIONS
         add = body.get("add_generation_prompt", True)
         cont = body.get("continue_final_message", False)
         kwargs = body.get("chat_template_kwargs") or {}
@@ -189,6 +191,7 @@ class ChatOptions:
 
 
 DEFAULT_OPTIONS = ChatOptions()
+OPTION_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "documents")
 
 
 # --- messages and tools as vLLM hands them to transformers
