@@ -65,4 +65,6 @@ def _checked(value: str, name: str) -> str:
 
 def header_value(session_id: str) -> str:
     """A session id as a response header can carry it: printable ASCII, the rest percent-encoded."""
+    if session_id.isascii() and session_id.isprintable() and " " not in session_id and "%" not in session_id:
+        return session_id  # nothing to encode (`_HEADER_SAFE` only): what `quote` returns, ~10x faster
     return quote(session_id, safe=_HEADER_SAFE)
