@@ -56,12 +56,15 @@ class WorkerLoad:
         "fresh_until",
         "inflight_blocks",
         "inflight_prefill",
+        "last_step",
         "ms_per_token",
         "prefill_since_report",
         "report",
         "report_at",
         "report_prefill",
         "requests",
+        "step_end_at",
+        "step_prefill",
     )
 
     def __init__(self, default_prefill_tok_s: float) -> None:
@@ -75,6 +78,12 @@ class WorkerLoad:
         self.inflight_prefill = 0  # every prediction still prefilling
         self.inflight_blocks = 0
         self.requests = 0
+        # the worker's steps as its outputs show them (router/policies/session_kv.py, "One-shot traffic"):
+        # the latest step end seen, the prefill tokens the step begun then carries, and the latest
+        # step seen whole with prefill in it (tokens, ms)
+        self.step_end_at = float("-inf")
+        self.step_prefill = 0
+        self.last_step: tuple[int, float] | None = None
 
 
 class LoadView:
@@ -133,6 +142,13 @@ class LoadView:
         f = self._inflight.get(request_id)
         if f is not None and f.prefilling:
             self._end_prefill(f)
+            w = self.workers.get(f.worker_id)
+            if now is not None and w is not None:
+                # a prefill picked before the last step end seen there rode the step it began: this
+                # first token ends that step, which carried the prefill in flight then
+                if w.step_prefill and f.picked_at <= w.step_end_at < now:
+                    w.last_step = (w.step_prefill, (now - w.step_end_at) * 1000.0)
+                self.step_ended(f.worker_id, now)
             if now is not None and now >= f.picked_at:
                 self.prefill_fit.observe(f.prefill_ahead, (now - f.picked_at) * 1000.0)
 
@@ -147,6 +163,14 @@ class LoadView:
             w.inflight_blocks -= f.blocks
             w.requests -= 1
         return f
+
+    def step_ended(self, worker_id: str, now: float) -> None:
+        """A step of the worker ended now (a first token or a completion came from it): the prefill in
+        flight there was sent before the next step began, so that step carries it."""
+        w = self.workers.get(worker_id)
+        if w is not None:
+            w.step_end_at = now
+            w.step_prefill = w.inflight_prefill
 
     def get(self, request_id: str) -> InFlight | None:
         return self._inflight.get(request_id)

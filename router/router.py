@@ -393,6 +393,8 @@ class Router:
         the session's expected tool time, bounded to [pin_min_s, pin_max_s].
         """
         flight = self.load.finish(request_id)
+        if flight is not None:
+            self.load.step_ended(flight.worker_id, now)
         self.policy.on_complete(request_id)
         if self.rooms is not None:
             self._learn_turn_time(request_id, flight, now, ok)

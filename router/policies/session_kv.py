@@ -31,11 +31,13 @@ not, and a hit on a busy worker beats a miss on a slightly shorter queue.
 One-shot traffic (a request that named no session): the estimate above prices its prefill at the pool's
 measured average cost per token, which carries a step's fixed cost (for short prompts several times the
 cost one more token adds to a step) and ignores the running decodes a first token waits behind. Such a
-request is priced instead by its TTFT: the prefill ahead of it and its own at the marginal cost per token
-(`router/prefill_fit.py`, fitted from the first tokens), plus, on a busy worker, the step in progress, a
-step carrying its running decodes (scaled by their context) and one more when a prefill is queued there
-(docs/SESSION_KV.md, "One-shot traffic"). A hot document is then copied to an idle worker when waiting
-at its home costs more than the copy's prefill.
+request is priced instead by its TTFT: its own prefill and the prefill queued to ride the same step at
+the marginal cost per token (`router/prefill_fit.py`, fitted from the first tokens), plus, on a busy
+worker, the rest of the step in progress and the running decodes its step carries (scaled by their
+context). The step in progress is read from the worker's outputs: first tokens and completions mark step
+ends, and a step carrying prefill ends with its first tokens, so its end is predicted from the last one
+seen (docs/SESSION_KV.md, "One-shot traffic"). A hot document is then copied to an idle worker when
+waiting at its home costs more than the copy's prefill.
 """
 
 from __future__ import annotations
@@ -274,12 +276,15 @@ class SessionKv(Policy):
         bs = view.block_size
         loads = view.load.workers
         per_token = view.load.prefill_fit.ms_per_token or 0.0
-        # the prefill computed before or with the first token, at its marginal cost: a lower bound
+        # the prefill of the step the request rides, at its marginal cost (a lower bound): its own and
+        # the prefill queued there since the step in progress began
         bound: dict[str, float] = {}
         for w in view.candidates:
+            wl = loads[w]
             held = credit.get(w)
             missing = n_tokens - held * bs if held else n_tokens
-            bound[w] = (loads[w].inflight_prefill + (missing if missing > 0 else 0)) * per_token
+            queued = wl.inflight_prefill - min(wl.step_prefill, wl.inflight_prefill)
+            bound[w] = (queued + (missing if missing > 0 else 0)) * per_token
         step, context = self._busy_step(view)
         own = self._live.get(session_id) if session_id else None
         ms_per_token = self._pool_ms_per_token(view)  # the memory terms: re-prefills, at the average cost
@@ -291,15 +296,33 @@ class SessionKv(Policy):
                 continue
             wl = loads[w]
             cost = bound[w]
-            if wl.requests:  # wait out the step in progress; ours carries the worker's decodes
-                cost += step * (1.0 + wl.inflight_blocks / context)
-                if wl.inflight_prefill:  # and a prefill is ahead of ours: two steps more
-                    cost += 2.0 * step
+            if wl.requests:  # the rest of the step in progress, then ours carries the worker's decodes
+                decode = step * wl.inflight_blocks / context
+                cost += self._step_left_ms(wl, now, decode, step, per_token) + decode
             used = self._used_blocks(wl, now, bs)
             cost = costs[w] = cost + self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used)
             if cost < best:
                 best = cost
         return costs
+
+    @staticmethod
+    def _step_left_ms(wl: WorkerLoad, now: float, decode: float, step: float, per_token: float) -> float:
+        """What a request sent to this busy worker now waits before its step begins. A step carrying
+        prefill ends with those prefills' first tokens, so the router sees where it stands: it began at
+        the latest step end seen there and lasts as the latest prefill step seen whole, give or take the
+        marginal cost of the tokens in which they differ; its rest is left (half a step once past its
+        predicted end). Decode-only steps end unseen (no output comes back before a completion): one
+        whole step, as the request may arrive just after one began."""
+        current = min(wl.step_prefill, wl.inflight_prefill)
+        if not current:
+            return decode
+        if wl.last_step is not None:
+            tokens, ms = wl.last_step
+            length = ms + per_token * (current - tokens)
+        else:
+            length = decode + per_token * current
+        elapsed = (now - wl.step_end_at) * 1000.0
+        return length - elapsed if elapsed < length else 0.5 * step
 
     def _busy_step(self, view: RouterView) -> tuple[float, float]:
         """A busy worker's step in ms (the median over the workers that reported running requests: their

@@ -98,3 +98,27 @@ def test_first_tokens_fit_the_marginal_prefill_cost() -> None:
         t += 1.0
     assert load.prefill_fit.ms_per_token is not None
     assert abs(load.prefill_fit.ms_per_token - 0.02) < 1e-9
+
+
+def test_first_tokens_and_completions_mark_the_steps_a_worker_runs() -> None:
+    # a prefill sent before a step end seen there rides the step that began then: its first token
+    # ends that step, whose length is measured; one sent later rides the step after
+    load = view()
+    load.start("a", "w", prefill_tokens=500, blocks=10, now=0.0)
+    load.start("b", "w", prefill_tokens=300, blocks=10, now=0.01)
+    load.first_token("a", 0.02)  # a step ended: b, in flight, rides the next one
+    w = load.workers["w"]
+    assert (w.step_end_at, w.step_prefill, w.last_step) == (0.02, 300, None)  # a's step began unseen
+    load.start("c", "w", prefill_tokens=200, blocks=10, now=0.03)  # queued behind b's step
+    load.first_token("b", 0.07)
+    assert w.last_step is not None
+    assert w.last_step[0] == 300 and abs(w.last_step[1] - 50.0) < 1e-9
+    assert (w.step_end_at, w.step_prefill) == (0.07, 200)  # c rides the step begun at b's first token
+    load.finish("a")
+    load.step_ended("w", 0.08)  # a completion (Router.on_complete) ends a step too: c is still in flight
+    assert (w.step_end_at, w.step_prefill) == (0.08, 200)
+    load.first_token("c", 0.12)
+    assert w.last_step[0] == 200 and abs(w.last_step[1] - 40.0) < 1e-9
+    load.start("d", "w", prefill_tokens=100, blocks=10, now=0.13)
+    load.first_token("d", 0.2)  # sent after the last step end: the step it rode began unseen
+    assert w.last_step[0] == 200 and (w.step_end_at, w.step_prefill) == (0.2, 0)

@@ -575,6 +575,46 @@ def test_session_kv_counts_a_shared_prefix_in_use_once() -> None:
     assert (d.worker_id, d.reason) == ("w0", "overlap")  # the document's home, not a second copy
 
 
+def test_session_kv_prices_the_rest_of_a_busy_workers_step_from_its_outputs() -> None:
+    # two workers hold the document and run one request each (10 ms decode steps). On w0 a prefill
+    # rides a step that began at the last first token seen there; the latest prefill step seen there,
+    # over as many tokens, took 50 ms, so that one ends 50 ms after it began. On w1 only decodes run:
+    # their steps end unseen, so a whole step is charged. A question goes where its step begins first.
+    router = make("session_kv", n=2)
+    for i in range(100):  # the pool's first tokens: 20 ms + 0.015 ms per prefill token
+        tokens = 100 if i % 2 else 2100
+        router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+    doc = chain(128)
+    hold(router, "w0", doc)
+    hold(router, "w1", doc)
+    only = {"w0": frozenset({"w1"}), "w1": frozenset({"w0"})}
+
+    def send(rid: str, worker: str, now: float) -> None:
+        router.pick(req(rid, chain(100, base=1000 * ord(rid))), now, exclude=only[worker])
+
+    for w in ("w0", "w1"):  # one running request each, 100 decode tokens/s: 10 ms steps
+        router.apply_load(LoadReport(w, -0.3, 1, 0, 0, 100, 1000, 5_000.0, 100.0), -0.3)
+    send("d", "w1", -0.2)
+    router.on_first_token("d", -0.17)
+    send("a", "w0", -0.05)
+    send("b", "w0", 0.01)
+    router.on_first_token("a", 0.02)  # a step ends: b rides the next one (0.02 to 0.07)
+    router.on_complete("a", 0.02, "stop", 1)
+    send("c", "w0", 0.06)  # queued behind b's step, with as many tokens (the pool's step: 10 ms)
+    router.on_first_token("b", 0.07)  # b's step took 50 ms; c's begins now
+    router.on_complete("b", 0.07, "stop", 1)
+    router.load.prefill_fit.ms_per_token = 0.015  # the first tokens above were samples too
+    question = doc + chain(8, base=70_000)
+    own = 8 * BS * 0.015  # the question's own prefill, alike on both
+    d = router.pick(req("q1", question), 0.075)  # 45 ms of c's step left on w0
+    assert d.worker_id == "w1"
+    assert d.estimated_cost == pytest.approx(own + 10.0 + 10.0)  # a whole step, then its own
+    router.on_complete("q1", 0.08, "stop", 1)
+    d = router.pick(req("q2", question), 0.115)  # 5 ms left
+    assert d.worker_id == "w0"
+    assert d.estimated_cost == pytest.approx(own + 5.0 + 10.0)
+
+
 def test_session_kv_counts_one_shot_requests_as_no_live_context() -> None:
     router = make("session_kv", n=2)
     for i in range(5):
