@@ -2,8 +2,8 @@
 
 The counters every request moves (requests, decisions, usage: six a request) are counted in plain
 ints and added to their prometheus-client counters when the registry is collected (a scrape, or
-`get_sample_value`): each counter `inc` takes a lock, ~0.7 us a call (docs/EXPERIMENTS.md,
-"Gateway CPU, fourth pass"). A collection sees every count made before it, as before.
+`get_sample_value`): each `inc` takes a lock, and a turn's six cost 2.7 us against 0.5 now
+(docs/EXPERIMENTS.md, "Gateway CPU, fourth pass"). A collection sees every count made before it.
 """
 
 from __future__ import annotations
