@@ -137,7 +137,9 @@ class Child:
 class BusPlan:
     """Where the bus is and how each part authenticates to it; owns the embedded server, if any."""
 
-    def __init__(self, url: str, gateway: BusAuth, workers: dict[str, BusAuth], server: NatsServer | None):
+    def __init__(
+        self, url: str, gateway: BusAuth, workers: dict[str, BusAuth], server: NatsServer | None
+    ) -> None:
         self.url = url
         self.gateway = gateway
         self.workers = workers

@@ -7,7 +7,9 @@ import logging
 
 
 class Outage:
-    def __init__(self, log: logging.Logger, what: str, first_delay_s: float = 0.5, max_delay_s: float = 10.0):
+    def __init__(
+        self, log: logging.Logger, what: str, first_delay_s: float = 0.5, max_delay_s: float = 10.0
+    ) -> None:
         self.log = log
         self.what = what
         self.first_delay_s = first_delay_s

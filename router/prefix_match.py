@@ -11,8 +11,11 @@ only if it holds the block's parent, which the chained hash fixes), its bit alon
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import repeat
+
+# `get(block_hash, 0)`: the mask of the workers holding a block (a mask dict's `get`)
+MaskLookup = Callable[[int, int], int]
 
 
 def expand(groups: list[tuple[int, int]], names: dict[int, str] | None = None) -> dict:
@@ -53,7 +56,7 @@ class MaskNames:
 
 
 def bisect_prefixes(
-    get, chain: Sequence[int], mask: int, groups: list[tuple[int, int]], hints: Sequence[int] = ()
+    get: MaskLookup, chain: Sequence[int], mask: int, groups: list[tuple[int, int]], hints: Sequence[int] = ()
 ) -> None:
     """Matched prefix lengths of the workers in `mask`, for held sets prefix-closed along `chain`.
 
@@ -93,7 +96,7 @@ def bisect_prefixes(
             push((lo, mid, m ^ holds))
 
 
-def walk_prefixes(get, chain: Sequence[int], mask: int, groups: list[tuple[int, int]]) -> None:
+def walk_prefixes(get: MaskLookup, chain: Sequence[int], mask: int, groups: list[tuple[int, int]]) -> None:
     """Same answer as `bisect_prefixes` for any held sets, one lookup per block (the slow path)."""
     m = mask
     for i, h in enumerate(chain):
