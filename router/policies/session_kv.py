@@ -307,21 +307,21 @@ class SessionKv(Policy):
 
     @staticmethod
     def _step_left_ms(wl: WorkerLoad, now: float, decode: float, step: float, per_token: float) -> float:
-        """What a request sent to this busy worker now waits before its step begins. A step carrying
-        prefill ends with those prefills' first tokens, so the router sees where it stands: it began at
-        the latest step end seen there and lasts as the latest prefill step seen whole, give or take the
-        marginal cost of the tokens in which they differ; its rest is left (half a step once past its
-        predicted end). Decode-only steps end unseen (no output comes back before a completion): one
-        whole step, as the request may arrive just after one began."""
+        """What a request sent to this busy worker now waits before its step begins: the rest of the
+        step begun at the latest step end seen there. One carrying prefill lasts as the latest prefill
+        step seen whole, give or take the marginal cost of the tokens in which they differ; past its
+        predicted end (its first tokens are late) half a step is left. One with decodes only lasts a
+        decode step; past that end the next ones go unseen (no output comes back before a completion),
+        so a whole step, as the request may arrive just after one began."""
         current = min(wl.step_prefill, wl.inflight_prefill)
+        elapsed = (now - wl.step_end_at) * 1000.0
         if not current:
-            return decode
+            return decode - elapsed if elapsed < decode else decode
         if wl.last_step is not None:
             tokens, ms = wl.last_step
             length = ms + per_token * (current - tokens)
         else:
             length = decode + per_token * current
-        elapsed = (now - wl.step_end_at) * 1000.0
         return length - elapsed if elapsed < length else 0.5 * step
 
     def _busy_step(self, view: RouterView) -> tuple[float, float]:
