@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_HOST_BANDWIDTH_GBPS,
         help="mock: host link GB/s that times onboarding copies (default %(default)s, PCIe Gen5 x16)",
     )
+    parser.add_argument(
+        "--preempt-for-prompts",
+        action="store_true",
+        help="a prompt that does not fit preempts decoding requests (first token out) instead of "
+        "waiting for them (engines/scheduler.py; default: off, vLLM's first come first served)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="torch: weights of the default tiny model")
     parser.add_argument("--worker-id", help="subject-safe id (default: engine-host-port-random)")
     parser.add_argument(
@@ -112,6 +118,17 @@ def build_runner(args: argparse.Namespace) -> tuple[ModelRunner, Tokenizer, str]
     return torch_runner, torch_runner.tokenizer, torch_runner.model_name
 
 
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        host_blocks=args.host_blocks,
+        preempt_for_prompts=args.preempt_for_prompts,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -142,13 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, auth: BusAuth) -> None:
     runner, tokenizer, engine_model = build_runner(args)
-    config = EngineConfig(
-        num_blocks=args.num_blocks,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        host_blocks=args.host_blocks,
-    )
+    config = engine_config(args)
     engine = Engine(config, runner, time.monotonic)
     loop = EngineLoop(engine, threaded=args.engine != "mock")
     model_name = args.model or engine_model

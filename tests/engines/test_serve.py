@@ -320,3 +320,15 @@ async def test_a_host_tier_takes_evicted_blocks_and_serves_them_back(nats_url: s
     finally:
         await nc.close()
         assert process.stop() == 0
+
+
+def test_the_worker_flags_reach_the_engine_config() -> None:
+    import argparse
+
+    from engines.serve import add_arguments, engine_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = engine_config(parser.parse_args(["--host-blocks", "64", "--preempt-for-prompts"]))
+    assert config.host_blocks == 64 and config.preempt_for_prompts
+    assert not engine_config(parser.parse_args([])).preempt_for_prompts  # off by default
