@@ -124,7 +124,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     room_max_held: int = 4096
     # EASY backfilling in the room queue: a worker's oldest held request reserves it, and a request that
     # fits passes it only if expected (its session's past turns' run times) to complete before the held
-    # one could start, or if it fits beside it then (router/room.py)
+    # one could start, or if it fits beside it then (router/room.py). Off: on the cc trace with the host
+    # tier it lost to the room queue alone on both seeds (docs/EXPERIMENTS.md, "Host tier, fourth pass")
     room_backfill: bool = False
 
     def __post_init__(self) -> None:
