@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import math
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from urllib.parse import urlsplit
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -159,7 +159,7 @@ class UpstreamResponse:
         parts = [chunk async for chunk in self.iter_chunks()]
         return b"".join(parts)
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
+    async def iter_chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives; raises UpstreamError when the worker breaks off."""
         conn = self._conn
         if conn is None or self._done:
