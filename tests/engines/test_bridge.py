@@ -247,6 +247,11 @@ async def running_bridge(
     task = asyncio.create_task(bridge.run())
     await asyncio.wait_for(bridge.ready.wait(), 10)
     await publisher.wait_subscribed()
+    if replay:
+        # the bridge's start-up replay must be served before the test publishes: served later, on a
+        # loaded box, it replays the test's batches ahead of the live ones, which then look like a
+        # restart (a real engine's buffer holds only what it cached before the bridge started)
+        await until(lambda: bool(publisher.replay_requests), 30.0, "the bridge's start-up replay")
     try:
         yield bridge
     finally:
