@@ -74,58 +74,57 @@ async def relay_stream(
     buffer = b""
     last_event_at = 0.0
     done = False
-    # closed on the way out: an async generator left suspended at its last yield (the usual end: the
-    # relay stops at [DONE]) is closed by the loop's finalizer hook, a task and a wake-up per stream
-    async with contextlib.aclosing(resp.iter_chunks()) as chunks:
-        while not done:
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                break
-            except UpstreamError as exc:
-                if response is None:
-                    raise Retryable(str(exc)) from exc
-                return await _fail(response, metrics, events.error(f"worker failed mid-stream: {exc}"))
-            buffer += chunk
-            while not done:
-                end = buffer.find(b"\n\n")
-                if end < 0:
-                    break
-                done = events.read(buffer[: end + 2])
-                buffer = buffer[end + 2 :]
-            out = events.take(response is None)
-            if out is None:
-                if not done:
-                    continue
-                out = b""
-            now = time.monotonic()
-            opened = response is None
+    # a read at a time: `iter_chunks` would be left suspended at [DONE], where the relay stops, and
+    # costs a generator and its close (`aclosing`) every stream
+    while not done:
+        try:
+            chunk = await resp.read_chunk()
+        except UpstreamError as exc:
             if response is None:
-                response = _EventStream(headers=headers)
-                resp.commit()
-                await response.prepare(request)
-                outcome.first_token_at = now
-                on_first_token()
-            else:
-                metrics.itl.observe(now - last_event_at)
-            last_event_at = now
-            if done:  # the last events and the stream's end leave in one write (one system call)
-                outcome.ok = True
-                await response.write_eof(out + await events.end())
-                await _drain(resp)
-                return response
-            if out or opened:  # the head goes out now, with the events if any
-                await response.write(out)
+                raise Retryable(str(exc)) from exc
+            return await _fail(response, metrics, events.error(f"worker failed mid-stream: {exc}"))
+        if not chunk:
+            break
+        buffer += chunk
+        while not done:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            done = events.read(buffer[: end + 2])
+            buffer = buffer[end + 2 :]
+        out = events.take(response is None)
+        if out is None:
+            if not done:
+                continue
+            out = b""
+        now = time.monotonic()
+        opened = response is None
         if response is None:
-            raise Retryable("worker ended the stream before its first event")
-        return await _fail(response, metrics, events.error("worker ended the stream without [DONE]"))
+            response = _EventStream(headers=headers)
+            resp.commit()
+            await response.prepare(request)
+            outcome.first_token_at = now
+            on_first_token()
+        else:
+            metrics.itl.observe(now - last_event_at)
+        last_event_at = now
+        if done:  # the last events and the stream's end leave in one write (one system call)
+            outcome.ok = True
+            await response.write_eof(out + await events.end())
+            await _drain(resp)
+            return response
+        if out or opened:  # the head goes out now, with the events if any
+            await response.write(out)
+    if response is None:
+        raise Retryable("worker ended the stream before its first event")
+    return await _fail(response, metrics, events.error("worker ended the stream without [DONE]"))
 
 
 async def _drain(resp: UpstreamResponse) -> None:
     """Read what follows [DONE] (the chunk terminator), so the connection goes back to the pool."""
     if not resp.complete:
         with contextlib.suppress(UpstreamError):
-            async for _ in resp.iter_chunks():
+            while await resp.read_chunk():
                 pass
 
 

@@ -123,6 +123,7 @@ class UpstreamResponse:
         self._keep_alive = headers.get("connection", "").lower() != "close"
         self._done = False
         self._undecoded = b""  # of a chunked body: bytes read past the last whole chunk
+        self._left = self._length  # of a Content-Length body: bytes not read yet
 
     @property
     def complete(self) -> bool:
@@ -161,9 +162,17 @@ class UpstreamResponse:
 
     async def iter_chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives; raises UpstreamError when the worker breaks off."""
+        while chunk := await self.read_chunk():
+            yield chunk
+
+    async def read_chunk(self) -> bytes:
+        """The next bytes of the body as they arrive, b"" once it was read to its end; raises
+        UpstreamError when the worker breaks off. A coroutine per read, not a generator per body: the
+        stream relay reads a few times a turn, and a generator costs its frame, its close and a
+        context manager around it (docs/EXPERIMENTS.md, "Gateway CPU, fourth pass")."""
         conn = self._conn
         if conn is None or self._done:
-            return
+            return b""
         try:
             if self._chunked:
                 # whatever arrived, decoded in one go: the events a worker sent together leave the
@@ -172,41 +181,39 @@ class UpstreamResponse:
                     data = await conn.read(65536, self._timeout)
                     if not data:
                         raise UpstreamError("the worker closed the connection mid-body")
-                    # what is left undecoded stays on the response: a caller may stop iterating
-                    # after an event and call again for the rest
+                    # what is left undecoded stays on the response for the next read
                     buffer = self._undecoded + data if self._undecoded else data
                     payloads, used, last = dechunk(buffer)
                     self._undecoded = buffer[used:]
-                    if last:  # complete before the last yield: a caller may stop at that event
+                    if last:  # complete with these bytes: a caller may stop at their last event
                         self._done = True
                         if self._undecoded:  # bytes after the body: the connection's framing is lost
                             self._keep_alive = False
-                    if payloads:
-                        yield payloads[0] if len(payloads) == 1 else b"".join(payloads)
-                    if last:
-                        return
-            elif self._length is not None:
-                left = self._length
-                while left > 0:
-                    data = await conn.read(min(left, 65536), self._timeout)
-                    if not data:
-                        raise UpstreamError("the worker closed the connection mid-body")
-                    left -= len(data)
-                    yield data
-            else:  # delimited by the connection's end
-                self._keep_alive = False
-                while True:
-                    data = await conn.read(65536, self._timeout)
-                    if not data:
-                        break
-                    yield data
+                    if payloads or last:
+                        return payloads[0] if len(payloads) == 1 else b"".join(payloads)
+            if self._left is not None:
+                if self._left == 0:
+                    self._done = True
+                    return b""
+                data = await conn.read(min(self._left, 65536), self._timeout)
+                if not data:
+                    raise UpstreamError("the worker closed the connection mid-body")
+                self._left -= len(data)
+                if self._left == 0:
+                    self._done = True
+                return data
+            # delimited by the connection's end
+            self._keep_alive = False
+            data = await conn.read(65536, self._timeout)
+            if not data:
+                self._done = True
+            return data
         except TimeoutError as exc:  # before OSError, of which it is a subclass
             self.close()
             raise UpstreamError("the worker stopped sending (read timeout)") from exc
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             self.close()
             raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-        self._done = True
 
     def release(self) -> None:
         """Back to the pool when the body was read to its end, else closed."""
