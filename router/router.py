@@ -37,6 +37,11 @@ ADMITTING_POLICIES = frozenset({"session_kv"})
 ROOM_POLICIES = frozenset({"session_kv"})
 
 
+def _ewma(mean: float | None, sample: float, alpha: float) -> float:
+    """An exponentially weighted mean moved by `sample` (weight `alpha`); the first sample starts it."""
+    return sample if mean is None else alpha * sample + (1 - alpha) * mean
+
+
 class NoWorkerError(LookupError):
     """No routable worker is left for a request (none registered, or all excluded)."""
 
@@ -369,8 +374,7 @@ class Router:
                 s.parent_id = parent.id if parent is not None else None
             if s.tool_pending and s.last_done_at is not None:  # the tool gap just ended: learn it
                 gap = max(0.0, now - s.last_done_at)
-                a = self.config.think_alpha
-                s.think_s = gap if s.think_s is None else a * gap + (1 - a) * s.think_s
+                s.think_s = _ewma(s.think_s, gap, self.config.think_alpha)
             s.worker_id = worker
             self.sessions.set_chain(s, request.block_hashes)
             s.last_pick_at = now
@@ -415,11 +419,11 @@ class Router:
         if sent_at is None or not ok:
             return
         run_s = max(0.0, now - sent_at)
-        a = self.config.think_alpha
-        self._turn_s = run_s if self._turn_s is None else a * run_s + (1 - a) * self._turn_s
+        alpha = self.config.think_alpha
+        self._turn_s = _ewma(self._turn_s, run_s, alpha)
         s = self.sessions.get(flight.session_id) if flight is not None and flight.session_id else None
         if s is not None:
-            s.turn_s = run_s if s.turn_s is None else a * run_s + (1 - a) * s.turn_s
+            s.turn_s = _ewma(s.turn_s, run_s, alpha)
 
     def _session_done(
         self, flight: InFlight, now: float, finish_reason: str | None, output_tokens: int, ok: bool
