@@ -39,7 +39,9 @@ def gateway(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -
     cluster = Cluster(nats_server.url, "t" + uuid.uuid4().hex[:10], tmp_path_factory.mktemp("strict"))
     try:
         cluster.worker("w0", "mock", "--speedup", "1000", "--num-blocks", str(CONTEXT_BLOCKS))
-        cluster.start_gateway("--header-timeout-s", "2")
+        # a header deadline of 10 s (the default): at 2 s, a fuzzing client starved between opening a
+        # fresh connection and writing its body (its thread shares the GIL with hypothesis) was cut off
+        cluster.start_gateway("--header-timeout-s", "10")
         cluster.ready(workers=1)
         assert cluster.gateway is not None
         yield cluster.gateway.url
@@ -135,8 +137,8 @@ def test_a_slowloris_connection_is_closed_at_the_header_deadline(gateway: str) -
             closed_after = None
         except OSError:
             closed_after = time.monotonic() - started
-    # The deadline is 2 s (plus the send that noticed); without it the connection would stay open for as
-    # long as lines come. 30 s leaves a loaded machine's gateway room to act on its timer.
+    # The deadline is 10 s (plus the send that noticed); without it the connection would stay open for
+    # as long as lines come. 30 s leaves a loaded machine's gateway room to act on its timer.
     assert closed_after is not None and closed_after < 30
 
 
@@ -200,7 +202,7 @@ class Sender:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     async def _session(self, *, pooled: bool) -> aiohttp.ClientSession:
-        # A pooled connection idle for the gateway's whole keep-alive (2 s here) may be closed by the
+        # A pooled connection idle for the gateway's whole keep-alive (10 s here) may be closed by the
         # gateway just as it is reused: drop idle connections well before. The other: one per request.
         if pooled:
             connector = aiohttp.TCPConnector(keepalive_timeout=0.5)
@@ -219,7 +221,7 @@ class Sender:
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 # On a starved machine this client can read a response long after the gateway sent
                 # it, so a connection it holds idle for 0.5 s may have been idle at the gateway for
-                # its 2 s and be closed as the next request goes out. HTTP clients send such a request
+                # its 10 s and be closed as the next request goes out. HTTP clients send such a request
                 # again on a new connection; a body that makes the gateway drop its connection drops
                 # that one too, and fails the test.
                 self.retried += 1
