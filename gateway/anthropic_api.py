@@ -218,7 +218,7 @@ class AnthropicApi:
         started = time.monotonic()
         try:
             self._authorize(request)
-            body = decode_body(await self.gateway.read_body(request))
+            body = decode_body(await self.gateway.turns.read_body(request))
             turn = self._turn(body)
             explicit = session_of(request.headers, body, turn.messages or [])
             translation = MessagesTranslation(turn.model)
@@ -226,7 +226,7 @@ class AnthropicApi:
             async def relay_messages(*args: Any, **kwargs: Any) -> Any:
                 return await relay(*args, **kwargs, translation=translation)
 
-            return await self.gateway.serve_turn(
+            return await self.gateway.turns.serve_turn(
                 request,
                 turn,
                 "/v1/chat/completions",
@@ -242,13 +242,13 @@ class AnthropicApi:
         """The prompt's tokens as the model's workers count them (exact, through the same template)."""
         try:
             self._authorize(request)
-            body = decode_body(await self.gateway.read_body(request))
+            body = decode_body(await self.gateway.turns.read_body(request))
             messages = chat_messages(body, self.strip_billing)
             tools = chat_tools(body.get("tools"))
-            workers = self.gateway._workers_for(body["model"])
+            workers = self.gateway.turns.workers_for(body["model"])
             spec = self.gateway.bus.workers[next(iter(workers))].registration.tokenizer
             try:
-                tokens = encode_chat(messages, await self.gateway.tokenizer(spec), tools)
+                tokens = encode_chat(messages, await self.gateway.turns.tokenizer(spec), tools)
             except TemplateError as exc:
                 raise ApiError(400, str(exc), param="messages") from exc
             return web.json_response({"input_tokens": len(tokens)})

@@ -291,7 +291,7 @@ class ResponsesApi:
     async def create(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         tenant = tenant_of(self._authorize(request))
-        body = self._decode(await self.gateway.read_body(request))
+        body = self._decode(await self.gateway.turns.read_body(request))
         self.store.nc = self.gateway.replication.nc
         previous = await self._previous(tenant, body.get("previous_response_id"))
         new = input_messages(body.get("input"))
@@ -326,7 +326,7 @@ class ResponsesApi:
             translation.routed(kwargs["headers"])
             return await relay(*args, **kwargs, translation=translation)
 
-        return await self.gateway.serve_turn(
+        return await self.gateway.turns.serve_turn(
             request,
             turn,
             "/v1/chat/completions",

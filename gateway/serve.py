@@ -17,7 +17,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from gateway.app import Gateway, GatewayConfig
+from gateway.app import Gateway
+from gateway.config import GatewayConfig
 from gateway.http_server import DEFAULT_HEADER_TIMEOUT_S, GatewayRunner
 from kvutil.bus_auth import BusAuthError, add_bus_arguments, bus_auth_from, nats_url_from, redact_url
 from router.config import RouterConfig

@@ -28,8 +28,8 @@ import time
 import urllib.error
 import urllib.request
 
-from gateway.app import GatewayConfig
 from gateway.bus_roles import BusUser, authorization, generated_users
+from gateway.config import GatewayConfig
 from gateway.natsd import NatsServer, NatsServerError, free_port
 from gateway.serve import (
     RouterConfigError,

@@ -36,7 +36,8 @@ from engines.engine import Engine, EngineConfig
 from engines.loop import EngineLoop
 from engines.mock import MockRunner
 from engines.worker import WorkerApp, WorkerSettings
-from gateway.app import Gateway, GatewayConfig
+from gateway.app import Gateway
+from gateway.config import GatewayConfig
 from gateway.cli import COMMANDS, build_parser
 from tests.charts.test_kvgate_chart import (
     BRIDGE_TARGETS,

@@ -9,7 +9,8 @@ from typing import Any
 
 import aiohttp
 
-from gateway.app import Gateway, GatewayConfig
+from gateway.app import Gateway
+from gateway.config import GatewayConfig
 from router.protocol import KvStateDump, StateDumpRequest, Subjects, decode, encode
 from router.snapshot import build_snapshot
 from tests.polling import until

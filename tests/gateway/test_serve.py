@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import Gateway, GatewayConfig
+from gateway.app import Gateway
 from gateway.cli import build_parser
+from gateway.config import GatewayConfig
 from gateway.natsd import free_port
 from gateway.serve import (
     MAX_ROUTER_CONFIG_BYTES,
