@@ -1,0 +1,121 @@
+"""The bridge as a worker on the bus: its registration and state dump, bad input, and an engine that
+stops answering health checks and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import nats
+import pytest
+from aiohttp import web
+
+from gateway.natsd import free_port
+from router.hashing import block_hashes
+from router.protocol import (
+    AllBlocksCleared,
+    BlockStored,
+    KvEventBatch,
+    KvStateDump,
+    StateDumpRequest,
+    Subjects,
+    decode,
+    encode,
+)
+from tests.engines.bridge.conftest import BusTap, registered, running_bridge
+from tests.engines.bridge.engine_wire import TOKENS, WORKER, B, EnginePublisher, map_batch, stored
+from tests.serving import serving
+
+
+async def test_registration_dump_and_bad_input(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    subjects = Subjects(namespace)
+    ours = block_hashes(TOKENS, B)
+    async with running_bridge(engine, nats_url, namespace, replay=False, engine="sglang") as bridge:
+        kv = await tap.nc.jetstream().key_value(subjects.registry_bucket)
+        registration = await registered(kv, WORKER)
+        assert (registration.engine, registration.block_size, registration.url) == (
+            "sglang",
+            B,
+            "http://127.0.0.1:9",
+        )
+        assert registration.model == "meta-llama/Llama-3.1-8B-Instruct"
+
+        await engine.pub.send_multipart([b"kv-events", b"\x00"])  # not 3 frames
+        await engine.send(b"\xc1 not msgpack")
+        await engine.send(map_batch(stored([1], None, TOKENS[:B]), stored([2], 1, TOKENS[B : 3 * B])))
+        await engine.send(map_batch(stored([5, 6], None, TOKENS[: 2 * B], medium="CPU")))
+        # The second event has 2 blocks of tokens for 1 hash: skipped, the first kept.
+        assert await tap.events(2) == [
+            BlockStored([ours[0]], None, "device"),
+            BlockStored(ours[:2], None, "host"),
+        ]
+        assert bridge.malformed == 3
+
+        reply = await tap.nc.request(subjects.dump(WORKER), encode(StateDumpRequest("test")), timeout=5)
+        dump = decode(reply.data, KvStateDump)
+        assert dump.epoch == registration.epoch
+        assert {(b.block_hash, b.parent_hash, b.tier) for b in dump.blocks} == {
+            (ours[0], None, "device"),
+            (ours[0], None, "host"),
+            (ours[1], ours[0], "host"),
+        }
+        # The stream the gateway replays from holds what the tap saw.
+        last = await tap.nc.jetstream().get_last_msg(subjects.kv_stream, subjects.kv(WORKER))
+        assert decode(last.data, KvEventBatch).events[-1] == BlockStored(ours[:2], None, "host")
+    # A clean stop removes the worker from the registry.
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await kv.get(WORKER)
+
+
+async def test_an_engine_that_stops_answering_leaves_the_bus_and_comes_back(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+) -> None:
+    """3 failed health checks (0.2 s apart): deregistered and its blocks cleared; answering again:
+    registered again, with no blocks until it stores new ones."""
+
+    async def ok(_request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    health = web.Application()
+    health.router.add_get("/health", ok)
+    port = free_port()
+    engine_server = contextlib.AsyncExitStack()  # the engine's /health, stopped and served again
+    await engine_server.enter_async_context(serving(health, port))
+    nc = await nats.connect(nats_url)
+
+    async def registered() -> bool:
+        try:  # the bucket appears with the bridge
+            kv = await nc.jetstream().key_value(Subjects(namespace).registry_bucket)
+            return (await kv.get(WORKER)).value is not None
+        except Exception:
+            return False
+
+    async def until(want: bool, timeout_s: float) -> float:
+        started = time.monotonic()
+        while await registered() != want:
+            assert time.monotonic() - started < timeout_s, f"registered should be {want}"
+            await asyncio.sleep(0.05)
+        return time.monotonic() - started
+
+    try:
+        async with running_bridge(
+            engine, nats_url, namespace, replay=False, url=f"http://127.0.0.1:{port}",
+            health_interval_s=0.2, heartbeat_s=0.2,
+        ) as bridge:  # fmt: skip
+            await until(True, 30)
+            await engine.send(map_batch(stored([1], None, TOKENS[:B])))
+            assert len(await tap.events(1)) == 1
+            await engine_server.aclose()  # the engine is gone: connections closed, then refused
+            # Out of the pick after 3 failed checks (here 3 x 0.2 s), deleted by the bridge: a registry
+            # entry left to lapse would stay 60 s. 30 s leaves a loaded machine room.
+            await until(False, 30)
+            assert bridge.engine_down and await tap.events(1) == [AllBlocksCleared()]
+            await engine_server.enter_async_context(serving(health, port))
+            await until(True, 30)
+            assert not bridge.engine_down and bridge.translator.cached_blocks() == []
+    finally:
+        await nc.close()
+        await engine_server.aclose()
