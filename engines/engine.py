@@ -13,7 +13,7 @@ from operator import attrgetter
 import msgspec
 
 from engines.block_manager import BlockManager
-from engines.runner import ModelRunner, SamplingParams, ScheduledChunk
+from engines.runner import ModelRunner, SamplingParams, ScheduledChunk, TieredModelRunner
 from engines.scheduler import Scheduler
 from engines.sequence import Sequence, SequenceStatus
 from router.hashing import DEFAULT_BLOCK_SIZE, hash_seed
@@ -111,8 +111,11 @@ class Engine:
         self.runner = runner
         self.clock = clock
         self.on_kv_events = on_kv_events
-        if config.host_blocks and not hasattr(runner, "copy_blocks"):
-            raise ValueError("a host tier needs a runner that copies blocks (copy_blocks)")
+        self._copier: TieredModelRunner | None = None  # the runner, when a host tier needs its copies
+        if config.host_blocks:
+            if not isinstance(runner, TieredModelRunner):
+                raise ValueError("a host tier needs a runner that copies blocks (copy_blocks)")
+            self._copier = runner
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, clock, config.max_pinned_blocks, config.host_blocks
         )
@@ -261,12 +264,12 @@ class Engine:
     def _run_copies(self) -> float | None:
         """The host tier's copies the scheduler decided; their modelled seconds, if modelled."""
         bm = self.block_manager
-        if bm.host is None:
+        if bm.host is None or self._copier is None:
             return None
         copies = bm.take_copies()
         if not copies:
             return None
-        return self.runner.copy_blocks(copies.offloads, copies.onboards)  # type: ignore[attr-defined]
+        return self._copier.copy_blocks(copies.offloads, copies.onboards)
 
     def _after_step(
         self, scheduled: list[tuple[Sequence, int]], sampled: list[int | None], outputs: list[RequestOutput]

@@ -8,7 +8,7 @@ are two runners behind the same scheduler and block manager.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -63,8 +63,10 @@ class ModelRunner(Protocol):
         ...
 
 
+@runtime_checkable
 class TieredModelRunner(ModelRunner, Protocol):
-    """A runner behind an engine with a host tier: it also copies KV blocks between tiers."""
+    """A runner behind an engine with a host tier: it also copies KV blocks between tiers (an engine
+    checks for it with `isinstance` when it is given a host tier)."""
 
     def copy_blocks(self, offloads: list[tuple[int, int]], onboards: list[tuple[int, int]]) -> float | None:
         """Run the step's copies before its compute, in this order: `offloads` (device block, host slot)

@@ -219,3 +219,26 @@ def test_an_engine_load_becomes_the_load_report_the_worker_publishes() -> None:
     load = EngineLoad(2, 3, 400, 50, 64, 9000.0, 120.0, host_blocks=256)
     assert load.report("w0", 12.5) == LoadReport("w0", 12.5, 2, 3, 400, 50, 64, 9000.0, 120.0, 256)
     assert load.report("w0", 12.5, decode_tok_s=80.0).decode_tok_s == 80.0
+
+
+class UntieredRunner:
+    """A runner with no `copy_blocks`: a model that cannot move KV between tiers."""
+
+    reads_token_ids = False
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    def execute(self, chunks: object) -> list[int | None]:
+        raise AssertionError("not run")
+
+    def step_time_s(self, chunks: object, kv_usage: float) -> float | None:
+        raise AssertionError("not run")
+
+
+def test_a_host_tier_needs_a_runner_that_copies_blocks() -> None:
+    config = EngineConfig(num_blocks=8, block_size=4, host_blocks=8)
+    with pytest.raises(ValueError, match="copy_blocks"):
+        Engine(config, UntieredRunner(8, 4))
+    Engine(config, MockRunner(8, 4))  # the mock models its copies
+    Engine(EngineConfig(num_blocks=8, block_size=4), UntieredRunner(8, 4))  # no host tier: no copies
