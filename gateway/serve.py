@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import signal
 import sys
 import uuid
@@ -27,6 +28,7 @@ from router.policies import POLICIES
 log = logging.getLogger("kvgate.gateway")
 
 MAX_ROUTER_CONFIG_BYTES = 1 << 20  # a JSON object of a few dozen tunables; anything near this is a wrong file
+DEFAULT_WORKER_STALE_AFTER_S = 3.0  # three missed heartbeats (workers send one a second)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +115,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_router_arguments(parser: argparse.ArgumentParser) -> None:
-    """The router's tunables (router/config.py `RouterConfig`); `kvgate up` takes them too."""
+    """The router's tunables (router/config.py `RouterConfig`) and its workers' staleness; `kvgate up`
+    takes them too."""
+    parser.add_argument(
+        "--worker-stale-after-s",
+        type=float,
+        default=DEFAULT_WORKER_STALE_AFTER_S,
+        help="seconds without a worker's heartbeat (one a second) before it leaves the pick with its "
+        "blocks; raise it where a loaded host can stall a live worker's heartbeat",
+    )
     parser.add_argument(
         "--router-config",
         metavar="FILE",
@@ -129,7 +139,8 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class RouterConfigError(Exception):
-    """A router config file or override the gateway cannot use; the message is one line naming it."""
+    """A router setting the gateway cannot use (a config file, an override, a tenant, the workers'
+    staleness); the message is one line naming it."""
 
 
 def load_router_config(path: str | None, overrides: Sequence[str] = ()) -> RouterConfig:
@@ -148,6 +159,14 @@ def load_router_config(path: str | None, overrides: Sequence[str] = ()) -> Route
 
 def router_config_from(args: argparse.Namespace) -> RouterConfig:
     return load_router_config(args.router_config, args.router_set)
+
+
+def worker_stale_after_s(args: argparse.Namespace) -> float:
+    """--worker-stale-after-s, checked: a positive, finite number of seconds."""
+    value: float = args.worker_stale_after_s
+    if not math.isfinite(value) or value <= 0:
+        raise RouterConfigError(f"--worker-stale-after-s must be a positive number of seconds, not {value}")
+    return value
 
 
 def _read_object(path: str) -> dict[str, Any]:
@@ -228,6 +247,7 @@ def config_from(args: argparse.Namespace, router_config: RouterConfig) -> Gatewa
         first_byte_timeout_s=args.first_byte_timeout_s,
         failure_backoff_s=args.failure_backoff_s,
         prompt_cache_bytes=max(1, int(args.prompt_cache_mb * 2**20)),
+        stale_after_s=worker_stale_after_s(args),
         snapshot_interval_s=args.snapshot_interval_s,
         gateway_id=f"gateway-{uuid.uuid4().hex[:8]}",
         router_config=router_config,

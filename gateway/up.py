@@ -38,6 +38,7 @@ from gateway.serve import (
     router_config_from,
     serve,
     tune_gc_for_serving,
+    worker_stale_after_s,
 )
 from kvutil.bus_auth import BusAuth, BusAuthError, add_bus_arguments, bus_auth_from, redact_url
 from router.config import RouterConfig
@@ -300,7 +301,9 @@ def _banner(url: str, model: str, args: argparse.Namespace, bus: BusPlan) -> str
     )
 
 
-async def _main(args: argparse.Namespace, bus: BusPlan, router_config: RouterConfig) -> int:
+async def _main(
+    args: argparse.Namespace, bus: BusPlan, router_config: RouterConfig, stale_after_s: float
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -309,7 +312,7 @@ async def _main(args: argparse.Namespace, bus: BusPlan, router_config: RouterCon
     config = GatewayConfig(
         nats_url=bus.url, bus_auth=bus.gateway, namespace=args.namespace, policy=args.policy,
         api_keys=tuple(args.api_keys), max_inflight_per_worker=args.max_inflight_per_worker,
-        gateway_id="gateway-up", router_config=router_config,
+        gateway_id="gateway-up", router_config=router_config, stale_after_s=stale_after_s,
     )  # fmt: skip
     supervisor.start()
     gateway = asyncio.create_task(serve(config, args.host, args.port, stop))
@@ -353,6 +356,7 @@ def _port_taken(host: str, port: int) -> str | None:
 def run(args: argparse.Namespace) -> int:
     try:  # before anything starts: a bad file must not leave NATS and workers behind
         router_config = router_config_from(args)
+        stale_after_s = worker_stale_after_s(args)
     except RouterConfigError as exc:
         print(f"kvgate up: {exc}", file=sys.stderr)
         return 2
@@ -372,6 +376,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvgate up: {exc}", file=sys.stderr)
         return 1
     try:
-        return asyncio.run(_main(args, bus, router_config))
+        return asyncio.run(_main(args, bus, router_config, stale_after_s))
     finally:
         bus.close()

@@ -18,6 +18,8 @@ from gateway.natsd import free_port
 ROOT = Path(__file__).resolve().parents[1]
 # generous for a loaded 2-core box; a `kvgate up` that is not up by then fails its test, not hangs it
 READY_TIMEOUT_S = 120.0
+# a live worker's heartbeat can lag a few seconds under load: not dropped for it (ARGS may override)
+STALE = ["--worker-stale-after-s", "10"]
 
 
 @contextlib.contextmanager
@@ -28,7 +30,7 @@ def running_kvgate_up(
     port = free_port()
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "up", *args, "--port", str(port)],
+        [sys.executable, "-m", "gateway.cli", "up", *STALE, *args, "--port", str(port)],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
     )  # fmt: skip
     # its whole process group: the workers and NATS hold its stdout too, so only then does it close

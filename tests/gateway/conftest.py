@@ -20,6 +20,11 @@ from gateway.natsd import free_port
 API_KEY = "test-key"
 
 
+# A live worker's heartbeat (one a second) can lag a few seconds on a loaded 2-core CI box; the default 3 s
+# would drop it mid-test. 10 s still drops a killed worker well within the tests' bounds (30 s and more).
+WORKER_STALE_AFTER_S = "10"
+
+
 def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """(status, parsed JSON or None); status 0 when nothing answers (refused, or silent for 30 s: a
     process busy on a loaded machine may take seconds to answer, and is not gone for it)."""
@@ -107,7 +112,9 @@ class Cluster:
             str(port),
             "--namespace",
             self.namespace,
-            *extra,
+            "--worker-stale-after-s",
+            WORKER_STALE_AFTER_S,
+            *extra,  # later flags win: a test may set its own staleness
         ]
         self.gateway = Proc(argv, f"http://127.0.0.1:{port}", self.tmp / "gateway.log")
         return self.gateway

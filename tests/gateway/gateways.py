@@ -13,6 +13,7 @@ from gateway.app import Gateway
 from gateway.config import GatewayConfig
 from router.protocol import KvStateDump, StateDumpRequest, Subjects, decode, encode
 from router.snapshot import build_snapshot
+from tests.gateway.conftest import WORKER_STALE_AFTER_S
 from tests.polling import until
 from tests.serving import serving
 
@@ -50,6 +51,7 @@ class RunningGateway:
 async def running_gateway(
     nats_url: str, namespace: str, gateway_id: str, **config: Any
 ) -> AsyncIterator[RunningGateway]:
+    config.setdefault("stale_after_s", float(WORKER_STALE_AFTER_S))
     gateway = Gateway(GatewayConfig(nats_url=nats_url, namespace=namespace, gateway_id=gateway_id, **config))
     async with serving(gateway.app(), handler_cancellation=True, access_log=None) as url:
         yield RunningGateway(gateway, url)

@@ -121,7 +121,7 @@ async def test_a_nats_restart_under_load_loses_no_request_and_the_index_resyncs(
                 cluster.worker(wid, "mock", "--speedup", "200", "--num-blocks", "256")
             for proc in cluster.workers.values():
                 await asyncio.to_thread(proc.wait_http, "/health", 60.0)
-            async with running_gateway(server.url, namespace, "gw-outage") as gw:
+            async with running_gateway(server.url, namespace, "gw-outage", stale_after_s=3.0) as gw:
                 await gw.wait_ready(workers=len(WORKERS))
                 await outage(server, gw, Subjects(namespace))
         finally:
@@ -136,7 +136,7 @@ async def outage(server: NatsServer, gw: RunningGateway, subjects: Subjects) -> 
         await served_more_than(statuses, 0)  # traffic flows
         served_before = len(statuses)
         await asyncio.to_thread(server.stop)
-        await asyncio.sleep(4.0)  # past the heartbeat timeout: the workers must stay in the view
+        await asyncio.sleep(4.0)  # past the heartbeat timeout (3 s): the workers must stay in the view
         await served_more_than(statuses, served_before)  # and requests are served without NATS
         status, ready = await gw.get("/ready")
         assert status == 200 and ready["degraded"] is True and ready["nats"] is False, ready

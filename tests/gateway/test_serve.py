@@ -16,6 +16,7 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.cli import build_parser
+from gateway.cli import main as kvgate_main
 from gateway.config import GatewayConfig
 from gateway.natsd import free_port
 from gateway.serve import (
@@ -26,6 +27,7 @@ from gateway.serve import (
     load_router_config,
     router_config_from,
     serve,
+    worker_stale_after_s,
 )
 from router.config import RouterConfig
 from tests.gateway.conftest import Cluster, http_get
@@ -71,6 +73,26 @@ def test_up_takes_the_same_options(tmp_path: Path) -> None:
     path = write(tmp_path, '{"session_admission": true}')
     args = build_parser().parse_args(["up", "--router-config", path, "--router-set", "pin_min_s=1"])
     assert router_config_from(args) == RouterConfig(session_admission=True, pin_min_s=1.0)
+
+
+def test_worker_staleness_reaches_the_bus_and_the_index_recovery() -> None:
+    args = build_parser().parse_args(["gateway", "--nats", "nats://127.0.0.1:4222"])
+    assert config_from(args, RouterConfig()).stale_after_s == 3.0  # three missed heartbeats
+    args = build_parser().parse_args(["gateway", "--nats", "nats://n:4222", "--worker-stale-after-s", "12.5"])
+    gateway = Gateway(config_from(args, RouterConfig()))
+    assert (gateway.bus.stale_after_s, gateway.replication.stale_after_s) == (12.5, 12.5)
+    assert worker_stale_after_s(build_parser().parse_args(["up", "--worker-stale-after-s", "20"])) == 20.0
+
+
+@pytest.mark.parametrize("command", ["gateway", "up"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_bad_worker_staleness_is_one_line_and_status_2(
+    command: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [command, "--nats", "nats://127.0.0.1:1", f"--worker-stale-after-s={value}"]
+    assert kvgate_main(argv) == 2  # before anything starts (`up`: no NATS, no workers)
+    problem = f"--worker-stale-after-s must be a positive number of seconds, not {float(value)}"
+    assert capsys.readouterr().err == f"kvgate {command}: {problem}\n"
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from router.protocol import BlockRemoved, KvEventBatch, Subjects, decode
 from tests.engines.bridge.conftest import registered, running_bridge
 from tests.engines.bridge.engine_wire import WORKER, B, EnginePublisher, map_batch, stored
 from tests.engines.vllm_events import VllmBlockRemoved
-from tests.gateway.conftest import Proc, http_get
+from tests.gateway.conftest import WORKER_STALE_AFTER_S, Proc, http_get
 from tests.polling import until
 
 
@@ -51,8 +51,9 @@ async def test_gateway_routes_on_bridged_engine_events(
         servers[name] = Proc(argv, f"http://127.0.0.1:{port}", tmp_path / f"{name}.log")
         engines[name] = EnginePublisher(zctx)
     port = free_port()
+    stale = ["--worker-stale-after-s", WORKER_STALE_AFTER_S]
     gateway = Proc(
-        ["gateway", "--nats", nats_url, "--port", str(port), "--namespace", namespace],
+        ["gateway", "--nats", nats_url, "--port", str(port), "--namespace", namespace, *stale],
         f"http://127.0.0.1:{port}",
         tmp_path / "gateway.log",
     )
