@@ -5,6 +5,7 @@ One module, so that the workers, the gateway, the bridge and the simulator canno
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Annotated, Literal, TypeVar
@@ -215,7 +216,6 @@ ReplicaNote = RoutePicked | RouteFirstToken | RouteDone | ReplicaAlive
 # --- encoding
 
 _encoder = msgspec.msgpack.Encoder()
-_decoders: dict[type, msgspec.msgpack.Decoder] = {}
 
 MessageT = TypeVar("MessageT", bound=msgspec.Struct)
 
@@ -224,13 +224,16 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
+@functools.cache
+def _decoder(message_type: type[MessageT]) -> msgspec.msgpack.Decoder[MessageT]:
+    """One decoder per message type, built on first use (a few message types, each reused)."""
+    return msgspec.msgpack.Decoder(message_type)
+
+
 def decode(data: bytes, message_type: type[MessageT]) -> MessageT:
     """Decode bus bytes as `message_type`; anything malformed raises `ProtocolError`."""
-    decoder = _decoders.get(message_type)
-    if decoder is None:
-        decoder = _decoders[message_type] = msgspec.msgpack.Decoder(message_type)
     try:
-        return decoder.decode(data)
+        return _decoder(message_type).decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"invalid {message_type.__name__}: {exc}") from exc
 
