@@ -78,6 +78,25 @@ class EngineBench:
         elapsed, outputs = self._until(lambda done: rid in done, {rid})
         return elapsed, outputs[rid]
 
+    def ttft_pair(self, prompt_tokens: int, cached_tokens: int) -> tuple[float, float, int]:
+        """TTFT of a fresh prompt, then of one whose first `cached_tokens` the device holds, and the
+        tokens the block manager served from cache for the latter."""
+        uncached, _ = self.ttft(self.tokens(prompt_tokens))
+        prefix = self.tokens(cached_tokens)
+        suffix = prompt_tokens - cached_tokens
+        self.ttft(prefix + self.tokens(suffix))  # caches the prefix
+        cached, hit = self.ttft(prefix + self.tokens(suffix))
+        return uncached, cached, hit
+
+    def ttft_host(self, prompt_tokens: int, cached_tokens: int) -> tuple[float, int]:
+        """TTFT of a prompt whose first `cached_tokens` wait on the host tier, and the tokens served."""
+        config = self.engine.config
+        prefix = self.tokens(cached_tokens)
+        suffix = prompt_tokens - cached_tokens
+        self.ttft(prefix + self.tokens(suffix))  # caches the prefix on the device
+        self.engine.offload(block_hashes(prefix, config.block_size, config.hash_seed))  # copies now, untimed
+        return self.ttft(prefix + self.tokens(suffix))
+
     def decode_rate(self, batch: int, context: int, steps: int) -> float:
         """Output tokens per second of `batch` sequences decoding `steps` tokens together, timed from
         the step after all their prefills."""
@@ -160,13 +179,18 @@ def resolve_sizes(args: argparse.Namespace) -> None:
         args.cached_tokens = (args.prompt_tokens - NEW_TOKENS) // args.block_size * args.block_size
 
 
-def measure(args: argparse.Namespace) -> dict[str, object]:
-    resolve_sizes(args)
-    block = args.block_size
-    if args.cached_tokens % block or not 0 < args.cached_tokens < args.prompt_tokens:
+def check_sizes(args: argparse.Namespace) -> None:
+    """ValueError, one line naming the flags, for sizes the bench cannot run."""
+    if args.cached_tokens % args.block_size or not 0 < args.cached_tokens < args.prompt_tokens:
         raise ValueError("--cached-tokens must be whole blocks, fewer than --prompt-tokens")
     if min(args.repeats, args.decode_steps, args.decode_context) < 1:
         raise ValueError("--repeats, --decode-steps and --decode-context must be positive")
+
+
+def measure(args: argparse.Namespace) -> dict[str, object]:
+    resolve_sizes(args)
+    check_sizes(args)
+    block = args.block_size
     # room for every prompt of one repeat alive at once, so that nothing the bench relies on is evicted
     per_prompt = -(-args.prompt_tokens // block) + 1
     per_decode = -(-(args.decode_context + args.decode_steps + 1) // block)
@@ -179,28 +203,12 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         max_num_batched_tokens=args.max_num_batched_tokens,
         host_blocks=host_blocks,
     )
-    engine = Engine(config, runner)
-    bench = EngineBench(engine, vocab)
-
-    def ttft_pair() -> tuple[float, float, int]:
-        uncached, _ = bench.ttft(bench.tokens(args.prompt_tokens))
-        prefix = bench.tokens(args.cached_tokens)
-        suffix = args.prompt_tokens - args.cached_tokens
-        bench.ttft(prefix + bench.tokens(suffix))  # caches the prefix
-        cached, hit = bench.ttft(prefix + bench.tokens(suffix))
-        return uncached, cached, hit
-
-    def ttft_host() -> tuple[float, int]:
-        prefix = bench.tokens(args.cached_tokens)
-        suffix = args.prompt_tokens - args.cached_tokens
-        bench.ttft(prefix + bench.tokens(suffix))  # caches the prefix on the device
-        engine.offload(block_hashes(prefix, block, config.hash_seed))  # copies run now, untimed
-        return bench.ttft(prefix + bench.tokens(suffix))
-
-    ttft_pair()  # warm-up: first calls pay allocation and kernel selection
+    bench = EngineBench(Engine(config, runner), vocab)
+    sizes = (args.prompt_tokens, args.cached_tokens)
+    bench.ttft_pair(*sizes)  # warm-up: first calls pay allocation and kernel selection
     bench.decode_rate(DECODE_BATCH, args.decode_context, 2)
-    pairs = [ttft_pair() for _ in range(args.repeats)]
-    onboarded = [ttft_host() for _ in range(args.repeats)]
+    pairs = [bench.ttft_pair(*sizes) for _ in range(args.repeats)]
+    onboarded = [bench.ttft_host(*sizes) for _ in range(args.repeats)]
     b1, b8 = [], []
     for _ in range(args.repeats):  # interleaved, so that a change in machine load hits both alike
         b1.append(bench.decode_rate(1, args.decode_context, args.decode_steps))

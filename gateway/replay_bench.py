@@ -150,38 +150,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     with NatsServer() as server:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
-        await js.add_stream(
-            api.StreamConfig(
-                name=subjects.kv_stream,
-                subjects=[subjects.kv_all],
-                retention=api.RetentionPolicy.LIMITS,
-                discard=api.DiscardPolicy.OLD,
-                max_bytes=4 << 30,
-                storage=api.StorageType.FILE,
-            )
-        )
+        await _add_kv_stream(js, subjects)
         workload = Workload(args.workers, args.batch_blocks, args.seed)
-        old = Router()
-        registry = await js.create_key_value(bucket=subjects.registry_bucket, history=1)
-        for wid in workload.workers:
-            registration = WorkerRegistration(
-                wid, "http://127.0.0.1:1", "m", 16, 1 << 16, "mock", 1, time.time()
-            )
-            await registry.put(wid, encode(registration))
-            old.add_worker(registration, 0.0)
-        pending = workload.batches(args.blocks)
-        if args.churn > 0:  # interleaved: evictions happen all along, not after the index is built
-            churn = workload.churn(int(args.churn * args.blocks))
-            every = max(1, len(pending) // max(1, len(churn)))
-            per = max(1, -(-len(churn) * every // len(pending)))
-            mixed = []
-            for i, item in enumerate(pending):
-                mixed.append(item)
-                if i % every == 0:
-                    mixed.extend(churn[:per])
-                    del churn[:per]
-            pending = mixed + churn
-        batches = workload.numbered(pending)
+        old = await _registered_router(js, subjects, workload)
+        batches = workload.numbered(_with_churn(workload, args.blocks, args.churn))
         for batch in batches:
             old.apply_kv_batch(batch, 0.0)
         snapshot_seq = await publish(js, subjects, batches)
@@ -219,6 +191,48 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "goal_met": catchup_s <= GOAL_CATCHUP_S,
         "agree": agree(old, caught_up, probes) and agree(old, replayed, probes),
     }
+
+
+async def _add_kv_stream(js: Any, subjects: Subjects) -> None:
+    await js.add_stream(
+        api.StreamConfig(
+            name=subjects.kv_stream,
+            subjects=[subjects.kv_all],
+            retention=api.RetentionPolicy.LIMITS,
+            discard=api.DiscardPolicy.OLD,
+            max_bytes=4 << 30,
+            storage=api.StorageType.FILE,
+        )
+    )
+
+
+async def _registered_router(js: Any, subjects: Subjects, workload: Workload) -> Router:
+    """The workers registered on the bus, and a router that knows them (the index to recover)."""
+    router = Router()
+    registry = await js.create_key_value(bucket=subjects.registry_bucket, history=1)
+    for wid in workload.workers:
+        registration = WorkerRegistration(wid, "http://127.0.0.1:1", "m", 16, 1 << 16, "mock", 1, time.time())
+        await registry.put(wid, encode(registration))
+        router.add_worker(registration, 0.0)
+    return router
+
+
+def _with_churn(workload: Workload, blocks: int, churn_fraction: float) -> list[tuple[str, list[KvEvent]]]:
+    """`blocks` stored, with `churn_fraction` of them in evictions interleaved all along (not after
+    the index is built)."""
+    pending = workload.batches(blocks)
+    if churn_fraction <= 0:
+        return pending
+    churn = workload.churn(int(churn_fraction * blocks))
+    every = max(1, len(pending) // max(1, len(churn)))
+    per = max(1, -(-len(churn) * every // len(pending)))
+    mixed = []
+    for i, item in enumerate(pending):
+        mixed.append(item)
+        if i % every == 0:
+            mixed.extend(churn[:per])
+            del churn[:per]
+    return mixed + churn
 
 
 async def _recover(url: str, subjects: Subjects, last: int, use_snapshot: bool) -> tuple[float, Router]:

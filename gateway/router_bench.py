@@ -152,76 +152,16 @@ def ingest(router: Router, batches: list[bytes], now: float) -> None:
 
 def measure(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random(args.seed)
-    bs = args.block_size
-    chain_blocks = args.prompt_tokens // bs
+    chain_blocks = args.prompt_tokens // args.block_size
     corpus = Corpus(args.workers, args.blocks, chain_blocks, rng)
-    build_batches, build_events = corpus.build()
-
-    router = Router(policy=args.policy, seed=args.seed)
-    for w in corpus.workers:
-        router.add_worker(WorkerRegistration(w, f"http://{w}", "bench", bs, 1 << 16, "bench", 1, 0.0), 0.0)
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    ingest(router, build_batches, 0.0)
-    index_bytes = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    del build_batches
+    router, build_events, index_bytes = _built_router(args, corpus)
     entries = len(router.index)
     pairs = sum(router.index.blocks_of(w) for w in corpus.workers)
-
-    wall_rates, cpu_rates = [], []
-    for _ in range(3):  # three rounds, the median reported: one preemption should not decide it
-        churn_batches, churn_events = corpus.churn(rng, min(512, chain_blocks - SYSTEM_BLOCKS))
-        t0, c0 = time.perf_counter(), time.thread_time()
-        ingest(router, churn_batches, 1.0)
-        wall_rates.append(churn_events / (time.perf_counter() - t0))
-        cpu_rates.append(churn_events / max(time.thread_time() - c0, 1e-9))
-        del churn_batches
-
-    def report_load(now: float) -> None:  # workers report at 10 Hz: fresh reports, as in a live gateway
-        for w in corpus.workers:
-            active = rng.randrange(8192)
-            report = LoadReport(w, now, rng.randrange(4), rng.randrange(4), active, 0, 1 << 16, 3e4, 1e3)
-            router.apply_load(report, now)
-
-    report_load(1.0)
-
-    # hashing: a fresh prompt, and a session's next turn of 1,024 tokens on a prompt of that size
-    tokens = [rng.randrange(50_000) for _ in range(args.prompt_tokens)]
-    hash_us, _ = timed_us(lambda i: block_hashes(tokens, bs), max(20, args.iterations // 10))
-    turn = [rng.randrange(50_000) for _ in range(1024)]
-    hasher = PrefixHasher(bs)
-    hasher.extend(tokens)
-    inc_us, inc_cpu = timed_us(
-        lambda i: hasher.extend(turn), args.iterations, lambda i: hasher.truncate(len(tokens), tokens)
-    )
-
-    # routing: the next turn of a known session (all but its last 1,024 tokens cached somewhere)
-    fresh = 1024 // bs
-    requests = []
-    for i in range(256):
-        chain, _ = corpus.sessions[rng.randrange(len(corpus.sessions))]
-        prompt = chain[: chain_blocks - fresh] + [rng.getrandbits(64) for _ in range(fresh)]
-        requests.append((f"s{i}", prompt))
-    clock = [2.0]
-
-    def route(i: int) -> None:
-        sid, prompt = requests[i % len(requests)]
-        router.pick(RouteRequest(f"r{i}", "bench", prompt, args.prompt_tokens, sid, 256), clock[0])
-
-    def settle(i: int) -> None:
-        if i:
-            router.on_first_token(f"r{i - 1}", clock[0])
-            router.on_complete(f"r{i - 1}", clock[0], "tool_calls", 256)
-        clock[0] += 0.001
-        if i % 100 == 0:
-            report_load(clock[0])
-
-    timed_us(route, len(requests), settle)  # warm-up: every session known once
-    route_us, route_cpu = timed_us(
-        lambda i: route(i + len(requests)), args.iterations, lambda i: settle(i + len(requests))
-    )
+    wall_rates, cpu_rates = _ingest_rates(router, corpus, rng, chain_blocks)
+    _report_load(router, corpus.workers, rng, 1.0)
+    hash_us, inc_us, inc_cpu = _hash_timings(args, rng)
+    route_us, route_cpu = _route_timings(args, router, corpus, rng, chain_blocks)
+    bs = args.block_size
 
     return {
         "policy": args.policy,
@@ -248,6 +188,92 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         "index_bytes_per_held_block": round(index_bytes / max(1, pairs), 1),
         "entry": "a distinct block hash on one tier: its worker bitmask and its parent->child link",
     }
+
+
+def _built_router(args: argparse.Namespace, corpus: Corpus) -> tuple[Router, int, int]:
+    """A router over the corpus's workers with every block ingested: (router, events, index bytes)."""
+    build_batches, build_events = corpus.build()
+    router = Router(policy=args.policy, seed=args.seed)
+    for w in corpus.workers:
+        registration = WorkerRegistration(
+            w, f"http://{w}", "bench", args.block_size, 1 << 16, "bench", 1, 0.0
+        )
+        router.add_worker(registration, 0.0)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    ingest(router, build_batches, 0.0)
+    index_bytes = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return router, build_events, index_bytes
+
+
+def _ingest_rates(
+    router: Router, corpus: Corpus, rng: random.Random, chain_blocks: int
+) -> tuple[list[float], list[float]]:
+    """Churn events per wall second and per CPU second, one of each per round."""
+    wall_rates, cpu_rates = [], []
+    for _ in range(3):  # three rounds, the median reported: one preemption should not decide it
+        churn_batches, churn_events = corpus.churn(rng, min(512, chain_blocks - SYSTEM_BLOCKS))
+        t0, c0 = time.perf_counter(), time.thread_time()
+        ingest(router, churn_batches, 1.0)
+        wall_rates.append(churn_events / (time.perf_counter() - t0))
+        cpu_rates.append(churn_events / max(time.thread_time() - c0, 1e-9))
+        del churn_batches
+    return wall_rates, cpu_rates
+
+
+def _report_load(router: Router, workers: list[str], rng: random.Random, now: float) -> None:
+    """Every worker's load report (they report at 10 Hz: fresh reports, as in a live gateway)."""
+    for w in workers:
+        active = rng.randrange(8192)
+        report = LoadReport(w, now, rng.randrange(4), rng.randrange(4), active, 0, 1 << 16, 3e4, 1e3)
+        router.apply_load(report, now)
+
+
+def _hash_timings(
+    args: argparse.Namespace, rng: random.Random
+) -> tuple[list[float], list[float], list[float]]:
+    """A fresh prompt's hashing (us), and a session's next turn of 1,024 tokens on a prompt of that
+    size (us, CPU us)."""
+    bs = args.block_size
+    tokens = [rng.randrange(50_000) for _ in range(args.prompt_tokens)]
+    hash_us, _ = timed_us(lambda i: block_hashes(tokens, bs), max(20, args.iterations // 10))
+    turn = [rng.randrange(50_000) for _ in range(1024)]
+    hasher = PrefixHasher(bs)
+    hasher.extend(tokens)
+    inc_us, inc_cpu = timed_us(
+        lambda i: hasher.extend(turn), args.iterations, lambda i: hasher.truncate(len(tokens), tokens)
+    )
+    return hash_us, inc_us, inc_cpu
+
+
+def _route_timings(
+    args: argparse.Namespace, router: Router, corpus: Corpus, rng: random.Random, chain_blocks: int
+) -> tuple[list[float], list[float]]:
+    """The next turn of a known session (all but its last 1,024 tokens cached somewhere): us, CPU us."""
+    fresh = 1024 // args.block_size
+    requests = []
+    for i in range(256):
+        chain, _ = corpus.sessions[rng.randrange(len(corpus.sessions))]
+        prompt = chain[: chain_blocks - fresh] + [rng.getrandbits(64) for _ in range(fresh)]
+        requests.append((f"s{i}", prompt))
+    clock = [2.0]
+
+    def route(i: int) -> None:
+        sid, prompt = requests[i % len(requests)]
+        router.pick(RouteRequest(f"r{i}", "bench", prompt, args.prompt_tokens, sid, 256), clock[0])
+
+    def settle(i: int) -> None:
+        if i:
+            router.on_first_token(f"r{i - 1}", clock[0])
+            router.on_complete(f"r{i - 1}", clock[0], "tool_calls", 256)
+        clock[0] += 0.001
+        if i % 100 == 0:
+            _report_load(router, corpus.workers, rng, clock[0])
+
+    timed_us(route, len(requests), settle)  # warm-up: every session known once
+    return timed_us(lambda i: route(i + len(requests)), args.iterations, lambda i: settle(i + len(requests)))
 
 
 def run(args: argparse.Namespace) -> int:

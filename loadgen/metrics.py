@@ -104,17 +104,7 @@ def summarize(
     measured = [r for r in requests if not r.warmup]
     done = [r for r in measured if r.ok]
     failed = [r for r in measured if not r.ok]
-    ttft = np.array([r.ttft for r in done if r.ttft is not None])
-    e2e = np.array([r.e2e for r in done if r.e2e is not None])
-    itl_arr = np.asarray(itl, dtype=float)
     window = max(r.end for r in measured) - min(r.start for r in measured) if measured else 0.0
-    output_tokens = sum(r.output_tokens for r in done)
-    with_usage = [r for r in done if r.prompt_tokens]
-    prompt_tokens = sum(r.prompt_tokens or 0 for r in with_usage)
-    cached_tokens = sum(r.cached_tokens or 0 for r in with_usage)
-    host_cached_tokens = sum(r.host_cached_tokens for r in with_usage)
-    finished = [s for s in sessions if s.completed]
-    session_time = np.array([s.end - s.start for s in finished])
     summary: dict[str, Any] = {
         "requests": len(measured),
         "completed": len(done),
@@ -124,6 +114,20 @@ def summarize(
         "duration_s": round(window, 3),
         "wall_s": round(wall_s, 3),
         "request_rate": round(len(done) / window, 3) if window > 0 else 0.0,
+        **_latencies(done, itl),
+        **_tokens(done, window),
+        **_sessions(sessions, sessions_started),
+    }
+    if extra:
+        summary.update(extra)
+    return summary
+
+
+def _latencies(done: Sequence[RequestRecord], itl: Sequence[float]) -> dict[str, Any]:
+    ttft = np.array([r.ttft for r in done if r.ttft is not None])
+    e2e = np.array([r.e2e for r in done if r.e2e is not None])
+    itl_arr = np.asarray(itl, dtype=float)
+    return {
         "ttft_mean_ms": round(float(ttft.mean()) * 1e3, 3) if len(ttft) else None,
         "ttft_p50_ms": _pct(ttft, 50, 1e3),
         "ttft_p90_ms": _pct(ttft, 90, 1e3),
@@ -134,6 +138,16 @@ def summarize(
         "e2e_p50_ms": _pct(e2e, 50, 1e3),
         "e2e_p90_ms": _pct(e2e, 90, 1e3),
         "e2e_p99_ms": _pct(e2e, 99, 1e3),
+    }
+
+
+def _tokens(done: Sequence[RequestRecord], window: float) -> dict[str, Any]:
+    output_tokens = sum(r.output_tokens for r in done)
+    with_usage = [r for r in done if r.prompt_tokens]
+    prompt_tokens = sum(r.prompt_tokens or 0 for r in with_usage)
+    cached_tokens = sum(r.cached_tokens or 0 for r in with_usage)
+    host_cached_tokens = sum(r.host_cached_tokens for r in with_usage)
+    return {
         "output_tokens": output_tokens,
         "output_tok_s": round(output_tokens / window, 3) if window > 0 else 0.0,
         "prompt_tokens": prompt_tokens,
@@ -148,15 +162,19 @@ def summarize(
         if prompt_tokens
         else None,
         "host_cache_hit_rate": round(host_cached_tokens / prompt_tokens, 4) if prompt_tokens else None,
+    }
+
+
+def _sessions(sessions: Sequence[SessionRecord], sessions_started: int) -> dict[str, Any]:
+    finished = [s for s in sessions if s.completed]
+    session_time = np.array([s.end - s.start for s in finished])
+    return {
         "sessions": sessions_started,
         "sessions_completed": len(finished),
         "session_time_p50_s": _pct(session_time, 50),
         "session_time_p90_s": _pct(session_time, 90),
         "turns_per_session_mean": round(float(np.mean([s.turns for s in sessions])), 3) if sessions else None,
     }
-    if extra:
-        summary.update(extra)
-    return summary
 
 
 def running_figures(recorder: Recorder) -> dict[str, float | None]:
