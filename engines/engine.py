@@ -209,6 +209,10 @@ class Engine:
     def cached_blocks(self) -> list[CachedBlock]:
         return self.block_manager.cached_blocks()
 
+    @property
+    def has_host_tier(self) -> bool:
+        return self.block_manager.host is not None
+
     # --- the step
 
     def step(self) -> StepResult:

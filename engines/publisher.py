@@ -25,8 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from engines.engine import Engine
-from engines.loop import EngineLoop
+from engines.published_loop import PublishedLoop
 from kvutil.bus_auth import BusAuth, redact_url
 from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import (
@@ -57,7 +56,7 @@ class Publisher:
         self,
         nats_url: str,
         subjects: Subjects,
-        loop: EngineLoop,
+        loop: PublishedLoop,
         registration: Callable[[], WorkerRegistration],
         *,
         auth: BusAuth | None = None,
@@ -291,9 +290,9 @@ class Publisher:
             return
         ttl = min(max(hint.ttl_s, 0.0), 3600.0)
         host_ttl = min(max(hint.host_ttl_s, 0.0), 4 * 3600.0)
-        engine: Engine = self.loop.engine
+        engine = self.loop.engine
         await self.loop.call(lambda: engine.pin(hint.session_id, hint.block_hashes, ttl, host_ttl))
-        if engine.block_manager.host is not None and 0 < hint.prefetch_after_s <= 3600.0:
+        if engine.has_host_tier and 0 < hint.prefetch_after_s <= 3600.0:
             # one pending prefetch per session (bounded by the sessions pinned), replaced by a newer hint
             old = self._prefetches.pop(hint.session_id, None)
             if old is not None:

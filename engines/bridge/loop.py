@@ -97,7 +97,7 @@ class Bridge:
         self.publisher = Publisher(
             config.nats_url,
             Subjects(config.namespace),
-            self.remote,  # type: ignore[arg-type]  # the loop interface the Publisher drives
+            self.remote,
             self.registration,
             auth=config.bus_auth,
             load_interval_s=config.metrics_interval_s or LOAD_REPORTS_OFF_S,

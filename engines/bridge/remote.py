@@ -13,10 +13,12 @@ T = TypeVar("T")
 
 
 class RemoteEngine:
-    """The engine as `engines.publisher.Publisher` sees it (its `loop` and `loop.engine`), for an
-    engine in another process: the blocks the bridge translated, and the load scraped from /metrics.
+    """The engine as `engines.publisher.Publisher` sees it (its `loop` and `loop.engine`, the
+    protocols of `engines.published_loop`), for an engine in another process: the blocks the bridge
+    translated, and the load scraped from /metrics.
 
-    vLLM and SGLang take no pin hints, so pins are acknowledged and ignored.
+    vLLM and SGLang take no pin hints and have no host tier the bridge could fill ahead of a turn, so
+    pins are acknowledged and ignored, and there is nothing to prefetch.
     """
 
     def __init__(self, translator: EventTranslator) -> None:
@@ -29,8 +31,15 @@ class RemoteEngine:
     def engine(self) -> RemoteEngine:
         return self
 
+    @property
+    def has_host_tier(self) -> bool:
+        return False
+
     async def call(self, fn: Callable[[], T]) -> T:
         return fn()
+
+    async def prefetch(self, block_hashes: list[int]) -> None:
+        return None
 
     def load(self) -> EngineLoad:
         return self.latest
@@ -38,5 +47,5 @@ class RemoteEngine:
     def cached_blocks(self) -> list[CachedBlock]:
         return self.translator.cached_blocks()
 
-    def pin(self, session_id: str, block_hashes: list[int], ttl_s: float) -> int:
+    def pin(self, session_id: str, block_hashes: list[int], ttl_s: float, host_ttl_s: float = 0.0) -> int:
         return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 import nats
@@ -18,6 +19,7 @@ from router.protocol import (
     BlockStored,
     KvEventBatch,
     KvStateDump,
+    PinHint,
     StateDumpRequest,
     Subjects,
     decode,
@@ -119,3 +121,24 @@ async def test_an_engine_that_stops_answering_leaves_the_bus_and_comes_back(
     finally:
         await nc.close()
         await engine_server.aclose()
+
+
+async def test_pin_hints_are_acknowledged_and_ignored(
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vLLM and SGLang take no pins: a hint the gateway sends a bridged worker (a prefetch one too) is
+    dropped without an error, and the bridge goes on answering."""
+    subjects = Subjects(namespace)
+    ours = block_hashes(TOKENS[:B], B)
+    async with running_bridge(engine, nats_url, namespace, replay=False):
+        await engine.send(map_batch(stored([1], None, TOKENS[:B])))
+        assert await tap.events(1) == [BlockStored(ours, None, "device")]
+        hint = PinHint("session-1", ours, ttl_s=30.0, host_ttl_s=60.0, prefetch_after_s=0.5)
+        with caplog.at_level(logging.DEBUG, logger="kvgate.publisher"):
+            await tap.nc.publish(subjects.pin(WORKER), encode(hint))
+            # a dump request after the hint: answered once the hint is handled (one subscription)
+            reply = await tap.nc.request(subjects.dump(WORKER), encode(StateDumpRequest("test")), timeout=10)
+            handled = list(caplog.records)
+        assert [b.block_hash for b in decode(reply.data, KvStateDump).blocks] == ours
+    # a callback's exception would reach the publisher's NATS error callback (a DEBUG line)
+    assert not [r.getMessage() for r in handled if r.name == "kvgate.publisher"]
