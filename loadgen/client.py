@@ -17,6 +17,7 @@ from loadgen.workloads import Turn
 
 SESSION_HEADER = "x-session-id"
 TOOL_CALL_HEADER = "x-kvgate-tool-call"
+WORKER_HEADER = "x-kvgate-worker"  # a kvgate gateway names the worker it picked
 MAX_ERROR_BODY = 4096
 MAX_EVENT_BYTES = 16 << 20  # a server that never ends an event must not grow us without bound
 
@@ -68,6 +69,7 @@ class Outcome(msgspec.Struct):
     cached_tokens: int | None = None
     host_cached_tokens: int = 0
     finish_reason: str | None = None
+    worker: str | None = None  # the kvgate worker that served it (x-kvgate-worker); None elsewhere
     itl: list[float] = []  # gaps between successive token events
 
     @property
@@ -242,6 +244,7 @@ class StreamClient:
                 self.endpoint, data=self.body(turn), headers=self.headers(turn, session_id)
             ) as response:
                 outcome.status = response.status
+                outcome.worker = response.headers.get(WORKER_HEADER)
                 if response.status != 200:
                     body = await response.content.read(MAX_ERROR_BODY)
                     outcome.error = f"HTTP {response.status}: {_error_message(body)}"

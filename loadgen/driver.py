@@ -240,6 +240,7 @@ class Driver:
             cached_tokens=outcome.cached_tokens,
             host_cached_tokens=outcome.host_cached_tokens,
             finish_reason=outcome.finish_reason,
+            worker=outcome.worker,
             delay=delay,
             ready=ready,
             tool_result=turn.tool_result,

@@ -30,6 +30,7 @@ class RequestRecord(msgspec.Struct):
     cached_tokens: int | None = None
     host_cached_tokens: int = 0  # of cached_tokens, those a kvgate worker onboarded from its host tier
     finish_reason: str | None = None
+    worker: str | None = None  # the kvgate worker that served it (its x-kvgate-worker header)
     delay: float = 0.0  # think time applied after the previous turn's end
     ready: float = 0.0  # when the session was allowed to send it (previous end + delay)
     tool_result: bool = False

@@ -84,6 +84,7 @@ async def test_agentic_run_against_kvgate_up_writes_results_report_and_charts(
     rows = results["requests"]
     assert len(rows) == summary["requests"] + summary["warmup_requests"]
     assert all(r["ok"] and r["prompt_tokens"] > 0 for r in rows)
+    assert all(r["worker"] in ("worker-0", "worker-1") for r in rows)  # the gateway's x-kvgate-worker
     assert any(r["tool_result"] for r in rows) and results["sessions"]
     assert results["config"]["workload"] == "agentic" and results["config"]["model"] == "mock"
     report = (out / "report.md").read_text()

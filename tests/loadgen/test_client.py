@@ -46,7 +46,8 @@ async def test_sse_split_anywhere_with_crlf_and_comments_is_parsed(serve) -> Non
 
     async def handler(request: web.Request) -> web.StreamResponse:
         seen.append({"headers": dict(request.headers), "body": await request.json()})
-        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        headers = {"content-type": "text/event-stream", "x-kvgate-worker": "w7"}
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         stream = ": keep-alive\r\n\r\n" + _event({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
         stream += "".join(_event(_content(t)) for t in ("Hel", "lo", " world"))
@@ -65,6 +66,7 @@ async def test_sse_split_anywhere_with_crlf_and_comments_is_parsed(serve) -> Non
     assert outcome.ok, outcome.error
     assert outcome.text == "Hello world" and outcome.finish_reason == "stop"
     assert (outcome.prompt_tokens, outcome.output_tokens, outcome.cached_tokens) == (40, 3, 32)
+    assert outcome.worker == "w7"  # the worker a kvgate gateway names
     assert outcome.first_token is not None and outcome.start < outcome.first_token < outcome.end
     assert len(outcome.itl) == 2 and all(gap > 0 for gap in outcome.itl)
     headers, body = seen[0]["headers"], seen[0]["body"]
