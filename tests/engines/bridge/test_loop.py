@@ -3,10 +3,8 @@ stops answering health checks and comes back."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
 
 import nats
 import pytest
@@ -27,6 +25,7 @@ from router.protocol import (
 )
 from tests.engines.bridge.conftest import BusTap, registered, running_bridge
 from tests.engines.bridge.engine_wire import TOKENS, WORKER, B, EnginePublisher, map_batch, stored
+from tests.polling import until
 from tests.serving import serving
 
 
@@ -88,35 +87,34 @@ async def test_an_engine_that_stops_answering_leaves_the_bus_and_comes_back(
     await engine_server.enter_async_context(serving(health, port))
     nc = await nats.connect(nats_url)
 
-    async def registered() -> bool:
+    async def is_registered() -> bool:
         try:  # the bucket appears with the bridge
             kv = await nc.jetstream().key_value(Subjects(namespace).registry_bucket)
             return (await kv.get(WORKER)).value is not None
-        except Exception:
+        except nats.js.errors.NotFoundError:  # no bucket yet, or no entry (deleted: KeyDeletedError)
             return False
 
-    async def until(want: bool, timeout_s: float) -> float:
-        started = time.monotonic()
-        while await registered() != want:
-            assert time.monotonic() - started < timeout_s, f"registered should be {want}"
-            await asyncio.sleep(0.05)
-        return time.monotonic() - started
+    async def registration_is(want: bool) -> None:
+        async def reached() -> bool:
+            return await is_registered() == want
+
+        await until(reached, 30.0, f"registered == {want}")
 
     try:
         async with running_bridge(
             engine, nats_url, namespace, replay=False, url=f"http://127.0.0.1:{port}",
             health_interval_s=0.2, heartbeat_s=0.2,
         ) as bridge:  # fmt: skip
-            await until(True, 30)
+            await registration_is(True)
             await engine.send(map_batch(stored([1], None, TOKENS[:B])))
             assert len(await tap.events(1)) == 1
             await engine_server.aclose()  # the engine is gone: connections closed, then refused
             # Out of the pick after 3 failed checks (here 3 x 0.2 s), deleted by the bridge: a registry
             # entry left to lapse would stay 60 s. 30 s leaves a loaded machine room.
-            await until(False, 30)
+            await registration_is(False)
             assert bridge.engine_down and await tap.events(1) == [AllBlocksCleared()]
             await engine_server.enter_async_context(serving(health, port))
-            await until(True, 30)
+            await registration_is(True)
             assert not bridge.engine_down and bridge.translator.cached_blocks() == []
     finally:
         await nc.close()
