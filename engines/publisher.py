@@ -27,6 +27,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from engines.published_loop import PublishedLoop
 from kvutil.bus_auth import BusAuth, redact_url
+from kvutil.nats_errors import log_nats_error
 from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import (
     KvEvent,
@@ -204,7 +205,7 @@ class Publisher:
             await store_tokenizer(nc, self.subjects.tokenizer_bucket, self.tokenizer_bundle)
 
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("NATS: %s", exc)
+        log_nats_error(log, exc)
 
     async def _on_disconnected(self) -> None:
         log.warning("disconnected from NATS; serving on, reconnecting")

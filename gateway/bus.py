@@ -26,6 +26,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from gateway.metrics import GatewayMetrics
 from kvutil.bus_auth import BusAuth, redact_url
+from kvutil.nats_errors import log_nats_error
 from kvutil.outage import Outage
 from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import (
@@ -156,7 +157,7 @@ class Bus:
         ]
 
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("NATS: %s", exc)
+        log_nats_error(log, exc)
 
     async def _on_disconnected(self) -> None:
         self.disconnects += 1

@@ -24,6 +24,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.replicas import ReplicaSync
 from gateway.snapshot import IndexRecovery, SnapshotStore, Snapshotter
 from kvutil.bus_auth import BusAuth, redact_url
+from kvutil.nats_errors import log_nats_error
 from kvutil.outage import Outage
 from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import Subjects
@@ -170,4 +171,4 @@ class Replication:
 
 
 async def _quiet_error(exc: Exception) -> None:
-    log.debug("NATS (replication): %s", exc)
+    log_nats_error(log, exc, "NATS (replication)")  # the bus says when NATS is down
