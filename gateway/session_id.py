@@ -1,4 +1,6 @@
-"""The session id a client sent, looked up in the order REFERENCE.md lists (headers, then body fields)."""
+"""The session id a client sent: the first of `HEADERS` present (kvgate's own, then those agent
+frameworks and peer routers send), else the first of the body's `prompt_cache_key`,
+`metadata.session_id`, `metadata.user_id` and `user`."""
 
 from __future__ import annotations
 

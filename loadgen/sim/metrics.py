@@ -41,9 +41,9 @@ class RequestRecord:
 
 
 class PolicyResult(msgspec.Struct, omit_defaults=True):
-    """The per-policy object of `kvgate sim --json` (issue 5). `hit_rate` counts every cached prompt
-    token; with a host tier, `device_hit_rate` and `host_hit_rate` split it by the tier it came from
-    (absent without one, so that the JSON of a run without tiers is as before)."""
+    """The per-policy object of `kvgate sim --json` (`SimReport.policies`). `hit_rate` counts every
+    cached prompt token; with a host tier, `device_hit_rate` and `host_hit_rate` split it by the tier it
+    came from (absent without one, so that the JSON of a run without tiers is as before)."""
 
     requests: int
     completed: int

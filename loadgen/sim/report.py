@@ -1,4 +1,4 @@
-"""The comparison: the JSON object of issue 5, a rich table, and PNG charts."""
+"""The comparison: `kvgate sim --json`'s object, a rich table, and PNG charts."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # imported where used: `kvgate sim` without --charts never lo
 
 
 class SimReport(msgspec.Struct):
-    """`kvgate sim --json`: exactly these keys (issue 5)."""
+    """`kvgate sim --json`: exactly these keys."""
 
     trace: str
     workers: int
