@@ -7,7 +7,8 @@ random passwords handed to the workers through their environment, never their co
 restarted on the same port and store if it dies, and its output goes to the log. Ctrl-C or SIGTERM
 stops the gateway, then the workers (so they deregister), then NATS; nothing is left running. The
 children run in their own session, so a terminal's Ctrl-C reaches only this supervisor, and on Linux
-they get SIGTERM if the supervisor dies without cleaning up.
+they get SIGTERM if the supervisor dies without cleaning up. The bus is `gateway.bus_plan`, the workers'
+processes `gateway.supervisor`.
 """
 
 from __future__ import annotations
@@ -15,22 +16,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
-import os
-import shlex
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 
-from gateway.bus_roles import BusUser, authorization, generated_users
+from gateway.bus_plan import BusPlan
 from gateway.config import GatewayConfig
-from gateway.natsd import NatsServer, NatsServerError, free_port
+from gateway.natsd import NatsServerError
 from gateway.serve import (
     RouterConfigError,
     add_router_arguments,
@@ -40,16 +37,13 @@ from gateway.serve import (
     tune_gc_for_serving,
     worker_stale_after_s,
 )
-from kvutil.bus_auth import BusAuth, BusAuthError, add_bus_arguments, bus_auth_from, redact_url
+from gateway.supervisor import USAGE_EXIT, Supervisor, WorkerRefused
+from kvutil.bus_auth import BusAuthError, add_bus_arguments, redact_url
 from router.config import RouterConfig
 from router.policies import POLICIES
-from router.protocol import ProtocolError, Subjects
+from router.protocol import ProtocolError
 
 log = logging.getLogger("kvgate.up")
-
-USAGE_EXIT = 2  # what `kvgate worker` (argparse and its own settings checks) exits with on bad arguments
-
-_PR_SET_PDEATHSIG = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,163 +84,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_router_arguments(parser)
     add_bus_arguments(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM when the supervisor dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class WorkerRefused(Exception):
-    """A worker exited with the usage status: restarting it would fail the same way."""
-
-
-class Child:
-    """One supervised worker process: the same command line on every restart."""
-
-    def __init__(self, name: str, argv: list[str], url: str, env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.argv = argv
-        self.url = url
-        self.env = env  # the credentials go here, not in argv (visible to every local user)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
-        self.next_start = 0.0
-
-    def start(self) -> None:
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=preexec, env=self.env)
-
-    def exited(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-
-    def wait(self, timeout_s: float) -> None:
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-class BusPlan:
-    """Where the bus is and how each part authenticates to it; owns the embedded server, if any."""
-
-    def __init__(
-        self, url: str, gateway: BusAuth, workers: dict[str, BusAuth], server: NatsServer | None
-    ) -> None:
-        self.url = url
-        self.gateway = gateway
-        self.workers = workers
-        self.server = server
-        self._restarts = 0
-        self._next_start = 0.0
-
-    @classmethod
-    def make(cls, args: argparse.Namespace, worker_ids: list[str]) -> BusPlan:
-        """Raises BusAuthError, NatsServerError or ProtocolError with a one-line reason."""
-        if args.nats is not None:
-            auth = bus_auth_from(args)
-            return cls(args.nats, auth, dict.fromkeys(worker_ids, auth), None)
-        if args.nats_no_auth:
-            server = NatsServer().start()
-            return cls(server.url, BusAuth(), dict.fromkeys(worker_ids, BusAuth()), server)
-        gateway, workers = generated_users(Subjects(args.namespace), worker_ids)
-        server = NatsServer(authorization=authorization([gateway, *workers.values()])).start()
-        return cls(server.url, _password(gateway), {w: _password(u) for w, u in workers.items()}, server)
-
-    async def watch(self) -> None:
-        """Restart a dead embedded server on its port and store (1 s doubling to 30 s between tries)."""
-        server = self.server
-        if server is None or server.exit_code is None:
-            return
-        now = time.monotonic()
-        if self._next_start == 0.0:
-            delay = min(30.0, 2.0**self._restarts)
-            self._next_start = now + delay
-            code, output = server.exit_code, server.last_output()
-            log.warning("nats-server exited with %s (%s); restarting in %.0f s", code, output, delay)
-        elif now >= self._next_start:
-            self._restarts += 1
-            self._next_start = 0.0
-            try:
-                await asyncio.to_thread(server.start)
-                log.info("nats-server restarted on %s", server.url)
-            except NatsServerError as exc:
-                log.warning("nats-server restart failed: %s", exc)
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
-def _password(user: BusUser) -> BusAuth:
-    return BusAuth(user=user.user, password=user.password)
-
-
-def _child_env(auth: BusAuth) -> dict[str, str]:
-    """This process's environment, its NATS credentials replaced by the worker's own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
-    return {**env, **auth.environ()}
-
-
-class Supervisor:
-    def __init__(self, args: argparse.Namespace, bus: BusPlan) -> None:
-        self.args = args
-        self.bus = bus
-        self.children: list[Child] = []
-        self.refused: str | None = None  # why a worker would not start with its arguments
-        extra = shlex.split(args.worker_args)
-        for wid, auth in bus.workers.items():
-            port = free_port(args.host)
-            argv = [
-                sys.executable, "-m", "gateway.cli", "worker", "--engine", args.engine, "--nats", bus.url,
-                "--host", args.host, "--port", str(port), "--namespace", args.namespace,
-                "--worker-id", wid, *extra,
-            ]  # fmt: skip
-            self.children.append(Child(wid, argv, f"http://{args.host}:{port}", _child_env(auth)))
-
-    def start(self) -> None:
-        for child in self.children:
-            child.start()
-
-    async def watch(self, stop: asyncio.Event) -> None:
-        """Restart crashed workers and a dead embedded NATS with backoff (1 s doubling to 30 s) until
-        `stop`; a worker that exits with the usage status stops everything instead."""
-        while not stop.is_set():
-            now = time.monotonic()
-            for child in self.children:
-                code = child.exited()
-                if code is None or self.refused is not None:
-                    continue
-                if code == USAGE_EXIT:  # its arguments are wrong: a restart would fail the same way
-                    self.refused = f"{child.name} refused its arguments (exit {code}); see its error above"
-                    log.error("%s", self.refused)
-                    stop.set()
-                elif child.next_start == 0.0:
-                    delay = min(30.0, 2.0**child.restarts)
-                    child.next_start = now + delay
-                    log.warning("%s exited with %s; restarting in %.0f s", child.name, code, delay)
-                elif now >= child.next_start:
-                    child.restarts += 1
-                    child.next_start = 0.0
-                    child.start()
-            await self.bus.watch()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        for child in self.children:
-            child.terminate()
-        deadline = time.monotonic() + timeout_s
-        for child in self.children:
-            child.wait(max(0.1, deadline - time.monotonic()))
 
 
 def _get_json(url: str, api_key: str | None = None) -> tuple[int, object]:

@@ -17,8 +17,8 @@ import nats as nats_client
 import openai
 import pytest
 
+from gateway.bus_plan import BusPlan
 from gateway.natsd import free_port
-from gateway.up import BusPlan
 
 pytestmark = pytest.mark.slow
 
