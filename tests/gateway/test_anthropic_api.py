@@ -8,7 +8,7 @@ import asyncio
 
 import msgspec
 
-from gateway.anthropic_api import MessagesTranslation
+from gateway.anthropic_answer import MessagesTranslation
 from gateway.api_bridge import ChatReader
 
 CHUNKS = [

@@ -10,7 +10,7 @@ import msgspec
 
 from gateway.api_bridge import ChatReader
 from gateway.response_store import ResponseStore, StoredConversation, tenant_of
-from gateway.responses_api import ResponsesTranslation, _Context
+from gateway.responses_answer import ResponseContext, ResponsesTranslation
 from tests.gateway.test_anthropic_api import CHUNKS
 
 
@@ -33,7 +33,8 @@ class _Api:
 def test_a_streamed_tool_call_gives_responses_events_and_is_stored() -> None:
     api = _Api()
     body = {"model": "m", "input": "go"}
-    translation = ResponsesTranslation(api, body, _Context("anon", True, [{"role": "user", "content": "go"}]))
+    context = ResponseContext("anon", True, [{"role": "user", "content": "go"}])
+    translation = ResponsesTranslation(api, body, context)
     translation.routed({"x-kvgate-session": "s1"})
     reader = ChatReader()
     raw = translation.start(100, 0)

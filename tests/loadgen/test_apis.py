@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from gateway.anthropic_api import MessagesTranslation
+from gateway.anthropic_answer import MessagesTranslation
 from gateway.anthropic_request import chat_messages
 from gateway.anthropic_request import chat_tools as anthropic_tools
 from gateway.api_bridge import ChatReader
-from gateway.responses_api import ResponsesTranslation, _Context
+from gateway.responses_answer import ResponseContext, ResponsesTranslation
 from gateway.responses_request import chat_tools as responses_tools
 from gateway.responses_request import input_messages
 from loadgen.apis import MessagesStream, ResponsesStream, messages_body, responses_body
@@ -67,7 +67,9 @@ def test_each_api_stream_is_measured_like_a_chat_stream() -> None:
         (MessagesStream, _gateway_stream(MessagesTranslation("m")), "tool_use"),
         (
             ResponsesStream,
-            _gateway_stream(ResponsesTranslation(NO_STORE, {"model": "m"}, _Context("anon", False, []))),
+            _gateway_stream(
+                ResponsesTranslation(NO_STORE, {"model": "m"}, ResponseContext("anon", False, []))
+            ),
             "stop",
         ),
     ]
