@@ -138,9 +138,12 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class RouterConfigError(Exception):
-    """A router setting the gateway cannot use (a config file, an override, a tenant, the workers'
-    staleness); the message is one line naming it."""
+class SettingError(Exception):
+    """A command-line setting the gateway cannot use; the message is one line naming it."""
+
+
+class RouterConfigError(SettingError):
+    """A router config file or override (or a tenant) the gateway cannot use."""
 
 
 def load_router_config(path: str | None, overrides: Sequence[str] = ()) -> RouterConfig:
@@ -163,10 +166,22 @@ def router_config_from(args: argparse.Namespace) -> RouterConfig:
 
 def worker_stale_after_s(args: argparse.Namespace) -> float:
     """--worker-stale-after-s, checked: a positive, finite number of seconds."""
+    check_numbers(args, positive=["worker_stale_after_s"])
     value: float = args.worker_stale_after_s
-    if not math.isfinite(value) or value <= 0:
-        raise RouterConfigError(f"--worker-stale-after-s must be a positive number of seconds, not {value}")
     return value
+
+
+def check_numbers(
+    args: argparse.Namespace, positive: Sequence[str] = (), not_negative: Sequence[str] = ()
+) -> None:
+    """SettingError naming the first of these flags (by their `args` names) whose number is not finite,
+    or not above 0 (`positive`), or below 0 (`not_negative`)."""
+    for name in [*positive, *not_negative]:
+        value = getattr(args, name)
+        strict = name in positive
+        if not math.isfinite(value) or value < 0 or (strict and value == 0):
+            what = "a positive number" if strict else "at least 0"
+            raise SettingError(f"--{name.replace('_', '-')} must be {what}, not {value}")
 
 
 def _read_object(path: str) -> dict[str, Any]:
@@ -228,7 +243,17 @@ def describe_router_config(config: RouterConfig) -> str:
     return " ".join(changed) if changed else "all defaults"
 
 
+# the numeric flags of `kvgate gateway`, as `check_numbers` takes them (--worker-stale-after-s apart)
+POSITIVE_FLAGS = (
+    "max_body_bytes", "max_prompt_tokens", "first_byte_timeout_s", "header_timeout_s", "snapshot_interval_s",
+    "responses_ttl",
+)  # fmt: skip
+NOT_NEGATIVE_FLAGS = ("max_inflight_per_worker", "queue_bound", "prompt_cache_mb", "failure_backoff_s")
+
+
 def config_from(args: argparse.Namespace, router_config: RouterConfig) -> GatewayConfig:
+    """The gateway's settings from its command line; SettingError for one it cannot use."""
+    check_numbers(args, POSITIVE_FLAGS, NOT_NEGATIVE_FLAGS)
     named = tuple(_tenant(item) for item in args.tenant)
     return GatewayConfig(
         nats_url=args.nats,
@@ -316,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         config = config_from(args, router_config_from(args))
-    except (RouterConfigError, BusAuthError) as exc:
+    except (SettingError, BusAuthError) as exc:
         print(f"kvgate gateway: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

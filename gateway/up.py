@@ -29,8 +29,9 @@ from gateway.bus_plan import BusPlan
 from gateway.config import GatewayConfig
 from gateway.natsd import NatsServerError
 from gateway.serve import (
-    RouterConfigError,
+    SettingError,
     add_router_arguments,
+    check_numbers,
     install_uvloop,
     router_config_from,
     serve,
@@ -194,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     try:  # before anything starts: a bad file must not leave NATS and workers behind
         router_config = router_config_from(args)
         stale_after_s = worker_stale_after_s(args)
-    except RouterConfigError as exc:
+        check_numbers(args, positive=["workers", "ready_timeout"], not_negative=["max_inflight_per_worker"])
+    except SettingError as exc:
         print(f"kvgate up: {exc}", file=sys.stderr)
         return 2
     problem = _port_taken(args.host, args.port)

@@ -91,8 +91,35 @@ def test_a_bad_worker_staleness_is_one_line_and_status_2(
 ) -> None:
     argv = [command, "--nats", "nats://127.0.0.1:1", f"--worker-stale-after-s={value}"]
     assert kvgate_main(argv) == 2  # before anything starts (`up`: no NATS, no workers)
-    problem = f"--worker-stale-after-s must be a positive number of seconds, not {float(value)}"
+    problem = f"--worker-stale-after-s must be a positive number, not {float(value)}"
     assert capsys.readouterr().err == f"kvgate {command}: {problem}\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "what"),
+    [
+        ("gateway", "--max-body-bytes", "0", "a positive number"),
+        ("gateway", "--max-prompt-tokens", "-5", "a positive number"),
+        ("gateway", "--first-byte-timeout-s", "nan", "a positive number"),
+        ("gateway", "--header-timeout-s", "0", "a positive number"),
+        ("gateway", "--snapshot-interval-s", "-inf", "a positive number"),
+        ("gateway", "--responses-ttl", "0", "a positive number"),
+        ("gateway", "--max-inflight-per-worker", "-1", "at least 0"),
+        ("gateway", "--queue-bound", "-1", "at least 0"),
+        ("gateway", "--prompt-cache-mb", "-0.5", "at least 0"),
+        ("gateway", "--failure-backoff-s", "inf", "at least 0"),
+        ("up", "--workers", "0", "a positive number"),
+        ("up", "--ready-timeout", "-1", "a positive number"),
+        ("up", "--max-inflight-per-worker", "-2", "at least 0"),
+    ],
+)
+def test_a_number_out_of_range_is_one_line_and_status_2(
+    command: str, flag: str, value: str, what: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [command, "--nats", "nats://127.0.0.1:1", f"{flag}={value}"]
+    assert kvgate_main(argv) == 2  # before anything starts
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"kvgate {command}: {flag} must be {what}, not "), line
 
 
 @pytest.mark.parametrize(
