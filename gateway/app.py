@@ -8,7 +8,9 @@ upstream pool), wires the API families' endpoints (`gateway.openai_api`, `gatewa
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -91,12 +93,13 @@ class Gateway:
         bucket = f"kvgate_{config.namespace.replace('-', '_')}_responses"
         self.responses = ResponseStore(bucket, ttl_s=config.responses_ttl_s)
         self.turns = Turns(self)
+        self.openai = OpenAiApi(self)
 
     # --- lifecycle
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._errors])
-        OpenAiApi(self).register(app)
+        self.openai.register(app)
         AnthropicApi(self, strip_billing=self.config.strip_anthropic_billing).register(app)
         ResponsesApi(self, self.responses).register(app)
         Probes(self).register(app)
@@ -136,11 +139,25 @@ class Gateway:
 
     # --- cross-cutting
 
+    def direct_routes(self) -> dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]:
+        """The turn endpoints, for a server that reaches them without the application's router and
+        middlewares (`gateway.http_server.GatewayRunner`); their errors answered as `_errors` does."""
+        return {
+            "/v1/chat/completions": functools.partial(
+                self._answer, "/v1/chat/completions", self.openai.chat_completions
+            ),
+            "/v1/completions": functools.partial(self._answer, "/v1/completions", self.openai.completions),
+        }
+
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         # every refusal is counted, under the route's path: a path the client made up is one label
         resource = request.match_info.route.resource
         endpoint = resource.canonical if resource is not None else "other"
+        return await self._answer(endpoint, handler, request)
+
+    async def _answer(self, endpoint: str, handler: Any, request: web.Request) -> web.StreamResponse:
+        """`handler`'s answer, or the error response for what it raised (counted under `endpoint`)."""
         try:
             return await handler(request)
         except ApiError as exc:

@@ -3,6 +3,11 @@
 - Requests its parser refuses (a malformed request line, a header over the size limit) get an
   OpenAI-style JSON error, 431 for headers that are too large, and are counted in the metrics; aiohttp
   answers them with a plain-text 400.
+- The turn endpoints skip aiohttp's application layer: a POST to exactly one of their paths goes
+  straight to its handler (which answers its own errors), everything else through the application
+  (its router, middlewares and `Expect` handling), as before. Resolving the route and running the
+  middleware chain cost ~8 us a request, ~3 % of a routed turn (docs/EXPERIMENTS.md, "Gateway CPU,
+  fifth pass").
 - A header-read deadline: a connection has `header_timeout_s` to send a complete request head after
   it opens or after its previous response, else it is closed. aiohttp's keep-alive timer already
   closes a connection that has not completed a request when it fires; here it fires after
@@ -13,10 +18,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
@@ -25,6 +30,8 @@ from gateway.errors import ApiError
 log = logging.getLogger("kvgate.gateway.http")
 
 DEFAULT_HEADER_TIMEOUT_S = 10.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _JsonErrorHandler(RequestHandler):
@@ -66,8 +73,25 @@ class _Server(web.Server):
         return self.handler_class(self, loop=self._loop, **self._kwargs)
 
 
+class _Direct:
+    """The server's request handler: a POST to one of `routes`' exact paths (no query, no `Expect`)
+    goes to its handler, anything else to the application's own handler."""
+
+    def __init__(self, routes: Mapping[str, Handler], app_handler: Handler) -> None:
+        self._routes = dict(routes)
+        self._app_handler = app_handler
+
+    def __call__(self, request: web.Request) -> Awaitable[web.StreamResponse]:
+        handler = self._routes.get(request.raw_path) if request.method == hdrs.METH_POST else None
+        if handler is None or hdrs.EXPECT in request.headers:
+            return self._app_handler(request)
+        return handler(request)
+
+
 class GatewayRunner(web.AppRunner):
-    """An AppRunner whose connections answer parse errors as JSON and have a header-read deadline."""
+    """An AppRunner whose connections answer parse errors as JSON and have a header-read deadline;
+    `direct` maps paths to handlers that a POST there reaches without the application layer (each
+    must answer its own errors, as the application's middlewares would)."""
 
     def __init__(
         self,
@@ -75,15 +99,20 @@ class GatewayRunner(web.AppRunner):
         *,
         header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
         on_refused: Callable[[int], None] = lambda status: None,
+        direct: Mapping[str, Handler] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, keepalive_timeout=header_timeout_s, **kwargs)
         self._on_refused = on_refused
+        self._direct = direct
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()  # runs the app's start-up; its settings are kept
+        handler = made.request_handler
+        if self._direct:
+            handler = _Direct(self._direct, handler)
         return _Server(
-            made.request_handler,
+            handler,
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             loop=made._loop,

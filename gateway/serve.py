@@ -293,6 +293,7 @@ async def serve(config: GatewayConfig, host: str, port: int, stop: asyncio.Event
         on_refused=lambda status: gateway.metrics.count_request("other", status),
         handler_cancellation=True,
         access_log=None,
+        direct=gateway.direct_routes(),
     )
     await runner.setup()
     try:

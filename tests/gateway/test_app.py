@@ -168,8 +168,14 @@ def test_bad_input_gets_openai_errors_and_the_gateway_keeps_serving(pool: Cluste
         assert got == status, (body[:80], got, error)
         assert set(error["error"]) == {"message", "type", "param", "code"} and error["error"]["message"]
         assert error["error"]["param"] == param
+        # a query string takes the application's router and middlewares, not the direct route: the
+        # same answer either way
+        assert post(pool, "/v1/chat/completions?via=app", body) == (got, error)
     got, error = post(pool, "/v1/chat/completions", ok.encode(), key="wrong")
     assert got == 401 and error["error"]["code"] == "invalid_api_key"
+    assert post(pool, "/v1/chat/completions?via=app", ok.encode(), key="wrong") == (got, error)
+    got, error = post(pool, "/v1/completions", b"[1, 2]")
+    assert got == 400 and post(pool, "/v1/completions?via=app", b"[1, 2]") == (got, error)
     with pytest.raises(openai.BadRequestError):
         client(pool).chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], n=3)
     got, reply = post(pool, "/v1/chat/completions", ok.encode())
