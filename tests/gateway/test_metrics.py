@@ -1,9 +1,16 @@
 """The gateway's metrics: per-worker series looked up once, and gone with their worker; the per-request
-counters counted aside and in their series at every collection."""
+counters counted aside and in their series at every collection; the histograms kept aside exposed as
+prometheus-client's own."""
 
 from __future__ import annotations
 
-from gateway.metrics import GatewayMetrics
+import random
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from gateway.metrics import AsideHistogram, GatewayMetrics
 
 
 def test_a_worker_series_is_gone_with_its_worker_and_back_with_it() -> None:
@@ -37,3 +44,21 @@ def test_per_request_counts_are_in_their_series_at_every_collection() -> None:
     assert 'kvgate_tier_cached_tokens_total{tier="device"} 50.0' in page
     assert 'kvgate_tier_cached_tokens_total{tier="host"} 10.0' in page
     assert "kvgate_cache_hit_ratio 0.4" in page
+
+
+@pytest.mark.parametrize("buckets", [(0.005, 0.01, 0.5, 1, 60), (0, 16, 64, 65536)])
+def test_an_aside_histogram_is_exposed_as_prometheus_clients_histogram(buckets: tuple[float, ...]) -> None:
+    rng = random.Random(7)
+    amounts = [rng.choice(buckets) for _ in range(50)] + [rng.uniform(0, 2 * buckets[-1]) for _ in range(500)]
+    aside_registry, plain_registry = CollectorRegistry(), CollectorRegistry()
+    aside = AsideHistogram("kvgate_h", "doc", buckets, aside_registry)
+    plain = Histogram("kvgate_h", "doc", buckets=buckets, registry=plain_registry)
+    for amount in amounts:  # the bounds themselves too: a bucket holds what is <= its bound
+        aside.observe(amount)
+        plain.observe(amount)
+
+    def page(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created " not in line]
+
+    assert page(aside_registry) == page(plain_registry)
+    assert aside_registry.get_sample_value("kvgate_h_created") == pytest.approx(time.time(), abs=60)
