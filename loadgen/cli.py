@@ -209,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.rate is not None and args.rate < 0:
+    # written `not x >= 0`, not `x < 0`: a NaN (`--rate nan`) fails every comparison
+    if args.rate is not None and not args.rate >= 0:
         raise ValueError("--rate must be >= 0")
     if args.rate == 0 and args.requests is None and args.trace is None:
         raise ValueError("--rate 0 (every session at once) needs --requests")
@@ -226,10 +227,10 @@ def _check(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("timeout", "chars_per_token", "rate_scale"):
-        if getattr(args, name) <= 0:
+        if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     for name in ("duration", "warmup", "drain", "max_think_s"):
-        if (getattr(args, name) or 0) < 0:
+        if not (getattr(args, name) or 0) >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     if args.extra_body is not None and not isinstance(args.extra_body, dict):
         raise ValueError("--extra-body must be a JSON object")
