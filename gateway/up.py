@@ -28,14 +28,12 @@ import urllib.request
 from gateway.bus_plan import BusPlan
 from gateway.config import GatewayConfig
 from gateway.natsd import NatsServerError
-from gateway.serve import (
+from gateway.serve import install_uvloop, serve, tune_gc_for_serving
+from gateway.settings import (
     SettingError,
     add_router_arguments,
     check_numbers,
-    install_uvloop,
     router_config_from,
-    serve,
-    tune_gc_for_serving,
     worker_stale_after_s,
 )
 from gateway.supervisor import USAGE_EXIT, Supervisor, WorkerRefused

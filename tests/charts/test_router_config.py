@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from gateway.cli import build_parser
-from gateway.serve import RouterConfigError, router_config_from
+from gateway.settings import RouterConfigError, router_config_from
 from router.config import RouterConfig
 from tests.charts.test_image import substitute_env
 from tests.charts.test_kvgate_chart import (

@@ -19,14 +19,13 @@ from gateway.cli import build_parser
 from gateway.cli import main as kvgate_main
 from gateway.config import GatewayConfig
 from gateway.natsd import free_port
-from gateway.serve import (
+from gateway.serve import config_from, serve
+from gateway.settings import (
     MAX_ROUTER_CONFIG_BYTES,
     RouterConfigError,
-    config_from,
     describe_router_config,
     load_router_config,
     router_config_from,
-    serve,
     worker_stale_after_s,
 )
 from router.config import RouterConfig
