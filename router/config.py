@@ -88,6 +88,11 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # a request that named no session is placed by its estimated TTFT: prefill at the pool's marginal
     # cost per token (router/prefill_fit.py), a busy worker's steps to wait out (docs/SESSION_KV.md)
     one_shot_ttft: bool = True
+    # until that marginal cost is first fitted, a request that named no session is placed by NVIDIA
+    # Dynamo's block cost (prefill blocks + distinct blocks in flight), which needs no calibration: the
+    # average cost per token prices a miss several times too dear, and the copies of a hot document
+    # made while the pool warms up serve every later request (docs/EXPERIMENTS.md, idea 15)
+    one_shot_warmup: bool = True
     stall_fullness_floor: float = 0.0
     memory_free_fraction: float = 0.8
     memory_pressure_factor: float = 0.4

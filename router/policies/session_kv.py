@@ -37,7 +37,8 @@ worker, the rest of the step in progress and the running decodes its step carrie
 context). The step in progress is read from the worker's outputs: first tokens and completions mark step
 ends, and a step carrying prefill ends with its first tokens, so its end is predicted from the last one
 seen (docs/SESSION_KV.md, "One-shot traffic"). A hot document is then copied to an idle worker when
-waiting at its home costs more than the copy's prefill.
+waiting at its home costs more than the copy's prefill. Until the marginal cost is first fitted (the
+warm-up), such a request goes by Dynamo's block cost, which needs nothing measured.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ class SessionKv(Policy):
         self._pending: dict[str, tuple[str, Sequence[int]]] = {}
         # requests in flight until they complete: request -> (worker, chain)
         self._running: dict[str, tuple[str, Sequence[int]]] = {}
+        # until the marginal prefill cost is first known (`one_shot_warmup`), one-shot requests go by
+        # Dynamo's cost: per worker, the blocks of the requests in flight there -> how many of them hold
+        # it, counted from the first such request on (traffic of named sessions alone never pays for it)
+        self._warming = config.one_shot_warmup
+        self._warm_blocks: dict[str, dict[int, int]] | None = None
 
     def pick(self, request: RouteRequest, view: RouterView) -> Decision:
         cfg = self.config
@@ -111,8 +117,14 @@ class SessionKv(Policy):
                 sticky, why = home, "overlap"
         credit = self._credit(overlap, view.tier_overlap(chain, "host"), view.tier_overlap(chain, "disk"))
         self._expire_live(now)
-        if cfg.one_shot_ttft and is_inferred(request.session_id) and view.load.prefill_fit.ms_per_token:
+        one_shot = cfg.one_shot_ttft and is_inferred(request.session_id)
+        calibrated = view.load.prefill_fit.ms_per_token is not None
+        if calibrated and self._warming:
+            self._warming, self._warm_blocks = False, None  # the marginal cost is known from now on
+        if one_shot and calibrated:
             costs = self._one_shot_costs(view, credit, n_tokens, len(chain), request.session_id, sticky)
+        elif one_shot and self._warming:
+            return self._warmup_pick(request, view, overlap, credit)
         else:
             costs = self._costs(view, credit, n_tokens, len(chain), request.session_id, sticky)
         best = min(costs.values())
@@ -137,6 +149,40 @@ class SessionKv(Policy):
             requests = view.load.requests
             key = max((overlap.get(w, 0), -requests(w)) for w in tied)
             tied = [w for w in tied if (overlap.get(w, 0), -requests(w)) == key]
+        worker = tied[0] if len(tied) == 1 else self.rng.choice(tied)
+        reason = "overlap" if overlap.get(worker) else "load"
+        return self._decide(request, view, worker, overlap, costs, reason)
+
+    def _warmup_pick(
+        self,
+        request: RouteRequest,
+        view: RouterView,
+        overlap: dict[str, int],
+        credit: dict[str, int] | dict[str, float],
+    ) -> Decision:
+        """A one-shot request before the pool's marginal prefill cost is known: Dynamo's cost, in blocks,
+        `prefill blocks + distinct blocks in flight with this prompt's` (its KV router's defaults: overlap
+        weight 1, the lowest cost, ties at random). It needs nothing measured: a miss and the blocks a
+        busy worker's decodes read weigh alike, so a hot document is copied to an idle worker while its
+        home runs requests over other documents, and those copies, made early, serve every request after.
+        The average cost per token, the other estimate at hand, prices a miss as if its tokens paid the
+        step's fixed cost too (EXPERIMENTS.md, idea 15)."""
+        chain = request.block_hashes
+        bs = view.block_size
+        loads = view.load.workers
+        warm = self._warm_blocks
+        if warm is None:  # the first one-shot request: count what is in flight, then keep count
+            warm = self._warm_blocks = {}
+            for worker, other in self._running.values():
+                self._count_warm(warm, worker, other)
+        costs: dict[str, float] = {}
+        for w in view.candidates:
+            prefill = (loads[w].inflight_prefill + request.num_tokens) / bs - credit.get(w, 0)
+            active = warm.get(w)
+            potential = len(active) + sum(1 for h in chain if h not in active) if active else len(chain)
+            costs[w] = (prefill if prefill > 0.0 else 0.0) + potential
+        best = min(costs.values())
+        tied = [w for w, c in costs.items() if c == best]
         worker = tied[0] if len(tied) == 1 else self.rng.choice(tied)
         reason = "overlap" if overlap.get(worker) else "load"
         return self._decide(request, view, worker, overlap, costs, reason)
@@ -210,15 +256,37 @@ class SessionKv(Policy):
         pending[request.request_id] = (decision.worker_id, request.block_hashes)
         running = self._running
         if len(running) >= MAX_RUNNING:
-            del running[next(iter(running))]
+            self._forget_warm(running.pop(next(iter(running))))
         running[request.request_id] = (decision.worker_id, request.block_hashes)
+        if self._warm_blocks is not None:
+            self._count_warm(self._warm_blocks, decision.worker_id, request.block_hashes)
 
     def on_first_token(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
 
     def on_complete(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
-        self._running.pop(request_id, None)
+        entry = self._running.pop(request_id, None)
+        if entry is not None:
+            self._forget_warm(entry)
+
+    @staticmethod
+    def _count_warm(warm: dict[str, dict[int, int]], worker: str, chain: Sequence[int]) -> None:
+        blocks = warm.setdefault(worker, {})
+        for h in chain:
+            blocks[h] = blocks.get(h, 0) + 1
+
+    def _forget_warm(self, entry: tuple[str, Sequence[int]]) -> None:
+        """A request in flight is over: its blocks leave the warm-up's count of its worker's."""
+        blocks = self._warm_blocks.get(entry[0]) if self._warm_blocks is not None else None
+        if blocks is None:
+            return
+        for h in entry[1]:
+            n = blocks.get(h, 0)
+            if n > 1:
+                blocks[h] = n - 1
+            else:
+                blocks.pop(h, None)
 
     def _costs(
         self,
@@ -486,6 +554,8 @@ class SessionKv(Policy):
             del self._pending[rid]
         for rid in [rid for rid, entry in self._running.items() if entry[0] == worker_id]:
             del self._running[rid]
+        if self._warm_blocks is not None:
+            self._warm_blocks.pop(worker_id, None)
         for sid in [s for s, entry in self._live.items() if entry[0] == worker_id]:
             self._forget(sid)
         self._footprint.pop(worker_id, None)

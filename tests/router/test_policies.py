@@ -191,7 +191,7 @@ def test_baselines_get_no_pins_unless_asked() -> None:
 
 
 def test_session_kv_prefers_the_worker_holding_more_of_the_prompt() -> None:
-    router = make("session_kv")
+    router = make("session_kv", one_shot_warmup=False)  # the average-cost estimate, no warm-up rule
     prompt = chain(200)
     hold(router, "w1", prompt[:150])
     hold(router, "w2", prompt[:50])
@@ -219,7 +219,7 @@ def test_session_kv_avoids_a_cached_worker_whose_queue_makes_it_slower() -> None
 def test_session_kv_keeps_one_shot_traffic_with_its_prefix_home() -> None:
     # the same case without a session: a request over a shared prefix (a document) stays where the
     # prefix is until the home's queue costs more than `prefix_home_hold` x the prefix's prefill
-    router = make("session_kv", prefix_home_hold=10.0)
+    router = make("session_kv", prefix_home_hold=10.0, one_shot_warmup=False)
     prompt = chain(200)
     hold(router, "w1", prompt[:150])
     hold(router, "w2", prompt[:100])
@@ -248,7 +248,7 @@ def test_session_kv_keeps_one_shot_traffic_with_its_prefix_home() -> None:
 def test_session_kv_counts_a_prefill_in_flight_before_its_events() -> None:
     # two requests over a new document a few ms apart: the second goes where the first's prefill is
     # under way (no KV event yet), not to an idle worker to prefill the document a second time
-    router = make("session_kv", n=3, prefix_home_hold=10.0)  # the hold keeps it with the prefill
+    router = make("session_kv", n=3, prefix_home_hold=10.0, one_shot_warmup=False)  # the hold keeps it
     doc = chain(150)
     first = router.pick(req("r1", doc + chain(10, base=10_000)), 0.0)
     d = router.pick(req("r2", doc + chain(10, base=20_000)), 0.01)
@@ -289,7 +289,7 @@ def test_session_kv_credits_each_worker_the_longest_prefix_it_has_in_flight() ->
 def test_session_kv_prices_tokens_at_the_pool_speed() -> None:
     # a worker's measured speed mostly says how long its recent prompts were (a step's fixed cost),
     # so workers are compared by tokens at the pool's median speed (docs/EXPERIMENTS.md, idea 1)
-    router = make("session_kv", n=3, stall_factor=0.0)  # the cost is then prefill alone
+    router = make("session_kv", n=3, stall_factor=0.0, one_shot_warmup=False)  # the cost: prefill alone
     prompt = chain(100)
     hold(router, "w0", prompt[:50])
     load(router, "w0", 0, speed=1_000.0)  # holds half, and looks 10x slower
@@ -424,7 +424,7 @@ def test_session_kv_counts_a_pinned_session_as_held_until_the_pin_expires() -> N
 
 
 def test_session_kv_credits_host_and_disk_tiers_partly() -> None:
-    router = make("session_kv", n=4)
+    router = make("session_kv", n=4, one_shot_warmup=False)
     prompt = chain(200)
     events = {
         "w0": [BlockStored(prompt[:100])],
@@ -565,7 +565,7 @@ def test_session_kv_keeps_a_sub_agent_with_its_parent_when_they_share_a_prefix()
 def test_session_kv_counts_a_shared_prefix_in_use_once() -> None:
     # w0 runs eight requests over one 150-block document: its report says 160 blocks are in use, where
     # the requests in flight sum to 1,280; the stall charge reads the report, not the sum
-    router = make("session_kv", n=2, memory_balance_factor=0.0)
+    router = make("session_kv", n=2, memory_balance_factor=0.0, one_shot_warmup=False)
     doc = chain(150)
     hold(router, "w0", doc)
     for i in range(8):
@@ -694,3 +694,56 @@ def test_session_kv_places_one_shot_traffic_by_its_estimated_ttft() -> None:
     off.apply_load(LoadReport("w0", 0.3, 4, 0, 0, 228, 1000, 5_000.0, 100.0), 0.3)
     off.apply_load(LoadReport("w1", 0.3, 0, 0, 0, 0, 1000, 5_000.0, 0.0), 0.3)
     assert off.pick(req("q2", question), 0.3).worker_id == "w0"
+
+
+def test_session_kv_places_one_shot_traffic_by_dynamos_cost_until_the_marginal_cost_is_known() -> None:
+    # no first token yet, so no marginal prefill cost: a request that named no session is priced as
+    # Dynamo's router prices it, prefill blocks + the distinct blocks in flight with its own
+    router = make("session_kv", n=3)
+    doc, other = chain(128), chain(128, base=50_000)
+    hold(router, "w0", doc)
+    hold(router, "w0", other, seq=1)
+    policy = router.policy
+    assert router.load.prefill_fit.ms_per_token is None and policy._warming
+    router.pick(req("a", doc + chain(8, base=60_000), "s"), 0.0, exclude=frozenset({"w1", "w2"}))
+    assert policy._warm_blocks is None  # a named session's turn: nothing counted yet
+    router.on_first_token("a", 0.05)
+    question = doc + chain(8, base=70_000)
+    d = router.pick(req("q1", question), 0.1)
+    # w0: 8 blocks to prefill + 136 in flight + the question's 8 (the document counts once): 152;
+    # an idle worker: 136 + 136
+    assert (d.worker_id, d.overlap_blocks, d.reason, d.estimated_cost) == ("w0", 128, "overlap", 152)
+    router.on_complete("q1", 0.15, "stop", 1)
+    router.pick(req("b", other + chain(8, base=80_000)), 0.2, exclude=frozenset({"w1", "w2"}))
+    router.on_first_token("b", 0.25)
+    # w0 now also runs a request over another document: 8 + 136 + 136 + 8 = 288 > 272, a copy is cheaper
+    d = router.pick(req("q2", question), 0.3)
+    assert d.worker_id in ("w1", "w2") and (d.reason, d.estimated_cost) == ("load", 272)
+    # completions take their blocks out of the count; a named session is not one-shot traffic
+    for rid in ("a", "b", "q2"):
+        router.on_complete(rid, 0.4, "stop", 1)
+    assert not policy._warm_blocks["w0"] and not policy._warm_blocks[d.worker_id]
+    named = router.pick(req("n1", question, "named"), 0.5)  # the session estimate: ms at the pool's speed
+    speed = RouterConfig().default_prefill_tok_s  # no worker reported one
+    assert (named.worker_id, named.estimated_cost) == ("w0", pytest.approx(8 * BS / speed * 1000))
+
+
+def test_session_kv_warm_up_ends_once_the_marginal_cost_is_fitted() -> None:
+    router = make("session_kv", n=2)
+    doc = chain(128)
+    hold(router, "w0", doc)
+    router.pick(req("a", doc + chain(8, base=60_000)), 0.0)
+    assert router.policy._warming and router.policy._warm_blocks
+    for i in range(100):  # the pool's first tokens: 20 ms + 0.015 ms per prefill token
+        tokens = 100 if i % 2 else 2100
+        router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+    d = router.pick(req("q", doc + chain(8, base=70_000)), 0.1)
+    assert not router.policy._warming and router.policy._warm_blocks is None  # for good
+    assert d.worker_id == "w0" and d.estimated_cost < 136  # in ms, not blocks
+    router.on_complete("a", 0.2, "stop", 1)  # nothing left to count
+    off = make("session_kv", n=2, one_shot_warmup=False)
+    hold(off, "w0", doc)
+    assert not off.policy._warming
+    assert off.pick(req("q", doc + chain(8, base=70_000)), 0.0).estimated_cost == pytest.approx(
+        8 * BS / RouterConfig().default_prefill_tok_s * 1000
+    )
