@@ -9,9 +9,11 @@ Each system is one of
 
 Every seed runs every system once, in an order rotated per seed (alternating, so a noisy machine's
 slow minutes do not all land on one system); each run is `kvgate loadgen` with the same arguments and
-seed. The table gives the mean over seeds of TTFT p50 / p90 / p99, cache hit rate, requests/s and
-errors, and the gateway's CPU per request where the gateway is kvgate's own process (CPU time of the
-`kvgate up` process, which is the gateway; its workers and NATS are child processes, not counted).
+seed. The table gives the mean over seeds of TTFT p50 / p90 / p99, cache hit rate, requests/s, the
+errors and the requests left unfinished (still in flight after loadgen's drain, so in no percentile: a
+system that leaves more of them looks faster than it was), and the gateway's CPU per request where
+the gateway is kvgate's own process (CPU time of the `kvgate up` process, which is the gateway; its
+workers and NATS are child processes, not counted).
 """
 
 from __future__ import annotations
@@ -225,8 +227,9 @@ def _mean(values: list[float]) -> float:
 
 def table(systems: list[System], results: list[RunResult]) -> str:
     header = (
-        "| system | runs | TTFT p50 / p90 / p99 ms | hit rate | requests/s | errors | gateway CPU ms/req |\n"
-        "|---|---:|---|---:|---:|---:|---:|"
+        "| system | runs | TTFT p50 / p90 / p99 ms | hit rate | requests/s | errors | unfinished |"
+        " gateway CPU ms/req |\n"
+        "|---|---:|---|---:|---:|---:|---:|---:|"
     )
     rows = [header]
     for system in systems:
@@ -239,7 +242,8 @@ def table(systems: list[System], results: list[RunResult]) -> str:
         rows.append(
             f"| {system.name} | {len(runs)} | {mean['ttft_p50_ms']:,.0f} / {mean['ttft_p90_ms']:,.0f} / "
             f"{mean['ttft_p99_ms']:,.0f} | {mean['cache_hit_rate']:.3f} | {mean['request_rate']:.2f} | "
-            f"{sum(int(r.summary.get('errors', 0)) for r in runs)} | {cpu_text} |"
+            f"{sum(int(r.summary.get('errors', 0)) for r in runs)} | "
+            f"{sum(int(r.summary.get('unfinished', 0)) for r in runs)} | {cpu_text} |"
         )
     return "\n".join(rows)
 
@@ -270,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
             s = result.summary
             print(
                 f"  TTFT p50 {s['ttft_p50_ms']:,.0f} p90 {s['ttft_p90_ms']:,.0f} ms, "
-                f"hit {s['cache_hit_rate']:.3f}, errors {s['errors']}",
+                f"hit {s['cache_hit_rate']:.3f}, errors {s['errors']}, unfinished {s.get('unfinished', 0)}",
                 flush=True,
             )
     (folder / "results.json").write_bytes(msgspec.json.encode(results))

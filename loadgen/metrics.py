@@ -90,6 +90,10 @@ class Recorder:
         self.sessions.append(record)
 
     def summary(self, wall_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        # requests sent and never recorded: in flight when the run ended and cancelled after the drain,
+        # in no figure (a server that leaves more of them waiting looks faster than it was)
+        unfinished = {"unfinished": self.sent - len(self.requests)}
+        extra = {**unfinished, **extra} if extra else unfinished
         return summarize(self.requests, self.sessions, self._itl, self.sessions_started, wall_s, extra)
 
 

@@ -7,6 +7,7 @@ import itertools
 from collections import defaultdict
 
 import pytest
+from aiohttp import web
 
 from loadgen.client import StreamClient
 from loadgen.distributions import parse_distribution
@@ -17,6 +18,7 @@ from loadgen.trace import TraceContent, load_trace
 from loadgen.workloads import AgenticConfig, AgenticWorkload
 from tests.loadgen.conftest import TRACES, Served
 from tests.polling import until
+from tests.serving import serving
 
 
 def _workload(turns: str = "const:4", tool_time: str = "const:0.05", rate: float = 50.0) -> AgenticWorkload:
@@ -144,3 +146,28 @@ def test_a_wait_never_ends_before_its_deadline_under_uvloop() -> None:
         return late
 
     assert min(uvloop.run(lateness())) >= 0
+
+
+async def test_requests_still_in_flight_after_the_drain_are_counted_unfinished() -> None:
+    """A server that answers nothing: the run ends after its duration, the requests in flight are
+    cancelled after the drain and recorded nowhere, so the summary counts them as unfinished."""
+    release = asyncio.Event()
+    received = 0
+
+    async def hold(request: web.Request) -> web.StreamResponse:
+        nonlocal received
+        received += 1
+        await release.wait()
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", hold)
+    async with serving(app, handler_cancellation=True) as url:
+        try:
+            config = RunConfig(duration_s=0.5, drain_s=0.2)
+            driver, recorder = await _drive(url, config, turns="const:4", rate=20.0)
+        finally:
+            release.set()
+    summary = recorder.summary(driver.elapsed())
+    assert recorder.sent > 0 and recorder.requests == [] and recorder.in_flight == 0
+    assert summary["unfinished"] == recorder.sent and summary["requests"] == 0 and summary["errors"] == 0
