@@ -37,6 +37,10 @@ class EngineConfig(msgspec.Struct, frozen=True):
     max_pinned_blocks: int | None = None  # default: half the blocks
     host_blocks: int = 0  # the host tier's blocks (0: no host tier)
     preempt_for_prompts: bool = False  # a prompt that does not fit preempts decodes (engines/scheduler.py)
+    # order the queue by each request's priority and let a request that does not fit preempt running
+    # ones it outranks by more than `priority_threshold`, as SGLang's --enable-priority-scheduling
+    priority_scheduling: bool = False
+    priority_threshold: int = 10  # SGLang's --priority-scheduling-preemption-threshold default
     hash_seed: int = hash_seed()  # base seed for requests without a cache salt
 
 
@@ -49,6 +53,7 @@ class EngineRequest(msgspec.Struct):
     # the chained hashes of the prompt's leading full blocks when the caller has them already (the
     # simulator, from its trace); trusted as given, the rest are computed from the tokens
     prompt_block_hashes: list[int] | None = None
+    priority: int = 0  # larger goes first, when the engine schedules by priority
 
 
 class RequestOutput(msgspec.Struct):
@@ -120,7 +125,11 @@ class Engine:
             config.num_blocks, config.block_size, clock, config.max_pinned_blocks, config.host_blocks
         )
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.preempt_for_prompts
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.preempt_for_prompts,
+            config.priority_threshold if config.priority_scheduling else None,
         )
         self._seqs: dict[str, Sequence] = {}
         self._finished_early: list[RequestOutput] = []  # aborted or refused between steps
@@ -162,6 +171,7 @@ class Engine:
             hashes,
             request.session_id,
             copy_prompt=not adopt_prompt,
+            priority=request.priority,
         )
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)

@@ -14,6 +14,7 @@ import msgspec
 
 from engines.runner import SamplingParams
 from router.chat import ChatOptions, TemplateError, Tokenizer, encode_chat
+from router.protocol import MAX_PRIORITY
 
 
 class RequestError(Exception):
@@ -39,6 +40,7 @@ class ParsedRequest(msgspec.Struct):
     request_id: str
     session_id: str | None
     cache_salt: str | None
+    priority: int = 0  # vLLM's and SGLang's request field; read when the engine schedules by priority
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
@@ -224,6 +226,9 @@ class RequestParser:
         ):
             if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
                 raise RequestError(f"'{name}' must be a string of 1 to 256 characters", name)
+        priority = body.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY:
+            raise RequestError(f"'priority' must be an integer of at most {MAX_PRIORITY} in size", "priority")
         return ParsedRequest(
             tokens,
             sampling,
@@ -233,4 +238,5 @@ class RequestParser:
             request_id or uuid.uuid4().hex,
             session_id,
             cache_salt,
+            priority,
         )

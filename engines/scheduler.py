@@ -16,14 +16,27 @@ recently admitted first, when that makes it fit: a prompt waiting for its first 
 decode. The preempted ones queue behind every prompt not started (those that arrive later included)
 and resume from the prefix cache (or the host tier, where their evicted blocks go) when they are the
 head and fit, so a turn's first token waits neither for other turns' decodes nor behind them.
+
+With `priority_threshold` set (priority scheduling, off by default), as SGLang's
+`--enable-priority-scheduling` (its preemption on by default, `--priority-scheduling-preemption-threshold`
+the threshold, 10 by default; larger values first, its default order): the queue is ordered by each
+request's `priority`, first come first served within one, and a head of the queue that does not fit
+preempts running requests whose first token is out (SGLang's running batch) and whose priority is
+lower than the head's by more than the threshold, the lowest priority first and, within one, the most
+recently admitted first, as many as make it fit, or none when all of them would not. A preempted
+request goes back to the queue at the front of its priority. With every priority equal (a client that
+sends none) nothing is reordered or preempted: the scheduler is exactly the first-come-first-served one.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from operator import attrgetter
 
 from engines.block_manager import BlockManager
 from engines.sequence import Sequence, SequenceStatus
+
+_priority = attrgetter("priority")
 
 
 class Scheduler:
@@ -33,20 +46,28 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         preempt_for_prompts: bool = False,
+        priority_threshold: int | None = None,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if preempt_for_prompts and priority_threshold is not None:
+            raise ValueError("preempt_for_prompts and priority scheduling are two engines: choose one")
+        if priority_threshold is not None and priority_threshold < 0:
+            raise ValueError("the priority preemption threshold cannot be negative")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preempt_for_prompts = preempt_for_prompts
+        self.priority_threshold = priority_threshold
         self.waiting: deque[Sequence] = deque()
         self._resumed: set[str] = set()  # preempted for a prompt: the tail of `waiting`, behind prompts
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        if self._resumed:
+        if self.priority_threshold is not None:
+            self._enqueue(seq, behind_equals=True)
+        elif self._resumed:
             self.waiting.insert(len(self.waiting) - len(self._resumed), seq)
         else:
             self.waiting.append(seq)
@@ -58,7 +79,7 @@ class Scheduler:
         """The step's work as (sequence, tokens to compute) pairs, and the sequences that cannot
         ever fit (finished here with reason "length")."""
         bm = self.block_manager
-        if self.preempt_for_prompts and self.waiting:
+        if self.waiting and (self.preempt_for_prompts or self.priority_threshold is not None):
             self._make_room_for_head()
         block_size = bm.block_size
         budget = self.max_num_batched_tokens
@@ -145,7 +166,11 @@ class Scheduler:
     def decodes_to_preempt(self) -> list[Sequence]:
         """With `preempt_for_prompts`: the decoding sequences, most recently admitted first, whose
         preemption lets the head of the queue (a prompt not started, that does not fit) in; none when
-        all of them would not."""
+        all of them would not. With priority scheduling: the running sequences past their first token
+        that the head outranks by more than the threshold, the lowest priority first, as many as let
+        it in; none when all of them would not."""
+        if self.priority_threshold is not None:
+            return self._outranked_to_preempt()
         bm = self.block_manager
         seq = self.waiting[0] if self.waiting else None
         if seq is None or seq.num_output_tokens or len(self.running) >= self.max_num_seqs:
@@ -164,13 +189,43 @@ class Scheduler:
         freed = sum(1 for s in victims for block_id in s.block_table if refs[block_id] == 1)
         return victims if bm.num_free + freed >= need - hits else []
 
+    def _outranked_to_preempt(self) -> list[Sequence]:
+        bm = self.block_manager
+        head = self.waiting[0] if self.waiting else None
+        if head is None or len(self.running) >= self.max_num_seqs:
+            return []
+        need = bm.blocks_needed(len(head))
+        if need > bm.num_blocks:
+            return []
+        hits = bm.match_prefix(head)
+        if bm.can_allocate(head, hits):
+            return []
+        floor = head.priority - self.priority_threshold  # type: ignore[operator]
+        # past the first token (SGLang's running batch), outranked; the sort is stable, so within a
+        # priority the most recently admitted stays first
+        outranked = [s for s in reversed(self.running) if s.num_output_tokens and s.priority < floor]
+        outranked.sort(key=_priority)
+        refs = bm.ref_counts
+        free = bm.num_free
+        victims = []
+        for victim in outranked:
+            victims.append(victim)
+            free += sum(1 for block_id in victim.block_table if refs[block_id] == 1)
+            if free >= need - hits:
+                return victims
+        return []
+
     def _make_room_for_head(self) -> None:
         head = self.waiting[0]
         bm = self.block_manager
+        by_priority = self.priority_threshold is not None
         for victim in self.decodes_to_preempt():
             self.running.remove(victim)
-            self._preempt(victim, len(self.waiting))
-            self._resumed.add(victim.seq_id)
+            if by_priority:
+                self._preempt(victim)
+            else:
+                self._preempt(victim, len(self.waiting))
+                self._resumed.add(victim.seq_id)
             if bm.can_allocate(head, bm.match_prefix(head)):
                 return
 
@@ -178,5 +233,23 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        self.waiting.insert(position, seq)
+        if self.priority_threshold is not None:
+            self._enqueue(seq, behind_equals=False)
+        else:
+            self.waiting.insert(position, seq)
         self.num_preemptions += 1
+
+    def _enqueue(self, seq: Sequence, behind_equals: bool) -> None:
+        """Priority scheduling: `seq` into the queue behind the higher priorities, and behind its own
+        priority (an arrival) or in front of it (a preempted sequence, admitted before them)."""
+        waiting = self.waiting
+        priority = seq.priority
+        last = waiting[-1].priority if waiting else None
+        if last is None or last > priority or (behind_equals and last == priority):
+            waiting.append(seq)  # the common case: every request of one priority
+            return
+        for i, other in enumerate(waiting):
+            if other.priority < priority or (not behind_equals and other.priority == priority):
+                waiting.insert(i, seq)
+                return
+        waiting.append(seq)

@@ -31,6 +31,7 @@ class Sequence:
         "num_computed_tokens",
         "num_host_cached_tokens",
         "num_prompt_tokens",
+        "priority",
         "sampling",
         "seq_id",
         "session_id",
@@ -49,6 +50,7 @@ class Sequence:
         session_id: str | None = None,
         *,
         copy_prompt: bool = True,
+        priority: int = 0,
     ) -> None:
         """`copy_prompt=False`: `prompt_token_ids` (a list) becomes the sequence's own token list."""
         self.seq_id = seq_id
@@ -59,6 +61,7 @@ class Sequence:
         self.block_size = block_size
         self.hash_seed = hash_seed
         self.session_id = session_id
+        self.priority = priority  # with priority scheduling (engines/scheduler.py); larger goes first
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         # -1 until first admitted: the prefix hit of the first admission is what the client is told

@@ -29,7 +29,14 @@ from kvutil.bus_auth import BusAuth, add_bus_arguments, bus_auth_from, nats_url_
 from kvutil.tracing import Tracing
 from router.chat import HFTokenizer, Tokenizer
 from router.hashing import DEFAULT_BLOCK_SIZE
-from router.protocol import DEFAULT_NAMESPACE, ProtocolError, Subjects, WorkerRegistration, check_token
+from router.protocol import (
+    DEFAULT_NAMESPACE,
+    MAX_PRIORITY,
+    ProtocolError,
+    Subjects,
+    WorkerRegistration,
+    check_token,
+)
 
 log = logging.getLogger("kvgate.worker")
 
@@ -80,6 +87,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a prompt that does not fit preempts decoding requests (first token out) instead of "
         "waiting for them (engines/scheduler.py; default: off, vLLM's first come first served)",
     )
+    parser.add_argument(
+        "--priority-scheduling",
+        action="store_true",
+        help="order the queue by each request's 'priority' (larger first) and let a request that does "
+        "not fit preempt running ones it outranks by more than --priority-threshold, as SGLang's "
+        "--enable-priority-scheduling (engines/scheduler.py; default: off)",
+    )
+    parser.add_argument(
+        "--priority-threshold",
+        type=int,
+        default=10,
+        help="with --priority-scheduling: the priority margin a request needs to preempt "
+        "(default %(default)s, SGLang's)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="torch: weights of the default tiny model")
     parser.add_argument("--worker-id", help="subject-safe id (default: engine-host-port-random)")
     parser.add_argument(
@@ -126,6 +147,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         host_blocks=args.host_blocks,
         preempt_for_prompts=args.preempt_for_prompts,
+        priority_scheduling=args.priority_scheduling,
+        priority_threshold=args.priority_threshold,
     )
 
 
@@ -141,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--speedup must be positive")
         if args.host_blocks < 0:
             raise ValueError("--host-blocks must not be negative")
+        if not 0 <= args.priority_threshold <= MAX_PRIORITY:
+            raise ValueError(f"--priority-threshold must be between 0 and {MAX_PRIORITY}")
+        if args.priority_scheduling and args.preempt_for_prompts:
+            raise ValueError("--priority-scheduling and --preempt-for-prompts are two engines: choose one")
         if not args.host_bandwidth > 0:
             raise ValueError("--host-bandwidth must be positive")
         args.nats = nats_url_from(args.nats)
@@ -182,6 +209,7 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, au
             tokenizer=tokenizer.name,
             max_num_seqs=config.max_num_seqs,
             max_model_len=engine.max_model_len,
+            priority_threshold=config.priority_threshold if config.priority_scheduling else -1,
         )
 
     publisher = None

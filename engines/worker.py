@@ -127,7 +127,12 @@ class WorkerApp:
             return error_response(exc)
         engine_id = f"{parsed.request_id}-{uuid.uuid4().hex[:8]}"  # unique even if a client reuses ids
         engine_request = EngineRequest(
-            engine_id, parsed.prompt_token_ids, parsed.sampling, parsed.session_id, parsed.cache_salt
+            engine_id,
+            parsed.prompt_token_ids,
+            parsed.sampling,
+            parsed.session_id,
+            parsed.cache_salt,
+            priority=parsed.priority,
         )
         try:
             queue = await self.loop.submit(engine_request)

@@ -132,6 +132,11 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # one could start, or if it fits beside it then (router/room.py). Off: on the cc trace with the host
     # tier it lost to the room queue alone on both seeds (docs/EXPERIMENTS.md, "Host tier, fourth pass")
     room_backfill: bool = False
+    # on a worker whose engine schedules by priority (SGLang's --enable-priority-scheduling, announced in
+    # its registration), send a turn's decode as a second request that every prompt outranks, so that a
+    # prompt that does not fit preempts decodes rather than waits for them (Router.decode_priority;
+    # session_kv only). No effect on engines that do not schedule by priority
+    yield_decodes: bool = True
 
     def __post_init__(self) -> None:
         bounded = ["max_sessions", "max_session_bytes", "max_inflight", "approx_blocks_per_worker"]

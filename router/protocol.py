@@ -117,6 +117,9 @@ class WorkerRegistration(msgspec.Struct, frozen=True):
     publishes_events: bool = True
     # prompt + output tokens the worker serves; 0: unknown (e.g. a bridge's)
     max_model_len: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # the engine orders its queue by request priority and a waiting request preempts running ones it
+    # outranks by more than this (SGLang's --enable-priority-scheduling); -1: it does not
+    priority_threshold: Annotated[int, msgspec.Meta(ge=-1)] = -1
 
 
 MAX_URL_CHARS = 2048
@@ -125,6 +128,7 @@ MAX_TOKENIZER_CHARS = 4096  # a path or a spec
 MAX_BLOCK_SIZE = 1 << 16
 MAX_NUM_BLOCKS = 1 << 40
 MAX_NUM_SEQS = 1 << 20
+MAX_PRIORITY = 1 << 30
 _URL = re.compile(r"^https?://[^\s/?#@]+(/[^\s]*)?$")
 _PRINTABLE = re.compile(r"^[\x21-\x7e][\x20-\x7e]*$")
 
@@ -151,6 +155,7 @@ def registration_problem(registration: WorkerRegistration, key: str | None = Non
         ("num_blocks", r.num_blocks, 0, MAX_NUM_BLOCKS),
         ("max_num_seqs", r.max_num_seqs, 1, MAX_NUM_SEQS),
         ("max_model_len", r.max_model_len, 0, MAX_NUM_BLOCKS),
+        ("priority_threshold", r.priority_threshold, -1, MAX_PRIORITY),
         ("epoch", r.epoch, 0, (1 << 63) - 1),
     ):
         if not low <= number <= high:

@@ -35,6 +35,9 @@ ADMITTING_POLICIES = frozenset({"session_kv"})
 # the policies whose picks wait at the router while their worker has no KV room (router/room.py; the
 # baselines send at once, as the systems they are named after do by default)
 ROOM_POLICIES = frozenset({"session_kv"})
+# the policies that send a turn's decode apart from its prompt, at a priority every prompt outranks, to an
+# engine that schedules by priority (RouterConfig.yield_decodes; the baselines send one request)
+YIELDING_POLICIES = frozenset({"session_kv"})
 
 
 def _ewma(mean: float | None, sample: float, alpha: float) -> float:
@@ -92,6 +95,8 @@ class Router:
         self._streams: dict[str, _Stream] = {}
         self._anon = 0
         self._pins = config.pin_baselines or policy in PINNING_POLICIES
+        self._yields = config.yield_decodes and policy in YIELDING_POLICIES
+        self._yielding: frozenset[str] = frozenset()  # workers where this router sends decodes apart
         self.admission: SessionAdmission | None = None
         if config.session_admission and policy in ADMITTING_POLICIES:
             self.admission = SessionAdmission(
@@ -120,6 +125,8 @@ class Router:
             self.remove_worker(wid)
             old = None
         self._registrations[wid] = registration
+        if self._yields and (wid in self._yielding) != (registration.priority_threshold >= 0):
+            self._yielding = self._yielding ^ {wid}
         if old is not None:
             return
         self.block_size = registration.block_size
@@ -139,6 +146,7 @@ class Router:
     def remove_worker(self, worker_id: str) -> None:
         """Forget a worker and everything it held."""
         self._registrations.pop(worker_id, None)
+        self._yielding = self._yielding - {worker_id}
         self._streams.pop(worker_id, None)
         self.index.remove_worker(worker_id)
         self.approx.remove_worker(worker_id)
@@ -330,7 +338,9 @@ class Router:
         session = self.sessions.get(sid) if sid else None
         parent = self._parent(request) if session is None or session.turns == 0 else None
         bs = self._registrations[candidates[0]].block_size  # the gateway hashed with a candidate's size
-        view = RouterView(candidates, self.index, self.approx, self.load, session, bs, now, parent)
+        view = RouterView(
+            candidates, self.index, self.approx, self.load, session, bs, now, parent, self._yielding
+        )
         decision = self.policy.pick(request, view)
         self._record(request, decision, now)
         return decision
@@ -382,6 +392,18 @@ class Router:
             s.attained_tokens += prefill
             s.tool_pending = False
             s.pinned_until = float("-inf")  # it came back: the pin did its job
+
+    def decode_priority(self, worker_id: str) -> int | None:
+        """The priority of a turn's decode when it goes apart from its prompt, or None (one request).
+
+        On a worker whose engine schedules by priority (its registration's `priority_threshold`), a
+        `yield_decodes` policy sends a turn as its prompt with `max_tokens` 1 at the default priority
+        (0), then, once the first token is out, the rest as a second request (the prompt and that
+        token: a prefix hit) at this priority, which every prompt outranks by more than the threshold:
+        a prompt that does not fit preempts decodes instead of waiting for them (docs/TIERS.md)."""
+        if worker_id not in self._yielding:
+            return None
+        return -(self._registrations[worker_id].priority_threshold + 1)
 
     def on_first_token(self, request_id: str, now: float) -> None:
         self.load.first_token(request_id, now)

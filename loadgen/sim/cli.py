@@ -110,6 +110,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(engines/scheduler.py; the same engine for every policy)",
     )
     parser.add_argument(
+        "--priority-scheduling",
+        action="store_true",
+        help="every worker's engine orders its queue by request priority and lets a request preempt "
+        "running ones it outranks, as SGLang's --enable-priority-scheduling (engines/scheduler.py; the "
+        "same engine for every policy; only session_kv sends priorities)",
+    )
+    parser.add_argument(
         "--set",
         dest="router_settings",
         action="append",
@@ -185,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
         multiples = parse_multiples(args.host_multiples) if args.host_multiples is not None else None
         if args.sweep_chart is not None and multiples is None:
             raise ValueError("--sweep-chart needs --host-multiples")
+        if args.priority_scheduling and args.preempt_for_prompts:
+            raise ValueError("--priority-scheduling and --preempt-for-prompts are two engines: choose one")
         if args.workload is not None:
             args.trace_block_size = args.block_size  # the rows' hash ids are blocks of the simulated size
             generated = make_workload(args.workload, args.rate, args.seed, args.max_context)
@@ -207,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         host_bandwidth_gbps=args.host_bandwidth,
         pin_baselines=args.pin_baselines,
         preempt_for_prompts=args.preempt_for_prompts,
+        priority_scheduling=args.priority_scheduling,
         router_settings=settings,
     )
     workload = Workload(

@@ -100,7 +100,7 @@ class FastForward:
         if bm.blocks_needed(len(seq)) > bm.num_blocks:
             return True  # the scheduler will drop it: a real step
         return bm.can_allocate(seq, bm.match_prefix(seq)) or bool(
-            sched.preempt_for_prompts and sched.decodes_to_preempt()
+            (sched.preempt_for_prompts or sched.priority_threshold is not None) and sched.decodes_to_preempt()
         )
 
     def apply(self, run: DecodeRun, steps: int) -> None:

@@ -65,6 +65,7 @@ class SimConfig(msgspec.Struct, frozen=True):
     host_bandwidth_gbps: float = DEFAULT_HOST_BANDWIDTH_GBPS  # the host link (engines/mock.py)
     pin_baselines: bool = False  # RouterConfig.pin_baselines (the "same engine" ablation), likewise
     preempt_for_prompts: bool = False  # EngineConfig.preempt_for_prompts, every worker's (every policy's)
+    priority_scheduling: bool = False  # EngineConfig.priority_scheduling, likewise
     # further RouterConfig fields (name -> value) when no router config is given: sweeps from the CLI
     router_settings: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -88,6 +89,7 @@ class SimConfig(msgspec.Struct, frozen=True):
             max_pinned_blocks=self.max_pinned_blocks,
             host_blocks=self.host_blocks,
             preempt_for_prompts=self.preempt_for_prompts,
+            priority_scheduling=self.priority_scheduling,
         )
 
     def transfer(self) -> TransferModel:
@@ -153,6 +155,10 @@ class Simulation:
         self._next_kv_seq = dict.fromkeys(self.workers, 0)  # numbered from 0, as a worker's publisher does
         self.run_result = SimRun(policy)
         self._turns: dict[str, tuple[Turn, RequestRecord]] = {}
+        # turns sent as a prompt and then a decode (Router.decode_priority): the decode's engine request
+        # id -> the turn's, and the turns whose prompt is in flight -> their decode's priority
+        self._decodes: dict[str, str] = {}
+        self._decode_priority: dict[str, tuple[int, str | None]] = {}
         self._open = len(workload)  # turns not finished yet (arrived or not)
         self._next_index = 0
         self._last_progress = 0.0
@@ -245,19 +251,52 @@ class Simulation:
             self._wake_ticks(worker_id)
         row = turn.row
         hashes = self.workload.block_hashes(row)
+        max_tokens = row.output_length
+        priority = self.router.decode_priority(worker_id) if max_tokens > 1 else None
+        if priority is not None:  # the prompt alone now, its decode once the first token is out
+            self._decode_priority[turn.request_id] = (priority, session_id)
+            max_tokens = 1
         try:
-            self.workers[worker_id].submit(
-                turn.request_id, row.input_length, hashes, row.output_length, session_id
-            )
+            self.workers[worker_id].submit(turn.request_id, row.input_length, hashes, max_tokens, session_id)
         except ValueError:  # the engine refuses it (longer than the worker's whole cache)
+            self._decode_priority.pop(turn.request_id, None)
             self._finish(turn.request_id, 0, ok=False)
+
+    def _submit_decode(self, request_id: str, priority: int, session_id: str | None) -> None:
+        """A turn's decode as the gateway sends it: the prompt and its first token, the rest of the
+        output to generate, at `priority`, to the worker that computed the prompt."""
+        turn, record = self._turns[request_id]
+        row = turn.row
+        decode_id = request_id + "/decode"
+        self._decodes[decode_id] = request_id
+        try:
+            self.workers[record.worker].submit(
+                decode_id,
+                row.input_length + 1,
+                self.workload.block_hashes(row),
+                max(1, row.output_length - 1),
+                session_id,
+                priority,
+            )
+        except ValueError:
+            del self._decodes[decode_id]
+            self._finish(request_id, 1, ok=False)
 
     def _on_outputs(self, worker_id: str, outputs: list[RequestOutput]) -> None:
         self.loop.settle()
         now = self.loop.now
         self._last_progress = now
         for out in outputs:
-            entry = self._turns.get(out.request_id)
+            request_id = out.request_id
+            if self._decodes:
+                decode_of = self._decodes.get(request_id)
+                if decode_of is not None:  # a turn's decode: its end is the turn's
+                    if out.finished:
+                        del self._decodes[request_id]
+                        ok = out.completion_tokens > 0 and out.finish_reason != "abort"
+                        self._finish(decode_of, out.completion_tokens + 1, ok)
+                    continue
+            entry = self._turns.get(request_id)
             if entry is None:
                 continue
             record = entry[1]
@@ -265,10 +304,14 @@ class Simulation:
                 record.first_token = now
                 record.cached_tokens = out.num_cached_tokens
                 record.host_cached_tokens = out.num_host_cached_tokens
-                self.router.on_first_token(out.request_id, now)
+                self.router.on_first_token(request_id, now)
             if out.finished:
                 ok = out.completion_tokens > 0 and out.finish_reason != "abort"
-                self._finish(out.request_id, out.completion_tokens, ok)
+                decode = self._decode_priority.pop(request_id, None)
+                if ok and decode is not None:  # the gateway sends the decode on (a round trip)
+                    self.loop.after(self.config.bus_delay_s, self._submit_decode, request_id, *decode)
+                else:
+                    self._finish(request_id, out.completion_tokens, ok)
 
     def _finish(self, request_id: str, output_tokens: int, ok: bool) -> None:
         now = self.loop.now
@@ -418,5 +461,8 @@ class Simulation:
             # nothing moved for an hour of virtual time: fail what is in flight rather than spin
             for request_id, (_turn, record) in list(self._turns.items()):
                 self.workers[record.worker].abort(request_id)
+                self.workers[record.worker].abort(request_id + "/decode")
+                self._decode_priority.pop(request_id, None)
                 self._finish(request_id, 0, ok=False)
+            self._decodes.clear()
         self.loop.after(self.config.expire_interval_s, self._expire_tick)

@@ -75,6 +75,7 @@ class SimWorker:
             epoch=1,
             heartbeat_ts=self.loop.now,
             max_num_seqs=self.config.max_num_seqs,
+            priority_threshold=self.config.priority_threshold if self.config.priority_scheduling else -1,
         )
 
     def submit(
@@ -84,6 +85,7 @@ class SimWorker:
         block_hashes: list[int],
         max_tokens: int,
         session_id: str | None,
+        priority: int = 0,
     ) -> None:
         """Queue a request whose prompt is `num_tokens` long with these full-block hashes.
 
@@ -96,7 +98,9 @@ class SimWorker:
         self._cut_run()
         self._load = None
         zeros = [0] * num_tokens
-        request = EngineRequest(request_id, zeros, sampling, session_id, prompt_block_hashes=block_hashes)
+        request = EngineRequest(
+            request_id, zeros, sampling, session_id, prompt_block_hashes=block_hashes, priority=priority
+        )
         self.engine.add_request(request, adopt_prompt=True)
         self._idle_steps = 0
         self.kick()

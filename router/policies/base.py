@@ -35,6 +35,7 @@ class RouterView:
         "now",
         "parent",
         "session",
+        "yielding",
     )
 
     def __init__(
@@ -47,6 +48,7 @@ class RouterView:
         block_size: int,
         now: float,
         parent: Session | None = None,
+        yielding: frozenset[str] = frozenset(),
     ) -> None:
         self.candidates = candidates  # routable, in a stable order; never empty
         self.index = index
@@ -57,6 +59,9 @@ class RouterView:
         self.block_size = block_size
         self.now = now
         self._overlap: dict[str, int] | None = None
+        # workers whose running decodes yield to a prompt that does not fit (the router sends them
+        # apart, at a priority every prompt outranks: Router.decode_priority)
+        self.yielding = yielding
 
     def overlap(self, chain: Sequence[int]) -> dict[str, int]:
         """Device-tier matched prefix in blocks per worker (event-fed, or approximate for silent workers)."""

@@ -213,7 +213,8 @@ class SessionKv(Policy):
         bs = view.block_size
         wl = view.load.workers[worker]
         report = wl.report
-        if report is not None:
+        if report is not None and worker not in view.yielding:
+            # (where decodes yield to prompts, a turn that does not fit preempts them: it keeps the hold)
             needed = self._used_blocks(wl, view.now, bs) + len(chain)
             if needed > report.total_blocks and needed - self._in_use(worker, chain) > report.total_blocks:
                 return 0.0
@@ -445,7 +446,7 @@ class SessionKv(Policy):
             full = ((used + n_blocks) / report.total_blocks - floor) / (1.0 - floor)
             if full > 0.0:
                 missing *= 1.0 + stall_factor * running * (full if full < 1.0 else 1.0)
-        memory = self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used)
+        memory = self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used, w in view.yielding)
         return (queued + missing) * ms_per_token + memory
 
     def _used_blocks(self, wl: WorkerLoad, now: float, bs: int) -> float:
@@ -466,6 +467,7 @@ class SessionKv(Policy):
         bs: int,
         ms_per_token: float,
         used: float,
+        yields: bool = False,
     ) -> float:
         block_ms = bs * ms_per_token
         cfg = self.config
@@ -486,8 +488,9 @@ class SessionKv(Policy):
                     excess = (1.0 - cfg.host_credit) * kept + (excess - kept)
                 ms += cfg.memory_pressure_factor * excess
             # running sequences hold their blocks: beyond the worker's capacity this one waits
+            # (unless they yield to prompts: the router sends decodes apart there)
             busy = used + n_blocks - capacity
-            if busy > 0:
+            if busy > 0 and not yields:
                 ms += cfg.inflight_pressure_factor * busy
         return ms * block_ms
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from engines.block_manager import BlockManager
 from engines.runner import SamplingParams
 from engines.scheduler import Scheduler
@@ -179,3 +181,86 @@ def test_only_a_prompt_not_started_preempts_and_only_when_it_then_fits() -> None
     compute(off, off.schedule()[0])
     off.add(seq("g", 29, first=300))
     assert [s.seq_id for s, _ in off.schedule()[0]] == ["f"]  # off by default: the prompt waits
+
+
+def pseq(seq_id: str, length: int, priority: int, first: int = 0) -> Sequence:
+    s = seq(seq_id, length, first)
+    s.priority = priority
+    return s
+
+
+def test_priority_scheduling_orders_the_queue_first_come_first_served_within_a_priority() -> None:
+    sched = Scheduler(BlockManager(8, B, lambda: 0.0), 8, 100, priority_threshold=10)
+    a, low, b, high = pseq("a", 4, 0), pseq("low", 4, -11), pseq("b", 4, 0), pseq("high", 4, 5)
+    for s in (a, low, b, high):
+        sched.add(s)
+    assert list(sched.waiting) == [high, a, b, low]
+
+
+def test_a_request_preempts_only_what_it_outranks_by_more_than_the_threshold() -> None:
+    """Known by construction: 8 blocks; a (priority -11) and b (-10) decode in 2 blocks each; d
+    (priority 0) needs 5: it outranks a by 11 > 10 and b by 10, not more, so only a goes, and that
+    frees enough. The preempted a queues at the front of its priority, behind d's; e (priority 0)
+    needs 7 blocks, and nothing it outranks by more than 10 is running: it waits, preempting nobody."""
+    sched = Scheduler(BlockManager(8, B, lambda: 0.0), 8, 100, priority_threshold=10)
+    a, b = pseq("a", 7, -11), pseq("b", 7, -10, first=50)
+    for s in (a, b):
+        sched.add(s)
+    compute(sched, sched.schedule()[0])  # both prefilled, first token out: 2 blocks each
+    y = pseq("y", 4, -11, first=400)  # waits behind every priority-0 prompt
+    d = pseq("d", 20, 0, first=100)
+    sched.add(y)
+    sched.add(d)
+    assert list(sched.waiting) == [d, y]
+    assert sched.decodes_to_preempt() == [a]
+    work, _ = sched.schedule()
+    assert [(s.seq_id, n) for s, n in work] == [("b", 1), ("d", 20)]
+    assert list(sched.waiting) == [a, y] and a.num_computed_tokens == 0 and sched.num_preemptions == 1
+    e = pseq("e", 28, 0, first=200)
+    sched.add(e)
+    assert list(sched.waiting) == [e, a, y] and sched.decodes_to_preempt() == []
+    check_invariants(sched.block_manager, sched.running)
+
+
+def test_the_lowest_priority_goes_first_and_only_as_many_as_make_it_fit() -> None:
+    """8 blocks: a (-20), b (-11), c (-20, admitted after a) decode in 2 blocks each, 2 free; d (0)
+    needs 6: the -20s go first, the latest admitted first (c, then a), and b stays."""
+    sched = Scheduler(BlockManager(8, B, lambda: 0.0), 8, 100, priority_threshold=10)
+    a, b, c = pseq("a", 7, -20), pseq("b", 7, -11, first=50), pseq("c", 7, -20, first=90)
+    for s in (a, b, c):
+        sched.add(s)
+    assert list(sched.waiting) == [b, a, c]
+    compute(sched, sched.schedule()[0])
+    sched.add(pseq("d", 24, 0, first=100))
+    assert sched.decodes_to_preempt() == [c, a]
+    sched.add(pseq("x", 40, 0, first=300))  # behind d; would never fit: no effect on d's victims
+    assert sched.decodes_to_preempt() == [c, a]
+
+
+def test_equal_priorities_schedule_exactly_as_first_come_first_served() -> None:
+    """A client that sends no priority (every request 0) sees the first-come-first-served scheduler:
+    the same steps, the same preemptions, under memory pressure."""
+    import random
+
+    rng = random.Random(7)
+    plain = Scheduler(BlockManager(24, B, lambda: 0.0), 4, 12)
+    ranked = Scheduler(BlockManager(24, B, lambda: 0.0), 4, 12, priority_threshold=0)
+    for step in range(200):
+        if rng.random() < 0.3:
+            length, first = rng.randint(2, 40), rng.randint(0, 3) * 1000
+            for sched in (plain, ranked):
+                sched.add(seq(f"s{step}", length, first))
+        works = [sched.schedule() for sched in (plain, ranked)]
+        assert [[(s.seq_id, n) for s, n in w] for w, _ in works] == [
+            [(s.seq_id, n) for s, n in w] for w, _ in works[:1]
+        ] * 2
+        for sched, (work, _too_long) in zip((plain, ranked), works, strict=True):
+            compute(sched, work)
+            for s in [s for s, _ in work if s.num_output_tokens >= 5]:
+                sched.finish(s, "stop")
+    assert plain.num_preemptions == ranked.num_preemptions > 0
+
+
+def test_priority_scheduling_and_preempt_for_prompts_are_two_engines() -> None:
+    with pytest.raises(ValueError):
+        Scheduler(BlockManager(8, B, lambda: 0.0), 8, 100, preempt_for_prompts=True, priority_threshold=10)

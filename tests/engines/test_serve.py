@@ -332,3 +332,6 @@ def test_the_worker_flags_reach_the_engine_config() -> None:
     config = engine_config(parser.parse_args(["--host-blocks", "64", "--preempt-for-prompts"]))
     assert config.host_blocks == 64 and config.preempt_for_prompts
     assert not engine_config(parser.parse_args([])).preempt_for_prompts  # off by default
+    config = engine_config(parser.parse_args(["--priority-scheduling", "--priority-threshold", "3"]))
+    assert config.priority_scheduling and config.priority_threshold == 3
+    assert not engine_config(parser.parse_args([])).priority_scheduling

@@ -184,6 +184,9 @@ async def test_pretokenized_prompt_from_the_gateway_is_used_as_is(served: Served
         ({"messages": MESSAGES, "kvgate": {"prompt_token_ids": [1, 10**9]}}, "kvgate.prompt_token_ids"),
         ({"messages": MESSAGES, "kvgate": {"prompt_token_ids": []}}, "kvgate.prompt_token_ids"),
         ({"messages": [{"role": "user", "content": "x" * 5000}]}, "messages"),
+        ({"messages": MESSAGES, "priority": "high"}, "priority"),
+        ({"messages": MESSAGES, "priority": 1.5}, "priority"),
+        ({"messages": MESSAGES, "priority": 1 << 40}, "priority"),
     ],
 )
 async def test_unsupported_or_invalid_options_get_a_400(served: Served, body: dict, param: str) -> None:

@@ -172,7 +172,9 @@ def test_session_kv_reaches_the_oracle_hit_rate_when_nothing_competes(seed: int)
 def test_shortcuts_change_no_number() -> None:
     """Decode fast-forward and idle-report thinning only save events."""
     rows = agent_sessions(10, 6, seed=5)
-    for policy, preempt in (("session_kv", False), ("kv_overlap", False), ("session_kv", True)):
+    cases = (("session_kv", ""), ("kv_overlap", ""), ("session_kv", "preempt"), ("session_kv", "priority"))
+    for policy, engine in cases:
+        preempt = bool(engine)
         results = []
         for fast in (True, False):
             idle_report_s = 1.0 if fast else 0.0
@@ -181,7 +183,8 @@ def test_shortcuts_change_no_number() -> None:
                 num_blocks=200,
                 fast_forward=fast,
                 idle_report_s=idle_report_s,
-                preempt_for_prompts=preempt,
+                preempt_for_prompts=engine == "preempt",
+                priority_scheduling=engine == "priority",
             )
             sim = Simulation(workload(rows), policy, config)
             results.append(sim.run())
@@ -197,6 +200,40 @@ def test_shortcuts_change_no_number() -> None:
             )
             assert x.first_token == pytest.approx(y.first_token, abs=1e-9)
             assert x.finish == pytest.approx(y.finish, abs=1e-9)
+
+
+def test_a_prompt_preempts_a_decode_session_kv_sent_apart_on_a_priority_engine() -> None:
+    """Known by construction: one worker of 64 blocks; A's prompt (40 blocks) is computed, then its
+    300-token decode runs when B's prompt (40 blocks, nothing shared) arrives, which does not fit
+    beside it. On an engine that schedules by priority, session_kv sent A's decode as its own request
+    at a priority B's prompt outranks: B preempts it and starts at once, and A's decode resumes after
+    B's prefill, from its cached prefix. Without priority scheduling B waits for A's whole decode; a
+    baseline sends one request with no priority, so the priority engine changes none of its numbers."""
+    a = TraceRow(
+        timestamp=0.0, input_length=640, output_length=300, hash_ids=[1, 2, 3, 4, 5], session_id="a"
+    )
+    b = TraceRow(
+        timestamp=1000.0, input_length=640, output_length=4, hash_ids=[6, 7, 8, 9, 10], session_id="b"
+    )
+    runs = {}
+    for policy in ("session_kv", "cache_aware"):
+        for priority in (False, True):
+            config = small_config(workers=1, num_blocks=64, priority_scheduling=priority)
+            sim = Simulation(workload([a, b]), policy, config)
+            run = sim.run()
+            assert all(r.ok for r in run.records)
+            assert [r.output_tokens for r in run.records] == [300, 4]
+            runs[policy, priority] = (run.records, sim.workers["w0"].engine.scheduler.num_preemptions)
+    (a_fcfs, b_fcfs), _ = runs["session_kv", False]
+    (a_prio, b_prio), preemptions = runs["session_kv", True]
+    assert b_fcfs.first_token > a_fcfs.finish  # it waited for A's whole decode
+    assert preemptions == 1 and b_prio.first_token < a_prio.finish
+    assert b_prio.first_token - b_prio.arrival < (b_fcfs.first_token - b_fcfs.arrival) / 5
+    assert a_prio.first_token == a_fcfs.first_token and a_prio.finish > a_fcfs.finish
+    assert a_prio.cached_tokens == a_fcfs.cached_tokens == 0
+    baseline = [(r.first_token, r.finish, r.cached_tokens) for r in runs["cache_aware", False][0]]
+    assert [(r.first_token, r.finish, r.cached_tokens) for r in runs["cache_aware", True][0]] == baseline
+    assert runs["cache_aware", True][1] == 0
 
 
 # every Router method the simulation calls that could read the load view

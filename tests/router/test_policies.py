@@ -355,6 +355,29 @@ def test_session_kv_holds_no_session_on_a_worker_it_does_not_fit() -> None:
     assert router.pick(req("r2", turn1 + chain(50, base=9000), "s"), 1.0).worker_id != "w0"
 
 
+def test_session_kv_holds_a_session_that_does_not_fit_where_decodes_yield_to_prompts() -> None:
+    # the case above on a worker whose engine schedules by priority: session_kv sends decodes apart
+    # there, at a priority the turn's prompt outranks, so the turn preempts them rather than waits for
+    # them (Router.decode_priority): the session keeps its worker, unless it sends no decodes apart
+    for yields in (True, False):
+        router = make("session_kv", n=0, stall_factor=0.0, yield_decodes=yields)
+        for i in range(3):
+            registration = WorkerRegistration(
+                f"w{i}", f"http://w{i}", "m", BS, 1000, "mock", 1, 0.0, priority_threshold=10
+            )
+            router.add_worker(registration, 0.0)
+        assert router.decode_priority("w0") == (-11 if yields else None)
+        turn1 = chain(150)
+        hold(router, "w0", turn1)
+        assert router.pick(req("r1", turn1, "s"), 0.0).worker_id == "w0"
+        router.on_complete("r1", 0.5, "tool_calls", 10)
+        router.apply_load(LoadReport("w0", 1.0, 4, 0, 5_000, 900, 1000, 10_000.0, 100.0), 1.0)
+        for w in ("w1", "w2"):
+            load(router, w, prefill=0, now=1.0)
+        d = router.pick(req("r2", turn1 + chain(50, base=9000), "s"), 1.0)
+        assert (d.worker_id == "w0") == yields
+
+
 def test_session_kv_counts_blocks_in_use_by_other_requests_as_no_new_blocks() -> None:
     # as above, but another session's request in flight on w0 holds the first 120 of the turn's blocks
     # (a system prompt they share): the turn takes only 80 new blocks, which fit in the 100 free, so the

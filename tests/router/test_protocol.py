@@ -104,6 +104,7 @@ def _registration(**changes: object) -> WorkerRegistration:
         ({"tokenizer": "x" * 5000}, "tokenizer"),
         ({"worker_id": "a.b"}, "worker id"),
         ({"heartbeat_ts": float("nan")}, "heartbeat_ts"),
+        ({"priority_threshold": 1 << 40}, "priority_threshold"),
     ],
 )
 def test_a_bad_registration_names_its_problem(changes: dict[str, object], problem: str) -> None:
