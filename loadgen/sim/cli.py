@@ -81,7 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trace-block-size", type=_positive_int, default=TRACE_BLOCK_SIZE, help="tokens per trace hash id"
     )
     parser.add_argument("--max-think-s", type=float, default=60.0, help="cap on a session's think time")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the policies' random choices")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the generated workload, trace content, policies' draws"
+    )
+    parser.add_argument(
+        "--policy-seed",
+        type=int,
+        default=None,
+        help="seed of the policies' random choices alone (default: --seed): the same traffic, other draws",
+    )
     parser.add_argument("--limit", type=_positive_int, default=None, help="replay only the first N rows")
     parser.add_argument(
         "--rate-scale",
@@ -210,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         num_blocks=args.num_blocks,
         block_size=args.block_size,
         bus_delay_s=args.bus_delay_ms / 1000.0,
-        seed=args.seed,
+        seed=args.seed if args.policy_seed is None else args.policy_seed,
         session_admission=args.admission,
         host_blocks=args.host_blocks,
         host_bandwidth_gbps=args.host_bandwidth,

@@ -57,3 +57,17 @@ def test_cli_simulates_a_workload_with_router_settings(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["sim", "--workload", "chat", "--trace", "t.jsonl"])
     assert main(["sim", "--workload", "chat", "--set", "no_such_field=1"]) == 2
+
+
+def test_cli_policy_seed_changes_the_draws_not_the_traffic(capsys) -> None:
+    args = ["sim", "--workload", "prefix", "--rate", "20", "--duration", "2", "--workers", "4"]
+    args += ["--policy", "random", "--json", "-", "--seed", "0"]
+
+    def result(*extra: str) -> dict:
+        assert main(args + list(extra)) == 0
+        return json.loads(capsys.readouterr().out)["policies"]["random"]
+
+    plain, same, other = result(), result("--policy-seed", "0"), result("--policy-seed", "1")
+    assert plain == same
+    assert other["requests"] == plain["requests"]  # the traffic of --seed 0
+    assert other["ttft_mean_ms"] != plain["ttft_mean_ms"]  # other random picks
