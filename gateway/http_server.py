@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import LineTooLong
@@ -32,6 +32,7 @@ log = logging.getLogger("kvgate.gateway.http")
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]  # what web.Server takes
 
 
 class _JsonErrorHandler(RequestHandler):
@@ -110,7 +111,8 @@ class GatewayRunner(web.AppRunner):
         made = await super()._make_server()  # runs the app's start-up; its settings are kept
         handler = made.request_handler
         if self._direct:
-            handler = _Direct(self._direct, handler)
+            # typed for any BaseRequest; the app's request factory (kept below) makes web.Requests
+            handler = cast(RawHandler, _Direct(self._direct, handler))
         return _Server(
             handler,
             request_factory=made.request_factory,
