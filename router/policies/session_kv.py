@@ -60,6 +60,20 @@ MAX_PENDING = 32
 MAX_RUNNING = 4096
 
 
+def _leading_in(chain: Sequence[int], blocks: dict[int, int]) -> int:
+    """How many of `chain`'s blocks are in `blocks`, the blocks of other chains: a chained hash names
+    every block before it, so those are a prefix of `chain`, found by bisection (a few lookups where a
+    walk over a 32k-token prompt's 2,048 blocks costs ~100 us per worker)."""
+    lo, hi = 0, len(chain)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if chain[mid] in blocks:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 class SessionKv(Policy):
     name = "session_kv"
 
@@ -179,7 +193,7 @@ class SessionKv(Policy):
         for w in view.candidates:
             prefill = (loads[w].inflight_prefill + request.num_tokens) / bs - credit.get(w, 0)
             active = warm.get(w)
-            potential = len(active) + sum(1 for h in chain if h not in active) if active else len(chain)
+            potential = len(active) + len(chain) - _leading_in(chain, active) if active else len(chain)
             costs[w] = (prefill if prefill > 0.0 else 0.0) + potential
         best = min(costs.values())
         tied = [w for w, c in costs.items() if c == best]

@@ -770,3 +770,20 @@ def test_session_kv_warm_up_ends_once_the_marginal_cost_is_fitted() -> None:
     assert off.pick(req("q", doc + chain(8, base=70_000)), 0.0).estimated_cost == pytest.approx(
         8 * BS / RouterConfig().default_prefill_tok_s * 1000
     )
+
+
+def test_session_kv_counts_a_chains_blocks_in_flight_by_bisection() -> None:
+    # chained hashes: the blocks of other chains that a chain holds are a prefix of it, so bisection
+    # counts what a walk over every block counts
+    from router.policies.session_kv import _leading_in
+
+    rng = random.Random(5)
+    trunk = chain(200)
+    for _ in range(200):
+        blocks: dict[int, int] = {}
+        for i in range(rng.randrange(0, 5)):
+            other = trunk[: rng.randrange(0, 201)] + chain(rng.randrange(0, 20), base=10_000 * (i + 1))
+            for h in other:
+                blocks[h] = blocks.get(h, 0) + 1
+        prompt = trunk[: rng.randrange(0, 201)] + chain(rng.randrange(0, 20), base=999_000)
+        assert _leading_in(prompt, blocks) == sum(h in blocks for h in prompt)
