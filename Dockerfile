@@ -3,7 +3,7 @@
 #   docker build -t kvgate:0.1.0 .                           # gateway, bridges, mock + torch (CPU) workers
 #   docker build -t kvgate:0.1.0-slim --build-arg EXTRAS= .  # no torch: gateway, bridges, mock workers
 #   docker build -t kvgate:0.1.0-cu128 --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
-# (tests/charts/test_image.py checks this file against pyproject.toml and the rendered chart.)
+# (tests/charts/test_dockerfile.py and test_image.py check this file against pyproject.toml and the chart.)
 
 FROM python:3.11-slim AS build
 
