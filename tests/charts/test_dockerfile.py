@@ -21,6 +21,12 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from tests.charts.chart_render import (
+    EXTERNAL_NATS,
+    container,
+    find,
+    render,
+)
 from tests.charts.docker_build import (
     PYPROJECT,
     ROOT,
@@ -30,12 +36,6 @@ from tests.charts.docker_build import (
     dockerignore,
     package_dirs,
     repo_sources,
-)
-from tests.charts.test_kvgate_chart import (
-    EXTERNAL_NATS,
-    container,
-    find,
-    render,
 )
 
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"

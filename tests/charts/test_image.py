@@ -23,13 +23,7 @@ from engines.worker import WorkerApp, WorkerSettings
 from gateway.app import Gateway
 from gateway.cli import COMMANDS, build_parser
 from gateway.config import GatewayConfig
-from tests.charts.docker_build import (
-    PYPROJECT,
-    ROOT,
-    dockerfile,
-    exposed_ports,
-)
-from tests.charts.test_kvgate_chart import (
+from tests.charts.chart_render import (
     BRIDGE_TARGETS,
     EXTERNAL_NATS,
     container,
@@ -38,6 +32,12 @@ from tests.charts.test_kvgate_chart import (
     notes,
     render,
     values_file,
+)
+from tests.charts.docker_build import (
+    PYPROJECT,
+    ROOT,
+    dockerfile,
+    exposed_ports,
 )
 
 WORKLOADS = ("Deployment", "StatefulSet")

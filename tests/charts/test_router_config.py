@@ -16,8 +16,7 @@ import pytest
 from gateway.cli import build_parser
 from gateway.settings import RouterConfigError, router_config_from
 from router.config import RouterConfig
-from tests.charts.test_image import substitute_env
-from tests.charts.test_kvgate_chart import (
+from tests.charts.chart_render import (
     CHART,
     EXTERNAL_NATS,
     KUBE_VERSION,
@@ -27,6 +26,7 @@ from tests.charts.test_kvgate_chart import (
     render,
     validate_all,
 )
+from tests.charts.test_image import substitute_env
 
 TUNED = {"session_admission": True, "stall_factor": 1.5, "pin_max_s": 60, "admission_max_held": 512}
 
