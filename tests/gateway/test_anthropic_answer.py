@@ -10,46 +10,7 @@ import msgspec
 
 from gateway.anthropic_answer import MessagesTranslation
 from gateway.api_bridge import ChatReader
-
-CHUNKS = [
-    {
-        "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": "Let me look."}, "finish_reason": None}
-        ]
-    },
-    {
-        "choices": [
-            {
-                "index": 0,
-                "delta": {
-                    "tool_calls": [
-                        {
-                            "index": 0,
-                            "id": "call_9",
-                            "type": "function",
-                            "function": {"name": "ls", "arguments": ""},
-                        }
-                    ]
-                },
-            }
-        ]
-    },
-    {
-        "choices": [
-            {"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"path":'}}]}}
-        ]
-    },
-    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"/"}'}}]}}]},
-    {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
-    {
-        "choices": [],
-        "usage": {
-            "prompt_tokens": 100,
-            "completion_tokens": 7,
-            "prompt_tokens_details": {"cached_tokens": 64},
-        },
-    },
-]
+from tests.gateway.tool_call_chunks import CHUNKS
 
 
 def _events(raw: bytes) -> list[tuple[str, dict]]:

@@ -10,7 +10,7 @@ import msgspec
 from gateway.api_bridge import ChatReader
 from gateway.response_store import ResponseStore
 from gateway.responses_answer import ResponseContext, ResponsesTranslation
-from tests.gateway.test_anthropic_answer import CHUNKS
+from tests.gateway.tool_call_chunks import CHUNKS
 
 
 class _Api:

@@ -16,7 +16,7 @@ from gateway.responses_request import input_messages
 from loadgen.apis import MessagesStream, ResponsesStream, messages_body, responses_body
 from loadgen.client import Outcome
 from loadgen.workloads import Turn
-from tests.gateway.test_anthropic_answer import CHUNKS
+from tests.gateway.tool_call_chunks import CHUNKS
 
 TOOLS = [
     {"type": "function", "function": {"name": "ls", "description": "list", "parameters": {"type": "object"}}}
