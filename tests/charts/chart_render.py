@@ -5,6 +5,7 @@ Kubernetes OpenAPI schemas (kubernetes-validate)."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,15 @@ def find(docs: list[dict[str, Any]], kind: str, component: str | None = None) ->
 def container(doc: dict[str, Any]) -> dict[str, Any]:
     (only,) = doc["spec"]["template"]["spec"]["containers"]
     return only
+
+
+def substitute_env(args: list[str], env: list[dict[str, Any]]) -> list[str]:
+    """Kubernetes' `$(VAR)` expansion; a variable the container does not define would stay literal."""
+    defined = {e["name"] for e in env}
+    out = []
+    for arg in args:
+        for name in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", arg):
+            assert name in defined, f"{arg!r}: $({name}) is not in the container's env"
+            arg = arg.replace(f"$({name})", f"value-of-{name.lower().replace('_', '-')}")
+        out.append(arg)
+    return out

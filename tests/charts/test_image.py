@@ -31,6 +31,7 @@ from tests.charts.chart_render import (
     merge,
     notes,
     render,
+    substitute_env,
     values_file,
 )
 from tests.charts.docker_build import (
@@ -44,18 +45,6 @@ WORKLOADS = ("Deployment", "StatefulSet")
 
 
 # --- the chart's commands and ports against the image
-
-
-def substitute_env(args: list[str], env: list[dict[str, Any]]) -> list[str]:
-    """Kubernetes' `$(VAR)` expansion; a variable the container does not define would stay literal."""
-    defined = {e["name"] for e in env}
-    out = []
-    for arg in args:
-        for name in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", arg):
-            assert name in defined, f"{arg!r}: $({name}) is not in the container's env"
-            arg = arg.replace(f"$({name})", f"value-of-{name.lower().replace('_', '-')}")
-        out.append(arg)
-    return out
 
 
 BRIDGES = {"workers": {"enabled": False}, "bridges": {"targets": BRIDGE_TARGETS}}

@@ -24,9 +24,9 @@ from tests.charts.chart_render import (
     find,
     merge,
     render,
+    substitute_env,
     validate_all,
 )
-from tests.charts.test_image import substitute_env
 
 TUNED = {"session_admission": True, "stall_factor": 1.5, "pin_max_s": 60, "admission_max_held": 512}
 
