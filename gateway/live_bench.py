@@ -10,8 +10,8 @@ Each system is one of
 Every seed runs every system once, in an order rotated per seed (alternating, so a noisy machine's
 slow minutes do not all land on one system); each run is `kvgate loadgen` with the same arguments and
 seed. The table gives the mean over seeds of TTFT p50 / p90 / p99, cache hit rate, requests/s, the
-errors and the requests left unfinished (still in flight after loadgen's drain, so in no percentile: a
-system that leaves more of them looks faster than it was), and the gateway's CPU per request where
+errors and the requests left unfinished (still in flight after loadgen's drain: their TTFT counts
+when their first token came), and the gateway's CPU per request where
 the gateway is kvgate's own process (CPU time of the `kvgate up` process, which is the gateway; its
 workers and NATS are child processes, not counted).
 """

@@ -235,9 +235,13 @@ class StreamClient:
             headers[TOOL_CALL_HEADER] = "pending"
         return headers
 
-    async def send(self, turn: Turn, session_id: str) -> Outcome:
+    async def send(self, turn: Turn, session_id: str, outcome: Outcome | None = None) -> Outcome:
+        """Sends the turn and streams its answer into `outcome` (a new one by default): a caller that
+        cancels the send still holds what was measured so far (its first token, if it came)."""
         assert self._http is not None, "use StreamClient as an async context manager"
-        outcome = Outcome(start=time.perf_counter())
+        if outcome is None:
+            outcome = Outcome(start=0.0)
+        outcome.start = time.perf_counter()
         stream = _Stream(outcome) if self.api is None else self.api.stream(outcome)
         try:
             async with self._http.post(

@@ -170,6 +170,7 @@ class Driver:
         turns = 0
         start = self.elapsed()
         completed = False
+        sending: tuple[Turn, Outcome, float, float] | None = None  # the request in flight
         try:
             while not self.stopping.is_set():
                 turn = session.next_turn(reply)
@@ -184,7 +185,9 @@ class Driver:
                 if turns == 0:
                     start = self.elapsed()
                     self.recorder.sessions_started += 1
-                outcome = await self._send(turn, session.session_id)
+                sending = turn, Outcome(start=0.0), delay, ready
+                outcome = await self._send(turn, session.session_id, sending[1])
+                sending = None
                 self._record(session, turns, turn, outcome, delay, ready)
                 turns += 1
                 if not outcome.ok:
@@ -192,7 +195,14 @@ class Driver:
                 reply = outcome.text
                 previous_end = outcome.end - self.t0
         except asyncio.CancelledError:
-            pass  # stopped while waiting or interrupted: keep what the session measured
+            # stopped while waiting or interrupted: keep what the session measured, and a request in
+            # flight as unfinished (its first token, if it came, is a TTFT measured like any other)
+            if sending is not None and sending[1].start:
+                turn, outcome, delay, ready = sending
+                outcome.end = time.perf_counter()
+                outcome.error = "unfinished: in flight when the run ended"
+                self._record(session, turns, turn, outcome, delay, ready, unfinished=True)
+                turns += 1
         if turns:
             self.recorder.add_session(
                 SessionRecord(session.session_id, session.label, start, self.elapsed(), turns, completed)
@@ -210,17 +220,24 @@ class Driver:
             asyncio.get_running_loop().call_soon(self.stop, "requests")
         return True
 
-    async def _send(self, turn: Turn, session_id: str) -> Outcome:
+    async def _send(self, turn: Turn, session_id: str, outcome: Outcome) -> Outcome:
         async with self._slots:
             self.recorder.in_flight += 1
             self.recorder.sent += 1
             try:
-                return await self.client.send(turn, session_id)
+                return await self.client.send(turn, session_id, outcome)
             finally:
                 self.recorder.in_flight -= 1
 
     def _record(
-        self, session: Session, index: int, turn: Turn, outcome: Outcome, delay: float, ready: float
+        self,
+        session: Session,
+        index: int,
+        turn: Turn,
+        outcome: Outcome,
+        delay: float,
+        ready: float,
+        unfinished: bool = False,
     ) -> None:
         t0 = self.t0
         itl = outcome.itl
@@ -245,5 +262,6 @@ class Driver:
             ready=ready,
             tool_result=turn.tool_result,
             error=outcome.error,
+            unfinished=unfinished,
         )
         self.recorder.add_request(record, itl)

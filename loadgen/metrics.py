@@ -36,6 +36,9 @@ class RequestRecord(msgspec.Struct):
     tool_result: bool = False
     warmup: bool = False
     error: str | None = None
+    # still in flight when the run ended (cancelled after the drain): not an error; its TTFT counts
+    # when its first token came
+    unfinished: bool = False
 
 
 class SessionRecord(msgspec.Struct):
@@ -73,6 +76,8 @@ class Recorder:
     def add_request(self, record: RequestRecord, itl: Sequence[float]) -> None:
         record.warmup = record.start < self.warmup_s
         self.requests.append(record)
+        if record.unfinished:
+            return
         if not record.ok:
             self.errors += 1
             return
@@ -90,10 +95,6 @@ class Recorder:
         self.sessions.append(record)
 
     def summary(self, wall_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        # requests sent and never recorded: in flight when the run ended and cancelled after the drain,
-        # in no figure (a server that leaves more of them waiting looks faster than it was)
-        unfinished = {"unfinished": self.sent - len(self.requests)}
-        extra = {**unfinished, **extra} if extra else unfinished
         return summarize(self.requests, self.sessions, self._itl, self.sessions_started, wall_s, extra)
 
 
@@ -108,18 +109,24 @@ def summarize(
     """The run's figures over the measured (non-warm-up) requests."""
     measured = [r for r in requests if not r.warmup]
     done = [r for r in measured if r.ok]
-    failed = [r for r in measured if not r.ok]
+    failed = [r for r in measured if not r.ok and not r.unfinished]
+    unfinished = [r for r in measured if r.unfinished]
     window = max(r.end for r in measured) - min(r.start for r in measured) if measured else 0.0
     summary: dict[str, Any] = {
         "requests": len(measured),
         "completed": len(done),
         "errors": len(failed),
+        # in flight when the run ended: those with a first token count in the TTFT figures, those
+        # without in none (they waited longer than the run allowed, so the TTFT percentiles they would
+        # raise are lower bounds then)
+        "unfinished": len(unfinished),
+        "unfinished_before_first_token": sum(1 for r in unfinished if r.ttft is None),
         "error_statuses": dict(Counter(str(r.status) for r in failed)),
         "warmup_requests": len(requests) - len(measured),
         "duration_s": round(window, 3),
         "wall_s": round(wall_s, 3),
         "request_rate": round(len(done) / window, 3) if window > 0 else 0.0,
-        **_latencies(done, itl),
+        **_latencies(done, [r for r in unfinished if r.ttft is not None], itl),
         **_tokens(done, window),
         **_sessions(sessions, sessions_started),
     }
@@ -128,8 +135,11 @@ def summarize(
     return summary
 
 
-def _latencies(done: Sequence[RequestRecord], itl: Sequence[float]) -> dict[str, Any]:
-    ttft = np.array([r.ttft for r in done if r.ttft is not None])
+def _latencies(
+    done: Sequence[RequestRecord], started: Sequence[RequestRecord], itl: Sequence[float]
+) -> dict[str, Any]:
+    """`started`: requests left unfinished after their first token (their TTFT counts, not their e2e)."""
+    ttft = np.array([r.ttft for r in [*done, *started] if r.ttft is not None])
     e2e = np.array([r.e2e for r in done if r.e2e is not None])
     itl_arr = np.asarray(itl, dtype=float)
     return {

@@ -28,6 +28,7 @@ SUMMARY_ROWS: list[tuple[str, str, str]] = [
     ("requests", "requests", "{:,}"),
     ("completed", "completed", "{:,}"),
     ("errors", "errors", "{:,}"),
+    ("unfinished", "unfinished (in flight at the end)", "{:,}"),
     ("duration_s", "measured window (s)", "{:,.1f}"),
     ("request_rate", "requests/s", "{:,.1f}"),
     ("ttft_p50_ms", "TTFT p50 (ms)", "{:,.1f}"),

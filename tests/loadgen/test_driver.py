@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import statistics
 from collections import defaultdict
 
 import pytest
@@ -148,17 +150,23 @@ def test_a_wait_never_ends_before_its_deadline_under_uvloop() -> None:
     assert min(uvloop.run(lateness())) >= 0
 
 
-async def test_requests_still_in_flight_after_the_drain_are_counted_unfinished() -> None:
-    """A server that answers nothing: the run ends after its duration, the requests in flight are
-    cancelled after the drain and recorded nowhere, so the summary counts them as unfinished."""
+async def test_requests_in_flight_after_the_drain_are_recorded_unfinished_with_their_first_token() -> None:
+    """A server that never ends a stream: every other request gets its first token first. The run ends
+    after its duration, the requests in flight are cancelled after the drain and recorded as unfinished
+    (not errors); the TTFT of those whose first token came counts, the others count in no TTFT."""
     release = asyncio.Event()
     received = 0
 
     async def hold(request: web.Request) -> web.StreamResponse:
         nonlocal received
         received += 1
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        if received % 2:
+            delta = {"choices": [{"index": 0, "delta": {"content": "A"}, "finish_reason": None}]}
+            await response.write(f"data: {json.dumps(delta)}\n\n".encode())
         await release.wait()
-        return web.Response(status=503)
+        return response
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", hold)
@@ -168,6 +176,13 @@ async def test_requests_still_in_flight_after_the_drain_are_counted_unfinished()
             driver, recorder = await _drive(url, config, turns="const:4", rate=20.0)
         finally:
             release.set()
+    rows = recorder.requests
+    assert recorder.sent == received > 1 and len(rows) == received and recorder.in_flight == 0
+    assert all(r.unfinished and not r.ok and r.e2e is None for r in rows)
+    first = [r for r in rows if r.ttft is not None]
+    assert first and len(first) < len(rows)  # the streams that had begun, and those that had not
     summary = recorder.summary(driver.elapsed())
-    assert recorder.sent > 0 and recorder.requests == [] and recorder.in_flight == 0
-    assert summary["unfinished"] == recorder.sent and summary["requests"] == 0 and summary["errors"] == 0
+    assert summary["errors"] == 0 and summary["completed"] == 0
+    assert summary["unfinished"] == len(rows)
+    assert summary["unfinished_before_first_token"] == len(rows) - len(first)
+    assert summary["ttft_p50_ms"] == pytest.approx(1e3 * statistics.median(r.ttft for r in first), abs=1e-3)
