@@ -318,11 +318,12 @@ class Registry:
 
 
 @pytest.mark.slow
-async def test_a_replica_started_after_a_million_block_events_routes_like_the_old_one(
+async def test_a_replica_started_after_a_million_block_events_holds_what_the_old_one_holds(
     nc: NATS, nats_url: str, namespace: str
 ) -> None:
     """1M blocks of synthetic KV events on JetStream; an old gateway follows them, snapshots, follows a
-    tail; a new gateway starts from the snapshot and the tail, and then picks exactly as the old one."""
+    tail; a new gateway starts from the snapshot and the tail, and then finds every probe's prefix on the
+    same workers at the same depths as the old one."""
     from gateway.replay_bench import Workload, publish
     from tests.gateway.gateways import running_gateway
 
@@ -353,10 +354,14 @@ async def test_a_replica_started_after_a_million_block_events_routes_like_the_ol
                 assert recovery is not None and recovery.snapshot is not None
                 assert 0 < recovery.replayed < 1000  # the tail only, not the million
                 assert new.router.stream_positions() == old.router.stream_positions()
-                for i, chain in enumerate(workload.probes(300)):
-                    probe = RouteRequest(f"probe-{i}", "m", chain, len(chain) * 16 + 5, None, 16)
-                    mine, theirs = old.router.pick(probe, 0.0), new.router.pick(probe, 0.0)
-                    assert (mine.worker_id, mine.overlap_blocks) == (theirs.worker_id, theirs.overlap_blocks)
+                for w in workload.workers:
+                    assert new.router.index.blocks_of(w) == old.router.index.blocks_of(w)
+                for chain in workload.probes(300):
+                    # the same holders at the same depths: what a pick reads. Picks themselves are not
+                    # compared: between equal holders they follow the order each index lists them in,
+                    # which depends on how it was built (events or snapshot), and one different tie
+                    # moves the in-flight load every later pick reads
+                    assert new.router.index.overlap(chain) == old.router.index.overlap(chain)
     finally:
         if registry.task is not None:
             registry.task.cancel()
