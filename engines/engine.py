@@ -41,6 +41,9 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # ones it outranks by more than `priority_threshold`, as SGLang's --enable-priority-scheduling
     priority_scheduling: bool = False
     priority_threshold: int = 10  # SGLang's --priority-scheduling-preemption-threshold default
+    # a sequence onboarding host blocks waits for its copies while the others go on computing (vLLM's
+    # offloading connector loads asynchronously); off: the step that admits it waits for them
+    onboard_async: bool = False
     hash_seed: int = hash_seed()  # base seed for requests without a cache salt
 
 
@@ -130,7 +133,9 @@ class Engine:
             config.max_num_batched_tokens,
             config.preempt_for_prompts,
             config.priority_threshold if config.priority_scheduling else None,
+            config.onboard_async,
         )
+        self._link_free_at = 0.0  # asynchronous onboarding: when the host link is free again
         self._seqs: dict[str, Sequence] = {}
         self._finished_early: list[RequestOutput] = []  # aborted or refused between steps
         self.prefetched_blocks = 0  # brought back from the host ahead of a turn (`prefetch`), all time
@@ -227,12 +232,16 @@ class Engine:
 
     def step(self) -> StepResult:
         outputs, self._finished_early = self._finished_early, []
-        scheduled, too_long = self.scheduler.schedule()
+        sched = self.scheduler
+        scheduled, too_long = sched.schedule(self.clock()) if sched.onboard_async else sched.schedule()
         for seq in too_long:
             del self._seqs[seq.seq_id]
             outputs.append(self._output(seq, []))
         if not scheduled:
-            copy_s = self._run_copies()  # an offload asked for between steps
+            copy_s = self._run_copies()  # an offload asked for between steps, or loads
+            if sched.loading:
+                self._start_loads(copy_s)
+                copy_s = 0.0
             self._emit_events()
             return StepResult(outputs, copy_s or 0.0)
         chunks = []
@@ -263,6 +272,9 @@ class Engine:
         kv_usage = self.block_manager.usage()
         started = time.perf_counter()
         copy_s = self._run_copies()
+        if sched.loading:  # the copies are theirs: they wait for them, this step does not
+            self._start_loads(copy_s)
+            copy_s = None
         sampled = self.runner.execute(chunks)
         duration = self.runner.step_time_s(chunks, kv_usage)
         if duration is None:
@@ -274,6 +286,22 @@ class Engine:
         self._emit_events()
         self.num_steps += 1
         return StepResult(outputs, duration, num_prefill, num_decode)
+
+    def _start_loads(self, copy_s: float | None) -> None:
+        """The sequences admitted to wait for their onboarded blocks: ready when this step's copies
+        have crossed the host link, after those already on it (at once when the copies were real)."""
+        now = self.clock()
+        start = self._link_free_at if self._link_free_at > now else now
+        self._link_free_at = ready = start + (copy_s or 0.0)
+        for seq in self.scheduler.loading:
+            seq.ready_at = ready
+        self.scheduler.loading.clear()
+
+    def next_ready_at(self) -> float | None:
+        """The earliest time a running sequence's onboarded blocks land, if any is still waiting."""
+        now = self.clock()
+        waits = [s.ready_at for s in self.scheduler.running if s.ready_at > now]
+        return min(waits) if waits else None
 
     def _run_copies(self) -> float | None:
         """The host tier's copies the scheduler decided; their modelled seconds, if modelled."""

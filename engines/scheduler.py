@@ -26,10 +26,16 @@ lower than the head's by more than the threshold, the lowest priority first and,
 recently admitted first, as many as make it fit, or none when all of them would not. A preempted
 request goes back to the queue at the front of its priority. With every priority equal (a client that
 sends none) nothing is reordered or preempted: the scheduler is exactly the first-come-first-served one.
+
+With `onboard_async` (off by default), a waiting sequence whose prefix continues on the host tier is
+admitted with its blocks (the onboarded ones filled by copies the engine times) but computes nothing
+until the copies have landed (`Sequence.ready_at`, set by the engine), while the others go on, as
+vLLM's CPU offloading connector loads a request's blocks asynchronously (WAITING_FOR_REMOTE_KVS).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from operator import attrgetter
 
@@ -47,6 +53,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         preempt_for_prompts: bool = False,
         priority_threshold: int | None = None,
+        onboard_async: bool = False,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
@@ -59,6 +66,10 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preempt_for_prompts = preempt_for_prompts
         self.priority_threshold = priority_threshold
+        # a sequence admitted with host blocks to onboard waits for their copies without computing
+        # (vLLM's offloading connector loads asynchronously, between steps); the engine times them
+        self.onboard_async = onboard_async
+        self.loading: list[Sequence] = []  # admitted this step to wait for their copies
         self.waiting: deque[Sequence] = deque()
         self._resumed: set[str] = set()  # preempted for a prompt: the tail of `waiting`, behind prompts
         self.running: list[Sequence] = []
@@ -75,9 +86,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+    def schedule(self, now: float = 0.0) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
         """The step's work as (sequence, tokens to compute) pairs, and the sequences that cannot
-        ever fit (finished here with reason "length")."""
+        ever fit (finished here with reason "length"). `now`: running sequences whose onboarded blocks
+        land later (`Sequence.ready_at`) sit this step out."""
         bm = self.block_manager
         if self.waiting and (self.preempt_for_prompts or self.priority_threshold is not None):
             self._make_room_for_head()
@@ -90,6 +102,9 @@ class Scheduler:
         i = 0
         while i < len(running) and budget:
             seq = running[i]
+            if seq.ready_at > now:  # its blocks are still on their way from the host
+                i += 1
+                continue
             # the pending tokens, inline: every running sequence, every step
             computed = seq.num_computed_tokens
             n = len(seq.token_ids) - computed
@@ -142,6 +157,14 @@ class Scheduler:
             if self._resumed:
                 self._resumed.discard(seq.seq_id)
             onboard = bm.match_host(seq, hits)
+            if onboard and self.onboard_async:
+                # its blocks now, its first chunk once the copies have landed (Engine times them)
+                bm.allocate(seq, hits, onboard, 0)
+                seq.status = SequenceStatus.RUNNING
+                seq.ready_at = math.inf
+                running.append(seq)
+                self.loading.append(seq)
+                continue
             n = min(len(seq.token_ids) - (hits + onboard) * block_size, budget)
             # blocks for this step's chunk only: the rest come chunk by chunk (as vLLM's allocate_slots)
             bm.allocate(seq, hits, onboard, n)
@@ -232,6 +255,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, position: int = 0) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.ready_at = 0.0
         seq.status = SequenceStatus.WAITING
         if self.priority_threshold is not None:
             self._enqueue(seq, behind_equals=False)

@@ -32,6 +32,7 @@ class Sequence:
         "num_host_cached_tokens",
         "num_prompt_tokens",
         "priority",
+        "ready_at",
         "sampling",
         "seq_id",
         "session_id",
@@ -62,6 +63,7 @@ class Sequence:
         self.hash_seed = hash_seed
         self.session_id = session_id
         self.priority = priority  # with priority scheduling (engines/scheduler.py); larger goes first
+        self.ready_at = 0.0  # with asynchronous onboarding: when its blocks from the host have landed
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         # -1 until first admitted: the prefix hit of the first admission is what the client is told

@@ -125,6 +125,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "same engine for every policy; only session_kv sends priorities)",
     )
     parser.add_argument(
+        "--onboard-async",
+        action="store_true",
+        help="every worker's engine onboards host blocks asynchronously: a sequence waits for its "
+        "copies while the others go on computing, as vLLM's offloading connector loads them (default: "
+        "the step that admits it waits for them)",
+    )
+    parser.add_argument(
         "--set",
         dest="router_settings",
         action="append",
@@ -225,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         pin_baselines=args.pin_baselines,
         preempt_for_prompts=args.preempt_for_prompts,
         priority_scheduling=args.priority_scheduling,
+        onboard_async=args.onboard_async,
         router_settings=settings,
     )
     workload = Workload(

@@ -66,6 +66,7 @@ class SimConfig(msgspec.Struct, frozen=True):
     pin_baselines: bool = False  # RouterConfig.pin_baselines (the "same engine" ablation), likewise
     preempt_for_prompts: bool = False  # EngineConfig.preempt_for_prompts, every worker's (every policy's)
     priority_scheduling: bool = False  # EngineConfig.priority_scheduling, likewise
+    onboard_async: bool = False  # EngineConfig.onboard_async, likewise
     # further RouterConfig fields (name -> value) when no router config is given: sweeps from the CLI
     router_settings: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -90,6 +91,7 @@ class SimConfig(msgspec.Struct, frozen=True):
             host_blocks=self.host_blocks,
             preempt_for_prompts=self.preempt_for_prompts,
             priority_scheduling=self.priority_scheduling,
+            onboard_async=self.onboard_async,
         )
 
     def transfer(self) -> TransferModel:

@@ -210,6 +210,14 @@ class SimWorker:
         if self._idle_steps < 2 and self.engine.has_work():
             self.busy = True
             self.loop.next_now(self._step)  # the step ends in nothing else: the next starts now
+        elif self.engine.scheduler.onboard_async and self.engine.has_work():
+            ready = self.engine.next_ready_at()  # nothing to compute until a load lands
+            if ready is not None:
+                self.loop.at(ready, self._loaded)
+
+    def _loaded(self) -> None:
+        self._idle_steps = 0
+        self.kick()
 
     def load_report(self) -> LoadReport:
         load = self._load

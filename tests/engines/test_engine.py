@@ -242,3 +242,47 @@ def test_a_host_tier_needs_a_runner_that_copies_blocks() -> None:
         Engine(config, UntieredRunner(8, 4))
     Engine(config, MockRunner(8, 4))  # the mock models its copies
     Engine(EngineConfig(num_blocks=8, block_size=4), UntieredRunner(8, 4))  # no host tier: no copies
+
+
+def test_asynchronous_onboarding_lets_the_others_compute_while_the_copies_cross_the_link() -> None:
+    """Known by construction: a 200-block context moved to the host, a decode running, and the
+    context's next turn arriving. Onboarding synchronously, the step that admits the turn lasts its
+    copies (199 blocks over the link, 33 ms) and the decode's token waits for them; asynchronously,
+    that step is the decode alone, the turn computes nothing until its copies have landed, then its
+    first chunk, and it reports the same blocks from the host."""
+    from engines.mock import TransferModel
+
+    seen = {}
+    for onboard_async in (False, True):
+        clock = Clock()
+        config = EngineConfig(num_blocks=256, block_size=64, host_blocks=256, onboard_async=onboard_async)
+        engine = Engine(config, MockRunner(256, 64, transfer=TransferModel()), clock)
+        context = list(range(200 * 64))
+        engine.add_request(request("turn1", context, max_tokens=1))
+        drain(engine, clock)
+        assert engine.offload(block_hashes(context, 64, config.hash_seed)) == 200
+        engine.add_request(request("decode", list(range(10**5, 10**5 + 64)), max_tokens=50))
+        while not engine.step().outputs:  # the decode's first token
+            pass
+        engine.add_request(request("turn2", context + list(range(5 * 10**5, 5 * 10**5 + 8)), max_tokens=1))
+        admitted = engine.step()
+        copy_s = TransferModel().seconds(200, 64)
+        clock.now += admitted.duration_s
+        if not onboard_async:
+            assert admitted.duration_s > copy_s
+            assert [o.request_id for o in admitted.outputs] == ["decode", "turn2"]
+            seen[onboard_async] = clock.now
+            continue
+        assert admitted.duration_s < copy_s and [o.request_id for o in admitted.outputs] == ["decode"]
+        ready = engine.next_ready_at()
+        assert ready == pytest.approx(clock.now - admitted.duration_s + copy_s)
+        while clock.now < ready:  # the decode steps on; the turn waits for its copies
+            result = engine.step()
+            assert [o.request_id for o in result.outputs] == ["decode"]
+            clock.now += result.duration_s
+        result = engine.step()
+        clock.now += result.duration_s
+        turn2 = next(o for o in result.outputs if o.request_id == "turn2")
+        assert turn2.num_host_cached_tokens == 200 * 64 and engine.next_ready_at() is None
+        seen[onboard_async] = clock.now
+    assert seen[True] > seen[False] - 0.05  # the turn itself gains nothing: it waits for its KV either way

@@ -264,3 +264,20 @@ def test_equal_priorities_schedule_exactly_as_first_come_first_served() -> None:
 def test_priority_scheduling_and_preempt_for_prompts_are_two_engines() -> None:
     with pytest.raises(ValueError):
         Scheduler(BlockManager(8, B, lambda: 0.0), 8, 100, preempt_for_prompts=True, priority_threshold=10)
+
+
+def test_a_sequence_waiting_for_its_onboarded_blocks_sits_out_until_they_land() -> None:
+    """`onboard_async`: a running sequence whose `ready_at` is later than now computes nothing; the
+    others do; once now reaches it, its pending tokens are scheduled. A preempted one forgets it."""
+    sched = Scheduler(BlockManager(16, B, lambda: 0.0), 8, 100, onboard_async=True)
+    a, b = seq("a", 7), seq("b", 9, first=50)
+    for s in (a, b):
+        sched.add(s)
+    compute(sched, sched.schedule(0.0)[0])
+    b.ready_at = 2.0  # as if b's blocks were on the link until t = 2
+    assert [s.seq_id for s, _ in sched.schedule(1.0)[0]] == ["a"]
+    assert [s.seq_id for s, _ in sched.schedule(2.0)[0]] == ["a", "b"]
+    b.ready_at = 5.0
+    sched.running.remove(b)
+    sched._preempt(b)
+    assert b.ready_at == 0.0 and list(sched.waiting) == [b]

@@ -172,9 +172,16 @@ def test_session_kv_reaches_the_oracle_hit_rate_when_nothing_competes(seed: int)
 def test_shortcuts_change_no_number() -> None:
     """Decode fast-forward and idle-report thinning only save events."""
     rows = agent_sessions(10, 6, seed=5)
-    cases = (("session_kv", ""), ("kv_overlap", ""), ("session_kv", "preempt"), ("session_kv", "priority"))
+    cases = (
+        ("session_kv", ""),
+        ("kv_overlap", ""),
+        ("session_kv", "preempt"),
+        ("session_kv", "priority"),
+        ("session_kv", "priority+async"),
+    )
     for policy, engine in cases:
         preempt = bool(engine)
+        onboard_async = engine.endswith("async")
         results = []
         for fast in (True, False):
             idle_report_s = 1.0 if fast else 0.0
@@ -184,12 +191,15 @@ def test_shortcuts_change_no_number() -> None:
                 fast_forward=fast,
                 idle_report_s=idle_report_s,
                 preempt_for_prompts=engine == "preempt",
-                priority_scheduling=engine == "priority",
+                priority_scheduling=engine.startswith("priority"),
+                host_blocks=800 if onboard_async else 0,
+                onboard_async=onboard_async,
             )
             sim = Simulation(workload(rows), policy, config)
             results.append(sim.run())
             preemptions = sum(w.engine.scheduler.num_preemptions for w in sim.workers.values())
             assert preemptions > 0 or not preempt  # the rule ran
+            assert any(r.host_cached_tokens for r in results[-1].records) or not onboard_async
         a, b = results
         assert a.steps == b.steps and a.events < b.events
         for x, y in zip(a.records, b.records, strict=True):
