@@ -17,10 +17,13 @@ import nats
 import openai
 import pytest
 
+from gateway.app import Gateway, GatewayConfig
 from gateway.middleware import AgentSession, bind_session
 from gateway.natsd import NatsServer
 from gateway.tenants import public
-from router.protocol import PinHint, Subjects, decode
+from router.config import RouterConfig
+from router.protocol import PinHint, Subjects, WorkerRegistration, decode
+from router.router import Router
 from tests.gateway.conftest import API_KEY, Cluster, http_get
 
 pytestmark = pytest.mark.slow
@@ -387,3 +390,16 @@ def test_requests_waiting_on_a_hung_worker_are_retried_when_it_leaves(cluster: C
         assert time.monotonic() - started < 60
     finally:
         cluster.workers["hangs"].kill()
+
+
+def test_the_gateways_router_sends_no_decode_apart() -> None:
+    """The gateway sends a turn as one request (a decode sent apart is simulated only), so its router
+    must not treat a priority-scheduling worker as one whose decodes yield, whatever the settings say."""
+    config = GatewayConfig(nats_url="nats://127.0.0.1:1", router_config=RouterConfig(yield_decodes=True))
+    gateway = Gateway(config)
+    ranked = WorkerRegistration("w", "http://w", "m", 16, 1000, "mock", 1, 0.0, priority_threshold=10)
+    gateway.router.add_worker(ranked, 0.0)
+    assert gateway.router.decode_priority("w") is None
+    standalone = Router(config=RouterConfig(yield_decodes=True))  # what the simulator builds
+    standalone.add_worker(ranked, 0.0)
+    assert standalone.decode_priority("w") == -11
