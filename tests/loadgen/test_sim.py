@@ -219,9 +219,7 @@ def test_a_prompt_preempts_a_decode_session_kv_sent_apart_on_a_priority_engine()
     at a priority B's prompt outranks: B preempts it and starts at once, and A's decode resumes after
     B's prefill, from its cached prefix. Without priority scheduling B waits for A's whole decode; a
     baseline sends one request with no priority, so the priority engine changes none of its numbers."""
-    a = TraceRow(
-        timestamp=0.0, input_length=640, output_length=300, hash_ids=[1, 2, 3, 4, 5], session_id="a"
-    )
+    a = TraceRow(timestamp=0.0, input_length=640, output_length=300, hash_ids=[1, 2, 3, 4, 5], session_id="a")
     b = TraceRow(
         timestamp=1000.0, input_length=640, output_length=4, hash_ids=[6, 7, 8, 9, 10], session_id="b"
     )
