@@ -208,6 +208,8 @@ class Publisher:
         log_nats_error(log, exc)
 
     async def _on_disconnected(self) -> None:
+        if self.nc is None:
+            return  # `stop` took the connection and closes it: not a loss of NATS
         log.warning("disconnected from NATS; serving on, reconnecting")
 
     async def _on_reconnected(self) -> None:

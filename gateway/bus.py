@@ -160,6 +160,8 @@ class Bus:
         log_nats_error(log, exc)
 
     async def _on_disconnected(self) -> None:
+        if self.nc is None:
+            return  # `stop` took the connection and closes it: not a loss of NATS
         self.disconnects += 1
         log.warning("disconnected from NATS; routing on the last known view, reconnecting")
 

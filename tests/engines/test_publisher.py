@@ -5,6 +5,7 @@ server does."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -237,4 +238,18 @@ async def test_stop_deregisters_the_worker(nats_url: str, namespace: str) -> Non
             await kv.get("pw")
     finally:
         await nc.close()
+        await loop.stop()
+
+
+async def test_its_own_stop_is_not_logged_as_a_lost_connection(
+    nats_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py calls the disconnect callback when the publisher closes its own connection: a worker's
+    shutdown must not warn that NATS was lost."""
+    loop, publisher = await start_publisher(nats_url, namespace)
+    try:
+        with caplog.at_level(logging.INFO, logger="kvgate.publisher"):
+            await publisher.stop()
+        assert not [r for r in caplog.records if "disconnected" in r.getMessage()]
+    finally:
         await loop.stop()

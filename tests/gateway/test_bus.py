@@ -201,3 +201,17 @@ async def test_an_invalid_registration_is_ignored_with_one_log_line(
         assert b"kvgate_bad_registrations_total 2.0" in metrics.render()
     finally:
         await bus.stop()
+
+
+async def test_its_own_stop_is_not_logged_as_a_lost_connection(
+    nats_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py calls the disconnect callback when the bus closes its own connection: a shutdown (every
+    Ctrl-C of `kvgate up`) must not warn that NATS was lost or count a disconnect."""
+    bus = Bus(nats_url, Subjects(namespace), Router(), GatewayMetrics())
+    await bus.start()
+    await until(lambda: bus.connected and bus.registry_synced.is_set())
+    with caplog.at_level(logging.INFO, logger="kvgate.gateway.bus"):
+        await bus.stop()
+    assert bus.disconnects == 0
+    assert not [r for r in caplog.records if "disconnected" in r.getMessage()]
