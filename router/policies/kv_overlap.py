@@ -25,6 +25,7 @@ import random
 from collections.abc import Sequence
 
 from router.config import RouterConfig
+from router.policies.active_blocks import ActiveBlocks
 from router.policies.base import Policy, RouterView
 from router.request import Decision, RouteRequest
 
@@ -33,33 +34,15 @@ from router.request import Decision, RouteRequest
 EXPIRY_S = 3600.0
 
 
-class _Active:
-    """One worker's in-flight requests as Dynamo's router tracks them (`ActiveSequences`)."""
+class _Active(ActiveBlocks):
+    """One worker's in-flight requests as Dynamo's router tracks them: their blocks and the prefill
+    tokens of those without a first token yet."""
 
-    __slots__ = ("blocks", "prefill_tokens")
+    __slots__ = ("prefill_tokens",)
 
     def __init__(self) -> None:
-        self.blocks: dict[int, int] = {}  # block hash -> in-flight requests holding it
+        super().__init__()
         self.prefill_tokens = 0
-
-    def add(self, chain: Sequence[int]) -> None:
-        blocks = self.blocks
-        for h in chain:
-            blocks[h] = blocks.get(h, 0) + 1
-
-    def remove(self, chain: Sequence[int]) -> None:
-        blocks = self.blocks
-        for h in chain:
-            n = blocks.get(h, 0)
-            if n > 1:
-                blocks[h] = n - 1
-            else:
-                blocks.pop(h, None)
-
-    def potential_blocks(self, chain: Sequence[int]) -> int:
-        """Distinct active blocks once `chain` is added."""
-        blocks = self.blocks
-        return len(blocks) + len(chain) - sum(map(blocks.__contains__, chain))
 
 
 class _Flight:

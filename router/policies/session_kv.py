@@ -49,6 +49,7 @@ from collections.abc import Sequence
 
 from router.config import RouterConfig
 from router.load import WorkerLoad
+from router.policies.active_blocks import ActiveBlocks
 from router.policies.base import Policy, RouterView
 from router.prefix_match import common_prefix
 from router.request import Decision, RouteRequest, is_inferred
@@ -95,7 +96,7 @@ class SessionKv(Policy):
         # Dynamo's cost: per worker, the blocks of the requests in flight there -> how many of them hold
         # it, counted from the first such request on (traffic of named sessions alone never pays for it)
         self._warming = config.one_shot_warmup
-        self._warm_blocks: dict[str, dict[int, int]] | None = None
+        self._warm_blocks: dict[str, ActiveBlocks] | None = None
 
     def pick(self, request: RouteRequest, view: RouterView) -> Decision:
         cfg = self.config
@@ -193,7 +194,7 @@ class SessionKv(Policy):
         for w in view.candidates:
             prefill = (loads[w].inflight_prefill + request.num_tokens) / bs - credit.get(w, 0)
             active = warm.get(w)
-            potential = len(active) + len(chain) - _leading_in(chain, active) if active else len(chain)
+            potential = len(active) + len(chain) - _leading_in(chain, active.blocks) if active else len(chain)
             costs[w] = (prefill if prefill > 0.0 else 0.0) + potential
         best = min(costs.values())
         tied = [w for w, c in costs.items() if c == best]
@@ -286,22 +287,17 @@ class SessionKv(Policy):
             self._forget_warm(entry)
 
     @staticmethod
-    def _count_warm(warm: dict[str, dict[int, int]], worker: str, chain: Sequence[int]) -> None:
-        blocks = warm.setdefault(worker, {})
-        for h in chain:
-            blocks[h] = blocks.get(h, 0) + 1
+    def _count_warm(warm: dict[str, ActiveBlocks], worker: str, chain: Sequence[int]) -> None:
+        active = warm.get(worker)
+        if active is None:
+            active = warm[worker] = ActiveBlocks()
+        active.add(chain)
 
     def _forget_warm(self, entry: tuple[str, Sequence[int]]) -> None:
         """A request in flight is over: its blocks leave the warm-up's count of its worker's."""
-        blocks = self._warm_blocks.get(entry[0]) if self._warm_blocks is not None else None
-        if blocks is None:
-            return
-        for h in entry[1]:
-            n = blocks.get(h, 0)
-            if n > 1:
-                blocks[h] = n - 1
-            else:
-                blocks.pop(h, None)
+        active = self._warm_blocks.get(entry[0]) if self._warm_blocks is not None else None
+        if active is not None:
+            active.remove(entry[1])
 
     def _costs(
         self,
