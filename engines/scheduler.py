@@ -193,50 +193,55 @@ class Scheduler:
         that the head outranks by more than the threshold, the lowest priority first, as many as let
         it in; none when all of them would not."""
         if self.priority_threshold is not None:
-            return self._outranked_to_preempt()
-        bm = self.block_manager
-        seq = self.waiting[0] if self.waiting else None
-        if seq is None or seq.num_output_tokens or len(self.running) >= self.max_num_seqs:
+            return self._outranked_to_preempt(self.priority_threshold)
+        head = self.waiting[0] if self.waiting else None
+        if head is None or head.num_output_tokens:
             return []
-        need = bm.blocks_needed(len(seq))
-        if need > bm.num_blocks:
-            return []
-        hits = bm.match_prefix(seq)
-        if bm.can_allocate(seq, hits):
+        wanted = self._blocks_wanted(head)
+        if not wanted:
             return []
         # decoding: the first token is out and only the sampled one is left to compute
         victims = [
             s for s in reversed(self.running) if s.num_output_tokens and len(s) - s.num_computed_tokens == 1
         ]
-        refs = bm.ref_counts
-        freed = sum(1 for s in victims for block_id in s.block_table if refs[block_id] == 1)
-        return victims if bm.num_free + freed >= need - hits else []
+        freed = sum(map(self._blocks_freed, victims))
+        return victims if self.block_manager.num_free + freed >= wanted else []
 
-    def _outranked_to_preempt(self) -> list[Sequence]:
-        bm = self.block_manager
+    def _outranked_to_preempt(self, threshold: int) -> list[Sequence]:
         head = self.waiting[0] if self.waiting else None
-        if head is None or len(self.running) >= self.max_num_seqs:
+        wanted = self._blocks_wanted(head) if head is not None else 0
+        if head is None or not wanted:
             return []
-        need = bm.blocks_needed(len(head))
-        if need > bm.num_blocks:
-            return []
-        hits = bm.match_prefix(head)
-        if bm.can_allocate(head, hits):
-            return []
-        floor = head.priority - self.priority_threshold  # type: ignore[operator]
+        floor = head.priority - threshold
         # past the first token (SGLang's running batch), outranked; the sort is stable, so within a
         # priority the most recently admitted stays first
         outranked = [s for s in reversed(self.running) if s.num_output_tokens and s.priority < floor]
         outranked.sort(key=_priority)
-        refs = bm.ref_counts
-        free = bm.num_free
+        free = self.block_manager.num_free
         victims = []
         for victim in outranked:
             victims.append(victim)
-            free += sum(1 for block_id in victim.block_table if refs[block_id] == 1)
-            if free >= need - hits:
+            free += self._blocks_freed(victim)
+            if free >= wanted:
                 return victims
         return []
+
+    def _blocks_wanted(self, head: Sequence) -> int:
+        """The fresh blocks `head` needs beyond its cached prefix when it does not fit now but could
+        run once running sequences make room (a slot free, not larger than the whole cache); else 0."""
+        bm = self.block_manager
+        if len(self.running) >= self.max_num_seqs:
+            return 0
+        need = bm.blocks_needed(len(head))
+        if need > bm.num_blocks:
+            return 0
+        hits = bm.match_prefix(head)
+        return 0 if bm.can_allocate(head, hits) else need - hits
+
+    def _blocks_freed(self, seq: Sequence) -> int:
+        """Blocks that preempting `seq` would free: those no other sequence holds."""
+        refs = self.block_manager.ref_counts
+        return sum(1 for block_id in seq.block_table if refs[block_id] == 1)
 
     def _make_room_for_head(self) -> None:
         head = self.waiting[0]
