@@ -13,7 +13,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
 from gateway import tenants
@@ -49,11 +48,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
-        # the gateway sends a turn as one request: a decode sent apart from its prompt is simulated
-        # only (joining the two answers needs the first token's id, which an OpenAI stream does not
-        # carry), so its router must not price a priority-scheduling worker as if its decodes yielded
-        router_config = msgspec.structs.replace(config.router_config, yield_decodes=False)
-        self.router = Router(policy=config.policy, config=router_config)
+        self.router = Router(policy=config.policy, config=config.router_config)
         self.subjects = Subjects(config.namespace)
         self.admission = Admission(config.queue_bound, config.queue_timeout_s)
         hold_s = self.router.config.admission_max_hold_s + config.queue_timeout_s

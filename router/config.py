@@ -135,7 +135,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # on a worker whose engine schedules by priority (SGLang's --enable-priority-scheduling, announced in
     # its registration), send a turn's decode as a second request that every prompt outranks, so that a
     # prompt that does not fit preempts decodes rather than waits for them (Router.decode_priority;
-    # session_kv only). No effect on engines that do not schedule by priority
+    # session_kv only, and only for a caller that can split a turn: Router(splits_turns=True), the
+    # simulator). No effect on engines that do not schedule by priority
     yield_decodes: bool = True
 
     def __post_init__(self) -> None:

@@ -79,7 +79,16 @@ class _Stream:
 
 
 class Router:
-    def __init__(self, policy: str = "session_kv", config: RouterConfig | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        policy: str = "session_kv",
+        config: RouterConfig | None = None,
+        seed: int = 0,
+        splits_turns: bool = False,
+    ) -> None:
+        """`splits_turns`: the caller can send a turn's decode apart from its prompt
+        (`decode_priority`); only the simulator can, the gateway sends a turn as one request (joining
+        two answers needs the first token's id, which an OpenAI stream does not carry)."""
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.config = config = config or RouterConfig()
@@ -95,7 +104,7 @@ class Router:
         self._streams: dict[str, _Stream] = {}
         self._anon = 0
         self._pins = config.pin_baselines or policy in PINNING_POLICIES
-        self._yields = config.yield_decodes and policy in YIELDING_POLICIES
+        self._yields = splits_turns and config.yield_decodes and policy in YIELDING_POLICIES
         self._yielding: frozenset[str] = frozenset()  # workers where this router sends decodes apart
         self.admission: SessionAdmission | None = None
         if config.session_admission and policy in ADMITTING_POLICIES:

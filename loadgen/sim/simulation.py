@@ -137,7 +137,8 @@ class Simulation:
         self.loop = EventLoop()
         if router_config is None:
             router_config = config.router_config()
-        kwargs: dict[str, Any] = {"policy": policy, "seed": config.seed}
+        # the simulator sends a turn's decode apart where the policy asks (Router.decode_priority)
+        kwargs: dict[str, Any] = {"policy": policy, "seed": config.seed, "splits_turns": True}
         if router_config is not None:
             kwargs["config"] = router_config
         self.router = Router(**kwargs)

@@ -400,6 +400,6 @@ def test_the_gateways_router_sends_no_decode_apart() -> None:
     ranked = WorkerRegistration("w", "http://w", "m", 16, 1000, "mock", 1, 0.0, priority_threshold=10)
     gateway.router.add_worker(ranked, 0.0)
     assert gateway.router.decode_priority("w") is None
-    standalone = Router(config=RouterConfig(yield_decodes=True))  # what the simulator builds
+    standalone = Router(config=RouterConfig(yield_decodes=True), splits_turns=True)  # the simulator's
     standalone.add_worker(ranked, 0.0)
     assert standalone.decode_priority("w") == -11

@@ -360,7 +360,8 @@ def test_session_kv_holds_a_session_that_does_not_fit_where_decodes_yield_to_pro
     # there, at a priority the turn's prompt outranks, so the turn preempts them rather than waits for
     # them (Router.decode_priority): the session keeps its worker, unless it sends no decodes apart
     for yields in (True, False):
-        router = make("session_kv", n=0, stall_factor=0.0, yield_decodes=yields)
+        config = RouterConfig(stall_factor=0.0, yield_decodes=yields)
+        router = Router(policy="session_kv", config=config, seed=1, splits_turns=True)
         for i in range(3):
             registration = WorkerRegistration(
                 f"w{i}", f"http://w{i}", "m", BS, 1000, "mock", 1, 0.0, priority_threshold=10

@@ -148,13 +148,14 @@ def test_sessions_are_explicit_or_inferred_from_the_chain_they_extend(router: Ro
 def test_decodes_go_apart_only_on_workers_that_schedule_by_priority() -> None:
     """session_kv sends a turn's decode apart, at a priority every prompt outranks by more than the
     worker's threshold, where the worker's registration says its engine schedules by priority; not
-    elsewhere, not when `yield_decodes` is off, and never for a baseline."""
+    elsewhere, not when `yield_decodes` is off, not for a caller that sends a turn as one request
+    (the gateway), and never for a baseline."""
 
     def ranked(wid: str, threshold: int) -> WorkerRegistration:
         url = f"http://{wid}"
         return WorkerRegistration(wid, url, "m", BS, 1000, "mock", 1, 0.0, priority_threshold=threshold)
 
-    r = Router()
+    r = Router(splits_turns=True)
     r.add_worker(reg("a"), 0.0)
     r.add_worker(ranked("b", 10), 0.0)
     assert r.decode_priority("a") is None and r.decode_priority("b") == -11
@@ -164,7 +165,11 @@ def test_decodes_go_apart_only_on_workers_that_schedule_by_priority() -> None:
     assert r.decode_priority("b") == -1
     r.remove_worker("b")
     assert r.decode_priority("b") is None
-    for router in (Router(config=RouterConfig(yield_decodes=False)), Router(policy="cache_aware")):
+    for router in (
+        Router(config=RouterConfig(yield_decodes=False), splits_turns=True),
+        Router(policy="cache_aware", splits_turns=True),
+        Router(),
+    ):
         router.add_worker(ranked("c", 10), 0.0)
         assert router.decode_priority("c") is None
 
