@@ -99,74 +99,123 @@ class SessionKv(Policy):
         self._warm_blocks: dict[str, ActiveBlocks] | None = None
 
     def pick(self, request: RouteRequest, view: RouterView) -> Decision:
-        cfg = self.config
         chain = request.block_hashes
-        n_tokens = request.num_tokens
-        now = view.now
-        overlap = self._with_pending(view.overlap(chain), chain)
+        overlap = self._with_prior(view, self._with_pending(view.overlap(chain), chain), chain)
+        sticky, why = self._sticky(view, overlap, chain)
+        credit = self._credit(overlap, view.tier_overlap(chain, "host"), view.tier_overlap(chain, "disk"))
+        self._expire_live(view.now)
+        costs = self._estimates(request, view, credit, sticky)
+        if costs is None:
+            return self._warmup_pick(request, view, overlap, credit)
+        best = min(costs.values())
+        if sticky is not None and sticky in costs:
+            tolerance = self._affinity_tolerance_ms(request, view, overlap, costs, best, sticky, why)
+            if costs[sticky] <= best + tolerance:
+                return self._decide(request, view, sticky, overlap, costs, why)
+        worker = self._break_tie(view, overlap, costs, best)
+        reason = "overlap" if overlap.get(worker) else "load"
+        return self._decide(request, view, worker, overlap, costs, reason)
+
+    def _with_prior(self, view: RouterView, overlap: dict[str, int], chain: Sequence[int]) -> dict[str, int]:
+        """The overlap, with the session's worker credited the prefix this turn shares with the session's
+        last prompt while that was routed within `prior_ttl_s` or is still pinned there: its KV events
+        may not have arrived yet."""
         session = view.session
-        sticky = None
-        why = "session"
+        if session is None or session.worker_id is None:
+            return overlap
+        now = view.now
+        if now - session.last_pick_at <= self.config.prior_ttl_s or now <= session.pinned_until:
+            prior = common_prefix(session.chain, chain)
+            if prior > overlap.get(session.worker_id, 0):
+                overlap = dict(overlap)
+                overlap[session.worker_id] = prior
+        return overlap
+
+    def _sticky(
+        self, view: RouterView, overlap: dict[str, int], chain: Sequence[int]
+    ) -> tuple[str | None, str]:
+        """The worker that keeps the request within the affinity tolerance, and why: the session's own
+        worker; else, on a sub-agent's first turn, its parent's worker when that worker holds part of
+        the prefix they share (no prior credit: the parent's chain is the parent's, the index says what
+        is left of it); else the prefix home, the first listed of the longest holders, when it holds at
+        least half the prompt."""
+        session = view.session
         if session is not None and session.worker_id is not None:
-            sticky = session.worker_id
-            if now - session.last_pick_at <= cfg.prior_ttl_s or now <= session.pinned_until:
-                prior = common_prefix(session.chain, chain)
-                if prior > overlap.get(sticky, 0):
-                    overlap = dict(overlap)
-                    overlap[sticky] = prior
-        # a sub-agent's first turn: its parent's worker when that worker holds part of the prefix they
-        # share (the cost below decides, within the affinity tolerance, like a session's worker); no
-        # prior credit: the parent's chain is the parent's, the index says what is left of it
+            return session.worker_id, "session"
         parent = view.parent
         if (
-            sticky is None
-            and parent is not None
+            parent is not None
             and parent.worker_id is not None
             and overlap.get(parent.worker_id, 0)
             and common_prefix(parent.chain, chain)
         ):
-            sticky, why = parent.worker_id, "parent"
-        if sticky is None and overlap and cfg.prefix_home:
-            home = max(overlap, key=overlap.__getitem__)  # the first listed of the longest holders
+            return parent.worker_id, "parent"
+        if overlap and self.config.prefix_home:
+            home = max(overlap, key=overlap.__getitem__)
             if overlap[home] * 2 >= len(chain):
-                sticky, why = home, "overlap"
-        credit = self._credit(overlap, view.tier_overlap(chain, "host"), view.tier_overlap(chain, "disk"))
-        self._expire_live(now)
-        one_shot = cfg.one_shot_ttft and is_inferred(request.session_id)
+                return home, "overlap"
+        return None, "load"
+
+    def _estimates(
+        self,
+        request: RouteRequest,
+        view: RouterView,
+        credit: dict[str, int] | dict[str, float],
+        sticky: str | None,
+    ) -> dict[str, float] | None:
+        """The candidates' estimated costs in ms: a one-shot request's by its TTFT once the marginal
+        prefill cost is known, any other's by `_costs`. None for a one-shot request in the warm-up,
+        which `_warmup_pick` prices instead."""
+        one_shot = self.config.one_shot_ttft and is_inferred(request.session_id)
         calibrated = view.load.prefill_fit.ms_per_token is not None
         if calibrated and self._warming:
             self._warming, self._warm_blocks = False, None  # the marginal cost is known from now on
+        n_tokens, n_blocks = request.num_tokens, len(request.block_hashes)
         if one_shot and calibrated:
-            costs = self._one_shot_costs(view, credit, n_tokens, len(chain), request.session_id, sticky)
-        elif one_shot and self._warming:
-            return self._warmup_pick(request, view, overlap, credit)
-        else:
-            costs = self._costs(view, credit, n_tokens, len(chain), request.session_id, sticky)
-        best = min(costs.values())
-        if sticky is not None and sticky in costs:
-            tolerance = max(cfg.affinity_tolerance_ms, cfg.affinity_tolerance_rel * best)
-            if why == "overlap" and is_inferred(request.session_id):
-                # one-shot traffic over a shared prefix (a document, a few-shot prompt) that the cheapest
-                # worker lacks: its home keeps it until the home's queue is far longer, so each prefix is
-                # served by one worker and each worker's KV in use holds few of them (fewer blocks in
-                # use: faster steps for all). A prefix the cheapest worker holds too is no copy to spare.
-                cheapest = min(costs, key=costs.__getitem__)
-                spared = overlap[sticky] - overlap.get(cheapest, 0)
-                if spared > 0:
-                    held_ms = spared * view.block_size * self._pool_ms_per_token(view)
-                    tolerance = max(tolerance, cfg.prefix_home_hold * held_ms)
-            if why == "session":
-                tolerance = max(tolerance, self._session_hold_ms(view, overlap, costs, sticky, chain))
-            if costs[sticky] <= best + tolerance:
-                return self._decide(request, view, sticky, overlap, costs, why)
+            return self._one_shot_costs(view, credit, n_tokens, n_blocks, request.session_id, sticky)
+        if one_shot and self._warming:
+            return None
+        return self._costs(view, credit, n_tokens, n_blocks, request.session_id, sticky)
+
+    def _affinity_tolerance_ms(
+        self,
+        request: RouteRequest,
+        view: RouterView,
+        overlap: dict[str, int],
+        costs: dict[str, float],
+        best: float,
+        sticky: str,
+        why: str,
+    ) -> float:
+        """How much dearer than the best the sticky worker may be and still get the request."""
+        cfg = self.config
+        tolerance = max(cfg.affinity_tolerance_ms, cfg.affinity_tolerance_rel * best)
+        if why == "overlap" and is_inferred(request.session_id):
+            # one-shot traffic over a shared prefix (a document, a few-shot prompt) that the cheapest
+            # worker lacks: its home keeps it until the home's queue is far longer, so each prefix is
+            # served by one worker and each worker's KV in use holds few of them (fewer blocks in
+            # use: faster steps for all). A prefix the cheapest worker holds too is no copy to spare.
+            cheapest = min(costs, key=costs.__getitem__)
+            spared = overlap[sticky] - overlap.get(cheapest, 0)
+            if spared > 0:
+                held_ms = spared * view.block_size * self._pool_ms_per_token(view)
+                tolerance = max(tolerance, cfg.prefix_home_hold * held_ms)
+        if why == "session":
+            chain = request.block_hashes
+            tolerance = max(tolerance, self._session_hold_ms(view, overlap, costs, sticky, chain))
+        return tolerance
+
+    def _break_tie(
+        self, view: RouterView, overlap: dict[str, int], costs: dict[str, float], best: float
+    ) -> str:
+        """The cheapest worker; among equal estimates the one with more cached prefix, then fewer
+        requests, then chance."""
         tied = [w for w, c in costs.items() if c == best]
-        if len(tied) > 1:  # equal estimates: more cached prefix, then fewer requests, then chance
+        if len(tied) > 1:
             requests = view.load.requests
             key = max((overlap.get(w, 0), -requests(w)) for w in tied)
             tied = [w for w in tied if (overlap.get(w, 0), -requests(w)) == key]
-        worker = tied[0] if len(tied) == 1 else self.rng.choice(tied)
-        reason = "overlap" if overlap.get(worker) else "load"
-        return self._decide(request, view, worker, overlap, costs, reason)
+        return tied[0] if len(tied) == 1 else self.rng.choice(tied)
 
     def _warmup_pick(
         self,
