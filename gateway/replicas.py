@@ -31,7 +31,7 @@ from router.protocol import (
     RouteFirstToken,
     RoutePicked,
     Subjects,
-    decode,
+    decode_replica_note,
     encode,
 )
 from router.request import Decision, RouteRequest
@@ -148,7 +148,7 @@ class ReplicaSync:
 
     async def _on_message(self, msg: Any) -> None:
         try:
-            note: ReplicaNote = decode(msg.data, ReplicaNote)  # type: ignore[arg-type]  # a union
+            note = decode_replica_note(msg.data)
         except ProtocolError as exc:
             log.warning("dropping a malformed replica note: %s", exc)
             return

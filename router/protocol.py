@@ -243,6 +243,18 @@ def decode(data: bytes, message_type: type[MessageT]) -> MessageT:
         raise ProtocolError(f"invalid {message_type.__name__}: {exc}") from exc
 
 
+_replica_note_decoder = msgspec.msgpack.Decoder(ReplicaNote)
+
+
+def decode_replica_note(data: bytes) -> ReplicaNote:
+    """Decode bus bytes as one of the `ReplicaNote` Structs (by their tag); anything malformed raises
+    `ProtocolError`. (A union has no `__name__`, so `decode` cannot name it in its error.)"""
+    try:
+        return _replica_note_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"invalid replica note: {exc}") from exc
+
+
 # --- subjects
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")

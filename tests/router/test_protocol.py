@@ -11,10 +11,15 @@ from router.protocol import (
     LoadReport,
     PinHint,
     ProtocolError,
+    ReplicaAlive,
+    RouteDone,
+    RouteFirstToken,
+    RoutePicked,
     StateDumpRequest,
     Subjects,
     WorkerRegistration,
     decode,
+    decode_replica_note,
     encode,
     registration_problem,
 )
@@ -52,6 +57,28 @@ def test_round_trip(message: msgspec.Struct) -> None:
 def test_malformed_raises_protocol_error(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode(data, KvEventBatch)
+
+
+@pytest.mark.parametrize(
+    "note",
+    [
+        RoutePicked("a", "r1", "w0", "m", 64, 1, 0, chain=b"12345678"),
+        RouteFirstToken("a", "r1"),
+        RouteDone("a", "r1", "stop", 3),
+        ReplicaAlive("a"),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_replica_notes_round_trip_by_their_tag(note: msgspec.Struct) -> None:
+    assert decode_replica_note(encode(note)) == note
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"\x01garbage", encode(ReplicaAlive("a"))[:-1], encode(PinHint("s", [1], 1.0))]
+)
+def test_a_malformed_replica_note_raises_protocol_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError, match="invalid replica note"):
+        decode_replica_note(data)
 
 
 def test_unknown_tier_is_rejected() -> None:
