@@ -190,45 +190,10 @@ class RequestParser:
                 "messages",
                 code="context_length_exceeded",
             )
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise RequestError("'stream' must be a boolean", "stream")
-        options = body.get("stream_options")
-        if options is not None and (not stream or not isinstance(options, dict)):
-            raise RequestError(
-                "'stream_options' is only allowed (as an object) when stream is true", "stream_options"
-            )
-        include_usage = bool(options and options.get("include_usage"))
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise RequestError("'seed' must be an integer", "seed")
-        ignore_eos = body.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise RequestError("'ignore_eos' must be a boolean", "ignore_eos")
-        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-        if top_p <= 0:
-            raise RequestError("'top_p' must be above 0", "top_p")
-        sampling = SamplingParams(
-            max_tokens=min(max_tokens, self.max_model_len - len(tokens)),
-            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=top_p,
-            seed=seed,
-            stop_token_ids=(self.tokenizer.eos_token_id,),
-            ignore_eos=ignore_eos,
-        )
-        request_id = extension.get("request_id")
-        session_id = extension.get("session_id")
-        cache_salt = body.get("cache_salt")
-        for name, value in (
-            ("kvgate.request_id", request_id),
-            ("kvgate.session_id", session_id),
-            ("cache_salt", cache_salt),
-        ):
-            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
-                raise RequestError(f"'{name}' must be a string of 1 to 256 characters", name)
-        priority = body.get("priority", 0)
-        if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY:
-            raise RequestError(f"'priority' must be an integer of at most {MAX_PRIORITY} in size", "priority")
+        stream, include_usage = _stream_settings(body)
+        sampling = self._sampling(body, len(tokens), max_tokens)
+        request_id, session_id, cache_salt = _request_ids(body, extension)
+        priority = _priority(body)
         return ParsedRequest(
             tokens,
             sampling,
@@ -240,3 +205,59 @@ class RequestParser:
             cache_salt,
             priority,
         )
+
+    def _sampling(self, body: dict[str, Any], prompt_tokens: int, max_tokens: int) -> SamplingParams:
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise RequestError("'seed' must be an integer", "seed")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise RequestError("'ignore_eos' must be a boolean", "ignore_eos")
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+        if top_p <= 0:
+            raise RequestError("'top_p' must be above 0", "top_p")
+        return SamplingParams(
+            max_tokens=min(max_tokens, self.max_model_len - prompt_tokens),
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=(self.tokenizer.eos_token_id,),
+            ignore_eos=ignore_eos,
+        )
+
+
+def _stream_settings(body: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether to stream, and whether the stream ends with a usage chunk."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict)):
+        raise RequestError(
+            "'stream_options' is only allowed (as an object) when stream is true", "stream_options"
+        )
+    return stream, bool(options and options.get("include_usage"))
+
+
+def _request_ids(
+    body: dict[str, Any], extension: dict[str, Any]
+) -> tuple[str | None, str | None, str | None]:
+    """The gateway's request and session ids and the client's cache salt, each bounded: they key tables."""
+    request_id = extension.get("request_id")
+    session_id = extension.get("session_id")
+    cache_salt = body.get("cache_salt")
+    for name, value in (
+        ("kvgate.request_id", request_id),
+        ("kvgate.session_id", session_id),
+        ("cache_salt", cache_salt),
+    ):
+        if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
+            raise RequestError(f"'{name}' must be a string of 1 to 256 characters", name)
+    return request_id, session_id, cache_salt
+
+
+def _priority(body: dict[str, Any]) -> int:
+    priority = body.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY:
+        raise RequestError(f"'priority' must be an integer of at most {MAX_PRIORITY} in size", "priority")
+    return priority
