@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterator, Sequence
 from itertools import chain
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
@@ -19,14 +20,19 @@ from router.hashing import BASE_SEED, block_hashes_of_bytes, tokens_to_bytes
 TRACE_BLOCK_SIZE = 512
 
 
+# a trace file is input: a length or delay out of range is a clear error at its line, not a crash later
+_Positive = Annotated[int, msgspec.Meta(ge=1)]
+_NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class TraceRow(msgspec.Struct, frozen=True):
     timestamp: float  # ms from the start of the trace
-    input_length: int
-    output_length: int
+    input_length: _Positive
+    output_length: _NonNegative
     hash_ids: list[int]
     session_id: str | None = None
-    turn: int = 0
-    delay_ms: float = 0.0
+    turn: _NonNegative = 0
+    delay_ms: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
     stop: str | None = None  # "tool_use" or "end_turn"
 
 

@@ -1,6 +1,8 @@
 from pathlib import Path
 
-from loadgen.trace import TraceBlockHasher, TraceContent, TraceRow, is_session_trace, load_trace
+import pytest
+
+from loadgen.trace import TraceBlockHasher, TraceContent, TraceError, TraceRow, is_session_trace, load_trace
 from router.hashing import block_hashes
 
 TRACES = Path(__file__).resolve().parents[2] / "traces"  # the samples the repository ships
@@ -73,3 +75,21 @@ def test_fast_trace_bytes_are_its_tokens_bytes_and_hash_the_same() -> None:
     hasher = TraceBlockHasher(content, block_size=16)
     row = TraceRow(0, 128 * 3 + 20, 5, [4, 8, 15, 16])
     assert hasher.block_hashes(row) == block_hashes(content.prompt_tokens(row), 16)
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ('"input_length":0,"output_length":1', "input_length"),
+        ('"input_length":100,"output_length":-5', "output_length"),
+        ('"input_length":100,"output_length":1,"turn":-1', "turn"),
+        ('"input_length":100,"output_length":1,"delay_ms":-50', "delay_ms"),
+    ],
+)
+def test_a_row_out_of_range_is_an_error_at_its_line(tmp_path: Path, row: str, field: str) -> None:
+    # once the simulator crashed on such a row deep in its oracle (islice with a negative stop)
+    trace = tmp_path / "bad.jsonl"
+    good = '{"timestamp":0,"input_length":10,"output_length":1,"hash_ids":[1]}'
+    trace.write_text(f'{good}\n{{"timestamp":1,{row},"hash_ids":[1]}}\n')
+    with pytest.raises(TraceError, match=rf"bad\.jsonl:2: .* at `\$\.{field}`"):
+        load_trace(trace)
