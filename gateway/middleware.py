@@ -26,14 +26,21 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol, Self, TypeVar
 
 SESSION_HEADER = "x-session-id"
 TOOL_CALL_HEADER = "x-kvgate-tool-call"
 TOOL_CALL_PENDING = "pending"
 
-ClientT = TypeVar("ClientT")
+
+class HeaderOptions(Protocol):
+    """What `bind_session` needs of a client: `openai.OpenAI` and `openai.AsyncOpenAI` have it."""
+
+    def with_options(self, *, default_headers: Mapping[str, str] | None = None) -> Self: ...
+
+
+ClientT = TypeVar("ClientT", bound=HeaderOptions)
 
 
 def session_headers(session_id: str, tool_call_pending: bool = False) -> dict[str, str]:
@@ -46,7 +53,7 @@ def session_headers(session_id: str, tool_call_pending: bool = False) -> dict[st
 
 def bind_session(client: ClientT, session_id: str, tool_call_pending: bool = False) -> ClientT:
     """A copy of an `openai.OpenAI` or `openai.AsyncOpenAI` client that sends the session headers."""
-    return client.with_options(default_headers=session_headers(session_id, tool_call_pending))  # type: ignore[attr-defined]
+    return client.with_options(default_headers=session_headers(session_id, tool_call_pending))
 
 
 class AgentSession:
