@@ -92,10 +92,12 @@ class MockRunner:
         for chunk in chunks:
             if not chunk.sample:
                 out.append(None)
-            elif self.eos_after is not None and chunk.output_len >= self.eos_after:
-                out.append(self.tokenizer.eos_token_id)
             else:
-                out.append(placeholder[chunk.output_len % len(placeholder)])
+                position = chunk.output_len + chunk.sampling.output_offset  # in the whole answer
+                if self.eos_after is not None and position >= self.eos_after:
+                    out.append(self.tokenizer.eos_token_id)
+                else:
+                    out.append(placeholder[position % len(placeholder)])
         return out
 
     def copy_blocks(self, offloads: list[tuple[int, int]], onboards: list[tuple[int, int]]) -> float:

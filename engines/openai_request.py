@@ -2,6 +2,9 @@
 
 A gateway may send the prompt already tokenized in the body's `kvgate.prompt_token_ids`; otherwise
 chat messages are rendered with `router.chat.encode_chat`, the same function the gateway hashes with.
+`kvgate.output_token_ids` continues an answer: those tokens (the answer's output so far, which the
+client has) follow the prompt, and the request generates the rest (a gateway sends a turn's decode
+apart from its prompt so). `return_token_ids` is vLLM's request field, answered as vLLM does.
 Options the engine cannot honour are refused with a `RequestError` (an OpenAI-style 400).
 """
 
@@ -41,6 +44,9 @@ class ParsedRequest(msgspec.Struct):
     session_id: str | None
     cache_salt: str | None
     priority: int = 0  # vLLM's and SGLang's request field; read when the engine schedules by priority
+    return_token_ids: bool = False  # vLLM's: the prompt's and the output's token ids in the answer
+    output_token_ids: list[int] = []  # the answer's output so far (kvgate.output_token_ids): the
+    # prompt's last tokens, whose text the client has; the request's text follows theirs
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
@@ -177,10 +183,19 @@ class RequestParser:
         given = extension["prompt_token_ids"]
         return _token_ids(given, self._token_ids, self.tokenizer.vocab_size, "kvgate.prompt_token_ids")
 
+    def _output_so_far(self, extension: dict[str, Any]) -> list[int]:
+        """The answer's output so far that this request continues (`kvgate.output_token_ids`)."""
+        if "output_token_ids" not in extension:
+            return []
+        given = extension["output_token_ids"]
+        return _token_ids(given, self._token_ids, self.tokenizer.vocab_size, "kvgate.output_token_ids")
+
     def _common(
-        self, body: dict[str, Any], extension: dict[str, Any], tokens: list[int], max_tokens: int
+        self, body: dict[str, Any], extension: dict[str, Any], prompt: list[int], max_tokens: int
     ) -> ParsedRequest:
         _refuse_unsupported(body)
+        output_so_far = self._output_so_far(extension)
+        tokens = prompt + output_so_far if output_so_far else prompt
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise RequestError("'model' must be a string", "model")
@@ -191,9 +206,12 @@ class RequestParser:
                 code="context_length_exceeded",
             )
         stream, include_usage = _stream_settings(body)
-        sampling = self._sampling(body, len(tokens), max_tokens)
+        sampling = self._sampling(body, len(tokens), max_tokens, len(output_so_far))
         request_id, session_id, cache_salt = _request_ids(body, extension)
         priority = _priority(body)
+        return_token_ids = body.get("return_token_ids")
+        if return_token_ids is not None and not isinstance(return_token_ids, bool):
+            raise RequestError("'return_token_ids' must be a boolean", "return_token_ids")
         return ParsedRequest(
             tokens,
             sampling,
@@ -204,9 +222,13 @@ class RequestParser:
             session_id,
             cache_salt,
             priority,
+            bool(return_token_ids),
+            output_so_far,
         )
 
-    def _sampling(self, body: dict[str, Any], prompt_tokens: int, max_tokens: int) -> SamplingParams:
+    def _sampling(
+        self, body: dict[str, Any], prompt_tokens: int, max_tokens: int, output_offset: int
+    ) -> SamplingParams:
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise RequestError("'seed' must be an integer", "seed")
@@ -223,6 +245,7 @@ class RequestParser:
             seed=seed,
             stop_token_ids=(self.tokenizer.eos_token_id,),
             ignore_eos=ignore_eos,
+            output_offset=output_offset,
         )
 
 

@@ -20,6 +20,10 @@ class SamplingParams(msgspec.Struct, frozen=True):
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # a request that continues an answer (the worker's `kvgate.output_token_ids`): its first token is
+    # that answer's token number `output_offset`, so sampling per position (a seed) and the mock's text
+    # go on as one request's would
+    output_offset: int = 0
 
 
 class ScheduledChunk(msgspec.Struct):

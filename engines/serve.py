@@ -210,6 +210,7 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, au
             max_num_seqs=config.max_num_seqs,
             max_model_len=engine.max_model_len,
             priority_threshold=config.priority_threshold if config.priority_scheduling else -1,
+            returns_token_ids=True,
         )
 
     publisher = None

@@ -4,13 +4,16 @@
 tokens by tier). Streams exactly like OpenAI (text/event-stream, `data: {json}` events, a first delta
 with the role, `data: [DONE]`, an optional usage chunk with `choices: []`). Request bodies are parsed
 by `engines.openai_request`, the engine is driven by `engines.loop.EngineLoop`, and output tokens
-become text in `engines.text_stream`.
+become text in `engines.text_stream`. With vLLM's `return_token_ids`, an answer carries the ids as
+vLLM's does: `prompt_token_ids` on the answer (a stream's first chunk) and `token_ids` on its choice
+(a stream's chunks: the ids since the last chunk).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +31,8 @@ from engines.text_stream import TextStream
 from engines.tracing import RequestTimes, record_request
 from engines.worker_metrics import CONTENT_TYPE, WorkerMetrics
 from router.chat import Tokenizer
+
+log = logging.getLogger("kvgate.worker")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 SERVED_BY_HEADER = "x-kvgate-served-by"  # the worker's id on every answer: who served it, behind any router
@@ -55,6 +60,7 @@ class Generation(msgspec.Struct):
     cached_tokens: int = 0
     host_cached_tokens: int = 0  # of which onboarded from the worker's host tier
     first_token_at: float | None = None  # event-loop time (traced requests' decode span)
+    token_ids: list[int] | None = None  # the output's ids, kept when the request asks for them
 
     def usage(self) -> dict[str, Any]:
         details: dict[str, int] = {"cached_tokens": self.cached_tokens}
@@ -82,7 +88,9 @@ class WorkerApp:
         )
         self.ready = False
         self._served_by = {SERVED_BY_HEADER: settings.worker_id} if settings.worker_id else {}
-        self.metrics = WorkerMetrics(lambda: loop.engine.prefetched_blocks)
+        self.metrics = WorkerMetrics(
+            lambda: loop.engine.prefetched_blocks, lambda: loop.engine.scheduler.num_preemptions
+        )
         self.created = int(time.time())
         self.app = web.Application(client_max_size=settings.max_body_bytes)
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -126,6 +134,15 @@ class WorkerApp:
         except RequestError as exc:
             return error_response(exc)
         engine_id = f"{parsed.request_id}-{uuid.uuid4().hex[:8]}"  # unique even if a client reuses ids
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s: %d prompt tokens (%d of them output so far), max_tokens %d, priority %d",
+                engine_id,
+                len(parsed.prompt_token_ids),
+                len(parsed.output_token_ids),
+                parsed.sampling.max_tokens,
+                parsed.priority,
+            )
         engine_request = EngineRequest(
             engine_id,
             parsed.prompt_token_ids,
@@ -145,7 +162,12 @@ class WorkerApp:
         kind = "chat.completion" if chat else "text_completion"
         response_id = ("chatcmpl-" if chat else "cmpl-") + parsed.request_id
         stream = TextStream(self.tokenizer, parsed.stop)
+        if parsed.output_token_ids:  # the text of the answer so far is the client's: this one follows it
+            stream.add(parsed.output_token_ids)
+            stream.take(final=True)
         result = Generation(prompt_tokens=len(parsed.prompt_token_ids))
+        if parsed.return_token_ids:
+            result.token_ids = []
         done = False
         try:
             if parsed.stream:
@@ -157,9 +179,11 @@ class WorkerApp:
                 except RequestError as exc:
                     return error_response(exc)
                 result.text = stream.take(final=True)
-                response = web.json_response(
-                    self._whole(result, chat, kind, response_id), headers=self._served_by
-                )
+                whole = self._whole(result, chat, kind, response_id)
+                if parsed.return_token_ids:  # as vLLM answers `return_token_ids`
+                    whole["prompt_token_ids"] = parsed.prompt_token_ids
+                    whole["choices"][0]["token_ids"] = result.token_ids
+                response = web.json_response(whole, headers=self._served_by)
             done = True
             if result.finish_reason is not None:  # answered in full (not a client that left)
                 self.metrics.record(result.prompt_tokens, result.cached_tokens, result.host_cached_tokens)
@@ -220,6 +244,8 @@ class WorkerApp:
             if result.first_token_at is None and out.new_token_ids:
                 result.first_token_at = asyncio.get_running_loop().time()
             stream.add(out.new_token_ids)
+            if result.token_ids is not None:
+                result.token_ids += out.new_token_ids
             result.completion_tokens = out.completion_tokens
             result.cached_tokens = out.num_cached_tokens
             result.host_cached_tokens = out.num_host_cached_tokens
@@ -286,28 +312,41 @@ class WorkerApp:
             }
             return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
-        def choice(text: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
-            if not chat:
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
-            if text and not first:
-                delta["content"] = text
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        ids = result.token_ids
+        sent_ids = 0  # of `ids`, those sent in a chunk already
 
+        def choice(text: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+            nonlocal sent_ids
+            if not chat:
+                body = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
+                if text and not first:
+                    delta["content"] = text
+                body = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            if ids is not None:  # vLLM's `return_token_ids`: the ids since the last chunk
+                body["token_ids"] = ids[sent_ids:]
+                sent_ids = len(ids)
+            return body
+
+        # vLLM's `return_token_ids`: the prompt's ids on the first chunk only
+        first_extra = {"prompt_token_ids": parsed.prompt_token_ids} if ids is not None else {}
         # the role chunk leaves with the first output, as vLLM sends it, not before: a router reads the
         # first event as the first token (its prefill is over), and the headers went at `prepare`
-        head = chunk([choice("", None, first=True)]) if chat else b""
+        head = chunk([choice("", None, first=True)], **first_extra) if chat else b""
         async for _ in self._outputs(queue, stream, result):
             text = stream.take(final=result.finish_reason is not None)
             if text:
-                await response.write(head + chunk([choice(text, None)]))
+                extra = first_extra if not chat and ids is not None and sent_ids == 0 else {}
+                await response.write(head + chunk([choice(text, None)], **extra))
                 head = b""
             elif head and result.finish_reason is None:
                 await response.write(head)
                 head = b""
         # the finish, the usage and [DONE] leave with the stream's end in one write (one system call
         # here, one read at the gateway)
-        tail = head + chunk([choice("", result.finish_reason)])
+        extra = first_extra if not chat and ids is not None and sent_ids == 0 else {}
+        tail = head + chunk([choice("", result.finish_reason)], **extra)
         if parsed.include_usage:
             tail += chunk([], usage=result.usage())
         await response.write_eof(tail + b"data: [DONE]\n\n")

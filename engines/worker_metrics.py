@@ -12,8 +12,11 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class WorkerMetrics:
-    def __init__(self, prefetched_blocks: Callable[[], int] = lambda: 0) -> None:
-        """`prefetched_blocks`: the engine's count of blocks brought back from the host ahead of a turn."""
+    def __init__(
+        self, prefetched_blocks: Callable[[], int] = lambda: 0, preemptions: Callable[[], int] = lambda: 0
+    ) -> None:
+        """`prefetched_blocks`: the engine's count of blocks brought back from the host ahead of a turn;
+        `preemptions`: its count of running requests preempted (for room, or for a waiting prompt)."""
         r = self.registry = CollectorRegistry()
         self.requests = Counter("kvgate_worker_requests", "Requests answered in full", registry=r)
         self.prompt_tokens = Counter(
@@ -40,6 +43,12 @@ class WorkerMetrics:
             registry=r,
         )
         prefetched.set_function(prefetched_blocks)
+        preempted = Gauge(
+            "kvgate_worker_preemptions",
+            "Running requests preempted since the worker started (their blocks freed, recomputed later)",
+            registry=r,
+        )
+        preempted.set_function(preemptions)
 
     def record(self, prompt_tokens: int, cached_tokens: int, host_cached_tokens: int) -> None:
         """One answered request; `host_cached_tokens` are the part of `cached_tokens` onboarded."""

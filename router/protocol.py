@@ -120,6 +120,9 @@ class WorkerRegistration(msgspec.Struct, frozen=True):
     # the engine orders its queue by request priority and a waiting request preempts running ones it
     # outranks by more than this (SGLang's --enable-priority-scheduling); -1: it does not
     priority_threshold: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    # the worker answers vLLM's `return_token_ids` and continues an answer from kvgate's
+    # `kvgate.output_token_ids`: a gateway can send a turn's decode apart from its prompt there
+    returns_token_ids: bool = False
 
 
 MAX_URL_CHARS = 2048

@@ -87,8 +87,9 @@ class Router:
         splits_turns: bool = False,
     ) -> None:
         """`splits_turns`: the caller can send a turn's decode apart from its prompt
-        (`decode_priority`); only the simulator can, the gateway sends a turn as one request (joining
-        two answers needs the first token's id, which an OpenAI stream does not carry)."""
+        (`decode_priority`), on workers that return token ids (joining the two answers needs the first
+        token's id, which a plain OpenAI stream does not carry): the simulator, and the gateway unless
+        told not to (gateway/split_turn.py)."""
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.config = config = config or RouterConfig()
@@ -134,7 +135,8 @@ class Router:
             self.remove_worker(wid)
             old = None
         self._registrations[wid] = registration
-        if self._yields and (wid in self._yielding) != (registration.priority_threshold >= 0):
+        yields = registration.priority_threshold >= 0 and registration.returns_token_ids
+        if self._yields and (wid in self._yielding) != yields:
             self._yielding = self._yielding ^ {wid}
         if old is not None:
             return
@@ -401,6 +403,11 @@ class Router:
             s.attained_tokens += prefill
             s.tool_pending = False
             s.pinned_until = float("-inf")  # it came back: the pin did its job
+
+    @property
+    def yields_decodes(self) -> bool:
+        """Whether this router sends turns' decodes apart anywhere (`decode_priority`) at all."""
+        return self._yields
 
     def decode_priority(self, worker_id: str) -> int | None:
         """The priority of a turn's decode when it goes apart from its prompt, or None (one request).

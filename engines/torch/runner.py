@@ -166,9 +166,10 @@ class TorchRunner:
         if not step.sampled:
             return out
         logits = self._mask_padding(self.model.logits(hidden[step.sample_rows]))
-        tokens = self._sampler.sample(  # the step's one device->host sync: the sampled ids
-            logits, [chunks[i].sampling for i in step.sampled], [chunks[i].output_len for i in step.sampled]
-        )
+        params = [chunks[i].sampling for i in step.sampled]
+        # the position in the whole answer (a request may continue one): what a seed samples by
+        positions = [chunks[i].output_len + chunks[i].sampling.output_offset for i in step.sampled]
+        tokens = self._sampler.sample(logits, params, positions)  # the step's one device->host sync
         for i, token in zip(step.sampled, tokens, strict=True):
             out[i] = token
         return out

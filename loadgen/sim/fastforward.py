@@ -113,8 +113,8 @@ class FastForward:
         if len(tiled) < size + steps:
             tiled = self._tiled = placeholder * (steps // size + 2)
         for seq in run.seqs:
-            # token i of the output is placeholder[i % size], as the mock runner samples it
-            start = seq.num_output_tokens % size
+            # token i of the answer is placeholder[i % size], as the mock runner samples it
+            start = (seq.num_output_tokens + seq.sampling.output_offset) % size
             seq.token_ids += tiled[start : start + steps]
             seq.num_computed_tokens += steps
         engine = self.engine

@@ -76,6 +76,7 @@ class SimWorker:
             heartbeat_ts=self.loop.now,
             max_num_seqs=self.config.max_num_seqs,
             priority_threshold=self.config.priority_threshold if self.config.priority_scheduling else -1,
+            returns_token_ids=True,  # the simulator hands the gateway's part the tokens itself
         )
 
     def submit(

@@ -164,6 +164,64 @@ async def test_pretokenized_prompt_from_the_gateway_is_used_as_is(served: Served
     assert second.usage.prompt_tokens_details.cached_tokens == (len(tokens) - 1) // 16 * 16
 
 
+async def test_return_token_ids_as_vllm_answers_it(served: Served) -> None:
+    """vLLM's `return_token_ids`: `prompt_token_ids` on the answer (a stream's first chunk only) and the
+    output's `token_ids` on its choice (per chunk in a stream: the ids since the last chunk)."""
+    tokens = encode_chat(MESSAGES, ByteTokenizer())
+    placeholder = ByteTokenizer().encode(PLACEHOLDER_TEXT)
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 4, "return_token_ids": True}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{served.url}/v1/chat/completions", json=body) as resp:
+            whole = await resp.json()
+        assert whole["prompt_token_ids"] == tokens
+        assert whole["choices"][0]["token_ids"] == placeholder[:4]
+        async with http.post(f"{served.url}/v1/chat/completions", json={**body, "stream": True}) as resp:
+            raw = (await resp.read()).decode()
+        prompt = {"model": "m", "prompt": tokens, "max_tokens": 4, "return_token_ids": True, "stream": True}
+        async with http.post(f"{served.url}/v1/completions", json=prompt) as resp:
+            completion = (await resp.read()).decode()
+        url = f"{served.url}/v1/chat/completions"
+        async with http.post(url, json={**body, "return_token_ids": False}) as resp:
+            plain = await resp.json()
+    chunks = [json.loads(e.removeprefix("data: ")) for e in raw.split("\n\n")[:-2]]
+    assert [("prompt_token_ids" in c) for c in chunks] == [True] + [False] * (len(chunks) - 1)
+    assert chunks[0]["prompt_token_ids"] == tokens
+    assert [i for c in chunks for i in c["choices"][0]["token_ids"]] == placeholder[:4]
+    pieces = [json.loads(e.removeprefix("data: ")) for e in completion.split("\n\n")[:-2]]
+    assert pieces[0]["prompt_token_ids"] == tokens
+    assert [i for c in pieces for i in c["choices"][0]["token_ids"]] == placeholder[:4]
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]  # not asked
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_continued_from_its_first_token_reads_as_one_answer(
+    served: Served, stream: bool
+) -> None:
+    """`kvgate.output_token_ids`: the request continues an answer whose output so far follows the
+    prompt; its text and token ids go on from there as one request's would (the mock's output depends
+    on the position in the answer, as a model's on its context)."""
+    api = client(served.url)
+    tokens = encode_chat(MESSAGES, ByteTokenizer())
+    whole = await api.chat.completions.create(model="m", messages=MESSAGES, max_tokens=7)
+    first = await api.chat.completions.create(
+        model="m", messages=MESSAGES, max_tokens=1, extra_body={"return_token_ids": True}
+    )
+    first_ids = first.choices[0].model_extra["token_ids"]
+    assert first.model_extra["prompt_token_ids"] == tokens and len(first_ids) == 1
+    extension = {"prompt_token_ids": tokens, "output_token_ids": first_ids}
+    rest_kwargs = {"model": "m", "messages": MESSAGES, "max_tokens": 6, "extra_body": {"kvgate": extension}}
+    if stream:
+        chunks = [c async for c in await api.chat.completions.create(**rest_kwargs, stream=True)]
+        rest = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        answer = await api.chat.completions.create(**rest_kwargs)
+        rest = answer.choices[0].message.content
+        assert answer.usage.prompt_tokens == len(tokens) + 1 and answer.usage.completion_tokens == 6
+        # the prompt and the first token: a prefix hit but for the last partial block
+        assert answer.usage.prompt_tokens_details.cached_tokens == len(tokens) // 16 * 16
+    assert first.choices[0].message.content + rest == whole.choices[0].message.content
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -187,6 +245,10 @@ async def test_pretokenized_prompt_from_the_gateway_is_used_as_is(served: Served
         ({"messages": MESSAGES, "priority": "high"}, "priority"),
         ({"messages": MESSAGES, "priority": 1.5}, "priority"),
         ({"messages": MESSAGES, "priority": 1 << 40}, "priority"),
+        ({"messages": MESSAGES, "return_token_ids": "yes"}, "return_token_ids"),
+        ({"messages": MESSAGES, "kvgate": {"output_token_ids": []}}, "kvgate.output_token_ids"),
+        ({"messages": MESSAGES, "kvgate": {"output_token_ids": [1, -2]}}, "kvgate.output_token_ids"),
+        ({"messages": MESSAGES, "kvgate": {"output_token_ids": "ab"}}, "kvgate.output_token_ids"),
     ],
 )
 async def test_unsupported_or_invalid_options_get_a_400(served: Served, body: dict, param: str) -> None:

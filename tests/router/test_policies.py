@@ -364,8 +364,9 @@ def test_session_kv_holds_a_session_that_does_not_fit_where_decodes_yield_to_pro
         router = Router(policy="session_kv", config=config, seed=1, splits_turns=True)
         for i in range(3):
             registration = WorkerRegistration(
-                f"w{i}", f"http://w{i}", "m", BS, 1000, "mock", 1, 0.0, priority_threshold=10
-            )
+                f"w{i}", f"http://w{i}", "m", BS, 1000, "mock", 1, 0.0, priority_threshold=10,
+                returns_token_ids=True,
+            )  # fmt: skip
             router.add_worker(registration, 0.0)
         assert router.decode_priority("w0") == (-11 if yields else None)
         turn1 = chain(150)

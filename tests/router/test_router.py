@@ -147,18 +147,22 @@ def test_sessions_are_explicit_or_inferred_from_the_chain_they_extend(router: Ro
 
 def test_decodes_go_apart_only_on_workers_that_schedule_by_priority() -> None:
     """session_kv sends a turn's decode apart, at a priority every prompt outranks by more than the
-    worker's threshold, where the worker's registration says its engine schedules by priority; not
-    elsewhere, not when `yield_decodes` is off, not for a caller that sends a turn as one request
-    (the gateway), and never for a baseline."""
+    worker's threshold, where the worker's registration says its engine schedules by priority and it
+    returns token ids; not elsewhere, not when `yield_decodes` is off, not for a caller that sends a
+    turn as one request, and never for a baseline."""
 
-    def ranked(wid: str, threshold: int) -> WorkerRegistration:
+    def ranked(wid: str, threshold: int, ids: bool = True) -> WorkerRegistration:
         url = f"http://{wid}"
-        return WorkerRegistration(wid, url, "m", BS, 1000, "mock", 1, 0.0, priority_threshold=threshold)
+        return WorkerRegistration(
+            wid, url, "m", BS, 1000, "mock", 1, 0.0, priority_threshold=threshold, returns_token_ids=ids
+        )
 
     r = Router(splits_turns=True)
     r.add_worker(reg("a"), 0.0)
     r.add_worker(ranked("b", 10), 0.0)
+    r.add_worker(ranked("d", 10, ids=False), 0.0)  # no token ids: the two answers cannot be joined
     assert r.decode_priority("a") is None and r.decode_priority("b") == -11
+    assert r.decode_priority("d") is None
     r.add_worker(reg("b"), 1.0)  # a heartbeat from the same epoch: the engine no longer does
     assert r.decode_priority("b") is None
     r.add_worker(ranked("b", 0), 2.0)
