@@ -48,7 +48,9 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
-        self.router = Router(policy=config.policy, config=config.router_config)
+        self.router = Router(
+            policy=config.policy, config=config.router_config, splits_turns=config.split_turns
+        )
         self.subjects = Subjects(config.namespace)
         self.admission = Admission(config.queue_bound, config.queue_timeout_s)
         hold_s = self.router.config.admission_max_hold_s + config.queue_timeout_s

@@ -36,3 +36,6 @@ class GatewayConfig(msgspec.Struct, frozen=True):
     router_config: RouterConfig = msgspec.field(default_factory=RouterConfig)  # the routing tunables
     strip_anthropic_billing: bool = True  # drop Claude Code's per-request line from system prompts
     responses_ttl_s: float = 3600.0  # how long /v1/responses keeps a response for previous_response_id
+    # send a turn as its prompt and then its decode where the router asks (session_kv on workers that
+    # schedule by priority and return token ids: gateway/split_turn.py); off: one request a turn
+    split_turns: bool = True

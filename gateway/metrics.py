@@ -127,6 +127,11 @@ class GatewayMetrics:
         self.retries = Counter(
             "kvgate_retries", "Requests retried on another worker before the first byte", registry=r
         )
+        self.split_turns = Counter(
+            "kvgate_split_turns",
+            "Turns sent as their prompt and then their decode, at a priority every prompt outranks",
+            registry=r,
+        )
         self.stream_errors = Counter(
             "kvgate_stream_errors", "Streams ended by a mid-stream worker failure", registry=r
         )

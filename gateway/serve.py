@@ -157,6 +157,7 @@ def config_from(args: argparse.Namespace, router_config: RouterConfig) -> Gatewa
         router_config=router_config,
         strip_anthropic_billing=not args.keep_anthropic_billing_line,
         responses_ttl_s=args.responses_ttl,
+        split_turns=not args.no_split_turns,
     )
 
 

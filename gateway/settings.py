@@ -30,6 +30,13 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         "blocks; raise it where a loaded host can stall a live worker's heartbeat",
     )
     parser.add_argument(
+        "--no-split-turns",
+        action="store_true",
+        help="send every turn as one request; by default session_kv sends a turn's decode apart from its "
+        "prompt, at a priority every prompt outranks, to workers that schedule by priority and return "
+        "token ids (kvgate worker --priority-scheduling)",
+    )
+    parser.add_argument(
         "--router-config",
         metavar="FILE",
         help='JSON object of RouterConfig fields (router/config.py), e.g. {"session_admission": true}',

@@ -11,7 +11,7 @@ import itertools
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 from aiohttp import web
@@ -23,7 +23,9 @@ from gateway.api_bridge import Relay
 from gateway.errors import ApiError
 from gateway.proxy import Outcome, Retryable, forward
 from gateway.session_id import explicit_session_id, header_value, parent_session_id
+from gateway.split_turn import SplitTurn, splittable
 from gateway.tokenizers import TokenizerUnavailable
+from gateway.upstream import UpstreamPool
 from gateway.validation import Turn
 from router.chat import TemplateError, Tokenizer
 from router.protocol import WorkerRegistration
@@ -59,6 +61,9 @@ class Turns:
         # (a uuid4 per request costs a system call, on every turn)
         self._request_id_prefix = uuid.uuid4().hex[:16]
         self._request_numbers = itertools.count(1)
+        # a turn may go as its prompt and then its decode (gateway/split_turn.py): only where the router
+        # sends decodes apart at all, so that every other turn pays one attribute read for it
+        self._splits_turns = self.config.split_turns and self.router.yields_decodes
 
     async def read_body(self, request: web.Request) -> bytes:
         try:
@@ -308,11 +313,17 @@ class Turns:
                 self.router.on_first_token(route.request_id, now)
                 self.replication.replicas.first_token(route.request_id)
 
+            pool = self.upstream
+            split = self._split(turn, body, worker) if self._splits_turns else None
+            if split is None:
+                payload = msgspec.json.encode(body)
+            else:  # the split quacks as the pool: its `post` sends the parts, answering them as one
+                pool, payload = cast(UpstreamPool, split), split.first_part()
             with self.traces.child(f"POST {path}", SpanKind.CLIENT):  # its traceparent goes upstream
                 response, outcome = await relay(
-                    self.upstream,
+                    pool,
                     state.registration.url.rstrip("/") + path,
-                    msgspec.json.encode(body),
+                    payload,
                     request=request,
                     stream=turn.stream,
                     client_wants_usage=turn.client_wants_usage,
@@ -323,6 +334,16 @@ class Turns:
             return response, outcome
         finally:
             self._finish(route, worker, outcome)
+
+    def _split(self, turn: Turn, body: dict[str, Any], worker: str) -> SplitTurn | None:
+        """The turn as its prompt and then its decode, where the router sends decodes apart on this
+        worker (session_kv, priority scheduling, token ids) and the answer can be joined exactly."""
+        priority = self.router.decode_priority(worker)
+        if priority is None or not splittable(body, turn.requested_max_tokens):
+            return None
+        assert turn.requested_max_tokens is not None
+        self.metrics.split_turns.inc()
+        return SplitTurn(self.upstream, body, turn.requested_max_tokens, priority, turn.stream)
 
     def _route_attributes(self, route: RouteRequest, decision: Decision, expected: int) -> dict[str, Any]:
         return {

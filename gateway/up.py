@@ -149,6 +149,7 @@ async def _main(
         nats_url=bus.url, bus_auth=bus.gateway, namespace=args.namespace, policy=args.policy,
         api_keys=tuple(args.api_keys), max_inflight_per_worker=args.max_inflight_per_worker,
         gateway_id="gateway-up", router_config=router_config, stale_after_s=stale_after_s,
+        split_turns=not args.no_split_turns,
     )  # fmt: skip
     supervisor.start()
     gateway = asyncio.create_task(serve(config, args.host, args.port, stop))

@@ -23,7 +23,6 @@ from gateway.natsd import NatsServer
 from gateway.tenants import public
 from router.config import RouterConfig
 from router.protocol import PinHint, Subjects, WorkerRegistration, decode
-from router.router import Router
 from tests.gateway.conftest import API_KEY, Cluster, http_get
 
 pytestmark = pytest.mark.slow
@@ -392,14 +391,23 @@ def test_requests_waiting_on_a_hung_worker_are_retried_when_it_leaves(cluster: C
         cluster.workers["hangs"].kill()
 
 
-def test_the_gateways_router_sends_no_decode_apart() -> None:
-    """The gateway sends a turn as one request (a decode sent apart is simulated only), so its router
-    must not treat a priority-scheduling worker as one whose decodes yield, whatever the settings say."""
-    config = GatewayConfig(nats_url="nats://127.0.0.1:1", router_config=RouterConfig(yield_decodes=True))
-    gateway = Gateway(config)
-    ranked = WorkerRegistration("w", "http://w", "m", 16, 1000, "mock", 1, 0.0, priority_threshold=10)
-    gateway.router.add_worker(ranked, 0.0)
-    assert gateway.router.decode_priority("w") is None
-    standalone = Router(config=RouterConfig(yield_decodes=True), splits_turns=True)  # the simulator's
-    standalone.add_worker(ranked, 0.0)
-    assert standalone.decode_priority("w") == -11
+def test_the_gateways_router_sends_decodes_apart_only_where_the_answers_can_be_joined() -> None:
+    """The gateway splits a turn (gateway/split_turn.py) only on a worker that schedules by priority and
+    returns token ids, and not at all with `split_turns` off (`--no-split-turns`), whatever the router
+    settings say: its router must not treat a worker's decodes as yielding where they do not."""
+    router_config = RouterConfig(yield_decodes=True)
+
+    def registration(wid: str, ids: bool) -> WorkerRegistration:
+        url = f"http://{wid}"
+        return WorkerRegistration(
+            wid, url, "m", 16, 1000, "mock", 1, 0.0, priority_threshold=10, returns_token_ids=ids
+        )
+
+    gateway = Gateway(GatewayConfig(nats_url="nats://127.0.0.1:1", router_config=router_config))
+    gateway.router.add_worker(registration("joined", True), 0.0)
+    gateway.router.add_worker(registration("plain", False), 0.0)  # a worker that returns no token ids
+    assert gateway.router.decode_priority("joined") == -11 and gateway.router.decode_priority("plain") is None
+    config = GatewayConfig(nats_url="nats://127.0.0.1:1", router_config=router_config, split_turns=False)
+    off = Gateway(config)
+    off.router.add_worker(registration("joined", True), 0.0)
+    assert off.router.decode_priority("joined") is None and not off.turns._splits_turns
