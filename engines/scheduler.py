@@ -90,13 +90,23 @@ class Scheduler:
         """The step's work as (sequence, tokens to compute) pairs, and the sequences that cannot
         ever fit (finished here with reason "length"). `now`: running sequences whose onboarded blocks
         land later (`Sequence.ready_at`) sit this step out."""
-        bm = self.block_manager
         if self.waiting and (self.preempt_for_prompts or self.priority_threshold is not None):
             self._make_room_for_head()
-        block_size = bm.block_size
-        budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         too_long: list[Sequence] = []
+        budget, preempted = self._schedule_running(now, scheduled, too_long)
+        if not preempted:  # admitting while others are being preempted would only thrash
+            self._admit_waiting(budget, scheduled, too_long)
+        return scheduled, too_long
+
+    def _schedule_running(
+        self, now: float, scheduled: list[tuple[Sequence, int]], too_long: list[Sequence]
+    ) -> tuple[int, bool]:
+        """The running sequences' next tokens, first admitted first, while the step's token budget
+        lasts, into `scheduled`: the budget left, and whether a sequence was preempted for a block."""
+        bm = self.block_manager
+        block_size = bm.block_size
+        budget = self.max_num_batched_tokens
         preempted = False
         running = self.running
         i = 0
@@ -110,70 +120,95 @@ class Scheduler:
             n = len(seq.token_ids) - computed
             if n > budget:
                 n = budget
-            if computed + n <= len(seq.block_table) * block_size:
-                # the common decode step: its slot is in a block it already holds
-                scheduled.append((seq, n))
-                budget -= n
-                i += 1
-                if (computed + n) // block_size > seq.num_committed_blocks:
-                    bm.commit(seq, computed + n)
-                continue
-            while not bm.can_append(seq, n):
-                if len(running) == 1:
-                    # alone and still out of blocks: the sequence outgrew the whole cache
-                    running.pop()
-                    bm.free(seq)
-                    seq.status = SequenceStatus.FINISHED
-                    seq.finish_reason = "length"
-                    too_long.append(seq)
+            if computed + n > len(seq.block_table) * block_size:
+                appended, preempted_now = self._append_or_preempt(seq, n, too_long)
+                preempted = preempted or preempted_now
+                if not appended:
                     break
-                victim = running.pop()
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            else:
-                bm.append_slots(seq, n)
                 bm.commit(seq, computed + n)
-                scheduled.append((seq, n))
-                budget -= n
-                i += 1
-                continue
-            break
-        # admitting while others are being preempted would only thrash
-        while self.waiting and budget and not preempted and len(running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            elif (computed + n) // block_size > seq.num_committed_blocks:
+                # the common decode step: its slot is in a block it already holds
+                bm.commit(seq, computed + n)
+            scheduled.append((seq, n))
+            budget -= n
+            i += 1
+        return budget, preempted
+
+    def _append_or_preempt(self, seq: Sequence, n: int, too_long: list[Sequence]) -> tuple[bool, bool]:
+        """Blocks for `seq`'s next `n` tokens, preempting the most recently admitted running sequences
+        (`seq` last) until they fit: whether `seq` got them, and whether a sequence was preempted.
+        Alone and still out of blocks, `seq` outgrew the whole cache: it ends in `too_long`."""
+        bm = self.block_manager
+        running = self.running
+        preempted = False
+        while not bm.can_append(seq, n):
+            if len(running) == 1:
+                running.pop()
+                bm.free(seq)
+                self._end_too_long(seq, too_long)
+                return False, preempted
+            victim = running.pop()
+            self._preempt(victim)
+            preempted = True
+            if victim is seq:
+                return False, preempted
+        bm.append_slots(seq, n)
+        return True, preempted
+
+    def _admit_waiting(
+        self, budget: int, scheduled: list[tuple[Sequence, int]], too_long: list[Sequence]
+    ) -> None:
+        """Waiting sequences from the head of the queue, while the budget, `max_num_seqs` and the free
+        blocks allow; one that can never fit ends in `too_long`."""
+        bm = self.block_manager
+        waiting = self.waiting
+        while waiting and budget and len(self.running) < self.max_num_seqs:
+            seq = waiting[0]
             if bm.blocks_needed(len(seq)) > bm.num_blocks:
-                self.waiting.popleft()
+                waiting.popleft()
                 self._resumed.discard(seq.seq_id)
-                seq.status = SequenceStatus.FINISHED
-                seq.finish_reason = "length"
-                too_long.append(seq)
+                self._end_too_long(seq, too_long)
                 continue
             hits = bm.match_prefix(seq)
             if not bm.can_allocate(seq, hits):
                 break
-            self.waiting.popleft()
+            waiting.popleft()
             if self._resumed:
                 self._resumed.discard(seq.seq_id)
             onboard = bm.match_host(seq, hits)
             if onboard and self.onboard_async:
-                # its blocks now, its first chunk once the copies have landed (Engine times them)
-                bm.allocate(seq, hits, onboard, 0)
-                seq.status = SequenceStatus.RUNNING
-                seq.ready_at = math.inf
-                running.append(seq)
-                self.loading.append(seq)
-                continue
-            n = min(len(seq.token_ids) - (hits + onboard) * block_size, budget)
-            # blocks for this step's chunk only: the rest come chunk by chunk (as vLLM's allocate_slots)
-            bm.allocate(seq, hits, onboard, n)
-            bm.commit(seq, seq.num_computed_tokens + n)
-            seq.status = SequenceStatus.RUNNING
-            running.append(seq)
-            scheduled.append((seq, n))
-            budget -= n
-        return scheduled, too_long
+                self._admit_loading(seq, hits, onboard)
+            else:
+                budget -= self._admit_computing(seq, hits, onboard, budget, scheduled)
+
+    def _admit_loading(self, seq: Sequence, hits: int, onboard: int) -> None:
+        """`seq` with its blocks now and its first chunk once their copies have landed (the engine
+        times them and sets `ready_at`)."""
+        self.block_manager.allocate(seq, hits, onboard, 0)
+        seq.status = SequenceStatus.RUNNING
+        seq.ready_at = math.inf
+        self.running.append(seq)
+        self.loading.append(seq)
+
+    def _admit_computing(
+        self, seq: Sequence, hits: int, onboard: int, budget: int, scheduled: list[tuple[Sequence, int]]
+    ) -> int:
+        """`seq` running, its first chunk in `scheduled`: the tokens that chunk computes."""
+        bm = self.block_manager
+        n = min(len(seq.token_ids) - (hits + onboard) * bm.block_size, budget)
+        # blocks for this step's chunk only: the rest come chunk by chunk (as vLLM's allocate_slots)
+        bm.allocate(seq, hits, onboard, n)
+        bm.commit(seq, seq.num_computed_tokens + n)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        scheduled.append((seq, n))
+        return n
+
+    @staticmethod
+    def _end_too_long(seq: Sequence, too_long: list[Sequence]) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "length"
+        too_long.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a running or waiting sequence and release its blocks."""
