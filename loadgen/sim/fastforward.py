@@ -12,7 +12,7 @@ replay gives the same numbers with and without it.
 from __future__ import annotations
 
 from engines.engine import Engine
-from engines.mock import PLACEHOLDER_TEXT
+from engines.mock import PLACEHOLDER_TEXT, MockRunner
 from engines.runner import ScheduledChunk
 from engines.sequence import Sequence
 
@@ -45,7 +45,12 @@ class FastForward:
     def __init__(self, engine: Engine, min_steps: int = 2) -> None:
         self.engine = engine
         self.min_steps = min_steps
-        self._placeholder = engine.runner.tokenizer.encode(PLACEHOLDER_TEXT)  # type: ignore[attr-defined]
+        runner = engine.runner
+        if not isinstance(runner, MockRunner):  # another runner samples other tokens than these
+            raise TypeError(
+                "fast-forward replays the mock runner's placeholder tokens: the engine must run one"
+            )
+        self._placeholder = runner.tokenizer.encode(PLACEHOLDER_TEXT)
         self._tiled = self._placeholder * 2  # the placeholder repeated: any run of it is one slice
 
     def plan(self, now: float) -> DecodeRun | None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import pytest
+
 from engines.engine import Engine, EngineConfig, EngineRequest
 from engines.mock import MockRunner
-from engines.runner import SamplingParams
+from engines.runner import SamplingParams, ScheduledChunk
 from loadgen.sim.fastforward import FastForward
+from router.chat import ByteTokenizer
 
 
 def _engine() -> Engine:
@@ -38,3 +43,27 @@ def test_a_run_applied_at_once_equals_its_steps() -> None:
             runs += 1
         assert _state(fast) == _state(slow)
     assert runs > 10 and not slow.has_work()
+
+
+class _OtherRunner:
+    """A model runner that is not the mock's, with a tokenizer all the same: its tokens are not the
+    placeholder text's, so a fast-forward would replay the wrong ones."""
+
+    reads_token_ids = False
+
+    def __init__(self, block_size: int, num_blocks: int) -> None:
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.tokenizer = ByteTokenizer()
+
+    def execute(self, chunks: Sequence[ScheduledChunk]) -> list[int | None]:
+        return [0 for _ in chunks]
+
+    def step_time_s(self, chunks: Sequence[ScheduledChunk], kv_usage: float) -> float | None:
+        return None
+
+
+def test_another_runner_is_refused() -> None:
+    config = EngineConfig(num_blocks=256, block_size=16)
+    engine = Engine(config, _OtherRunner(config.block_size, config.num_blocks))
+    with pytest.raises(TypeError, match="mock runner"):
+        FastForward(engine)
