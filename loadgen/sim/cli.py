@@ -12,11 +12,11 @@ import msgspec
 from engines.mock import DEFAULT_HOST_BANDWIDTH_GBPS
 from loadgen.sim.compare import compare, parse_policies
 from loadgen.sim.report import render_table, write_charts
-from loadgen.sim.simulation import SimConfig
+from loadgen.sim.simulation import SimConfig, SimRun
 from loadgen.sim.sweep import parse_multiples, sweep_host_tier, sweep_markdown, write_sweep_chart
 from loadgen.sim.synthetic import WORKLOADS, make_workload, workload_rows
 from loadgen.sim.workload import Workload
-from loadgen.trace import TRACE_BLOCK_SIZE, TraceError, load_trace
+from loadgen.trace import TRACE_BLOCK_SIZE, TraceError, TraceRow, load_trace
 
 
 def _positive_int(text: str) -> int:
@@ -199,42 +199,12 @@ def _sweep(
 def run(args: argparse.Namespace) -> int:
     try:
         policies = parse_policies(args.policy)
-        if args.trace_block_size % args.block_size:
-            raise ValueError("--trace-block-size must be a multiple of --block-size")
-        if args.max_think_s < 0 or args.bus_delay_ms < 0:
-            raise ValueError("--max-think-s and --bus-delay-ms must not be negative")
-        settings = _router_settings(args.router_settings)
-        multiples = parse_multiples(args.host_multiples) if args.host_multiples is not None else None
-        if args.sweep_chart is not None and multiples is None:
-            raise ValueError("--sweep-chart needs --host-multiples")
-        if args.priority_scheduling and args.preempt_for_prompts:
-            raise ValueError("--priority-scheduling and --preempt-for-prompts are two engines: choose one")
-        if args.workload is not None:
-            args.trace_block_size = args.block_size  # the rows' hash ids are blocks of the simulated size
-            generated = make_workload(args.workload, args.rate, args.seed, args.max_context)
-            rows = workload_rows(generated, args.duration, args.block_size, args.seed)[: args.limit]
-        else:
-            rows = load_trace(args.trace, args.limit)
-        if not rows:
-            raise ValueError(f"{args.trace or args.workload}: no rows")
+        settings, multiples = _checked_settings(args)
+        rows = _rows(args)
     except (OSError, TraceError, ValueError) as exc:
         print(f"kvgate sim: {exc}", file=sys.stderr)
         return 2
-    config = SimConfig(
-        workers=args.workers,
-        num_blocks=args.num_blocks,
-        block_size=args.block_size,
-        bus_delay_s=args.bus_delay_ms / 1000.0,
-        seed=args.seed if args.policy_seed is None else args.policy_seed,
-        session_admission=args.admission,
-        host_blocks=args.host_blocks,
-        host_bandwidth_gbps=args.host_bandwidth,
-        pin_baselines=args.pin_baselines,
-        preempt_for_prompts=args.preempt_for_prompts,
-        priority_scheduling=args.priority_scheduling,
-        onboard_async=args.onboard_async,
-        router_settings=settings,
-    )
+    config = _sim_config(args, settings)
     workload = Workload(
         rows,
         block_size=args.block_size,
@@ -253,14 +223,7 @@ def run(args: argparse.Namespace) -> int:
     if not to_stdout:
         render_table(report, runtime)
         print(f"{len(rows)} rows x {len(policies)} policies in {elapsed:.1f} s")
-        for policy, sim_run in runs.items():
-            if sim_run.held:
-                print(f"{policy}: {sim_run.held} turns held by admission before routing")
-            if sim_run.room_held:
-                print(
-                    f"{policy}: {sim_run.room_held} turns held at the router for KV room "
-                    f"({sim_run.room_overdue} sent by the bound, {sim_run.room_hold_s:.0f} s in all)"
-                )
+        _print_holds(runs)
     if args.json is not None:
         write_json(args.json, report)
     if args.charts:
@@ -268,6 +231,65 @@ def run(args: argparse.Namespace) -> int:
             if not to_stdout:
                 print(f"wrote {path}")
     return 0
+
+
+def _checked_settings(args: argparse.Namespace) -> tuple[dict[str, object], list[float] | None]:
+    """The `--set` router settings and the `--host-multiples` sweep, once every setting that cannot
+    be combined or is out of range has raised ValueError."""
+    if args.trace_block_size % args.block_size:
+        raise ValueError("--trace-block-size must be a multiple of --block-size")
+    if args.max_think_s < 0 or args.bus_delay_ms < 0:
+        raise ValueError("--max-think-s and --bus-delay-ms must not be negative")
+    settings = _router_settings(args.router_settings)
+    multiples = parse_multiples(args.host_multiples) if args.host_multiples is not None else None
+    if args.sweep_chart is not None and multiples is None:
+        raise ValueError("--sweep-chart needs --host-multiples")
+    if args.priority_scheduling and args.preempt_for_prompts:
+        raise ValueError("--priority-scheduling and --preempt-for-prompts are two engines: choose one")
+    return settings, multiples
+
+
+def _rows(args: argparse.Namespace) -> list[TraceRow]:
+    """The trace's rows, or the generated workload's (whose hash ids are blocks of the simulated size)."""
+    if args.workload is not None:
+        args.trace_block_size = args.block_size
+        generated = make_workload(args.workload, args.rate, args.seed, args.max_context)
+        rows = workload_rows(generated, args.duration, args.block_size, args.seed)[: args.limit]
+    else:
+        rows = load_trace(args.trace, args.limit)
+    if not rows:
+        raise ValueError(f"{args.trace or args.workload}: no rows")
+    return rows
+
+
+def _sim_config(args: argparse.Namespace, settings: dict[str, object]) -> SimConfig:
+    return SimConfig(
+        workers=args.workers,
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        bus_delay_s=args.bus_delay_ms / 1000.0,
+        seed=args.seed if args.policy_seed is None else args.policy_seed,
+        session_admission=args.admission,
+        host_blocks=args.host_blocks,
+        host_bandwidth_gbps=args.host_bandwidth,
+        pin_baselines=args.pin_baselines,
+        preempt_for_prompts=args.preempt_for_prompts,
+        priority_scheduling=args.priority_scheduling,
+        onboard_async=args.onboard_async,
+        router_settings=settings,
+    )
+
+
+def _print_holds(runs: dict[str, SimRun]) -> None:
+    """The turns each policy's admission or KV room held before routing, where any were."""
+    for policy, sim_run in runs.items():
+        if sim_run.held:
+            print(f"{policy}: {sim_run.held} turns held by admission before routing")
+        if sim_run.room_held:
+            print(
+                f"{policy}: {sim_run.room_held} turns held at the router for KV room "
+                f"({sim_run.room_overdue} sent by the bound, {sim_run.room_hold_s:.0f} s in all)"
+            )
 
 
 def write_json(target: str, value: object) -> None:
