@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -291,8 +292,8 @@ class Publisher:
         except ProtocolError as exc:
             log.warning("ignoring a malformed pin hint: %s", exc)
             return
-        ttl = min(max(hint.ttl_s, 0.0), 3600.0)
-        host_ttl = min(max(hint.host_ttl_s, 0.0), 4 * 3600.0)
+        ttl = _seconds(hint.ttl_s, 3600.0)
+        host_ttl = _seconds(hint.host_ttl_s, 4 * 3600.0)
         engine = self.loop.engine
         await self.loop.call(lambda: engine.pin(hint.session_id, hint.block_hashes, ttl, host_ttl))
         if engine.has_host_tier and 0 < hint.prefetch_after_s <= 3600.0:
@@ -378,3 +379,9 @@ async def store_tokenizer(nc: NATS, bucket: str, bundle: bytes) -> None:
         pass
     await store.put(name, bundle)
     log.info("stored tokenizer %s (%d bytes)", name[:12], len(bundle))
+
+
+def _seconds(value: float, most: float) -> float:
+    """A duration from the bus within [0, most]; NaN, which passes every clamp (max(nan, 0.0) is nan)
+    and would make a pin that never expires, is 0."""
+    return 0.0 if math.isnan(value) else min(max(value, 0.0), most)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import time
@@ -21,7 +22,7 @@ from engines.mock import MockRunner
 from engines.publisher import Publisher
 from engines.runner import SamplingParams
 from gateway.natsd import NatsServer
-from router.protocol import BlockStored, KvEventBatch, Subjects, WorkerRegistration, decode
+from router.protocol import BlockStored, KvEventBatch, PinHint, Subjects, WorkerRegistration, decode, encode
 from tests.engines.kv_replay import ReplayedCache
 
 Setup = tuple[EngineLoop, Publisher, list[KvEventBatch]]
@@ -253,3 +254,17 @@ async def test_its_own_stop_is_not_logged_as_a_lost_connection(
         assert not [r for r in caplog.records if "disconnected" in r.getMessage()]
     finally:
         await loop.stop()
+
+
+async def test_a_pin_hint_with_a_nan_ttl_pins_nothing(setup: Setup, nats_url: str) -> None:
+    # NaN passes every clamp (max(nan, 0.0) is nan): such a pin never expired, its blocks held for good
+    loop, publisher, _ = setup
+    nc = await nats.connect(nats_url)
+    subject = publisher.subjects.pin(publisher.worker_id)
+    await nc.publish(subject, encode(PinHint("nan", [1, 2, 3], math.nan)))
+    await nc.publish(subject, encode(PinHint("finite", [4, 5], 60.0)))  # taken after the first
+    await nc.flush()
+    pins = loop.engine.block_manager.pins
+    await settle(lambda: "finite" in pins.sessions(), 30.0)
+    assert list(pins.sessions()) == ["finite"]
+    await nc.close()
