@@ -16,6 +16,10 @@ from collections.abc import AsyncGenerator, Callable
 from urllib.parse import urlsplit
 
 MAX_HEADER_BYTES = 64 * 1024
+# a worker's answer is untrusted too: one read whole, or one chunk, past these is a broken worker, not a
+# reason to hold its bytes (a whole answer of 128k tokens with logprobs is a few MB)
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+MAX_CHUNK_BYTES = 16 * 1024 * 1024
 MAX_IDLE_PER_HOST = 256
 MAX_TARGETS = 1024  # parsed worker URLs kept (workers come and go: the dict is emptied when full)
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
@@ -157,7 +161,14 @@ class UpstreamResponse:
                 raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
             self._done = True
             return data
-        parts = [chunk async for chunk in self.iter_chunks()]
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.iter_chunks():
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                self.close()
+                raise UpstreamError(f"the worker's answer exceeds {MAX_ANSWER_BYTES} bytes")
+            parts.append(chunk)
         return b"".join(parts)
 
     async def iter_chunks(self) -> AsyncGenerator[bytes, None]:
@@ -182,7 +193,12 @@ class UpstreamResponse:
                     if not data:
                         raise UpstreamError("the worker closed the connection mid-body")
                     # what is left undecoded stays on the response for the next read
-                    buffer = self._undecoded + data if self._undecoded else data
+                    if self._undecoded:
+                        if len(self._undecoded) > MAX_CHUNK_BYTES:
+                            raise ValueError(f"a chunk of over {MAX_CHUNK_BYTES} bytes")
+                        buffer = self._undecoded + data
+                    else:
+                        buffer = data
                     payloads, used, last = dechunk(buffer)
                     self._undecoded = buffer[used:]
                     if last:  # complete with these bytes: a caller may stop at their last event

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
+from gateway import upstream
 from gateway.natsd import free_port
 from gateway.upstream import UpstreamError, UpstreamPool, dechunk
 from tests.serving import serving
@@ -208,3 +209,49 @@ async def test_the_read_timeout_is_per_read_and_a_shorter_head_timeout_applies_a
         release.set()
         await pool.close()
         server.close()
+
+
+async def _endless(writer: asyncio.StreamWriter, head: bytes, block: bytes) -> None:
+    """`head`, then `block` again and again until the client hangs up."""
+    writer.write(head)
+    try:
+        while True:
+            writer.write(block)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "block", "error"),
+    [
+        # one chunk that never ends: its undecoded bytes must not pile up
+        (b"transfer-encoding: chunked\r\n\r\n7fffffff\r\n", b"x" * 65536, "chunk of over"),
+        # chunks without end, and a length the body never reaches: the answer read whole is bounded
+        (b"transfer-encoding: chunked\r\n\r\n", b"10000\r\n" + b"x" * 65536 + b"\r\n", "answer exceeds"),
+        (b"content-length: 4294967296\r\n\r\n", b"x" * 65536, "answer exceeds"),
+    ],
+    ids=["one-chunk", "chunks", "length"],
+)
+async def test_an_endless_answer_is_cut_at_a_bound(
+    monkeypatch: pytest.MonkeyPatch, head: bytes, block: bytes, error: str
+) -> None:
+    monkeypatch.setattr(upstream, "MAX_ANSWER_BYTES", 1 << 20)
+    monkeypatch.setattr(upstream, "MAX_CHUNK_BYTES", 1 << 20)
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await _endless(writer, b"HTTP/1.1 200 OK\r\n" + head, block)
+
+    server, port = await raw_server(endless)
+    pool = UpstreamPool(read_timeout_s=30.0)
+    try:
+        resp = await pool.post(f"http://127.0.0.1:{port}/v1/x", b"{}")
+        with pytest.raises(UpstreamError, match=error):
+            await resp.read()
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
