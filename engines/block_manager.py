@@ -94,10 +94,6 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self._uncached) + len(self._evictable) + len(self._pinned_free)
 
-    @property
-    def num_cached(self) -> int:
-        return len(self._by_hash)
-
     def usage(self) -> float:
         return self.num_used / self.num_blocks
 

@@ -83,11 +83,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
-    @property
-    def num_pending_tokens(self) -> int:
-        """Tokens whose KV still has to be computed before the next token can be sampled."""
-        return len(self.token_ids) - self.num_computed_tokens
-
     def hashes(self, num_blocks: int) -> list[int]:
         """The block hash list, extended to at least `num_blocks` full blocks (hashed in one call)."""
         hashes = self.block_hashes

@@ -75,9 +75,6 @@ class Admission:
     def queued(self) -> int:
         return sum(1 for *_, w in self._heap if not w.future.done())
 
-    def saturated(self) -> frozenset[str]:
-        return frozenset(w for w, n in self._inflight.items() if n >= self._limits.get(w, 1))
-
     # --- requests
 
     async def admit(

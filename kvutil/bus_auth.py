@@ -54,10 +54,6 @@ class BusAuth(msgspec.Struct, frozen=True):
 
     __str__ = __repr__
 
-    @property
-    def anonymous(self) -> bool:
-        return all(getattr(self, name) is None for name in self.__struct_fields__)
-
     def check(self) -> BusAuth:
         """Raises BusAuthError on options that cannot work; returns self."""
         if self.password is not None and self.user is None:

@@ -23,7 +23,6 @@ import array
 import math
 import operator
 import sys
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -410,8 +409,3 @@ def _session(state: SessionSnapshot, now: float, age: float, expires: float, pin
         s.pinned_until = now + min(state.pinned_s, pin_max_s) - age
     s.expires_at = now + expires
     return s
-
-
-def snapshot_workers(snapshot: IndexSnapshot) -> Iterable[tuple[str, int]]:
-    """(worker id, epoch) of every worker in the snapshot."""
-    return ((w.worker_id, w.epoch) for w in snapshot.workers)

@@ -150,10 +150,6 @@ class TorchRunner:
         tokenizer = HFTokenizer.from_path(model_path) if tok_file else ByteTokenizer()
         return model, tokenizer, Path(model_path).resolve().name
 
-    @property
-    def kv_cache_bytes(self) -> int:
-        return self.kv_cache.numel() * self.kv_cache.element_size()
-
     def step_time_s(self, chunks: Sequence[ScheduledChunk], kv_usage: float) -> float | None:
         return None  # the real duration counts
 

@@ -98,10 +98,6 @@ class EventLoop:
         self.now, self.seq = now, seq
         self.events_run += ran
 
-    def next_time(self) -> float | None:
-        times = [q[0][0] for q in (self._heap, self._deferred) if q]
-        return min(times) if times else None
-
     def __len__(self) -> int:
         return len(self._heap) + len(self._deferred)
 

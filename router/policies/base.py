@@ -86,9 +86,6 @@ class RouterView:
         Empty while no worker reports blocks on `tier`."""
         return self.index.reach(chain, tier)
 
-    def tree_size(self, worker_id: str) -> int:
-        return self.index.blocks_of(worker_id) + self.approx.blocks_of(worker_id)
-
 
 class Policy(ABC):
     name: ClassVar[str]
