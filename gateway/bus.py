@@ -65,13 +65,11 @@ class RouterFeed(Protocol):
 
 
 class WorkerState:
-    __slots__ = ("approximate", "events_seen", "last_event", "last_seen", "registration", "unconfirmed_since")
+    __slots__ = ("approximate", "last_seen", "registration", "unconfirmed_since")
 
     def __init__(self, registration: WorkerRegistration, now: float) -> None:
         self.registration = registration
         self.last_seen = now  # monotonic time of the last heartbeat we received
-        self.last_event = 0.0  # monotonic time of the last KV batch
-        self.events_seen = False
         self.unconfirmed_since: float | None = None  # a request finished there, no event since
         self.approximate = not registration.publishes_events
 
@@ -368,8 +366,6 @@ class Bus:
         if state is None or state.registration.epoch != batch.epoch:
             return  # an old process's events (replayed), or a worker not registered (yet)
         now = self.clock()
-        state.last_event = now
-        state.events_seen = True
         state.unconfirmed_since = None
         self.metrics.of_worker(self.metrics.event_lag, batch.worker_id).set(max(0.0, time.time() - batch.ts))
         if state.approximate and state.registration.publishes_events:

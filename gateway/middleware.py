@@ -61,7 +61,6 @@ class AgentSession:
 
     def __init__(self, client: Any, session_id: str | None = None) -> None:
         self.session_id = session_id or f"s-{uuid.uuid4().hex}"
-        self._base = client
         self._plain = bind_session(client, self.session_id)
         self._tool = bind_session(client, self.session_id, tool_call_pending=True)
         self._tool_depth = 0

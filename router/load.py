@@ -60,7 +60,6 @@ class WorkerLoad:
         "ms_per_token",
         "prefill_since_report",
         "report",
-        "report_at",
         "report_prefill",
         "requests",
         "step_end_at",
@@ -69,7 +68,6 @@ class WorkerLoad:
 
     def __init__(self, default_prefill_tok_s: float) -> None:
         self.report: LoadReport | None = None
-        self.report_at = float("-inf")
         self.fresh_until = float("-inf")  # the report's load counts until then
         self.report_prefill = 0
         self.ms_per_token = 1000.0 / default_prefill_tok_s  # prefill cost, measured once reported
@@ -110,7 +108,6 @@ class LoadView:
         if w.report is not None and report.ts < w.report.ts:
             return  # overtaken by a newer report
         w.report = report
-        w.report_at = now
         w.fresh_until = now + self.config.report_stale_s
         w.report_prefill = report.active_prefill_tokens
         speed = report.prefill_tok_s  # `prefill_speed` of this report, inline: 10 reports/s per worker
