@@ -105,6 +105,7 @@ class Bus:
         self.nc: NATS | None = None
         self.registry_synced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._sending: set[asyncio.Task[None]] = set()  # pin hints on their way out
         self._dumping: set[str] = set()
         self._refused: set[str] = set()  # registry keys already logged as bad
         self._subs: list[Any] = []
@@ -207,13 +208,19 @@ class Bus:
 
     def publish_pin(self, worker_id: str, hint: PinHint) -> None:
         """Fire and forget: a pin is a hint, never worth delaying a response for."""
-        if self.connected and self.nc is not None:
-            asyncio.get_running_loop().create_task(self._publish(self.subjects.pin(worker_id), encode(hint)))
+        nc = self.nc
+        if nc is not None and nc.is_connected:
+            task = asyncio.get_running_loop().create_task(
+                self._publish(nc, self.subjects.pin(worker_id), encode(hint))
+            )
+            self._sending.add(task)  # the loop keeps only weak references: unheld, it may vanish mid-run
+            task.add_done_callback(self._sending.discard)
 
-    async def _publish(self, subject: str, data: bytes) -> None:
+    async def _publish(self, nc: NATS, subject: str, data: bytes) -> None:
+        # publish only buffers (flushed by the client); while NATS is away the buffer is bounded and a
+        # full one raises: the hint is lost, as a hint may be
         with contextlib.suppress(Exception):
-            assert self.nc is not None
-            await self.nc.publish(subject, data)
+            await nc.publish(subject, data)
 
     # --- registry
 
