@@ -11,6 +11,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
@@ -19,7 +20,7 @@ from opentelemetry.trace import SpanKind
 
 from gateway import tenants
 from gateway.admission import NoWorker, QueueFull
-from gateway.api_bridge import Relay
+from gateway.api_bridge import EXPECTED_CACHED_HEADER, PROMPT_TOKENS_HEADER, Relay
 from gateway.errors import ApiError
 from gateway.proxy import Outcome, Retryable, forward
 from gateway.session_id import explicit_session_id, header_value, parent_session_id
@@ -285,20 +286,12 @@ class Turns:
         headers = {
             "x-kvgate-worker": worker,
             "x-kvgate-session": header_value(tenants.public(route.session_id or "")),
-            "x-kvgate-cached-tokens-expected": str(expected),
-            "x-kvgate-prompt-tokens": str(len(tokens)),
+            EXPECTED_CACHED_HEADER: str(expected),
+            PROMPT_TOKENS_HEADER: str(len(tokens)),
         }
         if self.traces.enabled:
             self.traces.annotate(self._route_attributes(route, decision, expected))
-        body: dict[str, Any] = dict(turn.body)
-        body["kvgate"] = {
-            "prompt_token_ids": tokens,
-            "request_id": route.request_id,
-            "session_id": route.session_id,
-        }
-        if turn.stream:
-            options = body.get("stream_options")
-            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        body = _worker_body(turn, tokens, route)
         outcome = Outcome()
         try:
             await self.rooms.enter(route, decision)
@@ -306,19 +299,8 @@ class Turns:
             sent_at = time.monotonic()
             if state is None:
                 raise Retryable("worker left the pool")
-
-            def first_token() -> None:
-                now = time.monotonic()
-                self.metrics.ttft.observe(now - sent_at)
-                self.router.on_first_token(route.request_id, now)
-                self.replication.replicas.first_token(route.request_id)
-
-            pool = self.upstream
-            split = self._split(turn, body, worker) if self._splits_turns else None
-            if split is None:
-                payload = msgspec.json.encode(body)
-            else:  # the split quacks as the pool: its `post` sends the parts, answering them as one
-                pool, payload = cast(UpstreamPool, split), split.first_part()
+            first_token = self._first_token_callback(route.request_id, sent_at)
+            pool, payload = self._pool_and_payload(turn, body, worker)
             with self.traces.child(f"POST {path}", SpanKind.CLIENT):  # its traceparent goes upstream
                 response, outcome = await relay(
                     pool,
@@ -334,6 +316,23 @@ class Turns:
             return response, outcome
         finally:
             self._finish(route, worker, outcome)
+
+    def _first_token_callback(self, request_id: str, sent_at: float) -> Callable[[], None]:
+        def first_token() -> None:
+            now = time.monotonic()
+            self.metrics.ttft.observe(now - sent_at)
+            self.router.on_first_token(request_id, now)
+            self.replication.replicas.first_token(request_id)
+
+        return first_token
+
+    def _pool_and_payload(self, turn: Turn, body: dict[str, Any], worker: str) -> tuple[UpstreamPool, bytes]:
+        """What the relay posts through, and its body: the whole turn, or where the turn is split its
+        prompt part (the split quacks as the pool: its `post` sends the parts, answering them as one)."""
+        split = self._split(turn, body, worker) if self._splits_turns else None
+        if split is None:
+            return self.upstream, msgspec.json.encode(body)
+        return cast(UpstreamPool, split), split.first_part()
 
     def _split(self, turn: Turn, body: dict[str, Any], worker: str) -> SplitTurn | None:
         """The turn as its prompt and then its decode, where the router sends decodes apart on this
@@ -385,3 +384,18 @@ class Turns:
             self.bus.publish_pin(*hint)
         self.holds.poke()
         self.rooms.poke()
+
+
+def _worker_body(turn: Turn, tokens: list[int], route: RouteRequest) -> dict[str, Any]:
+    """The client's body for the worker: with the prompt as tokenized here and the route's ids, and
+    on a stream with usage asked for (the gateway counts the tokens served from it)."""
+    body: dict[str, Any] = dict(turn.body)
+    body["kvgate"] = {
+        "prompt_token_ids": tokens,
+        "request_id": route.request_id,
+        "session_id": route.session_id,
+    }
+    if turn.stream:
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return body
