@@ -12,7 +12,6 @@ vLLM's does: `prompt_token_ids` on the answer (a stream's first chunk) and `toke
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -24,6 +23,7 @@ from aiohttp import web
 from opentelemetry.trace import Tracer
 from opentelemetry.util.types import AttributeValue
 
+from engines.answer_chunks import AnswerChunks
 from engines.engine import EngineRequest, RequestOutput
 from engines.loop import EngineLoop
 from engines.openai_request import ParsedRequest, RequestError, RequestParser
@@ -125,34 +125,12 @@ class WorkerApp:
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         try:
-            body = await self._body(request)
-            parsed = self.parser.chat(body) if chat else self.parser.completion(body)
-            if self.loop.num_requests >= self.settings.max_requests:
-                raise RequestError(
-                    "the worker is at its request limit; retry later", status=503, code="overloaded"
-                )
+            parsed = await self._parse(request, chat)
         except RequestError as exc:
             return error_response(exc)
         engine_id = f"{parsed.request_id}-{uuid.uuid4().hex[:8]}"  # unique even if a client reuses ids
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "request %s: %d prompt tokens (%d of them output so far), max_tokens %d, priority %d",
-                engine_id,
-                len(parsed.prompt_token_ids),
-                len(parsed.output_token_ids),
-                parsed.sampling.max_tokens,
-                parsed.priority,
-            )
-        engine_request = EngineRequest(
-            engine_id,
-            parsed.prompt_token_ids,
-            parsed.sampling,
-            parsed.session_id,
-            parsed.cache_salt,
-            priority=parsed.priority,
-        )
         try:
-            queue = await self.loop.submit(engine_request)
+            queue = await self._submit(engine_id, parsed)
         except ValueError as exc:
             return error_response(RequestError(str(exc)))
         times = None
@@ -174,16 +152,11 @@ class WorkerApp:
                 response = await self._stream(request, queue, stream, result, parsed, chat, kind, response_id)
             else:
                 try:
-                    async for _ in self._outputs(queue, stream, result):
-                        pass
+                    response = await self._answer_whole(
+                        queue, stream, result, parsed, chat, kind, response_id
+                    )
                 except RequestError as exc:
                     return error_response(exc)
-                result.text = stream.take(final=True)
-                whole = self._whole(result, chat, kind, response_id)
-                if parsed.return_token_ids:  # as vLLM answers `return_token_ids`
-                    whole["prompt_token_ids"] = parsed.prompt_token_ids
-                    whole["choices"][0]["token_ids"] = result.token_ids
-                response = web.json_response(whole, headers=self._served_by)
             done = True
             if result.finish_reason is not None:  # answered in full (not a client that left)
                 self.metrics.record(result.prompt_tokens, result.cached_tokens, result.host_cached_tokens)
@@ -194,6 +167,56 @@ class WorkerApp:
                 await self.loop.abort(engine_id)
             if times is not None:
                 self._trace(request, chat, engine_id, times, result)
+
+    async def _parse(self, request: web.Request, chat: bool) -> ParsedRequest:
+        body = await self._body(request)
+        parsed = self.parser.chat(body) if chat else self.parser.completion(body)
+        if self.loop.num_requests >= self.settings.max_requests:
+            raise RequestError(
+                "the worker is at its request limit; retry later", status=503, code="overloaded"
+            )
+        return parsed
+
+    async def _submit(self, engine_id: str, parsed: ParsedRequest) -> asyncio.Queue[RequestOutput]:
+        """The request into the engine: its outputs' queue. ValueError when the engine refuses it."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s: %d prompt tokens (%d of them output so far), max_tokens %d, priority %d",
+                engine_id,
+                len(parsed.prompt_token_ids),
+                len(parsed.output_token_ids),
+                parsed.sampling.max_tokens,
+                parsed.priority,
+            )
+        engine_request = EngineRequest(
+            engine_id,
+            parsed.prompt_token_ids,
+            parsed.sampling,
+            parsed.session_id,
+            parsed.cache_salt,
+            priority=parsed.priority,
+        )
+        return await self.loop.submit(engine_request)
+
+    async def _answer_whole(
+        self,
+        queue: asyncio.Queue[RequestOutput],
+        stream: TextStream,
+        result: Generation,
+        parsed: ParsedRequest,
+        chat: bool,
+        kind: str,
+        response_id: str,
+    ) -> web.Response:
+        """The answer in one body once the sequence is over; RequestError if the engine failed it."""
+        async for _ in self._outputs(queue, stream, result):
+            pass
+        result.text = stream.take(final=True)
+        whole = self._whole(result, chat, kind, response_id)
+        if parsed.return_token_ids:  # as vLLM answers `return_token_ids`
+            whole["prompt_token_ids"] = parsed.prompt_token_ids
+            whole["choices"][0]["token_ids"] = result.token_ids
+        return web.json_response(whole, headers=self._served_by)
 
     def _trace(
         self, request: web.Request, chat: bool, engine_id: str, times: RequestTimes, result: Generation
@@ -295,59 +318,30 @@ class WorkerApp:
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={**SSE_HEADERS, **self._served_by})
         await response.prepare(request)
-        created = int(time.time())
-        model = self.settings.model_name
-        usage_field = {"usage": None} if parsed.include_usage else {}
-
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-            body = {
-                "id": response_id,
-                "object": f"{kind}.chunk" if chat else kind,
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-                "choices": choices,
-                **usage_field,
-                **extra,
-            }
-            return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
-
-        ids = result.token_ids
-        sent_ids = 0  # of `ids`, those sent in a chunk already
-
-        def choice(text: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
-            nonlocal sent_ids
-            if not chat:
-                body = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            else:
-                delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
-                if text and not first:
-                    delta["content"] = text
-                body = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            if ids is not None:  # vLLM's `return_token_ids`: the ids since the last chunk
-                body["token_ids"] = ids[sent_ids:]
-                sent_ids = len(ids)
-            return body
-
-        # vLLM's `return_token_ids`: the prompt's ids on the first chunk only
-        first_extra = {"prompt_token_ids": parsed.prompt_token_ids} if ids is not None else {}
+        chunks = AnswerChunks(
+            response_id,
+            kind,
+            chat,
+            self.settings.model_name,
+            parsed.include_usage,
+            result.token_ids,
+            parsed.prompt_token_ids,
+        )
         # the role chunk leaves with the first output, as vLLM sends it, not before: a router reads the
         # first event as the first token (its prefill is over), and the headers went at `prepare`
-        head = chunk([choice("", None, first=True)], **first_extra) if chat else b""
+        head = chunks.role() if chat else b""
         async for _ in self._outputs(queue, stream, result):
             text = stream.take(final=result.finish_reason is not None)
             if text:
-                extra = first_extra if not chat and ids is not None and sent_ids == 0 else {}
-                await response.write(head + chunk([choice(text, None)], **extra))
+                await response.write(head + chunks.text(text, None))
                 head = b""
             elif head and result.finish_reason is None:
                 await response.write(head)
                 head = b""
         # the finish, the usage and [DONE] leave with the stream's end in one write (one system call
         # here, one read at the gateway)
-        extra = first_extra if not chat and ids is not None and sent_ids == 0 else {}
-        tail = head + chunk([choice("", result.finish_reason)], **extra)
+        tail = head + chunks.text("", result.finish_reason)
         if parsed.include_usage:
-            tail += chunk([], usage=result.usage())
+            tail += chunks.usage(result.usage())
         await response.write_eof(tail + b"data: [DONE]\n\n")
         return response
