@@ -20,6 +20,10 @@ from aiohttp import web
 from gateway.metrics import GatewayMetrics
 from gateway.upstream import UpstreamError, UpstreamResponse
 
+# an event this long without its end is a broken worker, not a reason to hold its bytes (the longest
+# real ones, a final chunk with usage and token ids, are a few hundred KB)
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
 
 class _EventStream(web.StreamResponse):
     """A stream whose head leaves with its first events, in one write: a `StreamResponse` sends its
@@ -92,6 +96,11 @@ async def relay_stream(
                 break
             done = events.read(buffer[: end + 2])
             buffer = buffer[end + 2 :]
+        if len(buffer) > MAX_EVENT_BYTES:
+            failure = f"worker sent over {MAX_EVENT_BYTES} bytes without an event's end"
+            if response is None:
+                raise Retryable(failure)
+            return await _fail(response, metrics, events.error(failure))
         out = events.take(response is None)
         if out is None:
             if not done:
