@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "router": ("gateway.router_bench", "hashing, routing and event ingestion at scale"),
     "engine": ("engines.bench", "TTFT with and without cache, prefill and decode speed"),
     "gateway": ("gateway.bench", "proxy overhead against calling a worker directly"),
+    "gateway-ab": ("gateway.ab_bench", "gateway CPU per request of two kvgate copies, alternating"),
     "replay": ("gateway.replay_bench", "catch-up time of a new replica from snapshot and tail"),
     "soak": ("gateway.soak_bench", "gateway memory kept per request after warm-up (unique sessions)"),
     "live": ("gateway.live_bench", "one seeded workload against live systems (kvgate policies, peers)"),
