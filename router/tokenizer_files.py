@@ -73,7 +73,17 @@ def read_folder(path: str | Path) -> TokenizerFiles | None:
     config = folder / "tokenizer_config.json"
     template = folder / "chat_template.jinja"
     return TokenizerFiles(
-        tokenizer_json=tokenizer.read_bytes(),
-        tokenizer_config=config.read_bytes() if config.is_file() else b"",
-        chat_template=template.read_text() if template.is_file() else None,
+        tokenizer_json=_read_bounded(tokenizer),
+        tokenizer_config=_read_bounded(config) if config.is_file() else b"",
+        chat_template=_read_bounded(template).decode() if template.is_file() else None,
     )
+
+
+def _read_bounded(path: Path) -> bytes:
+    """A file of at most MAX_BUNDLE_BYTES, else ValueError: a worker's registration may name a path for
+    the gateway to read, and the bus is untrusted (a large file there is no tokenizer)."""
+    with path.open("rb") as handle:
+        data = handle.read(MAX_BUNDLE_BYTES + 1)
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise ValueError(f"{path} is over {MAX_BUNDLE_BYTES} bytes: not a tokenizer file")
+    return data
