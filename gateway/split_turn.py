@@ -24,27 +24,33 @@ second part that fails ends the answer as a failed worker's does: an error event
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 import msgspec
 
+from gateway.stream_relay import MAX_EVENT_BYTES
 from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 _DONE = b"[DONE]"
+# what a decode part's chunk may carry that the joined answer changes: the role (the answer began in the
+# first part), the usage (joined), token ids (none were asked for: a worker's own, removed)
+_EDITED_MEMBERS = re.compile(rb'"(?:role|usage|token_ids|prompt_token_ids)"\s*:\s*[^n\s]')
 _DECODE_DATA = msgspec.json.Decoder()
 
 
-def splittable(body: dict[str, Any], requested_max_tokens: int | None) -> bool:
-    """Whether a turn's answer can be joined from two parts exactly: an output of two tokens or more,
-    sized by the client (a default is the worker's to choose), no stop strings (the first part's text
-    would leave before the second could see one forming across the two), and no token ids asked for
-    (they would be the parts', not the turn's)."""
-    return (
-        requested_max_tokens is not None
-        and requested_max_tokens >= 2
-        and not body.get("stop")
-        and not body.get("return_token_ids")
-    )
+def split_max_tokens(body: dict[str, Any]) -> int | None:
+    """The output size to split a turn's answer by, or None when it cannot be joined from two parts
+    exactly: the client sized it, at two tokens or more (a default is the worker's to choose; a size
+    above the context is capped alike, whole or split), no stop strings (the first part's text would
+    leave before the second could see one forming across the two), no token ids asked for (they would
+    be the parts', not the turn's)."""
+    if body.get("stop") or body.get("return_token_ids"):
+        return None
+    size = body.get("max_completion_tokens")
+    if size is None:
+        size = body.get("max_tokens")
+    return size if type(size) is int and size >= 2 else None
 
 
 class SplitTurn:
@@ -111,6 +117,7 @@ class JoinedAnswer:
         self._first: _FirstPart | None = _FirstPart()  # None once the decode part runs
         self._first_usage: Any = None  # the first part's usage, joined into the decode part's
         self._created: Any = None  # the first part's `created`, kept by the decode part's chunks
+        self._created_member = b""  # its JSON member: a chunk that has it needs no edit for it
         self._buffer = b""
         self._done = False
         self._committed = False
@@ -174,6 +181,8 @@ class JoinedAnswer:
                     edited = self._rest_event(event)
                 if edited:
                     out.append(edited)
+            if len(self._buffer) > MAX_EVENT_BYTES:  # as the relay bounds its own
+                raise UpstreamError(f"worker sent over {MAX_EVENT_BYTES} bytes without an event's end")
             if self._done:
                 await _drain(self._resp)  # its connection back to the pool
             if out:
@@ -201,6 +210,8 @@ class JoinedAnswer:
             self._first = None
             self._first_usage = first.usage.get("usage") if first.usage is not None else None
             self._created = first.created
+            if type(first.created) is int:  # as a kvgate worker writes it (compact JSON)
+                self._created_member = b'"created":%d,' % first.created
             self._buffer = b""
             return b""
         chunk = _object(data)
@@ -226,6 +237,8 @@ class JoinedAnswer:
 
     def _rest_event(self, event: bytes) -> bytes:
         """An event of the decode part, as the rest of the first part's answer."""
+        if self._created_member and self._created_member in event and _EDITED_MEMBERS.search(event) is None:
+            return event  # the usual token chunk (no ids were asked for it): relayed untouched
         data = _data(event)
         if data is None:
             return event

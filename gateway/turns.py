@@ -24,7 +24,7 @@ from gateway.api_bridge import EXPECTED_CACHED_HEADER, PROMPT_TOKENS_HEADER, Rel
 from gateway.errors import ApiError
 from gateway.proxy import Outcome, Retryable, forward
 from gateway.session_id import explicit_session_id, header_value, parent_session_id
-from gateway.split_turn import SplitTurn, splittable
+from gateway.split_turn import SplitTurn, split_max_tokens
 from gateway.tokenizers import TokenizerUnavailable
 from gateway.upstream import UpstreamPool
 from gateway.validation import Turn
@@ -338,11 +338,11 @@ class Turns:
         """The turn as its prompt and then its decode, where the router sends decodes apart on this
         worker (session_kv, priority scheduling, token ids) and the answer can be joined exactly."""
         priority = self.router.decode_priority(worker)
-        if priority is None or not splittable(body, turn.requested_max_tokens):
+        max_tokens = split_max_tokens(body) if priority is not None else None
+        if priority is None or max_tokens is None:
             return None
-        assert turn.requested_max_tokens is not None
         self.metrics.split_turns.inc()
-        return SplitTurn(self.upstream, body, turn.requested_max_tokens, priority, turn.stream)
+        return SplitTurn(self.upstream, body, max_tokens, priority, turn.stream)
 
     def _route_attributes(self, route: RouteRequest, decision: Decision, expected: int) -> dict[str, Any]:
         return {

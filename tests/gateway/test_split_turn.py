@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 
@@ -153,22 +154,44 @@ async def test_a_split_turn_reads_as_the_unsplit_one(
             )
             assert [c.choices[0].finish_reason for c in eos_stream if c.choices][-1] == "stop"
             assert eos_stream[-1].usage is not None and eos_stream[-1].usage.completion_tokens == 1
+
+            # Anthropic's Messages API: its relay reads the joined answer as a worker's
+            for name, gateway in (("split", split), ("whole", whole)):
+                claude = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="none", max_retries=0)
+                try:
+                    reply = await claude.messages.create(
+                        model="mock", max_tokens=6, messages=chat(f"{name:5}-f" + "x" * 300)
+                    )
+                    assert reply.content[0].text == PLACEHOLDER_TEXT[:6] and reply.usage.output_tokens == 6
+                    events = [
+                        event
+                        async for event in await claude.messages.create(
+                            model="mock", max_tokens=6, messages=chat(f"{name:5}-g" + "x" * 300), stream=True
+                        )
+                    ]
+                    text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
+                    assert text == PLACEHOLDER_TEXT[:6]
+                    assert [e.usage.output_tokens for e in events if e.type == "message_delta"] == [6]
+                finally:
+                    await claude.close()
         finally:
             for client in clients.values():
                 await client.close()
         prefix = split.gateway.turns._request_id_prefix
         status, metrics = await split.get("/metrics")
-        assert status == 200 and re.search(r"^kvgate_split_turns_total 5\.0$", metrics, re.M)
+        assert status == 200 and re.search(r"^kvgate_split_turns_total 7\.0$", metrics, re.M)
 
     seen = requests_seen(worker)
     split_turns = [parts for rid, parts in seen.items() if rid.startswith(f"req-{prefix}")]
     whole_turns = [parts for rid, parts in seen.items() if not rid.startswith(f"req-{prefix}")]
-    assert len(split_turns) == 3 and len(whole_turns) == 2
-    for parts, max_tokens in zip(split_turns, (9, 7, 5), strict=True):
+    assert len(split_turns) == 5 and len(whole_turns) == 4
+    for parts, max_tokens in zip(split_turns, (9, 7, 5, 6, 6), strict=True):
         (prompt, out0, first_max, first_priority), (decode_prompt, out1, rest_max, decode_priority) = parts
         assert (out0, first_max, first_priority) == (0, 1, 0)
         assert (decode_prompt, out1, rest_max, decode_priority) == (prompt + 1, 1, max_tokens - 1, -11)
-    assert [[(p[1], p[2], p[3]) for p in parts] for parts in whole_turns] == [[(0, 9, 0)], [(0, 7, 0)]]
+    assert [[(p[1], p[2], p[3]) for p in parts] for parts in whole_turns] == [
+        [(0, 9, 0)], [(0, 7, 0)], [(0, 6, 0)], [(0, 6, 0)]
+    ]
 
 
 async def test_a_prompt_that_does_not_fit_preempts_another_sessions_decode(
