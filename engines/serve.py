@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -184,6 +185,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registration(
+    kind: str, worker_id: str, url: str, model_name: str, engine: Engine, tokenizer: Tokenizer
+) -> Callable[[], WorkerRegistration]:
+    """The worker's registry entry as of now (its heartbeat time), under one epoch for this process."""
+    config = engine.config
+    epoch = time.time_ns()
+
+    def registration() -> WorkerRegistration:
+        return WorkerRegistration(
+            worker_id=worker_id,
+            url=url,
+            model=model_name,
+            block_size=config.block_size,
+            num_blocks=config.num_blocks,
+            engine=kind,
+            epoch=epoch,
+            heartbeat_ts=time.time(),
+            tokenizer=tokenizer.name,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=engine.max_model_len,
+            priority_threshold=config.priority_threshold if config.priority_scheduling else -1,
+            returns_token_ids=True,
+        )
+
+    return registration
+
+
 async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, auth: BusAuth) -> None:
     runner, tokenizer, engine_model = build_runner(args)
     config = engine_config(args)
@@ -194,25 +222,7 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, au
     settings = WorkerSettings(model_name=model_name, worker_id=worker_id)
     worker = WorkerApp(loop, tokenizer, settings, tracer=tracing.tracer)
     url = args.advertise_url or f"http://{args.host}:{args.port}"
-    epoch = time.time_ns()
-
-    def registration() -> WorkerRegistration:
-        return WorkerRegistration(
-            worker_id=worker_id,
-            url=url,
-            model=model_name,
-            block_size=config.block_size,
-            num_blocks=config.num_blocks,
-            engine=args.engine,
-            epoch=epoch,
-            heartbeat_ts=time.time(),
-            tokenizer=tokenizer.name,
-            max_num_seqs=config.max_num_seqs,
-            max_model_len=engine.max_model_len,
-            priority_threshold=config.priority_threshold if config.priority_scheduling else -1,
-            returns_token_ids=True,
-        )
-
+    registration = _registration(args.engine, worker_id, url, model_name, engine, tokenizer)
     publisher = None
     if args.nats:
         from engines.publisher import Publisher  # nats-py only when a bus is named
