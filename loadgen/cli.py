@@ -70,6 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "action", nargs="*", metavar="compare DIR", help="`compare DIR DIR...`: compare earlier runs"
     )
+    _add_target_arguments(parser)
+    _add_load_arguments(parser)
+    _add_shape_arguments(parser)
+    _add_replay_arguments(parser)
+    _add_output_arguments(parser)
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the turns go and how they are sent."""
     target = parser.add_argument_group("target")
     target.add_argument(
         "--url",
@@ -102,6 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--extra-body", type=json.loads, default=None, help="JSON object merged into every body"
     )
+
+
+def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is sent, at what rate, for how long."""
     load = parser.add_argument_group("load")
     load.add_argument("--workload", choices=WORKLOADS, default="agentic", help="default %(default)s")
     load.add_argument(
@@ -141,6 +154,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--max-think-s", type=float, default=60.0, help="cap on every think/tool delay (default %(default)s)"
     )
+
+
+def _add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generated workloads' shape: sizes, turns, tool times."""
     shape = parser.add_argument_group(
         "workload shape (distributions: const:X, uniform:A,B, exp:MEAN, "
         "lognormal:MEDIAN,SIGMA, each with optional ,min=X,max=Y)"
@@ -165,6 +182,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for option, (field, help_text) in DISTRIBUTION_OPTIONS.items():
         shape.add_argument(option, type=_distribution, help=f"{help_text}; default {_defaults(field)}")
+
+
+def _add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    """Trace replay."""
     replay = parser.add_argument_group("trace replay")
     replay.add_argument(
         "--rate-scale",
@@ -179,6 +200,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=TRACE_BLOCK_SIZE,
         help="tokens per trace hash id (default %(default)s)",
     )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the results go."""
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, help="write results.json, report.md and charts here")
     output.add_argument("--no-progress", action="store_true", help="no live display")
