@@ -210,20 +210,12 @@ class TorchRunner:
         tensors (no per-token Python work beyond flattening the token ids) and sent to the device in
         one copy: each separate copy of pageable memory to a GPU is a stream synchronisation."""
         block = self.block_size
-        token_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], dtype=torch.long)
-        if int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        token_ids = self._token_ids(chunks)
         lens = [len(chunk.token_ids) for chunk in chunks]
         starts = [chunk.start_pos for chunk in chunks]
         contexts = [s + n for s, n in zip(starts, lens, strict=True)]
         needed = [-(-c // block) for c in contexts]  # blocks covering each context
-        width = max(needed)
-        tables = torch.tensor(
-            [chunk.block_table[:w] + [0] * (width - w) for chunk, w in zip(chunks, needed, strict=True)],
-            dtype=torch.long,
-        )
-        if int(tables.min()) < 0 or int(tables.max()) >= self.num_blocks:
-            raise ValueError(f"a block id is out of range [0, {self.num_blocks})")
+        tables = self._block_tables(chunks, needed)
         lens_t = torch.tensor(lens)
         seq_of_row = torch.repeat_interleave(torch.arange(len(chunks)), lens_t)
         first_row = torch.cumsum(lens_t, 0) - lens_t
@@ -235,16 +227,7 @@ class TorchRunner:
         pack = _Pack()
         inputs = pack.add(token_ids), pack.add(positions), pack.add(slots)
         sample_rows = pack.add(torch.tensor([ends[i] - 1 for i in sampled], dtype=torch.long))
-        groups: list[tuple[int, int, int, int]] = []  # size and pack indices of each decode group
-        for group in decode_groups(
-            [i for i, n in enumerate(lens) if n == 1], needed, MAX_DECODE_GATHER_TOKENS // block
-        ):
-            group = sorted(group)  # in row order: one group of every row is then rows 0..T-1
-            group_tables = tables[group, : max(needed[i] for i in group)]
-            group_contexts = torch.tensor([contexts[i] for i in group])
-            groups.append(
-                (len(group), pack.add(first_row[group]), pack.add(group_tables), pack.add(group_contexts))
-            )
+        groups = self._pack_decode_groups(pack, lens, needed, contexts, tables, first_row)
         spans = [(i, pack.add(tables[i, : needed[i]])) for i, n in enumerate(lens) if n > 1]
         dev = pack.send(self.device)
 
@@ -265,6 +248,48 @@ class TorchRunner:
         )
         layout = StepLayout(dev[inputs[1]], dev[inputs[2]], decodes, prefills)
         return layout, StepInputs(dev[inputs[0]], ends, sampled, dev[sample_rows])
+
+    def _token_ids(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+        """The step's token ids, packed; ValueError for one outside the model's vocabulary."""
+        token_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], dtype=torch.long)
+        if int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        return token_ids
+
+    def _block_tables(self, chunks: Sequence[ScheduledChunk], needed: list[int]) -> torch.Tensor:
+        """Each chunk's block table to the blocks its context needs, padded with block 0 to the
+        widest; ValueError for a block id outside the cache."""
+        width = max(needed)
+        tables = torch.tensor(
+            [chunk.block_table[:w] + [0] * (width - w) for chunk, w in zip(chunks, needed, strict=True)],
+            dtype=torch.long,
+        )
+        if int(tables.min()) < 0 or int(tables.max()) >= self.num_blocks:
+            raise ValueError(f"a block id is out of range [0, {self.num_blocks})")
+        return tables
+
+    def _pack_decode_groups(
+        self,
+        pack: _Pack,
+        lens: list[int],
+        needed: list[int],
+        contexts: list[int],
+        tables: torch.Tensor,
+        first_row: torch.Tensor,
+    ) -> list[tuple[int, int, int, int]]:
+        """The one-token chunks in groups attended together (`decode_groups`): the size and the pack
+        indices of each group's rows, block tables and contexts."""
+        groups: list[tuple[int, int, int, int]] = []
+        for group in decode_groups(
+            [i for i, n in enumerate(lens) if n == 1], needed, MAX_DECODE_GATHER_TOKENS // self.block_size
+        ):
+            group = sorted(group)  # in row order: one group of every row is then rows 0..T-1
+            group_tables = tables[group, : max(needed[i] for i in group)]
+            group_contexts = torch.tensor([contexts[i] for i in group])
+            groups.append(
+                (len(group), pack.add(first_row[group]), pack.add(group_tables), pack.add(group_contexts))
+            )
+        return groups
 
     def _decode_group(
         self, rows: torch.Tensor, tables: torch.Tensor, context: torch.Tensor, *, whole: bool
