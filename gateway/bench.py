@@ -190,24 +190,8 @@ async def _measure(
         for base in bases:  # warm every path (connections, caches)
             for _ in range(50):
                 await client.one(base)
-        direct, through, through_traced = [], [], []
-        for i in range(args.requests):
-            direct.append(await client.one(worker))
-            if traced is not None and i % 2:  # each second in either place: no order bias
-                through_traced.append(await client.one(traced))
-            through.append(await client.one(gateway))
-            if traced is not None and not i % 2:
-                through_traced.append(await client.one(traced))
-        # alternating short rounds, median of each: the machine's other load hits both alike
-        per_round = max(1, args.throughput_requests // args.rounds)
-        direct_runs, gateway_runs = [], []
-        gateway_cpu_s = 0.0  # the gateway process's CPU during its own rounds
-        for _ in range(args.rounds):
-            direct_runs.append(await client.throughput(worker, per_round, args.concurrency))
-            cpu_before = cpu_seconds(gateway_pid) or 0.0
-            gateway_runs.append(await client.throughput(gateway, per_round, args.concurrency))
-            gateway_cpu_s += (cpu_seconds(gateway_pid) or 0.0) - cpu_before
-        direct_rps, gateway_rps = float(np.median(direct_runs)), float(np.median(gateway_runs))
+        direct, through, through_traced = await _latencies(client, args.requests, worker, gateway, traced)
+        rounds = await _throughput_rounds(client, args, worker, gateway, gateway_pid)
     d_ms, g_ms = np.array(direct) * 1e3, np.array(through) * 1e3
     extra = {}
     if through_traced:
@@ -217,6 +201,8 @@ async def _measure(
             "tracing_overhead_ms_p50": round(float(np.percentile(t_ms, 50) - np.percentile(g_ms, 50)), 3),
             "tracing_overhead_ms_p99": round(float(np.percentile(t_ms, 99) - np.percentile(g_ms, 99)), 3),
         }
+    direct_rps, gateway_rps, gateway_cpu_s = rounds
+    per_round = max(1, args.throughput_requests // args.rounds)
     return {
         **extra,
         "direct_rps": round(direct_rps, 1),
@@ -233,6 +219,38 @@ async def _measure(
         "concurrency": args.concurrency,
         "stream": args.stream,
     }
+
+
+async def _latencies(
+    client: _Client, requests: int, worker: str, gateway: str, traced: str | None
+) -> tuple[list[float], list[float], list[float]]:
+    """Seconds per request, one at a time: to the worker directly, through the gateway and through the
+    traced gateway (if any), alternating, the traced one each second time first: no order bias."""
+    direct, through, through_traced = [], [], []
+    for i in range(requests):
+        direct.append(await client.one(worker))
+        if traced is not None and i % 2:
+            through_traced.append(await client.one(traced))
+        through.append(await client.one(gateway))
+        if traced is not None and not i % 2:
+            through_traced.append(await client.one(traced))
+    return direct, through, through_traced
+
+
+async def _throughput_rounds(
+    client: _Client, args: argparse.Namespace, worker: str, gateway: str, gateway_pid: int
+) -> tuple[float, float, float]:
+    """Requests/s to the worker and through the gateway, the median of alternating short rounds (the
+    machine's other load hits both alike), and the gateway process's CPU seconds in its own rounds."""
+    per_round = max(1, args.throughput_requests // args.rounds)
+    direct_runs, gateway_runs = [], []
+    gateway_cpu_s = 0.0
+    for _ in range(args.rounds):
+        direct_runs.append(await client.throughput(worker, per_round, args.concurrency))
+        cpu_before = cpu_seconds(gateway_pid) or 0.0
+        gateway_runs.append(await client.throughput(gateway, per_round, args.concurrency))
+        gateway_cpu_s += (cpu_seconds(gateway_pid) or 0.0) - cpu_before
+    return float(np.median(direct_runs)), float(np.median(gateway_runs)), gateway_cpu_s
 
 
 def run(args: argparse.Namespace) -> int:
