@@ -33,7 +33,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.bench import _Client, _wait_ready
+from gateway.bench import BenchClient, wait_ready
 from gateway.live_bench import cpu_seconds
 from gateway.natsd import NatsServer, free_port
 
@@ -143,8 +143,8 @@ async def _measure(args: argparse.Namespace, sides: Sides) -> dict[str, list[flo
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         clients = {}
         for side, (worker, gateway, _) in sides.items():
-            model = await _wait_ready(http, worker, gateway)
-            clients[side] = _Client(http, model, args.stream, 4)
+            model = await wait_ready(http, worker, gateway)
+            clients[side] = BenchClient(http, model, args.stream, 4)
             await clients[side].throughput(gateway, args.warmup, args.concurrency)
         per_round: dict[str, list[float]] = {side: [] for side in SIDES}
         for side in round_order(args.rounds):

@@ -128,7 +128,8 @@ def _processes(namespace: str, tracing: bool = False) -> Iterator[tuple[str, str
                     proc.wait()
 
 
-async def _wait_ready(http: aiohttp.ClientSession, worker: str, gateway: str, timeout_s: float = 60) -> str:
+async def wait_ready(http: aiohttp.ClientSession, worker: str, gateway: str, timeout_s: float = 60) -> str:
+    """The worker's model once the gateway is ready (it sees a worker); TimeoutError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(aiohttp.ClientError):
@@ -140,7 +141,10 @@ async def _wait_ready(http: aiohttp.ClientSession, worker: str, gateway: str, ti
     raise TimeoutError("the worker and gateway did not become ready")
 
 
-class _Client:
+class BenchClient:
+    """Chat requests of a short prompt, each numbered (no two alike): one at a time (`one`), or from
+    `concurrency` closed loops (`throughput`)."""
+
     def __init__(self, http: aiohttp.ClientSession, model: str, stream: bool, max_tokens: int) -> None:
         self.http = http
         self.model = model
@@ -182,10 +186,10 @@ async def _measure(
 ) -> dict[str, float]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
-        model = await _wait_ready(http, worker, gateway)
+        model = await wait_ready(http, worker, gateway)
         if traced is not None:
-            await _wait_ready(http, worker, traced)
-        client = _Client(http, model, args.stream, args.max_tokens)
+            await wait_ready(http, worker, traced)
+        client = BenchClient(http, model, args.stream, args.max_tokens)
         bases = [worker, gateway] if traced is None else [worker, gateway, traced]
         for base in bases:  # warm every path (connections, caches)
             for _ in range(50):
@@ -222,7 +226,7 @@ async def _measure(
 
 
 async def _latencies(
-    client: _Client, requests: int, worker: str, gateway: str, traced: str | None
+    client: BenchClient, requests: int, worker: str, gateway: str, traced: str | None
 ) -> tuple[list[float], list[float], list[float]]:
     """Seconds per request, one at a time: to the worker directly, through the gateway and through the
     traced gateway (if any), alternating, the traced one each second time first: no order bias."""
@@ -238,7 +242,7 @@ async def _latencies(
 
 
 async def _throughput_rounds(
-    client: _Client, args: argparse.Namespace, worker: str, gateway: str, gateway_pid: int
+    client: BenchClient, args: argparse.Namespace, worker: str, gateway: str, gateway_pid: int
 ) -> tuple[float, float, float]:
     """Requests/s to the worker and through the gateway, the median of alternating short rounds (the
     machine's other load hits both alike), and the gateway process's CPU seconds in its own rounds."""
