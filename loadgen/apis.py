@@ -13,17 +13,17 @@ from typing import Any
 
 import msgspec
 
-from loadgen.client import StreamError, _data, _Stream
+from loadgen.client import ChatStream, StreamError, event_data
 from loadgen.workloads import Turn
 
 API_NAMES = ("chat", "messages", "responses")
 
 
-class _EventStream(_Stream):
+class _EventStream(ChatStream):
     """An API whose events are JSON objects with a `type`; subclasses read them."""
 
     def _event(self, event: bytes, now: float) -> None:
-        raw = _data(event)
+        raw = event_data(event)
         if raw is None:
             return
         try:
@@ -193,7 +193,7 @@ def responses_body(model: str, turn: Turn) -> dict[str, Any]:
 class ApiFormat(msgspec.Struct, frozen=True):
     path: str
     body: Any  # (model, turn) -> dict
-    stream: Any  # Outcome -> _Stream
+    stream: Any  # Outcome -> ChatStream
 
 
 FORMATS: dict[str, ApiFormat] = {

@@ -81,8 +81,9 @@ class StreamError(Exception):
     pass
 
 
-class _Stream:
-    """Incremental SSE parsing into an Outcome."""
+class ChatStream:
+    """A chat-completions answer's SSE, parsed as it arrives into an Outcome (the other APIs' streams
+    in `loadgen.apis` read their own events)."""
 
     def __init__(self, outcome: Outcome) -> None:
         self.outcome = outcome
@@ -107,7 +108,7 @@ class _Stream:
             self._event(event, now)
 
     def _event(self, event: bytes, now: float) -> None:
-        data = _data(event)
+        data = event_data(event)
         if data is None:
             return  # comments (": ping") and events without data
         if data == b"[DONE]":
@@ -159,7 +160,7 @@ class _Stream:
             self.outcome.output_tokens = self._events  # server sent no usage: one event, one token
 
 
-def _data(event: bytes) -> bytes | None:
+def event_data(event: bytes) -> bytes | None:
     """An SSE event's data (its `data:` lines joined), None when it has none."""
     lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines) if lines else None
@@ -242,7 +243,7 @@ class StreamClient:
         if outcome is None:
             outcome = Outcome(start=0.0)
         outcome.start = time.perf_counter()
-        stream = _Stream(outcome) if self.api is None else self.api.stream(outcome)
+        stream = ChatStream(outcome) if self.api is None else self.api.stream(outcome)
         try:
             async with self._http.post(
                 self.endpoint, data=self.body(turn), headers=self.headers(turn, session_id)

@@ -134,7 +134,7 @@ async def test_errors_are_recorded_with_status_and_message(serve) -> None:
 
 @pytest.mark.parametrize("step", [1, 2, 3, 7, 4096])
 def test_multi_line_data_and_cr_line_ends_parse_at_any_split(step: int) -> None:
-    from loadgen.client import Outcome, _Stream
+    from loadgen.client import ChatStream, Outcome
 
     payload = (
         ": comment\r\n\r\n"
@@ -146,7 +146,7 @@ def test_multi_line_data_and_cr_line_ends_parse_at_any_split(step: int) -> None:
         + "data: [DONE]\n\n"
     ).encode()
     outcome = Outcome(start=0.0)
-    stream = _Stream(outcome)
+    stream = ChatStream(outcome)
     for i in range(0, len(payload), step):
         stream.feed(payload[i : i + step], float(i))
     stream.finish()
@@ -154,9 +154,9 @@ def test_multi_line_data_and_cr_line_ends_parse_at_any_split(step: int) -> None:
 
 
 def test_an_event_that_never_ends_is_an_error_not_unbounded_memory() -> None:
-    from loadgen.client import MAX_EVENT_BYTES, Outcome, StreamError, _Stream
+    from loadgen.client import MAX_EVENT_BYTES, ChatStream, Outcome, StreamError
 
-    stream = _Stream(Outcome(start=0.0))
+    stream = ChatStream(Outcome(start=0.0))
     with pytest.raises(StreamError):
         for _ in range(MAX_EVENT_BYTES // (1 << 20) + 2):
             stream.feed(b"x" * (1 << 20), 0.0)
