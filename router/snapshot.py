@@ -187,7 +187,7 @@ def capture(router: Router, now: float | None = None) -> IndexCapture:
     index = router.index
     positions = {w: p for w, p in router.stream_positions().items() if index.has_worker(w)}
     tiers: dict[str, tuple[dict[int, int], dict[int, int | tuple[int, ...]], dict[int, int]]] = {
-        tier: (t._held.copy(), t.children_copy(), t._orphans.copy())
+        tier: (t.held_copy(), t.children_copy(), t.orphans_copy())
         for tier, t in index.tiers.items()
         if len(t)
     }

@@ -335,6 +335,14 @@ class TierIndex:
     def keys(self) -> list[int]:
         return list(self._held)
 
+    def held_copy(self) -> dict[int, int]:
+        """Block -> the bits of the workers holding it: a copy (see `children_copy`)."""
+        return self._held.copy()
+
+    def orphans_copy(self) -> dict[int, int]:
+        """Block -> the bits of the workers holding it but not its parent: a copy."""
+        return self._orphans.copy()
+
     def children_copy(self) -> dict[int, int | tuple[int, ...]]:
         """The parent -> children links, several children as a tuple: a copy that the index's later
         changes cannot reach (a snapshot is encoded in a thread while the index goes on)."""
