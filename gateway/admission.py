@@ -5,9 +5,7 @@ The queue favours sessions in the middle of a tool loop, then those with the lea
 (docs/ARCHITECTURE.md, "agent-session-aware" point 6). A slot is handed to a waiter by routing it at
 that moment, so a fresh request cannot take the slot between the release and the waiter waking up.
 
-Before that, `SessionHold` applies the router's admission by session (router/admission.py): under KV
-memory pressure a turn of a session that is not resident waits here, at its tool boundary, until the
-router releases it (a resident session's turn completes or its pin ends, or the hold bound passes).
+Before that, a turn may wait for the router itself (`gateway.router_holds`).
 """
 
 from __future__ import annotations
@@ -15,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from router.request import Decision, RouteRequest
-from router.router import Router
+from router.request import Decision
 
 # Given the workers that must not be chosen (saturated), route the request or say None.
 RouteFn = Callable[[frozenset[str]], Decision | None]
@@ -144,109 +140,3 @@ class Admission:
         self._service[session_id] = self._service.pop(session_id, 0) + tokens
         if len(self._service) > self.max_sessions:
             self._service.popitem(last=False)
-
-
-class _RouterHold:
-    """Requests waiting for the router to release them: `poke` after completions, and a timer for the
-    router's next deadline (its hold bound)."""
-
-    def __init__(self, router: Router, timeout_s: float) -> None:
-        self.router = router
-        self.timeout_s = timeout_s  # a safety net: the router releases within its own hold bound
-        self._waiting: dict[str, asyncio.Future[None]] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = float("inf")
-
-    @property
-    def held(self) -> int:
-        return len(self._waiting)
-
-    def _released(self, now: float) -> list[str]:
-        raise NotImplementedError
-
-    def _deadline(self) -> float | None:
-        raise NotImplementedError
-
-    async def _wait(self, request_id: str) -> None:
-        """Wait until `poke` releases the request; TimeoutError after `timeout_s`."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
-        self._arm()
-        try:
-            await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
-        finally:
-            self._waiting.pop(request_id, None)
-
-    def poke(self) -> None:
-        """Let go of the requests the router releases now (after a completion, at a deadline)."""
-        if not self._waiting:
-            return
-        for request_id in self._released(time.monotonic()):
-            future = self._waiting.pop(request_id, None)
-            if future is not None and not future.done():
-                future.set_result(None)
-        self._arm()
-
-    def _arm(self) -> None:
-        deadline = self._deadline()
-        if deadline is None or deadline >= self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        delay = max(0.0, deadline - time.monotonic())
-        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._timer_at = float("inf")
-        self.poke()
-
-
-class SessionHold(_RouterHold):
-    """Waits out the router's session admission: `enter` returns once the request may be routed."""
-
-    async def enter(self, route: RouteRequest) -> None:
-        """Returns when the request may be picked; raises TimeoutError (or CancelledError) having
-        handed its place back. Call `leave` if it is then not picked after all."""
-        if self.router.admit(route, time.monotonic()):
-            return
-        try:
-            await self._wait(route.request_id)
-        except (TimeoutError, asyncio.CancelledError):
-            self.leave(route)
-            raise
-
-    def leave(self, route: RouteRequest) -> None:
-        """The request entered (or waits) but will not be picked: forget it, or hand back its place."""
-        self.router.cancel_held(route.request_id, route.session_id, time.monotonic())
-
-    def _released(self, now: float) -> list[str]:
-        return self.router.release_held(now)
-
-    def _deadline(self) -> float | None:
-        return self.router.held_deadline()
-
-
-class RoomHold(_RouterHold):
-    """Waits out the router's room queue (router/room.py): a picked request is sent once its worker
-    has KV room for it, rather than queued in the engine ahead of requests that fit."""
-
-    async def enter(self, route: RouteRequest, decision: Decision) -> None:
-        """Returns when the picked request may be sent to its worker (at the latest after `timeout_s`,
-        when it is sent anyway); on cancellation the router forgets it before it re-raises."""
-        if self.router.room_offer(route, decision, time.monotonic()):
-            return
-        try:
-            await self._wait(route.request_id)
-        except TimeoutError:
-            self.router.send_room_now(route.request_id, time.monotonic())  # the bound passed unseen
-        except asyncio.CancelledError:
-            self.router.cancel_room(route.request_id)
-            raise
-
-    def _released(self, now: float) -> list[str]:
-        return self.router.release_rooms(now)
-
-    def _deadline(self) -> float | None:
-        return self.router.rooms_deadline()

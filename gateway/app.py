@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import tenants
-from gateway.admission import Admission, RoomHold, SessionHold
+from gateway.admission import Admission
 from gateway.anthropic_api import AnthropicApi
 from gateway.bus import Bus
 from gateway.config import GatewayConfig
@@ -28,6 +28,7 @@ from gateway.prompt import PromptEncoder
 from gateway.replication import Replication
 from gateway.response_store import ResponseStore
 from gateway.responses_api import ResponsesApi
+from gateway.router_holds import RoomHold, SessionHold
 from gateway.tokenizers import Tokenizers, TokenizerUnavailable
 from gateway.tracing import TurnTracing
 from gateway.turns import Turns

@@ -1,4 +1,4 @@
-"""The router's room queue live (router/room.py, gateway.admission.RoomHold): a real gateway in front of
+"""The router's room queue live (router/room.py, gateway.router_holds.RoomHold): a real gateway in front of
 a real mock worker whose KV cache is small enough that one prompt cannot fit beside a running one."""
 
 from __future__ import annotations
