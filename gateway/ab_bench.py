@@ -34,7 +34,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway.bench import BenchClient, wait_ready
-from gateway.live_bench import cpu_seconds
+from gateway.live_bench import cpu_seconds, stop_all
 from gateway.natsd import NatsServer, free_port
 
 SIDES = ("a", "b")
@@ -129,14 +129,7 @@ def _sides(args: argparse.Namespace) -> Iterator[Sides]:
                 sides[side] = (*urls, gateway.pid)
             yield sides
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_all(procs)
 
 
 async def _measure(args: argparse.Namespace, sides: Sides) -> dict[str, list[float]]:

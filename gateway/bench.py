@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import aiohttp
 import numpy as np
 
-from gateway.live_bench import cpu_seconds
+from gateway.live_bench import cpu_seconds, stop_all
 from gateway.natsd import NatsServer, free_port
 
 GOAL_OVERHEAD_MS_P50 = 1.0
@@ -118,14 +118,7 @@ def _processes(namespace: str, tracing: bool = False) -> Iterator[tuple[str, str
             gateway_pid = procs[1].pid
             yield f"http://127.0.0.1:{worker_port}", f"http://127.0.0.1:{gateway_port}", traced, gateway_pid
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_all(procs)
 
 
 async def wait_ready(http: aiohttp.ClientSession, worker: str, gateway: str, timeout_s: float = 60) -> str:

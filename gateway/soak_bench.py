@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.live_bench import stop_all
 from gateway.natsd import NatsServer, free_port
 
 GOAL_BYTES_PER_REQUEST = 1024
@@ -150,14 +151,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = asyncio.run(_measure(args, f"http://127.0.0.1:{gateway_port}", gateway.pid))
         finally:
-            for proc in (gateway, worker):
-                proc.terminate()
-            for proc in (gateway, worker):
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_all((gateway, worker))
     if args.json:
         print(json.dumps(result))
     else:
