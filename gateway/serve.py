@@ -38,6 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--policy", default="session_kv", choices=sorted(POLICIES), help="routing policy")
     parser.add_argument("--namespace", default="kvgate", help="bus namespace shared with the workers")
+    _add_access_arguments(parser)
+    _add_limit_arguments(parser)
+    _add_timing_arguments(parser)
+    _add_api_arguments(parser)
+    add_router_arguments(parser)
+    add_bus_arguments(parser)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _add_access_arguments(parser: argparse.ArgumentParser) -> None:
+    """Who may send requests, read /metrics and /ready; the tenants."""
     parser.add_argument(
         "--api-key",
         action="append",
@@ -55,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--metrics-key", default=None, help="require this bearer key on /metrics")
     parser.add_argument("--ready-key", default=None, help="require this bearer key on /ready")
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """Bounds on a request's size and on the requests held."""
     parser.add_argument(
         "--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger request bodies get 413"
     )
@@ -75,6 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory for the sessions' last prompts, and again for each tokenizer's segment cache (MiB); "
         "the session table's is --router-set max_session_bytes=N",
     )
+
+
+def _add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """Timeouts, back-offs and intervals."""
     parser.add_argument(
         "--first-byte-timeout-s",
         type=float,
@@ -99,6 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds between index snapshots in the NATS object store (replicas take turns)",
     )
+
+
+def _add_api_arguments(parser: argparse.ArgumentParser) -> None:
+    """Settings of the Anthropic Messages and OpenAI Responses endpoints."""
     parser.add_argument(
         "--keep-anthropic-billing-line",
         action="store_true",
@@ -110,9 +133,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=3600.0,
         help="seconds a /v1/responses response can be continued by previous_response_id",
     )
-    add_router_arguments(parser)
-    add_bus_arguments(parser)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 def _tenant(item: str) -> tuple[str, str]:
