@@ -25,7 +25,7 @@ class ReplayText:
 
     def prompt(self, row: TraceRow) -> str:
         parts = []
-        for hash_id in row.hash_ids:
+        for hash_id in self._content.ids_needed(row):
             text = self._by_id.get(hash_id)
             if text is None:
                 text = self._by_id[hash_id] = self._content.text_for_id(hash_id)

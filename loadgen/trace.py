@@ -85,9 +85,14 @@ class TraceContent:
         """`tokens_for_id` in the byte form block hashes are taken over."""
         return tokens_to_bytes(self.tokens_for_id(hash_id))
 
+    def ids_needed(self, row: TraceRow) -> list[int]:
+        """The row's hash ids that its `input_length` reaches: a row may list more (a trace file is
+        input), and each id stands for `trace_block_size` tokens or characters made on demand."""
+        return row.hash_ids[: -(-row.input_length // self.trace_block_size)]
+
     def prompt_tokens(self, row: TraceRow) -> list[int]:
         tokens: list[int] = []
-        for hash_id in row.hash_ids:
+        for hash_id in self.ids_needed(row):
             tokens.extend(self.tokens_for_id(hash_id))
         return tokens[: row.input_length]
 
@@ -105,7 +110,7 @@ class TraceContent:
         return " ".join(words)[: self.trace_block_size - 1] + "\n"
 
     def prompt_text(self, row: TraceRow) -> str:
-        text = "".join(self.text_for_id(hash_id) for hash_id in row.hash_ids)
+        text = "".join(self.text_for_id(hash_id) for hash_id in self.ids_needed(row))
         return text[: row.input_length]
 
 

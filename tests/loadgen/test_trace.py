@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from loadgen.replay import ReplayText
 from loadgen.trace import TraceBlockHasher, TraceContent, TraceError, TraceRow, is_session_trace, load_trace
 from router.hashing import block_hashes
 
@@ -93,3 +94,18 @@ def test_a_row_out_of_range_is_an_error_at_its_line(tmp_path: Path, row: str, fi
     trace.write_text(f'{good}\n{{"timestamp":1,{row},"hash_ids":[1]}}\n')
     with pytest.raises(TraceError, match=rf"bad\.jsonl:2: .* at `\$\.{field}`"):
         load_trace(trace)
+
+
+def test_ids_past_the_prompts_length_are_not_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a trace row may list more ids than its length reaches: they must cost nothing (each is 512
+    # tokens or characters made on demand; a line of a million ids was gigabytes)
+    content = TraceContent(trace_block_size=64, vocab_size=1000)
+    row = TraceRow(0, 100, 1, list(range(1000)))
+    text, tokens = content.prompt_text(row), content.prompt_tokens(row)
+    made: list[int] = []
+    monkeypatch.setattr(content, "tokens_for_id", lambda i: made.append(i) or [1] * 64)
+    monkeypatch.setattr(content, "text_for_id", lambda i: made.append(i) or "x" * 64)
+    assert len(content.prompt_text(row)) == len(text) == 100
+    assert len(content.prompt_tokens(row)) == len(tokens) == 100
+    assert len(ReplayText(content).prompt(row)) == 100  # the live replay's memoised text
+    assert made == [0, 1, 0, 1, 0, 1]
