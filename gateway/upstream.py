@@ -192,21 +192,9 @@ class UpstreamResponse:
                     data = await conn.read(65536, self._timeout)
                     if not data:
                         raise UpstreamError("the worker closed the connection mid-body")
-                    # what is left undecoded stays on the response for the next read
-                    if self._undecoded:
-                        if len(self._undecoded) > MAX_CHUNK_BYTES:
-                            raise ValueError(f"a chunk of over {MAX_CHUNK_BYTES} bytes")
-                        buffer = self._undecoded + data
-                    else:
-                        buffer = data
-                    payloads, used, last = dechunk(buffer)
-                    self._undecoded = buffer[used:]
-                    if last:  # complete with these bytes: a caller may stop at their last event
-                        self._done = True
-                        if self._undecoded:  # bytes after the body: the connection's framing is lost
-                            self._keep_alive = False
-                    if payloads or last:
-                        return payloads[0] if len(payloads) == 1 else b"".join(payloads)
+                    payload = self._dechunked(data)
+                    if payload is not None:
+                        return payload
             if self._left is not None:
                 if self._left == 0:
                     self._done = True
@@ -241,6 +229,26 @@ class UpstreamResponse:
             self._pool._put(self._key, conn)
         else:
             conn.close()
+
+    def _dechunked(self, data: bytes) -> bytes | None:
+        """The payloads of the whole chunks `data` completes, None while it completes none and the body
+        goes on; what is left undecoded stays on the response for the next read. ValueError on bad
+        framing, or on a chunk over MAX_CHUNK_BYTES."""
+        if self._undecoded:
+            if len(self._undecoded) > MAX_CHUNK_BYTES:
+                raise ValueError(f"a chunk of over {MAX_CHUNK_BYTES} bytes")
+            buffer = self._undecoded + data
+        else:
+            buffer = data
+        payloads, used, last = dechunk(buffer)
+        self._undecoded = buffer[used:]
+        if last:  # complete with these bytes: a caller may stop at their last event
+            self._done = True
+            if self._undecoded:  # bytes after the body: the connection's framing is lost
+                self._keep_alive = False
+        if payloads or last:
+            return payloads[0] if len(payloads) == 1 else b"".join(payloads)
+        return None
 
     def close(self) -> None:
         """Drop the connection: a worker sees its client go and aborts the request."""
