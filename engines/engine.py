@@ -86,6 +86,8 @@ class EngineLoad(msgspec.Struct):
     prefill_tok_s: float
     decode_tok_s: float
     host_blocks: int = 0  # the host tier's capacity (0: none)
+    host_block_ms: float = 0.0  # a block's copy from the host onto the device (0: unknown)
+    onboard_async: bool = False  # those copies keep only their request waiting, not the step
 
     def report(self, worker_id: str, ts: float, decode_tok_s: float | None = None) -> LoadReport:
         """This load as the worker publishes it; `decode_tok_s` overrides the measured decode speed."""
@@ -100,6 +102,8 @@ class EngineLoad(msgspec.Struct):
             self.prefill_tok_s,
             self.decode_tok_s if decode_tok_s is None else decode_tok_s,
             self.host_blocks,
+            self.host_block_ms,
+            onboard_async=self.onboard_async,
         )
 
 
@@ -124,6 +128,10 @@ class Engine:
             if not isinstance(runner, TieredModelRunner):
                 raise ValueError("a host tier needs a runner that copies blocks (copy_blocks)")
             self._copier = runner
+        # what a host hit costs instead of a prefill, announced in the load report (the router prices
+        # it): a runner that models its copies knows it; one whose copies are measured inside its
+        # steps does not say (0)
+        self._host_block_ms = getattr(self._copier, "host_block_ms", 0.0) if self._copier else 0.0
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, clock, config.max_pinned_blocks, config.host_blocks
         )
@@ -403,4 +411,6 @@ class Engine:
             self.prefill_tok_s,
             self.decode_tok_s,
             bm.host.num_blocks if bm.host is not None else 0,
+            self._host_block_ms,
+            self.config.onboard_async and self._copier is not None,
         )

@@ -100,6 +100,11 @@ class MockRunner:
                     out.append(placeholder[position % len(placeholder)])
         return out
 
+    @property
+    def host_block_ms(self) -> float:
+        """One block's onboarding time over the modelled host link, in ms."""
+        return 1000.0 * self.transfer.seconds(1, self.block_size) / self.speedup
+
     def copy_blocks(self, offloads: list[tuple[int, int]], onboards: list[tuple[int, int]]) -> float:
         return self.transfer.seconds(len(onboards), self.block_size) / self.speedup
 

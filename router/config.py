@@ -45,8 +45,12 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     # --- session_kv (ours)
     default_prefill_tok_s: float = 20_000.0  # until a worker reports its measured speed
-    host_credit: float = 0.75  # a host-tier block saves this fraction of its prefill
+    # a host-tier block saves this fraction of its prefill, a disk-tier one `disk_credit`: the fallback
+    # for a worker that announces no link time; with `price_onboarding` a worker that does (its load
+    # report's `host_block_ms`, `disk_block_ms`) has its hits priced at that onboarding cost instead
+    host_credit: float = 0.75
     disk_credit: float = 0.25
+    price_onboarding: bool = True
     prior_ttl_s: float = 10.0  # a session's just-routed blocks count as held until events confirm them
     affinity_tolerance_ms: float = 2.0  # within this of the best, the session's worker wins
     affinity_tolerance_rel: float = 0.05

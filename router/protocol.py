@@ -86,6 +86,9 @@ class StateDumpRequest(msgspec.Struct, frozen=True):
 # --- load, registration, pins
 
 
+MAX_BLOCK_MS = 1e6  # a block's copy time: finite, and beyond any link (a 1 GiB block at 1 MB/s)
+
+
 class LoadReport(msgspec.Struct, frozen=True):
     """Published on `load.<worker>` several times a second."""
 
@@ -99,6 +102,13 @@ class LoadReport(msgspec.Struct, frozen=True):
     prefill_tok_s: float
     decode_tok_s: float
     host_blocks: int = 0  # the host tier's capacity in blocks (0: none, or a worker that predates tiers)
+    # ms to copy one block from the host (disk) tier onto the device: its link's time, what a hit there
+    # costs instead of the block's prefill; 0: unknown (no tier, an engine that does not say, older workers)
+    host_block_ms: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_BLOCK_MS)] = 0.0
+    disk_block_ms: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_BLOCK_MS)] = 0.0
+    # such copies keep only their own request waiting (vLLM's offloading connector loads asynchronously);
+    # False: the step that admits the request waits for them, with every request in it
+    onboard_async: bool = False
 
 
 class WorkerRegistration(msgspec.Struct, frozen=True):

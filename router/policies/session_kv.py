@@ -2,7 +2,9 @@
 
 Per worker: TTFT = (prefill queued ahead of the request + prefill of the prompt tokens it does not
 hold) x the pool's prefill cost per token, plus a memory-pressure term. Held tokens: the device-tier
-prefix counts fully, a longer host-tier prefix `host_credit`, a longer disk-tier one `disk_credit`. The
+prefix counts fully, a longer host- or disk-tier prefix saves its prefill at the cost of copying it back
+(the link time its worker announces; where that copy holds up the step, it stalls it as prefill would),
+or, from a worker that does not say, `host_credit` / `disk_credit` of a device block. The
 session's own worker is credited the blocks routed there within `prior_ttl_s` (events may lag the
 route) or still pinned there (the pin hint `on_complete` returned), and wins whenever it is within the
 affinity tolerance of the best. A prefix every worker holds (system prompt, tool definitions) credits
@@ -52,6 +54,7 @@ from router.load import WorkerLoad
 from router.policies.active_blocks import ActiveBlocks
 from router.policies.base import Policy, RouterView
 from router.prefix_match import common_prefix
+from router.protocol import LoadReport, Tier
 from router.request import Decision, RouteRequest, is_inferred
 
 # in-flight prefills remembered (the newest), each compared with every prompt: enough for the requests
@@ -102,10 +105,10 @@ class SessionKv(Policy):
         chain = request.block_hashes
         overlap = self._with_prior(view, self._with_pending(view.overlap(chain), chain), chain)
         sticky, why = self._sticky(view, overlap, chain)
-        credit = self._credit(overlap, view.tier_overlap(chain, "host"), view.tier_overlap(chain, "disk"))
         self._expire_live(view.now)
-        costs = self._estimates(request, view, credit, sticky)
+        costs = self._estimates(request, view, overlap, sticky)
         if costs is None:
+            credit, _ = self._credit(view, chain, overlap)
             return self._warmup_pick(request, view, overlap, credit)
         best = min(costs.values())
         if sticky is not None and sticky in costs:
@@ -160,22 +163,25 @@ class SessionKv(Policy):
         self,
         request: RouteRequest,
         view: RouterView,
-        credit: dict[str, int] | dict[str, float],
+        overlap: dict[str, int],
         sticky: str | None,
     ) -> dict[str, float] | None:
         """The candidates' estimated costs in ms: a one-shot request's by its TTFT once the marginal
         prefill cost is known, any other's by `_costs`. None for a one-shot request in the warm-up,
         which `_warmup_pick` prices instead."""
         one_shot = self.config.one_shot_ttft and is_inferred(request.session_id)
-        calibrated = view.load.prefill_fit.ms_per_token is not None
-        if calibrated and self._warming:
+        marginal = view.load.prefill_fit.ms_per_token
+        if marginal is not None and self._warming:
             self._warming, self._warm_blocks = False, None  # the marginal cost is known from now on
-        n_tokens, n_blocks = request.num_tokens, len(request.block_hashes)
-        if one_shot and calibrated:
-            return self._one_shot_costs(view, credit, n_tokens, n_blocks, request.session_id, sticky)
+        chain, sid = request.block_hashes, request.session_id
+        n_tokens, n_blocks = request.num_tokens, len(chain)
+        if one_shot and marginal is not None:
+            credit, onboard = self._credit(view, chain, overlap, marginal)
+            return self._one_shot_costs(view, credit, onboard, n_tokens, n_blocks, sid, sticky)
         if one_shot and self._warming:
             return None
-        return self._costs(view, credit, n_tokens, n_blocks, request.session_id, sticky)
+        credit, onboard = self._credit(view, chain, overlap)
+        return self._costs(view, credit, onboard, n_tokens, n_blocks, sid, sticky)
 
     def _affinity_tolerance_ms(
         self,
@@ -352,13 +358,15 @@ class SessionKv(Policy):
         self,
         view: RouterView,
         credit: dict[str, int] | dict[str, float],
+        onboard: dict[str, float],
         n_tokens: int,
         n_blocks: int,
         session_id: str | None,
         sticky: str | None,
     ) -> dict[str, float]:
         """Estimated TTFT in ms plus the stall and memory terms, for every candidate that can be the
-        cheapest (and the session's worker); the others are left out."""
+        cheapest (and the session's worker); the others are left out. `onboard`: ms a worker's copies
+        from lower tiers keep the request waiting, beside the stall charge (`_credit`)."""
         now = view.now
         bs = view.block_size
         loads = view.load.workers
@@ -375,25 +383,29 @@ class SessionKv(Policy):
             held = credit.get(w)
             missing = n_tokens - held * bs if held else n_tokens
             bound[w] = (queued + (missing if missing > 0 else 0)) * ms_per_token
+        for w, ms in onboard.items():
+            if w in bound:
+                bound[w] += ms
         own = self._live.get(session_id) if session_id else None
         costs: dict[str, float] = {}
         best = float("inf")
         for w in sorted(bound, key=bound.__getitem__):
             if bound[w] > best:
                 break
-            cost = costs[w] = self._cost_ms(view, w, credit.get(w), n_tokens, n_blocks, own, ms_per_token)
+            cost = self._cost_ms(view, w, credit.get(w), n_tokens, n_blocks, own, ms_per_token)
+            cost = costs[w] = cost + onboard.get(w, 0.0)
             if cost < best:
                 best = cost
         if sticky is not None and sticky in bound and sticky not in costs:
-            costs[sticky] = self._cost_ms(
-                view, sticky, credit.get(sticky), n_tokens, n_blocks, own, ms_per_token
-            )
+            cost = self._cost_ms(view, sticky, credit.get(sticky), n_tokens, n_blocks, own, ms_per_token)
+            costs[sticky] = cost + onboard.get(sticky, 0.0)
         return costs
 
     def _one_shot_costs(
         self,
         view: RouterView,
         credit: dict[str, int] | dict[str, float],
+        onboard: dict[str, float],
         n_tokens: int,
         n_blocks: int,
         session_id: str | None,
@@ -412,7 +424,7 @@ class SessionKv(Policy):
             held = credit.get(w)
             missing = n_tokens - held * bs if held else n_tokens
             queued = wl.inflight_prefill - min(wl.step_prefill, wl.inflight_prefill)
-            bound[w] = (queued + (missing if missing > 0 else 0)) * per_token
+            bound[w] = (queued + (missing if missing > 0 else 0)) * per_token + onboard.get(w, 0.0)
         step, context = self._busy_step(view)
         own = self._live.get(session_id) if session_id else None
         ms_per_token = self._pool_ms_per_token(view)  # the memory terms: re-prefills, at the average cost
@@ -623,14 +635,53 @@ class SessionKv(Policy):
         self._footprint.pop(worker_id, None)
 
     def _credit(
-        self, device: dict[str, int], host: dict[str, int], disk: dict[str, int]
-    ) -> dict[str, int] | dict[str, float]:
-        """Blocks held per worker, lower tiers credited for what they hold beyond the tiers above."""
+        self,
+        view: RouterView,
+        chain: Sequence[int],
+        device: dict[str, int],
+        ms_per_token: float | None = None,
+    ) -> tuple[dict[str, int] | dict[str, float], dict[str, float]]:
+        """Blocks held per worker, lower tiers credited for what they hold beyond the tiers above, and
+        the ms each worker's copies from those tiers keep the request waiting beside its stall charge
+        (`_onboard_price`); `ms_per_token` is what the estimate prices a missing token at (None: the
+        pool's average cost)."""
+        host = view.tier_overlap(chain, "host")
+        disk = view.tier_overlap(chain, "disk")
         if not host and not disk:
-            return device
+            return device, {}
+        cfg = self.config
+        if ms_per_token is None:
+            ms_per_token = self._pool_ms_per_token(view)
+        block_ms = view.block_size * ms_per_token
+        loads = view.load.workers
         credit: dict[str, float] = {w: float(n) for w, n in device.items()}
+        onboard: dict[str, float] = {}
         for w in host.keys() | disk.keys():
             d, h, k = device.get(w, 0), host.get(w, 0), disk.get(w, 0)
             host_extra, disk_extra = max(0, h - d), max(0, k - max(d, h))
-            credit[w] = d + self.config.host_credit * host_extra + self.config.disk_credit * disk_extra
-        return credit
+            wl = loads.get(w)
+            report = wl.report if wl is not None and cfg.price_onboarding else None
+            host_value, host_wait = self._onboard_price(report, "host", block_ms)
+            disk_value, disk_wait = self._onboard_price(report, "disk", block_ms)
+            credit[w] = d + host_value * host_extra + disk_value * disk_extra
+            wait = host_wait * host_extra + disk_wait * disk_extra
+            if wait:
+                onboard[w] = wait
+        return credit, onboard
+
+    def _onboard_price(self, report: LoadReport | None, tier: Tier, block_ms: float) -> tuple[float, float]:
+        """What one block on `tier` is worth, as (credit in device blocks, ms its request waits for it
+        beside the stall charge), given the prefill it saves (`block_ms`) and its copy time over the
+        worker's link (its load report). Where the copy holds up the step that admits the request, it
+        stalls the step's other requests as the block's prefill would: it counts as that much prefill,
+        a credit of 1 - link / prefill. Where the copy is asynchronous (vLLM's offloading connector),
+        only its own request waits: the block is credited whole and its link time added plain. A worker
+        that announces no link time: the configured fraction."""
+        link_ms = 0.0
+        if report is not None:
+            link_ms = report.host_block_ms if tier == "host" else report.disk_block_ms
+        if not link_ms or block_ms <= 0.0:
+            return (self.config.host_credit if tier == "host" else self.config.disk_credit), 0.0
+        if report is not None and report.onboard_async:
+            return 1.0, link_ms
+        return max(0.0, 1.0 - link_ms / block_ms), 0.0

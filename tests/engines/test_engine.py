@@ -244,6 +244,22 @@ def test_a_host_tier_needs_a_runner_that_copies_blocks() -> None:
     Engine(EngineConfig(num_blocks=8, block_size=4), UntieredRunner(8, 4))  # no host tier: no copies
 
 
+def test_the_load_report_announces_the_host_links_time_per_block() -> None:
+    """What a host hit costs the router prices: the mock's modelled copy of one block (64 tokens x
+    128 KiB over 50 GB/s), and whether the copies hold up the step; nothing without a host tier."""
+    from engines.mock import TransferModel
+
+    for onboard_async in (False, True):
+        config = EngineConfig(num_blocks=16, block_size=64, host_blocks=64, onboard_async=onboard_async)
+        engine = Engine(config, MockRunner(16, 64, transfer=TransferModel()), Clock())
+        report = engine.load().report("w0", 0.0)
+        assert report.host_block_ms == pytest.approx(64 * 131_072 / 50e9 * 1000)
+        assert report.onboard_async is onboard_async
+    engine, _ = make_engine(onboard_async=True)
+    report = engine.load().report("w0", 0.0)
+    assert (report.host_blocks, report.host_block_ms, report.onboard_async) == (0, 0.0, False)
+
+
 def test_asynchronous_onboarding_lets_the_others_compute_while_the_copies_cross_the_link() -> None:
     """Known by construction: a 200-block context moved to the host, a decode running, and the
     context's next turn arriving. Onboarding synchronously, the step that admits the turn lasts its

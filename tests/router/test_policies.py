@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import msgspec
 import pytest
 
 from router.config import RouterConfig
@@ -468,6 +469,58 @@ def test_session_kv_credits_host_and_disk_tiers_partly() -> None:
     load(router, "w3", 0)
     d = router.pick(req("r3", prompt), 0.0)
     assert (d.worker_id, d.estimated_cost) == ("w2", pytest.approx((3200 - 55 * BS) * ms))
+
+
+@pytest.mark.parametrize(
+    ("link_ms", "onboard_async", "cost_ms"),
+    [
+        # no link time announced: the configured 0.75 x 100 blocks held, 2,000 tokens missing x 1.4
+        (0.0, False, 2000 * 1.4 * 0.1),
+        # synchronous: the copy stalls the step as prefill would: 0.16 / 1.6 ms of a block's prefill is
+        # spent, 0.9 x 100 blocks held, 1,760 tokens missing, charged the stall like any prefill
+        (0.16, False, 1760 * 1.4 * 0.1),
+        # asynchronous: only the turn waits for its copies: 100 blocks held, 16 ms beside the stall
+        (0.16, True, 1600 * 1.4 * 0.1 + 100 * 0.16),
+        # a link slower than prefill: a synchronous host hit saves nothing
+        (2.0, False, 3200 * 1.4 * 0.1),
+    ],
+)
+def test_session_kv_prices_a_host_hit_at_the_link_time_its_worker_announces(
+    link_ms: float, onboard_async: bool, cost_ms: float
+) -> None:
+    """Known by construction: 100 of a 200-block prompt on w0's host tier; 16 tokens a block at 0.1 ms
+    a token (10,000 tokens/s) is 1.6 ms of prefill a block; one running request in a 1,000-block
+    memory that the prompt fills to 20 %: a missing token is charged 1 + 2 x 1 x 0.2 = 1.4 times."""
+    off = {"memory_pressure_factor": 0.0, "memory_balance_factor": 0.0}
+    prompt = chain(200)
+    on_host = KvEventBatch("w0", 1, 0, 0.0, [BlockStored(prompt[:100], None, "host")])
+    report = LoadReport("w0", 0.0, 1, 0, 0, 0, 1000, 10_000.0, 100.0, 4000, link_ms)
+    report = msgspec.structs.replace(report, onboard_async=onboard_async)
+    for priced, expected in ((True, cost_ms), (False, 2000 * 1.4 * 0.1)):  # off: the constant
+        router = make("session_kv", n=1, price_onboarding=priced, **off)
+        assert router.apply_kv_batch(on_host, 0.0)
+        router.apply_load(report, 0.0)
+        assert router.pick(req("r1", prompt, "s"), 0.0).estimated_cost == pytest.approx(expected)
+
+
+def test_session_kv_keeps_a_turn_on_its_host_copy_when_the_link_is_fast() -> None:
+    """w0 holds 150 blocks of a 200-block prompt on its host tier behind 2,000 tokens queued; w1 holds
+    nothing and is idle (nothing runs: no stall charge). At the configured 0.75 credit the idle worker
+    looks cheaper (2,000 + 1,400 tokens on w0 > 3,200 on w1, at 0.1 ms a token); priced at an
+    asynchronous link time of 0.05 ms a block, w0 costs 200 + 80 + 7.5 ms < 320 and takes the turn."""
+    picks = {}
+    for link_ms in (0.0, 0.05):
+        router = make("session_kv", n=2, memory_pressure_factor=0.0, memory_balance_factor=0.0)
+        prompt = chain(200)
+        on_host = KvEventBatch("w0", 1, 0, 0.0, [BlockStored(prompt[:150], None, "host")])
+        assert router.apply_kv_batch(on_host, 0.0)
+        for w, queued in (("w0", 2000), ("w1", 0)):
+            report = LoadReport(w, 0.0, 0, 0, queued, 0, 1000, 10_000.0, 100.0, 4000, link_ms)
+            router.apply_load(msgspec.structs.replace(report, onboard_async=True), 0.0)
+        picks[link_ms] = router.pick(req("r1", prompt, "s"), 0.0)
+    assert picks[0.0].worker_id == "w1"
+    assert picks[0.05].worker_id == "w0"
+    assert picks[0.05].estimated_cost == pytest.approx((2000 + 800) * 0.1 + 150 * 0.05)
 
 
 def test_kv_overlap_with_a_temperature_samples_and_prefers_the_cheaper() -> None:

@@ -81,6 +81,21 @@ def test_a_malformed_replica_note_raises_protocol_error(data: bytes) -> None:
         decode_replica_note(data)
 
 
+@pytest.mark.parametrize("link_ms", [-1.0, float("nan"), float("inf")])
+def test_a_load_report_with_an_impossible_link_time_is_rejected(link_ms: float) -> None:
+    raw = msgspec.msgpack.encode(LoadReport("w0", 1.0, 2, 3, 400, 10, 100, 5000.0, 300.0, 8, link_ms))
+    with pytest.raises(ProtocolError):
+        decode(raw, LoadReport)
+
+
+def test_a_load_report_from_an_older_worker_has_no_link_time() -> None:
+    fields = ["worker_id", "ts", "running", "waiting", "active_prefill_tokens", "used_blocks"]
+    fields += ["total_blocks", "prefill_tok_s", "decode_tok_s", "host_blocks"]
+    values = ["w0", 1.0, 2, 3, 400, 10, 100, 5000.0, 300.0, 8]
+    report = decode(msgspec.msgpack.encode(dict(zip(fields, values, strict=True))), LoadReport)
+    assert (report.host_block_ms, report.disk_block_ms, report.onboard_async) == (0.0, 0.0, False)
+
+
 def test_unknown_tier_is_rejected() -> None:
     raw = msgspec.msgpack.encode(
         {
