@@ -89,13 +89,7 @@ async def relay_stream(
             return await _fail(response, metrics, events.error(f"worker failed mid-stream: {exc}"))
         if not chunk:
             break
-        buffer += chunk
-        while not done:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
-            done = events.read(buffer[: end + 2])
-            buffer = buffer[end + 2 :]
+        buffer, done = _read_events(buffer + chunk, events)
         if len(buffer) > MAX_EVENT_BYTES:
             failure = f"worker sent over {MAX_EVENT_BYTES} bytes without an event's end"
             if response is None:
@@ -109,9 +103,7 @@ async def relay_stream(
         now = time.monotonic()
         opened = response is None
         if response is None:
-            response = _EventStream(headers=headers)
-            resp.commit()
-            await response.prepare(request)
+            response = await _open(resp, request, headers)
             outcome.first_token_at = now
             on_first_token()
         else:
@@ -127,6 +119,28 @@ async def relay_stream(
     if response is None:
         raise Retryable("worker ended the stream before its first event")
     return await _fail(response, metrics, events.error("worker ended the stream without [DONE]"))
+
+
+def _read_events(buffer: bytes, events: StreamEvents) -> tuple[bytes, bool]:
+    """Hand each whole event in `buffer` to `events`, up to the worker's last: what is left of the
+    buffer, and whether the last event was among them."""
+    done = False
+    while not done:
+        end = buffer.find(b"\n\n")
+        if end < 0:
+            break
+        done = events.read(buffer[: end + 2])
+        buffer = buffer[end + 2 :]
+    return buffer, done
+
+
+async def _open(resp: UpstreamResponse, request: web.Request, headers: dict[str, str]) -> _EventStream:
+    """The client's stream, its head about to leave with the first events: from here on the worker
+    answers this client (a failure is no longer retried elsewhere)."""
+    response = _EventStream(headers=headers)
+    resp.commit()
+    await response.prepare(request)
+    return response
 
 
 async def _drain(resp: UpstreamResponse) -> None:
