@@ -25,6 +25,7 @@ from loadgen.sim.worker import SimWorker
 from loadgen.sim.workload import Turn, Workload, parent_of
 from router.protocol import KvEvent, KvEventBatch, KvStateDump, LoadReport
 from router.request import RouteRequest
+from router.router import Router  # the simulator drives the gateway's router, unchanged
 
 
 def _same_load(a: LoadReport, b: LoadReport) -> bool:
@@ -118,6 +119,17 @@ class SimRun:
         self.room_hold_s = 0.0  # virtual seconds they waited in all
 
 
+def _router(policy: str, config: SimConfig, router_config: Any) -> Router:
+    """The gateway's router, unchanged, with the run's policy, seed and settings; it sends a turn's
+    decode apart where the policy asks (Router.decode_priority), as a gateway that splits turns."""
+    if router_config is None:
+        router_config = config.router_config()
+    kwargs: dict[str, Any] = {"policy": policy, "seed": config.seed, "splits_turns": True}
+    if router_config is not None:
+        kwargs["config"] = router_config
+    return Router(**kwargs)
+
+
 class Simulation:
     def __init__(
         self,
@@ -126,8 +138,6 @@ class Simulation:
         config: SimConfig | None = None,
         router_config: Any = None,
     ) -> None:
-        from router.router import Router  # the simulator drives the gateway's router, unchanged
-
         self.workload = workload
         self.config = config = config or SimConfig()
         if config.workers < 1:
@@ -135,26 +145,8 @@ class Simulation:
         if config.block_size != workload.block_size:
             raise ValueError("the workload was hashed with another block size")
         self.loop = EventLoop()
-        if router_config is None:
-            router_config = config.router_config()
-        # the simulator sends a turn's decode apart where the policy asks (Router.decode_priority)
-        kwargs: dict[str, Any] = {"policy": policy, "seed": config.seed, "splits_turns": True}
-        if router_config is not None:
-            kwargs["config"] = router_config
-        self.router = Router(**kwargs)
-        engine_config = config.engine_config()
-        self.workers: dict[str, SimWorker] = {}
-        for i in range(config.workers):
-            wid = f"w{i}"
-            self.workers[wid] = SimWorker(
-                wid,
-                engine_config,
-                self.loop,
-                self._on_outputs,
-                self._on_kv_events,
-                config.fast_forward,
-                config.transfer(),
-            )
+        self.router = _router(policy, config, router_config)
+        self.workers = self._make_workers(config)
         self._next_kv_seq = dict.fromkeys(self.workers, 0)  # numbered from 0, as a worker's publisher does
         self.run_result = SimRun(policy)
         self._turns: dict[str, tuple[Turn, RequestRecord]] = {}
@@ -176,6 +168,21 @@ class Simulation:
         self._held_timer = DeadlineTimer(self.loop, self.router.held_deadline, self._release)
         self._room_held: dict[str, tuple[Turn, RequestRecord, str | None]] = {}  # picked, held for room
         self._room_timer = DeadlineTimer(self.loop, self.router.rooms_deadline, self._release_rooms)
+
+    def _make_workers(self, config: SimConfig) -> dict[str, SimWorker]:
+        engine_config = config.engine_config()
+        return {
+            f"w{i}": SimWorker(
+                f"w{i}",
+                engine_config,
+                self.loop,
+                self._on_outputs,
+                self._on_kv_events,
+                config.fast_forward,
+                config.transfer(),
+            )
+            for i in range(config.workers)
+        }
 
     # --- driving
 
