@@ -37,7 +37,7 @@ from typing import Any
 
 import msgspec
 
-# the issue-13 comparison: agentic sessions against 4 workers of 4,096 blocks each
+# the comparison README.md and docs/ROUTING.md report: agentic sessions, 4 workers of 4,096 blocks
 DEFAULT_LOADGEN_ARGS = (
     "--workload agentic --rate 1 --duration 90 --max-think-s 10 --max-context 48000"
     " --plain-tools --ignore-eos"

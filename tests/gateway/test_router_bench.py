@@ -1,4 +1,5 @@
-"""`kvgate bench router --json` runs the real code end to end and prints the issue's keys."""
+"""`kvgate bench router --json` runs the real code end to end and prints its measurements (hashing,
+routing, ingestion, index memory) under stable keys."""
 
 from __future__ import annotations
 

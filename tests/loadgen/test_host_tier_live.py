@@ -1,4 +1,4 @@
-"""Issue 14's live acceptance: `kvgate up --engine mock --worker-args "--host-blocks N"` and an agentic
+"""The host tier live: `kvgate up --engine mock --worker-args "--host-blocks N"` and an agentic
 `kvgate loadgen` run. A session's blocks go to the host tier while it waits on a long tool call and come
 back before its next turn (the KV events on the bus say so, tier by tier, and the worker counts the
 blocks it prefetched), and the cached tokens are reported with their tier: per request by the worker,
