@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import msgspec
 import pytest
 
 pytest.importorskip("torch")  # the whole module needs it: skipped without
@@ -161,3 +162,28 @@ def test_a_prompt_onboarded_from_the_host_generates_the_same(cold_outputs: dict[
             host_cached = o.num_host_cached_tokens
     assert out == cold_outputs["turn3"]
     assert host_cached >= BLOCK * 2
+
+
+def _generate(engine: Engine, rid: str, tokens: list[int], sampling: SamplingParams) -> list[int]:
+    engine.add_request(EngineRequest(rid, tokens, sampling))
+    out: list[int] = []
+    while engine.has_work():
+        for o in engine.step().outputs:
+            if o.request_id == rid:
+                out.extend(o.new_token_ids)
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_an_answer_continued_after_its_first_token_is_the_whole_answer(temperature: float) -> None:
+    """A turn split by the gateway (gateway/split_turn.py): its first token alone, then a request whose
+    prompt is the prompt and that token, `output_offset` 1, from the prefix cache; greedily or sampled
+    with a seed (by position in the answer), the tokens are the one request's."""
+    engine = make_engine()
+    prompt = chat(2, seed=5)
+    sampling = SamplingParams(max_tokens=12, temperature=temperature, seed=7, ignore_eos=True)
+    whole = _generate(engine, "whole", prompt, sampling)
+    first = _generate(engine, "first", prompt, msgspec.structs.replace(sampling, max_tokens=1))
+    rest_sampling = msgspec.structs.replace(sampling, max_tokens=11, output_offset=1)
+    rest = _generate(engine, "rest", prompt + first, rest_sampling)
+    assert first + rest == whole and len(whole) == 12
