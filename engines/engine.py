@@ -44,6 +44,10 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # a sequence onboarding host blocks waits for its copies while the others go on computing (vLLM's
     # offloading connector loads asynchronously); off: the step that admits it waits for them
     onboard_async: bool = False
+    # the step that admits it loads its KV layer by layer, each layer's copy beside the compute of the
+    # layer before (SGLang HiCache's compute-transfer overlap, LMCache's layerwise mode): the step
+    # lasts the longer of its compute and its copies, not their sum
+    onboard_layerwise: bool = False
     hash_seed: int = hash_seed()  # base seed for requests without a cache salt
 
 
@@ -132,6 +136,9 @@ class Engine:
         # it): a runner that models its copies knows it; one whose copies are measured inside its
         # steps does not say (0)
         self._host_block_ms = getattr(self._copier, "host_block_ms", 0.0) if self._copier else 0.0
+        if config.onboard_layerwise and config.onboard_async:
+            raise ValueError("onboarding is asynchronous or layer-wise, not both")
+        self._num_layers = getattr(runner, "num_layers", 1)
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, clock, config.max_pinned_blocks, config.host_blocks
         )
@@ -288,12 +295,21 @@ class Engine:
         if duration is None:
             duration = time.perf_counter() - started
         elif copy_s:
-            duration += copy_s  # modelled: the step waits for its onboarded blocks
+            duration = self._with_copies(duration, copy_s)  # modelled: the step waits for its onboards
         self._after_step(scheduled, sampled, outputs)
         self._measure(num_prefill, num_decode, duration)
         self._emit_events()
         self.num_steps += 1
         return StepResult(outputs, duration, num_prefill, num_decode)
+
+    def _with_copies(self, compute_s: float, copy_s: float) -> float:
+        """A step's time with its onboarding copies: after them (their sum), or, layer-wise, layer i's
+        compute after layer i's copy and beside layer i + 1's: L layers of copy c / L and compute p / L
+        take c / L + (L - 1) x max(c, p) / L + p / L = max(c, p) + min(c, p) / L."""
+        if not self.config.onboard_layerwise:
+            return compute_s + copy_s
+        longer, shorter = (compute_s, copy_s) if compute_s > copy_s else (copy_s, compute_s)
+        return longer + shorter / self._num_layers
 
     def _start_loads(self, copy_s: float | None) -> None:
         """The sequences admitted to wait for their onboarded blocks: ready when this step's copies

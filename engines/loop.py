@@ -58,6 +58,7 @@ class EngineLoop:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine") if threaded else None
         self.steps: deque[StepRecord] = deque(maxlen=STEP_LOG_LEN)
         self._last_submit = 0.0  # event-loop time of the newest request
+        self._submitted = 0  # requests submitted, all time (a step that did nothing waits for the next)
         # traced requests: the start of the first step that took each in (None while it waits)
         self._first_steps: dict[str, float | None] = {}
 
@@ -85,6 +86,7 @@ class EngineLoop:
         async with self.lock:
             self.engine.add_request(request)
             self._queues[request.request_id] = queue
+            self._submitted += 1
         self._last_submit = asyncio.get_running_loop().time()
         self._wake.set()
         return queue
@@ -142,6 +144,7 @@ class EngineLoop:
                 await self._wake.wait()
             async with self.lock:
                 started = loop.time()
+                submitted = self._submitted
                 try:
                     if self._executor is not None:
                         result = await loop.run_in_executor(self._executor, engine.step)
@@ -187,6 +190,24 @@ class EngineLoop:
                     (record.delivered - record.ended) * 1e3,
                 )
             self._deliver(result)
+            if not (result.outputs or result.num_prefill_tokens or result.num_decode_tokens):
+                await self._wait_for_loads(submitted)
+
+    async def _wait_for_loads(self, submitted: int) -> None:
+        """After a step that ran nothing: when the engine's running sequences all wait for their host
+        copies (asynchronous onboarding), sleep until the first lands or a request comes, not spin."""
+        engine = self.engine
+        async with self.lock:
+            ready = engine.next_ready_at() if self._submitted == submitted else None
+            if ready is None:
+                return
+            self._wake.clear()
+        delay = ready - engine.clock()
+        if delay > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
 
     def _deliver(self, result: StepResult) -> None:
         finished = False

@@ -16,7 +16,9 @@ whole blocks (a sequence's block table), so p stays put while decodes fill their
 
 With a host tier, a step first onboards the blocks its admissions found on the host: `TransferModel`
 times the copy over the host link, and the step waits for it (the attention of those sequences reads
-the copied KV). Offloads are free here: a GPU runs them on a copy stream beside the compute, and a PCIe
+the copied KV): after them, or, with `EngineConfig.onboard_layerwise`, layer by layer beside the
+compute (the longer of the two, plus one layer of the shorter; `TransferModel.num_layers`, 32). Offloads
+are free here: a GPU runs them on a copy stream beside the compute, and a PCIe
 link carries both directions at full speed at once.
 """
 
@@ -34,7 +36,8 @@ PLACEHOLDER_TEXT = "lorem ipsum dolor sit amet consectetur adipiscing elit sed d
 
 # KV bytes per token of Llama-3.1-8B (32 layers x 8 KV heads x 128 dims x K and V x 2 bytes, bf16;
 # its config.json), a common model behind the Dynamo mocker's timing
-DEFAULT_KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
+DEFAULT_NUM_LAYERS = 32
+DEFAULT_KV_BYTES_PER_TOKEN = DEFAULT_NUM_LAYERS * 8 * 128 * 2 * 2
 # PCIe Gen5 x16: 64 GB/s raw per direction, ~50 GB/s effective for large pinned-memory copies
 # (NVIDIA's H100 PCIe figures; the nvbandwidth tool measures 50-55 GB/s host to device)
 DEFAULT_HOST_BANDWIDTH_GBPS = 50.0
@@ -45,10 +48,11 @@ class TransferModel(msgspec.Struct, frozen=True):
 
     kv_bytes_per_token: int = DEFAULT_KV_BYTES_PER_TOKEN
     bandwidth_gbps: float = DEFAULT_HOST_BANDWIDTH_GBPS  # GB/s (1e9 bytes)
+    num_layers: int = DEFAULT_NUM_LAYERS  # a layer-wise copy overlaps each layer with the one before
 
     def __post_init__(self) -> None:
-        if self.kv_bytes_per_token < 1 or not self.bandwidth_gbps > 0:
-            raise ValueError("the host link needs a positive KV size per token and bandwidth")
+        if self.kv_bytes_per_token < 1 or not self.bandwidth_gbps > 0 or self.num_layers < 1:
+            raise ValueError("the host link needs a positive KV size per token, bandwidth and layer count")
 
     def seconds(self, num_blocks: int, block_size: int) -> float:
         return num_blocks * block_size * self.kv_bytes_per_token / (self.bandwidth_gbps * 1e9)
@@ -99,6 +103,10 @@ class MockRunner:
                 else:
                     out.append(placeholder[position % len(placeholder)])
         return out
+
+    @property
+    def num_layers(self) -> int:
+        return self.transfer.num_layers
 
     @property
     def host_block_ms(self) -> float:

@@ -102,6 +102,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --priority-scheduling: the priority margin a request needs to preempt "
         "(default %(default)s, SGLang's)",
     )
+    parser.add_argument(
+        "--onboard-async",
+        action="store_true",
+        help="a request whose prefix is on the host tier waits for its copies while the others go on "
+        "computing, as vLLM's CPU offloading connector loads them (default: the step that admits it waits)",
+    )
+    parser.add_argument(
+        "--onboard-layerwise",
+        action="store_true",
+        help="mock: the step that admits such a request copies its KV layer by layer beside the compute, "
+        "as SGLang HiCache and LMCache's layerwise mode (the step lasts the longer of the two)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="torch: weights of the default tiny model")
     parser.add_argument("--worker-id", help="subject-safe id (default: engine-host-port-random)")
     parser.add_argument(
@@ -150,6 +162,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         preempt_for_prompts=args.preempt_for_prompts,
         priority_scheduling=args.priority_scheduling,
         priority_threshold=args.priority_threshold,
+        onboard_async=args.onboard_async,
+        onboard_layerwise=args.onboard_layerwise,
     )
 
 
@@ -169,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--priority-threshold must be between 0 and {MAX_PRIORITY}")
         if args.priority_scheduling and args.preempt_for_prompts:
             raise ValueError("--priority-scheduling and --preempt-for-prompts are two engines: choose one")
+        if args.onboard_async and args.onboard_layerwise:
+            raise ValueError("--onboard-async and --onboard-layerwise are two engines: choose one")
         if not args.host_bandwidth > 0:
             raise ValueError("--host-bandwidth must be positive")
         args.nats = nats_url_from(args.nats)

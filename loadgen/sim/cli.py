@@ -132,6 +132,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the step that admits it waits for them)",
     )
     parser.add_argument(
+        "--onboard-layerwise",
+        action="store_true",
+        help="every worker's engine onboards host blocks layer by layer beside the step's compute, as "
+        "SGLang HiCache and LMCache's layerwise mode: the step lasts the longer of the two, not their sum",
+    )
+    parser.add_argument(
         "--set",
         dest="router_settings",
         action="append",
@@ -246,6 +252,8 @@ def _checked_settings(args: argparse.Namespace) -> tuple[dict[str, object], list
         raise ValueError("--sweep-chart needs --host-multiples")
     if args.priority_scheduling and args.preempt_for_prompts:
         raise ValueError("--priority-scheduling and --preempt-for-prompts are two engines: choose one")
+    if args.onboard_async and args.onboard_layerwise:
+        raise ValueError("--onboard-async and --onboard-layerwise are two engines: choose one")
     return settings, multiples
 
 
@@ -276,6 +284,7 @@ def _sim_config(args: argparse.Namespace, settings: dict[str, object]) -> SimCon
         preempt_for_prompts=args.preempt_for_prompts,
         priority_scheduling=args.priority_scheduling,
         onboard_async=args.onboard_async,
+        onboard_layerwise=args.onboard_layerwise,
         router_settings=settings,
     )
 

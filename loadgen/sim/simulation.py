@@ -68,6 +68,7 @@ class SimConfig(msgspec.Struct, frozen=True):
     preempt_for_prompts: bool = False  # EngineConfig.preempt_for_prompts, every worker's (every policy's)
     priority_scheduling: bool = False  # EngineConfig.priority_scheduling, likewise
     onboard_async: bool = False  # EngineConfig.onboard_async, likewise
+    onboard_layerwise: bool = False  # EngineConfig.onboard_layerwise, likewise
     # further RouterConfig fields (name -> value) when no router config is given: sweeps from the CLI
     router_settings: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -93,6 +94,7 @@ class SimConfig(msgspec.Struct, frozen=True):
             preempt_for_prompts=self.preempt_for_prompts,
             priority_scheduling=self.priority_scheduling,
             onboard_async=self.onboard_async,
+            onboard_layerwise=self.onboard_layerwise,
         )
 
     def transfer(self) -> TransferModel:

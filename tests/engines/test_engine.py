@@ -244,6 +244,41 @@ def test_a_host_tier_needs_a_runner_that_copies_blocks() -> None:
     Engine(EngineConfig(num_blocks=8, block_size=4), UntieredRunner(8, 4))  # no host tier: no copies
 
 
+def test_layerwise_onboarding_overlaps_the_copies_with_the_steps_compute() -> None:
+    """Known by construction: a 200-block context moved to the host, and its next turn admitted beside
+    a running decode. Synchronously the step lasts its compute p plus the copies c (33.6 ms); layer-wise
+    (32 layers) it lasts max(c, p) + min(c, p) / 32, and the turn's output and host tokens are the same."""
+    from engines.mock import TransferModel
+
+    steps = {}
+    for layerwise in (False, True):
+        clock = Clock()
+        config = EngineConfig(num_blocks=256, block_size=64, host_blocks=256, onboard_layerwise=layerwise)
+        engine = Engine(config, MockRunner(256, 64, transfer=TransferModel()), clock)
+        context = list(range(200 * 64))
+        engine.add_request(request("turn1", context, max_tokens=1))
+        drain(engine, clock)
+        assert engine.offload(block_hashes(context, 64, config.hash_seed)) == 200
+        engine.add_request(request("decode", list(range(10**5, 10**5 + 64)), max_tokens=50))
+        while not engine.step().outputs:
+            pass
+        engine.add_request(request("turn2", context + list(range(5 * 10**5, 5 * 10**5 + 8)), max_tokens=1))
+        steps[layerwise] = engine.step()
+        turn2 = next(o for o in steps[layerwise].outputs if o.request_id == "turn2")
+        assert turn2.num_host_cached_tokens == 200 * 64
+    copy_s = TransferModel().seconds(200, 64)
+    compute_s = steps[False].duration_s - copy_s
+    assert compute_s > 0
+    longer, shorter = max(copy_s, compute_s), min(copy_s, compute_s)
+    assert steps[True].duration_s == pytest.approx(longer + shorter / 32)
+    assert [o.request_id for o in steps[True].outputs] == [o.request_id for o in steps[False].outputs]
+
+
+def test_onboarding_is_asynchronous_or_layerwise_not_both() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        make_engine(host_blocks=64, onboard_async=True, onboard_layerwise=True)
+
+
 def test_the_load_report_announces_the_host_links_time_per_block() -> None:
     """What a host hit costs the router prices: the mock's modelled copy of one block (64 tokens x
     128 KiB over 50 GB/s), and whether the copies hold up the step; nothing without a host tier."""

@@ -201,6 +201,47 @@ async def test_a_live_prefetch_copies_in_chunks_and_yields_to_a_new_request() ->
         await loop.stop()
 
 
+@pytest.mark.parametrize("onboard_async", [False, True])
+async def test_a_live_step_does_not_wait_for_a_turns_host_copies(onboard_async: bool) -> None:
+    """Known by construction: a 300-block context on the host tier behind a link that copies it in
+    ~0.25 s, its next turn arriving beside a running decode. Onboarding synchronously, the step that
+    admits the turn lasts at least the copies; asynchronously no step does (the decode steps on while
+    they cross the link), the turn still reports its blocks from the host, and a turn alone on the
+    worker sleeps until its copies land rather than stepping the empty engine over and over."""
+    transfer = TransferModel(bandwidth_gbps=2.5)  # 2 MiB blocks of 16 tokens: 0.84 ms a block
+    copy_s = transfer.seconds(300, 16)
+    config = EngineConfig(num_blocks=1024, block_size=16, host_blocks=1024, onboard_async=onboard_async)
+    engine = Engine(config, MockRunner(1024, 16, transfer=transfer))
+    loop = EngineLoop(engine, threaded=False)
+    loop.start()
+    try:
+        context = list(range(300 * 16))
+        chain = block_hashes(context, 16, config.hash_seed)
+
+        async def run_turn(rid: str) -> int:
+            queue = await loop.submit(EngineRequest(rid, [*context, 1, 2], SamplingParams(max_tokens=1)))
+            while not (out := await queue.get()).finished:
+                pass
+            return out.num_host_cached_tokens
+
+        assert await run_turn("turn1") == 0
+        assert await loop.call(lambda: engine.offload(chain)) == 300  # the session waits on a tool
+        decode = await loop.submit(EngineRequest("decode", [7] * 64, SamplingParams(max_tokens=10_000)))
+        await decode.get()  # decoding
+        loop.steps.clear()
+        assert await run_turn("turn2") == 300 * 16
+        longest = max(s.duration_s for s in loop.steps)
+        assert longest >= copy_s if not onboard_async else longest < copy_s
+        await loop.abort("decode")
+        assert await loop.call(lambda: engine.offload(chain)) == 300
+        loop.steps.clear()
+        assert await run_turn("turn3") == 300 * 16  # alone: the loop waits for the copies
+        idle = [s for s in loop.steps if not (s.num_outputs or s.prefill_tokens or s.decode_tokens)]
+        assert len(idle) <= 2
+    finally:
+        await loop.stop()
+
+
 async def test_a_torch_step_delivers_nothing_before_it_ends() -> None:
     pytest.importorskip("torch")
     from tests.engines.test_torch_runner import make_runner

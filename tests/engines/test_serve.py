@@ -335,3 +335,9 @@ def test_the_worker_flags_reach_the_engine_config() -> None:
     config = engine_config(parser.parse_args(["--priority-scheduling", "--priority-threshold", "3"]))
     assert config.priority_scheduling and config.priority_threshold == 3
     assert not engine_config(parser.parse_args([])).priority_scheduling
+    config = engine_config(parser.parse_args(["--host-blocks", "64", "--onboard-async"]))
+    assert config.onboard_async and not config.onboard_layerwise
+    config = engine_config(parser.parse_args(["--host-blocks", "64", "--onboard-layerwise"]))
+    assert config.onboard_layerwise and not config.onboard_async
+    default = engine_config(parser.parse_args([]))
+    assert not default.onboard_async and not default.onboard_layerwise
