@@ -84,7 +84,9 @@ class SplitTurn:
         body["kvgate"] = {**self.body["kvgate"], "output_token_ids": first_token_ids}
         return msgspec.json.encode(body)
 
-    async def post(self, url: str, payload: bytes, head_timeout_s: float | None = None) -> Any:
+    async def post(
+        self, url: str, payload: bytes, head_timeout_s: float | None = None
+    ) -> UpstreamResponse | JoinedAnswer:
         """Send the prompt part (`payload`, from `first_part`); what the pool's `post` answers, or, on a
         200, the answer joined from both parts."""
         resp = await self.pool.post(url, payload, head_timeout_s)
