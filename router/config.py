@@ -88,6 +88,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # (the queue counts each queued token at the pool's average cost, several times its marginal cost in
     # a batched step; a copy splits the prefix's traffic and doubles its blocks in use)
     prefix_home_hold: float = 0.0  # off: 10 won on the earlier mock engine, lost on the calibrated one
+    # that hold, at least, while the copies of the prefixes one-shot traffic keeps coming back to fill
+    # `memory_free_fraction` of the pool's blocks: a further copy then evicts another hot prefix
+    # (router/policies/hot_prefixes.py; docs/EXPERIMENTS.md, idea 16). 0: off
+    crowded_prefix_hold: float = 10.0
     used_from_report: bool = True
     # a request that named no session is placed by its estimated TTFT: prefill at the pool's marginal
     # cost per token (router/prefill_fit.py), a busy worker's steps to wait out (docs/SESSION_KV.md)

@@ -53,6 +53,7 @@ from router.config import RouterConfig
 from router.load import WorkerLoad
 from router.policies.active_blocks import ActiveBlocks
 from router.policies.base import Policy, RouterView
+from router.policies.hot_prefixes import HotPrefixes
 from router.prefix_match import common_prefix
 from router.protocol import LoadReport, Tier
 from router.request import Decision, RouteRequest, is_inferred
@@ -62,6 +63,8 @@ from router.request import Decision, RouteRequest, is_inferred
 MAX_PENDING = 32
 # requests in flight whose chains are kept (the newest): what a session's worker has in use already
 MAX_RUNNING = 4096
+# hot prefixes are keyed at a multiple of this many blocks (`_note_hot`)
+HOT_GROUP_BLOCKS = 8
 
 
 def _leading_in(chain: Sequence[int], blocks: dict[int, int]) -> int:
@@ -100,6 +103,8 @@ class SessionKv(Policy):
         # it, counted from the first such request on (traffic of named sessions alone never pays for it)
         self._warming = config.one_shot_warmup
         self._warm_blocks: dict[str, ActiveBlocks] | None = None
+        # the prefixes one-shot requests come back to (documents): where their copies crowd the pool
+        self._hot = HotPrefixes(config.live_session_s)
 
     def pick(self, request: RouteRequest, view: RouterView) -> Decision:
         chain = request.block_hashes
@@ -203,9 +208,13 @@ class SessionKv(Policy):
             # use: faster steps for all). A prefix the cheapest worker holds too is no copy to spare.
             cheapest = min(costs, key=costs.__getitem__)
             spared = overlap[sticky] - overlap.get(cheapest, 0)
+            crowded = self._note_hot(view, overlap, request.block_hashes, sticky, spared)
             if spared > 0:
                 held_ms = spared * view.block_size * self._pool_ms_per_token(view)
-                tolerance = max(tolerance, cfg.prefix_home_hold * held_ms)
+                hold = cfg.prefix_home_hold
+                if crowded:
+                    hold = max(hold, cfg.crowded_prefix_hold)
+                tolerance = max(tolerance, hold * held_ms)
         if why == "session":
             chain = request.block_hashes
             tolerance = max(tolerance, self._session_hold_ms(view, overlap, costs, sticky, chain))
@@ -222,6 +231,31 @@ class SessionKv(Policy):
             key = max((overlap.get(w, 0), -requests(w)) for w in tied)
             tied = [w for w in tied if (overlap.get(w, 0), -requests(w)) == key]
         return tied[0] if len(tied) == 1 else self.rng.choice(tied)
+
+    def _note_hot(
+        self, view: RouterView, overlap: dict[str, int], chain: Sequence[int], home: str, spared: int
+    ) -> bool:
+        """Notes the prefix a one-shot request shares with its home (hot_prefixes.py) and says whether a
+        copy of its `spared` blocks would crowd the pool: the copies of the hot prefixes, this one with
+        it, beyond `memory_free_fraction` of the pool's blocks. Then the copy evicts another hot prefix
+        somewhere, prefilled again by a later request, as live contexts beyond that fraction are (the
+        memory pressure of sessions); while they fit, a copy costs its own prefill only."""
+        depth = overlap[home]
+        # keyed at a whole number of groups of blocks: requests over one document whose held prefix runs
+        # a block or two into their questions (that start alike) count as one prefix
+        depth = max(1, depth - depth % HOT_GROUP_BLOCKS)
+        hot = self._hot
+        hot.note(chain[depth - 1], depth, sum(1 for n in overlap.values() if n >= depth), view.now)
+        if spared <= 0 or not self.config.crowded_prefix_hold:
+            return False
+        loads = view.load.workers
+        capacity = in_use = 0
+        for w in view.candidates:
+            report = loads[w].report
+            if report is not None:
+                capacity += report.total_blocks
+                in_use += report.used_blocks
+        return hot.copies + spared + in_use > capacity
 
     def _warmup_pick(
         self,

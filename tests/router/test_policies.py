@@ -842,3 +842,34 @@ def test_session_kv_counts_a_chains_blocks_in_flight_by_bisection() -> None:
                 blocks[h] = blocks.get(h, 0) + 1
         prompt = trunk[: rng.randrange(0, 201)] + chain(rng.randrange(0, 20), base=999_000)
         assert _leading_in(prompt, blocks) == sum(h in blocks for h in prompt)
+
+
+def test_session_kv_holds_a_document_home_while_its_copies_would_crowd_the_pool() -> None:
+    # the copy of the case above (a busy home, an idle worker without the document) is made while the
+    # copies of the documents one-shot traffic keeps asking about fit in the pool beside the blocks its
+    # running requests use; once one more copy would not fit, it evicts another hot document: the home
+    # holds
+    def route_q2(total_blocks: int, **config) -> str:
+        router = make("session_kv", n=2, **config)
+        for i in range(100):  # the pool's first tokens so far: 20 ms + 0.015 ms per prefill token
+            tokens = 100 if i % 2 else 2100
+            router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+        doc = chain(128)
+        hold(router, "w0", doc)
+        for i, other in enumerate((chain(128, base=5_000), chain(128, base=6_000))):  # on both workers
+            hold(router, "w0", other, seq=1 + i)
+            hold(router, "w1", other, seq=i)
+        router.pick(req("busy", chain(100, base=50_000), "s"), 0.0, exclude=frozenset({"w1"}))
+        router.on_first_token("busy", 0.044)
+        router.apply_load(LoadReport("w0", 0.3, 4, 0, 0, 228, total_blocks, 5_000.0, 100.0), 0.3)
+        router.apply_load(LoadReport("w1", 0.3, 0, 0, 0, 0, total_blocks, 5_000.0, 0.0), 0.3)
+        for i, base in enumerate((5_000, 6_000)):  # one request over each of the other documents
+            rid = f"other{i}"
+            router.pick(req(rid, chain(128, base=base) + chain(8, base=80_000 + 10 * i)), 0.3)
+            router.on_complete(rid, 0.3, "stop", 1)
+        return router.pick(req("q2", doc + chain(8, base=70_000)), 0.3).worker_id
+
+    # 3 hot documents: 5 copies of 128 blocks, 6 with the new one, and 228 blocks in use: 996 > 2 x 400
+    assert route_q2(400) == "w0"
+    assert route_q2(400, crowded_prefix_hold=0.0) == "w1"  # the copy, as above
+    assert route_q2(1000) == "w1"  # 996 blocks fit in 2,000: a copy spreads the traffic
