@@ -58,6 +58,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="served model name (default: the engine's own)")
     parser.add_argument("--model-path", help="torch: a local Hugging Face checkpoint folder")
     parser.add_argument("--device", help="torch: cpu, cuda, cuda:1 (default: cuda when present)")
+    _add_capacity_arguments(parser)
+    _add_mock_arguments(parser)
+    _add_host_tier_arguments(parser)
+    _add_scheduling_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="torch: weights of the default tiny model")
+    parser.add_argument("--worker-id", help="subject-safe id (default: engine-host-port-random)")
+    parser.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help="bus namespace shared with the gateway"
+    )
+    add_bus_arguments(parser)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
+    """The KV cache and the batch: blocks, block size, sequences and tokens per step."""
     parser.add_argument(
         "--num-blocks", type=int, default=1024, help="KV cache blocks; x --block-size = max_model_len"
     )
@@ -66,10 +81,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-num-batched-tokens", type=int, default=8192, help="tokens per engine step (chunked prefill)"
     )
+
+
+def _add_mock_arguments(parser: argparse.ArgumentParser) -> None:
+    """The mock engine's clock and answers."""
     parser.add_argument(
         "--speedup", type=float, default=1.0, help="mock: run this many times faster than the modelled GPU"
     )
     parser.add_argument("--eos-after", type=int, default=None, help="mock: end each answer after N tokens")
+
+
+def _add_host_tier_arguments(parser: argparse.ArgumentParser) -> None:
+    """The host-memory KV tier and its link."""
     parser.add_argument(
         "--host-blocks",
         type=int,
@@ -82,6 +105,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_HOST_BANDWIDTH_GBPS,
         help="mock: host link GB/s that times onboarding copies (default %(default)s, PCIe Gen5 x16)",
     )
+
+
+def _add_scheduling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scheduler's rules beyond first come first served, and how host copies are waited for."""
     parser.add_argument(
         "--preempt-for-prompts",
         action="store_true",
@@ -114,13 +141,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="mock: the step that admits such a request copies its KV layer by layer beside the compute, "
         "as SGLang HiCache and LMCache's layerwise mode (the step lasts the longer of the two)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="torch: weights of the default tiny model")
-    parser.add_argument("--worker-id", help="subject-safe id (default: engine-host-port-random)")
-    parser.add_argument(
-        "--namespace", default=DEFAULT_NAMESPACE, help="bus namespace shared with the gateway"
-    )
-    add_bus_arguments(parser)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 def default_worker_id(engine: str, port: int) -> str:
