@@ -51,6 +51,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-context", type=_positive_int, default=None, help="--workload: sessions end before this size"
     )
+    _add_pool_arguments(parser)
+    _add_sweep_arguments(parser)
+    _add_replay_arguments(parser)
+    _add_engine_and_router_arguments(parser)
+    parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="policies run in parallel processes (default: one per policy, at most one per core)",
+    )
+    parser.add_argument(
+        "--json", metavar="OUT", default=None, help="write the result object to OUT (- = stdout)"
+    )
+    parser.add_argument("--charts", metavar="DIR", default=None, help="write PNG charts into DIR")
+
+
+def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """The simulated workers and the policies compared over them."""
     parser.add_argument("--workers", type=_positive_int, default=8, help="simulated workers")
     parser.add_argument("--policy", default="all", help="all, or a comma-separated list of policies")
     parser.add_argument("--num-blocks", type=_positive_int, default=16_384, help="KV blocks per worker")
@@ -67,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_HOST_BANDWIDTH_GBPS,
         help="host link GB/s for onboarding copies (default: PCIe Gen5 x16, effective)",
     )
+
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """A sweep of the host tier's size."""
     parser.add_argument(
         "--host-multiples",
         metavar="M,M,...",
@@ -77,6 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sweep-chart", metavar="PNG", default=None, help="with --host-multiples: TTFT against host size"
     )
+
+
+def _add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the rows are replayed: their blocks, time, seeds and the bus's delay."""
     parser.add_argument(
         "--trace-block-size", type=_positive_int, default=TRACE_BLOCK_SIZE, help="tokens per trace hash id"
     )
@@ -98,6 +124,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="divide timestamps and think times by X (X > 1 compresses time)",
     )
     parser.add_argument("--bus-delay-ms", type=float, default=5.0, help="KV events, load reports, pins")
+
+
+def _add_engine_and_router_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's scheduling rules and the router's settings, the same for every policy."""
     parser.add_argument(
         "--admission",
         action=argparse.BooleanOptionalAction,
@@ -145,16 +175,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="a RouterConfig field for every policy (repeatable), e.g. --set stall_factor=1.5",
     )
-    parser.add_argument(
-        "--jobs",
-        type=_positive_int,
-        default=None,
-        help="policies run in parallel processes (default: one per policy, at most one per core)",
-    )
-    parser.add_argument(
-        "--json", metavar="OUT", default=None, help="write the result object to OUT (- = stdout)"
-    )
-    parser.add_argument("--charts", metavar="DIR", default=None, help="write PNG charts into DIR")
 
 
 def _router_settings(pairs: list[str]) -> dict[str, object]:
