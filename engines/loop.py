@@ -168,30 +168,34 @@ class EngineLoop:
             else:
                 ended = modelled_end = loop.time()
                 await asyncio.sleep(0)
-            record = StepRecord(
-                started,
-                ended,
-                loop.time(),
-                result.duration_s,
-                result.num_prefill_tokens,
-                result.num_decode_tokens,
-                len(result.outputs),
-            )
-            self.steps.append(record)
-            if self._first_steps:
-                self._note_first_steps(started)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "step: prefill %d decode %d outputs %d duration_ms %.3f late_ms %.3f",
-                    record.prefill_tokens,
-                    record.decode_tokens,
-                    record.num_outputs,
-                    record.duration_s * 1e3,
-                    (record.delivered - record.ended) * 1e3,
-                )
+            self._record(started, ended, loop.time(), result)
             self._deliver(result)
             if not (result.outputs or result.num_prefill_tokens or result.num_decode_tokens):
                 await self._wait_for_loads(submitted)
+
+    def _record(self, started: float, ended: float, delivered: float, result: StepResult) -> None:
+        """The step's times in `steps` (and the debug log); the first step of each traced request."""
+        record = StepRecord(
+            started,
+            ended,
+            delivered,
+            result.duration_s,
+            result.num_prefill_tokens,
+            result.num_decode_tokens,
+            len(result.outputs),
+        )
+        self.steps.append(record)
+        if self._first_steps:
+            self._note_first_steps(started)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "step: prefill %d decode %d outputs %d duration_ms %.3f late_ms %.3f",
+                record.prefill_tokens,
+                record.decode_tokens,
+                record.num_outputs,
+                record.duration_s * 1e3,
+                (record.delivered - record.ended) * 1e3,
+            )
 
     async def _wait_for_loads(self, submitted: int) -> None:
         """After a step that ran nothing: when the engine's running sequences all wait for their host
