@@ -73,9 +73,7 @@ async def raw_stream(gateway: RunningGateway, body: dict[str, Any]) -> str:
         return await resp.text()
 
 
-async def test_a_split_turn_reads_as_the_unsplit_one(
-    cluster: Cluster, nats_url: str, namespace: str
-) -> None:
+async def test_a_split_turn_reads_as_the_unsplit_one(cluster: Cluster, nats_url: str, namespace: str) -> None:
     """The same turns through a gateway that splits them and one that does not: the same text, finish
     reason and usage, streamed or not; one role delta, one finish, one [DONE]; the worker took the
     split turn as its prompt (one token, priority 0) and its decode (the prompt and the first token,
@@ -190,7 +188,10 @@ async def test_a_split_turn_reads_as_the_unsplit_one(
         assert (out0, first_max, first_priority) == (0, 1, 0)
         assert (decode_prompt, out1, rest_max, decode_priority) == (prompt + 1, 1, max_tokens - 1, -11)
     assert [[(p[1], p[2], p[3]) for p in parts] for parts in whole_turns] == [
-        [(0, 9, 0)], [(0, 7, 0)], [(0, 6, 0)], [(0, 6, 0)]
+        [(0, 9, 0)],
+        [(0, 7, 0)],
+        [(0, 6, 0)],
+        [(0, 6, 0)],
     ]
 
 
