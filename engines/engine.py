@@ -135,10 +135,10 @@ class Engine:
         # what a host hit costs instead of a prefill, announced in the load report (the router prices
         # it): a runner that models its copies knows it; one whose copies are measured inside its
         # steps does not say (0)
-        self._host_block_ms = getattr(self._copier, "host_block_ms", 0.0) if self._copier else 0.0
+        self._host_block_ms = self._copier.host_block_ms if self._copier else 0.0
         if config.onboard_layerwise and config.onboard_async:
             raise ValueError("onboarding is asynchronous or layer-wise, not both")
-        self._num_layers = getattr(runner, "num_layers", 1)
+        self._num_layers = self._copier.num_layers if self._copier else 1
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, clock, config.max_pinned_blocks, config.host_blocks
         )

@@ -77,3 +77,15 @@ class TieredModelRunner(ModelRunner, Protocol):
         then `onboards` (host slot, device block). Returns their modelled duration (mock), or None when
         their real time counts (it is inside the step's measured time)."""
         ...
+
+    @property
+    def host_block_ms(self) -> float:
+        """One block's copy from the host onto the device, in ms, as the worker announces it (the
+        router prices a host hit at it); 0 where the copies are real and measured inside the steps."""
+        ...
+
+    @property
+    def num_layers(self) -> int:
+        """The model's layers: a layer-wise onboarding overlaps each layer's copy with the compute of
+        the layer before."""
+        ...

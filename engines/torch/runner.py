@@ -97,6 +97,13 @@ class TorchRunner:
             self.host_cache = torch.zeros(host_shape, dtype=self.dtype, pin_memory=on_cuda)
             self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
 
+    # its copies are real, timed inside the steps: it announces no modelled link time
+    host_block_ms = 0.0
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
     def copy_blocks(self, offloads: list[tuple[int, int]], onboards: list[tuple[int, int]]) -> None:
         """Offloads (device block -> host slot), then onboards (host slot -> device block), before the
         step's compute. On CUDA they run on a copy stream that waits for the compute already queued
