@@ -25,7 +25,7 @@ from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Outcome, post_attempt, read_usage
 from gateway.stream_relay import Retryable, relay_stream
-from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.upstream import Upstream, UpstreamError, WorkerAnswer
 from gateway.validation import Turn
 
 _DONE = b"[DONE]"
@@ -218,7 +218,7 @@ class Translation(Protocol):
 
 
 async def relay(
-    pool: UpstreamPool,
+    pool: Upstream,
     url: str,
     payload: bytes,
     *,
@@ -253,7 +253,7 @@ async def relay(
         resp.release()
 
 
-async def _error_message(resp: UpstreamResponse) -> str:
+async def _error_message(resp: WorkerAnswer) -> str:
     try:
         body = msgspec.json.decode(await resp.read())
     except (UpstreamError, msgspec.DecodeError):
@@ -272,7 +272,7 @@ def _record(answer: Answer, outcome: Outcome) -> None:
 
 
 async def _whole(
-    resp: UpstreamResponse,
+    resp: WorkerAnswer,
     headers: dict[str, str],
     outcome: Outcome,
     on_first_token: Callable[[], None],

@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.errors import sse_error_event
 from gateway.metrics import GatewayMetrics
 from gateway.stream_relay import Retryable, relay_stream
-from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.upstream import Upstream, UpstreamError, WorkerAnswer
 
 _DONE = b"[DONE]"
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -73,7 +73,7 @@ def _finish_reason(choices: Any) -> str | None:
 _ANSWER = msgspec.json.Decoder(_Answer)
 
 
-async def post_attempt(pool: UpstreamPool, url: str, payload: bytes, stream: bool) -> UpstreamResponse:
+async def post_attempt(pool: Upstream, url: str, payload: bytes, stream: bool) -> WorkerAnswer:
     """Posts one attempt to a worker and reads its head. Raises `Retryable` when the worker cannot be
     reached or answers a status another worker may not (429, 5xx); the caller releases the response."""
     try:
@@ -88,7 +88,7 @@ async def post_attempt(pool: UpstreamPool, url: str, payload: bytes, stream: boo
 
 
 async def forward(
-    pool: UpstreamPool,
+    pool: Upstream,
     url: str,
     payload: bytes,
     *,
@@ -124,7 +124,7 @@ async def forward(
 
 
 async def _whole(
-    resp: UpstreamResponse,
+    resp: WorkerAnswer,
     headers: dict[str, str],
     outcome: Outcome,
     on_first_token: Callable[[], None],
@@ -184,7 +184,7 @@ class _ChatEvents:
         return sse_error_event(502, message, "upstream_failed")
 
 
-def _served_by(resp: UpstreamResponse) -> dict[str, str]:
+def _served_by(resp: WorkerAnswer) -> dict[str, str]:
     """The worker's own word on who served the request, passed on (`kvgate worker` sends its id); a
     value no worker id could be is dropped."""
     worker = resp.headers.get(SERVED_BY_HEADER, "")

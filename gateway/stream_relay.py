@@ -18,7 +18,7 @@ from typing import Protocol
 from aiohttp import web
 
 from gateway.metrics import GatewayMetrics
-from gateway.upstream import UpstreamError, UpstreamResponse
+from gateway.upstream import UpstreamError, WorkerAnswer
 
 # an event this long without its end is a broken worker, not a reason to hold its bytes (the longest
 # real ones, a final chunk with usage and token ids, are a few hundred KB)
@@ -65,7 +65,7 @@ class StreamEvents(Protocol):
 
 
 async def relay_stream(
-    resp: UpstreamResponse,
+    resp: WorkerAnswer,
     request: web.Request,
     headers: dict[str, str],
     metrics: GatewayMetrics,
@@ -134,7 +134,7 @@ def _read_events(buffer: bytes, events: StreamEvents) -> tuple[bytes, bool]:
     return buffer, done
 
 
-async def _open(resp: UpstreamResponse, request: web.Request, headers: dict[str, str]) -> _EventStream:
+async def _open(resp: WorkerAnswer, request: web.Request, headers: dict[str, str]) -> _EventStream:
     """The client's stream, its head about to leave with the first events: from here on the worker
     answers this client (a failure is no longer retried elsewhere)."""
     response = _EventStream(headers=headers)
@@ -143,7 +143,7 @@ async def _open(resp: UpstreamResponse, request: web.Request, headers: dict[str,
     return response
 
 
-async def _drain(resp: UpstreamResponse) -> None:
+async def _drain(resp: WorkerAnswer) -> None:
     """Read what follows [DONE] (the chunk terminator), so the connection goes back to the pool."""
     if not resp.complete:
         with contextlib.suppress(UpstreamError):

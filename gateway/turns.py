@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
@@ -26,7 +26,7 @@ from gateway.proxy import Outcome, Retryable, forward
 from gateway.session_id import explicit_session_id, header_value, parent_session_id
 from gateway.split_turn import SplitTurn, split_max_tokens
 from gateway.tokenizers import TokenizerUnavailable
-from gateway.upstream import UpstreamPool
+from gateway.upstream import Upstream
 from gateway.validation import Turn
 from router.chat import TemplateError, Tokenizer
 from router.protocol import WorkerRegistration
@@ -326,13 +326,13 @@ class Turns:
 
         return first_token
 
-    def _pool_and_payload(self, turn: Turn, body: dict[str, Any], worker: str) -> tuple[UpstreamPool, bytes]:
+    def _pool_and_payload(self, turn: Turn, body: dict[str, Any], worker: str) -> tuple[Upstream, bytes]:
         """What the relay posts through, and its body: the whole turn, or where the turn is split its
-        prompt part (the split quacks as the pool: its `post` sends the parts, answering them as one)."""
+        prompt part (the split stands in for the pool: its `post` sends the parts, answering them as one)."""
         split = self._split(turn, body, worker) if self._splits_turns else None
         if split is None:
             return self.upstream, msgspec.json.encode(body)
-        return cast(UpstreamPool, split), split.first_part()
+        return split, split.first_part()
 
     def _split(self, turn: Turn, body: dict[str, Any], worker: str) -> SplitTurn | None:
         """The turn as its prompt and then its decode, where the router sends decodes apart on this

@@ -13,6 +13,7 @@ import contextlib
 import math
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Callable
+from typing import Protocol
 from urllib.parse import urlsplit
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -110,6 +111,35 @@ class _Conn:
             self._timer = None
         with contextlib.suppress(Exception):
             self.writer.close()
+
+
+class WorkerAnswer(Protocol):
+    """A worker's answer as the relays read it: an `UpstreamResponse`, or a split turn's two parts read
+    as one (gateway/split_turn.py)."""
+
+    status: int
+    headers: dict[str, str]
+
+    @property
+    def complete(self) -> bool: ...
+
+    def commit(self) -> None: ...
+
+    def release(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def read(self) -> bytes: ...
+
+    async def read_chunk(self) -> bytes: ...
+
+
+class Upstream(Protocol):
+    """What the relays post a turn through: the `UpstreamPool`, or a split turn standing in for it."""
+
+    first_byte_timeout_s: float
+
+    async def post(self, url: str, body: bytes, head_timeout_s: float | None = None) -> WorkerAnswer: ...
 
 
 class UpstreamResponse:
