@@ -244,6 +244,24 @@ def test_a_host_tier_needs_a_runner_that_copies_blocks() -> None:
     Engine(EngineConfig(num_blocks=8, block_size=4), UntieredRunner(8, 4))  # no host tier: no copies
 
 
+def context_on_host_beside_a_decode(**config: bool) -> tuple[Engine, Clock, list[int]]:
+    """An engine (256 device and host blocks of 64 tokens, the mock's transfer model) whose 200-block
+    context was computed and moved to the host, with a decode running that has its first token."""
+    from engines.mock import TransferModel
+
+    clock = Clock()
+    engine_config = EngineConfig(num_blocks=256, block_size=64, host_blocks=256, **config)
+    engine = Engine(engine_config, MockRunner(256, 64, transfer=TransferModel()), clock)
+    context = list(range(200 * 64))
+    engine.add_request(request("turn1", context, max_tokens=1))
+    drain(engine, clock)
+    assert engine.offload(block_hashes(context, 64, engine_config.hash_seed)) == 200
+    engine.add_request(request("decode", list(range(10**5, 10**5 + 64)), max_tokens=50))
+    while not engine.step().outputs:  # the decode's first token
+        pass
+    return engine, clock, context
+
+
 def test_layerwise_onboarding_overlaps_the_copies_with_the_steps_compute() -> None:
     """Known by construction: a 200-block context moved to the host, and its next turn admitted beside
     a running decode. Synchronously the step lasts its compute p plus the copies c (33.6 ms); layer-wise
@@ -252,16 +270,7 @@ def test_layerwise_onboarding_overlaps_the_copies_with_the_steps_compute() -> No
 
     steps = {}
     for layerwise in (False, True):
-        clock = Clock()
-        config = EngineConfig(num_blocks=256, block_size=64, host_blocks=256, onboard_layerwise=layerwise)
-        engine = Engine(config, MockRunner(256, 64, transfer=TransferModel()), clock)
-        context = list(range(200 * 64))
-        engine.add_request(request("turn1", context, max_tokens=1))
-        drain(engine, clock)
-        assert engine.offload(block_hashes(context, 64, config.hash_seed)) == 200
-        engine.add_request(request("decode", list(range(10**5, 10**5 + 64)), max_tokens=50))
-        while not engine.step().outputs:
-            pass
+        engine, _, context = context_on_host_beside_a_decode(onboard_layerwise=layerwise)
         engine.add_request(request("turn2", context + list(range(5 * 10**5, 5 * 10**5 + 8)), max_tokens=1))
         steps[layerwise] = engine.step()
         turn2 = next(o for o in steps[layerwise].outputs if o.request_id == "turn2")
@@ -305,16 +314,7 @@ def test_asynchronous_onboarding_lets_the_others_compute_while_the_copies_cross_
 
     seen = {}
     for onboard_async in (False, True):
-        clock = Clock()
-        config = EngineConfig(num_blocks=256, block_size=64, host_blocks=256, onboard_async=onboard_async)
-        engine = Engine(config, MockRunner(256, 64, transfer=TransferModel()), clock)
-        context = list(range(200 * 64))
-        engine.add_request(request("turn1", context, max_tokens=1))
-        drain(engine, clock)
-        assert engine.offload(block_hashes(context, 64, config.hash_seed)) == 200
-        engine.add_request(request("decode", list(range(10**5, 10**5 + 64)), max_tokens=50))
-        while not engine.step().outputs:  # the decode's first token
-            pass
+        engine, clock, context = context_on_host_beside_a_decode(onboard_async=onboard_async)
         engine.add_request(request("turn2", context + list(range(5 * 10**5, 5 * 10**5 + 8)), max_tokens=1))
         admitted = engine.step()
         copy_s = TransferModel().seconds(200, 64)
