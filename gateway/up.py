@@ -137,6 +137,18 @@ def _banner(url: str, model: str, args: argparse.Namespace, bus: BusPlan) -> str
     )
 
 
+def gateway_config(
+    args: argparse.Namespace, bus: BusPlan, router_config: RouterConfig, stale_after_s: float
+) -> GatewayConfig:
+    """The gateway `kvgate up` runs, from its flags and the bus it planned."""
+    return GatewayConfig(
+        nats_url=bus.url, bus_auth=bus.gateway, namespace=args.namespace, policy=args.policy,
+        api_keys=tuple(args.api_keys), max_inflight_per_worker=args.max_inflight_per_worker,
+        gateway_id="gateway-up", router_config=router_config, stale_after_s=stale_after_s,
+        split_turns=not args.no_split_turns,
+    )  # fmt: skip
+
+
 async def _main(
     args: argparse.Namespace, bus: BusPlan, router_config: RouterConfig, stale_after_s: float
 ) -> int:
@@ -145,12 +157,7 @@ async def _main(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     supervisor = Supervisor(args, bus)
-    config = GatewayConfig(
-        nats_url=bus.url, bus_auth=bus.gateway, namespace=args.namespace, policy=args.policy,
-        api_keys=tuple(args.api_keys), max_inflight_per_worker=args.max_inflight_per_worker,
-        gateway_id="gateway-up", router_config=router_config, stale_after_s=stale_after_s,
-        split_turns=not args.no_split_turns,
-    )  # fmt: skip
+    config = gateway_config(args, bus, router_config, stale_after_s)
     supervisor.start()
     gateway = asyncio.create_task(serve(config, args.host, args.port, stop))
     watcher = asyncio.create_task(supervisor.watch(stop))

@@ -177,3 +177,21 @@ def test_a_worker_that_refuses_its_arguments_stops_kvgate_up_with_its_error() ->
     assert "refused its arguments" in err
     assert "kvgate is up" not in up.stdout.decode()
     assert "restarting" not in err
+
+
+def test_up_passes_its_gateway_flags_to_the_gateway_it_runs() -> None:
+    """`kvgate up --no-split-turns` (and the flags beside it) reach the gateway's config."""
+    from gateway.up import add_arguments, gateway_config
+    from kvutil.bus_auth import BusAuth
+    from router.config import RouterConfig
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    bus = BusPlan("nats://127.0.0.1:4222", BusAuth(user="gateway", password="secret"), {}, None)
+    default = gateway_config(parser.parse_args([]), bus, RouterConfig(), 3.0)
+    assert default.split_turns and default.bus_auth.user == "gateway"
+    args = parser.parse_args(["--no-split-turns", "--policy", "kv_overlap", "--api-key", "k1"])
+    config = gateway_config(args, bus, RouterConfig(), 7.5)
+    assert not config.split_turns
+    assert (config.policy, config.api_keys, config.stale_after_s) == ("kv_overlap", ("k1",), 7.5)
+    assert config.nats_url == "nats://127.0.0.1:4222" and config.gateway_id == "gateway-up"
