@@ -23,14 +23,13 @@ second part that fails ends the answer as a failed worker's does: an error event
 
 from __future__ import annotations
 
-import contextlib
 import re
 from typing import Any
 
 import msgspec
 
 from gateway.stream_relay import MAX_EVENT_BYTES
-from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse, drain
 
 _DONE = b"[DONE]"
 # what a decode part's chunk may carry that the joined answer changes: the role (the answer began in the
@@ -186,7 +185,7 @@ class JoinedAnswer:
             if len(self._buffer) > MAX_EVENT_BYTES:  # as the relay bounds its own
                 raise UpstreamError(f"worker sent over {MAX_EVENT_BYTES} bytes without an event's end")
             if self._done:
-                await _drain(self._resp)  # its connection back to the pool
+                await drain(self._resp)  # its connection back to the pool
             if out:
                 return b"".join(out)
         return b""
@@ -204,7 +203,7 @@ class JoinedAnswer:
                 self._done = True
                 ends = [finish, first.usage]
                 return b"".join(_event(chunk) for chunk in ends if chunk is not None) + event
-            await _drain(self._resp)
+            await drain(self._resp)
             self._resp.release()
             self._resp = _DecodePart(self.split, self.url, first.token_ids)
             if self._committed:
@@ -321,13 +320,6 @@ class _DecodePart:
         self.released = True
         if self.resp is not None:
             self.resp.close()
-
-
-async def _drain(resp: UpstreamResponse | _DecodePart) -> None:
-    """Read what follows [DONE] (the chunk terminator), so the connection goes back to the pool."""
-    with contextlib.suppress(UpstreamError):
-        while not resp.complete and await resp.read_chunk():
-            pass
 
 
 def _data(event: bytes) -> bytes | None:

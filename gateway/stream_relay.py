@@ -10,7 +10,6 @@ event ends the client's stream with an error event in the client's API.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -18,7 +17,7 @@ from typing import Protocol
 from aiohttp import web
 
 from gateway.metrics import GatewayMetrics
-from gateway.upstream import UpstreamError, WorkerAnswer
+from gateway.upstream import UpstreamError, WorkerAnswer, drain
 
 # an event this long without its end is a broken worker, not a reason to hold its bytes (the longest
 # real ones, a final chunk with usage and token ids, are a few hundred KB)
@@ -112,7 +111,7 @@ async def relay_stream(
         if done:  # the last events and the stream's end leave in one write (one system call)
             outcome.ok = True
             await response.write_eof(out + await events.end())
-            await _drain(resp)
+            await drain(resp)
             return response
         if out or opened:  # the head goes out now, with the events if any
             await response.write(out)
@@ -141,14 +140,6 @@ async def _open(resp: WorkerAnswer, request: web.Request, headers: dict[str, str
     resp.commit()
     await response.prepare(request)
     return response
-
-
-async def _drain(resp: WorkerAnswer) -> None:
-    """Read what follows [DONE] (the chunk terminator), so the connection goes back to the pool."""
-    if not resp.complete:
-        with contextlib.suppress(UpstreamError):
-            while await resp.read_chunk():
-                pass
 
 
 async def _fail(response: web.StreamResponse, metrics: GatewayMetrics, event: bytes) -> web.StreamResponse:

@@ -113,15 +113,29 @@ class _Conn:
             self.writer.close()
 
 
-class WorkerAnswer(Protocol):
+class ChunkedBody(Protocol):
+    """A worker's answer body, read chunk by chunk."""
+
+    @property
+    def complete(self) -> bool: ...
+
+    async def read_chunk(self) -> bytes: ...
+
+
+async def drain(body: ChunkedBody) -> None:
+    """Read what follows [DONE] (the chunk terminator), so the connection goes back to the pool."""
+    if not body.complete:
+        with contextlib.suppress(UpstreamError):
+            while await body.read_chunk():
+                pass
+
+
+class WorkerAnswer(ChunkedBody, Protocol):
     """A worker's answer as the relays read it: an `UpstreamResponse`, or a split turn's two parts read
     as one (gateway/split_turn.py)."""
 
     status: int
     headers: dict[str, str]
-
-    @property
-    def complete(self) -> bool: ...
 
     def commit(self) -> None: ...
 
@@ -130,8 +144,6 @@ class WorkerAnswer(Protocol):
     def close(self) -> None: ...
 
     async def read(self) -> bytes: ...
-
-    async def read_chunk(self) -> bytes: ...
 
 
 class Upstream(Protocol):
