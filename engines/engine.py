@@ -248,7 +248,7 @@ class Engine:
     def step(self) -> StepResult:
         outputs, self._finished_early = self._finished_early, []
         sched = self.scheduler
-        scheduled, too_long = sched.schedule(self.clock()) if sched.onboard_async else sched.schedule()
+        scheduled, too_long = sched.schedule(self.clock())
         for seq in too_long:
             del self._seqs[seq.seq_id]
             outputs.append(self._output(seq, []))
