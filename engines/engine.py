@@ -247,18 +247,43 @@ class Engine:
 
     def step(self) -> StepResult:
         outputs, self._finished_early = self._finished_early, []
-        sched = self.scheduler
-        scheduled, too_long = sched.schedule(self.clock())
+        scheduled, too_long = self.scheduler.schedule(self.clock())
         for seq in too_long:
             del self._seqs[seq.seq_id]
             outputs.append(self._output(seq, []))
         if not scheduled:
-            copy_s = self._run_copies()  # an offload asked for between steps, or loads
-            if sched.loading:
-                self._start_loads(copy_s)
-                copy_s = 0.0
-            self._emit_events()
-            return StepResult(outputs, copy_s or 0.0)
+            return self._idle_step(outputs)
+        chunks, num_prefill, num_decode = self._chunks(scheduled)
+        kv_usage = self.block_manager.usage()
+        started = time.perf_counter()
+        copy_s = self._run_copies()
+        if self.scheduler.loading:  # the copies are theirs: they wait for them, this step does not
+            self._start_loads(copy_s)
+            copy_s = None
+        sampled = self.runner.execute(chunks)
+        duration = self.runner.step_time_s(chunks, kv_usage)
+        if duration is None:
+            duration = time.perf_counter() - started
+        elif copy_s:
+            duration = self._with_copies(duration, copy_s)  # modelled: the step waits for its onboards
+        self._after_step(scheduled, sampled, outputs)
+        self._measure(num_prefill, num_decode, duration)
+        self._emit_events()
+        self.num_steps += 1
+        return StepResult(outputs, duration, num_prefill, num_decode)
+
+    def _idle_step(self, outputs: list[RequestOutput]) -> StepResult:
+        """A step that computes nothing: the copies asked for between steps (an offload), or those of
+        sequences admitted to wait for their onboarded blocks, and the outputs of those that left."""
+        copy_s = self._run_copies()
+        if self.scheduler.loading:
+            self._start_loads(copy_s)
+            copy_s = 0.0
+        self._emit_events()
+        return StepResult(outputs, copy_s or 0.0)
+
+    def _chunks(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[ScheduledChunk], int, int]:
+        """The runner's chunk of each scheduled sequence, and the step's prefill and decode tokens."""
         chunks = []
         num_prefill = num_decode = 0
         values = self._token_values
@@ -284,23 +309,7 @@ class Engine:
                     n,
                 )
             )
-        kv_usage = self.block_manager.usage()
-        started = time.perf_counter()
-        copy_s = self._run_copies()
-        if sched.loading:  # the copies are theirs: they wait for them, this step does not
-            self._start_loads(copy_s)
-            copy_s = None
-        sampled = self.runner.execute(chunks)
-        duration = self.runner.step_time_s(chunks, kv_usage)
-        if duration is None:
-            duration = time.perf_counter() - started
-        elif copy_s:
-            duration = self._with_copies(duration, copy_s)  # modelled: the step waits for its onboards
-        self._after_step(scheduled, sampled, outputs)
-        self._measure(num_prefill, num_decode, duration)
-        self._emit_events()
-        self.num_steps += 1
-        return StepResult(outputs, duration, num_prefill, num_decode)
+        return chunks, num_prefill, num_decode
 
     def _with_copies(self, compute_s: float, copy_s: float) -> float:
         """A step's time with its onboarding copies: after them (their sum), or, layer-wise, layer i's
