@@ -23,6 +23,9 @@ from router.prefix_match import bisect_prefixes, expand, walk_prefixes
 _CHILDREN_PRUNE_LEN = 8
 
 
+Runs = list[tuple[int, int]]  # [a, b) index ranges of a list
+
+
 class Children(set):
     """A block's children when it has several (one child is kept as a bare hash)."""
 
@@ -33,7 +36,7 @@ class Children(set):
         self.prune_at = _CHILDREN_PRUNE_LEN
 
 
-def _zero_runs(rest: list[int], zeros: int) -> list[tuple[int, int]]:
+def _zero_runs(rest: list[int], zeros: int) -> Runs:
     """The [a, b) runs of zeros in `rest`, which holds `zeros` of them."""
     if 0 not in rest[zeros:]:
         return [(0, zeros)]  # the usual leaf-first eviction: the blocks nobody else holds come first
@@ -46,6 +49,21 @@ def _zero_runs(rest: list[int], zeros: int) -> list[tuple[int, int]]:
         runs.append((a, b))
         zeros -= b - a
     return runs
+
+
+def _chain_starts(hashes: list[int], links: list) -> list[int] | None:
+    """The positions where a chain begins in `hashes` (listed leaf first, each block's child the block
+    before it unless a chain begins there), given each block's children entry `links`; None when a
+    block is listed twice."""
+    if links[1:] == hashes[:-1]:
+        # one chain: a block listed twice would need a cycle through links[0], in the list then
+        kid = links[0]
+        if type(kid) is not int or kid not in hashes:
+            return [0]
+        starts = [0]
+    else:
+        starts = [0, *compress(range(1, len(hashes)), map(ne, links[1:], hashes[:-1]))]
+    return starts if len(set(hashes)) == len(hashes) else None
 
 
 class TierIndex:
@@ -175,8 +193,7 @@ class TierIndex:
                         self._dead_parents.append(h)
                     else:
                         del children[h]
-        if len(self._dead_parents) > 1024 + (len(held) >> 2):
-            self._sweep_dead_parents()
+        self._sweep_if_many_dead()
         return removed
 
     def _store_fresh(self, bit: int, hashes: Sequence[int], parent: int | None) -> int:
@@ -240,45 +257,17 @@ class TierIndex:
         which `bit` no longer holds either: no orphan there, and the child of a block gone everywhere
         (`rest` 0) is gone too, unless the run of such blocks begins there. Only the chains' first
         blocks (`starts`) have children to look up."""
-        held = self._held
-        children = self._children
-        n = len(hashes)
         zeros = rest.count(0)
         runs = _zero_runs(rest, zeros) if zeros else []
-        links: list = []  # children entries; taken out for the blocks gone everywhere
-        done = 0
-        for a, b in runs:
-            links += map(children.get, hashes[done:a])
-            links += map(children.pop, hashes[a:b], repeat(None))
-            done = b
-        links += map(children.get, hashes[done:])
-        if links[1:] == hashes[:-1]:
-            # one chain: a block listed twice would need a cycle through links[0], in the list then
-            starts = [0]
-            kid = links[0]
-            distinct = type(kid) is not int or kid not in hashes
-        else:
-            starts = [0, *compress(range(1, n), map(ne, links[1:], hashes[:-1]))]
-            distinct = False
-        if not distinct and len(set(hashes)) != n:
-            for a, b in runs:  # put everything back for the loop
-                gone = zip(hashes[a:b], links[a:b], strict=True)
-                children.update(compress(gone, map(is_not, links[a:b], repeat(None))))
-            held.update(zip(hashes, masks, strict=True))
+        links = self._take_links(hashes, runs)
+        starts = _chain_starts(hashes, links)
+        if starts is None:  # a block listed twice: put everything back for the loop
+            self._put_back(hashes, masks, links, runs)
             return self._remove_loop(bit, hashes)
-        done = 0
-        for a, b in runs:
-            held.update(zip(hashes[done:a], rest[done:a], strict=True))
-            done = b
-        held.update(zip(hashes[done:], rest[done:], strict=True))
+        self._hold_rest(hashes, rest, runs)
         if self._dirty & bit:
             self._unmark_all(bit, hashes)
-        dead = self._dead_parents
-        first = set(starts) if len(starts) > 8 else starts
-        for a, _ in runs:
-            if a not in first:  # its child, listed before it, is still held by others
-                children[hashes[a]] = links[a]
-                dead.append(hashes[a])
+        self._keep_run_links(hashes, links, runs, starts)
         for j in starts:
             kids = links[j]
             if kids is None:
@@ -286,11 +275,54 @@ class TierIndex:
             if rest[j]:
                 self._orphan_kids(bit, kids)
             elif self._orphan_kids(bit, kids):  # gone everywhere: the links live while a child does
-                children[hashes[j]] = kids
-                dead.append(hashes[j])
-        if len(dead) > 1024 + (len(held) >> 2):
+                self._children[hashes[j]] = kids
+                self._dead_parents.append(hashes[j])
+        self._sweep_if_many_dead()
+        return len(hashes)
+
+    def _take_links(self, hashes: list[int], runs: Runs) -> list:
+        """The children entry of each block (None: none), taken out for the blocks gone everywhere
+        (the `runs` of zeros in their rest)."""
+        children = self._children
+        links: list = []
+        done = 0
+        for a, b in runs:
+            links += map(children.get, hashes[done:a])
+            links += map(children.pop, hashes[a:b], repeat(None))
+            done = b
+        links += map(children.get, hashes[done:])
+        return links
+
+    def _put_back(self, hashes: list[int], masks: list[int], links: list, runs: Runs) -> None:
+        """Undo `_take_links` and `remove`'s take-out: every block held and linked as it was."""
+        children = self._children
+        for a, b in runs:
+            gone = zip(hashes[a:b], links[a:b], strict=True)
+            children.update(compress(gone, map(is_not, links[a:b], repeat(None))))
+        self._held.update(zip(hashes, masks, strict=True))
+
+    def _hold_rest(self, hashes: list[int], rest: list[int], runs: Runs) -> None:
+        """The blocks others still hold back in `_held` with their `rest`, those of `runs` left out."""
+        held = self._held
+        done = 0
+        for a, b in runs:
+            held.update(zip(hashes[done:a], rest[done:a], strict=True))
+            done = b
+        held.update(zip(hashes[done:], rest[done:], strict=True))
+
+    def _keep_run_links(self, hashes: list[int], links: list, runs: Runs, starts: list[int]) -> None:
+        """A run of blocks gone everywhere that begins inside a chain: its first block's child, listed
+        before it, is still held by others, so that block's links stay (a dead parent)."""
+        first = set(starts) if len(starts) > 8 else starts
+        for a, _ in runs:
+            if a not in first:
+                self._children[hashes[a]] = links[a]
+                self._dead_parents.append(hashes[a])
+
+    def _sweep_if_many_dead(self) -> None:
+        """Sweep the dead parents once they outnumber a quarter of the blocks (amortized O(1))."""
+        if len(self._dead_parents) > 1024 + (len(self._held) >> 2):
             self._sweep_dead_parents()
-        return n
 
     def _orphan_kids(self, bit: int, kids: int | Children) -> bool:
         """A parent of `kids` left worker `bit`: mark the kids `bit` holds as orphans there; True when
@@ -328,8 +360,7 @@ class TierIndex:
             if self._orphan_kids(bit, kids):
                 children[hashes[j]] = kids
                 self._dead_parents.append(hashes[j])
-        if len(self._dead_parents) > 1024 + (len(held) >> 2):
-            self._sweep_dead_parents()
+        self._sweep_if_many_dead()
         return n
 
     def keys(self) -> list[int]:
