@@ -80,6 +80,15 @@ class GatewayMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         r.register(_FlushFirst(self._flush))
+        # registered in this order, and exposed so
+        self._add_request_metrics(r)
+        self._add_routing_metrics(r)
+        self._add_cache_metrics(r)
+        self._add_event_counters(r)
+        self._add_pool_metrics(r)
+        self._count_aside()
+
+    def _add_request_metrics(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "kvgate_requests", "Requests answered, by endpoint and status", ["endpoint", "status"], registry=r
         )
@@ -90,6 +99,8 @@ class GatewayMetrics:
             "kvgate_inter_token_latency_seconds", "Gap between streamed events", _ITL_BUCKETS, r
         )
         self.e2e = AsideHistogram("kvgate_request_seconds", "Whole request duration", _LATENCY_BUCKETS, r)
+
+    def _add_routing_metrics(self, r: CollectorRegistry) -> None:
         self.decisions = Counter(
             "kvgate_routing_decisions",
             "Routing decisions by policy and reason",
@@ -102,6 +113,8 @@ class GatewayMetrics:
             _TOKEN_BUCKETS,
             r,
         )
+
+    def _add_cache_metrics(self, r: CollectorRegistry) -> None:
         self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens reported by workers", registry=r)
         self.cached_tokens = Counter(
             "kvgate_cached_tokens", "Cached prompt tokens reported by workers", registry=r
@@ -121,6 +134,8 @@ class GatewayMetrics:
             ["tier"],
             registry=r,
         )
+
+    def _add_event_counters(self, r: CollectorRegistry) -> None:
         self.bad_registrations = Counter(
             "kvgate_bad_registrations", "Registry entries ignored as invalid (logged once a key)", registry=r
         )
@@ -137,6 +152,9 @@ class GatewayMetrics:
         )
         self.queued = Gauge("kvgate_queued_requests", "Requests waiting for a free worker slot", registry=r)
         self.rejected = Counter("kvgate_rejected", "Requests refused by admission (429)", registry=r)
+
+    def _add_pool_metrics(self, r: CollectorRegistry) -> None:
+        """The workers (labelled by worker id: `forget_worker` drops a worker's series) and sessions."""
         self.inflight = Gauge(
             "kvgate_worker_inflight", "Requests in flight per worker", ["worker"], registry=r
         )
@@ -169,6 +187,9 @@ class GatewayMetrics:
         self.state_dumps = Counter(
             "kvgate_state_dumps", "State dumps requested after a sequence gap", ["worker"], registry=r
         )
+
+    def _count_aside(self) -> None:
+        """The hot path's counts, kept in plain ints and dicts until the next collection (`_flush`)."""
         self._prompt_total = 0
         self._cached_total = 0
         self._host_total = 0
