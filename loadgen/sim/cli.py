@@ -14,7 +14,7 @@ from loadgen.sim.compare import compare, parse_policies
 from loadgen.sim.report import render_table, write_charts
 from loadgen.sim.simulation import SimConfig, SimRun
 from loadgen.sim.sweep import parse_multiples, sweep_host_tier, sweep_markdown, write_sweep_chart
-from loadgen.sim.synthetic import WORKLOADS, make_workload, workload_rows
+from loadgen.sim.synthetic import WORKLOADS, mixed_rows, parse_mix
 from loadgen.sim.workload import Workload
 from loadgen.trace import TRACE_BLOCK_SIZE, TraceError, TraceRow, load_trace
 
@@ -40,13 +40,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_floats(text: str) -> list[float]:
+    return [_positive_float(part) for part in text.split(",")]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", type=Path, help="JSONL trace (traces/README.md format)")
     source.add_argument(
-        "--workload", choices=WORKLOADS, help="a load generator workload instead of a trace (its defaults)"
+        "--workload",
+        metavar="|".join(WORKLOADS),
+        help="a load generator workload instead of a trace (its defaults); several joined by + are played "
+        "together, rows merged by arrival (e.g. prefix+chat: one-shot traffic beside sessions)",
     )
-    parser.add_argument("--rate", type=_positive_float, default=1.0, help="--workload: sessions per second")
+    parser.add_argument(
+        "--rate",
+        type=_positive_floats,
+        default=[1.0],
+        help="--workload: sessions per second; R,R,... for a mix, one per workload in its order",
+    )
     parser.add_argument("--duration", type=_positive_float, default=300.0, help="--workload: arrivals (s)")
     parser.add_argument(
         "--max-context", type=_positive_int, default=None, help="--workload: sessions end before this size"
@@ -281,8 +293,8 @@ def _rows(args: argparse.Namespace) -> list[TraceRow]:
     """The trace's rows, or the generated workload's (whose hash ids are blocks of the simulated size)."""
     if args.workload is not None:
         args.trace_block_size = args.block_size
-        generated = make_workload(args.workload, args.rate, args.seed, args.max_context)
-        rows = workload_rows(generated, args.duration, args.block_size, args.seed)[: args.limit]
+        mix = parse_mix(args.workload, args.rate)
+        rows = mixed_rows(mix, args.duration, args.block_size, args.seed, args.max_context)[: args.limit]
     else:
         rows = load_trace(args.trace, args.limit)
     if not rows:

@@ -20,6 +20,8 @@ from loadgen.trace import TraceRow
 from router.hashing import block_hashes_of_bytes, tokens_to_bytes
 
 WORKLOADS = ("agentic", "chat", "prefix")
+# `kvgate sim --workload prefix+chat --rate 40,2`: workloads played together, rows merged by arrival
+MIX_SEPARATOR = "+"
 
 
 def make_workload(name: str, rate: float, seed: int, max_context_tokens: int | None) -> Any:
@@ -70,4 +72,38 @@ def workload_rows(workload: Any, duration_s: float, block_size: int, seed: int =
             )
             turn = session.next_turn(text.text(turn.max_tokens, rng))
             index += 1
+    return rows
+
+
+def parse_mix(spec: str, rates: list[float]) -> list[tuple[str, float]]:
+    """`prefix+chat` with rates `[40, 2]` as [("prefix", 40.0), ("chat", 2.0)]: one rate per workload,
+    or one rate for all; ValueError on an unknown or repeated name or a count that does not match."""
+    names = spec.split(MIX_SEPARATOR)
+    for name in names:
+        if name not in WORKLOADS:
+            raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}, joined by +")
+    if len(set(names)) != len(names):
+        raise ValueError(f"workload {spec!r}: a workload is named twice")
+    if len(rates) == 1:
+        rates = rates * len(names)
+    if len(rates) != len(names):
+        raise ValueError(f"workload {spec!r}: {len(names)} workloads but {len(rates)} rates")
+    return list(zip(names, rates, strict=True))
+
+
+def mixed_rows(
+    mix: list[tuple[str, float]],
+    duration_s: float,
+    block_size: int,
+    seed: int,
+    max_context_tokens: int | None,
+) -> list[TraceRow]:
+    """The rows of several workloads at their rates, merged by arrival (each session's turns in order):
+    sessions beside one-shot traffic, as a pool serving both sees them. Each workload draws from its own
+    generator of the same seed, so a mix's rows of one workload are those of that workload alone."""
+    rows: list[TraceRow] = []
+    for name, rate in mix:
+        workload = make_workload(name, rate, seed, max_context_tokens)
+        rows.extend(workload_rows(workload, duration_s, block_size, seed))
+    rows.sort(key=lambda row: row.timestamp)  # stable: a session's turns keep their order
     return rows

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.cli import main
 from loadgen.sim.simulation import SimConfig, Simulation
-from loadgen.sim.synthetic import make_workload, workload_rows
+from loadgen.sim.synthetic import make_workload, mixed_rows, parse_mix, workload_rows
 from loadgen.sim.workload import Workload
 
 
@@ -34,6 +34,33 @@ def test_prefix_requests_have_no_session_and_share_their_documents() -> None:
     rows = workload_rows(make_workload("prefix", 20.0, 1, None), 3.0, 16)
     assert len(rows) > 20 and all(row.session_id is None for row in rows)
     assert len({tuple(row.hash_ids[:100]) for row in rows}) <= 8  # 8 documents of 2,048 tokens
+
+
+def test_a_mix_merges_each_workloads_own_rows_by_arrival() -> None:
+    mix = parse_mix("prefix+chat", [20.0, 2.0])
+    assert mix == [("prefix", 20.0), ("chat", 2.0)]
+    rows = mixed_rows(mix, 5.0, 16, 3, None)
+    alone = [workload_rows(make_workload(name, rate, 3, None), 5.0, 16, 3) for name, rate in mix]
+    assert len(rows) == sum(map(len, alone))
+    assert [r.timestamp for r in rows] == sorted(r.timestamp for r in rows)
+    assert [r for r in rows if r.session_id is None] == alone[0]  # the one-shot requests, as alone
+    assert [r for r in rows if r.session_id is not None] == alone[1]  # every session's turns in order
+    assert parse_mix("chat", [1.5]) == [("chat", 1.5)]
+    assert parse_mix("prefix+agentic", [4.0]) == [("prefix", 4.0), ("agentic", 4.0)]
+    for spec, rates in (("prefix+chat", [1.0, 2.0, 3.0]), ("prefix+prefix", [1.0]), ("prefix+voice", [1.0])):
+        with pytest.raises(ValueError):
+            parse_mix(spec, rates)
+
+
+def test_cli_simulates_a_mix_of_workloads(capsys) -> None:
+    args = ["sim", "--workload", "prefix+chat", "--rate", "10,1", "--duration", "3", "--workers", "2"]
+    assert main([*args, "--policy", "kv_overlap", "--json", "-"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["trace"] == "workload:prefix+chat"
+    alone = len(workload_rows(make_workload("prefix", 10.0, 0, None), 3.0, 64))
+    assert data["policies"]["kv_overlap"]["requests"] > alone  # the chat turns beside the documents
+    assert main(["sim", "--workload", "prefix+chat", "--rate", "1,2,3"]) == 2
+    assert "2 workloads but 3 rates" in capsys.readouterr().err
 
 
 def test_baselines_pin_only_in_the_ablation() -> None:
