@@ -3,9 +3,9 @@
 A mock step ends when its modelled duration has passed (so a prompt's first token comes at the end of
 its last prefill chunk), a torch step when its thread returns. The live check runs a real
 `kvgate worker --engine mock` and compares each TTFT with the timing model's own prediction and the
-worker's step log; the only bound on time is relative (10 % plus a little slack, plus how late the
-worker itself says its last step woke), and one of up to ten prompts per size must meet it, so a loaded
-machine cannot fail it.
+worker's step log; the only bound on time is relative (10 % plus 5 ms, plus how late the worker itself
+says its last step woke, plus what the same request body costs the machine's round trip just after, cached),
+and one of up to ten prompts per size must meet it, so a loaded machine cannot fail it.
 """
 
 from __future__ import annotations
@@ -114,6 +114,21 @@ async def wait_for_steps(worker: LiveWorker, count: int, timeout_s: float = 30.0
         await asyncio.sleep(0.01)
 
 
+async def overhead_ms(
+    session: aiohttp.ClientSession, url: str, worker: LiveWorker, prompt: list[int]
+) -> float:
+    """`prompt` again, cached now: its wall-clock time beyond its one step's modelled time and the
+    worker's own lateness on it, that is what the round trip, the parsing of the same body and the
+    worker's wake-up from idle cost at this moment (the machine's share, not the model's)."""
+    before = len(worker.steps)
+    elapsed, cached = await timed_completion(session, url, prompt)
+    assert cached > 0
+    await wait_for_steps(worker, before + 1)
+    _, _, outputs, duration, late = worker.steps[before]
+    assert outputs == 1  # one step answered it
+    return max(0.0, elapsed - duration - max(0.0, late))
+
+
 @pytest.mark.slow
 async def test_live_mock_ttft_is_the_end_of_the_last_prefill_chunk(live_worker: LiveWorker) -> None:
     url = f"http://127.0.0.1:{live_worker.port}"
@@ -123,23 +138,32 @@ async def test_live_mock_ttft_is_the_end_of_the_last_prefill_chunk(live_worker: 
         await wait_for_steps(live_worker, 1)  # its step must not be counted as the next prompt's
         for size in (1024, 4096, 8192, 16384):
             predicted = predicted_ttft_ms(size)
-            fits = []
+            chunks = -(-size // BUDGET)
+            misses = []
             # Up to ATTEMPTS prompts, until one fits: a late one is the machine's doing when another
             # fits, while a worker that answered a step late would miss on every one of them.
-            while len(fits) < ATTEMPTS and not any(fits):
+            while len(misses) < ATTEMPTS:
                 before = len(live_worker.steps)
-                ttft, cached = await timed_completion(session, url, [rng.randrange(256) for _ in range(size)])
+                prompt = [rng.randrange(256) for _ in range(size)]
+                ttft, cached = await timed_completion(session, url, prompt)
                 assert cached == 0
-                chunks = -(-size // BUDGET)
                 await wait_for_steps(live_worker, before + chunks)
-                steps = live_worker.steps[before:]
+                steps = live_worker.steps[before : before + chunks]
                 assert [p for p, *_ in steps] == [min(BUDGET, size - i * BUDGET) for i in range(chunks)]
+                # the first token is the last chunk's output, none left before it
+                assert [s[2] for s in steps] == [0] * (chunks - 1) + [1]
                 # the worker modelled exactly the prediction, and nothing left before it had passed
                 assert sum(s[3] for s in steps) == pytest.approx(predicted, abs=0.01)
                 assert ttft >= predicted, (size, ttft, predicted)
-                late = max(0.0, steps[-1][4])  # the worker's own wake-up lateness on its last step
-                fits.append(ttft <= 1.1 * predicted + 5.0 + late)
-            assert any(fits), (size, predicted)
+                # Beyond the model: 10 % and 5 ms, the worker's own wake-up lateness on its last step,
+                # and what the same body costs the machine just after (on a loaded 2-core machine the
+                # round trip alone takes tens of ms; on an idle one ~2 ms, so one step more still fails)
+                late = max(0.0, steps[-1][4])
+                slack = 5.0 + late + await overhead_ms(session, url, live_worker, prompt)
+                if ttft <= 1.1 * predicted + slack:
+                    break
+                misses.append((round(ttft, 1), round(slack, 1)))
+            assert len(misses) < ATTEMPTS, (size, predicted, misses)
 
 
 async def test_a_mock_step_delivers_only_after_its_modelled_time() -> None:
