@@ -103,10 +103,12 @@ class Turns:
         registration = self.bus.workers[next(iter(workers))].registration
         tokens = await self._tokens(turn, registration)
         explicit = explicit_session or explicit_session_id(request.headers, turn.body)
+        parent = parent_session_id(request.headers)
         tenant = self.tenants.of(request.headers)
         if tenant is not None:  # kept apart: salted hashes (here and on the worker), namespaced sessions
             turn.cache_salt = turn.body["cache_salt"] = tenants.salt(tenant, turn.cache_salt)
             explicit = tenants.namespaced(tenant, explicit)
+            parent = tenants.namespaced(tenant, parent)  # a parent is one of the tenant's own sessions
         hashes = self.prompts.hashes(tokens, registration.block_size, turn.cache_salt, explicit)
         session_id = self.router.resolve_session(explicit, hashes)
         if self.traces.enabled:
@@ -123,7 +125,7 @@ class Turns:
             session_id=session_id,
             expected_output_tokens=turn.max_tokens,
             tool_call_pending=tool_loop,
-            parent_session_id=parent_session_id(request.headers),
+            parent_session_id=parent,
         )
         refused = True
         try:

@@ -49,10 +49,14 @@ def wait_ready(url: str) -> None:
         time.sleep(0.1)
 
 
-def ask(url: str, key: str, session: str | None = None) -> tuple[int, dict[str, str], dict]:
+def ask(
+    url: str, key: str, session: str | None = None, parent: str | None = None
+) -> tuple[int, dict[str, str], dict]:
     headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
     if session is not None:
         headers["x-session-id"] = session
+    if parent is not None:
+        headers["x-parent-session-id"] = parent
     body = {"model": "mock", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2}
     request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(), headers)
     try:
@@ -88,6 +92,25 @@ def test_keys_named_as_one_tenant_share_its_cache(gateway: str) -> None:
     status, headers, answer = ask(gateway, KEY_C2, "c-session")
     assert status == 200 and cached(answer) > 1000
     assert int(headers["x-kvgate-cached-tokens-expected"]) > 1000
+
+
+def parent_picks(url: str) -> float:
+    """Picks that went to a sub-agent's parent's worker, from /metrics."""
+    request = urllib.request.Request(url + "/metrics", headers={"authorization": "Bearer ops"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith("kvgate_routing_decisions_total{") and 'reason="parent"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_sub_agent_finds_its_parent_within_its_tenant(gateway: str) -> None:
+    assert ask(gateway, KEY_A, "lead")[0] == 200
+    before = parent_picks(gateway)
+    # the sub-agent names its parent as its client knows it: the tenant's own session "lead"
+    assert ask(gateway, KEY_A, "lead-sub1", parent="lead")[0] == 200
+    assert parent_picks(gateway) == before + 1
 
 
 def test_metrics_and_ready_take_their_own_key(gateway: str) -> None:
