@@ -83,6 +83,7 @@ class Bridge:
         if config.block_size < 1:
             raise ValueError("block size must be positive")
         self.config = config
+        self._logged_url = redact_url(config.url)  # an engine URL may carry credentials: never logged
         self.translator = EventTranslator(config.block_size)
         self.last_seq: int | None = None  # the engine's last sequence number applied
         self._dedupe_until = -1  # after a replay, live messages up to here were already applied
@@ -267,7 +268,7 @@ class Bridge:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # engine restarting, or a page we cannot parse
-                    log.debug("metrics scrape of %s failed: %s", url, exc)
+                    log.debug("metrics scrape of %s failed: %s", self._logged_url, redact_url(str(exc)))
                 await asyncio.sleep(self.config.metrics_interval_s)
 
     async def _watch_health(self) -> None:
@@ -293,7 +294,7 @@ class Bridge:
                 await asyncio.sleep(self.config.health_interval_s)
 
     async def _engine_lost(self, failures: int) -> None:
-        url = self.config.url
+        url = self._logged_url
         log.warning("engine %s failed %d health checks: off the bus until it answers", url, failures)
         self.engine_down = True
         self.publisher.paused = True
@@ -301,7 +302,7 @@ class Bridge:
         await self.publisher.deregister()
 
     def _engine_back(self) -> None:
-        log.info("engine %s answers again: registering it (its cache starts empty)", self.config.url)
+        log.info("engine %s answers again: registering it (its cache starts empty)", self._logged_url)
         self.engine_down = False
         self.last_seq = None  # a restarted engine numbers its batches from 0 again
         self._publish(self.translator.clear())
@@ -318,7 +319,7 @@ class Bridge:
         """The load the Publisher reports next (its reports follow the scrape interval)."""
         if self._restarted(metrics):
             self.restarts += 1
-            log.warning("engine %s restarted (its metrics say): clearing its blocks", self.config.url)
+            log.warning("engine %s restarted (its metrics say): clearing its blocks", self._logged_url)
             self._publish(self.translator.clear())
             self.last_seq = None
         now = time.monotonic()

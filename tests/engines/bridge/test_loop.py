@@ -72,10 +72,12 @@ async def test_registration_dump_and_bad_input(
 
 
 async def test_an_engine_that_stops_answering_leaves_the_bus_and_comes_back(
-    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str
+    engine: EnginePublisher, tap: BusTap, nats_url: str, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """3 failed health checks (0.2 s apart): deregistered and its blocks cleared; answering again:
-    registered again, with no blocks until it stores new ones."""
+    registered again, with no blocks until it stores new ones. The engine's URL carries a password,
+    which no log line shows."""
+    caplog.set_level(logging.DEBUG)
 
     async def ok(_request: web.Request) -> web.Response:
         return web.json_response({})
@@ -102,7 +104,7 @@ async def test_an_engine_that_stops_answering_leaves_the_bus_and_comes_back(
 
     try:
         async with running_bridge(
-            engine, nats_url, namespace, replay=False, url=f"http://127.0.0.1:{port}",
+            engine, nats_url, namespace, replay=False, url=f"http://user:hunter2@127.0.0.1:{port}",
             health_interval_s=0.2, heartbeat_s=0.2,
         ) as bridge:  # fmt: skip
             await registration_is(True)
@@ -116,6 +118,9 @@ async def test_an_engine_that_stops_answering_leaves_the_bus_and_comes_back(
             await engine_server.enter_async_context(serving(health, port))
             await registration_is(True)
             assert not bridge.engine_down and bridge.translator.cached_blocks() == []
+        logged = [record.getMessage() for record in caplog.records]
+        assert any("http://***@127.0.0.1" in line and "health checks" in line for line in logged)
+        assert not any("hunter2" in line for line in logged)
     finally:
         await nc.close()
         await engine_server.aclose()
