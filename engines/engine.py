@@ -133,8 +133,7 @@ class Engine:
                 raise ValueError("a host tier needs a runner that copies blocks (copy_blocks)")
             self._copier = runner
         # what a host hit costs instead of a prefill, announced in the load report (the router prices
-        # it): a runner that models its copies knows it; one whose copies are measured inside its
-        # steps does not say (0)
+        # it): a runner that models its copies knows it, a real one measures it at startup
         self._host_block_ms = self._copier.host_block_ms if self._copier else 0.0
         if config.onboard_layerwise and config.onboard_async:
             raise ValueError("onboarding is asynchronous or layer-wise, not both")

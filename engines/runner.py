@@ -81,7 +81,7 @@ class TieredModelRunner(ModelRunner, Protocol):
     @property
     def host_block_ms(self) -> float:
         """One block's copy from the host onto the device, in ms, as the worker announces it (the
-        router prices a host hit at it); 0 where the copies are real and measured inside the steps."""
+        router prices a host hit at it): modelled (mock), or measured once at startup (torch)."""
         ...
 
     @property

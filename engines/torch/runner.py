@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -25,10 +26,16 @@ from engines.torch.config import ModelConfig, tiny_config
 from engines.torch.model import CausalLM
 from engines.torch.sampler import Sampler
 from router.chat import ByteTokenizer, HFTokenizer, Tokenizer
+from router.protocol import MAX_BLOCK_MS
 
 TINY_MODEL_NAME = "kvgate-tiny"
 # Keys gathered for one batched decode attention, at most (bounds the step's transient memory).
 MAX_DECODE_GATHER_TOKENS = 1 << 18
+# The startup measurement of the host link: at most this many blocks and bytes a copy, a few rounds,
+# the fastest counted (the first warms the allocator and, on CUDA, the copy kernels)
+LINK_PROBE_BLOCKS = 64
+LINK_PROBE_BYTES = 256 << 20
+LINK_PROBE_ROUNDS = 3
 
 
 def _no_stream() -> contextlib.AbstractContextManager[None]:
@@ -91,14 +98,15 @@ class TorchRunner:
         self._sampler = Sampler(seed)
         self.host_cache: torch.Tensor | None = None
         self._copy_stream = None
+        # one block's copy from the host onto the device, in ms, as the worker announces it (the router
+        # prices a host hit at it): measured once, here, on the runner's own buffers; 0 without a tier
+        self.host_block_ms = 0.0
         if host_blocks:
             host_shape = (layers, 2, host_blocks, block_size, kv_heads, head_dim)
             on_cuda = self.device.type == "cuda"
             self.host_cache = torch.zeros(host_shape, dtype=self.dtype, pin_memory=on_cuda)
             self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
-
-    # its copies are real, timed inside the steps: it announces no modelled link time
-    host_block_ms = 0.0
+            self.host_block_ms = self._measure_host_block_ms()
 
     @property
     def num_layers(self) -> int:
@@ -127,6 +135,25 @@ class TorchRunner:
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)
         return None
+
+    def _measure_host_block_ms(self) -> float:
+        """One block's onboarding time: the fastest of `LINK_PROBE_ROUNDS` onboards (`copy_blocks`, as a
+        step runs them) of up to `LINK_PROBE_BLOCKS` blocks (and `LINK_PROBE_BYTES`), per block. It runs
+        before any request, between buffers still zero, so it changes no KV."""
+        assert self.host_cache is not None
+        block_bytes = self.kv_cache[:, :, 0].numel() * self.dtype.itemsize
+        count = min(LINK_PROBE_BLOCKS, self.num_blocks, self.host_cache.shape[2])
+        count = max(1, min(count, LINK_PROBE_BYTES // block_bytes))
+        pairs = [(i, i) for i in range(count)]
+        fastest = math.inf
+        for _ in range(LINK_PROBE_ROUNDS):
+            started = time.perf_counter()
+            self.copy_blocks([], pairs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            fastest = min(fastest, time.perf_counter() - started)
+        # a positive time (0 would read as "unknown"), within what a load report may carry
+        return min(max(1000.0 * fastest / count, 1e-6), MAX_BLOCK_MS)
 
     def _check_fits(self, cache_bytes: int) -> None:
         """Refuse a KV cache larger than the device's memory with a clear error: on CPU the

@@ -24,6 +24,7 @@ from gateway.natsd import NatsServer, free_port
 from router.chat import ByteTokenizer, encode_chat
 from router.hashing import block_hashes
 from router.protocol import (
+    MAX_BLOCK_MS,
     BlockStored,
     KvEventBatch,
     KvStateDump,
@@ -185,14 +186,20 @@ async def test_same_prompt_twice_mock(worker: WorkerProcess, bus: BusTap) -> Non
 
 
 async def test_same_prompt_twice_torch(nats_url: str, namespace: str) -> None:
+    """The torch worker, with a host tier: cache hits as the mock's, and a load report that announces
+    the host link's time per block it measured at startup (the router prices a host hit at it)."""
     pytest.importorskip("torch")
-    process = start_worker(nats_url, namespace, engine="torch")
+    process = start_worker(nats_url, namespace, "--host-blocks", "64", engine="torch")
     nc = await nats.connect(nats_url)
     try:
         bus = BusTap(nc, Subjects(namespace))
         await bus.start()
         await check_same_prompt_twice(process, bus, max_tokens=2)
         assert process.worker_id in process.ready_line
+        await until(lambda: bool(bus.loads))
+        load = bus.loads[-1]
+        assert load.host_blocks == 64 and not load.onboard_async
+        assert 0 < load.host_block_ms <= MAX_BLOCK_MS
     finally:
         await nc.close()
         assert process.stop() == 0

@@ -15,6 +15,7 @@ from engines.runner import SamplingParams, ScheduledChunk
 from engines.torch import TorchRunner
 from engines.torch.runner import decode_groups
 from router.chat import ByteTokenizer, encode_chat
+from router.protocol import MAX_BLOCK_MS
 from tests.engines.conftest import torch_device
 
 BLOCK = 16
@@ -325,3 +326,13 @@ def test_logits_after_an_onboard_from_the_host_equal_scratch() -> None:
     table += pool.take(blocks_for(len(tokens)) - 4)
     suffix = runner.logits([chunk("onboarded", tokens[4 * BLOCK :], 4 * BLOCK, table)])[0]
     torch.testing.assert_close(suffix, scratch[4 * BLOCK :], rtol=1e-4, atol=1e-4)
+
+
+def test_a_host_tier_announces_its_link_time_measured_at_startup() -> None:
+    """With a host tier the runner measures one block's onboarding once (positive, within what a load
+    report carries), between buffers still empty, so no KV changes; without one it announces none."""
+    assert make_runner(16, BLOCK).host_block_ms == 0.0
+    runner = make_runner(16, BLOCK, host_blocks=8)
+    assert 0 < runner.host_block_ms <= MAX_BLOCK_MS
+    assert runner.host_cache is not None
+    assert not runner.kv_cache.any() and not runner.host_cache.any()
