@@ -165,6 +165,9 @@ class _ChatEvents:
         self._out: list[bytes] = []
 
     def read(self, event: bytes) -> bool:
+        if _carries_nothing(event):  # most of a stream: passed on without a decode
+            self._out.append(event if self._client_wants_usage else event[: -len(_COMPACT_TAIL)] + b"}\n\n")
+            return False
         sent, done = _inspect(event, self._client_wants_usage, self._outcome)
         if sent is not None:
             self._out.append(sent)
@@ -189,6 +192,31 @@ def _served_by(resp: WorkerAnswer) -> dict[str, str]:
     value no worker id could be is dropped."""
     worker = resp.headers.get(SERVED_BY_HEADER, "")
     return {SERVED_BY_HEADER: worker} if 0 < len(worker) <= 256 and worker.isprintable() else {}
+
+
+_FINISH_REASON = b'"finish_reason"'
+
+
+def _carries_nothing(event: bytes) -> bool:
+    """Whether a chunk has neither a finish reason nor usage, told from its bytes, as our workers, vLLM
+    and OpenAI write a token's chunk: one `data:` line ending in `,"usage":null}` (compact, usage its
+    last member) whose only `"finish_reason"` is null. These scans cost half of a decode and its
+    checks; most of a stream's chunks are such (docs/EXPERIMENTS.md, "Gateway CPU, seventh pass").
+
+    Exact for a chunk that is JSON: the line's last `}` closes the object (JSON has no raw newline),
+    so its last member is a null usage (`"usage"` inside a string would have escaped quotes); a key
+    spelled `"finish_reason"` elsewhere would be a second one. A line that is not JSON but ends so
+    loses its null usage as a JSON chunk would.
+    """
+    if not (event.endswith(_COMPACT_TAIL) and event.startswith(b"data:")):
+        return False
+    key = event.find(_FINISH_REASON)
+    return (
+        key >= 0
+        and event.startswith(b":null", key + len(_FINISH_REASON))
+        and event.find(_FINISH_REASON, key + 1) < 0  # the only one
+        and event.find(b"\n") == len(event) - 2  # one line
+    )
 
 
 def _inspect(event: bytes, client_wants_usage: bool, outcome: Outcome) -> tuple[bytes | None, bool]:

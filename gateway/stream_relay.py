@@ -123,14 +123,13 @@ async def relay_stream(
 def _read_events(buffer: bytes, events: StreamEvents) -> tuple[bytes, bool]:
     """Hand each whole event in `buffer` to `events`, up to the worker's last: what is left of the
     buffer, and whether the last event was among them."""
-    done = False
-    while not done:
-        end = buffer.find(b"\n\n")
-        if end < 0:
-            break
-        done = events.read(buffer[: end + 2])
-        buffer = buffer[end + 2 :]
-    return buffer, done
+    start = 0  # where the next event begins: the buffer is cut once, not after every event
+    while (blank := buffer.find(b"\n\n", start)) >= 0:
+        end = blank + 2
+        if events.read(buffer[start:end]):
+            return buffer[end:], True
+        start = end
+    return buffer[start:], False
 
 
 async def _open(resp: WorkerAnswer, request: web.Request, headers: dict[str, str]) -> _EventStream:

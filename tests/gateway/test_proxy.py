@@ -9,6 +9,7 @@ chunks with the official `openai` client.
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 
 from gateway.metrics import GatewayMetrics
 from gateway.natsd import NatsServer
-from gateway.proxy import Outcome, drop_null_usage, read_usage
+from gateway.proxy import Outcome, _ChatEvents, _inspect, drop_null_usage, read_usage
 from tests.gateway.conftest import Cluster, http_get
 
 # -- the byte edit ------------------------------------------------------------------------------
@@ -79,6 +80,44 @@ def test_a_member_not_written_literally_is_decoded_and_encoded_again() -> None:
     edited = drop_null_usage(event(raw))
     assert edited.startswith(b"data: ") and edited.endswith(b"\n\n")
     assert json.loads(edited[6:]) == {"id": "c", "choices": [{"usage": None}]}
+
+
+# -- chunks passed on from their bytes ----------------------------------------------------------
+
+TRICKY_TEXT = ['"finish_reason":null', ',"usage":null}', '"usage":null', '\\"finish_reason', "a\nb", "x"]
+
+
+def random_chunk(rng: random.Random) -> bytes:
+    """A chat chunk in one of the shapes workers write: compact or spaced, usage null, set or absent
+    and anywhere, finish reasons null, set, absent or nested, text that looks like the members."""
+    choice: dict[str, Any] = {"index": 0, "delta": {"content": rng.choice(TRICKY_TEXT)}, "logprobs": None}
+    if rng.random() < 0.2:
+        choice["delta"]["finish_reason"] = rng.choice([None, "stop"])  # a key that is not the choice's
+    if rng.random() < 0.9:
+        choice["finish_reason"] = rng.choice([None, None, None, "stop", "tool_calls"])
+    chunk: dict[str, Any] = {"id": "c", "object": "chat.completion.chunk"}
+    chunk["choices"] = rng.choice([[choice], [choice], [], [choice, {**choice, "index": 1}]])
+    members = list(chunk.items())
+    if rng.random() < 0.9:
+        usage = rng.choice([None, None, None, {"prompt_tokens": 9, "completion_tokens": 2}])
+        members.insert(rng.choice([len(members)] * 4 + [0, 1]), ("usage", usage))
+    separators = rng.choice([(",", ":")] * 4 + [(", ", ": "), (",", ": ")])
+    return b"data: " + json.dumps(dict(members), separators=separators).encode() + b"\n\n"
+
+
+def test_chunks_passed_on_from_their_bytes_are_what_decoding_them_gives() -> None:
+    """`_ChatEvents` passes most chunks on without decoding them; randomized against the decode."""
+    rng = random.Random(13)
+    tail = b'{"choices":[{"finish_reason":null}],"usage":null}\n\n'
+    others = [b"data: [DONE]\n\n", b": comment " + tail, b"data: x\ndata: " + tail]
+    for _ in range(3000):
+        event = random_chunk(rng) if rng.random() < 0.95 else rng.choice(others)
+        for client_wants_usage in (False, True):
+            relayed, decoded = Outcome(), Outcome()
+            events = _ChatEvents(client_wants_usage, relayed)
+            done = events.read(event)
+            assert (events.take(True), done) == _inspect(event, client_wants_usage, decoded), event
+            assert relayed == decoded, event
 
 
 # -- through a real gateway -----------------------------------------------------------------------
