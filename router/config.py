@@ -115,6 +115,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # every admission: missing tokens cost `stall_factor` x running requests x the worker's memory
     # fullness (in-flight blocks plus this prompt over its capacity, at most 1) times more (idea 10)
     stall_factor: float = 2.0
+    # a running request that named no session counts in that stall at the pool's marginal cost per token
+    # over its average (the price its own TTFT estimate puts on a token), a session's turn whole (idea 17).
+    # True: every running request counts whole, the pricing that segregated mixed traffic
+    stall_counts_one_shot: bool = False
     # admission by session (router/admission.py; session_kv only): while the resident sessions' contexts
     # (turns in flight or pinned) fill `admission_fill` of the pool's blocks, other sessions' turns wait,
     # at most `admission_max_hold_s`; at most `admission_max_held` turns wait at once; a turn whose

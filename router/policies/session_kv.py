@@ -28,7 +28,11 @@ every request running on that worker, and while the worker's memory is full thos
 blocks the longer, so every admission there waits too. The missing tokens are charged
 `1 + stall_factor x running x fullness` times (fullness: in-flight blocks plus this prompt over the
 worker's capacity, at most 1): a miss where many decode in a full worker is dear, one on an idle worker is
-not, and a hit on a busy worker beats a miss on a slightly shorter queue.
+not, and a hit on a busy worker beats a miss on a slightly shorter queue. Each running request is stalled
+in the currency of the estimate that placed it: a session's turn at the pool's average cost per token, a
+one-shot request at the marginal cost (its TTFT estimate's price), a tenth of it for short questions.
+Priced at the average, a session's miss on a worker serving documents looked 100x its prefill, and a
+pool serving both split into session workers and document workers.
 
 One-shot traffic (a request that named no session): the estimate above prices its prefill at the pool's
 measured average cost per token, which carries a step's fixed cost (for short prompts several times the
@@ -98,6 +102,9 @@ class SessionKv(Policy):
         self._pending: dict[str, tuple[str, Sequence[int]]] = {}
         # requests in flight until they complete: request -> (worker, chain)
         self._running: dict[str, tuple[str, Sequence[int]]] = {}
+        # of which one-shot requests (no session named), and how many per worker
+        self._one_shot_ids: set[str] = set()
+        self._one_shot_count: dict[str, int] = {}
         # until the marginal prefill cost is first known (`one_shot_warmup`), one-shot requests go by
         # Dynamo's cost: per worker, the blocks of the requests in flight there -> how many of them hold
         # it, counted from the first such request on (traffic of named sessions alone never pays for it)
@@ -360,9 +367,16 @@ class SessionKv(Policy):
             del pending[next(iter(pending))]
         pending[request.request_id] = (decision.worker_id, request.block_hashes)
         running = self._running
+        again = running.pop(request.request_id, None)  # a request routed again: its first pick is over
+        if again is not None:
+            self._forget_running(request.request_id, again)
         if len(running) >= MAX_RUNNING:
-            self._forget_warm(running.pop(next(iter(running))))
+            oldest = next(iter(running))
+            self._forget_running(oldest, running.pop(oldest))
         running[request.request_id] = (decision.worker_id, request.block_hashes)
+        if is_inferred(request.session_id):
+            self._one_shot_ids.add(request.request_id)
+            self._one_shot_count[decision.worker_id] = self._one_shot_count.get(decision.worker_id, 0) + 1
         if self._warm_blocks is not None:
             self._count_warm(self._warm_blocks, decision.worker_id, request.block_hashes)
 
@@ -373,7 +387,14 @@ class SessionKv(Policy):
         self._pending.pop(request_id, None)
         entry = self._running.pop(request_id, None)
         if entry is not None:
-            self._forget_warm(entry)
+            self._forget_running(request_id, entry)
+
+    def _forget_running(self, request_id: str, entry: tuple[str, Sequence[int]]) -> None:
+        """A request in flight is over: it leaves the warm-up's count and the one-shot count."""
+        self._forget_warm(entry)
+        if request_id in self._one_shot_ids:
+            self._one_shot_ids.discard(request_id)
+            self._one_shot_count[entry[0]] -= 1
 
     @staticmethod
     def _count_warm(warm: dict[str, ActiveBlocks], worker: str, chain: Sequence[int]) -> None:
@@ -547,12 +568,27 @@ class SessionKv(Policy):
         if stall_factor and report is not None and report.total_blocks > 0:
             # the running requests wait out this prefill too (the docstring's "Stall")
             running = report.running if now <= wl.fresh_until else wl.requests
+            one_shot = self._one_shot_count.get(w, 0)
+            if one_shot and wl.requests and not self.config.stall_counts_one_shot:
+                # the running one-shot requests (their share of those in flight there) are stalled in
+                # their own currency: the marginal cost of a token, as their estimate prices it
+                share = min(1.0, one_shot / wl.requests)
+                running *= 1.0 - share + share * self._one_shot_stall_weight(view, ms_per_token)
             floor = self.config.stall_fullness_floor
             full = ((used + n_blocks) / report.total_blocks - floor) / (1.0 - floor)
             if full > 0.0:
                 missing *= 1.0 + stall_factor * running * (full if full < 1.0 else 1.0)
         memory = self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used, w in view.yielding)
         return (queued + missing) * ms_per_token + memory
+
+    @staticmethod
+    def _one_shot_stall_weight(view: RouterView, ms_per_token: float) -> float:
+        """What stalling a running one-shot request weighs beside a session's turn: the pool's marginal
+        cost per token over its average (at most 1; 1 until the marginal cost is fitted)."""
+        marginal = view.load.prefill_fit.ms_per_token
+        if marginal is None or marginal >= ms_per_token:
+            return 1.0
+        return marginal / ms_per_token
 
     def _used_blocks(self, wl: WorkerLoad, now: float, bs: int) -> float:
         """Blocks the worker's running requests hold: its report's count (blocks shared by several of
@@ -662,6 +698,8 @@ class SessionKv(Policy):
             del self._pending[rid]
         for rid in [rid for rid, entry in self._running.items() if entry[0] == worker_id]:
             del self._running[rid]
+            self._one_shot_ids.discard(rid)
+        self._one_shot_count.pop(worker_id, None)
         if self._warm_blocks is not None:
             self._warm_blocks.pop(worker_id, None)
         for sid in [s for s, entry in self._live.items() if entry[0] == worker_id]:

@@ -13,7 +13,7 @@ from router.config import RouterConfig
 from router.load import WorkerLoad
 from router.policies.session_kv import SessionKv
 from router.protocol import BlockStored, KvEventBatch, LoadReport, WorkerRegistration
-from router.request import RouteRequest
+from router.request import Decision, RouteRequest
 from router.router import Router
 
 BS = 16
@@ -606,6 +606,43 @@ def test_session_kv_charges_a_miss_for_the_requests_it_stalls() -> None:
     for worker, prefill in (("w0", 3_000), ("w1", 0)):
         plain.apply_load(LoadReport(worker, 0.0, 4, 0, prefill, 0, 250, 10_000.0, 100.0), 0.0)
     assert plain.pick(req("r3", prompt, "s3"), 0.0).worker_id == "w1"
+
+
+def turn_beside_running(beside: str, marginal: float | None = 0.01, **config) -> Decision:
+    """A session's next turn where its worker w0, which holds its 100-block context, runs 200 requests
+    (one-shot questions over a document, or other sessions' turns) in a memory 85 % full; w1 is idle.
+    The pool's average prefill cost is 0.1 ms a token, its marginal cost `marginal`."""
+    router = make("session_kv", n=2, **config)
+    router.load.prefill_fit.ms_per_token = marginal
+    context = chain(100)
+    router.pick(req("t0", context, "s"), 0.0, exclude=frozenset({"w1"}))
+    router.on_complete("t0", 0.5, "stop", 1)
+    hold(router, "w0", context)
+    for i in range(200):
+        question = [*chain(20, base=5_000), 90_000 + i]
+        session = None if beside == "one-shot" else f"other{i}"
+        router.pick(req(f"o{i}", question, session), 1.0, exclude=frozenset({"w1"}))
+    for worker, running, used in (("w0", 200, 850), ("w1", 0, 0)):
+        router.apply_load(LoadReport(worker, 1.0, running, 0, 0, used, 1000, 10_000.0, 100.0), 1.0)
+    return router.pick(req("t1", context + chain(8, base=70_000), "s"), 1.0)
+
+
+def test_session_kv_keeps_a_turn_with_its_context_beside_running_one_shot_requests() -> None:
+    # the turn's 8 new blocks on w0 stall its running requests; its whole context on w1 stalls nobody.
+    # A running one-shot request is stalled at the marginal cost of a token, a tenth of the average
+    # here: the 200 weigh as 20 session turns, and the turn stays with its context
+    d = turn_beside_running("one-shot")
+    assert (d.worker_id, d.reason) == ("w0", "session")
+    full = (850 + 108) / 1000
+    assert d.estimated_cost == pytest.approx(8 * BS * (1 + 2.0 * 200 * 0.1 * full) * 0.1, rel=0.01)
+    # running session turns are stalled at the average cost: the charge (x 385) makes the 128 tokens
+    # dearer than the 1,728 on w1 plus the session hold, and the turn moves
+    d = turn_beside_running("named")
+    assert d.worker_id == "w1"
+    assert d.estimated_cost == pytest.approx(108 * BS * 0.1, rel=0.01)
+    # so do one-shot requests before the marginal cost is fitted, and with the old pricing
+    assert turn_beside_running("one-shot", marginal=None).worker_id == "w1"
+    assert turn_beside_running("one-shot", stall_counts_one_shot=True).worker_id == "w1"
 
 
 def test_session_kv_keeps_a_sub_agent_with_its_parent_when_they_share_a_prefix() -> None:
