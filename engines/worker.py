@@ -159,7 +159,12 @@ class WorkerApp:
                     return error_response(exc)
             done = True
             if result.finish_reason is not None:  # answered in full (not a client that left)
-                self.metrics.record(result.prompt_tokens, result.cached_tokens, result.host_cached_tokens)
+                self.metrics.record(
+                    result.prompt_tokens,
+                    result.cached_tokens,
+                    result.host_cached_tokens,
+                    continuation=bool(parsed.output_token_ids),
+                )
             return response
         finally:
             if not done or result.finish_reason is None or stream.stopped:

@@ -50,10 +50,17 @@ class WorkerMetrics:
         )
         preempted.set_function(preemptions)
 
-    def record(self, prompt_tokens: int, cached_tokens: int, host_cached_tokens: int) -> None:
-        """One answered request; `host_cached_tokens` are the part of `cached_tokens` onboarded."""
+    def record(
+        self, prompt_tokens: int, cached_tokens: int, host_cached_tokens: int, continuation: bool = False
+    ) -> None:
+        """One answered request; `host_cached_tokens` are the part of `cached_tokens` onboarded. A
+        `continuation` (`kvgate.output_token_ids`: the decode part of a turn a gateway split) counts as
+        a request but not as a prompt: its prompt is the turn's, counted with the turn's prompt part,
+        and the output so far, so the hit ratios stay the turns' as the gateway counts them."""
         device = cached_tokens - host_cached_tokens
         self.requests.inc()
+        if continuation:
+            return
         self.prompt_tokens.inc(prompt_tokens)
         self._cached["device"].inc(device)
         self._cached["host"].inc(host_cached_tokens)
