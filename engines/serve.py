@@ -243,6 +243,7 @@ def _registration(
             max_model_len=engine.max_model_len,
             priority_threshold=config.priority_threshold if config.priority_scheduling else -1,
             returns_token_ids=True,
+            host_blocks=config.host_blocks,
         )
 
     return registration

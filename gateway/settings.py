@@ -33,8 +33,9 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-split-turns",
         action="store_true",
         help="send every turn as one request; by default session_kv sends a turn's decode apart from its "
-        "prompt, at a priority every prompt outranks, to workers that schedule by priority and return "
-        "token ids (kvgate worker --priority-scheduling)",
+        "prompt to workers that return token ids and schedule by priority (kvgate worker "
+        "--priority-scheduling; at a priority every prompt outranks) or have a host tier (kvgate worker "
+        "--host-blocks N; first come first served, behind the prompts sent before it)",
     )
     parser.add_argument(
         "--router-config",

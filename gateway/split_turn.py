@@ -5,7 +5,9 @@ preempts running ones it outranks by more than a threshold), `session_kv` sends 
 (`Router.decode_priority`, docs/TIERS.md): the prompt with `max_tokens` 1 at the client's priority (the
 first token), then the rest of the output at a priority every prompt outranks, whose prompt is the
 first one's plus that token (a prefix-cache hit). A prompt that does not fit then preempts decodes
-instead of waiting for them to end.
+instead of waiting for them to end. On a first-come-first-served worker with a host tier (`split_fcfs`) the
+decode part goes at the default priority: it queues behind every prompt sent before it, so those get
+device memory first, and finds its blocks on the host where they evicted them.
 
 Joining the two answers needs the first token's id, which a plain OpenAI answer does not carry: the
 first part asks for vLLM's `return_token_ids`, and the second continues the answer with kvgate's

@@ -150,6 +150,13 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # session_kv only, and only for a caller that can split a turn: Router(splits_turns=True), the
     # simulator). No effect on engines that do not schedule by priority
     yield_decodes: bool = True
+    # the same on a first-come-first-served worker with a host tier (its registration's `host_blocks`),
+    # the decode part at the default priority: it queues behind every prompt sent before it, so prompts
+    # get device memory first, and finds its blocks on the host where the prompts it let in evicted
+    # them. On the cc trace with the host tier at 4x it cuts session_kv's TTFT mean 9-21 % for 4-5 %
+    # more e2e; without a host tier the decode parts recompute what was evicted, and it does not pay
+    # (docs/EXPERIMENTS.md, "Host tier, seventh pass")
+    split_fcfs: bool = True
 
     def __post_init__(self) -> None:
         bounded = ["max_sessions", "max_session_bytes", "max_inflight", "approx_blocks_per_worker"]

@@ -133,6 +133,8 @@ class WorkerRegistration(msgspec.Struct, frozen=True):
     # the worker answers vLLM's `return_token_ids` and continues an answer from kvgate's
     # `kvgate.output_token_ids`: a gateway can send a turn's decode apart from its prompt there
     returns_token_ids: bool = False
+    # the blocks of the worker's host tier (0: none), as its load reports say (`LoadReport.host_blocks`)
+    host_blocks: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 MAX_URL_CHARS = 2048
@@ -168,6 +170,7 @@ def registration_problem(registration: WorkerRegistration, key: str | None = Non
         ("num_blocks", r.num_blocks, 0, MAX_NUM_BLOCKS),
         ("max_num_seqs", r.max_num_seqs, 1, MAX_NUM_SEQS),
         ("max_model_len", r.max_model_len, 0, MAX_NUM_BLOCKS),
+        ("host_blocks", r.host_blocks, 0, MAX_NUM_BLOCKS),
         ("priority_threshold", r.priority_threshold, -1, MAX_PRIORITY),
         ("epoch", r.epoch, 0, (1 << 63) - 1),
     ):

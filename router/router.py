@@ -106,7 +106,8 @@ class Router:
         self._anon = 0
         self._pins = config.pin_baselines or policy in PINNING_POLICIES
         self._yields = splits_turns and config.yield_decodes and policy in YIELDING_POLICIES
-        self._yielding: frozenset[str] = frozenset()  # workers where this router sends decodes apart
+        self._splitting: frozenset[str] = frozenset()  # workers where this router sends decodes apart
+        self._yielding: frozenset[str] = frozenset()  # of which those whose decodes yield to prompts
         self.admission: SessionAdmission | None = None
         if config.session_admission and policy in ADMITTING_POLICIES:
             self.admission = SessionAdmission(
@@ -136,8 +137,14 @@ class Router:
             old = None
         self._registrations[wid] = registration
         yields = registration.priority_threshold >= 0 and registration.returns_token_ids
+        # first come first served: the decode part queues behind the prompts sent before it, and finds
+        # its blocks again where a host tier took them when the prompts it let in evicted them
+        fcfs_splits = self.config.split_fcfs and registration.host_blocks > 0
+        splits = registration.returns_token_ids and (yields or fcfs_splits)
         if self._yields and (wid in self._yielding) != yields:
             self._yielding = self._yielding ^ {wid}
+        if self._yields and (wid in self._splitting) != splits:
+            self._splitting = self._splitting ^ {wid}
         if old is not None:
             return
         self.block_size = registration.block_size
@@ -158,6 +165,7 @@ class Router:
         """Forget a worker and everything it held."""
         self._registrations.pop(worker_id, None)
         self._yielding = self._yielding - {worker_id}
+        self._splitting = self._splitting - {worker_id}
         self._streams.pop(worker_id, None)
         self.index.remove_worker(worker_id)
         self.approx.remove_worker(worker_id)
@@ -416,9 +424,13 @@ class Router:
         `yield_decodes` policy sends a turn as its prompt with `max_tokens` 1 at the default priority
         (0), then, once the first token is out, the rest as a second request (the prompt and that
         token: a prefix hit) at this priority, which every prompt outranks by more than the threshold:
-        a prompt that does not fit preempts decodes instead of waiting for them (docs/TIERS.md)."""
-        if worker_id not in self._yielding:
+        a prompt that does not fit preempts decodes instead of waiting for them (docs/TIERS.md). With
+        `split_fcfs`, on a first-come-first-served worker with a host tier, at the default priority
+        (0): the decode part queues behind every prompt sent before it, so they get memory first."""
+        if worker_id not in self._splitting:
             return None
+        if worker_id not in self._yielding:
+            return 0
         return -(self._registrations[worker_id].priority_threshold + 1)
 
     def on_first_token(self, request_id: str, now: float) -> None:

@@ -77,6 +77,7 @@ class SimWorker:
             max_num_seqs=self.config.max_num_seqs,
             priority_threshold=self.config.priority_threshold if self.config.priority_scheduling else -1,
             returns_token_ids=True,  # the simulator hands the gateway's part the tokens itself
+            host_blocks=self.config.host_blocks,
         )
 
     def submit(

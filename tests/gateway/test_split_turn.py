@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from engines.mock import PLACEHOLDER_TEXT
+from router.config import RouterConfig
 from tests.gateway.conftest import Cluster, Proc
 from tests.gateway.gateways import RunningGateway, running_gateway
 from tests.polling import until
@@ -193,6 +194,65 @@ async def test_a_split_turn_reads_as_the_unsplit_one(cluster: Cluster, nats_url:
         [(0, 6, 0)],
         [(0, 6, 0)],
     ]
+
+
+async def test_with_split_fcfs_a_first_come_first_served_worker_with_a_host_tier_gets_turns_split(
+    cluster: Cluster, nats_url: str, namespace: str
+) -> None:
+    """With `split_fcfs`, a turn to a first-come-first-served worker with a host tier goes as its prompt
+    (one token) and its decode (the prompt and the first token, the rest of the output), both at the
+    default priority 0, and reads as the one request's answer; a worker without a tier gets it whole."""
+    for worker_id, model, extra in (("ft0", "m-tier", ["--host-blocks", "512"]), ("fn0", "m-none", [])):
+        cluster.worker(worker_id, "mock", "--model", model, "--log-level", "DEBUG", *extra)
+    for worker_id in ("ft0", "fn0"):
+        await asyncio.to_thread(cluster.workers[worker_id].wait_http, "/health", 60.0)
+    router_config = RouterConfig(split_fcfs=True)
+    async with running_gateway(nats_url, namespace, "gw-fcfs", router_config=router_config) as gw:
+        await gw.wait_ready(workers=2)
+        assert gw.router.decode_priority("ft0") == 0 and gw.router.decode_priority("fn0") is None
+        client = sdk(gw)
+        prompt_tokens = {"m-tier": 0, "m-none": 0}
+        try:
+            for model in ("m-tier", "m-none"):
+                whole = await client.chat.completions.create(
+                    model=model, messages=chat(f"{model}-a" + "x" * 300), max_tokens=9
+                )
+                assert whole.choices[0].message.content == PLACEHOLDER_TEXT[:9]
+                assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 9
+                chunks = await stream_chunks(
+                    client,
+                    model=model,
+                    messages=chat(f"{model}-b" + "x" * 300),
+                    max_tokens=7,
+                    stream_options={"include_usage": True},
+                )
+                choices = [c.choices[0] for c in chunks if c.choices]
+                assert "".join(c.delta.content or "" for c in choices) == PLACEHOLDER_TEXT[:7]
+                assert sum(1 for c in choices if c.delta.role) == 1
+                assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 7
+                prompt_tokens[model] = whole.usage.prompt_tokens + chunks[-1].usage.prompt_tokens
+        finally:
+            await client.close()
+        # the worker counts a turn's prompt once: its decode part continues it, no prompt of its own
+        # (counted once the answer is sent: the last count may lag the client)
+        for worker_id, model in (("ft0", "m-tier"), ("fn0", "m-none")):
+            worker, name = cluster.workers[worker_id], "kvgate_worker_prompt_tokens_total"
+            want = prompt_tokens[model]
+
+            async def counted(w: Proc = worker, n: str = name, want: int = want) -> bool:
+                return await worker_metric(w, n) >= want
+
+            await until(counted, 60.0, f"{worker_id}'s prompt tokens counted")
+            assert await worker_metric(worker, name) == want
+
+    split = list(requests_seen(cluster.workers["ft0"]).values())
+    assert len(split) == 2
+    for parts, max_tokens in zip(split, (9, 7), strict=True):
+        (prompt, out0, first_max, first_priority), (decode_prompt, out1, rest_max, decode_priority) = parts
+        assert (out0, first_max, first_priority) == (0, 1, 0)
+        assert (decode_prompt, out1, rest_max, decode_priority) == (prompt + 1, 1, max_tokens - 1, 0)
+    whole_turns = list(requests_seen(cluster.workers["fn0"]).values())
+    assert [[(p[1], p[2], p[3]) for p in parts] for parts in whole_turns] == [[(0, 9, 0)], [(0, 7, 0)]]
 
 
 async def test_a_prompt_that_does_not_fit_preempts_another_sessions_decode(

@@ -244,6 +244,57 @@ def test_a_prompt_preempts_a_decode_session_kv_sent_apart_on_a_priority_engine()
     assert runs["cache_aware", True][1] == 0
 
 
+def test_a_prompt_goes_before_a_decode_sent_apart_on_a_first_come_first_served_engine() -> None:
+    """Known by construction: one first-come-first-served worker of 64 blocks with a host tier; B's
+    prompt (40 blocks, nothing shared) arrives while A's prompt (40 blocks) is computed and does not
+    fit beside it. With `split_fcfs`, session_kv sent A's prompt alone: once its first token is out
+    its blocks are free, B's prompt, queued before A's decode was sent, goes first, and A's decode
+    then finds its prefix on the device and the host (where B's prompt evicted part of it). Sent whole,
+    B waits for A's whole decode; without a host tier, or for a baseline, nothing is split."""
+    a = TraceRow(timestamp=0.0, input_length=640, output_length=300, hash_ids=[1, 2, 3, 4, 5], session_id="a")
+    b = TraceRow(timestamp=1.0, input_length=640, output_length=4, hash_ids=[6, 7, 8, 9, 10], session_id="b")
+    runs = {}
+    for policy, split, host in (
+        ("session_kv", False, 256),
+        ("session_kv", True, 256),
+        ("session_kv", True, 0),
+        ("cache_aware", False, 256),
+        ("cache_aware", True, 256),
+    ):
+        config = small_config(workers=1, num_blocks=64, host_blocks=host)
+        router_config = RouterConfig(split_fcfs=split)
+        sim = Simulation(workload([a, b]), policy, config, router_config)
+        worker = sim.workers["w0"]
+        deliver = worker.on_outputs
+        decode_hits: dict[str, tuple[int, int]] = {}  # a decode part's (cached, of them host) tokens
+
+        def spy(worker_id: str, outputs: list, deliver: Callable = deliver, hits: dict = decode_hits) -> None:
+            for out in outputs:
+                if out.request_id.endswith("/decode"):
+                    hits.setdefault(out.request_id, (out.num_cached_tokens, out.num_host_cached_tokens))
+            deliver(worker_id, outputs)
+
+        worker.on_outputs = spy
+        run = sim.run()
+        assert all(r.ok for r in run.records)
+        assert [r.output_tokens for r in run.records] == [300, 4]
+        runs[policy, split, host] = run.records
+        assert bool(decode_hits) == (policy == "session_kv" and split and host > 0)
+        if decode_hits:  # A's decode: its whole prompt cached, the part B's prompt evicted on the host
+            cached, from_host = decode_hits["r0/decode"]  # A is the first turn: r0
+            assert cached == 640 and 0 < from_host < cached
+    a_whole, b_whole = runs["session_kv", False, 256]
+    a_split, b_split = runs["session_kv", True, 256]
+    assert b_whole.first_token > a_whole.finish  # it waited for A's whole decode
+    assert a_split.first_token == a_whole.first_token < b_split.first_token < a_split.finish
+    assert b_split.first_token - b_split.arrival < (b_whole.first_token - b_whole.arrival) / 5
+    assert a_split.finish > a_whole.finish  # A's decode waited for B's prompt
+    unsplit = [(r.first_token, r.finish) for r in runs["session_kv", True, 0]]
+    assert unsplit[1][0] > unsplit[0][1]  # no host tier: sent whole, B waits for A's decode
+    baseline = [(r.first_token, r.finish, r.cached_tokens) for r in runs["cache_aware", False, 256]]
+    assert [(r.first_token, r.finish, r.cached_tokens) for r in runs["cache_aware", True, 256]] == baseline
+
+
 # every Router method the simulation calls that could read the load view
 ROUTER_CALLS = (
     "resolve_session",

@@ -147,6 +147,8 @@ def _registration(**changes: object) -> WorkerRegistration:
         ({"worker_id": "a.b"}, "worker id"),
         ({"heartbeat_ts": float("nan")}, "heartbeat_ts"),
         ({"priority_threshold": 1 << 40}, "priority_threshold"),
+        ({"host_blocks": -1}, "host_blocks"),
+        ({"host_blocks": 1 << 41}, "host_blocks"),
     ],
 )
 def test_a_bad_registration_names_its_problem(changes: dict[str, object], problem: str) -> None:

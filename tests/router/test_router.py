@@ -178,6 +178,34 @@ def test_decodes_go_apart_only_on_workers_that_schedule_by_priority() -> None:
         assert router.decode_priority("c") is None
 
 
+def test_with_split_fcfs_decodes_go_apart_on_first_come_first_served_workers_with_a_host_tier() -> None:
+    """With `split_fcfs` session_kv also sends a turn's decode apart, at the default priority (0), to a
+    first-come-first-served worker that returns token ids and has a host tier (where the decode part
+    finds the blocks its prompt let others evict); not to one without a tier or token ids; a worker
+    that schedules by priority keeps its own rule."""
+
+    def worker(wid: str, host: int, ids: bool = True, threshold: int = -1) -> WorkerRegistration:
+        return WorkerRegistration(
+            wid, f"http://{wid}", "m", BS, 1000, "mock", 1, 0.0, priority_threshold=threshold,
+            returns_token_ids=ids, host_blocks=host,
+        )  # fmt: skip
+
+    r = Router(config=RouterConfig(split_fcfs=True), splits_turns=True)
+    pool = (worker("t", 4000), worker("n", 0), worker("x", 4000, ids=False), worker("p", 0, True, 10))
+    for registration in pool:
+        r.add_worker(registration, 0.0)
+    assert [r.decode_priority(w) for w in "tnxp"] == [0, None, None, -11]
+    r.add_worker(worker("t", 0), 1.0)  # a heartbeat without the tier
+    assert r.decode_priority("t") is None
+    for router in (
+        Router(config=RouterConfig(split_fcfs=False), splits_turns=True),
+        Router(config=RouterConfig(split_fcfs=True), policy="cache_aware", splits_turns=True),
+        Router(config=RouterConfig(split_fcfs=True)),
+    ):
+        router.add_worker(worker("t", 4000), 0.0)
+        assert router.decode_priority("t") is None
+
+
 def test_a_tool_call_turn_returns_a_pin_for_its_expected_tool_time(router: Router) -> None:
     chain = list(range(100, 140))
     d = router.pick(req("r1", chain, "s"), 0.0)
