@@ -44,7 +44,10 @@ context). The step in progress is read from the worker's outputs: first tokens a
 ends, and a step carrying prefill ends with its first tokens, so its end is predicted from the last one
 seen (docs/SESSION_KV.md, "One-shot traffic"). A hot document is then copied to an idle worker when
 waiting at its home costs more than the copy's prefill. Until the marginal cost is first fitted (the
-warm-up), such a request goes by Dynamo's block cost, which needs nothing measured.
+warm-up), such a request goes by Dynamo's block cost, which needs nothing measured. With `copy_value`
+(off), a copy of a hot prefix is also credited what it spares the requests after it (their number within
+`live_session_s` x the share that would find every holder busy and the copy idle x a busy holder's
+wait), while every hot prefix fits on every worker.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class SessionKv(Policy):
         best = min(costs.values())
         if sticky is not None and sticky in costs:
             tolerance = self._affinity_tolerance_ms(request, view, overlap, costs, best, sticky, why)
-            if costs[sticky] <= best + tolerance:
+            if tolerance is not None and costs[sticky] <= best + tolerance:
                 return self._decide(request, view, sticky, overlap, costs, why)
         worker = self._break_tie(view, overlap, costs, best)
         reason = "overlap" if overlap.get(worker) else "load"
@@ -189,7 +192,7 @@ class SessionKv(Policy):
         n_tokens, n_blocks = request.num_tokens, len(chain)
         if one_shot and marginal is not None:
             credit, onboard = self._credit(view, chain, overlap, marginal)
-            return self._one_shot_costs(view, credit, onboard, n_tokens, n_blocks, sid, sticky)
+            return self._one_shot_costs(view, credit, onboard, request, overlap, sticky)
         if one_shot and self._warming:
             return None
         credit, onboard = self._credit(view, chain, overlap)
@@ -204,8 +207,9 @@ class SessionKv(Policy):
         best: float,
         sticky: str,
         why: str,
-    ) -> float:
-        """How much dearer than the best the sticky worker may be and still get the request."""
+    ) -> float | None:
+        """How much dearer than the best the sticky worker may be and still get the request (None: it
+        gets no preference)."""
         cfg = self.config
         tolerance = max(cfg.affinity_tolerance_ms, cfg.affinity_tolerance_rel * best)
         if why == "overlap" and is_inferred(request.session_id):
@@ -216,6 +220,10 @@ class SessionKv(Policy):
             cheapest = min(costs, key=costs.__getitem__)
             spared = overlap[sticky] - overlap.get(cheapest, 0)
             crowded = self._note_hot(view, overlap, request.block_hashes, sticky, spared)
+            if spared <= 0 and cfg.copy_value:
+                # the cheapest worker holds the prefix as deeply: the home is one holder among others, and
+                # a preference for it would leave idle the copies that spread the prefix's requests
+                return None
             if spared > 0:
                 held_ms = spared * view.block_size * self._pool_ms_per_token(view)
                 hold = cfg.prefix_home_hold
@@ -255,6 +263,12 @@ class SessionKv(Policy):
         hot.note(chain[depth - 1], depth, sum(1 for n in overlap.values() if n >= depth), view.now)
         if spared <= 0 or not self.config.crowded_prefix_hold:
             return False
+        capacity, in_use = self._pool_blocks(view)
+        return hot.copies + spared + in_use > capacity
+
+    @staticmethod
+    def _pool_blocks(view: RouterView) -> tuple[int, int]:
+        """The candidates' KV blocks and those their running requests use (their load reports)."""
         loads = view.load.workers
         capacity = in_use = 0
         for w in view.candidates:
@@ -262,7 +276,7 @@ class SessionKv(Policy):
             if report is not None:
                 capacity += report.total_blocks
                 in_use += report.used_blocks
-        return hot.copies + spared + in_use > capacity
+        return capacity, in_use
 
     def _warmup_pick(
         self,
@@ -461,13 +475,14 @@ class SessionKv(Policy):
         view: RouterView,
         credit: dict[str, int] | dict[str, float],
         onboard: dict[str, float],
-        n_tokens: int,
-        n_blocks: int,
-        session_id: str | None,
+        request: RouteRequest,
+        overlap: dict[str, int],
         sticky: str | None,
     ) -> dict[str, float]:
-        """Estimated TTFT in ms for a request that named no session (docstring "One-shot traffic"), plus
-        the memory terms, for every candidate that can be the cheapest (and the prefix home)."""
+        """Estimated TTFT in ms for a request that named no session (docstring "One-shot traffic"), less
+        what a copy of its hot prefix is worth to the requests after it, plus the memory terms, for
+        every candidate that can be the cheapest (and the prefix home)."""
+        n_tokens, n_blocks, session_id = request.num_tokens, len(request.block_hashes), request.session_id
         bs = view.block_size
         loads = view.load.workers
         per_token = view.load.prefill_fit.ms_per_token or 0.0
@@ -481,6 +496,8 @@ class SessionKv(Policy):
             queued = wl.inflight_prefill - min(wl.step_prefill, wl.inflight_prefill)
             bound[w] = (queued + (missing if missing > 0 else 0)) * per_token + onboard.get(w, 0.0)
         step, context = self._busy_step(view)
+        if self.config.copy_value and overlap:
+            self._credit_copy(view, bound, overlap, request.block_hashes, step, context, per_token)
         own = self._live.get(session_id) if session_id else None
         ms_per_token = self._pool_ms_per_token(view)  # the memory terms: re-prefills, at the average cost
         now = view.now
@@ -499,6 +516,61 @@ class SessionKv(Policy):
             if cost < best:
                 best = cost
         return costs
+
+    def _credit_copy(
+        self,
+        view: RouterView,
+        bound: dict[str, float],
+        overlap: dict[str, int],
+        chain: Sequence[int],
+        step: float,
+        context: float,
+        per_token: float,
+    ) -> None:
+        """Credits each candidate lacking the request's hot prefix (its home holds at least half the
+        prompt) what a copy there is worth over the run: the requests over the prefix expected within
+        `live_session_s` (hot_prefixes.py), times the share of them that would find every holder busy
+        and the copy idle, busy^holders x (1 - busy) with `busy` the pool's busy share, times the wait a
+        busy holder gives now (the rest of its step and its decodes, the least over the holders). At most
+        the copy's prefill: a copy is never cheaper than a hit. Only while one copy of every hot prefix
+        on every candidate fits beside the blocks the running requests use: then no copy is evicted, and
+        it serves for as long as its prefix stays hot (where they do not fit, `_note_hot` holds the
+        home instead)."""
+        home = max(overlap, key=overlap.__getitem__)
+        depth = overlap[home]
+        if depth * 2 < len(chain):
+            return
+        depth = max(1, depth - depth % HOT_GROUP_BLOCKS)  # the prefix as `_note_hot` keys it
+        now = view.now
+        hot = self._hot
+        later = hot.requests(chain[depth - 1], now)
+        if not later:
+            return
+        candidates = view.candidates
+        capacity, in_use = self._pool_blocks(view)
+        if hot.blocks * len(candidates) + in_use > capacity:
+            return
+        loads = view.load.workers
+        wait = float("inf")
+        holders = 0
+        for w, held in overlap.items():
+            if held >= depth:
+                wl = loads[w]
+                if not wl.requests:
+                    return  # an idle holder: the request goes there, and so would the next ones
+                holders += 1
+                decode = step * wl.inflight_blocks / context
+                held_wait = self._step_left_ms(wl, now, decode, step, per_token) + decode
+                if held_wait < wait:
+                    wait = held_wait
+        busy = sum(1 for w in candidates if loads[w].requests) / len(candidates)
+        value = later * busy**holders * (1.0 - busy) * wait
+        block_ms = view.block_size * per_token
+        for w in candidates:
+            lacking = depth - overlap.get(w, 0)
+            if lacking > 0 and w in bound:
+                copy_ms = lacking * block_ms
+                bound[w] -= value if value < copy_ms else copy_ms
 
     @staticmethod
     def _step_left_ms(wl: WorkerLoad, now: float, decode: float, step: float, per_token: float) -> float:

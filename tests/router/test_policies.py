@@ -811,6 +811,59 @@ def test_session_kv_places_one_shot_traffic_by_its_estimated_ttft() -> None:
     assert off.pick(req("q2", question), 0.3).worker_id == "w0"
 
 
+def test_session_kv_credits_a_copy_of_a_hot_document_what_it_spares_later_requests() -> None:
+    # `copy_value`: the case above with the home's steps at 10 ms. Waiting there (22 ms) beats a copy on
+    # the idle worker (33 ms) for this request, but the document was asked about 20 times in the last
+    # 20 s, so a copy can expect ~18 more within live_session_s (the decayed count); a quarter of them
+    # (the home busy, the copy idle) would wait ~20 ms less: ~90 ms, more than the copy's prefill, so
+    # the copy costs no more than a hit
+    def route(total_blocks: int = 1000, copy_value: bool = True) -> tuple[str, float]:
+        router = make("session_kv", n=2, copy_value=copy_value)
+        for i in range(100):  # the pool's first tokens so far: 20 ms + 0.015 ms per prefill token
+            tokens = 100 if i % 2 else 2100
+            router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+        doc = chain(128)
+        hold(router, "w0", doc)
+        for i in range(20):  # one request a second over the document, each alone on the pool
+            rid = f"q{i}"
+            assert router.pick(req(rid, doc + chain(8, base=70_000 + 10 * i)), float(i)).worker_id == "w0"
+            router.on_complete(rid, i + 0.5, "stop", 1)
+        router.pick(req("busy", chain(100, base=50_000), "s"), 20.0, exclude=frozenset({"w1"}))
+        router.on_first_token("busy", 20.044)
+        router.apply_load(LoadReport("w0", 20.1, 1, 0, 0, 228, total_blocks, 5_000.0, 100.0), 20.1)
+        router.apply_load(LoadReport("w1", 20.1, 0, 0, 0, 0, total_blocks, 5_000.0, 0.0), 20.1)
+        d = router.pick(req("q", doc + chain(8, base=90_000)), 20.1)
+        return d.worker_id, d.estimated_cost
+
+    assert route() == ("w1", pytest.approx(8 * BS * 0.015))  # the copy, priced as a hit would be
+    worker, cost = route(copy_value=False)  # its own TTFT alone: the home
+    assert worker == "w0" and cost < 136 * BS * 0.015
+    # a copy of every hot document on every worker (2 x 128 blocks) and the 228 in use do not fit in
+    # 2 x 200 blocks: copies would evict one another, the copy is not credited
+    assert route(total_blocks=200)[0] == "w0"
+
+
+def test_session_kv_gives_a_document_home_no_preference_where_another_holder_is_cheaper() -> None:
+    # `copy_value`: two workers hold the document, so the home (the first listed) is one holder among
+    # others, and keeping requests there within the 2 ms tolerance would leave the other copy idle
+    def route(copy_value: bool) -> str:
+        router = make("session_kv", n=2, copy_value=copy_value)
+        for i in range(100):
+            tokens = 100 if i % 2 else 2100
+            router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+        doc = chain(128)
+        hold(router, "w0", doc)
+        hold(router, "w1", doc)
+        # w0 has a 100-token prefill queued (1.5 ms at the marginal cost), w1 nothing
+        router.pick(req("p", chain(6, base=50_000), tokens=100), 0.0, exclude=frozenset({"w1"}))
+        router.on_first_token("p", 0.01)
+        router.pick(req("p2", chain(6, base=60_000), tokens=100), 0.02, exclude=frozenset({"w1"}))
+        return router.pick(req("q", doc + chain(8, base=70_000)), 0.02).worker_id
+
+    assert route(copy_value=True) == "w1"
+    assert route(copy_value=False) == "w0"  # within the tolerance: the home
+
+
 def test_session_kv_places_one_shot_traffic_by_dynamos_cost_until_the_marginal_cost_is_known() -> None:
     # no first token yet, so no marginal prefill cost: a request that named no session is priced as
     # Dynamo's router prices it, prefill blocks + the distinct blocks in flight with its own
