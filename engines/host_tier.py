@@ -17,6 +17,12 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+# Keeps come from the bus (a gateway's hints, one per session at its tool call): together they list at
+# most this many hashes per host block, so that a flood of sessions costs bounded memory. Four sessions
+# can keep every block of the tier (shared prefixes are listed once per keep); past that, the oldest
+# keeps end first, as the newest sessions are the ones coming back.
+KEPT_HASHES_PER_BLOCK = 4
+
 
 class HostKeep:
     __slots__ = ("block_hashes", "expires_at")
@@ -37,8 +43,10 @@ class HostTier:
         self._droppable: OrderedDict[int, int] = OrderedDict()
         self._kept: OrderedDict[int, int] = OrderedDict()  # held by a keep: dropped last
         self.parent_of: dict[int, int | None] = {}
-        self._keeps: dict[str, HostKeep] = {}
+        self._keeps: dict[str, HostKeep] = {}  # in the order given (a replaced keep is given anew)
         self._keep_counts: dict[int, int] = {}
+        self.max_kept_hashes = KEPT_HASHES_PER_BLOCK * num_blocks
+        self._kept_hashes = 0  # listed by every keep together
         self._next_expiry = math.inf
 
     # --- state
@@ -127,12 +135,16 @@ class HostTier:
 
     def keep(self, session_id: str, block_hashes: list[int], expires_at: float) -> None:
         """Drop a session's blocks last until `expires_at`, wherever they are when they reach the host
-        (replaces the session's previous keep)."""
+        (replaces the session's previous keep). Past `max_kept_hashes`, the oldest keeps end (a keep
+        longer than that alone keeps its first blocks)."""
         self.unkeep(session_id)
-        hashes = list(dict.fromkeys(block_hashes))
+        hashes = list(dict.fromkeys(block_hashes))[: self.max_kept_hashes]
         if not hashes:
             return
+        while self._kept_hashes + len(hashes) > self.max_kept_hashes:
+            self.unkeep(next(iter(self._keeps)))
         self._keeps[session_id] = HostKeep(hashes, expires_at)
+        self._kept_hashes += len(hashes)
         self._next_expiry = min(self._next_expiry, expires_at)
         counts = self._keep_counts
         for block_hash in hashes:
@@ -144,6 +156,7 @@ class HostTier:
         keep = self._keeps.pop(session_id, None)
         if keep is None:
             return
+        self._kept_hashes -= len(keep.block_hashes)
         counts = self._keep_counts
         for block_hash in keep.block_hashes:
             count = counts.pop(block_hash) - 1

@@ -54,6 +54,24 @@ def test_keeps_end_when_unkept_replaced_or_expired() -> None:
     assert not tier.is_kept(2) and tier.droppable_in_order() == [1, 2]
 
 
+def test_a_flood_of_keeps_stays_under_its_cap_and_the_newest_stay() -> None:
+    tier = HostTier(8)  # 4 x 8 = 32 hashes kept at most, all keeps together
+    assert tier.max_kept_hashes == 32
+    for n in range(10_000):  # distinct sessions, each keeping 5 blocks (some shared with the last)
+        tier.keep(f"s{n}", [n, n + 1, n + 2, 7_000_000 + n, 9_000_000 + n], expires_at=1e9)
+        assert sum(map(len, tier.kept_sessions().values())) <= 32
+    kept = tier.kept_sessions()
+    assert list(kept) == [f"s{n}" for n in range(10_000 - 6, 10_000)]  # the 6 newest, whole
+    assert kept["s9999"] == [9999, 10_000, 10_001, 7_009_999, 9_009_999]
+    tier.keep("long", list(range(100)), expires_at=1e9)  # alone over the cap: its first blocks
+    assert tier.kept_sessions() == {"long": list(range(32))}
+    tier.store(31, None)
+    tier.store(32, None)
+    assert tier.is_kept(31) and not tier.is_kept(32)
+    tier.unkeep("long")
+    assert tier.kept_sessions() == {} and not tier.is_kept(31)
+
+
 def test_clear_drops_everything_and_frees_every_slot() -> None:
     tier = HostTier(3)
     tier.store(1, None)
