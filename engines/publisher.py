@@ -50,6 +50,9 @@ STREAM_MAX_AGE_S = 15 * 60.0
 STREAM_MAX_BYTES = 512 * 1024 * 1024
 REGISTRY_TTL_S = 60.0  # a crashed worker's entry disappears even if nobody deletes it
 MAX_PENDING_EVENTS = 100_000  # beyond this (NATS away for long) events are dropped: a gap
+# hashes listed by the pending prefetches together (~40 MB): pin hints come from the bus, one per
+# session, each up to a message's size; past this the oldest pending prefetches are dropped
+MAX_PREFETCH_HASHES = 1 << 20
 STOP_TIMEOUT_S = 5.0  # stop() in all: tasks 40 %, final flush and deregistration 35 %, close 25 %
 
 
@@ -90,7 +93,9 @@ class Publisher:
         self._wake = asyncio.Event()
         self._finished_since_batch = False
         self._tasks: list[asyncio.Task[Any]] = []
-        self._prefetches: dict[str, asyncio.TimerHandle] = {}  # session id -> its pending prefetch
+        # session id -> its pending prefetch and the hashes it lists, oldest first
+        self._prefetches: dict[str, tuple[asyncio.TimerHandle, int]] = {}
+        self._prefetch_hashes = 0  # listed by the pending prefetches together
         self.paused = False  # no heartbeat while set: the worker is off the bus (a bridged engine down)
         self.ready = asyncio.Event()  # connected, stream and bucket in place, subscriptions made
         loop.on_events = self.add_events
@@ -105,9 +110,8 @@ class Publisher:
         """Stop the tasks, flush what is queued, deregister and close: returns within `stop_timeout_s`
         whatever NATS does (a worker's shutdown must not hang on a frozen or vanished server)."""
         budget = self.stop_timeout_s
-        for timer in self._prefetches.values():
-            timer.cancel()
-        self._prefetches.clear()
+        for session_id in list(self._prefetches):
+            self._cancel_prefetch(session_id)
         # tasks that ignore their cancel are kept, so that a second stop() tries them again
         self._tasks = await cancel_and_wait(self._tasks, budget * 0.4)
         nc, self.nc = self.nc, None
@@ -297,16 +301,36 @@ class Publisher:
         engine = self.loop.engine
         await self.loop.call(lambda: engine.pin(hint.session_id, hint.block_hashes, ttl, host_ttl))
         if engine.has_host_tier and 0 < hint.prefetch_after_s <= 3600.0:
-            # one pending prefetch per session (bounded by the sessions pinned), replaced by a newer hint
-            old = self._prefetches.pop(hint.session_id, None)
-            if old is not None:
-                old.cancel()
-            self._prefetches[hint.session_id] = asyncio.get_running_loop().call_later(
-                hint.prefetch_after_s, self._start_prefetch, hint.session_id, hint.block_hashes
-            )
+            self._schedule_prefetch(hint.session_id, hint.block_hashes, hint.prefetch_after_s)
+
+    @property
+    def pending_prefetches(self) -> list[str]:
+        """The sessions whose prefetch is scheduled, oldest first."""
+        return list(self._prefetches)
+
+    def _schedule_prefetch(self, session_id: str, block_hashes: list[int], after_s: float) -> None:
+        """One pending prefetch per session, replaced by a newer hint; together they list at most
+        `MAX_PREFETCH_HASHES` hashes (the oldest dropped first, a longer one cut to its first blocks)."""
+        self._cancel_prefetch(session_id)
+        hashes = block_hashes[:MAX_PREFETCH_HASHES]
+        if not hashes:
+            return
+        while self._prefetch_hashes + len(hashes) > MAX_PREFETCH_HASHES:
+            self._cancel_prefetch(next(iter(self._prefetches)))
+        timer = asyncio.get_running_loop().call_later(after_s, self._start_prefetch, session_id, hashes)
+        self._prefetches[session_id] = (timer, len(hashes))
+        self._prefetch_hashes += len(hashes)
+
+    def _cancel_prefetch(self, session_id: str) -> None:
+        entry = self._prefetches.pop(session_id, None)
+        if entry is not None:
+            entry[0].cancel()
+            self._prefetch_hashes -= entry[1]
 
     def _start_prefetch(self, session_id: str, block_hashes: list[int]) -> None:
-        self._prefetches.pop(session_id, None)
+        entry = self._prefetches.pop(session_id, None)
+        if entry is not None:
+            self._prefetch_hashes -= entry[1]
         task = asyncio.get_running_loop().create_task(self.loop.prefetch(block_hashes))
         self._tasks.append(task)
         task.add_done_callback(self._tasks.remove)

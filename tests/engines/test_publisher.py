@@ -268,3 +268,45 @@ async def test_a_pin_hint_with_a_nan_ttl_pins_nothing(setup: Setup, nats_url: st
     await settle(lambda: "finite" in pins.sessions(), 30.0)
     assert list(pins.sessions()) == ["finite"]
     await nc.close()
+
+
+async def test_a_flood_of_prefetch_hints_stays_under_its_cap(
+    nats_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(publisher_module, "MAX_PREFETCH_HASHES", 12)
+    config = EngineConfig(num_blocks=32, block_size=4, host_blocks=64)
+    loop = EngineLoop(Engine(config, MockRunner(32, 4, speedup=1000)), threaded=False)
+    publisher = Publisher(nats_url, Subjects(namespace), loop, registration, heartbeat_interval_s=0.2)
+    loop.start()
+    await publisher.start()
+    nc = await nats.connect(nats_url)
+    subject = publisher.subjects.pin(publisher.worker_id)
+
+    async def hint(session: str, hashes: list[int]) -> None:
+        await nc.publish(subject, encode(PinHint(session, hashes, 60.0, prefetch_after_s=3600.0)))
+
+    try:
+        await asyncio.wait_for(publisher.ready.wait(), 10)
+        # hints reach the worker (polled: a hint sent before its subscription took effect is lost)
+        async with asyncio.timeout(30):
+            while publisher.pending_prefetches != ["probe"]:
+                await hint("probe", [1])
+                await nc.flush()
+                await asyncio.sleep(0.05)
+        for n in range(300):  # distinct sessions, 5 blocks each, due in an hour: all pending at once
+            await hint(f"s{n}", [n, n + 1, n + 2, n + 3, n + 4])
+        await nc.flush()
+        await settle(lambda: publisher.pending_prefetches == ["s298", "s299"], 30.0)  # 10 of 12 hashes
+        assert publisher._prefetch_hashes == 10
+        await hint("long", list(range(100)))
+        await nc.flush()
+        await settle(lambda: publisher.pending_prefetches == ["long"], 30.0)  # alone: cut to 12
+        assert publisher._prefetch_hashes == 12
+        await hint("a", [1, 2, 3, 4, 5])
+        await nc.flush()
+        await settle(lambda: publisher.pending_prefetches == ["a"], 30.0)  # the oldest went
+        assert publisher._prefetch_hashes == 5
+    finally:
+        await nc.close()
+        await publisher.stop()
+        await loop.stop()
