@@ -224,41 +224,14 @@ class IndexRecovery:
 
     async def catch_up(self) -> int:
         """Registry, snapshot, tail; returns the stream sequence the bus resumes after (0: the start)."""
-        js = self.nc.jetstream()
         try:
-            info = await js.stream_info(self.subjects.kv_stream)
+            info = await self.nc.jetstream().stream_info(self.subjects.kv_stream)
         except NotFoundError:
-            # no worker ever published events (all route approximately): no index to load, but the
-            # snapshot's sessions still say which worker holds each one's KV
-            await self.register_workers()
-            found = await self.store.get()
-            if found is not None:
-                self.snapshot, self.snapshot_bytes = found
-                self.sessions_restored = apply_sessions(
-                    self.router, self.snapshot.sessions, self.clock(), self._age(self.snapshot)
-                )
+            await self._sessions_only()
             return 0
         first, last = info.state.first_seq, info.state.last_seq
         await self.register_workers()  # the router applies events of registered workers only
-        found = await self.store.get()
-        if found is not None:
-            self.snapshot, self.snapshot_bytes = found
-            before = len(self.router.sessions)
-            age = self._age(self.snapshot)
-            loaded = apply_snapshot(self.router, self.snapshot, self.clock(), age)
-            self.sessions_restored = len(self.router.sessions) - before
-            log.info(
-                "index snapshot loaded: %d blocks of %d workers up to stream seq %d, %d of %d sessions "
-                "(%d bytes, by %s, %.1f s old)",
-                loaded,
-                len(self.snapshot.workers),
-                self.snapshot.stream_seq,
-                self.sessions_restored,
-                len(self.snapshot.sessions),
-                self.snapshot_bytes,
-                self.snapshot.source,
-                age,
-            )
+        await self._load_snapshot()
         start = self.snapshot.stream_seq + 1 if self.snapshot is not None else first
         if self.snapshot is not None and first > start:
             self.stale = True  # events between the snapshot and the stream's oldest are gone
@@ -270,6 +243,40 @@ class IndexRecovery:
             await self.replay(start, last)
         self.resume_seq = max(last, self.snapshot.stream_seq if self.snapshot is not None else 0)
         return self.resume_seq
+
+    async def _sessions_only(self) -> None:
+        """No worker ever published events (all route approximately): no index to load, but the
+        snapshot's sessions still say which worker holds each one's KV."""
+        await self.register_workers()
+        found = await self.store.get()
+        if found is not None:
+            self.snapshot, self.snapshot_bytes = found
+            self.sessions_restored = apply_sessions(
+                self.router, self.snapshot.sessions, self.clock(), self._age(self.snapshot)
+            )
+
+    async def _load_snapshot(self) -> None:
+        """The newest snapshot, if any, into the router: its index and its sessions."""
+        found = await self.store.get()
+        if found is None:
+            return
+        self.snapshot, self.snapshot_bytes = found
+        before = len(self.router.sessions)
+        age = self._age(self.snapshot)
+        loaded = apply_snapshot(self.router, self.snapshot, self.clock(), age)
+        self.sessions_restored = len(self.router.sessions) - before
+        log.info(
+            "index snapshot loaded: %d blocks of %d workers up to stream seq %d, %d of %d sessions "
+            "(%d bytes, by %s, %.1f s old)",
+            loaded,
+            len(self.snapshot.workers),
+            self.snapshot.stream_seq,
+            self.sessions_restored,
+            len(self.snapshot.sessions),
+            self.snapshot_bytes,
+            self.snapshot.source,
+            age,
+        )
 
     @staticmethod
     def _age(snapshot: IndexSnapshot) -> float:
