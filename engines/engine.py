@@ -111,6 +111,18 @@ class EngineLoad(msgspec.Struct):
         )
 
 
+def _copier(config: EngineConfig, runner: ModelRunner) -> TieredModelRunner | None:
+    """The runner as the copier of a host tier, when the config has one; ValueError for settings that
+    cannot work together."""
+    if config.onboard_layerwise and config.onboard_async:
+        raise ValueError("onboarding is asynchronous or layer-wise, not both")
+    if not config.host_blocks:
+        return None
+    if not isinstance(runner, TieredModelRunner):
+        raise ValueError("a host tier needs a runner that copies blocks (copy_blocks)")
+    return runner
+
+
 class Engine:
     SPEED_SMOOTHING = 0.2  # weight of the newest step in the measured speeds
 
@@ -127,16 +139,10 @@ class Engine:
         self.runner = runner
         self.clock = clock
         self.on_kv_events = on_kv_events
-        self._copier: TieredModelRunner | None = None  # the runner, when a host tier needs its copies
-        if config.host_blocks:
-            if not isinstance(runner, TieredModelRunner):
-                raise ValueError("a host tier needs a runner that copies blocks (copy_blocks)")
-            self._copier = runner
+        self._copier = _copier(config, runner)  # the runner, when a host tier needs its copies
         # what a host hit costs instead of a prefill, announced in the load report (the router prices
         # it): a runner that models its copies knows it, a real one measures it at startup
         self._host_block_ms = self._copier.host_block_ms if self._copier else 0.0
-        if config.onboard_layerwise and config.onboard_async:
-            raise ValueError("onboarding is asynchronous or layer-wise, not both")
         self._num_layers = self._copier.num_layers if self._copier else 1
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, clock, config.max_pinned_blocks, config.host_blocks
