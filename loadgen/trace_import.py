@@ -96,14 +96,7 @@ class KvCacheTesterImport:
         return rows
 
     def _session_rows(self, session: dict[str, Any], start_s: float) -> Iterator[TraceRow]:
-        try:
-            sid = str(session["id"])
-            requests = session["requests"]
-            block_size = int(session.get("block_size", 64))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TraceError(f"not a kv-cache-tester session (needs id, requests): {exc}") from exc
-        if block_size <= 0 or TRACE_BLOCK_SIZE % block_size:
-            raise TraceError(f"session {sid}: block_size {block_size} does not divide {TRACE_BLOCK_SIZE}")
+        sid, requests, block_size = _session_fields(session)
         is_global = session.get("hash_id_scope", "local") == "global"
         subagents = 0
         pending = [(sid, requests, start_s, _prompt_of(session))]
@@ -121,16 +114,7 @@ class KvCacheTesterImport:
                 if int(item.get("in") or 0) <= 0 or not item.get("hash_ids"):
                     self.skipped += not item.get("requests")  # a sub-agent's spawn is no request
                     continue
-                shared_blocks = prompt[2] // block_size  # whole blocks of system prompt + tools
-                keys: list[Any] = [
-                    hash_id if is_global else (prompt, i) if i < shared_blocks else (sid, hash_id)
-                    for i, hash_id in enumerate(item["hash_ids"])
-                ]
-                # one key per started block of the prompt: a partial last block the source left out
-                # is this request's own text
-                blocks = -(-int(item["in"]) // block_size)
-                keys[blocks:] = []
-                keys += [(name, turn, "tail", i) for i in range(len(keys), blocks)]
+                keys = _block_keys(item, block_size, prompt, None if is_global else sid, (name, turn))
                 stop = item.get("stop") or None
                 yield TraceRow(
                     timestamp=round(at_s * 1000.0, 3),
@@ -144,6 +128,40 @@ class KvCacheTesterImport:
                 )
                 previous = item
                 turn += 1
+
+
+def _session_fields(session: dict[str, Any]) -> tuple[str, list[Any], int]:
+    """A kv-cache-tester session's id, requests and block size; TraceError when it has none."""
+    try:
+        sid = str(session["id"])
+        requests = session["requests"]
+        block_size = int(session.get("block_size", 64))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TraceError(f"not a kv-cache-tester session (needs id, requests): {exc}") from exc
+    if block_size <= 0 or TRACE_BLOCK_SIZE % block_size:
+        raise TraceError(f"session {sid}: block_size {block_size} does not divide {TRACE_BLOCK_SIZE}")
+    return sid, requests, block_size
+
+
+def _block_keys(
+    item: dict[str, Any],
+    block_size: int,
+    prompt: tuple[str, int, int],
+    local_to: str | None,
+    request: tuple[str, int],
+) -> list[Any]:
+    """One key per started block of a request's prompt: the source's hash ids (global, or local to
+    session `local_to` past the shared system prompt and tools), then keys of the request's own
+    (`request`: its session and turn) for a partial last block the source left out."""
+    shared_blocks = prompt[2] // block_size  # whole blocks of system prompt + tools
+    keys: list[Any] = [
+        hash_id if local_to is None else (prompt, i) if i < shared_blocks else (local_to, hash_id)
+        for i, hash_id in enumerate(item["hash_ids"])
+    ]
+    blocks = -(-int(item["in"]) // block_size)
+    keys[blocks:] = []
+    keys += [(*request, "tail", i) for i in range(len(keys), blocks)]
+    return keys
 
 
 def _prompt_of(entry: dict[str, Any]) -> tuple[str, int, int]:
