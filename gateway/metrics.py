@@ -261,6 +261,7 @@ class GatewayMetrics:
             self.worker_kv_usage,
             self.event_lag,
             self.approximate,
+            self.state_dumps,
         ):
             try:
                 gauge.remove(worker_id)

@@ -5,6 +5,7 @@ prometheus-client's own."""
 from __future__ import annotations
 
 import random
+import re
 import time
 
 import pytest
@@ -22,6 +23,24 @@ def test_a_worker_series_is_gone_with_its_worker_and_back_with_it() -> None:
     assert b'worker="w-1"' not in metrics.render()
     metrics.of_worker(metrics.event_lag, "w-1").set(0.5)  # the worker is back: its series with it
     assert b'kvgate_worker_event_lag_seconds{worker="w-1"} 0.5' in metrics.render()
+
+
+def test_a_flood_of_worker_ids_leaves_only_the_live_workers_series() -> None:
+    # worker ids come and go (a pod's name per rollout): every per-worker series leaves with its worker
+    metrics = GatewayMetrics()
+    for n in range(1000):
+        worker = f"w-{n}"
+        for gauge in (metrics.inflight, metrics.worker_running, metrics.worker_waiting):
+            gauge.labels(worker).set(1)
+        for gauge in (metrics.worker_kv_usage, metrics.event_lag, metrics.approximate):
+            metrics.of_worker(gauge, worker).set(1)
+        metrics.state_dumps.labels(worker).inc()
+        if n != 999:
+            metrics.forget_worker(worker)
+    page = metrics.render().decode()
+    assert set(re.findall(r'worker="([^"]*)"', page)) == {"w-999"}
+    assert 'kvgate_state_dumps_total{worker="w-999"} 1.0' in page
+    assert len(metrics._per_worker) == 3
 
 
 def test_per_request_counts_are_in_their_series_at_every_collection() -> None:
