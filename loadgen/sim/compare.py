@@ -108,31 +108,45 @@ def _run_forked(
             # cores for a while) rather than alone after them, with every other core idle
             while pending and len(running) < jobs + (len(pending) == 1):
                 policy = pending.pop(0)
-                recv, send = ctx.Pipe(duplex=False)
-                child = ctx.Process(target=_child, args=(send, workload, policy, config), daemon=True)
-                child.start()
-                send.close()  # the child holds the only writer: EOF if it dies
-                running[recv] = (child, policy)
+                conn, child = _fork(ctx, workload, policy, config)
+                running[conn] = (child, policy)
             for ready in wait(list(running)):
                 conn = cast(Connection, ready)  # wait() returns what it was given: our connections
-                proc, policy = running.pop(conn)
-                try:
-                    status, value = conn.recv()
-                except EOFError:
-                    proc.join()
-                    died = f"policy {policy}: its process died (exit code {proc.exitcode})"
-                    raise RuntimeError(died) from None
-                conn.close()
-                proc.join()
-                if status != "ok":
-                    raise RuntimeError(f"policy {policy} failed:\n{value}")
-                results[policy] = value
+                child, policy = running.pop(conn)
+                results[policy] = _result(conn, child, policy)
     finally:
         for conn, (proc, _policy) in running.items():  # an error above: end the others
             proc.terminate()
             proc.join()
             conn.close()
     return results, idle_result[0] if idle_result else while_idle()
+
+
+def _fork(
+    ctx: multiprocessing.context.ForkContext, workload: Workload, policy: str, config: SimConfig
+) -> tuple[Connection, multiprocessing.process.BaseProcess]:
+    """A child replaying `policy`, and the reading end of the pipe its result comes back on."""
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(send, workload, policy, config), daemon=True)
+    child.start()
+    send.close()  # the child holds the only writer: EOF if it dies
+    return recv, child
+
+
+def _result(
+    conn: Connection, child: multiprocessing.process.BaseProcess, policy: str
+) -> tuple[SimRun, float]:
+    """A finished child's run and seconds, the child joined; RuntimeError if it failed or died."""
+    try:
+        status, value = conn.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"policy {policy}: its process died (exit code {child.exitcode})") from None
+    conn.close()
+    child.join()
+    if status != "ok":
+        raise RuntimeError(f"policy {policy} failed:\n{value}")
+    return value
 
 
 def compare(
