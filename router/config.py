@@ -94,9 +94,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     crowded_prefix_hold: float = 10.0
     # a copy of a hot prefix valued over the run: a worker lacking it is credited the waits the copy would
     # spare the requests after it, and a prefix home that the cheapest worker matches gets no preference,
-    # so the copies are used (docs/SESSION_KV.md, "One-shot traffic"). Off: it wins long runs of steady
-    # document traffic and costs short ones (EXPERIMENTS.md, idea 18)
-    copy_value: bool = False
+    # so the copies are used (docs/SESSION_KV.md, "One-shot traffic"). On: it wins runs of steady document
+    # traffic past ~100 s, where a copy pays back, and gives back part of the first minute's win
+    # (EXPERIMENTS.md, idea 18)
+    copy_value: bool = True
     used_from_report: bool = True
     # a request that named no session is placed by its estimated TTFT: prefill at the pool's marginal
     # cost per token (router/prefill_fit.py), a busy worker's steps to wait out (docs/SESSION_KV.md)

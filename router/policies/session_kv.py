@@ -45,7 +45,7 @@ ends, and a step carrying prefill ends with its first tokens, so its end is pred
 seen (docs/SESSION_KV.md, "One-shot traffic"). A hot document is then copied to an idle worker when
 waiting at its home costs more than the copy's prefill. Until the marginal cost is first fitted (the
 warm-up), such a request goes by Dynamo's block cost, which needs nothing measured. With `copy_value`
-(off), a copy of a hot prefix is also credited what it spares the requests after it (their number within
+(on), a copy of a hot prefix is also credited what it spares the requests after it (their number within
 `live_session_s` x the share that would find every holder busy and the copy idle x a busy holder's
 wait), while every hot prefix fits on every worker.
 """

@@ -770,8 +770,9 @@ def test_session_kv_counts_one_shot_requests_as_no_live_context() -> None:
 def test_session_kv_places_one_shot_traffic_by_its_estimated_ttft() -> None:
     # a request that named no session: prefill at the pool's marginal cost per token, plus a busy
     # worker's steps (docs/SESSION_KV.md, "One-shot traffic"); a copy of a document on an idle worker
-    # beats waiting behind a busy home's decodes, not behind a light one's
-    router = make("session_kv", n=2)
+    # beats waiting behind a busy home's decodes, not behind a light one's. The estimate alone: the
+    # credit `copy_value` adds to a copy is pinned by the tests after this one
+    router = make("session_kv", n=2, copy_value=False)
     for i in range(100):  # the pool's first tokens so far: 20 ms + 0.015 ms per prefill token
         tokens = 100 if i % 2 else 2100
         router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
