@@ -20,6 +20,8 @@ class InFlight:
     __slots__ = (
         "blocks",
         "epoch",
+        "first_token_at",
+        "output_tokens",
         "picked_at",
         "prefill_ahead",
         "prefill_tokens",
@@ -37,6 +39,7 @@ class InFlight:
         blocks: int,
         picked_at: float,
         epoch: int,
+        output_tokens: int = 0,
     ) -> None:
         self.worker_id = worker_id
         self.prefill_tokens = prefill_tokens
@@ -45,6 +48,8 @@ class InFlight:
         self.blocks = blocks
         self.picked_at = picked_at
         self.epoch = epoch  # the worker's report epoch at pick time
+        self.output_tokens = output_tokens  # the tokens it may decode (its max_tokens; 0: unknown)
+        self.first_token_at: float | None = None  # when its decode began, once the router saw it
         self.prefilling = True
         self.session_id: str | None = None  # the router's notes for on_complete
         self.tool_pending = False
@@ -117,14 +122,23 @@ class LoadView:
 
     # --- predictions
 
-    def start(self, request_id: str, worker_id: str, prefill_tokens: int, blocks: int, now: float) -> None:
+    def start(
+        self,
+        request_id: str,
+        worker_id: str,
+        prefill_tokens: int,
+        blocks: int,
+        now: float,
+        output_tokens: int = 0,
+    ) -> None:
         w = self.workers[worker_id]
         if request_id in self._inflight:
             self.finish(request_id)  # a reused id: the old prediction is over
         if len(self._inflight) >= self.config.max_inflight:
             self.finish(next(iter(self._inflight)))  # bounded: the oldest prediction goes first
         ahead = w.inflight_prefill + prefill_tokens  # the worker's queued prefill, then this request's
-        self._inflight[request_id] = InFlight(worker_id, prefill_tokens, ahead, blocks, now, w.epoch)
+        flight = InFlight(worker_id, prefill_tokens, ahead, blocks, now, w.epoch, output_tokens)
+        self._inflight[request_id] = flight
         w.prefill_since_report += prefill_tokens
         w.inflight_prefill += prefill_tokens
         w.inflight_blocks += blocks
@@ -139,6 +153,7 @@ class LoadView:
         f = self._inflight.get(request_id)
         if f is not None and f.prefilling:
             self._end_prefill(f)
+            f.first_token_at = now
             w = self.workers.get(f.worker_id)
             if now is not None and w is not None:
                 # a prefill picked before the last step end seen there rode the step it began: this

@@ -388,7 +388,7 @@ class Router:
         worker = decision.worker_id
         prefill = max(0, request.num_tokens - decision.overlap_blocks * bs)
         blocks = -(-(request.num_tokens + request.expected_output_tokens) // bs)
-        self.load.start(request.request_id, worker, prefill, blocks, now)
+        self.load.start(request.request_id, worker, prefill, blocks, now, request.expected_output_tokens)
         self.policy.on_pick(request, decision, bs, now)
         flight = self.load.get(request.request_id)
         if flight is not None:

@@ -231,6 +231,7 @@ class Simulation:
             block_hashes=hashes,
             num_tokens=row.input_length,
             session_id=session_id,
+            expected_output_tokens=row.output_length,  # the gateway passes a request's max_tokens
             tool_call_pending=tool_result,
             parent_session_id=parent_of(row.session_id),
         )
