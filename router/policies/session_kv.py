@@ -61,6 +61,7 @@ from router.load import WorkerLoad
 from router.policies.active_blocks import ActiveBlocks
 from router.policies.base import Policy, RouterView
 from router.policies.hot_prefixes import HotPrefixes
+from router.policies.memory_wait import memory_wait_ms
 from router.prefix_match import common_prefix
 from router.protocol import LoadReport, Tier
 from router.request import Decision, RouteRequest, is_inferred
@@ -72,6 +73,9 @@ MAX_PENDING = 32
 MAX_RUNNING = 4096
 # hot prefixes are keyed at a multiple of this many blocks (`_note_hot`)
 HOT_GROUP_BLOCKS = 8
+# a turn that would wait for device memory moves to a worker with room only if that worker runs at most
+# this many requests (`_nearly_idle`): one long decode holding its memory, not a crowd of sessions
+IDLE_RUNNING = 1
 
 
 def _leading_in(chain: Sequence[int], blocks: dict[int, int]) -> int:
@@ -126,13 +130,108 @@ class SessionKv(Policy):
             credit, _ = self._credit(view, chain, overlap)
             return self._warmup_pick(request, view, overlap, credit)
         best = min(costs.values())
+        worker, reason = "", why
         if sticky is not None and sticky in costs:
             tolerance = self._affinity_tolerance_ms(request, view, overlap, costs, best, sticky, why)
             if tolerance is not None and costs[sticky] <= best + tolerance:
-                return self._decide(request, view, sticky, overlap, costs, why)
-        worker = self._break_tie(view, overlap, costs, best)
-        reason = "overlap" if overlap.get(worker) else "load"
+                worker = sticky
+        if not worker:
+            worker = self._break_tie(view, overlap, costs, best)
+            reason = "overlap" if overlap.get(worker) else "load"
+        if self.config.memory_wait_move and not is_inferred(request.session_id):
+            room = self._out_of_memory_wait(request, view, overlap, costs, worker)
+            if room is not None:
+                worker, reason = room, "memory"
         return self._decide(request, view, worker, overlap, costs, reason)
+
+    def _out_of_memory_wait(
+        self,
+        request: RouteRequest,
+        view: RouterView,
+        overlap: dict[str, int],
+        costs: dict[str, float],
+        chosen: str,
+    ) -> str | None:
+        """Where a named session's turn goes instead of `chosen` when it would wait there for running
+        requests to free device memory (router/policies/memory_wait.py), or None: it stays. The estimate
+        prices that wait as the prefill of the blocks over capacity (`inflight_pressure_factor`), where
+        it lasts the running requests' remaining decodes: seconds, a minute behind a long one. Two ways
+        out, each only where its estimate is below the chosen one's plus `memory_wait_move` x the wait:
+        the cheapest nearly idle worker (`_nearly_idle`) with room for the turn now, or the session's
+        own worker (which the costs left because the turn did not fit there either) when its own
+        predicted wait is the shorter and it runs no more requests than `chosen`. A busier worker is no
+        way out: on a pool past its memory every move there spreads the wait to the sessions living
+        there (docs/EXPERIMENTS.md, "Live, sixth pass")."""
+        chain = request.block_hashes
+        wait = self._memory_wait(view, chosen, chain)
+        if wait <= 0.0:
+            return None
+        if len(costs) < len(view.candidates):  # the pruned ones too: a dearer worker may have room
+            costs.update(self._estimates(request, view, overlap, None, everyone=True) or {})
+        weight = self.config.memory_wait_move
+        limit = costs[chosen] + weight * wait
+        for w in sorted(costs, key=costs.__getitem__):
+            if costs[w] >= limit:
+                break
+            if w != chosen and self._nearly_idle(view, w) and not self._memory_wait(view, w, chain):
+                return w
+        home = view.session.worker_id if view.session is not None else None
+        if (
+            home is not None
+            and home != chosen
+            and home in costs
+            and self._running_at(view, home) <= self._running_at(view, chosen)
+            and costs[home] + weight * self._memory_wait(view, home, chain) < limit
+        ):
+            return home
+        return None
+
+    @staticmethod
+    def _nearly_idle(view: RouterView, w: str) -> bool:
+        """`w` runs at most `IDLE_RUNNING` requests and has no prefill in flight: no admitted prompt
+        about to take more blocks (the report counts those a prefill has so far), none queued."""
+        wl = view.load.workers[w]
+        report = wl.report
+        return (
+            report is not None
+            and report.running <= IDLE_RUNNING
+            and not report.waiting
+            and not report.active_prefill_tokens
+            and not wl.prefill_since_report
+        )
+
+    @staticmethod
+    def _running_at(view: RouterView, w: str) -> float:
+        """The requests running on `w`, by its load report (without one: unknown, as if a crowd)."""
+        report = view.load.workers[w].report
+        return report.running if report is not None else float("inf")
+
+    def _memory_wait(self, view: RouterView, w: str, chain: Sequence[int]) -> float:
+        """The predicted wait for device memory of a prompt of `chain` on `w` (ms; memory_wait.py), 0
+        where the worker's report is stale, its decodes yield to prompts, or the prompt fits beside
+        every request there with none waiting ahead (the common case: no walk over the flights)."""
+        wl = view.load.workers[w]
+        report = wl.report
+        if report is None or view.now > wl.fresh_until or w in view.yielding:
+            return 0.0
+        if (
+            report.used_blocks + len(chain) <= report.total_blocks
+            and not report.waiting
+            and not wl.prefill_since_report
+        ):
+            return 0.0
+        step_s = (
+            report.running / report.decode_tok_s
+            if report.running and report.decode_tok_s > 0
+            else self._busy_step(view)[0] / 1000.0
+        )
+        flights = view.load
+        mine = [
+            (f, other)
+            for rid, (worker, other) in self._running.items()
+            if worker == w and (f := flights.get(rid)) is not None
+        ]
+        return memory_wait_ms(wl, chain, mine, view.now, step_s, view.block_size)
 
     def _with_prior(self, view: RouterView, overlap: dict[str, int], chain: Sequence[int]) -> dict[str, int]:
         """The overlap, with the session's worker credited the prefix this turn shares with the session's
@@ -180,10 +279,12 @@ class SessionKv(Policy):
         view: RouterView,
         overlap: dict[str, int],
         sticky: str | None,
+        everyone: bool = False,
     ) -> dict[str, float] | None:
         """The candidates' estimated costs in ms: a one-shot request's by its TTFT once the marginal
-        prefill cost is known, any other's by `_costs`. None for a one-shot request in the warm-up,
-        which `_warmup_pick` prices instead."""
+        prefill cost is known, any other's by `_costs` (every candidate's with `everyone`, else those
+        that can be the cheapest). None for a one-shot request in the warm-up, which `_warmup_pick`
+        prices instead."""
         one_shot = self.config.one_shot_ttft and is_inferred(request.session_id)
         marginal = view.load.prefill_fit.ms_per_token
         if marginal is not None and self._warming:
@@ -196,7 +297,7 @@ class SessionKv(Policy):
         if one_shot and self._warming:
             return None
         credit, onboard = self._credit(view, chain, overlap)
-        return self._costs(view, credit, onboard, n_tokens, n_blocks, sid, sticky)
+        return self._costs(view, credit, onboard, n_tokens, n_blocks, sid, sticky, everyone)
 
     def _affinity_tolerance_ms(
         self,
@@ -432,10 +533,12 @@ class SessionKv(Policy):
         n_blocks: int,
         session_id: str | None,
         sticky: str | None,
+        everyone: bool = False,
     ) -> dict[str, float]:
         """Estimated TTFT in ms plus the stall and memory terms, for every candidate that can be the
-        cheapest (and the session's worker); the others are left out. `onboard`: ms a worker's copies
-        from lower tiers keep the request waiting, beside the stall charge (`_credit`)."""
+        cheapest (and the session's worker; all of them with `everyone`); the others are left out.
+        `onboard`: ms a worker's copies from lower tiers keep the request waiting, beside the stall
+        charge (`_credit`)."""
         now = view.now
         bs = view.block_size
         loads = view.load.workers
@@ -459,7 +562,7 @@ class SessionKv(Policy):
         costs: dict[str, float] = {}
         best = float("inf")
         for w in sorted(bound, key=bound.__getitem__):
-            if bound[w] > best:
+            if bound[w] > best and not everyone:
                 break
             cost = self._cost_ms(view, w, credit.get(w), n_tokens, n_blocks, own, ms_per_token)
             cost = costs[w] = cost + onboard.get(w, 0.0)

@@ -1,0 +1,207 @@
+"""Traffic shapes `kvgate sim` has no option for, replayed on the live comparison's pool.
+
+`python -m loadgen.sim.shapes grid [--set NAME=VALUE ...]` prints, per row, `session_kv`'s mean TTFT
+against the better of `kv_overlap` and `cache_aware` (the rows of docs/EXPERIMENTS.md, idea 16, that
+the memory wait concerns); `python -m loadgen.sim.shapes live [--seeds 1,2,3]` prints `session_kv`'s
+TTFT p50 / p90 / mean over the live run's window. Pool: 4 workers x 4,096 blocks of 16 tokens.
+
+- `agentic` / `chat`: `kvgate sim --workload ...` rows (`agentic --duration 90 --max-think-s 10
+  --max-context 48000`, `chat --duration 120 --max-think-s 10`).
+- Sub-agents: for half the `agentic` sessions with more than `fork` turns, a child `<parent>/sub1`
+  (the parent header, as the Claude Code traces name children) whose first prompt is the parent's
+  turn-`fork` prompt (all its blocks, or the first half) plus a 256-token task, and whose later turns
+  grow as the next session's do, cut at 48,000 tokens; it starts 3 s after its parent would have sent
+  that turn (2 s a turn plus the think times).
+- `prefix` 10/s (one-shot) merged with `agentic` 0.1 sessions/s.
+- The live window: `kvgate loadgen --workload agentic --rate 1 --duration 90 --max-think-s 10
+  --max-context 48000 --plain-tools --ignore-eos --eos-after 1` as the simulator plays it: each reply one
+  character (its decode still `max_tokens` tokens), the turns that arrive before 90 s and have a first
+  token by 120 s counted, as live (docs/EXPERIMENTS.md, "Live, fourth pass").
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Callable
+
+import msgspec
+import numpy as np
+
+from loadgen import workloads
+from loadgen.sim.compare import run_policy
+from loadgen.sim.simulation import SimConfig, SimRun
+from loadgen.sim.synthetic import make_workload, render, workload_rows
+from loadgen.sim.workload import Workload
+from loadgen.text import TextSource
+from loadgen.trace import TraceRow
+from router.hashing import block_hashes_of_bytes, tokens_to_bytes
+
+BLOCK_SIZE = 16
+BASELINES = ("kv_overlap", "cache_aware")
+MAX_CONTEXT = 48_000
+TASK_BLOCKS = 16  # a sub-agent's task after the prefix it shares with its parent
+
+
+def cli_rows(name: str, rate: float, duration_s: float, max_context: int | None) -> list[TraceRow]:
+    """The rows `kvgate sim --workload NAME --rate RATE --duration D --max-context M` replays."""
+    return workload_rows(make_workload(name, rate, 0, max_context), duration_s, BLOCK_SIZE, 0)
+
+
+def live_rows(seed: int) -> list[TraceRow]:
+    """The live agentic run's turns (rate 1, 90 s) with one-character replies, as `--eos-after 1`."""
+    config = workloads.AgenticConfig(plain_tools=True, max_context_tokens=MAX_CONTEXT)
+    workload = workloads.AgenticWorkload(config, 1.0, seed)
+    text = TextSource(seed + 1)
+    rng = random.Random(seed)
+    rows: list[TraceRow] = []
+    for offset, session in workload.sessions():
+        if offset > 90:
+            break
+        turn = session.next_turn(None)
+        index = 0
+        while turn is not None:
+            prompt = render(turn.messages)
+            if rows and index and turn.tool_result:  # the previous turn ended in a tool call
+                rows[-1] = msgspec.structs.replace(rows[-1], stop="tool_use")
+            hashes = block_hashes_of_bytes(tokens_to_bytes(list(prompt)), BLOCK_SIZE)
+            rows.append(
+                TraceRow(
+                    timestamp=offset * 1000.0,
+                    input_length=len(prompt),
+                    output_length=turn.max_tokens,
+                    hash_ids=hashes,
+                    session_id=session.session_id,
+                    turn=index,
+                    delay_ms=turn.delay_s * 1000.0,
+                    stop="end_turn",
+                )
+            )
+            turn = session.next_turn(text.text(1, rng))
+            index += 1
+    return rows
+
+
+def sub_agent_rows(rate: float, fork: int, half: bool) -> list[TraceRow]:
+    """`agentic` rows plus sub-agents forked at the parent's turn `fork` (the module's docstring)."""
+    rows = cli_rows("agentic", rate, 90, MAX_CONTEXT)
+    sessions: dict[str, list[TraceRow]] = {}
+    for row in rows:
+        sessions.setdefault(row.session_id or "", []).append(row)
+    keys = list(sessions)
+    rng = random.Random(1000)
+    fresh = iter(range(1 << 40, 1 << 41))  # hash ids no prompt of the workload has
+    children: list[TraceRow] = []
+    for i, key in enumerate(keys):
+        turns = sessions[key]
+        if len(turns) <= max(1, fork) or rng.random() >= 0.5:
+            continue
+        base = turns[fork].hash_ids
+        ids = base[: len(base) // 2] if half else list(base)
+        ids += [next(fresh) for _ in range(TASK_BLOCKS)]
+        start = turns[0].timestamp + sum(min(t.delay_ms, 10_000) + 2_000 for t in turns[1 : fork + 1]) + 3_000
+        donor = sessions[keys[(i + 1) % len(keys)]]
+        for n, like in enumerate(donor):
+            if n:
+                grown = max(1, (like.input_length - donor[n - 1].input_length) // BLOCK_SIZE)
+                if (len(ids) + grown) * BLOCK_SIZE > MAX_CONTEXT:
+                    break
+                ids += [next(fresh) for _ in range(grown)]
+            children.append(
+                TraceRow(
+                    timestamp=start,
+                    input_length=len(ids) * BLOCK_SIZE + 5,
+                    output_length=like.output_length,
+                    hash_ids=list(ids),
+                    session_id=f"{key}/sub1",
+                    turn=n,
+                    delay_ms=like.delay_ms if n else 0.0,
+                    stop="tool_use",
+                )
+            )
+        children[-1] = msgspec.structs.replace(children[-1], stop="end_turn")
+    return sorted(rows + children, key=lambda r: (r.timestamp, r.session_id or "", r.turn))
+
+
+def mixed_rows() -> list[TraceRow]:
+    """`prefix` 10 requests/s (no session ids) with `agentic` 0.1 sessions/s, by arrival."""
+    one_shot = workload_rows(make_workload("prefix", 10, 0, None), 120, BLOCK_SIZE, 0)
+    return sorted(one_shot + cli_rows("agentic", 0.1, 90, MAX_CONTEXT), key=lambda r: r.timestamp)
+
+
+GRID: dict[str, Callable[[], list[TraceRow]]] = {
+    **{f"agentic {r}": (lambda r=r: cli_rows("agentic", r, 90, MAX_CONTEXT)) for r in (0.1, 0.15, 0.2, 0.3)},
+    **{f"chat {r}": (lambda r=r: cli_rows("chat", r, 120, None)) for r in (1, 2, 4)},
+    **{
+        f"sub-agents {shape} {r}": (lambda r=r, fork=fork, half=half: sub_agent_rows(r, fork, half))
+        for r in (0.1, 0.3)
+        for shape, fork, half in (("turn 1", 1, False), ("half", 1, True), ("turn 3", 3, False))
+    },
+    "prefix 10 + agentic 0.1": mixed_rows,
+}
+
+
+def replay(rows: list[TraceRow], policy: str, settings: dict[str, object], seed: int = 0) -> SimRun:
+    config = SimConfig(workers=4, num_blocks=4096, block_size=BLOCK_SIZE, seed=seed, router_settings=settings)
+    workload = Workload(rows, block_size=BLOCK_SIZE, trace_block_size=BLOCK_SIZE, max_think_s=10.0)
+    return run_policy(workload, policy, config)[0]
+
+
+def mean_ttft_ms(run: SimRun) -> float:
+    return 1000.0 * float(np.mean([r.first_token - r.arrival for r in run.records if r.ok]))
+
+
+def live_window(run: SimRun) -> tuple[float, float, float, int]:
+    """TTFT p50, p90, mean (ms) of the turns that arrived before 90 s and had a first token by 120 s,
+    and how many arrived before 90 s without one."""
+    ttft: list[float] = []
+    late = 0
+    for r in run.records:
+        if r.arrival >= 90.0:
+            continue
+        if r.ok and 0.0 <= r.first_token <= 120.0:
+            ttft.append(1000.0 * (r.first_token - r.arrival))
+        else:
+            late += 1
+    p50, p90 = np.percentile(ttft, [50, 90])
+    return float(p50), float(p90), float(np.mean(ttft)), late
+
+
+def parse_settings(pairs: list[str]) -> dict[str, object]:
+    """`NAME=VALUE` router settings (values read as JSON, else kept as text), as `kvgate sim --set`."""
+    settings: dict[str, object] = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            settings[name] = msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            settings[name] = value
+    return settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadgen.sim.shapes", description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=("grid", "live"))
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--rows", default="", help="grid: only the rows whose names start so (comma list)")
+    parser.add_argument("--seeds", default="1,2,3", help="live: the loadgen seeds")
+    args = parser.parse_args()
+    settings = parse_settings(args.settings)
+    if args.what == "live":
+        for seed in (int(s) for s in args.seeds.split(",")):
+            p50, p90, mean, late = live_window(replay(live_rows(seed), "session_kv", settings, seed))
+            figures = f"{p50:,.0f} / {p90:,.0f} / {mean:,.0f} ms"
+            print(f"seed {seed}: TTFT p50 / p90 / mean {figures} ({late} without a first token by 120 s)")
+        return
+    wanted = [w for w in args.rows.split(",") if w]
+    for name, build in GRID.items():
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
+        rows = build()
+        best = min(mean_ttft_ms(replay(rows, p, {})) for p in BASELINES)
+        ours = mean_ttft_ms(replay(rows, "session_kv", settings))
+        print(f"{name:26s} session_kv {ours:9,.1f} ms, best baseline {best:9,.1f} ms: {ours / best:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The predicted wait for device memory (router/policies/memory_wait.py) and what session_kv does with it."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.config import RouterConfig
+from router.policies.base import RouterView
+from router.policies.session_kv import SessionKv
+from router.protocol import BlockStored, KvEventBatch, LoadReport, WorkerRegistration
+from router.request import Decision, RouteRequest
+from router.router import Router
+
+BS = 16
+
+
+def make(n: int = 2, **config: object) -> Router:
+    router = Router(policy="session_kv", config=RouterConfig(**config), seed=1)
+    for i in range(n):
+        router.add_worker(WorkerRegistration(f"w{i}", f"http://w{i}", "m", BS, 1000, "mock", 1, 0.0), 0.0)
+    return router
+
+
+def chain(n: int, base: int) -> list[int]:
+    return list(range(base, base + n))
+
+
+def decoding(router: Router, worker: str, rid: str, blocks: int, output: int, base: int) -> None:
+    """A request of `blocks` prompt blocks picked on `worker` at 0 s, decoding `output` tokens from then."""
+    request = RouteRequest(rid, "m", chain(blocks, base), blocks * BS, rid, expected_output_tokens=output)
+    assert router.record(request, Decision(worker, 0, 0.0, "load"), 0.0)
+    router.on_first_token(rid, 0.0)
+
+
+def report(router: Router, worker: str, running: int, used: int, now: float, waiting: int = 0) -> None:
+    # decode tokens/s = running x 10: one token every 0.1 s per request
+    prefill = 1000 * waiting
+    load = LoadReport(worker, now, running, waiting, prefill, used, 1000, 10_000.0, 10.0 * running)
+    router.apply_load(load, now)
+
+
+def test_the_wait_lasts_until_the_decodes_in_flight_free_enough_blocks() -> None:
+    # w0 runs two decodes of 400 prompt blocks, 100 and 300 tokens to go at a token every 0.1 s, and has
+    # 820 of its 1,000 blocks in use 1 s in. A 300-block prompt does not fit: it waits for the first
+    # decode to end at 10 s, which frees more than the 120 blocks missing plus what the other decode
+    # grew meanwhile: 9 s. One of 150 blocks fits now; on an idle worker nothing waits.
+    router = make()
+    decoding(router, "w0", "a", 400, 100, 10_000)
+    decoding(router, "w0", "b", 400, 300, 20_000)
+    report(router, "w0", 2, 820, 1.0)
+    report(router, "w1", 0, 0, 1.0)
+    policy = router.policy
+    assert isinstance(policy, SessionKv)
+    view = RouterView(router.workers(), router.index, router.approx, router.load, None, BS, 1.0)
+    assert policy._memory_wait(view, "w0", chain(300, 30_000)) == pytest.approx(9_000.0)
+    assert policy._memory_wait(view, "w0", chain(150, 30_000)) == 0.0
+    assert policy._memory_wait(view, "w1", chain(300, 30_000)) == 0.0
+    # a prompt that shares its first 200 blocks with decode a takes no new blocks for them: it fits
+    assert policy._memory_wait(view, "w0", chain(200, 10_000) + chain(100, 30_000)) == 0.0
+
+
+def pool_with_a_long_decode(w1_running: int, w1_waiting: int = 0, **config: object) -> Router:
+    """Session s's first turn (280 blocks) ran on w0 and is cached there; w0 now runs a 500-block
+    request with 300 tokens to decode (30 s), 820 of its 1,000 blocks in use; w1 holds nothing."""
+    router = make(**config)
+    first = RouteRequest("s1", "m", chain(280, 50_000), 280 * BS, "s", expected_output_tokens=10)
+    assert router.record(first, Decision("w0", 0, 0.0, "load"), 0.0)
+    router.on_first_token("s1", 0.0)
+    router.on_complete("s1", 0.0, "stop", 10)
+    assert router.apply_kv_batch(KvEventBatch("w0", 1, 0, 0.0, [BlockStored(chain(280, 50_000))]), 0.0)
+    decoding(router, "w0", "a", 500, 300, 10_000)
+    report(router, "w0", 1, 820, 1.0)
+    report(router, "w1", w1_running, 0, 1.0, w1_waiting)
+    return router
+
+
+def test_a_turn_that_would_wait_for_memory_moves_to_an_idle_worker_with_room() -> None:
+    # s's next turn (300 blocks, 280 of them cached on w0) does not fit beside w0's long decode: it would
+    # wait ~29 s there. The estimate prices that wait as the prefill of the 120 blocks over capacity, so
+    # without the rule it stays; with it, it goes to w1, idle, where its prefill takes well under 29 s.
+    turn = RouteRequest("s2", "m", chain(280, 50_000) + chain(20, 60_000), 300 * BS, "s")
+    assert pool_with_a_long_decode(0).pick(turn, 1.0).worker_id == "w0"
+    moved = pool_with_a_long_decode(0, memory_wait_move=1.0).pick(turn, 1.0)
+    assert (moved.worker_id, moved.reason) == ("w1", "memory")
+    # a worker running two requests is no way out (the wait would spread to the sessions living there),
+    # nor one with a prompt queued (it is about to take blocks its report does not count yet)
+    assert pool_with_a_long_decode(2, memory_wait_move=1.0).pick(turn, 1.0).worker_id == "w0"
+    assert pool_with_a_long_decode(0, 1, memory_wait_move=1.0).pick(turn, 1.0).worker_id == "w0"
