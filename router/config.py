@@ -116,7 +116,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # memory (router/policies/memory_wait.py) goes to a nearly idle worker with room for it now, or back
     # to its session's worker when the wait there is shorter, where that worker's estimate is below the
     # chosen one's plus this many times the predicted wait (0: off; docs/SESSION_KV.md, "The choice")
-    memory_wait_move: float = 0.0
+    memory_wait_move: float = 1.0
     # with a host tier (the worker's load report gives its size), live blocks beyond the device that fit
     # on the host cost only the onboarding (1 - host_credit) of the memory pressure. Off: it gathers
     # sessions whose running turns then wait for device room (docs/TIERS.md)

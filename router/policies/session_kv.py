@@ -130,16 +130,16 @@ class SessionKv(Policy):
             credit, _ = self._credit(view, chain, overlap)
             return self._warmup_pick(request, view, overlap, credit)
         best = min(costs.values())
-        worker, reason = "", why
+        worker, reason, tolerance = "", why, 0.0
         if sticky is not None and sticky in costs:
             tolerance = self._affinity_tolerance_ms(request, view, overlap, costs, best, sticky, why)
             if tolerance is not None and costs[sticky] <= best + tolerance:
                 worker = sticky
         if not worker:
-            worker = self._break_tie(view, overlap, costs, best)
+            worker, tolerance = self._break_tie(view, overlap, costs, best), 0.0
             reason = "overlap" if overlap.get(worker) else "load"
         if self.config.memory_wait_move and not is_inferred(request.session_id):
-            room = self._out_of_memory_wait(request, view, overlap, costs, worker)
+            room = self._out_of_memory_wait(request, view, overlap, costs, worker, tolerance)
             if room is not None:
                 worker, reason = room, "memory"
         return self._decide(request, view, worker, overlap, costs, reason)
@@ -151,17 +151,19 @@ class SessionKv(Policy):
         overlap: dict[str, int],
         costs: dict[str, float],
         chosen: str,
+        tolerance: float,
     ) -> str | None:
         """Where a named session's turn goes instead of `chosen` when it would wait there for running
         requests to free device memory (router/policies/memory_wait.py), or None: it stays. The estimate
         prices that wait as the prefill of the blocks over capacity (`inflight_pressure_factor`), where
         it lasts the running requests' remaining decodes: seconds, a minute behind a long one. Two ways
-        out, each only where its estimate is below the chosen one's plus `memory_wait_move` x the wait:
-        the cheapest nearly idle worker (`_nearly_idle`) with room for the turn now, or the session's
-        own worker (which the costs left because the turn did not fit there either) when its own
-        predicted wait is the shorter and it runs no more requests than `chosen`. A busier worker is no
-        way out: on a pool past its memory every move there spreads the wait to the sessions living
-        there (docs/EXPERIMENTS.md, "Live, sixth pass")."""
+        out, each only where its estimate is below the chosen one's plus `memory_wait_move` x the wait
+        (less the `tolerance` the session hold granted `chosen`: the wait joins its estimate, the hold
+        stays as it was): the cheapest nearly idle worker (`_nearly_idle`) with room for the turn now,
+        or the session's own worker (which the costs left because the turn did not fit there either)
+        when its own predicted wait is the shorter and it runs no more requests than `chosen`. A busier
+        worker is no way out: on a pool past its memory every move there spreads the wait to the
+        sessions living there (docs/EXPERIMENTS.md, "Live, sixth pass")."""
         chain = request.block_hashes
         wait = self._memory_wait(view, chosen, chain)
         if wait <= 0.0:
@@ -171,7 +173,7 @@ class SessionKv(Policy):
         weight = self.config.memory_wait_move
         limit = costs[chosen] + weight * wait
         for w in sorted(costs, key=costs.__getitem__):
-            if costs[w] >= limit:
+            if costs[w] + tolerance >= limit:
                 break
             if w != chosen and self._nearly_idle(view, w) and not self._memory_wait(view, w, chain):
                 return w

@@ -77,12 +77,13 @@ def pool_with_a_long_decode(w1_running: int, w1_waiting: int = 0, **config: obje
 def test_a_turn_that_would_wait_for_memory_moves_to_an_idle_worker_with_room() -> None:
     # s's next turn (300 blocks, 280 of them cached on w0) does not fit beside w0's long decode: it would
     # wait ~29 s there. The estimate prices that wait as the prefill of the 120 blocks over capacity, so
-    # without the rule it stays; with it, it goes to w1, idle, where its prefill takes well under 29 s.
+    # without the rule (memory_wait_move 0) it stays; with it (the default) it goes to w1, idle, where
+    # its prefill takes well under 29 s.
     turn = RouteRequest("s2", "m", chain(280, 50_000) + chain(20, 60_000), 300 * BS, "s")
-    assert pool_with_a_long_decode(0).pick(turn, 1.0).worker_id == "w0"
-    moved = pool_with_a_long_decode(0, memory_wait_move=1.0).pick(turn, 1.0)
+    assert pool_with_a_long_decode(0, memory_wait_move=0.0).pick(turn, 1.0).worker_id == "w0"
+    moved = pool_with_a_long_decode(0).pick(turn, 1.0)
     assert (moved.worker_id, moved.reason) == ("w1", "memory")
     # a worker running two requests is no way out (the wait would spread to the sessions living there),
     # nor one with a prompt queued (it is about to take blocks its report does not count yet)
-    assert pool_with_a_long_decode(2, memory_wait_move=1.0).pick(turn, 1.0).worker_id == "w0"
-    assert pool_with_a_long_decode(0, 1, memory_wait_move=1.0).pick(turn, 1.0).worker_id == "w0"
+    assert pool_with_a_long_decode(2).pick(turn, 1.0).worker_id == "w0"
+    assert pool_with_a_long_decode(0, 1).pick(turn, 1.0).worker_id == "w0"
