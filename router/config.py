@@ -168,6 +168,11 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # more e2e; without a host tier the decode parts recompute what was evicted, and it does not pay
     # (docs/EXPERIMENTS.md, "Host tier, seventh pass")
     split_fcfs: bool = True
+    # the decode part in slices of at most this many tokens (0: whole), each a request of its own (the
+    # prompt and the output so far) queued behind the prompts sent before it: a preemption the gateway
+    # makes every slice on a first-come-first-served engine. Simulated only (the live gateway joins
+    # two parts, not more); off: docs/EXPERIMENTS.md, "Host tier, seventh pass"
+    decode_slice_tokens: int = 0
 
     def __post_init__(self) -> None:
         bounded = ["max_sessions", "max_session_bytes", "max_inflight", "approx_blocks_per_worker"]
@@ -177,6 +182,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"{name} must be at least 1")
         if not 0 <= self.pin_min_s <= self.pin_max_s:
             raise ValueError("need 0 <= pin_min_s <= pin_max_s")
+        if self.decode_slice_tokens < 0:
+            raise ValueError("decode_slice_tokens must not be negative")
         if self.host_keep_factor < 0:
             raise ValueError("host_keep_factor must not be negative")
         if not 0 <= self.think_alpha <= 1:

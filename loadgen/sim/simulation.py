@@ -156,6 +156,10 @@ class Simulation:
         # id -> the turn's, and the turns whose prompt is in flight -> their decode's priority
         self._decodes: dict[str, str] = {}
         self._decode_priority: dict[str, tuple[int, str | None]] = {}
+        # decodes sent in slices (RouterConfig.decode_slice_tokens): a slice's id -> the output tokens
+        # before it, its priority and session
+        self._slice_tokens = self.router.config.decode_slice_tokens
+        self._slices: dict[str, tuple[int, int, str | None]] = {}
         self._open = len(workload)  # turns not finished yet (arrived or not)
         self._next_index = 0
         self._last_progress = 0.0
@@ -275,25 +279,46 @@ class Simulation:
             self._decode_priority.pop(turn.request_id, None)
             self._finish(turn.request_id, 0, ok=False)
 
-    def _submit_decode(self, request_id: str, priority: int, session_id: str | None) -> None:
+    def _submit_decode(
+        self, request_id: str, priority: int, session_id: str | None, produced: int = 1
+    ) -> None:
         """A turn's decode as the gateway sends it: the prompt and its first token, the rest of the
-        output to generate, at `priority`, to the worker that computed the prompt."""
+        output to generate, at `priority`, to the worker that computed the prompt. With
+        `decode_slice_tokens` (K), at most K tokens a request: each slice's end sends the next (the
+        prompt and the `produced` output so far), queued behind the prompts sent before it."""
         turn, record = self._turns[request_id]
         row = turn.row
+        size = max(1, row.output_length - produced)
         decode_id = request_id + "/decode"
+        if self._slice_tokens:
+            size = min(size, self._slice_tokens)
+            if produced > 1:
+                decode_id += str(produced)
+            self._slices[decode_id] = (produced, priority, session_id)
         self._decodes[decode_id] = request_id
         try:
             self.workers[record.worker].submit(
                 decode_id,
-                row.input_length + 1,
+                row.input_length + produced,
                 self.workload.block_hashes(row),
-                max(1, row.output_length - 1),
+                size,
                 session_id,
                 priority,
             )
         except ValueError:
             del self._decodes[decode_id]
-            self._finish(request_id, 1, ok=False)
+            self._slices.pop(decode_id, None)
+            self._finish(request_id, produced, ok=False)
+
+    def _slice_done(self, slice_id: str, request_id: str, completion_tokens: int, ok: bool) -> int | None:
+        """A decode slice ended: the next one goes (None), or the turn ends with its output tokens."""
+        before, priority, session_id = self._slices.pop(slice_id)
+        produced = before + completion_tokens
+        if ok and produced < self._turns[request_id][0].row.output_length:
+            delay = self.config.bus_delay_s
+            self.loop.after(delay, self._submit_decode, request_id, priority, session_id, produced)
+            return None
+        return produced
 
     def _on_outputs(self, worker_id: str, outputs: list[RequestOutput]) -> None:
         self.loop.settle()
@@ -307,7 +332,11 @@ class Simulation:
                     if out.finished:
                         del self._decodes[request_id]
                         ok = out.completion_tokens > 0 and out.finish_reason != "abort"
-                        self._finish(decode_of, out.completion_tokens + 1, ok)
+                        produced: int | None = out.completion_tokens + 1
+                        if self._slices:
+                            produced = self._slice_done(request_id, decode_of, out.completion_tokens, ok)
+                        if produced is not None:
+                            self._finish(decode_of, produced, ok)
                     continue
             entry = self._turns.get(request_id)
             if entry is None:
@@ -472,10 +501,12 @@ class Simulation:
         self.router.expire(now)
         if self._turns and now - self._last_progress > self.config.stall_timeout_s:
             # nothing moved for an hour of virtual time: fail what is in flight rather than spin
+            decodes = {turn_id: decode_id for decode_id, turn_id in self._decodes.items()}
             for request_id, (_turn, record) in list(self._turns.items()):
                 self.workers[record.worker].abort(request_id)
-                self.workers[record.worker].abort(request_id + "/decode")
+                self.workers[record.worker].abort(decodes.get(request_id, request_id + "/decode"))
                 self._decode_priority.pop(request_id, None)
                 self._finish(request_id, 0, ok=False)
             self._decodes.clear()
+            self._slices.clear()
         self.loop.after(self.config.expire_interval_s, self._expire_tick)

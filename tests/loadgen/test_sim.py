@@ -295,6 +295,32 @@ def test_a_prompt_goes_before_a_decode_sent_apart_on_a_first_come_first_served_e
     assert [(r.first_token, r.finish, r.cached_tokens) for r in runs["cache_aware", True, 256]] == baseline
 
 
+def test_a_decode_sent_in_slices_lets_a_later_prompt_in_between_them() -> None:
+    """Known by construction: one first-come-first-served worker of 64 blocks with a host tier; A's
+    300-token decode part runs when B's prompt (40 blocks, nothing shared) arrives, which does not fit
+    beside it. Sent whole, B waits for A's whole decode; in slices of 64 tokens (`decode_slice_tokens`)
+    B's prompt goes when the running slice ends, before A's next slice, and A still ends with all of its
+    300 tokens."""
+    a = TraceRow(timestamp=0.0, input_length=640, output_length=300, hash_ids=[1, 2, 3, 4, 5], session_id="a")
+    b = TraceRow(
+        timestamp=1000.0, input_length=640, output_length=4, hash_ids=[6, 7, 8, 9, 10], session_id="b"
+    )
+    runs = {}
+    for slices in (0, 64):
+        config = small_config(workers=1, num_blocks=64, host_blocks=256)
+        router_config = RouterConfig(decode_slice_tokens=slices)
+        run = Simulation(workload([a, b]), "session_kv", config, router_config).run()
+        assert all(r.ok for r in run.records)
+        assert [r.output_tokens for r in run.records] == [300, 4]
+        runs[slices] = run.records
+    (a_whole, b_whole), (a_sliced, b_sliced) = runs[0], runs[64]
+    assert b_whole.first_token > a_whole.finish  # it waited for A's whole decode
+    assert a_sliced.first_token == a_whole.first_token and b_sliced.first_token < a_sliced.finish
+    assert b_sliced.first_token - b_sliced.arrival < (b_whole.first_token - b_whole.arrival) / 2
+    with pytest.raises(ValueError, match="decode_slice_tokens"):
+        RouterConfig(decode_slice_tokens=-1)
+
+
 # every Router method the simulation calls that could read the load view
 ROUTER_CALLS = (
     "resolve_session",
