@@ -261,11 +261,14 @@ async def test_a_pin_hint_with_a_nan_ttl_pins_nothing(setup: Setup, nats_url: st
     loop, publisher, _ = setup
     nc = await nats.connect(nats_url)
     subject = publisher.subjects.pin(publisher.worker_id)
-    await nc.publish(subject, encode(PinHint("nan", [1, 2, 3], math.nan)))
-    await nc.publish(subject, encode(PinHint("finite", [4, 5], 60.0)))  # taken after the first
-    await nc.flush()
     pins = loop.engine.block_manager.pins
-    await settle(lambda: "finite" in pins.sessions(), 30.0)
+    async with asyncio.timeout(30):
+        # sent again until taken: a hint sent before the worker's subscription took effect is lost
+        while "finite" not in pins.sessions():
+            await nc.publish(subject, encode(PinHint("nan", [1, 2, 3], math.nan)))
+            await nc.publish(subject, encode(PinHint("finite", [4, 5], 60.0)))  # taken after the first
+            await nc.flush()
+            await asyncio.sleep(0.1)
     assert list(pins.sessions()) == ["finite"]
     await nc.close()
 
