@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import random
 from collections.abc import Callable
+from functools import partial
 
 import msgspec
 import numpy as np
@@ -130,10 +131,10 @@ def mixed_rows() -> list[TraceRow]:
 
 
 GRID: dict[str, Callable[[], list[TraceRow]]] = {
-    **{f"agentic {r}": (lambda r=r: cli_rows("agentic", r, 90, MAX_CONTEXT)) for r in (0.1, 0.15, 0.2, 0.3)},
-    **{f"chat {r}": (lambda r=r: cli_rows("chat", r, 120, None)) for r in (1, 2, 4)},
+    **{f"agentic {r}": partial(cli_rows, "agentic", r, 90, MAX_CONTEXT) for r in (0.1, 0.15, 0.2, 0.3)},
+    **{f"chat {r}": partial(cli_rows, "chat", r, 120, None) for r in (1, 2, 4)},
     **{
-        f"sub-agents {shape} {r}": (lambda r=r, fork=fork, half=half: sub_agent_rows(r, fork, half))
+        f"sub-agents {shape} {r}": partial(sub_agent_rows, r, fork, half)
         for r in (0.1, 0.3)
         for shape, fork, half in (("turn 1", 1, False), ("half", 1, True), ("turn 3", 3, False))
     },

@@ -132,9 +132,9 @@ class SessionKv(Policy):
         best = min(costs.values())
         worker, reason, tolerance = "", why, 0.0
         if sticky is not None and sticky in costs:
-            tolerance = self._affinity_tolerance_ms(request, view, overlap, costs, best, sticky, why)
-            if tolerance is not None and costs[sticky] <= best + tolerance:
-                worker = sticky
+            hold = self._affinity_tolerance_ms(request, view, overlap, costs, best, sticky, why)
+            if hold is not None and costs[sticky] <= best + hold:
+                worker, tolerance = sticky, hold
         if not worker:
             worker, tolerance = self._break_tie(view, overlap, costs, best), 0.0
             reason = "overlap" if overlap.get(worker) else "load"
@@ -744,7 +744,7 @@ class SessionKv(Policy):
         stall_factor = self.config.stall_factor
         if stall_factor and report is not None and report.total_blocks > 0:
             # the running requests wait out this prefill too (the docstring's "Stall")
-            running = report.running if now <= wl.fresh_until else wl.requests
+            running: float = report.running if now <= wl.fresh_until else wl.requests
             one_shot = self._one_shot_count.get(w, 0)
             if one_shot and wl.requests and not self.config.stall_counts_one_shot:
                 # the running one-shot requests (their share of those in flight there) are stalled in
