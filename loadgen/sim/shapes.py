@@ -32,11 +32,9 @@ import numpy as np
 from loadgen import workloads
 from loadgen.sim.compare import run_policy
 from loadgen.sim.simulation import SimConfig, SimRun
-from loadgen.sim.synthetic import make_workload, render, workload_rows
+from loadgen.sim.synthetic import make_workload, workload_rows
 from loadgen.sim.workload import Workload
-from loadgen.text import TextSource
 from loadgen.trace import TraceRow
-from router.hashing import block_hashes_of_bytes, tokens_to_bytes
 
 BLOCK_SIZE = 16
 BASELINES = ("kv_overlap", "cache_aware")
@@ -52,35 +50,7 @@ def cli_rows(name: str, rate: float, duration_s: float, max_context: int | None)
 def live_rows(seed: int) -> list[TraceRow]:
     """The live agentic run's turns (rate 1, 90 s) with one-character replies, as `--eos-after 1`."""
     config = workloads.AgenticConfig(plain_tools=True, max_context_tokens=MAX_CONTEXT)
-    workload = workloads.AgenticWorkload(config, 1.0, seed)
-    text = TextSource(seed + 1)
-    rng = random.Random(seed)
-    rows: list[TraceRow] = []
-    for offset, session in workload.sessions():
-        if offset > 90:
-            break
-        turn = session.next_turn(None)
-        index = 0
-        while turn is not None:
-            prompt = render(turn.messages)
-            if rows and index and turn.tool_result:  # the previous turn ended in a tool call
-                rows[-1] = msgspec.structs.replace(rows[-1], stop="tool_use")
-            hashes = block_hashes_of_bytes(tokens_to_bytes(list(prompt)), BLOCK_SIZE)
-            rows.append(
-                TraceRow(
-                    timestamp=offset * 1000.0,
-                    input_length=len(prompt),
-                    output_length=turn.max_tokens,
-                    hash_ids=hashes,
-                    session_id=session.session_id,
-                    turn=index,
-                    delay_ms=turn.delay_s * 1000.0,
-                    stop="end_turn",
-                )
-            )
-            turn = session.next_turn(text.text(1, rng))
-            index += 1
-    return rows
+    return workload_rows(workloads.AgenticWorkload(config, 1.0, seed), 90, BLOCK_SIZE, seed, reply_tokens=1)
 
 
 def sub_agent_rows(rate: float, fork: int, half: bool) -> list[TraceRow]:

@@ -42,8 +42,11 @@ def render(messages: list[dict[str, Any]]) -> bytes:
     return ("".join(parts) + "<|im_start|>assistant\n").encode()
 
 
-def workload_rows(workload: Any, duration_s: float, block_size: int, seed: int = 0) -> list[TraceRow]:
-    """Every turn of the sessions that start within `duration_s`, as rows (sessions closed-loop)."""
+def workload_rows(
+    workload: Any, duration_s: float, block_size: int, seed: int = 0, reply_tokens: int | None = None
+) -> list[TraceRow]:
+    """Every turn of the sessions that start within `duration_s`, as rows (sessions closed-loop). Each
+    reply folded into the next prompt is `reply_tokens` long (None: its turn's `max_tokens`)."""
     text = TextSource(seed + 1)
     rng = random.Random(seed)
     rows: list[TraceRow] = []
@@ -70,7 +73,8 @@ def workload_rows(workload: Any, duration_s: float, block_size: int, seed: int =
                     stop="end_turn",
                 )
             )
-            turn = session.next_turn(text.text(turn.max_tokens, rng))
+            reply = turn.max_tokens if reply_tokens is None else reply_tokens
+            turn = session.next_turn(text.text(reply, rng))
             index += 1
     return rows
 
