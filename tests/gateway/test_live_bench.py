@@ -70,13 +70,16 @@ def test_a_policy_and_a_command_system_measured_with_the_same_workload(tmp_path:
     cells = {name: [c.strip() for c in row.split("|")[1:-1]] for name, row in rows.items()}
     assert cells["round_robin"][5] == "0" and cells["bare-worker"][5] == "0"  # errors
     assert cells["round_robin"][6] == "0" and cells["bare-worker"][6] == "0"  # unfinished: all were
-    assert float(cells["round_robin"][7]) > 0  # kvgate's own gateway: its CPU per request
+    # kvgate's own gateway: its CPU per request, read from /proc in clock ticks (10 ms), so six quick
+    # requests may round to 0 on an idle machine; a kvgate gateway gets a figure, nothing else does
+    assert float(cells["round_robin"][7]) >= 0
     assert cells["bare-worker"][7] == "-"  # not a kvgate gateway: no figure
     results = json.loads((tmp_path / "results.json").read_text())
     assert [(r["system"], r["seed"], r["summary"]["requests"]) for r in results] == [
         ("round_robin", 3, 6),
         ("bare-worker", 3, 6),
     ]
+    assert [r["gateway_cpu_ms_per_request"] is None for r in results] == [False, True]
     # the same seeded workload: the same prompts on both
     prompts = [r["summary"]["prompt_tokens"] for r in results]
     assert prompts[0] == prompts[1] > 0
