@@ -97,7 +97,7 @@ class Publisher:
         self._prefetches: dict[str, tuple[asyncio.TimerHandle, int]] = {}
         self._prefetch_hashes = 0  # listed by the pending prefetches together
         self.paused = False  # no heartbeat while set: the worker is off the bus (a bridged engine down)
-        self.ready = asyncio.Event()  # connected, stream and bucket in place, subscriptions made
+        self.ready = asyncio.Event()  # connected, stream and bucket in place, subscriptions on the server
         loop.on_events = self.add_events
         loop.on_finished = self._request_finished
 
@@ -167,6 +167,9 @@ class Publisher:
                 await asyncio.sleep(1.0)
         await nc.subscribe(self.subjects.dump(self.worker_id), cb=self._on_dump)
         await nc.subscribe(self.subjects.pin(self.worker_id), cb=self._on_pin)
+        # subscribe() only queues a SUB for the client's flusher, and a hint published before the
+        # server has it is dropped: a round trip first, before anyone is told this worker is ready
+        await self._round_trip(nc)
         create = asyncio.get_running_loop().create_task
         self._tasks += [
             create(self._heartbeat(nc), name="nats-heartbeat"),
@@ -174,6 +177,23 @@ class Publisher:
             create(self._publish_events(nc), name="nats-kv-events"),
         ]
         self.ready.set()
+
+    async def _round_trip(self, nc: NATS) -> None:
+        """Until the server has answered a request sent after everything queued so far. A request's
+        PUB goes through the client's queue behind the SUBs; nats-py's `flush()` is no such proof: it
+        writes its PING straight to the socket, ahead of the commands still queued. (NATS away: the
+        client sends its subscriptions again on reconnect, before anything else.)"""
+        while True:
+            try:
+                await nc.jetstream().stream_info(self.subjects.kv_stream)
+                return
+            except nats.js.errors.APIError:
+                return  # an error answer is an answer all the same
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("NATS round trip failed, retrying: %s", exc)
+                await asyncio.sleep(1.0)
 
     async def _ensure_stream(self, nc: NATS) -> None:
         js = nc.jetstream()
