@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nats", metavar="URL", help="NATS server [NATS_URL]; without it the worker publishes nothing"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8001, help="port to listen on")
+    parser.add_argument("--port", type=int, default=8001, help="port to listen on (0: any free one)")
     parser.add_argument("--advertise-url", help="URL the gateway should use (default http://HOST:PORT)")
     parser.add_argument("--model", help="served model name (default: the engine's own)")
     parser.add_argument("--model-path", help="torch: a local Hugging Face checkpoint folder")
@@ -258,14 +258,6 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, au
     tracing = Tracing("kvgate-worker", "kvgate.worker")
     settings = WorkerSettings(model_name=model_name, worker_id=worker_id)
     worker = WorkerApp(loop, tokenizer, settings, tracer=tracing.tracer)
-    url = args.advertise_url or f"http://{args.host}:{args.port}"
-    registration = _registration(args.engine, worker_id, url, model_name, engine, tokenizer)
-    publisher = None
-    if args.nats:
-        from engines.publisher import Publisher  # nats-py only when a bus is named
-
-        bundle = tokenizer.files.encode() if isinstance(tokenizer, HFTokenizer) else None
-        publisher = Publisher(args.nats, subjects, loop, registration, auth=auth, tokenizer_bundle=bundle)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -276,6 +268,15 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, au
     await app_runner.setup()
     site = web.TCPSite(app_runner, args.host, args.port, reuse_address=True)
     await site.start()
+    # --port 0: the port the system gave, so that nothing can take it between its choice and the bind
+    url = args.advertise_url or f"http://{args.host}:{app_runner.addresses[0][1]}"
+    registration = _registration(args.engine, worker_id, url, model_name, engine, tokenizer)
+    publisher = None
+    if args.nats:
+        from engines.publisher import Publisher  # nats-py only when a bus is named
+
+        bundle = tokenizer.files.encode() if isinstance(tokenizer, HFTokenizer) else None
+        publisher = Publisher(args.nats, subjects, loop, registration, auth=auth, tokenizer_bundle=bundle)
     if publisher is not None:
         await publisher.start()
     worker.ready = True

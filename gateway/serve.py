@@ -35,7 +35,7 @@ log = logging.getLogger("kvgate.gateway")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats", default=None, help="NATS URL, e.g. nats://127.0.0.1:4222 [NATS_URL]")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
     parser.add_argument("--policy", default="session_kv", choices=sorted(POLICIES), help="routing policy")
     parser.add_argument("--namespace", default="kvgate", help="bus namespace shared with the workers")
     _add_access_arguments(parser)
@@ -202,7 +202,7 @@ async def serve(config: GatewayConfig, host: str, port: int, stop: asyncio.Event
         log.info(
             "gateway listening on http://%s:%d (policy %s, namespace %s, NATS %s)",
             host,
-            port,
+            runner.addresses[0][1],  # the port the system gave for --port 0
             config.policy,
             config.namespace,
             redact_url(config.nats_url),

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -66,9 +67,12 @@ class WorkerProcess:
         return self.proc.returncode
 
 
-def start_worker(nats_url: str, namespace: str, *extra: str, engine: str = "mock") -> WorkerProcess:
-    port = free_port()
-    worker_id = f"w{port}"
+def start_worker(
+    nats_url: str, namespace: str, *extra: str, engine: str = "mock", port: int | None = None
+) -> WorkerProcess:
+    """`port` 0: the system's choice, read from the ready line."""
+    port = free_port() if port is None else port
+    worker_id = f"w{port or uuid.uuid4().hex[:8]}"
     cmd = [sys.executable, "-m", "gateway.cli", "worker", "--engine", engine, "--nats", nats_url]
     cmd += ["--port", str(port), "--namespace", namespace, "--worker-id", worker_id, "--num-blocks", "256"]
     cmd += ["--block-size", str(BLOCK), "--log-level", "WARNING", *extra]
@@ -87,7 +91,8 @@ def start_worker(nats_url: str, namespace: str, *extra: str, engine: str = "mock
             raise AssertionError(f"worker exited with {proc.returncode}")
         if " ready on " in line:
             os.set_blocking(proc.stdout.fileno(), False)  # nobody reads the rest: never block on it
-            return WorkerProcess(proc, f"http://127.0.0.1:{port}", worker_id, line)
+            url = line.split(" ready on ", 1)[1].split()[0] if port == 0 else f"http://127.0.0.1:{port}"
+            return WorkerProcess(proc, url, worker_id, line)
     proc.kill()
     raise AssertionError("worker did not become ready")
 
@@ -203,6 +208,24 @@ async def test_same_prompt_twice_torch(nats_url: str, namespace: str) -> None:
     finally:
         await nc.close()
         assert process.stop() == 0
+
+
+async def test_port_0_listens_where_the_system_put_it(nats_url: str, namespace: str) -> None:
+    """A port chosen by the system at the bind, not picked beforehand and bound later (by then another
+    process may hold it): the ready line and the registration name the port actually bound."""
+    worker = start_worker(nats_url, namespace, port=0)
+    try:
+        assert not worker.url.endswith(":0")
+        assert read_url(worker.url + "/health")
+        nc = await nats.connect(nats_url)
+        try:
+            subjects = Subjects(namespace)
+            _kv, entry = await registry_entry(nc.jetstream(), subjects.registry_bucket, worker.worker_id)
+            assert decode(entry.value, WorkerRegistration).url == worker.url
+        finally:
+            await nc.close()
+    finally:
+        assert worker.stop() == 0
 
 
 async def test_registration_load_dump_pin_and_clean_shutdown(
