@@ -90,7 +90,10 @@ async def test_exceptions_are_retrieved_and_logged_not_raised(caplog: pytest.Log
         del early, late
         gc.collect()
         await asyncio.sleep(0)
-        assert unhandled == []  # no "Task exception was never retrieved"
+        # no "Task exception was never retrieved" for these two (the collection may also find an earlier
+        # test's garbage: an HTTP client's task left on a closed loop, seen in a full run)
+        named = [getattr(c.get("future"), "get_name", lambda: "")() for c in unhandled]
+        assert [name for name in named if name in ("early", "late")] == []
     finally:
         loop.set_exception_handler(previous)
 
