@@ -53,6 +53,8 @@ MAX_PENDING_EVENTS = 100_000  # beyond this (NATS away for long) events are drop
 # hashes listed by the pending prefetches together (~40 MB): pin hints come from the bus, one per
 # session, each up to a message's size; past this the oldest pending prefetches are dropped
 MAX_PREFETCH_HASHES = 1 << 20
+# and their sessions (each id up to MAX_SESSION_ID_CHARS): a flood of one-block hints stays ~64 MiB
+MAX_PREFETCH_SESSIONS = 1 << 16
 STOP_TIMEOUT_S = 5.0  # stop() in all: tasks 40 %, final flush and deregistration 35 %, close 25 %
 
 
@@ -330,12 +332,16 @@ class Publisher:
 
     def _schedule_prefetch(self, session_id: str, block_hashes: list[int], after_s: float) -> None:
         """One pending prefetch per session, replaced by a newer hint; together they list at most
-        `MAX_PREFETCH_HASHES` hashes (the oldest dropped first, a longer one cut to its first blocks)."""
+        `MAX_PREFETCH_HASHES` hashes for at most `MAX_PREFETCH_SESSIONS` sessions (the oldest dropped
+        first, a longer one cut to its first blocks)."""
         self._cancel_prefetch(session_id)
         hashes = block_hashes[:MAX_PREFETCH_HASHES]
         if not hashes:
             return
-        while self._prefetch_hashes + len(hashes) > MAX_PREFETCH_HASHES:
+        while (
+            self._prefetch_hashes + len(hashes) > MAX_PREFETCH_HASHES
+            or len(self._prefetches) >= MAX_PREFETCH_SESSIONS
+        ):
             self._cancel_prefetch(next(iter(self._prefetches)))
         timer = asyncio.get_running_loop().call_later(after_s, self._start_prefetch, session_id, hashes)
         self._prefetches[session_id] = (timer, len(hashes))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from router.protocol import MAX_SESSION_ID_CHARS
+
 
 class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # --- block index
@@ -182,6 +184,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"{name} must be at least 1")
         if not 0 <= self.pin_min_s <= self.pin_max_s:
             raise ValueError("need 0 <= pin_min_s <= pin_max_s")
+        if not 0 <= self.max_session_id_len <= MAX_SESSION_ID_CHARS:  # pin hints carry the ids
+            raise ValueError(f"max_session_id_len must be between 0 and {MAX_SESSION_ID_CHARS}")
         if self.decode_slice_tokens < 0:
             raise ValueError("decode_slice_tokens must not be negative")
         if self.host_keep_factor < 0:

@@ -181,13 +181,19 @@ def registration_problem(registration: WorkerRegistration, key: str | None = Non
     return None
 
 
+# A router's session id: an explicit one up to `RouterConfig.max_session_id_len` (itself at most this),
+# longer ones digested. Bounds what a worker keeps per pinned session, whatever a hint's sender says
+MAX_SESSION_ID_CHARS = 1024
+SessionId = Annotated[str, msgspec.Meta(max_length=MAX_SESSION_ID_CHARS)]
+
+
 class PinHint(msgspec.Struct, frozen=True):
     """Keep a session's blocks on `pin.<worker>` until `ttl_s` has passed (an eviction hint only), and
     on its host tier, if it has one, until `host_ttl_s` (the weaker pin: dropped from host last).
     `prefetch_after_s` > 0: the session's next turn is expected then; a worker with a host tier brings
     the blocks it moved there back to the device at that time (if idle; else the turn onboards them)."""
 
-    session_id: str
+    session_id: SessionId
     block_hashes: list[int]
     ttl_s: float
     host_ttl_s: float = 0.0

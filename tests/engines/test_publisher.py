@@ -22,7 +22,16 @@ from engines.mock import MockRunner
 from engines.publisher import Publisher
 from engines.runner import SamplingParams
 from gateway.natsd import NatsServer
-from router.protocol import BlockStored, KvEventBatch, PinHint, Subjects, WorkerRegistration, decode, encode
+from router.protocol import (
+    MAX_SESSION_ID_CHARS,
+    BlockStored,
+    KvEventBatch,
+    PinHint,
+    Subjects,
+    WorkerRegistration,
+    decode,
+    encode,
+)
 from tests.engines.holding_proxy import HoldingProxy
 from tests.engines.kv_replay import ReplayedCache
 
@@ -299,6 +308,21 @@ async def test_a_pin_hint_with_a_nan_ttl_pins_nothing(setup: Setup, nats_url: st
     await nc.close()
 
 
+async def test_a_pin_hint_with_an_overlong_session_id_is_ignored(setup: Setup, nats_url: str) -> None:
+    """Each pinned session costs the worker its id, and a hint's id could be a whole message long
+    (a pin per block: half the device's blocks, each a megabyte)."""
+    loop, publisher, _ = setup
+    nc = await nats.connect(nats_url)
+    subject = publisher.subjects.pin(publisher.worker_id)
+    pins = loop.engine.block_manager.pins
+    await nc.publish(subject, encode(PinHint("x" * (MAX_SESSION_ID_CHARS + 1), [1, 2, 3], 60.0)))
+    await nc.publish(subject, encode(PinHint("s" * MAX_SESSION_ID_CHARS, [4, 5], 60.0)))  # taken after
+    await nc.flush()
+    await settle(lambda: "s" * MAX_SESSION_ID_CHARS in pins.sessions(), 30.0)
+    assert list(pins.sessions()) == ["s" * MAX_SESSION_ID_CHARS]
+    await nc.close()
+
+
 async def test_a_flood_of_prefetch_hints_stays_under_its_cap(
     nats_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -329,6 +353,11 @@ async def test_a_flood_of_prefetch_hints_stays_under_its_cap(
         await nc.flush()
         await settle(lambda: publisher.pending_prefetches == ["a"], 30.0)  # the oldest went
         assert publisher._prefetch_hashes == 5
+        monkeypatch.setattr(publisher_module, "MAX_PREFETCH_SESSIONS", 3)
+        for n in range(5):  # one block each: within the hashes, past the sessions
+            await hint(f"one{n}", [n])
+        await nc.flush()
+        await settle(lambda: publisher.pending_prefetches == ["one2", "one3", "one4"], 30.0)
     finally:
         await nc.close()
         await publisher.stop()

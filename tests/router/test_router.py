@@ -6,6 +6,7 @@ import pytest
 
 from router.config import RouterConfig
 from router.protocol import (
+    MAX_SESSION_ID_CHARS,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -266,7 +267,13 @@ def test_expire_drops_lost_requests_and_idle_sessions() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"max_sessions": 0}, {"pin_min_s": 10.0, "pin_max_s": 5.0}, {"default_prefill_tok_s": 0.0}]
+    "bad",
+    [
+        {"max_sessions": 0},
+        {"pin_min_s": 10.0, "pin_max_s": 5.0},
+        {"default_prefill_tok_s": 0.0},
+        {"max_session_id_len": MAX_SESSION_ID_CHARS + 1},  # pin hints carry the ids: workers refuse longer
+    ],
 )
 def test_nonsense_config_is_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
