@@ -46,6 +46,9 @@ from router.protocol import (
 log = logging.getLogger("kvgate.gateway.bus")
 
 MAX_REFUSED_KEYS = 1024
+# workers in the pool at once: each costs the router, the admission queue and /metrics their state, and
+# registrations come from the bus; one past it is refused (logged once) until another leaves
+MAX_WORKERS = 4096
 STOP_TIMEOUT_S = 2.0  # for the tasks, then for the drain (and a close if it cannot drain)
 DUMP_ATTEMPTS = 8  # a state dump asked for and not answered is asked again, backing off: 1, 2, 4, ... s
 DUMP_RETRY_S = 1.0
@@ -265,9 +268,12 @@ class Bus:
         if problem is not None:
             self._refuse(key, problem)
             return
-        self._refused.discard(key)
         if time.time() - registration.heartbeat_ts > self.stale_after_s:
             return  # a leftover of a worker that died without deregistering
+        if key not in self.workers and len(self.workers) >= MAX_WORKERS:
+            self._refuse(key, f"the pool has {MAX_WORKERS} workers already")
+            return
+        self._refused.discard(key)
         self._upsert(registration)
 
     def _refuse(self, key: str, problem: str) -> None:

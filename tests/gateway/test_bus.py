@@ -203,6 +203,30 @@ async def test_an_invalid_registration_is_ignored_with_one_log_line(
         await bus.stop()
 
 
+async def test_a_registration_past_the_pool_cap_waits_for_a_place(
+    nats_url: str, side: tuple, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registrations come from the bus: the pool, and what the gateway keeps per worker, is bounded."""
+    monkeypatch.setattr(bus_module, "MAX_WORKERS", 2)
+    _, kv, subjects = side
+    router = Router(policy="session_kv")
+    bus = Bus(nats_url, subjects, router, GatewayMetrics(), stale_after_s=5.0)
+    await bus.start()
+    try:
+        for _ in range(3):  # heartbeats: the third worker is logged once, never added
+            for wid in ("w0", "w1", "w2"):
+                await kv.put(wid, encode(registration(wid)))
+            await asyncio.sleep(0.1)
+        await until(lambda: set(router.workers()) == {"w0", "w1"} and "w2" in bus._refused)
+        full = [r.getMessage() for r in caplog.records if "workers already" in r.getMessage()]
+        assert len(full) == 1 and "'w2'" in full[0]
+        await kv.delete("w0")
+        await kv.put("w2", encode(registration("w2")))  # its next heartbeat finds a place
+        await until(lambda: set(router.workers()) == {"w1", "w2"})
+    finally:
+        await bus.stop()
+
+
 async def test_its_own_stop_is_not_logged_as_a_lost_connection(
     nats_url: str, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
