@@ -99,6 +99,13 @@ class SnapshotStore:
         if store is None:
             return None
         try:
+            # read whole: within the bound only (a bucket made elsewhere may lack its max_bytes)
+            info = await store.get_info(SNAPSHOT_OBJECT)
+            if info.size is not None and info.size > MAX_SNAPSHOT_BYTES:
+                log.warning(
+                    "ignoring the stored index snapshot: %d bytes, over %d", info.size, MAX_SNAPSHOT_BYTES
+                )
+                return None
             result = await store.get(SNAPSHOT_OBJECT)
         except ObjectNotFoundError:
             return None

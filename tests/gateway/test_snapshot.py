@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import api
 
+from gateway import snapshot as snapshot_module
 from gateway.natsd import free_port
 from gateway.snapshot import SNAPSHOT_OBJECT, IndexRecovery, SnapshotStore, Snapshotter
 from router.protocol import (
@@ -130,6 +131,20 @@ async def test_a_corrupt_snapshot_is_ignored(nc: NATS, namespace: str, cluster: 
     recovery = IndexRecovery(nc, subjects, router)
     await recovery.catch_up()
     assert recovery.snapshot is None and cluster.agrees(router)
+
+
+async def test_a_snapshot_over_the_bound_is_not_read(
+    nc: NATS, namespace: str, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new replica reads the snapshot whole: only within MAX_SNAPSHOT_BYTES (its bucket's bound, which
+    a bucket created by other means may lack)."""
+    store = SnapshotStore(nc, Subjects(namespace))
+    await cluster.publish(10)
+    size = await Snapshotter(store, cluster.old, lambda: 1, lambda: True).take()
+    monkeypatch.setattr(snapshot_module, "MAX_SNAPSHOT_BYTES", size - 1)
+    assert await store.get() is None
+    monkeypatch.setattr(snapshot_module, "MAX_SNAPSHOT_BYTES", size)
+    assert await store.get() is not None
 
 
 async def test_recovery_from_snapshot_and_tail(nc: NATS, namespace: str, cluster: Cluster) -> None:
