@@ -30,6 +30,31 @@ def _shared_prefixes(chains: list[Sequence[int]]) -> dict[int, int]:
     return shared
 
 
+class _Flights:
+    """The requests in flight on a worker, as the wait needs them."""
+
+    __slots__ = ("chains", "decoding", "outputs", "queued", "since")
+
+    def __init__(
+        self, wl: WorkerLoad, flights: Iterable[tuple[InFlight, Sequence[int]]], now: float, step_s: float
+    ) -> None:
+        self.chains: list[Sequence[int]] = []
+        self.decoding: list[tuple[float, int, Sequence[int]]] = []  # (completes at, its blocks, its chain)
+        self.queued: list[tuple[float, Sequence[int]]] = []  # (picked at, chain) of those still prefilling
+        self.since = 0  # of which routed there after the worker's report
+        self.outputs = 0
+        for f, other in flights:
+            self.chains.append(other)
+            self.outputs += f.output_tokens
+            if f.prefilling:
+                self.queued.append((f.picked_at, other))
+                self.since += f.epoch == wl.epoch
+            else:
+                began = f.first_token_at if f.first_token_at is not None else f.picked_at
+                left = f.output_tokens - (now - began) / step_s
+                self.decoding.append((now + (left if left > 0.0 else 0.0) * step_s, f.blocks, other))
+
+
 def memory_wait_ms(
     wl: WorkerLoad,
     chain: Sequence[int],
@@ -51,31 +76,30 @@ def memory_wait_ms(
     report = wl.report
     if report is None or not report.total_blocks or step_s <= 0.0:
         return 0.0
-    capacity = report.total_blocks
-    chains: list[Sequence[int]] = []
-    decoding: list[tuple[float, int, Sequence[int]]] = []  # (completes at, its blocks, its chain)
-    queued: list[tuple[float, Sequence[int]]] = []  # (picked at, chain) of those still prefilling
-    since = 0  # of which routed there after the worker's report
-    outputs = 0
-    for f, other in flights:
-        chains.append(other)
-        outputs += f.output_tokens
-        if f.prefilling:
-            queued.append((f.picked_at, other))
-            since += f.epoch == wl.epoch
-        else:
-            began = f.first_token_at if f.first_token_at is not None else f.picked_at
-            left = f.output_tokens - (now - began) / step_s
-            decoding.append((now + (left if left > 0.0 else 0.0) * step_s, f.blocks, other))
+    there = _Flights(wl, flights, now, step_s)
+    chains = there.chains
     shared = _shared_prefixes(chains)
-    queued.sort(key=lambda q: q[0])
-    ahead = queued[len(queued) - min(len(queued), since + report.waiting) :]
+    queued = sorted(there.queued, key=lambda q: q[0])
+    ahead = queued[len(queued) - min(len(queued), there.since + report.waiting) :]
     held = max((common_prefix(other, chain) for other in chains), default=0)
-    excess = report.used_blocks - capacity + len(chain) - held
+    excess = report.used_blocks - report.total_blocks + len(chain) - held
     excess += sum(len(other) - shared.get(id(other), 0) for _, other in ahead)
     if excess <= 0:
         return 0.0
-    decoding.sort(key=lambda d: d[0])
+    return _until_freed(there, shared, excess, report.total_blocks, now, step_s, block_size)
+
+
+def _until_freed(
+    there: _Flights,
+    shared: dict[int, int],
+    excess: int,
+    capacity: int,
+    now: float,
+    step_s: float,
+    block_size: int,
+) -> float:
+    """ms until completions there free `excess` blocks and what the decodes grow meanwhile."""
+    decoding = sorted(there.decoding, key=lambda d: d[0])
     freed = grown = 0.0
     for k, (done_at, blocks, other) in enumerate(decoding):
         freed += blocks - shared.get(id(other), 0)  # blocks another request there holds stay in use
@@ -85,5 +109,6 @@ def memory_wait_ms(
             return (done_at - now) * 1000.0
     # the rest waits for requests admitted after these: the worker's blocks free once per turn's decode
     last = decoding[-1][0] if decoding else now
-    turn_s = step_s * outputs / len(chains) if chains else 0.0
+    chains = there.chains
+    turn_s = step_s * there.outputs / len(chains) if chains else 0.0
     return ((last - now) + turn_s * (excess + grown - freed) / capacity) * 1000.0
