@@ -119,6 +119,16 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # to its session's worker when the wait there is shorter, where that worker's estimate is below the
     # chosen one's plus this many times the predicted wait (0: off; docs/SESSION_KV.md, "The choice")
     memory_wait_move: float = 1.0
+    # a prompt in chunked prefill on a worker counts at its whole size where a turn's fit there is judged
+    # (the session hold's and the memory wait's): the worker's report counts only the blocks the prefill
+    # has taken so far, so a turn sent beside a long prompt's first chunk looked as if it fit, then waited
+    # for that prompt's decode (docs/EXPERIMENTS.md, idea 19). False: the report's count alone
+    count_prefill_in_progress: bool = True
+    # a sub-agent's first turn on its parent's worker: the prefix of its prompt that a request in flight
+    # there holds (its parent's turn) takes no new blocks, so it adds nothing to the in-flight pressure;
+    # counted whole, the child was priced as if it did not fit beside its parent and prefilled the shared
+    # context on another worker (idea 19). False: counted whole
+    parent_prefix_in_use: bool = True
     # with a host tier (the worker's load report gives its size), live blocks beyond the device that fit
     # on the host cost only the onboarding (1 - host_credit) of the memory pressure. Off: it gathers
     # sessions whose running turns then wait for device room (docs/TIERS.md)

@@ -62,17 +62,20 @@ def memory_wait_ms(
     now: float,
     step_s: float,
     block_size: int,
+    in_prefill: int = 0,
 ) -> float:
     """How long a prompt of blocks `chain` would wait on this worker for device memory (ms); 0 when it
     fits now. `wl` must hold a fresh load report; `flights`: the router's requests in flight on the
-    worker with their chains; `step_s`: seconds between two tokens of a decode there.
+    worker with their chains; `step_s`: seconds between two tokens of a decode there; `in_prefill`: the
+    blocks the prompts admitted and still in chunked prefill will take beyond those the report counts.
 
-    Wanted: the blocks in use (the report), those of the requests queued ahead (the newest of those
-    still prefilling, as many as the report says wait plus those routed there since) and this prompt's,
-    less the prefixes requests there hold already (a system prompt they share). Beyond the worker's
-    blocks the prompt waits until completions free the excess and what the decodes grow meanwhile:
-    a decoding request completes when its output tokens (its max_tokens) run out, at the worker's
-    decode pace. Past the last of them, the worker frees its blocks once per decode of a turn."""
+    Wanted: the blocks in use (the report, plus `in_prefill`), those of the requests queued ahead (the
+    newest of those still prefilling, as many as the report says wait plus those routed there since)
+    and this prompt's, less the prefixes requests there hold already (a system prompt they share).
+    Beyond the worker's blocks the prompt waits until completions free the excess and what the decodes
+    grow meanwhile: a decoding request completes when its output tokens (its max_tokens) run out, at
+    the worker's decode pace. Past the last of them, the worker frees its blocks once per decode of a
+    turn."""
     report = wl.report
     if report is None or not report.total_blocks or step_s <= 0.0:
         return 0.0
@@ -82,7 +85,7 @@ def memory_wait_ms(
     queued = sorted(there.queued, key=lambda q: q[0])
     ahead = queued[len(queued) - min(len(queued), there.since + report.waiting) :]
     held = max((common_prefix(other, chain) for other in chains), default=0)
-    excess = report.used_blocks - report.total_blocks + len(chain) - held
+    excess = report.used_blocks + in_prefill - report.total_blocks + len(chain) - held
     excess += sum(len(other) - shared.get(id(other), 0) for _, other in ahead)
     if excess <= 0:
         return 0.0

@@ -216,8 +216,10 @@ class SessionKv(Policy):
         report = wl.report
         if report is None or view.now > wl.fresh_until or w in view.yielding:
             return 0.0
+        # (with none waiting, the blocks of the prompts in prefill there are their tokens to compute)
+        in_prefill = self._in_prefill_blocks(view, w)
         if (
-            report.used_blocks + len(chain) <= report.total_blocks
+            report.used_blocks + in_prefill + len(chain) <= report.total_blocks
             and not report.waiting
             and not wl.prefill_since_report
         ):
@@ -233,7 +235,33 @@ class SessionKv(Policy):
             for rid, (worker, other) in self._running.items()
             if worker == w and (f := flights.get(rid)) is not None
         ]
-        return memory_wait_ms(wl, chain, mine, view.now, step_s, view.block_size)
+        return memory_wait_ms(wl, chain, mine, view.now, step_s, view.block_size, in_prefill)
+
+    def _in_prefill_blocks(self, view: RouterView, w: str) -> int:
+        """The blocks the prompts admitted on `w` and still in chunked prefill will take beyond those its
+        report counts (the blocks each has taken so far): its report's prefill tokens still to compute,
+        less those of the prompts waiting there (the newest the router sent there before the report, as
+        many as it says wait; a waiting prompt has computed nothing). 0 with `count_prefill_in_progress` off
+        or no prefill in progress. A turn sent beside a long prompt's first chunk otherwise looks as if
+        it fits, then waits for that prompt's decode (docs/EXPERIMENTS.md, idea 19)."""
+        wl = view.load.workers[w]
+        report = wl.report
+        if not self.config.count_prefill_in_progress or report is None or not report.active_prefill_tokens:
+            return 0
+        bs = view.block_size
+        tokens = report.active_prefill_tokens
+        if report.waiting:
+            flights = view.load
+            sent = [  # in pick order, as `_running` keeps them
+                len(other)
+                for rid, (worker, other) in self._running.items()
+                if worker == w
+                and (f := flights.get(rid)) is not None
+                and f.prefilling
+                and f.epoch != wl.epoch
+            ]
+            tokens -= bs * sum(sent[len(sent) - min(len(sent), report.waiting) :])
+        return -(-tokens // bs) if tokens > 0 else 0
 
     def _with_prior(self, view: RouterView, overlap: dict[str, int], chain: Sequence[int]) -> dict[str, int]:
         """The overlap, with the session's worker credited the prefix this turn shares with the session's
@@ -292,14 +320,14 @@ class SessionKv(Policy):
         if marginal is not None and self._warming:
             self._warming, self._warm_blocks = False, None  # the marginal cost is known from now on
         chain, sid = request.block_hashes, request.session_id
-        n_tokens, n_blocks = request.num_tokens, len(chain)
+        n_tokens = request.num_tokens
         if one_shot and marginal is not None:
             credit, onboard = self._credit(view, chain, overlap, marginal)
             return self._one_shot_costs(view, credit, onboard, request, overlap, sticky)
         if one_shot and self._warming:
             return None
         credit, onboard = self._credit(view, chain, overlap)
-        return self._costs(view, credit, onboard, n_tokens, n_blocks, sid, sticky, everyone)
+        return self._costs(view, credit, onboard, n_tokens, chain, sid, sticky, everyone)
 
     def _affinity_tolerance_ms(
         self,
@@ -444,7 +472,10 @@ class SessionKv(Policy):
         if report is not None and worker not in view.yielding:
             # (where decodes yield to prompts, a turn that does not fit preempts them: it keeps the hold)
             needed = self._used_blocks(wl, view.now, bs) + len(chain)
-            if needed > report.total_blocks and needed - self._in_use(worker, chain) > report.total_blocks:
+            capacity = report.total_blocks
+            if view.now <= wl.fresh_until and needed - (-report.active_prefill_tokens // bs) > capacity:
+                needed += self._in_prefill_blocks(view, worker)  # the rest of the prompts in prefill there
+            if needed > capacity and needed - self._in_use(worker, chain) > capacity:
                 return 0.0
         return hold * spared * bs * self._pool_ms_per_token(view)
 
@@ -532,7 +563,7 @@ class SessionKv(Policy):
         credit: dict[str, int] | dict[str, float],
         onboard: dict[str, float],
         n_tokens: int,
-        n_blocks: int,
+        chain: Sequence[int],
         session_id: str | None,
         sticky: str | None,
         everyone: bool = False,
@@ -566,12 +597,12 @@ class SessionKv(Policy):
         for w in sorted(bound, key=bound.__getitem__):
             if bound[w] > best and not everyone:
                 break
-            cost = self._cost_ms(view, w, credit.get(w), n_tokens, n_blocks, own, ms_per_token)
+            cost = self._cost_ms(view, w, credit.get(w), n_tokens, chain, own, ms_per_token)
             cost = costs[w] = cost + onboard.get(w, 0.0)
             if cost < best:
                 best = cost
         if sticky is not None and sticky in bound and sticky not in costs:
-            cost = self._cost_ms(view, sticky, credit.get(sticky), n_tokens, n_blocks, own, ms_per_token)
+            cost = self._cost_ms(view, sticky, credit.get(sticky), n_tokens, chain, own, ms_per_token)
             costs[sticky] = cost + onboard.get(sticky, 0.0)
         return costs
 
@@ -727,13 +758,14 @@ class SessionKv(Policy):
         w: str,
         held: float | None,
         n_tokens: int,
-        n_blocks: int,
+        chain: Sequence[int],
         own: tuple[str, int, float] | None,
         ms_per_token: float,
     ) -> float:
         """The worker's estimated TTFT with the stall charge, plus the memory terms."""
         now = view.now
         bs = view.block_size
+        n_blocks = len(chain)
         wl = view.load.workers[w]
         queued = wl.report_prefill + wl.prefill_since_report if now <= wl.fresh_until else wl.inflight_prefill
         missing = n_tokens - held * bs if held else n_tokens
@@ -755,8 +787,24 @@ class SessionKv(Policy):
             full = ((used + n_blocks) / report.total_blocks - floor) / (1.0 - floor)
             if full > 0.0:
                 missing *= 1.0 + stall_factor * running * (full if full < 1.0 else 1.0)
-        memory = self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used, w in view.yielding)
+        in_use = self._parent_prefix_in_use(view, w, chain, used)
+        memory = self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used, w in view.yielding, in_use)
         return (queued + missing) * ms_per_token + memory
+
+    def _parent_prefix_in_use(self, view: RouterView, w: str, chain: Sequence[int], used: float) -> int:
+        """A sub-agent's first turn on its parent's worker: the leading blocks of its prompt that a
+        request in flight there holds already (its parent's turn, whose context it was forked from),
+        which it takes no new blocks for. Only where the turn would not fit otherwise (the in-flight
+        pressure would charge them), and 0 with `parent_prefix_in_use` off. Counted whole, a child
+        forked beside its parent's running turn looked as if it waited for memory there and prefilled
+        the shared context elsewhere (docs/EXPERIMENTS.md, idea 19)."""
+        parent = view.parent
+        if not self.config.parent_prefix_in_use or parent is None or parent.worker_id != w:
+            return 0
+        report = view.load.workers[w].report
+        if report is None or used + len(chain) <= report.total_blocks:
+            return 0
+        return self._in_use(w, chain)
 
     @staticmethod
     def _one_shot_stall_weight(view: RouterView, ms_per_token: float) -> float:
@@ -786,6 +834,7 @@ class SessionKv(Policy):
         ms_per_token: float,
         used: float,
         yields: bool = False,
+        in_use: int = 0,
     ) -> float:
         block_ms = bs * ms_per_token
         cfg = self.config
@@ -806,8 +855,9 @@ class SessionKv(Policy):
                     excess = (1.0 - cfg.host_credit) * kept + (excess - kept)
                 ms += cfg.memory_pressure_factor * excess
             # running sequences hold their blocks: beyond the worker's capacity this one waits
-            # (unless they yield to prompts: the router sends decodes apart there)
-            busy = used + n_blocks - capacity
+            # (unless they yield to prompts: the router sends decodes apart there); `in_use` of its
+            # blocks a request in flight there holds already
+            busy = used + n_blocks - in_use - capacity
             if busy > 0 and not yields:
                 ms += cfg.inflight_pressure_factor * busy
         return ms * block_ms

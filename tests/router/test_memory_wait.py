@@ -87,3 +87,63 @@ def test_a_turn_that_would_wait_for_memory_moves_to_an_idle_worker_with_room() -
     # nor one with a prompt queued (it is about to take blocks its report does not count yet)
     assert pool_with_a_long_decode(2).pick(turn, 1.0).worker_id == "w0"
     assert pool_with_a_long_decode(0, 1).pick(turn, 1.0).worker_id == "w0"
+
+
+def prefilling(router: Router, worker: str, rid: str, blocks: int, output: int, base: int) -> None:
+    """A request of `blocks` prompt blocks picked on `worker` at 0 s, admitted and still in prefill."""
+    request = RouteRequest(rid, "m", chain(blocks, base), blocks * BS, rid, expected_output_tokens=output)
+    assert router.record(request, Decision(worker, 0, 0.0, "load"), 0.0)
+
+
+def in_prefill_report(
+    router: Router, worker: str, taken: int, left: int, now: float, waiting: int = 0
+) -> None:
+    """`worker` runs one prompt in chunked prefill: `taken` blocks so far, `left` blocks of tokens to go,
+    plus `waiting` prompts of 100 blocks queued (their tokens counted in the report's prefill too)."""
+    prefill = (left + 100 * waiting) * BS
+    router.apply_load(LoadReport(worker, now, 1, waiting, prefill, taken, 1000, 10_000.0, 10.0), now)
+
+
+@pytest.mark.parametrize("waiting", [0, 1])
+def test_a_prompt_in_chunked_prefill_counts_at_its_whole_size(waiting: int) -> None:
+    # w0 runs a 700-block prompt whose first chunks took 200 blocks (its report's count); 500 blocks of
+    # it are still to compute. A 400-block prompt looks as if it fits beside it (200 + 400 of 1,000) but
+    # waits for that request's decode (700 + 400). With a prompt of 100 blocks waiting there too, its
+    # tokens are in the report's prefill (not the one in progress's) and its blocks queued ahead.
+    waits = []
+    for rule in (False, True):
+        router = make(count_prefill_in_progress=rule)
+        prefilling(router, "w0", "long", 700, 50, 10_000)
+        if waiting:
+            prefilling(router, "w0", "queued", 100, 10, 20_000)
+        in_prefill_report(router, "w0", 200, 500, 1.0, waiting)
+        policy = router.policy
+        assert isinstance(policy, SessionKv)
+        view = RouterView(router.workers(), router.index, router.approx, router.load, None, BS, 1.0)
+        assert policy._in_prefill_blocks(view, "w0") == (500 if rule else 0)
+        waits.append(policy._memory_wait(view, "w0", chain(400, 30_000)))
+        # a prompt that fits beside the whole of it waits for nothing either way
+        assert policy._memory_wait(view, "w0", chain(200, 30_000)) == 0.0
+    assert waits[0] == 0.0 and waits[1] > 0.0
+
+
+def test_a_turn_beside_a_long_prompts_first_chunk_loses_its_session_hold() -> None:
+    # session s's context (280 blocks) is cached on w0, where a 750-block prompt has taken 200 blocks so
+    # far and has 550 to go; w1 is idle. s's next turn (300 blocks) fits beside the 200 the report counts,
+    # so the session hold keeps it on w0; counted whole (750 + 300 > 1,000) it would wait there for that
+    # prompt's decode, so the hold is dropped and the turn goes to w1, the cheaper.
+    turn = RouteRequest("s2", "m", chain(280, 50_000) + chain(20, 60_000), 300 * BS, "s")
+    picks = []
+    for rule in (False, True):
+        router = make(count_prefill_in_progress=rule)
+        first = RouteRequest("s1", "m", chain(280, 50_000), 280 * BS, "s", expected_output_tokens=10)
+        assert router.record(first, Decision("w0", 0, 0.0, "load"), 0.0)
+        router.on_first_token("s1", 0.0)
+        router.on_complete("s1", 0.0, "stop", 10)
+        assert router.apply_kv_batch(KvEventBatch("w0", 1, 0, 0.0, [BlockStored(chain(280, 50_000))]), 0.0)
+        prefilling(router, "w0", "long", 750, 300, 10_000)
+        in_prefill_report(router, "w0", 200, 550, 1.0)
+        report(router, "w1", 0, 0, 1.0)
+        d = router.pick(turn, 1.0)
+        picks.append((d.worker_id, d.reason))
+    assert picks == [("w0", "session"), ("w1", "load")]

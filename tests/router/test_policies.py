@@ -384,8 +384,9 @@ def test_session_kv_holds_a_session_that_does_not_fit_where_decodes_yield_to_pro
 def test_session_kv_counts_blocks_in_use_by_other_requests_as_no_new_blocks() -> None:
     # as above, but another session's request in flight on w0 holds the first 120 of the turn's blocks
     # (a system prompt they share): the turn takes only 80 new blocks, which fit in the 100 free, so the
-    # session keeps its worker
-    router = make("session_kv", stall_factor=0.0)
+    # session keeps its worker (w0's 5,000 queued prefill tokens stand for a queue here, not a prompt
+    # in chunked prefill whose blocks `count_prefill_in_progress` would add: tests/router/test_memory_wait.py)
+    router = make("session_kv", stall_factor=0.0, count_prefill_in_progress=False)
     turn1 = chain(150)
     hold(router, "w0", turn1)
     assert router.pick(req("r1", turn1, "s"), 0.0).worker_id == "w0"
@@ -675,6 +676,37 @@ def test_session_kv_keeps_a_sub_agent_with_its_parent_when_they_share_a_prefix()
     lone = RouteRequest("c3", "m", chain(120, base=50_000), 120 * BS, "lone", parent_session_id="parent")
     d = router.pick(lone, 1.0)
     assert d.worker_id != parent and d.reason != "parent"
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_session_kv_prices_a_sub_agent_beside_its_parents_running_turn_by_its_new_blocks(named: bool) -> None:
+    # the parent's turn (800 blocks) runs on w0, which has 1,000 blocks; w1 is idle. Its sub-agent's first
+    # prompt extends the parent's (900 blocks, 800 of them the parent's: named by the header, or inferred
+    # from its prompt). Counted whole, 800 + 900 blocks do not fit on w0: the in-flight pressure charges
+    # 700 blocks' prefill there and the child goes to w1 to prefill all 900. The 800 its parent's turn
+    # holds take no new blocks: with `parent_prefix_in_use` it fits, and goes with its parent.
+    picks = []
+    for rule in (False, True):
+        router = make("session_kv", n=2, parent_prefix_in_use=rule)
+        context = chain(800)
+        parent = RouteRequest("p1", "m", context, 800 * BS, "parent", expected_output_tokens=100)
+        assert router.pick(parent, 0.0, exclude=frozenset({"w1"})).worker_id == "w0"
+        router.on_first_token("p1", 0.1)
+        hold(router, "w0", context)
+        router.apply_load(LoadReport("w0", 1.0, 1, 0, 0, 800, 1000, 10_000.0, 100.0), 1.0)
+        router.apply_load(LoadReport("w1", 1.0, 0, 0, 0, 0, 1000, 10_000.0, 100.0), 1.0)
+        child = RouteRequest(
+            "c1",
+            "m",
+            context + chain(100, base=9000),
+            900 * BS,
+            "child",
+            parent_session_id="parent" if named else None,
+        )
+        d = router.pick(child, 1.0)
+        assert router.sessions.get("child").parent_id == "parent"
+        picks.append((d.worker_id, d.reason))
+    assert picks == [("w1", "load"), ("w0", "parent")]
 
 
 def test_session_kv_counts_a_shared_prefix_in_use_once() -> None:
