@@ -89,6 +89,9 @@ class WorkerLoad:
         self.last_step: tuple[int, float] | None = None
 
 
+COMPACT_SLACK = 1024  # queue entries beyond twice the requests in flight before they are swept
+
+
 class LoadView:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
@@ -145,7 +148,9 @@ class LoadView:
         w.requests += 1
         self._prefill_queue.append((now, request_id))
         self._done_queue.append((now, request_id))
-        if len(self._done_queue) > 2 * self.config.max_inflight:
+        # entries of finished requests wait for their TTL (15 min): kept to twice those in flight, or
+        # a steady stream leaves ~150 bytes a request behind, up to 2 x max_inflight of them (~40 MB)
+        if len(self._done_queue) > 2 * len(self._inflight) + COMPACT_SLACK:
             self._compact()
 
     def first_token(self, request_id: str, now: float | None = None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from router.config import RouterConfig
-from router.load import LoadView
+from router.load import COMPACT_SLACK, LoadView
 from router.protocol import LoadReport
 
 
@@ -72,6 +72,18 @@ def test_in_flight_is_bounded() -> None:
         load.start(f"r{i}", "w", 10, 1, now=float(i))
     assert load.requests("w") == 3 and load.active_blocks("w") == 3
     assert load.get("r9") is not None and load.get("r0") is None
+
+
+def test_finished_requests_leave_no_queue_entries_behind() -> None:
+    """A steady stream of requests, each finished: what the view keeps follows those in flight, not the
+    requests seen (the expiry queues held every one for its 15 min TTL, up to 2 x max_inflight)."""
+    load = view()
+    for i in range(20_000):
+        load.start(f"r{i}", "w", 10, 1, now=float(i))
+        load.first_token(f"r{i}", now=float(i))
+        load.finish(f"r{i}")
+    assert load.requests("w") == 0
+    assert len(load._done_queue) <= COMPACT_SLACK + 1 and len(load._prefill_queue) <= COMPACT_SLACK + 1
 
 
 def test_default_speed_until_reported() -> None:
