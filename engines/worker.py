@@ -74,6 +74,34 @@ class Generation(msgspec.Struct):
         }
 
 
+class Answering:
+    """One request on its way out: its parse, the engine's outputs for it, its text and its result."""
+
+    __slots__ = ("chat", "parsed", "queue", "result", "stream")
+
+    def __init__(
+        self, parsed: ParsedRequest, queue: asyncio.Queue[RequestOutput], tokenizer: Tokenizer, chat: bool
+    ) -> None:
+        self.parsed = parsed
+        self.queue = queue
+        self.chat = chat
+        self.stream = TextStream(tokenizer, parsed.stop)
+        if parsed.output_token_ids:  # the text of the answer so far is the client's: this one follows it
+            self.stream.add(parsed.output_token_ids)
+            self.stream.take(final=True)
+        self.result = Generation(prompt_tokens=len(parsed.prompt_token_ids))
+        if parsed.return_token_ids:
+            self.result.token_ids = []
+
+    @property
+    def kind(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    @property
+    def response_id(self) -> str:
+        return ("chatcmpl-" if self.chat else "cmpl-") + self.parsed.request_id
+
+
 class WorkerApp:
     def __init__(
         self, loop: EngineLoop, tokenizer: Tokenizer, settings: WorkerSettings, tracer: Tracer | None = None
@@ -137,24 +165,15 @@ class WorkerApp:
         if self.tracer is not None:
             times = RequestTimes(asyncio.get_running_loop().time())
             self.loop.watch(engine_id)
-        kind = "chat.completion" if chat else "text_completion"
-        response_id = ("chatcmpl-" if chat else "cmpl-") + parsed.request_id
-        stream = TextStream(self.tokenizer, parsed.stop)
-        if parsed.output_token_ids:  # the text of the answer so far is the client's: this one follows it
-            stream.add(parsed.output_token_ids)
-            stream.take(final=True)
-        result = Generation(prompt_tokens=len(parsed.prompt_token_ids))
-        if parsed.return_token_ids:
-            result.token_ids = []
+        answering = Answering(parsed, queue, self.tokenizer, chat)
+        result = answering.result
         done = False
         try:
             if parsed.stream:
-                response = await self._stream(request, queue, stream, result, parsed, chat, kind, response_id)
+                response = await self._stream(request, answering)
             else:
                 try:
-                    response = await self._answer_whole(
-                        queue, stream, result, parsed, chat, kind, response_id
-                    )
+                    response = await self._answer_whole(answering)
                 except RequestError as exc:
                     return error_response(exc)
             done = True
@@ -167,7 +186,7 @@ class WorkerApp:
                 )
             return response
         finally:
-            if not done or result.finish_reason is None or stream.stopped:
+            if not done or result.finish_reason is None or answering.stream.stopped:
                 # client gone, or a stop string ended it early: free the sequence now
                 await self.loop.abort(engine_id)
             if times is not None:
@@ -203,21 +222,13 @@ class WorkerApp:
         )
         return await self.loop.submit(engine_request)
 
-    async def _answer_whole(
-        self,
-        queue: asyncio.Queue[RequestOutput],
-        stream: TextStream,
-        result: Generation,
-        parsed: ParsedRequest,
-        chat: bool,
-        kind: str,
-        response_id: str,
-    ) -> web.Response:
+    async def _answer_whole(self, answering: Answering) -> web.Response:
         """The answer in one body once the sequence is over; RequestError if the engine failed it."""
-        async for _ in self._outputs(queue, stream, result):
+        result, parsed = answering.result, answering.parsed
+        async for _ in self._outputs(answering):
             pass
-        result.text = stream.take(final=True)
-        whole = self._whole(result, chat, kind, response_id)
+        result.text = answering.stream.take(final=True)
+        whole = self._whole(answering)
         if parsed.return_token_ids:  # as vLLM answers `return_token_ids`
             whole["prompt_token_ids"] = parsed.prompt_token_ids
             whole["choices"][0]["token_ids"] = result.token_ids
@@ -263,10 +274,9 @@ class WorkerApp:
             raise RequestError("the body must be a JSON object")
         return body
 
-    async def _outputs(
-        self, queue: asyncio.Queue[RequestOutput], stream: TextStream, result: Generation
-    ) -> AsyncIterator[None]:
+    async def _outputs(self, answering: Answering) -> AsyncIterator[None]:
         """Consume engine outputs until the sequence finishes or a stop string ends it."""
+        queue, stream, result = answering.queue, answering.stream, answering.result
         while result.finish_reason is None:
             out = await queue.get()
             if result.first_token_at is None and out.new_token_ids:
@@ -285,8 +295,9 @@ class WorkerApp:
                 result.finish_reason = out.finish_reason
             yield
 
-    def _whole(self, result: Generation, chat: bool, kind: str, response_id: str) -> dict[str, Any]:
-        if chat:
+    def _whole(self, answering: Answering) -> dict[str, Any]:
+        result = answering.result
+        if answering.chat:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": result.text, "refusal": None},
@@ -301,8 +312,8 @@ class WorkerApp:
                 "finish_reason": result.finish_reason,
             }
         return {
-            "id": response_id,
-            "object": kind,
+            "id": answering.response_id,
+            "object": answering.kind,
             "created": int(time.time()),
             "model": self.settings.model_name,
             "choices": [choice],
@@ -310,23 +321,14 @@ class WorkerApp:
             "system_fingerprint": None,
         }
 
-    async def _stream(
-        self,
-        request: web.Request,
-        queue: asyncio.Queue[RequestOutput],
-        stream: TextStream,
-        result: Generation,
-        parsed: ParsedRequest,
-        chat: bool,
-        kind: str,
-        response_id: str,
-    ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, answering: Answering) -> web.StreamResponse:
+        stream, result, parsed = answering.stream, answering.result, answering.parsed
         response = web.StreamResponse(headers={**SSE_HEADERS, **self._served_by})
         await response.prepare(request)
         chunks = AnswerChunks(
-            response_id,
-            kind,
-            chat,
+            answering.response_id,
+            answering.kind,
+            answering.chat,
             self.settings.model_name,
             parsed.include_usage,
             result.token_ids,
@@ -334,8 +336,8 @@ class WorkerApp:
         )
         # the role chunk leaves with the first output, as vLLM sends it, not before: a router reads the
         # first event as the first token (its prefill is over), and the headers went at `prepare`
-        head = chunks.role() if chat else b""
-        async for _ in self._outputs(queue, stream, result):
+        head = chunks.role() if answering.chat else b""
+        async for _ in self._outputs(answering):
             text = stream.take(final=result.finish_reason is not None)
             if text:
                 await response.write(head + chunks.text(text, None))
