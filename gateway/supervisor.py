@@ -18,7 +18,6 @@ import sys
 import time
 
 from gateway.bus_plan import BusPlan
-from gateway.natsd import free_port
 from kvutil.bus_auth import BusAuth
 
 log = logging.getLogger("kvgate.up")
@@ -41,10 +40,9 @@ class WorkerRefused(Exception):
 class Child:
     """One supervised worker process: the same command line on every restart."""
 
-    def __init__(self, name: str, argv: list[str], url: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv
-        self.url = url
         self.env = env  # the credentials go here, not in argv (visible to every local user)
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -85,13 +83,15 @@ class Supervisor:
         self.refused: str | None = None  # why a worker would not start with its arguments
         extra = shlex.split(args.worker_args)
         for wid, auth in bus.workers.items():
-            port = free_port(args.host)
+            # port 0: the worker binds a port the system chooses and registers it; one picked here would
+            # be bound only after the child's imports, and may be taken by then (a restart on the same
+            # port fails again for as long as whoever took it holds it)
             argv = [
                 sys.executable, "-m", "gateway.cli", "worker", "--engine", args.engine, "--nats", bus.url,
-                "--host", args.host, "--port", str(port), "--namespace", args.namespace,
+                "--host", args.host, "--port", "0", "--namespace", args.namespace,
                 "--worker-id", wid, *extra,
             ]  # fmt: skip
-            self.children.append(Child(wid, argv, f"http://{args.host}:{port}", _child_env(auth)))
+            self.children.append(Child(wid, argv, _child_env(auth)))
 
     def start(self) -> None:
         for child in self.children:

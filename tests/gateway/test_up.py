@@ -195,3 +195,21 @@ def test_up_passes_its_gateway_flags_to_the_gateway_it_runs() -> None:
     assert not config.split_turns
     assert (config.policy, config.api_keys, config.stale_after_s) == ("kv_overlap", ("k1",), 7.5)
     assert config.nats_url == "nats://127.0.0.1:4222" and config.gateway_id == "gateway-up"
+
+
+def test_up_lets_each_worker_bind_a_port_the_system_chooses() -> None:
+    """`--port 0` for every worker: a port picked by the supervisor is bound only after the child's
+    imports (seconds on a loaded host), and another process may take it first; restarted on the same
+    port, the worker would fail for as long as that process holds it. The worker registers the port
+    it got, which is all the gateway needs."""
+    from gateway.supervisor import Supervisor
+    from gateway.up import add_arguments
+    from kvutil.bus_auth import BusAuth
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    workers = {"w0": BusAuth(user="w0", password="a"), "w1": BusAuth(user="w1", password="b")}
+    bus = BusPlan("nats://127.0.0.1:4222", BusAuth(user="gateway", password="secret"), workers, None)
+    supervisor = Supervisor(parser.parse_args(["--engine", "mock"]), bus)
+    ports = [child.argv[child.argv.index("--port") + 1] for child in supervisor.children]
+    assert ports == ["0", "0"]
