@@ -129,6 +129,11 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # counted whole, the child was priced as if it did not fit beside its parent and prefilled the shared
     # context on another worker (idea 19). False: counted whole
     parent_prefix_in_use: bool = True
+    # a worker running only requests that named no session is a way out of that wait too, where the turn
+    # fits now: their blocks free within their short decodes, and the steps they run anyway carry the
+    # turn's prefill at the pool's marginal cost per token, the price their own estimate puts on a token
+    # (docs/EXPERIMENTS.md, idea 20)
+    memory_wait_one_shot: bool = True
     # with a host tier (the worker's load report gives its size), live blocks beyond the device that fit
     # on the host cost only the onboarding (1 - host_credit) of the memory pressure. Off: it gathers
     # sessions whose running turns then wait for device room (docs/TIERS.md)

@@ -177,6 +177,10 @@ class SessionKv(Policy):
                 break
             if w != chosen and self._nearly_idle(view, w) and not self._memory_wait(view, w, chain):
                 return w
+        if self.config.memory_wait_one_shot:
+            beside = self._beside_one_shot(request, view, overlap, costs, chosen, limit - tolerance)
+            if beside is not None:
+                return beside
         home = view.session.worker_id if view.session is not None else None
         if (
             home is not None
@@ -187,6 +191,44 @@ class SessionKv(Policy):
         ):
             return home
         return None
+
+    def _beside_one_shot(
+        self,
+        request: RouteRequest,
+        view: RouterView,
+        overlap: dict[str, int],
+        costs: dict[str, float],
+        chosen: str,
+        limit: float,
+    ) -> str | None:
+        """The cheapest worker other than `chosen` that runs requests, all of them one-shot, where the turn
+        fits now, if its estimate is below `limit`; its tokens priced at the pool's marginal cost (the
+        price the one-shot estimate puts on them). A one-shot request's blocks free within its short
+        decode, and its steps run anyway: the turn's prefill rides them at the marginal cost, where the
+        pool's average cost per token, over short questions, is mostly their steps' fixed cost."""
+        marginal = view.load.prefill_fit.ms_per_token
+        if marginal is None:
+            return None
+        ms_per_token = self._pool_ms_per_token(view)
+        if marginal >= ms_per_token:
+            return None
+        chain = request.block_hashes
+        loads = view.load.workers
+        credit, onboard = self._credit(view, chain, overlap)
+        own = self._live.get(request.session_id) if request.session_id else None
+        best, found = limit, None
+        for w in view.candidates:
+            wl = loads[w]
+            if w == chosen or not wl.requests or self._one_shot_count.get(w, 0) < wl.requests:
+                continue
+            held = credit.get(w)
+            cost = self._cost_ms(view, w, held, request.num_tokens, chain, own, ms_per_token, marginal)
+            cost += onboard.get(w, 0.0)
+            if cost < best and not self._memory_wait(view, w, chain):
+                best, found = cost, w
+        if found is not None:
+            costs[found] = best
+        return found
 
     @staticmethod
     def _nearly_idle(view: RouterView, w: str) -> bool:
@@ -761,8 +803,10 @@ class SessionKv(Policy):
         chain: Sequence[int],
         own: tuple[str, int, float] | None,
         ms_per_token: float,
+        token_ms: float | None = None,
     ) -> float:
-        """The worker's estimated TTFT with the stall charge, plus the memory terms."""
+        """The worker's estimated TTFT with the stall charge, plus the memory terms; `token_ms`: the price
+        of the prefill tokens, where it is not the pool's average cost (`ms_per_token`)."""
         now = view.now
         bs = view.block_size
         n_blocks = len(chain)
@@ -789,7 +833,7 @@ class SessionKv(Policy):
                 missing *= 1.0 + stall_factor * running * (full if full < 1.0 else 1.0)
         in_use = self._parent_prefix_in_use(view, w, chain, used)
         memory = self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used, w in view.yielding, in_use)
-        return (queued + missing) * ms_per_token + memory
+        return (queued + missing) * (ms_per_token if token_ms is None else token_ms) + memory
 
     def _parent_prefix_in_use(self, view: RouterView, w: str, chain: Sequence[int], used: float) -> int:
         """A sub-agent's first turn on its parent's worker: the leading blocks of its prompt that a

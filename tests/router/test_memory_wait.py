@@ -147,3 +147,46 @@ def test_a_turn_beside_a_long_prompts_first_chunk_loses_its_session_hold() -> No
         d = router.pick(turn, 1.0)
         picks.append((d.worker_id, d.reason))
     assert picks == [("w0", "session"), ("w1", "load")]
+
+
+def pool_beside_one_shot(named: int = 0, used: int = 700, **config: object) -> Router:
+    """Session s's first turn (280 blocks) is cached on w0, which now runs a 500-block request with 50
+    tokens to decode (5 s), 820 of its 1,000 blocks in use. w1 runs 80 one-shot questions (10 blocks
+    each, 30 tokens to decode; `named` of them named sessions' turns instead), `used` blocks in use.
+    The pool's average prefill cost is 0.1 ms a token (the reports' speed), its marginal cost 0.01."""
+    router = make(**config)
+    first = RouteRequest("s1", "m", chain(280, 50_000), 280 * BS, "s", expected_output_tokens=10)
+    assert router.record(first, Decision("w0", 0, 0.0, "load"), 0.0)
+    router.on_first_token("s1", 0.0)
+    router.on_complete("s1", 0.0, "stop", 10)
+    assert router.apply_kv_batch(KvEventBatch("w0", 1, 0, 0.0, [BlockStored(chain(280, 50_000))]), 0.0)
+    decoding(router, "w0", "a", 500, 50, 10_000)
+    for i in range(80):
+        session = f"named{i}" if i < named else None
+        question = RouteRequest(f"q{i}", "m", chain(10, 90_000 + 100 * i), 10 * BS, session, 30)
+        assert router.record(question, Decision("w1", 0, 0.0, "load"), 0.5)
+        router.on_first_token(f"q{i}", 0.5)
+    report(router, "w0", 1, 820, 1.0)
+    report(router, "w1", 80, used, 1.0)
+    router.load.prefill_fit.ms_per_token = 0.01  # (after the first tokens above, which the fit observes)
+    return router
+
+
+def test_a_turn_that_would_wait_for_memory_moves_beside_one_shot_requests() -> None:
+    # s's next turn (300 blocks, 280 cached on w0) would wait ~4 s on w0. w1 runs 80 one-shot questions:
+    # no worker is nearly idle, and the session estimate prices the 300 blocks the turn misses there at
+    # the pool's average cost, 0.1 ms a token, with the stall of the 80 (x 17): ~8 s, so the turn stays.
+    # Its prefill rides steps the questions run anyway, at the marginal cost, 0.01 ms a token (~0.8 s
+    # with the stall): with the rule it moves
+    turn = RouteRequest("s2", "m", chain(280, 50_000) + chain(20, 60_000), 300 * BS, "s")
+    assert pool_beside_one_shot(memory_wait_one_shot=False).pick(turn, 1.0).worker_id == "w0"
+    moved = pool_beside_one_shot().pick(turn, 1.0)
+    assert (moved.worker_id, moved.reason) == ("w1", "memory")
+    assert moved.estimated_cost == pytest.approx(300 * BS * (1 + 2.0 * 80 * 0.1 * 1.0) * 0.01)
+    # a worker running a named session's turn among them is no way out (that session lives there)
+    assert pool_beside_one_shot(named=1).pick(turn, 1.0).worker_id == "w0"
+    # nor one where the turn would wait for memory too, nor any before the marginal cost is known
+    assert pool_beside_one_shot(used=800).pick(turn, 1.0).worker_id == "w0"
+    unfitted = pool_beside_one_shot()
+    unfitted.load.prefill_fit.ms_per_token = None
+    assert unfitted.pick(turn, 1.0).worker_id == "w0"
