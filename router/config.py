@@ -134,6 +134,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # turn's prefill at the pool's marginal cost per token, the price their own estimate puts on a token
     # (docs/EXPERIMENTS.md, idea 20)
     memory_wait_one_shot: bool = True
+    # the pool's marginal prefill cost (router/prefill_fit.py) is fitted on the first tokens of requests
+    # that named no session, the ones it prices: a named turn's latency may carry seconds of waiting for
+    # device memory, and a few of those over long prompts set the slope (docs/EXPERIMENTS.md, idea 20)
+    fit_one_shot_only: bool = True
     # with a host tier (the worker's load report gives its size), live blocks beyond the device that fit
     # on the host cost only the onboarding (1 - host_credit) of the memory pressure. Off: it gathers
     # sessions whose running turns then wait for device room (docs/TIERS.md)

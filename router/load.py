@@ -14,6 +14,7 @@ from collections import deque
 from router.config import RouterConfig
 from router.prefill_fit import PrefillFit
 from router.protocol import LoadReport
+from router.request import is_inferred
 
 
 class InFlight:
@@ -166,8 +167,16 @@ class LoadView:
                 if w.step_prefill and f.picked_at <= w.step_end_at < now:
                     w.last_step = (w.step_prefill, (now - w.step_end_at) * 1000.0)
                 self.step_ended(f.worker_id, now)
-            if now is not None and now >= f.picked_at:
+            if now is not None and now >= f.picked_at and self._fits(f):
                 self.prefill_fit.observe(f.prefill_ahead, (now - f.picked_at) * 1000.0)
+
+    def _fits(self, f: InFlight) -> bool:
+        """Whether the request's first token is a sample of the marginal prefill cost: with
+        `fit_one_shot_only`, only a request that named no session. A named session's turn may wait
+        seconds for device memory behind running decodes, which its latency carries; over prompts of
+        20,000-40,000 tokens a few such samples set the slope (0.2-0.6 ms a token where the one-shot
+        requests' steps show 0.015)."""
+        return not self.config.fit_one_shot_only or is_inferred(f.session_id)
 
     def finish(self, request_id: str) -> InFlight | None:
         f = self._inflight.pop(request_id, None)

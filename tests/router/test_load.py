@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from router.config import RouterConfig
 from router.load import COMPACT_SLACK, LoadView
 from router.protocol import LoadReport
@@ -110,6 +112,32 @@ def test_first_tokens_fit_the_marginal_prefill_cost() -> None:
         t += 1.0
     assert load.prefill_fit.ms_per_token is not None
     assert abs(load.prefill_fit.ms_per_token - 0.02) < 1e-9
+
+
+def mixed_first_tokens(**overrides) -> LoadView:
+    """One-shot questions whose first tokens cost 10 ms + 0.02 ms a prefill token, and every fifth pick
+    a named session's 20,000-token turn whose first token came after a 5 s wait for device memory."""
+    load = view(**overrides)
+    t = 0.0
+    for i in range(200):
+        named = i % 5 == 0
+        own = 20_000 if named else (2000 if i % 4 == 1 else 100)
+        load.start(f"r{i}", "w", prefill_tokens=own, blocks=10, now=t)
+        flight = load.get(f"r{i}")
+        assert flight is not None
+        flight.session_id = "s" if named else None  # as the router notes it at the pick
+        load.first_token(f"r{i}", t + (10.0 + 0.02 * own + (5000.0 if named else 0.0)) / 1000.0)
+        load.finish(f"r{i}")
+        t += 10.0
+    return load
+
+
+def test_the_marginal_cost_is_fitted_on_one_shot_first_tokens() -> None:
+    # the named turns' waits would set the slope (~0.27 ms a token); fitted on the one-shot requests'
+    # first tokens alone it is their prefill's, 0.02
+    assert mixed_first_tokens().prefill_fit.ms_per_token == pytest.approx(0.02)
+    polluted = mixed_first_tokens(fit_one_shot_only=False).prefill_fit.ms_per_token
+    assert polluted is not None and polluted > 0.2
 
 
 def test_first_tokens_and_completions_mark_the_steps_a_worker_runs() -> None:
