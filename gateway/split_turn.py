@@ -7,20 +7,23 @@ first token), then the rest of the output at a priority every prompt outranks, w
 first one's plus that token (a prefix-cache hit). A prompt that does not fit then preempts decodes
 instead of waiting for them to end. On a first-come-first-served worker with a host tier (`split_fcfs`) the
 decode part goes at the default priority: it queues behind every prompt sent before it, so those get
-device memory first, and finds its blocks on the host where they evicted them.
+device memory first, and finds its blocks on the host where they evicted them. There the decode can go
+in slices (`Router.decode_slice_tokens`): parts of at most that many tokens, each sent when the one
+before it ends, the prompt plus the output so far, so that each queues behind the prompts sent
+meanwhile: a preemption the gateway makes every slice.
 
-Joining the two answers needs the first token's id, which a plain OpenAI answer does not carry: the
-first part asks for vLLM's `return_token_ids`, and the second continues the answer with kvgate's
-`kvgate.output_token_ids` (the worker's text and sampling go on from the first token, so the joined
-text is the one request's). Both are what a worker announces with `returns_token_ids`.
+Joining the answers needs the output's token ids, which a plain OpenAI answer does not carry: every
+part that another may follow asks for vLLM's `return_token_ids`, and the next continues the answer with
+kvgate's `kvgate.output_token_ids` (the worker's text and sampling go on from the output so far, so the
+joined text is the one request's). Both are what a worker announces with `returns_token_ids`.
 
 `SplitTurn` stands in for the upstream pool in one attempt: its `post` sends the first part and returns a
 `JoinedAnswer`, which reads as the worker's one answer would: one stream (the first part's events as they
-come, then the second's without its role delta), one `[DONE]`, one usage (the prompt's tokens and cached
-tokens of the first part, the completion tokens of both), the finish reason of the second part (or of
-the first, when it stopped at its one token); token ids the client did not ask for are removed. A
-second part that fails ends the answer as a failed worker's does: an error event in a stream begun, an
-`UpstreamError` before (the attempt is retried elsewhere, or answered 502).
+come, then the others' without their role delta), one `[DONE]`, one usage (the prompt's tokens and cached
+tokens of the first part, the completion tokens of all), the finish reason of the last part (a part
+that stops short of its size, or the last one the output needs); token ids the client did not ask for
+are removed. A part after the first that fails ends the answer as a failed worker's does: an error event
+in a stream begun, an `UpstreamError` before (the attempt is retried elsewhere, or answered 502).
 """
 
 from __future__ import annotations
@@ -55,19 +58,28 @@ def split_max_tokens(body: dict[str, Any]) -> int | None:
 
 
 class SplitTurn:
-    """One attempt of a turn on one worker, sent as its prompt part and then its decode part."""
+    """One attempt of a turn on one worker, sent as its prompt part and then its decode, in one part or
+    in slices."""
 
     def __init__(
-        self, pool: UpstreamPool, body: dict[str, Any], max_tokens: int, decode_priority: int, stream: bool
+        self,
+        pool: UpstreamPool,
+        body: dict[str, Any],
+        max_tokens: int,
+        decode_priority: int,
+        stream: bool,
+        slice_tokens: int = 0,
     ) -> None:
         """`body`: the turn's body as it would go to the worker whole (with `kvgate.prompt_token_ids`);
-        `max_tokens`: the client's, of which the decode part asks for the rest."""
+        `max_tokens`: the client's, of which the decode parts ask for the rest; `slice_tokens`: the most
+        one decode part asks for (0: the whole rest)."""
         self.pool = pool
         self.first_byte_timeout_s = pool.first_byte_timeout_s
         self.body = body
         self.max_tokens = max_tokens
         self.decode_priority = decode_priority
         self.stream = stream
+        self.slice_tokens = slice_tokens
 
     def first_part(self) -> bytes:
         """The prompt part's body: one token, at the turn's own priority, with its token ids."""
@@ -76,40 +88,49 @@ class SplitTurn:
         body["return_token_ids"] = True
         return msgspec.json.encode(body)
 
-    def decode_part(self, first_token_ids: list[int]) -> bytes:
-        """The decode part's body: the answer continued after its first token, the rest of its output,
-        at the priority every prompt outranks."""
+    def part_size(self, produced: int) -> int:
+        """The output tokens the decode part after `produced` of them asks for."""
+        rest = self.max_tokens - produced
+        return min(rest, self.slice_tokens) if self.slice_tokens > 0 else rest
+
+    def decode_part(self, output_token_ids: list[int]) -> bytes:
+        """A decode part's body: the answer continued after its output so far, the next slice of it (or
+        all the rest), at the decode priority; with its token ids where another part may follow."""
         body = {k: v for k, v in self.body.items() if k != "max_completion_tokens"}
-        body["max_tokens"] = self.max_tokens - len(first_token_ids)
+        size = self.part_size(len(output_token_ids))
+        body["max_tokens"] = size
         body["priority"] = self.decode_priority
-        body["kvgate"] = {**self.body["kvgate"], "output_token_ids": first_token_ids}
+        if len(output_token_ids) + size < self.max_tokens:
+            body["return_token_ids"] = True
+        body["kvgate"] = {**self.body["kvgate"], "output_token_ids": output_token_ids}
         return msgspec.json.encode(body)
 
     async def post(
         self, url: str, payload: bytes, head_timeout_s: float | None = None
     ) -> UpstreamResponse | JoinedAnswer:
         """Send the prompt part (`payload`, from `first_part`); what the pool's `post` answers, or, on a
-        200, the answer joined from both parts."""
+        200, the answer joined from all parts."""
         resp = await self.pool.post(url, payload, head_timeout_s)
         if resp.status != 200:
             return resp  # refused or failed: the relay answers it as the worker's
         return JoinedAnswer(self, url, resp)
 
 
-class _FirstPart:
-    """What the joined stream keeps of its first part until it is known whether the decode follows."""
+class _Part:
+    """What the joined stream keeps of a part that another may follow, until its end says whether one
+    does."""
 
-    __slots__ = ("created", "finish", "token_ids", "usage")
+    __slots__ = ("finish", "size", "token_ids", "usage")
 
-    def __init__(self) -> None:
+    def __init__(self, size: int) -> None:
+        self.size = size  # the output tokens it asked for
         self.token_ids: list[int] = []
         self.finish: dict[str, Any] | None = None  # its finish chunk, its output (if any) sent already
         self.usage: dict[str, Any] | None = None  # its usage chunk
-        self.created: Any = None
 
 
 class JoinedAnswer:
-    """The two parts' answers read as one `UpstreamResponse` (the members the relays use)."""
+    """The parts' answers read as one `UpstreamResponse` (the members the relays use)."""
 
     def __init__(self, split: SplitTurn, url: str, first: UpstreamResponse) -> None:
         self.split = split
@@ -117,9 +138,11 @@ class JoinedAnswer:
         self.status = first.status
         self.headers = first.headers
         self._resp: UpstreamResponse | _DecodePart = first
-        self._first: _FirstPart | None = _FirstPart()  # None once the decode part runs
-        self._first_usage: Any = None  # the first part's usage, joined into the decode part's
-        self._created: Any = None  # the first part's `created`, kept by the decode part's chunks
+        self._part: _Part | None = _Part(1)  # the part in flight while another may follow; None: the last
+        self._parts = 1  # parts sent
+        self._output_ids: list[int] = []  # the output of the parts before the one in flight
+        self._first_usage: Any = None  # the first part's usage, joined into the last part's
+        self._created: Any = None  # the first part's `created`, kept by the other parts' chunks
         self._created_member = b""  # its JSON member: a chunk that has it needs no edit for it
         self._buffer = b""
         self._done = False
@@ -146,21 +169,25 @@ class JoinedAnswer:
         choice = _first_choice(answer)
         ids = _pop_ids(answer, choice)
         self._done = True
-        if not self._continues(choice.get("finish_reason"), ids):
+        if not self._continues(choice.get("finish_reason"), ids, 1):
             return msgspec.json.encode(answer)
-        self._resp.release()
-        self._resp = _DecodePart(self.split, self.url, ids)
-        rest = _object(await self._resp.read())
-        rest_choice = _first_choice(rest)
-        _pop_ids(rest, rest_choice)
-        if isinstance(rest_choice.get("message"), dict):  # chat: the message's content goes on
-            message = choice.get("message")
-            text = message.get("content") if isinstance(message, dict) else None
-            rest_choice["message"]["content"] = (text or "") + (rest_choice["message"].get("content") or "")
+        text = _answer_text(choice)
+        last: dict[str, Any] = answer
+        size = 1
+        while self._continues(choice.get("finish_reason"), ids, size):
+            self._output_ids += ids
+            size = self.split.part_size(len(self._output_ids))
+            self._next_part()
+            last = _object(await self._resp.read())
+            choice = _first_choice(last)
+            ids = _pop_ids(last, choice)
+            text += _answer_text(choice)
+        if isinstance(choice.get("message"), dict):  # chat: the message's content goes on
+            choice["message"]["content"] = text
         else:
-            rest_choice["text"] = (choice.get("text") or "") + (rest_choice.get("text") or "")
-        answer["choices"][0] = rest_choice
-        answer["usage"] = _joined_usage(answer.get("usage"), rest.get("usage"))
+            choice["text"] = text
+        answer["choices"][0] = choice
+        answer["usage"] = self._joined_usage(answer.get("usage"), last.get("usage"))
         return msgspec.json.encode(answer)
 
     # --- a stream
@@ -178,8 +205,8 @@ class JoinedAnswer:
                     break
                 event = self._buffer[: end + 2]
                 self._buffer = self._buffer[end + 2 :]
-                if self._first is not None:
-                    edited = await self._first_event(self._first, event)
+                if self._part is not None:
+                    edited = await self._held_event(self._part, event)
                 else:
                     edited = self._rest_event(event)
                 if edited:
@@ -192,45 +219,33 @@ class JoinedAnswer:
                 return b"".join(out)
         return b""
 
-    async def _first_event(self, first: _FirstPart, event: bytes) -> bytes:
-        """An event of the first part: relayed at once, but for its end, held until it is known
-        whether the decode part follows."""
+    async def _held_event(self, part: _Part, event: bytes) -> bytes:
+        """An event of a part that another may follow: relayed at once, but for its end, held until it
+        is known whether the next part follows."""
         data = _data(event)
         if data is None:
             return event
         if data == _DONE:
-            finish = first.finish
-            reason = _first_choice(finish).get("finish_reason") if finish is not None else None
-            if not self._continues(reason, first.token_ids):  # the answer was its one token
-                self._done = True
-                ends = [finish, first.usage]
-                return b"".join(_event(chunk) for chunk in ends if chunk is not None) + event
-            await drain(self._resp)
-            self._resp.release()
-            self._resp = _DecodePart(self.split, self.url, first.token_ids)
-            if self._committed:
-                self._resp.commit()
-            self._first = None
-            self._first_usage = first.usage.get("usage") if first.usage is not None else None
-            self._created = first.created
-            if type(first.created) is int:  # as a kvgate worker writes it (compact JSON)
-                self._created_member = b'"created":%d,' % first.created
-            self._buffer = b""
-            return b""
+            return await self._part_end(part, event)
         chunk = _object(data)
-        if first.created is None:
-            first.created = chunk.get("created")
+        if self._parts == 1:
+            if self._created is None:
+                self._created = chunk.get("created")
+        elif self._created is not None:
+            chunk["created"] = self._created
         if chunk.get("choices") == [] and chunk.get("usage"):
-            first.usage = chunk  # joined with the decode part's, or sent as it is
+            part.usage = chunk  # joined with the next part's, or sent as the answer's
             return b""
         choice = _first_choice(chunk)
-        _pop_ids(chunk, choice, first.token_ids)
+        _pop_ids(chunk, choice, part.token_ids)
+        if self._parts > 1 and not _without_role(choice):
+            return b""
         if choice.get("finish_reason") is None:
             return _event(chunk)
         # its end: sent only if the answer ends here; its output (vLLM sends the last text with the
         # finish reason) leaves now
         output = _take_output(choice)
-        first.finish = msgspec.json.decode(msgspec.json.encode(chunk))  # a copy, without the output
+        part.finish = msgspec.json.decode(msgspec.json.encode(chunk))  # a copy, without the output
         if not output:
             return b""
         _put_output(choice, output)
@@ -238,8 +253,39 @@ class JoinedAnswer:
         choice.pop("stop_reason", None)
         return _event(chunk)
 
+    async def _part_end(self, part: _Part, done: bytes) -> bytes:
+        """A held part's [DONE]: the answer's end (its finish and usage, then `done`), or the next part."""
+        finish = part.finish
+        reason = _first_choice(finish).get("finish_reason") if finish is not None else None
+        usage = part.usage.get("usage") if part.usage is not None else None
+        if self._parts == 1:
+            self._first_usage = usage
+        if not self._continues(reason, part.token_ids, part.size):  # the answer ends with this part
+            self._done = True
+            if part.usage is not None and self._parts > 1:
+                part.usage["usage"] = self._joined_usage(self._first_usage, usage)
+            return b"".join(_event(chunk) for chunk in (finish, part.usage) if chunk is not None) + done
+        await drain(self._resp)
+        self._output_ids += part.token_ids
+        size = self.split.part_size(len(self._output_ids))
+        self._next_part()
+        if self._parts == 2 and type(self._created) is int:  # as a kvgate worker writes it (compact JSON)
+            self._created_member = b'"created":%d,' % self._created
+        more = len(self._output_ids) + size < self.split.max_tokens
+        self._part = _Part(size) if more else None
+        self._buffer = b""
+        return b""
+
+    def _next_part(self) -> None:
+        """The part after the output so far, in place of the one that ended (posted on its first read)."""
+        self._resp.release()
+        self._resp = _DecodePart(self.split, self.url, list(self._output_ids))
+        if self._committed:
+            self._resp.commit()
+        self._parts += 1
+
     def _rest_event(self, event: bytes) -> bytes:
-        """An event of the decode part, as the rest of the first part's answer."""
+        """An event of the last part, as the rest of the answer."""
         if self._created_member and self._created_member in event and _EDITED_MEMBERS.search(event) is None:
             return event  # the usual token chunk (no ids were asked for it): relayed untouched
         data = _data(event)
@@ -252,32 +298,49 @@ class JoinedAnswer:
         if self._created is not None:
             chunk["created"] = self._created
         if chunk.get("choices") == [] and chunk.get("usage"):
-            chunk["usage"] = _joined_usage(self._first_usage, chunk["usage"])
+            chunk["usage"] = self._joined_usage(self._first_usage, chunk["usage"])
             return _event(chunk)
         choice = _first_choice(chunk)
         _pop_ids(chunk, choice)
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and "role" in delta:  # the answer began in the first part
-            del delta["role"]
-            if not delta.get("content"):
-                delta.pop("content", None)
-            if not delta and choice.get("finish_reason") is None:
-                return b""
+        if not _without_role(choice):
+            return b""
         return _event(chunk)
 
-    def _continues(self, finish_reason: Any, first_token_ids: list[int]) -> bool:
-        """Whether the decode part follows: the first part stopped at its one token for its length."""
-        return finish_reason == "length" and len(first_token_ids) == 1 and self.split.max_tokens > 1
+    def _continues(self, finish_reason: Any, token_ids: list[int], size: int) -> bool:
+        """Whether another part follows one that asked for `size` tokens: it stopped for its length, at
+        its size, and the answer's output is not all there yet."""
+        return (
+            finish_reason == "length"
+            and len(token_ids) == size
+            and len(self._output_ids) + size < self.split.max_tokens
+        )
+
+    def _joined_usage(self, first: Any, last: Any) -> dict[str, Any]:
+        """The turn's usage: its prompt and cached tokens from the first part (every other part's prompt
+        is the first's plus the output before it), the completion tokens of all."""
+        before = len(self._output_ids)  # the parts before the last: one token id per output token
+        usage = dict(last) if isinstance(last, dict) else {}
+        if isinstance(first, dict):
+            prompt = _count(first, "prompt_tokens")
+        else:  # none came (a worker that sends none): the last part's prompt less the output before it
+            prompt = max(0, _count(last, "prompt_tokens") - before)
+        completion = before + _count(last, "completion_tokens")
+        usage["prompt_tokens"] = prompt
+        usage["completion_tokens"] = completion
+        usage["total_tokens"] = prompt + completion
+        if isinstance(first, dict) and "prompt_tokens_details" in first:
+            usage["prompt_tokens_details"] = first["prompt_tokens_details"]
+        return usage
 
 
 class _DecodePart:
-    """The decode part's response, posted on its first read: a refusal or failure there is a worker's
+    """A decode part's response, posted on its first read: a refusal or failure there is a worker's
     failure mid-answer (UpstreamError)."""
 
-    def __init__(self, split: SplitTurn, url: str, first_token_ids: list[int]) -> None:
+    def __init__(self, split: SplitTurn, url: str, output_token_ids: list[int]) -> None:
         self.split = split
         self.url = url
-        self.payload = split.decode_part(first_token_ids)
+        self.payload = split.decode_part(output_token_ids)
         self.resp: UpstreamResponse | None = None
         self.committed = False
         self.released = False
@@ -296,7 +359,7 @@ class _DecodePart:
         resp = await split.pool.post(self.url, self.payload, timeout)
         if resp.status != 200:
             resp.release()
-            raise UpstreamError(f"the worker answered {resp.status} to the turn's decode part")
+            raise UpstreamError(f"the worker answered {resp.status} to a decode part of the turn")
         if self.committed:
             resp.commit()
         self.resp = resp
@@ -389,18 +452,21 @@ def _count(usage: Any, name: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def _joined_usage(first: Any, rest: Any) -> dict[str, Any]:
-    """The turn's usage: its prompt and cached tokens from the first part (the second's prompt is the
-    first's plus a token), the completion tokens of both."""
-    usage = dict(rest) if isinstance(rest, dict) else {}
-    if isinstance(first, dict):
-        prompt = _count(first, "prompt_tokens")
-    else:  # none came (a worker that sends none): the decode part's prompt less the first token
-        prompt = max(0, _count(rest, "prompt_tokens") - 1)
-    completion = _count(first, "completion_tokens") + _count(rest, "completion_tokens")
-    usage["prompt_tokens"] = prompt
-    usage["completion_tokens"] = completion
-    usage["total_tokens"] = prompt + completion
-    if isinstance(first, dict) and "prompt_tokens_details" in first:
-        usage["prompt_tokens_details"] = first["prompt_tokens_details"]
-    return usage
+def _answer_text(choice: dict[str, Any]) -> str:
+    """A whole answer's output: a chat message's content, or a completion's text."""
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def _without_role(choice: dict[str, Any]) -> bool:
+    """A later part's chunk without its role delta (the answer began in the first part); False when
+    nothing is left to send of it."""
+    delta = choice.get("delta")
+    if isinstance(delta, dict) and "role" in delta:
+        del delta["role"]
+        if not delta.get("content"):
+            delta.pop("content", None)
+        if not delta and choice.get("finish_reason") is None:
+            return False
+    return True

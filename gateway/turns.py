@@ -337,14 +337,16 @@ class Turns:
         return split, split.first_part()
 
     def _split(self, turn: Turn, body: dict[str, Any], worker: str) -> SplitTurn | None:
-        """The turn as its prompt and then its decode, where the router sends decodes apart on this
-        worker (session_kv, priority scheduling, token ids) and the answer can be joined exactly."""
+        """The turn as its prompt and then its decode (in slices where the router says so), where the
+        router sends decodes apart on this worker (session_kv; priority scheduling, or a host tier; token
+        ids) and the answer can be joined exactly."""
         priority = self.router.decode_priority(worker)
         max_tokens = split_max_tokens(body) if priority is not None else None
         if priority is None or max_tokens is None:
             return None
         self.metrics.split_turns.inc()
-        return SplitTurn(self.upstream, body, max_tokens, priority, turn.stream)
+        slice_tokens = self.router.decode_slice_tokens(worker)
+        return SplitTurn(self.upstream, body, max_tokens, priority, turn.stream, slice_tokens)
 
     def _route_attributes(self, route: RouteRequest, decision: Decision, expected: int) -> dict[str, Any]:
         return {

@@ -189,10 +189,11 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # more e2e; without a host tier the decode parts recompute what was evicted, and it does not pay
     # (docs/EXPERIMENTS.md, "Host tier, seventh pass")
     split_fcfs: bool = True
-    # the decode part in slices of at most this many tokens (0: whole), each a request of its own (the
-    # prompt and the output so far) queued behind the prompts sent before it: a preemption the gateway
-    # makes every slice on a first-come-first-served engine. Simulated only (the live gateway joins
-    # two parts, not more); off: docs/EXPERIMENTS.md, "Host tier, seventh pass"
+    # on a worker that gets turns split by `split_fcfs`, the decode part in slices of at most this many
+    # tokens (0: whole), each a request of its own (the prompt and the output so far) queued behind the
+    # prompts sent before it: a preemption the gateway makes every slice on a first-come-first-served
+    # engine (Router.decode_slice_tokens; the gateway joins the parts into one answer, as the
+    # simulator sends them). Off: docs/EXPERIMENTS.md, "Host tier, seventh pass" and "eighth pass"
     decode_slice_tokens: int = 0
 
     def __post_init__(self) -> None:

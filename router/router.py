@@ -433,6 +433,15 @@ class Router:
             return 0
         return -(self._registrations[worker_id].priority_threshold + 1)
 
+    def decode_slice_tokens(self, worker_id: str) -> int:
+        """The most output tokens one decode part of a split turn asks for on this worker (0: the whole
+        rest in one part): `decode_slice_tokens` on a first-come-first-served worker that gets turns
+        split (`split_fcfs`), where each slice queues behind the prompts sent before it, a preemption
+        the gateway makes; 0 on a worker whose engine preempts decodes for prompts itself."""
+        if worker_id not in self._splitting or worker_id in self._yielding:
+            return 0
+        return self.config.decode_slice_tokens
+
     def on_first_token(self, request_id: str, now: float) -> None:
         self.load.first_token(request_id, now)
         self.policy.on_first_token(request_id)

@@ -156,9 +156,8 @@ class Simulation:
         # id -> the turn's, and the turns whose prompt is in flight -> their decode's priority
         self._decodes: dict[str, str] = {}
         self._decode_priority: dict[str, tuple[int, str | None]] = {}
-        # decodes sent in slices (RouterConfig.decode_slice_tokens): a slice's id -> the output tokens
-        # before it, its priority and session
-        self._slice_tokens = self.router.config.decode_slice_tokens
+        # decodes sent in slices (Router.decode_slice_tokens): a slice's id -> the output tokens before
+        # it, its priority and session
         self._slices: dict[str, tuple[int, int, str | None]] = {}
         self._open = len(workload)  # turns not finished yet (arrived or not)
         self._next_index = 0
@@ -283,15 +282,17 @@ class Simulation:
         self, request_id: str, priority: int, session_id: str | None, produced: int = 1
     ) -> None:
         """A turn's decode as the gateway sends it: the prompt and its first token, the rest of the
-        output to generate, at `priority`, to the worker that computed the prompt. With
-        `decode_slice_tokens` (K), at most K tokens a request: each slice's end sends the next (the
-        prompt and the `produced` output so far), queued behind the prompts sent before it."""
+        output to generate, at `priority`, to the worker that computed the prompt. Where the router
+        sends it in slices (`Router.decode_slice_tokens`, K), at most K tokens a request: each slice's
+        end sends the next (the prompt and the `produced` output so far), queued behind the prompts
+        sent before it."""
         turn, record = self._turns[request_id]
         row = turn.row
         size = max(1, row.output_length - produced)
         decode_id = request_id + "/decode"
-        if self._slice_tokens:
-            size = min(size, self._slice_tokens)
+        slice_tokens = self.router.decode_slice_tokens(record.worker)
+        if slice_tokens:
+            size = min(size, slice_tokens)
             if produced > 1:
                 decode_id += str(produced)
             self._slices[decode_id] = (produced, priority, session_id)
@@ -333,7 +334,7 @@ class Simulation:
                         del self._decodes[request_id]
                         ok = out.completion_tokens > 0 and out.finish_reason != "abort"
                         produced: int | None = out.completion_tokens + 1
-                        if self._slices:
+                        if request_id in self._slices:
                             produced = self._slice_done(request_id, decode_of, out.completion_tokens, ok)
                         if produced is not None:
                             self._finish(decode_of, produced, ok)

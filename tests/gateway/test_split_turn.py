@@ -255,6 +255,122 @@ async def test_with_split_fcfs_a_first_come_first_served_worker_with_a_host_tier
     assert [[(p[1], p[2], p[3]) for p in parts] for parts in whole_turns] == [[(0, 9, 0)], [(0, 7, 0)]]
 
 
+async def test_a_decode_in_slices_reads_as_the_unsplit_answer(
+    cluster: Cluster, nats_url: str, namespace: str
+) -> None:
+    """With `decode_slice_tokens`, a turn to a first-come-first-served worker with a host tier goes as
+    its prompt part and then its decode in parts of at most that many tokens, each continuing the
+    output so far, all at priority 0; the answers, whole and streamed, equal an unsplit gateway's (text,
+    finish reason, usage), also where EOS ends the answer inside a slice."""
+    tier = ["--host-blocks", "512", "--log-level", "DEBUG"]
+    cluster.worker("sl0", "mock", "--model", "m-slices", *tier)
+    cluster.worker("sle0", "mock", "--model", "m-slices-eos", "--eos-after", "6", *tier)
+    for worker_id in ("sl0", "sle0"):
+        await asyncio.to_thread(cluster.workers[worker_id].wait_http, "/health", 60.0)
+    sliced_gw = running_gateway(
+        nats_url, namespace, "gw-sliced", router_config=RouterConfig(split_fcfs=True, decode_slice_tokens=4)
+    )
+    whole_gw = running_gateway(nats_url, namespace, "gw-unsplit", split_turns=False)
+    async with sliced_gw as sliced, whole_gw as whole:
+        await sliced.wait_ready(workers=2)
+        await whole.wait_ready(workers=2)
+        assert sliced.router.decode_slice_tokens("sl0") == 4 and whole.router.decode_priority("sl0") is None
+        clients = {"split": sdk(sliced), "whole": sdk(whole)}
+        try:
+            for model, tokens in (("m-slices", 11), ("m-slices-eos", 11)):
+                answers = {
+                    name: await client.chat.completions.create(
+                        model=model, messages=chat(f"{name:5}-{model}-a" + "x" * 300), max_tokens=tokens
+                    )
+                    for name, client in clients.items()
+                }
+                a, b = answers["split"], answers["whole"]
+                assert a.choices[0].message.content == b.choices[0].message.content
+                assert a.choices[0].finish_reason == b.choices[0].finish_reason
+                assert a.usage == b.usage and a.usage is not None
+                streams = {
+                    name: await stream_chunks(
+                        client,
+                        model=model,
+                        messages=chat(f"{name:5}-{model}-b" + "x" * 300),
+                        max_tokens=tokens,
+                        stream_options={"include_usage": True},
+                    )
+                    for name, client in clients.items()
+                }
+                texts = []
+                for chunks in streams.values():
+                    choices = [c.choices[0] for c in chunks if c.choices]
+                    texts.append("".join(c.delta.content or "" for c in choices))
+                    assert sum(1 for c in choices if c.delta.role) == 1
+                    assert len([c.finish_reason for c in choices if c.finish_reason]) == 1
+                    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+                assert texts[0] == texts[1] == a.choices[0].message.content
+                assert streams["split"][-1].usage == streams["whole"][-1].usage
+            assert answers["split"].choices[0].finish_reason == "stop"  # EOS as token 6, in a slice
+            assert answers["split"].usage.completion_tokens == 7
+        finally:
+            for client in clients.values():
+                await client.close()
+        prefix = sliced.gateway.turns._request_id_prefix
+
+    def parts(worker_id: str) -> list[list[tuple[int, int, int]]]:
+        seen = requests_seen(cluster.workers[worker_id])
+        return [[p[1:] for p in ps] for rid, ps in seen.items() if rid.startswith(f"req-{prefix}")]
+
+    # (output so far, max_tokens, priority) of each part: 1 + 4 + 4 + 2 tokens; with EOS as the 7th
+    # token (in the third part), no fourth part
+    assert parts("sl0") == [[(0, 1, 0), (1, 4, 0), (5, 4, 0), (9, 2, 0)]] * 2
+    assert parts("sle0") == [[(0, 1, 0), (1, 4, 0), (5, 4, 0)]] * 2
+
+
+async def test_a_slice_that_fails_ends_the_answer_with_an_error(
+    cluster: Cluster, nats_url: str, namespace: str
+) -> None:
+    """The worker dies while a later slice of the decode runs: a stream begun ends with an error event,
+    a whole answer is a 502; neither hangs."""
+    slow = ["--speedup", "0.05", "--host-blocks", "512", "--log-level", "DEBUG"]
+    cluster.worker("sld0", "mock", "--model", "m-stream", *slow)
+    cluster.worker("sld1", "mock", "--model", "m-whole", *slow)
+    for worker_id in ("sld0", "sld1"):
+        await asyncio.to_thread(cluster.workers[worker_id].wait_http, "/health", 60.0)
+    config = RouterConfig(split_fcfs=True, decode_slice_tokens=3)
+    async with running_gateway(
+        nats_url, namespace, "gw-slfail", router_config=config, failure_backoff_s=0.0
+    ) as gw:
+        await gw.wait_ready(workers=2)
+        client = sdk(gw)
+
+        async def third_part_taken(worker: Proc) -> None:
+            def taken() -> bool:
+                return any(p[1] >= 4 for parts in requests_seen(worker).values() for p in parts)
+
+            await until(taken, 60.0, "the decode's second slice at the worker")
+
+        try:
+            stream = await client.chat.completions.create(
+                model="m-stream", messages=chat("s" * 200), max_tokens=2000, stream=True
+            )
+            chunks = stream.__aiter__()
+            await chunks.__anext__()
+            await third_part_taken(cluster.workers["sld0"])
+            cluster.workers["sld0"].kill()
+            with pytest.raises(openai.APIError):
+                async for _chunk in _bounded(chunks, 60.0):
+                    pass
+
+            whole = asyncio.create_task(
+                client.chat.completions.create(model="m-whole", messages=chat("w" * 200), max_tokens=2000)
+            )
+            await third_part_taken(cluster.workers["sld1"])
+            cluster.workers["sld1"].kill()
+            with pytest.raises(openai.APIStatusError) as failed:
+                await asyncio.wait_for(whole, 60.0)
+            assert failed.value.status_code == 502
+        finally:
+            await client.close()
+
+
 async def test_a_prompt_that_does_not_fit_preempts_another_sessions_decode(
     cluster: Cluster, nats_url: str, namespace: str
 ) -> None:

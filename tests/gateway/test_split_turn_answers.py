@@ -163,3 +163,143 @@ def test_only_answers_that_join_exactly_are_split() -> None:
         {"max_tokens": 8, "return_token_ids": True},
     ):
         assert split_max_tokens(body) is None
+
+
+OUTPUT = "ABCDEFGHIJ"  # the answer of the sliced stand-in: a token a letter, its id the letter's code
+
+
+class SlicedStandIn:
+    """Answers every part of a turn sent in slices as vLLM would: the output from the part's
+    `kvgate.output_token_ids` on, `max_tokens` of it (the last text with the finish reason), its token
+    ids where asked; EOS after `eos_after` output tokens, a part numbered `fail_part` refused."""
+
+    def __init__(self, eos_after: int | None = None, fail_part: int | None = None) -> None:
+        self.eos_after = eos_after
+        self.fail_part = fail_part
+        self.bodies: list[dict[str, Any]] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        if len(self.bodies) - 1 == self.fail_part:
+            return web.json_response({"error": {"message": "busy"}}, status=503)
+        start = len(body["kvgate"].get("output_token_ids", []))
+        end = min(start + body["max_tokens"], len(OUTPUT))
+        reason = "length"
+        if self.eos_after is not None and self.eos_after < end:
+            end, reason = self.eos_after + 1, "stop"  # the EOS is a token of its own, with no text
+        letters = OUTPUT[start:end] if reason == "length" else OUTPUT[start : end - 1]
+        ids = [ord(c) for c in OUTPUT[start:end]]
+        ids_asked = body.get("return_token_ids") is True
+        part_usage = usage(len(PROMPT) + start, end - start, len(PROMPT) + start - 1)
+        created = 100 + len(self.bodies) - 1
+        if not body.get("stream"):
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": letters}}
+            choice["finish_reason"] = reason
+            if ids_asked:
+                choice["token_ids"] = ids
+            answer = {"id": "chatcmpl-r", "object": "chat.completion", "created": created, "model": "m"}
+            return web.json_response({**answer, "choices": [choice], "usage": part_usage})
+        events = [chunk(created, [{"index": 0, "delta": {"role": "assistant", "content": ""}}])]
+        for i in range(start, end):
+            last = i == end - 1
+            choice = {"index": 0, "delta": {"content": OUTPUT[i] if i < len(letters) + start else ""}}
+            if last:
+                choice["finish_reason"] = reason
+            if ids_asked:
+                choice["token_ids"] = [ord(OUTPUT[i])]
+            events.append(chunk(created, [choice]))
+        events.append(chunk(created, [], usage=part_usage))
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"".join(events) + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+@contextlib.asynccontextmanager
+async def sliced(
+    stand_in: SlicedStandIn, stream: bool, max_tokens: int, slice_tokens: int
+) -> AsyncIterator[JoinedAnswer]:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stand_in.handle)
+    body = {**BODY, "stream": stream, "kvgate": {"prompt_token_ids": PROMPT, "request_id": "r"}}
+    pool = UpstreamPool()
+    try:
+        async with serving(app) as url:
+            split = SplitTurn(pool, body, max_tokens, 0, stream, slice_tokens)
+            answer = await split.post(url + "/v1/chat/completions", split.first_part())
+            try:
+                yield answer
+            finally:
+                answer.release()
+    finally:
+        await pool.close()
+
+
+def joined_stream(events: list[bytes]) -> tuple[str, list[str], list[dict[str, Any]]]:
+    """A joined stream's text, finish reasons and chunks, checked for one role, one [DONE], one created."""
+    assert events[-1] == b"data: [DONE]\n\n" and b"".join(events).count(b"[DONE]") == 1
+    chunks = [msgspec.json.decode(e[5:]) for e in events[:-1]]
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert [c["delta"].get("role") for c in choices].count("assistant") == 1
+    assert all("token_ids" not in c for c in choices) and all("prompt_token_ids" not in c for c in chunks)
+    assert {c["created"] for c in chunks} == {100}
+    text = "".join(c["delta"].get("content", "") for c in choices)
+    return text, [c["finish_reason"] for c in choices if c.get("finish_reason")], chunks
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_decode_in_slices_joins_into_one_answer(stream: bool) -> None:
+    """Ten tokens in slices of three: parts of 1, 3, 3 and 3 tokens, each continuing the output so far,
+    with its token ids asked for where another part follows; the client reads one answer."""
+    stand_in = SlicedStandIn()
+    async with sliced(stand_in, stream, 10, 3) as answer:
+        if stream:
+            text, reasons, chunks = joined_stream(await read_stream(answer))
+            final_usage = chunks[-1]["usage"]
+        else:
+            body = msgspec.json.decode(await answer.read())
+            text, reasons = body["choices"][0]["message"]["content"], [body["choices"][0]["finish_reason"]]
+            final_usage = body["usage"]
+            assert "token_ids" not in body["choices"][0] and body["created"] == 100
+    assert text == OUTPUT and reasons == ["length"]
+    assert final_usage == usage(3, 10, 2)  # the prompt's, every part's completion, the first's cache
+    parts = [
+        (b["max_tokens"], b.get("return_token_ids"), b["kvgate"].get("output_token_ids"))
+        for b in stand_in.bodies
+    ]
+    codes = [ord(c) for c in OUTPUT]
+    assert parts == [(1, True, None), (3, True, codes[:1]), (3, True, codes[:4]), (3, None, codes[:7])]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_slice_that_stops_short_ends_the_answer(stream: bool) -> None:
+    """EOS as the answer's sixth token, in the third part (tokens 5-7): no fourth part; the answer ends
+    there with its finish reason, its usage counting the five tokens and the EOS."""
+    stand_in = SlicedStandIn(eos_after=5)
+    async with sliced(stand_in, stream, 10, 3) as answer:
+        if stream:
+            text, reasons, chunks = joined_stream(await read_stream(answer))
+            final_usage = chunks[-1]["usage"]
+        else:
+            body = msgspec.json.decode(await answer.read())
+            text, reasons = body["choices"][0]["message"]["content"], [body["choices"][0]["finish_reason"]]
+            final_usage = body["usage"]
+    assert text == OUTPUT[:5] and reasons == ["stop"]
+    assert final_usage == usage(3, 6, 2)
+    assert [b["max_tokens"] for b in stand_in.bodies] == [1, 3, 3]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_refused_slice_is_a_worker_failure(stream: bool) -> None:
+    async with sliced(SlicedStandIn(fail_part=2), stream, 10, 3) as answer:
+        if stream:
+            begun = await answer.read_chunk()
+            assert b"A" in begun
+            with pytest.raises(UpstreamError, match="503"):
+                while await answer.read_chunk():
+                    pass
+        else:
+            with pytest.raises(UpstreamError, match="503"):
+                await answer.read()

@@ -207,6 +207,30 @@ def test_with_split_fcfs_decodes_go_apart_on_first_come_first_served_workers_wit
         assert router.decode_priority("t") is None
 
 
+def test_decode_slices_go_to_first_come_first_served_workers_that_get_turns_split() -> None:
+    """`decode_slice_tokens` slices the decode on a first-come-first-served worker that gets turns split
+    (`split_fcfs`); a worker that schedules by priority preempts decodes for prompts itself and gets
+    the decode in one part, as does one whose turns go whole."""
+
+    def worker(wid: str, host: int, threshold: int = -1) -> WorkerRegistration:
+        return WorkerRegistration(
+            wid, f"http://{wid}", "m", BS, 1000, "mock", 1, 0.0, priority_threshold=threshold,
+            returns_token_ids=True, host_blocks=host,
+        )  # fmt: skip
+
+    r = Router(config=RouterConfig(decode_slice_tokens=256), splits_turns=True)
+    for registration in (worker("t", 4000), worker("n", 0), worker("p", 4000, 10)):
+        r.add_worker(registration, 0.0)
+    assert [r.decode_slice_tokens(w) for w in "tnpz"] == [256, 0, 0, 0]
+    for router in (
+        Router(config=RouterConfig(decode_slice_tokens=0), splits_turns=True),
+        Router(config=RouterConfig(decode_slice_tokens=256, split_fcfs=False), splits_turns=True),
+        Router(config=RouterConfig(decode_slice_tokens=256)),
+    ):
+        router.add_worker(worker("t", 4000), 0.0)
+        assert router.decode_slice_tokens("t") == 0
+
+
 def test_a_tool_call_turn_returns_a_pin_for_its_expected_tool_time(router: Router) -> None:
     chain = list(range(100, 140))
     d = router.pick(req("r1", chain, "s"), 0.0)
