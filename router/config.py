@@ -176,6 +176,16 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # one could start, or if it fits beside it then (router/room.py). Off: on the cc trace with the host
     # tier it lost to the room queue alone on both seeds (docs/EXPERIMENTS.md, "Host tier, fourth pass")
     room_backfill: bool = False
+    # memory hold (router/memory_hold.py; session_kv only): a pick predicted to wait more than
+    # `memory_hold_min_wait_ms` on its worker for device memory (router/policies/memory_wait.py) waits at
+    # the router, not at the head of the engine's first-come-first-served queue, where every request
+    # routed behind it would wait too; re-checked every `memory_hold_recheck_s` and after completions,
+    # sent after `memory_hold_max_s` whatever the wait, at most `memory_hold_max_held` at once
+    memory_hold: bool = False
+    memory_hold_min_wait_ms: float = 2000.0
+    memory_hold_max_s: float = 20.0
+    memory_hold_recheck_s: float = 0.1
+    memory_hold_max_held: int = 4096
     # on a worker whose engine schedules by priority (SGLang's --enable-priority-scheduling, announced in
     # its registration), send a turn's decode as a second request that every prompt outranks, so that a
     # prompt that does not fit preempts decodes rather than waits for them (Router.decode_priority;

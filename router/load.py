@@ -22,6 +22,7 @@ class InFlight:
         "blocks",
         "epoch",
         "first_token_at",
+        "held",
         "output_tokens",
         "picked_at",
         "prefill_ahead",
@@ -52,6 +53,7 @@ class InFlight:
         self.output_tokens = output_tokens  # the tokens it may decode (its max_tokens; 0: unknown)
         self.first_token_at: float | None = None  # when its decode began, once the router saw it
         self.prefilling = True
+        self.held = False  # held at the router (RouterConfig.memory_hold), not sent to its worker yet
         self.session_id: str | None = None  # the router's notes for on_complete
         self.tool_pending = False
 
@@ -60,6 +62,7 @@ class WorkerLoad:
     __slots__ = (
         "epoch",
         "fresh_until",
+        "held",
         "inflight_blocks",
         "inflight_prefill",
         "last_step",
@@ -79,6 +82,7 @@ class WorkerLoad:
         self.ms_per_token = 1000.0 / default_prefill_tok_s  # prefill cost, measured once reported
         self.epoch = 0  # bumped by each report
         self.prefill_since_report = 0
+        self.held: set[str] = set()  # picks held at the router: no report counts them, every one counts
         self.inflight_prefill = 0  # every prediction still prefilling
         self.inflight_blocks = 0
         self.requests = 0
@@ -123,6 +127,11 @@ class LoadView:
         w.ms_per_token = 1000.0 / (speed if speed > 0 else self.config.default_prefill_tok_s)
         w.epoch += 1
         w.prefill_since_report = 0
+        for rid in w.held:  # not at the worker: still to come, as if picked after this report
+            f = self._inflight.get(rid)
+            if f is not None and f.prefilling:
+                f.epoch = w.epoch
+                w.prefill_since_report += f.prefill_tokens
 
     # --- predictions
 
@@ -153,6 +162,28 @@ class LoadView:
         # a steady stream leaves ~150 bytes a request behind, up to 2 x max_inflight of them (~40 MB)
         if len(self._done_queue) > 2 * len(self._inflight) + COMPACT_SLACK:
             self._compact()
+
+    def hold(self, request_id: str) -> None:
+        """A pick waits at the router (RouterConfig.memory_hold): its prefill stays queued on its worker
+        through the worker's reports, which do not count it, until `resend`."""
+        f = self._inflight.get(request_id)
+        w = self.workers.get(f.worker_id) if f is not None else None
+        if f is not None and w is not None and f.prefilling:
+            f.held = True
+            w.held.add(request_id)
+
+    def resend(self, request_id: str, now: float) -> None:
+        """A pick held at the router goes to its worker now: its prediction counts from now, as one
+        picked now (after the worker's latest report, whose queue does not hold it)."""
+        f = self._inflight.get(request_id)
+        w = self.workers.get(f.worker_id) if f is not None else None
+        if f is None or w is None or not f.held:
+            return
+        f.held = False
+        w.held.discard(request_id)
+        f.picked_at = now
+        self._prefill_queue.append((now, request_id))
+        self._done_queue.append((now, request_id))
 
     def first_token(self, request_id: str, now: float | None = None) -> None:
         """The request's prefill is over; with `now`, its latency is a sample of the prefill cost."""
@@ -186,6 +217,7 @@ class LoadView:
             self._end_prefill(f)
         w = self.workers.get(f.worker_id)
         if w is not None:
+            w.held.discard(request_id)
             w.inflight_blocks -= f.blocks
             w.requests -= 1
         return f

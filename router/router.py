@@ -8,7 +8,7 @@ monotonic) instead of reading a clock, and nothing here does I/O.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 import xxhash
 
@@ -18,6 +18,7 @@ from router.config import RouterConfig
 from router.hashing import DEFAULT_BLOCK_SIZE
 from router.index import BlockIndex
 from router.load import InFlight, LoadView
+from router.memory_hold import MemoryHold
 from router.policies import POLICIES, Policy, RouterView
 from router.protocol import KvEventBatch, KvStateDump, LoadReport, PinHint, WorkerRegistration
 from router.request import INFERRED_SESSION_PREFIXES, Decision, RouteRequest
@@ -122,6 +123,14 @@ class Router:
                 config.room_max_hold_s, config.room_max_held, config.max_inflight, config.room_backfill
             )
         self._turn_s: float | None = None  # EWMA of all turns' run times (room backfill, new sessions)
+        self.memory_hold: MemoryHold | None = None
+        if config.memory_hold and policy in ROOM_POLICIES:
+            self.memory_hold = MemoryHold(
+                config.memory_hold_max_s,
+                config.memory_hold_max_held,
+                config.memory_hold_recheck_s,
+                config.memory_hold_min_wait_ms,
+            )
 
     # --- workers
 
@@ -314,6 +323,13 @@ class Router:
         """After `pick`: True, send the request to its worker now. False: the worker has no KV room for
         its prompt; send it once `release_rooms` returns its id (every request passes under other
         policies). Either way `on_complete` ends it."""
+        hold = self.memory_hold
+        if hold is not None:
+            rid, worker, chain = request.request_id, decision.worker_id, request.block_hashes
+            if hold.offer(rid, worker, chain, self._memory_wait(chain, worker, now, {rid, *hold}), now):
+                return True
+            self.load.hold(rid)
+            return False
         rooms = self.rooms
         if rooms is None:
             return True
@@ -324,22 +340,62 @@ class Router:
 
     def release_rooms(self, now: float) -> list[str]:
         """Ids of requests held for room to send now (call after completions and at `rooms_deadline`)."""
+        if self.memory_hold is not None:
+            return self._release_memory_hold(self.memory_hold, now)
         return self.rooms.release(now) if self.rooms is not None else []
 
     def rooms_deadline(self) -> float | None:
         """When `release_rooms` should next be called if nothing completes before; None: none held."""
+        if self.memory_hold is not None:
+            return self.memory_hold.next_deadline()
         return self.rooms.next_deadline() if self.rooms is not None else None
 
     def send_room_now(self, request_id: str, now: float) -> None:
         """A request held for room is sent before its release (its caller's own bound passed)."""
+        if self.memory_hold is not None and request_id in self.memory_hold:
+            self.memory_hold.send(request_id, now, overdue=True)
+            self.load.resend(request_id, now)
         if self.rooms is not None:
             self.rooms.force(request_id, now)
 
     def cancel_room(self, request_id: str) -> None:
         """A request held for room will not be sent (its client went away): forget it. Its pick is
         still to be closed by `on_complete`, as any pick is."""
+        if self.memory_hold is not None:
+            self.memory_hold.done(request_id)
         if self.rooms is not None:
             self.rooms.done(request_id)
+
+    def _release_memory_hold(self, hold: MemoryHold, now: float) -> list[str]:
+        """The held picks to send now, oldest first: each whose worker left (it fails over), whose
+        predicted wait there is short enough now (those sent before it in this pass counted ahead of
+        it), or whose bound passed."""
+        released: list[str] = []
+        for rid, worker, chain in hold.waiting():
+            overdue = hold.overdue(rid, now)
+            if (
+                worker in self._registrations
+                and not overdue
+                and self._memory_wait(chain, worker, now, hold) > hold.min_wait_ms
+            ):
+                continue
+            hold.send(rid, now, overdue)
+            self.load.resend(rid, now)
+            released.append(rid)
+        hold.checked(now)
+        return released
+
+    def _memory_wait(self, chain: Sequence[int], worker_id: str, now: float, held: Container[str]) -> float:
+        """The policy's predicted wait for device memory of a prompt of `chain` on `worker_id` (ms), the
+        picks in `held` not counted at the worker."""
+        workers = list(self._registrations)
+        if worker_id not in self._registrations:
+            return 0.0
+        bs = self._registrations[worker_id].block_size
+        view = RouterView(
+            workers, self.index, self.approx, self.load, None, bs, now, None, self._yielding, held
+        )
+        return self.policy.memory_wait_ms(chain, worker_id, view)
 
     # --- routing
 
@@ -357,8 +413,9 @@ class Router:
         session = self.sessions.get(sid) if sid else None
         parent = self._parent(request) if session is None or session.turns == 0 else None
         bs = self._registrations[candidates[0]].block_size  # the gateway hashed with a candidate's size
+        held: Container[str] = self.memory_hold if self.memory_hold is not None else frozenset()
         view = RouterView(
-            candidates, self.index, self.approx, self.load, session, bs, now, parent, self._yielding
+            candidates, self.index, self.approx, self.load, session, bs, now, parent, self._yielding, held
         )
         decision = self.policy.pick(request, view)
         self._record(request, decision, now)
@@ -462,6 +519,8 @@ class Router:
         if self.rooms is not None:
             self._learn_turn_time(request_id, flight, now, ok)
             self.rooms.done(request_id)
+        if self.memory_hold is not None:
+            self.memory_hold.done(request_id)
         if flight is None or not flight.session_id:
             return None
         hint = self._session_done(flight, now, finish_reason, output_tokens, ok)

@@ -116,7 +116,9 @@ class SimRun:
         self.held = 0  # turns the router's admission held before routing them
         self.held_overdue = 0  # of which released by the hold bound
         self.hold_s = 0.0  # virtual seconds they waited in all
-        self.room_held = 0  # picked turns the router held while their worker had no KV room
+        # picked turns the router held while their worker had no KV room (room_hold), or while their
+        # predicted wait for device memory there lasted (memory_hold)
+        self.room_held = 0
         self.room_overdue = 0  # of which sent by the hold bound
         self.room_hold_s = 0.0  # virtual seconds they waited in all
 
@@ -209,7 +211,7 @@ class Simulation:
         if self.router.admission is not None:
             result.held = self.router.admission.held_total
             result.held_overdue = self.router.admission.overdue_total
-        rooms = self.router.rooms
+        rooms = self.router.memory_hold or self.router.rooms
         if rooms is not None:
             result.room_held, result.room_overdue, result.room_hold_s = (
                 rooms.held_total,

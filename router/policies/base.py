@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import ClassVar
 
 from router.approx_index import ApproxIndex
@@ -30,6 +30,7 @@ class RouterView:
         "approx",
         "block_size",
         "candidates",
+        "held",
         "index",
         "load",
         "now",
@@ -49,6 +50,7 @@ class RouterView:
         now: float,
         parent: Session | None = None,
         yielding: frozenset[str] = frozenset(),
+        held: Container[str] = frozenset(),
     ) -> None:
         self.candidates = candidates  # routable, in a stable order; never empty
         self.index = index
@@ -62,6 +64,8 @@ class RouterView:
         # workers whose running decodes yield to a prompt that does not fit (the router sends them
         # apart, at a priority every prompt outranks: Router.decode_priority)
         self.yielding = yielding
+        # picks held at the router (RouterConfig.memory_hold): recorded in the load, not at the worker
+        self.held = held
 
     def overlap(self, chain: Sequence[int]) -> dict[str, int]:
         """Device-tier matched prefix in blocks per worker (event-fed, or approximate for silent workers)."""
@@ -103,6 +107,11 @@ class Policy(ABC):
 
     def on_first_token(self, request_id: str) -> None:
         return None
+
+    def memory_wait_ms(self, chain: Sequence[int], worker_id: str, view: RouterView) -> float:
+        """The predicted wait of a prompt of `chain` for device memory on `worker_id` (ms), for the
+        router's memory hold; 0 for a policy that does not predict it."""
+        return 0.0
 
     def on_complete(self, request_id: str) -> None:
         return None

@@ -272,10 +272,11 @@ class SessionKv(Policy):
             else self._busy_step(view)[0] / 1000.0
         )
         flights = view.load
+        held = view.held
         mine = [
             (f, other)
             for rid, (worker, other) in self._running.items()
-            if worker == w and (f := flights.get(rid)) is not None
+            if worker == w and rid not in held and (f := flights.get(rid)) is not None
         ]
         return memory_wait_ms(wl, chain, mine, view.now, step_s, view.block_size, in_prefill)
 
@@ -304,6 +305,9 @@ class SessionKv(Policy):
             ]
             tokens -= bs * sum(sent[len(sent) - min(len(sent), report.waiting) :])
         return -(-tokens // bs) if tokens > 0 else 0
+
+    def memory_wait_ms(self, chain: Sequence[int], worker_id: str, view: RouterView) -> float:
+        return self._memory_wait(view, worker_id, chain)
 
     def _with_prior(self, view: RouterView, overlap: dict[str, int], chain: Sequence[int]) -> dict[str, int]:
         """The overlap, with the session's worker credited the prefix this turn shares with the session's

@@ -612,3 +612,36 @@ def test_with_backfill_a_turn_that_would_delay_the_held_prompt_waits_behind_it()
     assert first_token(backfilled, "big") == pytest.approx(first_token(alone, "big"), abs=0.02)
     big_end = next(r.finish for r in backfilled if r.session == "big")
     assert first_token(backfilled, "mid") >= big_end - 0.02  # "mid" went after it
+
+
+def test_a_pick_predicted_to_wait_for_memory_waits_at_the_router_not_ahead_of_one_that_fits() -> None:
+    """Known by construction (the room queue's case above, with the memory hold): one worker of 256
+    blocks runs a long turn of 120 blocks; 1 s in, a turn of 160 arrives (it cannot fit beside it, and
+    the predicted wait for memory says so) and then one of 32 (it can). In the engine's queue the small
+    one waits behind the big one until the long turn is over; held at the router, the big one lets it
+    pass, and still starts as soon as the long turn leaves."""
+
+    def row(session: str, base: int, at_ms: float, trace_blocks: int, output: int) -> TraceRow:
+        ids = [base + i for i in range(trace_blocks)]
+        return TraceRow(at_ms, trace_blocks * TRACE_BLOCK, output, ids, session, 0, 0.0, "end_turn")
+
+    rows = [
+        row("long", 1000, 0.0, 15, 400),
+        row("big", 2000, 1000.0, 20, 5),
+        row("small", 3000, 1010.0, 4, 5),
+    ]
+    wl = workload(rows)
+
+    def ttft(run_records: list[RequestRecord], session: str) -> float:
+        record = next(r for r in run_records if r.session == session)
+        return record.first_token - record.arrival
+
+    config = small_config(workers=1)
+    held = Simulation(wl, "session_kv", config, RouterConfig(memory_hold=True)).run()
+    fcfs = Simulation(wl, "session_kv", config, RouterConfig()).run()
+    assert all(r.ok for r in held.records + fcfs.records)
+    assert held.room_held == 1 and held.room_overdue == 0 and fcfs.room_held == 0
+    long_end = next(r.finish for r in fcfs.records if r.session == "long")
+    assert ttft(fcfs.records, "small") >= long_end - 1.01 - 0.02  # behind the big one, waiting for memory
+    assert ttft(held.records, "small") < ttft(fcfs.records, "small") / 10
+    assert ttft(held.records, "big") <= ttft(fcfs.records, "big") + 0.15  # re-checked every 0.1 s

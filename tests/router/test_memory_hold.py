@@ -1,0 +1,104 @@
+"""The router-side hold for a pick that would block its worker's queue (router/memory_hold.py), driven
+through the real Router: held while its predicted wait for device memory (memory_wait.py) lasts."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.config import RouterConfig
+from router.memory_hold import MemoryHold
+from router.protocol import LoadReport, WorkerRegistration
+from router.request import Decision, RouteRequest
+from router.router import Router
+
+BS = 16
+
+
+def make(**config: object) -> Router:
+    """One worker of 1,000 blocks running two decodes of 400 prompt blocks, 100 and 300 tokens to go
+    at a token every 0.1 s, 820 blocks in use 1 s in (tests/router/test_memory_wait.py's case: a
+    300-block prompt waits 9 s there for the first decode to end)."""
+    router = Router(policy="session_kv", config=RouterConfig(memory_hold=True, **config), seed=1)
+    router.add_worker(WorkerRegistration("w0", "http://w0", "m", BS, 1000, "mock", 1, 0.0), 0.0)
+    for rid, output, base in (("a", 100, 10_000), ("b", 300, 20_000)):
+        request = RouteRequest(rid, "m", chain(400, base), 400 * BS, rid, expected_output_tokens=output)
+        assert router.record(request, Decision("w0", 0, 0.0, "load"), 0.0)
+        router.on_first_token(rid, 0.0)
+    report(router, 2, 820, 1.0)
+    return router
+
+
+def chain(n: int, base: int) -> list[int]:
+    return list(range(base, base + n))
+
+
+def report(router: Router, running: int, used: int, now: float, active_prefill: int = 0) -> None:
+    router.apply_load(
+        LoadReport("w0", now, running, 0, active_prefill, used, 1000, 10_000.0, 10.0 * running), now
+    )
+
+
+def offer(router: Router, rid: str, blocks: int, base: int, now: float) -> bool:
+    request = RouteRequest(rid, "m", chain(blocks, base), blocks * BS, rid, expected_output_tokens=10)
+    return router.room_offer(request, router.pick(request, now), now)
+
+
+def test_a_pick_that_would_wait_for_memory_is_held_and_one_that_fits_passes_it() -> None:
+    router = make()
+    hold = router.memory_hold
+    assert hold is not None
+    assert not offer(router, "big", 300, 30_000, 1.0)  # 9 s predicted: it would head the engine's queue
+    assert hold.held == 1 and router.rooms_deadline() == pytest.approx(1.1)  # re-checked every 0.1 s
+    # a 150-block pick fits beside the running decodes: the held one is not at the worker, so it passes
+    assert offer(router, "small", 150, 40_000, 1.05)
+    # the held pick's prefill stays queued on the worker through the worker's reports, which do not
+    # count it (the small one's is in the report's from now on)
+    report(router, 2, 820, 1.1)
+    assert router.load.workers["w0"].prefill_since_report == 300 * BS
+    assert router.release_rooms(1.1) == []
+    # decode a ends and frees its 400 blocks: the held pick fits now and goes
+    router.on_complete("a", 10.0, "stop", 100)
+    report(router, 2, 600, 10.0)
+    assert router.release_rooms(10.0) == ["big"]
+    assert hold.held == 0 and hold.held_total == 1 and hold.overdue_total == 0
+    assert hold.hold_s == pytest.approx(9.0) and router.rooms_deadline() is None
+    # sent, it counts as picked after the last report: ahead of the next pick, which now waits
+    assert not offer(router, "next", 300, 50_000, 10.05)
+
+
+def test_a_held_pick_goes_at_the_bound_and_a_cancelled_one_is_forgotten() -> None:
+    router = make(memory_hold_max_s=5.0)
+    assert not offer(router, "big", 300, 30_000, 1.0)
+    assert not offer(router, "other", 300, 40_000, 1.5)
+    report(router, 2, 870, 5.9)
+    assert router.release_rooms(5.9) == []
+    assert router.release_rooms(6.0) == ["big"]
+    assert router.memory_hold is not None and router.memory_hold.overdue_total == 1
+    router.cancel_room("other")
+    assert router.memory_hold.held == 0 and router.rooms_deadline() is None
+
+
+def test_a_short_predicted_wait_is_not_held() -> None:
+    assert offer(make(memory_hold_min_wait_ms=10_000.0), "big", 300, 30_000, 1.0)  # 9 s is short enough
+
+
+def test_a_prefill_in_progress_counts_the_blocks_it_is_still_to_take() -> None:
+    # a prompt admitted on w0 has computed part of its 3,200 tokens: the report counts the blocks taken
+    # so far (820) and 3,200 tokens still to prefill. A 150-block pick fits the blocks free now, but the
+    # prefill's next chunks take 200 of them: counted (count_prefill_in_progress, on), it is held
+    for counts, sent in ((False, True), (True, False)):
+        router = make(count_prefill_in_progress=counts)
+        report(router, 3, 820, 1.0, active_prefill=200 * BS)
+        assert offer(router, "small", 150, 40_000, 1.0) is sent
+
+
+def test_off_by_default_and_the_baselines_never_hold() -> None:
+    assert Router(policy="session_kv", config=RouterConfig()).memory_hold is None
+    assert Router(policy="kv_overlap", config=RouterConfig(memory_hold=True)).memory_hold is None
+
+
+def test_the_hold_checks_its_settings() -> None:
+    with pytest.raises(ValueError):
+        MemoryHold(max_hold_s=-1.0, max_held=1, recheck_s=0.1, min_wait_ms=0.0)
+    with pytest.raises(ValueError):
+        MemoryHold(max_hold_s=1.0, max_held=1, recheck_s=0.0, min_wait_ms=0.0)
