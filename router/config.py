@@ -11,6 +11,9 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # --- block index
     index_blocks_per_worker_factor: int = 16  # cap per worker = factor x its device blocks (all tiers)
     index_blocks_per_worker_min: int = 1 << 16
+    # and at most this many, whatever a registration claims: 16M blocks is ~16x the KV of the largest
+    # nodes (device plus host), and the claim is the worker's word (validated only against 2^40)
+    index_blocks_per_worker_max: int = 1 << 24
     approx_ttl_s: float = 120.0  # Dynamo's approximate mode: routed blocks count as held this long
     approx_blocks_per_worker: int = 1 << 18
     sweep_entries_per_expire: int = 200_000  # dropped workers' bits come off this many entries per expire
@@ -213,6 +216,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
         for name in bounded:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 1 <= self.index_blocks_per_worker_min <= self.index_blocks_per_worker_max:
+            raise ValueError("need 1 <= index_blocks_per_worker_min <= index_blocks_per_worker_max")
         if not 0 <= self.pin_min_s <= self.pin_max_s:
             raise ValueError("need 0 <= pin_min_s <= pin_max_s")
         if not 0 <= self.max_session_id_len <= MAX_SESSION_ID_CHARS:  # pin hints carry the ids

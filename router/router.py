@@ -158,9 +158,10 @@ class Router:
             return
         self.block_size = registration.block_size
         if registration.publishes_events:
-            limit = max(
-                self.config.index_blocks_per_worker_min,
-                self.config.index_blocks_per_worker_factor * registration.num_blocks,
+            claimed = self.config.index_blocks_per_worker_factor * registration.num_blocks
+            limit = min(
+                max(self.config.index_blocks_per_worker_min, claimed),
+                self.config.index_blocks_per_worker_max,
             )
             self.index.add_worker(wid, limit)
         else:

@@ -290,12 +290,25 @@ def test_expire_drops_lost_requests_and_idle_sessions() -> None:
     assert router.on_complete("r1", 102.0, "tool_calls", 1) is None
 
 
+def test_a_worker_claiming_huge_capacity_gets_a_bounded_index() -> None:
+    # the claim is the worker's word: the index holds at most index_blocks_per_worker_max of its blocks
+    config = RouterConfig(index_blocks_per_worker_min=4, index_blocks_per_worker_max=8)
+    router = Router(config=config)
+    huge = WorkerRegistration("a", "http://a", "m", BS, 1 << 40, "mock", 1, 0.0, publishes_events=True)
+    router.add_worker(huge, 0.0)
+    assert router.apply_kv_batch(batch("a", 0, BlockStored(list(range(1, 9)))), 0.0)
+    assert router.index.overlap(list(range(1, 9))) == {"a": 8}
+    assert not router.apply_kv_batch(batch("a", 1, BlockStored([9], 8)), 0.0)  # over: dropped, dump
+    assert router.index.overlap(list(range(1, 10))) == {}
+
+
 @pytest.mark.parametrize(
     "bad",
     [
         {"max_sessions": 0},
         {"pin_min_s": 10.0, "pin_max_s": 5.0},
         {"default_prefill_tok_s": 0.0},
+        {"index_blocks_per_worker_min": 8, "index_blocks_per_worker_max": 4},
         {"max_session_id_len": MAX_SESSION_ID_CHARS + 1},  # pin hints carry the ids: workers refuse longer
     ],
 )
