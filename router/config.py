@@ -141,6 +141,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # that named no session, the ones it prices: a named turn's latency may carry seconds of waiting for
     # device memory, and a few of those over long prompts set the slope (docs/EXPERIMENTS.md, idea 20)
     fit_one_shot_only: bool = True
+    # a request that named no session is charged the live sessions' memory excess (beyond
+    # `memory_free_fraction` of the worker's blocks) for at most its own blocks: the rest is theirs, and
+    # charged whole it crowded the questions onto the workers no session lived on (idea 20)
+    one_shot_own_excess: bool = True
     # with a host tier (the worker's load report gives its size), live blocks beyond the device that fit
     # on the host cost only the onboarding (1 - host_credit) of the memory pressure. Off: it gathers
     # sessions whose running turns then wait for device room (docs/TIERS.md)

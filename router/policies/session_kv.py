@@ -682,6 +682,7 @@ class SessionKv(Policy):
             self._credit_copy(view, bound, overlap, request.block_hashes, step, context, per_token)
         own = self._live.get(session_id) if session_id else None
         ms_per_token = self._pool_ms_per_token(view)  # the memory terms: re-prefills, at the average cost
+        own_excess = self.config.one_shot_own_excess
         now = view.now
         costs: dict[str, float] = {}
         best = float("inf")
@@ -694,7 +695,8 @@ class SessionKv(Policy):
                 decode = step * wl.inflight_blocks / context
                 cost += self._step_left_ms(wl, now, decode, step, per_token) + decode
             used = self._used_blocks(wl, now, bs)
-            cost = costs[w] = cost + self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used)
+            memory = self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used, own_excess=own_excess)
+            cost = costs[w] = cost + memory
             if cost < best:
                 best = cost
         return costs
@@ -883,7 +885,12 @@ class SessionKv(Policy):
         used: float,
         yields: bool = False,
         in_use: int = 0,
+        own_excess: bool = False,
     ) -> float:
+        """The memory terms in ms (docs/SESSION_KV.md, "memory(w)"). With `own_excess` (a one-shot
+        request's), the live contexts' excess beyond `memory_free_fraction` is charged for at most this
+        prompt's blocks: the rest is the sessions' own, there whether the request comes or not, and
+        charged whole it sent every question away from the workers where sessions live."""
         block_ms = bs * ms_per_token
         cfg = self.config
         live = self._footprint.get(w, 0)
@@ -894,6 +901,8 @@ class SessionKv(Policy):
         if report is not None:
             capacity = report.total_blocks
             excess = live + n_blocks - cfg.memory_free_fraction * capacity
+            if own_excess and excess > n_blocks:
+                excess = n_blocks
             if excess > 0:
                 host = report.host_blocks if cfg.memory_counts_host else 0
                 if host:

@@ -996,3 +996,34 @@ def test_session_kv_holds_a_document_home_while_its_copies_would_crowd_the_pool(
     assert route_q2(400) == "w0"
     assert route_q2(400, crowded_prefix_hold=0.0) == "w1"  # the copy, as above
     assert route_q2(1000) == "w1"  # 996 blocks fit in 2,000: a copy spreads the traffic
+
+
+def one_shot_beside_live_sessions(**config: object) -> Router:
+    """w0 keeps two named sessions' live contexts (450 blocks each: 900 of its 1,000, beyond the 800 the
+    memory terms leave free) and runs nothing; w1 keeps none and runs six requests (60 ms steps). Both
+    hold a 32-block document. The pool's average prefill cost is 0.2 ms a token, its marginal 0.015."""
+    router = make("session_kv", n=2, copy_value=False, **config)
+    for s, base in (("a", 100_000), ("b", 200_000)):
+        router.pick(req(f"{s}1", chain(400, base=base), s), 0.0, exclude=frozenset({"w1"}))
+        router.on_complete(f"{s}1", 0.1, "tool_calls", 5)
+        router.pick(req(f"{s}2", chain(450, base=base), s), 0.2, exclude=frozenset({"w1"}))
+        router.on_complete(f"{s}2", 0.3, "stop", 5)
+    hold(router, "w0", chain(32))
+    hold(router, "w1", chain(32))
+    for i in range(6):
+        router.pick(req(f"o{i}", chain(10, base=300_000 + 100 * i)), 0.4, exclude=frozenset({"w0"}))
+    router.apply_load(LoadReport("w0", 0.5, 0, 0, 0, 0, 1000, 5_000.0, 0.0), 0.5)
+    router.apply_load(LoadReport("w1", 0.5, 6, 0, 0, 60, 1000, 5_000.0, 100.0), 0.5)
+    router.load.prefill_fit.ms_per_token = 0.015
+    return router
+
+
+def test_session_kv_charges_a_one_shot_request_its_own_share_of_the_live_excess() -> None:
+    # a question over the document (40 blocks): on w0 its 8 new blocks at 0.015 ms a token, the live
+    # blocks' balance (9 blocks' prefill at 3.2 ms) and the pressure of at most its own 40 blocks of the
+    # excess (x 0.4): 82 ms, faster than a place beside w1's six decodes. Charged the sessions' whole
+    # excess (140 blocks) it looks 210 ms dear and goes to w1
+    question = req("q", chain(32) + chain(8, base=70_000))
+    d = one_shot_beside_live_sessions().pick(question, 0.6)
+    assert (d.worker_id, d.estimated_cost) == ("w0", pytest.approx(8 * BS * 0.015 + (9 + 40 * 0.4) * 3.2))
+    assert one_shot_beside_live_sessions(one_shot_own_excess=False).pick(question, 0.6).worker_id == "w1"
