@@ -188,7 +188,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # the router, not at the head of the engine's first-come-first-served queue, where every request
     # routed behind it would wait too; re-checked every `memory_hold_recheck_s` and after completions,
     # sent after `memory_hold_max_s` whatever the wait, at most `memory_hold_max_held` at once
-    memory_hold: bool = False
+    memory_hold: bool = True
     memory_hold_min_wait_ms: float = 2000.0
     memory_hold_max_s: float = 20.0
     memory_hold_recheck_s: float = 0.1

@@ -124,7 +124,8 @@ class Router:
             )
         self._turn_s: float | None = None  # EWMA of all turns' run times (room backfill, new sessions)
         self.memory_hold: MemoryHold | None = None
-        if config.memory_hold and policy in ROOM_POLICIES:
+        # the room queue, an explicit opt-in, holds in its place
+        if config.memory_hold and self.rooms is None and policy in ROOM_POLICIES:
             self.memory_hold = MemoryHold(
                 config.memory_hold_max_s,
                 config.memory_hold_max_held,

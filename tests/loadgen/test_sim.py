@@ -637,8 +637,8 @@ def test_a_pick_predicted_to_wait_for_memory_waits_at_the_router_not_ahead_of_on
         return record.first_token - record.arrival
 
     config = small_config(workers=1)
-    held = Simulation(wl, "session_kv", config, RouterConfig(memory_hold=True)).run()
-    fcfs = Simulation(wl, "session_kv", config, RouterConfig()).run()
+    held = Simulation(wl, "session_kv", config, RouterConfig()).run()  # on by default
+    fcfs = Simulation(wl, "session_kv", config, RouterConfig(memory_hold=False)).run()
     assert all(r.ok for r in held.records + fcfs.records)
     assert held.room_held == 1 and held.room_overdue == 0 and fcfs.room_held == 0
     long_end = next(r.finish for r in fcfs.records if r.session == "long")

@@ -92,8 +92,10 @@ def test_a_prefill_in_progress_counts_the_blocks_it_is_still_to_take() -> None:
         assert offer(router, "small", 150, 40_000, 1.0) is sent
 
 
-def test_off_by_default_and_the_baselines_never_hold() -> None:
-    assert Router(policy="session_kv", config=RouterConfig()).memory_hold is None
+def test_on_by_default_for_session_kv_and_the_baselines_never_hold() -> None:
+    assert Router(policy="session_kv", config=RouterConfig()).memory_hold is not None
+    off = RouterConfig(memory_hold=False)
+    assert Router(policy="session_kv", config=off).memory_hold is None
     assert Router(policy="kv_overlap", config=RouterConfig(memory_hold=True)).memory_hold is None
 
 
