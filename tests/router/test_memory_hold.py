@@ -14,12 +14,20 @@ from router.router import Router
 BS = 16
 
 
-def make(**config: object) -> Router:
+def make(split: bool = False, **config: object) -> Router:
     """One worker of 1,000 blocks running two decodes of 400 prompt blocks, 100 and 300 tokens to go
     at a token every 0.1 s, 820 blocks in use 1 s in (tests/router/test_memory_wait.py's case: a
-    300-block prompt waits 9 s there for the first decode to end)."""
-    router = Router(policy="session_kv", config=RouterConfig(memory_hold=True, **config), seed=1)
-    router.add_worker(WorkerRegistration("w0", "http://w0", "m", BS, 1000, "mock", 1, 0.0), 0.0)
+    300-block prompt waits 9 s there for the first decode to end). `split`: the worker returns token
+    ids and has a host tier, so the router splits its turns (`split_fcfs`)."""
+    settings = RouterConfig(memory_hold=True, **config)
+    router = Router(policy="session_kv", config=settings, seed=1, splits_turns=split)
+    router.add_worker(
+        WorkerRegistration(
+            "w0", "http://w0", "m", BS, 1000, "mock", 1, 0.0,
+            returns_token_ids=split, host_blocks=4000 if split else 0,
+        ),
+        0.0,
+    )  # fmt: skip
     for rid, output, base in (("a", 100, 10_000), ("b", 300, 20_000)):
         request = RouteRequest(rid, "m", chain(400, base), 400 * BS, rid, expected_output_tokens=output)
         assert router.record(request, Decision("w0", 0, 0.0, "load"), 0.0)
@@ -80,6 +88,14 @@ def test_a_held_pick_goes_at_the_bound_and_a_cancelled_one_is_forgotten() -> Non
 
 def test_a_short_predicted_wait_is_not_held() -> None:
     assert offer(make(memory_hold_min_wait_ms=10_000.0), "big", 300, 30_000, 1.0)  # 9 s is short enough
+
+
+def test_a_worker_whose_turns_the_router_splits_is_never_held() -> None:
+    # there the decode parts queue behind the prompts, which get memory first: nothing to skip
+    router = make(split=True)
+    assert router.decode_priority("w0") == 0
+    assert offer(router, "big", 300, 30_000, 1.0)
+    assert router.memory_hold is not None and router.memory_hold.held == 0
 
 
 def test_a_prefill_in_progress_counts_the_blocks_it_is_still_to_take() -> None:
