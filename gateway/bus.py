@@ -1,7 +1,8 @@
 """The gateway's side of the NATS bus: feeds the router with registrations, KV events and load.
 
-- registry: a watch on the JetStream KV bucket; a worker whose key is deleted, or whose heartbeat
-  has not been rewritten for `stale_after_s`, is removed together with its blocks.
+- registry: a watch on the JetStream KV bucket; a worker whose key is deleted, or that has not been
+  heard from (a heartbeat in the registry or a load report) for `stale_after_s` while the bus is
+  up, is removed together with its blocks.
 - KV events: an ordered JetStream consumer from the start of the stream (a restarted gateway
   replays), then live. A gap in a worker's sequence asks that worker for a state dump.
 - load reports: plain NATS.
@@ -118,6 +119,10 @@ class Bus:
         self.kv_start_seq = 0
         self.kv_stream_seq = 0
         self.disconnects = 0
+        # From a disconnect until the reconnect callback has restarted the workers' clocks: the client
+        # says it is connected again before that callback runs, and in between every worker looked
+        # silent for the whole outage (both were dropped, with their requests in flight).
+        self._bus_down = False
         self._kv_sub: Any = None
         self._registry_task: asyncio.Task[None] | None = None
 
@@ -165,6 +170,7 @@ class Bus:
         if self.nc is None:
             return  # `stop` took the connection and closes it: not a loss of NATS
         self.disconnects += 1
+        self._bus_down = True
         log.warning("disconnected from NATS; routing on the last known view, reconnecting")
 
     async def _on_reconnected(self) -> None:
@@ -172,6 +178,7 @@ class Bus:
         now = self.clock()
         for state in self.workers.values():  # heartbeats could not reach us: time starts again
             state.last_seen = now
+        self._bus_down = False
         self._tasks = [task for task in self._tasks if not task.done()]
         self._tasks.append(asyncio.get_running_loop().create_task(self._resync(), name="kvgate-resync"))
 
@@ -430,9 +437,14 @@ class Bus:
         except ProtocolError as exc:
             log.warning("dropping a malformed load report on %s: %s", msg.subject, exc)
             return
-        if report.worker_id not in self.workers:
+        state = self.workers.get(report.worker_id)
+        if state is None:
             return
-        self.router.apply_load(report, self.clock())
+        now = self.clock()
+        # a sign of life: after a NATS restart load reports flow again at once, while the registry's
+        # heartbeats wait for JetStream to recover its streams (seconds on a loaded machine)
+        state.last_seen = now
+        self.router.apply_load(report, now)
         wid = report.worker_id
         metrics = self.metrics
         metrics.of_worker(metrics.worker_running, wid).set(report.running)
@@ -473,7 +485,7 @@ class Bus:
         while True:
             await asyncio.sleep(0.5)
             now = self.clock()
-            if not self.connected:
+            if not self.connected or self._bus_down:
                 # a NATS outage says nothing about the workers: keep routing on the last known view
                 continue
             for wid, state in list(self.workers.items()):

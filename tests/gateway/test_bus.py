@@ -239,3 +239,64 @@ async def test_its_own_stop_is_not_logged_as_a_lost_connection(
         await bus.stop()
     assert bus.disconnects == 0
     assert not [r for r in caplog.records if "disconnected" in r.getMessage()]
+
+
+async def test_load_reports_keep_a_worker_whose_registry_heartbeats_lag(
+    nats_url: str, side: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a NATS restart a worker's load reports flow at once while its registry heartbeats wait for
+    JetStream to recover: a report is a sign of life, and the worker goes only when both stop."""
+    caplog.set_level(logging.INFO, logger="kvgate.gateway.bus")
+    nc, kv, subjects = side
+    router = Router(policy="session_kv")
+    bus = Bus(nats_url, subjects, router, GatewayMetrics(), stale_after_s=1.0)
+    await bus.start()
+    reporting = True
+
+    async def report() -> None:
+        while reporting:
+            await nc.publish(
+                subjects.load("w1"), encode(LoadReport("w1", time.time(), 0, 0, 0, 0, 100, 1e4, 1e2))
+            )
+            await asyncio.sleep(0.1)
+
+    reports = asyncio.create_task(report())
+    try:
+        await kv.put("w1", encode(registration("w1")))  # one heartbeat, then only load reports
+        await until(lambda: "w1" in router.workers())
+        await asyncio.sleep(3.0)  # three times stale_after_s with no heartbeat in the registry
+        assert "w1" in router.workers(), removals(caplog)
+        reporting = False
+        await until(lambda: "w1" not in router.workers())
+        assert removals(caplog)["w1"].startswith("no heartbeat")
+    finally:
+        reporting = False
+        await reports
+        await bus.stop()
+
+
+async def test_workers_silent_through_an_outage_stay_until_the_reconnect_restarts_their_clocks(
+    nats_url: str, side: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py says the connection is up again before it runs the reconnect callback, which restarts the
+    workers' clocks; in between every worker looked silent for the whole outage, and was dropped with
+    its requests in flight (a NATS restart under load answered 502s). The bus counts the outage from
+    the disconnect callback to the reconnect callback: here the callbacks are called as nats-py does,
+    around a connection that stays up, the widest such window."""
+    caplog.set_level(logging.INFO, logger="kvgate.gateway.bus")
+    _, kv, subjects = side
+    router = Router(policy="session_kv")
+    bus = Bus(nats_url, subjects, router, GatewayMetrics(), stale_after_s=0.5)
+    await bus.start()
+    try:
+        await kv.put("w1", encode(registration("w1")))
+        await until(lambda: "w1" in router.workers())
+        await bus._on_disconnected()
+        await asyncio.sleep(2.0)  # silent for 4x stale_after_s, housekeeping every 0.5 s, bus connected
+        assert bus.connected and "w1" in router.workers(), removals(caplog)
+        await bus._on_reconnected()
+        assert "w1" in router.workers()
+        await until(lambda: "w1" not in router.workers())  # its clock runs again: silent, it goes
+        assert removals(caplog)["w1"].startswith("no heartbeat")
+    finally:
+        await bus.stop()
