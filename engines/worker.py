@@ -30,6 +30,7 @@ from engines.openai_request import ParsedRequest, RequestError, RequestParser
 from engines.text_stream import TextStream
 from engines.tracing import RequestTimes, record_request
 from engines.worker_metrics import CONTENT_TYPE, WorkerMetrics
+from kvutil.body_budget import BodyBudget, BodyRefused
 from router.chat import Tokenizer
 
 log = logging.getLogger("kvgate.worker")
@@ -42,6 +43,8 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     model_name: str
     worker_id: str = ""  # sent as SERVED_BY_HEADER when set
     max_body_bytes: int = 16 * 1024 * 1024
+    body_budget_bytes: int = 512 * 1024 * 1024  # request bodies being read at once (kvutil/body_budget.py)
+    body_timeout_s: float = 60.0  # a body's time to arrive once its head has
     max_requests: int = 4096  # in flight; beyond it new requests get a 503
     default_max_tokens: int = 512  # chat requests without max_tokens
     max_stop_strings: int = 4
@@ -120,6 +123,7 @@ class WorkerApp:
             lambda: loop.engine.prefetched_blocks, lambda: loop.engine.scheduler.num_preemptions
         )
         self.created = int(time.time())
+        self.bodies = BodyBudget(settings.body_budget_bytes, settings.max_body_bytes, settings.body_timeout_s)
         self.app = web.Application(client_max_size=settings.max_body_bytes)
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_post("/v1/completions", self.completions)
@@ -257,7 +261,9 @@ class WorkerApp:
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
-            raw = await request.read()
+            raw = await self.bodies.read(request)
+        except BodyRefused as exc:
+            raise RequestError(exc.message, status=exc.status, code="body_refused") from exc
         except web.HTTPRequestEntityTooLarge as exc:
             raise RequestError(
                 f"the request body exceeds {self.settings.max_body_bytes} bytes", status=413

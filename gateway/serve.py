@@ -74,6 +74,12 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger request bodies get 413"
     )
     parser.add_argument(
+        "--body-budget-mb",
+        type=float,
+        default=256.0,
+        help="request bodies being read at once (MiB); a body past it gets 503 before it is read",
+    )
+    parser.add_argument(
         "--max-prompt-tokens", type=int, default=131_072, help="longer prompts get 400 before routing"
     )
     parser.add_argument(
@@ -113,6 +119,12 @@ def _add_timing_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a connection has to send a request's headers (also the idle keep-alive limit)",
     )
     parser.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=60.0,
+        help="seconds a request's body has to arrive after its headers, else 408",
+    )
+    parser.add_argument(
         "--snapshot-interval-s",
         type=float,
         default=30.0,
@@ -145,7 +157,7 @@ def _tenant(item: str) -> tuple[str, str]:
 # the numeric flags of `kvgate gateway`, as `check_numbers` takes them (--worker-stale-after-s apart)
 POSITIVE_FLAGS = (
     "max_body_bytes", "max_prompt_tokens", "first_byte_timeout_s", "header_timeout_s", "snapshot_interval_s",
-    "responses_ttl",
+    "responses_ttl", "body_budget_mb", "body_timeout_s",
 )  # fmt: skip
 NOT_NEGATIVE_FLAGS = ("max_inflight_per_worker", "queue_bound", "prompt_cache_mb", "failure_backoff_s")
 
@@ -154,6 +166,12 @@ def config_from(args: argparse.Namespace, router_config: RouterConfig) -> Gatewa
     """The gateway's settings from its command line; SettingError for one it cannot use."""
     check_numbers(args, POSITIVE_FLAGS, NOT_NEGATIVE_FLAGS)
     named = tuple(_tenant(item) for item in args.tenant)
+    body_budget_bytes = int(args.body_budget_mb * 2**20)
+    if body_budget_bytes < args.max_body_bytes:
+        raise SettingError(
+            f"--body-budget-mb ({args.body_budget_mb:g} MiB) must hold one body of --max-body-bytes "
+            f"({args.max_body_bytes})"
+        )
     return GatewayConfig(
         nats_url=args.nats,
         bus_auth=bus_auth_from(args),
@@ -164,6 +182,8 @@ def config_from(args: argparse.Namespace, router_config: RouterConfig) -> Gatewa
         metrics_key=args.metrics_key,
         ready_key=args.ready_key,
         max_body_bytes=args.max_body_bytes,
+        body_budget_bytes=body_budget_bytes,
+        body_timeout_s=args.body_timeout_s,
         max_prompt_tokens=args.max_prompt_tokens,
         max_inflight_per_worker=args.max_inflight_per_worker,
         queue_bound=args.queue_bound,

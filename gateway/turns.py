@@ -28,6 +28,7 @@ from gateway.split_turn import SplitTurn, split_max_tokens
 from gateway.tokenizers import TokenizerUnavailable
 from gateway.upstream import Upstream
 from gateway.validation import Turn
+from kvutil.body_budget import BodyBudget, BodyRefused
 from router.chat import TemplateError, Tokenizer
 from router.protocol import WorkerRegistration
 from router.request import Decision, RouteRequest
@@ -57,6 +58,9 @@ class Turns:
         self.prompts = gateway.prompts
         self.traces = gateway.traces
         self.upstream = gateway.upstream
+        self.bodies = BodyBudget(
+            self.config.body_budget_bytes, self.config.max_body_bytes, self.config.body_timeout_s
+        )
         self._cool_until: dict[str, float] = {}  # worker -> end of its back-off after a failed attempt
         # request ids unique across replicas and restarts: a random prefix per process, then a count
         # (a uuid4 per request costs a system call, on every turn)
@@ -68,7 +72,10 @@ class Turns:
 
     async def read_body(self, request: web.Request) -> bytes:
         try:
-            return await request.read()
+            return await self.bodies.read(request)
+        except BodyRefused as exc:
+            headers = {"Retry-After": str(self.config.retry_after_s)} if exc.status == 503 else None
+            raise ApiError(exc.status, exc.message, code="body_refused", headers=headers) from exc
         except web.HTTPRequestEntityTooLarge as exc:
             raise ApiError(413, f"request body exceeds {self.config.max_body_bytes} bytes") from exc
 

@@ -19,7 +19,9 @@ from engines.runner import SamplingParams
 from engines.text_stream import TextStream
 from engines.worker import WorkerApp, WorkerSettings
 from router.chat import ByteTokenizer, encode_chat
+from tests.polling import until
 from tests.serving import serving
+from tests.slow_body import SlowBody
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "x" * 100}]
 
@@ -32,11 +34,13 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve(speedup: float = 1000.0, num_blocks: int = 256) -> AsyncIterator[Served]:
+async def serve(
+    speedup: float = 1000.0, num_blocks: int = 256, settings: WorkerSettings | None = None
+) -> AsyncIterator[Served]:
     runner = MockRunner(num_blocks, 16, speedup=speedup)
     engine = Engine(EngineConfig(num_blocks=num_blocks, block_size=16), runner)
     loop = EngineLoop(engine, threaded=False)
-    worker = WorkerApp(loop, runner.tokenizer, WorkerSettings(model_name="mock-model"))
+    worker = WorkerApp(loop, runner.tokenizer, settings or WorkerSettings(model_name="mock-model"))
     loop.start()
     worker.ready = True
     try:
@@ -325,3 +329,26 @@ def test_text_stream_holds_back_a_forming_stop_string() -> None:
     assert multibyte.take(final=False) == ""  # half a character is not text yet
     multibyte.add([encoded[1], tok.eos_token_id])
     assert multibyte.take(final=True) == "é"
+
+
+async def test_bodies_in_transit_are_bounded_in_bytes_and_time() -> None:
+    """4,096 requests of 16 MiB bodies would be 64 GiB held while read: a body past the budget gets a
+    503 before it is read, one that stops arriving a 408 at its deadline (kvutil/body_budget.py)."""
+    body = 1 << 20
+    settings = WorkerSettings(
+        model_name="mock-model", max_body_bytes=body, body_budget_bytes=2 * body, body_timeout_s=2.0
+    )
+    async with serve(settings=settings) as served:
+        slow = [await SlowBody.open(served.url, "/v1/completions", body) for _ in range(2)]
+        await until(lambda: served.worker.bodies.reserved == 2 * body)
+        client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.completions.create(model="mock-model", prompt="hi", max_tokens=2)
+        await client.close()
+        assert refused.value.status_code == 503
+        assert refused.value.body["code"] == "body_refused"  # type: ignore[index]
+        for stalled in slow:
+            status, answer = await stalled.answer()
+            assert status == 408 and json.loads(answer)["error"]["code"] == "body_refused"
+            await stalled.close()
+        assert served.worker.bodies.reserved == 0

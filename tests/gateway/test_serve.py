@@ -103,6 +103,8 @@ def test_a_bad_worker_staleness_is_one_line_and_status_2(
         ("gateway", "--header-timeout-s", "0", "a positive number"),
         ("gateway", "--snapshot-interval-s", "-inf", "a positive number"),
         ("gateway", "--responses-ttl", "0", "a positive number"),
+        ("gateway", "--body-budget-mb", "0", "a positive number"),
+        ("gateway", "--body-timeout-s", "nan", "a positive number"),
         ("gateway", "--max-inflight-per-worker", "-1", "at least 0"),
         ("gateway", "--queue-bound", "-1", "at least 0"),
         ("gateway", "--prompt-cache-mb", "-0.5", "at least 0"),
@@ -119,6 +121,13 @@ def test_a_number_out_of_range_is_one_line_and_status_2(
     assert kvgate_main(argv) == 2  # before anything starts
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"kvgate {command}: {flag} must be {what}, not "), line
+
+
+def test_a_body_budget_below_one_body_is_one_line_and_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["gateway", "--nats", "nats://127.0.0.1:1", "--body-budget-mb", "4", "--max-body-bytes", "8388608"]
+    assert kvgate_main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == "kvgate gateway: --body-budget-mb (4 MiB) must hold one body of --max-body-bytes (8388608)"
 
 
 @pytest.mark.parametrize(
