@@ -1,9 +1,11 @@
 """Traffic shapes `kvgate sim` has no option for, replayed on the live comparison's pool.
 
-`python -m loadgen.sim.shapes grid [--set NAME=VALUE ...]` prints, per row, `session_kv`'s mean TTFT
-against the better of `kv_overlap` and `cache_aware` (the rows of docs/EXPERIMENTS.md, idea 16, that
-the memory wait concerns); `python -m loadgen.sim.shapes live [--seeds 1,2,3]` prints `session_kv`'s
-TTFT p50 / p90 / mean over the live run's window. Pool: 4 workers x 4,096 blocks of 16 tokens.
+`python -m loadgen.sim.shapes grid [--set NAME=VALUE ...] [--policy-seeds 0,1,2]` prints, per row,
+`session_kv`'s mean TTFT against the better of `kv_overlap` and `cache_aware` (the rows of
+docs/EXPERIMENTS.md, idea 16, that the memory wait concerns); over several draws of the policies, the
+mean of each side's means and the ratio per draw. `python -m loadgen.sim.shapes live [--seeds 1,2,3]`
+prints `session_kv`'s TTFT p50 / p90 / mean over the live run's window. Pool: 4 workers x 4,096
+blocks of 16 tokens.
 
 - `agentic` / `chat`: `kvgate sim --workload ...` rows (`agentic --duration 90 --max-think-s 10
   --max-context 48000`, `chat --duration 120 --max-think-s 10`).
@@ -156,6 +158,11 @@ def main() -> None:
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--rows", default="", help="grid: only the rows whose names start so (comma list)")
     parser.add_argument("--seeds", default="1,2,3", help="live: the loadgen seeds")
+    parser.add_argument(
+        "--policy-seeds",
+        default="0",
+        help="grid: the policies' draws (ties, sampling; the same traffic): each, and the mean over them",
+    )
     args = parser.parse_args()
     settings = parse_settings(args.settings)
     if args.what == "live":
@@ -165,13 +172,26 @@ def main() -> None:
             print(f"seed {seed}: TTFT p50 / p90 / mean {figures} ({late} without a first token by 120 s)")
         return
     wanted = [w for w in args.rows.split(",") if w]
+    seeds = [int(s) for s in args.policy_seeds.split(",")]
     for name, build in GRID.items():
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
         rows = build()
-        best = min(mean_ttft_ms(replay(rows, p, {})) for p in BASELINES)
-        ours = mean_ttft_ms(replay(rows, "session_kv", settings))
-        print(f"{name:26s} session_kv {ours:9,.1f} ms, best baseline {best:9,.1f} ms: {ours / best:.3f}x")
+        draws = [grid_row(rows, settings, seed) for seed in seeds]
+        if len(draws) == 1:
+            ours, best = draws[0]
+            print(f"{name:26s} session_kv {ours:9,.1f} ms, best baseline {best:9,.1f} ms: {ours / best:.3f}x")
+            continue
+        per_seed = " / ".join(f"{ours / best:.3f}" for ours, best in draws)
+        ours, best = (float(np.mean(d)) for d in zip(*draws, strict=True))
+        figures = f"session_kv {ours:9,.1f} ms, best baseline {best:9,.1f} ms: {ours / best:.3f}x"
+        print(f"{name:26s} {figures} ({per_seed})")
+
+
+def grid_row(rows: list[TraceRow], settings: dict[str, object], seed: int) -> tuple[float, float]:
+    """`session_kv`'s mean TTFT (ms) and the better baseline's, both with the policies' draws of `seed`."""
+    best = min(mean_ttft_ms(replay(rows, p, {}, seed)) for p in BASELINES)
+    return mean_ttft_ms(replay(rows, "session_kv", settings, seed)), best
 
 
 if __name__ == "__main__":

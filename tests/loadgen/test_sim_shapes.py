@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-from loadgen.sim.shapes import MAX_CONTEXT, TASK_BLOCKS, sub_agent_rows
+from loadgen.sim.shapes import (
+    BASELINES,
+    MAX_CONTEXT,
+    TASK_BLOCKS,
+    cli_rows,
+    grid_row,
+    mean_ttft_ms,
+    replay,
+    sub_agent_rows,
+)
 from loadgen.sim.workload import parent_of
 
 
@@ -26,3 +35,12 @@ def test_a_sub_agent_starts_from_half_its_parents_prompt_and_grows_to_the_contex
             assert after.hash_ids[: len(before.hash_ids)] == before.hash_ids
         assert all(row.input_length <= MAX_CONTEXT + 16 for row in child)
         assert child[-1].stop == "end_turn"
+
+
+def test_a_grid_row_is_session_kv_against_the_better_baseline_on_the_same_draw() -> None:
+    # a few seconds of agentic traffic; the policies' draws of seed 1, on both sides
+    rows = cli_rows("agentic", 0.2, 12, MAX_CONTEXT)
+    ours, best = grid_row(rows, {}, 1)
+    assert ours == mean_ttft_ms(replay(rows, "session_kv", {}, 1))
+    assert best == min(mean_ttft_ms(replay(rows, p, {}, 1)) for p in BASELINES)
+    assert grid_row(rows, {}, 1) == (ours, best)  # deterministic per draw
