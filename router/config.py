@@ -137,6 +137,11 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # turn's prefill at the pool's marginal cost per token, the price their own estimate puts on a token
     # (docs/EXPERIMENTS.md, idea 20)
     memory_wait_one_shot: bool = True
+    # a worker whose report runs fewer requests than the router saw decoding there preempted the rest
+    # (the last admitted first): the memory wait counts them as queued at the head of its queue, holding
+    # no blocks, and a decode the worker took back resumes from the tokens it had, not from its first
+    # token (docs/EXPERIMENTS.md, idea 21). False: every request past its first token decodes on
+    memory_wait_preempted: bool = False
     # the pool's marginal prefill cost (router/prefill_fit.py) is fitted on the first tokens of requests
     # that named no session, the ones it prices: a named turn's latency may carry seconds of waiting for
     # device memory, and a few of those over long prompts set the slope (docs/EXPERIMENTS.md, idea 20)

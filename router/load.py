@@ -19,12 +19,14 @@ from router.request import is_inferred
 
 class InFlight:
     __slots__ = (
+        "admitted_at",
         "blocks",
         "epoch",
         "first_token_at",
         "held",
         "output_tokens",
         "picked_at",
+        "preempted",
         "prefill_ahead",
         "prefill_tokens",
         "prefilling",
@@ -52,6 +54,10 @@ class InFlight:
         self.epoch = epoch  # the worker's report epoch at pick time
         self.output_tokens = output_tokens  # the tokens it may decode (its max_tokens; 0: unknown)
         self.first_token_at: float | None = None  # when its decode began, once the router saw it
+        # when the worker last admitted it to decode (its first token, or its return after a preemption)
+        self.admitted_at = picked_at
+        # its worker preempted it (RouterConfig.memory_wait_preempted): it waits there, holding no blocks
+        self.preempted = False
         self.prefilling = True
         self.held = False  # held at the router (RouterConfig.memory_hold), not sent to its worker yet
         self.session_id: str | None = None  # the router's notes for on_complete
@@ -60,6 +66,7 @@ class InFlight:
 
 class WorkerLoad:
     __slots__ = (
+        "decoding",
         "epoch",
         "fresh_until",
         "held",
@@ -67,6 +74,7 @@ class WorkerLoad:
         "inflight_prefill",
         "last_step",
         "ms_per_token",
+        "preempted",
         "prefill_since_report",
         "report",
         "report_prefill",
@@ -83,6 +91,9 @@ class WorkerLoad:
         self.epoch = 0  # bumped by each report
         self.prefill_since_report = 0
         self.held: set[str] = set()  # picks held at the router: no report counts them, every one counts
+        self.decoding: set[str] = set()  # requests past their first token, not completed
+        # of which missing from its reports (RouterConfig.memory_wait_preempted) -> since when
+        self.preempted: dict[str, float] = {}
         self.inflight_prefill = 0  # every prediction still prefilling
         self.inflight_blocks = 0
         self.requests = 0
@@ -95,6 +106,10 @@ class WorkerLoad:
 
 
 COMPACT_SLACK = 1024  # queue entries beyond twice the requests in flight before they are swept
+# a decode missing from its worker's report this long is preempted there, not completed unseen: a report
+# may lead the completion by the step in progress (a few hundred ms at most), a preemption lasts until
+# other requests complete (seconds)
+PREEMPT_CONFIRM_S = 0.5
 
 
 class LoadView:
@@ -132,6 +147,34 @@ class LoadView:
             if f is not None and f.prefilling:
                 f.epoch = w.epoch
                 w.prefill_since_report += f.prefill_tokens
+        if self.config.memory_wait_preempted and (len(w.decoding) > report.running or w.preempted):
+            # a preempted request waits there: no more than the report's waiting (a completion the
+            # router has not seen yet leaves it running fewer requests too, none waiting)
+            self._note_preempted(w, min(len(w.decoding) - report.running, report.waiting), now)
+
+    def _note_preempted(self, w: WorkerLoad, excess: int, now: float) -> None:
+        """The worker runs fewer requests than this router saw decoding there, and as many more wait: it
+        preempted that many of them for memory (an engine frees a running request's blocks and queues it
+        again, first, when a decode needs a block and none is free), the last admitted first, as vLLM
+        picks its victims. A report may also lead a completion by the step that produced it, so a request
+        counts as preempted once that has lasted `PREEMPT_CONFIRM_S`. It holds no blocks until the worker
+        takes it back, and its decode stopped: where it leaves that set, its decode clock resumes from
+        the tokens it had, as if its first token came as much later as it waited (memory_wait.py)."""
+        flights = self._inflight
+        ranked = sorted(w.decoding, key=lambda rid: flights[rid].admitted_at, reverse=True)
+        suspected = set(ranked[: max(0, excess)])
+        for rid in [rid for rid in w.preempted if rid not in suspected]:
+            f = flights[rid]
+            since = w.preempted.pop(rid)
+            if f.preempted:
+                f.preempted = False
+                if f.first_token_at is not None:
+                    f.first_token_at += now - since
+                f.admitted_at = now
+        for rid in suspected:
+            since = w.preempted.setdefault(rid, now)
+            if now - since >= PREEMPT_CONFIRM_S:
+                flights[rid].preempted = True
 
     # --- predictions
 
@@ -192,6 +235,10 @@ class LoadView:
             self._end_prefill(f)
             f.first_token_at = now
             w = self.workers.get(f.worker_id)
+            if w is not None and self.config.memory_wait_preempted:
+                w.decoding.add(request_id)
+                if now is not None:
+                    f.admitted_at = now
             if now is not None and w is not None:
                 # a prefill picked before the last step end seen there rode the step it began: this
                 # first token ends that step, which carried the prefill in flight then
@@ -218,6 +265,8 @@ class LoadView:
         w = self.workers.get(f.worker_id)
         if w is not None:
             w.held.discard(request_id)
+            w.decoding.discard(request_id)
+            w.preempted.pop(request_id, None)
             w.inflight_blocks -= f.blocks
             w.requests -= 1
         return f

@@ -33,7 +33,7 @@ def _shared_prefixes(chains: list[Sequence[int]]) -> dict[int, int]:
 class _Flights:
     """The requests in flight on a worker, as the wait needs them."""
 
-    __slots__ = ("chains", "decoding", "outputs", "queued", "since")
+    __slots__ = ("chains", "decoding", "outputs", "preempted", "preempted_n", "queued", "since")
 
     def __init__(
         self, wl: WorkerLoad, flights: Iterable[tuple[InFlight, Sequence[int]]], now: float, step_s: float
@@ -42,11 +42,16 @@ class _Flights:
         self.decoding: list[tuple[float, int, Sequence[int]]] = []  # (completes at, its blocks, its chain)
         self.queued: list[tuple[float, Sequence[int]]] = []  # (picked at, chain) of those still prefilling
         self.since = 0  # of which routed there after the worker's report
+        self.preempted = 0  # blocks of the decodes the worker preempted: queued first, holding none
+        self.preempted_n = 0  # how many
         self.outputs = 0
         for f, other in flights:
             self.chains.append(other)
             self.outputs += f.output_tokens
-            if f.prefilling:
+            if f.preempted:
+                self.preempted += f.blocks
+                self.preempted_n += 1
+            elif f.prefilling:
                 self.queued.append((f.picked_at, other))
                 self.since += f.epoch == wl.epoch
             else:
@@ -70,8 +75,9 @@ def memory_wait_ms(
     blocks the prompts admitted and still in chunked prefill will take beyond those the report counts.
 
     Wanted: the blocks in use (the report, plus `in_prefill`), those of the requests queued ahead (the
-    newest of those still prefilling, as many as the report says wait plus those routed there since)
-    and this prompt's, less the prefixes requests there hold already (a system prompt they share).
+    decodes the worker preempted, at the head of its queue; the newest of those still prefilling, as
+    many more as the report says wait plus those routed there since) and this prompt's, less the
+    prefixes requests there hold already (a system prompt they share).
     Beyond the worker's blocks the prompt waits until completions free the excess and what the decodes
     grow meanwhile: a decoding request completes when its output tokens (its max_tokens) run out, at
     the worker's decode pace. Past the last of them, the worker frees its blocks once per decode of a
@@ -83,9 +89,11 @@ def memory_wait_ms(
     chains = there.chains
     shared = _shared_prefixes(chains)
     queued = sorted(there.queued, key=lambda q: q[0])
-    ahead = queued[len(queued) - min(len(queued), there.since + report.waiting) :]
+    # (the decodes the worker preempted wait there too, first: the rest of its waiting are prompts)
+    waiting = max(0, report.waiting - there.preempted_n)
+    ahead = queued[len(queued) - min(len(queued), there.since + waiting) :]
     held = max((common_prefix(other, chain) for other in chains), default=0)
-    excess = report.used_blocks + in_prefill - report.total_blocks + len(chain) - held
+    excess = report.used_blocks + in_prefill - report.total_blocks + len(chain) - held + there.preempted
     excess += sum(len(other) - shared.get(id(other), 0) for _, other in ahead)
     if excess <= 0:
         return 0.0

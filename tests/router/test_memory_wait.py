@@ -149,6 +149,35 @@ def test_a_turn_beside_a_long_prompts_first_chunk_loses_its_session_hold() -> No
     assert picks == [("w0", "session"), ("w1", "load")]
 
 
+@pytest.mark.parametrize("rule", [False, True])
+def test_a_decode_its_worker_preempted_waits_there_and_resumes_where_it_stopped(rule: bool) -> None:
+    # w0 runs decode a (400 prompt blocks, 100 tokens to go from 0 s; 407 blocks with its output) and b
+    # (300 blocks, 300 tokens from 0.5 s; 319 blocks), a token every 0.1 s each. From 1.0 s w0's reports
+    # run one request and queue one: the worker preempted b, the last admitted, for memory. A report
+    # may lead a completion by a step, so only once that has lasted 0.5 s does b count (with
+    # `memory_wait_preempted`) as queued at the head of w0's queue: a 300-block prompt that fits beside
+    # the 420 blocks in use then waits for a's end at 10 s behind b's 319. At 3.0 s w0 runs both again:
+    # b's decode resumed from the 5 tokens it had, 2 s late, so it ends at 32.5 s, not 30.5 s.
+    router = make(memory_wait_preempted=rule)
+    decoding(router, "w0", "a", 400, 100, 10_000)
+    b = RouteRequest("b", "m", chain(300, 20_000), 300 * BS, "b", expected_output_tokens=300)
+    assert router.record(b, Decision("w0", 0, 0.0, "load"), 0.0)
+    router.on_first_token("b", 0.5)
+    policy = router.policy
+    assert isinstance(policy, SessionKv)
+
+    def wait(now: float, running: int, waiting: int, used: int, blocks: int) -> float:
+        load = LoadReport("w0", now, running, waiting, 0, used, 1000, 10_000.0, 10.0 * running)
+        router.apply_load(load, now)
+        view = RouterView(router.workers(), router.index, router.approx, router.load, None, BS, now)
+        return policy._memory_wait(view, "w0", chain(blocks, 30_000))
+
+    assert wait(1.0, 1, 1, 420, 300) == 0.0
+    assert wait(1.2, 1, 1, 420, 300) == 0.0  # not yet: a completion the router has not seen, maybe
+    assert wait(1.6, 1, 1, 420, 300) == (pytest.approx(8_400.0) if rule else 0.0)
+    assert wait(3.0, 2, 0, 900, 600) == pytest.approx(29_500.0 if rule else 27_500.0)
+
+
 def pool_beside_one_shot(named: int = 0, used: int = 700, **config: object) -> Router:
     """Session s's first turn (280 blocks) is cached on w0, which now runs a 500-block request with 50
     tokens to decode (5 s), 820 of its 1,000 blocks in use. w1 runs 80 one-shot questions (10 blocks
