@@ -13,6 +13,7 @@ produces, is answered with a state dump scheduled from there.)
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import msgspec
@@ -41,6 +42,13 @@ def _same_load(a: LoadReport, b: LoadReport) -> bool:
 
 # the trace's `stop` as the OpenAI finish_reason a worker would have streamed back
 FINISH_REASONS = {"tool_use": "tool_calls", "end_turn": "stop"}
+
+
+def answer_start(request_id: str) -> int:
+    """Where a turn's answer starts in the mock's placeholder text when it is sent in parts: fixed per
+    request (a replay is deterministic), different between requests, so two answers' tokens differ as
+    a model's would (`SimWorker.submit`'s `answer`)."""
+    return zlib.crc32(request_id.encode())
 
 
 class SimConfig(msgspec.Struct, frozen=True):
@@ -271,11 +279,16 @@ class Simulation:
         hashes = self.workload.block_hashes(row)
         max_tokens = row.output_length
         priority = self.router.decode_priority(worker_id) if max_tokens > 1 else None
+        answer = None
         if priority is not None:  # the prompt alone now, its decode once the first token is out
             self._decode_priority[turn.request_id] = (priority, session_id)
             max_tokens = 1
+            if self.router.decode_slice_tokens(worker_id):  # its answer goes on in the slices' prompts
+                answer = (answer_start(turn.request_id), 0)
         try:
-            self.workers[worker_id].submit(turn.request_id, row.input_length, hashes, max_tokens, session_id)
+            self.workers[worker_id].submit(
+                turn.request_id, row.input_length, hashes, max_tokens, session_id, answer=answer
+            )
         except ValueError:  # the engine refuses it (longer than the worker's whole cache)
             self._decode_priority.pop(turn.request_id, None)
             self._finish(turn.request_id, 0, ok=False)
@@ -293,11 +306,13 @@ class Simulation:
         size = max(1, row.output_length - produced)
         decode_id = request_id + "/decode"
         slice_tokens = self.router.decode_slice_tokens(record.worker)
+        answer = None
         if slice_tokens:
             size = min(size, slice_tokens)
             if produced > 1:
                 decode_id += str(produced)
             self._slices[decode_id] = (produced, priority, session_id)
+            answer = (answer_start(request_id), produced)  # the output so far as its tokens
         self._decodes[decode_id] = request_id
         try:
             self.workers[record.worker].submit(
@@ -307,6 +322,7 @@ class Simulation:
                 size,
                 session_id,
                 priority,
+                answer,
             )
         except ValueError:
             del self._decodes[decode_id]

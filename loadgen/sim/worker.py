@@ -17,7 +17,7 @@ from engines.engine import (
     EngineRequest,
     RequestOutput,
 )
-from engines.mock import MockRunner, TransferModel
+from engines.mock import PLACEHOLDER_TEXT, MockRunner, TransferModel
 from engines.runner import SamplingParams
 from loadgen.sim.events import EventLoop
 from loadgen.sim.fastforward import DecodeRun, FastForward
@@ -47,9 +47,11 @@ class SimWorker:
         self.on_outputs = on_outputs
         self.on_kv_events = on_kv_events
         self._pending_events: list[KvEvent] = []
+        runner = MockRunner(config.num_blocks, config.block_size, transfer=transfer)
+        self._placeholder = runner.tokenizer.encode(PLACEHOLDER_TEXT)  # the tokens its answers cycle
         self.engine = Engine(
             config,
-            MockRunner(config.num_blocks, config.block_size, transfer=transfer),
+            runner,
             clock=loop.clock,
             on_kv_events=self._pending_events.extend,
         )
@@ -88,6 +90,7 @@ class SimWorker:
         max_tokens: int,
         session_id: str | None,
         priority: int = 0,
+        answer: tuple[int, int] | None = None,
     ) -> None:
         """Queue a request whose prompt is `num_tokens` long with these full-block hashes.
 
@@ -95,17 +98,39 @@ class SimWorker:
         precomputed chain instead keeps its block manager and scheduler exactly as they are while
         skipping ~100k tokens of hashing per turn. The token values are then never read (the mock
         runner ignores them), so they are zeros, in a list the engine adopts rather than copies.
+
+        `answer` = (start, produced): a part of an answer sent in parts (a decode slice), whose prompt
+        ends with the `produced` output tokens so far, as the gateway sends them. Those are the tokens
+        the mock sampled for the parts before (`answer_tokens`), so their blocks hash as the engine
+        cached them and are found again, as vLLM's prefix cache finds the real tokens; the answer goes
+        on from token `start + produced` of the placeholder text (`start`: per request, so two answers'
+        tokens differ).
         """
-        sampling = SamplingParams(max_tokens=max(1, max_tokens), ignore_eos=True)
         self._cut_run()
         self._load = None
-        zeros = [0] * num_tokens
+        if answer is None:
+            sampling = SamplingParams(max_tokens=max(1, max_tokens), ignore_eos=True)
+            tokens = [0] * num_tokens
+        else:
+            start, produced = answer
+            sampling = SamplingParams(
+                max_tokens=max(1, max_tokens), ignore_eos=True, output_offset=start + produced
+            )
+            tokens = [0] * (num_tokens - produced)
+            tokens += self.answer_tokens(start, produced)
         request = EngineRequest(
-            request_id, zeros, sampling, session_id, prompt_block_hashes=block_hashes, priority=priority
+            request_id, tokens, sampling, session_id, prompt_block_hashes=block_hashes, priority=priority
         )
         self.engine.add_request(request, adopt_prompt=True)
         self._idle_steps = 0
         self.kick()
+
+    def answer_tokens(self, start: int, count: int) -> list[int]:
+        """The first `count` tokens the mock runner samples for an answer that starts at token `start`
+        of its placeholder text (`SamplingParams.output_offset`)."""
+        placeholder = self._placeholder
+        size = len(placeholder)
+        return [placeholder[(start + i) % size] for i in range(count)]
 
     def pin(
         self,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+from engines.engine import RequestOutput
 from gateway.cli import main
 from loadgen.sim.compare import POLICIES, compare, default_jobs, parse_policies
 from loadgen.sim.fastforward import DecodeRun
@@ -20,7 +21,7 @@ from loadgen.sim.worker import SimWorker
 from loadgen.sim.workload import Workload
 from loadgen.trace import TraceRow
 from router.config import RouterConfig
-from router.protocol import KvEventBatch, KvStateDump, LoadReport
+from router.protocol import BlockStored, KvEvent, KvEventBatch, KvStateDump, LoadReport
 from router.router import Router
 
 TRACE_BLOCK = 128
@@ -178,24 +179,26 @@ def test_shortcuts_change_no_number() -> None:
         ("session_kv", "preempt"),
         ("session_kv", "priority"),
         ("session_kv", "priority+async"),
+        ("session_kv", "slices"),  # first come first served with a host tier: decodes in slices
     )
     for policy, engine in cases:
-        preempt = bool(engine)
+        preempt = bool(engine) and engine != "slices"
         onboard_async = engine.endswith("async")
+        slices = RouterConfig(decode_slice_tokens=8) if engine == "slices" else None
         results = []
         for fast in (True, False):
             idle_report_s = 1.0 if fast else 0.0
             config = small_config(
                 workers=1 if preempt else 3,  # one worker: its decodes are preempted for prompts
-                num_blocks=200,
+                num_blocks=100 if slices else 200,
                 fast_forward=fast,
                 idle_report_s=idle_report_s,
                 preempt_for_prompts=engine == "preempt",
                 priority_scheduling=engine.startswith("priority"),
-                host_blocks=800 if onboard_async else 0,
+                host_blocks=800 if onboard_async or slices else 0,
                 onboard_async=onboard_async,
             )
-            sim = Simulation(workload(rows), policy, config)
+            sim = Simulation(workload(rows), policy, config, slices)
             results.append(sim.run())
             preemptions = sum(w.engine.scheduler.num_preemptions for w in sim.workers.values())
             assert preemptions > 0 or not preempt  # the rule ran
@@ -319,6 +322,50 @@ def test_a_decode_sent_in_slices_lets_a_later_prompt_in_between_them() -> None:
     assert b_sliced.first_token - b_sliced.arrival < (b_whole.first_token - b_whole.arrival) / 2
     with pytest.raises(ValueError, match="decode_slice_tokens"):
         RouterConfig(decode_slice_tokens=-1)
+
+
+def test_a_decode_slice_finds_the_output_of_the_slices_before_it() -> None:
+    """Known by construction: one worker with room for everything and a host tier; A's 300-token
+    answer goes in slices of 64, and B, the same prompt in another session, comes after A is done. A
+    slice's prompt ends with the output so far as the tokens the engine sampled (the gateway sends them
+    as token ids), so each slice finds every full block before it cached, its earlier output included
+    (as zeros it found the prompt's blocks only). B's answer is B's own: the blocks its slices store
+    are none of A's."""
+    prompt = [1, 2, 3, 4, 5]  # 640 tokens: 40 blocks of 16
+    a = TraceRow(timestamp=0.0, input_length=640, output_length=300, hash_ids=prompt, session_id="a")
+    b = TraceRow(timestamp=600_000.0, input_length=640, output_length=300, hash_ids=prompt, session_id="b")
+    config = small_config(workers=1, num_blocks=256, host_blocks=256)
+    sim = Simulation(workload([a, b]), "session_kv", config, RouterConfig(decode_slice_tokens=64))
+    worker = sim.workers["w0"]
+    cached: dict[str, int] = {}
+    stored: list[tuple[float, list[int]]] = []
+    on_outputs, on_kv_events = worker.on_outputs, worker.on_kv_events
+
+    def outputs(worker_id: str, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            cached.setdefault(out.request_id, out.num_cached_tokens)
+        on_outputs(worker_id, outs)
+
+    def kv_events(worker_id: str, events: list[KvEvent]) -> None:
+        for event in events:
+            if isinstance(event, BlockStored) and event.tier == "device":
+                stored.append((sim.loop.now, event.block_hashes))
+        on_kv_events(worker_id, events)
+
+    worker.on_outputs, worker.on_kv_events = outputs, kv_events
+    run = sim.run()
+    assert [r.output_tokens for r in run.records] == [300, 300] and all(r.ok for r in run.records)
+    slices = {rid: n for rid, n in cached.items() if "/decode" in rid}
+    assert len(slices) == 2 * 5  # output so far 1, 65, 129, 193, 257: five slices a turn
+    for rid, n in slices.items():
+        produced = int(rid.rsplit("/decode", 1)[1] or 1)
+        assert n == (640 + produced) // 16 * 16, rid  # every full block before it, output included
+    a_turn, b_turn = run.records
+    assert a_turn.finish < b_turn.arrival
+    a_output = {h for at, hashes in stored if at < b_turn.arrival for h in hashes}
+    b_output = {h for at, hashes in stored if at > b_turn.arrival for h in hashes}
+    assert len(b_output) >= (940 - 1) // 16 - 40  # B's 18 full output blocks are stored anew
+    assert not a_output & b_output
 
 
 # every Router method the simulation calls that could read the load view
