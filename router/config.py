@@ -50,6 +50,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     # --- session_kv (ours)
     default_prefill_tok_s: float = 20_000.0  # until a worker reports its measured speed
+    # a decode step (ms) until a worker reports its measured decode speed, where the memory wait needs
+    # one (router/policies/session_kv.py): a fresh worker's first prompt runs before its first decode
+    # step is measured, and a step of 0 predicted no wait at all. 0: that old reading
+    default_decode_step_ms: float = 20.0
     # a host-tier block saves this fraction of its prefill, a disk-tier one `disk_credit`: the fallback
     # for a worker that announces no link time; with `price_onboarding` a worker that does (its load
     # report's `host_block_ms`, `disk_block_ms`) has its hits priced at that onboarding cost instead
@@ -253,5 +257,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("need non-negative room_max_hold_s and room_max_held")
         if self.default_prefill_tok_s <= 0:
             raise ValueError("default_prefill_tok_s must be positive")
+        if self.default_decode_step_ms < 0:
+            raise ValueError("default_decode_step_ms cannot be negative")
         if self.kv_temperature < 0 or self.cache_threshold < 0:
             raise ValueError("kv_temperature and cache_threshold cannot be negative")

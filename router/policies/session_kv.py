@@ -266,10 +266,12 @@ class SessionKv(Policy):
             and not wl.prefill_since_report
         ):
             return 0.0
+        # no measured pace there (its first prompt runs before its first decode step is measured):
+        # the pool's, else the configured default; a step of 0 would predict no wait at all
         step_s = (
             report.running / report.decode_tok_s
             if report.running and report.decode_tok_s > 0
-            else self._busy_step(view)[0] / 1000.0
+            else (self._busy_step(view)[0] or self.config.default_decode_step_ms) / 1000.0
         )
         flights = view.load
         held = view.held

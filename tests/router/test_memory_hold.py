@@ -120,3 +120,17 @@ def test_the_hold_checks_its_settings() -> None:
         MemoryHold(max_hold_s=-1.0, max_held=1, recheck_s=0.1, min_wait_ms=0.0)
     with pytest.raises(ValueError):
         MemoryHold(max_hold_s=1.0, max_held=1, recheck_s=0.0, min_wait_ms=0.0)
+
+
+def test_a_worker_without_a_measured_decode_pace_predicts_with_the_default_step() -> None:
+    # a fresh worker's first prompt: its report shows it running, 330 of 1,000 blocks in use, no decode
+    # step measured yet (nor anywhere in the pool). A 700-block prompt waits for its 1,200-token answer:
+    # held at the default 20 ms a step (24 s); a step of 0 (the old reading) predicted no wait at all
+    for step_ms, sent in ((20.0, False), (0.0, True)):
+        router = Router("session_kv", RouterConfig(default_decode_step_ms=step_ms), seed=1)
+        router.add_worker(WorkerRegistration("w0", "http://w0", "m", BS, 1000, "mock", 1, 0.0), 0.0)
+        long = RouteRequest("long", "m", chain(32, 1_000), 32 * BS, "long", expected_output_tokens=1200)
+        assert router.record(long, Decision("w0", 0, 0.0, "load"), 0.0)
+        router.on_first_token("long", 0.05)
+        router.apply_load(LoadReport("w0", 0.05, 1, 0, 0, 330, 1000, 10_000.0, 0.0), 0.05)
+        assert offer(router, "big", 700, 30_000, 0.06) is sent, step_ms
