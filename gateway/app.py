@@ -56,8 +56,10 @@ class Gateway:
         self.admission = Admission(config.queue_bound, config.queue_timeout_s)
         hold_s = self.router.config.admission_max_hold_s + config.queue_timeout_s
         self.holds = SessionHold(self.router, hold_s)  # session_kv's admission by session
-        # session_kv's room queue: a pick waits here while its worker has no KV room for it
-        self.rooms = RoomHold(self.router, self.router.config.room_max_hold_s + config.queue_timeout_s)
+        # session_kv's room queue or memory hold: a pick waits here while its worker has no KV room for it
+        rc = self.router.config
+        room_s = rc.memory_hold_max_s if self.router.memory_hold is not None else rc.room_max_hold_s
+        self.rooms = RoomHold(self.router, room_s + config.queue_timeout_s)
         self.tokenizers = Tokenizers(self.subjects.tokenizer_bucket, lambda: self.bus.nc)
         cache_bytes = config.prompt_cache_bytes
         self.tenants = tenants.Tenants(config.api_keys, config.tenants)
@@ -75,6 +77,7 @@ class Gateway:
             stale_after_s=config.stale_after_s,
             on_added=self._worker_added,
             on_removed=self._worker_removed,
+            on_load=self.rooms.changed,  # a held pick on that worker may go now
         )
         self.replication = Replication(
             config.nats_url,

@@ -92,6 +92,7 @@ class Bus:
         event_timeout_s: float = 5.0,
         on_added: Callable[[WorkerRegistration], None] | None = None,
         on_removed: Callable[[str], None] | None = None,
+        on_load: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.nats_url = nats_url
@@ -104,6 +105,7 @@ class Bus:
         self.event_timeout_s = event_timeout_s
         self.on_added = on_added
         self.on_removed = on_removed
+        self.on_load = on_load  # after each load report applied
         self.clock = clock
         self.workers: dict[str, WorkerState] = {}
         self.nc: NATS | None = None
@@ -445,6 +447,8 @@ class Bus:
         # heartbeats wait for JetStream to recover its streams (seconds on a loaded machine)
         state.last_seen = now
         self.router.apply_load(report, now)
+        if self.on_load is not None:
+            self.on_load()
         wid = report.worker_id
         metrics = self.metrics
         metrics.of_worker(metrics.worker_running, wid).set(report.running)

@@ -4,7 +4,8 @@
 pressure a turn of a session that is not resident waits, at its tool boundary, until the router
 releases it (a resident session's turn completes or its pin ends, or the hold bound passes); then the
 per-worker slots (`gateway.admission`) take it. `RoomHold` applies the router's room queue
-(router/room.py): a picked request waits until its worker has KV room for it.
+(router/room.py) or its memory hold (router/memory_hold.py): a picked request waits until its worker
+has KV room for it, re-checked after completions, load reports and first tokens (`changed`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,13 @@ class RoomHold(RouterHold):
         except asyncio.CancelledError:
             self.router.cancel_room(route.request_id)
             raise
+
+    def changed(self) -> None:
+        """Something a held pick's release reads changed (a load report, a first token): re-check the
+        picks it concerns now, where the router re-checks on change rather than on a period."""
+        router = self.router
+        if self._waiting and router.rechecks_rooms_on_change and router.rooms_pending():
+            self.poke()
 
     def _released(self, now: float) -> list[str]:
         return self.router.release_rooms(now)

@@ -332,6 +332,7 @@ class Turns:
             self.metrics.ttft.observe(now - sent_at)
             self.router.on_first_token(request_id, now)
             self.replication.replicas.first_token(request_id)
+            self.rooms.changed()  # a prefill ended on that worker: what waits for it may fit now
 
         return first_token
 

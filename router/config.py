@@ -195,8 +195,11 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # memory hold (router/memory_hold.py; session_kv only): a pick predicted to wait more than
     # `memory_hold_min_wait_ms` on its worker for device memory (router/policies/memory_wait.py) waits at
     # the router, not at the head of the engine's first-come-first-served queue, where every request
-    # routed behind it would wait too; re-checked every `memory_hold_recheck_s` and after completions,
-    # sent after `memory_hold_max_s` whatever the wait, at most `memory_hold_max_held` at once
+    # routed behind it would wait too; every held pick re-checked every `memory_hold_recheck_s` and
+    # after completions, sent after `memory_hold_max_s` whatever the wait, at most
+    # `memory_hold_max_held` at once. `memory_hold_recheck_s` 0: a held pick is re-checked only when its
+    # worker's state changes (a load report, a first token, a completion, a pick sent there, the worker
+    # leaving, its report going stale); docs/EXPERIMENTS.md, "Memory hold, second pass"
     memory_hold: bool = True
     memory_hold_min_wait_ms: float = 2000.0
     memory_hold_max_s: float = 20.0

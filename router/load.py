@@ -10,6 +10,7 @@ counts instead), and predictions whose first token or completion never arrives e
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 
 from router.config import RouterConfig
 from router.prefill_fit import PrefillFit
@@ -23,7 +24,6 @@ class InFlight:
         "blocks",
         "epoch",
         "first_token_at",
-        "held",
         "output_tokens",
         "picked_at",
         "preempted",
@@ -59,7 +59,6 @@ class InFlight:
         # its worker preempted it (RouterConfig.memory_wait_preempted): it waits there, holding no blocks
         self.preempted = False
         self.prefilling = True
-        self.held = False  # held at the router (RouterConfig.memory_hold), not sent to its worker yet
         self.session_id: str | None = None  # the router's notes for on_complete
         self.tool_pending = False
 
@@ -69,7 +68,6 @@ class WorkerLoad:
         "decoding",
         "epoch",
         "fresh_until",
-        "held",
         "inflight_blocks",
         "inflight_prefill",
         "last_step",
@@ -90,7 +88,6 @@ class WorkerLoad:
         self.ms_per_token = 1000.0 / default_prefill_tok_s  # prefill cost, measured once reported
         self.epoch = 0  # bumped by each report
         self.prefill_since_report = 0
-        self.held: set[str] = set()  # picks held at the router: no report counts them, every one counts
         self.decoding: set[str] = set()  # requests past their first token, not completed
         # of which missing from its reports (RouterConfig.memory_wait_preempted) -> since when
         self.preempted: dict[str, float] = {}
@@ -129,7 +126,9 @@ class LoadView:
         for rid in [rid for rid, f in self._inflight.items() if f.worker_id == worker_id]:
             del self._inflight[rid]
 
-    def apply(self, report: LoadReport, now: float) -> None:
+    def apply(self, report: LoadReport, now: float, held: Iterable[str] = ()) -> None:
+        """The worker's latest report; `held`: the picks for it held at the router
+        (router/memory_hold.py), which no report counts: still to come, as if picked after it."""
         w = self.workers.get(report.worker_id)
         if w is None:
             return
@@ -142,7 +141,7 @@ class LoadView:
         w.ms_per_token = 1000.0 / (speed if speed > 0 else self.config.default_prefill_tok_s)
         w.epoch += 1
         w.prefill_since_report = 0
-        for rid in w.held:  # not at the worker: still to come, as if picked after this report
+        for rid in held:
             f = self._inflight.get(rid)
             if f is not None and f.prefilling:
                 f.epoch = w.epoch
@@ -206,24 +205,13 @@ class LoadView:
         if len(self._done_queue) > 2 * len(self._inflight) + COMPACT_SLACK:
             self._compact()
 
-    def hold(self, request_id: str) -> None:
-        """A pick waits at the router (RouterConfig.memory_hold): its prefill stays queued on its worker
-        through the worker's reports, which do not count it, until `resend`."""
-        f = self._inflight.get(request_id)
-        w = self.workers.get(f.worker_id) if f is not None else None
-        if f is not None and w is not None and f.prefilling:
-            f.held = True
-            w.held.add(request_id)
-
     def resend(self, request_id: str, now: float) -> None:
-        """A pick held at the router goes to its worker now: its prediction counts from now, as one
-        picked now (after the worker's latest report, whose queue does not hold it)."""
+        """A pick held at the router (router/memory_hold.py) goes to its worker now: its prediction
+        counts from now, as one picked now (after the worker's latest report, whose queue does not
+        hold it; `apply` kept its prefill queued there meanwhile)."""
         f = self._inflight.get(request_id)
-        w = self.workers.get(f.worker_id) if f is not None else None
-        if f is None or w is None or not f.held:
+        if f is None:
             return
-        f.held = False
-        w.held.discard(request_id)
         f.picked_at = now
         self._prefill_queue.append((now, request_id))
         self._done_queue.append((now, request_id))
@@ -264,7 +252,6 @@ class LoadView:
             self._end_prefill(f)
         w = self.workers.get(f.worker_id)
         if w is not None:
-            w.held.discard(request_id)
             w.decoding.discard(request_id)
             w.preempted.pop(request_id, None)
             w.inflight_blocks -= f.blocks

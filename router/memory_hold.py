@@ -5,10 +5,18 @@ cannot get its blocks), so a prompt that does not fit beside the running request
 of its worker's queue, and every request routed there behind it waits too, even one that would fit.
 Here such a pick waits at the router instead: it is sent once the predicted wait for device memory on
 its worker (router/policies/memory_wait.py, the policy's `memory_wait_ms`) is at most `min_wait_ms`,
-re-checked every `recheck_s` and after each completion, and after `max_hold_s` whatever the wait
-(then it heads the engine's queue, and the picks after it are predicted to wait behind it: no
-starvation). A pick sent past held ones is one predicted not to wait: the head-of-line block becomes
-a skip-ahead at the router.
+and after `max_hold_s` whatever the wait (then it heads the engine's queue, and the picks after it are
+predicted to wait behind it: no starvation). A pick sent past held ones is one predicted not to wait:
+the head-of-line block becomes a skip-ahead at the router.
+
+Every held pick is re-checked every `recheck_s` and after any completion; with `recheck_s` 0, only
+when something its prediction reads changes on its worker (`changed`: a load report, a first token, a
+completion, a pick sent there, the worker leaving or its report going stale), and only the picks held
+for that worker. Either way a pass walks a worker's requests once for all the picks held for it
+(the router asks the policy for `memory_waits` per worker).
+
+This is the one record of what is held: the load view asks it which picks on a worker its reports do
+not count (`on`), the policies' views read it as the set of picks not at their worker.
 
 The room queue (router/room.py) holds on the router's own count of the prompt blocks sent to a
 worker, which counts a prefix shared by several running requests once per request; on agent sessions
@@ -19,7 +27,9 @@ Pure bookkeeping, times passed in; the router decides each release with the pred
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, KeysView, Sequence
+
+_NONE: KeysView[str] = {}.keys()
 
 
 class _Held:
@@ -33,9 +43,9 @@ class _Held:
 
 class MemoryHold:
     def __init__(self, max_hold_s: float, max_held: int, recheck_s: float, min_wait_ms: float) -> None:
-        if max_hold_s < 0 or max_held < 0 or recheck_s <= 0 or min_wait_ms < 0:
+        if max_hold_s < 0 or max_held < 0 or recheck_s < 0 or min_wait_ms < 0:
             raise ValueError(
-                "need memory_hold_max_s >= 0, memory_hold_max_held >= 0, memory_hold_recheck_s > 0 "
+                "need memory_hold_max_s >= 0, memory_hold_max_held >= 0, memory_hold_recheck_s >= 0 "
                 "and memory_hold_min_wait_ms >= 0"
             )
         self.max_hold_s = max_hold_s
@@ -43,7 +53,9 @@ class MemoryHold:
         self.recheck_s = recheck_s
         self.min_wait_ms = min_wait_ms
         self._held: dict[str, _Held] = {}  # request id -> held pick, in arrival order
-        self._next_check = float("inf")
+        self._by_worker: dict[str, dict[str, _Held]] = {}  # the same records by worker, arrival order
+        self._changed: set[str] = set()  # workers with held picks whose state changed since a check
+        self._next_check = float("inf")  # with `recheck_s`: the next periodic pass
         self.held_total = 0  # picks ever held (for reports)
         self.overdue_total = 0  # of which sent by the bound
         self.hold_s = 0.0  # seconds they waited here, in all
@@ -58,44 +70,100 @@ class MemoryHold:
     def __iter__(self) -> Iterator[str]:
         return iter(self._held)
 
+    def on(self, worker_id: str) -> KeysView[str]:
+        """The ids of the picks held for `worker_id`, oldest first."""
+        held = self._by_worker.get(worker_id)
+        return held.keys() if held is not None else _NONE
+
+    def workers(self) -> KeysView[str]:
+        """The workers with held picks."""
+        return self._by_worker.keys()
+
     def offer(
         self, request_id: str, worker_id: str, chain: Sequence[int], wait_ms: float, now: float
     ) -> bool:
         """True: send the pick now (its predicted wait `wait_ms` is short enough, or too many wait).
-        False: it waits until `release` lets it go."""
+        False: it waits until `send` lets it go."""
         if wait_ms <= self.min_wait_ms or len(self._held) >= self.max_held:
             return True
-        self._held[request_id] = _Held(worker_id, chain, now)
+        held = self._held[request_id] = _Held(worker_id, chain, now)
+        self._by_worker.setdefault(worker_id, {})[request_id] = held
         self.held_total += 1
-        self._next_check = min(self._next_check, now + self.recheck_s)
+        if self.recheck_s:
+            self._next_check = min(self._next_check, now + self.recheck_s)
         return False
 
-    def waiting(self) -> list[tuple[str, str, Sequence[int]]]:
-        """The held picks, oldest first: (request id, worker, chain)."""
-        return [(rid, h.worker_id, h.chain) for rid, h in self._held.items()]
+    def changed(self, worker_id: str) -> None:
+        """Something the prediction reads changed on the worker: its held picks are re-checked at the
+        next pass (`due`). A no-op for a worker holding none."""
+        if worker_id in self._by_worker:
+            self._changed.add(worker_id)
+
+    def changed_all(self) -> None:
+        self._changed.update(self._by_worker)
+
+    @property
+    def pending(self) -> bool:
+        """Whether a worker's held picks wait for a re-check (a pass now would look at them)."""
+        return bool(self._changed)
+
+    def due(self, now: float) -> list[tuple[str, str, Sequence[int]]]:
+        """The held picks to re-check in a pass at `now`, oldest first, (request id, worker, chain):
+        those on workers whose state changed and those whose bound passed; with `recheck_s`, every one
+        (the caller passes on that period and after completions)."""
+        changed = self._changed
+        if self.recheck_s or len(changed) == len(self._by_worker):
+            return [(rid, h.worker_id, h.chain) for rid, h in self._held.items()]
+        limit = now - self.max_hold_s
+        if not changed:  # only the bound lets one go: the oldest ones
+            due = []
+            for rid, h in self._held.items():
+                if h.at > limit:
+                    break
+                due.append((rid, h.worker_id, h.chain))
+            return due
+        held = self._held.items()
+        return [(rid, h.worker_id, h.chain) for rid, h in held if h.worker_id in changed or h.at <= limit]
 
     def overdue(self, request_id: str, now: float) -> bool:
         held = self._held.get(request_id)
         return held is not None and held.at + self.max_hold_s <= now
 
-    def send(self, request_id: str, now: float, overdue: bool = False) -> None:
-        """The held pick goes now (its wait is short enough, or `overdue`: the bound passed)."""
-        held = self._held.pop(request_id, None)
-        if held is not None:
-            self.hold_s += now - held.at
-            self.overdue_total += overdue
+    def send(self, request_id: str, now: float, overdue: bool = False) -> bool:
+        """The held pick goes now (its wait is short enough, or `overdue`: the bound passed); False
+        when it was not held."""
+        held = self._forget(request_id)
+        if held is None:
+            return False
+        self.hold_s += now - held.at
+        self.overdue_total += overdue
+        return True
 
     def checked(self, now: float) -> None:
-        """A release pass ran at `now`: the next one is due `recheck_s` later while any is held."""
-        self._next_check = now + self.recheck_s if self._held else float("inf")
+        """A release pass ran at `now` over `due`: nothing is left changed; with `recheck_s`, the next
+        pass is due that much later while any is held."""
+        self._changed.clear()
+        if self.recheck_s:
+            self._next_check = now + self.recheck_s if self._held else float("inf")
 
     def done(self, request_id: str) -> None:
         """The held pick will not be sent (its client went away): forget it."""
-        self._held.pop(request_id, None)
+        self._forget(request_id)
 
     def next_deadline(self) -> float | None:
-        """When the next release pass is due if nothing completes before; None: none held."""
+        """When the next pass is due if nothing changes before: the oldest pick's bound (and the next
+        periodic pass, with `recheck_s`); None: none held."""
         first = next(iter(self._held.values()), None)  # the oldest: dicts keep insertion order
         if first is None:
             return None
         return min(first.at + self.max_hold_s, self._next_check)
+
+    def _forget(self, request_id: str) -> _Held | None:
+        held = self._held.pop(request_id, None)
+        if held is not None:
+            on_worker = self._by_worker[held.worker_id]
+            del on_worker[request_id]
+            if not on_worker:
+                del self._by_worker[held.worker_id]
+                self._changed.discard(held.worker_id)
+        return held

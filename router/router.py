@@ -7,8 +7,9 @@ monotonic) instead of reading a clock, and nothing here does I/O.
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 
 import xxhash
 
@@ -44,6 +45,19 @@ YIELDING_POLICIES = frozenset({"session_kv"})
 def _ewma(mean: float | None, sample: float, alpha: float) -> float:
     """An exponentially weighted mean moved by `sample` (weight `alpha`); the first sample starts it."""
     return sample if mean is None else alpha * sample + (1 - alpha) * mean
+
+
+class _HeldWith:
+    """The held picks and one more (a pick being offered: recorded in the load, not at its worker)."""
+
+    __slots__ = ("held", "request_id")
+
+    def __init__(self, held: Container[str], request_id: str) -> None:
+        self.held = held
+        self.request_id = request_id
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id == self.request_id or request_id in self.held
 
 
 class NoWorkerError(LookupError):
@@ -170,6 +184,8 @@ class Router:
         self.load.add_worker(wid)
         if self.rooms is not None:
             self.rooms.set_capacity(wid, registration.num_blocks)
+        if self.memory_hold is not None:
+            self.memory_hold.changed_all()  # the pool's decode pace, where a worker has none measured
         self._workers_changed()
 
     def remove_worker(self, worker_id: str) -> None:
@@ -184,6 +200,8 @@ class Router:
         self.policy.remove_worker(worker_id)
         if self.rooms is not None:
             self.rooms.remove_worker(worker_id)
+        if self.memory_hold is not None:
+            self.memory_hold.changed_all()  # its held picks fail over; the pool's decode pace moved
         self._workers_changed()
 
     def workers(self) -> list[str]:
@@ -257,7 +275,13 @@ class Router:
         return ok
 
     def apply_load(self, report: LoadReport, now: float) -> None:
-        self.load.apply(report, now)
+        hold = self.memory_hold
+        if hold is None:
+            self.load.apply(report, now)
+            return
+        wid = report.worker_id
+        self.load.apply(report, now, hold.on(wid))  # the held picks: still to come, after this report
+        hold.changed(wid)
 
     def stream_positions(self) -> dict[str, tuple[int, int]]:
         """(epoch, seq) of the last KV batch or state dump applied, per event-fed worker (snapshots)."""
@@ -330,10 +354,11 @@ class Router:
         # behind them): a hold there only delayed them (cc trace, host tier 4x: 894 -> 1,104 ms)
         if hold is not None and decision.worker_id not in self._splitting:
             rid, worker, chain = request.request_id, decision.worker_id, request.block_hashes
-            if hold.offer(rid, worker, chain, self._memory_wait(chain, worker, now, {rid, *hold}), now):
-                return True
-            self.load.hold(rid)
-            return False
+            wait_ms = self._memory_wait(chain, worker, now, _HeldWith(hold, rid))
+            if not hold.offer(rid, worker, chain, wait_ms, now):
+                return False
+            hold.changed(worker)  # a request sent there: its prefix may be one a held pick shares
+            return True
         rooms = self.rooms
         if rooms is None:
             return True
@@ -343,21 +368,44 @@ class Router:
         return rooms.offer(request.request_id, decision.worker_id, blocks, now, expected)
 
     def release_rooms(self, now: float) -> list[str]:
-        """Ids of requests held for room to send now (call after completions and at `rooms_deadline`)."""
+        """Ids of requests held for room to send now (call after completions, at `rooms_deadline`, and
+        where `rechecks_rooms_on_change`, after load reports and first tokens too)."""
         if self.memory_hold is not None:
             return self._release_memory_hold(self.memory_hold, now)
         return self.rooms.release(now) if self.rooms is not None else []
 
+    @property
+    def rechecks_rooms_on_change(self) -> bool:
+        """Whether held picks wait for their worker's load reports and first tokens to be re-checked
+        (the memory hold without a period): the caller calls `release_rooms` after those as well."""
+        hold = self.memory_hold
+        return hold is not None and not hold.recheck_s
+
+    def rooms_pending(self) -> bool:
+        """Whether a `release_rooms` call now would re-check a held pick (something changed on its
+        worker): a caller that batches its calls can skip one that would find nothing to do."""
+        hold = self.memory_hold
+        return hold is not None and (hold.pending or bool(hold.recheck_s and hold.held))
+
     def rooms_deadline(self) -> float | None:
         """When `release_rooms` should next be called if nothing completes before; None: none held."""
-        if self.memory_hold is not None:
-            return self.memory_hold.next_deadline()
+        hold = self.memory_hold
+        if hold is not None:
+            deadline = hold.next_deadline()
+            if deadline is None or hold.recheck_s:
+                return deadline
+            # a held pick's worker whose report goes stale: its wait is no longer predicted (0)
+            loads = self.load.workers
+            for wid in hold.workers():
+                wl = loads.get(wid)
+                if wl is not None and wl.fresh_until < deadline:
+                    deadline = math.nextafter(wl.fresh_until, math.inf)
+            return deadline
         return self.rooms.next_deadline() if self.rooms is not None else None
 
     def send_room_now(self, request_id: str, now: float) -> None:
         """A request held for room is sent before its release (its caller's own bound passed)."""
-        if self.memory_hold is not None and request_id in self.memory_hold:
-            self.memory_hold.send(request_id, now, overdue=True)
+        if self.memory_hold is not None and self.memory_hold.send(request_id, now, overdue=True):
             self.load.resend(request_id, now)
         if self.rooms is not None:
             self.rooms.force(request_id, now)
@@ -371,35 +419,50 @@ class Router:
             self.rooms.done(request_id)
 
     def _release_memory_hold(self, hold: MemoryHold, now: float) -> list[str]:
-        """The held picks to send now, oldest first: each whose worker left (it fails over), whose
-        predicted wait there is short enough now (those sent before it in this pass counted ahead of
-        it), or whose bound passed."""
+        """The held picks to send now, oldest first, of those due a re-check (their worker's state
+        changed, or their bound passed): each whose worker left (it fails over), whose predicted wait
+        there is short enough now (those sent before it in this pass counted ahead of it), or whose
+        bound passed."""
+        if not hold.recheck_s:
+            loads = self.load.workers
+            for wid in list(hold.workers()):  # a report gone stale: no wait predicted there now
+                wl = loads.get(wid)
+                if wl is None or now > wl.fresh_until:
+                    hold.changed(wid)
         released: list[str] = []
-        for rid, worker, chain in hold.waiting():
+        # one prediction per worker, its requests walked once for all the picks held for it, until one
+        # of them goes (then it is in flight there, ahead of the rest)
+        waits: dict[str, Callable[[Sequence[int]], float]] = {}
+        for rid, worker, chain in hold.due(now):
             overdue = hold.overdue(rid, now)
-            if (
-                worker in self._registrations
-                and not overdue
-                and self._memory_wait(chain, worker, now, hold) > hold.min_wait_ms
-            ):
-                continue
+            reg = self._registrations.get(worker)
+            if reg is not None and not overdue:
+                wait = waits.get(worker)
+                if wait is None:
+                    view = self._hold_view(reg.block_size, now, hold)
+                    wait = waits[worker] = self.policy.memory_waits(worker, view)
+                if wait(chain) > hold.min_wait_ms:
+                    continue
             hold.send(rid, now, overdue)
             self.load.resend(rid, now)
             released.append(rid)
+            waits.pop(worker, None)
         hold.checked(now)
         return released
+
+    def _hold_view(self, block_size: int, now: float, held: Container[str]) -> RouterView:
+        workers = list(self._registrations)
+        return RouterView(
+            workers, self.index, self.approx, self.load, None, block_size, now, None, self._yielding, held
+        )
 
     def _memory_wait(self, chain: Sequence[int], worker_id: str, now: float, held: Container[str]) -> float:
         """The policy's predicted wait for device memory of a prompt of `chain` on `worker_id` (ms), the
         picks in `held` not counted at the worker."""
-        workers = list(self._registrations)
-        if worker_id not in self._registrations:
+        reg = self._registrations.get(worker_id)
+        if reg is None:
             return 0.0
-        bs = self._registrations[worker_id].block_size
-        view = RouterView(
-            workers, self.index, self.approx, self.load, None, bs, now, None, self._yielding, held
-        )
-        return self.policy.memory_wait_ms(chain, worker_id, view)
+        return self.policy.memory_wait_ms(chain, worker_id, self._hold_view(reg.block_size, now, held))
 
     # --- routing
 
@@ -506,6 +569,9 @@ class Router:
     def on_first_token(self, request_id: str, now: float) -> None:
         self.load.first_token(request_id, now)
         self.policy.on_first_token(request_id)
+        hold = self.memory_hold
+        if hold is not None and (flight := self.load.get(request_id)) is not None:
+            hold.changed(flight.worker_id)  # a prefill ended there: its queue and decodes moved
 
     def on_complete(
         self, request_id: str, now: float, finish_reason: str | None, output_tokens: int, ok: bool = True
@@ -523,8 +589,11 @@ class Router:
         if self.rooms is not None:
             self._learn_turn_time(request_id, flight, now, ok)
             self.rooms.done(request_id)
-        if self.memory_hold is not None:
-            self.memory_hold.done(request_id)
+        hold = self.memory_hold
+        if hold is not None:
+            hold.done(request_id)
+            if flight is not None:
+                hold.changed(flight.worker_id)  # its blocks are free there
         if flight is None or not flight.session_id:
             return None
         hint = self._session_done(flight, now, finish_reason, output_tokens, ok)

@@ -366,6 +366,8 @@ class Simulation:
                 record.cached_tokens = out.num_cached_tokens
                 record.host_cached_tokens = out.num_host_cached_tokens
                 self.router.on_first_token(request_id, now)
+                if self._room_held and self.router.rechecks_rooms_on_change:
+                    self._release_rooms()  # a prefill ended: what waits on that worker may fit now
             if out.finished:
                 ok = out.completion_tokens > 0 and out.finish_reason != "abort"
                 decode = self._decode_priority.pop(request_id, None)
@@ -483,6 +485,10 @@ class Simulation:
         if config.lazy_bus:
             due = now if now > arrival else arrival  # the time `at` would give it
             loop.defer_at(due, self.router.apply_load, report, due)
+            hold = self.router.memory_hold
+            if hold is not None and hold.on(worker_id) and self.router.rechecks_rooms_on_change:
+                # picks held for this worker are re-checked when its report arrives: an event then
+                loop.at(due, self._report_arrived)
         else:
             loop.at(arrival, self._deliver_load, report)
         ticks = self._load_ticks[worker_id] = self._load_ticks[worker_id] + 1
@@ -495,6 +501,12 @@ class Simulation:
     def _deliver_load(self, report: LoadReport) -> None:
         self.loop.settle()
         self.router.apply_load(report, self.loop.now)
+        if self.router.rechecks_rooms_on_change:
+            self._release_rooms()
+
+    def _report_arrived(self) -> None:
+        self.loop.settle()  # applies the report (deferred, `lazy_bus`)
+        self._release_rooms()
 
     def _next_tick(self, worker_id: str, not_before: float) -> float:
         """The first time on the worker's reporting grid at or after `not_before`."""

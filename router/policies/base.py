@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import ClassVar
 
 from router.approx_index import ApproxIndex
@@ -112,6 +112,11 @@ class Policy(ABC):
         """The predicted wait of a prompt of `chain` for device memory on `worker_id` (ms), for the
         router's memory hold; 0 for a policy that does not predict it."""
         return 0.0
+
+    def memory_waits(self, worker_id: str, view: RouterView) -> Callable[[Sequence[int]], float]:
+        """`memory_wait_ms` on `worker_id` for any prompt, in one state (`view`): a pass over the
+        picks held for it, where a policy can walk the worker's requests once."""
+        return lambda chain: self.memory_wait_ms(chain, worker_id, view)
 
     def on_complete(self, request_id: str) -> None:
         return None

@@ -70,9 +70,17 @@ def memory_wait_ms(
     in_prefill: int = 0,
 ) -> float:
     """How long a prompt of blocks `chain` would wait on this worker for device memory (ms); 0 when it
-    fits now. `wl` must hold a fresh load report; `flights`: the router's requests in flight on the
-    worker with their chains; `step_s`: seconds between two tokens of a decode there; `in_prefill`: the
-    blocks the prompts admitted and still in chunked prefill will take beyond those the report counts.
+    fits now (`MemoryWait`, for one prompt)."""
+    return MemoryWait(wl, flights, now, step_s, block_size, in_prefill).ms(chain)
+
+
+class MemoryWait:
+    """The wait for device memory on one worker of any prompt: its flights walked once, for the prompts
+    of a pass over the picks held for it (router/memory_hold.py) as for one.
+
+    `wl` must hold a fresh load report; `flights`: the router's requests in flight on the worker with
+    their chains; `step_s`: seconds between two tokens of a decode there; `in_prefill`: the blocks the
+    prompts admitted and still in chunked prefill will take beyond those the report counts.
 
     Wanted: the blocks in use (the report, plus `in_prefill`), those of the requests queued ahead (the
     decodes the worker preempted, at the head of its queue; the newest of those still prefilling, as
@@ -82,44 +90,61 @@ def memory_wait_ms(
     grow meanwhile: a decoding request completes when its output tokens (its max_tokens) run out, at
     the worker's decode pace. Past the last of them, the worker frees its blocks once per decode of a
     turn."""
-    report = wl.report
-    if report is None or not report.total_blocks or step_s <= 0.0:
-        return 0.0
-    there = _Flights(wl, flights, now, step_s)
-    chains = there.chains
-    shared = _shared_prefixes(chains)
-    queued = sorted(there.queued, key=lambda q: q[0])
-    # (the decodes the worker preempted wait there too, first: the rest of its waiting are prompts)
-    waiting = max(0, report.waiting - there.preempted_n)
-    ahead = queued[len(queued) - min(len(queued), there.since + waiting) :]
-    held = max((common_prefix(other, chain) for other in chains), default=0)
-    excess = report.used_blocks + in_prefill - report.total_blocks + len(chain) - held + there.preempted
-    excess += sum(len(other) - shared.get(id(other), 0) for _, other in ahead)
-    if excess <= 0:
-        return 0.0
-    return _until_freed(there, shared, excess, report.total_blocks, now, step_s, block_size)
 
+    __slots__ = ("_base", "_capacity", "_chains", "_frees", "_now", "_tail_s", "_turn_s")
 
-def _until_freed(
-    there: _Flights,
-    shared: dict[int, int],
-    excess: int,
-    capacity: int,
-    now: float,
-    step_s: float,
-    block_size: int,
-) -> float:
-    """ms until completions there free `excess` blocks and what the decodes grow meanwhile."""
-    decoding = sorted(there.decoding, key=lambda d: d[0])
-    freed = grown = 0.0
-    for k, (done_at, blocks, other) in enumerate(decoding):
-        freed += blocks - shared.get(id(other), 0)  # blocks another request there holds stay in use
-        # the decodes still running grew a block every `block_size` tokens until then
-        grown = sum(min(done_at, later) - now for later, _, _ in decoding[k + 1 :]) / step_s / block_size
-        if freed >= excess + grown:
-            return (done_at - now) * 1000.0
-    # the rest waits for requests admitted after these: the worker's blocks free once per turn's decode
-    last = decoding[-1][0] if decoding else now
-    chains = there.chains
-    turn_s = step_s * there.outputs / len(chains) if chains else 0.0
-    return ((last - now) + turn_s * (excess + grown - freed) / capacity) * 1000.0
+    def __init__(
+        self,
+        wl: WorkerLoad,
+        flights: Iterable[tuple[InFlight, Sequence[int]]],
+        now: float,
+        step_s: float,
+        block_size: int,
+        in_prefill: int = 0,
+    ) -> None:
+        report = wl.report
+        self._chains: list[Sequence[int]] | None = None  # None: no wait predicted (no report, no pace)
+        if report is None or not report.total_blocks or step_s <= 0.0:
+            return
+        there = _Flights(wl, flights, now, step_s)
+        chains = self._chains = there.chains
+        shared = _shared_prefixes(chains)
+        queued = sorted(there.queued, key=lambda q: q[0])
+        # (the decodes the worker preempted wait there too, first: the rest of its waiting are prompts)
+        waiting = max(0, report.waiting - there.preempted_n)
+        ahead = queued[len(queued) - min(len(queued), there.since + waiting) :]
+        # the excess before this prompt's own blocks (less those held there already)
+        base = report.used_blocks + in_prefill - report.total_blocks + there.preempted
+        self._base = base + sum(len(other) - shared.get(id(other), 0) for _, other in ahead)
+        self._capacity = report.total_blocks
+        self._now = now
+        # per completion, oldest first: when, the blocks freed by then, and what the decodes still
+        # running grew until then (a block every `block_size` tokens)
+        decoding = sorted(there.decoding, key=lambda d: d[0])
+        frees: list[tuple[float, float, float]] = []
+        freed = grown = 0.0
+        for k, (done_at, blocks, other) in enumerate(decoding):
+            freed += blocks - shared.get(id(other), 0)  # blocks another request there holds stay in use
+            grown = sum(min(done_at, later) - now for later, _, _ in decoding[k + 1 :]) / step_s / block_size
+            frees.append((done_at, freed, grown))
+        self._frees = frees
+        # the rest waits for requests admitted after these: the worker's blocks free once per turn's decode
+        last = decoding[-1][0] if decoding else now
+        self._tail_s = last - now
+        self._turn_s = step_s * there.outputs / len(chains) if chains else 0.0
+
+    def ms(self, chain: Sequence[int]) -> float:
+        """How long a prompt of blocks `chain` would wait here (ms); 0 when it fits now."""
+        chains = self._chains
+        if chains is None:
+            return 0.0
+        held = max((common_prefix(other, chain) for other in chains), default=0)
+        excess = self._base + len(chain) - held
+        if excess <= 0:
+            return 0.0
+        now = self._now
+        freed = grown = 0.0
+        for done_at, freed, grown in self._frees:
+            if freed >= excess + grown:
+                return (done_at - now) * 1000.0
+        return (self._tail_s + self._turn_s * (excess + grown - freed) / self._capacity) * 1000.0

@@ -54,14 +54,14 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from router.config import RouterConfig
 from router.load import WorkerLoad
 from router.policies.active_blocks import ActiveBlocks
 from router.policies.base import Policy, RouterView
 from router.policies.hot_prefixes import HotPrefixes
-from router.policies.memory_wait import memory_wait_ms
+from router.policies.memory_wait import MemoryWait
 from router.prefix_match import common_prefix
 from router.protocol import LoadReport, Tier
 from router.request import Decision, RouteRequest, is_inferred
@@ -76,6 +76,10 @@ HOT_GROUP_BLOCKS = 8
 # a turn that would wait for device memory moves to a worker with room only if that worker runs at most
 # this many requests (`_nearly_idle`): one long decode holding its memory, not a crowd of sessions
 IDLE_RUNNING = 1
+
+
+def _no_wait(chain: Sequence[int]) -> float:
+    return 0.0
 
 
 def _leading_in(chain: Sequence[int], blocks: dict[int, int]) -> int:
@@ -251,21 +255,37 @@ class SessionKv(Policy):
         return report.running if report is not None else float("inf")
 
     def _memory_wait(self, view: RouterView, w: str, chain: Sequence[int]) -> float:
-        """The predicted wait for device memory of a prompt of `chain` on `w` (ms; memory_wait.py), 0
+        """The predicted wait for device memory of a prompt of `chain` on `w` (ms; memory_wait.py)."""
+        return self.memory_waits(w, view)(chain)
+
+    def memory_waits(self, worker_id: str, view: RouterView) -> Callable[[Sequence[int]], float]:
+        """The predicted wait for device memory on `worker_id` of any prompt (ms; memory_wait.py), 0
         where the worker's report is stale, its decodes yield to prompts, or the prompt fits beside
-        every request there with none waiting ahead (the common case: no walk over the flights)."""
+        every request there with none waiting ahead (the common case: no walk over the flights). The
+        flights are walked once, at the first prompt that needs them."""
+        w = worker_id
         wl = view.load.workers[w]
         report = wl.report
         if report is None or view.now > wl.fresh_until or w in view.yielding:
-            return 0.0
+            return _no_wait
         # (with none waiting, the blocks of the prompts in prefill there are their tokens to compute)
         in_prefill = self._in_prefill_blocks(view, w)
-        if (
-            report.used_blocks + in_prefill + len(chain) <= report.total_blocks
-            and not report.waiting
-            and not wl.prefill_since_report
-        ):
-            return 0.0
+        # the longest prompt that fits at once: beside every request there, with none waiting ahead
+        fits = report.total_blocks - report.used_blocks - in_prefill
+        if report.waiting or wl.prefill_since_report:
+            fits = -1
+        walked: list[MemoryWait] = []
+
+        def wait_ms(chain: Sequence[int]) -> float:
+            if len(chain) <= fits:
+                return 0.0
+            if not walked:
+                walked.append(self._walk(view, w, report, in_prefill))
+            return walked[0].ms(chain)
+
+        return wait_ms
+
+    def _walk(self, view: RouterView, w: str, report: LoadReport, in_prefill: int) -> MemoryWait:
         # no measured pace there (its first prompt runs before its first decode step is measured):
         # the pool's, else the configured default; a step of 0 would predict no wait at all
         step_s = (
@@ -280,7 +300,7 @@ class SessionKv(Policy):
             for rid, (worker, other) in self._running.items()
             if worker == w and rid not in held and (f := flights.get(rid)) is not None
         ]
-        return memory_wait_ms(wl, chain, mine, view.now, step_s, view.block_size, in_prefill)
+        return MemoryWait(view.load.workers[w], mine, view.now, step_s, view.block_size, in_prefill)
 
     def _in_prefill_blocks(self, view: RouterView, w: str) -> int:
         """The blocks the prompts admitted on `w` and still in chunked prefill will take beyond those its
@@ -309,7 +329,7 @@ class SessionKv(Policy):
         return -(-tokens // bs) if tokens > 0 else 0
 
     def memory_wait_ms(self, chain: Sequence[int], worker_id: str, view: RouterView) -> float:
-        return self._memory_wait(view, worker_id, chain)
+        return self.memory_waits(worker_id, view)(chain)
 
     def _with_prior(self, view: RouterView, overlap: dict[str, int], chain: Sequence[int]) -> dict[str, int]:
         """The overlap, with the session's worker credited the prefix this turn shares with the session's

@@ -119,7 +119,68 @@ def test_the_hold_checks_its_settings() -> None:
     with pytest.raises(ValueError):
         MemoryHold(max_hold_s=-1.0, max_held=1, recheck_s=0.1, min_wait_ms=0.0)
     with pytest.raises(ValueError):
-        MemoryHold(max_hold_s=1.0, max_held=1, recheck_s=0.0, min_wait_ms=0.0)
+        MemoryHold(max_hold_s=1.0, max_held=1, recheck_s=-0.1, min_wait_ms=0.0)
+
+
+def test_a_held_pick_is_released_by_its_workers_load_report_not_by_polling() -> None:
+    # big waits for decode a, which ends at 10 s: from 8 s its predicted wait is at most the 2 s
+    # threshold. Nothing changed on w0 since the check at 1 s, so a pass at 8.5 s re-checks nothing
+    # (the first version re-checked it every 0.1 s); w0's next report does.
+    router = make(report_stale_s=60.0, memory_hold_recheck_s=0.0)
+    hold = router.memory_hold
+    assert hold is not None and router.rechecks_rooms_on_change
+    assert not offer(router, "big", 300, 30_000, 1.0)
+    assert router.release_rooms(1.0) == [] and not router.rooms_pending()
+    assert router.rooms_deadline() == pytest.approx(21.0)  # the bound: the report stays fresh past it
+    assert router.release_rooms(8.5) == [] and hold.held == 1
+    report(router, 2, 820, 8.5)
+    assert router.rooms_pending()
+    assert router.release_rooms(8.5) == ["big"] and hold.held == 0
+    # with a period (the first version), the same pass releases it without the report
+    polled = make(report_stale_s=60.0, memory_hold_recheck_s=0.1)
+    assert not polled.rechecks_rooms_on_change
+    assert not offer(polled, "big", 300, 30_000, 1.0)
+    assert polled.rooms_deadline() == pytest.approx(1.1)
+    assert polled.release_rooms(8.5) == ["big"]
+
+
+def two_workers() -> Router:
+    """`make`'s w0 with 600 of its blocks in use and a 300-block prompt "c" sent there after that
+    report, still prefilling; an idle w1 beside it."""
+    router = make(report_stale_s=60.0, memory_hold_recheck_s=0.0)
+    router.add_worker(WorkerRegistration("w1", "http://w1", "m", BS, 1000, "mock", 1, 0.0), 1.0)
+    report(router, 2, 600, 1.0)
+    c = RouteRequest("c", "m", chain(300, 60_000), 300 * BS, "c", expected_output_tokens=10)
+    assert router.record(c, Decision("w0", 0, 0.0, "load"), 1.0)
+    return router
+
+
+def test_a_held_pick_is_released_by_a_first_token_or_a_completion_on_its_worker() -> None:
+    # big does not fit behind c (600 + 300 + 300 blocks of 1,000): it waits for decode a
+    for end in ("first token", "completion"):
+        router = two_workers()
+        request = RouteRequest("big", "m", chain(300, 30_000), 300 * BS, "big", expected_output_tokens=10)
+        assert not router.room_offer(request, Decision("w0", 0, 0.0, "load"), 1.0)
+        assert router.release_rooms(1.0) == []
+        # another worker's report changes nothing big's wait reads: no re-check
+        router.apply_load(LoadReport("w1", 1.5, 0, 0, 0, 0, 1000, 10_000.0, 0.0), 1.5)
+        assert not router.rooms_pending()
+        # c's prefill ends (its blocks were taken, the report will count them), or c goes away
+        if end == "first token":
+            router.on_first_token("c", 2.0)
+        else:
+            router.on_complete("c", 2.0, None, 0, ok=False)
+        assert router.rooms_pending(), end
+        assert router.release_rooms(2.0) == ["big"], end
+
+
+def test_a_held_picks_worker_whose_report_goes_stale_releases_it() -> None:
+    router = make(memory_hold_recheck_s=0.0)  # reports stale after 2 s
+    assert not offer(router, "big", 300, 30_000, 1.0)
+    deadline = router.rooms_deadline()
+    assert deadline is not None and deadline > 3.0 and deadline == pytest.approx(3.0)
+    assert router.release_rooms(3.0) == []  # still fresh at 3.0 itself
+    assert router.release_rooms(deadline) == ["big"]
 
 
 def test_a_worker_without_a_measured_decode_pace_predicts_with_the_default_step() -> None:
