@@ -195,3 +195,15 @@ def test_a_worker_without_a_measured_decode_pace_predicts_with_the_default_step(
         router.on_first_token("long", 0.05)
         router.apply_load(LoadReport("w0", 0.05, 1, 0, 0, 330, 1000, 10_000.0, 0.0), 0.05)
         assert offer(router, "big", 700, 30_000, 0.06) is sent, step_ms
+
+
+def test_a_held_pick_goes_at_its_bound_when_nothing_changed() -> None:
+    # the pass the deadline calls lets it go: its bound is compared as the deadline adds it (1.1 + 5.0
+    # is 6.1, while 6.1 - 5.0 < 1.1: compared so, the pass let nothing go and was called again at once)
+    router = make(report_stale_s=60.0, memory_hold_recheck_s=0.0, memory_hold_max_s=5.0)
+    assert not offer(router, "big", 300, 30_000, 1.1)
+    assert router.release_rooms(1.1) == []
+    deadline = router.rooms_deadline()
+    assert deadline == 1.1 + 5.0
+    assert router.release_rooms(deadline) == ["big"]
+    assert router.memory_hold is not None and router.memory_hold.overdue_total == 1
