@@ -54,10 +54,11 @@ class Gateway:
         )
         self.subjects = Subjects(config.namespace)
         self.admission = Admission(config.queue_bound, config.queue_timeout_s)
-        hold_s = self.router.config.admission_max_hold_s + config.queue_timeout_s
-        self.holds = SessionHold(self.router, hold_s)  # session_kv's admission by session
-        # session_kv's room queue or memory hold: a pick waits here while its worker has no KV room for it
         rc = self.router.config
+        hold_s = max(rc.admission_max_hold_s, rc.overload_max_hold_s)
+        # session_kv's admission by session, or its overload queue: a turn waits here before its pick
+        self.holds = SessionHold(self.router, hold_s + config.queue_timeout_s)
+        # session_kv's room queue or memory hold: a pick waits here while its worker has no KV room for it
         room_s = rc.memory_hold_max_s if self.router.memory_hold is not None else rc.room_max_hold_s
         self.rooms = RoomHold(self.router, room_s + config.queue_timeout_s)
         self.tokenizers = Tokenizers(self.subjects.tokenizer_bucket, lambda: self.bus.nc)

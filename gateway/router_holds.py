@@ -3,9 +3,11 @@
 `SessionHold` applies the router's admission by session (router/admission.py): under KV memory
 pressure a turn of a session that is not resident waits, at its tool boundary, until the router
 releases it (a resident session's turn completes or its pin ends, or the hold bound passes); then the
-per-worker slots (`gateway.admission`) take it. `RoomHold` applies the router's room queue
-(router/room.py) or its memory hold (router/memory_hold.py): a picked request waits until its worker
-has KV room for it, re-checked after completions, load reports and first tokens (`changed`).
+per-worker slots (`gateway.admission`) take it. The router's overload queue (router/overload_queue.py)
+waits here the same way, released as prefills end (first tokens) and turns complete. `RoomHold`
+applies the router's room queue (router/room.py) or its memory hold (router/memory_hold.py): a picked
+request waits until its worker has KV room for it, re-checked after completions, load reports and
+first tokens (`changed`).
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ class RouterHold(ABC):
 
 
 class SessionHold(RouterHold):
-    """Waits out the router's session admission: `enter` returns once the request may be routed."""
+    """Waits out the router's session admission or overload queue: `enter` returns once the request
+    may be routed."""
 
     async def enter(self, route: RouteRequest) -> None:
         """Returns when the request may be picked; raises TimeoutError (or CancelledError) having

@@ -333,6 +333,7 @@ class Turns:
             self.router.on_first_token(request_id, now)
             self.replication.replicas.first_token(request_id)
             self.rooms.changed()  # a prefill ended on that worker: what waits for it may fit now
+            self.holds.poke()  # and the router's overload queue may let a turn go
 
         return first_token
 

@@ -205,6 +205,19 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     memory_hold_max_s: float = 20.0
     memory_hold_recheck_s: float = 0.1
     memory_hold_max_held: int = 4096
+    # overload queue (router/overload_queue.py; session_kv only, not with `session_admission`): while
+    # every worker is busy a turn waits before its pick, shortest predicted prefill first (as NVIDIA
+    # Dynamo's router queue with `wspt`; `overload_fcfs`: in arrival order); one is picked per worker
+    # that frees up, on the state of then, and any after `overload_max_hold_s`. Busy: the router has more
+    # than `overload_busy_tokens` of prefill in flight there (sent or held, before its first token:
+    # Dynamo's test at threshold 0), or, with `overload_busy_memory`, a pick there is held for device
+    # memory (`memory_hold`)
+    overload_queue: bool = False
+    overload_busy_tokens: int = 0
+    overload_busy_memory: bool = False
+    overload_fcfs: bool = False
+    overload_max_hold_s: float = 30.0
+    overload_max_held: int = 4096
     # on a worker whose engine schedules by priority (SGLang's --enable-priority-scheduling, announced in
     # its registration), send a turn's decode as a second request that every prompt outranks, so that a
     # prompt that does not fit preempts decodes rather than waits for them (Router.decode_priority;
@@ -256,6 +269,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("the session_kv memory settings cannot be negative")
         if not self.admission_fill > 0 or self.admission_max_hold_s < 0 or self.admission_max_held < 0:
             raise ValueError("need admission_fill > 0 and non-negative admission hold bounds")
+        if min(self.overload_busy_tokens, self.overload_max_hold_s, self.overload_max_held) < 0:
+            raise ValueError("the overload queue's bounds cannot be negative")
         if self.room_max_hold_s < 0 or self.room_max_held < 0:
             raise ValueError("need non-negative room_max_hold_s and room_max_held")
         if self.default_prefill_tok_s <= 0:

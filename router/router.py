@@ -20,6 +20,7 @@ from router.hashing import DEFAULT_BLOCK_SIZE
 from router.index import BlockIndex
 from router.load import InFlight, LoadView
 from router.memory_hold import MemoryHold
+from router.overload_queue import OverloadQueue
 from router.policies import POLICIES, Policy, RouterView
 from router.protocol import KvEventBatch, KvStateDump, LoadReport, PinHint, WorkerRegistration
 from router.request import INFERRED_SESSION_PREFIXES, Decision, RouteRequest
@@ -130,6 +131,15 @@ class Router:
                 config.admission_max_hold_s,
                 config.admission_max_held,
                 config.admission_yield,
+            )
+        self.overload: OverloadQueue | None = None
+        if config.overload_queue and self.admission is None and policy in ADMITTING_POLICIES:
+            self.overload = OverloadQueue(
+                config.overload_max_hold_s,
+                config.overload_max_held,
+                not config.overload_fcfs,
+                config.overload_busy_memory,
+                config.overload_busy_tokens,
             )
         self.rooms: RoomQueue | None = None
         if config.room_hold and policy in ROOM_POLICIES:
@@ -312,6 +322,8 @@ class Router:
         Requests without a session, and every request under a policy without admission, pass at once."""
         adm = self.admission
         sid = request.session_id
+        if adm is None and self.overload is not None:
+            return self._overload_offer(self.overload, request, now)
         if adm is None or not sid:
             return True
         s = self.sessions.get(sid)
@@ -329,16 +341,45 @@ class Router:
         return adm.offer(request.request_id, sid, blocks, tool_loop, attained, now, cached)
 
     def release_held(self, now: float) -> list[str]:
-        """Ids of held requests to pick now (call after completions and by `held_deadline`)."""
+        """Ids of held requests to pick now (call after first tokens, completions and by
+        `held_deadline`)."""
+        if self.overload is not None:
+            return self.overload.release(self._free_workers(self.overload), now)
         return self.admission.release(now) if self.admission is not None else []
 
     def held_deadline(self) -> float | None:
         """When `release_held` should next be called if nothing completes before; None: nothing held."""
+        if self.overload is not None:
+            return self.overload.next_deadline()
         return self.admission.next_deadline() if self.admission is not None else None
+
+    def _overload_offer(self, queue: OverloadQueue, request: RouteRequest, now: float) -> bool:
+        """The overload queue's test (router/overload_queue.py): a turn waits unpicked while every
+        worker is busy, keyed by the prefill it would do where its prefix is cached deepest."""
+        free = self._free_workers(queue)
+        prefill = request.num_tokens
+        if not free and request.block_hashes:
+            found = self.index.overlap(request.block_hashes)
+            if len(self.approx):
+                found.update(self.approx.overlap(request.block_hashes))
+            prefill = max(0, prefill - max(found.values(), default=0) * self.block_size)
+        return queue.offer(request.request_id, prefill, free, now)
+
+    def _free_workers(self, queue: OverloadQueue) -> int:
+        """Workers that are not busy by the queue's measure: prefill in flight from this router over
+        its threshold, or a pick held there for device memory."""
+        if queue.memory_busy:
+            held = self.memory_hold.workers() if self.memory_hold is not None else frozenset()
+            return sum(1 for wid in self._registrations if wid not in held)
+        workers = self.load.workers
+        limit = queue.threshold_tokens
+        return sum(1 for wid in self._registrations if workers[wid].inflight_prefill <= limit)
 
     def cancel_held(self, request_id: str, session_id: str | None, now: float) -> None:
         """The caller gives up on an admitted or held request before picking it (client gone, timeout):
         forget it, or hand back the residency its release gave it."""
+        if self.overload is not None:
+            self.overload.cancel(request_id)
         adm = self.admission
         if adm is not None and session_id and not adm.cancel(request_id):
             adm.done(session_id, float("-inf"), now)
@@ -486,6 +527,8 @@ class Router:
         )
         decision = self.policy.pick(request, view)
         self._record(request, decision, now)
+        if self.overload is not None:
+            self.overload.picked(request.request_id)
         return decision
 
     def _parent(self, request: RouteRequest) -> Session | None:

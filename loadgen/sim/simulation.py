@@ -216,9 +216,10 @@ class Simulation:
         result.busy_s = {wid: w.busy_s for wid, w in self.workers.items()}
         result.steps = sum(w.steps for w in self.workers.values())
         result.events = loop.events_run
-        if self.router.admission is not None:
-            result.held = self.router.admission.held_total
-            result.held_overdue = self.router.admission.overdue_total
+        before_pick = self.router.admission or self.router.overload
+        if before_pick is not None:
+            result.held = before_pick.held_total
+            result.held_overdue = before_pick.overdue_total
         rooms = self.router.memory_hold or self.router.rooms
         if rooms is not None:
             result.room_held, result.room_overdue, result.room_hold_s = (
@@ -368,6 +369,7 @@ class Simulation:
                 self.router.on_first_token(request_id, now)
                 if self._room_held and self.router.rechecks_rooms_on_change:
                     self._release_rooms()  # a prefill ended: what waits on that worker may fit now
+                self._release()  # and the router's overload queue may let a turn go
             if out.finished:
                 ok = out.completion_tokens > 0 and out.finish_reason != "abort"
                 decode = self._decode_priority.pop(request_id, None)
