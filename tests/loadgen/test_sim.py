@@ -692,3 +692,32 @@ def test_a_pick_predicted_to_wait_for_memory_waits_at_the_router_not_ahead_of_on
     assert ttft(fcfs.records, "small") >= long_end - 1.01 - 0.02  # behind the big one, waiting for memory
     assert ttft(held.records, "small") < ttft(fcfs.records, "small") / 10
     assert ttft(held.records, "big") <= ttft(fcfs.records, "big") + 0.15  # re-checked every 0.1 s
+
+
+def test_the_overload_queue_lets_the_shortest_prefill_go_first_when_the_worker_frees() -> None:
+    """Known by construction: one worker (room for all, no memory hold) prefills a 2,048-token turn in
+    chunks; a 2,048-token turn and then a 128-token one arrive meanwhile. First come first served, the
+    short one waits for the long one's prefill; in the overload queue (the worker is busy while a
+    prefill is in flight there) both wait unpicked, and the short one leaves first at the first
+    token."""
+
+    def row(session: str, base: int, at_ms: float, trace_blocks: int) -> TraceRow:
+        ids = [base + i for i in range(trace_blocks)]
+        return TraceRow(at_ms, trace_blocks * TRACE_BLOCK, 5, ids, session, 0, 0.0, "end_turn")
+
+    wl = workload([row("first", 1000, 0.0, 16), row("long", 2000, 1.0, 16), row("short", 3000, 2.0, 1)])
+    config = small_config(workers=1, num_blocks=1024)
+    queued = Simulation(wl, "session_kv", config, RouterConfig(memory_hold=False, overload_queue=True)).run()
+    fcfs = Simulation(wl, "session_kv", config, RouterConfig(memory_hold=False)).run()
+    assert all(r.ok for r in queued.records + fcfs.records)
+    assert queued.held == 2 and queued.held_overdue == 0 and fcfs.held == 0
+
+    def record(run_records: list[RequestRecord], session: str) -> RequestRecord:
+        return next(r for r in run_records if r.session == session)
+
+    first_token = record(queued.records, "first").first_token
+    short, long = record(queued.records, "short"), record(queued.records, "long")
+    assert short.first_token < long.first_token  # it overtook the long one
+    assert short.first_token - first_token < 0.5 * (record(fcfs.records, "short").first_token - first_token)
+    # first come first served, the short one's first token came with the long one's
+    assert record(fcfs.records, "short").first_token >= record(fcfs.records, "long").first_token - 0.001
