@@ -236,7 +236,9 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # prompts sent before it: a preemption the gateway makes every slice on a first-come-first-served
     # engine (Router.decode_slice_tokens; the gateway joins the parts into one answer, as the
     # simulator sends them). On the cc trace with the host tier at 4x, 256 cuts session_kv's TTFT mean
-    # 35-43 % below one decode part for 5-10 % more e2e (docs/EXPERIMENTS.md, "Host tier, eighth pass")
+    # 35-43 % below one decode part for 5-10 % more e2e (docs/EXPERIMENTS.md, "Host tier, eighth pass");
+    # re-measured with a slice's earlier output found, 128 and 64 cost 13 % and 38 % more e2e on the full
+    # trace for a mean 5 % and 1 % lower (seed 0; "ninth pass")
     decode_slice_tokens: int = 256
 
     def __post_init__(self) -> None:
