@@ -115,13 +115,6 @@ class MemoryHold:
         if self.recheck_s or len(changed) == len(self._by_worker):
             return [(rid, h.worker_id, h.chain) for rid, h in self._held.items()]
         bound = self.max_hold_s  # `at + bound <= now`, as `overdue` and `next_deadline` add it
-        if not changed:  # only the bound lets one go: the oldest ones
-            due = []
-            for rid, h in self._held.items():
-                if h.at + bound > now:
-                    break
-                due.append((rid, h.worker_id, h.chain))
-            return due
         held = self._held.items()
         return [
             (rid, h.worker_id, h.chain) for rid, h in held if h.worker_id in changed or h.at + bound <= now
