@@ -13,6 +13,7 @@ from operator import attrgetter
 import msgspec
 
 from engines.block_manager import BlockManager
+from engines.onboarding import DEFAULT_ONBOARDING, ONBOARDING_FORMS, Onboarding
 from engines.runner import ModelRunner, SamplingParams, ScheduledChunk, TieredModelRunner
 from engines.scheduler import Scheduler
 from engines.sequence import Sequence, SequenceStatus
@@ -41,13 +42,9 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # ones it outranks by more than `priority_threshold`, as SGLang's --enable-priority-scheduling
     priority_scheduling: bool = False
     priority_threshold: int = 10  # SGLang's --priority-scheduling-preemption-threshold default
-    # a sequence onboarding host blocks waits for its copies while the others go on computing (vLLM's
-    # offloading connector loads asynchronously); off: the step that admits it waits for them
-    onboard_async: bool = False
-    # the step that admits it loads its KV layer by layer, each layer's copy beside the compute of the
-    # layer before (SGLang HiCache's compute-transfer overlap, LMCache's layerwise mode): the step
-    # lasts the longer of its compute and its copies, not their sum
-    onboard_layerwise: bool = False
+    # how a step waits for the host blocks it onboards (engines/onboarding.py): asynchronously by
+    # default, as vLLM v1's offloading connector loads them
+    onboarding: Onboarding = DEFAULT_ONBOARDING
     hash_seed: int = hash_seed()  # base seed for requests without a cache salt
 
 
@@ -114,8 +111,8 @@ class EngineLoad(msgspec.Struct):
 def _copier(config: EngineConfig, runner: ModelRunner) -> TieredModelRunner | None:
     """The runner as the copier of a host tier, when the config has one; ValueError for settings that
     cannot work together."""
-    if config.onboard_layerwise and config.onboard_async:
-        raise ValueError("onboarding is asynchronous or layer-wise, not both")
+    if config.onboarding not in ONBOARDING_FORMS:  # a Struct built in code is not validated
+        raise ValueError(f"onboarding {config.onboarding!r}: expected one of {', '.join(ONBOARDING_FORMS)}")
     if not config.host_blocks:
         return None
     if not isinstance(runner, TieredModelRunner):
@@ -144,6 +141,14 @@ class Engine:
         # it): a runner that models its copies knows it, a real one measures it at startup
         self._host_block_ms = self._copier.host_block_ms if self._copier else 0.0
         self._num_layers = self._copier.num_layers if self._copier else 1
+        # what the load report announces: only a runner that models its copies leaves them to their
+        # sequences; a real one's step waits for them whatever the form (the compute waits on the copy
+        # stream), so a torch worker is priced as one whose copies stall the step
+        self._announce_async = (
+            config.onboarding == "async"
+            and self._copier is not None
+            and runner.step_time_s([], 0.0) is not None
+        )
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, clock, config.max_pinned_blocks, config.host_blocks
         )
@@ -153,7 +158,7 @@ class Engine:
             config.max_num_batched_tokens,
             config.preempt_for_prompts,
             config.priority_threshold if config.priority_scheduling else None,
-            config.onboard_async,
+            config.onboarding == "async",
         )
         self._link_free_at = 0.0  # asynchronous onboarding: when the host link is free again
         self._seqs: dict[str, Sequence] = {}
@@ -320,7 +325,7 @@ class Engine:
         """A step's time with its onboarding copies: after them (their sum), or, layer-wise, layer i's
         compute after layer i's copy and beside layer i + 1's: L layers of copy c / L and compute p / L
         take c / L + (L - 1) x max(c, p) / L + p / L = max(c, p) + min(c, p) / L."""
-        if not self.config.onboard_layerwise:
+        if self.config.onboarding != "layerwise":
             return compute_s + copy_s
         longer, shorter = (compute_s, copy_s) if compute_s > copy_s else (copy_s, compute_s)
         return longer + shorter / self._num_layers
@@ -442,5 +447,5 @@ class Engine:
             self.decode_tok_s,
             bm.host.num_blocks if bm.host is not None else 0,
             self._host_block_ms,
-            self.config.onboard_async and self._copier is not None,
+            self._announce_async,
         )

@@ -14,10 +14,11 @@ cache, capped at 1: measured on its mocker, two requests decoding 400 tokens eac
 40k-token prefix 10.4 s (p capped at 1: uncapped, 1.83 would give 5.4 s). Contexts are counted in
 whole blocks (a sequence's block table), so p stays put while decodes fill their last blocks.
 
-With a host tier, a step first onboards the blocks its admissions found on the host: `TransferModel`
-times the copy over the host link, and the step waits for it (the attention of those sequences reads
-the copied KV): after them, or, with `EngineConfig.onboard_layerwise`, layer by layer beside the
-compute (the longer of the two, plus one layer of the shorter; `TransferModel.num_layers`, 32). Offloads
+With a host tier, a step onboards the blocks its admissions found on the host: `TransferModel` times
+the copy over the host link. By default (`EngineConfig.onboarding` "async", engines/onboarding.py)
+only those sequences wait for it, the step does not; "sync", the step computes after it (the attention
+of those sequences reads the copied KV); "layerwise", layer by layer beside the compute (the longer of
+the two, plus one layer of the shorter; `TransferModel.num_layers`, 32). Offloads
 are free here: a GPU runs them on a copy stream beside the compute, and a PCIe
 link carries both directions at full speed at once.
 """

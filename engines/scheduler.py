@@ -27,7 +27,8 @@ recently admitted first, as many as make it fit, or none when all of them would 
 request goes back to the queue at the front of its priority. With every priority equal (a client that
 sends none) nothing is reordered or preempted: the scheduler is exactly the first-come-first-served one.
 
-With `onboard_async` (off by default), a waiting sequence whose prefix continues on the host tier is
+With `onboard_async` (the engine's default, `EngineConfig.onboarding`; off in a bare scheduler, which
+has no engine to time the copies), a waiting sequence whose prefix continues on the host tier is
 admitted with its blocks (the onboarded ones filled by copies the engine times) but computes nothing
 until the copies have landed (`Sequence.ready_at`, set by the engine), while the others go on, as
 vLLM's CPU offloading connector loads a request's blocks asynchronously (WAITING_FOR_REMOTE_KVS).

@@ -24,6 +24,7 @@ from aiohttp import web
 from engines.engine import Engine, EngineConfig
 from engines.loop import EngineLoop
 from engines.mock import DEFAULT_HOST_BANDWIDTH_GBPS, MockRunner, TransferModel
+from engines.onboarding import add_onboarding_arguments
 from engines.runner import ModelRunner
 from engines.worker import WorkerApp, WorkerSettings
 from kvutil.bus_auth import BusAuth, add_bus_arguments, bus_auth_from, nats_url_from
@@ -129,18 +130,7 @@ def _add_scheduling_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --priority-scheduling: the priority margin a request needs to preempt "
         "(default %(default)s, SGLang's)",
     )
-    parser.add_argument(
-        "--onboard-async",
-        action="store_true",
-        help="a request whose prefix is on the host tier waits for its copies while the others go on "
-        "computing, as vLLM's CPU offloading connector loads them (default: the step that admits it waits)",
-    )
-    parser.add_argument(
-        "--onboard-layerwise",
-        action="store_true",
-        help="mock: the step that admits such a request copies its KV layer by layer beside the compute, "
-        "as SGLang HiCache and LMCache's layerwise mode (the step lasts the longer of the two)",
-    )
+    add_onboarding_arguments(parser, "the engine")
 
 
 def default_worker_id(engine: str, port: int) -> str:
@@ -182,8 +172,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         preempt_for_prompts=args.preempt_for_prompts,
         priority_scheduling=args.priority_scheduling,
         priority_threshold=args.priority_threshold,
-        onboard_async=args.onboard_async,
-        onboard_layerwise=args.onboard_layerwise,
+        onboarding=args.onboarding,
     )
 
 
@@ -203,8 +192,6 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--priority-threshold must be between 0 and {MAX_PRIORITY}")
         if args.priority_scheduling and args.preempt_for_prompts:
             raise ValueError("--priority-scheduling and --preempt-for-prompts are two engines: choose one")
-        if args.onboard_async and args.onboard_layerwise:
-            raise ValueError("--onboard-async and --onboard-layerwise are two engines: choose one")
         if not args.host_bandwidth > 0:
             raise ValueError("--host-bandwidth must be positive")
         args.nats = nats_url_from(args.nats)

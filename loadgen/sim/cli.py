@@ -10,6 +10,7 @@ from pathlib import Path
 import msgspec
 
 from engines.mock import DEFAULT_HOST_BANDWIDTH_GBPS
+from engines.onboarding import add_onboarding_arguments
 from loadgen.sim.compare import compare, parse_policies
 from loadgen.sim.report import render_table, write_charts
 from loadgen.sim.simulation import SimConfig, SimRun
@@ -166,19 +167,7 @@ def _add_engine_and_router_arguments(parser: argparse.ArgumentParser) -> None:
         "running ones it outranks, as SGLang's --enable-priority-scheduling (engines/scheduler.py; the "
         "same engine for every policy; only session_kv sends priorities)",
     )
-    parser.add_argument(
-        "--onboard-async",
-        action="store_true",
-        help="every worker's engine onboards host blocks asynchronously: a sequence waits for its "
-        "copies while the others go on computing, as vLLM's offloading connector loads them (default: "
-        "the step that admits it waits for them)",
-    )
-    parser.add_argument(
-        "--onboard-layerwise",
-        action="store_true",
-        help="every worker's engine onboards host blocks layer by layer beside the step's compute, as "
-        "SGLang HiCache and LMCache's layerwise mode: the step lasts the longer of the two, not their sum",
-    )
+    add_onboarding_arguments(parser, "every worker's engine")
     parser.add_argument(
         "--set",
         dest="router_settings",
@@ -284,8 +273,6 @@ def _checked_settings(args: argparse.Namespace) -> tuple[dict[str, object], list
         raise ValueError("--sweep-chart needs --host-multiples")
     if args.priority_scheduling and args.preempt_for_prompts:
         raise ValueError("--priority-scheduling and --preempt-for-prompts are two engines: choose one")
-    if args.onboard_async and args.onboard_layerwise:
-        raise ValueError("--onboard-async and --onboard-layerwise are two engines: choose one")
     return settings, multiples
 
 
@@ -315,8 +302,7 @@ def _sim_config(args: argparse.Namespace, settings: dict[str, object]) -> SimCon
         pin_baselines=args.pin_baselines,
         preempt_for_prompts=args.preempt_for_prompts,
         priority_scheduling=args.priority_scheduling,
-        onboard_async=args.onboard_async,
-        onboard_layerwise=args.onboard_layerwise,
+        onboarding=args.onboarding,
         router_settings=settings,
     )
 

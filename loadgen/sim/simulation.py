@@ -20,6 +20,7 @@ import msgspec
 
 from engines.engine import EngineConfig, RequestOutput
 from engines.mock import DEFAULT_HOST_BANDWIDTH_GBPS, TransferModel
+from engines.onboarding import DEFAULT_ONBOARDING, Onboarding
 from loadgen.sim.events import DeadlineTimer, EventLoop
 from loadgen.sim.metrics import LoadSample, RequestRecord
 from loadgen.sim.worker import SimWorker
@@ -75,8 +76,7 @@ class SimConfig(msgspec.Struct, frozen=True):
     pin_baselines: bool = False  # RouterConfig.pin_baselines (the "same engine" ablation), likewise
     preempt_for_prompts: bool = False  # EngineConfig.preempt_for_prompts, every worker's (every policy's)
     priority_scheduling: bool = False  # EngineConfig.priority_scheduling, likewise
-    onboard_async: bool = False  # EngineConfig.onboard_async, likewise
-    onboard_layerwise: bool = False  # EngineConfig.onboard_layerwise, likewise
+    onboarding: Onboarding = DEFAULT_ONBOARDING  # EngineConfig.onboarding, likewise
     # further RouterConfig fields (name -> value) when no router config is given: sweeps from the CLI
     router_settings: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -101,8 +101,7 @@ class SimConfig(msgspec.Struct, frozen=True):
             host_blocks=self.host_blocks,
             preempt_for_prompts=self.preempt_for_prompts,
             priority_scheduling=self.priority_scheduling,
-            onboard_async=self.onboard_async,
-            onboard_layerwise=self.onboard_layerwise,
+            onboarding=self.onboarding,
         )
 
     def transfer(self) -> TransferModel:

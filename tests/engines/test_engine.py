@@ -4,11 +4,14 @@ over a long random workload."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
+import msgspec
 import pytest
 
 from engines.engine import Engine, EngineConfig, EngineLoad, EngineRequest, RequestOutput
 from engines.mock import MockRunner, decode_ms, prefill_ms
+from engines.onboarding import Onboarding
 from engines.runner import SamplingParams
 from router.hashing import block_hashes
 from router.index import BlockIndex
@@ -25,7 +28,7 @@ class Clock:
 
 
 def make_engine(
-    num_blocks: int = 64, block_size: int = 4, events: list[KvEvent] | None = None, **kwargs: int
+    num_blocks: int = 64, block_size: int = 4, events: list[KvEvent] | None = None, **kwargs: Any
 ) -> tuple[Engine, Clock]:
     clock = Clock()
     config = EngineConfig(num_blocks=num_blocks, block_size=block_size, **kwargs)
@@ -244,13 +247,13 @@ def test_a_host_tier_needs_a_runner_that_copies_blocks() -> None:
     Engine(EngineConfig(num_blocks=8, block_size=4), UntieredRunner(8, 4))  # no host tier: no copies
 
 
-def context_on_host_beside_a_decode(**config: bool) -> tuple[Engine, Clock, list[int]]:
+def context_on_host_beside_a_decode(onboarding: Onboarding) -> tuple[Engine, Clock, list[int]]:
     """An engine (256 device and host blocks of 64 tokens, the mock's transfer model) whose 200-block
     context was computed and moved to the host, with a decode running that has its first token."""
     from engines.mock import TransferModel
 
     clock = Clock()
-    engine_config = EngineConfig(num_blocks=256, block_size=64, host_blocks=256, **config)
+    engine_config = EngineConfig(num_blocks=256, block_size=64, host_blocks=256, onboarding=onboarding)
     engine = Engine(engine_config, MockRunner(256, 64, transfer=TransferModel()), clock)
     context = list(range(200 * 64))
     engine.add_request(request("turn1", context, max_tokens=1))
@@ -270,7 +273,7 @@ def test_layerwise_onboarding_overlaps_the_copies_with_the_steps_compute() -> No
 
     steps = {}
     for layerwise in (False, True):
-        engine, _, context = context_on_host_beside_a_decode(onboard_layerwise=layerwise)
+        engine, _, context = context_on_host_beside_a_decode("layerwise" if layerwise else "sync")
         engine.add_request(request("turn2", context + list(range(5 * 10**5, 5 * 10**5 + 8)), max_tokens=1))
         steps[layerwise] = engine.step()
         turn2 = next(o for o in steps[layerwise].outputs if o.request_id == "turn2")
@@ -283,23 +286,45 @@ def test_layerwise_onboarding_overlaps_the_copies_with_the_steps_compute() -> No
     assert [o.request_id for o in steps[True].outputs] == [o.request_id for o in steps[False].outputs]
 
 
-def test_onboarding_is_asynchronous_or_layerwise_not_both() -> None:
-    with pytest.raises(ValueError, match="not both"):
-        make_engine(host_blocks=64, onboard_async=True, onboard_layerwise=True)
+def test_onboarding_is_asynchronous_by_default_as_vllms_offloading_connector() -> None:
+    """One setting names the form (no config is two of them), "async" unless told; a form the
+    engine does not know (a Struct built in code is not validated) is refused, not taken as another."""
+    assert EngineConfig().onboarding == "async"
+    engine, _ = make_engine(host_blocks=64)
+    assert engine.scheduler.onboard_async and engine.load().onboard_async
+    assert not make_engine(host_blocks=64, onboarding="sync")[0].scheduler.onboard_async
+    assert not make_engine(host_blocks=64, onboarding="layerwise")[0].scheduler.onboard_async
+    with pytest.raises(ValueError, match="expected one of sync, async, layerwise"):
+        make_engine(host_blocks=64, onboarding="asynchronous")
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"onboarding": "both"}, EngineConfig)
+
+
+class RealTimedRunner(MockRunner):
+    """The mock with its time real, as the torch runner's: its copies run inside the step's time."""
+
+    def step_time_s(self, chunks: object, kv_usage: float) -> None:  # type: ignore[override]
+        return None
 
 
 def test_the_load_report_announces_the_host_links_time_per_block() -> None:
     """What a host hit costs the router prices: the mock's modelled copy of one block (64 tokens x
-    128 KiB over 50 GB/s), and whether the copies hold up the step; nothing without a host tier."""
+    128 KiB over 50 GB/s), and whether the copies hold up the step: not asynchronously, where the
+    runner models them; always where they are real (the torch runner's compute waits for them);
+    nothing without a host tier."""
     from engines.mock import TransferModel
 
-    for onboard_async in (False, True):
-        config = EngineConfig(num_blocks=16, block_size=64, host_blocks=64, onboard_async=onboard_async)
+    forms: dict[Onboarding, bool] = {"sync": False, "async": True, "layerwise": False}
+    for onboarding, onboard_async in forms.items():
+        config = EngineConfig(num_blocks=16, block_size=64, host_blocks=64, onboarding=onboarding)
         engine = Engine(config, MockRunner(16, 64, transfer=TransferModel()), Clock())
         report = engine.load().report("w0", 0.0)
         assert report.host_block_ms == pytest.approx(64 * 131_072 / 50e9 * 1000)
         assert report.onboard_async is onboard_async
-    engine, _ = make_engine(onboard_async=True)
+    config = EngineConfig(num_blocks=16, block_size=64, host_blocks=64)  # asynchronous
+    engine = Engine(config, RealTimedRunner(16, 64, transfer=TransferModel()), Clock())
+    assert engine.scheduler.onboard_async and not engine.load().onboard_async  # its step waits for them
+    engine, _ = make_engine()  # asynchronous, but with no host tier nothing is copied
     report = engine.load().report("w0", 0.0)
     assert (report.host_blocks, report.host_block_ms, report.onboard_async) == (0, 0.0, False)
 
@@ -314,7 +339,7 @@ def test_asynchronous_onboarding_lets_the_others_compute_while_the_copies_cross_
 
     seen = {}
     for onboard_async in (False, True):
-        engine, clock, context = context_on_host_beside_a_decode(onboard_async=onboard_async)
+        engine, clock, context = context_on_host_beside_a_decode("async" if onboard_async else "sync")
         engine.add_request(request("turn2", context + list(range(5 * 10**5, 5 * 10**5 + 8)), max_tokens=1))
         admitted = engine.step()
         copy_s = TransferModel().seconds(200, 64)

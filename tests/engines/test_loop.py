@@ -237,7 +237,8 @@ async def test_a_live_step_does_not_wait_for_a_turns_host_copies(onboard_async: 
     worker sleeps until its copies land rather than stepping the empty engine over and over."""
     transfer = TransferModel(bandwidth_gbps=2.5)  # 2 MiB blocks of 16 tokens: 0.84 ms a block
     copy_s = transfer.seconds(300, 16)
-    config = EngineConfig(num_blocks=1024, block_size=16, host_blocks=1024, onboard_async=onboard_async)
+    onboarding = "async" if onboard_async else "sync"
+    config = EngineConfig(num_blocks=1024, block_size=16, host_blocks=1024, onboarding=onboarding)
     engine = Engine(config, MockRunner(1024, 16, transfer=transfer))
     loop = EngineLoop(engine, threaded=False)
     loop.start()

@@ -192,7 +192,8 @@ async def test_same_prompt_twice_mock(worker: WorkerProcess, bus: BusTap) -> Non
 
 async def test_same_prompt_twice_torch(nats_url: str, namespace: str) -> None:
     """The torch worker, with a host tier: cache hits as the mock's, and a load report that announces
-    the host link's time per block it measured at startup (the router prices a host hit at it)."""
+    the host link's time per block it measured at startup (the router prices a host hit at it), and,
+    asynchronous by default, that its copies stall the step: a real runner's compute waits for them."""
     pytest.importorskip("torch")
     process = start_worker(nats_url, namespace, "--host-blocks", "64", engine="torch")
     nc = await nats.connect(nats_url)
@@ -365,9 +366,35 @@ def test_the_worker_flags_reach_the_engine_config() -> None:
     config = engine_config(parser.parse_args(["--priority-scheduling", "--priority-threshold", "3"]))
     assert config.priority_scheduling and config.priority_threshold == 3
     assert not engine_config(parser.parse_args([])).priority_scheduling
-    config = engine_config(parser.parse_args(["--host-blocks", "64", "--onboard-async"]))
-    assert config.onboard_async and not config.onboard_layerwise
-    config = engine_config(parser.parse_args(["--host-blocks", "64", "--onboard-layerwise"]))
-    assert config.onboard_layerwise and not config.onboard_async
-    default = engine_config(parser.parse_args([]))
-    assert not default.onboard_async and not default.onboard_layerwise
+    for form in ("sync", "async", "layerwise"):
+        config = engine_config(parser.parse_args(["--host-blocks", "64", f"--onboard-{form}"]))
+        assert config.onboarding == form
+    assert engine_config(parser.parse_args([])).onboarding == "async"  # vLLM's offloading connector's
+
+
+def test_the_onboarding_flags_name_one_form_and_sync_is_the_step_stalling_engine(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--onboard-sync` / `--onboard-async` / `--onboard-layerwise` are one exclusive group: asynchronous
+    by default, `--onboard-sync` the engine whose step waits for its copies (no load it announces is
+    asynchronous), and two forms at once exit 2 with one error line."""
+    import argparse
+
+    from engines.engine import Engine
+    from engines.mock import MockRunner
+    from engines.serve import add_arguments, engine_config
+
+    parser = argparse.ArgumentParser(prog="kvgate worker")
+    add_arguments(parser)
+    for flags, onboard_async in (([], True), (["--onboard-async"], True), (["--onboard-sync"], False)):
+        config = engine_config(parser.parse_args(["--host-blocks", "64", *flags]))
+        engine = Engine(config, MockRunner(config.num_blocks, config.block_size))
+        assert engine.scheduler.onboard_async is onboard_async
+        assert engine.load().onboard_async is onboard_async
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--onboard-sync", "--onboard-layerwise"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [
+        "kvgate worker: error: argument --onboard-layerwise: not allowed with argument --onboard-sync"
+    ]

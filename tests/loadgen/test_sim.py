@@ -196,7 +196,7 @@ def test_shortcuts_change_no_number() -> None:
                 preempt_for_prompts=engine == "preempt",
                 priority_scheduling=engine.startswith("priority"),
                 host_blocks=800 if onboard_async or slices else 0,
-                onboard_async=onboard_async,
+                onboarding="async" if onboard_async else "sync",
             )
             sim = Simulation(workload(rows), policy, config, slices)
             results.append(sim.run())
@@ -721,3 +721,27 @@ def test_the_overload_queue_lets_the_shortest_prefill_go_first_when_the_worker_f
     assert short.first_token - first_token < 0.5 * (record(fcfs.records, "short").first_token - first_token)
     # first come first served, the short one's first token came with the long one's
     assert record(fcfs.records, "short").first_token >= record(fcfs.records, "long").first_token - 0.001
+
+
+def test_cli_onboards_asynchronously_by_default_and_names_one_form(capsys) -> None:
+    """`kvgate sim`'s onboarding group: asynchronous unless told (vLLM's offloading connector), each
+    flag its form on every worker's engine, and two forms at once exit 2 with one error line."""
+    import argparse
+
+    from loadgen.sim.cli import _sim_config, add_arguments
+
+    parser = argparse.ArgumentParser(prog="kvgate sim")
+    add_arguments(parser)
+    trace = ["--trace", "t.jsonl", "--host-blocks", "64"]
+    assert SimConfig().onboarding == "async"
+    assert _sim_config(parser.parse_args(trace), {}).engine_config().onboarding == "async"
+    for form in ("sync", "async", "layerwise"):
+        config = _sim_config(parser.parse_args([*trace, f"--onboard-{form}"]), {})
+        assert config.onboarding == config.engine_config().onboarding == form
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sim", *trace, "--onboard-async", "--onboard-layerwise"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [
+        "kvgate sim: error: argument --onboard-layerwise: not allowed with argument --onboard-async"
+    ]
