@@ -31,12 +31,12 @@ def add_onboarding_arguments(parser: argparse.ArgumentParser, engine: str) -> No
     (argparse exits 2 on two); `engine` names whose engine they set, for the help text."""
     group = parser.add_mutually_exclusive_group()
     forms: dict[Onboarding, str] = {
-        "async": f"{engine} onboards host blocks asynchronously: a request whose prefix is on the host "
-        "tier waits for its copies while the others go on computing. The default, because vLLM v1's "
-        "host tier (its CPU offloading connector) loads them so",
-        "sync": f"{engine} onboards synchronously: the step that admits such a request waits for its "
-        "copies, every request in the step with it, the step-stalling form (LMCache's non-layerwise "
-        "load; the default before)",
+        "sync": f"{engine} onboards host blocks synchronously: the step that admits a request whose "
+        "prefix is on the host tier waits for its copies, every request in the step with it, the "
+        "step-stalling form (LMCache's non-layerwise load; the former default)",
+        "async": f"{engine} onboards them asynchronously: such a request waits for its copies while the "
+        "others go on computing. The default, because vLLM v1's host tier (its CPU offloading "
+        "connector) loads them so",
         "layerwise": f"{engine} copies such a request's KV layer by layer beside the step's compute, as "
         "SGLang HiCache and LMCache's layerwise mode: the step lasts the longer of the two, not their sum",
     }
