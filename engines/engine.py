@@ -141,10 +141,10 @@ class Engine:
         # it): a runner that models its copies knows it, a real one measures it at startup
         self._host_block_ms = self._copier.host_block_ms if self._copier else 0.0
         self._num_layers = self._copier.num_layers if self._copier else 1
-        # what the load report announces: only a runner that models its copies leaves them to their
-        # sequences; a real one's step waits for them whatever the form (the compute waits on the copy
-        # stream), so a torch worker is priced as one whose copies stall the step
-        self._announce_async = (
+        # only a runner that models its copies leaves them to their sequences; a real one's step waits
+        # for them whatever the form (the compute waits on the copy stream), so a torch worker loads
+        # them in the step that admits the request (no step lost) and announces copies that stall it
+        self._loads_async = (
             config.onboarding == "async"
             and self._copier is not None
             and runner.step_time_s([], 0.0) is not None
@@ -158,7 +158,7 @@ class Engine:
             config.max_num_batched_tokens,
             config.preempt_for_prompts,
             config.priority_threshold if config.priority_scheduling else None,
-            config.onboarding == "async",
+            self._loads_async,
         )
         self._link_free_at = 0.0  # asynchronous onboarding: when the host link is free again
         self._seqs: dict[str, Sequence] = {}
@@ -447,5 +447,5 @@ class Engine:
             self.decode_tok_s,
             bm.host.num_blocks if bm.host is not None else 0,
             self._host_block_ms,
-            self._announce_async,
+            self._loads_async,
         )

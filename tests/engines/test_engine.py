@@ -323,7 +323,8 @@ def test_the_load_report_announces_the_host_links_time_per_block() -> None:
         assert report.onboard_async is onboard_async
     config = EngineConfig(num_blocks=16, block_size=64, host_blocks=64)  # asynchronous
     engine = Engine(config, RealTimedRunner(16, 64, transfer=TransferModel()), Clock())
-    assert engine.scheduler.onboard_async and not engine.load().onboard_async  # its step waits for them
+    # real copies: loaded in the step that admits the request (no step lost), which waits for them
+    assert not engine.scheduler.onboard_async and not engine.load().onboard_async
     engine, _ = make_engine()  # asynchronous, but with no host tier nothing is copied
     report = engine.load().report("w0", 0.0)
     assert (report.host_blocks, report.host_block_ms, report.onboard_async) == (0, 0.0, False)
