@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+import pytest
+
+from loadgen.sim.metrics import RequestRecord
 from loadgen.sim.shapes import (
     BASELINES,
     MAX_CONTEXT,
     TASK_BLOCKS,
     cli_rows,
     grid_row,
+    live_rows,
+    live_window,
     mean_ttft_ms,
     replay,
     sub_agent_rows,
 )
+from loadgen.sim.simulation import SimRun
 from loadgen.sim.workload import parent_of
 
 
@@ -44,3 +50,35 @@ def test_a_grid_row_is_session_kv_against_the_better_baseline_on_the_same_draw()
     assert ours == mean_ttft_ms(replay(rows, "session_kv", {}, 1))
     assert best == min(mean_ttft_ms(replay(rows, p, {}, 1)) for p in BASELINES)
     assert grid_row(rows, {}, 1) == (ours, best)  # deterministic per draw
+
+
+def test_the_live_window_counts_turns_without_a_first_token_as_the_slowest_in_its_every_turn_p90() -> None:
+    """Ten turns arrive before 90 s: eight with first tokens 1-8 s after arrival, one whose first token
+    came after 120 s and one that never got one; one more arrives after the window. The p90 over the
+    eight is numpy's; over all ten, the late two are the slowest, so the ninth-slowest-of-ten is one
+    of them: infinite. With one late turn in twenty, the every-turn p90 is a measured turn again."""
+    run = SimRun("session_kv")
+    for i in range(11):
+        record = RequestRecord(f"s{i}", 0, 9.0 * i if i < 10 else 95.0, 100, "w0")
+        record.ok = True
+        record.first_token = record.arrival + (i + 1 if i < 8 else 200.0)
+        run.records.append(record)
+    run.records[9].ok = False
+    p50, p90, mean, late, p90_every = live_window(run)
+    assert (p50, mean, late) == (4.5e3, 4.5e3, 2)
+    assert p90 == pytest.approx(7.3e3)
+    assert p90_every == float("inf")
+    for i in range(10):  # ten more measured turns, 9-18 s: one late turn of twenty
+        record = RequestRecord(f"t{i}", 0, 1.0, 100, "w0")
+        record.ok, record.first_token = True, 1.0 + 9 + i
+        run.records.append(record)
+    run.records[8].first_token = run.records[8].arrival + 2.5
+    _, _, _, late, p90_every = live_window(run)
+    assert late == 1
+    assert p90_every == 17e3  # the 18th of 20 sorted: 1-8, 2.5, 9-17 ... the two slowest 18 s and late
+
+
+def test_the_live_rows_scale_with_the_arrival_rate() -> None:
+    """Twice the rate: about twice the sessions in the same 90 s (the same seed)."""
+    sessions = [len({row.session_id for row in live_rows(1, rate)}) for rate in (1.0, 2.0)]
+    assert 1.6 * sessions[0] <= sessions[1] <= 2.4 * sessions[0]
