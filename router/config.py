@@ -196,7 +196,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # `memory_hold_min_wait_ms` on its worker for device memory (router/policies/memory_wait.py) waits at
     # the router, not at the head of the engine's first-come-first-served queue, where every request
     # routed behind it would wait too; every held pick re-checked every `memory_hold_recheck_s` and
-    # after completions, sent after `memory_hold_max_s` whatever the wait, at most
+    # after completions, sent after `memory_hold_max_s` whatever the wait (`memory_hold_crowded_max_s`
+    # while other picks are held for the same worker: they would all wait behind it), at most
     # `memory_hold_max_held` at once. `memory_hold_recheck_s` 0: a held pick is re-checked only when its
     # worker's state changes (a load report, a first token, a completion, a pick sent there, the worker
     # leaving, its report going stale); docs/EXPERIMENTS.md, "Memory hold, second pass"
@@ -205,6 +206,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     memory_hold_max_s: float = 20.0
     memory_hold_recheck_s: float = 0.1
     memory_hold_max_held: int = 4096
+    memory_hold_crowded_max_s: float = 60.0
     # overload queue (router/overload_queue.py; session_kv only, not with `session_admission`): while
     # every worker is busy a turn waits before its pick, shortest predicted prefill first (as NVIDIA
     # Dynamo's router queue with `wspt`; `overload_fcfs`: in arrival order); one is picked per worker

@@ -5,9 +5,13 @@ cannot get its blocks), so a prompt that does not fit beside the running request
 of its worker's queue, and every request routed there behind it waits too, even one that would fit.
 Here such a pick waits at the router instead: it is sent once the predicted wait for device memory on
 its worker (router/policies/memory_wait.py, the policy's `memory_wait_ms`) is at most `min_wait_ms`,
-and after `max_hold_s` whatever the wait (then it heads the engine's queue, and the picks after it are
+and after a bound whatever the wait (then it heads the engine's queue, and the picks after it are
 predicted to wait behind it: no starvation). A pick sent past held ones is one predicted not to wait:
-the head-of-line block becomes a skip-ahead at the router.
+the head-of-line block becomes a skip-ahead at the router. The bound is `max_hold_s` for a pick held
+alone for its worker and `crowded_max_hold_s` while others are held for the same worker: sent, it
+would head the queue that all of them then wait behind, as would every turn routed there meanwhile
+(at twice the live comparison's arrival rate such jams made the tail; docs/EXPERIMENTS.md, "Memory
+hold, third pass").
 
 Every held pick is re-checked every `recheck_s` and after any completion; with `recheck_s` 0, only
 when something its prediction reads changes on its worker (`changed`: a load report, a first token, a
@@ -42,13 +46,22 @@ class _Held:
 
 
 class MemoryHold:
-    def __init__(self, max_hold_s: float, max_held: int, recheck_s: float, min_wait_ms: float) -> None:
-        if max_hold_s < 0 or max_held < 0 or recheck_s < 0 or min_wait_ms < 0:
+    def __init__(
+        self,
+        max_hold_s: float,
+        max_held: int,
+        recheck_s: float,
+        min_wait_ms: float,
+        crowded_max_hold_s: float | None = None,
+    ) -> None:
+        crowded = max_hold_s if crowded_max_hold_s is None else crowded_max_hold_s
+        if min(max_hold_s, max_held, recheck_s, min_wait_ms, crowded) < 0:
             raise ValueError(
-                "need memory_hold_max_s >= 0, memory_hold_max_held >= 0, memory_hold_recheck_s >= 0 "
-                "and memory_hold_min_wait_ms >= 0"
+                "need memory_hold_max_s >= 0, memory_hold_max_held >= 0, memory_hold_recheck_s >= 0, "
+                "memory_hold_min_wait_ms >= 0 and memory_hold_crowded_max_s >= 0"
             )
         self.max_hold_s = max_hold_s
+        self.crowded_max_hold_s = crowded
         self.max_held = max_held
         self.recheck_s = recheck_s
         self.min_wait_ms = min_wait_ms
@@ -114,15 +127,22 @@ class MemoryHold:
         changed = self._changed
         if self.recheck_s or len(changed) == len(self._by_worker):
             return [(rid, h.worker_id, h.chain) for rid, h in self._held.items()]
-        bound = self.max_hold_s  # `at + bound <= now`, as `overdue` and `next_deadline` add it
         held = self._held.items()
         return [
-            (rid, h.worker_id, h.chain) for rid, h in held if h.worker_id in changed or h.at + bound <= now
+            (rid, h.worker_id, h.chain)
+            for rid, h in held
+            if h.worker_id in changed or self._deadline(h) <= now
         ]
 
     def overdue(self, request_id: str, now: float) -> bool:
         held = self._held.get(request_id)
-        return held is not None and held.at + self.max_hold_s <= now
+        return held is not None and self._deadline(held) <= now
+
+    def _deadline(self, held: _Held) -> float:
+        """When `held` goes whatever its wait: its bound, the longer one while others are held for its
+        worker."""
+        crowded = len(self._by_worker[held.worker_id]) > 1
+        return held.at + (self.crowded_max_hold_s if crowded else self.max_hold_s)
 
     def send(self, request_id: str, now: float, overdue: bool = False) -> bool:
         """The held pick goes now (its wait is short enough, or `overdue`: the bound passed); False
@@ -146,12 +166,13 @@ class MemoryHold:
         self._forget(request_id)
 
     def next_deadline(self) -> float | None:
-        """When the next pass is due if nothing changes before: the oldest pick's bound (and the next
-        periodic pass, with `recheck_s`); None: none held."""
-        first = next(iter(self._held.values()), None)  # the oldest: dicts keep insertion order
-        if first is None:
+        """When the next pass is due if nothing changes before: the earliest bound of a held pick (and
+        the next periodic pass, with `recheck_s`); None: none held."""
+        if not self._held:
             return None
-        return min(first.at + self.max_hold_s, self._next_check)
+        # per worker, its oldest pick's bound comes first (dicts keep insertion order)
+        bounds = (self._deadline(next(iter(on_worker.values()))) for on_worker in self._by_worker.values())
+        return min(min(bounds), self._next_check)
 
     def _forget(self, request_id: str) -> _Held | None:
         held = self._held.pop(request_id, None)

@@ -155,6 +155,7 @@ class Router:
                 config.memory_hold_max_held,
                 config.memory_hold_recheck_s,
                 config.memory_hold_min_wait_ms,
+                config.memory_hold_crowded_max_s,
             )
 
     # --- workers

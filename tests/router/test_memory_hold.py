@@ -75,7 +75,7 @@ def test_a_pick_that_would_wait_for_memory_is_held_and_one_that_fits_passes_it()
 
 
 def test_a_held_pick_goes_at_the_bound_and_a_cancelled_one_is_forgotten() -> None:
-    router = make(memory_hold_max_s=5.0)
+    router = make(memory_hold_max_s=5.0, memory_hold_crowded_max_s=5.0)
     assert not offer(router, "big", 300, 30_000, 1.0)
     assert not offer(router, "other", 300, 40_000, 1.5)
     report(router, 2, 870, 5.9)
@@ -84,6 +84,27 @@ def test_a_held_pick_goes_at_the_bound_and_a_cancelled_one_is_forgotten() -> Non
     assert router.memory_hold is not None and router.memory_hold.overdue_total == 1
     router.cancel_room("other")
     assert router.memory_hold.held == 0 and router.rooms_deadline() is None
+
+
+def test_a_pick_held_beside_others_for_its_worker_waits_the_longer_bound() -> None:
+    # sent at its bound, a pick heads its worker's queue: with others held for that worker it would
+    # block them all, so it waits the crowded bound; once it is held alone, the plain one applies
+    router = make(
+        report_stale_s=60.0, memory_hold_recheck_s=0.0, memory_hold_max_s=5.0, memory_hold_crowded_max_s=20.0
+    )
+    hold = router.memory_hold
+    assert hold is not None
+    assert not offer(router, "big", 300, 30_000, 1.0)
+    assert router.rooms_deadline() == pytest.approx(6.0)  # alone: the plain bound
+    assert not offer(router, "other", 300, 40_000, 1.5)
+    assert router.rooms_deadline() == pytest.approx(21.0)  # crowded: the oldest pick's longer bound
+    report(router, 2, 870, 6.0)
+    assert router.release_rooms(6.0) == [] and hold.held == 2
+    router.cancel_room("other")  # its client went away: big is alone again, long past 5 s
+    assert router.rooms_deadline() == pytest.approx(6.0)
+    assert router.release_rooms(6.1) == ["big"] and hold.overdue_total == 1
+    with pytest.raises(ValueError):
+        MemoryHold(max_hold_s=1.0, max_held=1, recheck_s=0.1, min_wait_ms=0.0, crowded_max_hold_s=-1.0)
 
 
 def test_a_short_predicted_wait_is_not_held() -> None:
