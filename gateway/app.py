@@ -59,7 +59,8 @@ class Gateway:
         # session_kv's admission by session, or its overload queue: a turn waits here before its pick
         self.holds = SessionHold(self.router, hold_s + config.queue_timeout_s)
         # session_kv's room queue or memory hold: a pick waits here while its worker has no KV room for it
-        room_s = rc.memory_hold_max_s if self.router.memory_hold is not None else rc.room_max_hold_s
+        hold_bound_s = max(rc.memory_hold_max_s, rc.memory_hold_crowded_max_s)
+        room_s = hold_bound_s if self.router.memory_hold is not None else rc.room_max_hold_s
         self.rooms = RoomHold(self.router, room_s + config.queue_timeout_s)
         self.tokenizers = Tokenizers(self.subjects.tokenizer_bucket, lambda: self.bus.nc)
         cache_bytes = config.prompt_cache_bytes

@@ -411,3 +411,12 @@ def test_the_gateways_router_sends_decodes_apart_only_where_the_answers_can_be_j
     off = Gateway(config)
     off.router.add_worker(registration("joined", True), 0.0)
     assert off.router.decode_priority("joined") is None and not off.turns._splits_turns
+
+
+def test_the_gateways_wait_for_a_held_pick_outlasts_the_routers_longest_bound() -> None:
+    """The gateway's wait for a pick held for memory is a safety net behind the router's own bounds: it
+    must not send a pick before the longer, crowded bound (router/memory_hold.py) lets it go."""
+    for plain, crowded in ((20.0, 60.0), (90.0, 30.0)):
+        router_config = RouterConfig(memory_hold_max_s=plain, memory_hold_crowded_max_s=crowded)
+        gateway = Gateway(GatewayConfig(nats_url="nats://127.0.0.1:1", router_config=router_config))
+        assert gateway.rooms.timeout_s == max(plain, crowded) + gateway.config.queue_timeout_s
