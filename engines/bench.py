@@ -66,7 +66,7 @@ class EngineBench:
         self.rng = random.Random(seed)
         self._ids = 0
         # The mock runner models its step times; the torch runner's real time is what counts.
-        self.modelled = engine.runner.step_time_s([], 0.0) is not None
+        self.modelled = engine.runner.models_step_time
 
     def tokens(self, n: int) -> list[int]:
         # below 256: bytes for the byte tokenizer, plain tokens for any checkpoint's

@@ -145,9 +145,7 @@ class Engine:
         # for them whatever the form (the compute waits on the copy stream), so a torch worker loads
         # them in the step that admits the request (no step lost) and announces copies that stall it
         self._loads_async = (
-            config.onboarding == "async"
-            and self._copier is not None
-            and runner.step_time_s([], 0.0) is not None
+            config.onboarding == "async" and self._copier is not None and runner.models_step_time
         )
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, clock, config.max_pinned_blocks, config.host_blocks

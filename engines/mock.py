@@ -70,6 +70,7 @@ def decode_ms(kv_usage: float) -> float:
 class MockRunner:
     model_name = "mock"
     reads_token_ids = False  # only how many: the engine need not copy a step's tokens for it
+    models_step_time = True  # the Dynamo mocker's timing, not the (near-zero) time it takes to run
 
     def __init__(
         self,

@@ -56,6 +56,9 @@ class ModelRunner(Protocol):
     block_size: int
     num_blocks: int
     reads_token_ids: bool  # False: chunks carry `num_tokens` instead of their token values
+    # True: `step_time_s` gives each step's modelled duration (the mock), which is the time that counts;
+    # False: it gives None and the step's measured wall time counts (a real model)
+    models_step_time: bool
 
     def execute(self, chunks: Sequence[ScheduledChunk]) -> list[int | None]:
         """Compute the chunks (writing their KV into the paged cache) and return, per chunk, the

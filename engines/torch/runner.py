@@ -56,6 +56,7 @@ class TorchRunner:
     """The tiny seeded random model (byte tokenizer) by default, or a local HF checkpoint."""
 
     reads_token_ids = True
+    models_step_time = False  # a step takes the time its forward takes
 
     def __init__(
         self,

@@ -228,6 +228,7 @@ class UntieredRunner:
     """A runner with no `copy_blocks`: a model that cannot move KV between tiers."""
 
     reads_token_ids = False
+    models_step_time = False
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -302,6 +303,8 @@ def test_onboarding_is_asynchronous_by_default_as_vllms_offloading_connector() -
 
 class RealTimedRunner(MockRunner):
     """The mock with its time real, as the torch runner's: its copies run inside the step's time."""
+
+    models_step_time = False
 
     def step_time_s(self, chunks: object, kv_usage: float) -> None:  # type: ignore[override]
         return None

@@ -42,6 +42,13 @@ def test_step_time_sums_prefill_tokens_and_pays_decode_once() -> None:
         MockRunner(100, 16, speedup=0)
 
 
+def test_the_mock_says_its_step_times_are_modelled() -> None:
+    """What the engine and the bench read instead of probing `step_time_s`: the mock's time counts."""
+    runner = MockRunner(100, 16)
+    assert runner.models_step_time is True
+    assert runner.step_time_s([], 0.0) is not None
+
+
 def test_placeholder_tokens_and_eos_when_asked() -> None:
     runner = MockRunner(10, 16)
     tokens = [runner.execute([chunk(1, output_len=i)])[0] for i in range(11)]

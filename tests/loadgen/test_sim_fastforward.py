@@ -50,6 +50,7 @@ class _OtherRunner:
     placeholder text's, so a fast-forward would replay the wrong ones."""
 
     reads_token_ids = False
+    models_step_time = False
 
     def __init__(self, block_size: int, num_blocks: int) -> None:
         self.block_size, self.num_blocks = block_size, num_blocks
