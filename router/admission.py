@@ -21,6 +21,8 @@ from __future__ import annotations
 import heapq
 import itertools
 
+from router.hold_stats import HoldStats
+
 
 class _Resident:
     __slots__ = ("attained", "blocks", "running", "started", "until")
@@ -60,8 +62,7 @@ class SessionAdmission:
         self._queue: list[tuple[int, int, int, str]] = []  # (not in tool loop, attained, order, request id)
         self._by_arrival: list[tuple[float, str]] = []  # (arrived, request id): for the hold bound
         self._order = itertools.count()
-        self.held_total = 0  # turns ever held (for reports)
-        self.overdue_total = 0  # of which released by the hold bound rather than by room
+        self.stats = HoldStats()  # overdue: released by the hold bound rather than by room
 
     # --- state
 
@@ -109,7 +110,7 @@ class SessionAdmission:
         self._held[request_id] = _Held(request_id, session_id, blocks, attained, now)
         heapq.heappush(self._queue, (0 if tool_pending else 1, attained, next(self._order), request_id))
         heapq.heappush(self._by_arrival, (now, request_id))
-        self.held_total += 1
+        self.stats.record_hold()
         return False
 
     def done(self, session_id: str, pinned_until: float, now: float) -> None:
@@ -153,7 +154,7 @@ class SessionAdmission:
             if held.session_id not in self._residents and held.blocks > self.room():
                 break
             heapq.heappop(queue)
-            released.append(self._admit_held(held, now))
+            released.append(self._admit_held(held, now, overdue=False))
         by_arrival = self._by_arrival
         while by_arrival and (
             by_arrival[0][1] not in self._held or by_arrival[0][0] + self.max_hold_s <= now
@@ -161,8 +162,7 @@ class SessionAdmission:
             _, request_id = heapq.heappop(by_arrival)
             held = self._held.get(request_id)
             if held is not None:
-                self.overdue_total += 1
-                released.append(self._admit_held(held, now))
+                released.append(self._admit_held(held, now, overdue=True))
         return released
 
     def cancel(self, request_id: str) -> bool:
@@ -194,8 +194,9 @@ class SessionAdmission:
         for sid in [sid for sid, r in self._residents.items() if r.running and r.started < cutoff]:
             self._leave(sid)
 
-    def _admit_held(self, held: _Held, now: float) -> str:
+    def _admit_held(self, held: _Held, now: float, overdue: bool) -> str:
         del self._held[held.request_id]
+        self.stats.record_release(now - held.arrived, overdue)
         self._start(held.session_id, held.blocks, held.attained, now)
         return held.request_id
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, KeysView, Sequence
 
+from router.hold_stats import HoldStats
+
 _NONE: KeysView[str] = {}.keys()
 
 
@@ -69,9 +71,7 @@ class MemoryHold:
         self._by_worker: dict[str, dict[str, _Held]] = {}  # the same records by worker, arrival order
         self._changed: set[str] = set()  # workers with held picks whose state changed since a check
         self._next_check = float("inf")  # with `recheck_s`: the next periodic pass
-        self.held_total = 0  # picks ever held (for reports)
-        self.overdue_total = 0  # of which sent by the bound
-        self.hold_s = 0.0  # seconds they waited here, in all
+        self.stats = HoldStats()  # overdue: sent by the bound rather than by a short enough wait
 
     @property
     def held(self) -> int:
@@ -101,7 +101,7 @@ class MemoryHold:
             return True
         held = self._held[request_id] = _Held(worker_id, chain, now)
         self._by_worker.setdefault(worker_id, {})[request_id] = held
-        self.held_total += 1
+        self.stats.record_hold()
         if self.recheck_s:
             self._next_check = min(self._next_check, now + self.recheck_s)
         return False
@@ -150,8 +150,7 @@ class MemoryHold:
         held = self._forget(request_id)
         if held is None:
             return False
-        self.hold_s += now - held.at
-        self.overdue_total += overdue
+        self.stats.record_release(now - held.at, overdue)
         return True
 
     def checked(self, now: float) -> None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import heapq
 import itertools
 
+from router.hold_stats import HoldStats
+
 
 class OverloadQueue:
     def __init__(
@@ -38,9 +40,7 @@ class OverloadQueue:
         self._arrived: dict[str, float] = {}  # request id -> arrival, in arrival order (the waiting ones)
         self._released: set[str] = set()  # let go and not picked yet: each takes a free worker
         self._seq = itertools.count()
-        self.held_total = 0  # turns ever queued (for reports)
-        self.overdue_total = 0  # of which released by the bound
-        self.hold_s = 0.0  # seconds they waited here, in all
+        self.stats = HoldStats()  # overdue: released by the bound rather than by a free worker
 
     @property
     def held(self) -> int:
@@ -54,7 +54,7 @@ class OverloadQueue:
         key = prefill_tokens if self.wspt else 0
         heapq.heappush(self._queue, (key, next(self._seq), request_id))
         self._arrived[request_id] = now
-        self.held_total += 1
+        self.stats.record_hold()
         return False
 
     def release(self, free_workers: int, now: float) -> list[str]:
@@ -82,8 +82,7 @@ class OverloadQueue:
         if arrived is None:
             return False  # cancelled or released by the bound already
         self._released.add(request_id)
-        self.hold_s += now - arrived
-        self.overdue_total += overdue
+        self.stats.record_release(now - arrived, overdue)
         return True
 
     def picked(self, request_id: str) -> None:

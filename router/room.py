@@ -34,6 +34,8 @@ Pure logic, times passed in; the gateway and the simulator drive it through `Rou
 
 from __future__ import annotations
 
+from router.hold_stats import HoldStats
+
 
 class _Request:
     __slots__ = ("at", "blocks", "expected_s", "worker_id")
@@ -71,9 +73,9 @@ class RoomQueue:
         self._sent: dict[str, _Request] = {}  # request id -> sent and not completed, in sending order
         self._sent_blocks: dict[str, int] = {}  # worker -> prompt blocks sent and not completed
         self._orphans: list[str] = []  # held for a worker that left: released at the next call
-        self.held_total = 0  # requests ever held (for reports)
-        self.overdue_total = 0  # of which sent by the bound rather than by room
-        self.hold_s = 0.0  # seconds they waited here, in all
+        # overdue: sent by the bound rather than by room; a worker's leaving releases its held requests
+        # unrecorded (they are counted held, never released)
+        self.stats = HoldStats()
 
     @property
     def held(self) -> int:
@@ -114,7 +116,7 @@ class RoomQueue:
             self._send(request_id, request, now)
             return True
         self._held[request_id] = request
-        self.held_total += 1
+        self.stats.record_hold()
         return False
 
     def release(self, now: float) -> list[str]:
@@ -124,16 +126,16 @@ class RoomQueue:
         released, self._orphans = self._orphans, []
         heads: dict[str, _Reservation] = {}  # with backfill: worker -> its head's reservation
         for request_id, held in list(self._held.items()):
+            overdue = False
             if held.at + self.max_hold_s <= now:
-                if not self._fits(held.worker_id, held.blocks):
-                    self.overdue_total += 1
+                overdue = not self._fits(held.worker_id, held.blocks)  # past the bound and no room yet
             elif not self._fits(held.worker_id, held.blocks):
                 if self.backfill and held.worker_id not in heads:
                     heads[held.worker_id] = self._reserve(held, now)
                 continue
             elif held.worker_id in heads and not self._backfills(held, heads[held.worker_id], now):
                 continue
-            self.hold_s += now - held.at
+            self.stats.record_release(now - held.at, overdue)
             del self._held[request_id]
             self._send(request_id, held, now)
             released.append(request_id)
@@ -143,8 +145,7 @@ class RoomQueue:
         """Send a held request now, whatever the room (as the bound would)."""
         held = self._held.pop(request_id, None)
         if held is not None:
-            self.overdue_total += 1
-            self.hold_s += now - held.at
+            self.stats.record_release(now - held.at, overdue=True)
             self._send(request_id, held, now)
 
     def sent_at(self, request_id: str) -> float | None:

@@ -217,15 +217,13 @@ class Simulation:
         result.events = loop.events_run
         before_pick = self.router.admission or self.router.overload
         if before_pick is not None:
-            result.held = before_pick.held_total
-            result.held_overdue = before_pick.overdue_total
+            result.held = before_pick.stats.held_total
+            result.held_overdue = before_pick.stats.overdue_total
         rooms = self.router.memory_hold or self.router.rooms
         if rooms is not None:
-            result.room_held, result.room_overdue, result.room_hold_s = (
-                rooms.held_total,
-                rooms.overdue_total,
-                rooms.hold_s,
-            )
+            result.room_held = rooms.stats.held_total
+            result.room_overdue = rooms.stats.overdue_total
+            result.room_hold_s = rooms.stats.hold_s
         return result
 
     def _arrive(self, key: str, turn_index: int, tool_result: bool) -> None:

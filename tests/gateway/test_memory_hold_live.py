@@ -66,6 +66,6 @@ async def test_a_prompt_predicted_to_wait_for_memory_waits_at_the_gateway_and_a_
                 pass
             reply = await asyncio.wait_for(big, 60.0)
             assert reply.usage is not None and reply.usage.prompt_tokens > 1600
-            assert hold.held == 0 and hold.held_total == 1 and hold.overdue_total == 0
+            assert hold.held == 0 and hold.stats.held_total == 1 and hold.stats.overdue_total == 0
         finally:
             await sdk.close()

@@ -53,6 +53,6 @@ async def test_a_prompt_without_room_waits_at_the_gateway_and_a_small_one_passes
                 pass
             reply = await asyncio.wait_for(big, 60.0)  # released when the long answer completed
             assert reply.usage is not None and reply.usage.prompt_tokens > 1600
-            assert rooms.held == 0 and rooms.held_total == 1 and rooms.overdue_total == 0
+            assert rooms.held == 0 and rooms.stats.held_total == 1 and rooms.stats.overdue_total == 0
         finally:
             await sdk.close()

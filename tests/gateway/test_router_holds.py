@@ -103,7 +103,7 @@ async def test_room_hold_is_bounded_and_a_cancelled_wait_is_forgotten() -> None:
     await rooms.enter(a, router.pick(a, time.monotonic()))
     b = turn("b1", "b", 50)
     await asyncio.wait_for(rooms.enter(b, router.pick(b, time.monotonic())), 1)  # by the bound's timer
-    assert router.rooms is not None and router.rooms.overdue_total == 1
+    assert router.rooms is not None and router.rooms.stats.overdue_total == 1
     strict = room_router(100, max_hold_s=60)
     held = RoomHold(strict, timeout_s=60)
     await held.enter(a, strict.pick(a, time.monotonic()))

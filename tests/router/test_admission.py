@@ -6,6 +6,7 @@ import pytest
 
 from router.admission import SessionAdmission
 from router.config import RouterConfig
+from router.hold_stats import HoldStats
 from router.protocol import WorkerRegistration
 from router.request import RouteRequest
 from router.router import Router
@@ -57,6 +58,7 @@ def test_head_waits_until_it_fits_and_pins_expire() -> None:
     assert adm.release(2.0) == []  # a is pinned: its context stays resident
     assert adm.next_deadline() == 20.0
     assert adm.release(20.0) == ["b1", "c1"]
+    assert adm.stats == HoldStats(held_total=2, overdue_total=0, hold_s=38.0)  # released by room
 
 
 def test_a_resident_with_more_service_yields_at_its_tool_boundary() -> None:
@@ -84,6 +86,7 @@ def test_hold_is_bounded() -> None:
     assert adm.next_deadline() == 35.0
     assert adm.release(34.9) == []
     assert adm.release(35.0) == ["b1"]
+    assert adm.stats == HoldStats(held_total=1, overdue_total=1, hold_s=30.0)
 
 
 def test_cancelled_turn_is_never_released() -> None:
@@ -134,7 +137,7 @@ def test_conservation_every_held_turn_is_released_once() -> None:
         offered[rid] = now
         if adm.offer(rid, sid, rng.randrange(100, 1500), rng.random() < 0.5, rng.randrange(10_000), now):
             start([rid], now)
-    assert adm.held_total > 0  # the case did put the pool under pressure
+    assert adm.stats.held_total > 0  # the case did put the pool under pressure
     while running:
         now = advance(now + 1.0)
         adm.done(session_of[running.pop()], float("-inf"), now)

@@ -68,8 +68,8 @@ def test_a_pick_that_would_wait_for_memory_is_held_and_one_that_fits_passes_it()
     router.on_complete("a", 10.0, "stop", 100)
     report(router, 2, 600, 10.0)
     assert router.release_rooms(10.0) == ["big"]
-    assert hold.held == 0 and hold.held_total == 1 and hold.overdue_total == 0
-    assert hold.hold_s == pytest.approx(9.0) and router.rooms_deadline() is None
+    assert hold.held == 0 and hold.stats.held_total == 1 and hold.stats.overdue_total == 0
+    assert hold.stats.hold_s == pytest.approx(9.0) and router.rooms_deadline() is None
     # sent, it counts as picked after the last report: ahead of the next pick, which now waits
     assert not offer(router, "next", 300, 50_000, 10.05)
 
@@ -81,7 +81,7 @@ def test_a_held_pick_goes_at_the_bound_and_a_cancelled_one_is_forgotten() -> Non
     report(router, 2, 870, 5.9)
     assert router.release_rooms(5.9) == []
     assert router.release_rooms(6.0) == ["big"]
-    assert router.memory_hold is not None and router.memory_hold.overdue_total == 1
+    assert router.memory_hold is not None and router.memory_hold.stats.overdue_total == 1
     router.cancel_room("other")
     assert router.memory_hold.held == 0 and router.rooms_deadline() is None
 
@@ -102,7 +102,7 @@ def test_a_pick_held_beside_others_for_its_worker_waits_the_longer_bound() -> No
     assert router.release_rooms(6.0) == [] and hold.held == 2
     router.cancel_room("other")  # its client went away: big is alone again, long past 5 s
     assert router.rooms_deadline() == pytest.approx(6.0)
-    assert router.release_rooms(6.1) == ["big"] and hold.overdue_total == 1
+    assert router.release_rooms(6.1) == ["big"] and hold.stats.overdue_total == 1
     with pytest.raises(ValueError):
         MemoryHold(max_hold_s=1.0, max_held=1, recheck_s=0.1, min_wait_ms=0.0, crowded_max_hold_s=-1.0)
 
@@ -227,4 +227,4 @@ def test_a_held_pick_goes_at_its_bound_when_nothing_changed() -> None:
     deadline = router.rooms_deadline()
     assert deadline == 1.1 + 5.0
     assert router.release_rooms(deadline) == ["big"]
-    assert router.memory_hold is not None and router.memory_hold.overdue_total == 1
+    assert router.memory_hold is not None and router.memory_hold.stats.overdue_total == 1

@@ -54,7 +54,7 @@ def test_turns_wait_while_every_worker_has_prefill_in_flight_and_the_shortest_go
     assert router.pick(turn("short", 10, 3_000), 0.6).worker_id == first
     router.on_first_token("b", 0.7)
     assert router.release_held(0.7) == ["new"]  # 5 blocks to prefill, before long's 80
-    assert queue.held == 1 and queue.held_total == 3 and queue.overdue_total == 0
+    assert queue.held == 1 and queue.stats.held_total == 3 and queue.stats.overdue_total == 0
 
 
 def test_a_cached_prefix_is_no_prefill() -> None:
@@ -78,7 +78,7 @@ def test_the_bound_lets_any_turn_go_and_a_cancelled_one_is_forgotten() -> None:
     router.cancel_held("y", "y", 2.5)  # its client went away: forgotten
     assert router.held_deadline() == pytest.approx(6.0)
     assert router.release_held(6.0) == ["x"]  # the bound: worker still busy
-    assert router.overload is not None and router.overload.overdue_total == 1
+    assert router.overload is not None and router.overload.stats.overdue_total == 1
     assert router.held_deadline() is None
 
 

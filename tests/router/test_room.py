@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from router.config import RouterConfig
+from router.hold_stats import HoldStats
 from router.protocol import WorkerRegistration
 from router.request import Decision, RouteRequest
 from router.room import RoomQueue
@@ -48,8 +49,7 @@ def test_a_request_without_room_waits_and_smaller_ones_pass_it() -> None:
     assert router.release_rooms(4.0) == []  # 30 in flight + 90 > 100
     router.on_complete("b", 5.0, "stop", 1)
     assert router.release_rooms(5.0) == ["giant"]
-    assert router.rooms.held == 0 and router.rooms.held_total == 1 and router.rooms.overdue_total == 0
-    assert router.rooms.hold_s == 4.0
+    assert router.rooms.held == 0 and router.rooms.stats == HoldStats(1, 0, 4.0)  # held, overdue, seconds
 
 
 def test_a_held_request_goes_at_the_bound_and_then_counts_as_sent() -> None:
@@ -59,7 +59,8 @@ def test_a_held_request_goes_at_the_bound_and_then_counts_as_sent() -> None:
     assert router.rooms_deadline() == 11.0
     assert router.release_rooms(10.9) == []
     assert router.release_rooms(11.0) == ["giant"]
-    assert router.rooms is not None and router.rooms.overdue_total == 1 and router.rooms_deadline() is None
+    assert router.rooms is not None and router.rooms.stats.overdue_total == 1
+    assert router.rooms_deadline() is None
     # the giant is sent: its blocks are the worker's now, so a small request waits behind it here
     _, sent = send(router, request("b", "b", 30, first=2000), 12.0)
     assert not sent
@@ -111,7 +112,7 @@ def test_a_send_whose_completion_never_comes_expires_and_frees_its_room() -> Non
     router.expire(1.0 + router.config.inflight_ttl_s)  # the caller never reported the end of "lost"
     assert router.release_rooms(1.0 + router.config.inflight_ttl_s) == ["b"]
     assert router.rooms is not None and router.rooms.sent_blocks("w1") == 50
-    assert router.rooms.overdue_total == 0  # released by the room the expiry freed, not by the bound
+    assert router.rooms.stats.overdue_total == 0  # released by the room the expiry freed, not by the bound
 
 
 # --- EASY backfilling (room_backfill)
@@ -138,7 +139,7 @@ def test_with_backfill_a_request_passes_a_held_one_only_if_it_delays_it_not() ->
     assert queue.release(7.0) == []  # 55 in flight: the giant still does not fit, the long one waits
     queue.done("a")
     assert queue.release(10.0) == ["giant"]  # 5 + 90: the long one now waits for room itself
-    assert queue.overdue_total == 0 and queue.held == 2
+    assert queue.stats.overdue_total == 0 and queue.held == 2
 
 
 def test_without_backfill_every_request_that_fits_passes_a_held_one() -> None:
@@ -173,7 +174,7 @@ def test_backfill_keeps_the_bound_and_reserves_only_the_oldest_held_request() ->
     assert queue.release(61.0) == ["giant"]  # by the bound, whatever the room
     assert queue.release(62.0) == ["second"]
     assert queue.release(63.0) == ["long"]
-    assert queue.overdue_total == 3
+    assert queue.stats.overdue_total == 3
 
 
 def test_the_router_learns_each_sessions_run_time_for_backfill() -> None:
