@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from router.protocol import MAX_SESSION_ID_CHARS
+from router.session_affinity import MAX_TTL_S
 
 
 class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,6 +39,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # --- kv_overlap (Dynamo 1.6.1 defaults)
     overlap_score_weight: float = 1.0
     kv_temperature: float = 0.0
+    # Dynamo's session affinity, off by default as in Dynamo (`--router-session-affinity-ttl-secs`;
+    # router/session_affinity.py): a named session's requests go to the worker its first one was
+    # dispatched to, until it has been idle (no request in flight) this long. 0: off
+    kv_affinity_ttl_s: float = 0.0
 
     # --- cache_aware (SGLang; Python CLI defaults)
     cache_threshold: float = 0.3
@@ -283,3 +288,5 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("default_decode_step_ms cannot be negative")
         if self.kv_temperature < 0 or self.cache_threshold < 0:
             raise ValueError("kv_temperature and cache_threshold cannot be negative")
+        if self.kv_affinity_ttl_s and not 1 <= self.kv_affinity_ttl_s <= MAX_TTL_S:
+            raise ValueError(f"kv_affinity_ttl_s must be 0 (off) or between 1 and {MAX_TTL_S} (Dynamo's)")

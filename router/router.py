@@ -630,6 +630,7 @@ class Router:
         if flight is not None:
             self.load.step_ended(flight.worker_id, now)
         self.policy.on_complete(request_id)
+        self.policy.on_end(request_id, now)
         if self.rooms is not None:
             self._learn_turn_time(request_id, flight, now, ok)
             self.rooms.done(request_id)

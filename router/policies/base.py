@@ -121,6 +121,10 @@ class Policy(ABC):
     def on_complete(self, request_id: str) -> None:
         return None
 
+    def on_end(self, request_id: str, now: float) -> None:
+        """The request's stream ended at `now` (completed, failed or given up), after `on_complete`."""
+        return None
+
     def on_workers_changed(self, workers: Sequence[str]) -> None:
         """The routable set changed (consistent hashing rebuilds its ring here)."""
         return None

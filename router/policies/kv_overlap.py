@@ -16,18 +16,23 @@ Per candidate worker, in blocks:
 Temperature 0 (the default): the lowest logit wins, ties at random. Above 0: a softmax over the logits
 normalised to [0, 1] (`(logit - min) / (max - min) / temperature`), sampled. The worker's load reports
 play no part, as in Dynamo (they only gate its optional busy thresholds).
+
+Dynamo's session affinity, off by default as in Dynamo, makes it the Dynamo users deploy for agents:
+`kv_affinity_ttl_s` (`--router-session-affinity-ttl-secs`: a named session's requests go to the worker
+its session is bound to, router/session_affinity.py).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from router.config import RouterConfig
 from router.policies.active_blocks import ActiveBlocks
 from router.policies.base import Policy, RouterView
-from router.request import Decision, RouteRequest
+from router.request import Decision, RouteRequest, is_inferred
+from router.session_affinity import SessionAffinity
 
 # Dynamo's stale-request guard (sequences/single.rs EXPIRY_DURATION): a request whose completion never
 # arrives stops counting after this long.
@@ -62,21 +67,42 @@ class KvOverlap(Policy):
         super().__init__(config, rng)
         self._active: dict[str, _Active] = {}
         self._flights: dict[str, _Flight] = {}  # insertion order is pick order (expiry)
+        ttl = config.kv_affinity_ttl_s
+        self.affinity: SessionAffinity | None = SessionAffinity(ttl) if ttl > 0 else None
 
     def pick(self, request: RouteRequest, view: RouterView) -> Decision:
         overlap = view.overlap(request.block_hashes)
+        bound = self.affinity_target(request, view.now, view.candidates.__contains__)
+        if bound is not None:  # hard affinity: the binding is the request's pinned worker
+            logit = self.logits(request, view, overlap, (bound,))[bound]
+            return Decision(bound, overlap.get(bound, 0), logit, "session")
         logits = self.logits(request, view, overlap)
         worker = self._select(logits)
         matched = overlap.get(worker, 0)
         return Decision(worker, matched, logits[worker], "overlap" if matched else "load")
 
-    def logits(self, request: RouteRequest, view: RouterView, overlap: dict[str, int]) -> dict[str, float]:
+    def affinity_target(self, request: RouteRequest, now: float, live: Callable[[str], bool]) -> str | None:
+        """The worker the request's session is bound to (a lease taken on it until the request ends),
+        or None: no affinity, a session the client did not name, or one to bind at this pick."""
+        sid = request.session_id
+        if self.affinity is None or sid is None or is_inferred(sid):
+            return None
+        return self.affinity.target(request.request_id, sid, now, live)
+
+    def logits(
+        self,
+        request: RouteRequest,
+        view: RouterView,
+        overlap: dict[str, int],
+        workers: Sequence[str] | None = None,
+    ) -> dict[str, float]:
+        """The cost of each of `workers` (the candidates when None)."""
         chain = request.block_hashes
         bs = view.block_size
         weight = self.config.overlap_score_weight
         isl = request.num_tokens
         logits: dict[str, float] = {}
-        for w in view.candidates:
+        for w in view.candidates if workers is None else workers:
             active = self._active.get(w)
             if active is None:
                 active = self._active[w] = _Active()
@@ -118,6 +144,9 @@ class KvOverlap(Policy):
         active.add(request.block_hashes)
         active.prefill_tokens += prefill
         self._flights[rid] = _Flight(w, request.block_hashes, prefill, now)
+        sid = request.session_id
+        if self.affinity is not None and sid is not None and not is_inferred(sid):
+            self.affinity.bind(rid, sid, w, now)  # Dynamo commits the binding once dispatched
 
     def on_first_token(self, request_id: str) -> None:
         f = self._flights.get(request_id)
@@ -135,7 +164,13 @@ class KvOverlap(Policy):
             if active is not None:
                 active.remove(f.chain)
 
+    def on_end(self, request_id: str, now: float) -> None:
+        if self.affinity is not None:
+            self.affinity.release(request_id, now)  # the stream ended: the binding idles from now
+
     def expire(self, now: float) -> None:
+        if self.affinity is not None:
+            self.affinity.expire(now)
         cutoff = now - EXPIRY_S
         while self._flights:
             rid, f = next(iter(self._flights.items()))
@@ -144,6 +179,8 @@ class KvOverlap(Policy):
             self.on_complete(rid)
 
     def remove_worker(self, worker_id: str) -> None:
+        if self.affinity is not None:
+            self.affinity.remove_worker(worker_id)
         self._active.pop(worker_id, None)
         for rid in [rid for rid, f in self._flights.items() if f.worker_id == worker_id]:
             del self._flights[rid]
