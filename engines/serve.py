@@ -231,6 +231,7 @@ def _registration(
             priority_threshold=config.priority_threshold if config.priority_scheduling else -1,
             returns_token_ids=True,
             host_blocks=config.host_blocks,
+            max_num_batched_tokens=config.max_num_batched_tokens,
         )
 
     return registration

@@ -35,6 +35,7 @@ from gateway.turns import Turns
 from gateway.upstream import UpstreamPool
 from kvutil.tracing import Tracing
 from router.chat import Tokenizer
+from router.policies.kv_overlap import EXPIRY_S as KV_OVERLAP_EXPIRY_S
 from router.protocol import Subjects, WorkerRegistration
 from router.router import Router
 
@@ -56,7 +57,10 @@ class Gateway:
         self.admission = Admission(config.queue_bound, config.queue_timeout_s)
         rc = self.router.config
         hold_s = max(rc.admission_max_hold_s, rc.overload_max_hold_s)
-        # session_kv's admission by session, or its overload queue: a turn waits here before its pick
+        if self.router.kv_queue is not None:  # Dynamo's queue has no bound: the net is its stale guard
+            hold_s = max(hold_s, KV_OVERLAP_EXPIRY_S)
+        # session_kv's admission by session, its overload queue, or kv_overlap's Dynamo router queue: a
+        # turn waits here before its pick
         self.holds = SessionHold(self.router, hold_s + config.queue_timeout_s)
         # session_kv's room queue or memory hold: a pick waits here while its worker has no KV room for it
         hold_bound_s = max(rc.memory_hold_max_s, rc.memory_hold_crowded_max_s)

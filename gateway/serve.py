@@ -207,6 +207,9 @@ async def serve(config: GatewayConfig, host: str, port: int, stop: asyncio.Event
     log.info("router settings: %s", describe_router_config(config.router_config))
     if config.router_config.session_admission and gateway.router.admission is None:
         log.warning("session_admission is ignored: only session_kv admits by session, not %s", config.policy)
+    rc = config.router_config
+    if (rc.kv_queue or rc.kv_affinity_ttl_s) and config.policy != "kv_overlap":
+        log.warning("kv_queue_* and kv_affinity_ttl_s are kv_overlap's: %s ignores them", config.policy)
     runner = GatewayRunner(
         gateway.app(),
         header_timeout_s=config.header_timeout_s,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 from router.protocol import MAX_SESSION_ID_CHARS
@@ -43,6 +45,19 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # router/session_affinity.py): a named session's requests go to the worker its first one was
     # dispatched to, until it has been idle (no request in flight) this long. 0: off
     kv_affinity_ttl_s: float = 0.0
+    # Dynamo's router queue, off by default as in Dynamo (`--router-queue-threshold F`,
+    # `--router-queue-policy`; router/dynamo_queue.py): a request waits before its pick while every
+    # worker it may go to has more than `kv_queue_threshold` x its max_num_batched_tokens of prefill in
+    # flight from this router (0: any); `kv_queue_wspt`: shortest uncached prefill first (`wspt`), else
+    # in arrival order (`fcfs`, Dynamo's default)
+    kv_queue: bool = False
+    kv_queue_threshold: float = 0.0
+    kv_queue_wspt: bool = False
+    # the queue's periodic re-check (Dynamo: 60 s without a prefill load model), besides first tokens
+    # and completions; and the wait after which a released request's overlap is read again (Dynamo's
+    # DYN_ROUTER_OVERLAP_REFRESH_AFTER_SECS, 10 s; 0: never)
+    kv_queue_recheck_s: float = 60.0
+    kv_queue_refresh_after_s: float = 10.0
 
     # --- cache_aware (SGLang; Python CLI defaults)
     cache_threshold: float = 0.3
@@ -290,3 +305,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("kv_temperature and cache_threshold cannot be negative")
         if self.kv_affinity_ttl_s and not 1 <= self.kv_affinity_ttl_s <= MAX_TTL_S:
             raise ValueError(f"kv_affinity_ttl_s must be 0 (off) or between 1 and {MAX_TTL_S} (Dynamo's)")
+        if not (math.isfinite(self.kv_queue_threshold) and self.kv_queue_threshold >= 0):
+            raise ValueError("kv_queue_threshold must be a finite value >= 0")
+        if not self.kv_queue_recheck_s > 0 or self.kv_queue_refresh_after_s < 0:
+            raise ValueError("need kv_queue_recheck_s > 0 and kv_queue_refresh_after_s >= 0")

@@ -135,6 +135,9 @@ class WorkerRegistration(msgspec.Struct, frozen=True):
     returns_token_ids: bool = False
     # the blocks of the worker's host tier (0: none), as its load reports say (`LoadReport.host_blocks`)
     host_blocks: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # the most prompt tokens one engine step computes (0: unknown): Dynamo's router queue measures a
+    # worker's prefill in flight against it (RouterConfig.kv_queue_threshold)
+    max_num_batched_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 MAX_URL_CHARS = 2048

@@ -16,12 +16,14 @@ import xxhash
 from router.admission import SessionAdmission
 from router.approx_index import ApproxIndex
 from router.config import RouterConfig
+from router.dynamo_queue import DynamoQueue
 from router.hashing import DEFAULT_BLOCK_SIZE
 from router.index import BlockIndex
 from router.load import InFlight, LoadView
 from router.memory_hold import MemoryHold
 from router.overload_queue import OverloadQueue
 from router.policies import POLICIES, Policy, RouterView
+from router.policies.kv_overlap import KvOverlap
 from router.protocol import KvEventBatch, KvStateDump, LoadReport, PinHint, WorkerRegistration
 from router.request import INFERRED_SESSION_PREFIXES, Decision, RouteRequest
 from router.room import RoomQueue
@@ -41,6 +43,17 @@ ROOM_POLICIES = frozenset({"session_kv"})
 # the policies that send a turn's decode apart from its prompt, at a priority every prompt outranks, to an
 # engine that schedules by priority (RouterConfig.yield_decodes; the baselines send one request)
 YIELDING_POLICIES = frozenset({"session_kv"})
+
+
+class _Queued:
+    """A request in Dynamo's router queue: what its pick needs once released."""
+
+    __slots__ = ("at", "overlap", "request")
+
+    def __init__(self, request: RouteRequest, overlap: dict[str, int], at: float) -> None:
+        self.request = request
+        self.overlap = overlap  # as read at enqueue: Dynamo scores a released request with it
+        self.at = at
 
 
 def _ewma(mean: float | None, sample: float, alpha: float) -> float:
@@ -140,6 +153,13 @@ class Router:
                 not config.overload_fcfs,
                 config.overload_busy_memory,
                 config.overload_busy_tokens,
+            )
+        self.kv_queue: DynamoQueue | None = None
+        self._queued: dict[str, _Queued] = {}
+        self._released: dict[str, Decision] = {}  # released by the queue, picked there, not yet asked
+        if config.kv_queue and isinstance(self.policy, KvOverlap):
+            self.kv_queue = DynamoQueue(
+                config.kv_queue_threshold, config.kv_queue_wspt, config.kv_queue_recheck_s
             )
         self.rooms: RoomQueue | None = None
         if config.room_hold and policy in ROOM_POLICIES:
@@ -323,6 +343,8 @@ class Router:
         Requests without a session, and every request under a policy without admission, pass at once."""
         adm = self.admission
         sid = request.session_id
+        if self.kv_queue is not None:
+            return self._kv_queue_offer(self.kv_queue, request, now)
         if adm is None and self.overload is not None:
             return self._overload_offer(self.overload, request, now)
         if adm is None or not sid:
@@ -344,12 +366,16 @@ class Router:
     def release_held(self, now: float) -> list[str]:
         """Ids of held requests to pick now (call after first tokens, completions and by
         `held_deadline`)."""
+        if self.kv_queue is not None:
+            return self._kv_queue_release(self.kv_queue, now)
         if self.overload is not None:
             return self.overload.release(self._free_workers(self.overload), now)
         return self.admission.release(now) if self.admission is not None else []
 
     def held_deadline(self) -> float | None:
         """When `release_held` should next be called if nothing completes before; None: nothing held."""
+        if self.kv_queue is not None:
+            return self.kv_queue.next_deadline()
         if self.overload is not None:
             return self.overload.next_deadline()
         return self.admission.next_deadline() if self.admission is not None else None
@@ -366,6 +392,56 @@ class Router:
             prefill = max(0, prefill - max(found.values(), default=0) * self.block_size)
         return queue.offer(request.request_id, prefill, free, now)
 
+    def _kv_queue_offer(self, queue: DynamoQueue, request: RouteRequest, now: float) -> bool:
+        """Dynamo's router queue (router/dynamo_queue.py): the request's session binding is taken
+        first (it pins the request, as in Dynamo), then it waits while its workers are all busy or any
+        request waits; wspt keys it by the prefill it would do on its pinned worker, else the best."""
+        kv = self._kv_policy()
+        pinned = kv.affinity_target(request, now, self._registrations.__contains__)
+        overlap = self.index.overlap(request.block_hashes) if request.block_hashes else {}
+        if len(self.approx) and request.block_hashes:
+            overlap.update(self.approx.overlap(request.block_hashes))
+        pool = self._pool(request)
+        workers = pool if pinned is None else (pinned,)
+        matched = max((overlap.get(w, 0) for w in workers), default=0)
+        cost = request.num_tokens - matched * self.block_size
+        if queue.offer(request.request_id, pinned, cost, now, self._kv_busy_test(queue, pool)):
+            return True
+        self._queued[request.request_id] = _Queued(request, overlap, now)
+        return False
+
+    def _kv_queue_release(self, queue: DynamoQueue, now: float) -> list[str]:
+        """Pick the queued requests Dynamo would release now, one at a time on the state each leaves
+        (its prefill is booked before the next is tested); their picks are kept for `pick`."""
+        released: list[str] = []
+        busy = self._kv_busy_test(queue, None)
+        refresh_s = self.config.kv_queue_refresh_after_s
+        while (rid := queue.pop(now, busy)) is not None:
+            entry = self._queued.pop(rid)
+            overlap = entry.overlap if not refresh_s or now - entry.at < refresh_s else None
+            self._released[rid] = self._pick(entry.request, now, frozenset(), overlap)
+            released.append(rid)
+        return released
+
+    def _kv_busy_test(self, queue: DynamoQueue, pool: Sequence[str] | None) -> Callable[[str | None], bool]:
+        """Dynamo's busy test: `worker` busy (a request pinned there), or None: every worker of `pool`
+        (all registered when None) busy; a worker gone is not busy (its request is re-selected)."""
+        kv = self._kv_policy()
+        regs = self._registrations
+
+        def busy(worker: str | None) -> bool:
+            if worker is not None:
+                reg = regs.get(worker)
+                return reg is not None and queue.busy(kv.prefill_tokens(worker), reg.max_num_batched_tokens)
+            workers = regs if pool is None else pool
+            return bool(workers) and all(busy(w) for w in workers)
+
+        return busy
+
+    def _kv_policy(self) -> KvOverlap:
+        assert isinstance(self.policy, KvOverlap)
+        return self.policy
+
     def _free_workers(self, queue: OverloadQueue) -> int:
         """Workers that are not busy by the queue's measure: prefill in flight from this router over
         its threshold, or a pick held there for device memory."""
@@ -381,9 +457,27 @@ class Router:
         forget it, or hand back the residency its release gave it."""
         if self.overload is not None:
             self.overload.cancel(request_id)
+        if self.kv_queue is not None:
+            self._kv_queue_cancel(self.kv_queue, request_id, now)
         adm = self.admission
         if adm is not None and session_id and not adm.cancel(request_id):
             adm.done(session_id, float("-inf"), now)
+
+    def _kv_queue_cancel(self, queue: DynamoQueue, request_id: str, now: float) -> None:
+        """A request leaves Dynamo's queue unpicked, or gives back the pick its release made."""
+        if queue.cancel(request_id):
+            self._queued.pop(request_id, None)
+            self.policy.on_end(request_id, now)  # the session binding's lease it took
+        elif request_id in self._released:
+            self._unpick(request_id, now)
+
+    def _unpick(self, request_id: str, now: float) -> None:
+        """Undo a pick made at a release that its caller did not take (it excluded that worker, or
+        gave up): its predicted load and the policy's tracking go."""
+        del self._released[request_id]
+        self.load.finish(request_id)
+        self.policy.on_complete(request_id)
+        self.policy.on_end(request_id, now)
 
     # --- room (session_kv: router/room.py)
 
@@ -514,7 +608,27 @@ class Router:
         Workers serving `request.model` are the candidates (every worker when none names that model).
         Raises `NoWorkerError` when no candidate is left.
         """
-        pool = self._by_model.get(request.model) or list(self._registrations)
+        released = self._released.get(request.request_id)
+        if released is not None:  # picked when Dynamo's queue released it
+            if released.worker_id not in exclude and released.worker_id in self._registrations:
+                del self._released[request.request_id]
+                return released
+            self._unpick(request.request_id, now)
+        return self._pick(request, now, exclude)
+
+    def _pool(self, request: RouteRequest) -> list[str]:
+        """The workers serving the request's model (every worker when none names it)."""
+        return self._by_model.get(request.model) or list(self._registrations)
+
+    def _pick(
+        self,
+        request: RouteRequest,
+        now: float,
+        exclude: frozenset[str],
+        overlap: dict[str, int] | None = None,
+    ) -> Decision:
+        """`pick`, with the overlap read earlier where given (a request Dynamo's queue held)."""
+        pool = self._pool(request)
         candidates = [w for w in pool if w not in exclude] if exclude else pool
         if not candidates:
             raise NoWorkerError(f"no routable worker for model {request.model!r}")
@@ -526,6 +640,8 @@ class Router:
         view = RouterView(
             candidates, self.index, self.approx, self.load, session, bs, now, parent, self._yielding, held
         )
+        if overlap is not None:
+            view.preset_overlap(overlap)
         decision = self.policy.pick(request, view)
         self._record(request, decision, now)
         if self.overload is not None:

@@ -215,7 +215,7 @@ class Simulation:
         result.busy_s = {wid: w.busy_s for wid, w in self.workers.items()}
         result.steps = sum(w.steps for w in self.workers.values())
         result.events = loop.events_run
-        before_pick = self.router.admission or self.router.overload
+        before_pick = self.router.admission or self.router.overload or self.router.kv_queue
         if before_pick is not None:
             result.held = before_pick.stats.held_total
             result.held_overdue = before_pick.stats.overdue_total

@@ -80,6 +80,7 @@ class SimWorker:
             priority_threshold=self.config.priority_threshold if self.config.priority_scheduling else -1,
             returns_token_ids=True,  # the simulator hands the gateway's part the tokens itself
             host_blocks=self.config.host_blocks,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
         )
 
     def submit(

@@ -67,6 +67,10 @@ class RouterView:
         # picks held at the router (RouterConfig.memory_hold): recorded in the load, not at the worker
         self.held = held
 
+    def preset_overlap(self, found: dict[str, int]) -> None:
+        """Use this match (read earlier, as a queued request's in Dynamo) instead of the index's now."""
+        self._overlap = found
+
     def overlap(self, chain: Sequence[int]) -> dict[str, int]:
         """Device-tier matched prefix in blocks per worker (event-fed, or approximate for silent workers)."""
         if self._overlap is None:

@@ -17,9 +17,13 @@ Temperature 0 (the default): the lowest logit wins, ties at random. Above 0: a s
 normalised to [0, 1] (`(logit - min) / (max - min) / temperature`), sampled. The worker's load reports
 play no part, as in Dynamo (they only gate its optional busy thresholds).
 
-Dynamo's session affinity, off by default as in Dynamo, makes it the Dynamo users deploy for agents:
+Two of Dynamo's settings, off by default as in Dynamo, make it the Dynamo users deploy for agents:
 `kv_affinity_ttl_s` (`--router-session-affinity-ttl-secs`: a named session's requests go to the worker
-its session is bound to, router/session_affinity.py).
+its session is bound to, router/session_affinity.py) and `kv_queue` with `kv_queue_threshold` and
+`kv_queue_wspt` (`--router-queue-threshold`, `--router-queue-policy fcfs|wspt`: requests wait before
+their pick while every worker they may go to is busy, router/dynamo_queue.py, run by `Router`).
+This policy keeps the state both read: the bindings, and the prefill in flight per worker
+(`prefill_tokens`).
 """
 
 from __future__ import annotations
@@ -88,6 +92,12 @@ class KvOverlap(Policy):
         if self.affinity is None or sid is None or is_inferred(sid):
             return None
         return self.affinity.target(request.request_id, sid, now, live)
+
+    def prefill_tokens(self, worker_id: str) -> int:
+        """Prefill tokens in flight on the worker by this router's count (Dynamo's active prefill
+        tokens: the router queue's busy test)."""
+        active = self._active.get(worker_id)
+        return active.prefill_tokens if active is not None else 0
 
     def logits(
         self,
