@@ -5,7 +5,9 @@
 docs/EXPERIMENTS.md, idea 16, that the memory wait concerns); over several draws of the policies, the
 mean of each side's means and the ratio per draw. `python -m loadgen.sim.shapes live [--seeds 1,2,3]
 [--rate R] [--policy P,...]` prints each policy's (`session_kv` by default) TTFT p50 / p90 / mean over
-the live run's window. Pool: 4 workers x 4,096 blocks of 16 tokens.
+the live run's window. Pool: 4 workers x 4,096 blocks of 16 tokens. `--set` settings are
+`session_kv`'s, `--baseline-set` ones the baselines' (both kinds RouterConfig fields), e.g.
+`--policy kv_overlap --baseline-set kv_affinity_ttl_s=60` for Dynamo with its session affinity.
 
 - `agentic` / `chat`: `kvgate sim --workload ...` rows (`agentic --duration 90 --max-think-s 10
   --max-context 48000`, `chat --duration 120 --max-think-s 10`).
@@ -172,7 +174,17 @@ def parse_settings(pairs: list[str]) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m loadgen.sim.shapes", description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=("grid", "live"))
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="NAME=VALUE", help="session_kv's"
+    )
+    parser.add_argument(
+        "--baseline-set",
+        dest="baseline_settings",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="the baselines' (e.g. kv_overlap as Dynamo at its best: kv_affinity_ttl_s=60)",
+    )
     parser.add_argument("--rows", default="", help="grid: only the rows whose names start so (comma list)")
     parser.add_argument("--seeds", default="1,2,3", help="live: the loadgen seeds")
     parser.add_argument("--rate", type=float, default=1.0, help="live: sessions per second (the goal's 1)")
@@ -184,12 +196,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     settings = parse_settings(args.settings)
+    baseline_settings = parse_settings(args.baseline_settings)
     if args.what == "live":
         for seed in (int(s) for s in args.seeds.split(",")):
             rows = live_rows(seed, args.rate)
             for policy in args.policy.split(","):
-                # the settings are session_kv's experiments: the baselines run as shipped
-                run = replay(rows, policy, settings if policy == "session_kv" else {}, seed)
+                # `--set` is session_kv's experiments, `--baseline-set` the baselines' (as shipped without)
+                run = replay(rows, policy, settings if policy == "session_kv" else baseline_settings, seed)
                 window = live_window(run)
                 figures = f"{window.p50:,.0f} / {window.p90:,.0f} / {window.mean:,.0f} ms"
                 print(
@@ -203,7 +216,7 @@ def main() -> None:
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
         rows = build()
-        draws = [grid_row(rows, settings, seed) for seed in seeds]
+        draws = [grid_row(rows, settings, seed, baseline_settings) for seed in seeds]
         if len(draws) == 1:
             ours, best = draws[0]
             print(f"{name:26s} session_kv {ours:9,.1f} ms, best baseline {best:9,.1f} ms: {ours / best:.3f}x")
@@ -214,9 +227,14 @@ def main() -> None:
         print(f"{name:26s} {figures} ({per_seed})")
 
 
-def grid_row(rows: list[TraceRow], settings: dict[str, object], seed: int) -> tuple[float, float]:
+def grid_row(
+    rows: list[TraceRow],
+    settings: dict[str, object],
+    seed: int,
+    baseline_settings: dict[str, object] | None = None,
+) -> tuple[float, float]:
     """`session_kv`'s mean TTFT (ms) and the better baseline's, both with the policies' draws of `seed`."""
-    best = min(mean_ttft_ms(replay(rows, p, {}, seed)) for p in BASELINES)
+    best = min(mean_ttft_ms(replay(rows, p, baseline_settings or {}, seed)) for p in BASELINES)
     return mean_ttft_ms(replay(rows, "session_kv", settings, seed)), best
 
 

@@ -6,6 +6,7 @@ from itertools import pairwise
 
 import pytest
 
+from loadgen.sim import shapes
 from loadgen.sim.metrics import RequestRecord
 from loadgen.sim.shapes import (
     BASELINES,
@@ -82,3 +83,28 @@ def test_the_live_rows_scale_with_the_arrival_rate() -> None:
     """Twice the rate: about twice the sessions in the same 90 s (the same seed)."""
     sessions = [len({row.session_id for row in live_rows(1, rate)}) for rate in (1.0, 2.0)]
     assert 1.6 * sessions[0] <= sessions[1] <= 2.4 * sessions[0]
+
+
+def test_baseline_settings_reach_the_baselines_and_session_kv_keeps_its_own(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`live --set` is session_kv's, `--baseline-set` every other policy's (Dynamo at its best)."""
+    seen: dict[str, dict[str, object]] = {}
+
+    def fake_replay(rows: object, policy: str, settings: dict[str, object], seed: int = 0) -> SimRun:
+        seen[policy] = settings
+        run = SimRun(policy)
+        record = RequestRecord("s", 0, 0.0, 16, "w0")
+        record.first_token, record.ok = 0.1, True
+        run.records = [record]
+        return run
+
+    monkeypatch.setattr(shapes, "replay", fake_replay)
+    monkeypatch.setattr(shapes, "live_rows", lambda seed, rate: [])
+    argv = ["shapes", "live", "--seeds", "1", "--policy", "session_kv,kv_overlap", "--set", "stall_factor=2"]
+    argv += ["--baseline-set", "kv_affinity_ttl_s=60", "--baseline-set", "kv_queue=true"]
+    monkeypatch.setattr("sys.argv", argv)
+    shapes.main()
+    expected = {"session_kv": {"stall_factor": 2}, "kv_overlap": {"kv_affinity_ttl_s": 60, "kv_queue": True}}
+    assert seen == expected
+    assert "seed 1 kv_overlap" in capsys.readouterr().out
