@@ -308,10 +308,10 @@ def _sim_config(args: argparse.Namespace, settings: dict[str, object]) -> SimCon
 
 
 def _print_holds(runs: dict[str, SimRun]) -> None:
-    """The turns each policy's admission or KV room held before routing, where any were."""
+    """The turns each policy's admission, router queue or KV room held before routing, where any were."""
     for policy, sim_run in runs.items():
         if sim_run.held:
-            print(f"{policy}: {sim_run.held} turns held by admission before routing")
+            print(f"{policy}: {sim_run.held} turns held before routing (admission or a router queue)")
         if sim_run.room_held:
             print(
                 f"{policy}: {sim_run.room_held} turns held at the router for KV room "
