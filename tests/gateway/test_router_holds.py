@@ -69,6 +69,36 @@ async def test_no_session_hold_for_baselines() -> None:
     assert holds.held == 0
 
 
+async def test_kv_overlaps_dynamo_queue_waits_here_until_a_first_token_and_gives_back_its_pick() -> None:
+    """kv_overlap with Dynamo's router queue (`--router-set kv_queue=true`): a turn waits in the
+    gateway until the router releases it, already picked (`pick` hands that pick back), and one that
+    gives up after its release undoes the pick."""
+    router = Router("kv_overlap", RouterConfig(kv_queue=True, kv_affinity_ttl_s=60))
+    registration = WorkerRegistration("w1", "http://w1", "m", 16, 1000, "mock", 1, 0.0)
+    router.add_worker(registration, time.monotonic())
+    holds = SessionHold(router, timeout_s=5)
+    a = turn("a1", "a", 10)
+    await holds.enter(a)
+    router.pick(a, time.monotonic())
+    b = turn("b1", "b", 10)
+    waiting = asyncio.create_task(holds.enter(b))
+    await asyncio.sleep(0.02)
+    assert not waiting.done() and holds.held == 1 and router.held_deadline() is not None
+    router.on_first_token("a1", time.monotonic())
+    holds.poke()
+    await asyncio.wait_for(waiting, 1)
+    assert router.load.get("b1") is not None  # picked at its release, before the caller asks
+    assert router.pick(b, time.monotonic()).worker_id == "w1"
+    c = turn("c1", "c", 10)
+    waiting = asyncio.create_task(holds.enter(c))
+    await asyncio.sleep(0.02)
+    router.on_first_token("b1", time.monotonic())
+    holds.poke()
+    await asyncio.wait_for(waiting, 1)
+    holds.leave(c)  # its client went away between the release and the pick
+    assert router.load.get("c1") is None
+
+
 def room_router(capacity_blocks: int, max_hold_s: float = 30.0) -> Router:
     router = Router("session_kv", RouterConfig(room_hold=True, room_max_hold_s=max_hold_s))
     registration = WorkerRegistration("w1", "http://w1", "m", 16, capacity_blocks, "mock", 1, 0.0)
