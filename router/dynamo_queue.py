@@ -32,6 +32,8 @@ import itertools
 import math
 from collections.abc import Callable
 
+from router.hold_stats import HoldStats
+
 # a worker's max_num_batched_tokens when it announces none (queue.rs DEFAULT_MAX_BATCHED_TOKENS)
 DEFAULT_MAX_BATCHED_TOKENS = 10_000_000
 
@@ -51,9 +53,7 @@ class DynamoQueue:
         self._waiting: dict[str, float] = {}  # request id -> enqueued at
         self._seq = itertools.count()
         self._checked_at = 0.0
-        self.held_total = 0  # requests ever queued (for reports)
-        self.overdue_total = 0  # released by a bound: Dynamo has none, always 0
-        self.hold_s = 0.0
+        self.stats = HoldStats()  # Dynamo's queue has no bound: none is ever overdue
 
     @property
     def held(self) -> int:
@@ -75,7 +75,7 @@ class DynamoQueue:
         item = (key, next(self._seq), request_id)
         heapq.heappush(self._shared if pinned is None else self._lanes.setdefault(pinned, []), item)
         self._waiting[request_id] = now
-        self.held_total += 1
+        self.stats.record_hold()
         return False
 
     def pop(self, now: float, busy: BusyTest) -> str | None:
@@ -96,7 +96,7 @@ class DynamoQueue:
         heapq.heappop(self._shared if lane_of is None else self._lanes[lane_of])
         if lane_of is not None and not self._lanes[lane_of]:
             del self._lanes[lane_of]
-        self.hold_s += now - self._waiting.pop(best[2])
+        self.stats.record_release(now - self._waiting.pop(best[2]), overdue=False)
         return best[2]
 
     def _head(self, heap: list[_Item]) -> _Item | None:

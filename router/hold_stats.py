@@ -1,9 +1,9 @@
 """What a router-side hold reports: how many it ever held, how many of those left by its bound, and how
 long they waited in all.
 
-Each hold (router/admission.py, router/overload_queue.py, router/memory_hold.py, router/room.py) keeps
-one, counts a request when it starts to wait and records its wait when it is let go; one cancelled
-(its client gone) is counted held and never released. The simulator's reports and the tests read it.
+Each hold (router/admission.py, router/overload_queue.py, router/memory_hold.py, router/room.py,
+router/dynamo_queue.py) keeps one, counts a request when it starts to wait and records its wait when it
+is let go; one cancelled (its client gone) is counted held and never released. The simulator's reports and the tests read it.
 """
 
 from __future__ import annotations
