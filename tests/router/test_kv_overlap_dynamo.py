@@ -15,6 +15,7 @@ import json
 import random
 import struct
 import time
+from typing import Any
 
 import msgspec
 import pytest
@@ -149,9 +150,12 @@ class DynamoPool:
     """Dynamo's selection service over WORKERS workers whose KV events it reads from ZMQ sockets, in
     vLLM's wire format (topic, 8-byte sequence number, msgpack [ts, events, dp_rank])."""
 
-    def __init__(self) -> None:
+    # what each worker announces beside the defaults (a subclass adds fields)
+    worker_fields: dict[str, Any] = {}
+
+    def __init__(self, **service: Any) -> None:  # `service`: the selection service's own settings
         self.context = zmq.Context()
-        self.service = dynamo.SelectionService(indexer_threads=1)
+        self.service = dynamo.SelectionService(indexer_threads=1, **service)
         self.sockets: list = []
         self.seq = [0] * WORKERS
         self.encoder = msgspec.msgpack.Encoder()
@@ -168,6 +172,7 @@ class DynamoPool:
                     "block_size": BS,
                     "total_kv_blocks": 100_000,
                     "kv_events_endpoint": f"tcp://127.0.0.1:{port}",
+                    **self.worker_fields,
                 }
             )
 

@@ -15,7 +15,6 @@ import asyncio
 import time
 from typing import Any
 
-import msgspec
 import pytest
 
 from router.config import RouterConfig
@@ -34,28 +33,7 @@ BATCHED = 8192
 class Pool(DynamoPool):
     """Dynamo's selection service; its workers announce max_num_batched_tokens (its queue needs it)."""
 
-    def __init__(self, **service: Any) -> None:  # DynamoPool's, with the service's own settings
-        self.context = zmq.Context()
-        self.service = dynamo.SelectionService(indexer_threads=1, **service)
-        self.sockets: list[Any] = []
-        self.seq = [0] * WORKERS
-        self.encoder = msgspec.msgpack.Encoder()
-
-    async def start(self) -> None:
-        for w in range(WORKERS):
-            socket = self.context.socket(zmq.PUB)
-            port = socket.bind_to_random_port("tcp://127.0.0.1")
-            self.sockets.append(socket)
-            await self.service.upsert_worker(
-                {
-                    "worker_id": w,
-                    "endpoint": f"http://127.0.0.1:1/{w}",
-                    "block_size": BS,
-                    "total_kv_blocks": 100_000,
-                    "kv_events_endpoint": f"tcp://127.0.0.1:{port}",
-                    "max_num_batched_tokens": BATCHED,
-                }
-            )
+    worker_fields = {"max_num_batched_tokens": BATCHED}
 
     async def ready(self) -> None:
         async def schedulable() -> bool:
