@@ -2,8 +2,9 @@
 long they waited in all.
 
 Each hold (router/admission.py, router/overload_queue.py, router/memory_hold.py, router/room.py,
-router/dynamo_queue.py) keeps one, counts a request when it starts to wait and records its wait when it
-is let go; one cancelled (its client gone) is counted held and never released. The simulator's reports and the tests read it.
+router/dynamo_queue.py) keeps one, counts a request when it starts to wait and records its wait when
+it is let go; one cancelled (its client gone) is counted held and never released. The simulator's
+reports and the tests read it.
 """
 
 from __future__ import annotations
