@@ -241,7 +241,7 @@ async def serve(args: argparse.Namespace, worker_id: str, subjects: Subjects, au
     runner, tokenizer, engine_model = build_runner(args)
     config = engine_config(args)
     engine = Engine(config, runner, time.monotonic)
-    loop = EngineLoop(engine, threaded=args.engine != "mock")
+    loop = EngineLoop(engine, threaded=not runner.models_step_time)  # real compute: off the event loop
     model_name = args.model or engine_model
     tracing = Tracing("kvgate-worker", "kvgate.worker")
     settings = WorkerSettings(model_name=model_name, worker_id=worker_id)
