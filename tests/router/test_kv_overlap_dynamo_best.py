@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -145,21 +146,26 @@ async def queue_scenario(pool: Pool) -> None:
     assert router.pick(waiting["long"], both.now).worker_id not in (f"w{a}", f"w{b}")
 
 
-def test_the_router_queue_holds_and_releases_as_dynamos(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DYN_ROUTER_QUEUE_THRESHOLD", "0.0")
-    monkeypatch.setenv("DYN_ROUTER_QUEUE_POLICY", "wspt")
+def run_scenario(pool: Pool, scenario: Callable[[Pool], Awaitable[None]]) -> None:
+    """`scenario` against Dynamo's service once its workers are schedulable and subscribed."""
 
     async def run() -> None:
-        pool = Pool()
         await pool.start()
         try:
             await pool.ready()
             await pool.wait_subscribed()
-            await queue_scenario(pool)
+            await scenario(pool)
         finally:
             pool.close()
 
     asyncio.run(run())
+
+
+def test_the_router_queue_holds_and_releases_as_dynamos(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_ROUTER_QUEUE_THRESHOLD", "0.0")
+    monkeypatch.setenv("DYN_ROUTER_QUEUE_POLICY", "wspt")
+
+    run_scenario(Pool(), queue_scenario)
 
 
 async def affinity_scenario(pool: Pool) -> None:
@@ -200,14 +206,4 @@ async def affinity_scenario(pool: Pool) -> None:
 
 
 def test_session_affinity_binds_and_idles_as_dynamos() -> None:
-    async def run() -> None:
-        pool = Pool(session_affinity_ttl_secs=1)
-        await pool.start()
-        try:
-            await pool.ready()
-            await pool.wait_subscribed()
-            await affinity_scenario(pool)
-        finally:
-            pool.close()
-
-    asyncio.run(run())
+    run_scenario(Pool(session_affinity_ttl_secs=1), affinity_scenario)
