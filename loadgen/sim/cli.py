@@ -16,6 +16,7 @@ from loadgen.sim.report import render_table, write_charts
 from loadgen.sim.simulation import SimConfig, SimRun
 from loadgen.sim.sweep import parse_multiples, sweep_host_tier, sweep_markdown, write_sweep_chart
 from loadgen.sim.synthetic import WORKLOADS, mixed_rows, parse_mix
+from loadgen.sim.turns_out import write_turns
 from loadgen.sim.workload import Workload
 from loadgen.trace import TRACE_BLOCK_SIZE, TraceError, TraceRow, load_trace
 
@@ -78,6 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json", metavar="OUT", default=None, help="write the result object to OUT (- = stdout)"
     )
     parser.add_argument("--charts", metavar="DIR", default=None, help="write PNG charts into DIR")
+    parser.add_argument(
+        "--turns",
+        metavar="FILE",
+        default=None,
+        help="write every turn of every policy to FILE, a JSON line each (its worker, when it was sent, "
+        "its first token, its cached tokens: where its TTFT went)",
+    )
 
 
 def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
@@ -257,6 +265,10 @@ def run(args: argparse.Namespace) -> int:
         for path in write_charts(report, runs, args.charts):
             if not to_stdout:
                 print(f"wrote {path}")
+    if args.turns is not None:
+        written = write_turns(args.turns, {policy: run.records for policy, run in runs.items()})
+        if not to_stdout:
+            print(f"wrote {written} turns to {args.turns}")
     return 0
 
 
@@ -271,6 +283,8 @@ def _checked_settings(args: argparse.Namespace) -> tuple[dict[str, object], list
     multiples = parse_multiples(args.host_multiples) if args.host_multiples is not None else None
     if args.sweep_chart is not None and multiples is None:
         raise ValueError("--sweep-chart needs --host-multiples")
+    if args.turns is not None and multiples is not None:
+        raise ValueError("--turns writes one replay per policy: not with --host-multiples")
     if args.priority_scheduling and args.preempt_for_prompts:
         raise ValueError("--priority-scheduling and --preempt-for-prompts are two engines: choose one")
     return settings, multiples

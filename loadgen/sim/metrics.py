@@ -21,6 +21,7 @@ class RequestRecord:
         "ok",
         "output_tokens",
         "prompt_tokens",
+        "sent",
         "session",
         "turn",
         "worker",
@@ -32,6 +33,7 @@ class RequestRecord:
         self.arrival = arrival
         self.prompt_tokens = prompt_tokens
         self.worker = worker
+        self.sent = -1.0  # when the router sent it to its worker (later than arrival where it held it)
         self.first_token = -1.0
         self.finish = -1.0
         self.cached_tokens = 0

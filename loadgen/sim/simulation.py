@@ -271,6 +271,7 @@ class Simulation:
 
     def _submit(self, turn: Turn, record: RequestRecord, session_id: str | None) -> None:
         worker_id = record.worker
+        record.sent = self.loop.now
         if self._tick_sleeping[worker_id]:
             self._wake_ticks(worker_id)
         row = turn.row
