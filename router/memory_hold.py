@@ -11,7 +11,11 @@ the head-of-line block becomes a skip-ahead at the router. The bound is `max_hol
 alone for its worker and `crowded_max_hold_s` while others are held for the same worker: sent, it
 would head the queue that all of them then wait behind, as would every turn routed there meanwhile
 (at twice the live comparison's arrival rate such jams made the tail; docs/EXPERIMENTS.md, "Memory
-hold, third pass").
+hold, third pass"). With `shortest_first`, a pick whose bound passes goes with every pick held for its
+worker that is shorter than it, shortest first, ahead of it: the engine's queue then serves them in
+that order, as NVIDIA Dynamo's `wspt` router queue serves its backlog (on a worker jammed by prompts
+that each need most of its memory, the shorter ones are through sooner; docs/EXPERIMENTS.md, "The
+full cc trace turn by turn"). Each pick still goes by its own bound at the latest.
 
 Every held pick is re-checked every `recheck_s` and after any completion; with `recheck_s` 0, only
 when something its prediction reads changes on its worker (`changed`: a load report, a first token, a
@@ -55,6 +59,7 @@ class MemoryHold:
         recheck_s: float,
         min_wait_ms: float,
         crowded_max_hold_s: float | None = None,
+        shortest_first: bool = False,
     ) -> None:
         crowded = max_hold_s if crowded_max_hold_s is None else crowded_max_hold_s
         if min(max_hold_s, max_held, recheck_s, min_wait_ms, crowded) < 0:
@@ -67,6 +72,7 @@ class MemoryHold:
         self.max_held = max_held
         self.recheck_s = recheck_s
         self.min_wait_ms = min_wait_ms
+        self.shortest_first = shortest_first
         self._held: dict[str, _Held] = {}  # request id -> held pick, in arrival order
         self._by_worker: dict[str, dict[str, _Held]] = {}  # the same records by worker, arrival order
         self._changed: set[str] = set()  # workers with held picks whose state changed since a check
@@ -133,6 +139,21 @@ class MemoryHold:
             for rid, h in held
             if h.worker_id in changed or self._deadline(h) <= now
         ]
+
+    def with_shorter(self, request_id: str) -> list[tuple[str, Sequence[int]]]:
+        """The held picks to send as `request_id`'s bound passes, in order: with `shortest_first`, those
+        held for its worker with fewer blocks than it, shortest first (the older of two alike first),
+        then it; else it alone. (request id, chain) each."""
+        held = self._held[request_id]
+        if not self.shortest_first:
+            return [(request_id, held.chain)]
+        size = len(held.chain)
+        on_worker = self._by_worker[held.worker_id]
+        shorter = sorted(
+            (rid for rid, other in on_worker.items() if len(other.chain) < size),
+            key=lambda rid: len(on_worker[rid].chain),  # a stable sort: arrival order among equals
+        )
+        return [(rid, on_worker[rid].chain) for rid in shorter] + [(request_id, held.chain)]
 
     def overdue(self, request_id: str, now: float) -> bool:
         held = self._held.get(request_id)

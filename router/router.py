@@ -176,6 +176,7 @@ class Router:
                 config.memory_hold_recheck_s,
                 config.memory_hold_min_wait_ms,
                 config.memory_hold_crowded_max_s,
+                config.memory_hold_shortest_first,
             )
 
     # --- workers
@@ -558,7 +559,7 @@ class Router:
         """The held picks to send now, oldest first, of those due a re-check (their worker's state
         changed, or their bound passed): each whose worker left (it fails over), whose predicted wait
         there is short enough now (those sent before it in this pass counted ahead of it), or whose
-        bound passed."""
+        bound passed (with `memory_hold_shortest_first`, after the shorter ones held for its worker)."""
         if not hold.recheck_s:
             loads = self.load.workers
             for wid in list(hold.workers()):  # a report gone stale: no wait predicted there now
@@ -570,6 +571,8 @@ class Router:
         # of them goes (then it is in flight there, ahead of the rest)
         waits: dict[str, Callable[[Sequence[int]], float]] = {}
         for rid, worker, chain in hold.due(now):
+            if rid not in hold:
+                continue  # sent in this pass already, ahead of a longer pick whose bound passed
             overdue = hold.overdue(rid, now)
             reg = self._registrations.get(worker)
             if reg is not None and not overdue:
@@ -579,9 +582,11 @@ class Router:
                     wait = waits[worker] = self.policy.memory_waits(worker, view)
                 if wait(chain) > hold.min_wait_ms:
                     continue
-            hold.send(rid, now, overdue)
-            self.load.resend(rid, now)
-            released.append(rid)
+            going = hold.with_shorter(rid) if overdue else [(rid, chain)]
+            for sent, _ in going:
+                hold.send(sent, now, overdue)
+                self.load.resend(sent, now)
+                released.append(sent)
             waits.pop(worker, None)
         hold.checked(now)
         return released

@@ -228,3 +228,33 @@ def test_a_held_pick_goes_at_its_bound_when_nothing_changed() -> None:
     assert deadline == 1.1 + 5.0
     assert router.release_rooms(deadline) == ["big"]
     assert router.memory_hold is not None and router.memory_hold.stats.overdue_total == 1
+
+
+def test_a_pick_sent_by_its_bound_takes_the_shorter_ones_held_for_its_worker_ahead_of_it() -> None:
+    # the engine serves its queue in arrival order: sent shortest first, the shorter prompts are
+    # through before the long one that heads it (Dynamo's `wspt` order for the worker's backlog)
+    router = make(report_stale_s=60.0, memory_hold_recheck_s=0.0, memory_hold_crowded_max_s=5.0)
+    hold = router.memory_hold
+    assert hold is not None and hold.shortest_first  # on by default
+    assert not offer(router, "long", 300, 30_000, 1.0)
+    assert not offer(router, "longer", 320, 40_000, 1.2)
+    assert not offer(router, "short", 250, 50_000, 1.4)
+    assert not offer(router, "shorter", 200, 60_000, 1.6)
+    assert router.rooms_deadline() == pytest.approx(6.0)
+    assert router.release_rooms(6.0) == ["shorter", "short", "long"]
+    assert hold.held == 1 and hold.stats.overdue_total == 3
+    assert router.rooms_deadline() == pytest.approx(1.2 + 20.0)  # alone now: its own, plain bound
+    assert router.release_rooms(21.2) == ["longer"]
+
+
+def test_without_shortest_first_a_pick_sent_by_its_bound_goes_alone() -> None:
+    router = make(
+        report_stale_s=60.0,
+        memory_hold_recheck_s=0.0,
+        memory_hold_crowded_max_s=5.0,
+        memory_hold_shortest_first=False,
+    )
+    assert not offer(router, "long", 300, 30_000, 1.0)
+    assert not offer(router, "short", 250, 50_000, 1.4)
+    assert router.release_rooms(6.0) == ["long"]
+    assert router.memory_hold is not None and router.memory_hold.held == 1
