@@ -140,20 +140,19 @@ class MemoryHold:
             if h.worker_id in changed or self._deadline(h) <= now
         ]
 
-    def with_shorter(self, request_id: str) -> list[tuple[str, Sequence[int]]]:
-        """The held picks to send as `request_id`'s bound passes, in order: with `shortest_first`, those
-        held for its worker with fewer blocks than it, shortest first (the older of two alike first),
-        then it; else it alone. (request id, chain) each."""
-        held = self._held[request_id]
+    def with_shorter(self, request_id: str) -> list[str]:
+        """The ids of the held picks to send as `request_id`'s bound passes, in order: with
+        `shortest_first`, those held for its worker with fewer blocks than it, shortest first (the older
+        of two alike first), then it; else it alone."""
         if not self.shortest_first:
-            return [(request_id, held.chain)]
-        size = len(held.chain)
-        on_worker = self._by_worker[held.worker_id]
+            return [request_id]
+        size = len(self._held[request_id].chain)
+        on_worker = self._by_worker[self._held[request_id].worker_id]
         shorter = sorted(
             (rid for rid, other in on_worker.items() if len(other.chain) < size),
             key=lambda rid: len(on_worker[rid].chain),  # a stable sort: arrival order among equals
         )
-        return [(rid, on_worker[rid].chain) for rid in shorter] + [(request_id, held.chain)]
+        return [*shorter, request_id]
 
     def overdue(self, request_id: str, now: float) -> bool:
         held = self._held.get(request_id)

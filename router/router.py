@@ -582,8 +582,7 @@ class Router:
                     wait = waits[worker] = self.policy.memory_waits(worker, view)
                 if wait(chain) > hold.min_wait_ms:
                     continue
-            going = hold.with_shorter(rid) if overdue else [(rid, chain)]
-            for sent, _ in going:
+            for sent in hold.with_shorter(rid) if overdue else [rid]:
                 hold.send(sent, now, overdue)
                 self.load.resend(sent, now)
                 released.append(sent)
