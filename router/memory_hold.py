@@ -146,8 +146,9 @@ class MemoryHold:
         of two alike first), then it; else it alone."""
         if not self.shortest_first:
             return [request_id]
-        size = len(self._held[request_id].chain)
-        on_worker = self._by_worker[self._held[request_id].worker_id]
+        held = self._held[request_id]
+        size = len(held.chain)
+        on_worker = self._by_worker[held.worker_id]
         shorter = sorted(
             (rid for rid, other in on_worker.items() if len(other.chain) < size),
             key=lambda rid: len(on_worker[rid].chain),  # a stable sort: arrival order among equals

@@ -387,11 +387,17 @@ class Router:
         free = self._free_workers(queue)
         prefill = request.num_tokens
         if not free and request.block_hashes:
-            found = self.index.overlap(request.block_hashes)
-            if len(self.approx):
-                found.update(self.approx.overlap(request.block_hashes))
+            found = self._overlap(request.block_hashes)
             prefill = max(0, prefill - max(found.values(), default=0) * self.block_size)
         return queue.offer(request.request_id, prefill, free, now)
+
+    def _overlap(self, chain: Sequence[int]) -> dict[str, int]:
+        """Device-tier matched prefix in blocks per worker, before a pick (the index's, and the
+        approximate index's for silent workers; `RouterView.overlap` reads it so at the pick)."""
+        found = self.index.overlap(chain)
+        if len(self.approx):
+            found.update(self.approx.overlap(chain))
+        return found
 
     def _kv_queue_offer(self, queue: DynamoQueue, request: RouteRequest, now: float) -> bool:
         """Dynamo's router queue (router/dynamo_queue.py): the request's session binding is taken
@@ -399,9 +405,7 @@ class Router:
         request waits; wspt keys it by the prefill it would do on its pinned worker, else the best."""
         kv = self._kv_policy()
         pinned = kv.affinity_target(request, now, self._registrations.__contains__)
-        overlap = self.index.overlap(request.block_hashes) if request.block_hashes else {}
-        if len(self.approx) and request.block_hashes:
-            overlap.update(self.approx.overlap(request.block_hashes))
+        overlap = self._overlap(request.block_hashes) if request.block_hashes else {}
         pool = self._pool(request)
         workers = pool if pinned is None else (pinned,)
         matched = max((overlap.get(w, 0) for w in workers), default=0)
