@@ -53,7 +53,6 @@ wait), while every hot prefix fits on every worker.
 from __future__ import annotations
 
 import random
-from collections import deque
 from collections.abc import Callable, Sequence
 
 from router.config import RouterConfig
@@ -61,6 +60,7 @@ from router.load import WorkerLoad
 from router.policies.active_blocks import ActiveBlocks
 from router.policies.base import Policy, RouterView
 from router.policies.hot_prefixes import HotPrefixes
+from router.policies.live_contexts import LiveContext, LiveContexts
 from router.policies.memory_wait import MemoryWait
 from router.prefix_match import common_prefix
 from router.protocol import LoadReport, Tier
@@ -101,9 +101,7 @@ class SessionKv(Policy):
 
     def __init__(self, config: RouterConfig, rng: random.Random) -> None:
         super().__init__(config, rng)
-        self._live: dict[str, tuple[str, int, float]] = {}  # session -> (worker, blocks, picked at)
-        self._live_order: deque[tuple[float, str]] = deque()  # (picked at, session), pick order
-        self._footprint: dict[str, int] = {}  # worker -> blocks of its live sessions
+        self._live = LiveContexts(config.live_session_s, config.max_sessions)
         self._pool_speed = 0.0
         self._pool_speed_until = float("-inf")
         self._pool_speed_n = 0
@@ -128,7 +126,7 @@ class SessionKv(Policy):
         chain = request.block_hashes
         overlap = self._with_prior(view, self._with_pending(view.overlap(chain), chain), chain)
         sticky, why = self._sticky(view, overlap, chain)
-        self._expire_live(view.now)
+        self._live.expire(view.now)
         costs = self._estimates(request, view, overlap, sticky)
         if costs is None:
             credit, _ = self._credit(view, chain, overlap)
@@ -829,7 +827,7 @@ class SessionKv(Policy):
         held: float | None,
         n_tokens: int,
         chain: Sequence[int],
-        own: tuple[str, int, float] | None,
+        own: LiveContext | None,
         ms_per_token: float,
         token_ms: float | None = None,
     ) -> float:
@@ -901,7 +899,7 @@ class SessionKv(Policy):
         wl: WorkerLoad,
         w: str,
         n_blocks: int,
-        own: tuple[str, int, float] | None,
+        own: LiveContext | None,
         bs: int,
         ms_per_token: float,
         used: float,
@@ -915,9 +913,9 @@ class SessionKv(Policy):
         charged whole it sent every question away from the workers where sessions live."""
         block_ms = bs * ms_per_token
         cfg = self.config
-        live = self._footprint.get(w, 0)
-        if own is not None and own[0] == w:
-            live -= own[1]  # the session's previous turn is this prompt's prefix, not extra
+        live = self._live.blocks_on(w)
+        if own is not None and own.worker_id == w:
+            live -= own.blocks  # the session's previous turn is this prompt's prefix, not extra
         ms = cfg.memory_balance_factor * live
         report = wl.report
         if report is not None:
@@ -972,32 +970,11 @@ class SessionKv(Policy):
         after = cfg.live_after_turns
         live = after == 0 or (session is not None and session.turns >= after)
         if sid and (live or sid in self._live):
-            old = self._live.get(sid)
-            if old is not None:
-                self._footprint[old[0]] -= old[1]
-            elif len(self._live) >= self.config.max_sessions:
-                self._forget(next(iter(self._live)))
-            blocks = len(request.block_hashes)
-            self._live[sid] = (worker, blocks, now)
-            self._footprint[worker] = self._footprint.get(worker, 0) + blocks
-            self._live_order.append((now, sid))
+            self._live.picked(sid, worker, len(request.block_hashes), now)
         return Decision(worker, overlap.get(worker, 0), costs[worker], reason)
 
-    def _expire_live(self, now: float) -> None:
-        cutoff = now - self.config.live_session_s
-        order = self._live_order
-        while order and order[0][0] < cutoff:
-            picked_at, sid = order.popleft()
-            entry = self._live.get(sid)
-            if entry is not None and entry[2] == picked_at:
-                self._forget(sid)
-
-    def _forget(self, sid: str) -> None:
-        worker, blocks, _ = self._live.pop(sid)
-        self._footprint[worker] -= blocks
-
     def expire(self, now: float) -> None:
-        self._expire_live(now)
+        self._live.expire(now)
 
     def remove_worker(self, worker_id: str) -> None:
         for rid in [rid for rid, entry in self._pending.items() if entry[0] == worker_id]:
@@ -1008,9 +985,7 @@ class SessionKv(Policy):
         self._one_shot_count.pop(worker_id, None)
         if self._warm_blocks is not None:
             self._warm_blocks.pop(worker_id, None)
-        for sid in [s for s, entry in self._live.items() if entry[0] == worker_id]:
-            self._forget(sid)
-        self._footprint.pop(worker_id, None)
+        self._live.remove_worker(worker_id)
 
     def _credit(
         self,
