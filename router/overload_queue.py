@@ -67,8 +67,10 @@ class OverloadQueue:
             if self._let_go(rid, now, overdue=False):
                 out.append(rid)
                 slots -= 1
-        cutoff = now - self.max_hold_s
-        overdue = list(itertools.takewhile(lambda item: item[1] <= cutoff, self._arrived.items()))
+        # `arrived + max_hold_s`, as `next_deadline` computes it: `now - max_hold_s` can round below
+        # the arrival at that very deadline, and a timer set there would find nothing to release
+        bound = self.max_hold_s
+        overdue = list(itertools.takewhile(lambda item: item[1] + bound <= now, self._arrived.items()))
         for rid, _ in overdue:  # in arrival order: the oldest first
             self._let_go(rid, now, overdue=True)
             out.append(rid)

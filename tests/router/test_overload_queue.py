@@ -112,3 +112,16 @@ def test_fcfs_order_keeps_arrivals_in_order() -> None:
     assert not router.admit(turn("short", 10, 3_000), 0.2)
     router.on_first_token("a", 0.5)
     assert router.release_held(0.5) == ["long"]
+
+
+def test_the_bound_releases_at_the_deadline_it_names() -> None:
+    """At exactly `held_deadline()` the held turn goes, whatever the float rounding: a timer armed
+    there that found nothing would re-arm at the same instant for ever."""
+    arrival, bound = 99.087, 30.0
+    assert (arrival + bound) - bound < arrival  # the rounding this guards against
+    router = make(workers=1, overload_max_hold_s=bound)
+    send(router, turn("a", 200, 0), 0.0)
+    assert not router.admit(turn("x", 50, 10_000), arrival)
+    deadline = router.held_deadline()
+    assert deadline == arrival + bound
+    assert router.release_held(deadline) == ["x"]
