@@ -147,6 +147,11 @@ class GatewayMetrics:
             "Turns sent as their prompt and then their decode, at a priority every prompt outranks",
             registry=r,
         )
+        self.slices_cut = Counter(
+            "kvgate_slices_cut",
+            "Decode slices cut for a prompt that did not fit beside them (each went on as the next)",
+            registry=r,
+        )
         self.stream_errors = Counter(
             "kvgate_stream_errors", "Streams ended by a mid-stream worker failure", registry=r
         )

@@ -10,7 +10,9 @@ decode part goes at the default priority: it queues behind every prompt sent bef
 device memory first, and finds its blocks on the host where they evicted them. There the decode can go
 in slices (`Router.decode_slice_tokens`): parts of at most that many tokens, each sent when the one
 before it ends, the prompt plus the output so far, so that each queues behind the prompts sent
-meanwhile: a preemption the gateway makes every slice.
+meanwhile: a preemption the gateway makes every slice. A prompt that does not fit beside a streamed
+answer's running slice may also cut it (gateway/slice_cuts.py): `JoinedAnswer.cut` closes the slice's
+stream and goes on with the next slice from the output relayed so far.
 
 Joining the answers needs the output's token ids, which a plain OpenAI answer does not carry: every
 part that another may follow asks for vLLM's `return_token_ids`, and the next continues the answer with
@@ -33,6 +35,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.slice_cuts import SliceCuts
 from gateway.stream_relay import MAX_EVENT_BYTES
 from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse, drain
 
@@ -69,10 +72,14 @@ class SplitTurn:
         decode_priority: int,
         stream: bool,
         slice_tokens: int = 0,
+        cuts: SliceCuts | None = None,
+        slice_owner: tuple[str, str, int] = ("", "", 0),
     ) -> None:
         """`body`: the turn's body as it would go to the worker whole (with `kvgate.prompt_token_ids`);
         `max_tokens`: the client's, of which the decode parts ask for the rest; `slice_tokens`: the most
-        one decode part asks for (0: the whole rest)."""
+        one decode part asks for (0: the whole rest); `cuts`: where a streamed answer's slices are
+        registered so that a prompt that does not fit may cut them (gateway/slice_cuts.py), with
+        `slice_owner` (the turn's request id, its worker, its prompt blocks)."""
         self.pool = pool
         self.first_byte_timeout_s = pool.first_byte_timeout_s
         self.body = body
@@ -80,6 +87,8 @@ class SplitTurn:
         self.decode_priority = decode_priority
         self.stream = stream
         self.slice_tokens = slice_tokens
+        self.cuts = cuts if stream and slice_tokens > 0 else None
+        self.slice_owner = slice_owner
 
     def first_part(self) -> bytes:
         """The prompt part's body: one token, at the turn's own priority, with its token ids."""
@@ -147,19 +156,50 @@ class JoinedAnswer:
         self._buffer = b""
         self._done = False
         self._committed = False
+        self._slice_id: str | None = None  # the slice in flight that a prompt may cut (`SliceCuts`)
+        self._slices = 0  # slices registered, for their ids
+        self._cut = False  # the slice in flight was cut: go on with the next one
 
     @property
     def complete(self) -> bool:
         return self._done
+
+    def cut(self, slice_id: str) -> bool:
+        """End the slice in flight now (its stream closed: the worker aborts it) and go on with the next
+        one from the output relayed so far; False when `slice_id` is no longer the one in flight."""
+        part = self._part
+        if slice_id != self._slice_id or part is None or part.finish is not None:
+            return False
+        self._slice_id = None
+        self._cut = True
+        self._resp.close()
+        return True
+
+    def _register_slice(self) -> None:
+        """The part just started is a slice another may follow: a prompt that does not fit may cut it."""
+        cuts = self.split.cuts
+        if cuts is None or self._part is None:
+            return
+        request_id, worker_id, blocks = self.split.slice_owner
+        self._slices += 1
+        self._slice_id = f"{request_id}/slice{self._slices}"
+        cuts.sent(self._slice_id, self, worker_id, blocks)
+
+    def _end_slice(self) -> None:
+        if self._slice_id is not None and self.split.cuts is not None:
+            self.split.cuts.ended(self._slice_id)
+        self._slice_id = None
 
     def commit(self) -> None:
         self._committed = True
         self._resp.commit()
 
     def release(self) -> None:
+        self._end_slice()
         self._resp.release()
 
     def close(self) -> None:
+        self._end_slice()
         self._resp.close()
 
     # --- a whole answer
@@ -194,7 +234,14 @@ class JoinedAnswer:
 
     async def read_chunk(self) -> bytes:
         while not self._done:
-            chunk = await self._resp.read_chunk()
+            try:
+                chunk = await self._resp.read_chunk()
+            except UpstreamError:
+                if not self._cut:
+                    raise
+            if self._cut:  # what came after the cut was not relayed: the next slice goes on before it
+                self._after_cut()
+                continue
             if not chunk:
                 return b""  # the part ended without [DONE]: the relay says so
             self._buffer += chunk
@@ -255,6 +302,7 @@ class JoinedAnswer:
 
     async def _part_end(self, part: _Part, done: bytes) -> bytes:
         """A held part's [DONE]: the answer's end (its finish and usage, then `done`), or the next part."""
+        self._end_slice()  # ended: no longer a slice to cut
         finish = part.finish
         reason = _first_choice(finish).get("finish_reason") if finish is not None else None
         usage = part.usage.get("usage") if part.usage is not None else None
@@ -274,7 +322,21 @@ class JoinedAnswer:
         more = len(self._output_ids) + size < self.split.max_tokens
         self._part = _Part(size) if more else None
         self._buffer = b""
+        self._register_slice()
         return b""
+
+    def _after_cut(self) -> None:
+        """The slice in flight was cut: the next one from the output relayed so far (its token ids)."""
+        part = self._part
+        assert part is not None  # `cut` cuts only a part that another follows
+        self._cut = False
+        self._output_ids += part.token_ids
+        size = self.split.part_size(len(self._output_ids))
+        self._next_part()
+        more = len(self._output_ids) + size < self.split.max_tokens
+        self._part = _Part(size) if more else None
+        self._buffer = b""
+        self._register_slice()
 
     def _next_part(self) -> None:
         """The part after the output so far, in place of the one that ended (posted on its first read)."""
@@ -357,6 +419,9 @@ class _DecodePart:
         split = self.split
         timeout = split.pool.first_byte_timeout_s if split.stream else None
         resp = await split.pool.post(self.url, self.payload, timeout)
+        if self.released:  # given up (cut, or the client went) while it was being sent: the worker aborts
+            resp.close()
+            raise UpstreamError("the decode part was given up while it was sent")
         if resp.status != 200:
             resp.release()
             raise UpstreamError(f"the worker answered {resp.status} to a decode part of the turn")

@@ -24,6 +24,7 @@ from gateway.api_bridge import EXPECTED_CACHED_HEADER, PROMPT_TOKENS_HEADER, Rel
 from gateway.errors import ApiError
 from gateway.proxy import Outcome, Retryable, forward
 from gateway.session_id import explicit_session_id, header_value, parent_session_id
+from gateway.slice_cuts import SliceCuts
 from gateway.split_turn import SplitTurn, split_max_tokens
 from gateway.tokenizers import TokenizerUnavailable
 from gateway.upstream import Upstream
@@ -69,6 +70,8 @@ class Turns:
         # a turn may go as its prompt and then its decode (gateway/split_turn.py): only where the router
         # sends decodes apart at all, so that every other turn pays one attribute read for it
         self._splits_turns = self.config.split_turns and self.router.yields_decodes
+        # streamed answers' decode slices, which a prompt that does not fit on their worker may cut
+        self.slice_cuts = SliceCuts(self.router)
 
     async def read_body(self, request: web.Request) -> bytes:
         try:
@@ -309,7 +312,11 @@ class Turns:
             if state is None:
                 raise Retryable("worker left the pool")
             first_token = self._first_token_callback(route.request_id, sent_at)
-            pool, payload = self._pool_and_payload(turn, body, worker)
+            pool, payload = self._pool_and_payload(turn, body, worker, route)
+            if isinstance(pool, SplitTurn) and pool.slice_tokens:  # a prompt part: it may take slices' room
+                cut = self.slice_cuts.cut_for(worker, route.block_hashes, sent_at)
+                if cut:
+                    self.metrics.slices_cut.inc(cut)
             with self.traces.child(f"POST {path}", SpanKind.CLIENT):  # its traceparent goes upstream
                 response, outcome = await relay(
                     pool,
@@ -337,15 +344,17 @@ class Turns:
 
         return first_token
 
-    def _pool_and_payload(self, turn: Turn, body: dict[str, Any], worker: str) -> tuple[Upstream, bytes]:
+    def _pool_and_payload(
+        self, turn: Turn, body: dict[str, Any], worker: str, route: RouteRequest
+    ) -> tuple[Upstream, bytes]:
         """What the relay posts through, and its body: the whole turn, or where the turn is split its
         prompt part (the split stands in for the pool: its `post` sends the parts, answering them as one)."""
-        split = self._split(turn, body, worker) if self._splits_turns else None
+        split = self._split(turn, body, worker, route) if self._splits_turns else None
         if split is None:
             return self.upstream, msgspec.json.encode(body)
         return split, split.first_part()
 
-    def _split(self, turn: Turn, body: dict[str, Any], worker: str) -> SplitTurn | None:
+    def _split(self, turn: Turn, body: dict[str, Any], worker: str, route: RouteRequest) -> SplitTurn | None:
         """The turn as its prompt and then its decode (in slices where the router says so), where the
         router sends decodes apart on this worker (session_kv; priority scheduling, or a host tier; token
         ids) and the answer can be joined exactly."""
@@ -355,7 +364,10 @@ class Turns:
             return None
         self.metrics.split_turns.inc()
         slice_tokens = self.router.decode_slice_tokens(worker)
-        return SplitTurn(self.upstream, body, max_tokens, priority, turn.stream, slice_tokens)
+        owner = (route.request_id, worker, len(route.block_hashes))
+        return SplitTurn(
+            self.upstream, body, max_tokens, priority, turn.stream, slice_tokens, self.slice_cuts, owner
+        )
 
     def _route_attributes(self, route: RouteRequest, decision: Decision, expected: int) -> dict[str, Any]:
         return {

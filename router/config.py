@@ -266,6 +266,15 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # re-measured with a slice's earlier output found, 128 and 64 cost 13 % and 38 % more e2e on the full
     # trace for a mean 5 % and 1 % lower (seed 0; "ninth pass")
     decode_slice_tokens: int = 256
+    # where decodes go in slices, a prompt part sent to a worker whose last fresh load report says it does
+    # not fit beside the blocks in use (or that requests wait there) has the newest running slices there
+    # cut (the gateway closes their streams; each goes on as the next slice, queued behind the prompt)
+    # until their blocks cover the shortfall: the room an engine that lets prompts preempt decodes would
+    # give (router/running_slices.py; only a streamed answer's slices: a whole answer's part has relayed
+    # nothing it could go on from). Full cc trace, host tier 4x: session_kv's TTFT mean -13 to -16 %,
+    # p90 -10 to -18 %, e2e +2 to +4 % (docs/TIERS.md, "Eleventh pass")
+    cut_slices: bool = True
+    max_running_slices: int = 65536
 
     def __post_init__(self) -> None:
         bounded = ["max_sessions", "max_session_bytes", "max_inflight", "approx_blocks_per_worker"]
@@ -281,6 +290,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"max_session_id_len must be between 0 and {MAX_SESSION_ID_CHARS}")
         if self.decode_slice_tokens < 0:
             raise ValueError("decode_slice_tokens must not be negative")
+        if self.max_running_slices < 0:
+            raise ValueError("max_running_slices must not be negative")
         if self.host_keep_factor < 0:
             raise ValueError("host_keep_factor must not be negative")
         if not 0 <= self.think_alpha <= 1:

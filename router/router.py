@@ -27,6 +27,7 @@ from router.policies.kv_overlap import KvOverlap
 from router.protocol import KvEventBatch, KvStateDump, LoadReport, PinHint, WorkerRegistration
 from router.request import INFERRED_SESSION_PREFIXES, Decision, RouteRequest
 from router.room import RoomQueue
+from router.running_slices import RunningSlices
 from router.sessions import Session, SessionTable
 
 __all__ = ["NoWorkerError", "Router", "RouterConfig"]
@@ -136,6 +137,8 @@ class Router:
         self._pins = config.pin_baselines or policy in PINNING_POLICIES
         self._yields = splits_turns and config.yield_decodes and policy in YIELDING_POLICIES
         self._splitting: frozenset[str] = frozenset()  # workers where this router sends decodes apart
+        # the decode slices in flight, where a prompt that does not fit may have them cut
+        self.slices = RunningSlices(config.max_running_slices) if config.cut_slices else None
         self._yielding: frozenset[str] = frozenset()  # of which those whose decodes yield to prompts
         self.admission: SessionAdmission | None = None
         if config.session_admission and policy in ADMITTING_POLICIES:
@@ -225,6 +228,9 @@ class Router:
         self._registrations.pop(worker_id, None)
         self._yielding = self._yielding - {worker_id}
         self._splitting = self._splitting - {worker_id}
+        if self.slices is not None:
+            for slice_id in self.slices.on(worker_id):
+                self.slices.ended(slice_id)
         self._streams.pop(worker_id, None)
         self.index.remove_worker(worker_id)
         self.approx.remove_worker(worker_id)
@@ -733,6 +739,35 @@ class Router:
         if worker_id not in self._splitting or worker_id in self._yielding:
             return 0
         return self.config.decode_slice_tokens
+
+    def slice_sent(self, slice_id: str, worker_id: str, blocks: int) -> None:
+        """A decode slice of a prompt of `blocks` blocks went to `worker_id` (`decode_slice_tokens`)."""
+        if self.slices is not None:
+            self.slices.sent(slice_id, worker_id, blocks)
+
+    def slice_ended(self, slice_id: str) -> None:
+        """The slice finished or failed: it holds no device room any more."""
+        if self.slices is not None:
+            self.slices.ended(slice_id)
+
+    def slices_to_cut(self, worker_id: str, chain: Sequence[int], now: float) -> list[str]:
+        """The running slices to cut on `worker_id` for a prompt of `chain` just sent there (`cut_slices`;
+        none where the worker gets no slices or its load report is stale): where the report says the
+        prompt's blocks not on the device do not fit beside those in use, the newest slices there whose
+        blocks cover the shortfall; where requests wait there, at least one. The caller cuts them (each
+        goes on as the next slice, queued behind the prompt) and they are forgotten here."""
+        slices = self.slices
+        if slices is None or not self.decode_slice_tokens(worker_id):
+            return []
+        wl = self.load.workers.get(worker_id)
+        if wl is None or wl.report is None or now > wl.fresh_until:
+            return []
+        report = wl.report
+        missing = len(chain) - self._overlap(chain).get(worker_id, 0)
+        short = report.used_blocks + missing - report.total_blocks
+        if short <= 0 and not report.waiting:
+            return []
+        return slices.to_cut(worker_id, max(short, 1))
 
     def on_first_token(self, request_id: str, now: float) -> None:
         self.load.first_token(request_id, now)

@@ -168,6 +168,8 @@ class Simulation:
         # decodes sent in slices (Router.decode_slice_tokens): a slice's id -> the output tokens before
         # it, its priority and session
         self._slices: dict[str, tuple[int, int, str | None]] = {}
+        # slices cut for a prompt (Router.slices_to_cut): their aborts end them, and the next one goes
+        self._cut: set[str] = set()
         self._open = len(workload)  # turns not finished yet (arrived or not)
         self._next_index = 0
         self._last_progress = 0.0
@@ -291,6 +293,11 @@ class Simulation:
         except ValueError:  # the engine refuses it (longer than the worker's whole cache)
             self._decode_priority.pop(turn.request_id, None)
             self._finish(turn.request_id, 0, ok=False)
+            return
+        if answer is not None:  # a prompt part where decodes go in slices: it may take their room
+            for slice_id in self.router.slices_to_cut(worker_id, hashes, self.loop.now):
+                self._cut.add(slice_id)
+                self.workers[worker_id].abort(slice_id)  # as the gateway closes the slice's stream
 
     def _submit_decode(
         self, request_id: str, priority: int, session_id: str | None, produced: int = 1
@@ -313,20 +320,18 @@ class Simulation:
             self._slices[decode_id] = (produced, priority, session_id)
             answer = (answer_start(request_id), produced)  # the output so far as its tokens
         self._decodes[decode_id] = request_id
+        hashes = self.workload.block_hashes(row)
         try:
             self.workers[record.worker].submit(
-                decode_id,
-                row.input_length + produced,
-                self.workload.block_hashes(row),
-                size,
-                session_id,
-                priority,
-                answer,
+                decode_id, row.input_length + produced, hashes, size, session_id, priority, answer
             )
         except ValueError:
             del self._decodes[decode_id]
             self._slices.pop(decode_id, None)
             self._finish(request_id, produced, ok=False)
+            return
+        if slice_tokens:
+            self.router.slice_sent(decode_id, record.worker, len(hashes))
 
     def _slice_done(self, slice_id: str, request_id: str, completion_tokens: int, ok: bool) -> int | None:
         """A decode slice ended: the next one goes (None), or the turn ends with its output tokens."""
@@ -352,6 +357,10 @@ class Simulation:
                         ok = out.completion_tokens > 0 and out.finish_reason != "abort"
                         produced: int | None = out.completion_tokens + 1
                         if request_id in self._slices:
+                            self.router.slice_ended(request_id)
+                            if self._cut:  # cut for a prompt: the output so far stands, the next goes
+                                ok = ok or request_id in self._cut
+                                self._cut.discard(request_id)
                             produced = self._slice_done(request_id, decode_of, out.completion_tokens, ok)
                         if produced is not None:
                             self._finish(decode_of, produced, ok)
@@ -540,4 +549,5 @@ class Simulation:
                 self._finish(request_id, 0, ok=False)
             self._decodes.clear()
             self._slices.clear()
+            self._cut.clear()
         self.loop.after(self.config.expire_interval_s, self._expire_tick)

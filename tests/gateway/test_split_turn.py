@@ -5,6 +5,7 @@ splits turns (the default) and one that does not (`split_turns=False`, `--no-spl
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 from collections.abc import AsyncIterator
@@ -406,6 +407,69 @@ async def test_a_prompt_that_does_not_fit_preempts_another_sessions_decode(
             await long_stream.close()
         finally:
             await client.close()
+
+
+async def test_a_prompt_that_does_not_fit_cuts_a_running_slice(
+    cluster: Cluster, nats_url: str, namespace: str
+) -> None:
+    """On a first-come-first-served worker of 64 blocks with a host tier, a streamed answer decodes in
+    slices of 30 tokens; a second turn's prompt (~36 blocks) does not fit beside the running slice
+    (~37 blocks of prompt and output), so the gateway cuts that slice (`cut_slices`: the router names
+    it from the worker's load report, the gateway closes its stream and the worker aborts it). The
+    answer goes on from the output relayed so far and reads as the unsplit one; the second turn is
+    answered."""
+    slow = ["--num-blocks", "64", "--host-blocks", "512", "--speedup", "0.2", "--log-level", "DEBUG"]
+    cluster.worker("cut0", "mock", "--model", "m-cut", *slow)
+    await asyncio.to_thread(cluster.workers["cut0"].wait_http, "/health", 60.0)
+    worker = cluster.workers["cut0"]
+    config = RouterConfig(split_fcfs=True, decode_slice_tokens=30)
+    async with running_gateway(nats_url, namespace, "gw-cut", router_config=config) as gw:
+        await gw.wait_ready(workers=1)
+        assert gw.router.decode_slice_tokens("cut0") == 30 and gw.router.slices is not None
+        client = sdk(gw)
+        try:
+            long_stream = await client.chat.completions.create(
+                model="m-cut", messages=chat("a" * 540), max_tokens=120, stream=True
+            )
+            chunks = long_stream.__aiter__()
+            first = await chunks.__anext__()
+
+            def second_slice() -> bool:  # a slice after the first decode part: output so far 31
+                return any(p[1] > 1 for parts in requests_seen(worker).values() for p in parts)
+
+            await until(second_slice, 60.0, "the long answer's second slice at the worker")
+
+            def reported_running() -> bool:  # the router sees the slice's blocks in use there
+                report = gw.router.load.workers["cut0"].report
+                return report is not None and report.running == 1 and report.used_blocks > 32
+
+            await until(reported_running, 60.0, "the slice running in the worker's load report")
+            other = await client.chat.completions.create(
+                model="m-cut", messages=chat("b" * 540), max_tokens=3
+            )
+            assert other.choices[0].message.content == PLACEHOLDER_TEXT[:3]
+            rest = [chunk async for chunk in _bounded(chunks, 120.0)]
+        finally:
+            await client.close()
+        assert gw.router.slices.cut_total >= 1 and len(gw.gateway.turns.slice_cuts) == 0
+        status, metrics = await gw.get("/metrics")
+        assert status == 200 and re.search(r"^kvgate_slices_cut_total [1-9]", metrics, re.M)
+        prefix = gw.gateway.turns._request_id_prefix
+    finishes = [
+        c.choices[0].finish_reason for c in [first, *rest] if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == ["length"]
+    text = "".join(c.choices[0].delta.content or "" for c in [first, *rest] if c.choices)
+    assert text == (PLACEHOLDER_TEXT * 2)[:120]
+    # the long answer's parts (output so far, max_tokens): one ends short of its size where it was cut,
+    # and the next goes on from there
+    parts = next(
+        [p[1:3] for p in ps]
+        for rid, ps in requests_seen(worker).items()
+        if rid.startswith(f"req-{prefix}") and len(ps) > 2
+    )
+    assert parts[0] == (0, 1) and parts[-1][0] + parts[-1][1] == 120
+    assert any(after[0] < before[0] + before[1] for before, after in itertools.pairwise(parts))
 
 
 async def _decode_part_taken(worker: Proc) -> None:

@@ -324,6 +324,30 @@ def test_a_decode_sent_in_slices_lets_a_later_prompt_in_between_them() -> None:
         RouterConfig(decode_slice_tokens=-1)
 
 
+def test_a_prompt_that_does_not_fit_cuts_the_running_slice() -> None:
+    """The same two turns as above, slices of 64: with `cut_slices` (the default) B's prompt part has
+    A's running slice cut (the router reads the worker's report: A's blocks in use, B's 40 blocks not
+    there, 64 in all), so B's first token does not wait for that slice to end; A goes on from the
+    output it had and still ends with all of its 300 tokens."""
+    a = TraceRow(timestamp=0.0, input_length=640, output_length=300, hash_ids=[1, 2, 3, 4, 5], session_id="a")
+    b = TraceRow(
+        timestamp=1000.0, input_length=640, output_length=4, hash_ids=[6, 7, 8, 9, 10], session_id="b"
+    )
+    ttft, cuts = {}, {}
+    for cut in (False, True):
+        config = small_config(workers=1, num_blocks=64, host_blocks=256)
+        sim = Simulation(
+            workload([a, b]), "session_kv", config, RouterConfig(decode_slice_tokens=64, cut_slices=cut)
+        )
+        run = sim.run()
+        assert all(r.ok for r in run.records)
+        assert [r.output_tokens for r in run.records] == [300, 4]
+        ttft[cut] = run.records[1].first_token - run.records[1].arrival
+        cuts[cut] = sim.router.slices.cut_total if sim.router.slices is not None else 0
+    assert cuts == {False: 0, True: 1}
+    assert ttft[True] < ttft[False] / 2
+
+
 def test_a_decode_slice_finds_the_output_of_the_slices_before_it() -> None:
     """Known by construction: one worker with room for everything and a host tier; A's 300-token
     answer goes in slices of 64, and B, the same prompt in another session, comes after A is done. A

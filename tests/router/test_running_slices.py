@@ -1,0 +1,85 @@
+"""router/running_slices.py and `Router.slices_to_cut`: the decode slices a prompt that does not fit
+may have cut."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.config import RouterConfig
+from router.protocol import BlockStored, KvEventBatch, LoadReport, WorkerRegistration
+from router.router import Router
+from router.running_slices import RunningSlices
+
+BS = 16
+
+
+def test_the_newest_slices_are_cut_until_their_blocks_cover_the_shortfall() -> None:
+    slices = RunningSlices(max_slices=100)
+    for slice_id, blocks in (("a", 30), ("b", 20), ("c", 10)):
+        slices.sent(slice_id, "w0", blocks)
+    slices.sent("x", "w1", 50)
+    assert slices.to_cut("w0", 25) == ["c", "b"]  # 10 + 20 cover 25: a keeps running
+    assert slices.on("w0") == ["a"] and slices.on("w1") == ["x"] and slices.cut_total == 2
+    assert slices.to_cut("w0", 1000) == ["a"]  # all there are, short of the shortfall
+    assert slices.to_cut("w0", 5) == [] and slices.to_cut("w9", 5) == []
+    assert len(slices) == 1
+
+
+def test_an_ended_slice_is_not_cut_and_the_bound_forgets_the_oldest() -> None:
+    slices = RunningSlices(max_slices=2)
+    slices.sent("a", "w0", 10)
+    slices.sent("b", "w0", 10)
+    slices.ended("b")
+    slices.ended("never-sent")  # ignored
+    assert slices.on("w0") == ["a"]
+    slices.sent("c", "w1", 10)
+    slices.sent("d", "w1", 10)  # the third in flight: a, the oldest, is forgotten
+    assert slices.on("w0") == [] and slices.on("w1") == ["c", "d"]
+    assert RunningSlices(max_slices=0).to_cut("w0", 1) == []
+    with pytest.raises(ValueError):
+        RunningSlices(max_slices=-1)
+
+
+def _router(**config: object) -> Router:
+    router = Router(config=RouterConfig(decode_slice_tokens=64, **config), splits_turns=True)
+    for wid, host in (("t", 4000), ("n", 0)):  # t gets slices (a host tier); n gets turns whole
+        registration = WorkerRegistration(
+            wid, f"http://{wid}", "m", BS, 100, "mock", 1, 0.0, returns_token_ids=True, host_blocks=host
+        )
+        router.add_worker(registration, 0.0)
+    return router
+
+
+def _report(router: Router, wid: str, used: int, waiting: int, now: float) -> None:
+    router.apply_load(LoadReport(wid, now, 1, waiting, 0, used, 100, 1000.0, 50.0, host_blocks=4000), now)
+
+
+def test_a_prompt_that_does_not_fit_by_the_workers_report_has_the_newest_slices_cut() -> None:
+    router = _router()
+    for slice_id, blocks in (("old", 40), ("mid", 30), ("new", 20)):
+        router.slice_sent(slice_id, "t", blocks)
+    chain = list(range(1000, 1040))  # 40 blocks, 10 of them on the device there
+    assert router.apply_kv_batch(KvEventBatch("t", 1, 0, 1.0, [BlockStored(chain[:10])]), 1.0)
+    _report(router, "t", used=80, waiting=0, now=1.0)
+    # 80 in use + 30 not on the device = 10 over the 100 blocks: the newest slice covers it
+    assert router.slices_to_cut("t", chain, 1.0) == ["new"]
+    _report(router, "t", used=60, waiting=0, now=1.1)
+    assert router.slices_to_cut("t", chain, 1.1) == []  # it fits
+    _report(router, "t", used=60, waiting=2, now=1.2)
+    assert router.slices_to_cut("t", chain, 1.2) == ["mid"]  # requests wait there: at least one
+    _report(router, "t", used=99, waiting=0, now=1.3)
+    assert router.slices_to_cut("t", chain, 60.0) == []  # the report went stale: nothing is known
+
+
+def test_no_cuts_where_no_slices_go_or_the_switch_is_off() -> None:
+    router = _router()
+    router.slice_sent("s", "n", 50)
+    _report(router, "n", used=99, waiting=3, now=1.0)
+    assert router.slices_to_cut("n", list(range(50)), 1.0) == []  # n gets no slices
+    off = _router(cut_slices=False)
+    assert off.slices is None
+    off.slice_sent("s", "t", 50)
+    _report(off, "t", used=99, waiting=3, now=1.0)
+    assert off.slices_to_cut("t", list(range(50)), 1.0) == []
+    router.remove_worker("n")
+    assert router.slices is not None and router.slices.on("n") == []
