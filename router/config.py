@@ -274,7 +274,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # nothing it could go on from). Full cc trace, host tier 4x: session_kv's TTFT mean -13 to -16 %,
     # p90 -10 to -18 %, e2e +2 to +4 % (docs/TIERS.md, "Eleventh pass")
     cut_slices: bool = True
-    max_running_slices: int = 65536
+    max_running_slices: int = 65536  # slices in flight the router keeps for that (the oldest go first)
 
     def __post_init__(self) -> None:
         bounded = ["max_sessions", "max_session_bytes", "max_inflight", "approx_blocks_per_worker"]
