@@ -314,15 +314,7 @@ class JoinedAnswer:
                 part.usage["usage"] = self._joined_usage(self._first_usage, usage)
             return b"".join(_event(chunk) for chunk in (finish, part.usage) if chunk is not None) + done
         await drain(self._resp)
-        self._output_ids += part.token_ids
-        size = self.split.part_size(len(self._output_ids))
-        self._next_part()
-        if self._parts == 2 and type(self._created) is int:  # as a kvgate worker writes it (compact JSON)
-            self._created_member = b'"created":%d,' % self._created
-        more = len(self._output_ids) + size < self.split.max_tokens
-        self._part = _Part(size) if more else None
-        self._buffer = b""
-        self._register_slice()
+        self._stream_on(part)
         return b""
 
     def _after_cut(self) -> None:
@@ -330,9 +322,15 @@ class JoinedAnswer:
         part = self._part
         assert part is not None  # `cut` cuts only a part that another follows
         self._cut = False
+        self._stream_on(part)
+
+    def _stream_on(self, part: _Part) -> None:
+        """The stream's next part after `part` (ended, or cut), from the output so far with its tokens."""
         self._output_ids += part.token_ids
         size = self.split.part_size(len(self._output_ids))
         self._next_part()
+        if self._parts == 2 and type(self._created) is int:  # as a kvgate worker writes it (compact JSON)
+            self._created_member = b'"created":%d,' % self._created
         more = len(self._output_ids) + size < self.split.max_tokens
         self._part = _Part(size) if more else None
         self._buffer = b""

@@ -229,8 +229,7 @@ class Router:
         self._yielding = self._yielding - {worker_id}
         self._splitting = self._splitting - {worker_id}
         if self.slices is not None:
-            for slice_id in self.slices.on(worker_id):
-                self.slices.ended(slice_id)
+            self.slices.remove_worker(worker_id)
         self._streams.pop(worker_id, None)
         self.index.remove_worker(worker_id)
         self.approx.remove_worker(worker_id)

@@ -47,6 +47,11 @@ class RunningSlices:
         if not on_worker:
             del self._by_worker[worker_id]
 
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget the slices in flight on a worker that left."""
+        for slice_id in self._by_worker.pop(worker_id, {}):
+            del self._worker_of[slice_id]
+
     def on(self, worker_id: str) -> list[str]:
         """The slices in flight on `worker_id`, oldest first."""
         return list(self._by_worker.get(worker_id, ()))

@@ -35,6 +35,8 @@ def test_an_ended_slice_is_not_cut_and_the_bound_forgets_the_oldest() -> None:
     slices.sent("c", "w1", 10)
     slices.sent("d", "w1", 10)  # the third in flight: a, the oldest, is forgotten
     assert slices.on("w0") == [] and slices.on("w1") == ["c", "d"]
+    slices.remove_worker("w1")
+    assert slices.on("w1") == [] and len(slices) == 0 and slices.to_cut("w1", 5) == []
     assert RunningSlices(max_slices=0).to_cut("w0", 1) == []
     with pytest.raises(ValueError):
         RunningSlices(max_slices=-1)
