@@ -4,7 +4,8 @@ Where the router sends a turn's decode in slices (gateway/split_turn.py), a prom
 first-come-first-served worker that has no device room waits until running slices end. The router
 names the newest slices whose blocks cover the shortfall (`Router.slices_to_cut`); their answers close
 those slices' streams (the worker aborts them, their blocks stay in its prefix cache) and go on with the
-next slice from the output relayed so far, queued behind the prompt. Only a streamed answer's slices
+next slice from the output relayed so far, queued behind the prompt; a slice whose first token has not
+come is still queued there, in front of the prompt, and is cut too. Only a streamed answer's slices
 are cut: a whole answer's part has relayed nothing, and would lose its output.
 """
 
@@ -33,6 +34,11 @@ class SliceCuts:
         """A slice of `blocks` prompt blocks went to `worker_id` for `answer`."""
         self._answers[slice_id] = answer
         self.router.slice_sent(slice_id, worker_id, blocks)
+
+    def started(self, slice_id: str) -> None:
+        """The slice's first token came: it runs, no longer queued at its worker."""
+        if slice_id in self._answers:
+            self.router.slice_started(slice_id)
 
     def ended(self, slice_id: str) -> None:
         """The slice ended (done, failed, given up): nothing to cut any more."""

@@ -159,6 +159,7 @@ class JoinedAnswer:
         self._slice_id: str | None = None  # the slice in flight that a prompt may cut (`SliceCuts`)
         self._slices = 0  # slices registered, for their ids
         self._cut = False  # the slice in flight was cut: go on with the next one
+        self._slice_running = False  # its first token came (it no longer waits in the worker's queue)
 
     @property
     def complete(self) -> bool:
@@ -183,7 +184,13 @@ class JoinedAnswer:
         request_id, worker_id, blocks = self.split.slice_owner
         self._slices += 1
         self._slice_id = f"{request_id}/slice{self._slices}"
+        self._slice_running = False
         cuts.sent(self._slice_id, self, worker_id, blocks)
+
+    def _started_slice(self) -> None:
+        self._slice_running = True
+        if self._slice_id is not None and self.split.cuts is not None:
+            self.split.cuts.started(self._slice_id)
 
     def _end_slice(self) -> None:
         if self._slice_id is not None and self.split.cuts is not None:
@@ -285,6 +292,8 @@ class JoinedAnswer:
             return b""
         choice = _first_choice(chunk)
         _pop_ids(chunk, choice, part.token_ids)
+        if part.token_ids and not self._slice_running:
+            self._started_slice()
         if self._parts > 1 and not _without_role(choice):
             return b""
         if choice.get("finish_reason") is None:

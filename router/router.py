@@ -138,7 +138,9 @@ class Router:
         self._yields = splits_turns and config.yield_decodes and policy in YIELDING_POLICIES
         self._splitting: frozenset[str] = frozenset()  # workers where this router sends decodes apart
         # the decode slices in flight, where a prompt that does not fit may have them cut
-        self.slices = RunningSlices(config.max_running_slices) if config.cut_slices else None
+        self.slices = (
+            RunningSlices(config.max_running_slices, config.cut_queued_slices) if config.cut_slices else None
+        )
         self._yielding: frozenset[str] = frozenset()  # of which those whose decodes yield to prompts
         self.admission: SessionAdmission | None = None
         if config.session_admission and policy in ADMITTING_POLICIES:
@@ -744,17 +746,23 @@ class Router:
         if self.slices is not None:
             self.slices.sent(slice_id, worker_id, blocks)
 
+    def slice_started(self, slice_id: str) -> None:
+        """The slice's first token came: it runs there, holding its blocks, no longer queued."""
+        if self.slices is not None:
+            self.slices.started(slice_id)
+
     def slice_ended(self, slice_id: str) -> None:
         """The slice finished or failed: it holds no device room any more."""
         if self.slices is not None:
             self.slices.ended(slice_id)
 
     def slices_to_cut(self, worker_id: str, chain: Sequence[int], now: float) -> list[str]:
-        """The running slices to cut on `worker_id` for a prompt of `chain` just sent there (`cut_slices`;
-        none where the worker gets no slices or its load report is stale): where the report says the
-        prompt's blocks not on the device do not fit beside those in use, the newest slices there whose
-        blocks cover the shortfall; where requests wait there, at least one. The caller cuts them (each
-        goes on as the next slice, queued behind the prompt) and they are forgotten here."""
+        """The slices to cut on `worker_id` for a prompt of `chain` just sent there (`cut_slices`; none
+        where the worker gets no slices or its load report is stale): where the report says the prompt's
+        blocks not on the device do not fit beside those in use, or that requests wait there, the slices
+        still queued there (`cut_queued_slices`) and the newest running ones whose blocks cover the
+        shortfall (at least one). The caller cuts them (each goes on as the next slice, queued behind
+        the prompt) and they are forgotten here."""
         slices = self.slices
         if slices is None or not self.decode_slice_tokens(worker_id):
             return []

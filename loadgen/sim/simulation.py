@@ -352,6 +352,8 @@ class Simulation:
             if self._decodes:
                 decode_of = self._decodes.get(request_id)
                 if decode_of is not None:  # a turn's decode: its end is the turn's
+                    if out.completion_tokens == 1 and not out.finished and request_id in self._slices:
+                        self.router.slice_started(request_id)  # it runs: its first token came
                     if out.finished:
                         del self._decodes[request_id]
                         ok = out.completion_tokens > 0 and out.finish_reason != "abort"

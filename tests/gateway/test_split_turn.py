@@ -444,6 +444,9 @@ async def test_a_prompt_that_does_not_fit_cuts_a_running_slice(
                 return report is not None and report.running == 1 and report.used_blocks > 32
 
             await until(reported_running, 60.0, "the slice running in the worker's load report")
+            # and the gateway said it runs (its first token came): a running slice, not a queued one
+            slices = gw.router.slices
+            await until(lambda: bool(slices.running_on("cut0")), 60.0, "the slice known to run")
             other = await client.chat.completions.create(
                 model="m-cut", messages=chat("b" * 540), max_tokens=3
             )

@@ -324,6 +324,19 @@ def test_a_decode_sent_in_slices_lets_a_later_prompt_in_between_them() -> None:
         RouterConfig(decode_slice_tokens=-1)
 
 
+def _record_slice_starts(router: Router) -> list[str]:
+    """The slice ids the simulator tells `router` have started, from now on."""
+    started: list[str] = []
+    original = router.slice_started
+
+    def slice_started(slice_id: str) -> None:
+        started.append(slice_id)
+        original(slice_id)
+
+    router.slice_started = slice_started  # type: ignore[method-assign]
+    return started
+
+
 def test_a_prompt_that_does_not_fit_cuts_the_running_slice() -> None:
     """The same two turns as above, slices of 64: with `cut_slices` (the default) B's prompt part has
     A's running slice cut (the router reads the worker's report: A's blocks in use, B's 40 blocks not
@@ -339,7 +352,11 @@ def test_a_prompt_that_does_not_fit_cuts_the_running_slice() -> None:
         sim = Simulation(
             workload([a, b]), "session_kv", config, RouterConfig(decode_slice_tokens=64, cut_slices=cut)
         )
+        started = _record_slice_starts(sim.router)
         run = sim.run()
+        # each slice told the router it runs, once, at its first token: a queued one is cut whatever
+        # the shortfall, a running one only for room
+        assert len(started) == len(set(started)) >= 5 and all("/decode" in s for s in started)
         assert all(r.ok for r in run.records)
         assert [r.output_tokens for r in run.records] == [300, 4]
         ttft[cut] = run.records[1].first_token - run.records[1].arrival

@@ -17,12 +17,45 @@ def test_the_newest_slices_are_cut_until_their_blocks_cover_the_shortfall() -> N
     slices = RunningSlices(max_slices=100)
     for slice_id, blocks in (("a", 30), ("b", 20), ("c", 10)):
         slices.sent(slice_id, "w0", blocks)
+        slices.started(slice_id)  # running: their first tokens came
     slices.sent("x", "w1", 50)
+    slices.started("x")
     assert slices.to_cut("w0", 25) == ["c", "b"]  # 10 + 20 cover 25: a keeps running
     assert slices.on("w0") == ["a"] and slices.on("w1") == ["x"] and slices.cut_total == 2
     assert slices.to_cut("w0", 1000) == ["a"]  # all there are, short of the shortfall
     assert slices.to_cut("w0", 5) == [] and slices.to_cut("w9", 5) == []
     assert len(slices) == 1
+
+
+def test_every_queued_slice_is_cut_then_the_newest_running_ones() -> None:
+    """A slice whose first token has not come waits in the worker's queue in front of the prompt: it
+    frees no room, and is cut whatever the shortfall, so that it goes on behind the prompt."""
+    slices = RunningSlices(max_slices=100)
+    for slice_id, blocks in (("run1", 30), ("q1", 40), ("run2", 20), ("q2", 50)):
+        slices.sent(slice_id, "w0", blocks)
+    slices.started("run1")
+    slices.started("run2")
+    slices.started("unknown")  # ignored
+    assert slices.running_on("w0") == ["run1", "run2"] and slices.on("w0") == ["run1", "q1", "run2", "q2"]
+    assert slices.to_cut("w0", 25) == ["q1", "q2", "run2", "run1"]  # the queued free nothing: 20 + 30
+    slices.sent("q3", "w0", 10)
+    slices.sent("run3", "w0", 10)
+    slices.started("run3")
+    slices.ended("run3")
+    assert slices.to_cut("w0", 0) == ["q3"]  # fits, but requests wait: the queued one goes behind
+    slices.sent("r", "w0", 10)
+    slices.started("r")
+    slices.ended("r")
+    slices.sent("r", "w0", 10)  # the same id sent again is queued again
+    assert slices.to_cut("w0", 0) == ["r"] and slices.cut_total == 6
+
+
+def test_without_cut_queued_the_newest_are_cut_queued_or_not() -> None:
+    slices = RunningSlices(max_slices=100, cut_queued=False)
+    for slice_id, blocks in (("run", 30), ("q", 20)):
+        slices.sent(slice_id, "w0", blocks)
+    slices.started("run")
+    assert slices.to_cut("w0", 10) == ["q"]  # the eleventh pass' rule: blocks counted, queued or not
 
 
 def test_an_ended_slice_is_not_cut_and_the_bound_forgets_the_oldest() -> None:
@@ -60,6 +93,7 @@ def test_a_prompt_that_does_not_fit_by_the_workers_report_has_the_newest_slices_
     router = _router()
     for slice_id, blocks in (("old", 40), ("mid", 30), ("new", 20)):
         router.slice_sent(slice_id, "t", blocks)
+        router.slice_started(slice_id)
     chain = list(range(1000, 1040))  # 40 blocks, 10 of them on the device there
     assert router.apply_kv_batch(KvEventBatch("t", 1, 0, 1.0, [BlockStored(chain[:10])]), 1.0)
     _report(router, "t", used=80, waiting=0, now=1.0)
