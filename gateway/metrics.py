@@ -152,6 +152,11 @@ class GatewayMetrics:
             "Decode slices cut for a prompt that did not fit beside them (each went on as the next)",
             registry=r,
         )
+        self.prefill_pieces = Counter(
+            "kvgate_prefill_pieces",
+            "Prefill pieces sent before a long prompt's part (the prompts sent meanwhile go in between)",
+            registry=r,
+        )
         self.stream_errors = Counter(
             "kvgate_stream_errors", "Streams ended by a mid-stream worker failure", registry=r
         )

@@ -12,7 +12,12 @@ in slices (`Router.decode_slice_tokens`): parts of at most that many tokens, eac
 before it ends, the prompt plus the output so far, so that each queues behind the prompts sent
 meanwhile: a preemption the gateway makes every slice. A prompt that does not fit beside a streamed
 answer's running slice may also cut it (gateway/slice_cuts.py): `JoinedAnswer.cut` closes the slice's
-stream and goes on with the next slice from the output relayed so far.
+stream and goes on with the next slice from the output relayed so far. There a long prompt may also go
+in prefill pieces first (`Router.prefill_pieces`): requests for its first tokens, more each time, with
+`max_tokens` 1 and their answers dropped, each sent when the one before ends, so that the prompts sent
+meanwhile queue in front of the next piece instead of waiting for the whole prefill; the prompt part
+then finds all but its last piece cached. The turn's usage reports what was cached before the first
+piece.
 
 Joining the answers needs the output's token ids, which a plain OpenAI answer does not carry: every
 part that another may follow asks for vLLM's `return_token_ids`, and the next continues the answer with
@@ -31,6 +36,7 @@ in a stream begun, an `UpstreamError` before (the attempt is retried elsewhere, 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -74,12 +80,17 @@ class SplitTurn:
         slice_tokens: int = 0,
         cuts: SliceCuts | None = None,
         slice_owner: tuple[str, str, int] = ("", "", 0),
+        pieces: Sequence[int] = (),
+        before_prompt: Callable[[int], None] | None = None,
     ) -> None:
         """`body`: the turn's body as it would go to the worker whole (with `kvgate.prompt_token_ids`);
         `max_tokens`: the client's, of which the decode parts ask for the rest; `slice_tokens`: the most
         one decode part asks for (0: the whole rest); `cuts`: where a streamed answer's slices are
         registered so that a prompt that does not fit may cut them (gateway/slice_cuts.py), with
-        `slice_owner` (the turn's request id, its worker, its prompt blocks)."""
+        `slice_owner` (the turn's request id, its worker, its prompt blocks); `pieces`: the prompt
+        lengths of the prefill pieces sent before the prompt part; `before_prompt(tokens)`: called as
+        each piece and the prompt part is about to be sent, with its prompt's length (the slices it
+        may cut)."""
         self.pool = pool
         self.first_byte_timeout_s = pool.first_byte_timeout_s
         self.body = body
@@ -89,6 +100,9 @@ class SplitTurn:
         self.slice_tokens = slice_tokens
         self.cuts = cuts if stream and slice_tokens > 0 else None
         self.slice_owner = slice_owner
+        self.pieces = list(pieces)
+        self.before_prompt = before_prompt
+        self.prompt_details: Any = None  # the first piece's `prompt_tokens_details`: cached before it
 
     def first_part(self) -> bytes:
         """The prompt part's body: one token, at the turn's own priority, with its token ids."""
@@ -114,15 +128,55 @@ class SplitTurn:
         body["kvgate"] = {**self.body["kvgate"], "output_token_ids": output_token_ids}
         return msgspec.json.encode(body)
 
+    def piece(self, length: int) -> bytes:
+        """A prefill piece's body: the prompt's first `length` tokens, one token asked for, answered whole
+        (the answer is dropped)."""
+        dropped = ("max_completion_tokens", "stream", "stream_options", "return_token_ids")
+        body = {k: v for k, v in self.body.items() if k not in dropped}
+        body["max_tokens"] = 1
+        extension = self.body["kvgate"]
+        body["kvgate"] = {**extension, "prompt_token_ids": extension["prompt_token_ids"][:length]}
+        return msgspec.json.encode(body)
+
     async def post(
         self, url: str, payload: bytes, head_timeout_s: float | None = None
     ) -> UpstreamResponse | JoinedAnswer:
-        """Send the prompt part (`payload`, from `first_part`); what the pool's `post` answers, or, on a
-        200, the answer joined from all parts."""
+        """Send the prefill pieces, then the prompt part (`payload`, from `first_part`); what the pool's
+        `post` answers to a piece or the prompt part that is not a 200, or, on a 200, the answer joined
+        from all parts."""
+        for length in self.pieces:
+            refused = await self._post_piece(url, length)
+            if refused is not None:
+                return refused  # refused or failed: the relay answers it as the worker's
+        if self.before_prompt is not None:
+            self.before_prompt(len(self.body["kvgate"]["prompt_token_ids"]))
         resp = await self.pool.post(url, payload, head_timeout_s)
         if resp.status != 200:
-            return resp  # refused or failed: the relay answers it as the worker's
+            return resp
         return JoinedAnswer(self, url, resp)
+
+    async def _post_piece(self, url: str, length: int) -> UpstreamResponse | None:
+        """One prefill piece, read to its end; its answer when it is not a 200, else None."""
+        if self.before_prompt is not None:
+            self.before_prompt(length)
+        resp = await self.pool.post(url, self.piece(length))
+        if resp.status != 200:
+            return resp
+        try:
+            answer = _object(await resp.read())
+        finally:
+            resp.release()
+        if self.prompt_details is None:
+            usage = answer.get("usage")
+            details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+            self.prompt_details = details if isinstance(details, dict) else {"cached_tokens": 0}
+        return None
+
+    def with_cached_before_pieces(self, usage: Any) -> None:
+        """The prompt part's usage (a dict, edited) with the cached tokens of before the first piece,
+        where there were pieces: what the pieces computed was not cached when the turn came."""
+        if self.prompt_details is not None and isinstance(usage, dict):
+            usage["prompt_tokens_details"] = self.prompt_details
 
 
 class _Part:
@@ -213,6 +267,7 @@ class JoinedAnswer:
 
     async def read(self) -> bytes:
         answer = _object(await self._resp.read())
+        self.split.with_cached_before_pieces(answer.get("usage"))
         choice = _first_choice(answer)
         ids = _pop_ids(answer, choice)
         self._done = True
@@ -288,6 +343,8 @@ class JoinedAnswer:
         elif self._created is not None:
             chunk["created"] = self._created
         if chunk.get("choices") == [] and chunk.get("usage"):
+            if self._parts == 1:
+                self.split.with_cached_before_pieces(chunk["usage"])
             part.usage = chunk  # joined with the next part's, or sent as the answer's
             return b""
         choice = _first_choice(chunk)

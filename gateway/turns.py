@@ -313,10 +313,6 @@ class Turns:
                 raise Retryable("worker left the pool")
             first_token = self._first_token_callback(route.request_id, sent_at)
             pool, payload = self._pool_and_payload(turn, body, worker, route)
-            if isinstance(pool, SplitTurn) and pool.slice_tokens:  # a prompt part: it may take slices' room
-                cut = self.slice_cuts.cut_for(worker, route.block_hashes, sent_at)
-                if cut:
-                    self.metrics.slices_cut.inc(cut)
             with self.traces.child(f"POST {path}", SpanKind.CLIENT):  # its traceparent goes upstream
                 response, outcome = await relay(
                     pool,
@@ -365,9 +361,35 @@ class Turns:
         self.metrics.split_turns.inc()
         slice_tokens = self.router.decode_slice_tokens(worker)
         owner = (route.request_id, worker, len(route.block_hashes))
+        chain = route.block_hashes
+        pieces = self.router.prefill_pieces(worker, chain, len(body["kvgate"]["prompt_token_ids"]))
+        if pieces:
+            self.metrics.prefill_pieces.inc(len(pieces))
+        before_prompt = self._slice_cutter(worker, chain) if slice_tokens else None
         return SplitTurn(
-            self.upstream, body, max_tokens, priority, turn.stream, slice_tokens, self.slice_cuts, owner
+            self.upstream,
+            body,
+            max_tokens,
+            priority,
+            turn.stream,
+            slice_tokens,
+            self.slice_cuts,
+            owner,
+            pieces,
+            before_prompt,
         )
+
+    def _slice_cutter(self, worker: str, chain: list[int]) -> Callable[[int], None]:
+        """What a split turn calls as each of its prefill pieces and its prompt part is sent to `worker`
+        (a prompt of `tokens` tokens): the slices there that the router names for it are cut."""
+        block_size = self.router.block_size
+
+        def cut_for(tokens: int) -> None:
+            cut = self.slice_cuts.cut_for(worker, chain[: tokens // block_size], time.monotonic())
+            if cut:
+                self.metrics.slices_cut.inc(cut)
+
+        return cut_for
 
     def _route_attributes(self, route: RouteRequest, decision: Decision, expected: int) -> dict[str, Any]:
         return {

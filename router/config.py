@@ -279,6 +279,14 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # trace, host tier 4x: session_kv's TTFT mean -9 to -15 %, p90 -16 to -25 %, e2e -2 to +2 %
     # (docs/TIERS.md, "Twelfth pass")
     cut_queued_slices: bool = True
+    # where decodes go in slices, a prompt whose tokens not held on its worker (on the device or the
+    # host, by the index) exceed this goes there in pieces first: requests for its first held + k x this
+    # many tokens with max_tokens 1, each sent when the one before ends, so that the prompts sent
+    # meanwhile queue in front of the next piece instead of waiting for the whole prefill, which holds
+    # the step's token budget on a first-come-first-served engine (Router.prefill_pieces; the gateway
+    # sends them, as the simulator does). Full cc trace, host tier 4x: session_kv's TTFT mean -10 to
+    # -11 % (docs/TIERS.md, "Thirteenth pass"); 0: every prompt in one part
+    prefill_piece_tokens: int = 65536
     max_running_slices: int = 65536  # slices in flight the router keeps for that (the oldest go first)
 
     def __post_init__(self) -> None:
@@ -295,6 +303,8 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"max_session_id_len must be between 0 and {MAX_SESSION_ID_CHARS}")
         if self.decode_slice_tokens < 0:
             raise ValueError("decode_slice_tokens must not be negative")
+        if self.prefill_piece_tokens < 0:
+            raise ValueError("prefill_piece_tokens must not be negative")
         if self.max_running_slices < 0:
             raise ValueError("max_running_slices must not be negative")
         if self.host_keep_factor < 0:

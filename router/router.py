@@ -741,6 +741,25 @@ class Router:
             return 0
         return self.config.decode_slice_tokens
 
+    def prefill_pieces(self, worker_id: str, chain: Sequence[int], num_tokens: int) -> list[int]:
+        """The prompt lengths (tokens) of the pieces a prompt of `num_tokens` tokens (`chain` its full
+        blocks) goes to `worker_id` in before its own part (`prefill_piece_tokens`): where decodes go
+        there in slices and the tokens not held there (on the device or the host, by the index) exceed a
+        piece, the held prefix plus one piece, plus two, ... while at least half a piece is left for the
+        prompt part; else none."""
+        piece = self.config.prefill_piece_tokens
+        if piece <= 0 or not self.decode_slice_tokens(worker_id) or num_tokens <= piece:
+            return []
+        held = self._overlap(chain).get(worker_id, 0)
+        held = max(held, self.index.reach(chain, "host").get(worker_id, 0))
+        block_size = self._registrations[worker_id].block_size
+        lengths: list[int] = []
+        length = held * block_size + piece
+        while length < num_tokens - piece // 2:
+            lengths.append(length)
+            length += piece
+        return lengths
+
     def slice_sent(self, slice_id: str, worker_id: str, blocks: int) -> None:
         """A decode slice of a prompt of `blocks` blocks went to `worker_id` (`decode_slice_tokens`)."""
         if self.slices is not None:

@@ -170,6 +170,10 @@ class Simulation:
         self._slices: dict[str, tuple[int, int, str | None]] = {}
         # slices cut for a prompt (Router.slices_to_cut): their aborts end them, and the next one goes
         self._cut: set[str] = set()
+        # turns sent in prefill pieces first: request -> (the pieces' prompt lengths left, session)
+        self._pieces: dict[str, tuple[list[int], str | None]] = {}
+        self._piece_of: dict[str, str] = {}  # a piece in flight -> its turn's request
+        self._cached_before_pieces: dict[str, tuple[int, int]] = {}  # its cached tokens at the first
         self._open = len(workload)  # turns not finished yet (arrived or not)
         self._next_index = 0
         self._last_progress = 0.0
@@ -277,6 +281,45 @@ class Simulation:
         if self._tick_sleeping[worker_id]:
             self._wake_ticks(worker_id)
         row = turn.row
+        if row.output_length > 1:  # a turn the gateway splits: a long prompt may go in pieces first
+            hashes = self.workload.block_hashes(row)
+            pieces = self.router.prefill_pieces(worker_id, hashes, row.input_length)
+            if pieces:
+                self._pieces[turn.request_id] = (pieces, session_id)
+                self._next_piece(turn.request_id)
+                return
+        self._submit_prompt(turn, record, session_id)
+
+    def _next_piece(self, request_id: str) -> None:
+        """The turn's next prefill piece (`Router.prefill_pieces`), or its prompt part after the last."""
+        entry = self._turns.get(request_id)
+        if entry is None:  # given up meanwhile
+            self._pieces.pop(request_id, None)
+            return
+        turn, record = entry
+        lengths, session_id = self._pieces[request_id]
+        if not lengths:
+            del self._pieces[request_id]
+            self._submit_prompt(turn, record, session_id)
+            return
+        length = lengths.pop(0)
+        hashes = self.workload.block_hashes(turn.row)[: length // self.workload.block_size]
+        piece_id = f"{request_id}/piece{len(lengths)}"
+        self._piece_of[piece_id] = request_id
+        worker_id = record.worker
+        self.workers[worker_id].submit(piece_id, length, hashes, 1, session_id)
+        self._cut_slices(worker_id, hashes)
+
+    def _cut_slices(self, worker_id: str, hashes: list[int]) -> None:
+        """A prompt part or piece just went to `worker_id`: the slices the router names for it there are
+        aborted, as the gateway closes their streams."""
+        for slice_id in self.router.slices_to_cut(worker_id, hashes, self.loop.now):
+            self._cut.add(slice_id)
+            self.workers[worker_id].abort(slice_id)
+
+    def _submit_prompt(self, turn: Turn, record: RequestRecord, session_id: str | None) -> None:
+        worker_id = record.worker
+        row = turn.row
         hashes = self.workload.block_hashes(row)
         max_tokens = row.output_length
         priority = self.router.decode_priority(worker_id) if max_tokens > 1 else None
@@ -295,9 +338,7 @@ class Simulation:
             self._finish(turn.request_id, 0, ok=False)
             return
         if answer is not None:  # a prompt part where decodes go in slices: it may take their room
-            for slice_id in self.router.slices_to_cut(worker_id, hashes, self.loop.now):
-                self._cut.add(slice_id)
-                self.workers[worker_id].abort(slice_id)  # as the gateway closes the slice's stream
+            self._cut_slices(worker_id, hashes)
 
     def _submit_decode(
         self, request_id: str, priority: int, session_id: str | None, produced: int = 1
@@ -349,6 +390,9 @@ class Simulation:
         self._last_progress = now
         for out in outputs:
             request_id = out.request_id
+            if self._piece_of and request_id in self._piece_of:
+                self._piece_output(request_id, out)
+                continue
             if self._decodes:
                 decode_of = self._decodes.get(request_id)
                 if decode_of is not None:  # a turn's decode: its end is the turn's
@@ -373,8 +417,11 @@ class Simulation:
             record = entry[1]
             if out.new_token_ids and record.first_token < 0:
                 record.first_token = now
-                record.cached_tokens = out.num_cached_tokens
-                record.host_cached_tokens = out.num_host_cached_tokens
+                # what was cached when the turn came: before its first piece, where it went in pieces
+                cached = self._cached_before_pieces.pop(request_id, None)
+                if cached is None:
+                    cached = (out.num_cached_tokens, out.num_host_cached_tokens)
+                record.cached_tokens, record.host_cached_tokens = cached
                 self.router.on_first_token(request_id, now)
                 if self._room_held and self.router.rechecks_rooms_on_change:
                     self._release_rooms()  # a prefill ended: what waits on that worker may fit now
@@ -386,6 +433,18 @@ class Simulation:
                     self.loop.after(self.config.bus_delay_s, self._submit_decode, request_id, *decode)
                 else:
                     self._finish(request_id, out.completion_tokens, ok)
+
+    def _piece_output(self, piece_id: str, out: RequestOutput) -> None:
+        """A prefill piece's output: its turn's cached tokens at the first piece; the next piece (or the
+        prompt part) once it ended, as the gateway sends it on (a round trip)."""
+        request_id = self._piece_of[piece_id]
+        if out.new_token_ids or out.finished:
+            self._cached_before_pieces.setdefault(
+                request_id, (out.num_cached_tokens, out.num_host_cached_tokens)
+            )
+        if out.finished:
+            del self._piece_of[piece_id]
+            self.loop.after(self.config.bus_delay_s, self._next_piece, request_id)
 
     def _finish(self, request_id: str, output_tokens: int, ok: bool) -> None:
         now = self.loop.now
@@ -544,6 +603,9 @@ class Simulation:
         if self._turns and now - self._last_progress > self.config.stall_timeout_s:
             # nothing moved for an hour of virtual time: fail what is in flight rather than spin
             decodes = {turn_id: decode_id for decode_id, turn_id in self._decodes.items()}
+            for piece_id, request_id in self._piece_of.items():
+                if (entry := self._turns.get(request_id)) is not None:
+                    self.workers[entry[1].worker].abort(piece_id)
             for request_id, (_turn, record) in list(self._turns.items()):
                 self.workers[record.worker].abort(request_id)
                 self.workers[record.worker].abort(decodes.get(request_id, request_id + "/decode"))
@@ -552,4 +614,7 @@ class Simulation:
             self._decodes.clear()
             self._slices.clear()
             self._cut.clear()
+            self._pieces.clear()
+            self._piece_of.clear()
+            self._cached_before_pieces.clear()
         self.loop.after(self.config.expire_interval_s, self._expire_tick)

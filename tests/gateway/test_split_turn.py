@@ -475,6 +475,51 @@ async def test_a_prompt_that_does_not_fit_cuts_a_running_slice(
     assert any(after[0] < before[0] + before[1] for before, after in itertools.pairwise(parts))
 
 
+async def test_a_long_prompt_goes_in_prefill_pieces_first(
+    cluster: Cluster, nats_url: str, namespace: str
+) -> None:
+    """On a first-come-first-served worker with a host tier, a prompt longer than a prefill piece
+    (`prefill_piece_tokens`, 200 tokens here) goes first in pieces: requests for its first 200, 400, ...
+    tokens with max_tokens 1, each sent when the one before ended, then the prompt part and the decode.
+    The answers, whole and streamed, read as unsplit ones; their usage reports what was cached before
+    the first piece (nothing: fresh prompts), not what the pieces computed."""
+    cluster.worker("pc0", "mock", "--model", "m-pc", "--host-blocks", "512", "--log-level", "DEBUG")
+    await asyncio.to_thread(cluster.workers["pc0"].wait_http, "/health", 60.0)
+    worker = cluster.workers["pc0"]
+    config = RouterConfig(split_fcfs=True, prefill_piece_tokens=200)
+    async with running_gateway(nats_url, namespace, "gw-pc", router_config=config) as gw:
+        await gw.wait_ready(workers=1)
+        client = sdk(gw)
+        try:
+            whole = await client.chat.completions.create(model="m-pc", messages=chat("p" * 900), max_tokens=5)
+            stream = await client.chat.completions.create(
+                model="m-pc",
+                messages=chat("q" * 900),
+                max_tokens=5,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [chunk async for chunk in _bounded(stream.__aiter__(), 60.0)]
+        finally:
+            await client.close()
+        status, metrics = await gw.get("/metrics")
+        prefix = gw.gateway.turns._request_id_prefix
+    assert whole.choices[0].message.content == PLACEHOLDER_TEXT[:5]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == PLACEHOLDER_TEXT[:5]
+    usages = [whole.usage, chunks[-1].usage]
+    for usage in usages:
+        assert usage is not None and usage.completion_tokens == 5 and usage.prompt_tokens > 900
+        assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 0
+    turns = [ps for rid, ps in requests_seen(worker).items() if rid.startswith(f"req-{prefix}")]
+    assert len(turns) == 2
+    for parts, usage in zip(turns, usages, strict=True):
+        assert usage is not None
+        pieces = [part for part in parts if part[0] < usage.prompt_tokens]
+        assert [p[0] for p in pieces] == [200, 400, 600, 800] and all(p[1:3] == (0, 1) for p in pieces)
+        assert parts[len(pieces)] == (usage.prompt_tokens, 0, 1, 0)  # then the prompt part, the decode
+    assert status == 200 and re.search(r"^kvgate_prefill_pieces_total 8", metrics, re.M)
+
+
 async def _decode_part_taken(worker: Proc) -> None:
     def taken() -> bool:
         return any(p[1] == 1 for parts in requests_seen(worker).values() for p in parts)

@@ -365,6 +365,28 @@ def test_a_prompt_that_does_not_fit_cuts_the_running_slice() -> None:
     assert ttft[True] < ttft[False] / 2
 
 
+def test_a_long_prompt_in_prefill_pieces_lets_a_short_one_in_between() -> None:
+    """Known by construction: one first-come-first-served worker (a host tier: turns split, decodes in
+    slices) with a step budget of 512 tokens. A's 5,120-token prompt takes ten steps to prefill; B's
+    256 tokens arrive 50 ms in. Sent whole, A's prefill holds every step's budget until it ends and B
+    waits for all of it; in pieces of 1,024 tokens (`prefill_piece_tokens`), B queues in front of A's
+    second piece. A's answer is the same, and its cached tokens are those of before its first piece."""
+    a = TraceRow(timestamp=0.0, input_length=5120, output_length=4, hash_ids=list(range(40)), session_id="a")
+    b = TraceRow(timestamp=50.0, input_length=256, output_length=4, hash_ids=[100, 101], session_id="b")
+    ttft: dict[int, tuple[float, float]] = {}
+    for piece in (0, 1024):
+        config = small_config(workers=1, num_blocks=512, host_blocks=1024)
+        sim = Simulation(workload([a, b]), "session_kv", config, RouterConfig(prefill_piece_tokens=piece))
+        run = sim.run()
+        assert sim.router.prefill_pieces("w0", [1] * 320, 5120) == ([1024, 2048, 3072, 4096] if piece else [])
+        assert all(r.ok for r in run.records) and [r.output_tokens for r in run.records] == [4, 4]
+        assert [r.cached_tokens for r in run.records] == [0, 0]  # the pieces' work is not a cache hit
+        ttft[piece] = tuple(r.first_token - r.arrival for r in run.records)  # type: ignore[assignment]
+    assert ttft[1024][1] < ttft[0][1] / 3  # B: one piece's wait, not the whole prefill's
+    # A pays for B's steps in between, a sampled token per piece and each piece's round trip
+    assert ttft[0][0] < ttft[1024][0] < ttft[0][0] * 2
+
+
 def test_a_decode_slice_finds_the_output_of_the_slices_before_it() -> None:
     """Known by construction: one worker with room for everything and a host tier; A's 300-token
     answer goes in slices of 64, and B, the same prompt in another session, comes after A is done. A

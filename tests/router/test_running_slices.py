@@ -119,3 +119,22 @@ def test_no_cuts_where_no_slices_go_or_the_switch_is_off() -> None:
     assert off.slices_to_cut("t", list(range(50)), 1.0) == []
     router.remove_worker("n")
     assert router.slices is not None and router.slices.on("n") == []
+
+
+def test_a_long_prompt_goes_in_prefill_pieces_from_what_its_worker_holds() -> None:
+    """`Router.prefill_pieces`: where slices go, the prompt lengths of the pieces before the prompt part,
+    a piece (`prefill_piece_tokens`) at a time from the prefix the worker holds on either tier, while
+    at least half a piece is left for the prompt part."""
+    router = _router(prefill_piece_tokens=160)  # 10 blocks of 16
+    chain = list(range(2000, 2060))  # 60 full blocks: 960 tokens, 970 with the last partial block
+    assert router.prefill_pieces("t", chain, 970) == [160, 320, 480, 640, 800]  # 170 left for the prompt
+    assert router.prefill_pieces("t", chain, 880) == [160, 320, 480, 640]  # 800 would leave 80: half a piece
+    assert router.prefill_pieces("n", chain, 970) == []  # n gets turns whole: no slices, no pieces
+    assert router.prefill_pieces("t", chain[:10], 160) == []  # one piece's worth: the prompt part alone
+    # the first 20 blocks on t's device and the next 20 on its host: pieces start after the 40 held
+    events = [BlockStored(chain[:20]), BlockStored(chain[20:40], parent_hash=chain[19], tier="host")]
+    assert router.apply_kv_batch(KvEventBatch("t", 1, 0, 1.0, events), 1.0)
+    assert router.prefill_pieces("t", chain, 970) == [800]  # 640 held, then one piece; 170 left
+    assert _router(prefill_piece_tokens=0).prefill_pieces("t", chain, 970) == []  # off
+    with pytest.raises(ValueError):
+        RouterConfig(prefill_piece_tokens=-1)
