@@ -142,6 +142,8 @@ class Router:
             RunningSlices(config.max_running_slices, config.cut_queued_slices) if config.cut_slices else None
         )
         self._yielding: frozenset[str] = frozenset()  # of which those whose decodes yield to prompts
+        # as the policy sees them: also those whose decode slices the gateway cuts for prompts
+        self._yield_view: frozenset[str] = frozenset()
         self.admission: SessionAdmission | None = None
         if config.session_admission and policy in ADMITTING_POLICIES:
             self.admission = SessionAdmission(
@@ -206,6 +208,7 @@ class Router:
             self._yielding = self._yielding ^ {wid}
         if self._yields and (wid in self._splitting) != splits:
             self._splitting = self._splitting ^ {wid}
+        self._yield_view = self._decodes_yield_to_prompts()
         if old is not None:
             return
         self.block_size = registration.block_size
@@ -230,6 +233,7 @@ class Router:
         self._registrations.pop(worker_id, None)
         self._yielding = self._yielding - {worker_id}
         self._splitting = self._splitting - {worker_id}
+        self._yield_view = self._yield_view - {worker_id}
         if self.slices is not None:
             self.slices.remove_worker(worker_id)
         self._streams.pop(worker_id, None)
@@ -604,7 +608,7 @@ class Router:
     def _hold_view(self, block_size: int, now: float, held: Container[str]) -> RouterView:
         workers = list(self._registrations)
         return RouterView(
-            workers, self.index, self.approx, self.load, None, block_size, now, None, self._yielding, held
+            workers, self.index, self.approx, self.load, None, block_size, now, None, self._yield_view, held
         )
 
     def _memory_wait(self, chain: Sequence[int], worker_id: str, now: float, held: Container[str]) -> float:
@@ -653,7 +657,7 @@ class Router:
         bs = self._registrations[candidates[0]].block_size  # the gateway hashed with a candidate's size
         held: Container[str] = self.memory_hold if self.memory_hold is not None else frozenset()
         view = RouterView(
-            candidates, self.index, self.approx, self.load, session, bs, now, parent, self._yielding, held
+            candidates, self.index, self.approx, self.load, session, bs, now, parent, self._yield_view, held
         )
         if overlap is not None:
             view.preset_overlap(overlap)
@@ -710,6 +714,22 @@ class Router:
             s.attained_tokens += prefill
             s.tool_pending = False
             s.pinned_until = float("-inf")  # it came back: the pin did its job
+
+    def _decodes_yield_to_prompts(self) -> frozenset[str]:
+        """The workers where a prompt that does not fit does not wait for the running decodes, as the
+        policies are told (`RouterView.yielding`): those whose engine preempts decodes for prompts and,
+        where the gateway cuts decode slices for prompts (`cut_slices`, `cut_slices_yield`), those that
+        get slices. There a turn keeps its session's worker even if it does not fit beside the running
+        requests, and no wait for their memory is predicted (docs/TIERS.md, "Fourteenth pass")."""
+        cfg = self.config
+        if self.slices is None or not cfg.cut_slices_yield or cfg.decode_slice_tokens <= 0:
+            return self._yielding
+        return self._yielding | self._splitting
+
+    @property
+    def yielding_workers(self) -> frozenset[str]:
+        """The workers the policies see as ones whose decodes yield to prompts (`RouterView.yielding`)."""
+        return self._yield_view
 
     @property
     def yields_decodes(self) -> bool:

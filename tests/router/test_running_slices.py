@@ -76,7 +76,7 @@ def test_an_ended_slice_is_not_cut_and_the_bound_forgets_the_oldest() -> None:
 
 
 def _router(**config: object) -> Router:
-    router = Router(config=RouterConfig(decode_slice_tokens=64, **config), splits_turns=True)
+    router = Router(config=RouterConfig(**{"decode_slice_tokens": 64, **config}), splits_turns=True)  # type: ignore[arg-type]
     for wid, host in (("t", 4000), ("n", 0)):  # t gets slices (a host tier); n gets turns whole
         registration = WorkerRegistration(
             wid, f"http://{wid}", "m", BS, 100, "mock", 1, 0.0, returns_token_ids=True, host_blocks=host
@@ -138,3 +138,15 @@ def test_a_long_prompt_goes_in_prefill_pieces_from_what_its_worker_holds() -> No
     assert _router(prefill_piece_tokens=0).prefill_pieces("t", chain, 970) == []  # off
     with pytest.raises(ValueError):
         RouterConfig(prefill_piece_tokens=-1)
+
+
+def test_workers_whose_slices_are_cut_are_seen_as_yielding_to_prompts() -> None:
+    """Where the gateway cuts decode slices for prompts, a prompt does not wait for the running decodes:
+    the policies see the worker as one whose decodes yield (`cut_slices_yield`), as a priority engine's."""
+    assert _router().yielding_workers == {"t"}  # n gets turns whole: its decodes hold their room
+    assert _router(cut_slices_yield=False).yielding_workers == frozenset()
+    assert _router(cut_slices=False).yielding_workers == frozenset()
+    assert _router(decode_slice_tokens=0).yielding_workers == frozenset()  # one decode part: nothing cut
+    router = _router()
+    router.remove_worker("t")
+    assert router.yielding_workers == frozenset()
