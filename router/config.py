@@ -289,7 +289,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # many tokens with max_tokens 1, each sent when the one before ends, so that the prompts sent
     # meanwhile queue in front of the next piece instead of waiting for the whole prefill, which holds
     # the step's token budget on a first-come-first-served engine (Router.prefill_pieces; the gateway
-    # sends them, as the simulator does). Full cc trace, host tier 4x: session_kv's TTFT mean -10 to
+    # sends them, as the simulator does). Full cc trace, host tier 4x: session_kv's TTFT mean -4 to
     # -11 % (docs/TIERS.md, "Thirteenth pass"); 0: every prompt in one part
     prefill_piece_tokens: int = 65536
     max_running_slices: int = 65536  # slices in flight the router keeps for that (the oldest go first)
