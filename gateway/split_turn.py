@@ -213,7 +213,6 @@ class JoinedAnswer:
         self._slice_id: str | None = None  # the slice in flight that a prompt may cut (`SliceCuts`)
         self._slices = 0  # slices registered, for their ids
         self._cut = False  # the slice in flight was cut: go on with the next one
-        self._slice_running = False  # its first token came (it no longer waits in the worker's queue)
 
     @property
     def complete(self) -> bool:
@@ -238,11 +237,10 @@ class JoinedAnswer:
         request_id, worker_id, blocks = self.split.slice_owner
         self._slices += 1
         self._slice_id = f"{request_id}/slice{self._slices}"
-        self._slice_running = False
         cuts.sent(self._slice_id, self, worker_id, blocks)
 
     def _started_slice(self) -> None:
-        self._slice_running = True
+        """The part's first token came: a slice runs from now (it no longer waits in the worker's queue)."""
         if self._slice_id is not None and self.split.cuts is not None:
             self.split.cuts.started(self._slice_id)
 
@@ -348,8 +346,9 @@ class JoinedAnswer:
             part.usage = chunk  # joined with the next part's, or sent as the answer's
             return b""
         choice = _first_choice(chunk)
+        had_ids = bool(part.token_ids)
         _pop_ids(chunk, choice, part.token_ids)
-        if part.token_ids and not self._slice_running:
+        if part.token_ids and not had_ids:
             self._started_slice()
         if self._parts > 1 and not _without_role(choice):
             return b""
