@@ -111,6 +111,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # prefill time of the context it holds that the cheapest worker lacks (0: the affinity tolerance
     # alone); measured on the live agentic setting, docs/EXPERIMENTS.md ("Live p50")
     session_hold: float = 10.0
+    # and that context counts what its worker holds on a lower tier (host, disk) too: a move computes
+    # again what staying would onboard. Full cc trace, host tier 4x: session_kv's TTFT mean -2 to -11 %
+    # (docs/TIERS.md, "Fifteenth pass"); False: the device's part alone, as before
+    session_hold_lower_tiers: bool = True
     prefix_home: bool = True
     # a request that named no session over a prefix a worker holds (at least half its prompt) stays with
     # that worker unless it costs more than the best by this many times the held prefix's prefill time

@@ -27,6 +27,7 @@ class RouterView:
 
     __slots__ = (
         "_overlap",
+        "_reach",
         "approx",
         "block_size",
         "candidates",
@@ -61,6 +62,7 @@ class RouterView:
         self.block_size = block_size
         self.now = now
         self._overlap: dict[str, int] | None = None
+        self._reach: dict[Tier, dict[str, int]] = {}
         # workers whose running decodes yield to a prompt that does not fit (the router sends them
         # apart, at a priority every prompt outranks: Router.decode_priority)
         self.yielding = yielding
@@ -91,8 +93,12 @@ class RouterView:
     def tier_overlap(self, chain: Sequence[int], tier: Tier) -> dict[str, int]:
         """The prefix per worker held on the device or on `tier` (`BlockIndex.reach`): what the worker
         serves without computing, at `tier`'s onboarding cost for the part past `overlap(chain)`.
-        Empty while no worker reports blocks on `tier`."""
-        return self.index.reach(chain, tier)
+        Empty while no worker reports blocks on `tier`. Computed once per tier, as `overlap`: `chain`
+        is the request's."""
+        found = self._reach.get(tier)
+        if found is None:
+            found = self._reach[tier] = self.index.reach(chain, tier)
+        return found
 
 
 class Policy(ABC):

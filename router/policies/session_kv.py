@@ -518,7 +518,8 @@ class SessionKv(Policy):
         chain: Sequence[int],
     ) -> float:
         """How much dearer than the best a session's worker may be and keep the turn: `session_hold` x
-        the prefill time of the context it holds that the cheapest worker lacks, while the turn fits in
+        the prefill time of the context it holds that the cheapest worker lacks (on the device or a
+        lower tier: a context offloaded to the host is one a move computes again), while the turn fits in
         the blocks its worker has free (the leading blocks a request in flight there holds already, a
         system prompt their sessions share, take no new ones). A move trades a passing queue for
         lasting work: the context is computed again elsewhere while its copy here holds memory until
@@ -529,7 +530,8 @@ class SessionKv(Policy):
         if not hold:
             return 0.0
         cheapest = min(costs, key=costs.__getitem__)
-        spared = overlap.get(worker, 0) - overlap.get(cheapest, 0)
+        held = self._held_anywhere(view, overlap, chain) if self.config.session_hold_lower_tiers else overlap
+        spared = held.get(worker, 0) - held.get(cheapest, 0)
         if spared <= 0:
             return 0.0
         bs = view.block_size
@@ -544,6 +546,20 @@ class SessionKv(Policy):
             if needed > capacity and needed - self._in_use(worker, chain) > capacity:
                 return 0.0
         return hold * spared * bs * self._pool_ms_per_token(view)
+
+    @staticmethod
+    def _held_anywhere(view: RouterView, device: dict[str, int], chain: Sequence[int]) -> dict[str, int]:
+        """The prefix per worker it serves without computing: on the device, or onboarded from a lower
+        tier. `device` when no worker reports a lower tier."""
+        host, disk = view.tier_overlap(chain, "host"), view.tier_overlap(chain, "disk")
+        if not host and not disk:
+            return device
+        held = dict(device)
+        for reach in (host, disk):
+            for w, n in reach.items():
+                if n > held.get(w, 0):
+                    held[w] = n
+        return held
 
     def _in_use(self, worker: str, chain: Sequence[int]) -> int:
         """The longest prefix of `chain` a request in flight on `worker` holds: blocks in use already

@@ -12,7 +12,7 @@ import pytest
 from router.config import RouterConfig
 from router.load import WorkerLoad
 from router.policies.session_kv import SessionKv
-from router.protocol import BlockStored, KvEventBatch, LoadReport, WorkerRegistration
+from router.protocol import BlockRemoved, BlockStored, KvEventBatch, LoadReport, WorkerRegistration
 from router.request import Decision, RouteRequest
 from router.router import Router
 
@@ -340,6 +340,24 @@ def test_session_kv_keeps_a_session_unless_moving_saves_more_than_its_context_co
         load(router, w, prefill=queued, now=2.0)
     if hold_factor:
         assert router.pick(req("r3", turn3, "s"), 2.0).worker_id != "w0"
+
+
+@pytest.mark.parametrize("lower_tiers", [True, False])
+def test_session_kv_holds_a_session_whose_context_its_worker_keeps_on_the_host(lower_tiers: bool) -> None:
+    # the session's 150 blocks left w0's device for its host tier during a tool call longer than its
+    # pin: staying onboards them, a move computes them again, so the hold counts them (2.4 s) and w0
+    # keeps the turn though its queue makes it ~0.26 s dearer; counting the device alone, it moves
+    router = make("session_kv", stall_factor=0.0, session_hold_lower_tiers=lower_tiers)
+    turn1 = chain(150)
+    hold(router, "w0", turn1)
+    assert router.pick(req("r1", turn1, "s"), 0.0).worker_id == "w0"
+    router.on_complete("r1", 0.5, "tool_calls", 10)
+    offloaded = [BlockRemoved(turn1), BlockStored(turn1, None, "host")]
+    assert router.apply_kv_batch(KvEventBatch("w0", 1, 1, 0.0, offloaded), 0.5)
+    for w, queued in (("w0", 5_000), ("w1", 0), ("w2", 0)):
+        load(router, w, prefill=queued, now=60.0)
+    d = router.pick(req("r2", turn1 + chain(50, base=9000), "s"), 60.0)  # its pin (and prior) expired
+    assert (d.worker_id, d.reason) == (("w0", "session") if lower_tiers else ("w1", "load"))
 
 
 def test_session_kv_holds_no_session_on_a_worker_it_does_not_fit() -> None:
