@@ -766,13 +766,17 @@ class Router:
         blocks) goes to `worker_id` in before its own part (`prefill_piece_tokens`): where decodes go
         there in slices and the tokens not held there (on the device or the host, by the index) exceed a
         piece, the held prefix plus one piece, plus two, ... while at least half a piece is left for the
-        prompt part; else none."""
+        prompt part; else none. None either for a prompt the worker holds no room for at all: it is
+        refused whole, and no piece of it is worth computing first."""
         piece = self.config.prefill_piece_tokens
         if piece <= 0 or not self.decode_slice_tokens(worker_id) or num_tokens <= piece:
             return []
+        registration = self._registrations[worker_id]
+        if num_tokens >= (registration.max_model_len or registration.num_blocks * registration.block_size):
+            return []
         held = self._overlap(chain).get(worker_id, 0)
         held = max(held, self.index.reach(chain, "host").get(worker_id, 0))
-        block_size = self._registrations[worker_id].block_size
+        block_size = registration.block_size
         lengths: list[int] = []
         length = held * block_size + piece
         while length < num_tokens - piece // 2:

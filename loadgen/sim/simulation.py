@@ -305,9 +305,15 @@ class Simulation:
         length = lengths.pop(0)
         hashes = self.workload.block_hashes(turn.row)[: length // self.workload.block_size]
         piece_id = f"{request_id}/piece{len(lengths)}"
-        self._piece_of[piece_id] = request_id
         worker_id = record.worker
-        self.workers[worker_id].submit(piece_id, length, hashes, 1, session_id)
+        try:
+            self.workers[worker_id].submit(piece_id, length, hashes, 1, session_id)
+        except ValueError:  # the engine refuses it: the turn fails, as the gateway's attempt does
+            del self._pieces[request_id]
+            self._cached_before_pieces.pop(request_id, None)
+            self._finish(request_id, 0, ok=False)
+            return
+        self._piece_of[piece_id] = request_id
         self._cut_slices(worker_id, hashes)
 
     def _cut_slices(self, worker_id: str, hashes: list[int]) -> None:

@@ -387,6 +387,23 @@ def test_a_long_prompt_in_prefill_pieces_lets_a_short_one_in_between() -> None:
     assert ttft[0][0] < ttft[1024][0] < ttft[0][0] * 2
 
 
+def test_a_prompt_longer_than_its_worker_holds_fails_alone_where_prompts_go_in_pieces() -> None:
+    """A's 9,000 tokens exceed the worker's 8,192 (512 blocks of 16): no pieces are made for it (the
+    engine refuses it whole), the turn fails and B's is answered. A piece the engine refused (the
+    router asked for a longer one than the worker holds) fails its turn the same way, not the run."""
+    a = TraceRow(timestamp=0.0, input_length=9000, output_length=4, hash_ids=list(range(71)), session_id="a")
+    b = TraceRow(timestamp=50.0, input_length=256, output_length=4, hash_ids=[100, 101], session_id="b")
+    for forced in (False, True):
+        config = small_config(workers=1, num_blocks=512, host_blocks=1024)
+        sim = Simulation(workload([a, b]), "session_kv", config, RouterConfig(prefill_piece_tokens=1024))
+        assert sim.router.prefill_pieces("w0", list(range(562)), 9000) == []
+        if forced:  # A's first piece as long as the worker's whole cache
+            sim.router.prefill_pieces = lambda _w, _c, n: [8192] if n == 9000 else []  # type: ignore[assignment,method-assign]
+        run = sim.run()
+        assert [r.ok for r in run.records] == [False, True]
+        assert run.records[1].output_tokens == 4
+
+
 def test_a_decode_slice_finds_the_output_of_the_slices_before_it() -> None:
     """Known by construction: one worker with room for everything and a host tier; A's 300-token
     answer goes in slices of 64, and B, the same prompt in another session, comes after A is done. A

@@ -131,6 +131,7 @@ def test_a_long_prompt_goes_in_prefill_pieces_from_what_its_worker_holds() -> No
     assert router.prefill_pieces("t", chain, 880) == [160, 320, 480, 640]  # 800 would leave 80: half a piece
     assert router.prefill_pieces("n", chain, 970) == []  # n gets turns whole: no slices, no pieces
     assert router.prefill_pieces("t", chain[:10], 160) == []  # one piece's worth: the prompt part alone
+    assert router.prefill_pieces("t", list(range(2000, 2100)), 1600) == []  # more than t's 100 blocks hold
     # the first 20 blocks on t's device and the next 20 on its host: pieces start after the 40 held
     events = [BlockStored(chain[:20]), BlockStored(chain[20:40], parent_hash=chain[19], tier="host")]
     assert router.apply_kv_batch(KvEventBatch("t", 1, 0, 1.0, events), 1.0)
