@@ -233,7 +233,7 @@ class Router:
         self._registrations.pop(worker_id, None)
         self._yielding = self._yielding - {worker_id}
         self._splitting = self._splitting - {worker_id}
-        self._yield_view = self._yield_view - {worker_id}
+        self._yield_view = self._decodes_yield_to_prompts()
         if self.slices is not None:
             self.slices.remove_worker(worker_id)
         self._streams.pop(worker_id, None)
