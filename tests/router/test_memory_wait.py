@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from router.config import RouterConfig
@@ -219,3 +221,36 @@ def test_a_turn_that_would_wait_for_memory_moves_beside_one_shot_requests() -> N
     unfitted = pool_beside_one_shot()
     unfitted.load.prefill_fit.ms_per_token = None
     assert unfitted.pick(turn, 1.0).worker_id == "w0"
+
+
+def test_the_shortcut_for_a_prompt_that_fits_agrees_with_the_walk_over_the_flights() -> None:
+    # memory_waits answers 0 without walking the flights where a prompt fits beside every request there
+    # counted whole; on random pools (decodes, queued prompts, some routed after the report, shared
+    # prefixes) it must give what the walk gives for every prompt
+    rng = random.Random(7)
+    waited = 0
+    for case in range(300):
+        router = make(1)
+        n_decoding, n_queued = rng.randint(0, 6), rng.randint(0, 6)
+        for k in range(n_decoding + n_queued):
+            add = decoding if k < n_decoding else prefilling
+            base = 10_000 * rng.randint(1, 3)  # three system prompts, shared
+            add(router, "w0", f"r{k}", rng.randint(1, 200), rng.randint(1, 400), base)
+        waiting = rng.randint(0, n_queued)
+        prefill = 1000 * waiting
+        load = LoadReport("w0", 1.0, n_decoding, waiting, prefill, rng.randint(0, 1000), 1000, 1e4, 10.0)
+        router.apply_load(load, 1.0)
+        for k in range(rng.randint(0, 3)):  # routed there after the report
+            prefilling(router, "w0", f"late{k}", rng.randint(1, 200), 10, 40_000 + 1_000 * k)
+        policy = router.policy
+        assert isinstance(policy, SessionKv)
+        view = RouterView(router.workers(), router.index, router.approx, router.load, None, BS, 1.5)
+        waits = policy.memory_waits("w0", view)
+        walk = policy._walk(view, "w0", load, policy._in_prefill_blocks(view, "w0"))
+        for _ in range(5):
+            prompt = chain(rng.randint(0, 50), 10_000 * rng.randint(1, 3)) + chain(
+                rng.randint(1, 600), 90_000
+            )
+            assert waits(prompt) == walk.ms(prompt), case
+            waited += walk.ms(prompt) > 0
+    assert 300 < waited < 1200  # both answers were exercised
