@@ -44,6 +44,8 @@ class BodyBudget:
             raise BodyRefused(503, "the server is reading too many request bodies at once; retry later")
         self.reserved += size
         try:
+            if request.content.is_eof():  # it came whole with its head (most do): no deadline to arm
+                return await request.read()
             async with asyncio.timeout(self.timeout_s):
                 return await request.read()
         except TimeoutError as exc:
