@@ -36,6 +36,7 @@ import aiohttp
 from gateway.bench import BenchClient, wait_ready
 from gateway.live_bench import cpu_seconds, stop_all
 from gateway.natsd import NatsServer, free_port
+from kvutil.child_process import spawn_tied
 
 SIDES = ("a", "b")
 Sides = dict[str, tuple[str, str, int]]  # side -> (worker URL, gateway URL, gateway pid)
@@ -95,11 +96,10 @@ def _spawn(argv: list[str], code: Path, cwd: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}  # no tracing on either side
     env["PYTHONPATH"] = str(code)
     env["PYTHONHASHSEED"] = "0"
-    return subprocess.Popen(
+    return spawn_tied(
         [sys.executable, "-m", "gateway.cli", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
         env=env,
         cwd=cwd,
     )

@@ -29,6 +29,7 @@ import numpy as np
 
 from gateway.live_bench import cpu_seconds, stop_all
 from gateway.natsd import NatsServer, free_port
+from kvutil.child_process import spawn_tied
 
 GOAL_OVERHEAD_MS_P50 = 1.0
 GOAL_RPS_RATIO = 0.5
@@ -57,11 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     # tracing only where asked: the environment's OTEL_* endpoint stays off the plain gateway
     base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_EXPORTER_OTLP")}
-    return subprocess.Popen(
+    return spawn_tied(
         [sys.executable, "-m", "gateway.cli", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
         env={**base, **(env or {})},
     )
 

@@ -23,6 +23,7 @@ import aiohttp
 
 from gateway.live_bench import stop_all
 from gateway.natsd import NatsServer, free_port
+from kvutil.child_process import spawn_tied
 
 GOAL_BYTES_PER_REQUEST = 1024
 CONTEXT_BLOCKS = 256  # the worker's context: 256 blocks of 16 = 4,096 tokens
@@ -52,11 +53,10 @@ def rss_bytes(pid: int) -> int:
 
 
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+    return spawn_tied(
         [sys.executable, "-m", "gateway.cli", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
     )
 
 

@@ -8,29 +8,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
 
 from gateway.bus_plan import BusPlan
 from kvutil.bus_auth import BusAuth
+from kvutil.child_process import spawn_tied
 
 log = logging.getLogger("kvgate.up")
 
 USAGE_EXIT = 2  # what `kvgate worker` (argparse and its own settings checks) exits with on bad arguments
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM when the supervisor dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class WorkerRefused(Exception):
@@ -49,8 +40,7 @@ class Child:
         self.next_start = 0.0
 
     def start(self) -> None:
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=preexec, env=self.env)
+        self.proc = spawn_tied(self.argv, env=self.env)
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
