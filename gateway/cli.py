@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -104,6 +105,10 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def _exit_on_sigterm(_signum: int, _frame: object) -> None:
+    raise SystemExit(143)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -113,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if run is None:
         parser.print_help()
         return 2
+    if argv[:1] == ["bench"]:
+        # a benchmark's NATS server, workers and gateways run in sessions of their own: SIGTERM must
+        # unwind its `finally` blocks as Ctrl-C does, or they outlive it
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return int(run(args) or 0)
     except KeyboardInterrupt:

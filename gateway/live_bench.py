@@ -261,10 +261,6 @@ def table(systems: list[System], results: list[RunResult]) -> str:
     return "\n".join(rows)
 
 
-def _exit_on_sigterm(_signum: int, _frame: object) -> None:
-    raise SystemExit(143)
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         systems = parse_systems(args)
@@ -273,7 +269,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvgate bench live: {exc}")
         return 2
     folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kvgate-bench-live-"))
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that a started system is stopped too
     results: list[RunResult] = []
     for index, seed in enumerate(seeds):
         for system in run_order(systems, index):
