@@ -1,9 +1,10 @@
 """Child processes that do not outlive their parent.
 
-kvgate's commands start NATS servers, workers and gateways in sessions of their own, so that a
+`kvgate up` and the benchmarks start workers and gateways in sessions of their own, so that a
 terminal's Ctrl-C reaches only the parent, which stops them in order. Should the parent die without
 that clean-up (SIGKILL, or a signal between a fork and its bookkeeping), the kernel sends each child
-SIGTERM (Linux; elsewhere a child started so is a plain one).
+started here SIGTERM (Linux; elsewhere a child started so is a plain one). The embedded NATS server
+(gateway/natsd.py) is not tied: it may be started from a worker thread, which would end it early.
 """
 
 from __future__ import annotations
