@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.polling import until
+from tests.processes import alive, children_of
 
 
 @pytest.mark.slow
@@ -26,19 +26,6 @@ def test_the_gateway_bench_reports_its_cpu_per_request() -> None:
     assert 0 < result["gateway_cpu_ms_per_request"] < 1000
 
 
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in path.read_text().split()] if path.exists() else []
-
-
-def running(pid: int) -> bool:
-    """The process exists and is not a zombie (a child left to an init that does not reap)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 @pytest.mark.slow
 async def test_sigterm_stops_the_nats_server_worker_and_gateway_a_bench_started() -> None:
     # each runs in a session of its own: the bench's clean-up stops them, or the kernel's SIGTERM when
@@ -48,14 +35,16 @@ async def test_sigterm_stops_the_nats_server_worker_and_gateway_a_bench_started(
     bench = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started: list[int] = []
     try:
-        await until(lambda: len(children(bench.pid)) >= 3, 60.0, "the bench's NATS server, worker, gateway")
-        started = children(bench.pid)
+        await until(
+            lambda: len(children_of(bench.pid)) >= 3, 60.0, "the bench's NATS server, worker, gateway"
+        )
+        started = children_of(bench.pid)
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(timeout=60) == 143
-        await until(lambda: not any(running(pid) for pid in started), 30.0, "its children stopped")
+        await until(lambda: not any(alive(pid) for pid in started), 30.0, "its children stopped")
     finally:
         if bench.poll() is None:
             bench.kill()
         for pid in started:
-            if running(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.polling import until
+from tests.processes import alive
 
 PARENT = """
 import sys, time
@@ -20,25 +20,17 @@ time.sleep(120)
 """
 
 
-def running(pid: int) -> bool:
-    """The process exists and is not a zombie (a child left to an init that does not reap)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal")
 async def test_a_tied_child_dies_with_a_parent_killed_before_it_could_stop_it() -> None:
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
     try:
-        assert running(child)
+        assert alive(child)
         parent.send_signal(signal.SIGKILL)  # no clean-up of its own runs
         parent.wait(timeout=30)
-        await until(lambda: not running(child), 30.0, "the child stopped")
+        await until(lambda: not alive(child), 30.0, "the child stopped")
     finally:
         parent.kill()
-        if running(child):
+        if alive(child):
             subprocess.run(["kill", "-9", str(child)], check=False)
