@@ -2,10 +2,11 @@
 
 Per worker: TTFT = (prefill queued ahead of the request + prefill of the prompt tokens it does not
 hold) x the pool's prefill cost per token, plus a memory-pressure term. Held tokens: the device-tier
-prefix counts fully, a longer host- or disk-tier prefix saves its prefill at the cost of copying it back
-(the link time its worker announces; where that copy holds up the step, it stalls it as prefill would),
-or, from a worker that does not say, `host_credit` / `disk_credit` of a device block. The
-session's own worker is credited the blocks routed there within `prior_ttl_s` (events may lag the
+prefix counts fully (with `credit_survives_queue`, off, as far as it will survive the prompts queued
+there before the request), a longer host- or disk-tier prefix saves its prefill at the cost of copying
+it back (the link time its worker announces; where that copy holds up the step, it stalls it as
+prefill would), or, from a worker that does not say, `host_credit` / `disk_credit` of a device block.
+The session's own worker is credited the blocks routed there within `prior_ttl_s` (events may lag the
 route) or still pinned there (the pin hint `on_complete` returned), and wins whenever it is within the
 affinity tolerance of the best. A prefix every worker holds (system prompt, tool definitions) credits
 them all alike, so the queue decides and no single worker turns hot.
@@ -397,7 +398,34 @@ class SessionKv(Policy):
         if one_shot and self._warming:
             return None
         credit, onboard = self._credit(view, chain, overlap)
+        if self.config.credit_survives_queue and credit is overlap:  # (no lower tier: device blocks)
+            credit = self._surviving(view, chain, overlap)
         return self._costs(view, credit, onboard, n_tokens, chain, sid, sticky, everyone)
+
+    def _surviving(self, view: RouterView, chain: Sequence[int], held: dict[str, int]) -> dict[str, int]:
+        """The device prefix per worker that will still be there when the turn is admitted. The prompts
+        queued there before it (prefilling, or held for it at the router) take blocks for the tokens
+        they compute out of those no running request holds, evicting cached ones as they go: of the
+        turn's prefix only what fits in the rest is kept, and what a request in flight there holds (a
+        shared system prompt). A worker jammed by long prompts otherwise looked as if it still held
+        a context that the prompts ahead would evict (docs/EXPERIMENTS.md, "A cached prefix credited
+        only as far as it survives the queue")."""
+        now, bs = view.now, view.block_size
+        surviving = held
+        for w, n in held.items():
+            wl = view.load.workers.get(w)
+            report = wl.report if wl is not None else None
+            if wl is None or report is None or now > wl.fresh_until or report.host_blocks:
+                continue  # no fresh report, or a host tier (which keeps what the device evicts)
+            queued = wl.report_prefill + wl.prefill_since_report  # tokens, as `_cost_ms` queues them
+            if not queued:
+                continue
+            room = report.total_blocks - report.used_blocks - -(-queued // bs)
+            if n > room:
+                if surviving is held:
+                    surviving = dict(held)
+                surviving[w] = max(room, self._in_use(w, chain), 0)
+        return surviving
 
     def _affinity_tolerance_ms(
         self,

@@ -727,6 +727,33 @@ def test_session_kv_prices_a_sub_agent_beside_its_parents_running_turn_by_its_ne
     assert picks == [("w1", "load"), ("w0", "parent")]
 
 
+def test_session_kv_credits_a_cached_context_only_as_far_as_it_survives_the_queue() -> None:
+    # session s's 500-block context is cached on w0 (1,000 blocks), where a running request holds 500
+    # and another session's 700-block prompt, none of it cached, waits: admitted first, its blocks evict
+    # the context. Credited whole (the default), w0 looks cheapest and keeps the turn; with
+    # `credit_survives_queue`, as far as it survives (nothing), the turn goes to w1, which runs two
+    # short requests and has room
+    picks = []
+    for rule in (False, True):
+        router = make("session_kv", n=2, credit_survives_queue=rule)
+        context = chain(500)
+        assert router.pick(req("s1", context, "s"), 0.0, exclude=frozenset({"w1"})).worker_id == "w0"
+        router.on_first_token("s1", 0.1)
+        router.on_complete("s1", 0.5, "tool_calls", 10)
+        hold(router, "w0", context)
+        queued = RouteRequest("g1", "m", chain(700, base=50_000), 700 * BS, "g")
+        assert router.pick(queued, 1.0, exclude=frozenset({"w1"})).worker_id == "w0"
+        for i in range(2):
+            other = RouteRequest(f"o{i}", "m", chain(80, base=100_000 * (i + 1)), 80 * BS, f"o{i}")
+            assert router.pick(other, 1.0, exclude=frozenset({"w0"})).worker_id == "w1"
+            router.on_first_token(f"o{i}", 1.1)
+        router.apply_load(LoadReport("w0", 2.0, 1, 1, 700 * BS, 500, 1000, 10_000.0, 100.0), 2.0)
+        router.apply_load(LoadReport("w1", 2.0, 2, 0, 0, 200, 1000, 10_000.0, 100.0), 2.0)
+        d = router.pick(req("s2", context + chain(20, base=9000), "s"), 2.0)
+        picks.append((d.worker_id, d.reason))
+    assert picks == [("w0", "session"), ("w1", "load")]
+
+
 def test_session_kv_counts_a_shared_prefix_in_use_once() -> None:
     # w0 runs eight requests over one 150-block document: its report says 160 blocks are in use, where
     # the requests in flight sum to 1,280; the stall charge reads the report, not the sum
