@@ -165,7 +165,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # holds, evicting cached ones). On the full cc trace it keeps giant turns off workers whose index
     # still shows a context the giants queued there will evict (mean 5,507 -> 5,032 ms over six policy
     # draws); on the agentic shapes the moves it makes lose more than they gain (`agentic` 0.2 1.27x ->
-    # 1.52x the best baseline, the live window's p90 +4-39 %): off (docs/EXPERIMENTS.md, "A cached
+    # 1.46x the best baseline, the live window's p90 +4-39 %): off (docs/EXPERIMENTS.md, "A cached
     # prefix credited only as far as it survives the queue")
     credit_survives_queue: bool = False
     # a worker running only requests that named no session is a way out of that wait too, where the turn
