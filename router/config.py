@@ -160,14 +160,13 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # counted whole, the child was priced as if it did not fit beside its parent and prefilled the shared
     # context on another worker (idea 19). False: counted whole
     parent_prefix_in_use: bool = True
-    # a worker's cached prefix of a named session's turn is credited only as far as it survives the
-    # prompts queued there before the turn (the blocks they compute come out of those no running request
-    # holds, evicting cached ones). On the full cc trace it keeps giant turns off workers whose index
-    # still shows a context the giants queued there will evict (mean 5,507 -> 5,032 ms over six policy
-    # draws); on the agentic shapes the moves it makes lose more than they gain (`agentic` 0.2 1.27x ->
-    # 1.46x the best baseline, the live window's p90 +4-39 %): off (docs/EXPERIMENTS.md, "A cached
-    # prefix credited only as far as it survives the queue")
-    credit_survives_queue: bool = False
+    # on a worker with picks held at the router for device memory (a jam), a named session's cached
+    # prefix is credited only as far as it survives the prompts queued there before its turn (the
+    # blocks they compute come out of those no running request holds, evicting cached ones): on the
+    # full cc trace giant turns went to the worker whose index still showed their context, which the
+    # giants queued there then evicted (docs/EXPERIMENTS.md, "A cached prefix credited only as far as
+    # it survives the queue"). False: the index's prefix, whole
+    credit_survives_queue: bool = True
     # a worker running only requests that named no session is a way out of that wait too, where the turn
     # fits now: their blocks free within their short decodes, and the steps they run anyway carry the
     # turn's prefill at the pool's marginal cost per token, the price their own estimate puts on a token

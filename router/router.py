@@ -655,9 +655,21 @@ class Router:
         session = self.sessions.get(sid) if sid else None
         parent = self._parent(request) if session is None or session.turns == 0 else None
         bs = self._registrations[candidates[0]].block_size  # the gateway hashed with a candidate's size
-        held: Container[str] = self.memory_hold if self.memory_hold is not None else frozenset()
+        hold = self.memory_hold
+        held: Container[str] = hold if hold is not None else frozenset()
+        held_for: Container[str] = hold.workers() if hold is not None else frozenset()
         view = RouterView(
-            candidates, self.index, self.approx, self.load, session, bs, now, parent, self._yield_view, held
+            candidates,
+            self.index,
+            self.approx,
+            self.load,
+            session,
+            bs,
+            now,
+            parent,
+            self._yield_view,
+            held,
+            held_for,
         )
         if overlap is not None:
             view.preset_overlap(overlap)

@@ -32,6 +32,7 @@ class RouterView:
         "block_size",
         "candidates",
         "held",
+        "held_for",
         "index",
         "load",
         "now",
@@ -52,6 +53,7 @@ class RouterView:
         parent: Session | None = None,
         yielding: frozenset[str] = frozenset(),
         held: Container[str] = frozenset(),
+        held_for: Container[str] = frozenset(),
     ) -> None:
         self.candidates = candidates  # routable, in a stable order; never empty
         self.index = index
@@ -68,6 +70,7 @@ class RouterView:
         self.yielding = yielding
         # picks held at the router (RouterConfig.memory_hold): recorded in the load, not at the worker
         self.held = held
+        self.held_for = held_for  # the workers those picks wait for: jammed for device memory
 
     def preset_overlap(self, found: dict[str, int]) -> None:
         """Use this match (read earlier, as a queued request's in Dynamo) instead of the index's now."""

@@ -2,14 +2,15 @@
 
 Per worker: TTFT = (prefill queued ahead of the request + prefill of the prompt tokens it does not
 hold) x the pool's prefill cost per token, plus a memory-pressure term. Held tokens: the device-tier
-prefix counts fully (with `credit_survives_queue`, off, as far as it will survive the prompts queued
-there before the request), a longer host- or disk-tier prefix saves its prefill at the cost of copying
-it back (the link time its worker announces; where that copy holds up the step, it stalls it as
-prefill would), or, from a worker that does not say, `host_credit` / `disk_credit` of a device block.
-The session's own worker is credited the blocks routed there within `prior_ttl_s` (events may lag the
-route) or still pinned there (the pin hint `on_complete` returned), and wins whenever it is within the
-affinity tolerance of the best. A prefix every worker holds (system prompt, tool definitions) credits
-them all alike, so the queue decides and no single worker turns hot.
+prefix counts fully, but on a worker jammed for device memory only as far as it will survive the
+prompts queued there before the request (`credit_survives_queue`), a longer host- or disk-tier prefix
+saves its prefill at the cost of copying it back (the link time its worker announces; where that copy
+holds up the step, it stalls it as prefill would), or, from a worker that does not say, `host_credit`
+/ `disk_credit` of a device block. The session's own worker is credited the blocks routed there
+within `prior_ttl_s` (events may lag the route) or still pinned there (the pin hint `on_complete`
+returned), and wins whenever it is within the affinity tolerance of the best. A prefix every worker
+holds (system prompt, tool definitions) credits them all alike, so the queue decides and no single
+worker turns hot.
 
 The prefill cost per token is the median of the workers' measured costs, not each worker's own: the
 workers are alike, and a worker's measured speed mostly says whether its recent prefills were short
@@ -403,23 +404,26 @@ class SessionKv(Policy):
         return self._costs(view, credit, onboard, n_tokens, chain, sid, sticky, everyone)
 
     def _surviving(self, view: RouterView, chain: Sequence[int], held: dict[str, int]) -> dict[str, int]:
-        """The device prefix per worker that will still be there when the turn is admitted. The prompts
-        queued there before it (prefilling, or held for it at the router) take blocks for the tokens
-        they compute out of those no running request holds, evicting cached ones as they go: of the
-        turn's prefix only what fits in the rest is kept, and what a request in flight there holds (a
-        shared system prompt). A worker jammed by long prompts otherwise looked as if it still held
-        a context that the prompts ahead would evict (docs/EXPERIMENTS.md, "A cached prefix credited
-        only as far as it survives the queue")."""
+        """The device prefix per worker that will still be there when the turn is admitted, where picks
+        wait at the router for that worker's memory (`view.held_for`: a jam). The prompts queued there
+        before the turn (prefilling, or held for it) take blocks for the tokens they compute out of
+        those no running request holds, evicting cached ones as they go: of the turn's prefix only what
+        fits in the rest is kept, and what a request in flight there holds (a shared system prompt).
+        A jammed worker otherwise looked as if it still held a context that the prompts ahead would
+        evict. Elsewhere the index's prefix stands: credited only as far as it survives everywhere, a
+        session's turns left workers whose queues were passing and evicted other sessions' contexts
+        on the workers they moved to (docs/EXPERIMENTS.md, "A cached prefix credited only as far as it
+        survives the queue")."""
         now, bs = view.now, view.block_size
         surviving = held
         for w, n in held.items():
+            if w not in view.held_for:
+                continue
             wl = view.load.workers.get(w)
             report = wl.report if wl is not None else None
             if wl is None or report is None or now > wl.fresh_until or report.host_blocks:
                 continue  # no fresh report, or a host tier (which keeps what the device evicts)
             queued = wl.report_prefill + wl.prefill_since_report  # tokens, as `_cost_ms` queues them
-            if not queued:
-                continue
             room = report.total_blocks - report.used_blocks - -(-queued // bs)
             if n > room:
                 if surviving is held:

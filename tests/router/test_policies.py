@@ -727,31 +727,41 @@ def test_session_kv_prices_a_sub_agent_beside_its_parents_running_turn_by_its_ne
     assert picks == [("w1", "load"), ("w0", "parent")]
 
 
-def test_session_kv_credits_a_cached_context_only_as_far_as_it_survives_the_queue() -> None:
-    # session s's 500-block context is cached on w0 (1,000 blocks), where a running request holds 500
-    # and another session's 700-block prompt, none of it cached, waits: admitted first, its blocks evict
-    # the context. Credited whole (the default), w0 looks cheapest and keeps the turn; with
-    # `credit_survives_queue`, as far as it survives (nothing), the turn goes to w1, which runs two
-    # short requests and has room
-    picks = []
-    for rule in (False, True):
-        router = make("session_kv", n=2, credit_survives_queue=rule)
-        context = chain(500)
-        assert router.pick(req("s1", context, "s"), 0.0, exclude=frozenset({"w1"})).worker_id == "w0"
-        router.on_first_token("s1", 0.1)
-        router.on_complete("s1", 0.5, "tool_calls", 10)
-        hold(router, "w0", context)
-        queued = RouteRequest("g1", "m", chain(700, base=50_000), 700 * BS, "g")
-        assert router.pick(queued, 1.0, exclude=frozenset({"w1"})).worker_id == "w0"
-        for i in range(2):
-            other = RouteRequest(f"o{i}", "m", chain(80, base=100_000 * (i + 1)), 80 * BS, f"o{i}")
-            assert router.pick(other, 1.0, exclude=frozenset({"w0"})).worker_id == "w1"
-            router.on_first_token(f"o{i}", 1.1)
-        router.apply_load(LoadReport("w0", 2.0, 1, 1, 700 * BS, 500, 1000, 10_000.0, 100.0), 2.0)
-        router.apply_load(LoadReport("w1", 2.0, 2, 0, 0, 200, 1000, 10_000.0, 100.0), 2.0)
-        d = router.pick(req("s2", context + chain(20, base=9000), "s"), 2.0)
-        picks.append((d.worker_id, d.reason))
-    assert picks == [("w0", "session"), ("w1", "load")]
+def _turn_behind_a_queued_prompt(rule: bool, queued_blocks: int) -> tuple[bool, str, str]:
+    """Session s's 500-block context is cached on w0 (1,000 blocks), where a running request holds
+    500; another session's prompt of `queued_blocks` new blocks is picked for w0 (its send: True, or
+    held at the router for w0's memory: False); then s's next turn is picked (worker, reason). w1 runs
+    two short requests and has room."""
+    router = make("session_kv", n=2, credit_survives_queue=rule)
+    context = chain(500)
+    assert router.pick(req("s1", context, "s"), 0.0, exclude=frozenset({"w1"})).worker_id == "w0"
+    router.on_first_token("s1", 0.1)
+    router.on_complete("s1", 0.5, "tool_calls", 10)
+    hold(router, "w0", context)
+    running = RouteRequest("r1", "m", chain(500, base=200_000), 500 * BS, "r", expected_output_tokens=5000)
+    assert router.pick(running, 0.6, exclude=frozenset({"w1"})).worker_id == "w0"
+    router.on_first_token("r1", 0.7)
+    for i in range(2):
+        other = RouteRequest(f"o{i}", "m", chain(80, base=100_000 * (i + 1)), 80 * BS, f"o{i}")
+        assert router.pick(other, 1.0, exclude=frozenset({"w0"})).worker_id == "w1"
+        router.on_first_token(f"o{i}", 1.1)
+    router.apply_load(LoadReport("w0", 1.0, 1, 0, 0, 500, 1000, 10_000.0, 100.0), 1.0)
+    router.apply_load(LoadReport("w1", 1.0, 2, 0, 0, 200, 1000, 10_000.0, 100.0), 1.0)
+    queued = RouteRequest("g1", "m", chain(queued_blocks, base=50_000), queued_blocks * BS, "g")
+    sent = router.room_offer(queued, router.pick(queued, 1.5, exclude=frozenset({"w1"})), 1.5)
+    d = router.pick(req("s2", context + chain(20, base=9000), "s"), 2.0)
+    return sent, d.worker_id, d.reason
+
+
+def test_session_kv_credits_a_jammed_workers_context_only_as_far_as_it_survives_the_queue() -> None:
+    # a 700-block prompt does not fit beside the running request: held at the router for w0, a jam.
+    # Admitted before s's turn, its blocks evict s's context. Credited whole, w0 looks cheapest and
+    # keeps the turn; credited as far as it survives (nothing), the turn goes to w1
+    assert _turn_behind_a_queued_prompt(rule=False, queued_blocks=700) == (False, "w0", "session")
+    assert _turn_behind_a_queued_prompt(rule=True, queued_blocks=700) == (False, "w1", "load")
+    # a 450-block prompt fits and is sent: no jam, and the index's prefix stands (its blocks would
+    # leave room for 50 of the context's 500, but a worker whose queue passes keeps its sessions)
+    assert _turn_behind_a_queued_prompt(rule=True, queued_blocks=450) == (True, "w0", "session")
 
 
 def test_session_kv_counts_a_shared_prefix_in_use_once() -> None:
