@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Collection, Container, Sequence
 
 import xxhash
 
@@ -657,7 +657,7 @@ class Router:
         bs = self._registrations[candidates[0]].block_size  # the gateway hashed with a candidate's size
         hold = self.memory_hold
         held: Container[str] = hold if hold is not None else frozenset()
-        held_for: Container[str] = hold.workers() if hold is not None else frozenset()
+        held_for: Collection[str] = hold.workers() if hold is not None else frozenset()
         view = RouterView(
             candidates,
             self.index,

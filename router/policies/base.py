@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Collection, Container, Sequence
 from typing import ClassVar
 
 from router.approx_index import ApproxIndex
@@ -53,7 +53,7 @@ class RouterView:
         parent: Session | None = None,
         yielding: frozenset[str] = frozenset(),
         held: Container[str] = frozenset(),
-        held_for: Container[str] = frozenset(),
+        held_for: Collection[str] = frozenset(),
     ) -> None:
         self.candidates = candidates  # routable, in a stable order; never empty
         self.index = index

@@ -414,10 +414,13 @@ class SessionKv(Policy):
         session's turns left workers whose queues were passing and evicted other sessions' contexts
         on the workers they moved to (docs/EXPERIMENTS.md, "A cached prefix credited only as far as it
         survives the queue")."""
+        jammed = view.held_for
+        if not jammed:
+            return held  # (most picks: nothing is held at the router)
         now, bs = view.now, view.block_size
         surviving = held
         for w, n in held.items():
-            if w not in view.held_for:
+            if w not in jammed:
                 continue
             wl = view.load.workers.get(w)
             report = wl.report if wl is not None else None
