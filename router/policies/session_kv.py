@@ -427,7 +427,8 @@ class SessionKv(Policy):
             if wl is None or report is None or now > wl.fresh_until or report.host_blocks:
                 continue  # no fresh report, or a host tier (which keeps what the device evicts)
             queued = wl.report_prefill + wl.prefill_since_report  # tokens, as `_cost_ms` queues them
-            room = report.total_blocks - report.used_blocks - -(-queued // bs)
+            queued_blocks = -(-queued // bs)  # rounded up
+            room = report.total_blocks - report.used_blocks - queued_blocks
             if n > room:
                 if surviving is held:
                     surviving = dict(held)
