@@ -37,6 +37,8 @@ from typing import Any
 
 import msgspec
 
+from kvutil.child_process import spawn_tied
+
 # the comparison README.md and docs/ROUTING.md report: agentic sessions, 4 workers of 4,096 blocks
 DEFAULT_LOADGEN_ARGS = (
     "--workload agentic --rate 1 --duration 90 --max-think-s 10 --max-context 48000"
@@ -196,7 +198,7 @@ def start_system(system: System, args: argparse.Namespace, log: Path) -> subproc
     else:
         argv = ["bash", "-c", system.target.replace("{port}", str(args.port))]
     with log.open("wb") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT)
 
 
 def run_loadgen(url: str, seed: int, loadgen_args: str, out: Path) -> dict[str, Any]:
