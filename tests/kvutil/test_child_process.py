@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -33,4 +34,4 @@ async def test_a_tied_child_dies_with_a_parent_killed_before_it_could_stop_it() 
     finally:
         parent.kill()
         if alive(child):
-            subprocess.run(["kill", "-9", str(child)], check=False)
+            os.kill(child, signal.SIGKILL)
