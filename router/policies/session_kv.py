@@ -61,9 +61,10 @@ from router.config import RouterConfig
 from router.load import WorkerLoad
 from router.policies.active_blocks import ActiveBlocks
 from router.policies.base import Policy, RouterView
-from router.policies.hot_prefixes import HotPrefixes
+from router.policies.busy_step import BusyStep
 from router.policies.live_contexts import LiveContext, LiveContexts
 from router.policies.memory_wait import MemoryWait
+from router.policies.prefix_copies import PrefixCopies
 from router.prefix_match import common_prefix
 from router.protocol import LoadReport, Tier
 from router.request import Decision, RouteRequest, is_inferred
@@ -73,8 +74,6 @@ from router.request import Decision, RouteRequest, is_inferred
 MAX_PENDING = 32
 # requests in flight whose chains are kept (the newest): what a session's worker has in use already
 MAX_RUNNING = 4096
-# hot prefixes are keyed at a multiple of this many blocks (`_note_hot`)
-HOT_GROUP_BLOCKS = 8
 # a turn that would wait for device memory moves to a worker with room only if that worker runs at most
 # this many requests (`_nearly_idle`): one long decode holding its memory, not a crowd of sessions
 IDLE_RUNNING = 1
@@ -107,8 +106,7 @@ class SessionKv(Policy):
         self._pool_speed = 0.0
         self._pool_speed_until = float("-inf")
         self._pool_speed_n = 0
-        self._pool_step = (0.0, 1.0)  # (ms of a busy worker's step, in-flight context blocks of one)
-        self._pool_step_until = float("-inf")
+        self._busy = BusyStep()
         # prefills routed whose blocks the workers' KV events may not show yet: request -> (worker, chain)
         self._pending: dict[str, tuple[str, Sequence[int]]] = {}
         # requests in flight until they complete: request -> (worker, chain)
@@ -122,7 +120,7 @@ class SessionKv(Policy):
         self._warming = config.one_shot_warmup
         self._warm_blocks: dict[str, ActiveBlocks] | None = None
         # the prefixes one-shot requests come back to (documents): where their copies crowd the pool
-        self._hot = HotPrefixes(config.live_session_s)
+        self._copies = PrefixCopies(config)
 
     def pick(self, request: RouteRequest, view: RouterView) -> Decision:
         chain = request.block_hashes
@@ -295,7 +293,7 @@ class SessionKv(Policy):
         step_s = (
             report.running / report.decode_tok_s
             if report.running and report.decode_tok_s > 0
-            else (self._busy_step(view)[0] or self.config.default_decode_step_ms) / 1000.0
+            else (self._busy.pool(view)[0] or self.config.default_decode_step_ms) / 1000.0
         )
         flights = view.load
         held = view.held
@@ -456,7 +454,7 @@ class SessionKv(Policy):
             # use: faster steps for all). A prefix the cheapest worker holds too is no copy to spare.
             cheapest = min(costs, key=costs.__getitem__)
             spared = overlap[sticky] - overlap.get(cheapest, 0)
-            crowded = self._note_hot(view, overlap, request.block_hashes, sticky, spared)
+            crowded = self._copies.note(view, overlap, request.block_hashes, sticky, spared)
             if spared <= 0 and cfg.copy_value:
                 # the cheapest worker holds the prefix as deeply: the home is one holder among others, and
                 # a preference for it would leave idle the copies that spread the prefix's requests
@@ -483,37 +481,6 @@ class SessionKv(Policy):
             key = max((overlap.get(w, 0), -requests(w)) for w in tied)
             tied = [w for w in tied if (overlap.get(w, 0), -requests(w)) == key]
         return tied[0] if len(tied) == 1 else self.rng.choice(tied)
-
-    def _note_hot(
-        self, view: RouterView, overlap: dict[str, int], chain: Sequence[int], home: str, spared: int
-    ) -> bool:
-        """Notes the prefix a one-shot request shares with its home (hot_prefixes.py) and says whether a
-        copy of its `spared` blocks would crowd the pool: the copies of the hot prefixes, this one with
-        it, beyond `memory_free_fraction` of the pool's blocks. Then the copy evicts another hot prefix
-        somewhere, prefilled again by a later request, as live contexts beyond that fraction are (the
-        memory pressure of sessions); while they fit, a copy costs its own prefill only."""
-        depth = overlap[home]
-        # keyed at a whole number of groups of blocks: requests over one document whose held prefix runs
-        # a block or two into their questions (that start alike) count as one prefix
-        depth = max(1, depth - depth % HOT_GROUP_BLOCKS)
-        hot = self._hot
-        hot.note(chain[depth - 1], depth, sum(1 for n in overlap.values() if n >= depth), view.now)
-        if spared <= 0 or not self.config.crowded_prefix_hold:
-            return False
-        capacity, in_use = self._pool_blocks(view)
-        return hot.copies + spared + in_use > capacity
-
-    @staticmethod
-    def _pool_blocks(view: RouterView) -> tuple[int, int]:
-        """The candidates' KV blocks and those their running requests use (their load reports)."""
-        loads = view.load.workers
-        capacity = in_use = 0
-        for w in view.candidates:
-            report = loads[w].report
-            if report is not None:
-                capacity += report.total_blocks
-                in_use += report.used_blocks
-        return capacity, in_use
 
     def _warmup_pick(
         self,
@@ -753,9 +720,9 @@ class SessionKv(Policy):
             missing = n_tokens - held * bs if held else n_tokens
             queued = wl.inflight_prefill - min(wl.step_prefill, wl.inflight_prefill)
             bound[w] = (queued + (missing if missing > 0 else 0)) * per_token + onboard.get(w, 0.0)
-        step, context = self._busy_step(view)
+        step, context = self._busy.pool(view)
         if self.config.copy_value and overlap:
-            self._credit_copy(view, bound, overlap, request.block_hashes, step, context, per_token)
+            self._copies.credit(view, bound, overlap, request.block_hashes, step, context, per_token)
         own = self._live.get(session_id) if session_id else None
         ms_per_token = self._pool_ms_per_token(view)  # the memory terms: re-prefills, at the average cost
         own_excess = self.config.one_shot_own_excess
@@ -768,113 +735,13 @@ class SessionKv(Policy):
             wl = loads[w]
             cost = bound[w]
             if wl.requests:  # the rest of the step in progress, then ours carries the worker's decodes
-                decode = step * wl.inflight_blocks / context
-                cost += self._step_left_ms(wl, now, decode, step, per_token) + decode
+                cost += BusyStep.wait_ms(wl, now, step, context, per_token)
             used = self._used_blocks(wl, now, bs)
             memory = self._memory_ms(wl, w, n_blocks, own, bs, ms_per_token, used, own_excess=own_excess)
             cost = costs[w] = cost + memory
             if cost < best:
                 best = cost
         return costs
-
-    def _credit_copy(
-        self,
-        view: RouterView,
-        bound: dict[str, float],
-        overlap: dict[str, int],
-        chain: Sequence[int],
-        step: float,
-        context: float,
-        per_token: float,
-    ) -> None:
-        """Credits each candidate lacking the request's hot prefix (its home holds at least half the
-        prompt) what a copy there is worth over the run: the requests over the prefix expected within
-        `live_session_s` (hot_prefixes.py), times the share of them that would find every holder busy
-        and the copy idle, busy^holders x (1 - busy) with `busy` the pool's busy share, times the wait a
-        busy holder gives now (the rest of its step and its decodes, the least over the holders). At most
-        the copy's prefill: a copy is never cheaper than a hit. Only while one copy of every hot prefix
-        on every candidate fits beside the blocks the running requests use: then no copy is evicted, and
-        it serves for as long as its prefix stays hot (where they do not fit, `_note_hot` holds the
-        home instead)."""
-        home = max(overlap, key=overlap.__getitem__)
-        depth = overlap[home]
-        if depth * 2 < len(chain):
-            return
-        depth = max(1, depth - depth % HOT_GROUP_BLOCKS)  # the prefix as `_note_hot` keys it
-        now = view.now
-        hot = self._hot
-        later = hot.requests(chain[depth - 1], now)
-        if not later:
-            return
-        candidates = view.candidates
-        capacity, in_use = self._pool_blocks(view)
-        if hot.blocks * len(candidates) + in_use > capacity:
-            return
-        loads = view.load.workers
-        wait = float("inf")
-        holders = 0
-        for w, held in overlap.items():
-            if held >= depth:
-                wl = loads[w]
-                if not wl.requests:
-                    return  # an idle holder: the request goes there, and so would the next ones
-                holders += 1
-                decode = step * wl.inflight_blocks / context
-                held_wait = self._step_left_ms(wl, now, decode, step, per_token) + decode
-                if held_wait < wait:
-                    wait = held_wait
-        busy = sum(1 for w in candidates if loads[w].requests) / len(candidates)
-        value = later * busy**holders * (1.0 - busy) * wait
-        block_ms = view.block_size * per_token
-        for w in candidates:
-            lacking = depth - overlap.get(w, 0)
-            if lacking > 0 and w in bound:
-                copy_ms = lacking * block_ms
-                bound[w] -= value if value < copy_ms else copy_ms
-
-    @staticmethod
-    def _step_left_ms(wl: WorkerLoad, now: float, decode: float, step: float, per_token: float) -> float:
-        """What a request sent to this busy worker now waits before its step begins: the rest of the
-        step begun at the latest step end seen there. One carrying prefill lasts as the latest prefill
-        step seen whole, give or take the marginal cost of the tokens in which they differ; past its
-        predicted end (its first tokens are late) half a step is left. One with decodes only lasts a
-        decode step; past that end the next ones go unseen (no output comes back before a completion),
-        so a whole step, as the request may arrive just after one began."""
-        current = min(wl.step_prefill, wl.inflight_prefill)
-        elapsed = (now - wl.step_end_at) * 1000.0
-        if not current:
-            return decode - elapsed if elapsed < decode else decode
-        if wl.last_step is not None:
-            tokens, ms = wl.last_step
-            length = ms + per_token * (current - tokens)
-        else:
-            length = decode + per_token * current
-        return length - elapsed if elapsed < length else 0.5 * step
-
-    def _busy_step(self, view: RouterView) -> tuple[float, float]:
-        """A busy worker's step in ms (the median over the workers that reported running requests: their
-        running requests over their decode tokens/s) and the in-flight context blocks of one (the median
-        over those with requests in flight), recomputed at most every 100 ms."""
-        now = view.now
-        if now < self._pool_step_until:
-            return self._pool_step
-        loads = view.load.workers
-        steps: list[float] = []
-        contexts: list[int] = []
-        for w in view.candidates:
-            wl = loads[w]
-            report = wl.report
-            if report is not None and now <= wl.fresh_until and report.running and report.decode_tok_s > 0:
-                steps.append(1000.0 * report.running / report.decode_tok_s)
-            if wl.requests:
-                contexts.append(wl.inflight_blocks)
-        steps.sort()
-        contexts.sort()
-        step = steps[(len(steps) - 1) // 2] if steps else 0.0
-        context = max(1.0, float(contexts[(len(contexts) - 1) // 2])) if contexts else 1.0
-        self._pool_step = (step, context)
-        self._pool_step_until = now + 0.1
-        return self._pool_step
 
     def _cost_ms(
         self,

@@ -10,8 +10,6 @@ import msgspec
 import pytest
 
 from router.config import RouterConfig
-from router.load import WorkerLoad
-from router.policies.session_kv import SessionKv
 from router.protocol import BlockRemoved, BlockStored, KvEventBatch, LoadReport, WorkerRegistration
 from router.request import Decision, RouteRequest
 from router.router import Router
@@ -817,29 +815,6 @@ def test_session_kv_prices_the_rest_of_a_busy_workers_step_from_its_outputs() ->
     d = router.pick(req("q2", question), 0.115)  # 5 ms left
     assert d.worker_id == "w0"
     assert d.estimated_cost == pytest.approx(own + 5.0 + 10.0)
-
-
-def test_session_kv_step_left_follows_the_phase_of_the_step_in_progress() -> None:
-    # the rest of the step begun at the latest step end seen (1 s); decode steps of 10 ms, a pool step
-    # of 20 ms, 0.015 ms a prefill token
-    wl = WorkerLoad(1000.0)
-    wl.step_end_at = 1.0
-    left = SessionKv._step_left_ms
-
-    def at(ms: float) -> float:
-        return left(wl, 1.0 + ms / 1000.0, 10.0, 20.0, 0.015)
-
-    # decodes only: the rest of one decode step, then a whole one (the next steps end unseen)
-    assert at(4.0) == pytest.approx(6.0)
-    assert at(25.0) == pytest.approx(10.0)
-    # a prefill of 1,200 tokens rides it; the latest prefill step seen took 50 ms over 1,000 tokens
-    wl.inflight_prefill = wl.step_prefill = 1200
-    assert at(4.0) == pytest.approx(10.0 + 1200 * 0.015 - 4.0)  # none measured there: a decode step
-    wl.last_step = (1000, 50.0)
-    assert at(13.0) == pytest.approx(50.0 + 200 * 0.015 - 13.0)
-    assert at(60.0) == pytest.approx(10.0)  # past its predicted end: half a pool step
-    wl.inflight_prefill = 1500  # 300 more sent after the step began wait for the next one
-    assert at(13.0) == pytest.approx(50.0 + 200 * 0.015 - 13.0)
 
 
 def test_session_kv_counts_one_shot_requests_as_no_live_context() -> None:
