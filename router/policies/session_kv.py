@@ -59,12 +59,12 @@ from collections.abc import Callable, Sequence
 
 from router.config import RouterConfig
 from router.load import WorkerLoad
-from router.policies.active_blocks import ActiveBlocks
 from router.policies.base import Policy, RouterView
 from router.policies.busy_step import BusyStep
 from router.policies.live_contexts import LiveContext, LiveContexts
 from router.policies.memory_wait import MemoryWait
 from router.policies.prefix_copies import PrefixCopies
+from router.policies.warmup_cost import WarmupCost
 from router.prefix_match import common_prefix
 from router.protocol import LoadReport, Tier
 from router.request import Decision, RouteRequest, is_inferred
@@ -81,20 +81,6 @@ IDLE_RUNNING = 1
 
 def _no_wait(chain: Sequence[int]) -> float:
     return 0.0
-
-
-def _leading_in(chain: Sequence[int], blocks: dict[int, int]) -> int:
-    """How many of `chain`'s blocks are in `blocks`, the blocks of other chains: a chained hash names
-    every block before it, so those are a prefix of `chain`, found by bisection (a few lookups where a
-    walk over a 32k-token prompt's 2,048 blocks costs ~100 us per worker)."""
-    lo, hi = 0, len(chain)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if chain[mid] in blocks:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 class SessionKv(Policy):
@@ -115,10 +101,9 @@ class SessionKv(Policy):
         self._one_shot_ids: set[str] = set()
         self._one_shot_count: dict[str, int] = {}
         # until the marginal prefill cost is first known (`one_shot_warmup`), one-shot requests go by
-        # Dynamo's cost: per worker, the blocks of the requests in flight there -> how many of them hold
-        # it, counted from the first such request on (traffic of named sessions alone never pays for it)
+        # Dynamo's cost (warmup_cost.py)
         self._warming = config.one_shot_warmup
-        self._warm_blocks: dict[str, ActiveBlocks] | None = None
+        self._warmup = WarmupCost()
         # the prefixes one-shot requests come back to (documents): where their copies crowd the pool
         self._copies = PrefixCopies(config)
 
@@ -388,7 +373,8 @@ class SessionKv(Policy):
         one_shot = self.config.one_shot_ttft and is_inferred(request.session_id)
         marginal = view.load.prefill_fit.ms_per_token
         if marginal is not None and self._warming:
-            self._warming, self._warm_blocks = False, None  # the marginal cost is known from now on
+            self._warming = False  # the marginal cost is known from now on
+            self._warmup.stop()
         chain, sid = request.block_hashes, request.session_id
         n_tokens = request.num_tokens
         if one_shot and marginal is not None:
@@ -489,27 +475,10 @@ class SessionKv(Policy):
         overlap: dict[str, int],
         credit: dict[str, int] | dict[str, float],
     ) -> Decision:
-        """A one-shot request before the pool's marginal prefill cost is known: Dynamo's cost, in blocks,
-        `prefill blocks + distinct blocks in flight with this prompt's` (its KV router's defaults: overlap
-        weight 1, the lowest cost, ties at random). It needs nothing measured: a miss and the blocks a
-        busy worker's decodes read weigh alike, so a hot document is copied to an idle worker while its
-        home runs requests over other documents, and those copies, made early, serve every request after.
-        The average cost per token, the other estimate at hand, prices a miss as if its tokens paid the
-        step's fixed cost too (EXPERIMENTS.md, idea 15)."""
+        """A one-shot request before the pool's marginal prefill cost is known: Dynamo's cost in blocks
+        (warmup_cost.py), the lowest, ties at random."""
         chain = request.block_hashes
-        bs = view.block_size
-        loads = view.load.workers
-        warm = self._warm_blocks
-        if warm is None:  # the first one-shot request: count what is in flight, then keep count
-            warm = self._warm_blocks = {}
-            for worker, other in self._running.values():
-                self._count_warm(warm, worker, other)
-        costs: dict[str, float] = {}
-        for w in view.candidates:
-            prefill = (loads[w].inflight_prefill + request.num_tokens) / bs - credit.get(w, 0)
-            active = warm.get(w)
-            potential = len(active) + len(chain) - _leading_in(chain, active.blocks) if active else len(chain)
-            costs[w] = (prefill if prefill > 0.0 else 0.0) + potential
+        costs = self._warmup.costs(view, chain, request.num_tokens, credit, self._running.values())
         best = min(costs.values())
         tied = [w for w, c in costs.items() if c == best]
         worker = tied[0] if len(tied) == 1 else self.rng.choice(tied)
@@ -614,8 +583,7 @@ class SessionKv(Policy):
         if is_inferred(request.session_id):
             self._one_shot_ids.add(request.request_id)
             self._one_shot_count[decision.worker_id] = self._one_shot_count.get(decision.worker_id, 0) + 1
-        if self._warm_blocks is not None:
-            self._count_warm(self._warm_blocks, decision.worker_id, request.block_hashes)
+        self._warmup.count(decision.worker_id, request.block_hashes)
 
     def on_first_token(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
@@ -628,23 +596,10 @@ class SessionKv(Policy):
 
     def _forget_running(self, request_id: str, entry: tuple[str, Sequence[int]]) -> None:
         """A request in flight is over: it leaves the warm-up's count and the one-shot count."""
-        self._forget_warm(entry)
+        self._warmup.forget(*entry)
         if request_id in self._one_shot_ids:
             self._one_shot_ids.discard(request_id)
             self._one_shot_count[entry[0]] -= 1
-
-    @staticmethod
-    def _count_warm(warm: dict[str, ActiveBlocks], worker: str, chain: Sequence[int]) -> None:
-        active = warm.get(worker)
-        if active is None:
-            active = warm[worker] = ActiveBlocks()
-        active.add(chain)
-
-    def _forget_warm(self, entry: tuple[str, Sequence[int]]) -> None:
-        """A request in flight is over: its blocks leave the warm-up's count of its worker's."""
-        active = self._warm_blocks.get(entry[0]) if self._warm_blocks is not None else None
-        if active is not None:
-            active.remove(entry[1])
 
     def _costs(
         self,
@@ -906,8 +861,7 @@ class SessionKv(Policy):
             del self._running[rid]
             self._one_shot_ids.discard(rid)
         self._one_shot_count.pop(worker_id, None)
-        if self._warm_blocks is not None:
-            self._warm_blocks.pop(worker_id, None)
+        self._warmup.remove_worker(worker_id)
         self._live.remove_worker(worker_id)
 
     def _credit(

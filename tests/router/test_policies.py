@@ -937,7 +937,7 @@ def test_session_kv_places_one_shot_traffic_by_dynamos_cost_until_the_marginal_c
     policy = router.policy
     assert router.load.prefill_fit.ms_per_token is None and policy._warming
     router.pick(req("a", doc + chain(8, base=60_000), "s"), 0.0, exclude=frozenset({"w1", "w2"}))
-    assert policy._warm_blocks is None  # a named session's turn: nothing counted yet
+    assert policy._warmup.blocks is None  # a named session's turn: nothing counted yet
     router.on_first_token("a", 0.05)
     question = doc + chain(8, base=70_000)
     d = router.pick(req("q1", question), 0.1)
@@ -953,7 +953,7 @@ def test_session_kv_places_one_shot_traffic_by_dynamos_cost_until_the_marginal_c
     # completions take their blocks out of the count; a named session is not one-shot traffic
     for rid in ("a", "b", "q2"):
         router.on_complete(rid, 0.4, "stop", 1)
-    assert not policy._warm_blocks["w0"] and not policy._warm_blocks[d.worker_id]
+    assert not policy._warmup.blocks["w0"] and not policy._warmup.blocks[d.worker_id]
     named = router.pick(req("n1", question, "named"), 0.5)  # the session estimate: ms at the pool's speed
     speed = RouterConfig().default_prefill_tok_s  # no worker reported one
     assert (named.worker_id, named.estimated_cost) == ("w0", pytest.approx(8 * BS / speed * 1000))
@@ -964,12 +964,12 @@ def test_session_kv_warm_up_ends_once_the_marginal_cost_is_fitted() -> None:
     doc = chain(128)
     hold(router, "w0", doc)
     router.pick(req("a", doc + chain(8, base=60_000)), 0.0)
-    assert router.policy._warming and router.policy._warm_blocks
+    assert router.policy._warming and router.policy._warmup.blocks
     for i in range(100):  # the pool's first tokens: 20 ms + 0.015 ms per prefill token
         tokens = 100 if i % 2 else 2100
         router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
     d = router.pick(req("q", doc + chain(8, base=70_000)), 0.1)
-    assert not router.policy._warming and router.policy._warm_blocks is None  # for good
+    assert not router.policy._warming and router.policy._warmup.blocks is None  # for good
     assert d.worker_id == "w0" and d.estimated_cost < 136  # in ms, not blocks
     router.on_complete("a", 0.2, "stop", 1)  # nothing left to count
     off = make("session_kv", n=2, one_shot_warmup=False)
@@ -978,23 +978,6 @@ def test_session_kv_warm_up_ends_once_the_marginal_cost_is_fitted() -> None:
     assert off.pick(req("q", doc + chain(8, base=70_000)), 0.0).estimated_cost == pytest.approx(
         8 * BS / RouterConfig().default_prefill_tok_s * 1000
     )
-
-
-def test_session_kv_counts_a_chains_blocks_in_flight_by_bisection() -> None:
-    # chained hashes: the blocks of other chains that a chain holds are a prefix of it, so bisection
-    # counts what a walk over every block counts
-    from router.policies.session_kv import _leading_in
-
-    rng = random.Random(5)
-    trunk = chain(200)
-    for _ in range(200):
-        blocks: dict[int, int] = {}
-        for i in range(rng.randrange(0, 5)):
-            other = trunk[: rng.randrange(0, 201)] + chain(rng.randrange(0, 20), base=10_000 * (i + 1))
-            for h in other:
-                blocks[h] = blocks.get(h, 0) + 1
-        prompt = trunk[: rng.randrange(0, 201)] + chain(rng.randrange(0, 20), base=999_000)
-        assert _leading_in(prompt, blocks) == sum(h in blocks for h in prompt)
 
 
 def test_session_kv_holds_a_document_home_while_its_copies_would_crowd_the_pool() -> None:
