@@ -102,8 +102,7 @@ class SessionKv(Policy):
         self._one_shot_count: dict[str, int] = {}
         # until the marginal prefill cost is first known (`one_shot_warmup`), one-shot requests go by
         # Dynamo's cost (warmup_cost.py)
-        self._warming = config.one_shot_warmup
-        self._warmup = WarmupCost()
+        self._warmup = WarmupCost(config.one_shot_warmup)
         # the prefixes one-shot requests come back to (documents): where their copies crowd the pool
         self._copies = PrefixCopies(config)
 
@@ -372,15 +371,14 @@ class SessionKv(Policy):
         prices instead."""
         one_shot = self.config.one_shot_ttft and is_inferred(request.session_id)
         marginal = view.load.prefill_fit.ms_per_token
-        if marginal is not None and self._warming:
-            self._warming = False  # the marginal cost is known from now on
-            self._warmup.stop()
+        if marginal is not None and self._warmup.on:
+            self._warmup.stop()  # the marginal cost is known from now on
         chain, sid = request.block_hashes, request.session_id
         n_tokens = request.num_tokens
         if one_shot and marginal is not None:
             credit, onboard = self._credit(view, chain, overlap, marginal)
             return self._one_shot_costs(view, credit, onboard, request, overlap, sticky)
-        if one_shot and self._warming:
+        if one_shot and self._warmup.on:
             return None
         credit, onboard = self._credit(view, chain, overlap)
         if self.config.credit_survives_queue and credit is overlap:  # (no lower tier: device blocks)

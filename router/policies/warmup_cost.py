@@ -31,11 +31,12 @@ def _leading_in(chain: Sequence[int], blocks: dict[int, int]) -> int:
 
 
 class WarmupCost:
-    """Per worker, the distinct blocks of the requests in flight there, counted from the first one-shot
-    request of the warm-up on (traffic of named sessions alone never pays for the count) until the
-    warm-up ends."""
+    """Whether the warm-up is on (`on`: from the start, with `one_shot_warmup`, until `stop`), and per
+    worker the distinct blocks of the requests in flight there, counted from the warm-up's first one-shot
+    request on (traffic of named sessions alone never pays for the count) until it ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, on: bool) -> None:
+        self.on = on
         self.blocks: dict[str, ActiveBlocks] | None = None  # None: not counting
 
     def costs(
@@ -85,5 +86,6 @@ class WarmupCost:
             self.blocks.pop(worker, None)
 
     def stop(self) -> None:
-        """The warm-up is over: the count goes, for good."""
+        """The warm-up is over (the marginal cost is known): the count goes, for good."""
+        self.on = False
         self.blocks = None

@@ -935,7 +935,7 @@ def test_session_kv_places_one_shot_traffic_by_dynamos_cost_until_the_marginal_c
     hold(router, "w0", doc)
     hold(router, "w0", other, seq=1)
     policy = router.policy
-    assert router.load.prefill_fit.ms_per_token is None and policy._warming
+    assert router.load.prefill_fit.ms_per_token is None and policy._warmup.on
     router.pick(req("a", doc + chain(8, base=60_000), "s"), 0.0, exclude=frozenset({"w1", "w2"}))
     assert policy._warmup.blocks is None  # a named session's turn: nothing counted yet
     router.on_first_token("a", 0.05)
@@ -964,17 +964,17 @@ def test_session_kv_warm_up_ends_once_the_marginal_cost_is_fitted() -> None:
     doc = chain(128)
     hold(router, "w0", doc)
     router.pick(req("a", doc + chain(8, base=60_000)), 0.0)
-    assert router.policy._warming and router.policy._warmup.blocks
+    assert router.policy._warmup.on and router.policy._warmup.blocks
     for i in range(100):  # the pool's first tokens: 20 ms + 0.015 ms per prefill token
         tokens = 100 if i % 2 else 2100
         router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
     d = router.pick(req("q", doc + chain(8, base=70_000)), 0.1)
-    assert not router.policy._warming and router.policy._warmup.blocks is None  # for good
+    assert not router.policy._warmup.on and router.policy._warmup.blocks is None  # for good
     assert d.worker_id == "w0" and d.estimated_cost < 136  # in ms, not blocks
     router.on_complete("a", 0.2, "stop", 1)  # nothing left to count
     off = make("session_kv", n=2, one_shot_warmup=False)
     hold(off, "w0", doc)
-    assert not off.policy._warming
+    assert not off.policy._warmup.on
     assert off.pick(req("q", doc + chain(8, base=70_000)), 0.0).estimated_cost == pytest.approx(
         8 * BS / RouterConfig().default_prefill_tok_s * 1000
     )

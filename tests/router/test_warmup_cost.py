@@ -42,7 +42,7 @@ def idle_view(workers: list[str]) -> RouterView:
 
 
 def test_the_cost_is_prefill_blocks_plus_distinct_blocks_in_flight_with_the_prompt() -> None:
-    warmup = WarmupCost()
+    warmup = WarmupCost(on=True)
     warmup.count("w0", chain(10))  # before the first one-shot request: not counted
     assert warmup.blocks is None
     doc = chain(10)
@@ -58,4 +58,4 @@ def test_the_cost_is_prefill_blocks_plus_distinct_blocks_in_flight_with_the_prom
     assert "w0" not in warmup.blocks
     warmup.stop()  # the marginal cost is known: nothing is counted any more
     warmup.count("w1", chain(3))
-    assert warmup.blocks is None
+    assert warmup.blocks is None and not warmup.on
