@@ -61,8 +61,8 @@ from router.config import RouterConfig
 from router.load import WorkerLoad
 from router.policies.base import Policy, RouterView
 from router.policies.busy_step import BusyStep
+from router.policies.device_waits import DeviceWaits, Running
 from router.policies.live_contexts import LiveContext, LiveContexts
-from router.policies.memory_wait import MemoryWait
 from router.policies.prefix_copies import PrefixCopies
 from router.policies.warmup_cost import WarmupCost
 from router.prefix_match import common_prefix
@@ -79,10 +79,6 @@ MAX_RUNNING = 4096
 IDLE_RUNNING = 1
 
 
-def _no_wait(chain: Sequence[int]) -> float:
-    return 0.0
-
-
 class SessionKv(Policy):
     name = "session_kv"
 
@@ -96,7 +92,8 @@ class SessionKv(Policy):
         # prefills routed whose blocks the workers' KV events may not show yet: request -> (worker, chain)
         self._pending: dict[str, tuple[str, Sequence[int]]] = {}
         # requests in flight until they complete: request -> (worker, chain)
-        self._running: dict[str, tuple[str, Sequence[int]]] = {}
+        self._running: Running = {}
+        self._waits = DeviceWaits(config, self._running, self._busy)
         # of which one-shot requests (no session named), and how many per worker
         self._one_shot_ids: set[str] = set()
         self._one_shot_count: dict[str, int] = {}
@@ -151,7 +148,7 @@ class SessionKv(Policy):
         worker is no way out: on a pool past its memory every move there spreads the wait to the
         sessions living there (docs/EXPERIMENTS.md, "Live, sixth pass")."""
         chain = request.block_hashes
-        wait = self._memory_wait(view, chosen, chain)
+        wait = self._waits.ms(view, chosen, chain)
         if wait <= 0.0:
             return None
         if len(costs) < len(view.candidates):  # the pruned ones too: a dearer worker may have room
@@ -161,7 +158,7 @@ class SessionKv(Policy):
         for w in sorted(costs, key=costs.__getitem__):
             if costs[w] + tolerance >= limit:
                 break
-            if w != chosen and self._nearly_idle(view, w) and not self._memory_wait(view, w, chain):
+            if w != chosen and self._nearly_idle(view, w) and not self._waits.ms(view, w, chain):
                 return w
         if self.config.memory_wait_one_shot:
             beside = self._beside_one_shot(request, view, overlap, costs, chosen, limit - tolerance)
@@ -173,7 +170,7 @@ class SessionKv(Policy):
             and home != chosen
             and home in costs
             and self._running_at(view, home) <= self._running_at(view, chosen)
-            and costs[home] + weight * self._memory_wait(view, home, chain) < limit
+            and costs[home] + weight * self._waits.ms(view, home, chain) < limit
         ):
             return home
         return None
@@ -210,7 +207,7 @@ class SessionKv(Policy):
             held = credit.get(w)
             cost = self._cost_ms(view, w, held, request.num_tokens, chain, own, ms_per_token, marginal)
             cost += onboard.get(w, 0.0)
-            if cost < best and not self._memory_wait(view, w, chain):
+            if cost < best and not self._waits.ms(view, w, chain):
                 best, found = cost, w
         if found is not None:
             costs[found] = best
@@ -236,86 +233,11 @@ class SessionKv(Policy):
         report = view.load.workers[w].report
         return report.running if report is not None else float("inf")
 
-    def _memory_wait(self, view: RouterView, w: str, chain: Sequence[int]) -> float:
-        """The predicted wait for device memory of a prompt of `chain` on `w` (ms; memory_wait.py)."""
-        return self.memory_waits(w, view)(chain)
-
     def memory_waits(self, worker_id: str, view: RouterView) -> Callable[[Sequence[int]], float]:
-        """The predicted wait for device memory on `worker_id` of any prompt (ms; memory_wait.py), 0
-        where the worker's report is stale, its decodes yield to prompts, or the prompt fits beside
-        every request there with none waiting ahead (the common case: no walk over the flights). The
-        flights are walked once, at the first prompt that needs them."""
-        w = worker_id
-        wl = view.load.workers[w]
-        report = wl.report
-        if report is None or view.now > wl.fresh_until or w in view.yielding:
-            return _no_wait
-        # (with none waiting, the blocks of the prompts in prefill there are their tokens to compute)
-        in_prefill = self._in_prefill_blocks(view, w)
-        # the longest prompt that fits at once: beside every request there, with none waiting ahead;
-        # else beside them and every request this router sent there counted whole (prompt and output,
-        # more than one can take while queued): a small prompt on a busy worker, most picks, then
-        # skips the walk over the flights, a sixth of the gateway's CPU per request in `kvgate bench
-        # gateway` (tests/router/test_memory_wait.py pins the shortcut to the walk)
-        fits = report.total_blocks - report.used_blocks - in_prefill
-        if report.waiting or wl.prefill_since_report:
-            fits -= wl.inflight_blocks
-        walked: list[MemoryWait] = []
-
-        def wait_ms(chain: Sequence[int]) -> float:
-            if len(chain) <= fits:
-                return 0.0
-            if not walked:
-                walked.append(self._walk(view, w, report, in_prefill))
-            return walked[0].ms(chain)
-
-        return wait_ms
-
-    def _walk(self, view: RouterView, w: str, report: LoadReport, in_prefill: int) -> MemoryWait:
-        # no measured pace there (its first prompt runs before its first decode step is measured):
-        # the pool's, else the configured default; a step of 0 would predict no wait at all
-        step_s = (
-            report.running / report.decode_tok_s
-            if report.running and report.decode_tok_s > 0
-            else (self._busy.pool(view)[0] or self.config.default_decode_step_ms) / 1000.0
-        )
-        flights = view.load
-        held = view.held
-        mine = [
-            (f, other)
-            for rid, (worker, other) in self._running.items()
-            if worker == w and rid not in held and (f := flights.get(rid)) is not None
-        ]
-        return MemoryWait(view.load.workers[w], mine, view.now, step_s, view.block_size, in_prefill)
-
-    def _in_prefill_blocks(self, view: RouterView, w: str) -> int:
-        """The blocks the prompts admitted on `w` and still in chunked prefill will take beyond those its
-        report counts (the blocks each has taken so far): its report's prefill tokens still to compute,
-        less those of the prompts waiting there (the newest the router sent there before the report, as
-        many as it says wait; a waiting prompt has computed nothing). 0 with `count_prefill_in_progress` off
-        or no prefill in progress. A turn sent beside a long prompt's first chunk otherwise looks as if
-        it fits, then waits for that prompt's decode (docs/EXPERIMENTS.md, idea 19)."""
-        wl = view.load.workers[w]
-        report = wl.report
-        if not self.config.count_prefill_in_progress or report is None or not report.active_prefill_tokens:
-            return 0
-        bs = view.block_size
-        tokens = report.active_prefill_tokens
-        if report.waiting:
-            flights = view.load
-            sent = [  # in pick order, as `_running` keeps them
-                len(other)
-                for rid, (worker, other) in self._running.items()
-                if worker == w
-                and (f := flights.get(rid)) is not None
-                and f.prefilling
-                and f.epoch != wl.epoch
-            ]
-            tokens -= bs * sum(sent[len(sent) - min(len(sent), report.waiting) :])
-        return -(-tokens // bs) if tokens > 0 else 0
+        return self._waits.on(worker_id, view)
 
     def memory_wait_ms(self, chain: Sequence[int], worker_id: str, view: RouterView) -> float:
-        return self.memory_waits(worker_id, view)(chain)
+        return self._waits.ms(view, worker_id, chain)
 
     def _with_prior(self, view: RouterView, overlap: dict[str, int], chain: Sequence[int]) -> dict[str, int]:
         """The overlap, with the session's worker credited the prefix this turn shares with the session's
@@ -516,7 +438,8 @@ class SessionKv(Policy):
             needed = self._used_blocks(wl, view.now, bs) + len(chain)
             capacity = report.total_blocks
             if view.now <= wl.fresh_until and needed - (-report.active_prefill_tokens // bs) > capacity:
-                needed += self._in_prefill_blocks(view, worker)  # the rest of the prompts in prefill there
+                # the rest of the prompts in prefill there
+                needed += self._waits.in_prefill_blocks(view, worker)
             if needed > capacity and needed - self._in_use(worker, chain) > capacity:
                 return 0.0
         return hold * spared * bs * self._pool_ms_per_token(view)

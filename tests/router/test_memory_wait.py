@@ -1,44 +1,16 @@
-"""The predicted wait for device memory (router/policies/memory_wait.py) and what session_kv does with it."""
+"""The predicted wait for device memory (router/policies/memory_wait.py) and what session_kv does with it
+(its reading of the router's view: test_device_waits.py)."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from router.config import RouterConfig
 from router.policies.base import RouterView
 from router.policies.session_kv import SessionKv
-from router.protocol import BlockStored, KvEventBatch, LoadReport, WorkerRegistration
+from router.protocol import BlockStored, KvEventBatch, LoadReport
 from router.request import Decision, RouteRequest
 from router.router import Router
-
-BS = 16
-
-
-def make(n: int = 2, **config: object) -> Router:
-    router = Router(policy="session_kv", config=RouterConfig(**config), seed=1)
-    for i in range(n):
-        router.add_worker(WorkerRegistration(f"w{i}", f"http://w{i}", "m", BS, 1000, "mock", 1, 0.0), 0.0)
-    return router
-
-
-def chain(n: int, base: int) -> list[int]:
-    return list(range(base, base + n))
-
-
-def decoding(router: Router, worker: str, rid: str, blocks: int, output: int, base: int) -> None:
-    """A request of `blocks` prompt blocks picked on `worker` at 0 s, decoding `output` tokens from then."""
-    request = RouteRequest(rid, "m", chain(blocks, base), blocks * BS, rid, expected_output_tokens=output)
-    assert router.record(request, Decision(worker, 0, 0.0, "load"), 0.0)
-    router.on_first_token(rid, 0.0)
-
-
-def report(router: Router, worker: str, running: int, used: int, now: float, waiting: int = 0) -> None:
-    # decode tokens/s = running x 10: one token every 0.1 s per request
-    prefill = 1000 * waiting
-    load = LoadReport(worker, now, running, waiting, prefill, used, 1000, 10_000.0, 10.0 * running)
-    router.apply_load(load, now)
+from tests.router.memory_pools import BS, chain, decoding, in_prefill_report, make, prefilling, report
 
 
 def test_the_wait_lasts_until_the_decodes_in_flight_free_enough_blocks() -> None:
@@ -54,11 +26,11 @@ def test_the_wait_lasts_until_the_decodes_in_flight_free_enough_blocks() -> None
     policy = router.policy
     assert isinstance(policy, SessionKv)
     view = RouterView(router.workers(), router.index, router.approx, router.load, None, BS, 1.0)
-    assert policy._memory_wait(view, "w0", chain(300, 30_000)) == pytest.approx(9_000.0)
-    assert policy._memory_wait(view, "w0", chain(150, 30_000)) == 0.0
-    assert policy._memory_wait(view, "w1", chain(300, 30_000)) == 0.0
+    assert policy.memory_wait_ms(chain(300, 30_000), "w0", view) == pytest.approx(9_000.0)
+    assert policy.memory_wait_ms(chain(150, 30_000), "w0", view) == 0.0
+    assert policy.memory_wait_ms(chain(300, 30_000), "w1", view) == 0.0
     # a prompt that shares its first 200 blocks with decode a takes no new blocks for them: it fits
-    assert policy._memory_wait(view, "w0", chain(200, 10_000) + chain(100, 30_000)) == 0.0
+    assert policy.memory_wait_ms(chain(200, 10_000) + chain(100, 30_000), "w0", view) == 0.0
 
 
 def pool_with_a_long_decode(w1_running: int, w1_waiting: int = 0, **config: object) -> Router:
@@ -89,44 +61,6 @@ def test_a_turn_that_would_wait_for_memory_moves_to_an_idle_worker_with_room() -
     # nor one with a prompt queued (it is about to take blocks its report does not count yet)
     assert pool_with_a_long_decode(2).pick(turn, 1.0).worker_id == "w0"
     assert pool_with_a_long_decode(0, 1).pick(turn, 1.0).worker_id == "w0"
-
-
-def prefilling(router: Router, worker: str, rid: str, blocks: int, output: int, base: int) -> None:
-    """A request of `blocks` prompt blocks picked on `worker` at 0 s, admitted and still in prefill."""
-    request = RouteRequest(rid, "m", chain(blocks, base), blocks * BS, rid, expected_output_tokens=output)
-    assert router.record(request, Decision(worker, 0, 0.0, "load"), 0.0)
-
-
-def in_prefill_report(
-    router: Router, worker: str, taken: int, left: int, now: float, waiting: int = 0
-) -> None:
-    """`worker` runs one prompt in chunked prefill: `taken` blocks so far, `left` blocks of tokens to go,
-    plus `waiting` prompts of 100 blocks queued (their tokens counted in the report's prefill too)."""
-    prefill = (left + 100 * waiting) * BS
-    router.apply_load(LoadReport(worker, now, 1, waiting, prefill, taken, 1000, 10_000.0, 10.0), now)
-
-
-@pytest.mark.parametrize("waiting", [0, 1])
-def test_a_prompt_in_chunked_prefill_counts_at_its_whole_size(waiting: int) -> None:
-    # w0 runs a 700-block prompt whose first chunks took 200 blocks (its report's count); 500 blocks of
-    # it are still to compute. A 400-block prompt looks as if it fits beside it (200 + 400 of 1,000) but
-    # waits for that request's decode (700 + 400). With a prompt of 100 blocks waiting there too, its
-    # tokens are in the report's prefill (not the one in progress's) and its blocks queued ahead.
-    waits = []
-    for rule in (False, True):
-        router = make(count_prefill_in_progress=rule)
-        prefilling(router, "w0", "long", 700, 50, 10_000)
-        if waiting:
-            prefilling(router, "w0", "queued", 100, 10, 20_000)
-        in_prefill_report(router, "w0", 200, 500, 1.0, waiting)
-        policy = router.policy
-        assert isinstance(policy, SessionKv)
-        view = RouterView(router.workers(), router.index, router.approx, router.load, None, BS, 1.0)
-        assert policy._in_prefill_blocks(view, "w0") == (500 if rule else 0)
-        waits.append(policy._memory_wait(view, "w0", chain(400, 30_000)))
-        # a prompt that fits beside the whole of it waits for nothing either way
-        assert policy._memory_wait(view, "w0", chain(200, 30_000)) == 0.0
-    assert waits[0] == 0.0 and waits[1] > 0.0
 
 
 def test_a_turn_beside_a_long_prompts_first_chunk_loses_its_session_hold() -> None:
@@ -172,7 +106,7 @@ def test_a_decode_its_worker_preempted_waits_there_and_resumes_where_it_stopped(
         load = LoadReport("w0", now, running, waiting, 0, used, 1000, 10_000.0, 10.0 * running)
         router.apply_load(load, now)
         view = RouterView(router.workers(), router.index, router.approx, router.load, None, BS, now)
-        return policy._memory_wait(view, "w0", chain(blocks, 30_000))
+        return policy.memory_wait_ms(chain(blocks, 30_000), "w0", view)
 
     assert wait(1.0, 1, 1, 420, 300) == 0.0
     assert wait(1.2, 1, 1, 420, 300) == 0.0  # not yet: a completion the router has not seen, maybe
@@ -221,36 +155,3 @@ def test_a_turn_that_would_wait_for_memory_moves_beside_one_shot_requests() -> N
     unfitted = pool_beside_one_shot()
     unfitted.load.prefill_fit.ms_per_token = None
     assert unfitted.pick(turn, 1.0).worker_id == "w0"
-
-
-def test_the_shortcut_for_a_prompt_that_fits_agrees_with_the_walk_over_the_flights() -> None:
-    # memory_waits answers 0 without walking the flights where a prompt fits beside every request there
-    # counted whole; on random pools (decodes, queued prompts, some routed after the report, shared
-    # prefixes) it must give what the walk gives for every prompt
-    rng = random.Random(7)
-    waited = 0
-    for case in range(300):
-        router = make(1)
-        n_decoding, n_queued = rng.randint(0, 6), rng.randint(0, 6)
-        for k in range(n_decoding + n_queued):
-            add = decoding if k < n_decoding else prefilling
-            base = 10_000 * rng.randint(1, 3)  # three system prompts, shared
-            add(router, "w0", f"r{k}", rng.randint(1, 200), rng.randint(1, 400), base)
-        waiting = rng.randint(0, n_queued)
-        prefill = 1000 * waiting
-        load = LoadReport("w0", 1.0, n_decoding, waiting, prefill, rng.randint(0, 1000), 1000, 1e4, 10.0)
-        router.apply_load(load, 1.0)
-        for k in range(rng.randint(0, 3)):  # routed there after the report
-            prefilling(router, "w0", f"late{k}", rng.randint(1, 200), 10, 40_000 + 1_000 * k)
-        policy = router.policy
-        assert isinstance(policy, SessionKv)
-        view = RouterView(router.workers(), router.index, router.approx, router.load, None, BS, 1.5)
-        waits = policy.memory_waits("w0", view)
-        walk = policy._walk(view, "w0", load, policy._in_prefill_blocks(view, "w0"))
-        for _ in range(5):
-            prompt = chain(rng.randint(0, 50), 10_000 * rng.randint(1, 3)) + chain(
-                rng.randint(1, 600), 90_000
-            )
-            assert waits(prompt) == walk.ms(prompt), case
-            waited += walk.ms(prompt) > 0
-    assert 300 < waited < 1200  # both answers were exercised
