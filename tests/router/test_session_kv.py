@@ -17,6 +17,13 @@ from router.router import Router
 from tests.router.policy_cases import BS, chain, hold, load, make, req
 
 
+def fit_marginal_cost(router: Router) -> None:
+    """The pool's first tokens so far: 20 ms + 0.015 ms per prefill token, as the router fits them."""
+    for i in range(100):
+        tokens = 100 if i % 2 else 2100
+        router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+
+
 def test_session_kv_prefers_the_worker_holding_more_of_the_prompt() -> None:
     router = make("session_kv", one_shot_warmup=False)  # the average-cost estimate, no warm-up rule
     prompt = chain(200)
@@ -186,10 +193,9 @@ def test_session_kv_holds_a_session_whose_context_its_worker_keeps_on_the_host(l
     assert (d.worker_id, d.reason) == (("w0", "session") if lower_tiers else ("w1", "load"))
 
 
-def test_session_kv_holds_no_session_on_a_worker_it_does_not_fit() -> None:
-    # the same small queue difference, but the session's worker has 900 of its 1,000 blocks in use: the
-    # 200-block turn would wait there for running requests to finish, so the costs decide again
-    router = make("session_kv", stall_factor=0.0)
+def next_turn_on_a_full_worker(router: Router) -> RouteRequest:
+    """Session s's first turn (150 blocks) ran on w0, which now has 900 of its 1,000 blocks in use; w1 and
+    w2 are idle. Returns s's next turn (200 blocks)."""
     turn1 = chain(150)
     hold(router, "w0", turn1)
     assert router.pick(req("r1", turn1, "s"), 0.0).worker_id == "w0"
@@ -197,7 +203,14 @@ def test_session_kv_holds_no_session_on_a_worker_it_does_not_fit() -> None:
     router.apply_load(LoadReport("w0", 1.0, 4, 0, 5_000, 900, 1000, 10_000.0, 100.0), 1.0)
     for w in ("w1", "w2"):
         load(router, w, prefill=0, now=1.0)
-    assert router.pick(req("r2", turn1 + chain(50, base=9000), "s"), 1.0).worker_id != "w0"
+    return req("r2", turn1 + chain(50, base=9000), "s")
+
+
+def test_session_kv_holds_no_session_on_a_worker_it_does_not_fit() -> None:
+    # the same small queue difference, but the session's worker has 900 of its 1,000 blocks in use: the
+    # 200-block turn would wait there for running requests to finish, so the costs decide again
+    router = make("session_kv", stall_factor=0.0)
+    assert router.pick(next_turn_on_a_full_worker(router), 1.0).worker_id != "w0"
 
 
 def test_session_kv_holds_a_session_that_does_not_fit_where_decodes_yield_to_prompts() -> None:
@@ -214,14 +227,7 @@ def test_session_kv_holds_a_session_that_does_not_fit_where_decodes_yield_to_pro
             )  # fmt: skip
             router.add_worker(registration, 0.0)
         assert router.decode_priority("w0") == (-11 if yields else None)
-        turn1 = chain(150)
-        hold(router, "w0", turn1)
-        assert router.pick(req("r1", turn1, "s"), 0.0).worker_id == "w0"
-        router.on_complete("r1", 0.5, "tool_calls", 10)
-        router.apply_load(LoadReport("w0", 1.0, 4, 0, 5_000, 900, 1000, 10_000.0, 100.0), 1.0)
-        for w in ("w1", "w2"):
-            load(router, w, prefill=0, now=1.0)
-        d = router.pick(req("r2", turn1 + chain(50, base=9000), "s"), 1.0)
+        d = router.pick(next_turn_on_a_full_worker(router), 1.0)
         assert (d.worker_id == "w0") == yields
 
 
@@ -586,9 +592,7 @@ def test_session_kv_prices_the_rest_of_a_busy_workers_step_from_its_outputs() ->
     # over as many tokens, took 50 ms, so that one ends 50 ms after it began. On w1 only decodes run:
     # their steps end unseen, so a whole step is charged. A question goes where its step begins first.
     router = make("session_kv", n=2)
-    for i in range(100):  # the pool's first tokens: 20 ms + 0.015 ms per prefill token
-        tokens = 100 if i % 2 else 2100
-        router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+    fit_marginal_cost(router)
     doc = chain(128)
     hold(router, "w0", doc)
     hold(router, "w1", doc)
@@ -638,9 +642,7 @@ def test_session_kv_places_one_shot_traffic_by_its_estimated_ttft() -> None:
     # beats waiting behind a busy home's decodes, not behind a light one's. The estimate alone: the
     # credit `copy_value` adds to a copy is pinned by the tests after this one
     router = make("session_kv", n=2, copy_value=False)
-    for i in range(100):  # the pool's first tokens so far: 20 ms + 0.015 ms per prefill token
-        tokens = 100 if i % 2 else 2100
-        router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+    fit_marginal_cost(router)
     doc = chain(128)
     hold(router, "w0", doc)
     # w0 runs one request of 100 blocks (its first token came, on the line above)
@@ -685,9 +687,7 @@ def test_session_kv_credits_a_copy_of_a_hot_document_what_it_spares_later_reques
     # the copy costs no more than a hit
     def route(total_blocks: int = 1000, copy_value: bool = True) -> tuple[str, float]:
         router = make("session_kv", n=2, copy_value=copy_value)
-        for i in range(100):  # the pool's first tokens so far: 20 ms + 0.015 ms per prefill token
-            tokens = 100 if i % 2 else 2100
-            router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+        fit_marginal_cost(router)
         doc = chain(128)
         hold(router, "w0", doc)
         for i in range(20):  # one request a second over the document, each alone on the pool
@@ -714,9 +714,7 @@ def test_session_kv_gives_a_document_home_no_preference_where_another_holder_is_
     # others, and keeping requests there within the 2 ms tolerance would leave the other copy idle
     def route(copy_value: bool) -> str:
         router = make("session_kv", n=2, copy_value=copy_value)
-        for i in range(100):
-            tokens = 100 if i % 2 else 2100
-            router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+        fit_marginal_cost(router)
         doc = chain(128)
         hold(router, "w0", doc)
         hold(router, "w1", doc)
@@ -768,9 +766,7 @@ def test_session_kv_warm_up_ends_once_the_marginal_cost_is_fitted() -> None:
     hold(router, "w0", doc)
     router.pick(req("a", doc + chain(8, base=60_000)), 0.0)
     assert router.policy._warmup.on and router.policy._warmup.blocks
-    for i in range(100):  # the pool's first tokens: 20 ms + 0.015 ms per prefill token
-        tokens = 100 if i % 2 else 2100
-        router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+    fit_marginal_cost(router)
     d = router.pick(req("q", doc + chain(8, base=70_000)), 0.1)
     assert not router.policy._warmup.on and router.policy._warmup.blocks is None  # for good
     assert d.worker_id == "w0" and d.estimated_cost < 136  # in ms, not blocks
@@ -790,9 +786,7 @@ def test_session_kv_holds_a_document_home_while_its_copies_would_crowd_the_pool(
     # holds
     def route_q2(total_blocks: int, **config) -> str:
         router = make("session_kv", n=2, **config)
-        for i in range(100):  # the pool's first tokens so far: 20 ms + 0.015 ms per prefill token
-            tokens = 100 if i % 2 else 2100
-            router.load.prefill_fit.observe(tokens, 20.0 + 0.015 * tokens)
+        fit_marginal_cost(router)
         doc = chain(128)
         hold(router, "w0", doc)
         for i, other in enumerate((chain(128, base=5_000), chain(128, base=6_000))):  # on both workers
