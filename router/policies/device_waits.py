@@ -49,7 +49,7 @@ class DeviceWaits:
         # else beside them and every request this router sent there counted whole (prompt and output,
         # more than one can take while queued): a small prompt on a busy worker, most picks, then
         # skips the walk over the flights, a sixth of the gateway's CPU per request in `kvgate bench
-        # gateway` (tests/router/test_memory_wait.py pins the shortcut to the walk)
+        # gateway` (tests/router/test_device_waits.py pins the shortcut to the walk)
         fits = report.total_blocks - report.used_blocks - in_prefill
         if report.waiting or wl.prefill_since_report:
             fits -= wl.inflight_blocks
