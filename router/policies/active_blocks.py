@@ -35,3 +35,17 @@ class ActiveBlocks:
         """Distinct active blocks once `chain` is added."""
         blocks = self.blocks
         return len(blocks) + len(chain) - sum(map(blocks.__contains__, chain))
+
+    def potential_blocks_of_prefix(self, chain: Sequence[int]) -> int:
+        """`potential_blocks` where `chain`'s blocks that are active are a prefix of it, as they are for
+        chained hashes (a block's hash names every block before it): the prefix found by bisection, a
+        few lookups where the scan over a 32k-token prompt's 2,048 blocks costs ~100 us per worker."""
+        blocks = self.blocks
+        lo, hi = 0, len(chain)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if chain[mid] in blocks:
+                lo = mid + 1
+            else:
+                hi = mid
+        return len(blocks) + len(chain) - lo

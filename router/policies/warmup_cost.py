@@ -16,20 +16,6 @@ from router.policies.active_blocks import ActiveBlocks
 from router.policies.base import RouterView
 
 
-def _leading_in(chain: Sequence[int], blocks: dict[int, int]) -> int:
-    """How many of `chain`'s blocks are in `blocks`, the blocks of other chains: a chained hash names
-    every block before it, so those are a prefix of `chain`, found by bisection (a few lookups where a
-    walk over a 32k-token prompt's 2,048 blocks costs ~100 us per worker)."""
-    lo, hi = 0, len(chain)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if chain[mid] in blocks:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
 class WarmupCost:
     """Whether the warm-up is on (`on`: from the start, with `one_shot_warmup`, until `stop`), and per
     worker the distinct blocks of the requests in flight there, counted from the warm-up's first one-shot
@@ -61,7 +47,7 @@ class WarmupCost:
         for w in view.candidates:
             prefill = (loads[w].inflight_prefill + num_tokens) / bs - credit.get(w, 0)
             active = warm.get(w)
-            potential = len(active) + len(chain) - _leading_in(chain, active.blocks) if active else len(chain)
+            potential = active.potential_blocks_of_prefix(chain) if active else len(chain)
             costs[w] = (prefill if prefill > 0.0 else 0.0) + potential
         return costs
 

@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import random
-
 from router.approx_index import ApproxIndex
 from router.config import RouterConfig
 from router.index import BlockIndex
 from router.load import LoadView
 from router.policies.base import RouterView
-from router.policies.warmup_cost import WarmupCost, _leading_in
+from router.policies.warmup_cost import WarmupCost
 
 BS = 16
 
 
 def chain(n: int, base: int = 1000) -> list[int]:
     return list(range(base, base + n))
-
-
-def test_a_chains_blocks_in_flight_are_counted_by_bisection() -> None:
-    # chained hashes: the blocks of other chains that a chain holds are a prefix of it, so bisection
-    # counts what a walk over every block counts
-    rng = random.Random(5)
-    trunk = chain(200)
-    for _ in range(200):
-        blocks: dict[int, int] = {}
-        for i in range(rng.randrange(0, 5)):
-            other = trunk[: rng.randrange(0, 201)] + chain(rng.randrange(0, 20), base=10_000 * (i + 1))
-            for h in other:
-                blocks[h] = blocks.get(h, 0) + 1
-        prompt = trunk[: rng.randrange(0, 201)] + chain(rng.randrange(0, 20), base=999_000)
-        assert _leading_in(prompt, blocks) == sum(h in blocks for h in prompt)
 
 
 def idle_view(workers: list[str]) -> RouterView:
