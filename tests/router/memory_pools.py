@@ -3,23 +3,16 @@ for device memory (test_memory_wait.py, test_device_waits.py)."""
 
 from __future__ import annotations
 
-from router.config import RouterConfig
-from router.protocol import LoadReport, WorkerRegistration
+from router.protocol import LoadReport
 from router.request import Decision, RouteRequest
 from router.router import Router
-
-BS = 16
+from tests.router import policy_cases
+from tests.router.policy_cases import BS, chain
 
 
 def make(n: int = 2, **config: object) -> Router:
-    router = Router(policy="session_kv", config=RouterConfig(**config), seed=1)
-    for i in range(n):
-        router.add_worker(WorkerRegistration(f"w{i}", f"http://w{i}", "m", BS, 1000, "mock", 1, 0.0), 0.0)
-    return router
-
-
-def chain(n: int, base: int) -> list[int]:
-    return list(range(base, base + n))
+    """`n` session_kv workers of 1,000 blocks each."""
+    return policy_cases.make("session_kv", n, **config)
 
 
 def decoding(router: Router, worker: str, rid: str, blocks: int, output: int, base: int) -> None:
