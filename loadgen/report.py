@@ -34,6 +34,8 @@ SUMMARY_ROWS: list[tuple[str, str, str]] = [
     ("ttft_p50_ms", "TTFT p50 (ms)", "{:,.1f}"),
     ("ttft_p90_ms", "TTFT p90 (ms)", "{:,.1f}"),
     ("ttft_p99_ms", "TTFT p99 (ms)", "{:,.1f}"),
+    ("ttft_sent_p50_ms", "TTFT p50, turns sent (ms)", "{:,.1f}"),
+    ("ttft_sent_p90_ms", "TTFT p90, turns sent (ms)", "{:,.1f}"),
     ("itl_p50_ms", "ITL p50 (ms)", "{:,.2f}"),
     ("itl_p99_ms", "ITL p99 (ms)", "{:,.2f}"),
     ("e2e_p50_ms", "e2e p50 (ms)", "{:,.1f}"),
@@ -49,9 +51,17 @@ SUMMARY_ROWS: list[tuple[str, str, str]] = [
 ]
 
 
+TURNS_SENT_NOTE = (
+    "TTFT p50 / p90 leave out the requests still waiting for their first token when the run ended; "
+    "the turns-sent rows count each at its wait so far (>= marks a figure such a wait could raise)."
+)
+
+
 def _cell(summary: dict[str, Any], key: str, fmt: str) -> str:
     value = summary.get(key)
-    return "-" if value is None else fmt.format(value)
+    if value is None:
+        return "-"
+    return (">= " if key in summary.get("lower_bounds", ()) else "") + fmt.format(value)
 
 
 def write_results(out: Path, results: Results) -> Path:
@@ -84,6 +94,8 @@ def write_report(out: Path, results: Results) -> list[Path]:
     lines = [f"# kvgate loadgen: {config.get('workload', '?')} against {config.get('url', '?')}", ""]
     lines += ["| metric | value |", "| --- | ---: |"]
     lines += [f"| {label} | {_cell(summary, key, fmt)} |" for key, label, fmt in SUMMARY_ROWS]
+    if summary.get("unfinished_before_first_token"):
+        lines += ["", TURNS_SENT_NOTE]
     if summary.get("error_statuses"):
         statuses = ", ".join(f"{k}: {v}" for k, v in summary["error_statuses"].items())
         lines += ["", f"Errors by status (0 = no HTTP response): {statuses}."]

@@ -153,7 +153,8 @@ def test_a_wait_never_ends_before_its_deadline_under_uvloop() -> None:
 async def test_requests_in_flight_after_the_drain_are_recorded_unfinished_with_their_first_token() -> None:
     """A server that never ends a stream: every other request gets its first token first. The run ends
     after its duration, the requests in flight are cancelled after the drain and recorded as unfinished
-    (not errors); the TTFT of those whose first token came counts, the others count in no TTFT."""
+    (not errors); the TTFT of those whose first token came counts, the others count in no TTFT but in
+    the TTFT over the turns sent, at their wait."""
     release = asyncio.Event()
     received = 0
 
@@ -186,3 +187,8 @@ async def test_requests_in_flight_after_the_drain_are_recorded_unfinished_with_t
     assert summary["unfinished"] == len(rows)
     assert summary["unfinished_before_first_token"] == len(rows) - len(first)
     assert summary["ttft_p50_ms"] == pytest.approx(1e3 * statistics.median(r.ttft for r in first), abs=1e-3)
+    # over the turns sent, those still waiting count at their wait, which no first token came to end
+    waits = [r.end - r.start for r in rows if r.ttft is None]
+    sent = [r.ttft for r in first if r.ttft is not None] + waits
+    assert summary["ttft_sent_p50_ms"] == pytest.approx(1e3 * statistics.median(sent), abs=1e-3)
+    assert min(waits) > max(r.ttft for r in first if r.ttft is not None)
