@@ -4,8 +4,9 @@
 `session_kv`'s mean TTFT against the better of `kv_overlap` and `cache_aware` (the rows of
 docs/EXPERIMENTS.md, idea 16, that the memory wait concerns); over several draws of the policies, the
 mean of each side's means and the ratio per draw. `python -m loadgen.sim.shapes live [--seeds 1,2,3]
-[--rate R] [--policy P,...]` prints each policy's (`session_kv` by default) TTFT p50 / p90 / mean over
-the live run's window. Pool: 4 workers x 4,096 blocks of 16 tokens. `--set` settings are
+[--rate R] [--policy P,...] [--workers N] [--num-blocks B] [--max-think-s T]` prints each policy's
+(`session_kv` by default) TTFT p50 / p90 / mean over the live run's window. Pool: 4 workers x 4,096
+blocks of 16 tokens, think times capped at 10 s (`live` takes others). `--set` settings are
 `session_kv`'s, `--baseline-set` ones the baselines' (both kinds RouterConfig fields), e.g.
 `--policy kv_overlap --baseline-set kv_affinity_ttl_s=60` for Dynamo with its session affinity.
 
@@ -120,9 +121,28 @@ GRID: dict[str, Callable[[], list[TraceRow]]] = {
 }
 
 
-def replay(rows: list[TraceRow], policy: str, settings: dict[str, object], seed: int = 0) -> SimRun:
-    config = SimConfig(workers=4, num_blocks=4096, block_size=BLOCK_SIZE, seed=seed, router_settings=settings)
-    workload = Workload(rows, block_size=BLOCK_SIZE, trace_block_size=BLOCK_SIZE, max_think_s=10.0)
+class Pool(NamedTuple):
+    """The replay's pool and think cap: the live comparison's unless `live` is told otherwise."""
+
+    workers: int = 4
+    num_blocks: int = 4096
+    max_think_s: float = 10.0
+
+
+def replay(
+    rows: list[TraceRow], policy: str, settings: dict[str, object], seed: int = 0, pool: Pool | None = None
+) -> SimRun:
+    pool = pool or Pool()
+    config = SimConfig(
+        workers=pool.workers,
+        num_blocks=pool.num_blocks,
+        block_size=BLOCK_SIZE,
+        seed=seed,
+        router_settings=settings,
+    )
+    workload = Workload(
+        rows, block_size=BLOCK_SIZE, trace_block_size=BLOCK_SIZE, max_think_s=pool.max_think_s
+    )
     return run_policy(workload, policy, config)[0]
 
 
@@ -189,6 +209,16 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3", help="live: the loadgen seeds")
     parser.add_argument("--rate", type=float, default=1.0, help="live: sessions per second (the goal's 1)")
     parser.add_argument("--policy", default="session_kv", help="live: the policies (comma list)")
+    parser.add_argument("--workers", type=int, default=4, help="live: workers in the pool")
+    parser.add_argument(
+        "--num-blocks", type=int, default=4096, help="live: KV blocks of 16 tokens per worker"
+    )
+    parser.add_argument(
+        "--max-think-s",
+        type=float,
+        default=10.0,
+        help="live: the cap on think times (loadgen's --max-think-s)",
+    )
     parser.add_argument(
         "--policy-seeds",
         default="0",
@@ -198,11 +228,13 @@ def main() -> None:
     settings = parse_settings(args.settings)
     baseline_settings = parse_settings(args.baseline_settings)
     if args.what == "live":
+        pool = Pool(args.workers, args.num_blocks, args.max_think_s)
         for seed in (int(s) for s in args.seeds.split(",")):
             rows = live_rows(seed, args.rate)
             for policy in args.policy.split(","):
                 # `--set` is session_kv's experiments, `--baseline-set` the baselines' (as shipped without)
-                run = replay(rows, policy, settings if policy == "session_kv" else baseline_settings, seed)
+                chosen = settings if policy == "session_kv" else baseline_settings
+                run = replay(rows, policy, chosen, seed, pool)
                 window = live_window(run)
                 figures = f"{window.p50:,.0f} / {window.p90:,.0f} / {window.mean:,.0f} ms"
                 print(

@@ -12,6 +12,7 @@ from loadgen.sim.shapes import (
     BASELINES,
     MAX_CONTEXT,
     TASK_BLOCKS,
+    Pool,
     cli_rows,
     grid_row,
     live_rows,
@@ -88,11 +89,17 @@ def test_the_live_rows_scale_with_the_arrival_rate() -> None:
 def test_baseline_settings_reach_the_baselines_and_session_kv_keeps_its_own(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`live --set` is session_kv's, `--baseline-set` every other policy's (Dynamo at its best)."""
+    """`live --set` is session_kv's, `--baseline-set` every other policy's (Dynamo at its best); the
+    pool and think cap given reach every policy's replay."""
     seen: dict[str, dict[str, object]] = {}
 
-    def fake_replay(rows: object, policy: str, settings: dict[str, object], seed: int = 0) -> SimRun:
+    pools: list[Pool | None] = []
+
+    def fake_replay(
+        rows: object, policy: str, settings: dict[str, object], seed: int = 0, pool: Pool | None = None
+    ) -> SimRun:
         seen[policy] = settings
+        pools.append(pool)
         run = SimRun(policy)
         record = RequestRecord("s", 0, 0.0, 16, "w0")
         record.first_token, record.ok = 0.1, True
@@ -103,8 +110,19 @@ def test_baseline_settings_reach_the_baselines_and_session_kv_keeps_its_own(
     monkeypatch.setattr(shapes, "live_rows", lambda seed, rate: [])
     argv = ["shapes", "live", "--seeds", "1", "--policy", "session_kv,kv_overlap", "--set", "stall_factor=2"]
     argv += ["--baseline-set", "kv_affinity_ttl_s=60", "--baseline-set", "kv_queue=true"]
+    argv += ["--workers", "8", "--num-blocks", "3072", "--max-think-s", "3"]
     monkeypatch.setattr("sys.argv", argv)
     shapes.main()
     expected = {"session_kv": {"stall_factor": 2}, "kv_overlap": {"kv_affinity_ttl_s": 60, "kv_queue": True}}
     assert seen == expected
+    assert pools == [Pool(8, 3072, 3.0)] * 2  # every policy on the pool asked for
     assert "seed 1 kv_overlap" in capsys.readouterr().out
+
+
+def test_a_replay_runs_on_the_pool_it_is_given() -> None:
+    """Two workers of 8,192 blocks: every turn of the live rows goes to one of those two, and each
+    turn fits (none is refused for a context the pool cannot hold)."""
+    rows = [row for row in live_rows(1, 0.2) if row.timestamp < 30_000]
+    run = replay(rows, "session_kv", {}, 1, Pool(workers=2, num_blocks=8192))
+    assert len(run.records) == len(rows) and all(r.ok for r in run.records)
+    assert {r.worker for r in run.records} <= {"w0", "w1"}
