@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from router.config import RouterConfig
 from router.load import WorkerLoad
@@ -64,9 +65,9 @@ from router.policies.busy_step import BusyStep
 from router.policies.device_waits import DeviceWaits, Running
 from router.policies.live_contexts import LiveContext, LiveContexts
 from router.policies.prefix_copies import PrefixCopies
+from router.policies.tier_credit import TierCredit
 from router.policies.warmup_cost import WarmupCost
 from router.prefix_match import common_prefix
-from router.protocol import LoadReport, Tier
 from router.request import Decision, RouteRequest, is_inferred
 
 # in-flight prefills remembered (the newest), each compared with every prompt: enough for the requests
@@ -102,6 +103,7 @@ class SessionKv(Policy):
         self._warmup = WarmupCost(config.one_shot_warmup)
         # the prefixes one-shot requests come back to (documents): where their copies crowd the pool
         self._copies = PrefixCopies(config)
+        self._tiers = TierCredit(config)
 
     def pick(self, request: RouteRequest, view: RouterView) -> Decision:
         chain = request.block_hashes
@@ -110,7 +112,7 @@ class SessionKv(Policy):
         self._live.expire(view.now)
         costs = self._estimates(request, view, overlap, sticky)
         if costs is None:
-            credit, _ = self._credit(view, chain, overlap)
+            credit, _ = self._tiers.credit(view, chain, overlap, partial(self._pool_ms_per_token, view))
             return self._warmup_pick(request, view, overlap, credit)
         best = min(costs.values())
         worker, reason, tolerance = "", why, 0.0
@@ -197,7 +199,7 @@ class SessionKv(Policy):
             return None
         chain = request.block_hashes
         loads = view.load.workers
-        credit, onboard = self._credit(view, chain, overlap)
+        credit, onboard = self._tiers.credit(view, chain, overlap, partial(self._pool_ms_per_token, view))
         own = self._live.get(request.session_id) if request.session_id else None
         best, found = limit, None
         for w in view.candidates:
@@ -298,11 +300,11 @@ class SessionKv(Policy):
         chain, sid = request.block_hashes, request.session_id
         n_tokens = request.num_tokens
         if one_shot and marginal is not None:
-            credit, onboard = self._credit(view, chain, overlap, marginal)
+            credit, onboard = self._tiers.credit(view, chain, overlap, lambda: marginal)
             return self._one_shot_costs(view, credit, onboard, request, overlap, sticky)
         if one_shot and self._warmup.on:
             return None
-        credit, onboard = self._credit(view, chain, overlap)
+        credit, onboard = self._tiers.credit(view, chain, overlap, partial(self._pool_ms_per_token, view))
         if self.config.credit_survives_queue and credit is overlap:  # (no lower tier: device blocks)
             credit = self._surviving(view, chain, overlap)
         return self._costs(view, credit, onboard, n_tokens, chain, sid, sticky, everyone)
@@ -426,7 +428,11 @@ class SessionKv(Policy):
         if not hold:
             return 0.0
         cheapest = min(costs, key=costs.__getitem__)
-        held = self._held_anywhere(view, overlap, chain) if self.config.session_hold_lower_tiers else overlap
+        held = (
+            self._tiers.held_anywhere(view, overlap, chain)
+            if self.config.session_hold_lower_tiers
+            else overlap
+        )
         spared = held.get(worker, 0) - held.get(cheapest, 0)
         if spared <= 0:
             return 0.0
@@ -443,20 +449,6 @@ class SessionKv(Policy):
             if needed > capacity and needed - self._in_use(worker, chain) > capacity:
                 return 0.0
         return hold * spared * bs * self._pool_ms_per_token(view)
-
-    @staticmethod
-    def _held_anywhere(view: RouterView, device: dict[str, int], chain: Sequence[int]) -> dict[str, int]:
-        """The prefix per worker it serves without computing: on the device, or onboarded from a lower
-        tier. `device` when no worker reports a lower tier."""
-        host, disk = view.tier_overlap(chain, "host"), view.tier_overlap(chain, "disk")
-        if not host and not disk:
-            return device
-        held = dict(device)
-        for reach in (host, disk):
-            for w, n in reach.items():
-                if n > held.get(w, 0):
-                    held[w] = n
-        return held
 
     def _in_use(self, worker: str, chain: Sequence[int]) -> int:
         """The longest prefix of `chain` a request in flight on `worker` holds: blocks in use already
@@ -536,7 +528,7 @@ class SessionKv(Policy):
         """Estimated TTFT in ms plus the stall and memory terms, for every candidate that can be the
         cheapest (and the session's worker; all of them with `everyone`); the others are left out.
         `onboard`: ms a worker's copies from lower tiers keep the request waiting, beside the stall
-        charge (`_credit`)."""
+        charge (`TierCredit.credit`)."""
         now = view.now
         bs = view.block_size
         loads = view.load.workers
@@ -784,55 +776,3 @@ class SessionKv(Policy):
         self._one_shot_count.pop(worker_id, None)
         self._warmup.remove_worker(worker_id)
         self._live.remove_worker(worker_id)
-
-    def _credit(
-        self,
-        view: RouterView,
-        chain: Sequence[int],
-        device: dict[str, int],
-        ms_per_token: float | None = None,
-    ) -> tuple[dict[str, int] | dict[str, float], dict[str, float]]:
-        """Blocks held per worker, lower tiers credited for what they hold beyond the tiers above, and
-        the ms each worker's copies from those tiers keep the request waiting beside its stall charge
-        (`_onboard_price`); `ms_per_token` is what the estimate prices a missing token at (None: the
-        pool's average cost)."""
-        host = view.tier_overlap(chain, "host")
-        disk = view.tier_overlap(chain, "disk")
-        if not host and not disk:
-            return device, {}
-        cfg = self.config
-        if ms_per_token is None:
-            ms_per_token = self._pool_ms_per_token(view)
-        block_ms = view.block_size * ms_per_token
-        loads = view.load.workers
-        credit: dict[str, float] = {w: float(n) for w, n in device.items()}
-        onboard: dict[str, float] = {}
-        for w in host.keys() | disk.keys():
-            d, h, k = device.get(w, 0), host.get(w, 0), disk.get(w, 0)
-            host_extra, disk_extra = max(0, h - d), max(0, k - max(d, h))
-            wl = loads.get(w)
-            report = wl.report if wl is not None and cfg.price_onboarding else None
-            host_value, host_wait = self._onboard_price(report, "host", block_ms)
-            disk_value, disk_wait = self._onboard_price(report, "disk", block_ms)
-            credit[w] = d + host_value * host_extra + disk_value * disk_extra
-            wait = host_wait * host_extra + disk_wait * disk_extra
-            if wait:
-                onboard[w] = wait
-        return credit, onboard
-
-    def _onboard_price(self, report: LoadReport | None, tier: Tier, block_ms: float) -> tuple[float, float]:
-        """What one block on `tier` is worth, as (credit in device blocks, ms its request waits for it
-        beside the stall charge), given the prefill it saves (`block_ms`) and its copy time over the
-        worker's link (its load report). Where the copy holds up the step that admits the request, it
-        stalls the step's other requests as the block's prefill would: it counts as that much prefill,
-        a credit of 1 - link / prefill. Where the copy is asynchronous (vLLM's offloading connector),
-        only its own request waits: the block is credited whole and its link time added plain. A worker
-        that announces no link time: the configured fraction."""
-        link_ms = 0.0
-        if report is not None:
-            link_ms = report.host_block_ms if tier == "host" else report.disk_block_ms
-        if not link_ms or block_ms <= 0.0:
-            return (self.config.host_credit if tier == "host" else self.config.disk_credit), 0.0
-        if report is not None and report.onboard_async:
-            return 1.0, link_ms
-        return max(0.0, 1.0 - link_ms / block_ms), 0.0
