@@ -209,10 +209,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3", help="live: the loadgen seeds")
     parser.add_argument("--rate", type=float, default=1.0, help="live: sessions per second (the goal's 1)")
     parser.add_argument("--policy", default="session_kv", help="live: the policies (comma list)")
-    pool = parser.add_argument_group("live: the pool and think cap (default: the live comparison's)")
-    pool.add_argument("--workers", type=int, default=4)
-    pool.add_argument("--num-blocks", type=int, default=4096, help="KV blocks of 16 tokens per worker")
-    pool.add_argument("--max-think-s", type=float, default=10.0, help="as loadgen's")
+    options = parser.add_argument_group("live: the pool and think cap (default: the live comparison's)")
+    options.add_argument("--workers", type=int, default=Pool().workers)
+    options.add_argument("--num-blocks", type=int, default=Pool().num_blocks, help="of 16 tokens, per worker")
+    options.add_argument("--max-think-s", type=float, default=Pool().max_think_s, help="as loadgen's")
     parser.add_argument(
         "--policy-seeds",
         default="0",
