@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from router.config import RouterConfig
+from router.policies.base import RouterView
 from router.protocol import BlockStored, KvEventBatch, LoadReport, WorkerRegistration
 from router.request import RouteRequest
 from router.router import Router
@@ -32,3 +33,8 @@ def chain(n: int, base: int = 1000) -> list[int]:
 
 def req(rid: str, blocks: list[int], session: str | None = None, tokens: int | None = None) -> RouteRequest:
     return RouteRequest(rid, "m", blocks, tokens if tokens is not None else len(blocks) * BS, session)
+
+
+def view_of(router: Router, now: float = 0.0) -> RouterView:
+    """The view a policy reads, over every worker of `router`, no session, at `now`."""
+    return RouterView(router.workers(), router.index, router.approx, router.load, None, BS, now)

@@ -12,10 +12,7 @@ from router.policies.session_kv import SessionKv
 from router.protocol import LoadReport
 from router.router import Router
 from tests.router.memory_pools import BS, chain, decoding, in_prefill_report, make, prefilling, report
-
-
-def view_of(router: Router, now: float) -> RouterView:
-    return RouterView(router.workers(), router.index, router.approx, router.load, None, BS, now)
+from tests.router.policy_cases import view_of
 
 
 @pytest.mark.parametrize("waiting", [0, 1])

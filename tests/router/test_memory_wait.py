@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from router.policies.base import RouterView
 from router.policies.session_kv import SessionKv
 from router.protocol import BlockStored, KvEventBatch, LoadReport
 from router.request import Decision, RouteRequest
 from router.router import Router
 from tests.router.memory_pools import BS, chain, decoding, in_prefill_report, make, prefilling, report
+from tests.router.policy_cases import view_of
 
 
 def test_the_wait_lasts_until_the_decodes_in_flight_free_enough_blocks() -> None:
@@ -25,7 +25,7 @@ def test_the_wait_lasts_until_the_decodes_in_flight_free_enough_blocks() -> None
     report(router, "w1", 0, 0, 1.0)
     policy = router.policy
     assert isinstance(policy, SessionKv)
-    view = RouterView(router.workers(), router.index, router.approx, router.load, None, BS, 1.0)
+    view = view_of(router, 1.0)
     assert policy.memory_wait_ms(chain(300, 30_000), "w0", view) == pytest.approx(9_000.0)
     assert policy.memory_wait_ms(chain(150, 30_000), "w0", view) == 0.0
     assert policy.memory_wait_ms(chain(300, 30_000), "w1", view) == 0.0
@@ -105,7 +105,7 @@ def test_a_decode_its_worker_preempted_waits_there_and_resumes_where_it_stopped(
     def wait(now: float, running: int, waiting: int, used: int, blocks: int) -> float:
         load = LoadReport("w0", now, running, waiting, 0, used, 1000, 10_000.0, 10.0 * running)
         router.apply_load(load, now)
-        view = RouterView(router.workers(), router.index, router.approx, router.load, None, BS, now)
+        view = view_of(router, now)
         return policy.memory_wait_ms(chain(blocks, 30_000), "w0", view)
 
     assert wait(1.0, 1, 1, 420, 300) == 0.0

@@ -6,15 +6,9 @@ import msgspec
 import pytest
 
 from router.config import RouterConfig
-from router.policies.base import RouterView
 from router.policies.tier_credit import TierCredit
 from router.protocol import BlockStored, KvEventBatch, LoadReport
-from router.router import Router
-from tests.router.policy_cases import BS, chain, make
-
-
-def view_of(router: Router) -> RouterView:
-    return RouterView(router.workers(), router.index, router.approx, router.load, None, BS, 0.0)
+from tests.router.policy_cases import BS, chain, make, view_of
 
 
 def _report(link_ms: float, onboard_async: bool) -> LoadReport:
