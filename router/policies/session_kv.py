@@ -112,7 +112,7 @@ class SessionKv(Policy):
         self._live.expire(view.now)
         costs = self._estimates(request, view, overlap, sticky)
         if costs is None:
-            credit, _ = self._tiers.credit(view, chain, overlap, partial(self._pool_ms_per_token, view))
+            credit, _ = self._credit(view, chain, overlap)
             return self._warmup_pick(request, view, overlap, credit)
         best = min(costs.values())
         worker, reason, tolerance = "", why, 0.0
@@ -199,7 +199,7 @@ class SessionKv(Policy):
             return None
         chain = request.block_hashes
         loads = view.load.workers
-        credit, onboard = self._tiers.credit(view, chain, overlap, partial(self._pool_ms_per_token, view))
+        credit, onboard = self._credit(view, chain, overlap)
         own = self._live.get(request.session_id) if request.session_id else None
         best, found = limit, None
         for w in view.candidates:
@@ -304,7 +304,7 @@ class SessionKv(Policy):
             return self._one_shot_costs(view, credit, onboard, request, overlap, sticky)
         if one_shot and self._warmup.on:
             return None
-        credit, onboard = self._tiers.credit(view, chain, overlap, partial(self._pool_ms_per_token, view))
+        credit, onboard = self._credit(view, chain, overlap)
         if self.config.credit_survives_queue and credit is overlap:  # (no lower tier: device blocks)
             credit = self._surviving(view, chain, overlap)
         return self._costs(view, credit, onboard, n_tokens, chain, sid, sticky, everyone)
@@ -449,6 +449,12 @@ class SessionKv(Policy):
             if needed > capacity and needed - self._in_use(worker, chain) > capacity:
                 return 0.0
         return hold * spared * bs * self._pool_ms_per_token(view)
+
+    def _credit(
+        self, view: RouterView, chain: Sequence[int], overlap: dict[str, int]
+    ) -> tuple[dict[str, int] | dict[str, float], dict[str, float]]:
+        """`TierCredit.credit` with a missing token at the pool's average price."""
+        return self._tiers.credit(view, chain, overlap, partial(self._pool_ms_per_token, view))
 
     def _in_use(self, worker: str, chain: Sequence[int]) -> int:
         """The longest prefix of `chain` a request in flight on `worker` holds: blocks in use already
