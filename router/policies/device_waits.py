@@ -56,7 +56,7 @@ class DeviceWaits:
         walked: list[MemoryWait] = []
 
         def wait_ms(chain: Sequence[int]) -> float:
-            if len(chain) <= fits:
+            if len(chain) < fits:  # (`MemoryWait.ms`: one block beyond its full ones)
                 return 0.0
             if not walked:
                 walked.append(self.walk(view, w, report, in_prefill))

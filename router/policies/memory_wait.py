@@ -84,8 +84,10 @@ class MemoryWait:
 
     Wanted: the blocks in use (the report, plus `in_prefill`), those of the requests queued ahead (the
     decodes the worker preempted, at the head of its queue; the newest of those still prefilling, as
-    many more as the report says wait plus those routed there since) and this prompt's, less the
-    prefixes requests there hold already (a system prompt they share).
+    many more as the report says wait plus those routed there since) and this prompt's (its full blocks
+    and one more, for its partial last block or its first output token: the engine's admission counts
+    ceil(tokens / block size)), less the prefixes requests there hold already (a system prompt they
+    share).
     Beyond the worker's blocks the prompt waits until completions free the excess and what the decodes
     grow meanwhile: a decoding request completes when its output tokens (its max_tokens) run out, at
     the worker's decode pace. Past the last of them, the worker frees its blocks once per decode of a
@@ -139,7 +141,9 @@ class MemoryWait:
         if chains is None:
             return 0.0
         held = max((common_prefix(other, chain) for other in chains), default=0)
-        excess = self._base + len(chain) - held
+        # (+1: its partial last block, or its first output token's; a prompt sent one block short
+        # waits in the engine's queue for a whole decode to end)
+        excess = self._base + len(chain) + 1 - held
         if excess <= 0:
             return 0.0
         now = self._now

@@ -34,7 +34,7 @@ def test_a_prompt_in_chunked_prefill_counts_at_its_whole_size(waiting: int) -> N
         assert policy._waits.in_prefill_blocks(view, "w0") == (500 if rule else 0)
         waits.append(policy.memory_wait_ms(chain(400, 30_000), "w0", view))
         # a prompt that fits beside the whole of it waits for nothing either way
-        assert policy.memory_wait_ms(chain(200, 30_000), "w0", view) == 0.0
+        assert policy.memory_wait_ms(chain(150, 30_000), "w0", view) == 0.0
     assert waits[0] == 0.0 and waits[1] > 0.0
 
 
@@ -105,3 +105,24 @@ def test_a_pick_held_at_the_router_frees_nothing_on_its_worker() -> None:
         router.workers(), router.index, router.approx, router.load, None, BS, 1.0, held=frozenset({"a"})
     )
     assert policy._waits.ms(held, "w0", prompt) == pytest.approx(29_000.0)
+
+
+def test_a_prompt_needs_one_block_beyond_its_full_ones() -> None:
+    # w0 runs a 600-block request decoding 50 tokens (5 s), 600 of its 1,000 blocks in use. A prompt of
+    # 399 full blocks fits; one of 400 does not: the engine takes a block for its partial last block (or
+    # its first output token) beside them, as vLLM's and the mock's admission count ceil(tokens / 16),
+    # and it waits for that decode. Counted at its full blocks, a prompt short of one block was sent
+    # as fitting and waited a whole decode in the engine's queue.
+    router = make(1)
+    decoding(router, "w0", "a", 600, 50, 10_000)
+    report(router, "w0", 1, 600, 0.0)
+    policy = router.policy
+    assert isinstance(policy, SessionKv)
+    view = view_of(router, 0.0)
+    assert policy.memory_wait_ms(chain(399, 30_000), "w0", view) == 0.0
+    assert policy.memory_wait_ms(chain(400, 30_000), "w0", view) == pytest.approx(5_000.0)
+    # the walk agrees with the shortcut at the edge
+    load = view.load.workers["w0"].report
+    assert load is not None
+    walked = policy._waits.walk(view, "w0", load, 0)
+    assert walked.ms(chain(399, 30_000)) == 0.0 and walked.ms(chain(400, 30_000)) == pytest.approx(5_000.0)

@@ -114,10 +114,11 @@ def test_a_decode_its_worker_preempted_waits_there_and_resumes_where_it_stopped(
     assert wait(3.0, 2, 0, 900, 600) == pytest.approx(29_500.0 if rule else 27_500.0)
 
 
-def pool_beside_one_shot(named: int = 0, used: int = 700, **config: object) -> Router:
+def pool_beside_one_shot(named: int = 0, used: int = 690, **config: object) -> Router:
     """Session s's first turn (280 blocks) is cached on w0, which now runs a 500-block request with 50
     tokens to decode (5 s), 820 of its 1,000 blocks in use. w1 runs 80 one-shot questions (10 blocks
-    each, 30 tokens to decode; `named` of them named sessions' turns instead), `used` blocks in use.
+    each, 30 tokens to decode; `named` of them named sessions' turns instead), `used` blocks in use
+    (690: room for the turn's 300 blocks and the one its first output token takes).
     The pool's average prefill cost is 0.1 ms a token (the reports' speed), its marginal cost 0.01."""
     router = make(**config)
     first = RouteRequest("s1", "m", chain(280, 50_000), 280 * BS, "s", expected_output_tokens=10)
@@ -147,7 +148,8 @@ def test_a_turn_that_would_wait_for_memory_moves_beside_one_shot_requests() -> N
     assert pool_beside_one_shot(memory_wait_one_shot=False).pick(turn, 1.0).worker_id == "w0"
     moved = pool_beside_one_shot().pick(turn, 1.0)
     assert (moved.worker_id, moved.reason) == ("w1", "memory")
-    assert moved.estimated_cost == pytest.approx(300 * BS * (1 + 2.0 * 80 * 0.1 * 1.0) * 0.01)
+    # (the stall at w1's fullness: 690 blocks in use and the turn's 300, of 1,000)
+    assert moved.estimated_cost == pytest.approx(300 * BS * (1 + 2.0 * 80 * 0.1 * 0.99) * 0.01)
     # a worker running a named session's turn among them is no way out (that session lives there)
     assert pool_beside_one_shot(named=1).pick(turn, 1.0).worker_id == "w0"
     # nor one where the turn would wait for memory too, nor any before the marginal cost is known
