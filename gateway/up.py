@@ -103,8 +103,9 @@ async def _wait_ready(
     stop: asyncio.Event,
     gateway: asyncio.Task[None],
     api_keys: list[str],
-) -> str:
-    """Wait until the gateway sees every worker; the model name to advertise."""
+) -> str | None:
+    """Wait until the gateway sees every worker; the model name to advertise, or None when stopped
+    (a signal) before they were."""
     key = api_keys[0] if api_keys else None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
@@ -121,6 +122,8 @@ async def _wait_ready(
             await asyncio.wait_for(stop.wait(), 0.5)
     if supervisor.refused is not None:
         raise WorkerRefused(supervisor.refused)
+    if stop.is_set():
+        return None  # Ctrl-C while starting: a stop, not a timeout
     raise TimeoutError(f"the workers were not ready within {timeout_s:.0f} s")
 
 
@@ -165,7 +168,7 @@ async def _main(
     code = 0
     try:
         model = await _wait_ready(url, supervisor, args.ready_timeout, stop, gateway, args.api_keys)
-        if not stop.is_set():
+        if model is not None and not stop.is_set():
             print(_banner(url, model, args, bus), flush=True)
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({stopper, gateway}, return_when=asyncio.FIRST_COMPLETED)  # a signal, or a crash

@@ -111,6 +111,40 @@ def test_kvgate_up_serves_the_openai_client_and_stops_cleanly(tmp_path: Path) ->
         log.close()
 
 
+def test_ctrl_c_while_the_workers_start_stops_kvgate_up_without_an_error() -> None:
+    """Ctrl-C before the workers are ready is a stop: exit 0, everything it started stopped, and no
+    "not ready within 180 s" (it said so, seconds after the start)."""
+    up = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "up", "--engine", "mock", "--workers", "2",
+         "--port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert up.stderr is not None and up.stdout is not None
+        err: list[str] = []
+        while True:  # the gateway listens at once; the workers are processes still importing
+            line = up.stderr.readline().decode()
+            assert line, "kvgate up exited: " + "".join(err)
+            err.append(line)
+            if "gateway listening" in line:
+                break
+        children = children_of(up.pid)
+        up.send_signal(signal.SIGINT)
+        out, rest = up.communicate(timeout=60)
+        text = "".join(err) + rest.decode()
+        assert up.returncode == 0, text
+        assert "kvgate is up" not in out.decode(), "the workers were ready before the signal: no test"
+        assert "not ready" not in text and "ERROR" not in text, text
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if alive(pid)], "kvgate up left processes running"
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+
+
 def test_the_embedded_nats_is_restarted_after_kill_9_with_its_credentials() -> None:
     """`kvgate up`'s bus: a nats-server killed with -9 comes back on its port, and the generated
     credentials still work; an unauthenticated client is refused."""
