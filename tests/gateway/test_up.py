@@ -19,7 +19,7 @@ import pytest
 
 from gateway.bus_plan import BusPlan
 from gateway.natsd import free_port
-from tests.processes import alive, children_of
+from tests.processes import children_of, left_running
 
 pytestmark = pytest.mark.slow
 
@@ -100,10 +100,7 @@ def test_kvgate_up_serves_the_openai_client_and_stops_cleanly(tmp_path: Path) ->
 
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [pid for pid in children if alive(pid)], "kvgate up left processes running"
+        assert not left_running(children), "kvgate up left processes running"
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
@@ -135,10 +132,7 @@ def test_ctrl_c_while_the_workers_start_stops_kvgate_up_without_an_error() -> No
         assert up.returncode == 0, text
         assert "kvgate is up" not in out.decode(), "the workers were ready before the signal: no test"
         assert "not ready" not in text and "ERROR" not in text, text
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [pid for pid in children if alive(pid)], "kvgate up left processes running"
+        assert not left_running(children), "kvgate up left processes running"
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
