@@ -21,10 +21,10 @@ import msgspec
 import pytest
 
 from router.hashing import block_hashes
-from router.policies.base import RouterView
 from router.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch, WorkerRegistration
 from router.request import Decision, RouteRequest
 from router.router import Router
+from tests.router.policy_cases import view_of
 
 dynamo = pytest.importorskip("dynamo._core", reason="the peers extra (ai-dynamo-runtime) is not installed")
 zmq = pytest.importorskip("zmq")
@@ -277,7 +277,7 @@ async def replay_against_dynamo(steps: int, seed: int) -> int:
                 tokens = corpus.prompt() if rng.random() < 0.4 else rng.choice(corpus.prompts)
                 chain = block_hashes(tokens, BS)
                 request = RouteRequest(f"r{step}", "m", chain, len(tokens))
-                view = RouterView(router.workers(), router.index, router.approx, router.load, None, BS, 0.0)
+                view = view_of(router)
                 overlap = view.overlap(chain)
                 ours = router.policy.logits(request, view, overlap)
                 assert await pool.costs(tokens) == ours, step
