@@ -116,10 +116,11 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # (docs/TIERS.md, "Fifteenth pass"); False: the device's part alone, as before
     session_hold_lower_tiers: bool = True
     prefix_home: bool = True
-    # a request that named no session over a prefix a worker holds (at least half its prompt) stays with
-    # that worker unless it costs more than the best by this many times the held prefix's prefill time
-    # (the queue counts each queued token at the pool's average cost, several times its marginal cost in
-    # a batched step; a copy splits the prefix's traffic and doubles its blocks in use)
+    # a one-shot request (it continues no session: `router.request.is_one_shot`) over a prefix a worker
+    # holds (at least half its prompt) stays with that worker unless it costs more than the best by this
+    # many times the held prefix's prefill time (the queue counts each queued token at the pool's average
+    # cost, several times its marginal cost in a batched step; a copy splits the prefix's traffic and
+    # doubles its blocks in use)
     prefix_home_hold: float = 0.0  # off: 10 won on the earlier mock engine, lost on the calibrated one
     # that hold, at least, while the copies of the prefixes one-shot traffic keeps coming back to fill
     # `memory_free_fraction` of the pool's blocks: a further copy then evicts another hot prefix
@@ -132,10 +133,10 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # (EXPERIMENTS.md, idea 18)
     copy_value: bool = True
     used_from_report: bool = True
-    # a request that named no session is placed by its estimated TTFT: prefill at the pool's marginal
+    # a one-shot request is placed by its estimated TTFT: prefill at the pool's marginal
     # cost per token (router/prefill_fit.py), a busy worker's steps to wait out (docs/SESSION_KV.md)
     one_shot_ttft: bool = True
-    # until that marginal cost is first fitted, a request that named no session is placed by NVIDIA
+    # until that marginal cost is first fitted, a one-shot request is placed by NVIDIA
     # Dynamo's block cost (prefill blocks + distinct blocks in flight), which needs no calibration: the
     # average cost per token prices a miss several times too dear, and the copies of a hot document
     # made while the pool warms up serve every later request (docs/EXPERIMENTS.md, idea 15)
@@ -167,7 +168,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # giants queued there then evicted (docs/EXPERIMENTS.md, "A cached prefix credited only as far as
     # it survives the queue"). False: the index's prefix, whole
     credit_survives_queue: bool = True
-    # a worker running only requests that named no session is a way out of that wait too, where the turn
+    # a worker running only one-shot requests is a way out of that wait too, where the turn
     # fits now: their blocks free within their short decodes, and the steps they run anyway carry the
     # turn's prefill at the pool's marginal cost per token, the price their own estimate puts on a token
     # (docs/EXPERIMENTS.md, idea 20)
@@ -181,7 +182,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # that named no session, the ones it prices: a named turn's latency may carry seconds of waiting for
     # device memory, and a few of those over long prompts set the slope (docs/EXPERIMENTS.md, idea 20)
     fit_one_shot_only: bool = True
-    # a request that named no session is charged the live sessions' memory excess (beyond
+    # a one-shot request is charged the live sessions' memory excess (beyond
     # `memory_free_fraction` of the worker's blocks) for at most its own blocks: the rest is theirs, and
     # charged whole it crowded the questions onto the workers no session lived on (idea 20)
     one_shot_own_excess: bool = True
@@ -194,7 +195,7 @@ class RouterConfig(msgspec.Struct, frozen=True, kw_only=True):
     # every admission: missing tokens cost `stall_factor` x running requests x the worker's memory
     # fullness (in-flight blocks plus this prompt over its capacity, at most 1) times more (idea 10)
     stall_factor: float = 2.0
-    # a running request that named no session counts in that stall at the pool's marginal cost per token
+    # a running one-shot request counts in that stall at the pool's marginal cost per token
     # over its average (the price its own TTFT estimate puts on a token), a session's turn whole (idea 17).
     # True: every running request counts whole, the pricing that segregated mixed traffic
     stall_counts_one_shot: bool = False

@@ -13,6 +13,13 @@ def is_inferred(session_id: str | None) -> bool:
     return session_id is None or session_id.startswith(INFERRED_SESSION_PREFIXES)
 
 
+def is_one_shot(session_id: str | None, turns_before: int) -> bool:
+    """True for a request that continues no session: the client named none and its prompt extends no
+    prompt the router routed before (`turns_before`: its session's turns routed so far). An inferred
+    session that came back (a client that sends no session id) is a session like a named one."""
+    return turns_before == 0 and is_inferred(session_id)
+
+
 class RouteRequest(msgspec.Struct):
     request_id: str
     model: str

@@ -25,7 +25,7 @@ from router.overload_queue import OverloadQueue
 from router.policies import POLICIES, Policy, RouterView
 from router.policies.kv_overlap import KvOverlap
 from router.protocol import KvEventBatch, KvStateDump, LoadReport, PinHint, WorkerRegistration
-from router.request import INFERRED_SESSION_PREFIXES, Decision, RouteRequest
+from router.request import INFERRED_SESSION_PREFIXES, Decision, RouteRequest, is_one_shot
 from router.room import RoomQueue
 from router.running_slices import RunningSlices
 from router.sessions import Session, SessionTable
@@ -704,7 +704,10 @@ class Router:
         prefill = max(0, request.num_tokens - decision.overlap_blocks * bs)
         blocks = -(-(request.num_tokens + request.expected_output_tokens) // bs)
         self.load.start(request.request_id, worker, prefill, blocks, now, request.expected_output_tokens)
-        self.policy.on_pick(request, decision, bs, now)
+        sid = request.session_id
+        session = self.sessions.get(sid) if sid else None
+        one_shot = is_one_shot(sid, session.turns if session is not None else 0)
+        self.policy.on_pick(request, decision, bs, now, one_shot)
         flight = self.load.get(request.request_id)
         if flight is not None:
             flight.session_id = request.session_id

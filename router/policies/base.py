@@ -114,8 +114,11 @@ class Policy(ABC):
     @abstractmethod
     def pick(self, request: RouteRequest, view: RouterView) -> Decision: ...
 
-    def on_pick(self, request: RouteRequest, decision: Decision, block_size: int, now: float) -> None:
-        """A pick was made (by this router or, recorded, by a replica): track it if the policy does."""
+    def on_pick(
+        self, request: RouteRequest, decision: Decision, block_size: int, now: float, one_shot: bool
+    ) -> None:
+        """A pick was made (by this router or, recorded, by a replica): track it if the policy does.
+        `one_shot`: the request continues no session (`router.request.is_one_shot`)."""
         return None
 
     def on_first_token(self, request_id: str) -> None:

@@ -140,7 +140,9 @@ class KvOverlap(Policy):
     # --- the router's tracking of in-flight requests (Dynamo: add at pick, prefill off at the first
     # token, blocks off at completion)
 
-    def on_pick(self, request: RouteRequest, decision: Decision, block_size: int, now: float) -> None:
+    def on_pick(
+        self, request: RouteRequest, decision: Decision, block_size: int, now: float, one_shot: bool
+    ) -> None:
         rid = request.request_id
         if rid in self._flights:
             self.on_complete(rid)  # a reused id: the old request is over

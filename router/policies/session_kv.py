@@ -36,7 +36,8 @@ one-shot request at the marginal cost (its TTFT estimate's price), a tenth of it
 Priced at the average, a session's miss on a worker serving documents looked 100x its prefill, and a
 pool serving both split into session workers and document workers.
 
-One-shot traffic (a request that named no session): the estimate above prices its prefill at the pool's
+One-shot traffic (a request that continues no session: it named none, and its prompt extends no prompt
+routed before; `router.request.is_one_shot`): the estimate above prices its prefill at the pool's
 measured average cost per token, which carries a step's fixed cost (for short prompts several times the
 cost one more token adds to a step) and ignores the running decodes a first token waits behind. Such a
 request is priced instead by its TTFT: its own prefill and the prefill queued to ride the same step at
@@ -68,7 +69,7 @@ from router.policies.prefix_copies import PrefixCopies
 from router.policies.tier_credit import TierCredit
 from router.policies.warmup_cost import WarmupCost
 from router.prefix_match import common_prefix
-from router.request import Decision, RouteRequest, is_inferred
+from router.request import Decision, RouteRequest, is_one_shot
 
 # in-flight prefills remembered (the newest), each compared with every prompt: enough for the requests
 # routed within the few ms their KV events take to come back, and a bounded cost per pick
@@ -95,7 +96,7 @@ class SessionKv(Policy):
         # requests in flight until they complete: request -> (worker, chain)
         self._running: Running = {}
         self._waits = DeviceWaits(config, self._running, self._busy)
-        # of which one-shot requests (no session named), and how many per worker
+        # of which one-shot requests (`is_one_shot`), and how many per worker
         self._one_shot_ids: set[str] = set()
         self._one_shot_count: dict[str, int] = {}
         # until the marginal prefill cost is first known (`one_shot_warmup`), one-shot requests go by
@@ -123,7 +124,7 @@ class SessionKv(Policy):
         if not worker:
             worker, tolerance = self._break_tie(view, overlap, costs, best), 0.0
             reason = "overlap" if overlap.get(worker) else "load"
-        if self.config.memory_wait_move and not is_inferred(request.session_id):
+        if self.config.memory_wait_move and not _one_shot(request, view):
             room = self._out_of_memory_wait(request, view, overlap, costs, worker, tolerance)
             if room is not None:
                 worker, reason = room, "memory"
@@ -293,7 +294,7 @@ class SessionKv(Policy):
         prefill cost is known, any other's by `_costs` (every candidate's with `everyone`, else those
         that can be the cheapest). None for a one-shot request in the warm-up, which `_warmup_pick`
         prices instead."""
-        one_shot = self.config.one_shot_ttft and is_inferred(request.session_id)
+        one_shot = self.config.one_shot_ttft and _one_shot(request, view)
         marginal = view.load.prefill_fit.ms_per_token
         if marginal is not None and self._warmup.on:
             self._warmup.stop()  # the marginal cost is known from now on
@@ -355,7 +356,7 @@ class SessionKv(Policy):
         gets no preference)."""
         cfg = self.config
         tolerance = max(cfg.affinity_tolerance_ms, cfg.affinity_tolerance_rel * best)
-        if why == "overlap" and is_inferred(request.session_id):
+        if why == "overlap" and _one_shot(request, view):
             # one-shot traffic over a shared prefix (a document, a few-shot prompt) that the cheapest
             # worker lacks: its home keeps it until the home's queue is far longer, so each prefix is
             # served by one worker and each worker's KV in use holds few of them (fewer blocks in
@@ -486,7 +487,9 @@ class SessionKv(Policy):
                 credited[worker] = common_prefix(other, chain)
         return credited
 
-    def on_pick(self, request: RouteRequest, decision: Decision, block_size: int, now: float) -> None:
+    def on_pick(
+        self, request: RouteRequest, decision: Decision, block_size: int, now: float, one_shot: bool
+    ) -> None:
         pending = self._pending
         if len(pending) >= MAX_PENDING:
             del pending[next(iter(pending))]
@@ -499,7 +502,7 @@ class SessionKv(Policy):
             oldest = next(iter(running))
             self._forget_running(oldest, running.pop(oldest))
         running[request.request_id] = (decision.worker_id, request.block_hashes)
-        if is_inferred(request.session_id):
+        if one_shot:
             self._one_shot_ids.add(request.request_id)
             self._one_shot_count[decision.worker_id] = self._one_shot_count.get(decision.worker_id, 0) + 1
         self._warmup.count(decision.worker_id, request.block_hashes)
@@ -578,7 +581,7 @@ class SessionKv(Policy):
         overlap: dict[str, int],
         sticky: str | None,
     ) -> dict[str, float]:
-        """Estimated TTFT in ms for a request that named no session (docstring "One-shot traffic"), less
+        """Estimated TTFT in ms for a one-shot request (docstring "One-shot traffic"), less
         what a copy of its hot prefix is worth to the requests after it, plus the memory terms, for
         every candidate that can be the cheapest (and the prefix home)."""
         n_tokens, n_blocks, session_id = request.num_tokens, len(request.block_hashes), request.session_id
@@ -782,3 +785,9 @@ class SessionKv(Policy):
         self._one_shot_count.pop(worker_id, None)
         self._warmup.remove_worker(worker_id)
         self._live.remove_worker(worker_id)
+
+
+def _one_shot(request: RouteRequest, view: RouterView) -> bool:
+    """The request continues no session (`is_one_shot`): priced by its own TTFT, not a context to keep."""
+    session = view.session
+    return is_one_shot(request.session_id, session.turns if session is not None else 0)

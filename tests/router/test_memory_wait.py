@@ -33,11 +33,15 @@ def test_the_wait_lasts_until_the_decodes_in_flight_free_enough_blocks() -> None
     assert policy.memory_wait_ms(chain(200, 10_000) + chain(100, 30_000), "w0", view) == 0.0
 
 
-def pool_with_a_long_decode(w1_running: int, w1_waiting: int = 0, **config: object) -> Router:
+def pool_with_a_long_decode(
+    w1_running: int, w1_waiting: int = 0, session: str | None = "s", **config: object
+) -> Router:
     """Session s's first turn (280 blocks) ran on w0 and is cached there; w0 now runs a 500-block
-    request with 300 tokens to decode (30 s), 820 of its 1,000 blocks in use; w1 holds nothing."""
+    request with 300 tokens to decode (30 s), 820 of its 1,000 blocks in use; w1 holds nothing.
+    `session` None: the client names no session, and the router infers it."""
     router = make(**config)
-    first = RouteRequest("s1", "m", chain(280, 50_000), 280 * BS, "s", expected_output_tokens=10)
+    sid = router.resolve_session(session, chain(280, 50_000))
+    first = RouteRequest("s1", "m", chain(280, 50_000), 280 * BS, sid, expected_output_tokens=10)
     assert router.record(first, Decision("w0", 0, 0.0, "load"), 0.0)
     router.on_first_token("s1", 0.0)
     router.on_complete("s1", 0.0, "stop", 10)
@@ -48,19 +52,24 @@ def pool_with_a_long_decode(w1_running: int, w1_waiting: int = 0, **config: obje
     return router
 
 
-def test_a_turn_that_would_wait_for_memory_moves_to_an_idle_worker_with_room() -> None:
+@pytest.mark.parametrize("session", ["s", None], ids=["named", "inferred"])
+def test_a_turn_that_would_wait_for_memory_moves_to_an_idle_worker_with_room(session: str | None) -> None:
     # s's next turn (300 blocks, 280 of them cached on w0) does not fit beside w0's long decode: it would
     # wait ~29 s there. The estimate prices that wait as the prefill of the 120 blocks over capacity, so
     # without the rule (memory_wait_move 0) it stays; with it (the default) it goes to w1, idle, where
-    # its prefill takes well under 29 s.
-    turn = RouteRequest("s2", "m", chain(280, 50_000) + chain(20, 60_000), 300 * BS, "s")
-    assert pool_with_a_long_decode(0, memory_wait_move=0.0).pick(turn, 1.0).worker_id == "w0"
-    moved = pool_with_a_long_decode(0).pick(turn, 1.0)
+    # its prefill takes well under 29 s. The same where the client names no session: its second turn
+    # extends the first's chain, so the router knows it for a session's, not a one-shot request
+    blocks = chain(280, 50_000) + chain(20, 60_000)
+    sid = pool_with_a_long_decode(0, session=session).resolve_session(session, blocks)
+    assert session is not None or sid.startswith("inferred-")
+    turn = RouteRequest("s2", "m", blocks, 300 * BS, sid)
+    assert pool_with_a_long_decode(0, session=session, memory_wait_move=0.0).pick(turn, 1.0).worker_id == "w0"
+    moved = pool_with_a_long_decode(0, session=session).pick(turn, 1.0)
     assert (moved.worker_id, moved.reason) == ("w1", "memory")
     # a worker running two requests is no way out (the wait would spread to the sessions living there),
     # nor one with a prompt queued (it is about to take blocks its report does not count yet)
-    assert pool_with_a_long_decode(2).pick(turn, 1.0).worker_id == "w0"
-    assert pool_with_a_long_decode(0, 1).pick(turn, 1.0).worker_id == "w0"
+    assert pool_with_a_long_decode(2, session=session).pick(turn, 1.0).worker_id == "w0"
+    assert pool_with_a_long_decode(0, 1, session=session).pick(turn, 1.0).worker_id == "w0"
 
 
 def test_a_turn_beside_a_long_prompts_first_chunk_loses_its_session_hold() -> None:
