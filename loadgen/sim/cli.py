@@ -163,6 +163,13 @@ def _add_engine_and_router_arguments(parser: argparse.ArgumentParser) -> None:
         "only session_kv pins, as none of the systems the baselines are named after does)",
     )
     parser.add_argument(
+        "--no-session-ids",
+        dest="session_ids",
+        action="store_false",
+        help="the router sees no session ids, tool-result marks or parents, as from a client that sends "
+        "none (`kvgate loadgen --no-session-header`): it infers the sessions from the prompts",
+    )
+    parser.add_argument(
         "--preempt-for-prompts",
         action="store_true",
         help="every worker's engine lets a prompt that does not fit preempt decoding requests "
@@ -314,6 +321,7 @@ def _sim_config(args: argparse.Namespace, settings: dict[str, object]) -> SimCon
         host_blocks=args.host_blocks,
         host_bandwidth_gbps=args.host_bandwidth,
         pin_baselines=args.pin_baselines,
+        session_ids=args.session_ids,
         preempt_for_prompts=args.preempt_for_prompts,
         priority_scheduling=args.priority_scheduling,
         onboarding=args.onboarding,

@@ -4,10 +4,10 @@
 `session_kv`'s mean TTFT against the better of `kv_overlap` and `cache_aware` (the rows of
 docs/EXPERIMENTS.md, idea 16, that the memory wait concerns); over several draws of the policies, the
 mean of each side's means and the ratio per draw. `python -m loadgen.sim.shapes live [--seeds 1,2,3]
-[--rate R] [--policy P,...] [--workers N] [--num-blocks B] [--max-think-s T]` prints each policy's
-(`session_kv` by default) TTFT p50 / p90 / mean over the live run's window. Pool: 4 workers x 4,096
-blocks of 16 tokens, think times capped at 10 s (`live` takes others). `--set` settings are
-`session_kv`'s, `--baseline-set` ones the baselines' (both kinds RouterConfig fields), e.g.
+[--rate R] [--policy P,...] [--workers N] [--num-blocks B] [--max-think-s T] [--no-session-header]`
+prints each policy's (`session_kv` by default) TTFT p50 / p90 / mean over the live run's window. Pool:
+4 workers x 4,096 blocks of 16 tokens, think times capped at 10 s (`live` takes others). `--set`
+settings are `session_kv`'s, `--baseline-set` ones the baselines' (both kinds RouterConfig fields), e.g.
 `--policy kv_overlap --baseline-set kv_affinity_ttl_s=60` for Dynamo with its session affinity.
 
 - `agentic` / `chat`: `kvgate sim --workload ...` rows (`agentic --duration 90 --max-think-s 10
@@ -21,7 +21,8 @@ blocks of 16 tokens, think times capped at 10 s (`live` takes others). `--set` s
 - The live window: `kvgate loadgen --workload agentic --rate 1 (or R) --duration 90 --max-think-s 10
   --max-context 48000 --plain-tools --ignore-eos --eos-after 1` as the simulator plays it: each reply one
   character (its decode still `max_tokens` tokens), the turns that arrive before 90 s and have a first
-  token by 120 s counted, as live (docs/EXPERIMENTS.md, "Live, fourth pass").
+  token by 120 s counted, as live (docs/EXPERIMENTS.md, "Live, fourth pass"). `--no-session-header`
+  as loadgen's: the router sees no session ids or tool marks and infers each session from its prompts.
 """
 
 from __future__ import annotations
@@ -130,7 +131,12 @@ class Pool(NamedTuple):
 
 
 def replay(
-    rows: list[TraceRow], policy: str, settings: dict[str, object], seed: int = 0, pool: Pool | None = None
+    rows: list[TraceRow],
+    policy: str,
+    settings: dict[str, object],
+    seed: int = 0,
+    pool: Pool | None = None,
+    session_ids: bool = True,
 ) -> SimRun:
     pool = pool or Pool()
     config = SimConfig(
@@ -138,6 +144,7 @@ def replay(
         num_blocks=pool.num_blocks,
         block_size=BLOCK_SIZE,
         seed=seed,
+        session_ids=session_ids,
         router_settings=settings,
     )
     workload = Workload(
@@ -213,6 +220,12 @@ def main() -> None:
     options.add_argument("--workers", type=int, default=Pool().workers)
     options.add_argument("--num-blocks", type=int, default=Pool().num_blocks, help="of 16 tokens, per worker")
     options.add_argument("--max-think-s", type=float, default=Pool().max_think_s, help="as loadgen's")
+    options.add_argument(
+        "--no-session-header",
+        dest="session_ids",
+        action="store_false",
+        help="as loadgen's: the router sees no session ids or tool marks and infers the sessions",
+    )
     parser.add_argument(
         "--policy-seeds",
         default="0",
@@ -228,7 +241,7 @@ def main() -> None:
             for policy in args.policy.split(","):
                 # `--set` is session_kv's experiments, `--baseline-set` the baselines' (as shipped without)
                 chosen = settings if policy == "session_kv" else baseline_settings
-                run = replay(rows, policy, chosen, seed, pool)
+                run = replay(rows, policy, chosen, seed, pool, args.session_ids)
                 window = live_window(run)
                 figures = f"{window.p50:,.0f} / {window.p90:,.0f} / {window.mean:,.0f} ms"
                 print(

@@ -74,6 +74,9 @@ class SimConfig(msgspec.Struct, frozen=True):
     host_blocks: int = 0  # each worker's host tier (0: none)
     host_bandwidth_gbps: float = DEFAULT_HOST_BANDWIDTH_GBPS  # the host link (engines/mock.py)
     pin_baselines: bool = False  # RouterConfig.pin_baselines (the "same engine" ablation), likewise
+    # the router sees the trace's session ids (and a turn's tool-result mark, and a sub-agent's parent);
+    # False: as a client that sends none (`kvgate loadgen --no-session-header`), it infers the sessions
+    session_ids: bool = True
     preempt_for_prompts: bool = False  # EngineConfig.preempt_for_prompts, every worker's (every policy's)
     priority_scheduling: bool = False  # EngineConfig.priority_scheduling, likewise
     onboarding: Onboarding = DEFAULT_ONBOARDING  # EngineConfig.onboarding, likewise
@@ -241,7 +244,8 @@ class Simulation:
         turn.arrival = now
         hashes = self.workload.block_hashes(row)
         router = self.router
-        session_id = router.resolve_session(row.session_id, hashes)
+        named = row.session_id if self.config.session_ids else None
+        session_id = router.resolve_session(named, hashes)
         request = RouteRequest(
             request_id=turn.request_id,
             model="sim",
@@ -249,8 +253,8 @@ class Simulation:
             num_tokens=row.input_length,
             session_id=session_id,
             expected_output_tokens=row.output_length,  # the gateway passes a request's max_tokens
-            tool_call_pending=tool_result,
-            parent_session_id=parent_of(row.session_id),
+            tool_call_pending=tool_result and named is not None,
+            parent_session_id=parent_of(named),
         )
         if router.admit(request, now):
             self._dispatch(turn, request)

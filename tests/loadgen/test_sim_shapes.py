@@ -90,16 +90,21 @@ def test_baseline_settings_reach_the_baselines_and_session_kv_keeps_its_own(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`live --set` is session_kv's, `--baseline-set` every other policy's (Dynamo at its best); the
-    pool and think cap given reach every policy's replay."""
+    pool, think cap and `--no-session-header` given reach every policy's replay."""
     seen: dict[str, dict[str, object]] = {}
 
-    pools: list[Pool | None] = []
+    pools: list[tuple[Pool | None, bool]] = []
 
     def fake_replay(
-        rows: object, policy: str, settings: dict[str, object], seed: int = 0, pool: Pool | None = None
+        rows: object,
+        policy: str,
+        settings: dict[str, object],
+        seed: int = 0,
+        pool: Pool | None = None,
+        session_ids: bool = True,
     ) -> SimRun:
         seen[policy] = settings
-        pools.append(pool)
+        pools.append((pool, session_ids))
         run = SimRun(policy)
         record = RequestRecord("s", 0, 0.0, 16, "w0")
         record.first_token, record.ok = 0.1, True
@@ -110,12 +115,12 @@ def test_baseline_settings_reach_the_baselines_and_session_kv_keeps_its_own(
     monkeypatch.setattr(shapes, "live_rows", lambda seed, rate: [])
     argv = ["shapes", "live", "--seeds", "1", "--policy", "session_kv,kv_overlap", "--set", "stall_factor=2"]
     argv += ["--baseline-set", "kv_affinity_ttl_s=60", "--baseline-set", "kv_queue=true"]
-    argv += ["--workers", "8", "--num-blocks", "3072", "--max-think-s", "3"]
+    argv += ["--workers", "8", "--num-blocks", "3072", "--max-think-s", "3", "--no-session-header"]
     monkeypatch.setattr("sys.argv", argv)
     shapes.main()
     expected = {"session_kv": {"stall_factor": 2}, "kv_overlap": {"kv_affinity_ttl_s": 60, "kv_queue": True}}
     assert seen == expected
-    assert pools == [Pool(8, 3072, 3.0)] * 2  # every policy on the pool asked for
+    assert pools == [(Pool(8, 3072, 3.0), False)] * 2  # every policy on the pool asked for, no ids
     assert "seed 1 kv_overlap" in capsys.readouterr().out
 
 

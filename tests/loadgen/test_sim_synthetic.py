@@ -75,6 +75,24 @@ def test_baselines_pin_only_in_the_ablation() -> None:
     assert pins["session_kv", False] == pins["session_kv", True] > 0
 
 
+def test_without_session_ids_the_router_infers_each_session_from_its_prompts() -> None:
+    # `--no-session-ids`, as a client that sends no session header: the router finds every later turn's
+    # session by the chain its prompt extends, one inferred session per agent with all its turns
+    rows = workload_rows(make_workload("agentic", 4.0, 3, 40_000), 3.0, 16)
+    agents = {row.session_id for row in rows}
+    assert len(agents) >= 5 and len(rows) > len(agents)
+    sessions = {}
+    for named in (True, False):
+        config = SimConfig(workers=2, num_blocks=2048, block_size=16, session_ids=named)
+        workload = Workload(rows, block_size=16, trace_block_size=16, max_think_s=2.0)
+        sim = Simulation(workload, "session_kv", config)
+        assert all(r.ok for r in sim.run().records)
+        sessions[named] = {s.id: s.turns for s in sim.router.sessions.values()}
+    assert set(sessions[True]) == agents
+    assert all(sid.startswith("inferred-") for sid in sessions[False])
+    assert sorted(sessions[False].values()) == sorted(sessions[True].values())  # the same turns each
+
+
 def test_cli_simulates_a_workload_with_router_settings(capsys) -> None:
     args = ["sim", "--workload", "chat", "--rate", "2", "--duration", "4", "--workers", "2"]
     args += ["--policy", "kv_overlap", "--set", "kv_temperature=0.5", "--json", "-"]
