@@ -32,8 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from typing import Any
 import msgspec
 
 from kvutil.child_process import spawn_tied
+from kvutil.http_probe import get_json
 
 # the comparison README.md and docs/ROUTING.md report: agentic sessions, 4 workers of 4,096 blocks
 DEFAULT_LOADGEN_ARGS = (
@@ -127,16 +126,6 @@ def run_order(systems: list[System], round_index: int) -> list[System]:
 # --- processes
 
 
-def _get_json(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except (OSError, ValueError):
-        return 0, None
-
-
 def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, workers: int | None, timeout_s: float) -> None:
     """Until `url` serves a model (and, for kvgate, its gateway sees `workers` workers)."""
     deadline = time.monotonic() + timeout_s
@@ -144,10 +133,10 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, workers: int | No
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the system exited with {proc.returncode} before it was ready")
         if workers is not None:
-            status, body = _get_json(url + "/ready")
+            status, body = get_json(url + "/ready", 5.0)
             ready = status == 200 and isinstance(body, dict) and body.get("workers", 0) >= workers
         else:
-            status, body = _get_json(url + "/v1/models")
+            status, body = get_json(url + "/v1/models", 5.0)
             ready = status == 200 and isinstance(body, dict) and bool(body.get("data"))
         if ready:
             return

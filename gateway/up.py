@@ -22,8 +22,6 @@ import signal
 import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 
 from gateway.bus_plan import BusPlan
 from gateway.config import GatewayConfig
@@ -38,6 +36,7 @@ from gateway.settings import (
 )
 from gateway.supervisor import USAGE_EXIT, Supervisor, WorkerRefused
 from kvutil.bus_auth import BusAuthError, add_bus_arguments, redact_url
+from kvutil.http_probe import get_json
 from router.config import RouterConfig
 from router.policies import POLICIES
 from router.protocol import ProtocolError
@@ -85,17 +84,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
-def _get_json(url: str, api_key: str | None = None) -> tuple[int, object]:
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except (OSError, ValueError):
-        return 0, None
-
-
 async def _wait_ready(
     gateway_url: str,
     supervisor: Supervisor,
@@ -113,9 +101,9 @@ async def _wait_ready(
             break
         if gateway.done():  # e.g. its port is taken: say so now, not after the timeout
             raise RuntimeError(f"the gateway stopped: {gateway.exception()}")
-        status, body = await asyncio.to_thread(_get_json, gateway_url + "/ready", key)
+        status, body = await asyncio.to_thread(get_json, gateway_url + "/ready", 2.0, key)
         if status == 200 and isinstance(body, dict) and body.get("workers", 0) >= len(supervisor.children):
-            _, models = await asyncio.to_thread(_get_json, gateway_url + "/v1/models", key)
+            _, models = await asyncio.to_thread(get_json, gateway_url + "/v1/models", 2.0, key)
             data = models.get("data") if isinstance(models, dict) else None
             return data[0]["id"] if data else "unknown"
         with contextlib.suppress(TimeoutError):
