@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ import numpy as np
 from gateway.live_bench import cpu_seconds, stop_all
 from gateway.natsd import NatsServer, free_port
 from kvutil.child_process import spawn_tied
+from kvutil.thread_server import served_in_thread
 
 GOAL_OVERHEAD_MS_P50 = 1.0
 GOAL_RPS_RATIO = 0.5
@@ -80,16 +80,9 @@ class _SpanSink(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextlib.contextmanager
-def _span_sink() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SpanSink)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def _span_sink() -> contextlib.AbstractContextManager[str]:
+    """A local OTLP/HTTP endpoint that drops what it gets: its base URL for the `with` block."""
+    return served_in_thread(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SpanSink))
 
 
 @contextlib.contextmanager

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import socket
 import socketserver
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from kvutil.http_probe import get_json
+from kvutil.thread_server import served_in_thread
 
 
 class _Answers(BaseHTTPRequestHandler):
@@ -33,25 +31,14 @@ class _EchoesTheRequestLine(socketserver.BaseRequestHandler):
         self.request.sendall(self.request.recv(4096).split(b"\r\n")[0] + b"\r\n\r\n")
 
 
-@contextmanager
-def serving(server: socketserver.TCPServer) -> Iterator[str]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_an_http_answer_gives_its_status_and_json_body() -> None:
-    with serving(HTTPServer(("127.0.0.1", 0), _Answers)) as url:
+    with served_in_thread(HTTPServer(("127.0.0.1", 0), _Answers)) as url:
         assert get_json(url + "/ready", 2.0) == (200, {"ready": True})
         assert get_json(url + "/other", 2.0) == (503, None)
 
 
 def test_a_reply_that_is_not_http_reads_as_not_up_yet() -> None:
-    with serving(socketserver.TCPServer(("127.0.0.1", 0), _EchoesTheRequestLine)) as url:
+    with served_in_thread(socketserver.TCPServer(("127.0.0.1", 0), _EchoesTheRequestLine)) as url:
         assert get_json(url + "/ready", 2.0) == (0, None)
 
 
