@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import msgspec
+
+if TYPE_CHECKING:
+    from router.sessions import Session
 
 # the prefixes of the session ids the router gives requests that named none (Router.resolve_session)
 INFERRED_SESSION_PREFIXES = ("inferred-", "anon-")
@@ -13,11 +18,12 @@ def is_inferred(session_id: str | None) -> bool:
     return session_id is None or session_id.startswith(INFERRED_SESSION_PREFIXES)
 
 
-def is_one_shot(session_id: str | None, turns_before: int) -> bool:
+def is_one_shot(session_id: str | None, session: Session | None) -> bool:
     """True for a request that continues no session: the client named none and its prompt extends no
-    prompt the router routed before (`turns_before`: its session's turns routed so far). An inferred
-    session that came back (a client that sends no session id) is a session like a named one."""
-    return turns_before == 0 and is_inferred(session_id)
+    prompt the router routed before (`session`: the router's entry for `session_id`, None while new).
+    An inferred session that came back (a client that sends no session id) is a session like a named
+    one."""
+    return (session is None or session.turns == 0) and is_inferred(session_id)
 
 
 class RouteRequest(msgspec.Struct):

@@ -705,8 +705,7 @@ class Router:
         blocks = -(-(request.num_tokens + request.expected_output_tokens) // bs)
         self.load.start(request.request_id, worker, prefill, blocks, now, request.expected_output_tokens)
         sid = request.session_id
-        session = self.sessions.get(sid) if sid else None
-        one_shot = is_one_shot(sid, session.turns if session is not None else 0)
+        one_shot = is_one_shot(sid, self.sessions.get(sid) if sid else None)
         self.policy.on_pick(request, decision, bs, now, one_shot)
         flight = self.load.get(request.request_id)
         if flight is not None:

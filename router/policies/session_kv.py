@@ -124,7 +124,7 @@ class SessionKv(Policy):
         if not worker:
             worker, tolerance = self._break_tie(view, overlap, costs, best), 0.0
             reason = "overlap" if overlap.get(worker) else "load"
-        if self.config.memory_wait_move and not _one_shot(request, view):
+        if self.config.memory_wait_move and not is_one_shot(request.session_id, view.session):
             room = self._out_of_memory_wait(request, view, overlap, costs, worker, tolerance)
             if room is not None:
                 worker, reason = room, "memory"
@@ -294,7 +294,7 @@ class SessionKv(Policy):
         prefill cost is known, any other's by `_costs` (every candidate's with `everyone`, else those
         that can be the cheapest). None for a one-shot request in the warm-up, which `_warmup_pick`
         prices instead."""
-        one_shot = self.config.one_shot_ttft and _one_shot(request, view)
+        one_shot = self.config.one_shot_ttft and is_one_shot(request.session_id, view.session)
         marginal = view.load.prefill_fit.ms_per_token
         if marginal is not None and self._warmup.on:
             self._warmup.stop()  # the marginal cost is known from now on
@@ -356,7 +356,7 @@ class SessionKv(Policy):
         gets no preference)."""
         cfg = self.config
         tolerance = max(cfg.affinity_tolerance_ms, cfg.affinity_tolerance_rel * best)
-        if why == "overlap" and _one_shot(request, view):
+        if why == "overlap" and is_one_shot(request.session_id, view.session):
             # one-shot traffic over a shared prefix (a document, a few-shot prompt) that the cheapest
             # worker lacks: its home keeps it until the home's queue is far longer, so each prefix is
             # served by one worker and each worker's KV in use holds few of them (fewer blocks in
@@ -785,9 +785,3 @@ class SessionKv(Policy):
         self._one_shot_count.pop(worker_id, None)
         self._warmup.remove_worker(worker_id)
         self._live.remove_worker(worker_id)
-
-
-def _one_shot(request: RouteRequest, view: RouterView) -> bool:
-    """The request continues no session (`is_one_shot`): priced by its own TTFT, not a context to keep."""
-    session = view.session
-    return is_one_shot(request.session_id, session.turns if session is not None else 0)
