@@ -29,6 +29,8 @@ class GatewayConfig(msgspec.Struct, frozen=True):
     retry_after_s: int = 1
     max_attempts: int = 3
     connect_timeout_s: float = 2.0
+    # a worker silent this long mid-answer is hung; a kvgate worker holding a request that has no token
+    # to send (queued behind a jam, preempted) sends an SSE keepalive every 15 s (engines/loop.py)
     read_timeout_s: float = 120.0
     first_byte_timeout_s: float = 20.0  # a streamed answer's head: a hung worker is retried elsewhere
     failure_backoff_s: float = 5.0  # a worker that failed an attempt is left out of picks this long

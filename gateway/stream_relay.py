@@ -22,6 +22,9 @@ from gateway.upstream import UpstreamError, WorkerAnswer, drain
 # an event this long without its end is a broken worker, not a reason to hold its bytes (the longest
 # real ones, a final chunk with usage and token ids, are a few hundred KB)
 MAX_EVENT_BYTES = 16 * 1024 * 1024
+# an event of comment lines alone is a worker's keepalive (engines/loop.py): it restarted the read's
+# timeout by arriving, and is no event of the answer's (not a first token, nothing for the client)
+COLON = ord(":")
 
 
 class _EventStream(web.StreamResponse):
@@ -121,11 +124,14 @@ async def relay_stream(
 
 
 def _read_events(buffer: bytes, events: StreamEvents) -> tuple[bytes, bool]:
-    """Hand each whole event in `buffer` to `events`, up to the worker's last: what is left of the
-    buffer, and whether the last event was among them."""
+    """Hand each whole event in `buffer` to `events`, up to the worker's last, but keepalives: what is
+    left of the buffer, and whether the last event was among them."""
     start = 0  # where the next event begins: the buffer is cut once, not after every event
     while (blank := buffer.find(b"\n\n", start)) >= 0:
         end = blank + 2
+        if buffer[start] == COLON and buffer.find(b"\ndata", start, end) < 0:
+            start = end  # a keepalive: comments alone
+            continue
         if events.read(buffer[start:end]):
             return buffer[end:], True
         start = end

@@ -48,18 +48,49 @@ async def _worker(first: bytes) -> tuple[asyncio.Server, str]:
     ), f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
-async def _relay_through_a_gateway(first: bytes) -> tuple[int, bytes]:
-    """The status and body a client gets through the relay from such a worker."""
-    server, worker_url = await _worker(first)
-    pool = UpstreamPool(read_timeout_s=30.0)
+async def _slow_worker(parts: list[bytes], gap_s: float) -> tuple[asyncio.Server, str]:
+    """A worker that streams `parts`, `gap_s` apart, and ends its body."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        try:
+            for part in parts:
+                await asyncio.sleep(gap_s)
+                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    port = free_port()
+    return await asyncio.start_server(
+        handle, "127.0.0.1", port
+    ), f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
+async def _relay_through_a_gateway(
+    first: bytes, worker: tuple[asyncio.Server, str] | None = None, read_timeout_s: float = 30.0
+) -> tuple[int, bytes]:
+    """The status and body a client gets through the relay from such a worker (or `worker`)."""
+    server, worker_url = worker or await _worker(first)
+    pool = UpstreamPool(read_timeout_s=read_timeout_s)
     metrics = GatewayMetrics()
+    first_tokens: list[float] = []
 
     async def chat(request: web.Request) -> web.StreamResponse:
+        on_first_token = lambda: first_tokens.append(asyncio.get_running_loop().time())  # noqa: E731
         try:
             response, _ = await forward(
                 pool, worker_url, b"{}", request=request, stream=True, client_wants_usage=False,
-                headers={}, metrics=metrics, on_first_token=lambda: None,
+                headers={}, metrics=metrics, on_first_token=on_first_token,
             )  # fmt: skip
+            assert len(first_tokens) == 1
         except Retryable as exc:
             return web.Response(status=502, text=str(exc))
         return response
@@ -93,3 +124,22 @@ async def test_after_the_first_event_the_client_gets_an_error_event() -> None:
     status, body = await _relay_through_a_gateway(EVENT)
     assert status == 200 and body.startswith(EVENT)
     assert b"without an event's end" in body[len(EVENT) :]
+
+
+KEEPALIVE = b": keepalive\n\n"
+DONE = b"data: [DONE]\n\n"
+
+
+async def test_keepalives_outlast_the_read_timeout_and_never_reach_the_client() -> None:
+    # a worker whose turn waits 0.6 s for its first token, with a comment every 0.1 s meanwhile
+    # (engines/loop.py), read with a 0.3 s timeout: the turn is served, the comments are not relayed,
+    # and the first token is the event's (the handler asserts it was reported once)
+    worker = await _slow_worker([KEEPALIVE] * 6 + [EVENT, KEEPALIVE + DONE], gap_s=0.1)
+    status, body = await _relay_through_a_gateway(b"", worker, read_timeout_s=0.3)
+    assert status == 200 and body == EVENT + DONE
+
+
+async def test_a_silent_worker_still_times_out() -> None:
+    worker = await _slow_worker([EVENT, DONE], gap_s=0.6)
+    status, body = await _relay_through_a_gateway(b"", worker, read_timeout_s=0.3)
+    assert status == 502 and b"stopped sending" in body
