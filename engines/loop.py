@@ -6,6 +6,11 @@ Every touch of the engine holds `lock`, so a torch step running in a thread neve
 step has ended: a torch step when its thread returns, a mock step when its modelled duration has
 passed (so a prompt's first token comes at the end of its last prefill chunk, as on a GPU). Handlers
 may add requests while a mock step's time runs; they join the next step.
+
+While the engine steps, every request it holds gets `KEEPALIVE` on its queue every `keepalive_s`: a
+request can go minutes without an output (queued behind a jam, or preempted and waiting to come back),
+and a streaming handler answers it with an SSE comment, so a gateway reading the stream with a timeout
+tells a busy worker from a hung one (a hung engine steps no more, and sends none).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ T = TypeVar("T")
 
 STOP_TIMEOUT_S = 2.0  # for the engine loop's task; a threaded step in flight still finishes after it
 STEP_LOG_LEN = 1024  # the newest steps kept in `EngineLoop.steps`
+KEEPALIVE_S = 15.0  # well inside a gateway's read timeout (kvgate's: 120 s)
+
+# on a request's queue: "still held, nothing new" (compared by identity, never a real output)
+KEEPALIVE = RequestOutput("", [], False, None, 0, 0, 0)
 
 
 class StepRecord(msgspec.Struct, frozen=True):
@@ -44,9 +53,11 @@ class StepRecord(msgspec.Struct, frozen=True):
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, threaded: bool) -> None:
+    def __init__(self, engine: Engine, threaded: bool, keepalive_s: float = KEEPALIVE_S) -> None:
         """`threaded`: run steps in a thread (real compute), else inline, sleeping the modelled time."""
         self.engine = engine
+        self.keepalive_s = keepalive_s
+        self._next_keepalive = 0.0  # event-loop time of the next round of `KEEPALIVE`s (set by `_run`)
         self.lock = asyncio.Lock()
         self.on_events: Callable[[list[KvEvent]], None] | None = None
         self.on_finished: Callable[[], None] | None = None
@@ -137,11 +148,13 @@ class EngineLoop:
         loop = asyncio.get_running_loop()
         engine = self.engine
         modelled_end = 0.0  # when the previous step's modelled time ran out (mock)
+        self._next_keepalive = loop.time() + self.keepalive_s
         while True:
             idle = not engine.has_work()
             if idle:
                 self._wake.clear()
                 await self._wake.wait()
+                self._next_keepalive = loop.time() + self.keepalive_s
             async with self.lock:
                 started = loop.time()
                 submitted = self._submitted
@@ -168,8 +181,11 @@ class EngineLoop:
             else:
                 ended = modelled_end = loop.time()
                 await asyncio.sleep(0)
-            self._record(started, ended, loop.time(), result)
+            delivered = loop.time()
+            self._record(started, ended, delivered, result)
             self._deliver(result)
+            if delivered >= self._next_keepalive:
+                self._keep_alive(delivered)
             if not (result.outputs or result.num_prefill_tokens or result.num_decode_tokens):
                 await self._wait_for_loads(submitted)
 
@@ -229,6 +245,13 @@ class EngineLoop:
                 self.on_events(events)
         if finished and self.on_finished is not None:
             self.on_finished()
+
+    def _keep_alive(self, now: float) -> None:
+        """`KEEPALIVE` to every request held: the loop has stepped for `keepalive_s` since the last
+        round, or since it woke from idle (a request's outputs usually come well within that)."""
+        for queue in self._queues.values():
+            queue.put_nowait(KEEPALIVE)
+        self._next_keepalive = now + self.keepalive_s
 
     def _fail_all(self) -> None:
         for request_id, queue in list(self._queues.items()):

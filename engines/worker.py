@@ -25,7 +25,7 @@ from opentelemetry.util.types import AttributeValue
 
 from engines.answer_chunks import AnswerChunks
 from engines.engine import EngineRequest, RequestOutput
-from engines.loop import EngineLoop
+from engines.loop import KEEPALIVE, EngineLoop
 from engines.openai_request import ParsedRequest, RequestError, RequestParser
 from engines.text_stream import TextStream
 from engines.tracing import RequestTimes, record_request
@@ -36,6 +36,7 @@ from router.chat import Tokenizer
 log = logging.getLogger("kvgate.worker")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
+KEEPALIVE_EVENT = b": keepalive\n\n"  # an SSE comment: clients skip it, a reader's timeout restarts
 SERVED_BY_HEADER = "x-kvgate-served-by"  # the worker's id on every answer: who served it, behind any router
 
 
@@ -280,11 +281,15 @@ class WorkerApp:
             raise RequestError("the body must be a JSON object")
         return body
 
-    async def _outputs(self, answering: Answering) -> AsyncIterator[None]:
-        """Consume engine outputs until the sequence finishes or a stop string ends it."""
+    async def _outputs(self, answering: Answering) -> AsyncIterator[bool]:
+        """Consume engine outputs until the sequence finishes or a stop string ends it: True after each
+        output, False for the engine loop's `KEEPALIVE` (still held, nothing new)."""
         queue, stream, result = answering.queue, answering.stream, answering.result
         while result.finish_reason is None:
             out = await queue.get()
+            if out is KEEPALIVE:
+                yield False
+                continue
             if result.first_token_at is None and out.new_token_ids:
                 result.first_token_at = asyncio.get_running_loop().time()
             stream.add(out.new_token_ids)
@@ -299,7 +304,7 @@ class WorkerApp:
                 raise RequestError("the engine failed while serving this request", status=500)
             elif out.finished:
                 result.finish_reason = out.finish_reason
-            yield
+            yield True
 
     def _whole(self, answering: Answering) -> dict[str, Any]:
         result = answering.result
@@ -343,7 +348,10 @@ class WorkerApp:
         # the role chunk leaves with the first output, as vLLM sends it, not before: a router reads the
         # first event as the first token (its prefill is over), and the headers went at `prepare`
         head = chunks.role() if answering.chat else b""
-        async for _ in self._outputs(answering):
+        async for output in self._outputs(answering):
+            if not output:  # minutes may pass without a token: a comment says the request is alive
+                await response.write(KEEPALIVE_EVENT)
+                continue
             text = stream.take(final=result.finish_reason is not None)
             if text:
                 await response.write(head + chunks.text(text, None))

@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 from engines.engine import PREFETCH_CHUNK_BLOCKS, Engine, EngineConfig, EngineRequest
-from engines.loop import EngineLoop
+from engines.loop import KEEPALIVE, EngineLoop
 from engines.mock import MockRunner, TransferModel, decode_ms, prefill_ms
 from engines.runner import SamplingParams
 from gateway.natsd import free_port
@@ -293,5 +293,44 @@ async def test_a_torch_step_delivers_nothing_before_it_ends() -> None:
         # the first token came after the step that made it had run for its measured time
         assert received[0] >= first_token_step.started + first_token_step.duration_s
         assert all(s.delivered >= s.ended >= s.started + s.duration_s for s in steps)
+    finally:
+        await loop.stop()
+
+
+async def test_a_request_held_without_output_gets_keepalives_while_the_loop_steps() -> None:
+    """Known by construction: a 1,024-token cache, a decode holding 38 of its 64 blocks and a second
+    prompt of 38 blocks queued behind it. The queued one has no output until the decode ends, and
+    meanwhile gets `KEEPALIVE` every `keepalive_s` of stepping, as the decode does beside its tokens;
+    once admitted it answers as usual."""
+    config = EngineConfig(num_blocks=64, block_size=16, max_num_batched_tokens=1024)
+    engine = Engine(config, MockRunner(64, 16))
+    loop = EngineLoop(engine, threaded=False, keepalive_s=0.05)
+    loop.start()
+    try:
+        decode = await loop.submit(EngineRequest("decode", [7] * 600, SamplingParams(max_tokens=400)))
+        assert (await decode.get()).new_token_ids  # admitted and decoding
+        held = await loop.submit(EngineRequest("held", [8] * 600, SamplingParams(max_tokens=1)))
+        await asyncio.sleep(0.3)
+        outputs = [held.get_nowait() for _ in range(held.qsize())]
+        assert len(outputs) >= 2 and all(out is KEEPALIVE for out in outputs)
+        decoded = [decode.get_nowait() for _ in range(decode.qsize())]
+        assert any(out is KEEPALIVE for out in decoded) and any(out.new_token_ids for out in decoded)
+        await loop.abort("decode")
+        while (out := await held.get()) is KEEPALIVE:
+            pass
+        assert out.new_token_ids and out.finished
+    finally:
+        await loop.stop()
+
+
+async def test_an_idle_loop_sends_no_keepalive() -> None:
+    engine = Engine(EngineConfig(num_blocks=64, block_size=16), MockRunner(64, 16))
+    loop = EngineLoop(engine, threaded=False, keepalive_s=0.05)
+    loop.start()
+    try:
+        await asyncio.sleep(0.2)  # nothing to step: the next round is due a period after work comes
+        queue = await loop.submit(EngineRequest("r", [7] * 32, SamplingParams(max_tokens=2)))
+        outputs = [await queue.get(), await queue.get()]
+        assert all(out is not KEEPALIVE for out in outputs) and outputs[-1].finished
     finally:
         await loop.stop()

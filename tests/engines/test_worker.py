@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from engines.engine import Engine, EngineConfig, EngineRequest
-from engines.loop import EngineLoop
+from engines.loop import KEEPALIVE_S, EngineLoop
 from engines.mock import PLACEHOLDER_TEXT, MockRunner
 from engines.runner import SamplingParams
 from engines.text_stream import TextStream
@@ -35,11 +35,14 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serve(
-    speedup: float = 1000.0, num_blocks: int = 256, settings: WorkerSettings | None = None
+    speedup: float = 1000.0,
+    num_blocks: int = 256,
+    settings: WorkerSettings | None = None,
+    keepalive_s: float = KEEPALIVE_S,
 ) -> AsyncIterator[Served]:
     runner = MockRunner(num_blocks, 16, speedup=speedup)
     engine = Engine(EngineConfig(num_blocks=num_blocks, block_size=16), runner)
-    loop = EngineLoop(engine, threaded=False)
+    loop = EngineLoop(engine, threaded=False, keepalive_s=keepalive_s)
     worker = WorkerApp(loop, runner.tokenizer, settings or WorkerSettings(model_name="mock-model"))
     loop.start()
     worker.ready = True
@@ -297,6 +300,32 @@ async def test_client_disconnect_aborts_the_sequence() -> None:
             with pytest.raises(asyncio.TimeoutError):
                 await http.post(f"{served.url}/v1/chat/completions", json={**body, "stream": False})
         await wait_idle(served.engine)
+
+
+async def test_a_stream_held_in_the_queue_carries_keepalive_comments() -> None:
+    """A 64-block worker decoding a 600-token prompt (38 blocks, growing) cannot admit another such
+    prompt: that request's stream has no token until the decode ends, and meanwhile carries SSE
+    comments every `keepalive_s`, which the `openai` client skips."""
+    async with serve(speedup=1.0, num_blocks=64, keepalive_s=0.05) as served:
+        running = {"model": "m", "messages": [{"role": "user", "content": "a" * 580}], "max_tokens": 300}
+        held = {"model": "m", "messages": [{"role": "user", "content": "b" * 580}], "max_tokens": 4}
+        url = f"{served.url}/v1/chat/completions"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, json={**running, "stream": True}) as a,
+        ):
+            assert (await a.content.readuntil(b"\n\n")).startswith(b"data: ")  # decoding
+            async with http.post(url, json={**held, "stream": True}) as b:
+                stream = await client(served.url).chat.completions.create(**held, stream=True)  # held too
+                assert await b.content.readuntil(b"\n\n") == b": keepalive\n\n"
+                assert await b.content.readuntil(b"\n\n") == b": keepalive\n\n"
+                a.close()  # the decode ends: both are admitted in turn
+                events = (await b.read()).split(b"\n\n")
+                data = [e for e in events if e.startswith(b"data: ")]
+                assert data[-1] == b"data: [DONE]" and events[-1] == b""
+                assert all(e.startswith((b"data: ", b": keepalive")) for e in events[:-1])
+                text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+                assert text == PLACEHOLDER_TEXT[:4]
 
 
 async def test_engine_loop_stops_with_a_request_in_flight() -> None:
