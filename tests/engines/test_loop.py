@@ -325,10 +325,10 @@ async def test_a_request_held_without_output_gets_keepalives_while_the_loop_step
 
 async def test_an_idle_loop_sends_no_keepalive() -> None:
     engine = Engine(EngineConfig(num_blocks=64, block_size=16), MockRunner(64, 16))
-    loop = EngineLoop(engine, threaded=False, keepalive_s=0.05)
+    loop = EngineLoop(engine, threaded=False, keepalive_s=0.5)
     loop.start()
     try:
-        await asyncio.sleep(0.2)  # nothing to step: the next round is due a period after work comes
+        await asyncio.sleep(1.0)  # nothing to step: the next round is due a period after work comes
         queue = await loop.submit(EngineRequest("r", [7] * 32, SamplingParams(max_tokens=2)))
         outputs = [await queue.get(), await queue.get()]
         assert all(out is not KEEPALIVE for out in outputs) and outputs[-1].finished
