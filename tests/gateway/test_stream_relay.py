@@ -24,32 +24,11 @@ EVENT = (
 JUNK = b"x" * 65536  # no event's end in it
 
 
-async def _worker(first: bytes) -> tuple[asyncio.Server, str]:
-    """A worker that streams `first`, then bytes without an event's end until the client leaves."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-        )
-        try:
-            for part in (first, *(JUNK for _ in range(10_000))):
-                if part:
-                    writer.write(b"%x\r\n%s\r\n" % (len(part), part))
-                    await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    port = free_port()
-    return await asyncio.start_server(
-        handle, "127.0.0.1", port
-    ), f"http://127.0.0.1:{port}/v1/chat/completions"
-
-
-async def _slow_worker(parts: list[bytes], gap_s: float) -> tuple[asyncio.Server, str]:
-    """A worker that streams `parts`, `gap_s` apart, and ends its body."""
+async def _worker(
+    parts: tuple[bytes, ...], gap_s: float = 0.0, end: bool = False
+) -> tuple[asyncio.Server, str]:
+    """A worker that streams `parts`, each `gap_s` after the one before, and with `end` ends its body
+    (else it stops writing once the client leaves)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -58,11 +37,14 @@ async def _slow_worker(parts: list[bytes], gap_s: float) -> tuple[asyncio.Server
         )
         try:
             for part in parts:
-                await asyncio.sleep(gap_s)
-                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                if gap_s:
+                    await asyncio.sleep(gap_s)
+                if part:
+                    writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    await writer.drain()
+            if end:
+                writer.write(b"0\r\n\r\n")
                 await writer.drain()
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
         except ConnectionError:
             pass
         finally:
@@ -77,8 +59,9 @@ async def _slow_worker(parts: list[bytes], gap_s: float) -> tuple[asyncio.Server
 async def _relay_through_a_gateway(
     first: bytes, worker: tuple[asyncio.Server, str] | None = None, read_timeout_s: float = 30.0
 ) -> tuple[int, bytes]:
-    """The status and body a client gets through the relay from such a worker (or `worker`)."""
-    server, worker_url = worker or await _worker(first)
+    """The status and body a client gets through the relay from a worker that streams `first`, then
+    bytes without an event's end until the client leaves (or from `worker`)."""
+    server, worker_url = worker or await _worker((first, *(JUNK for _ in range(10_000))))
     pool = UpstreamPool(read_timeout_s=read_timeout_s)
     metrics = GatewayMetrics()
     first_tokens: list[float] = []
@@ -134,12 +117,12 @@ async def test_keepalives_outlast_the_read_timeout_and_never_reach_the_client() 
     # a worker whose turn waits 0.6 s for its first token, with a comment every 0.1 s meanwhile
     # (engines/loop.py), read with a 0.3 s timeout: the turn is served, the comments are not relayed,
     # and the first token is the event's (the handler asserts it was reported once)
-    worker = await _slow_worker([KEEPALIVE] * 6 + [EVENT, KEEPALIVE + DONE], gap_s=0.1)
+    worker = await _worker((*[KEEPALIVE] * 6, EVENT, KEEPALIVE + DONE), gap_s=0.1, end=True)
     status, body = await _relay_through_a_gateway(b"", worker, read_timeout_s=0.3)
     assert status == 200 and body == EVENT + DONE
 
 
 async def test_a_silent_worker_still_times_out() -> None:
-    worker = await _slow_worker([EVENT, DONE], gap_s=0.6)
+    worker = await _worker((EVENT, DONE), gap_s=0.6, end=True)
     status, body = await _relay_through_a_gateway(b"", worker, read_timeout_s=0.3)
     assert status == 502 and b"stopped sending" in body
