@@ -31,6 +31,8 @@ from kvutil.bus_auth import BusAuth, redact_url
 from kvutil.nats_errors import log_nats_error
 from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import (
+    KV_STREAM_MAX_AGE_S,
+    KV_STREAM_MAX_BYTES,
     KvEvent,
     KvEventBatch,
     KvStateDump,
@@ -46,8 +48,6 @@ from router.tokenizer_files import HASH_PREFIX, digest
 
 log = logging.getLogger("kvgate.publisher")
 
-STREAM_MAX_AGE_S = 15 * 60.0
-STREAM_MAX_BYTES = 512 * 1024 * 1024
 REGISTRY_TTL_S = 60.0  # a crashed worker's entry disappears even if nobody deletes it
 MAX_PENDING_EVENTS = 100_000  # beyond this (NATS away for long) events are dropped: a gap
 # hashes listed by the pending prefetches together (~40 MB): pin hints come from the bus, one per
@@ -207,8 +207,8 @@ class Publisher:
                 subjects=[self.subjects.kv_all],
                 retention=api.RetentionPolicy.LIMITS,
                 discard=api.DiscardPolicy.OLD,
-                max_age=STREAM_MAX_AGE_S,
-                max_bytes=STREAM_MAX_BYTES,
+                max_age=KV_STREAM_MAX_AGE_S,
+                max_bytes=KV_STREAM_MAX_BYTES,
                 storage=api.StorageType.FILE,
                 duplicate_window=60.0,
             )

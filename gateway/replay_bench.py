@@ -28,6 +28,8 @@ from nats.js import api
 from gateway.natsd import NatsServer
 from gateway.snapshot import IndexRecovery, SnapshotStore
 from router.protocol import (
+    KV_STREAM_MAX_AGE_S,
+    KV_STREAM_MAX_BYTES,
     BlockRemoved,
     BlockStored,
     KvEvent,
@@ -200,7 +202,8 @@ async def _add_kv_stream(js: Any, subjects: Subjects) -> None:
             subjects=[subjects.kv_all],
             retention=api.RetentionPolicy.LIMITS,
             discard=api.DiscardPolicy.OLD,
-            max_bytes=4 << 30,
+            max_age=KV_STREAM_MAX_AGE_S,
+            max_bytes=KV_STREAM_MAX_BYTES,  # as the workers create it (4 GiB reserved failed on a full disk)
             storage=api.StorageType.FILE,
         )
     )
