@@ -23,16 +23,14 @@ from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
-from nats.js import api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from engines.published_loop import PublishedLoop
 from kvutil.bus_auth import BusAuth, redact_url
+from kvutil.kv_stream import kv_stream_config
 from kvutil.nats_errors import log_nats_error
 from kvutil.tasks import cancel_and_wait, wait_for_bounded
 from router.protocol import (
-    KV_STREAM_MAX_AGE_S,
-    KV_STREAM_MAX_BYTES,
     KvEvent,
     KvEventBatch,
     KvStateDump,
@@ -202,18 +200,8 @@ class Publisher:
         try:
             await js.stream_info(self.subjects.kv_stream)
         except NotFoundError:
-            config = api.StreamConfig(
-                name=self.subjects.kv_stream,
-                subjects=[self.subjects.kv_all],
-                retention=api.RetentionPolicy.LIMITS,
-                discard=api.DiscardPolicy.OLD,
-                max_age=KV_STREAM_MAX_AGE_S,
-                max_bytes=KV_STREAM_MAX_BYTES,
-                storage=api.StorageType.FILE,
-                duplicate_window=60.0,
-            )
             try:
-                await js.add_stream(config)
+                await js.add_stream(kv_stream_config(self.subjects.kv_stream, self.subjects.kv_all))
             except nats.js.errors.BadRequestError:
                 await js.stream_info(self.subjects.kv_stream)  # another worker created it first
 

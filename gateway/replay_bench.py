@@ -23,13 +23,11 @@ import time
 from typing import Any
 
 import nats
-from nats.js import api
 
 from gateway.natsd import NatsServer
 from gateway.snapshot import IndexRecovery, SnapshotStore
+from kvutil.kv_stream import kv_stream_config
 from router.protocol import (
-    KV_STREAM_MAX_AGE_S,
-    KV_STREAM_MAX_BYTES,
     BlockRemoved,
     BlockStored,
     KvEvent,
@@ -196,17 +194,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _add_kv_stream(js: Any, subjects: Subjects) -> None:
-    await js.add_stream(
-        api.StreamConfig(
-            name=subjects.kv_stream,
-            subjects=[subjects.kv_all],
-            retention=api.RetentionPolicy.LIMITS,
-            discard=api.DiscardPolicy.OLD,
-            max_age=KV_STREAM_MAX_AGE_S,
-            max_bytes=KV_STREAM_MAX_BYTES,  # as the workers create it (4 GiB reserved failed on a full disk)
-            storage=api.StorageType.FILE,
-        )
-    )
+    await js.add_stream(kv_stream_config(subjects.kv_stream, subjects.kv_all))  # as the workers do
 
 
 async def _registered_router(js: Any, subjects: Subjects, workload: Workload) -> Router:

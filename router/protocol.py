@@ -292,11 +292,6 @@ def check_token(value: str, what: str) -> str:
     return value
 
 
-# the KV stream as the workers create it (engines/publisher.py): what a gateway may replay from it
-KV_STREAM_MAX_AGE_S = 15 * 60.0
-KV_STREAM_MAX_BYTES = 512 * 1024 * 1024
-
-
 class Subjects:
     """Subject and bucket names under one namespace."""
 
