@@ -4,11 +4,12 @@
 `session_kv`'s mean TTFT against the better of `kv_overlap` and `cache_aware` (the rows of
 docs/EXPERIMENTS.md, idea 16, that the memory wait concerns); over several draws of the policies, the
 mean of each side's means and the ratio per draw. `python -m loadgen.sim.shapes live [--seeds 1,2,3]
-[--rate R] [--policy P,...] [--workers N] [--num-blocks B] [--max-think-s T] [--no-session-header]`
-prints each policy's (`session_kv` by default) TTFT p50 / p90 / mean over the live run's window. Pool:
-4 workers x 4,096 blocks of 16 tokens, think times capped at 10 s (`live` takes others). `--set`
-settings are `session_kv`'s, `--baseline-set` ones the baselines' (both kinds RouterConfig fields), e.g.
-`--policy kv_overlap --baseline-set kv_affinity_ttl_s=60` for Dynamo with its session affinity.
+[--rate R] [--policy P,...] [--workers N] [--num-blocks B] [--max-think-s T] [--no-session-header]
+[--agentic NAME=VALUE ...]` prints each policy's (`session_kv` by default) TTFT p50 / p90 / mean over
+the live run's window. Pool: 4 workers x 4,096 blocks of 16 tokens, think times capped at 10 s (`live`
+takes others). `--set` settings are `session_kv`'s, `--baseline-set` ones the baselines' (both kinds
+RouterConfig fields), e.g. `--policy kv_overlap --baseline-set kv_affinity_ttl_s=60` for Dynamo with
+its session affinity.
 
 - `agentic` / `chat`: `kvgate sim --workload ...` rows (`agentic --duration 90 --max-think-s 10
   --max-context 48000`, `chat --duration 120 --max-think-s 10`).
@@ -23,6 +24,8 @@ settings are `session_kv`'s, `--baseline-set` ones the baselines' (both kinds Ro
   character (its decode still `max_tokens` tokens), the turns that arrive before 90 s and have a first
   token by 120 s counted, as live (docs/EXPERIMENTS.md, "Live, fourth pass"). `--no-session-header`
   as loadgen's: the router sees no session ids or tool marks and infers each session from its prompts.
+  `--agentic NAME=VALUE` sets a field of the workload's `AgenticConfig`, as loadgen's flags do
+  (`agent_types=16` for `--agent-types 16`, `tool_result_tokens=lognormal:2000,1.2,max=22000`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import msgspec
 import numpy as np
 
 from loadgen import workloads
+from loadgen.distributions import Distribution, parse_distribution
 from loadgen.sim.compare import run_policy
 from loadgen.sim.simulation import SimConfig, SimRun
 from loadgen.sim.synthetic import make_workload, workload_rows
@@ -55,10 +59,11 @@ def cli_rows(name: str, rate: float, duration_s: float, max_context: int | None)
     return workload_rows(make_workload(name, rate, 0, max_context), duration_s, BLOCK_SIZE, 0)
 
 
-def live_rows(seed: int, rate: float = 1.0) -> list[TraceRow]:
+def live_rows(seed: int, rate: float = 1.0, shape: dict[str, object] | None = None) -> list[TraceRow]:
     """The live agentic run's turns (`rate` sessions/s, 90 s) with one-character replies, as
-    `--eos-after 1`."""
+    `--eos-after 1`; `shape`: other `AgenticConfig` fields (`agentic_shape`)."""
     config = workloads.AgenticConfig(plain_tools=True, max_context_tokens=MAX_CONTEXT)
+    config = msgspec.structs.replace(config, **(shape or {}))
     workload = workloads.AgenticWorkload(config, rate, seed)
     return workload_rows(workload, 90, BLOCK_SIZE, seed, reply_tokens=1)
 
@@ -186,6 +191,22 @@ def live_window(run: SimRun) -> LiveWindow:
     return LiveWindow(float(p50), float(p90), float(np.mean(ttft)), late, float(p90_every))
 
 
+def agentic_shape(pairs: list[str]) -> dict[str, object]:
+    """`NAME=VALUE` fields of `AgenticConfig` (`agent_types=16`, `tool_result_tokens=lognormal:2000,1.2`):
+    a distribution as loadgen's flags write it, a number as JSON."""
+    fields = {f.name: f.type for f in msgspec.structs.fields(workloads.AgenticConfig)}
+    shape: dict[str, object] = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in fields:
+            raise SystemExit(f"--agentic: no AgenticConfig field {name!r} (fields: {', '.join(fields)})")
+        if fields[name] is Distribution:
+            shape[name] = parse_distribution(value)
+        else:
+            shape[name] = msgspec.convert(msgspec.json.decode(value), fields[name])
+    return shape
+
+
 def parse_settings(pairs: list[str]) -> dict[str, object]:
     """`NAME=VALUE` router settings (values read as JSON, else kept as text), as `kvgate sim --set`."""
     settings: dict[str, object] = {}
@@ -221,6 +242,13 @@ def main() -> None:
     options.add_argument("--num-blocks", type=int, default=Pool().num_blocks, help="of 16 tokens, per worker")
     options.add_argument("--max-think-s", type=float, default=Pool().max_think_s, help="as loadgen's")
     options.add_argument(
+        "--agentic",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an AgenticConfig field, e.g. agent_types=16 (loadgen's --agent-types 16)",
+    )
+    options.add_argument(
         "--no-session-header",
         dest="session_ids",
         action="store_false",
@@ -236,8 +264,9 @@ def main() -> None:
     baseline_settings = parse_settings(args.baseline_settings)
     if args.what == "live":
         pool = Pool(args.workers, args.num_blocks, args.max_think_s)
+        shape = agentic_shape(args.agentic)
         for seed in (int(s) for s in args.seeds.split(",")):
-            rows = live_rows(seed, args.rate)
+            rows = live_rows(seed, args.rate, shape)
             for policy in args.policy.split(","):
                 # `--set` is session_kv's experiments, `--baseline-set` the baselines' (as shipped without)
                 chosen = settings if policy == "session_kv" else baseline_settings

@@ -13,6 +13,7 @@ from loadgen.sim.shapes import (
     MAX_CONTEXT,
     TASK_BLOCKS,
     Pool,
+    agentic_shape,
     cli_rows,
     grid_row,
     live_rows,
@@ -84,6 +85,28 @@ def test_the_live_rows_scale_with_the_arrival_rate() -> None:
     """Twice the rate: about twice the sessions in the same 90 s (the same seed)."""
     sessions = [len({row.session_id for row in live_rows(1, rate)}) for rate in (1.0, 2.0)]
     assert 1.6 * sessions[0] <= sessions[1] <= 2.4 * sessions[0]
+
+
+def test_agentic_fields_shape_the_live_rows_as_loadgens_flags_do() -> None:
+    """`--agentic agent_types=16`: sixteen system prompts where the default has four (block 100 of a
+    session's first prompt is inside its agent's system prompt, past the template's common opening); a
+    distribution reads as loadgen's flags write it."""
+
+    def agents(rows: list) -> int:
+        return len({row.hash_ids[100] for row in rows if row.turn == 0})
+
+    assert agents(live_rows(1)) == 4
+    assert agents(live_rows(1, shape=agentic_shape(["agent_types=16"]))) == 16
+    shape = agentic_shape(["tool_result_tokens=const:2000", "agent_types=2"])
+    assert shape["agent_types"] == 2
+    growth = [
+        b.input_length - a.input_length
+        for a, b in pairwise(live_rows(1, shape=shape))
+        if b.turn == a.turn + 1
+    ]
+    assert growth and min(growth) >= 2000
+    with pytest.raises(SystemExit, match="no AgenticConfig field 'agents'"):
+        agentic_shape(["agents=16"])
 
 
 def test_baseline_settings_reach_the_baselines_and_session_kv_keeps_its_own(
