@@ -16,13 +16,15 @@ where a longer wait could raise the figure), cache hit rate, requests/s, the err
 left unfinished (still in flight after loadgen's drain: their TTFT counts when their first token
 came), and the gateway's CPU per request where the gateway is kvgate's own process (CPU time of
 the `kvgate up` process, which is the gateway; its workers and NATS are child processes, not
-counted).
+counted). A kvgate gateway's `/metrics` at the end of each run is kept in the run's folder
+(`gateway_metrics.txt`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import shlex
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -180,6 +183,16 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def save_metrics(url: str, path: Path, timeout_s: float = 10.0) -> None:
+    """The gateway's Prometheus text at the run's end (its holds, moves, retries, split turns), for
+    reading a run after the table; nothing is written where the gateway does not answer."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=timeout_s) as resp:
+            path.write_bytes(resp.read())
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"  (no gateway metrics from {url}: {exc})", file=sys.stderr)
+
+
 def start_system(system: System, args: argparse.Namespace, log: Path) -> subprocess.Popen[bytes] | None:
     if system.kind == "url":
         return None
@@ -216,6 +229,8 @@ def measure(system: System, seed: int, args: argparse.Namespace, folder: Path) -
         cpu_before = cpu_seconds(proc.pid) if system.kind == "policy" and proc is not None else None
         summary = run_loadgen(url, seed, args.loadgen_args, run_dir / "loadgen")
         cpu_after = cpu_seconds(proc.pid) if cpu_before is not None and proc is not None else None
+        if system.kind == "policy":
+            save_metrics(url, run_dir / "gateway_metrics.txt")
     finally:
         if proc is not None:
             stop_group(proc)

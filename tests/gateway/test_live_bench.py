@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,10 @@ def test_a_policy_and_a_command_system_measured_with_the_same_workload(tmp_path:
         ("bare-worker", 3, 6),
     ]
     assert [r["gateway_cpu_ms_per_request"] is None for r in results] == [False, True]
+    # the gateway's metrics at the run's end, with its requests counted; none from a bare worker
+    metrics = (tmp_path / "round_robin-seed3" / "gateway_metrics.txt").read_text()
+    assert re.search(r'^kvgate_requests_total\{[^}]*status="200"[^}]*\} 6\.0$', metrics, re.M), metrics
+    assert not (tmp_path / "bare-worker-seed3" / "gateway_metrics.txt").exists()
     # the same seeded workload: the same prompts on both
     prompts = [r["summary"]["prompt_tokens"] for r in results]
     assert prompts[0] == prompts[1] > 0
