@@ -66,6 +66,9 @@ class Gateway:
         hold_bound_s = max(rc.memory_hold_max_s, rc.memory_hold_crowded_max_s)
         room_s = hold_bound_s if self.router.memory_hold is not None else rc.room_max_hold_s
         self.rooms = RoomHold(self.router, room_s + config.queue_timeout_s)
+        self.metrics.watch_holds(
+            self.router.hold_stats, lambda: {"before_pick": self.holds.held, "for_room": self.rooms.held}
+        )
         self.tokenizers = Tokenizers(self.subjects.tokenizer_bucket, lambda: self.bus.nc)
         cache_bytes = config.prompt_cache_bytes
         self.tenants = tenants.Tenants(config.api_keys, config.tenants)

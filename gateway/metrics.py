@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
+
+from router.hold_stats import HoldStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -74,6 +76,42 @@ class AsideHistogram:
         family.add_metric([], list(zip(self._les, cumulative, strict=True)), self._sum)
         family.samples.append(Sample(self._name + "_created", {}, self._created))
         return [family]
+
+
+class RouterHoldCollector:
+    """The router's holds, read when the registry is collected: how many requests each ever held, how
+    many of those left by its bound, how long the let-go ones waited, and how many wait now at each
+    stage (before the pick, and picked but waiting for their worker's room)."""
+
+    def __init__(
+        self, stats: Callable[[], dict[str, HoldStats]], waiting: Callable[[], dict[str, int]]
+    ) -> None:
+        self._stats = stats
+        self._waiting = waiting
+
+    def describe(self) -> Iterable[Any]:
+        return []  # collected fresh each time; nothing to check at registration
+
+    def collect(self) -> Iterable[Any]:
+        held = CounterMetricFamily(
+            "kvgate_router_held", "Requests the router ever held, by hold", labels=["hold"]
+        )
+        overdue = CounterMetricFamily(
+            "kvgate_router_held_overdue", "Held requests let go by the hold's bound", labels=["hold"]
+        )
+        seconds = CounterMetricFamily(
+            "kvgate_router_hold_seconds", "Seconds the let-go requests waited, in all", labels=["hold"]
+        )
+        for name, stats in self._stats().items():
+            held.add_metric([name], stats.held_total)
+            overdue.add_metric([name], stats.overdue_total)
+            seconds.add_metric([name], stats.hold_s)
+        waiting = GaugeMetricFamily(
+            "kvgate_router_holding", "Requests waiting at the router now, by stage", labels=["stage"]
+        )
+        for stage, count in self._waiting().items():
+            waiting.add_metric([stage], count)
+        return [held, overdue, seconds, waiting]
 
 
 class GatewayMetrics:
@@ -217,6 +255,12 @@ class GatewayMetrics:
         self._decision_counts: dict[tuple[str, str], int] = {}
         # labelled children, looked up once: `labels()` costs a lock and a tuple per call on the hot path
         self._per_worker: dict[tuple[Gauge, str], Any] = {}  # (gauge, worker id) -> its child
+
+    def watch_holds(
+        self, stats: Callable[[], dict[str, HoldStats]], waiting: Callable[[], dict[str, int]]
+    ) -> None:
+        """Expose the router's holds (`RouterHoldCollector`), read at each collection."""
+        self.registry.register(RouterHoldCollector(stats, waiting))
 
     def count_request(self, endpoint: str, status: int) -> None:
         key = (endpoint, status)

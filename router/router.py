@@ -18,6 +18,7 @@ from router.approx_index import ApproxIndex
 from router.config import RouterConfig
 from router.dynamo_queue import DynamoQueue
 from router.hashing import DEFAULT_BLOCK_SIZE
+from router.hold_stats import HoldStats
 from router.index import BlockIndex
 from router.load import InFlight, LoadView
 from router.memory_hold import MemoryHold
@@ -518,6 +519,17 @@ class Router:
         session = self.sessions.get(request.session_id) if request.session_id else None
         expected = session.turn_s if session is not None and session.turn_s is not None else self._turn_s
         return rooms.offer(request.request_id, decision.worker_id, blocks, now, expected)
+
+    def hold_stats(self) -> dict[str, HoldStats]:
+        """The counts of each hold this router runs, by name (none where the config runs none)."""
+        holds = {
+            "session_admission": self.admission,
+            "overload_queue": self.overload,
+            "kv_queue": self.kv_queue,
+            "room": self.rooms,
+            "memory": self.memory_hold,
+        }
+        return {name: hold.stats for name, hold in holds.items() if hold is not None}
 
     def release_rooms(self, now: float) -> list[str]:
         """Ids of requests held for room to send now (call after completions, at `rooms_deadline`, and

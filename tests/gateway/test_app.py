@@ -199,6 +199,7 @@ def test_models_health_ready_metrics(pool: Cluster) -> None:
         "kvgate_requests_total", "kvgate_ttft_seconds_bucket", "kvgate_inter_token_latency_seconds_bucket",
         "kvgate_routing_decisions_total", "kvgate_cache_hit_ratio", "kvgate_worker_running",
         "kvgate_worker_event_lag_seconds", "kvgate_approximate_workers", "kvgate_workers 2.0",
+        'kvgate_router_holding{stage="for_room"} 0.0',
     ):  # fmt: skip
         assert name in text, name
 

@@ -10,7 +10,9 @@ yet (the first decode of a fresh worker), which the router must not read as "no 
 from __future__ import annotations
 
 import asyncio
+import re
 
+import aiohttp
 import openai
 import pytest
 
@@ -20,6 +22,12 @@ from tests.gateway.gateways import running_gateway, until
 
 # 128 blocks of 16 tokens; the mock worker's tokenizer is a byte per token (plus the chat template)
 NUM_BLOCKS = 128
+
+
+async def scrape(url: str) -> str:
+    """The gateway's /metrics text."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+        return await resp.text()
 
 
 def chat(content: str) -> list[dict[str, str]]:
@@ -62,10 +70,17 @@ async def test_a_prompt_predicted_to_wait_for_memory_waits_at_the_gateway_and_a_
             small = await sdk.chat.completions.create(model="mock", messages=chat("c" * 60), max_tokens=5)
             assert small.usage is not None and small.usage.completion_tokens == 5
             assert not big.done() and hold.held == 1  # the small one passed it
+            assert 'kvgate_router_holding{stage="for_room"} 1.0' in await scrape(gw.url)
             async for _chunk in stream:  # the rest of the long answer; its end releases the big one
                 pass
             reply = await asyncio.wait_for(big, 60.0)
             assert reply.usage is not None and reply.usage.prompt_tokens > 1600
             assert hold.held == 0 and hold.stats.held_total == 1 and hold.stats.overdue_total == 0
+            text = await scrape(gw.url)  # what an operator sees of it
+            assert 'kvgate_router_held_total{hold="memory"} 1.0' in text
+            assert 'kvgate_router_held_overdue_total{hold="memory"} 0.0' in text
+            assert 'kvgate_router_holding{stage="for_room"} 0.0' in text
+            waited = re.search(r'^kvgate_router_hold_seconds_total\{hold="memory"\} (\S+)$', text, re.M)
+            assert waited is not None and float(waited.group(1)) > 0
         finally:
             await sdk.close()
