@@ -76,6 +76,8 @@ class StepResult(msgspec.Struct):
     duration_s: float  # modelled by the runner when it can (mock), else measured
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
+    # the outputs leave this long before the step's end (the mock's decode pass; 0: at its end)
+    output_lead_s: float = 0.0
 
 
 class EngineLoad(msgspec.Struct):
@@ -270,15 +272,18 @@ class Engine:
             copy_s = None
         sampled = self.runner.execute(chunks)
         duration = self.runner.step_time_s(chunks, kv_usage)
+        lead = 0.0
         if duration is None:
             duration = time.perf_counter() - started
-        elif copy_s:
-            duration = self._with_copies(duration, copy_s)  # modelled: the step waits for its onboards
+        else:
+            lead = min(duration, self.runner.output_lead_s(chunks))
+            if copy_s:
+                duration = self._with_copies(duration, copy_s)  # modelled: the step waits for its onboards
         self._after_step(scheduled, sampled, outputs)
         self._measure(num_prefill, num_decode, duration)
         self._emit_events()
         self.num_steps += 1
-        return StepResult(outputs, duration, num_prefill, num_decode)
+        return StepResult(outputs, duration, num_prefill, num_decode, lead)
 
     def _idle_step(self, outputs: list[RequestOutput]) -> StepResult:
         """A step that computes nothing: the copies asked for between steps (an offload), or those of

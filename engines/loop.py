@@ -3,9 +3,10 @@ abort requests.
 
 Every touch of the engine holds `lock`, so a torch step running in a thread never meets a handler's
 `add_request` or a state dump halfway. A step's outputs (tokens, finishes, KV events) leave when the
-step has ended: a torch step when its thread returns, a mock step when its modelled duration has
-passed (so a prompt's first token comes at the end of its last prefill chunk, as on a GPU). Handlers
-may add requests while a mock step's time runs; they join the next step.
+step has ended: a torch step when its thread returns, a mock step when its modelled time up to its
+decode pass has passed (its `output_lead_s`, engines/mock.py: a prompt's first token comes at the end
+of its last prefill chunk, as on a GPU and from Dynamo's mocker); the next step starts when the whole
+modelled time has. Handlers may add requests while a mock step's time runs; they join the next step.
 
 While the engine steps, every request it holds gets `KEEPALIVE` on its queue every `keepalive_s`: a
 request can go minutes without an output (queued behind a jam, or preempted and waiting to come back),
@@ -45,8 +46,9 @@ class StepRecord(msgspec.Struct, frozen=True):
 
     started: float  # the step began (the engine lock taken)
     ended: float  # its modelled time ran out (mock; see `_run`) or its thread returned (torch)
-    delivered: float  # its outputs left, never before `ended`
+    delivered: float  # its outputs left: never before `ended - output_lead_s`
     duration_s: float  # modelled by the runner (mock) or measured (torch)
+    output_lead_s: float  # the outputs were due this long before `ended` (the mock's decode pass)
     prefill_tokens: int
     decode_tokens: int
     num_outputs: int
@@ -175,8 +177,9 @@ class EngineLoop:
                 # over a long prefill), but never before a request it may hold arrived.
                 start = started if idle else min(started, max(modelled_end, self._last_submit))
                 modelled_end = start + result.duration_s
-                while (left := modelled_end - loop.time()) > 0:
-                    await asyncio.sleep(left)
+                # the outputs leave before the step's decode pass (engines/mock.py), the next step
+                # starts after it
+                await self._sleep_until(modelled_end - result.output_lead_s)
                 ended = modelled_end
             else:
                 ended = modelled_end = loop.time()
@@ -186,8 +189,15 @@ class EngineLoop:
             self._deliver(result)
             if delivered >= self._next_keepalive:
                 self._keep_alive(delivered)
+            await self._sleep_until(modelled_end)
             if not (result.outputs or result.num_prefill_tokens or result.num_decode_tokens):
                 await self._wait_for_loads(submitted)
+
+    @staticmethod
+    async def _sleep_until(deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(left)
 
     def _record(self, started: float, ended: float, delivered: float, result: StepResult) -> None:
         """The step's times in `steps` (and the debug log); the first step of each traced request."""
@@ -196,6 +206,7 @@ class EngineLoop:
             ended,
             delivered,
             result.duration_s,
+            result.output_lead_s,
             result.num_prefill_tokens,
             result.num_decode_tokens,
             len(result.outputs),
@@ -205,12 +216,13 @@ class EngineLoop:
             self._note_first_steps(started)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "step: prefill %d decode %d outputs %d duration_ms %.3f late_ms %.3f",
+                "step: prefill %d decode %d outputs %d duration_ms %.3f lead_ms %.3f late_ms %.3f",
                 record.prefill_tokens,
                 record.decode_tokens,
                 record.num_outputs,
                 record.duration_s * 1e3,
-                (record.delivered - record.ended) * 1e3,
+                record.output_lead_s * 1e3,
+                (record.delivered - record.ended + record.output_lead_s) * 1e3,
             )
 
     async def _wait_for_loads(self, submitted: int) -> None:

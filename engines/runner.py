@@ -69,6 +69,11 @@ class ModelRunner(Protocol):
         """Modelled duration of a step (mock engine); None when the step's real duration counts."""
         ...
 
+    def output_lead_s(self, chunks: Sequence[ScheduledChunk]) -> float:
+        """How long before a modelled step's end its outputs leave (the mock's decode pass, as Dynamo's
+        mocker sends them); 0 where they leave at its end (a real model's step)."""
+        ...
+
 
 @runtime_checkable
 class TieredModelRunner(ModelRunner, Protocol):

@@ -188,6 +188,9 @@ class TorchRunner:
     def step_time_s(self, chunks: Sequence[ScheduledChunk], kv_usage: float) -> float | None:
         return None  # the real duration counts
 
+    def output_lead_s(self, chunks: Sequence[ScheduledChunk]) -> float:
+        return 0.0  # a real step's outputs exist when it has ended
+
     @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk]) -> list[int | None]:
         if not chunks:

@@ -1,8 +1,10 @@
 """A simulated worker: the real engine (scheduler, block manager, mock runner) stepped in virtual time.
 
 A step is scheduled at virtual time t: the engine decides the batch at t and the runner says how long
-it takes; its outputs (tokens, completions) and KV events leave the worker at t + duration. New
-requests that arrive meanwhile wait in the engine's queue for the next step, as on a GPU.
+it takes; its outputs (tokens, completions) and KV events leave the worker at t + duration less its
+decode pass (`output_lead_s`: as the live mock and Dynamo's mocker send them, engines/mock.py), and
+the next step starts at t + duration. New requests that arrive meanwhile wait in the engine's queue
+for the next step, as on a GPU.
 """
 
 from __future__ import annotations
@@ -198,7 +200,14 @@ class SimWorker:
         # for something outside it (a new request), which kick() will bring
         self._idle_steps = 0 if duration > 0 or result.outputs else self._idle_steps + 1
         if duration > 0:
-            self.loop.after(duration, self._step_done, result.outputs, events)
+            # the outputs leave before the step's decode pass (engines/mock.py), the next step starts
+            # after it
+            lead = result.output_lead_s
+            if lead > 0:
+                self.loop.after(duration - lead, self._send, result.outputs, events)
+                self.loop.after(duration, self._step_done, [], [])
+            else:
+                self.loop.after(duration, self._step_done, result.outputs, events)
         else:
             self._step_done(result.outputs, events)
 
@@ -229,11 +238,14 @@ class SimWorker:
         self.steps += steps
         self._idle_steps = 0
 
-    def _step_done(self, outputs: list[RequestOutput], events: list[KvEvent]) -> None:
+    def _send(self, outputs: list[RequestOutput], events: list[KvEvent]) -> None:
         if events:
             self.on_kv_events(self.worker_id, events)
         if outputs:
             self.on_outputs(self.worker_id, outputs)
+
+    def _step_done(self, outputs: list[RequestOutput], events: list[KvEvent]) -> None:
+        self._send(outputs, events)
         self.busy = False
         if self._idle_steps < 2 and self.engine.has_work():
             self.busy = True

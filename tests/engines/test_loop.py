@@ -36,15 +36,20 @@ ATTEMPTS = 10  # uncached prompts per size, at most, for one reply within the bo
 NUM_BLOCKS = 2048
 BLOCK_SIZE = 16
 STEP_LINE = re.compile(
-    r"step: prefill (\d+) decode (\d+) outputs (\d+) duration_ms ([\d.]+) late_ms ([-\d.]+)"
+    r"step: prefill (\d+) decode (\d+) outputs (\d+) duration_ms ([\d.]+) lead_ms ([\d.]+) late_ms ([-\d.]+)"
 )
 
 
 def predicted_ttft_ms(prompt_tokens: int) -> float:
-    """The first token of an uncached prompt alone on a worker: the end of its last prefill chunk,
-    which decodes that token too (at the prompt's blocks in use)."""
+    """The first token of an uncached prompt alone on a worker: the end of its last prefill chunk
+    (the timing polynomial's prefill, as Dynamo's mocker sends it)."""
     chunks = [min(BUDGET, prompt_tokens - start) for start in range(0, prompt_tokens, BUDGET)]
-    return sum(prefill_ms(n) for n in chunks) + decode_ms(-(-prompt_tokens // BLOCK_SIZE) / NUM_BLOCKS)
+    return sum(prefill_ms(n) for n in chunks)
+
+
+def first_decode_ms(prompt_tokens: int) -> float:
+    """The decode pass of the step that ends the prompt, which its first token leaves before."""
+    return decode_ms(-(-prompt_tokens // BLOCK_SIZE) / NUM_BLOCKS)
 
 
 class LiveWorker:
@@ -61,7 +66,7 @@ class LiveWorker:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        self.steps: list[tuple[int, int, int, float, float]] = []
+        self.steps: list[tuple[int, int, int, float, float, float]] = []
         self.ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -72,8 +77,8 @@ class LiveWorker:
             if " ready on " in line:
                 self.ready.set()
             elif match := STEP_LINE.search(line):
-                p, d, o, duration, late = match.groups()
-                self.steps.append((int(p), int(d), int(o), float(duration), float(late)))
+                p, d, o, duration, lead, late = match.groups()
+                self.steps.append((int(p), int(d), int(o), float(duration), float(lead), float(late)))
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -124,9 +129,9 @@ async def overhead_ms(
     elapsed, cached = await timed_completion(session, url, prompt)
     assert cached > 0
     await wait_for_steps(worker, before + 1)
-    _, _, outputs, duration, late = worker.steps[before]
+    _, _, outputs, duration, lead, late = worker.steps[before]
     assert outputs == 1  # one step answered it
-    return max(0.0, elapsed - duration - max(0.0, late))
+    return max(0.0, elapsed - (duration - lead) - max(0.0, late))
 
 
 @pytest.mark.slow
@@ -152,13 +157,17 @@ async def test_live_mock_ttft_is_the_end_of_the_last_prefill_chunk(live_worker: 
                 assert [p for p, *_ in steps] == [min(BUDGET, size - i * BUDGET) for i in range(chunks)]
                 # the first token is the last chunk's output, none left before it
                 assert [s[2] for s in steps] == [0] * (chunks - 1) + [1]
-                # the worker modelled exactly the prediction, and nothing left before it had passed
-                assert sum(s[3] for s in steps) == pytest.approx(predicted, abs=0.01)
+                # the worker modelled exactly the prediction (and the decode pass after it, which the
+                # token left before), and nothing left before it had passed
+                assert sum(s[3] for s in steps) == pytest.approx(predicted + first_decode_ms(size), abs=0.01)
+                assert [s[4] for s in steps] == [0.0] * (chunks - 1) + [
+                    pytest.approx(first_decode_ms(size), abs=0.01)
+                ]
                 assert ttft >= predicted, (size, ttft, predicted)
                 # Beyond the model: 10 % and 5 ms, the worker's own wake-up lateness on its last step,
                 # and what the same body costs the machine just after (on a loaded 2-core machine the
                 # round trip alone takes tens of ms; on an idle one ~2 ms, so one step more still fails)
-                late = max(0.0, steps[-1][4])
+                late = max(0.0, steps[-1][5])
                 slack = 5.0 + late + await overhead_ms(session, url, live_worker, prompt)
                 if ttft <= 1.1 * predicted + slack:
                     break
@@ -166,7 +175,7 @@ async def test_live_mock_ttft_is_the_end_of_the_last_prefill_chunk(live_worker: 
             assert len(misses) < ATTEMPTS, (size, predicted, misses)
 
 
-async def test_a_mock_step_delivers_only_after_its_modelled_time() -> None:
+async def test_a_mock_step_delivers_after_its_prefill_time_and_the_next_starts_after_its_decode() -> None:
     runner = MockRunner(64, 16)
     engine = Engine(EngineConfig(num_blocks=64, block_size=16, max_num_batched_tokens=256), runner)
     loop = EngineLoop(engine, threaded=False)
@@ -185,7 +194,11 @@ async def test_a_mock_step_delivers_only_after_its_modelled_time() -> None:
         assert first.new_token_ids and not first.finished
         modelled = sum(prefill_ms(n) for n in (256, 256, 88)) / 1e3
         assert received - sent >= modelled
-        assert all(s.delivered >= s.ended for s in loop.steps)
+        # the step that ends the prompt decodes its first token: its outputs were due before that pass
+        # (the whole pass is the lead), a prefill chunk's step has none; nothing left before it was due
+        blocks = -(-600 // 16)
+        assert [s.output_lead_s for s in steps[:3]] == [0.0, 0.0, pytest.approx(decode_ms(blocks / 64) / 1e3)]
+        assert all(s.delivered >= s.ended - s.output_lead_s for s in loop.steps)
         # a busy loop's next step starts on the modelled clock: after the previous step's modelled end,
         # and no later than it really began (a late wake-up is not added to it)
         for previous, step in itertools.pairwise(steps):

@@ -135,7 +135,7 @@ def test_baseline_settings_reach_the_baselines_and_session_kv_keeps_its_own(
         return run
 
     monkeypatch.setattr(shapes, "replay", fake_replay)
-    monkeypatch.setattr(shapes, "live_rows", lambda seed, rate: [])
+    monkeypatch.setattr(shapes, "live_rows", lambda seed, rate, shape: [])
     argv = ["shapes", "live", "--seeds", "1", "--policy", "session_kv,kv_overlap", "--set", "stall_factor=2"]
     argv += ["--baseline-set", "kv_affinity_ttl_s=60", "--baseline-set", "kv_queue=true"]
     argv += ["--workers", "8", "--num-blocks", "3072", "--max-think-s", "3", "--no-session-header"]
