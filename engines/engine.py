@@ -272,18 +272,32 @@ class Engine:
             copy_s = None
         sampled = self.runner.execute(chunks)
         duration = self.runner.step_time_s(chunks, kv_usage)
-        lead = 0.0
         if duration is None:
             duration = time.perf_counter() - started
-        else:
-            lead = min(duration, self.runner.output_lead_s(chunks))
+        # the sampling sequences and their blocks, before the finished ones free them
+        sampling = [
+            (seq, len(c.block_table)) for (seq, _), c in zip(scheduled, chunks, strict=True) if c.sample
+        ]
+        self._after_step(scheduled, sampled, outputs)
+        lead = 0.0
+        if self.runner.models_step_time:
+            duration, lead = self._decode_pass(duration, sampling)
             if copy_s:
                 duration = self._with_copies(duration, copy_s)  # modelled: the step waits for its onboards
-        self._after_step(scheduled, sampled, outputs)
         self._measure(num_prefill, num_decode, duration)
         self._emit_events()
         self.num_steps += 1
         return StepResult(outputs, duration, num_prefill, num_decode, lead)
+
+    def _decode_pass(self, duration: float, sampling: list[tuple[Sequence, int]]) -> tuple[float, float]:
+        """A modelled step's time and its outputs' lead (engines/mock.py): the decode pass after the
+        outputs leave is that of the sequences still decoding, none where every one that sampled
+        finished here (as Dynamo's mocker, which then starts its next pass at once)."""
+        if not sampling:
+            return duration, 0.0
+        continuing = [blocks for seq, blocks in sampling if seq.status is not SequenceStatus.FINISHED]
+        lead = self.runner.decode_pass_s(sum(continuing)) if continuing else 0.0
+        return duration - self.runner.decode_pass_s(sum(blocks for _, blocks in sampling)) + lead, lead
 
     def _idle_step(self, outputs: list[RequestOutput]) -> StepResult:
         """A step that computes nothing: the copies asked for between steps (an offload), or those of

@@ -6,13 +6,15 @@ A step with both pays both. A step that samples a token pays the decode time, th
 prompt's prefill included: Dynamo's mocker decodes a request's first token in the pass that computed
 its last prompt chunk and charges that pass the decode time. `speedup` divides the modelled time.
 
-A step's outputs leave after its prefill time, before its decode time (`output_lead_s`), as Dynamo
+A step's outputs leave after its prefill time, before its decode time (`decode_pass_s`), as Dynamo
 1.6.1's mocker sends them: each pass sleeps the prefill of its prompt chunks, sends a token for every
-sequence then decoding (a prompt finished in this pass included), and then sleeps the decode time. So a
-prompt's first token comes at the end of its last prefill chunk, and each later token one pass after
-the one before; measured through its frontend, a cached prompt of 30k tokens with 22 new ones gives its
-first token in 24.8 ms and its second 25.2 ms later (the decode time at p = 0.46 is 25.1 ms), where
-sending after the whole pass gave 45.1 and 25.0.
+sequence then decoding (a prompt finished in this pass included), and then sleeps the decode time of
+those still decoding, none where all of them finished (the engine times that: `Engine._decode_pass`).
+So a prompt's first token comes at the end of its last prefill chunk and each later token one pass
+after the one before. Measured through its frontend, one worker alone: a cached prompt of 30k tokens
+with 22 new ones gives its first token in 24.8 ms and its second 25.2 ms later (the decode time at p =
+0.46 is 25.1 ms), and the same request sent again as soon as the answer came is as fast (no decode
+pass after the last token); sending after the whole pass gave 45.1 and 25.0.
 The tokens are placeholder text.
 
 The decode's p is not the share of blocks in use but, as Dynamo 1.6.1's mocker times it, the contexts
@@ -129,21 +131,19 @@ class MockRunner:
     def step_time_s(self, chunks: Sequence[ScheduledChunk], kv_usage: float) -> float:
         """The modelled step; `kv_usage` (the blocks in use) is not read (the module docstring)."""
         new_tokens = 0
-        for chunk in chunks:
-            if not (chunk.output_len and chunk.size() == 1):
-                new_tokens += chunk.size()
-        ms = prefill_ms(new_tokens) if new_tokens else 0.0
-        return ms / 1000.0 / self.speedup + self.output_lead_s(chunks)
-
-    def output_lead_s(self, chunks: Sequence[ScheduledChunk]) -> float:
-        """The step's decode pass, which its outputs leave before (the module docstring): 0 in a step
-        that samples nothing."""
-        context_blocks = 0  # of the sampling sequences, each counted whole
         decoding = False
+        context_blocks = 0  # of the sampling sequences, each counted whole
         for chunk in chunks:
+            size = chunk.size()
             if chunk.sample:
                 decoding = True
                 context_blocks += len(chunk.block_table)
-        if not decoding:
-            return 0.0
+            if not (chunk.output_len and size == 1):
+                new_tokens += size
+        ms = prefill_ms(new_tokens) if new_tokens else 0.0
+        return ms / 1000.0 / self.speedup + (self.decode_pass_s(context_blocks) if decoding else 0.0)
+
+    def decode_pass_s(self, context_blocks: int) -> float:
+        """The decode pass of sequences whose block tables hold `context_blocks` blocks in all: the part
+        of a step its outputs leave before (the module docstring)."""
         return decode_ms(min(1.0, context_blocks / self.num_blocks)) / 1000.0 / self.speedup

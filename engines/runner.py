@@ -69,9 +69,9 @@ class ModelRunner(Protocol):
         """Modelled duration of a step (mock engine); None when the step's real duration counts."""
         ...
 
-    def output_lead_s(self, chunks: Sequence[ScheduledChunk]) -> float:
-        """How long before a modelled step's end its outputs leave (the mock's decode pass, as Dynamo's
-        mocker sends them); 0 where they leave at its end (a real model's step)."""
+    def decode_pass_s(self, context_blocks: int) -> float:
+        """A modelled step's decode pass for sequences holding `context_blocks` blocks in all, which
+        its outputs leave before (the mock, as Dynamo's mocker sends them); 0 for a real model."""
         ...
 
 

@@ -188,7 +188,7 @@ class TorchRunner:
     def step_time_s(self, chunks: Sequence[ScheduledChunk], kv_usage: float) -> float | None:
         return None  # the real duration counts
 
-    def output_lead_s(self, chunks: Sequence[ScheduledChunk]) -> float:
+    def decode_pass_s(self, context_blocks: int) -> float:
         return 0.0  # a real step's outputs exist when it has ended
 
     @torch.inference_mode()

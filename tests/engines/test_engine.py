@@ -151,13 +151,15 @@ def test_step_duration_and_measured_speeds_come_from_the_mock_model() -> None:
     engine, _ = make_engine(num_blocks=100, block_size=4)
     engine.add_request(request("a", list(range(30)), max_tokens=2))
     first = engine.step()
-    # the step that ends the prompt decodes its first token too: 8 blocks of 4 in use
+    # the step that ends the prompt samples its first token and then decodes the next (8 blocks of 4
+    # in use): its outputs leave before that decode pass
     assert first.duration_s == pytest.approx((prefill_ms(30) + decode_ms(8 / 100)) / 1000)
+    assert first.output_lead_s == pytest.approx(decode_ms(8 / 100) / 1000)
     second = engine.step()
-    assert second.duration_s == pytest.approx(decode_ms(8 / 100) / 1000)
+    # its last token: nothing decodes after it, so the step is its outputs' (as Dynamo's mocker)
+    assert second.duration_s == 0.0 and second.output_lead_s == 0.0 and second.outputs[0].finished
     load = engine.load()
     assert load.prefill_tok_s == pytest.approx(30 / first.duration_s)
-    assert load.decode_tok_s == pytest.approx(1 / second.duration_s)
     assert engine.step().duration_s == 0.0 and not engine.has_work()
 
 

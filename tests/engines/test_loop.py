@@ -47,11 +47,6 @@ def predicted_ttft_ms(prompt_tokens: int) -> float:
     return sum(prefill_ms(n) for n in chunks)
 
 
-def first_decode_ms(prompt_tokens: int) -> float:
-    """The decode pass of the step that ends the prompt, which its first token leaves before."""
-    return decode_ms(-(-prompt_tokens // BLOCK_SIZE) / NUM_BLOCKS)
-
-
 class LiveWorker:
     """A `kvgate worker --engine mock` process whose step log (DEBUG lines) is read as it runs."""
 
@@ -157,12 +152,10 @@ async def test_live_mock_ttft_is_the_end_of_the_last_prefill_chunk(live_worker: 
                 assert [p for p, *_ in steps] == [min(BUDGET, size - i * BUDGET) for i in range(chunks)]
                 # the first token is the last chunk's output, none left before it
                 assert [s[2] for s in steps] == [0] * (chunks - 1) + [1]
-                # the worker modelled exactly the prediction (and the decode pass after it, which the
-                # token left before), and nothing left before it had passed
-                assert sum(s[3] for s in steps) == pytest.approx(predicted + first_decode_ms(size), abs=0.01)
-                assert [s[4] for s in steps] == [0.0] * (chunks - 1) + [
-                    pytest.approx(first_decode_ms(size), abs=0.01)
-                ]
+                # the worker modelled exactly the prediction: the answer's one token finished it, so no
+                # decode pass follows (engines/mock.py); nothing left before it had passed
+                assert sum(s[3] for s in steps) == pytest.approx(predicted, abs=0.01)
+                assert [s[4] for s in steps] == [0.0] * chunks
                 assert ttft >= predicted, (size, ttft, predicted)
                 # Beyond the model: 10 % and 5 ms, the worker's own wake-up lateness on its last step,
                 # and what the same body costs the machine just after (on a loaded 2-core machine the

@@ -42,18 +42,18 @@ def test_step_time_sums_prefill_tokens_and_pays_decode_once() -> None:
         MockRunner(100, 16, speedup=0)
 
 
-def test_a_steps_outputs_lead_its_end_by_its_decode_pass() -> None:
+def test_a_steps_decode_pass_is_the_part_its_outputs_leave_before() -> None:
     """As Dynamo's mocker sends them: after the prefill of the step's chunks, before its decode pass
     (a prompt's first token at the end of its last chunk, a decode's token at its step's start)."""
     runner = MockRunner(100, 16)
-    assert runner.output_lead_s([chunk(300, sample=False, blocks=19)]) == 0.0  # nothing sampled
     finishing = [chunk(300, blocks=19), chunk(200, sample=False, blocks=13)]
-    lead = runner.output_lead_s(finishing)
-    assert lead == pytest.approx(decode_ms(0.19) / 1000)
-    assert runner.step_time_s(finishing, 0.3) - lead == pytest.approx(prefill_ms(500) / 1000)
+    assert runner.decode_pass_s(19) == pytest.approx(decode_ms(0.19) / 1000)
+    assert runner.step_time_s(finishing, 0.3) - runner.decode_pass_s(19) == pytest.approx(
+        prefill_ms(500) / 1000
+    )
     decodes = [chunk(1, output_len=3, blocks=20), chunk(1, output_len=9, blocks=10)]
-    assert runner.output_lead_s(decodes) == pytest.approx(runner.step_time_s(decodes, 0.9))
-    assert MockRunner(100, 16, speedup=4).output_lead_s(decodes) == pytest.approx(decode_ms(0.3) / 4000)
+    assert runner.decode_pass_s(30) == pytest.approx(runner.step_time_s(decodes, 0.9))
+    assert MockRunner(100, 16, speedup=4).decode_pass_s(30) == pytest.approx(decode_ms(0.3) / 4000)
 
 
 def test_the_mock_says_its_step_times_are_modelled() -> None:
