@@ -295,9 +295,12 @@ class Engine:
         finished here (as Dynamo's mocker, which then starts its next pass at once)."""
         if not sampling:
             return duration, 0.0
+        whole = self.runner.decode_pass_s(sum(blocks for _, blocks in sampling))
         continuing = [blocks for seq, blocks in sampling if seq.status is not SequenceStatus.FINISHED]
+        if len(continuing) == len(sampling):  # the usual step: its time is the runner's as it stands
+            return duration, whole
         lead = self.runner.decode_pass_s(sum(continuing)) if continuing else 0.0
-        return duration - self.runner.decode_pass_s(sum(blocks for _, blocks in sampling)) + lead, lead
+        return duration - whole + lead, lead
 
     def _idle_step(self, outputs: list[RequestOutput]) -> StepResult:
         """A step that computes nothing: the copies asked for between steps (an offload), or those of
