@@ -26,6 +26,7 @@ from nats.js import api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from gateway.metrics import GatewayMetrics
+from gateway.registry_read import read_registry
 from kvutil.bus_auth import BusAuth, redact_url
 from kvutil.nats_errors import log_nats_error
 from kvutil.outage import Outage
@@ -50,6 +51,7 @@ MAX_REFUSED_KEYS = 1024
 # workers in the pool at once: each costs the router, the admission queue and /metrics their state, and
 # registrations come from the bus; one past it is refused (logged once) until another leaves
 MAX_WORKERS = 4096
+MAX_REGISTRY_READ = MAX_WORKERS + MAX_REFUSED_KEYS  # keys read at a (re)start of the watch
 STOP_TIMEOUT_S = 2.0  # for the tasks, then for the drain (and a close if it cannot drain)
 DUMP_ATTEMPTS = 8  # a state dump asked for and not answered is asked again, backing off: 1, 2, 4, ... s
 DUMP_RETRY_S = 1.0
@@ -252,12 +254,15 @@ class Bus:
                 continue
             outage.recovered()
             try:
+                # the registry as the server holds it, then its changes; not the watch's end-of-initial-
+                # values marker, which can overtake the values (gateway/registry_read.py)
+                for key, value in await read_registry(js, self.subjects.registry_bucket, MAX_REGISTRY_READ):
+                    self._on_registry_entry(key, value, "PUT")
+                self.registry_synced.set()
                 watcher = await kv.watchall()
                 async for entry in watcher:
-                    if entry is None:
-                        self.registry_synced.set()
-                        continue
-                    self._on_registry_entry(entry.key, entry.value, entry.operation)
+                    if entry is not None:  # None: the watch's marker, read above already
+                        self._on_registry_entry(entry.key, entry.value, entry.operation)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

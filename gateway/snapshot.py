@@ -25,12 +25,12 @@ from nats.js import api
 from nats.js.errors import (
     BadRequestError,
     BucketNotFoundError,
-    KeyNotFoundError,
-    NoKeysError,
     NotFoundError,
     ObjectNotFoundError,
 )
 
+from gateway.bus import MAX_REGISTRY_READ, MAX_WORKERS
+from gateway.registry_read import read_registry
 from router.protocol import (
     KvEventBatch,
     KvStateDump,
@@ -40,6 +40,7 @@ from router.protocol import (
     WorkerRegistration,
     decode,
     encode,
+    registration_problem,
 )
 from router.router import Router
 from router.snapshot import (
@@ -293,20 +294,21 @@ class IndexRecovery:
     async def register_workers(self) -> list[str]:
         """Add the registry's live workers to the router (the bus's registry watch adds the same ones,
         which leaves their blocks alone); returns their ids."""
-        js = self.nc.jetstream()
+        bucket = self.subjects.registry_bucket
         try:
-            kv = await js.key_value(self.subjects.registry_bucket)
-            keys = await kv.keys()
-        except (BucketNotFoundError, NotFoundError, NoKeysError):
+            entries = await read_registry(self.nc.jetstream(), bucket, MAX_REGISTRY_READ)
+        except (BucketNotFoundError, NotFoundError):
             return []
-        added = []
-        for key in keys:
-            with contextlib.suppress(KeyNotFoundError, ProtocolError):
-                entry = await kv.get(key)
-                registration = decode(entry.value or b"", WorkerRegistration)
-                if time.time() - registration.heartbeat_ts <= self.stale_after_s:
-                    self.router.add_worker(registration, self.clock())
-                    added.append(registration.worker_id)
+        added: list[str] = []
+        for key, value in entries:
+            try:
+                registration = decode(value, WorkerRegistration)
+            except ProtocolError:
+                continue  # the bus's watch logs it
+            fresh = time.time() - registration.heartbeat_ts <= self.stale_after_s
+            if fresh and registration_problem(registration, key) is None and len(added) < MAX_WORKERS:
+                self.router.add_worker(registration, self.clock())
+                added.append(registration.worker_id)
         return added
 
     async def replay(self, start: int, last: int) -> None:
