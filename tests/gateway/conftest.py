@@ -10,11 +10,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
+from nats.aio.client import Client as NATS
 
 API_KEY = "test-key"
 ANNOUNCE_TIMEOUT_S = 90.0  # a child's start (imports, model) on a loaded box
@@ -23,6 +25,16 @@ ANNOUNCE_TIMEOUT_S = 90.0  # a child's start (imports, model) on a loaded box
 # A live worker's heartbeat (one a second) can lag a few seconds on a loaded 2-core CI box; the default 3 s
 # would drop it mid-test. 10 s still drops a killed worker well within the tests' bounds (30 s and more).
 WORKER_STALE_AFTER_S = "10"
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NATS]:
+    """A client connection to the test's nats-server, closed after the test."""
+    conn = await nats.connect(nats_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
@@ -28,15 +27,6 @@ WORKERS = [f"w{i}" for i in range(8)]
 
 def registration(worker: str) -> bytes:
     return encode(WorkerRegistration(worker, "http://127.0.0.1:1", "m", 16, 100, "mock", 1, time.time()))
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[NATS]:
-    conn = await nats.connect(nats_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

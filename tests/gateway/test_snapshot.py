@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import openai
 import pytest
 from nats.aio.client import Client as NATS
@@ -35,15 +33,6 @@ from tests.gateway.gateways import RunningGateway, running_gateway
 from tests.polling import until
 
 WORKERS = ("w0", "w1", "w2")
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[NATS]:
-    conn = await nats.connect(nats_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 def registration(wid: str, epoch: int = 1) -> WorkerRegistration:
