@@ -26,7 +26,7 @@ from nats.js import api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from gateway.metrics import GatewayMetrics
-from gateway.registry_read import read_registry
+from gateway.registry_read import live_registration, read_registry
 from kvutil.bus_auth import BusAuth, redact_url
 from kvutil.nats_errors import log_nats_error
 from kvutil.outage import Outage
@@ -42,7 +42,6 @@ from router.protocol import (
     WorkerRegistration,
     decode,
     encode,
-    registration_problem,
 )
 
 log = logging.getLogger("kvgate.gateway.bus")
@@ -274,16 +273,12 @@ class Bus:
             self.remove_worker(key, "deregistered")
             return
         try:
-            registration = decode(value, WorkerRegistration)
+            registration = live_registration(key, value, self.stale_after_s)
         except ProtocolError as exc:
             self._refuse(key, str(exc))
             return
-        problem = registration_problem(registration, key)
-        if problem is not None:
-            self._refuse(key, problem)
+        if registration is None:
             return
-        if time.time() - registration.heartbeat_ts > self.stale_after_s:
-            return  # a leftover of a worker that died without deregistering
         if key not in self.workers and len(self.workers) >= MAX_WORKERS:
             self._refuse(key, f"the pool has {MAX_WORKERS} workers already")
             return

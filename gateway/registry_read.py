@@ -10,9 +10,12 @@ The stream's own list of subjects has no such race.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from nats.js.client import JetStreamContext
 from nats.js.errors import KeyNotFoundError
+
+from router.protocol import ProtocolError, WorkerRegistration, decode, registration_problem
 
 
 async def read_registry(js: JetStreamContext, bucket: str, limit: int) -> list[tuple[str, bytes]]:
@@ -32,3 +35,16 @@ async def read_registry(js: JetStreamContext, bucket: str, limit: int) -> list[t
 
     values = await asyncio.gather(*(value_of(key) for key in keys))
     return [(key, value) for key, value in zip(keys, values, strict=True) if value is not None]
+
+
+def live_registration(key: str, value: bytes, stale_after_s: float) -> WorkerRegistration | None:
+    """The worker registered under `key`; None when its last heartbeat is older than `stale_after_s`
+    (a leftover of a worker that died without deregistering). Raises `ProtocolError` when the entry
+    is malformed or not a valid registration for its key."""
+    registration = decode(value, WorkerRegistration)
+    problem = registration_problem(registration, key)
+    if problem is not None:
+        raise ProtocolError(problem)
+    if time.time() - registration.heartbeat_ts > stale_after_s:
+        return None
+    return registration

@@ -30,17 +30,15 @@ from nats.js.errors import (
 )
 
 from gateway.bus import MAX_REGISTRY_READ, MAX_WORKERS
-from gateway.registry_read import read_registry
+from gateway.registry_read import live_registration, read_registry
 from router.protocol import (
     KvEventBatch,
     KvStateDump,
     ProtocolError,
     StateDumpRequest,
     Subjects,
-    WorkerRegistration,
     decode,
     encode,
-    registration_problem,
 )
 from router.router import Router
 from router.snapshot import (
@@ -302,11 +300,10 @@ class IndexRecovery:
         added: list[str] = []
         for key, value in entries:
             try:
-                registration = decode(value, WorkerRegistration)
+                registration = live_registration(key, value, self.stale_after_s)
             except ProtocolError:
                 continue  # the bus's watch logs it
-            fresh = time.time() - registration.heartbeat_ts <= self.stale_after_s
-            if fresh and registration_problem(registration, key) is None and len(added) < MAX_WORKERS:
+            if registration is not None and len(added) < MAX_WORKERS:
                 self.router.add_worker(registration, self.clock())
                 added.append(registration.worker_id)
         return added
